@@ -1,0 +1,24 @@
+"""Model-family adapters. ``adapter_for(model)`` picks the one that handles a model."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from vtoken.adapters.base import Adapter, ImageInfo, UndoStack, VisualLayout
+from vtoken.adapters.llava import LlavaAdapter
+
+ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter,)
+
+
+def adapter_for(model: nn.Module) -> type[Adapter]:
+    for adapter in ADAPTERS:
+        if adapter.matches(model):
+            return adapter
+    families = ", ".join(a.family for a in ADAPTERS)
+    raise ValueError(
+        f"no vtoken adapter handles {type(model).__name__}; supported families: {families} "
+        "(LlavaForConditionalGeneration, LlavaNextForConditionalGeneration)"
+    )
+
+
+__all__ = ["Adapter", "ADAPTERS", "ImageInfo", "UndoStack", "VisualLayout", "adapter_for"]

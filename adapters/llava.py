@@ -1,0 +1,315 @@
+"""Adapter for transformers LLaVA 1.5 (``LlavaForConditionalGeneration``) and LLaVA-NeXT
+(``LlavaNextForConditionalGeneration``).
+
+Where the visual tokens are: the processor expands each image into runs of ``image_token_id``
+placeholders; the model scatters the image features into them in flattened (batch, position) order,
+so image i owns the i-th block of placeholders. LLaVA-NeXT (AnyRes) packs a base view and the
+unpadded high-resolution crops with one newline embedding after each row; the token-to-crop mapping
+is obtained by running the model's own ``pack_image_features`` on crop-token ids, so it always
+matches the installed transformers.
+
+Sites: vision (a forward hook on an encoder layer shortens every crop's sequence; a hook on the
+projector output scatters the survivors back to their grid places so LLaVA's packing still works, and
+the dropped places are removed in front of the LLM), projector (in front of the LLM) and llm (inside
+the decoder stack, see :mod:`vtoken.adapters.hf_decoder`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from functools import partial
+
+import torch
+from torch import nn
+from transformers import LlavaForConditionalGeneration, LlavaModel
+from transformers.models.llava_next import modeling_llava_next as next_modeling
+
+from vtoken.adapters.base import Adapter, ImageInfo, UndoStack, VisualLayout
+from vtoken.adapters.hf_decoder import DecoderPruning
+from vtoken.context import Grid
+from vtoken.kernels import gather_tokens
+from vtoken.pruner import ImageRun, Pruner, PruneRun
+
+_NEXT_CLASSES = (next_modeling.LlavaNextForConditionalGeneration, next_modeling.LlavaNextModel)
+_CLASSES = (LlavaForConditionalGeneration, LlavaModel, *_NEXT_CLASSES)
+
+
+class LlavaAdapter(Adapter):
+    family = "llava"
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return isinstance(model, _CLASSES)
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        self.core = model.model if isinstance(model, (LlavaForConditionalGeneration, _NEXT_CLASSES[0])) else model
+        self.config = self.core.config
+        self.is_next = isinstance(self.core, next_modeling.LlavaNextModel)
+        vision_config = self.config.vision_config
+        self.grid_side = vision_config.image_size // vision_config.patch_size
+        self.has_cls = vision_config.model_type == "clip_vision_model"
+        self.select = self.config.vision_feature_select_strategy
+        # Tokens the vision encoder holds per crop, and how many of them reach the projector.
+        self.encoder_tokens = self.grid_side**2 + int(self.has_cls)
+        self.dropped_first = int(self.select == "default")
+        self.tokens_per_crop = self.encoder_tokens - self.dropped_first
+
+    # --- structure ------------------------------------------------------------------------------
+    def vision_layers(self) -> nn.ModuleList:
+        tower = self.core.vision_tower
+        inner = getattr(tower, "vision_model", tower)
+        return inner.encoder.layers
+
+    def projector(self) -> nn.Module:
+        return self.core.multi_modal_projector
+
+    def language_model(self) -> nn.Module:
+        return self.core.language_model
+
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.language_model().layers
+
+    def visual_tokens_per_image(self) -> int | None:
+        return None if self.is_next else self.tokens_per_crop
+
+    # --- validation -----------------------------------------------------------------------------
+    def validate(self, stages: tuple) -> None:
+        num_vision = len(self.vision_layers())
+        feature_layers = self.config.vision_feature_layer
+        feature_layers = [feature_layers] if isinstance(feature_layers, int) else list(feature_layers)
+        # hidden_states[j] is the output of encoder layer j-1; pruning must happen before the first one read.
+        first_read = min(j % (num_vision + 1) for j in feature_layers)
+        for stage in stages:
+            if stage.site == "vision":
+                if stage.layer + 1 >= first_read:
+                    raise ValueError(
+                        f"vision layer {stage.layer} is at or after the layer LLaVA reads its features from "
+                        f"(hidden state {first_read}, vision_feature_layer={self.config.vision_feature_layer}); "
+                        f"use a vision layer <= {first_read - 2}"
+                    )
+                if not self.has_cls and self.select == "default":
+                    raise ValueError(
+                        "vision-site pruning needs a tower with a CLS token when vision_feature_select_strategy="
+                        "'default' (LLaVA then drops the first token of the pruned sequence); use the projector site"
+                    )
+                if self.is_next and self.select != "default":
+                    raise ValueError("vision-site pruning on LLaVA-NeXT needs vision_feature_select_strategy='default'")
+            per_image = self.visual_tokens_per_image()
+            if per_image is not None and stage.keep_tokens is not None and stage.keep_tokens > per_image:
+                raise ValueError(
+                    f"keep_tokens={stage.keep_tokens} is larger than the {per_image} visual tokens of an image; "
+                    f"use keep_tokens <= {per_image} (or keep=1.0 to keep all)"
+                )
+
+    # --- where the visual tokens are ------------------------------------------------------------
+    def image_infos(self, pixel_values: torch.Tensor, image_sizes) -> list[ImageInfo]:
+        """The token structure of each image of an encoder call (not yet placed in a sample)."""
+        if self.is_next:
+            return self._next_images(pixel_values, image_sizes)
+        return self._plain_images(pixel_values)
+
+    def _plain_images(self, pixel_values) -> list[ImageInfo]:
+        per = self.tokens_per_crop
+        first_patch = int(self.has_cls) - self.dropped_first  # CLS stays a visual token in "full" mode
+        grid = (Grid(first_patch, self.grid_side, self.grid_side, self.grid_side),)
+        geometry = {"kind": "grid", "grid": (self.grid_side, self.grid_side), "first": first_patch}
+        return [
+            ImageInfo(-1, -1, per, grid, [i], i * per + torch.arange(per), geometry)
+            for i in range(pixel_values.shape[0])
+        ]
+
+    def _next_images(self, pixel_values, image_sizes) -> list[ImageInfo]:
+        if image_sizes is None:
+            raise ValueError("LLaVA-NeXT needs image_sizes from its processor")
+        config = self.config
+        crops_per_image = [
+            next_modeling.image_size_to_num_patches(
+                image_size=size, grid_pinpoints=config.image_grid_pinpoints, patch_size=config.vision_config.image_size
+            )
+            for size in image_sizes
+        ]
+        per, side = self.tokens_per_crop, self.grid_side
+        # Run the model's own packing on crop-token ids, with -1 for the newline, to learn where each
+        # crop token lands (unpadding and newlines included).
+        ids, first = [], 0
+        for n in crops_per_image:
+            ids.append(torch.arange(first * per, (first + n) * per, dtype=torch.float64).view(n, per, 1))
+            first += n
+        packed, _ = self.core.pack_image_features(
+            ids, image_sizes, vision_feature_select_strategy=self.select,
+            image_newline=torch.tensor([-1.0], dtype=torch.float64),
+        )
+        images, first = [], 0
+        for n, tokens, size in zip(crops_per_image, packed, image_sizes):
+            source = tokens.view(-1).round().long().cpu()
+            grids = [Grid(0, side, side, side)]
+            rest = source[side * side :]
+            rows = int((rest < 0).sum())
+            if n > 1 and rows > 0:
+                width = (rest.numel() - rows) // rows
+                grids.append(Grid(side * side, rows, width, width + 1))
+            crops = list(range(first, first + n))
+            images.append(ImageInfo(-1, -1, source.numel(), tuple(grids), crops, source, self._next_geometry(size, n)))
+            first += n
+        return images
+
+    def _next_geometry(self, size, crops: int) -> dict:
+        config = self.config
+        height, width = (int(v) for v in size)
+        rows, cols = next_modeling.get_anyres_image_grid_shape(
+            (height, width), config.image_grid_pinpoints, config.vision_config.image_size
+        )
+        return {
+            "kind": "anyres", "grid": (self.grid_side, self.grid_side), "image_size": (height, width),
+            "crop_grid": (int(rows), int(cols)), "crops": crops, "tokens_per_crop": self.tokens_per_crop,
+        }
+
+    def candidate_local(self, images: list[ImageInfo]) -> torch.Tensor:
+        """``[C, P]``: the image-local token each encoder candidate (non-CLS token) lands on, or -1."""
+        crops = sum(len(image.crops) for image in images)
+        by_slot = torch.full((crops * self.tokens_per_crop + 1,), -1, dtype=torch.long)  # last entry: "none"
+        for image in images:
+            local = torch.nonzero(image.source >= 0).squeeze(-1)
+            by_slot[image.source[local]] = local
+        slots = torch.arange(self.grid_side**2) + int(self.has_cls) - self.dropped_first
+        crop_base = torch.arange(crops)[:, None] * self.tokens_per_crop
+        flat = torch.where(slots[None] >= 0, crop_base + slots[None], by_slot.numel() - 1)
+        return by_slot[flat]
+
+    def visual_layout(self, input_ids: torch.Tensor, images: list[ImageInfo]) -> VisualLayout:
+        """Place each image in its sample: image i owns the i-th block of placeholders in flattened
+        (batch, position) order, as LLaVA's ``masked_scatter`` fills them."""
+        placeholders = (input_ids == self.config.image_token_id).cpu()
+        batch, length = input_ids.shape
+        visual_index = torch.where(placeholders, placeholders.long().cumsum(-1) - 1, -1)
+        image_index = torch.full((batch, length), -1, dtype=torch.long)
+        counts = [image.num_tokens for image in images]
+        if sum(counts) != int(placeholders.sum()):
+            raise ValueError(
+                f"the prompt has {int(placeholders.sum())} image tokens but the images give {sum(counts)} "
+                "features; build input_ids and pixel_values with the same processor call"
+            )
+        flat_rows, flat_pos = placeholders.nonzero(as_tuple=True)
+        placed, start = [], 0
+        for i, (image, count) in enumerate(zip(images, counts)):
+            rows = flat_rows[start : start + count]
+            if bool((rows != rows[0]).any()):
+                raise ValueError(f"image {i}'s tokens straddle two samples of the batch; check the prompts")
+            image_index[rows, flat_pos[start : start + count]] = i
+            sample = int(rows[0])
+            offset = int(visual_index[sample, flat_pos[start]])
+            placed.append(dataclasses.replace(image, sample=sample, offset=offset))
+            start += count
+        return VisualLayout(visual_index, image_index, placed, self.tokens_per_crop)
+
+    # --- hooks ----------------------------------------------------------------------------------
+    def install(self, pruner: Pruner, undo: UndoStack) -> None:
+        self.pruner = pruner
+        encode = self.core.get_image_features
+
+        @functools.wraps(encode)  # keeps the signature generate() inspects
+        def get_image_features(*args, **kwargs):
+            bound = inspect.signature(encode).bind(*args, **kwargs)
+            images = self.image_infos(bound.arguments["pixel_values"], bound.arguments.get("image_sizes"))
+            run = ImageRun(images, self.candidate_local(images), pruner.config)
+            pruner.encoding = run
+            try:
+                output = encode(*args, **kwargs)
+            finally:
+                pruner.encoding = None
+            run.output = output
+            pruner.pending_images = run
+            return output
+
+        self.core.get_image_features = get_image_features
+        undo.push(lambda: delattr(self.core, "get_image_features"))
+        undo.hook(self.core.register_forward_pre_hook(self._before_model, with_kwargs=True))
+        for stage in pruner.stages_at("vision"):
+            hook = partial(self._after_vision_layer, stage)
+            undo.hook(self.vision_layers()[stage.layer].register_forward_hook(hook))
+        if pruner.stages_at("vision"):
+            undo.hook(self.projector().register_forward_hook(self._after_projector))
+        decoder = DecoderPruning(self.language_model(), pruner, self._pre_llm)
+        decoder.validate()
+        decoder.install(undo)
+
+    def _before_model(self, module, args, kwargs):
+        pruner = self.pruner
+        pruner.active = None
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        cache = kwargs.get("past_key_values")
+        has_images = input_ids is not None and bool((input_ids == self.config.image_token_id).any())
+        if cache is not None and cache.get_seq_length() > 0:
+            if has_images:
+                raise ValueError("vtoken prunes images at prefill; a new image cannot be added to a filled KV cache")
+            pruner.active = getattr(cache, "_vtoken_run", None)
+            return None
+        if input_ids is None:
+            raise ValueError("vtoken finds the visual tokens in input_ids; call the model with input_ids, not inputs_embeds")
+        if not has_images:
+            if pruner.config.text_only == "error":
+                raise ValueError(
+                    "this input has no image tokens, so there is nothing to prune; add an image, "
+                    "call vtoken.unwrap(model) for text-only use, or wrap with text_only='passthrough'"
+                )
+            return None
+        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+        if kwargs.get("pixel_values") is not None:
+            # Encode here (through the wrapped get_image_features) so the forward sees the encoding
+            # it will use, exactly as generate() does.
+            names = ("image_sizes", "vision_feature_layer", "vision_feature_select_strategy")
+            extra = {k: kwargs[k] for k in names if kwargs.get(k) is not None}
+            encoded = self.core.get_image_features(pixel_values=kwargs["pixel_values"], return_dict=True, **extra)
+            kwargs["pixel_values"] = None
+            kwargs["mm_encoder_outputs"] = {**(kwargs.get("mm_encoder_outputs") or {}), "image": encoded}
+        elif encoded is None:
+            raise ValueError(
+                "input_ids hold image tokens but no pixel_values were given; pass the processor's pixel_values"
+            )
+        images = pruner.pending_images
+        pruner.pending_images = None
+        if images is None or images.output is not encoded:
+            raise ValueError(
+                "these image features were not encoded by the wrapped model; pass pixel_values, or compute "
+                "mm_encoder_outputs with the wrapped model's get_image_features"
+            )
+        pruner.active = PruneRun(self.visual_layout(input_ids, images.images), pruner.config, images)
+        return args, kwargs
+
+    def _after_vision_layer(self, stage, module, args, output):
+        images = self.pruner.encoding
+        if images is None:
+            return None
+        hidden = output[0] if isinstance(output, tuple) else output
+        grid = Grid(0, self.grid_side, self.grid_side, self.grid_side)
+        pruned = self.pruner.run_vision_stage(images, stage, hidden, int(self.has_cls), grid)
+        return (pruned, *output[1:]) if isinstance(output, tuple) else pruned
+
+    def _after_projector(self, module, args, output):
+        images = self.pruner.encoding
+        if images is None or images.vision_positions is None:
+            return None
+        crops, _, width = output.shape
+        slots = images.vision_positions.to(output.device) + int(self.has_cls) - self.dropped_first
+        full = output.new_zeros(crops, self.tokens_per_crop, width)
+        if self.has_cls and not self.dropped_first:
+            full[:, 0] = output[:, 0]
+            output = output[:, 1:]
+        return full.scatter(1, slots[..., None].expand(-1, -1, width), output)
+
+    def _pre_llm(self, run: PruneRun, layout, embeds):
+        pruner = self.pruner
+        if run.image_run.vision_positions is not None:
+            kept = pruner.vision_kept_visual(run).to(embeds.device)
+            visual = layout.visual_index
+            keep = (layout.image_index < 0) | kept[torch.arange(visual.shape[0])[:, None], visual.clamp(min=0)]
+            layout, index = layout.compact(keep)
+            if pruner.config.positions == "contiguous":
+                layout = layout.renumbered()
+            embeds = gather_tokens(embeds, index)
+        for stage in pruner.stages_at("projector"):
+            layout, embeds = pruner.run_sequence_stage(run, stage, layout, embeds)
+        return layout, embeds

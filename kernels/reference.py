@@ -1,0 +1,97 @@
+"""PyTorch reference implementations of vtoken's kernels.
+
+These are product code, not test helpers: they are the CPU path and the oracle every Triton kernel is
+tested against. None of them materialises an N x N attention map.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def attention_rows(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    scaling: float,
+    key_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Softmax attention probabilities of a few query rows against every key.
+
+    Args:
+        query: ``[B, H, Q, D]`` post-RoPE queries of the rows wanted (Q is small: the last token, the
+            instruction tokens).
+        key: ``[B, H_kv, N, D]`` post-RoPE keys of all N tokens; ``H % H_kv == 0`` (grouped-query
+            attention: query head ``h`` reads key head ``h // (H // H_kv)``, as ``repeat_kv`` does).
+        scaling: the softmax scale (``head_dim ** -0.5`` for Llama).
+        key_mask: optional boolean ``[B, Q, N]`` or ``[B, 1, N]``, True where the row may attend
+            (causality and padding folded in by the caller).
+
+    Returns:
+        ``[B, H, Q, N]`` float32 probabilities; each row sums to 1 over its attended keys. Cost is
+        O(B * H * Q * N * D) and memory O(B * H * Q * N): no N x N map.
+    """
+    batch, heads, _, head_dim = query.shape
+    kv_heads = key.shape[1]
+    if heads % kv_heads:
+        raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} key heads")
+    group = heads // kv_heads
+    # Group query heads by the key head they share instead of repeating the keys.
+    q = query.float().reshape(batch, kv_heads, group * query.shape[2], head_dim)
+    scores = torch.matmul(q, key.float().transpose(-1, -2)) * scaling
+    scores = scores.reshape(batch, heads, query.shape[2], key.shape[2])
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask[:, None].to(torch.bool), float("-inf"))
+    return torch.softmax(scores, dim=-1)
+
+
+def compact_index(keep: torch.Tensor) -> torch.Tensor:
+    """Indices that pack the kept slots of each row to the right, left-padded with -1.
+
+    ``keep`` is a boolean ``[B, L]``; the result is ``[B, L']`` with ``L' = max kept per row``. Row b
+    holds, in order, the positions where ``keep[b]`` is True, preceded by ``L' - count_b`` entries of
+    -1. Left padding keeps every row's last token in the last column, as ``generate`` expects.
+    """
+    keep = keep.to(torch.bool)
+    counts = keep.sum(dim=-1)
+    width = int(counts.max()) if keep.numel() else 0
+    out = torch.full((keep.shape[0], width), -1, dtype=torch.long, device=keep.device)
+    if width == 0:
+        return out
+    # Destination column of every kept slot: its rank among the kept slots, shifted by the row's pad.
+    dest = keep.long().cumsum(dim=-1) - 1 + (width - counts)[:, None]
+    rows, cols = keep.nonzero(as_tuple=True)
+    out[rows, dest[rows, cols]] = cols
+    return out
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+    """``x[b, index[b, j]]`` for ``x`` of shape ``[B, L, ...]``; entries where ``index == -1`` get ``fill``."""
+    valid = index >= 0
+    safe = index.clamp(min=0)
+    view = safe.reshape(*safe.shape, *([1] * (x.dim() - 2))).expand(*safe.shape, *x.shape[2:])
+    out = torch.gather(x, 1, view)
+    if not bool(valid.all()):
+        mask = valid.reshape(*valid.shape, *([1] * (x.dim() - 2)))
+        out = torch.where(mask, out, torch.as_tensor(fill, dtype=x.dtype, device=x.device))
+    return out
+
+
+def masked_topk(scores: torch.Tensor, valid: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
+    """Per row, the indices of the ``budget[r]`` highest scores, sorted ascending, padded with -1.
+
+    ``scores`` and ``valid`` are ``[R, N]``; ``budget`` is ``[R]``. Invalid entries rank below every
+    valid one (they are chosen only when a row's budget exceeds its valid count, which the vision site
+    uses to keep a fixed shape). Ties break toward the lower index, so the result is deterministic.
+    Returns ``[R, K]`` with ``K = max(budget)``.
+    """
+    rows, width = scores.shape
+    k = int(budget.max()) if rows else 0
+    if k == 0:
+        return torch.empty(rows, 0, dtype=torch.long, device=scores.device)
+    ranked = scores.float().masked_fill(~valid, float("-inf"))
+    # A stable descending sort puts the lowest index first among ties (topk does not promise that).
+    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[:, :k]
+    beyond_budget = torch.arange(k, device=scores.device)[None, :] >= budget[:, None]
+    # Entries past a row's budget become a sentinel that sorts last, then -1.
+    order = torch.sort(order.masked_fill(beyond_budget, width), dim=-1).values
+    return order.masked_fill(order == width, -1)

@@ -1,0 +1,202 @@
+"""The public API: errors that name the fix and leave the model unchanged, exact unwrap, registry,
+config files, selection and show."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+import vtoken
+from vtoken.registry import register
+from vtoken.strategies.base import Strategy
+from tiny import llava_inputs, tiny_llava, tiny_llava_next, llava_next_inputs
+
+
+def _hooks(model):
+    return sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._forward_hooks_with_kwargs)
+        for m in model.modules()
+    )
+
+
+def _snapshot(model, x):
+    with torch.no_grad():
+        logits = model(**x).logits
+    return (
+        logits,
+        {k: v.clone() for k, v in model.state_dict().items()},
+        [type(m) for m in model.modules()],
+        _hooks(model),
+        set(vars(model.model)),
+    )
+
+
+def _assert_same(model, x, snap):
+    logits, state, types, hooks, attrs = snap
+    with torch.no_grad():
+        assert torch.equal(model(**x).logits, logits)
+    now = model.state_dict()
+    assert now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state)
+    assert [type(m) for m in model.modules()] == types
+    assert _hooks(model) == hooks
+    assert set(vars(model.model)) == attrs
+    assert not hasattr(model, "_vtoken_state")
+
+
+@pytest.mark.parametrize("make,inputs", [(tiny_llava, lambda m: llava_inputs(3)), (tiny_llava_next, llava_next_inputs)])
+def test_unwrap_restores_everything(make, inputs):
+    model = make()
+    x = inputs(model)
+    snap = _snapshot(model, x)
+    for method, options in [("fastv", {}), ("pool", {"site": "vision", "layer": 0}), ("random", {})]:
+        vtoken.wrap(model, method, **options)
+        with torch.no_grad():
+            model(**x)
+        model.generate(**x, max_new_tokens=2, do_sample=False)
+        assert vtoken.unwrap(model) is model
+        _assert_same(model, x, snap)
+
+
+def test_wrap_twice_is_an_error_and_keeps_the_first_wrap():
+    model = tiny_llava()
+    vtoken.wrap(model, "random", keep=0.5)
+    hooks = _hooks(model)
+    with pytest.raises(ValueError, match="already wrapped with 'random'.*unwrap"):
+        vtoken.wrap(model, "fastv")
+    assert _hooks(model) == hooks and vtoken.config_of(model).method == "random"
+    vtoken.unwrap(model)
+    with pytest.raises(ValueError, match="not wrapped"):
+        vtoken.unwrap(model)
+
+
+@pytest.mark.parametrize(
+    "method,options,message",
+    [
+        ("nope", {}, r"unknown method 'nope'; known methods: .*fastv.*pool.*random"),
+        ("random", {"budget": 3}, r"unknown option\(s\) budget for method 'random'; its options are"),
+        ("random", {"keep": 0.0}, r"keep must be a fraction in \(0, 1\]"),
+        ("random", {"keep": 1.5}, r"keep must be a fraction in \(0, 1\]"),
+        ("random", {"keep_tokens": 0}, r"keep_tokens must be a positive integer"),
+        ("random", {"keep_tokens": 17}, r"keep_tokens=17 is larger than the 16 visual tokens"),
+        ("random", {"keep": 0.5, "keep_tokens": 4}, r"exactly one budget"),
+        ("fastv", {"site": "projector"}, r"cannot prune at the 'projector' site"),
+        ("random", {"site": "llm", "layer": 9}, r"llm layer 9 does not exist: the LLM has 4 decoder layers"),
+        ("random", {"site": "vision", "layer": 3}, r"vision layer 3 is at or after the layer LLaVA reads"),
+        ("random", {"site": "llm"}, r"needs `layer`"),
+        ("random", {"positions": "shuffled"}, r"positions must be one of"),
+    ],
+)
+def test_bad_options_raise_and_leave_the_model_unchanged(method, options, message):
+    model = tiny_llava()
+    x = llava_inputs(2)
+    snap = _snapshot(model, x)
+    with pytest.raises(ValueError, match=message):
+        vtoken.wrap(model, method, **options)
+    _assert_same(model, x, snap)
+
+
+def test_model_without_adapter_is_refused():
+    model = torch.nn.Linear(3, 3)
+    with pytest.raises(ValueError, match="no vtoken adapter handles Linear; supported families: llava"):
+        vtoken.wrap(model, "random")
+    assert not hasattr(model, "_vtoken_state")
+
+
+def test_runtime_errors_name_the_fix():
+    model = tiny_llava()
+    x = llava_inputs(2)
+    snap = _snapshot(model, x)
+    with vtoken.pruned(model, "random", keep=0.5):
+        with pytest.raises(ValueError, match="no image tokens.*text_only='passthrough'"):
+            model(input_ids=torch.tensor([[1, 5, 6, 7]]))
+        with pytest.raises(ValueError, match="no pixel_values"):
+            model(input_ids=x["input_ids"], attention_mask=x["attention_mask"])
+    with vtoken.pruned(model, "random", keep=0.5, text_only="passthrough"):
+        with torch.no_grad():
+            text_only = model(input_ids=torch.tensor([[1, 5, 6, 7]])).logits
+    with torch.no_grad():
+        assert torch.equal(text_only, model(input_ids=torch.tensor([[1, 5, 6, 7]])).logits)
+    # A keep_tokens budget larger than an image's tokens, on a model whose count varies per image.
+    nxt = tiny_llava_next()
+    with vtoken.pruned(nxt, "random", keep_tokens=60):  # the three images have 52, 88 and 72 tokens
+        with pytest.raises(ValueError, match=r"budget \(60 tokens\) exceeds the 52 visual tokens of image 0"):
+            nxt(**llava_next_inputs(nxt))
+    # A decoding step whose batch does not match the cache.
+    with vtoken.pruned(model, "fastv", keep=0.5):
+        out = model(**x, use_cache=True)
+        with pytest.raises(ValueError, match="mismatched batch: this cache was filled for 2 samples but the input has 1"):
+            model(input_ids=torch.tensor([[5]]), past_key_values=out.past_key_values)
+    _assert_same(model, x, snap)
+
+
+def test_methods_lists_options_and_defaults():
+    listed = {m["name"]: m for m in vtoken.methods()}
+    assert {"random", "pool", "fastv"} <= set(listed)
+    assert listed["fastv"]["options"]["layer"] == 2 and listed["fastv"]["default_keep"] == 0.5
+    assert listed["fastv"]["sites"] == ["llm"]
+    assert listed["pool"]["options"]["site"] == "projector"
+
+
+def test_registry_refuses_a_taken_name():
+    class Impostor(Strategy):
+        name = "random"
+
+    with pytest.raises(ValueError, match="a strategy named 'random' is already registered"):
+        register(Impostor)
+
+
+def test_config_saves_and_loads(tmp_path):
+    model = tiny_llava()
+    x = llava_inputs(3)
+    stages = [{"site": "vision", "layer": 0, "keep": 0.75}, {"site": "llm", "layer": 2, "keep": 0.5}]
+    with vtoken.pruned(model, "random", stages=stages, seed=7, positions="contiguous"):
+        path = vtoken.save_config(model, tmp_path)
+        with torch.no_grad():
+            first = model(**x).logits
+        first_sel = vtoken.selection(model)
+    saved = json.loads(open(path).read())
+    assert saved["method"] == "random" and saved["seed"] == 7 and saved["stages"] == stages
+    config = vtoken.load(tmp_path)
+    for setup in ({"config": config}, {"config": tmp_path}):
+        with vtoken.pruned(model, **setup):
+            with torch.no_grad():
+                assert torch.equal(model(**x).logits, first)
+            again = vtoken.selection(model)
+        assert all(torch.equal(again[b][k], first_sel[b][k]) for b in range(3) for k in first_sel[b])
+
+
+def test_selection_reports_every_stage_within_the_sample():
+    model = tiny_llava()
+    x = llava_inputs(3)
+    stages = [{"site": "vision", "layer": 1, "keep": 0.75}, {"site": "projector", "keep": 0.5},
+              {"site": "llm", "layer": 2, "keep_tokens": 4}]
+    with vtoken.pruned(model, "random", stages=stages):
+        with pytest.raises(ValueError, match="no forward pass"):
+            vtoken.selection(model)
+        with torch.no_grad():
+            model(**x)
+        selection = vtoken.selection(model)
+    for per_sample in selection:
+        assert list(per_sample) == ["vision:1", "projector", "llm:2"]
+        sizes = [len(v) for v in per_sample.values()]
+        assert sizes == [12, 8, 4]
+        vision, projector, llm = (set(v.tolist()) for v in per_sample.values())
+        assert llm <= projector <= vision <= set(range(16))
+
+
+def test_show_draws_kept_patches(tmp_path):
+    model = tiny_llava()
+    x = llava_inputs(1)
+    image = Image.new("RGB", (64, 64), (200, 200, 200))
+    with vtoken.pruned(model, "pool", keep_tokens=4):
+        with torch.no_grad():
+            model(**x)
+        path = vtoken.show(model, image, tmp_path / "kept.png")
+    drawn = Image.open(path).convert("RGB")
+    # pool to 2x2 keeps the top-left patch of each 2x2 window: patches 0, 2, 8, 10 of the 4x4 grid.
+    kept_cells = {(0, 0), (0, 2), (2, 0), (2, 2)}
+    for r in range(4):
+        for c in range(4):
+            value = drawn.getpixel((c * 16 + 8, r * 16 + 8))[0]
+            assert (value == 200) == ((r, c) in kept_cells)

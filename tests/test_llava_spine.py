@@ -1,0 +1,205 @@
+"""The spine on tiny random LLaVA and LLaVA-NeXT: exactness of keep-all, the pre-LLM oracle,
+cached-equals-uncached decoding with pruning inside the LLM, FastV's attention row against eager."""
+
+import dataclasses
+
+import pytest
+import torch
+
+import vtoken
+from vtoken.adapters.hf_decoder import llama_attention_rows
+from vtoken.config import PruneConfig
+from vtoken.registry import register
+from vtoken.strategies.base import Strategy
+from tiny import llava_inputs, llava_next_inputs, tiny_llava, tiny_llava_next
+
+MODELS = {"llava": (tiny_llava, lambda m: llava_inputs(3)), "next": (tiny_llava_next, llava_next_inputs)}
+
+KEEP_ALL_SITES = [
+    ("random", {"site": "projector"}),
+    ("pool", {"site": "projector"}),
+    ("random", {"site": "vision", "layer": 1}),
+    ("pool", {"site": "vision", "layer": 0}),
+    ("fastv", {"layer": 2}),
+    ("random", {"site": "llm", "layer": 1, "positions": "contiguous"}),
+    ("random", {"stages": [{"site": "vision", "layer": 0, "keep": 1.0}, {"site": "projector", "keep": 1.0},
+                           {"site": "llm", "layer": 1, "keep": 1.0}, {"site": "llm", "layer": 3, "keep": 1.0}]}),
+]
+
+
+def _build(name, attn="sdpa"):
+    make, inputs = MODELS[name]
+    model = make(attn)
+    return model, inputs(model)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_keep_all_is_exact_at_every_site(name, attn):
+    model, x = _build(name, attn)
+    with torch.no_grad():
+        ref = model(**x).logits
+    ref_gen = model.generate(**x, max_new_tokens=5, do_sample=False)
+    for method, options in KEEP_ALL_SITES:
+        with vtoken.pruned(model, method, keep=1.0, **options):
+            with torch.no_grad():
+                out = model(**x).logits
+            gen = model.generate(**x, max_new_tokens=5, do_sample=False)
+            visual = [len(v) for v in vtoken.selection(model)[0].values()]
+        assert torch.equal(out, ref), (method, options)
+        assert torch.equal(gen, ref_gen), (method, options)
+        assert len(set(visual)) == 1  # every stage kept all of the sample's visual tokens
+
+
+def _embeds(model, x):
+    """The LLM input embeddings the unwrapped model builds (text embeddings + image features)."""
+    core = model.model
+    embeds = core.get_input_embeddings()(x["input_ids"])
+    extra = {"image_sizes": x["image_sizes"]} if "image_sizes" in x else {}
+    feats = core.get_image_features(pixel_values=x["pixel_values"], return_dict=True, **extra).pooler_output
+    feats = torch.cat(list(feats), dim=0)
+    mask = (x["input_ids"] == model.config.image_token_id)[..., None]
+    return embeds.masked_scatter(mask, feats)
+
+
+@pytest.mark.parametrize("positions", ["original", "contiguous"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_projector_site_equals_llm_on_kept_embeddings(name, positions):
+    model, x = _build(name)
+    with torch.no_grad():
+        embeds = _embeds(model, x)
+        with vtoken.pruned(model, "random", keep=0.4, positions=positions):
+            pruned_logits = model(**x).logits
+            kept = vtoken.selection(model)
+        # Oracle: the unwrapped LLM on only the kept tokens of each sample, one sample at a time.
+        for b in range(x["input_ids"].shape[0]):
+            valid = x["attention_mask"][b].bool()
+            is_visual = x["input_ids"][b] == model.config.image_token_id
+            visual_pos = torch.nonzero(is_visual).squeeze(-1)
+            keep = valid & ~is_visual
+            keep[visual_pos[kept[b]["projector"]]] = True
+            slots = torch.nonzero(keep).squeeze(-1)
+            # Unwrapped, a direct forward numbers every slot (pads included) 0..L-1; "contiguous"
+            # renumbers the kept tokens from the first real token's position.
+            pad = int((~valid).sum())
+            pos = slots if positions == "original" else pad + torch.arange(len(slots))
+            out = model.model.language_model(inputs_embeds=embeds[b : b + 1, slots], position_ids=pos[None],
+                                             attention_mask=torch.ones(1, len(slots), dtype=torch.long))
+            oracle = model.lm_head(out.last_hidden_state)
+            n = len(slots)
+            assert torch.allclose(pruned_logits[b, -n:], oracle[0], atol=1e-5), b
+
+
+@dataclasses.dataclass
+class _ReplayConfig(PruneConfig):
+    method = "_test_replay"
+
+
+@register
+class _ReplayStrategy(Strategy):
+    """Test-only: keeps, per stage and row, the image-local indices in ``plan`` (replays a selection)."""
+
+    name = "_test_replay"
+    Config = _ReplayConfig
+    plan: dict[str, dict[int, list[int]]] = {}
+
+    def score(self, ctx):
+        wanted = self.plan[ctx.stage.name]
+        local = ctx.tokens.local_index
+        return torch.stack([torch.isin(local[r], torch.tensor(wanted[r])).float() for r in range(local.shape[0])])
+
+
+def _greedy_without_cache(model, x, steps):
+    """Greedy decoding that recomputes the whole sequence every step (no KV cache), padding a
+    finished sample with the pad token as generate() does."""
+    ids, mask = x["input_ids"], x["attention_mask"]
+    extra = {k: v for k, v in x.items() if k not in ("input_ids", "attention_mask")}
+    config = model.generation_config
+    finished = torch.zeros(ids.shape[0], dtype=torch.bool)
+    for _ in range(steps):
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False, **extra).logits[:, -1]
+        token = torch.where(finished, config.pad_token_id, logits.argmax(-1))
+        finished |= token == config.eos_token_id
+        ids = torch.cat([ids, token[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    return ids
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("positions", ["original", "contiguous"])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_in_llm_pruning_cached_equals_uncached(name, batch, positions, attn):
+    model, x = _build(name, attn)
+    if batch == 1:
+        x = {k: v[:1] for k, v in x.items()}
+        if "attention_mask" in x:  # drop the left padding the batch added
+            pad = int((x["attention_mask"][0] == 0).sum())
+            x["input_ids"], x["attention_mask"] = x["input_ids"][:, pad:], x["attention_mask"][:, pad:]
+    stages = [{"site": "llm", "layer": 1, "keep": 0.6}, {"site": "llm", "layer": 3, "keep": 0.3}]
+    with vtoken.pruned(model, "fastv", stages=stages, positions=positions):
+        cached = model.generate(**x, max_new_tokens=6, do_sample=False)
+        selection = vtoken.selection(model)
+    # FastV's scores change as the sequence grows, so the uncached run replays the prefill's choice
+    # (one image per sample here, so image-local and sample-level indices agree).
+    _ReplayStrategy.plan = {s: {b: sel[s].tolist() for b, sel in enumerate(selection)} for s in ("llm:1", "llm:3")}
+    with vtoken.pruned(model, "_test_replay", stages=stages, positions=positions):
+        uncached = _greedy_without_cache(model, x, 6)
+        replayed = model.generate(**x, max_new_tokens=6, do_sample=False)
+    assert torch.equal(replayed, cached)
+    assert torch.equal(uncached, cached)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_random_inside_llm_cached_equals_uncached(name):
+    model, x = _build(name)
+    with vtoken.pruned(model, "random", site="llm", layer=2, keep=0.3):
+        cached = model.generate(**x, max_new_tokens=6, do_sample=False)
+        uncached = _greedy_without_cache(model, x, 6)
+    assert torch.equal(uncached, cached)
+
+
+@pytest.mark.parametrize("site", [{"site": "projector"}, {"site": "vision", "layer": 1}])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_pre_llm_pruning_cached_equals_uncached(name, site):
+    model, x = _build(name)
+    with vtoken.pruned(model, "random", keep=0.3, **site):
+        cached = model.generate(**x, max_new_tokens=6, do_sample=False)
+        uncached = _greedy_without_cache(model, x, 6)
+    assert torch.equal(uncached, cached)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_fastv_attention_row_equals_eager_map(name):
+    model, x = _build(name, "eager")
+    layer = 2
+    with torch.no_grad():
+        out = model(**x, output_attentions=True, output_hidden_states=True)
+        lm = model.model.language_model
+        hidden_in = out.hidden_states[layer - 1]
+        length = hidden_in.shape[1]
+        positions = torch.arange(length)[None]
+        cos_sin = lm.rotary_emb(hidden_in, positions)
+        query = torch.full((hidden_in.shape[0], 1), length - 1)
+        rows = llama_attention_rows(lm.layers[layer - 1], hidden_in, cos_sin, query, x["attention_mask"].bool())
+    eager_row = out.attentions[layer - 1][:, :, -1:, :]
+    assert torch.allclose(rows, eager_row, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_fastv_under_sdpa_selects_what_the_eager_map_says(name):
+    model, x = _build(name, "eager")
+    with torch.no_grad():
+        attn = model(**x, output_attentions=True).attentions[1][:, :, -1].mean(1)  # layer K-1 = 1, last row
+    model.set_attn_implementation("sdpa")
+    with vtoken.pruned(model, "fastv", layer=2, keep=0.25):
+        with torch.no_grad():
+            model(**x)
+        selection = vtoken.selection(model)
+    for b in range(x["input_ids"].shape[0]):
+        visual = torch.nonzero(x["input_ids"][b] == model.config.image_token_id).squeeze(-1)
+        scores = attn[b, visual]
+        k = len(selection[b]["llm:2"])
+        expected = torch.sort(torch.topk(scores, k).indices).values
+        assert selection[b]["llm:2"].tolist() == expected.tolist()

@@ -1,0 +1,123 @@
+"""Tiny random-weight LLaVA and LLaVA-NeXT models built from configs, and inputs for them.
+
+Real transformers classes at toy sizes: a 4-layer CLIP tower (4x4 patches + CLS), an MLP projector,
+a 4-layer Llama with grouped-query attention. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+)
+
+IMAGE_TOKEN = 99
+PAD = 0
+VOCAB = 100
+
+
+def _vision(image_size: int = 32) -> CLIPVisionConfig:
+    return CLIPVisionConfig(
+        image_size=image_size, patch_size=8, hidden_size=32, intermediate_size=64,
+        num_hidden_layers=4, num_attention_heads=4, projection_dim=32,
+    )
+
+
+def _text() -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=PAD,
+        bos_token_id=1, eos_token_id=2,
+    )
+
+
+def tiny_llava(attn: str = "sdpa", seed: int = 0) -> LlavaForConditionalGeneration:
+    torch.manual_seed(seed)
+    config = LlavaConfig(
+        vision_config=_vision(), text_config=_text(), image_token_id=IMAGE_TOKEN,
+        vision_feature_layer=-2, vision_feature_select_strategy="default", image_seq_length=16,
+    )
+    model = LlavaForConditionalGeneration(config)
+    model.set_attn_implementation(attn)
+    return model.eval()
+
+
+def tiny_llava_next(attn: str = "sdpa", seed: int = 0) -> LlavaNextForConditionalGeneration:
+    torch.manual_seed(seed)
+    config = LlavaNextConfig(
+        vision_config=_vision(), text_config=_text(), image_token_id=IMAGE_TOKEN,
+        vision_feature_layer=-2, vision_feature_select_strategy="default",
+        image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]], image_seq_length=16,
+    )
+    model = LlavaNextForConditionalGeneration(config)
+    # A random newline embedding (zeros by default would hide mistakes about where newlines go).
+    with torch.no_grad():
+        model.model.image_newline.normal_()
+    model.set_attn_implementation(attn)
+    return model.eval()
+
+
+def _prompt(n_image_tokens: int, text_before: int, text_after: int, generator: torch.Generator) -> list[int]:
+    before = torch.randint(3, 90, (text_before,), generator=generator).tolist()
+    after = torch.randint(3, 90, (text_after,), generator=generator).tolist()
+    return [1, *before, *([IMAGE_TOKEN] * n_image_tokens), *after]
+
+
+def left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), PAD, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = torch.tensor(row)
+        mask[i, width - len(row) :] = 1
+    return ids, mask
+
+
+def llava_inputs(batch: int = 1, seed: int = 0, text_lengths=None) -> dict:
+    """A left-padded batch with one image per sample and different prompt lengths."""
+    g = torch.Generator().manual_seed(seed)
+    text_lengths = text_lengths or [(2 + i, 3 + 2 * i) for i in range(batch)]
+    rows = [_prompt(16, b, a, g) for b, a in text_lengths[:batch]]
+    ids, mask = left_pad(rows)
+    pixels = torch.randn(batch, 3, 32, 32, generator=g)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
+
+
+def next_image_tokens(model, image_sizes: list[tuple[int, int]]) -> list[int]:
+    """Visual tokens each image gives a LLaVA-NeXT model (base view + unpadded crops + newlines)."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    config = model.config
+    counts = []
+    for size in image_sizes:
+        crops = image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
+        feats = [torch.zeros(crops, 16, 1)]
+        packed, _ = model.model.pack_image_features(
+            feats, torch.tensor([size]), "default", image_newline=torch.zeros(1)
+        )
+        counts.append(packed[0].shape[0])
+    return counts
+
+
+def llava_next_inputs(model, image_sizes=((32, 64), (64, 64), (64, 40)), seed: int = 0) -> dict:
+    """One image per sample of different sizes (so different visual-token counts), left-padded."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    g = torch.Generator().manual_seed(seed)
+    counts = next_image_tokens(model, list(image_sizes))
+    rows = [_prompt(n, 2 + i, 3 + i, g) for i, n in enumerate(counts)]
+    ids, mask = left_pad(rows)
+    config = model.config
+    crops = [image_size_to_num_patches(s, config.image_grid_pinpoints, 32) for s in image_sizes]
+    pixels = torch.zeros(len(image_sizes), max(crops), 3, 32, 32)
+    for i, n in enumerate(crops):
+        pixels[i, :n] = torch.randn(n, 3, 32, 32, generator=g)
+    return {
+        "input_ids": ids, "attention_mask": mask, "pixel_values": pixels,
+        "image_sizes": torch.tensor([list(s) for s in image_sizes]),
+    }

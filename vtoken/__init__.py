@@ -1,0 +1,38 @@
+"""vtoken: prune and merge the visual tokens of vision-language models.
+
+    import vtoken
+    vtoken.wrap(model, "fastv", keep=0.25)     # in place
+    out = model.generate(**inputs)
+    vtoken.selection(model)                     # what each stage kept
+    vtoken.unwrap(model)                        # exactly the original again
+"""
+
+from vtoken.api import (
+    config_of,
+    is_wrapped,
+    load,
+    methods,
+    pruned,
+    save_config,
+    schedule_of,
+    selection,
+    unwrap,
+    wrap,
+)
+from vtoken.config import PruneConfig, StageSpec
+from vtoken.schedule import Schedule, ScoringCost, Stage
+
+__version__ = "0.1.0"
+
+
+def show(model, image, path, sample: int = 0):
+    """Draw the visual tokens that survived the last forward over ``image`` and save a PNG at ``path``."""
+    from vtoken.drawing import show as _show
+
+    return _show(model, image, path, sample=sample)
+
+
+__all__ = [
+    "wrap", "unwrap", "pruned", "methods", "selection", "show", "save_config", "load", "config_of",
+    "is_wrapped", "schedule_of", "PruneConfig", "StageSpec", "Schedule", "ScoringCost", "Stage",
+]

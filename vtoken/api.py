@@ -1,0 +1,187 @@
+"""The public API: wrap a model with a strategy, undo it, inspect what it kept, save and load setups."""
+
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from vtoken.config import PruneConfig, option_defaults, read_config_file
+from vtoken.registry import get_strategy, strategy_names
+from vtoken.schedule import Schedule, ScoringCost, Stage
+
+_STATE_ATTR = "_vtoken_state"
+
+
+@dataclass
+class WrapState:
+    """What ``wrap`` put on a model: held on one attribute so ``unwrap`` can take it all back."""
+
+    method: str
+    config: PruneConfig
+    strategy: Any
+    adapter: Any
+    pruner: Any
+    undo: Any
+
+
+def _config_for(method: str | None, config: PruneConfig | str | os.PathLike | dict | None, options: dict) -> PruneConfig:
+    if config is not None:
+        if isinstance(config, PruneConfig):
+            if options:
+                raise ValueError("give either a config object or keyword options, not both")
+            if method is not None and method != config.method:
+                raise ValueError(f"config is for {config.method!r} but method {method!r} was asked for")
+            return config
+        data = dict(config) if isinstance(config, dict) else read_config_file(config)
+        saved_method = data.pop("method")
+        if method is not None and method != saved_method:
+            raise ValueError(f"the saved config is for {saved_method!r}, not {method!r}")
+        data.update(options)
+        return get_strategy(saved_method).Config.from_options(**data)
+    if method is None:
+        raise ValueError(f"name a method; known methods: {', '.join(strategy_names())}")
+    strategy_cls = get_strategy(method)
+    site = options.get("site")
+    if site is not None and site not in strategy_cls.sites:
+        raise ValueError(
+            f"method {method!r} cannot prune at the {site!r} site; it supports: {', '.join(strategy_cls.sites)}"
+        )
+    return strategy_cls.Config.from_options(**options)
+
+
+def wrap(model: nn.Module, method: str | None = None, *, config=None, **options: Any) -> nn.Module:
+    """Install pruning strategy ``method`` into ``model`` in place and return the model.
+
+    ``options`` are the method's config fields (``keep=0.25`` or ``keep_tokens=64``, ``site``,
+    ``layer``, ...); ``config`` may instead be a config object, a dict, or a file/directory written
+    by :func:`save_config`. Everything is validated before the model is touched, so an error leaves
+    it unchanged. Wrapping a wrapped model is an error: ``unwrap`` it first.
+    """
+    from vtoken.adapters import adapter_for  # adapters sit above the core in the import order
+    from vtoken.adapters.base import UndoStack
+    from vtoken.pruner import Pruner
+
+    existing = getattr(model, _STATE_ATTR, None)
+    if existing is not None:
+        raise ValueError(
+            f"this model is already wrapped with {existing.method!r}; call vtoken.unwrap(model) before wrapping again"
+        )
+    adapter_cls = adapter_for(model)
+    cfg = _config_for(method, config, options)
+    strategy_cls = get_strategy(cfg.method)
+    strategy = strategy_cls(cfg)
+    adapter = adapter_cls(model)
+    adapter.validate(cfg.resolved_stages())
+    pruner = Pruner(strategy)
+    undo = UndoStack()
+    try:
+        adapter.install(pruner, undo)
+    except Exception:
+        undo.run()
+        raise
+    setattr(model, _STATE_ATTR, WrapState(cfg.method, cfg, strategy, adapter, pruner, undo))
+    undo.push(lambda: delattr(model, _STATE_ATTR))
+    return model
+
+
+def _state(model: nn.Module) -> WrapState:
+    state = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        raise ValueError("this model is not wrapped by vtoken; call vtoken.wrap(model, method) first")
+    return state
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Remove every hook and attribute ``wrap`` added; the model is then exactly the original."""
+    _state(model).undo.run()
+    return model
+
+
+def is_wrapped(model: nn.Module) -> bool:
+    return getattr(model, _STATE_ATTR, None) is not None
+
+
+@contextmanager
+def pruned(model: nn.Module, method: str | None = None, *, config=None, **options: Any) -> Iterator[nn.Module]:
+    """``with vtoken.pruned(model, "fastv", keep=0.25): ...`` wraps for the block, unwraps after."""
+    wrap(model, method, config=config, **options)
+    try:
+        yield model
+    finally:
+        unwrap(model)
+
+
+def methods() -> list[dict[str, Any]]:
+    """Every registered method with its options and their defaults."""
+    out = []
+    for name in strategy_names():
+        cls = get_strategy(name)
+        out.append(
+            {
+                "name": name,
+                "options": option_defaults(cls.Config),
+                "default_keep": cls.Config.default_keep,
+                "sites": list(cls.sites),
+                "trained": cls.trained,
+                "summary": (sys.modules[cls.__module__].__doc__ or "").strip().split("\n")[0],
+            }
+        )
+    return out
+
+
+def config_of(model: nn.Module) -> PruneConfig:
+    return _state(model).config
+
+
+def selection(model: nn.Module) -> list[dict[str, torch.Tensor]]:
+    """Per sample of the last prefill: stage name (``"projector"``, ``"llm:2"``, ``"vision:10"``) to the
+    indices, within that sample's visual tokens, that survived the stage (ascending)."""
+    run = _state(model).pruner.last_run
+    if run is None:
+        raise ValueError("no forward pass has run since wrapping; call the model (or generate) first")
+    return [dict(s) for s in run.selections]
+
+
+def save_config(model: nn.Module, directory: str | os.PathLike) -> str:
+    """Write the wrapped model's config as JSON into ``directory``; returns the file's path."""
+    return _state(model).config.save(directory)
+
+
+def load(path: str | os.PathLike) -> PruneConfig:
+    """The config saved at ``path`` (a file or a directory holding ``vtoken_config.json``);
+    ``vtoken.wrap(model, config=vtoken.load(path))`` gives the same setup back."""
+    data = read_config_file(path)
+    method = data.pop("method")
+    return get_strategy(method).Config.from_options(**data)
+
+
+def schedule_of(model: nn.Module, visual_tokens: int | None = None) -> Schedule:
+    """The pruning schedule of a wrapped model for one image of ``visual_tokens`` visual tokens
+    (default: the model's tokens per image)."""
+    state = _state(model)
+    adapter = state.adapter
+    tokens = visual_tokens or adapter.visual_tokens_per_image()
+    if tokens is None:
+        raise ValueError("this model's visual token count depends on the image; pass visual_tokens=")
+    stages, scoring = [], []
+    vision_tokens = getattr(adapter, "grid_side", 0) ** 2 or None
+    for spec in state.pruner.stages:
+        if spec.site == "vision":
+            kept = max(1, round(spec.fraction(tokens) * vision_tokens))
+        else:
+            kept = spec.budget(tokens)
+        stages.append(Stage(spec.site, kept, spec.layer))
+        scoring.extend(state.strategy.scoring_cost(spec))
+    return Schedule(tuple(stages), tuple(scoring), visual_tokens=tokens, vision_tokens=vision_tokens)
+
+
+__all__ = [
+    "wrap", "unwrap", "pruned", "methods", "selection", "save_config", "load", "config_of", "is_wrapped",
+    "schedule_of", "ScoringCost",
+]

@@ -1,0 +1,185 @@
+"""``vtoken bench``: every registered method at a few budgets on one model, with kept tokens,
+measured prefill latency and FLOPs.
+
+The default model is a small LLaVA built from a config with random weights (144 visual tokens per
+image, the shape of the offline benchmark), so the command runs anywhere in seconds; ``--model``
+takes any LLaVA / LLaVA-NeXT checkpoint directory or hub id that ``from_pretrained`` can load.
+Latency is the median wall time of a batch-1 prefill (and a batch-``--batch`` one for throughput),
+after warm-up, on whatever device the model is on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from fractions import Fraction
+
+import torch
+
+import vtoken
+from vtoken.registry import get_strategy, strategy_names
+
+DEFAULT_BUDGETS = ("1", "1/3", "2/9", "1/9")
+
+
+def builtin_model(seed: int = 0):
+    """A LLaVA-1.5-shaped model at toy size: CLIP tower on 96 px images in 8 px patches (144 visual
+    tokens), MLP projector, 4-layer Llama. Random weights; built, never downloaded."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            image_size=96, patch_size=8, hidden_size=128, intermediate_size=512, num_hidden_layers=6,
+            num_attention_heads=4, projection_dim=128,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=6, num_attention_heads=8,
+            num_key_value_heads=4, max_position_embeddings=1024, pad_token_id=0,
+        ),
+        image_token_id=511, image_seq_length=144, vision_feature_layer=-2, vision_feature_select_strategy="default",
+    )
+    model = LlavaForConditionalGeneration(config)
+    model.set_attn_implementation("sdpa")
+    return model.eval()
+
+
+def load_model(path: str | None):
+    if path is None:
+        return builtin_model()
+    from transformers import AutoConfig, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+
+    config = AutoConfig.from_pretrained(path)
+    cls = LlavaNextForConditionalGeneration if config.model_type == "llava_next" else LlavaForConditionalGeneration
+    return cls.from_pretrained(path).eval()
+
+
+def synthetic_inputs(model, batch: int, text_tokens: int = 32, seed: int = 0) -> dict:
+    """A prompt of ``text_tokens`` text tokens around one image per sample (LLaVA-1.5 geometry)."""
+    config = model.config
+    vision = config.vision_config
+    visual = (vision.image_size // vision.patch_size) ** 2
+    g = torch.Generator().manual_seed(seed)
+    before = torch.randint(3, 100, (batch, text_tokens // 4), generator=g)
+    after = torch.randint(3, 100, (batch, text_tokens - text_tokens // 4), generator=g)
+    image = torch.full((batch, visual), config.image_token_id)
+    ids = torch.cat([before, image, after], dim=1)
+    pixels = torch.randn(batch, 3, vision.image_size, vision.image_size, generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
+
+
+def parse_budget(text: str) -> float | int:
+    """``"1/9"`` or ``"0.25"`` is a fraction of the visual tokens, ``"64"`` a count; ``"1"`` keeps all."""
+    value = Fraction(text)
+    if value <= 0:
+        raise ValueError(f"budget {text!r} must be positive")
+    if value <= 1:
+        return float(value)
+    if value.denominator != 1:
+        raise ValueError(f"budget {text!r}: a count must be a whole number")
+    return int(value)
+
+
+def _median_ms(model, inputs: dict, repeats: int) -> float:
+    with torch.no_grad():
+        model(**inputs, use_cache=False)  # warm-up
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(**inputs, use_cache=False)
+            times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+@dataclass
+class BenchRow:
+    method: str
+    budget: str
+    site: str
+    kept_tokens: float
+    visual_tokens: int
+    prefill_ms: float
+    batch_ms: float
+    batch: int
+    tflops: float | None
+    tflops_llava_7b: float | None
+
+
+def _flops(model, schedule) -> tuple[float | None, float | None]:
+    try:
+        from vtoken.flops import flops
+    except ImportError:
+        return None, None
+    own = flops(model, schedule=schedule, text_tokens=32).prefill / 1e12
+    paper = flops("llava-hf/llava-1.5-7b-hf", schedule=_scaled(schedule, 576), text_tokens=64).prefill / 1e12
+    return own, paper
+
+
+def _scaled(schedule, visual: int):
+    """The same schedule on a model with ``visual`` tokens per image (for the LLaVA-1.5-7B projection)."""
+    from vtoken.schedule import Schedule, Stage
+
+    if schedule is None:
+        return None
+    ratio = visual / schedule.visual_tokens
+    stages = tuple(Stage(s.site, max(1, round(s.keep_tokens * ratio)), s.layer) for s in schedule.stages)
+    return Schedule(stages, schedule.scoring, visual_tokens=visual)
+
+
+def run(methods=None, budgets=DEFAULT_BUDGETS, model_path=None, repeats=5, batch=8, progress=print) -> list[BenchRow]:
+    model = load_model(model_path)
+    one, many = synthetic_inputs(model, 1), synthetic_inputs(model, batch)
+    visual = int((one["input_ids"] == model.config.image_token_id).sum())
+    names = methods or [n for n in strategy_names() if not n.startswith("_") and not get_strategy(n).trained]
+    rows = []
+    base_ms = _median_ms(model, one, repeats)
+    base_batch = _median_ms(model, many, repeats)
+    own, paper = _flops(model, None)
+    rows.append(BenchRow("none", "1", "-", visual, visual, base_ms, base_batch, batch, own, paper))
+    progress(f"unpruned: {base_ms:.1f} ms")
+    for name in names:
+        for text in budgets:
+            budget = parse_budget(text)
+            if budget == 1.0:
+                continue
+            option = {"keep": budget} if isinstance(budget, float) else {"keep_tokens": budget}
+            with vtoken.pruned(model, name, **option):
+                ms = _median_ms(model, one, repeats)
+                batch_ms = _median_ms(model, many, repeats)
+                selection = vtoken.selection(model)[0]
+                schedule = vtoken.schedule_of(model, visual_tokens=visual)
+                site = ",".join(selection)
+            # Visual tokens averaged over the LLM's layers (pre-LLM stages count for every layer).
+            layers = model.config.text_config.num_hidden_layers
+            kept = sum(schedule.llm_tokens_at(layer, visual) for layer in range(layers)) / layers
+            own, paper = _flops(model, schedule)
+            rows.append(BenchRow(name, text, site, kept, visual, ms, batch_ms, batch, own, paper))
+            progress(f"{name} @ {text}: {ms:.1f} ms, {kept:.1f} tokens")
+    return rows
+
+
+def to_markdown(rows: list[BenchRow]) -> str:
+    lines = [
+        "| method | budget | stages | visual tokens (LLM layer mean) | prefill ms (b=1) | prefill ms (b={}) "
+        "| TFLOPs (this model) | TFLOPs (LLaVA-1.5-7B, same schedule) |".format(rows[0].batch),
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        fmt = lambda v, p=4: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
+        lines.append(
+            f"| {r.method} | {r.budget} | {r.site} | {r.kept_tokens:.1f} / {r.visual_tokens} | {r.prefill_ms:.1f} "
+            f"| {r.batch_ms:.1f} | {fmt(r.tflops, 5)} | {fmt(r.tflops_llava_7b, 2)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write(rows: list[BenchRow], out: str, command: str) -> None:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "bench.md"), "w") as f:
+        f.write(f"Produced by `{command}`.\n\n")
+        f.write(to_markdown(rows))
+    with open(os.path.join(out, "bench.json"), "w") as f:
+        json.dump([asdict(r) for r in rows], f, indent=2)

@@ -1,0 +1,162 @@
+"""Configuration shared by every strategy: the budget, where pruning happens, and how positions work.
+
+Each strategy subclasses :class:`PruneConfig` with its own options. A config validates itself on
+construction, and saves to / loads from JSON so a setup can be reproduced from a file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from vtoken.schedule import SITES
+
+CONFIG_FILE = "vtoken_config.json"
+POSITION_MODES = ("original", "contiguous")
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One pruning stage as the user writes it: a site, a layer where the site needs one, a budget.
+
+    The budget is per image: ``keep`` is a fraction of that image's visual tokens, ``keep_tokens`` a
+    count. At the ``"vision"`` site the same fraction applies to every crop of the image.
+    """
+
+    site: str
+    layer: int | None = None
+    keep: float | None = None
+    keep_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.site not in SITES:
+            raise ValueError(f"unknown pruning site {self.site!r}; choose one of {', '.join(SITES)}")
+        if self.site in ("vision", "llm") and self.layer is None:
+            raise ValueError(f"a {self.site!r} stage needs `layer` (the {self.site} layer index)")
+        if self.site == "projector" and self.layer is not None:
+            raise ValueError("the 'projector' site takes no `layer`; remove it")
+        if self.layer is not None and self.layer < 0:
+            raise ValueError(f"layer must be >= 0, got {self.layer}")
+        if (self.keep is None) == (self.keep_tokens is None):
+            raise ValueError("give exactly one budget: keep=<fraction in (0, 1]> or keep_tokens=<count>")
+        if self.keep is not None and not (0.0 < self.keep <= 1.0):
+            raise ValueError(f"keep must be a fraction in (0, 1], got {self.keep}; use keep_tokens for counts")
+        if self.keep_tokens is not None and (not isinstance(self.keep_tokens, int) or self.keep_tokens <= 0):
+            raise ValueError(f"keep_tokens must be a positive integer, got {self.keep_tokens!r}")
+
+    @property
+    def name(self) -> str:
+        return self.site if self.layer is None else f"{self.site}:{self.layer}"
+
+    def budget(self, visual_tokens: int) -> int:
+        """Tokens this stage keeps of an image that has ``visual_tokens`` visual tokens."""
+        if self.keep_tokens is not None:
+            return self.keep_tokens
+        return max(1, round(self.keep * visual_tokens))
+
+    def fraction(self, visual_tokens: int) -> float:
+        return self.keep if self.keep is not None else self.keep_tokens / visual_tokens
+
+
+@dataclass
+class PruneConfig:
+    """Options every strategy has.
+
+    Attributes:
+        keep: fraction of each image's visual tokens that survives (``0.25`` = 144 of 576).
+        keep_tokens: the same budget as a count per image; give ``keep`` or ``keep_tokens``.
+        site: ``"vision"`` (inside the vision encoder, after layer ``layer``), ``"projector"``
+            (between projector and LLM) or ``"llm"`` (inside the LLM, before decoder layer ``layer``).
+        layer: the layer index the site needs.
+        stages: progressive pruning: a list of ``{"site", "layer", "keep" | "keep_tokens"}`` applied in
+            order; each budget is relative to the image's original token count. Overrides
+            ``site``/``layer``/``keep``.
+        positions: ``"original"``: kept tokens keep their rotary positions (FastV);
+            ``"contiguous"``: they are renumbered 0..n-1 (PyramidDrop).
+        text_only: what a prompt without visual tokens does: ``"error"`` or ``"passthrough"``.
+        seed: seed of any randomness (used by ``random``, recorded for every method).
+    """
+
+    method: ClassVar[str] = ""
+    #: The budget used when neither ``keep`` nor ``keep_tokens`` is given (each paper's default).
+    default_keep: ClassVar[float] = 0.25
+
+    keep: float | None = None
+    keep_tokens: int | None = None
+    site: str = "projector"
+    layer: int | None = None
+    stages: list[dict[str, Any]] | None = None
+    positions: str = "original"
+    text_only: str = "error"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.positions not in POSITION_MODES:
+            raise ValueError(f"positions must be one of {POSITION_MODES}, got {self.positions!r}")
+        if self.text_only not in ("error", "passthrough"):
+            raise ValueError(f"text_only must be 'error' or 'passthrough', got {self.text_only!r}")
+        self.resolved_stages()  # validates
+
+    def resolved_stages(self) -> tuple[StageSpec, ...]:
+        """The stages this config asks for, validated and in execution order."""
+        if self.stages:
+            stages = tuple(StageSpec(**dict(s)) for s in self.stages)
+        else:
+            keep = self.default_keep if self.keep is None and self.keep_tokens is None else self.keep
+            stages = (StageSpec(self.site, self.layer, keep, self.keep_tokens),)
+        order = {site: i for i, site in enumerate(SITES)}
+        keys = [(order[s.site], -1 if s.layer is None else s.layer) for s in stages]
+        if keys != sorted(keys) or len(set(keys)) != len(keys):
+            raise ValueError("stages must run in order: vision layers, then projector, then LLM layers, each once")
+        return stages
+
+    # --- JSON ---------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, **dataclasses.asdict(self)}
+
+    def save(self, directory: str | os.PathLike) -> str:
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, CONFIG_FILE)
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+            f.write("\n")
+        return path
+
+    @classmethod
+    def from_options(cls, **options: Any) -> "PruneConfig":
+        """Build from keyword options, naming any option this method does not have."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown option(s) {', '.join(unknown)} for method {cls.method!r}; "
+                f"its options are: {', '.join(sorted(known))}"
+            )
+        return cls(**options)
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The saved options (with their ``method``) from a config file or a directory holding one."""
+    if os.path.isdir(path):
+        path = os.path.join(path, CONFIG_FILE)
+    with open(path) as f:
+        data = json.load(f)
+    if "method" not in data:
+        raise ValueError(f"{path} is not a vtoken config: it has no 'method' key")
+    return data
+
+
+def option_defaults(config_cls: type[PruneConfig]) -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(config_cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            out[f.name] = f.default_factory()  # type: ignore[misc]
+    return out
+
+
+__all__ = ["PruneConfig", "StageSpec", "read_config_file", "option_defaults", "CONFIG_FILE", "field"]

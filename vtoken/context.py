@@ -1,0 +1,108 @@
+"""What a strategy sees at a pruning stage: the candidate tokens as padded rows, and how to score them.
+
+A *row* is the set of visual tokens of one image (one crop at the vision site), padded to the longest
+row of the batch. Strategies return one score per token, or a :class:`Reduction` when they merge.
+Nothing here knows which model produced the tensors: model-specific work (attention rows, positions)
+is reached through the callables the adapter puts on :class:`ScoreContext`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from vtoken.config import StageSpec
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A 2-D patch grid inside a row: ``height x width`` tokens starting at ``offset``, row-major.
+
+    ``row_stride`` is the distance between the starts of two grid rows; it exceeds ``width`` when each
+    row is followed by separator tokens (LLaVA-NeXT's newline embedding).
+    """
+
+    offset: int
+    height: int
+    width: int
+    row_stride: int
+
+    @property
+    def size(self) -> int:
+        return self.height * self.width
+
+    def index(self) -> torch.Tensor:
+        """Row indices of the grid's tokens, shape ``[height, width]``."""
+        rows = torch.arange(self.height)[:, None] * self.row_stride
+        return self.offset + rows + torch.arange(self.width)[None, :]
+
+
+@dataclass
+class TokenRows:
+    """Candidate visual tokens at one stage.
+
+    Attributes:
+        features: ``[R, N, d]`` token features at the site (vision hidden states, projected features,
+            or LLM hidden states at the input of the pruning layer); padded entries are zero.
+        valid: ``[R, N]`` True for real tokens.
+        budget: ``[R]`` how many tokens each row keeps.
+        sample: ``[R]`` the batch sample each row belongs to (at the vision site, where samples are
+            not known yet, the image index).
+        grids: per row, the patch grids that the row's tokens form, or ``None`` once earlier pruning has
+            broken the grid.
+        local_index: ``[R, N]`` each candidate's index among its image's visual tokens as the LLM sees
+            them (-1 for padding, and at the vision site for tokens that never reach the LLM).
+    """
+
+    features: torch.Tensor
+    valid: torch.Tensor
+    budget: torch.Tensor
+    sample: torch.Tensor
+    grids: list[tuple[Grid, ...] | None]
+    local_index: torch.Tensor | None = None
+
+    @property
+    def num_rows(self) -> int:
+        return self.features.shape[0]
+
+
+@dataclass
+class Reduction:
+    """A strategy's decision for each row.
+
+    ``keep``: ``[R, K]`` kept token indices per row, ascending, padded with -1 past the row's budget.
+    ``features``: optional ``[R, K, d]`` replacement features for the kept tokens (merging methods put
+    the merged vectors here; each one takes the position of the kept token it replaces).
+    """
+
+    keep: torch.Tensor
+    features: torch.Tensor | None = None
+
+
+@dataclass
+class ScoreContext:
+    """Everything a strategy may use to decide one stage.
+
+    ``attention(query, layer)`` is present at the ``"llm"`` site: it returns ``[R, H, Q, N]`` softmax
+    probabilities from ``Q`` query rows of the sample (``query="last"``: its last token) to each
+    candidate token, from the attention of LLM layer ``layer`` (``"previous"``: the layer before the
+    pruning layer, as FastV; ``"current"``: the pruning layer itself). It is computed beside SDPA or
+    FlashAttention without an N x N map; eager attention gives the same numbers.
+    """
+
+    stage: StageSpec
+    tokens: TokenRows
+    generator: torch.Generator
+    stage_index: int = 0
+    attention: Callable[..., torch.Tensor] | None = None
+    extras: dict = field(default_factory=dict)
+
+    def require_attention(self, method: str) -> Callable[..., torch.Tensor]:
+        if self.attention is None:
+            raise ValueError(
+                f"{method} scores tokens by LLM attention, which exists only at the 'llm' site; "
+                f"use site='llm' with a layer, not site={self.stage.site!r}"
+            )
+        return self.attention

@@ -1,0 +1,97 @@
+"""Draw what a strategy kept: the surviving visual tokens of the last forward over the input image.
+
+Dropped regions are dimmed; kept patches keep their brightness. For LLaVA-1.5 the token grid is
+laid over the image as given (pass the image as the model saw it: after the processor's resize and
+centre crop, if it crops). For LLaVA-NeXT the base view covers the whole image and every
+high-resolution token is placed through the same resize-and-pad geometry the processor uses, so
+each kept token lights up the region it saw.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from PIL import Image
+
+DIM = 0.25
+
+
+def _as_image(image) -> Image.Image:
+    if isinstance(image, (str, os.PathLike)):
+        return Image.open(image).convert("RGB")
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, torch.Tensor):
+        array = image.detach().float().cpu()
+        if array.dim() == 3 and array.shape[0] in (1, 3):
+            array = array.permute(1, 2, 0)
+        array = (array - array.min()) / (array.max() - array.min() + 1e-12)
+        return Image.fromarray((array.numpy() * 255).astype("uint8")).convert("RGB")
+    raise TypeError(f"show() takes a PIL image, a path or a tensor, not {type(image).__name__}")
+
+
+def token_boxes(info, width: int, height: int) -> dict[int, tuple[float, float, float, float]]:
+    """Image-local token index -> (left, top, right, bottom) in an image of ``width x height``."""
+    geometry = info.geometry
+    rows, cols = geometry["grid"]
+    boxes = {}
+    if geometry["kind"] == "grid":
+        first = geometry["first"]
+        for j in range(info.num_tokens):
+            p = j - first
+            if 0 <= p < rows * cols:
+                r, c = divmod(p, cols)
+                boxes[j] = (c * width / cols, r * height / rows, (c + 1) * width / cols, (r + 1) * height / rows)
+        return boxes
+    # AnyRes: crop 0 is the base view of the whole image; crops 1.. tile the best-fit canvas.
+    per = geometry["tokens_per_crop"]
+    crop_rows, crop_cols = geometry["crop_grid"]
+    img_h, img_w = geometry["image_size"]
+    canvas_h, canvas_w = crop_rows * rows, crop_cols * cols  # in patches
+    scale = min(canvas_w / img_w, canvas_h / img_h)
+    pad_x, pad_y = (canvas_w - img_w * scale) / 2, (canvas_h - img_h * scale) / 2
+    sx, sy = width / img_w, height / img_h  # the picture drawn may be another size than image_sizes
+    first_crop = info.crops[0]
+    for j, src in enumerate(info.source.tolist()):
+        if src < 0:
+            continue
+        crop, p = divmod(src, per)
+        r, c = divmod(p, cols)
+        if crop == first_crop:
+            boxes[j] = (c * width / cols, r * height / rows, (c + 1) * width / cols, (r + 1) * height / rows)
+            continue
+        tr, tc = divmod(crop - first_crop - 1, crop_cols)
+        y0, x0 = tr * rows + r, tc * cols + c
+        boxes[j] = (
+            (x0 - pad_x) / scale * sx, (y0 - pad_y) / scale * sy,
+            (x0 + 1 - pad_x) / scale * sx, (y0 + 1 - pad_y) / scale * sy,
+        )
+    return boxes
+
+
+def show(model, image, path, sample: int = 0, image_in_sample: int = 0) -> str:
+    """Save a PNG at ``path`` showing which visual tokens of ``sample``'s image survived every stage of
+    the last forward of the wrapped ``model``; returns the path."""
+    from vtoken.api import _state
+
+    run = _state(model).pruner.last_run
+    if run is None:
+        raise ValueError("no forward pass has run since wrapping; call the model first, then show()")
+    images = [info for info in run.visual.images if info.sample == sample]
+    if not images:
+        raise ValueError(f"sample {sample} of the last forward has no image")
+    info = images[image_in_sample]
+    picture = _as_image(image)
+    stages = run.selections[sample]
+    kept_visual = list(stages.values())[-1] if stages else torch.arange(run.visual.visual_count(sample))
+    kept_local = {int(v) - info.offset for v in kept_visual if info.offset <= int(v) < info.offset + info.num_tokens}
+    dimmed = Image.blend(Image.new("RGB", picture.size), picture, DIM)
+    for j, (left, top, right, bottom) in token_boxes(info, *picture.size).items():
+        if j in kept_local:
+            box = tuple(int(round(v)) for v in (max(left, 0), max(top, 0), min(right, picture.width), min(bottom, picture.height)))
+            if box[2] > box[0] and box[3] > box[1]:
+                dimmed.paste(picture.crop(box), box[:2])
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    dimmed.save(path)
+    return str(path)

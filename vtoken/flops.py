@@ -1,0 +1,889 @@
+"""Prefill FLOPs, per-token decode FLOPs and KV-cache size of a VLM under a pruning schedule.
+
+Everything is computed from the model *config* (no weights, no forward pass), so the real 7B configs
+work offline; the configs of ``llava-hf/llava-1.5-7b-hf``, ``llava-hf/llava-v1.6-vicuna-7b-hf`` and
+``Qwen/Qwen2.5-VL-7B-Instruct`` ship in ``vtoken/configs/``. Supported families: LLaVA-1.5
+(``llava``), LLaVA-NeXT (``llava_next``) and Qwen2.5-VL (``qwen2_5_vl``). All counts are per sample.
+
+Notation: an LLM layer with hidden size d, FFN size m, H query heads and H_kv key/value heads of size
+h_d; n tokens in the layer; v of them visual. FLOPs below are for one layer unless stated.
+
+Conventions
+-----------
+``convention="true"`` (default): what the hardware multiplies, 2 FLOPs per multiply-add, every token
+(system prompt, visual, text), every matrix product of the forward pass:
+
+- LLM layer: q and o projections 2·n·d·H·h_d each, k and v projections 2·n·d·H_kv·h_d each
+  (grouped-query aware), scores QKᵀ and values AV 2·n²·H·h_d each, gated MLP with three d×m
+  matrices 6·n·d·m. Scores are counted over the **full n × n square**: causal masking is not
+  subtracted (half of it is masked, but SDPA, FlashAttention and the eager path all compute or are
+  counted on the full block; ``torch.utils.flop_counter.FlopCounterMode`` counts the same).
+- Vision tower: the patch-embedding convolution, then every encoder layer the implementation runs,
+  including the CLS token (CLIP) and the last layer whose output LLaVA discards
+  (``vision_feature_layer=-2``: transformers still runs it). CLIP layers use a two-matrix MLP;
+  Qwen2.5-VL blocks a SwiGLU MLP, window attention (``window_size`` 112 px = 8×8 patches) except in
+  ``fullatt_block_indexes``; the window sizes follow transformers' partition exactly, so an unpruned
+  Qwen2.5-VL tower is exact as well.
+- Projector: LLaVA's two-layer MLP on every patch feature (for LLaVA-NeXT on all crops, before
+  unpadding); Qwen2.5-VL's 2×2 merger MLP (4·D → 4·D → d).
+- LM head: 2·d·V per position that gets logits; by default only the last one (``lm_head_tokens=1``,
+  as ``generate`` does). A plain ``model(...)`` call computes all positions.
+- Ignored: norms, activations, softmax, RoPE, residual adds, biases (the counter ignores them too).
+
+Verified against ``FlopCounterMode`` on tiny LLaVA / LLaVA-NeXT / Qwen2.5-VL models and on the real
+7B configs on the meta device (``tests/test_flops.py``). Counter caveats: on CPU, SDPA dispatches to
+``aten._scaled_dot_product_flash_attention_for_cpu``, which the counter does **not** register, so
+attention counts as 0 there; compare with ``attn_implementation="eager"`` (``bmm`` is counted) or on
+the meta device (SDPA decomposes to ``bmm``). On CUDA the flash / efficient / cuDNN SDPA ops are
+registered, counted as the full n² square (torch's ``sdpa_flop``: "we aren't accounting for causal
+attention"; read from the torch 2.14 source, not run here).
+
+``convention="paper"``: the convention behind the token-pruning literature's TFLOPs tables (FastV
+§4.2 with a three-matrix FFN as in TransPrune Eq. 7 and PyramidDrop): multiply-adds of the LLM layers
+over the **visual tokens only**, per layer
+
+    F(v) = 4·v·d² + 2·v²·d + 3·v·d·m
+
+with no GQA, no text tokens, no vision tower, projector or LM head. For LLaVA-1.5-7B (d=4096,
+m=11008, 32 layers) it gives 3.82 TFLOPs at 576 tokens, FastV (K=2) keeping 288 / 144 tokens
+2.01 / 1.12, PyramidDrop (layers 8/16/24, ratio 0.5) 1.78, pre-LLM pruning to 192 tokens 1.25, and
+LLaVA-NeXT-7B at 2880 tokens 20.83. LLaVA-NeXT counts there are 5 crops × 576 = 2880 (no newline
+tokens), which is the default visual count of this convention; ``"true"`` uses the count the model
+actually builds (576 base + unpadded grid + one newline per row: 2928 for the default 672×672 image).
+Decode under ``"paper"`` follows DyCoke's form with a three-matrix FFN: 4d² + 3dm + 2·d·(v_l + i)
+per layer for the i-th generated token. Scoring costs are reported as multiply-adds (half the true
+count) under ``"paper"``.
+
+Schedules and scoring
+---------------------
+The pruning schedule (``vtoken.schedule.Schedule``) decides how many visual tokens each part sees:
+``"vision"`` stages shrink the encoder layers after ``layer`` (per crop), ``"projector"`` stages the
+whole LLM, ``"llm"`` stages the decoder layers from ``layer`` on (FastV's K: layers < K keep all).
+Prefill, decode and the KV cache all follow it: a layer before the pruning layer caches every token,
+a later one only the kept ones. The work a method does to *decide* what to prune
+(``Schedule.scoring``: extra attention rows, projector perturbation passes, explicit counts) is its
+own line, ``scoring``, so that net savings stay honest.
+
+Text tokens: ``text_tokens`` counts every non-visual token of the prompt (system prompt, question,
+chat template, Qwen's vision start/end markers); default 64.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from vtoken.schedule import ScoringCost, Schedule, Stage
+
+CONVENTIONS: tuple[str, ...] = ("true", "paper")
+DEFAULT_TEXT_TOKENS = 64
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+LLAVA_NEXT_DEFAULT_IMAGE = (672, 672)
+QWEN_DEFAULT_IMAGE = (672, 672)
+QWEN_MIN_PIXELS = 56 * 56
+QWEN_MAX_PIXELS = 28 * 28 * 16384  # the official Qwen2.5-VL preprocessor_config.json value
+
+
+# --------------------------------------------------------------------------------------------------
+# Model dimensions
+
+
+@dataclass(frozen=True)
+class DecoderDims:
+    """The LLM: ``layers`` decoder layers of hidden size ``hidden``, gated FFN ``intermediate``."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+
+@dataclass(frozen=True)
+class VisionDims:
+    """A ViT encoder: CLIP-like (``window == 0``) or Qwen2.5-VL's windowed tower."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    patch: int
+    channels: int
+    image_size: int = 0  # CLIP input resolution (square); 0 when the tower takes any size
+    cls_tokens: int = 0
+    mlp_matrices: int = 2
+    temporal_patch: int = 1
+    merge: int = 1  # spatial merge of the projector (Qwen: 2, i.e. 2×2 patches per LLM token)
+    window: int = 0  # attention window, in merged units per side (Qwen2.5-VL: 112 px → 4)
+    full_attention_layers: tuple[int, ...] = ()
+
+    @property
+    def patch_inputs(self) -> int:
+        """Input values per patch of the patch-embedding convolution."""
+        return self.channels * self.temporal_patch * self.patch * self.patch
+
+
+@dataclass(frozen=True)
+class ProjectorDims:
+    """A two-layer MLP applied to each of the projector's input tokens."""
+
+    in_dim: int
+    hidden: int
+    out_dim: int
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    family: str  # "llava" | "llava_next" | "qwen2_5_vl"
+    name: str
+    decoder: DecoderDims
+    vision: VisionDims
+    projector: ProjectorDims
+    keep_cls: bool = False  # vision_feature_select_strategy == "full"
+    grid_pinpoints: tuple[tuple[int, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How many tokens each part of the model sees for one sample, before pruning.
+
+    ``crops`` is the number of vision-encoder passes (images × AnyRes crops), ``patches`` the patch
+    tokens of one pass (CLS excluded), ``windows`` the Qwen2.5-VL attention-window sizes of one pass
+    in patches, ``projector_tokens`` the projector's input tokens and ``visual_tokens`` the visual
+    tokens that reach the LLM.
+    """
+
+    crops: int
+    patches: int
+    projector_tokens: int
+    visual_tokens: int
+    windows: tuple[int, ...] = ()
+
+
+# --------------------------------------------------------------------------------------------------
+# Config loading
+
+
+def shipped_configs() -> dict[str, str]:
+    """The config JSONs shipped with vtoken: file stem -> the hub id it was taken from."""
+    found = {}
+    for path in sorted(CONFIG_DIR.glob("*.json")):
+        found[path.stem] = json.loads(path.read_text()).get("_source", "").split(" ")[0]
+    return found
+
+
+def load_config(source: Any):
+    """A transformers config from a config, a model, a dict, a JSON path or a hub name.
+
+    Hub names are looked up first among the shipped configs (``vtoken/configs/<name>.json``, matched
+    on the part after the last ``/``), then with ``AutoConfig.from_pretrained``.
+    """
+    from transformers import PretrainedConfig
+
+    if isinstance(source, PretrainedConfig):
+        return source
+    if hasattr(source, "config") and isinstance(source.config, PretrainedConfig):
+        return source.config
+    if isinstance(source, Mapping):
+        return _config_from_dict(dict(source))
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if path.is_dir() and (path / "config.json").is_file():
+            path = path / "config.json"
+        if path.is_file():
+            return _config_from_dict(json.loads(path.read_text()))
+        shipped = _shipped_config_path(str(source))
+        if shipped is not None:
+            data = json.loads(shipped.read_text())
+            config = _config_from_dict(data)
+            config._name_or_path = data.get("_source", str(source)).split(" ")[0]
+            return config
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(str(source))
+    raise TypeError(f"cannot read a model config from {type(source).__name__}")
+
+
+def _shipped_config_path(name: str) -> Path | None:
+    stem = name.rstrip("/").split("/")[-1].lower()
+    for path in CONFIG_DIR.glob("*.json"):
+        if path.stem.lower() == stem:
+            return path
+    return None
+
+
+def _config_from_dict(data: dict):
+    from transformers import AutoConfig
+
+    data = {k: v for k, v in data.items() if not k.startswith("_")}
+    if "model_type" not in data:
+        raise ValueError("a config dict needs a 'model_type'")
+    return AutoConfig.for_model(**data)
+
+
+def model_dims(config) -> ModelDims:
+    """Read the dimensions the FLOPs model needs from a transformers config."""
+    family = getattr(config, "model_type", None)
+    if family in ("llava", "llava_next"):
+        return _llava_dims(config, family)
+    if family == "qwen2_5_vl":
+        return _qwen2_5_vl_dims(config)
+    raise NotImplementedError(
+        f"FLOPs model for model_type {family!r} is not implemented (supported: llava, llava_next, "
+        "qwen2_5_vl)"
+    )
+
+
+def _decoder_dims(text) -> DecoderDims:
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return DecoderDims(
+        layers=text.num_hidden_layers,
+        hidden=text.hidden_size,
+        intermediate=text.intermediate_size,
+        heads=heads,
+        kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+        head_dim=head_dim,
+        vocab=text.vocab_size,
+    )
+
+
+def _llava_dims(config, family: str) -> ModelDims:
+    text, vision = config.text_config, config.vision_config
+    feature_layers = config.vision_feature_layer
+    n_feature_layers = 1 if isinstance(feature_layers, int) else len(feature_layers)
+    cls_tokens = 1 if "clip" in getattr(vision, "model_type", "clip") else 0
+    pinpoints = tuple(tuple(p) for p in getattr(config, "image_grid_pinpoints", None) or ())
+    return ModelDims(
+        family=family,
+        name=_model_name(config),
+        decoder=_decoder_dims(text),
+        vision=VisionDims(
+            layers=vision.num_hidden_layers,
+            hidden=vision.hidden_size,
+            intermediate=vision.intermediate_size,
+            patch=vision.patch_size,
+            channels=getattr(vision, "num_channels", 3),
+            image_size=vision.image_size,
+            cls_tokens=cls_tokens,
+            mlp_matrices=2,
+        ),
+        projector=ProjectorDims(
+            in_dim=vision.hidden_size * n_feature_layers, hidden=text.hidden_size, out_dim=text.hidden_size
+        ),
+        keep_cls=config.vision_feature_select_strategy == "full",
+        grid_pinpoints=pinpoints if family == "llava_next" else (),
+    )
+
+
+def _qwen2_5_vl_dims(config) -> ModelDims:
+    text, vision = config.text_config, config.vision_config
+    merge = vision.spatial_merge_size
+    merged_dim = vision.hidden_size * merge * merge
+    return ModelDims(
+        family="qwen2_5_vl",
+        name=_model_name(config),
+        decoder=_decoder_dims(text),
+        vision=VisionDims(
+            layers=vision.depth,
+            hidden=vision.hidden_size,
+            intermediate=vision.intermediate_size,
+            patch=vision.patch_size,
+            channels=vision.in_channels,
+            mlp_matrices=3,
+            temporal_patch=vision.temporal_patch_size,
+            merge=merge,
+            window=vision.window_size // merge // vision.patch_size,
+            full_attention_layers=tuple(vision.fullatt_block_indexes),
+        ),
+        projector=ProjectorDims(in_dim=merged_dim, hidden=merged_dim, out_dim=vision.out_hidden_size),
+    )
+
+
+def _model_name(config) -> str:
+    name = getattr(config, "_name_or_path", "") or ""
+    return name or config.model_type
+
+
+# --------------------------------------------------------------------------------------------------
+# Token geometry
+
+
+def geometry(
+    dims: ModelDims,
+    *,
+    image_size: tuple[int, int] | None = None,
+    images: int = 1,
+    convention: str = "true",
+    vision_tokens: int | None = None,
+    visual_tokens: int | None = None,
+) -> Geometry:
+    """Tokens per part for ``images`` images of ``image_size`` (h, w) before any pruning.
+
+    - LLaVA-1.5: every image is resized to the tower's square input: 576 patches at 336 px.
+    - LLaVA-NeXT: one base view plus the crops of the best ``image_grid_pinpoints`` resolution
+      (672×672 by default: 5 crops). ``"true"``: 576 base tokens + the unpadded crop grid + one
+      newline per grid row, as the model packs them (2928 at 672×672); ``"paper"``: crops × 576
+      (2880).
+    - Qwen2.5-VL: ``smart_resize`` to multiples of 28 px (default 672×672 → 48×48 patches, 576 LLM
+      tokens after the 2×2 merger).
+
+    ``vision_tokens`` overrides the patches per crop/image, ``visual_tokens`` the LLM-side count only.
+    """
+    if dims.family == "llava":
+        geo = _llava_geometry(dims, images)
+    elif dims.family == "llava_next":
+        geo = _llava_next_geometry(dims, image_size or LLAVA_NEXT_DEFAULT_IMAGE, images, convention)
+    else:
+        geo = _qwen_geometry(dims, image_size or QWEN_DEFAULT_IMAGE, images)
+    if vision_tokens is not None and vision_tokens != geo.patches:
+        geo = _with_patches(dims, geo, vision_tokens)
+    if visual_tokens is not None:
+        geo = Geometry(geo.crops, geo.patches, geo.projector_tokens, visual_tokens, geo.windows)
+    return geo
+
+
+def _side_patches(dims: ModelDims) -> int:
+    return dims.vision.image_size // dims.vision.patch
+
+
+def _llava_geometry(dims: ModelDims, images: int) -> Geometry:
+    patches = _side_patches(dims) ** 2
+    per_crop = patches + (dims.vision.cls_tokens if dims.keep_cls else 0)
+    return Geometry(crops=images, patches=patches, projector_tokens=images * per_crop,
+                    visual_tokens=images * per_crop)
+
+
+def _llava_next_geometry(dims: ModelDims, image_size, images: int, convention: str) -> Geometry:
+    from transformers.image_processing_utils import select_best_resolution
+
+    side = _side_patches(dims)
+    patches = side * side
+    per_crop = patches + (dims.vision.cls_tokens if dims.keep_cls else 0)
+    best_h, best_w = select_best_resolution(tuple(image_size), [list(p) for p in dims.grid_pinpoints])
+    grid_h, grid_w = best_h // dims.vision.image_size, best_w // dims.vision.image_size
+    crops = 1 + grid_h * grid_w
+    if convention == "paper":
+        visual = crops * per_crop
+    else:
+        rows, cols = _unpadded_grid(image_size, grid_h * side, grid_w * side)
+        visual = per_crop + rows * cols + rows  # base view + unpadded grid + one newline per row
+    return Geometry(crops=images * crops, patches=patches, projector_tokens=images * crops * per_crop,
+                    visual_tokens=images * visual)
+
+
+def _unpadded_grid(image_size, rows: int, cols: int) -> tuple[int, int]:
+    """Rows and columns of the AnyRes feature grid left after removing the letterbox padding.
+
+    The image (h, w) was resized into the (rows, cols) grid keeping its aspect ratio and padded
+    symmetrically along the other axis; the padded rows (or columns) are dropped.
+    """
+    height, width = image_size
+    if width / height > cols / rows:  # image wider than the grid: padding above and below
+        content = int(round(height * cols / width, 7))
+        return rows - 2 * ((rows - content) // 2), cols
+    content = int(round(width * rows / height, 7))
+    return rows, cols - 2 * ((cols - content) // 2)
+
+
+def _qwen_geometry(dims: ModelDims, image_size, images: int) -> Geometry:
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    factor = dims.vision.patch * dims.vision.merge
+    height, width = smart_resize(*image_size, factor=factor, min_pixels=QWEN_MIN_PIXELS,
+                                 max_pixels=QWEN_MAX_PIXELS)
+    rows, cols = height // dims.vision.patch, width // dims.vision.patch
+    patches = rows * cols
+    merged = patches // dims.vision.merge**2
+    return Geometry(crops=images, patches=patches, projector_tokens=images * merged,
+                    visual_tokens=images * merged, windows=_qwen_windows(dims, rows, cols))
+
+
+def _qwen_windows(dims: ModelDims, rows: int, cols: int) -> tuple[int, ...]:
+    """Patch counts of the attention windows of one image: the merged grid is tiled by
+    ``window`` × ``window`` squares from the top-left; edge windows are cut short."""
+    merge, size = dims.vision.merge, dims.vision.window
+    merged_rows, merged_cols = rows // merge, cols // merge
+    windows = []
+    for top in range(0, merged_rows, size):
+        for left in range(0, merged_cols, size):
+            units = min(size, merged_rows - top) * min(size, merged_cols - left)
+            windows.append(units * merge * merge)
+    return tuple(windows)
+
+
+def _with_patches(dims: ModelDims, geo: Geometry, patches: int) -> Geometry:
+    """Resize every crop to ``patches`` patch tokens (Qwen: windows approximated as full ones)."""
+    merge2 = dims.vision.merge**2
+    per_crop = patches // merge2 + (dims.vision.cls_tokens if dims.keep_cls else 0)
+    windows = ()
+    if dims.vision.window:
+        full = dims.vision.window**2 * merge2
+        windows = (full,) * (patches // full) + ((patches % full,) if patches % full else ())
+    return Geometry(geo.crops, patches, geo.crops * per_crop, geo.crops * per_crop, windows)
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-module counts (true FLOPs, 2 per multiply-add)
+
+
+def decoder_layer_flops(d: DecoderDims, queries: int, keys: int) -> int:
+    """One LLM decoder layer: ``queries`` new tokens attending to ``keys`` tokens (prefill: equal).
+
+    q, o: 2·n·d·H·h_d each; k, v: 2·n·d·H_kv·h_d each; QKᵀ and AV: 2·n_q·n_k·H·h_d each (full block);
+    gated MLP: 3 · 2·n·d·m.
+    """
+    projections = 2 * queries * d.hidden * (2 * d.q_dim + 2 * d.kv_dim)
+    attention = 4 * queries * keys * d.q_dim
+    mlp = 6 * queries * d.hidden * d.intermediate
+    return projections + attention + mlp
+
+
+def paper_layer_macs(d: DecoderDims, visual: int) -> int:
+    """FastV §4.2 / TransPrune Eq. 7 per-layer count over ``visual`` tokens: 4nd² + 2n²d + 3ndm."""
+    return 4 * visual * d.hidden**2 + 2 * visual**2 * d.hidden + 3 * visual * d.hidden * d.intermediate
+
+
+def encoder_layer_flops(v: VisionDims, tokens: int, attention_pairs: int) -> int:
+    """One ViT layer on ``tokens`` tokens with ``attention_pairs`` (query, key) pairs in total
+    (n² for global attention, Σ window² for window attention): q, k, v, o projections 8·n·D², QKᵀ and
+    AV 4·pairs·D, MLP 2·n·D·I per matrix."""
+    projections = 8 * tokens * v.hidden**2
+    attention = 4 * attention_pairs * v.hidden
+    mlp = 2 * v.mlp_matrices * tokens * v.hidden * v.intermediate
+    return projections + attention + mlp
+
+
+def projector_flops(p: ProjectorDims, tokens: int) -> int:
+    """The two-layer projector MLP on ``tokens`` tokens: 2·n·(in·hidden + hidden·out)."""
+    return 2 * tokens * (p.in_dim * p.hidden + p.hidden * p.out_dim)
+
+
+# --------------------------------------------------------------------------------------------------
+# The report
+
+
+@dataclass(frozen=True)
+class FlopsReport:
+    """FLOPs of one sample's prefill, split by part, plus decode cost and KV-cache size.
+
+    FLOPs are in the report's ``convention`` (``"paper"``: multiply-adds of visual tokens in the LLM).
+    ``decode_per_token`` is the mean over ``decode_tokens`` decoding steps after prefill (the LLM and
+    LM head for one new token attending to the cache). ``kv_cache_bytes`` is the cache of every
+    token after prefill; ``kv_cache_visual_bytes`` the visual tokens' share (what SparseVLM reports).
+    ``layer_visual_tokens`` lists the visual tokens each LLM layer processes.
+    """
+
+    model: str
+    convention: str
+    text_tokens: int
+    visual_tokens: int
+    layer_visual_tokens: tuple[int, ...]
+    vision: float
+    projector: float
+    llm: float
+    lm_head: float
+    scoring: float
+    decode_per_token: float
+    decode_tokens: int
+    kv_cache_bytes: int
+    kv_cache_visual_bytes: int
+    dtype: str
+    schedule: str = "unpruned"
+    notes: tuple[str, ...] = ()
+    prefill: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "prefill", self.prefill_without_scoring + self.scoring)
+
+    @property
+    def prefill_without_scoring(self) -> float:
+        return self.vision + self.projector + self.llm + self.lm_head
+
+    @property
+    def decode_total(self) -> float:
+        return self.decode_per_token * self.decode_tokens
+
+    @property
+    def mean_visual_tokens(self) -> float:
+        """Visual tokens averaged over LLM layers (the literature's "equivalent tokens")."""
+        return sum(self.layer_visual_tokens) / len(self.layer_visual_tokens)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["layer_visual_tokens"] = list(self.layer_visual_tokens)
+        out["notes"] = list(self.notes)
+        return out
+
+    def table(self) -> str:
+        """A plain-text table: FLOPs per part, decode cost and KV cache."""
+        unit = "MACs" if self.convention == "paper" else "FLOPs"
+        scale, prefix = _scale(self.prefill)
+        rows = [
+            ("vision encoder", self.vision),
+            ("projector", self.projector),
+            ("LLM", self.llm),
+            ("LM head", self.lm_head),
+            ("scoring", self.scoring),
+            ("prefill total", self.prefill),
+        ]
+        note = " (multiply-adds, what the papers print as FLOPs)" if self.convention == "paper" else ""
+        lines = [
+            f"{self.model} | convention={self.convention}{note} | schedule: {self.schedule}",
+            f"tokens: {self.visual_tokens} visual (layer mean {self.mean_visual_tokens:.1f}) "
+            f"+ {self.text_tokens} text",
+        ]
+        lines += [f"  {name:<16}{value / scale:>12.4f} {prefix}{unit}" for name, value in rows]
+        d_scale, d_prefix = _scale(self.decode_per_token)
+        lines.append(f"  {'decode / token':<16}{self.decode_per_token / d_scale:>12.4f} {d_prefix}{unit} "
+                     f"(mean of {self.decode_tokens} steps)")
+        lines.append(f"  {'KV cache':<16}{_bytes(self.kv_cache_bytes):>16} ({self.dtype}); "
+                     f"visual tokens {_bytes(self.kv_cache_visual_bytes)}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _bytes(n: int) -> str:
+    for scale, unit in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def _scale(value: float) -> tuple[float, str]:
+    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(value) >= scale:
+            return scale, prefix
+    return 1.0, ""
+
+
+# --------------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def flops(
+    model_or_config: Any,
+    schedule: Schedule | Any | None = None,
+    *,
+    text_tokens: int = DEFAULT_TEXT_TOKENS,
+    decode_tokens: int = 1,
+    convention: str = "true",
+    image_size: tuple[int, int] | None = None,
+    visual_tokens: int | None = None,
+    images: int | None = None,
+    dtype: Any = "float16",
+    lm_head_tokens: int = 1,
+) -> FlopsReport:
+    """FLOPs of one sample under a pruning ``schedule`` (see the module docstring for conventions).
+
+    Args:
+        model_or_config: a transformers config, a model (its ``.config``), a dict, a config-JSON
+            path or a hub name (shipped configs first: ``"llava-hf/llava-1.5-7b-hf"``,
+            ``"llava-hf/llava-v1.6-vicuna-7b-hf"``, ``"Qwen/Qwen2.5-VL-7B-Instruct"``).
+        schedule: a ``Schedule``, a model wrapped by vtoken (its current schedule), or ``None``:
+            the schedule of ``model_or_config`` if that is a wrapped model, else unpruned.
+        text_tokens: non-visual prompt tokens (system prompt, question, template); default 64.
+        decode_tokens: decoding steps (>= 1) averaged into ``decode_per_token`` (step i attends
+            to the cache plus i tokens); default 1.
+        convention: ``"true"`` (all FLOPs) or ``"paper"`` (visual-token LLM multiply-adds).
+        image_size: (h, w) of the image; sizes LLaVA-NeXT crops (default 672×672) and Qwen2.5-VL
+            patches (default 672×672). LLaVA-1.5 always sees 336×336.
+        visual_tokens: override the visual tokens reaching the LLM before pruning (the vision tower
+            keeps its ``image_size`` geometry); else ``schedule.visual_tokens``, else the geometry.
+        images: images per sample; default ``schedule.images``.
+        dtype: KV-cache dtype (torch dtype or name) for ``kv_cache_bytes``.
+        lm_head_tokens: positions that get logits at prefill (``"true"`` only); default 1.
+    """
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+    dims = model_dims(load_config(model_or_config))
+
+    def llm_visual_tokens() -> int:  # what a wrapped model's schedule is asked for
+        return geometry(dims, image_size=image_size, images=images or 1, convention=convention,
+                        visual_tokens=visual_tokens).visual_tokens
+
+    schedule = _resolve_schedule(model_or_config, schedule, llm_visual_tokens)
+    geo = geometry(
+        dims,
+        image_size=image_size,
+        images=images or schedule.images,
+        convention=convention,
+        vision_tokens=schedule.vision_tokens,
+        visual_tokens=visual_tokens if visual_tokens is not None else schedule.visual_tokens,
+    )
+    return _report(dims, geo, schedule, text_tokens, decode_tokens, convention, dtype, lm_head_tokens)
+
+
+def kv_cache_bytes(
+    model_or_config: Any,
+    schedule: Schedule | None = None,
+    text_tokens: int = DEFAULT_TEXT_TOKENS,
+    dtype: Any = "float16",
+    *,
+    image_size: tuple[int, int] | None = None,
+    visual_tokens: int | None = None,
+) -> int:
+    """KV-cache bytes of one sample after prefill: Σ_layers 2 · H_kv · h_d · n_l · bytes(dtype).
+
+    n_l is text + visual tokens at layer l: layers before an ``"llm"`` pruning stage hold every
+    token, later layers only the kept ones.
+    """
+    return flops(model_or_config, schedule, text_tokens=text_tokens, image_size=image_size,
+                 visual_tokens=visual_tokens, dtype=dtype).kv_cache_bytes
+
+
+def describe(schedule: Schedule | None) -> str:
+    """A short text form of a schedule, e.g. ``"llm@2→288, llm@16→144"``."""
+    if schedule is None or not schedule.stages:
+        text = "unpruned"
+    else:
+        text = ", ".join(
+            f"{s.site}{'' if s.layer is None else '@' + str(s.layer)}→{s.keep_tokens}" for s in schedule.stages
+        )
+    if schedule is not None and schedule.scoring:
+        text += " + scoring(" + ", ".join(_describe_cost(c) for c in schedule.scoring) + ")"
+    return text
+
+
+def _describe_cost(cost: ScoringCost) -> str:
+    if cost.kind.endswith("attention_rows"):
+        return f"{cost.kind.split('_')[0]} L{cost.layer} {cost.rows} rows"
+    if cost.kind == "projector_passes":
+        return f"projector ×{cost.passes}"
+    return f"{cost.flops:.3g} FLOPs"
+
+
+# --------------------------------------------------------------------------------------------------
+# Internals
+
+
+def _resolve_schedule(model_or_config: Any, schedule: Any, visual_tokens: Callable[[], int]) -> Schedule:
+    if isinstance(schedule, Schedule):
+        return schedule
+    wrapped = schedule if schedule is not None else model_or_config
+    if hasattr(wrapped, "_vtoken_state"):
+        try:
+            from vtoken.api import schedule_of
+        except ImportError as error:
+            raise RuntimeError(
+                "this model is wrapped by vtoken but vtoken.api.schedule_of is not available; "
+                "pass schedule=Schedule(...) explicitly"
+            ) from error
+        return schedule_of(wrapped, visual_tokens=visual_tokens())
+    if schedule is None:
+        return Schedule()
+    raise TypeError(f"schedule must be a Schedule, a vtoken-wrapped model or None, got {type(schedule).__name__}")
+
+
+def _dtype_name_and_size(dtype: Any) -> tuple[str, int]:
+    import torch
+
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.replace("torch.", ""))
+    return str(dtype).replace("torch.", ""), dtype.itemsize
+
+
+def _check_schedule(schedule: Schedule, dims: ModelDims, geo: Geometry) -> None:
+    for stage in schedule.stages:
+        limit = {"vision": geo.patches, "projector": geo.visual_tokens, "llm": geo.visual_tokens}[stage.site]
+        if stage.keep_tokens > limit:
+            raise ValueError(f"{stage} keeps more than the {limit} tokens available at that site")
+        _check_layer(stage, stage.site == "vision", stage.layer, dims)
+    for cost in schedule.scoring:
+        if cost.kind.endswith("attention_rows"):
+            _check_layer(cost, cost.kind.startswith("vision"), cost.layer, dims)
+
+
+def _check_layer(item: Any, vision: bool, layer: int | None, dims: ModelDims) -> None:
+    layers = dims.vision.layers if vision else dims.decoder.layers
+    if layer is not None and not 0 <= layer < layers:
+        raise ValueError(f"{item}: layer must be in [0, {layers})")
+    if layer is None and isinstance(item, ScoringCost):
+        raise ValueError(f"{item}: attention rows need a layer")
+
+
+def _vision_stages(schedule: Schedule) -> list[Stage]:
+    return [s for s in schedule.stages if s.site == "vision"]
+
+
+def _patches_at(schedule: Schedule, geo: Geometry, layer: int) -> int:
+    """Patch tokens per crop that vision layer ``layer`` processes (a stage acts *after* its layer)."""
+    count = geo.patches
+    for stage in _vision_stages(schedule):
+        if stage.layer < layer:
+            count = stage.keep_tokens
+    return count
+
+
+def _kept_patches(schedule: Schedule, geo: Geometry) -> int:
+    stages = _vision_stages(schedule)
+    return stages[-1].keep_tokens if stages else geo.patches
+
+
+def _projector_tokens(dims: ModelDims, schedule: Schedule, geo: Geometry) -> int:
+    """Projector input tokens: all patch features, or the kept ones after a vision-site stage."""
+    if not _vision_stages(schedule):
+        return geo.projector_tokens
+    cls = dims.vision.cls_tokens if dims.keep_cls else 0
+    return geo.crops * (_kept_patches(schedule, geo) // dims.vision.merge**2 + cls)
+
+
+def _pre_llm_visual(dims: ModelDims, schedule: Schedule, geo: Geometry) -> int:
+    """Visual tokens entering the LLM: after a projector stage its count, after a vision stage the
+    kept patches of every crop (LLaVA-NeXT: no unpadding or newlines left), else the geometry."""
+    count = geo.visual_tokens
+    if _vision_stages(schedule):
+        count = _projector_tokens(dims, schedule, geo)
+    for stage in schedule.stages:
+        if stage.site == "projector":
+            count = stage.keep_tokens
+    return count
+
+
+def _layer_visual_tokens(dims: ModelDims, schedule: Schedule, geo: Geometry) -> tuple[int, ...]:
+    """Visual tokens of each LLM layer: an ``llm`` stage at K applies to layers >= K."""
+    start = _pre_llm_visual(dims, schedule, geo)
+    llm_stages = [s for s in schedule.stages if s.site == "llm"]
+    counts = []
+    for layer in range(dims.decoder.layers):
+        count = start
+        for stage in llm_stages:
+            if stage.layer <= layer:
+                count = stage.keep_tokens
+        counts.append(count)
+    return tuple(counts)
+
+
+def _vision_flops(dims: ModelDims, schedule: Schedule, geo: Geometry) -> int:
+    v = dims.vision
+    total = 2 * geo.crops * geo.patches * v.patch_inputs * v.hidden  # patch-embedding convolution
+    for layer in range(v.layers):
+        patches = _patches_at(schedule, geo, layer)
+        tokens = patches + v.cls_tokens
+        if v.window and layer not in v.full_attention_layers:
+            scale = (patches / geo.patches) ** 2  # exact unpruned; shrunk windows are approximate
+            pairs = round(sum(w * w for w in geo.windows) * scale)
+        else:
+            pairs = tokens * tokens
+        total += geo.crops * encoder_layer_flops(v, tokens, pairs)
+    return total
+
+
+def _scoring_flops(dims: ModelDims, schedule: Schedule, geo: Geometry, text_tokens: int,
+                   layer_visual: tuple[int, ...]) -> int:
+    return sum(_scoring_cost_flops(c, dims, schedule, geo, text_tokens, layer_visual) for c in schedule.scoring)
+
+
+def _scoring_cost_flops(cost: ScoringCost, dims: ModelDims, schedule: Schedule, geo: Geometry,
+                        text_tokens: int, layer_visual: tuple[int, ...]) -> int:
+    """True FLOPs of one scoring item.
+
+    - ``llm_attention_rows`` at layer l: q projection of the rows 2·r·d·H·h_d, k projection of the
+      n tokens entering layer l (before any stage at l) 2·n·d·H_kv·h_d, scores 2·r·n·H·h_d.
+    - ``vision_attention_rows`` at vision layer l, per crop: 2·r·D² + 2·n·D² + 2·r·n·D over the
+      n tokens (CLS included) of that layer.
+    - ``projector_passes``: passes × the projector over its input tokens (all patch features, or
+      those kept by a vision-site stage; a projector-site stage comes after it).
+    - ``flops``: the given count.
+    """
+    if cost.kind == "llm_attention_rows":
+        d = dims.decoder
+        visual = layer_visual[cost.layer - 1] if cost.layer > 0 else _pre_llm_visual(dims, schedule, geo)
+        keys = text_tokens + visual
+        return 2 * cost.rows * d.hidden * d.q_dim + 2 * keys * d.hidden * d.kv_dim + 2 * cost.rows * keys * d.q_dim
+    if cost.kind == "vision_attention_rows":
+        v = dims.vision
+        keys = _patches_at(schedule, geo, cost.layer) + v.cls_tokens
+        per_crop = 2 * cost.rows * v.hidden**2 + 2 * keys * v.hidden**2 + 2 * cost.rows * keys * v.hidden
+        return geo.crops * per_crop
+    if cost.kind == "projector_passes":
+        return cost.passes * projector_flops(dims.projector, _projector_tokens(dims, schedule, geo))
+    if cost.kind == "flops":
+        return int(cost.flops)
+    raise ValueError(f"unknown scoring kind {cost.kind!r}")
+
+
+def _report(dims: ModelDims, geo: Geometry, schedule: Schedule, text_tokens: int, decode_tokens: int,
+            convention: str, dtype: Any, lm_head_tokens: int) -> FlopsReport:
+    _check_schedule(schedule, dims, geo)
+    if decode_tokens < 1:
+        raise ValueError(f"decode_tokens must be >= 1, got {decode_tokens}")
+    d = dims.decoder
+    layer_visual = _layer_visual_tokens(dims, schedule, geo)
+    steps = decode_tokens
+    mean_step = (steps + 1) / 2  # step i (1..R) attends to the cache plus i tokens
+    scoring = _scoring_flops(dims, schedule, geo, text_tokens, layer_visual)
+    if convention == "paper":
+        parts = dict(vision=0, projector=0, lm_head=0, scoring=scoring / 2,
+                     llm=sum(paper_layer_macs(d, v) for v in layer_visual))
+        decode = sum(4 * d.hidden**2 + 3 * d.hidden * d.intermediate + 2 * d.hidden * (v + mean_step)
+                     for v in layer_visual)
+    else:
+        parts = dict(
+            vision=_vision_flops(dims, schedule, geo),
+            projector=projector_flops(dims.projector, _projector_tokens(dims, schedule, geo)),
+            llm=sum(decoder_layer_flops(d, text_tokens + v, text_tokens + v) for v in layer_visual),
+            lm_head=2 * lm_head_tokens * d.hidden * d.vocab,
+            scoring=scoring,
+        )
+        decode = sum(
+            _mean_decode_layer(d, text_tokens + v, steps) for v in layer_visual
+        ) + 2 * d.hidden * d.vocab
+    dtype_name, itemsize = _dtype_name_and_size(dtype)
+    per_token = 2 * d.kv_dim * itemsize  # K and V of one token in one layer
+    return FlopsReport(
+        model=dims.name,
+        convention=convention,
+        text_tokens=text_tokens,
+        visual_tokens=geo.visual_tokens,
+        layer_visual_tokens=layer_visual,
+        decode_per_token=decode,
+        decode_tokens=steps,
+        kv_cache_bytes=per_token * sum(text_tokens + v for v in layer_visual),
+        kv_cache_visual_bytes=per_token * sum(layer_visual),
+        dtype=dtype_name,
+        schedule=describe(schedule),
+        notes=tuple(schedule.notes),
+        **parts,
+    )
+
+
+def _mean_decode_layer(d: DecoderDims, cached: int, steps: int) -> float:
+    """Mean FLOPs of one layer over ``steps`` decode steps; step i attends to cached + i keys."""
+    return sum(decoder_layer_flops(d, 1, cached + i) for i in range(1, steps + 1)) / steps
+
+
+__all__ = [
+    "CONVENTIONS",
+    "DecoderDims",
+    "FlopsReport",
+    "Geometry",
+    "ModelDims",
+    "ProjectorDims",
+    "VisionDims",
+    "decoder_layer_flops",
+    "describe",
+    "encoder_layer_flops",
+    "flops",
+    "geometry",
+    "kv_cache_bytes",
+    "load_config",
+    "model_dims",
+    "paper_layer_macs",
+    "projector_flops",
+    "shipped_configs",
+]

@@ -1,0 +1,82 @@
+"""Sequence layouts: which original token sits in each slot of a (possibly pruned) LLM sequence.
+
+After pruning, samples of a batch keep different numbers of tokens. A layout packs each sample's kept
+tokens to the right and left-pads the batch to the longest, so the last token stays in the last
+column (what ``generate`` and ``logits_to_keep`` rely on). Every layer group of the LLM (the layers
+between two pruning points) has one layout; its KV cache holds exactly those slots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vtoken.kernels import compact_index, gather_tokens
+
+
+@dataclass
+class SequenceLayout:
+    """Per slot (``[B, L]`` each): the original sequence index (-1 for a pad slot added by pruning),
+    whether the slot may be attended, the sample-level visual-token index (-1 for text), the global
+    image index (-1 for text), and the position id the slot carries."""
+
+    orig_index: torch.Tensor
+    valid: torch.Tensor
+    visual_index: torch.Tensor
+    image_index: torch.Tensor
+    position_ids: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        return self.orig_index.shape[1]
+
+    def compact(self, keep: torch.Tensor) -> tuple["SequenceLayout", torch.Tensor]:
+        """The layout of the slots where ``keep`` (``[B, L]``) is True, and the slot index that builds
+        it from this one (``[B, L']``, -1 for new pad slots): gather any ``[B, L, ...]`` tensor with it."""
+        index = compact_index(keep)
+        pad = index < 0
+        layout = SequenceLayout(
+            orig_index=gather_tokens(self.orig_index, index, fill=-1),
+            valid=gather_tokens(self.valid, index, fill=False) & ~pad,
+            visual_index=gather_tokens(self.visual_index, index, fill=-1),
+            image_index=gather_tokens(self.image_index, index, fill=-1),
+            position_ids=gather_tokens(self.position_ids, index, fill=0),
+        )
+        return layout, index
+
+    def renumbered(self) -> "SequenceLayout":
+        """The same slots with consecutive position ids over the valid slots (PyramidDrop-style),
+        starting from the position of each sample's first valid slot (0 under ``generate``)."""
+        first_valid = self.valid.long().argmax(-1, keepdim=True)
+        start = torch.gather(self.position_ids, 1, first_valid)
+        positions = start + (self.valid.long().cumsum(-1) - 1).clamp(min=0)
+        return SequenceLayout(self.orig_index, self.valid, self.visual_index, self.image_index, positions)
+
+    def visual_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Visual slots grouped by image, for scoring.
+
+        Returns ``slot_index [R, N]`` (-1 padded), ``row_image [R]`` (global image index of each row)
+        and ``row_sample [R]``, with one row per image present in this layout, in image order.
+        """
+        batch_idx, slot_idx = (self.image_index >= 0).nonzero(as_tuple=True)
+        images = self.image_index[batch_idx, slot_idx]
+        # nonzero is row-major and images are numbered in row-major order, so rows come out grouped.
+        row_image, counts = torch.unique_consecutive(images, return_counts=True)
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(images.numel(), device=images.device) - torch.repeat_interleave(starts, counts)
+        row = torch.repeat_interleave(torch.arange(row_image.numel(), device=images.device), counts)
+        width = int(counts.max()) if counts.numel() else 0
+        slot_index = torch.full((row_image.numel(), width), -1, dtype=torch.long, device=images.device)
+        slot_index[row, rank] = slot_idx
+        row_sample = torch.zeros(row_image.numel(), dtype=torch.long, device=images.device)
+        row_sample[row] = batch_idx
+        return slot_index, row_image, row_sample
+
+
+def identity_layout(
+    attention_mask: torch.Tensor, position_ids: torch.Tensor, visual_index: torch.Tensor, image_index: torch.Tensor
+) -> SequenceLayout:
+    batch, length = attention_mask.shape
+    orig = torch.arange(length, device=attention_mask.device).expand(batch, length)
+    return SequenceLayout(orig, attention_mask.bool(), visual_index, image_index, position_ids)

@@ -1,0 +1,258 @@
+"""The model-independent half of a wrapped model: it runs the strategy at each stage and keeps the
+per-request state. The adapter's hooks call into it with tensors; it never touches a module.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from vtoken.config import PruneConfig, StageSpec
+from vtoken.context import Grid, Reduction, ScoreContext, TokenRows
+from vtoken.kernels import gather_tokens
+from vtoken.layout import SequenceLayout
+
+
+class ImageRun:
+    """One call of the vision encoder: its images (image-local token structure) and what the
+    vision-site stages kept of every crop.
+
+    It is separate from :class:`PruneRun` because ``generate`` encodes the images before the first
+    forward; the forward then picks up the encoding it is handed.
+    """
+
+    def __init__(self, images: list, candidate_local: torch.Tensor, config: PruneConfig):
+        self.images = images
+        #: ``[C, P]`` image-local token index each encoder candidate (non-CLS token) lands on, or -1.
+        self.candidate_local = candidate_local
+        self.crop_image = torch.empty(candidate_local.shape[0], dtype=torch.long)
+        for i, image in enumerate(images):
+            self.crop_image[image.crops] = i
+        self.generator = torch.Generator().manual_seed(config.seed)
+        #: For each crop, the candidate index of each token still in the encoder (None: no vision stage ran).
+        self.vision_positions: torch.Tensor | None = None
+        #: ``vision_positions`` after each vision stage, by stage name.
+        self.stage_positions: dict[str, torch.Tensor] = {}
+        #: The features object this encoding returned, to recognise it when a forward receives it.
+        self.output = None
+
+
+class PruneRun:
+    """One request, from its prefill through its decoding steps.
+
+    Attached to the request's KV cache after prefill, so concurrent generations with different caches
+    never share state, and a step without a cache starts afresh.
+    """
+
+    def __init__(self, visual, config: PruneConfig, image_run: ImageRun | None = None):
+        self.visual = visual
+        self.image_run = image_run
+        self.prefill = True
+        self.generator = image_run.generator if image_run is not None else torch.Generator().manual_seed(config.seed)
+        #: (first LLM layer, layout) per layer group, in order; group 0 starts at layer 0.
+        self.groups: list[tuple[int, SequenceLayout]] = []
+        #: Per sample: stage name -> kept sample-level visual indices (ascending).
+        self.selections: list[dict[str, torch.Tensor]] = [{} for _ in range(visual.batch_size)]
+        self.orig_length = 0
+        self.orig_valid_count: torch.Tensor | None = None
+        self.seen = 0
+        # Set at each decoding step: the attention-mask columns and position ids of the new tokens.
+        self.new_mask: torch.Tensor | None = None
+        self.new_positions: torch.Tensor | None = None
+        # Per forward: layer-group kwargs already built, layer inputs kept for scoring.
+        self.group_kwargs: dict[int, dict] = {}
+        self.stash: dict[int, tuple] = {}
+
+    @property
+    def batch_size(self) -> int:
+        return self.visual.batch_size
+
+    def group_for(self, layer: int) -> tuple[int, SequenceLayout]:
+        current = self.groups[0]
+        for first, layout in self.groups:
+            if first <= layer:
+                current = (first, layout)
+        return current
+
+    def record(self, stage: StageSpec, sample: int, indices: torch.Tensor) -> None:
+        self.selections[sample][stage.name] = torch.sort(indices.cpu()).values
+
+
+class Pruner:
+    """Runs one strategy's stages for a wrapped model."""
+
+    def __init__(self, strategy):
+        self.strategy = strategy
+        self.config: PruneConfig = strategy.config
+        self.stages: tuple[StageSpec, ...] = self.config.resolved_stages()
+        #: The request whose forward is running now (set by the adapter's outermost hook).
+        self.active: PruneRun | None = None
+        #: The most recent prefill, for ``vtoken.selection``.
+        self.last_run: PruneRun | None = None
+        #: The vision-encoder call running now, and the last one finished (awaiting its forward).
+        self.encoding: ImageRun | None = None
+        self.pending_images: ImageRun | None = None
+
+    def stages_at(self, site: str) -> list[StageSpec]:
+        return [s for s in self.stages if s.site == site]
+
+    def llm_stage_at(self, layer: int) -> StageSpec | None:
+        for stage in self.stages:
+            if stage.site == "llm" and stage.layer == layer:
+                return stage
+        return None
+
+    def _reduce(self, run: PruneRun | ImageRun, stage: StageSpec, rows: TokenRows, attention=None) -> Reduction:
+        ctx = ScoreContext(
+            stage=stage,
+            tokens=rows,
+            generator=run.generator,
+            stage_index=self.stages.index(stage),
+            attention=attention,
+        )
+        reduction = self.strategy.reduce(ctx)
+        expected = torch.arange(reduction.keep.shape[1], device=rows.budget.device)[None, :] < rows.budget[:, None]
+        if not torch.equal(reduction.keep >= 0, expected):
+            raise RuntimeError(f"{self.strategy.name} did not keep exactly the budget of every row")
+        return reduction
+
+    # --- vision site ----------------------------------------------------------------------------
+    def run_vision_stage(
+        self, images: ImageRun, stage: StageSpec, hidden: torch.Tensor, first_candidate: int, grid: Grid
+    ) -> torch.Tensor:
+        """Prune the encoder tokens of every crop to the same count (the encoder batches crops).
+
+        ``hidden`` is ``[C, T, d]``; tokens before ``first_candidate`` (CLS) are always kept. A
+        candidate that never reaches the LLM (cut by LLaVA-NeXT's unpadding) ranks last.
+        """
+        crops = hidden.shape[0]
+        candidates = hidden[:, first_candidate:]
+        full = images.candidate_local.shape[1]
+        if images.vision_positions is None:
+            images.vision_positions = torch.arange(full, device=hidden.device).expand(crops, -1)
+        positions = images.vision_positions
+        counts = {
+            max(1, round(stage.fraction(images.images[i].num_tokens) * full)) for i in images.crop_image.tolist()
+        }
+        if len(counts) != 1:
+            raise ValueError(
+                "at the vision site every crop keeps the same number of tokens, but keep_tokens gives "
+                "images of different sizes different fractions; use keep=<fraction> instead"
+            )
+        budget = counts.pop()
+        if budget > candidates.shape[1]:
+            raise ValueError(
+                f"the budget ({budget} tokens per crop) exceeds the {candidates.shape[1]} tokens left in "
+                f"the vision encoder at {stage.name}; lower keep/keep_tokens"
+            )
+        local = torch.gather(images.candidate_local.to(hidden.device), 1, positions)
+        valid = local >= 0
+        rows = TokenRows(
+            features=candidates,
+            valid=valid,
+            budget=torch.full((crops,), budget, dtype=torch.long, device=hidden.device),
+            sample=images.crop_image.to(hidden.device),  # the image, as samples are not known yet
+            grids=[(grid,) if positions.shape[1] == full else None for _ in range(crops)],
+            local_index=local,
+        )
+        reduction = self._reduce(images, stage, rows)
+        kept = reduction.features if reduction.features is not None else gather_tokens(candidates, reduction.keep)
+        images.vision_positions = torch.gather(positions, 1, reduction.keep)
+        images.stage_positions[stage.name] = images.vision_positions
+        return torch.cat([hidden[:, :first_candidate], kept], dim=1)
+
+    def vision_kept_visual(self, run: PruneRun) -> torch.Tensor:
+        """``[B, V]`` True for the sample-level visual tokens that survive the vision stages; records
+        each vision stage's selection."""
+        kept = None
+        for stage in self.stages_at("vision"):
+            kept = self._landed(run, run.image_run.stage_positions[stage.name])
+            for sample in range(run.batch_size):
+                run.record(stage, sample, torch.nonzero(kept[sample]).squeeze(-1))
+        return kept
+
+    @staticmethod
+    def _landed(run: PruneRun, positions: torch.Tensor) -> torch.Tensor:
+        """Visual tokens reached by the encoder tokens at ``positions``. A separator token (no crop
+        origin, e.g. NeXT's newline) survives when any token since the previous separator does."""
+        visual, images = run.visual, run.image_run
+        width = max(visual.visual_count(b) for b in range(visual.batch_size))
+        kept = torch.zeros(visual.batch_size, max(width, 1), dtype=torch.bool)
+        landed = torch.gather(images.candidate_local, 1, positions.cpu())
+        for crop in range(landed.shape[0]):
+            image = visual.images[int(images.crop_image[crop])]
+            targets = landed[crop][landed[crop] >= 0]
+            kept[image.sample, image.offset + targets] = True
+        for image in visual.images:
+            local = kept[image.sample, image.offset : image.offset + image.num_tokens]
+            start = 0
+            for sep in (image.source < 0).nonzero().squeeze(-1).tolist():
+                local[sep] = bool(local[start:sep].any())
+                start = sep + 1
+        return kept
+
+    # --- projector and LLM sites ----------------------------------------------------------------
+    def run_sequence_stage(
+        self,
+        run: PruneRun,
+        stage: StageSpec,
+        layout: SequenceLayout,
+        hidden: torch.Tensor,
+        attention: Callable[..., torch.Tensor] | None = None,
+    ) -> tuple[SequenceLayout, torch.Tensor]:
+        """Prune the visual slots of ``layout`` (hidden states ``[B, L, d]``) to each image's budget.
+
+        ``attention(query, layer)``, when given, returns ``[B, H, Q, L]`` probabilities over the
+        layout's slots; strategies get it restricted to each row's visual tokens.
+        """
+        slot_index, row_image, row_sample = layout.visual_rows()
+        valid = slot_index >= 0
+        safe = slot_index.clamp(min=0)
+        features = hidden[row_sample[:, None], safe] * valid[..., None].to(hidden.dtype)
+        images = run.visual.images
+        original = torch.tensor([images[int(i)].num_tokens for i in row_image.tolist()], device=hidden.device)
+        current = valid.sum(-1)
+        budget = torch.tensor(
+            [stage.budget(int(n)) for n in original.tolist()], dtype=torch.long, device=hidden.device
+        )
+        too_big = budget > current
+        if bool(too_big.any()):
+            r = int(too_big.nonzero()[0])
+            raise ValueError(
+                f"the budget ({int(budget[r])} tokens) exceeds the {int(current[r])} visual tokens of image "
+                f"{int(row_image[r])} at {stage.name}; lower keep/keep_tokens (at most "
+                f"{int(current[r])}, or keep=1.0 for all)"
+            )
+        grids = [
+            images[int(i)].grids if int(c) == int(o) else None
+            for i, c, o in zip(row_image.tolist(), current.tolist(), original.tolist())
+        ]
+        offsets = torch.tensor([images[int(i)].offset for i in row_image.tolist()], device=hidden.device)
+        local = torch.where(valid, layout.visual_index[row_sample[:, None], safe] - offsets[:, None], -1)
+        rows = TokenRows(features, valid, budget, row_sample, grids, local)
+        row_attention = None
+        if attention is not None:
+
+            def row_attention(query: str = "last", layer: str = "previous") -> torch.Tensor:
+                probs = attention(query=query, layer=layer)  # [B, H, Q, L]
+                picked = probs[row_sample[:, None], :, :, safe]  # [R, N, H, Q]
+                picked = picked.permute(0, 2, 3, 1)
+                return picked * valid[:, None, None, :]
+
+        reduction = self._reduce(run, stage, rows, row_attention)
+        kept_valid = reduction.keep >= 0
+        kept_slots = torch.gather(slot_index, 1, reduction.keep.clamp(min=0))
+        sample_of = row_sample[:, None].expand_as(kept_slots)
+        keep = layout.image_index < 0
+        keep[sample_of[kept_valid], kept_slots[kept_valid]] = True
+        if reduction.features is not None:
+            hidden = hidden.clone()
+            hidden[sample_of[kept_valid], kept_slots[kept_valid]] = reduction.features[kept_valid].to(hidden.dtype)
+        new_layout, index = layout.compact(keep)
+        if self.config.positions == "contiguous":
+            new_layout = new_layout.renumbered()
+        for sample in range(run.batch_size):
+            visual = new_layout.visual_index[sample]
+            run.record(stage, sample, visual[visual >= 0])
+        return new_layout, gather_tokens(hidden, index)

@@ -1,0 +1,110 @@
+"""The pruning schedule: which site removes visual tokens, after which layer, and how many survive.
+
+A schedule is what the FLOPs model, the KV-cache estimate and the benchmark read to know what a
+strategy does to a model, without running it. A wrapped model reports its own schedule for a given
+input (``vtoken.schedule(model, ...)``); a user can also write one by hand.
+
+Sites, in the order a token meets them:
+
+- ``"vision"``: inside the vision encoder, after encoder layer ``layer`` (0-based). The encoder layers
+  after it run on the kept patches only (the CLS token, where the tower has one, is always kept and is
+  not counted in ``keep_tokens``). ``keep_tokens`` is per image (per crop for AnyRes models).
+- ``"projector"``: between projector and LLM; the LLM never sees the dropped tokens.
+  ``keep_tokens`` is the number of visual tokens per sample that reach the LLM.
+- ``"llm"``: inside the LLM at prefill, before decoder layer ``layer`` runs (FastV's K). Layers
+  ``< layer`` keep every token (and their KV cache does too); layers ``>= layer`` see only the kept
+  ones. ``keep_tokens`` is the number of visual tokens per sample that survive.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Site = Literal["vision", "projector", "llm"]
+SITES: tuple[str, ...] = ("vision", "projector", "llm")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pruning step: at ``site`` (after/before ``layer``), ``keep_tokens`` visual tokens survive."""
+
+    site: Site
+    keep_tokens: int
+    layer: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.site not in SITES:
+            raise ValueError(f"unknown pruning site {self.site!r}; expected one of {SITES}")
+        if self.site in ("vision", "llm") and self.layer is None:
+            raise ValueError(f"a {self.site!r} stage needs a layer index")
+        if self.site == "projector" and self.layer is not None:
+            raise ValueError("a 'projector' stage takes no layer index")
+        if self.keep_tokens < 0:
+            raise ValueError(f"keep_tokens must be >= 0, got {self.keep_tokens}")
+
+
+@dataclass(frozen=True)
+class ScoringCost:
+    """Extra work a strategy does to score tokens, reported apart so that net savings stay honest.
+
+    kinds:
+      - ``"llm_attention_rows"``: ``rows`` query rows against every key of LLM layer ``layer``
+        (q projection of the rows, k projection of all tokens, scores and softmax).
+      - ``"vision_attention_rows"``: the same for vision-encoder layer ``layer``.
+      - ``"projector_passes"``: ``passes`` extra forward passes of the projector over the visual
+        tokens of a sample (ZOO-Prune's 2m perturbed passes, for example).
+      - ``"flops"``: an explicit count, ``flops``, for anything else.
+    """
+
+    kind: Literal["llm_attention_rows", "vision_attention_rows", "projector_passes", "flops"]
+    layer: int | None = None
+    rows: int = 0
+    passes: int = 0
+    flops: float = 0.0
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """An ordered list of stages plus the scoring work that decides them.
+
+    ``visual_tokens`` is the number of visual tokens per sample before any pruning as the LLM would
+    see them (576 for LLaVA-1.5 at 336 px), ``vision_tokens`` the patch tokens per image (or crop) that
+    the vision encoder processes, excluding CLS; ``None`` means "take it from the model config".
+    """
+
+    stages: tuple[Stage, ...] = ()
+    scoring: tuple[ScoringCost, ...] = ()
+    visual_tokens: int | None = None
+    vision_tokens: int | None = None
+    images: int = 1
+    notes: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        order = {site: i for i, site in enumerate(SITES)}
+        keys = [(order[s.site], -1 if s.layer is None else s.layer) for s in self.stages]
+        if keys != sorted(keys):
+            raise ValueError("stages must be ordered by site (vision, projector, llm) and layer")
+        kept = [s.keep_tokens for s in self.stages if s.site != "vision"]
+        if any(b > a for a, b in zip(kept, kept[1:])):
+            raise ValueError("a later stage cannot keep more tokens than an earlier one")
+
+    @property
+    def is_identity(self) -> bool:
+        return not self.stages
+
+    def llm_tokens_at(self, layer: int, visual_tokens: int) -> int:
+        """Visual tokens per sample that LLM decoder layer ``layer`` processes."""
+        count = visual_tokens
+        for stage in self.stages:
+            if stage.site == "vision" or stage.site == "projector":
+                count = self._llm_count_after_pre_llm(stage, count)
+            elif stage.site == "llm" and stage.layer <= layer:
+                count = stage.keep_tokens
+        return count
+
+    def _llm_count_after_pre_llm(self, stage: Stage, count: int) -> int:
+        if stage.site == "projector":
+            return stage.keep_tokens
+        # A vision-site stage keeps keep_tokens patches per image/crop.
+        return stage.keep_tokens * self.images

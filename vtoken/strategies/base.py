@@ -1,0 +1,54 @@
+"""The base class every strategy derives from.
+
+A strategy is model-free tensor code (as in ToMe and kvpress): it gets a :class:`ScoreContext` and
+returns one score per candidate token (``score``), or overrides ``reduce`` to merge tokens. The base
+turns scores into a per-row top-k under each row's budget, so a new method usually writes ``score``
+only.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from vtoken.config import PruneConfig, StageSpec
+from vtoken.context import Reduction, ScoreContext
+from vtoken.kernels import masked_topk
+from vtoken.schedule import SITES, ScoringCost
+
+
+class Strategy:
+    #: Registry name (``vtoken.wrap(model, name)``).
+    name: ClassVar[str] = ""
+    #: The config dataclass of this method.
+    Config: ClassVar[type[PruneConfig]] = PruneConfig
+    #: Sites the method can prune at.
+    sites: ClassVar[tuple[str, ...]] = SITES
+    #: True for methods that need trained weights (TokenPacker).
+    trained: ClassVar[bool] = False
+
+    def __init__(self, config: PruneConfig):
+        self.config = config
+        for stage in config.resolved_stages():
+            if stage.site not in self.sites:
+                raise ValueError(
+                    f"method {self.name!r} cannot prune at the {stage.site!r} site; "
+                    f"it supports: {', '.join(self.sites)}"
+                )
+
+    def scoring_cost(self, stage: StageSpec) -> list[ScoringCost]:
+        """Extra work this method does to decide ``stage`` (for honest FLOPs); none by default."""
+        return []
+
+    def score(self, ctx: ScoreContext) -> torch.Tensor:
+        """``[R, N]`` importance of each candidate token; higher is kept first."""
+        raise NotImplementedError(f"{type(self).__name__} must implement score() or reduce()")
+
+    def reduce(self, ctx: ScoreContext) -> Reduction:
+        scores = self.score(ctx)
+        if scores.shape != ctx.tokens.valid.shape:
+            raise RuntimeError(
+                f"{self.name}.score returned shape {tuple(scores.shape)}, expected {tuple(ctx.tokens.valid.shape)}"
+            )
+        return Reduction(keep=masked_topk(scores, ctx.tokens.valid, ctx.tokens.budget))

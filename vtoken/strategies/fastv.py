@@ -1,0 +1,64 @@
+"""``fastv``: FastV (Chen et al., "An Image is Worth 1/2 Tokens After Layer 2", ECCV 2024).
+
+At LLM layer K, rank the visual tokens by the attention they receive and drop the lowest-ranked
+(paper §4.2: K=2, R=50%). The paper defines the score as the average attention a token receives from
+all tokens; the official implementation (and this one, by default) uses the attention from the last
+token only, taken from layer K-1's attention map and averaged over heads. Kept tokens keep their
+original position ids (the official code sets ``position_ids = keep_indexs``).
+
+Unlike the official code this never needs ``attn_implementation="eager"``: the one attention row is
+recomputed beside SDPA/FlashAttention from layer K-1's input (see ``vtoken.kernels.attention_rows``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vtoken.config import PruneConfig, StageSpec
+from vtoken.context import ScoreContext
+from vtoken.registry import register
+from vtoken.schedule import ScoringCost
+from vtoken.strategies.base import Strategy
+
+
+@dataclass
+class FastVConfig(PruneConfig):
+    """FastV options. ``layer`` is K (tokens are dropped before decoder layer K runs).
+
+    ``score_layer``: ``"previous"`` takes the attention of layer K-1 (official code), ``"current"`` that
+    of layer K computed on its input (PyramidDrop's variant).
+    """
+
+    method = "fastv"
+    default_keep = 0.5
+
+    site: str = "llm"
+    layer: int | None = 2
+    score_layer: str = "previous"
+
+    def __post_init__(self) -> None:
+        if self.score_layer not in ("previous", "current"):
+            raise ValueError(f"score_layer must be 'previous' or 'current', got {self.score_layer!r}")
+        for stage in self.resolved_stages():
+            if stage.site == "llm" and stage.layer == 0 and self.score_layer == "previous":
+                raise ValueError("fastv at layer 0 has no previous layer to score with; use layer >= 1")
+        super().__post_init__()
+
+
+@register
+class FastVStrategy(Strategy):
+    name = "fastv"
+    Config = FastVConfig
+    sites = ("llm",)
+
+    def scoring_cost(self, stage: StageSpec) -> list[ScoringCost]:
+        # One query row (the last token) against every key of the scoring layer.
+        layer = stage.layer - 1 if self.config.score_layer == "previous" else stage.layer
+        return [ScoringCost("llm_attention_rows", layer=layer, rows=1)]
+
+    def score(self, ctx: ScoreContext) -> torch.Tensor:
+        attention = ctx.require_attention(self.name)
+        probs = attention(query="last", layer=self.config.score_layer)  # [R, H, 1, N]
+        return probs.mean(dim=1)[:, 0]
