@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from vtoken.adapters.base import Adapter, ImageInfo, UndoStack, VisualLayout
-from vtoken.adapters.llava import LlavaAdapter
+from .base import Adapter, ImageInfo, UndoStack, VisualLayout
+from .llava import LlavaAdapter
 
 ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter,)
 

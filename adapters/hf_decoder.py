@@ -23,7 +23,7 @@ from torch import nn
 from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function
 
-from vtoken.adapters.base import UndoStack
+from .base import UndoStack
 from vtoken.kernels import attention_rows, gather_tokens
 from vtoken.layout import identity_layout
 from vtoken.pruner import Pruner, PruneRun

@@ -26,8 +26,8 @@ from torch import nn
 from transformers import LlavaForConditionalGeneration, LlavaModel
 from transformers.models.llava_next import modeling_llava_next as next_modeling
 
-from vtoken.adapters.base import Adapter, ImageInfo, UndoStack, VisualLayout
-from vtoken.adapters.hf_decoder import DecoderPruning
+from .base import Adapter, ImageInfo, UndoStack, VisualLayout
+from .hf_decoder import DecoderPruning
 from vtoken.context import Grid
 from vtoken.kernels import gather_tokens
 from vtoken.pruner import ImageRun, Pruner, PruneRun
@@ -221,6 +221,7 @@ class LlavaAdapter(Adapter):
             finally:
                 pruner.encoding = None
             run.output = output
+            run.features = list(output.pooler_output)
             pruner.pending_images = run
             return output
 
@@ -271,13 +272,28 @@ class LlavaAdapter(Adapter):
             )
         images = pruner.pending_images
         pruner.pending_images = None
-        if images is None or images.output is not encoded:
-            raise ValueError(
-                "these image features were not encoded by the wrapped model; pass pixel_values, or compute "
-                "mm_encoder_outputs with the wrapped model's get_image_features"
-            )
-        pruner.active = PruneRun(self.visual_layout(input_ids, images.images), pruner.config, images)
+        order = self._encoded_order(images, encoded)
+        placed = self.visual_layout(input_ids, [images.images[i] for i in order])
+        pruner.active = PruneRun(placed, pruner.config, images)
         return args, kwargs
+
+    @staticmethod
+    def _encoded_order(images: ImageRun | None, encoded) -> list[int]:
+        """Which encoded image each per-image feature handed to the forward is. generate() repeats
+        the features for beam search or several returned sequences (the same tensors, reordered)."""
+        if images is not None and images.output is encoded:
+            order = []
+            for feature in encoded.pooler_output:
+                match = [i for i, mine in enumerate(images.features) if mine is feature]
+                if not match:
+                    break
+                order.append(match[0])
+            else:
+                return order
+        raise ValueError(
+            "these image features were not encoded by the wrapped model; pass pixel_values, or compute "
+            "mm_encoder_outputs with the wrapped model's get_image_features"
+        )
 
     def _after_vision_layer(self, stage, module, args, output):
         images = self.pruner.encoding

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vtoken.flops import DEFAULT_TEXT_TOKENS, flops, geometry, load_config, model_dims
+from vtoken.accounting import DEFAULT_TEXT_TOKENS, flops, geometry, load_config, model_dims
 from vtoken.schedule import ScoringCost, Schedule, Stage
 
 OUT = Path(__file__).resolve().parent / "results" / "flops.md"

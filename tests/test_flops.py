@@ -1,4 +1,4 @@
-"""Tests for vtoken.flops.
+"""Tests for vtoken.accounting (vtoken.flops and vtoken.kv_cache_bytes).
 
 Every expected value is known independently of the FLOPs model:
 - the TFLOPs published in the token-pruning papers (``convention="paper"``);
@@ -32,7 +32,7 @@ from transformers import (
 from transformers.cache_utils import DynamicCache
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-from vtoken.flops import flops, geometry, kv_cache_bytes, load_config, model_dims
+from vtoken.accounting import flops, geometry, kv_cache_bytes, load_config, model_dims
 from vtoken.schedule import ScoringCost, Schedule, Stage
 
 LLAVA = "llava-hf/llava-1.5-7b-hf"
@@ -150,7 +150,7 @@ def test_qwen_vision_details():
 def test_config_sources_agree(tmp_path):
     import json
 
-    from vtoken.flops import CONFIG_DIR
+    from vtoken.accounting import CONFIG_DIR
 
     data = json.loads((CONFIG_DIR / "llava-1.5-7b-hf.json").read_text())
     path = tmp_path / "config.json"

@@ -203,3 +203,48 @@ def test_fastv_under_sdpa_selects_what_the_eager_map_says(name):
         k = len(selection[b]["llm:2"])
         expected = torch.sort(torch.topk(scores, k).indices).values
         assert selection[b]["llm:2"].tolist() == expected.tolist()
+
+
+def _mixed_batch():
+    """Sample 0 holds two images, sample 1 none, sample 2 one: 3 images for 3 samples."""
+    from tiny import IMAGE_TOKEN, left_pad
+
+    g = torch.Generator().manual_seed(3)
+    image = [IMAGE_TOKEN] * 16
+    rows = [
+        [1, 7, 8, *image, 9, *image, 10, 11],
+        [1, 12, 13, 14, 15, 16],
+        [1, 17, *image, 18, 19, 20, 21],
+    ]
+    ids, mask = left_pad(rows)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.randn(3, 3, 32, 32, generator=g)}
+
+
+@pytest.mark.parametrize("method,options", [("random", {"site": "projector"}), ("fastv", {"layer": 2}),
+                                            ("random", {"site": "vision", "layer": 1})])
+def test_several_images_per_sample_and_samples_without_image(method, options):
+    model = tiny_llava()
+    x = _mixed_batch()
+    with torch.no_grad():
+        ref = model(**x).logits
+    with vtoken.pruned(model, method, keep=1.0, **options):
+        with torch.no_grad():
+            assert torch.equal(model(**x).logits, ref)
+    with vtoken.pruned(model, "random", keep=0.25, **{k: v for k, v in options.items()}) if method == "random" \
+            else vtoken.pruned(model, "random", keep=0.25, site="llm", layer=2):
+        cached = model.generate(**x, max_new_tokens=5, do_sample=False)
+        uncached = _greedy_without_cache(model, x, 5)
+        selection = vtoken.selection(model)
+    assert torch.equal(cached, uncached)
+    (kept0,), (kept1,), (kept2,) = (list(s.values()) for s in selection)
+    # Budgets are per image: 4 of 16 from each of sample 0's two images, none from sample 1.
+    assert len(kept0) == 8 and len(kept1) == 0 and len(kept2) == 4
+    assert (kept0 < 16).sum() == 4 and (kept0 >= 16).sum() == 4
+
+
+def test_beam_search_runs_with_pruning_inside_the_llm():
+    model = tiny_llava()
+    x = llava_inputs(2)
+    with vtoken.pruned(model, "fastv", keep=0.5):
+        out = model.generate(**x, max_new_tokens=4, num_beams=3, do_sample=False)
+    assert out.shape == (2, x["input_ids"].shape[1] + 4)

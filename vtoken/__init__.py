@@ -19,6 +19,7 @@ from vtoken.api import (
     unwrap,
     wrap,
 )
+from vtoken.accounting import FlopsReport, flops, kv_cache_bytes
 from vtoken.config import PruneConfig, StageSpec
 from vtoken.schedule import Schedule, ScoringCost, Stage
 
@@ -34,5 +35,5 @@ def show(model, image, path, sample: int = 0):
 
 __all__ = [
     "wrap", "unwrap", "pruned", "methods", "selection", "show", "save_config", "load", "config_of",
-    "is_wrapped", "schedule_of", "PruneConfig", "StageSpec", "Schedule", "ScoringCost", "Stage",
+    "is_wrapped", "schedule_of", "flops", "kv_cache_bytes", "FlopsReport", "PruneConfig", "StageSpec", "Schedule", "ScoringCost", "Stage",
 ]

@@ -20,6 +20,7 @@ from fractions import Fraction
 import torch
 
 import vtoken
+from vtoken.accounting import flops
 from vtoken.registry import get_strategy, strategy_names
 
 DEFAULT_BUDGETS = ("1", "1/3", "2/9", "1/9")
@@ -104,18 +105,16 @@ class BenchRow:
     prefill_ms: float
     batch_ms: float
     batch: int
-    tflops: float | None
-    tflops_llava_7b: float | None
+    tflops: float
+    tflops_llava_7b: float
 
 
-def _flops(model, schedule) -> tuple[float | None, float | None]:
-    try:
-        from vtoken.flops import flops
-    except ImportError:
-        return None, None
-    own = flops(model, schedule=schedule, text_tokens=32).prefill / 1e12
-    paper = flops("llava-hf/llava-1.5-7b-hf", schedule=_scaled(schedule, 576), text_tokens=64).prefill / 1e12
-    return own, paper
+def _flops(model, schedule) -> tuple[float, float, float]:
+    """This model's prefill TFLOPs, the layer-mean visual tokens, and LLaVA-1.5-7B's TFLOPs under the
+    same schedule scaled to its 576 tokens (64 text tokens), in the true convention."""
+    own = flops(model, schedule=schedule, text_tokens=32)
+    paper = flops("llava-hf/llava-1.5-7b-hf", schedule=_scaled(schedule, 576), text_tokens=64)
+    return own.prefill / 1e12, own.mean_visual_tokens, paper.prefill / 1e12
 
 
 def _scaled(schedule, visual: int):
@@ -137,7 +136,7 @@ def run(methods=None, budgets=DEFAULT_BUDGETS, model_path=None, repeats=5, batch
     rows = []
     base_ms = _median_ms(model, one, repeats)
     base_batch = _median_ms(model, many, repeats)
-    own, paper = _flops(model, None)
+    own, _, paper = _flops(model, None)
     rows.append(BenchRow("none", "1", "-", visual, visual, base_ms, base_batch, batch, own, paper))
     progress(f"unpruned: {base_ms:.1f} ms")
     for name in names:
@@ -152,10 +151,8 @@ def run(methods=None, budgets=DEFAULT_BUDGETS, model_path=None, repeats=5, batch
                 selection = vtoken.selection(model)[0]
                 schedule = vtoken.schedule_of(model, visual_tokens=visual)
                 site = ",".join(selection)
-            # Visual tokens averaged over the LLM's layers (pre-LLM stages count for every layer).
-            layers = model.config.text_config.num_hidden_layers
-            kept = sum(schedule.llm_tokens_at(layer, visual) for layer in range(layers)) / layers
-            own, paper = _flops(model, schedule)
+            # kept: visual tokens averaged over the LLM's layers (pre-LLM stages count for every layer).
+            own, kept, paper = _flops(model, schedule)
             rows.append(BenchRow(name, text, site, kept, visual, ms, batch_ms, batch, own, paper))
             progress(f"{name} @ {text}: {ms:.1f} ms, {kept:.1f} tokens")
     return rows
@@ -168,10 +165,9 @@ def to_markdown(rows: list[BenchRow]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        fmt = lambda v, p=4: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
         lines.append(
             f"| {r.method} | {r.budget} | {r.site} | {r.kept_tokens:.1f} / {r.visual_tokens} | {r.prefill_ms:.1f} "
-            f"| {r.batch_ms:.1f} | {fmt(r.tflops, 5)} | {fmt(r.tflops_llava_7b, 2)} |"
+            f"| {r.batch_ms:.1f} | {r.tflops:.5f} | {r.tflops_llava_7b:.2f} |"
         )
     return "\n".join(lines) + "\n"
 

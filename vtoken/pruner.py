@@ -34,8 +34,10 @@ class ImageRun:
         self.vision_positions: torch.Tensor | None = None
         #: ``vision_positions`` after each vision stage, by stage name.
         self.stage_positions: dict[str, torch.Tensor] = {}
-        #: The features object this encoding returned, to recognise it when a forward receives it.
+        #: The features object this encoding returned and its per-image tensors, to recognise them
+        #: when a forward receives them.
         self.output = None
+        self.features: list[torch.Tensor] = []
 
 
 class PruneRun:
@@ -180,10 +182,10 @@ class Pruner:
         width = max(visual.visual_count(b) for b in range(visual.batch_size))
         kept = torch.zeros(visual.batch_size, max(width, 1), dtype=torch.bool)
         landed = torch.gather(images.candidate_local, 1, positions.cpu())
-        for crop in range(landed.shape[0]):
-            image = visual.images[int(images.crop_image[crop])]
-            targets = landed[crop][landed[crop] >= 0]
-            kept[image.sample, image.offset + targets] = True
+        for image in visual.images:  # an encoded image may be placed in several samples (beam search)
+            for crop in image.crops:
+                targets = landed[crop][landed[crop] >= 0]
+                kept[image.sample, image.offset + targets] = True
         for image in visual.images:
             local = kept[image.sample, image.offset : image.offset + image.num_tokens]
             start = 0

@@ -92,19 +92,3 @@ class Schedule:
     @property
     def is_identity(self) -> bool:
         return not self.stages
-
-    def llm_tokens_at(self, layer: int, visual_tokens: int) -> int:
-        """Visual tokens per sample that LLM decoder layer ``layer`` processes."""
-        count = visual_tokens
-        for stage in self.stages:
-            if stage.site == "vision" or stage.site == "projector":
-                count = self._llm_count_after_pre_llm(stage, count)
-            elif stage.site == "llm" and stage.layer <= layer:
-                count = stage.keep_tokens
-        return count
-
-    def _llm_count_after_pre_llm(self, stage: Stage, count: int) -> int:
-        if stage.site == "projector":
-            return stage.keep_tokens
-        # A vision-site stage keeps keep_tokens patches per image/crop.
-        return stage.keep_tokens * self.images
