@@ -1,71 +1,10 @@
-"""Word-level tokenizer for the synthetic VQA benchmark, built locally (no downloads).
+"""CLI and import shim: the tokenizer lives in ``vtoken.vqa.tokenizer`` (installed with vtoken, used
+by ``vtoken bench``); this file keeps ``python eval/vqa_tokenizer.py ...`` and ``import vqa_tokenizer``
+working."""
 
-A ``transformers.PreTrainedTokenizerFast`` around a ``tokenizers`` WordLevel model whose
-vocabulary is every word ``vqa_data`` can emit plus the prompt template's words.  Text
-is lowercased and split like ``tokenizers``' Whitespace pre-tokenizer (words and
-punctuation runs); ``<s>`` is prepended to every encoded sequence.
+from vtoken.vqa import tokenizer as _module
 
-Prompt template (``prompt(question)``)::
-
-    USER: <image>
-    {question}
-    ASSISTANT:
-
-``<image>`` is one special token; expanding it into visual tokens is the model's job.
-
-CLI: ``python eval/vqa_tokenizer.py --out eval/data/tokenizer`` saves it with
-``save_pretrained``; reload with ``AutoTokenizer.from_pretrained(path)``.
-"""
-
-from __future__ import annotations
-
-import argparse
-from pathlib import Path
-
-from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
-from tokenizers.models import WordLevel
-from transformers import PreTrainedTokenizerFast
-
-try:  # eval/ on sys.path (scripts, tests)
-    from vqa_data import vocabulary, words
-except ImportError:  # imported as eval.vqa_tokenizer
-    from .vqa_data import vocabulary, words
-
-PAD, BOS, EOS, UNK, IMAGE = "<pad>", "<s>", "</s>", "<unk>", "<image>"
-SPECIAL_TOKENS = (PAD, BOS, EOS, UNK, IMAGE)  # ids 0..4 in this order
-PROMPT_TEMPLATE = "USER: " + IMAGE + "\n{question}\nASSISTANT:"
-
-
-def prompt(question: str) -> str:
-    """The benchmark's chat prompt for one question (the answer follows it)."""
-    return PROMPT_TEMPLATE.format(question=question)
-
-
-def _template_words() -> list[str]:
-    return words(PROMPT_TEMPLATE.replace(IMAGE, " ").replace("{question}", " "))
-
-
-def build_tokenizer(save_dir: str | Path | None = None) -> PreTrainedTokenizerFast:
-    """Build the tokenizer; with ``save_dir`` also ``save_pretrained`` it there."""
-    vocab_words = sorted(set(vocabulary()) | set(_template_words()))
-    vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, *vocab_words])}
-    core = Tokenizer(WordLevel(vocab, unk_token=UNK))
-    core.normalizer = normalizers.Lowercase()
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    core.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])])
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, bos_token=BOS, eos_token=EOS, unk_token=UNK,
-        pad_token=PAD, extra_special_tokens={"image_token": IMAGE},
-        clean_up_tokenization_spaces=True)
-    if save_dir is not None:
-        tokenizer.save_pretrained(str(save_dir))
-    return tokenizer
-
+globals().update({k: v for k, v in vars(_module).items() if not k.startswith("__")})
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Build and save the VQA tokenizer.")
-    parser.add_argument("--out", required=True, help="folder for save_pretrained")
-    out = parser.parse_args().out
-    tok = build_tokenizer(out)
-    print(f"saved tokenizer with {len(tok)} tokens to {out}")
+    _module.main()

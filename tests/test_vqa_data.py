@@ -1,9 +1,7 @@
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
+"""The offline VQA generator and its tokenizer (vtoken.vqa)."""
 
 import hashlib
+from pathlib import Path
 import json
 import statistics
 from collections import Counter
@@ -11,9 +9,9 @@ from collections import Counter
 import pytest
 from PIL import Image
 
-import vqa_data
-from vqa_data import FAMILIES, generate, load_image, load_jsonl, relevant_patches
-from vqa_tokenizer import build_tokenizer, prompt
+from vtoken.vqa import data as vqa_data
+from vtoken.vqa.data import FAMILIES, generate, load_image, load_jsonl, relevant_patches
+from vtoken.vqa.tokenizer import build_tokenizer, prompt
 
 N = 100  # 20 per family
 

@@ -16,6 +16,7 @@ from vtoken.api import (
     save_config,
     schedule_of,
     selection,
+    strategy_of,
     unwrap,
     wrap,
 )
@@ -35,5 +36,5 @@ def show(model, image, path, sample: int = 0):
 
 __all__ = [
     "wrap", "unwrap", "pruned", "methods", "selection", "show", "save_config", "load", "config_of",
-    "is_wrapped", "schedule_of", "flops", "kv_cache_bytes", "FlopsReport", "PruneConfig", "StageSpec", "Schedule", "ScoringCost", "Stage",
+    "strategy_of", "is_wrapped", "schedule_of", "flops", "kv_cache_bytes", "FlopsReport", "PruneConfig", "StageSpec", "Schedule", "ScoringCost", "Stage",
 ]

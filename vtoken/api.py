@@ -129,6 +129,7 @@ def methods() -> list[dict[str, Any]]:
                 "default_keep": cls.Config.default_keep,
                 "sites": list(cls.sites),
                 "trained": cls.trained,
+                "needs_annotations": getattr(cls, "needs_annotations", False),
                 "summary": (sys.modules[cls.__module__].__doc__ or "").strip().split("\n")[0],
             }
         )
@@ -137,6 +138,11 @@ def methods() -> list[dict[str, Any]]:
 
 def config_of(model: nn.Module) -> PruneConfig:
     return _state(model).config
+
+
+def strategy_of(model: nn.Module):
+    """The strategy instance a wrapped model runs (to set per-input data, as the oracle needs)."""
+    return _state(model).strategy
 
 
 def selection(model: nn.Module) -> list[dict[str, torch.Tensor]]:
@@ -182,6 +188,6 @@ def schedule_of(model: nn.Module, visual_tokens: int | None = None) -> Schedule:
 
 
 __all__ = [
-    "wrap", "unwrap", "pruned", "methods", "selection", "save_config", "load", "config_of", "is_wrapped",
+    "wrap", "unwrap", "pruned", "methods", "selection", "save_config", "load", "config_of", "strategy_of", "is_wrapped",
     "schedule_of", "ScoringCost",
 ]

@@ -72,6 +72,12 @@ def synthetic_inputs(model, batch: int, text_tokens: int = 32, seed: int = 0) ->
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
 
 
+def _runs_unassisted(name: str) -> bool:
+    """Methods a plain benchmark can run: no trained weights, no per-input annotations, not test-only."""
+    cls = get_strategy(name)
+    return not (name.startswith("_") or cls.trained or getattr(cls, "needs_annotations", False))
+
+
 def parse_budget(text: str) -> float | int:
     """``"1/9"`` or ``"0.25"`` is a fraction of the visual tokens, ``"64"`` a count; ``"1"`` keeps all."""
     value = Fraction(text)
@@ -107,6 +113,11 @@ class BenchRow:
     batch: int
     tflops: float
     tflops_llava_7b: float
+    accuracy: float | None = None
+    retained: float | None = None
+    recall: float | None = None
+    families: dict[str, float] | None = None
+    samples: int = 0
 
 
 def _flops(model, schedule) -> tuple[float, float, float]:
@@ -128,47 +139,113 @@ def _scaled(schedule, visual: int):
     return Schedule(stages, schedule.scoring, visual_tokens=visual)
 
 
-def run(methods=None, budgets=DEFAULT_BUDGETS, model_path=None, repeats=5, batch=8, progress=print) -> list[BenchRow]:
-    model = load_model(model_path)
-    one, many = synthetic_inputs(model, 1), synthetic_inputs(model, batch)
-    visual = int((one["input_ids"] == model.config.image_token_id).sum())
-    names = methods or [n for n in strategy_names() if not n.startswith("_") and not get_strategy(n).trained]
-    rows = []
-    base_ms = _median_ms(model, one, repeats)
-    base_batch = _median_ms(model, many, repeats)
-    own, _, paper = _flops(model, None)
-    rows.append(BenchRow("none", "1", "-", visual, visual, base_ms, base_batch, batch, own, paper))
-    progress(f"unpruned: {base_ms:.1f} ms")
-    for name in names:
+def _points(methods, budgets):
+    """(method, budget text, options) for every method and budget below 1 (1 is the unpruned row)."""
+    for name in methods:
         for text in budgets:
             budget = parse_budget(text)
             if budget == 1.0:
                 continue
-            option = {"keep": budget} if isinstance(budget, float) else {"keep_tokens": budget}
-            with vtoken.pruned(model, name, **option):
-                ms = _median_ms(model, one, repeats)
-                batch_ms = _median_ms(model, many, repeats)
-                selection = vtoken.selection(model)[0]
-                schedule = vtoken.schedule_of(model, visual_tokens=visual)
-                site = ",".join(selection)
-            # kept: visual tokens averaged over the LLM's layers (pre-LLM stages count for every layer).
-            own, kept, paper = _flops(model, schedule)
-            rows.append(BenchRow(name, text, site, kept, visual, ms, batch_ms, batch, own, paper))
-            progress(f"{name} @ {text}: {ms:.1f} ms, {kept:.1f} tokens")
+            yield name, text, ({"keep": budget} if isinstance(budget, float) else {"keep_tokens": budget})
+
+
+def run(
+    methods=None, budgets=DEFAULT_BUDGETS, model_path=None, repeats=5, batch=8, data=None, limit=500,
+    progress=print,
+) -> list[BenchRow]:
+    """Benchmark every method at every budget. With a VQA model (the shipped tiny LLaVA, or a
+    directory holding a tokenizer and image processor) also accuracy on ``data`` (a JSONL file in
+    the :mod:`vtoken.vqa.data` format; default: ``limit`` generated test records)."""
+    vqa = _vqa_model(model_path)
+    model = vqa.model if vqa is not None else load_model(model_path)
+    records = _records(vqa, data, limit) if vqa is not None else None
+    one, many = (vqa.encode(records[:1]), vqa.encode(records[:batch])) if records else (
+        synthetic_inputs(model, 1), synthetic_inputs(model, batch))
+    visual = int((one["input_ids"] == model.config.image_token_id).sum())
+    names = methods or [n for n in strategy_names() if _runs_unassisted(n)]
+    if records and any(r.get("boxes") for r in records) and methods is None:
+        names = [*names, "oracle"]
+
+    def timed(inputs, count: int) -> float:
+        _annotate(model, vqa, records[:count] if records else None)
+        return _median_ms(model, inputs, repeats)
+
+    def measure(name, text, site, schedule, base=None) -> BenchRow:
+        own, kept, paper = _flops(model, schedule)
+        row = BenchRow(name, text, site, kept, visual, timed(one, 1), timed(many, batch), batch, own, paper)
+        if records is not None:
+            from vtoken.vqa.evaluate import evaluate
+
+            result = evaluate(vqa, records)
+            row.accuracy, row.families, row.recall = result.accuracy, result.family_accuracy(), result.recall
+            row.samples = len(records)
+            row.retained = row.accuracy / base.accuracy if base is not None and base.accuracy else None
+        progress(f"{name} @ {text}: {row.prefill_ms:.1f} ms, {row.kept_tokens:.1f} tokens"
+                 + (f", accuracy {row.accuracy:.3f}" if row.accuracy is not None else ""))
+        return row
+
+    base = measure("none", "1", "-", None)
+    rows = [base]
+    for name, text, option in _points(names, budgets):
+        with vtoken.pruned(model, name, **option):
+            _annotate(model, vqa, records[:1] if records else None)
+            with torch.no_grad():
+                model(**one)
+            site = ",".join(vtoken.selection(model)[0])
+            schedule = vtoken.schedule_of(model, visual_tokens=visual)
+            rows.append(measure(name, text, site, schedule, base))
     return rows
 
 
+def _annotate(model, vqa, records) -> None:
+    """Hand a strategy that needs annotations (the oracle) the relevant patches of ``records``."""
+    if not vtoken.is_wrapped(model):
+        return
+    strategy = vtoken.strategy_of(model)
+    if getattr(strategy, "needs_annotations", False):
+        strategy.relevant = [vqa.relevant(r) for r in records]
+
+
+def _vqa_model(model_path):
+    from vtoken.vqa.evaluate import VQAModel
+
+    path = model_path or default_model_path()
+    if path is None or not os.path.isfile(os.path.join(path, "tokenizer_config.json")):
+        return None
+    return VQAModel.load(path)
+
+
+def default_model_path() -> str | None:
+    """The tiny LLaVA trained on the offline benchmark, shipped inside the package (if present)."""
+    path = os.path.join(os.path.dirname(__file__), "assets", "tiny-llava")
+    return path if os.path.isfile(os.path.join(path, "config.json")) else None
+
+
+def _records(vqa, data, limit):
+    from vtoken.vqa.data import generate, load_jsonl
+
+    if data is not None:
+        return load_jsonl(data)[:limit]
+    image_size, patch_size, _ = vqa.grid
+    return generate("test", limit, seed=0, image_size=image_size, patch_size=patch_size)
+
+
 def to_markdown(rows: list[BenchRow]) -> str:
-    lines = [
-        "| method | budget | stages | visual tokens (LLM layer mean) | prefill ms (b=1) | prefill ms (b={}) "
-        "| TFLOPs (this model) | TFLOPs (LLaVA-1.5-7B, same schedule) |".format(rows[0].batch),
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    accuracy = rows[0].accuracy is not None
+    families = sorted(rows[0].families or {}) if accuracy else []
+    head = ["method", "budget", "stages", "visual tokens (LLM layer mean)"]
+    if accuracy:
+        head += ["accuracy", *families, "retained", "relevant-patch recall"]
+    head += ["prefill ms (b=1)", f"prefill ms (b={rows[0].batch})", "TFLOPs (this model)",
+             "TFLOPs (LLaVA-1.5-7B, same schedule)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
     for r in rows:
-        lines.append(
-            f"| {r.method} | {r.budget} | {r.site} | {r.kept_tokens:.1f} / {r.visual_tokens} | {r.prefill_ms:.1f} "
-            f"| {r.batch_ms:.1f} | {r.tflops:.5f} | {r.tflops_llava_7b:.2f} |"
-        )
+        cells = [r.method, r.budget, r.site, f"{r.kept_tokens:.1f} / {r.visual_tokens}"]
+        if accuracy:
+            cells += [pct(r.accuracy), *(pct(r.families.get(f)) for f in families), pct(r.retained), pct(r.recall)]
+        cells += [f"{r.prefill_ms:.1f}", f"{r.batch_ms:.1f}", f"{r.tflops:.5f}", f"{r.tflops_llava_7b:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -176,6 +253,9 @@ def write(rows: list[BenchRow], out: str, command: str) -> None:
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "bench.md"), "w") as f:
         f.write(f"Produced by `{command}`.\n\n")
+        if rows[0].accuracy is not None:
+            f.write(f"Accuracy: exact match of the greedy answer on {rows[0].samples} records, in percent; "
+                    "retained = accuracy / unpruned accuracy.\n\n")
         f.write(to_markdown(rows))
     with open(os.path.join(out, "bench.json"), "w") as f:
         json.dump([asdict(r) for r in rows], f, indent=2)

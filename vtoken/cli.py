@@ -17,6 +17,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--repeats", type=int, default=5, help="timed prefills per point (median reported)")
     bench.add_argument("--batch", type=int, default=8, help="batch size of the throughput column")
     bench.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    bench.add_argument("--data", help="a VQA JSONL file (default: generated test records)")
+    bench.add_argument("--limit", type=int, default=500, help="records to evaluate")
     bench.add_argument("--out", help="directory for bench.md and bench.json")
     commands.add_parser("methods", help="list the registered methods and their options")
     args = parser.parse_args(argv)
@@ -42,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         model_path=args.model,
         repeats=args.repeats,
         batch=args.batch,
+        data=args.data,
+        limit=args.limit,
         progress=lambda line: print(line, file=sys.stderr),
     )
     print(bench_module.to_markdown(rows))

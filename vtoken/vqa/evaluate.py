@@ -1,0 +1,118 @@
+"""Accuracy of a (wrapped) LLaVA on visual-QA records: exact match of the greedy answer, per family,
+with the share of each question's relevant patches that survive pruning.
+
+Records are the JSONL format of :mod:`vtoken.vqa.data` (``image``/``pil``, ``question``,
+``answer``, optional ``family`` and ``boxes``). The model directory holds the model, its tokenizer
+and its image processor, as ``eval/train_tiny_llava.py`` saves them.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+
+import vtoken
+from vtoken.vqa.data import load_image, relevant_patches
+from vtoken.vqa.tokenizer import IMAGE, prompt
+
+
+@dataclass
+class VQAModel:
+    """A LLaVA with what it needs to turn records into inputs and outputs into answers."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    image_processor: object
+    image_tokens: int
+
+    @classmethod
+    def load(cls, path: str) -> "VQAModel":
+        from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
+
+        model = LlavaForConditionalGeneration.from_pretrained(path).eval()
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer.padding_side = "left"
+        vision = model.config.vision_config
+        tokens = (vision.image_size // vision.patch_size) ** 2
+        if model.config.vision_feature_select_strategy == "full":
+            tokens += 1
+        return cls(model, tokenizer, AutoImageProcessor.from_pretrained(path), tokens)
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        """(image size, patch size, patches per side) of the vision tower."""
+        vision = self.model.config.vision_config
+        return vision.image_size, vision.patch_size, vision.image_size // vision.patch_size
+
+    def encode(self, records: list[dict]) -> dict:
+        texts = [prompt(r["question"]).replace(IMAGE, IMAGE * self.image_tokens) for r in records]
+        batch = self.tokenizer(texts, return_tensors="pt", padding=True)
+        images = [r["pil"] if "pil" in r else load_image(r) for r in records]
+        pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "pixel_values": pixels}
+
+    def answer(self, inputs: dict, max_new_tokens: int = 2) -> list[str]:
+        with torch.no_grad():
+            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        new = out[:, inputs["input_ids"].shape[1] :]
+        texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        return [(t.split() or [""])[0].lower() for t in texts]
+
+    def relevant(self, record: dict) -> list[int]:
+        """Image-local visual-token indices of the record's boxes (patch indices, row-major)."""
+        image_size, patch_size, _ = self.grid
+        offset = int(self.model.config.vision_feature_select_strategy == "full")
+        return [offset + p for p in relevant_patches(record, image_size, patch_size)]
+
+
+@dataclass
+class EvalResult:
+    correct: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    total: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    recall_hits: int = 0
+    recall_total: int = 0
+    kept: list[int] = field(default_factory=list)
+
+    @property
+    def accuracy(self) -> float:
+        return sum(self.correct.values()) / max(1, sum(self.total.values()))
+
+    def family_accuracy(self) -> dict[str, float]:
+        return {f: self.correct[f] / self.total[f] for f in sorted(self.total)}
+
+    @property
+    def recall(self) -> float | None:
+        return self.recall_hits / self.recall_total if self.recall_total else None
+
+
+def evaluate(vqa: VQAModel, records: list[dict], batch_size: int = 32) -> EvalResult:
+    """Exact-match accuracy of ``vqa.model`` as it is (wrapped or not) on ``records``.
+
+    When the model is wrapped, also the relevant-patch recall: the share of the records' relevant
+    patches among the visual tokens that survived every stage. For merging methods (``pool``) a kept
+    token stands for a window, so recall there counts only the windows' anchors; treat it as a floor.
+    When the wrapped strategy is the oracle, it is handed each batch's relevant patches.
+    """
+    result = EvalResult()
+    wrapped = vtoken.is_wrapped(vqa.model)
+    strategy = vtoken.strategy_of(vqa.model) if wrapped else None
+    for start in range(0, len(records), batch_size):
+        chunk = records[start : start + batch_size]
+        relevant = [vqa.relevant(r) for r in chunk]
+        if strategy is not None and getattr(strategy, "needs_annotations", False):
+            strategy.relevant = relevant
+        answers = vqa.answer(vqa.encode(chunk))
+        for record, answer in zip(chunk, answers):
+            family = record.get("family", "all")
+            result.total[family] += 1
+            result.correct[family] += int(answer == record["answer"].lower())
+        if wrapped:
+            for per_sample, wanted in zip(vtoken.selection(vqa.model), relevant):
+                final = list(per_sample.values())[-1] if per_sample else torch.empty(0)
+                result.kept.append(len(final))
+                if wanted:
+                    result.recall_total += len(wanted)
+                    result.recall_hits += len(set(wanted) & set(final.tolist()))
+    return result
