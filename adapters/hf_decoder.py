@@ -24,6 +24,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function
 
 from .base import UndoStack
+from .observe import observe_layer
 from vtoken.kernels import attention_rows, gather_tokens
 from vtoken.layout import identity_layout
 from vtoken.pruner import Pruner, PruneRun
@@ -85,6 +86,14 @@ class DecoderPruning:
     def install(self, undo: UndoStack) -> None:
         undo.hook(self.lm.register_forward_pre_hook(self._before_lm, with_kwargs=True))
         undo.hook(self.lm.register_forward_hook(self._after_lm, with_kwargs=True, always_call=True))
+        pruner = self.pruner
+
+        def prefilling() -> bool:
+            return pruner.active is not None and pruner.active.prefill and bool(pruner.active.groups)
+
+        for layer in pruner.strategy.observed_layers("llm", len(self.layers)):
+            observe_layer(self.layers[layer], {"attention": "self_attn", "mlp": "mlp"}, prefilling,
+                          partial(self._observed, layer), undo)
         llm_layers = [s.layer for s in self.pruner.stages_at("llm")]
         if not llm_layers:
             return
@@ -201,6 +210,10 @@ class DecoderPruning:
             self._use_group_kwargs(run, index, hidden, kwargs)
         return (hidden, *args[1:]), kwargs
 
+    def _observed(self, layer: int, io: dict) -> None:
+        run = self.pruner.active
+        run.observed[layer] = (self.pruner.strategy.observe("llm", layer, io), run.group_for(layer)[1])
+
     # --- per-group kwargs -------------------------------------------------------------------------
     def _use_group_kwargs(self, run: PruneRun, index: int, hidden, kwargs) -> None:
         first, layout = run.group_for(index)
@@ -234,10 +247,29 @@ class DecoderPruning:
         if source < 0 or source not in run.stash:
             raise ValueError(f"no attention input is kept for LLM layer {source}")
         hidden, cos_sin, layout = run.stash[source]
-        if query != "last":
-            raise ValueError(f"query must be 'last', got {query!r}")
-        query_slots = torch.full((hidden.shape[0], 1), hidden.shape[1] - 1, device=hidden.device)
-        return llama_attention_rows(self.layers[source], hidden, cos_sin, query_slots, layout.valid)
+        if query == "last":
+            query_slots = torch.full((hidden.shape[0], 1), hidden.shape[1] - 1, device=hidden.device)
+            return llama_attention_rows(self.layers[source], hidden, cos_sin, query_slots, layout.valid)
+        if query == "instruction":
+            query_slots, present = instruction_slots(layout)
+            probs = llama_attention_rows(self.layers[source], hidden, cos_sin, query_slots, layout.valid)
+            return probs * present[:, None, :, None]
+        raise ValueError(f"query must be 'last' or 'instruction', got {query!r}")
+
+
+def instruction_slots(layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample, the slots of the valid text tokens after its last visual token (the question and
+    the chat template's tail), as ``[B, Q]`` slot indices with a ``[B, Q]`` presence mask; missing
+    entries point at the last slot."""
+    length = layout.length
+    slots = torch.arange(length, device=layout.valid.device).expand_as(layout.valid)
+    last_visual = torch.where(layout.image_index >= 0, slots, -1).max(dim=-1, keepdim=True).values
+    wanted = layout.valid & (layout.image_index < 0) & (slots > last_visual) & (last_visual >= 0)
+    count = wanted.sum(-1)
+    width = max(int(count.max()), 1)
+    order = torch.sort(torch.where(wanted, slots, length + slots), dim=-1).values[:, :width]
+    present = torch.arange(width, device=slots.device)[None] < count[:, None]
+    return torch.where(present, order, length - 1), present
 
 
 def llama_attention_rows(layer: nn.Module, hidden, cos_sin, query_slots, key_valid) -> torch.Tensor:

@@ -28,6 +28,7 @@ from transformers.models.llava_next import modeling_llava_next as next_modeling
 
 from .base import Adapter, ImageInfo, UndoStack, VisualLayout
 from .hf_decoder import DecoderPruning
+from .observe import observe_layer
 from vtoken.context import Grid
 from vtoken.kernels import gather_tokens
 from vtoken.pruner import ImageRun, Pruner, PruneRun
@@ -228,6 +229,14 @@ class LlavaAdapter(Adapter):
         self.core.get_image_features = get_image_features
         undo.push(lambda: delattr(self.core, "get_image_features"))
         undo.hook(self.core.register_forward_pre_hook(self._before_model, with_kwargs=True))
+        strategy = pruner.strategy
+        for layer in strategy.observed_layers("vision", len(self.vision_layers())):
+            observe_layer(
+                self.vision_layers()[layer], {"attention": "self_attn", "mlp": "mlp"},
+                active=lambda: pruner.encoding is not None, done=partial(self._observed_vision, layer), undo=undo,
+            )
+        if strategy.needs_projector_input:
+            undo.hook(self.projector().register_forward_pre_hook(self._before_projector))
         for stage in pruner.stages_at("vision"):
             hook = partial(self._after_vision_layer, stage)
             undo.hook(self.vision_layers()[stage.layer].register_forward_hook(hook))
@@ -304,17 +313,38 @@ class LlavaAdapter(Adapter):
         pruned = self.pruner.run_vision_stage(images, stage, hidden, int(self.has_cls), grid)
         return (pruned, *output[1:]) if isinstance(output, tuple) else pruned
 
+    def _observed_vision(self, layer: int, io: dict) -> None:
+        images = self.pruner.encoding
+        summary = self.pruner.strategy.observe("vision", layer, io)
+        images.observed[layer] = (summary, images.vision_positions, int(self.has_cls))
+
+    def _before_projector(self, module, args):
+        """Keep every crop token's projector input, in its grid place (ZOO-Prune perturbs them)."""
+        images = self.pruner.encoding
+        if images is None:
+            return None
+        features = args[0]
+        images.projector_table = self._to_grid(images, features).reshape(-1, features.shape[-1])
+        return None
+
+    def _to_grid(self, images: ImageRun, tokens: torch.Tensor) -> torch.Tensor:
+        """``[C, T', d]`` projector-side tokens back to ``[C, tokens_per_crop, d]`` grid places
+        (zeros where a vision stage dropped a token)."""
+        if images.vision_positions is None:
+            return tokens
+        crops, _, width = tokens.shape
+        slots = images.vision_positions.to(tokens.device) + int(self.has_cls) - self.dropped_first
+        full = tokens.new_zeros(crops, self.tokens_per_crop, width)
+        if self.has_cls and not self.dropped_first:
+            full[:, 0] = tokens[:, 0]
+            tokens = tokens[:, 1:]
+        return full.scatter(1, slots[..., None].expand(-1, -1, width), tokens)
+
     def _after_projector(self, module, args, output):
         images = self.pruner.encoding
         if images is None or images.vision_positions is None:
             return None
-        crops, _, width = output.shape
-        slots = images.vision_positions.to(output.device) + int(self.has_cls) - self.dropped_first
-        full = output.new_zeros(crops, self.tokens_per_crop, width)
-        if self.has_cls and not self.dropped_first:
-            full[:, 0] = output[:, 0]
-            output = output[:, 1:]
-        return full.scatter(1, slots[..., None].expand(-1, -1, width), output)
+        return self._to_grid(images, output)
 
     def _pre_llm(self, run: PruneRun, layout, embeds):
         pruner = self.pruner
@@ -326,6 +356,7 @@ class LlavaAdapter(Adapter):
             if pruner.config.positions == "contiguous":
                 layout = layout.renumbered()
             embeds = gather_tokens(embeds, index)
+        projector = self.projector() if pruner.strategy.needs_projector_input else None
         for stage in pruner.stages_at("projector"):
-            layout, embeds = pruner.run_sequence_stage(run, stage, layout, embeds)
+            layout, embeds = pruner.run_sequence_stage(run, stage, layout, embeds, projector=projector)
         return layout, embeds

@@ -89,7 +89,18 @@ class ScoreContext:
     probabilities from ``Q`` query rows of the sample (``query="last"``: its last token) to each
     candidate token, from the attention of LLM layer ``layer`` (``"previous"``: the layer before the
     pruning layer, as FastV; ``"current"``: the pruning layer itself). It is computed beside SDPA or
-    FlashAttention without an N x N map; eager attention gives the same numbers.
+    FlashAttention without an N x N map; eager attention gives the same numbers. ``query`` may also
+    be ``"instruction"``: every valid text token after the sample's last image (question and chat
+    template tail, TransPrune's IGA rows); rows past a sample's count are zero.
+
+    ``observed(layer)`` returns ``[R, N, k]``: what the strategy's ``observe`` summarised per token
+    at ``layer`` of this site (vision-encoder or LLM layer), aligned with the current rows (zeros
+    for tokens it did not see). Strategies list the layers in ``observed_layers``.
+
+    At the ``"projector"`` site, ``projector`` is the model's projector as a callable on any
+    ``[..., d_vision]`` tensor and ``projector_input`` (``[R, N, d_vision]``) the features it was fed
+    for each candidate (zeros for tokens with no vision feature, such as NeXT's newlines); present
+    when the strategy sets ``needs_projector_input``.
     """
 
     stage: StageSpec
@@ -97,7 +108,16 @@ class ScoreContext:
     generator: torch.Generator
     stage_index: int = 0
     attention: Callable[..., torch.Tensor] | None = None
+    observed: Callable[[int], torch.Tensor] | None = None
+    projector: Callable[[torch.Tensor], torch.Tensor] | None = None
+    projector_input: torch.Tensor | None = None
     extras: dict = field(default_factory=dict)
+
+    def require(self, what: str, method: str):
+        value = getattr(self, what)
+        if value is None:
+            raise ValueError(f"{method} needs `{what}`, which the {self.stage.site!r} site does not provide here")
+        return value
 
     def require_attention(self, method: str) -> Callable[..., torch.Tensor]:
         if self.attention is None:

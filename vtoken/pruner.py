@@ -4,6 +4,7 @@ per-request state. The adapter's hooks call into it with tensors; it never touch
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable
 
 import torch
@@ -34,6 +35,10 @@ class ImageRun:
         self.vision_positions: torch.Tensor | None = None
         #: ``vision_positions`` after each vision stage, by stage name.
         self.stage_positions: dict[str, torch.Tensor] = {}
+        #: Vision layer -> (per-token summary ``[C, T, k]``, candidate positions then, first candidate).
+        self.observed: dict[int, tuple] = {}
+        #: ``[C * tokens_per_crop, d_vision]``: the projector input of every crop token (when asked for).
+        self.projector_table: torch.Tensor | None = None
         #: The features object this encoding returned and its per-image tensors, to recognise them
         #: when a forward receives them.
         self.output = None
@@ -62,6 +67,8 @@ class PruneRun:
         # Set at each decoding step: the attention-mask columns and position ids of the new tokens.
         self.new_mask: torch.Tensor | None = None
         self.new_positions: torch.Tensor | None = None
+        #: LLM layer -> (per-token summary ``[B, L, k]``, the layout of that layer).
+        self.observed: dict[int, tuple] = {}
         # Per forward: layer-group kwargs already built, layer inputs kept for scoring.
         self.group_kwargs: dict[int, dict] = {}
         self.stash: dict[int, tuple] = {}
@@ -105,13 +112,13 @@ class Pruner:
                 return stage
         return None
 
-    def _reduce(self, run: PruneRun | ImageRun, stage: StageSpec, rows: TokenRows, attention=None) -> Reduction:
+    def _reduce(self, run: PruneRun | ImageRun, stage: StageSpec, rows: TokenRows, **extras) -> Reduction:
         ctx = ScoreContext(
             stage=stage,
             tokens=rows,
             generator=run.generator,
             stage_index=self.stages.index(stage),
-            attention=attention,
+            **extras,
         )
         reduction = self.strategy.reduce(ctx)
         expected = torch.arange(reduction.keep.shape[1], device=rows.budget.device)[None, :] < rows.budget[:, None]
@@ -158,11 +165,28 @@ class Pruner:
             grids=[(grid,) if positions.shape[1] == full else None for _ in range(crops)],
             local_index=local,
         )
-        reduction = self._reduce(images, stage, rows)
+        observed = partial(self._vision_observed, images, positions)
+        reduction = self._reduce(images, stage, rows, observed=observed)
         kept = reduction.features if reduction.features is not None else gather_tokens(candidates, reduction.keep)
         images.vision_positions = torch.gather(positions, 1, reduction.keep)
         images.stage_positions[stage.name] = images.vision_positions
         return torch.cat([hidden[:, :first_candidate], kept], dim=1)
+
+    @staticmethod
+    def _vision_observed(images: ImageRun, positions: torch.Tensor, layer: int) -> torch.Tensor:
+        """The summary observed at vision ``layer`` for each current candidate ``[C, N, k]``."""
+        if layer not in images.observed:
+            raise ValueError(f"vision layer {layer} was not observed; list it in observed_layers('vision', ...)")
+        summary, then, first = images.observed[layer]
+        summary = summary if summary.dim() == 3 else summary[..., None]
+        crops, full = positions.shape[0], images.candidate_local.shape[1]
+        if then is None:
+            then = torch.arange(summary.shape[1] - first, device=summary.device).expand(crops, -1)
+        where = torch.full((crops, full), -1, dtype=torch.long, device=summary.device)
+        where.scatter_(1, then, torch.arange(then.shape[1], device=summary.device).expand(crops, -1))
+        index = torch.gather(where, 1, positions.to(summary.device))
+        picked = gather_tokens(summary[:, first:], index)
+        return picked
 
     def vision_kept_visual(self, run: PruneRun) -> torch.Tensor:
         """``[B, V]`` True for the sample-level visual tokens that survive the vision stages; records
@@ -195,6 +219,36 @@ class Pruner:
         return kept
 
     # --- projector and LLM sites ----------------------------------------------------------------
+    @staticmethod
+    def _llm_observed(run: PruneRun, layout: SequenceLayout, slot_index, row_sample, layer: int) -> torch.Tensor:
+        """The summary observed at LLM ``layer`` for each current candidate ``[R, N, k]``, matched
+        through the original sequence index (the layer may have seen a longer layout)."""
+        if layer not in run.observed:
+            raise ValueError(f"LLM layer {layer} was not observed; list it in observed_layers('llm', ...)")
+        summary, then = run.observed[layer]
+        summary = summary if summary.dim() == 3 else summary[..., None]
+        batch = then.orig_index.shape[0]
+        where = torch.full((batch, run.orig_length), -1, dtype=torch.long, device=summary.device)
+        rows_b, slots = (then.orig_index >= 0).nonzero(as_tuple=True)
+        where[rows_b, then.orig_index[rows_b, slots]] = slots
+        orig = torch.where(slot_index >= 0, layout.orig_index[row_sample[:, None], slot_index.clamp(min=0)], -1)
+        then_slot = torch.where(orig >= 0, where[row_sample[:, None], orig.clamp(min=0)], -1)
+        return gather_tokens(summary[row_sample], then_slot)
+
+    @staticmethod
+    def _projector_rows(run: PruneRun, row_image: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+        table = run.image_run.projector_table if run.image_run is not None else None
+        if table is None:
+            raise ValueError("projector inputs were not captured; set needs_projector_input on the strategy")
+        images = run.visual.images
+        source = torch.full_like(local, -1)
+        for r, i in enumerate(row_image.tolist()):
+            ok = local[r] >= 0
+            source[r, ok] = images[i].source.to(local.device)[local[r, ok]]
+        out = table[source.clamp(min=0)]
+        return out * (source >= 0)[..., None].to(out.dtype)
+
+
     def run_sequence_stage(
         self,
         run: PruneRun,
@@ -202,6 +256,7 @@ class Pruner:
         layout: SequenceLayout,
         hidden: torch.Tensor,
         attention: Callable[..., torch.Tensor] | None = None,
+        projector: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> tuple[SequenceLayout, torch.Tensor]:
         """Prune the visual slots of ``layout`` (hidden states ``[B, L, d]``) to each image's budget.
 
@@ -242,7 +297,11 @@ class Pruner:
                 picked = picked.permute(0, 2, 3, 1)
                 return picked * valid[:, None, None, :]
 
-        reduction = self._reduce(run, stage, rows, row_attention)
+        extras = {"attention": row_attention, "observed": partial(self._llm_observed, run, layout, slot_index, row_sample)}
+        if projector is not None:
+            extras["projector"] = projector
+            extras["projector_input"] = self._projector_rows(run, row_image, local)
+        reduction = self._reduce(run, stage, rows, **extras)
         kept_valid = reduction.keep >= 0
         kept_slots = torch.gather(slot_index, 1, reduction.keep.clamp(min=0))
         sample_of = row_sample[:, None].expand_as(kept_slots)

@@ -27,6 +27,8 @@ class Strategy:
     sites: ClassVar[tuple[str, ...]] = SITES
     #: True for methods that need trained weights (TokenPacker).
     trained: ClassVar[bool] = False
+    #: True for methods that score with the projector's inputs (ZOO-Prune).
+    needs_projector_input: ClassVar[bool] = False
 
     def __init__(self, config: PruneConfig):
         self.config = config
@@ -36,6 +38,18 @@ class Strategy:
                     f"method {self.name!r} cannot prune at the {stage.site!r} site; "
                     f"it supports: {', '.join(self.sites)}"
                 )
+
+    def observed_layers(self, site: str, num_layers: int) -> list[int]:
+        """Layers of ``site`` (``"vision"`` or ``"llm"``) whose inputs and outputs ``observe`` should
+        see during prefill; none by default."""
+        return []
+
+    def observe(self, site: str, layer: int, io: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Summarise one layer per token: ``io`` maps ``"attention"``, ``"mlp"`` and ``"block"`` to the
+        (input, output) of that sub-module (``[B, L, d]``; at the vision site ``[crops, T, d]``).
+        Return ``[B, L]`` or ``[B, L, k]``; it is handed back, aligned with the candidate rows, by
+        ``ctx.observed(layer)``."""
+        raise NotImplementedError(f"{type(self).__name__} lists observed layers but does not implement observe()")
 
     def scoring_cost(self, stage: StageSpec) -> list[ScoringCost]:
         """Extra work this method does to decide ``stage`` (for honest FLOPs); none by default."""

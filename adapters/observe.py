@@ -1,0 +1,50 @@
+"""Capture what a layer and its attention and MLP sub-modules take in and give out, for strategies
+that score by how tokens change across a layer (TransPrune's TTV, Representation Shift).
+
+Forward hooks only: the sub-modules run unchanged, and nothing is kept once the strategy has
+summarised the layer.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .base import UndoStack
+
+
+def _first(value):
+    return value[0] if isinstance(value, (tuple, list)) else value
+
+
+def _input(args, kwargs):
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def observe_layer(
+    layer: nn.Module, parts: dict[str, str], active: Callable[[], bool], done: Callable[[dict], None], undo: UndoStack
+) -> None:
+    """Hook ``layer`` so that, whenever ``active()`` holds, ``done(io)`` receives
+    ``{"block": (in, out), name: (in, out) for each sub-module in parts}``; ``parts`` maps a part
+    name (``"attention"``, ``"mlp"``) to the sub-module's attribute name in the layer."""
+    captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def sub_hook(name, module, args, kwargs, output):
+        if active():
+            captured[name] = (_input(args, kwargs), _first(output))
+
+    def layer_hook(module, args, kwargs, output):
+        if active():
+            captured["block"] = (_input(args, kwargs), _first(output))
+            io = dict(captured)
+            captured.clear()
+            done(io)
+
+    for name, attribute in parts.items():
+        sub = getattr(layer, attribute)
+        undo.hook(sub.register_forward_hook(lambda m, a, k, o, n=name: sub_hook(n, m, a, k, o), with_kwargs=True))
+    # Registered first among the layer's forward hooks, so it sees the layer's own output before
+    # any pruning hook on the same layer shortens it.
+    undo.hook(layer.register_forward_hook(layer_hook, with_kwargs=True, prepend=True))

@@ -1,0 +1,448 @@
+"""Train the tiny LLaVA of the synthetic VQA benchmark (issue 5) on CPU, from random weights.
+
+The model is a stock ``transformers.LlavaForConditionalGeneration``: a CLIP vision tower
+(96x96 images, 8x8 patches -> 144 patch tokens + CLS), the standard two-layer GELU MLP
+projector and a small Llama language model over the benchmark's word-level tokenizer.
+``vision_feature_layer=-2`` and ``vision_feature_select_strategy="default"`` give 144 visual
+tokens per image; the prompt holds 144 ``<image>`` placeholders (the saved ``LlavaProcessor``
+expands the single ``<image>`` of ``vqa_tokenizer.prompt`` itself).
+
+Training data: the ``train`` split of ``vqa_data`` (seed ``--data-seed``), an endless stream of
+fresh images (record index 0, 1, 2, ...).  Every image comes with its benchmark question (the
+exact record ``vqa_data.generate("train", ...)`` makes) plus up to ``--questions - 1`` extra
+questions about the same scene, written with the benchmark's own templates from the scene's
+objects (colour of the unique <shape>, shape of the unique <colour> object, counts, spatial
+relations between uniquely named objects, existence of present/absent colour+shape pairs,
+printed digit/letter).  Extra questions are only asked when their answer is unambiguous.
+Nothing but answers is supervised (no attention or patch-level targets).
+
+Efficiency: the questions of one image are packed into one sequence ``[<s> USER : <image>*144]
+[q1 ASSISTANT : a1 </s>] [q2 ... ] ...`` with a block attention mask: each question segment sees
+the image prefix and itself only, with positions continuing after the prefix, so every segment
+computes exactly what the single-question prompt computes while the vision tower and the image
+prefix are run once per image.  The loss is on the answer token and the ``</s>`` after it.
+
+Model selection: exact-match accuracy of the greedy first answer token on ``--val-n`` records of
+the ``validation`` split (teacher-forced argmax = greedy ``generate``'s first token).  The best
+checkpoint is saved with ``save_pretrained`` (safetensors) together with the processor.  The
+``test`` split is never used here; ``eval/eval_tiny_llava.py`` reports test accuracy with greedy
+``generate``.
+
+Usage::
+
+    OMP_NUM_THREADS=1 python eval/train_tiny_llava.py --steps 6000 --out eval/models/tiny-llava
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import sys
+import time
+from collections import Counter, defaultdict
+from itertools import combinations
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import vqa_data as D
+from vqa_tokenizer import IMAGE, build_tokenizer, prompt
+
+IMAGE_SIZE, PATCH_SIZE = 96, 8
+N_PATCHES = (IMAGE_SIZE // PATCH_SIZE) ** 2  # 144 visual tokens per image
+
+
+# ----------------------------------------------------------------------------- model
+
+def build_model(tokenizer, vision_hidden=96, vision_layers=4, text_hidden=192, text_layers=4,
+                seed=0):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(
+        image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, num_channels=3, hidden_size=vision_hidden,
+        intermediate_size=4 * vision_hidden, num_hidden_layers=vision_layers,
+        num_attention_heads=max(1, vision_hidden // 32), projection_dim=vision_hidden,
+        hidden_act="gelu")
+    text = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=text_hidden, intermediate_size=int(text_hidden * 8 / 3) // 16 * 16,
+        num_hidden_layers=text_layers, num_attention_heads=max(1, text_hidden // 32),
+        num_key_value_heads=max(1, text_hidden // 32), max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False, rope_theta=10000.0)
+    config = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids(IMAGE),
+        projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="default",
+        image_seq_length=N_PATCHES, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    model = LlavaForConditionalGeneration(config)
+    _init_positions(model)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return model
+
+
+def _vision_model(model):
+    tower = model.model.vision_tower
+    return getattr(tower, "vision_model", tower)  # transformers 5: CLIPVisionModel is flat
+
+
+def _init_positions(model) -> None:
+    """Initialise CLIP's learned position embeddings with a 2D sin/cos code (row, column).
+
+    Only an initialisation (the embeddings stay trainable); it gives the patches a usable sense of
+    where they are from step 0, which the spatial questions and locating named objects need."""
+    emb = _vision_model(model).embeddings.position_embedding.weight
+    dim, side = emb.shape[1], IMAGE_SIZE // PATCH_SIZE
+    quarter = dim // 4
+    freqs = 1.0 / (side ** (torch.arange(quarter, dtype=torch.float32) / quarter))
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    code = []
+    for pos in (rows.flatten().float(), cols.flatten().float()):
+        ang = pos[:, None] * freqs[None, :] * math.pi / 2
+        code += [torch.sin(ang), torch.cos(ang)]
+    code = torch.cat(code, dim=1)  # (144, 4 * quarter)
+    with torch.no_grad():
+        emb.zero_()
+        emb[1:, : code.shape[1]] = code * 0.5  # index 0 is CLS
+        emb.add_(torch.randn_like(emb) * 0.02)
+
+
+def build_processor(tokenizer):
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    image_processor = CLIPImageProcessor(
+        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, do_resize=True, do_center_crop=False,
+        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, do_convert_rgb=True)
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH_SIZE,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                          image_token=IMAGE)
+
+
+def vision_features(model, pixel_values):
+    """Projected visual tokens (B, 144, D), same as ``model.model.get_image_features`` with
+    ``vision_feature_layer=-2`` but without running the (unused) last vision layer."""
+    vm = _vision_model(model)
+    h = vm.pre_layrnorm(vm.embeddings(pixel_values))
+    for layer in vm.encoder.layers[:-1]:
+        h = layer(h, None)
+        if isinstance(h, tuple):
+            h = h[0]
+    return model.model.multi_modal_projector(h[:, 1:])
+
+
+# ------------------------------------------------------------------------------- data
+
+def scene(split: str, seed: int, index: int, family: str, k: int):
+    """``vqa_data.make_example`` keeping the scene's objects: (PIL image, items, record fields)."""
+    rng = D._record_rng(split, seed, index)
+    for _ in range(100):
+        try:
+            items, q = D.BUILDERS[family](rng, IMAGE_SIZE, k)
+            break
+        except D.LayoutError:
+            continue
+    else:
+        raise RuntimeError("layout failed")
+    return D.render(rng, items, IMAGE_SIZE), items, q
+
+
+def extra_questions(items, rng: random.Random) -> dict[str, list[tuple[str, str]]]:
+    """Unambiguous benchmark-template questions about a scene, grouped by family."""
+    shapes = [it for it in items if it["kind"] == "shape"]
+    tags = [it for it in items if it["kind"] == "tag"]
+    out: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    by_shape = Counter(o["shape"] for o in shapes)
+    by_colour = Counter(o["colour"] for o in shapes)
+    by_shape_size = Counter((o["shape"], o["size"]) for o in shapes)
+    by_name = Counter((o["colour"], o["shape"]) for o in shapes)
+    for o in shapes:
+        if by_shape[o["shape"]] == 1:
+            out["attribute"].append((D.Q_COLOUR.format(shape=o["shape"]), o["colour"]))
+        elif by_shape_size[(o["shape"], o["size"])] == 1:
+            out["attribute"].append((D.Q_COLOUR_SIZED.format(size=o["size"], shape=o["shape"]), o["colour"]))
+        if by_colour[o["colour"]] == 1:
+            out["attribute"].append((D.Q_SHAPE.format(colour=o["colour"]), o["shape"]))
+    for s, n in by_shape.items():
+        if n <= D.MAX_COUNT:
+            out["count"].append((D.Q_COUNT_SHAPE.format(shapes=D.PLURALS[s]), str(n)))
+    for c, n in by_colour.items():
+        if n <= D.MAX_COUNT:
+            out["count"].append((D.Q_COUNT_COLOUR.format(colour=c), str(n)))
+    for (c, s), n in by_name.items():
+        if n <= D.MAX_COUNT:
+            out["count"].append((D.Q_COUNT_COLOUR_SHAPE.format(colour=c, shapes=D.PLURALS[s]), str(n)))
+    unique = [o for o in shapes if by_name[(o["colour"], o["shape"])] == 1]
+    rels = tuple(D.RELATIONS)
+    for a, b in combinations(unique, 2):
+        if rng.random() < 0.5:
+            a, b = b, a
+        for axis in (0, 1):
+            gap = (a["box"][axis] + a["box"][axis + 2]) / 2 - (b["box"][axis] + b["box"][axis + 2]) / 2
+            if abs(gap) < (D._side(a, IMAGE_SIZE)[0] + D._side(b, IMAGE_SIZE)[0]) / 2:
+                continue
+            true_rel = 2 * axis + int(gap > 0)
+            yes = rng.random() < 0.5
+            rel = rels[true_rel if yes else true_rel ^ 1]
+            out["spatial"].append((D.Q_SPATIAL.format(a=D._name(a), relation=D.RELATIONS[rel], b=D._name(b)),
+                                   "yes" if yes else "no"))
+    present = set(by_name)
+    absent = [(c, s) for c in D.COLOURS for s in D.SHAPES if (c, s) not in present]
+    near = [(c, s) for c, s in absent if any(c == pc or s == ps for pc, ps in present)]
+    yes_q = [(D.Q_EXIST.format(colour=c, shape=s), "yes") for c, s in present]
+    pool = near if near and rng.random() < 0.5 else absent
+    no_q = [(D.Q_EXIST.format(colour=c, shape=s), "no") for c, s in rng.sample(pool, min(len(pool), len(yes_q)))]
+    out["exist"] = yes_q + no_q
+    for kind, chars in (("digit", D.DIGITS), ("letter", D.LETTERS)):
+        found = [t for t in tags if t["char"] in chars]
+        if len(found) == 1:
+            out["text"].append((D.Q_TEXT.format(kind=kind), found[0]["char"]))
+    return out
+
+
+class Stream:
+    """Endless train-split images, each with its benchmark question + extra questions."""
+
+    def __init__(self, split="train", seed=0, questions=8, start=0, rng_seed=0):
+        self.split, self.seed, self.questions = split, seed, questions
+        self.index = start
+        self.block = 10 ** 9
+        self.plan: list[str] = []
+        self.k = Counter()
+        self.rng = random.Random(rng_seed)
+
+    def next(self):
+        if self.index >= len(self.plan):
+            self.plan = D._family_plan(self.split, self.index + 5000, self.seed, D.FAMILIES)
+        family = self.plan[self.index]
+        image, items, q = scene(self.split, self.seed, self.index, family, self.k[family])
+        self.k[family] += 1
+        self.index += 1
+        qa = [(q["question"], q["answer"])]
+        extra = extra_questions(items, self.rng)
+        fams = [f for f in D.FAMILIES if extra.get(f)]
+        seen = {q["question"]}
+        tries = 0
+        while len(qa) < self.questions and fams and tries < 4 * self.questions:
+            tries += 1
+            fam = self.rng.choice(fams)
+            question, answer = self.rng.choice(extra[fam])
+            if question not in seen:
+                seen.add(question)
+                qa.append((question, answer))
+        return image, qa
+
+
+class Packer:
+    """Token ids and block masks for image-prefix + packed question segments."""
+
+    def __init__(self, tokenizer, image_processor):
+        self.tok, self.improc = tokenizer, image_processor
+        self.image_id = tokenizer.convert_tokens_to_ids(IMAGE)
+        ids = tokenizer(prompt("x"))["input_ids"]
+        at = ids.index(self.image_id)
+        self.prefix = ids[:at] + [self.image_id] * N_PATCHES
+        self.cache: dict[str, list[int]] = {}
+
+    def suffix(self, question: str) -> list[int]:
+        if question not in self.cache:
+            ids = self.tok(prompt(question))["input_ids"]
+            self.cache[question] = ids[ids.index(self.image_id) + 1:]
+        return self.cache[question]
+
+    def batch(self, images, qas, with_eos=True):
+        """-> dict(pixel_values, input_ids, mask (B,1,L,L) bool, position_ids, targets list of
+        (b, position, token, is_answer, question index))."""
+        P = len(self.prefix)
+        seqs, segs = [], []
+        for qa in qas:
+            ids, seg = list(self.prefix), [0] * P
+            for j, (q, a) in enumerate(qa, 1):
+                s = self.suffix(q) + [self.tok.convert_tokens_to_ids(a)] + ([self.tok.eos_token_id] if with_eos else [])
+                ids += s
+                seg += [j] * len(s)
+            seqs.append(ids)
+            segs.append(seg)
+        L = max(len(s) for s in seqs)
+        B = len(seqs)
+        input_ids = torch.full((B, L), self.tok.pad_token_id, dtype=torch.long)
+        seg_t = torch.full((B, L), -1, dtype=torch.long)
+        pos = torch.zeros((B, L), dtype=torch.long)
+        rows, cols, tgt, is_ans, qidx = [], [], [], [], []
+        for b, (ids, seg) in enumerate(zip(seqs, segs)):
+            input_ids[b, : len(ids)] = torch.tensor(ids)
+            seg_t[b, : len(seg)] = torch.tensor(seg)
+            p, last = [], 0
+            for i, s in enumerate(seg):
+                if s == 0 or seg[i - 1] != s:
+                    last = P if s else 0
+                p.append(i if s == 0 else last + (i - seg.index(s)))
+            pos[b, : len(p)] = torch.tensor(p)
+            # targets: answer token predicted from the token before it; eos from the answer.
+            j = 0
+            for qi, (q, a) in enumerate(qas[b]):
+                start = seg.index(qi + 1)
+                n_suf = len(self.suffix(q))
+                ans_pos = start + n_suf
+                rows.append(b); cols.append(ans_pos - 1); tgt.append(ids[ans_pos]); is_ans.append(True); qidx.append(qi)
+                if with_eos:
+                    rows.append(b); cols.append(ans_pos); tgt.append(ids[ans_pos + 1]); is_ans.append(False); qidx.append(qi)
+        q_seg, k_seg = seg_t[:, :, None], seg_t[:, None, :]
+        causal = torch.ones(L, L, dtype=torch.bool).tril()
+        mask = causal & (k_seg >= 0) & ((k_seg == 0) | (k_seg == q_seg))
+        mask |= torch.eye(L, dtype=torch.bool)  # padding rows attend to themselves (no NaN)
+        pixels = self.improc(images=images, return_tensors="pt")["pixel_values"]
+        return {"pixel_values": pixels, "input_ids": input_ids, "mask": mask[:, None],
+                "position_ids": pos, "rows": torch.tensor(rows), "cols": torch.tensor(cols),
+                "targets": torch.tensor(tgt), "is_answer": torch.tensor(is_ans)}
+
+
+def packed_logits(model, batch):
+    """Logits (N, V) at the target positions of a packed batch."""
+    feats = vision_features(model, batch["pixel_values"])
+    lm = model.model.language_model
+    ids = batch["input_ids"]
+    emb = lm.embed_tokens(ids)
+    img = ids == model.config.image_token_id
+    emb = emb.masked_scatter(img[..., None], feats.to(emb.dtype).reshape(-1, feats.shape[-1]))
+    out = lm(inputs_embeds=emb, attention_mask=batch["mask"], position_ids=batch["position_ids"], use_cache=False)
+    h = out.last_hidden_state[batch["rows"], batch["cols"]]
+    return model.lm_head(h)
+
+
+# ------------------------------------------------------------------------- evaluation
+
+def val_accuracy(model, packer, records, batch_size=32):
+    """Greedy first-token exact match (teacher-forced argmax) per family on single-question records."""
+    model.eval()
+    correct, total = Counter(), Counter()
+    with torch.no_grad():
+        for s in range(0, len(records), batch_size):
+            chunk = records[s: s + batch_size]
+            batch = packer.batch([r["pil"] for r in chunk], [[(r["question"], r["answer"])] for r in chunk],
+                                 with_eos=False)
+            pred = packed_logits(model, batch).argmax(-1)
+            for r, p, t in zip(chunk, pred.tolist(), batch["targets"].tolist()):
+                total[r["family"]] += 1
+                correct[r["family"]] += int(p == t)
+    model.train()
+    fam = {f: correct[f] / total[f] for f in sorted(total)}
+    return sum(correct.values()) / max(1, sum(total.values())), fam
+
+
+def save(model, processor, out: Path, info: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out), safe_serialization=True)
+    processor.save_pretrained(str(out))
+    (out / "training_state.txt").write_text(info + "\n")
+
+
+# ------------------------------------------------------------------------------ main
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=6000)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--min-lr-ratio", type=float, default=0.05)
+    ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--weight-decay", type=float, default=0.01)
+    ap.add_argument("--batch-size", type=int, default=16, help="images per step")
+    ap.add_argument("--questions", type=int, default=8, help="questions packed per image")
+    ap.add_argument("--seed", type=int, default=0, help="init / sampling seed")
+    ap.add_argument("--data-seed", type=int, default=0, help="vqa_data seed of the train/validation splits")
+    ap.add_argument("--val-n", type=int, default=500)
+    ap.add_argument("--eval-every", type=int, default=250)
+    ap.add_argument("--log-every", type=int, default=25)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--vision-hidden", type=int, default=96)
+    ap.add_argument("--vision-layers", type=int, default=4)
+    ap.add_argument("--text-hidden", type=int, default=192)
+    ap.add_argument("--text-layers", type=int, default=4)
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast for forward/backward")
+    ap.add_argument("--time-limit", type=float, default=0, help="stop after this many minutes (0: none)")
+    ap.add_argument("--init", default=None, help="resume weights from a saved model dir")
+    ap.add_argument("--start-index", type=int, default=0, help="first train-split record index")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "models" / "tiny-llava"))
+    args = ap.parse_args(argv)
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    torch.set_num_threads(args.threads)
+    random.seed(args.seed); np.random.seed(args.seed); torch.manual_seed(args.seed)
+
+    tokenizer = build_tokenizer()
+    processor = build_processor(tokenizer)
+    if args.init:
+        from transformers import LlavaForConditionalGeneration
+        model = LlavaForConditionalGeneration.from_pretrained(args.init)
+    else:
+        model = build_model(tokenizer, args.vision_hidden, args.vision_layers, args.text_hidden,
+                            args.text_layers, args.seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"params {n_params / 1e6:.2f}M; args {vars(args)}", flush=True)
+    packer = Packer(tokenizer, processor.image_processor)
+    val = D.generate("validation", args.val_n, seed=args.data_seed, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE)
+    stream = Stream("train", args.data_seed, args.questions, start=args.start_index, rng_seed=args.seed)
+
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
+
+    def lr_at(step):
+        if step < args.warmup:
+            return args.lr * (step + 1) / args.warmup
+        t = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
+        return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+    out = Path(args.out)
+    best, t0 = -1.0, time.time()
+    run_loss, run_acc, run_n = 0.0, 0.0, 0
+    model.train()
+    for step in range(1, args.steps + 1):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step - 1)
+        images, qas = zip(*(stream.next() for _ in range(args.batch_size)))
+        batch = packer.batch(list(images), list(qas))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            logits = packed_logits(model, batch)
+        logits = logits.float()
+        loss = F.cross_entropy(logits, batch["targets"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            ans = batch["is_answer"]
+            run_acc += (logits[ans].argmax(-1) == batch["targets"][ans]).float().mean().item()
+        run_loss += loss.item(); run_n += 1
+        if step % args.log_every == 0:
+            el = time.time() - t0
+            print(f"step {step} loss {run_loss / run_n:.4f} train-answer-acc {run_acc / run_n:.3f} "
+                  f"lr {lr_at(step - 1):.2e} images {stream.index} elapsed {el / 60:.1f}m", flush=True)
+            run_loss, run_acc, run_n = 0.0, 0.0, 0
+        last = step == args.steps or (args.time_limit and time.time() - t0 > args.time_limit * 60)
+        if step % args.eval_every == 0 or last:
+            acc, fam = val_accuracy(model, packer, val)
+            el = time.time() - t0
+            msg = " ".join(f"{f}={a:.3f}" for f, a in fam.items())
+            flag = ""
+            if acc > best:
+                best = acc
+                save(model, processor, out, f"step {step} val {acc:.4f} {msg} elapsed {el / 60:.1f}m "
+                     f"next_train_index {stream.index}")
+                flag = " (saved best)"
+            print(f"[val] step {step} acc {acc:.4f} {msg} best {best:.4f} elapsed {el / 60:.1f}m{flag}", flush=True)
+        if last:
+            break
+    print(f"done: best val {best:.4f}, wall {(time.time() - t0) / 60:.1f}m, train images {stream.index}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
