@@ -212,7 +212,8 @@ class DecoderPruning:
 
     def _observed(self, layer: int, io: dict) -> None:
         run = self.pruner.active
-        run.observed[layer] = (self.pruner.strategy.observe("llm", layer, io), run.group_for(layer)[1])
+        layout = run.group_for(layer)[1]
+        run.observed[layer] = (self.pruner.strategy.observe("llm", layer, io, layout.valid), layout)
 
     # --- per-group kwargs -------------------------------------------------------------------------
     def _use_group_kwargs(self, run: PruneRun, index: int, hidden, kwargs) -> None:

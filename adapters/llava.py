@@ -315,7 +315,9 @@ class LlavaAdapter(Adapter):
 
     def _observed_vision(self, layer: int, io: dict) -> None:
         images = self.pruner.encoding
-        summary = self.pruner.strategy.observe("vision", layer, io)
+        hidden = io["block"][0]
+        valid = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        summary = self.pruner.strategy.observe("vision", layer, io, valid)
         images.observed[layer] = (summary, images.vision_positions, int(self.has_cls))
 
     def _before_projector(self, module, args):

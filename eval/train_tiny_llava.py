@@ -207,18 +207,45 @@ def extra_questions(items, rng: random.Random) -> dict[str, list[tuple[str, str]
     return out
 
 
+def simple_scene(split: str, seed: int, index: int, n_objects: int):
+    """Curriculum scene: ``n_objects`` random shapes and 0-2 tags, rendered by ``vqa_data``.
+
+    Drawn from the train split's seed space on a stream of its own (``vqa_data`` records use
+    streams 0 and 1), so it never shares an image with validation or test."""
+    rng = np.random.default_rng([D.SPLITS[split], seed, 7, index])
+    for _ in range(100):
+        items = [D._random_obj(rng) for _ in range(n_objects)]
+        items += [D._tag(D._pick(rng, tuple(D.GLYPHS))) for _ in range(int(rng.integers(0, 3)))]
+        try:
+            D._place(rng, items, IMAGE_SIZE)
+            break
+        except D.LayoutError:
+            continue
+    return D.render(rng, items, IMAGE_SIZE), items
+
+
 class Stream:
-    """Endless train-split images, each with its benchmark question + extra questions."""
+    """Endless train-split images, each with its benchmark question + extra questions.
+
+    Curriculum: with probability ``p_simple`` an image is instead a simple scene of 1..``max_objects``
+    random objects (extra questions only); the caller anneals both over training."""
 
     def __init__(self, split="train", seed=0, questions=8, start=0, rng_seed=0):
         self.split, self.seed, self.questions = split, seed, questions
         self.index = start
+        self.simple_index = start
+        self.p_simple, self.max_objects = 0.0, 6
         self.block = 10 ** 9
         self.plan: list[str] = []
         self.k = Counter()
         self.rng = random.Random(rng_seed)
 
     def next(self):
+        if self.p_simple > 0 and self.rng.random() < self.p_simple:
+            image, items = simple_scene(self.split, self.seed, self.simple_index,
+                                        self.rng.randint(1, self.max_objects))
+            self.simple_index += 1
+            return image, self._sample([], set(), extra_questions(items, self.rng))
         if self.index >= len(self.plan):
             self.plan = D._family_plan(self.split, self.index + 5000, self.seed, D.FAMILIES)
         family = self.plan[self.index]
@@ -226,9 +253,10 @@ class Stream:
         self.k[family] += 1
         self.index += 1
         qa = [(q["question"], q["answer"])]
-        extra = extra_questions(items, self.rng)
+        return image, self._sample(qa, {q["question"]}, extra_questions(items, self.rng))
+
+    def _sample(self, qa, seen, extra):
         fams = [f for f in D.FAMILIES if extra.get(f)]
-        seen = {q["question"]}
         tries = 0
         while len(qa) < self.questions and fams and tries < 4 * self.questions:
             tries += 1
@@ -237,7 +265,7 @@ class Stream:
             if question not in seen:
                 seen.add(question)
                 qa.append((question, answer))
-        return image, qa
+        return qa
 
 
 class Packer:
@@ -365,6 +393,10 @@ def main(argv=None):
     ap.add_argument("--vision-layers", type=int, default=4)
     ap.add_argument("--text-hidden", type=int, default=192)
     ap.add_argument("--text-layers", type=int, default=4)
+    ap.add_argument("--curriculum-steps", type=int, default=0,
+                    help="anneal simple scenes over this many steps (0: no curriculum)")
+    ap.add_argument("--simple-start", type=float, default=0.8, help="share of simple scenes at step 0")
+    ap.add_argument("--simple-end", type=float, default=0.3, help="share of simple scenes after the curriculum")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast for forward/backward")
     ap.add_argument("--time-limit", type=float, default=0, help="stop after this many minutes (0: none)")
     ap.add_argument("--init", default=None, help="resume weights from a saved model dir")
@@ -408,6 +440,10 @@ def main(argv=None):
     for step in range(1, args.steps + 1):
         for g in opt.param_groups:
             g["lr"] = lr_at(step - 1)
+        if args.curriculum_steps:
+            t = min(1.0, (step - 1) / args.curriculum_steps)
+            stream.p_simple = args.simple_start + (args.simple_end - args.simple_start) * t
+            stream.max_objects = 1 + round(6 * t)
         images, qas = zip(*(stream.next() for _ in range(args.batch_size)))
         batch = packer.batch(list(images), list(qas))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
@@ -425,7 +461,8 @@ def main(argv=None):
         if step % args.log_every == 0:
             el = time.time() - t0
             print(f"step {step} loss {run_loss / run_n:.4f} train-answer-acc {run_acc / run_n:.3f} "
-                  f"lr {lr_at(step - 1):.2e} images {stream.index} elapsed {el / 60:.1f}m", flush=True)
+                  f"lr {lr_at(step - 1):.2e} images {stream.index}+{stream.simple_index - args.start_index} "
+                  f"max-objects {stream.max_objects} elapsed {el / 60:.1f}m", flush=True)
             run_loss, run_acc, run_n = 0.0, 0.0, 0
         last = step == args.steps or (args.time_limit and time.time() - t0 > args.time_limit * 60)
         if step % args.eval_every == 0 or last:

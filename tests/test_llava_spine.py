@@ -11,7 +11,7 @@ from vtoken.adapters.hf_decoder import llama_attention_rows
 from vtoken.config import PruneConfig
 from vtoken.registry import register
 from vtoken.strategies.base import Strategy
-from tiny import llava_inputs, llava_next_inputs, tiny_llava, tiny_llava_next
+from tiny import greedy_without_cache, llava_inputs, llava_next_inputs, tiny_llava, tiny_llava_next
 
 MODELS = {"llava": (tiny_llava, lambda m: llava_inputs(3)), "next": (tiny_llava_next, llava_next_inputs)}
 
@@ -109,23 +109,6 @@ class _ReplayStrategy(Strategy):
         return torch.stack([torch.isin(local[r], torch.tensor(wanted[r])).float() for r in range(local.shape[0])])
 
 
-def _greedy_without_cache(model, x, steps):
-    """Greedy decoding that recomputes the whole sequence every step (no KV cache), padding a
-    finished sample with the pad token as generate() does."""
-    ids, mask = x["input_ids"], x["attention_mask"]
-    extra = {k: v for k, v in x.items() if k not in ("input_ids", "attention_mask")}
-    config = model.generation_config
-    finished = torch.zeros(ids.shape[0], dtype=torch.bool)
-    for _ in range(steps):
-        with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False, **extra).logits[:, -1]
-        token = torch.where(finished, config.pad_token_id, logits.argmax(-1))
-        finished |= token == config.eos_token_id
-        ids = torch.cat([ids, token[:, None]], dim=1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-    return ids
-
-
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("positions", ["original", "contiguous"])
 @pytest.mark.parametrize("batch", [1, 3])
@@ -145,7 +128,7 @@ def test_in_llm_pruning_cached_equals_uncached(name, batch, positions, attn):
     # (one image per sample here, so image-local and sample-level indices agree).
     _ReplayStrategy.plan = {s: {b: sel[s].tolist() for b, sel in enumerate(selection)} for s in ("llm:1", "llm:3")}
     with vtoken.pruned(model, "_test_replay", stages=stages, positions=positions):
-        uncached = _greedy_without_cache(model, x, 6)
+        uncached = greedy_without_cache(model, x, 6)
         replayed = model.generate(**x, max_new_tokens=6, do_sample=False)
     assert torch.equal(replayed, cached)
     assert torch.equal(uncached, cached)
@@ -156,7 +139,7 @@ def test_random_inside_llm_cached_equals_uncached(name):
     model, x = _build(name)
     with vtoken.pruned(model, "random", site="llm", layer=2, keep=0.3):
         cached = model.generate(**x, max_new_tokens=6, do_sample=False)
-        uncached = _greedy_without_cache(model, x, 6)
+        uncached = greedy_without_cache(model, x, 6)
     assert torch.equal(uncached, cached)
 
 
@@ -166,7 +149,7 @@ def test_pre_llm_pruning_cached_equals_uncached(name, site):
     model, x = _build(name)
     with vtoken.pruned(model, "random", keep=0.3, **site):
         cached = model.generate(**x, max_new_tokens=6, do_sample=False)
-        uncached = _greedy_without_cache(model, x, 6)
+        uncached = greedy_without_cache(model, x, 6)
     assert torch.equal(uncached, cached)
 
 
@@ -233,7 +216,7 @@ def test_several_images_per_sample_and_samples_without_image(method, options):
     with vtoken.pruned(model, "random", keep=0.25, **{k: v for k, v in options.items()}) if method == "random" \
             else vtoken.pruned(model, "random", keep=0.25, site="llm", layer=2):
         cached = model.generate(**x, max_new_tokens=5, do_sample=False)
-        uncached = _greedy_without_cache(model, x, 5)
+        uncached = greedy_without_cache(model, x, 5)
         selection = vtoken.selection(model)
     assert torch.equal(cached, uncached)
     (kept0,), (kept1,), (kept2,) = (list(s.values()) for s in selection)

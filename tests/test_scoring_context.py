@@ -31,7 +31,7 @@ class _Probe(Strategy):
     def observed_layers(self, site, num_layers):
         return self.layers.get(site, [])
 
-    def observe(self, site, layer, io):
+    def observe(self, site, layer, io, valid):
         # Per token: the block output itself, so the test can compare with hidden states.
         return io["block"][1]
 

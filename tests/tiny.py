@@ -121,3 +121,20 @@ def llava_next_inputs(model, image_sizes=((32, 64), (64, 64), (64, 40)), seed: i
         "input_ids": ids, "attention_mask": mask, "pixel_values": pixels,
         "image_sizes": torch.tensor([list(s) for s in image_sizes]),
     }
+
+
+def greedy_without_cache(model, x, steps):
+    """Greedy decoding that recomputes the whole sequence every step (no KV cache), padding a
+    finished sample with the pad token as generate() does."""
+    ids, mask = x["input_ids"], x["attention_mask"]
+    extra = {k: v for k, v in x.items() if k not in ("input_ids", "attention_mask")}
+    config = model.generation_config
+    finished = torch.zeros(ids.shape[0], dtype=torch.bool)
+    for _ in range(steps):
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False, **extra).logits[:, -1]
+        token = torch.where(finished, config.pad_token_id, logits.argmax(-1))
+        finished |= token == config.eos_token_id
+        ids = torch.cat([ids, token[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    return ids

@@ -44,11 +44,15 @@ class Strategy:
         see during prefill; none by default."""
         return []
 
-    def observe(self, site: str, layer: int, io: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    def observe(
+        self, site: str, layer: int, io: dict[str, tuple[torch.Tensor, torch.Tensor]], valid: torch.Tensor
+    ) -> torch.Tensor:
         """Summarise one layer per token: ``io`` maps ``"attention"``, ``"mlp"`` and ``"block"`` to the
-        (input, output) of that sub-module (``[B, L, d]``; at the vision site ``[crops, T, d]``).
-        Return ``[B, L]`` or ``[B, L, k]``; it is handed back, aligned with the candidate rows, by
-        ``ctx.observed(layer)``."""
+        (input, output) of that sub-module (``[B, L, d]``; at the vision site ``[crops, T, d]``), and
+        ``valid`` (``[B, L]``) marks the real tokens (padding is False). Return ``[B, L]`` or
+        ``[B, L, k]``; it is handed back, aligned with the candidate rows, by ``ctx.observed(layer)``.
+        For Llama-style layers the attention input is the RMS-normed hidden state the attention sees
+        and its output the branch before the residual add; likewise for the MLP."""
         raise NotImplementedError(f"{type(self).__name__} lists observed layers but does not implement observe()")
 
     def scoring_cost(self, stage: StageSpec) -> list[ScoringCost]:
