@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from vtoken.schedule import SITES
+from vtoken.schedule import SITES, check_site
 
 CONFIG_FILE = "vtoken_config.json"
 POSITION_MODES = ("original", "contiguous")
@@ -32,14 +32,7 @@ class StageSpec:
     keep_tokens: int | None = None
 
     def __post_init__(self) -> None:
-        if self.site not in SITES:
-            raise ValueError(f"unknown pruning site {self.site!r}; choose one of {', '.join(SITES)}")
-        if self.site in ("vision", "llm") and self.layer is None:
-            raise ValueError(f"a {self.site!r} stage needs `layer` (the {self.site} layer index)")
-        if self.site == "projector" and self.layer is not None:
-            raise ValueError("the 'projector' site takes no `layer`; remove it")
-        if self.layer is not None and self.layer < 0:
-            raise ValueError(f"layer must be >= 0, got {self.layer}")
+        check_site(self.site, self.layer)
         if (self.keep is None) == (self.keep_tokens is None):
             raise ValueError("give exactly one budget: keep=<fraction in (0, 1]> or keep_tokens=<count>")
         if self.keep is not None and not (0.0 < self.keep <= 1.0):

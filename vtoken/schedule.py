@@ -25,6 +25,18 @@ Site = Literal["vision", "projector", "llm"]
 SITES: tuple[str, ...] = ("vision", "projector", "llm")
 
 
+def check_site(site: str, layer: int | None) -> None:
+    """Refuse a site name that does not exist, and a layer where the site takes none (or none where it needs one)."""
+    if site not in SITES:
+        raise ValueError(f"unknown pruning site {site!r}; choose one of {', '.join(SITES)}")
+    if site in ("vision", "llm") and layer is None:
+        raise ValueError(f"a {site!r} stage needs `layer` (the {site} layer index)")
+    if site == "projector" and layer is not None:
+        raise ValueError("the 'projector' site takes no `layer`; remove it")
+    if layer is not None and layer < 0:
+        raise ValueError(f"layer must be >= 0, got {layer}")
+
+
 @dataclass(frozen=True)
 class Stage:
     """One pruning step: at ``site`` (after/before ``layer``), ``keep_tokens`` visual tokens survive."""
@@ -34,12 +46,7 @@ class Stage:
     layer: int | None = None
 
     def __post_init__(self) -> None:
-        if self.site not in SITES:
-            raise ValueError(f"unknown pruning site {self.site!r}; expected one of {SITES}")
-        if self.site in ("vision", "llm") and self.layer is None:
-            raise ValueError(f"a {self.site!r} stage needs a layer index")
-        if self.site == "projector" and self.layer is not None:
-            raise ValueError("a 'projector' stage takes no layer index")
+        check_site(self.site, self.layer)
         if self.keep_tokens < 0:
             raise ValueError(f"keep_tokens must be >= 0, got {self.keep_tokens}")
 
