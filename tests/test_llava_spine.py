@@ -231,3 +231,37 @@ def test_beam_search_runs_with_pruning_inside_the_llm():
     with vtoken.pruned(model, "fastv", keep=0.5):
         out = model.generate(**x, max_new_tokens=4, num_beams=3, do_sample=False)
     assert out.shape == (2, x["input_ids"].shape[1] + 4)
+
+
+def test_layers_before_k_cache_every_token_and_later_layers_only_the_kept():
+    model = tiny_llava()
+    x = llava_inputs(1)
+    length = x["input_ids"].shape[1]
+    stages = [{"site": "llm", "layer": 1, "keep_tokens": 10}, {"site": "llm", "layer": 3, "keep_tokens": 4}]
+    with vtoken.pruned(model, "fastv", stages=stages):
+        with torch.no_grad():
+            cache = model(**x, use_cache=True).past_key_values
+    lengths = [layer.keys.shape[2] for layer in cache.layers]
+    assert lengths == [length, length - 6, length - 6, length - 12]
+
+
+@pytest.mark.parametrize("method,options", [("fastv", {"layer": 2}), ("pool", {}), ("fastv", {"layer": 1, "positions": "contiguous"})])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_samples_never_mix(name, method, options):
+    """Each sample of a left-padded batch gets what it gets alone (deterministic methods)."""
+    model, x = _build(name)
+    mask = x["attention_mask"]
+    # generate()-style positions, so that a sample's real tokens are numbered as when it is alone.
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with vtoken.pruned(model, method, keep=0.3, **options):
+        with torch.no_grad():
+            batched = model(**x, position_ids=positions).logits[:, -1]
+            kept_batched = vtoken.selection(model)
+        for b in range(x["input_ids"].shape[0]):
+            pad = int((mask[b] == 0).sum())
+            alone = {k: v[b : b + 1] for k, v in x.items()}
+            alone["input_ids"], alone["attention_mask"] = alone["input_ids"][:, pad:], alone["attention_mask"][:, pad:]
+            with torch.no_grad():
+                single = model(**alone).logits[:, -1]
+            assert all(torch.equal(v, kept_batched[b][k]) for k, v in vtoken.selection(model)[0].items())
+            assert torch.allclose(single, batched[b : b + 1], atol=1e-5)
