@@ -29,16 +29,20 @@ class VQAModel:
 
     @classmethod
     def load(cls, path: str) -> "VQAModel":
-        from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
+        from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
         model = LlavaForConditionalGeneration.from_pretrained(path).eval()
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        try:  # a saved LlavaProcessor holds both
+            processor = AutoProcessor.from_pretrained(path)
+            tokenizer, image_processor = processor.tokenizer, processor.image_processor
+        except (OSError, ValueError, AttributeError):
+            tokenizer, image_processor = AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path)
         tokenizer.padding_side = "left"
         vision = model.config.vision_config
         tokens = (vision.image_size // vision.patch_size) ** 2
         if model.config.vision_feature_select_strategy == "full":
             tokens += 1
-        return cls(model, tokenizer, AutoImageProcessor.from_pretrained(path), tokens)
+        return cls(model, tokenizer, image_processor, tokens)
 
     @property
     def grid(self) -> tuple[int, int, int]:
