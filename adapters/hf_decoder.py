@@ -186,9 +186,8 @@ class DecoderPruning:
             cache = getattr(output, "past_key_values", None) if output is not None else None
             if cache is not None:
                 cache._vtoken_run = run
-            run.prefill = False
+            run.end_prefill()
             self.pruner.last_run = run
-        run.stash.clear()
         run.group_kwargs = {}
         self.pruner.active = None
         return None

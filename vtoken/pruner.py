@@ -77,6 +77,17 @@ class PruneRun:
     def batch_size(self) -> int:
         return self.visual.batch_size
 
+    def end_prefill(self) -> None:
+        """Drop what only the prefill needed (layer inputs, observations, image features), so the
+        run that rides on the KV cache through decoding stays small."""
+        self.prefill = False
+        self.stash.clear()
+        self.observed.clear()
+        if self.image_run is not None:
+            images = self.image_run
+            images.observed.clear()
+            images.projector_table, images.output, images.features = None, None, []
+
     def group_for(self, layer: int) -> tuple[int, SequenceLayout]:
         current = self.groups[0]
         for first, layout in self.groups:
