@@ -102,14 +102,6 @@ class DecoderPruning:
             hook = partial(self._before_layer, index)
             undo.hook(self.layers[index].register_forward_pre_hook(hook, with_kwargs=True))
 
-    def validate(self) -> None:
-        for stage in self.pruner.stages_at("llm"):
-            if stage.layer >= len(self.layers):
-                raise ValueError(
-                    f"llm layer {stage.layer} does not exist: the LLM has {len(self.layers)} decoder layers "
-                    f"(0..{len(self.layers) - 1})"
-                )
-
     # --- hooks ----------------------------------------------------------------------------------
     def _before_lm(self, module, args, kwargs):
         run = self.pruner.active

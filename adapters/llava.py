@@ -83,7 +83,15 @@ class LlavaAdapter(Adapter):
         feature_layers = [feature_layers] if isinstance(feature_layers, int) else list(feature_layers)
         # hidden_states[j] is the output of encoder layer j-1; pruning must happen before the first one read.
         first_read = min(j % (num_vision + 1) for j in feature_layers)
+        decoder_layers = len(self.decoder_layers())
         for stage in stages:
+            if stage.site == "llm" and stage.layer >= decoder_layers:
+                raise ValueError(
+                    f"llm layer {stage.layer} does not exist: the LLM has {decoder_layers} decoder layers "
+                    f"(0..{decoder_layers - 1})"
+                )
+            if stage.site == "vision" and stage.layer >= num_vision:
+                raise ValueError(f"vision layer {stage.layer} does not exist: the vision encoder has {num_vision} layers")
             if stage.site == "vision":
                 if stage.layer + 1 >= first_read:
                     raise ValueError(
@@ -242,9 +250,7 @@ class LlavaAdapter(Adapter):
             undo.hook(self.vision_layers()[stage.layer].register_forward_hook(hook))
         if pruner.stages_at("vision"):
             undo.hook(self.projector().register_forward_hook(self._after_projector))
-        decoder = DecoderPruning(self.language_model(), pruner, self._pre_llm)
-        decoder.validate()
-        decoder.install(undo)
+        DecoderPruning(self.language_model(), pruner, self._pre_llm).install(undo)
 
     def _before_model(self, module, args, kwargs):
         pruner = self.pruner

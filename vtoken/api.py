@@ -77,7 +77,8 @@ def wrap(model: nn.Module, method: str | None = None, *, config=None, **options:
     strategy_cls = get_strategy(cfg.method)
     strategy = strategy_cls(cfg)
     adapter = adapter_cls(model)
-    adapter.validate(cfg.resolved_stages())
+    strategy.bind({"vision": len(adapter.vision_layers()), "llm": len(adapter.decoder_layers())})
+    adapter.validate(strategy.stages())
     pruner = Pruner(strategy)
     undo = UndoStack()
     try:

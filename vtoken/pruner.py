@@ -105,7 +105,7 @@ class Pruner:
     def __init__(self, strategy):
         self.strategy = strategy
         self.config: PruneConfig = strategy.config
-        self.stages: tuple[StageSpec, ...] = self.config.resolved_stages()
+        self.stages: tuple[StageSpec, ...] = strategy.stages()
         #: The request whose forward is running now (set by the adapter's outermost hook).
         self.active: PruneRun | None = None
         #: The most recent prefill, for ``vtoken.selection``.

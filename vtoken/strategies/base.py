@@ -32,12 +32,23 @@ class Strategy:
 
     def __init__(self, config: PruneConfig):
         self.config = config
+        #: Layer counts of the wrapped model (``{"vision": n, "llm": n}``), set by ``bind``.
+        self.depths: dict[str, int] = {}
         for stage in config.resolved_stages():
             if stage.site not in self.sites:
                 raise ValueError(
                     f"method {self.name!r} cannot prune at the {stage.site!r} site; "
                     f"it supports: {', '.join(self.sites)}"
                 )
+
+    def bind(self, depths: dict[str, int]) -> None:
+        """Called by ``wrap`` before validation with the model's layer counts, so a method whose
+        defaults are relative to depth (TransPrune's layers for a 32-layer LLM) can resolve them."""
+        self.depths = dict(depths)
+
+    def stages(self) -> tuple[StageSpec, ...]:
+        """The stages to run on the bound model; the config's by default."""
+        return self.config.resolved_stages()
 
     def observed_layers(self, site: str, num_layers: int) -> list[int]:
         """Layers of ``site`` (``"vision"`` or ``"llm"``) whose inputs and outputs ``observe`` should
