@@ -29,8 +29,8 @@ from transformers.models.llava_next import modeling_llava_next as next_modeling
 from .base import Adapter, ImageInfo, UndoStack, VisualLayout
 from .hf_decoder import DecoderPruning
 from .observe import observe_layer
-from vtoken.context import Grid
-from vtoken.kernels import gather_tokens
+from vtoken.context import Grid, VisionAttention
+from vtoken.kernels import attention_rows, gather_tokens, received_attention
 from vtoken.pruner import ImageRun, Pruner, PruneRun
 
 _NEXT_CLASSES = (next_modeling.LlavaNextForConditionalGeneration, next_modeling.LlavaNextModel)
@@ -218,12 +218,17 @@ class LlavaAdapter(Adapter):
     def install(self, pruner: Pruner, undo: UndoStack) -> None:
         self.pruner = pruner
         encode = self.core.get_image_features
+        # Strategies that read the encoder itself (VFlowOpt): one layer's attention, the pixels.
+        attention_layers = pruner.strategy.vision_attention_layers(len(self.vision_layers()))
+        reads_encoder = bool(attention_layers) or pruner.strategy.needs_pixel_patches
 
         @functools.wraps(encode)  # keeps the signature generate() inspects
         def get_image_features(*args, **kwargs):
             bound = inspect.signature(encode).bind(*args, **kwargs)
             images = self.image_infos(bound.arguments["pixel_values"], bound.arguments.get("image_sizes"))
             run = ImageRun(images, self.candidate_local(images), pruner.config)
+            if reads_encoder:
+                run.vision_source = _VisionSource(self, bound.arguments["pixel_values"], images)
             pruner.encoding = run
             try:
                 output = encode(*args, **kwargs)
@@ -245,12 +250,16 @@ class LlavaAdapter(Adapter):
             )
         if strategy.needs_projector_input:
             undo.hook(self.projector().register_forward_pre_hook(self._before_projector))
+        for layer in attention_layers:
+            hook = partial(self._vision_attention_input, layer)
+            undo.hook(self.vision_layers()[layer].self_attn.register_forward_pre_hook(hook, with_kwargs=True))
         for stage in pruner.stages_at("vision"):
             hook = partial(self._after_vision_layer, stage)
             undo.hook(self.vision_layers()[stage.layer].register_forward_hook(hook))
         if pruner.stages_at("vision"):
             undo.hook(self.projector().register_forward_hook(self._after_projector))
-        DecoderPruning(self.language_model(), pruner, self._pre_llm).install(undo)
+        head = getattr(self.model, "lm_head", None)  # absent on a bare LlavaModel
+        DecoderPruning(self.language_model(), pruner, self._pre_llm, head=head).install(undo)
 
     def _before_model(self, module, args, kwargs):
         pruner = self.pruner
@@ -326,6 +335,14 @@ class LlavaAdapter(Adapter):
         summary = self.pruner.strategy.observe("vision", layer, io, valid)
         images.observed[layer] = (summary, images.vision_positions, int(self.has_cls))
 
+    def _vision_attention_input(self, layer, module, args, kwargs):
+        """Keep what vision ``layer``'s attention takes in (the normed hidden states), to recompute
+        its queries and keys when the strategy asks (``_VisionSource.attention``)."""
+        images = self.pruner.encoding
+        if images is not None and images.vision_source is not None:
+            images.vision_source.inputs[layer] = args[0] if args else kwargs["hidden_states"]
+        return None
+
     def _before_projector(self, module, args):
         """Keep every crop token's projector input, in its grid place (ZOO-Prune perturbs them)."""
         images = self.pruner.encoding
@@ -368,3 +385,57 @@ class LlavaAdapter(Adapter):
         for stage in pruner.stages_at("projector"):
             layout, embeds = pruner.run_sequence_stage(run, stage, layout, embeds, projector=projector)
         return layout, embeds
+
+
+class _VisionSource:
+    """What a strategy may read from one call of the vision encoder (``ScoreContext.vision_attention``
+    and ``pixel_patches``): a chosen layer's self-attention, recomputed beside SDPA from the layer's
+    input, and the pixels behind every patch token, crop by crop in encoder order."""
+
+    def __init__(self, adapter: LlavaAdapter, pixel_values: torch.Tensor, images: list):
+        self.adapter = adapter
+        self.pixel_values = pixel_values
+        self.crops_per_image = [len(image.crops) for image in images]
+        #: Vision layer -> the input of its attention ``[C, T, D]`` (set by a hook during encoding).
+        self.inputs: dict[int, torch.Tensor] = {}
+
+    def attention(self, layer: int) -> VisionAttention:
+        adapter = self.adapter
+        if layer not in self.inputs:
+            raise ValueError(f"vision layer {layer}'s attention was not recorded; list it in vision_attention_layers()")
+        x = self.inputs[layer]
+        first, patches = int(adapter.has_cls), adapter.grid_side**2
+        if x.shape[1] != first + patches:
+            raise ValueError(
+                f"vision layer {layer} saw {x.shape[1]} tokens per crop, not the full {first + patches}; "
+                "its attention map needs every patch (no vision-site pruning before it)"
+            )
+        attn = adapter.vision_layers()[layer].self_attn
+        crops, tokens, _ = x.shape
+        head_dim = attn.head_dim
+        scaling = getattr(attn, "scale", None) or attn.scaling
+        with torch.no_grad():
+            q = attn.q_proj(x).view(crops, tokens, -1, head_dim).transpose(1, 2)
+            k = attn.k_proj(x).view(crops, tokens, -1, head_dim).transpose(1, 2)
+            received = received_attention(q[:, :, first:], k, scaling)[:, first:] / patches
+
+        def rows(index: torch.Tensor) -> torch.Tensor:
+            index = index.to(q.device)
+            picked = torch.gather(q, 2, (first + index.clamp(min=0))[:, None, :, None].expand(-1, q.shape[1], -1, head_dim))
+            with torch.no_grad():
+                probs = attention_rows(picked, k, scaling).mean(dim=1)[..., first:]
+            return probs * (index >= 0)[..., None].to(probs.dtype)
+
+        return VisionAttention(received=received, rows=rows)
+
+    def pixel_patches(self) -> torch.Tensor:
+        """``[C, P, channels, p, p]``: the (normalised) pixel values behind each crop's patch tokens,
+        in the row-major order of the encoder's patch embedding."""
+        pixels = self.pixel_values
+        if pixels.dim() == 5:  # LLaVA-NeXT: [images, max crops, ...], padded past each image's crops
+            pixels = torch.cat([p[:n] for p, n in zip(pixels, self.crops_per_image)])
+        size = self.adapter.config.vision_config.patch_size
+        crops, channels = pixels.shape[:2]
+        side = self.adapter.grid_side
+        cut = pixels[:, :, : side * size, : side * size].unfold(2, size, size).unfold(3, size, size)
+        return cut.permute(0, 2, 3, 1, 4, 5).reshape(crops, side * side, channels, size, size)

@@ -61,7 +61,7 @@ N_PATCHES = (IMAGE_SIZE // PATCH_SIZE) ** 2  # 144 visual tokens per image
 # ----------------------------------------------------------------------------- model
 
 def build_model(tokenizer, vision_hidden=96, vision_layers=4, text_hidden=192, text_layers=4,
-                seed=0):
+                seed=0, text_heads=None):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     torch.manual_seed(seed)
@@ -72,8 +72,8 @@ def build_model(tokenizer, vision_hidden=96, vision_layers=4, text_hidden=192, t
         hidden_act="gelu")
     text = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=text_hidden, intermediate_size=int(text_hidden * 8 / 3) // 16 * 16,
-        num_hidden_layers=text_layers, num_attention_heads=max(1, text_hidden // 32),
-        num_key_value_heads=max(1, text_hidden // 32), max_position_embeddings=512,
+        num_hidden_layers=text_layers, num_attention_heads=text_heads or max(1, text_hidden // 32),
+        num_key_value_heads=text_heads or max(1, text_hidden // 32), max_position_embeddings=512,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False, rope_theta=10000.0)
     config = LlavaConfig(
@@ -126,16 +126,18 @@ def build_processor(tokenizer):
                           image_token=IMAGE)
 
 
-def vision_features(model, pixel_values):
+def vision_features(model, pixel_values, with_hidden=False):
     """Projected visual tokens (B, 144, D), same as ``model.model.get_image_features`` with
-    ``vision_feature_layer=-2`` but without running the (unused) last vision layer."""
+    ``vision_feature_layer=-2`` but without running the (unused) last vision layer.  With
+    ``with_hidden`` also the selected vision hidden states (B, 144, vision hidden)."""
     vm = _vision_model(model)
     h = vm.pre_layrnorm(vm.embeddings(pixel_values))
     for layer in vm.encoder.layers[:-1]:
         h = layer(h, None)
         if isinstance(h, tuple):
             h = h[0]
-    return model.model.multi_modal_projector(h[:, 1:])
+    proj = model.model.multi_modal_projector(h[:, 1:])
+    return (proj, h[:, 1:]) if with_hidden else proj
 
 
 # ------------------------------------------------------------------------------- data
@@ -235,17 +237,24 @@ class Stream:
         self.index = start
         self.simple_index = start
         self.p_simple, self.max_objects = 0.0, 6
+        self.focus = False
         self.block = 10 ** 9
         self.plan: list[str] = []
         self.k = Counter()
         self.rng = random.Random(rng_seed)
 
     def next(self):
+        if self.focus:
+            # Locating warm-up: 2-3 object scenes asked only which colour / shape a named object has.
+            image, items = simple_scene(self.split, self.seed, self.simple_index, self.rng.randint(2, 3))
+            self.simple_index += 1
+            extra = extra_questions(items, self.rng)
+            return image, self._sample([], set(), {"attribute": extra["attribute"]} if extra.get("attribute") else extra), items
         if self.p_simple > 0 and self.rng.random() < self.p_simple:
             image, items = simple_scene(self.split, self.seed, self.simple_index,
                                         self.rng.randint(1, self.max_objects))
             self.simple_index += 1
-            return image, self._sample([], set(), extra_questions(items, self.rng))
+            return image, self._sample([], set(), extra_questions(items, self.rng)), items
         if self.index >= len(self.plan):
             self.plan = D._family_plan(self.split, self.index + 5000, self.seed, D.FAMILIES)
         family = self.plan[self.index]
@@ -253,7 +262,7 @@ class Stream:
         self.k[family] += 1
         self.index += 1
         qa = [(q["question"], q["answer"])]
-        return image, self._sample(qa, {q["question"]}, extra_questions(items, self.rng))
+        return image, self._sample(qa, {q["question"]}, extra_questions(items, self.rng)), items
 
     def _sample(self, qa, seen, extra):
         fams = [f for f in D.FAMILIES if extra.get(f)]
@@ -266,6 +275,38 @@ class Stream:
                 seen.add(question)
                 qa.append((question, answer))
         return qa
+
+
+COLOUR_IDS = {c: i + 1 for i, c in enumerate(D.COLOURS)}
+SHAPE_IDS = {c: i + 1 for i, c in enumerate(D.SHAPES)}
+CHAR_IDS = {c: i + 1 for i, c in enumerate(D.GLYPHS)}
+AUX_SIZES = (len(COLOUR_IDS) + 1, len(SHAPE_IDS) + 1, len(CHAR_IDS) + 1)
+
+
+def patch_labels(items) -> torch.Tensor:
+    """(3, 144) per-patch labels of a scene -- colour, shape, printed character (0 = none) of
+    the object covering most of the patch (> 25% of its area; a tag marks its best patch).
+
+    Used only by the auxiliary dense loss on the vision tower's selected features (a linear
+    probe head that is not part of the saved model); answers and attention are not touched."""
+    side = IMAGE_SIZE // PATCH_SIZE
+    edges = np.arange(side + 1) * PATCH_SIZE
+    best = np.zeros((side, side))
+    lab = np.zeros((3, side, side), dtype=np.int64)
+    for it in items:
+        x0, y0, x1, y1 = it["box"]
+        ox = np.clip(np.minimum(edges[1:], x1) - np.maximum(edges[:-1], x0), 0, None)
+        oy = np.clip(np.minimum(edges[1:], y1) - np.maximum(edges[:-1], y0), 0, None)
+        frac = np.outer(oy, ox) / PATCH_SIZE ** 2
+        hit = (frac > 0.25) & (frac > best)
+        if it["kind"] == "tag" and not hit.any():
+            hit = frac == frac.max()
+        best = np.where(hit, frac, best)
+        if it["kind"] == "tag":
+            lab[:, hit] = np.array([0, 0, CHAR_IDS[it["char"]]])[:, None]
+        else:
+            lab[:, hit] = np.array([COLOUR_IDS[it["colour"]], SHAPE_IDS[it["shape"]], 0])[:, None]
+    return torch.from_numpy(lab.reshape(3, -1))
 
 
 class Packer:
@@ -332,9 +373,9 @@ class Packer:
                 "targets": torch.tensor(tgt), "is_answer": torch.tensor(is_ans)}
 
 
-def packed_logits(model, batch):
-    """Logits (N, V) at the target positions of a packed batch."""
-    feats = vision_features(model, batch["pixel_values"])
+def packed_logits(model, batch, with_hidden=False):
+    """Logits (N, V) at the target positions of a packed batch (and the vision hidden states)."""
+    feats, hidden = vision_features(model, batch["pixel_values"], with_hidden=True)
     lm = model.model.language_model
     ids = batch["input_ids"]
     emb = lm.embed_tokens(ids)
@@ -342,7 +383,8 @@ def packed_logits(model, batch):
     emb = emb.masked_scatter(img[..., None], feats.to(emb.dtype).reshape(-1, feats.shape[-1]))
     out = lm(inputs_embeds=emb, attention_mask=batch["mask"], position_ids=batch["position_ids"], use_cache=False)
     h = out.last_hidden_state[batch["rows"], batch["cols"]]
-    return model.lm_head(h)
+    logits = model.lm_head(h)
+    return (logits, hidden) if with_hidden else logits
 
 
 # ------------------------------------------------------------------------- evaluation
@@ -393,10 +435,15 @@ def main(argv=None):
     ap.add_argument("--vision-layers", type=int, default=4)
     ap.add_argument("--text-hidden", type=int, default=192)
     ap.add_argument("--text-layers", type=int, default=4)
+    ap.add_argument("--text-heads", type=int, default=None, help="LLM attention heads (default: hidden / 32)")
     ap.add_argument("--curriculum-steps", type=int, default=0,
                     help="anneal simple scenes over this many steps (0: no curriculum)")
+    ap.add_argument("--focus-steps", type=int, default=0,
+                    help="first steps on 2-3 object scenes with attribute questions only (locating warm-up)")
     ap.add_argument("--simple-start", type=float, default=0.8, help="share of simple scenes at step 0")
     ap.add_argument("--simple-end", type=float, default=0.3, help="share of simple scenes after the curriculum")
+    ap.add_argument("--aux-weight", type=float, default=1.0,
+                    help="weight of the auxiliary per-patch colour/shape/character loss on the vision tower")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast for forward/backward")
     ap.add_argument("--time-limit", type=float, default=0, help="stop after this many minutes (0: none)")
     ap.add_argument("--init", default=None, help="resume weights from a saved model dir")
@@ -415,14 +462,15 @@ def main(argv=None):
         model = LlavaForConditionalGeneration.from_pretrained(args.init)
     else:
         model = build_model(tokenizer, args.vision_hidden, args.vision_layers, args.text_hidden,
-                            args.text_layers, args.seed)
+                            args.text_layers, args.seed, args.text_heads)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"params {n_params / 1e6:.2f}M; args {vars(args)}", flush=True)
     packer = Packer(tokenizer, processor.image_processor)
     val = D.generate("validation", args.val_n, seed=args.data_seed, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE)
     stream = Stream("train", args.data_seed, args.questions, start=args.start_index, rng_seed=args.seed)
 
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    aux_head = torch.nn.Linear(model.config.vision_config.hidden_size, sum(AUX_SIZES))
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n] + list(aux_head.parameters())
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
@@ -435,24 +483,33 @@ def main(argv=None):
 
     out = Path(args.out)
     best, t0 = -1.0, time.time()
-    run_loss, run_acc, run_n = 0.0, 0.0, 0
+    run_loss, run_acc, run_aux, run_n = 0.0, 0.0, 0.0, 0
     model.train()
     for step in range(1, args.steps + 1):
         for g in opt.param_groups:
             g["lr"] = lr_at(step - 1)
+        stream.focus = step <= args.focus_steps
         if args.curriculum_steps:
-            t = min(1.0, (step - 1) / args.curriculum_steps)
+            t = min(1.0, max(0, step - 1 - args.focus_steps) / args.curriculum_steps)
             stream.p_simple = args.simple_start + (args.simple_end - args.simple_start) * t
             stream.max_objects = 1 + round(6 * t)
-        images, qas = zip(*(stream.next() for _ in range(args.batch_size)))
+        images, qas, items = zip(*(stream.next() for _ in range(args.batch_size)))
         batch = packer.batch(list(images), list(qas))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            logits = packed_logits(model, batch)
+            logits, hidden = packed_logits(model, batch, with_hidden=True)
         logits = logits.float()
         loss = F.cross_entropy(logits, batch["targets"])
+        aux_loss = torch.zeros(())
+        if args.aux_weight > 0:
+            labels = torch.stack([patch_labels(it) for it in items])  # B, 3, 144
+            parts = aux_head(hidden.float()).split(AUX_SIZES, dim=-1)
+            aux_loss = sum(F.cross_entropy(p.reshape(-1, p.shape[-1]), labels[:, i].reshape(-1))
+                           for i, p in enumerate(parts)) / 3
+            run_aux += aux_loss.item()
+        total = loss + args.aux_weight * aux_loss
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(aux_head.parameters()), 1.0)
         opt.step()
         with torch.no_grad():
             ans = batch["is_answer"]
@@ -460,10 +517,10 @@ def main(argv=None):
         run_loss += loss.item(); run_n += 1
         if step % args.log_every == 0:
             el = time.time() - t0
-            print(f"step {step} loss {run_loss / run_n:.4f} train-answer-acc {run_acc / run_n:.3f} "
+            print(f"step {step} loss {run_loss / run_n:.4f} aux {run_aux / run_n:.4f} train-answer-acc {run_acc / run_n:.3f} "
                   f"lr {lr_at(step - 1):.2e} images {stream.index}+{stream.simple_index - args.start_index} "
                   f"max-objects {stream.max_objects} elapsed {el / 60:.1f}m", flush=True)
-            run_loss, run_acc, run_n = 0.0, 0.0, 0
+            run_loss, run_acc, run_aux, run_n = 0.0, 0.0, 0.0, 0
         last = step == args.steps or (args.time_limit and time.time() - t0 > args.time_limit * 60)
         if step % args.eval_every == 0 or last:
             acc, fam = val_accuracy(model, packer, val)

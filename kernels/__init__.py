@@ -4,6 +4,6 @@ Every public function here takes tensors and returns tensors; which implementati
 call (a CUDA tensor and an importable Triton pick the Triton kernel), never at import time.
 """
 
-from .reference import attention_rows, compact_index, gather_tokens, masked_topk
+from .reference import attention_rows, compact_index, gather_tokens, masked_topk, received_attention
 
-__all__ = ["attention_rows", "compact_index", "gather_tokens", "masked_topk"]
+__all__ = ["attention_rows", "compact_index", "gather_tokens", "masked_topk", "received_attention"]

@@ -44,6 +44,33 @@ def attention_rows(
     return torch.softmax(scores, dim=-1)
 
 
+def received_attention(
+    query: torch.Tensor, key: torch.Tensor, scaling: float, chunk: int | None = None
+) -> torch.Tensor:
+    """Attention each key receives, summed over the query rows and averaged over heads.
+
+    Bidirectional (unmasked) softmax attention as in a vision encoder: for ``query`` ``[B, H, Q, D]``
+    and ``key`` ``[B, H_kv, N, D]`` (``H % H_kv == 0``) it returns ``[B, N]`` float32
+    ``sum_q mean_h softmax(q k^T * scaling)[h, q, n]``. Each softmax runs over all N keys; the query
+    rows are processed ``chunk`` at a time (default: enough rows for about 16M scores), and the sums
+    accumulate chunk by chunk, so memory is O(B * H * chunk * N): no Q x N map exists at once.
+    """
+    batch, heads, rows, head_dim = query.shape
+    kv_heads, keys = key.shape[1], key.shape[2]
+    if heads % kv_heads:
+        raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} key heads")
+    group = heads // kv_heads
+    if chunk is None:
+        chunk = max(1, (1 << 24) // max(1, batch * heads * keys))
+    k_t = key.float().transpose(-1, -2)
+    total = torch.zeros(batch, keys, dtype=torch.float32, device=query.device)
+    for start in range(0, rows, chunk):
+        q = query[:, :, start : start + chunk].float()
+        q = q.reshape(batch, kv_heads, group * q.shape[2], head_dim)
+        total += torch.softmax(torch.matmul(q, k_t) * scaling, dim=-1).sum(dim=(1, 2))
+    return total / heads
+
+
 def compact_index(keep: torch.Tensor) -> torch.Tensor:
     """Indices that pack the kept slots of each row to the right, left-padded with -1.
 

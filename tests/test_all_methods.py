@@ -53,23 +53,37 @@ def test_budget_is_met_exactly(method):
 @pytest.mark.parametrize("method", METHODS)
 def test_cached_generation_equals_recomputation(method, name):
     model, x = _model(name)
+    # A random tiny model may prefer the image placeholder as its next word; a real one never
+    # emits it, and a prompt with one placeholder too many has no features to fill it.
+    suppress = [model.config.image_token_id]
     with vtoken.pruned(model, method, keep=0.4):
-        cached = model.generate(**x, max_new_tokens=5, do_sample=False)
+        cached = model.generate(**x, max_new_tokens=5, do_sample=False, suppress_tokens=suppress)
         config = vtoken.config_of(model)
+        strategy = vtoken.strategy_of(model)
+        bound_stages = strategy.stages()  # depth-relative defaults resolved
+        mask_stage = strategy.mask_stage()
         selection = vtoken.selection(model)
-    llm_stages = [s for s in config.resolved_stages() if s.site == "llm"]
-    if llm_stages and not _merges(method):
+    llm_stages = [s for s in bound_stages if s.site == "llm"]
+    if mask_stage is not None:
+        # A mask stage (AIF) hides tokens from the text instead of dropping them, and decides from
+        # the text after the image, which grows when recomputing: replay its choice as a mask.
+        from test_aif import _ReplayMask
+
+        _ReplayMask.plan = {b: sel[mask_stage.name].tolist() for b, sel in enumerate(selection)}
+        with vtoken.pruned(model, "_test_replay_mask", keep=0.4, layer=mask_stage.layer):
+            uncached = greedy_without_cache(model, x, 5, suppress)
+    elif llm_stages and not _merges(method):
         # Scores inside the LLM may read the whole prompt (FastV's last token), which grows when
         # recomputing: replay the prefill's choice (see test_llava_spine's replay strategy).
         from test_llava_spine import _ReplayStrategy
 
-        stages = [dict(site=s.site, layer=s.layer, keep=s.keep, keep_tokens=s.keep_tokens) for s in config.resolved_stages()]
-        _ReplayStrategy.plan = {s.name: {b: sel[s.name].tolist() for b, sel in enumerate(selection)} for s in config.resolved_stages()}
+        stages = [dict(site=s.site, layer=s.layer, keep=s.keep, keep_tokens=s.keep_tokens) for s in bound_stages]
+        _ReplayStrategy.plan = {s.name: {b: sel[s.name].tolist() for b, sel in enumerate(selection)} for s in bound_stages}
         with vtoken.pruned(model, "_test_replay", stages=stages, positions=config.positions):
-            uncached = greedy_without_cache(model, x, 5)
+            uncached = greedy_without_cache(model, x, 5, suppress)
     else:
         with vtoken.pruned(model, method, keep=0.4):
-            uncached = greedy_without_cache(model, x, 5)
+            uncached = greedy_without_cache(model, x, 5, suppress)
     assert torch.equal(uncached, cached)
 
 

@@ -57,3 +57,18 @@ def test_bench_reports_accuracy_rows(vqa_dir):
     assert [(r.method, r.budget) for r in rows] == [("none", "1"), ("random", "1/9"), ("oracle", "1/9")]
     assert rows[2].recall > rows[1].recall and rows[2].kept_tokens == 16
     assert all(r.accuracy is not None and set(r.families) for r in rows)
+
+
+def test_oracle_gap_summary_places_methods_between_random_and_oracle():
+    from vtoken.bench import BenchRow, oracle_gap_summary
+
+    def row(method, budget, accuracy):
+        return BenchRow(method, budget, "projector", 16, 144, 1.0, 1.0, 8, 0.0, 0.0, accuracy=accuracy)
+
+    rows = [row("none", "1", 0.9), row("oracle", "1/9", 0.8), row("random", "1/9", 0.5),
+            row("fastv", "1/9", 0.6), row("pool", "1/9", 0.4), row("oracle", "1/3", 0.85), row("random", "1/3", 0.8)]
+    text = oracle_gap_summary(rows)
+    assert "budget 1/9: oracle 80.0, random 50.0: gap +30.0 points (meets" in text
+    assert "fastv 0.33, pool -0.33" in text
+    assert "budget 1/3: oracle 85.0, random 80.0: gap +5.0 points (misses" in text
+    assert oracle_gap_summary(rows[:1]) == ""

@@ -123,16 +123,20 @@ def llava_next_inputs(model, image_sizes=((32, 64), (64, 64), (64, 40)), seed: i
     }
 
 
-def greedy_without_cache(model, x, steps):
+def greedy_without_cache(model, x, steps, suppress=()):
     """Greedy decoding that recomputes the whole sequence every step (no KV cache), padding a
-    finished sample with the pad token as generate() does."""
+    finished sample with the pad token as generate() does; ``suppress`` lists token ids never
+    generated (``generate(suppress_tokens=...)``)."""
     ids, mask = x["input_ids"], x["attention_mask"]
     extra = {k: v for k, v in x.items() if k not in ("input_ids", "attention_mask")}
     config = model.generation_config
     finished = torch.zeros(ids.shape[0], dtype=torch.bool)
     for _ in range(steps):
         with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False, **extra).logits[:, -1]
+            out = model(input_ids=ids, attention_mask=mask, use_cache=False, **extra)
+        assert out.past_key_values is None  # nothing a wrapped model caches internally leaks out
+        logits = out.logits[:, -1]
+        logits[:, list(suppress)] = float("-inf")
         token = torch.where(finished, config.pad_token_id, logits.argmax(-1))
         finished |= token == config.eos_token_id
         ids = torch.cat([ids, token[:, None]], dim=1)

@@ -23,6 +23,7 @@ from vtoken.api import (
 from vtoken.accounting import FlopsReport, flops, kv_cache_bytes
 from vtoken.config import PruneConfig, StageSpec
 from vtoken.schedule import Schedule, ScoringCost, Stage
+from vtoken.tuning import tune
 
 __version__ = "0.1.0"
 
@@ -34,7 +35,16 @@ def show(model, image, path, sample: int = 0):
     return _show(model, image, path, sample=sample)
 
 
+def train_projector(model, data, **options):
+    """Train a TokenPacker projector for ``model`` (see :func:`vtoken.packer_training.train_projector`)."""
+    from vtoken.packer_training import train_projector as _train
+
+    return _train(model, data, **options)
+
+
 __all__ = [
     "wrap", "unwrap", "pruned", "methods", "selection", "show", "save_config", "load", "config_of",
     "strategy_of", "is_wrapped", "schedule_of", "flops", "kv_cache_bytes", "FlopsReport", "PruneConfig", "StageSpec", "Schedule", "ScoringCost", "Stage",
 ]
+__all__ += ["train_projector"]
+__all__ += ["tune"]

@@ -664,6 +664,10 @@ def _describe_cost(cost: ScoringCost) -> str:
         return f"{cost.kind.split('_')[0]} L{cost.layer} {cost.rows} rows"
     if cost.kind == "projector_passes":
         return f"projector ×{cost.passes}"
+    if cost.kind == "vision_attention_map":
+        return f"vision L{cost.layer} attention map"
+    if cost.kind.endswith("token_matching"):
+        return f"{cost.kind.split('_')[0]} L{cost.layer} matching"
     return f"{cost.flops:.3g} FLOPs"
 
 
@@ -704,7 +708,7 @@ def _check_schedule(schedule: Schedule, dims: ModelDims, geo: Geometry) -> None:
             raise ValueError(f"{stage} keeps more than the {limit} tokens available at that site")
         _check_layer(stage, stage.site == "vision", stage.layer, dims)
     for cost in schedule.scoring:
-        if cost.kind.endswith("attention_rows"):
+        if cost.kind.endswith(("attention_rows", "token_matching", "attention_map", "rerun_rows")):
             _check_layer(cost, cost.kind.startswith("vision"), cost.layer, dims)
 
 
@@ -798,6 +802,13 @@ def _scoring_cost_flops(cost: ScoringCost, dims: ModelDims, schedule: Schedule, 
       n tokens (CLS included) of that layer.
     - ``projector_passes``: passes × the projector over its input tokens (all patch features, or
       those kept by a vision-site stage; a projector-site stage comes after it).
+    - ``vision_token_matching`` / ``llm_token_matching`` at layer l: the similarities of ToMe
+      bipartite matching repeated from the tokens entering the stage at (site, l) down to its count
+      (``bipartite_matching_flops``), per crop (width D) or per sample (width d).
+    - ``vision_attention_map`` at vision layer l, per crop: q and k projections of the n tokens
+      (CLS included) 4·n·D² and every score 2·n²·D.
+    - ``llm_rerun_rows`` from layer l: ``decoder_layer_flops`` of r queries over the n tokens of
+      each layer >= l (prompt text and that layer's visual tokens).
     - ``flops``: the given count.
     """
     if cost.kind == "llm_attention_rows":
@@ -810,8 +821,26 @@ def _scoring_cost_flops(cost: ScoringCost, dims: ModelDims, schedule: Schedule, 
         keys = _patches_at(schedule, geo, cost.layer) + v.cls_tokens
         per_crop = 2 * cost.rows * v.hidden**2 + 2 * keys * v.hidden**2 + 2 * cost.rows * keys * v.hidden
         return geo.crops * per_crop
+    if cost.kind == "vision_attention_map":
+        v = dims.vision
+        n = _patches_at(schedule, geo, cost.layer) + v.cls_tokens
+        return geo.crops * (4 * n * v.hidden**2 + 2 * n * n * v.hidden)
     if cost.kind == "projector_passes":
         return cost.passes * projector_flops(dims.projector, _projector_tokens(dims, schedule, geo))
+    if cost.kind in ("vision_token_matching", "llm_token_matching"):
+        site = cost.kind.split("_")[0]
+        stage = next((s for s in schedule.stages if s.site == site and s.layer == cost.layer), None)
+        if stage is None:
+            raise ValueError(f"{cost}: the schedule has no {site} stage at layer {cost.layer} to match tokens for")
+        if site == "vision":
+            tokens = _patches_at(schedule, geo, cost.layer)
+            return geo.crops * bipartite_matching_flops(tokens, stage.keep_tokens, dims.vision.hidden)
+        tokens = layer_visual[cost.layer - 1] if cost.layer > 0 else _pre_llm_visual(dims, schedule, geo)
+        return bipartite_matching_flops(tokens, stage.keep_tokens, dims.decoder.hidden)
+    if cost.kind == "llm_rerun_rows":
+        d = dims.decoder
+        return sum(decoder_layer_flops(d, cost.rows, text_tokens + layer_visual[layer])
+                   for layer in range(cost.layer, d.layers))
     if cost.kind == "flops":
         return int(cost.flops)
     raise ValueError(f"unknown scoring kind {cost.kind!r}")
@@ -860,6 +889,18 @@ def _report(dims: ModelDims, geo: Geometry, schedule: Schedule, text_tokens: int
         notes=tuple(schedule.notes),
         **parts,
     )
+
+
+def bipartite_matching_flops(tokens: int, target: int, dim: int) -> int:
+    """FLOPs of ToMe bipartite soft matching repeated from ``tokens`` down to ``target`` tokens of
+    width ``dim``: a round on m tokens compares its ceil(m/2) A tokens with its floor(m/2) B tokens
+    (2·a·b·dim) and merges min(m - target, a) of them."""
+    total, count = 0, tokens
+    while count > target:
+        a, b = (count + 1) // 2, count // 2
+        total += 2 * a * b * dim
+        count -= min(count - target, a)
+    return total
 
 
 def _mean_decode_layer(d: DecoderDims, cached: int, steps: int) -> float:

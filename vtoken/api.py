@@ -185,6 +185,8 @@ def schedule_of(model: nn.Module, visual_tokens: int | None = None) -> Schedule:
             kept = spec.budget(tokens)
         stages.append(Stage(spec.site, kept, spec.layer))
         scoring.extend(state.strategy.scoring_cost(spec))
+    if state.pruner.mask is not None:  # a mask stage (AIF) removes nothing but still costs its scoring
+        scoring.extend(state.strategy.scoring_cost(state.pruner.mask))
     return Schedule(tuple(stages), tuple(scoring), visual_tokens=tokens, vision_tokens=vision_tokens)
 
 

@@ -120,23 +120,40 @@ class BenchRow:
     samples: int = 0
 
 
-def _flops(model, schedule) -> tuple[float, float, float]:
-    """This model's prefill TFLOPs, the layer-mean visual tokens, and LLaVA-1.5-7B's TFLOPs under the
-    same schedule scaled to its 576 tokens (64 text tokens), in the true convention."""
+LLAVA_7B = "llava-hf/llava-1.5-7b-hf"
+
+
+def _flops(model, schedule, method: str | None = None, option: dict | None = None) -> tuple[float, float, float]:
+    """This model's prefill TFLOPs, the layer-mean visual tokens, and LLaVA-1.5-7B's TFLOPs for the
+    same method and budget (64 text tokens), in the true convention. The 7B schedule comes from
+    wrapping a weightless LLaVA-1.5-7B with the method, so depth-relative defaults (TransPrune's
+    layers) resolve for 32 layers rather than being copied from the small model."""
     own = flops(model, schedule=schedule, text_tokens=32)
-    paper = flops("llava-hf/llava-1.5-7b-hf", schedule=_scaled(schedule, 576), text_tokens=64)
-    return own.prefill / 1e12, own.mean_visual_tokens, paper.prefill / 1e12
+    try:
+        seven_b = flops(LLAVA_7B, schedule=llava_7b_schedule(method, option), text_tokens=64).prefill / 1e12
+    except ValueError:  # e.g. a trained method whose weights fit the small model only
+        seven_b = float("nan")
+    return own.prefill / 1e12, own.mean_visual_tokens, seven_b
 
 
-def _scaled(schedule, visual: int):
-    """The same schedule on a model with ``visual`` tokens per image (for the LLaVA-1.5-7B projection)."""
-    from vtoken.schedule import Schedule, Stage
+_META_7B = {}
 
-    if schedule is None:
+
+def llava_7b_schedule(method: str | None, option: dict | None):
+    """The schedule ``method`` with ``option`` (a budget) has on LLaVA-1.5-7B (576 visual tokens),
+    read from a wrapped meta-device model built from the shipped config; ``None`` when unpruned."""
+    if method is None:
         return None
-    ratio = visual / schedule.visual_tokens
-    stages = tuple(Stage(s.site, max(1, round(s.keep_tokens * ratio)), s.layer) for s in schedule.stages)
-    return Schedule(stages, schedule.scoring, visual_tokens=visual)
+    if "model" not in _META_7B:
+        from transformers import LlavaForConditionalGeneration
+
+        from vtoken.accounting import load_config
+
+        with torch.device("meta"):
+            _META_7B["model"] = LlavaForConditionalGeneration(load_config(LLAVA_7B)).eval()
+    meta = _META_7B["model"]
+    with vtoken.pruned(meta, method, **(option or {})):
+        return vtoken.schedule_of(meta, visual_tokens=576)
 
 
 def _points(methods, budgets):
@@ -170,8 +187,10 @@ def run(
         _annotate(model, vqa, records[:count] if records else None)
         return _median_ms(model, inputs, repeats)
 
-    def measure(name, text, site, schedule, base=None) -> BenchRow:
-        own, kept, paper = _flops(model, schedule)
+    def measure(name, text, site, schedule, base=None, option=None) -> BenchRow:
+        if option and "keep_tokens" in option:  # a count on this model is the same share of 576
+            option = {"keep": option["keep_tokens"] / visual}
+        own, kept, paper = _flops(model, schedule, None if name == "none" else name, option)
         row = BenchRow(name, text, site, kept, visual, timed(one, 1), timed(many, batch), batch, own, paper)
         if records is not None:
             from vtoken.vqa.evaluate import evaluate
@@ -193,7 +212,7 @@ def run(
                 model(**one)
             site = ",".join(vtoken.selection(model)[0])
             schedule = vtoken.schedule_of(model, visual_tokens=visual)
-            rows.append(measure(name, text, site, schedule, base))
+            rows.append(measure(name, text, site, schedule, base, option))
     return rows
 
 
@@ -249,6 +268,33 @@ def to_markdown(rows: list[BenchRow]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def oracle_gap_summary(rows: list[BenchRow]) -> str:
+    """Per budget: how far ``oracle`` beats ``random`` (the benchmark's test of itself: a good
+    benchmark shows at least 15 points at 1/9), and where each method lands between them
+    (0 = random, 1 = oracle). Empty without accuracy or without both reference rows."""
+    by = {(r.method, r.budget): r for r in rows if r.accuracy is not None}
+    lines = []
+    for budget in dict.fromkeys(r.budget for r in rows if r.method == "oracle"):
+        oracle, random = by.get(("oracle", budget)), by.get(("random", budget))
+        if oracle is None or random is None:
+            continue
+        gap = 100 * (oracle.accuracy - random.accuracy)
+        verdict = "meets" if gap >= 15 else "misses"
+        lines.append(f"- budget {budget}: oracle {100 * oracle.accuracy:.1f}, random {100 * random.accuracy:.1f}:"
+                     f" gap {gap:+.1f} points ({verdict} the 15-point bar).")
+        if abs(gap) < 1e-9:
+            continue
+        placed = sorted(
+            ((r.accuracy - random.accuracy) / (oracle.accuracy - random.accuracy), r.method)
+            for r in rows
+            if r.budget == budget and r.accuracy is not None and r.method not in ("oracle", "random")
+        )
+        if placed:
+            lines.append("  Position between random (0) and oracle (1): "
+                         + ", ".join(f"{m} {p:.2f}" for p, m in reversed(placed)) + ".")
+    return ("Oracle against random:\n\n" + "\n".join(lines) + "\n") if lines else ""
+
+
 def write(rows: list[BenchRow], out: str, command: str) -> None:
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "bench.md"), "w") as f:
@@ -257,5 +303,8 @@ def write(rows: list[BenchRow], out: str, command: str) -> None:
             f.write(f"Accuracy: exact match of the greedy answer on {rows[0].samples} records, in percent; "
                     "retained = accuracy / unpruned accuracy.\n\n")
         f.write(to_markdown(rows))
+        summary = oracle_gap_summary(rows)
+        if summary:
+            f.write("\n" + summary)
     with open(os.path.join(out, "bench.json"), "w") as f:
         json.dump([asdict(r) for r in rows], f, indent=2)

@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--limit", type=int, default=500, help="records to evaluate")
     bench.add_argument("--out", help="directory for bench.md and bench.json")
     commands.add_parser("methods", help="list the registered methods and their options")
+    _add_train_projector(commands)
     args = parser.parse_args(argv)
 
     if args.command == "methods":
@@ -31,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"    sites: {', '.join(method['sites'])}; default keep: {method['default_keep']}")
             print(f"    options: {method['options']}")
         return 0
+
+    if args.command == "train-projector":
+        return _train_projector(args)
 
     import torch
 
@@ -52,6 +56,48 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         command = "vtoken " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
         bench_module.write(rows, args.out, command)
+    return 0
+
+
+def _add_train_projector(commands) -> None:
+    train = commands.add_parser(
+        "train-projector", help="train a TokenPacker projector for a LLaVA model (then wrap with weights=OUT)"
+    )
+    train.add_argument("--model", required=True, help="LLaVA directory holding the model, tokenizer and image processor")
+    train.add_argument("--data", required=True, help="a VQA JSONL file (image, question, answer) or 'generated'")
+    train.add_argument("--out", required=True, help="output directory (checkpoints, packer, logs); rerun to resume")
+    train.add_argument("--scale", type=int, default=2, help="region side s: s*s patches become one token (2, 3, 4)")
+    train.add_argument("--stage", type=int, default=1, choices=(1, 2), help="1: packer only; 2: packer and LLM")
+    train.add_argument("--steps", type=int, default=None, help="optimizer steps (default: --epochs over the data)")
+    train.add_argument("--epochs", type=float, default=1.0)
+    train.add_argument("--lr", type=float, default=None, help="default 1e-3 (stage 1) / 2e-5 (stage 2)")
+    train.add_argument("--batch-size", type=int, default=8)
+    train.add_argument("--grad-accum", type=int, default=1)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--init", default="projector", help="'projector', 'random' or a packer directory (stage 2)")
+    train.add_argument("--layers", type=int, nargs="+", default=None, help="vision hidden-state indices (default: scaled 12 16 22 23)")
+    train.add_argument("--n", type=int, default=2000, help="records to generate with --data generated")
+    train.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (and at the end)")
+    train.add_argument("--no-resume", action="store_true", help="start afresh even if OUT holds checkpoints")
+    train.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"))
+    train.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
+    train.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def _train_projector(args) -> int:
+    import torch
+
+    from vtoken.packer_training import train_projector
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    train_projector(
+        args.model, args.data, out=args.out, scale=args.scale, stage=args.stage, steps=args.steps,
+        epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum, seed=args.seed,
+        init=args.init, layers=args.layers, generated=args.n, save_every=args.save_every,
+        resume=not args.no_resume, mixed_precision=args.mixed_precision, device="cpu" if args.cpu else None,
+    )
+    print(f"TokenPacker weights in {args.out}: vtoken.wrap(model, 'tokenpacker', weights={args.out!r})")
     return 0
 
 

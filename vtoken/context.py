@@ -82,6 +82,24 @@ class Reduction:
 
 
 @dataclass
+class VisionAttention:
+    """The self-attention of one vision-encoder layer, per crop, over the crop's patch tokens.
+
+    Rows are queries and columns keys, both restricted to the patch tokens (a CLS token, where the
+    tower has one, is neither); each probability is the layer's own softmax over every token of
+    the crop (CLS included), averaged over heads. Computed beside SDPA/FlashAttention from the
+    layer's input, never as a whole N x N map.
+
+    ``received``: ``[C, P]`` the mean over the crop's P patch queries of the probability each patch
+    receives. ``rows(index)``: for ``[C, Q]`` patch indices (-1 for none) the ``[C, Q, P]``
+    probability rows of those query patches (zero rows for -1).
+    """
+
+    received: torch.Tensor
+    rows: Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
 class ScoreContext:
     """Everything a strategy may use to decide one stage.
 
@@ -96,11 +114,25 @@ class ScoreContext:
     ``observed(layer)`` returns ``[R, N, k]``: what the strategy's ``observe`` summarised per token
     at ``layer`` of this site (vision-encoder or LLM layer), aligned with the current rows (zeros
     for tokens it did not see). Strategies list the layers in ``observed_layers``.
+    ``observed_attention(layer)`` (``"llm"`` site and mask stages) is the same for what the
+    strategy's ``observe_attention`` summarised of LLM ``layer``'s attention rows; strategies list
+    the layers and the query rows in their ``observed_attention`` method.
 
     At the ``"projector"`` site, ``projector`` is the model's projector as a callable on any
     ``[..., d_vision]`` tensor and ``projector_input`` (``[R, N, d_vision]``) the features it was fed
     for each candidate (zeros for tokens with no vision feature, such as NeXT's newlines); present
     when the strategy sets ``needs_projector_input``.
+
+    At the ``"projector"`` and ``"llm"`` sites, for strategies that read the vision encoder itself
+    (VFlowOpt; the adapter asks the strategy's ``vision_attention_layers(num_layers)`` and
+    ``needs_pixel_patches``): ``vision_attention(layer)`` gives a :class:`VisionAttention` of
+    vision layer ``layer`` for every crop of the request; ``pixel_patches()`` the ``[C, P, channels,
+    p, p]`` pixel values (as the model received them, still normalised) behind each crop's patch
+    tokens; ``from_crops(table, fill=0.0)`` maps a per-crop patch table ``[C, P, ...]`` onto the
+    candidate rows ``[R, N, ...]`` (``fill`` for candidates with no patch behind them: NeXT's
+    newlines, a CLS token kept as a visual token). ``state`` is a dict private to the strategy
+    that lives for one request's prefill: the same object at every stage of that prefill, a fresh
+    empty one for the next prefill.
     """
 
     stage: StageSpec
@@ -112,6 +144,11 @@ class ScoreContext:
     projector: Callable[[torch.Tensor], torch.Tensor] | None = None
     projector_input: torch.Tensor | None = None
     extras: dict = field(default_factory=dict)
+    observed_attention: Callable[[int], torch.Tensor] | None = None
+    vision_attention: Callable[[int], VisionAttention] | None = None
+    pixel_patches: Callable[[], torch.Tensor] | None = None
+    from_crops: Callable[..., torch.Tensor] | None = None
+    state: dict | None = None
 
     def require(self, what: str, method: str):
         value = getattr(self, what)

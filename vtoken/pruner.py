@@ -43,6 +43,11 @@ class ImageRun:
         #: when a forward receives them.
         self.output = None
         self.features: list[torch.Tensor] = []
+        #: Set by the adapter for strategies that read the encoder itself (VFlowOpt): an object with
+        #: ``attention(layer)`` (a :class:`~vtoken.context.VisionAttention`) and ``pixel_patches()``.
+        self.vision_source = None
+        #: The strategy's per-request scratch (``ScoreContext.state``), shared by every stage.
+        self.strategy_state: dict = {}
 
 
 class PruneRun:
@@ -72,6 +77,20 @@ class PruneRun:
         # Per forward: layer-group kwargs already built, layer inputs kept for scoring.
         self.group_kwargs: dict[int, dict] = {}
         self.stash: dict[int, tuple] = {}
+        #: LLM layer -> (``observe_attention``'s summary ``[B, L, k]``, the layout of that layer).
+        self.attention_observed: dict[int, tuple] = {}
+        #: Set while the adapter runs an extra pass of the LLM inside a prefill for a mask stage:
+        #: ``"next"`` (the probe decoding step) or ``"recompute"`` (the masked text rows).
+        self.side_pass: str | None = None
+        #: During ``"recompute"``: (first masked layer, the attention mask its layers use).
+        self.recompute: tuple | None = None
+        #: True once a mask stage changed the layout of layer group 0 (decoding masks then come from it).
+        self.input_layout_changed = False
+        #: True when the adapter added a KV cache the caller did not ask for (a mask stage reuses the
+        #: prefix's KV); it is not returned.
+        self.cache_added = False
+        #: The strategy's per-request scratch (``ScoreContext.state``); emptied when the prefill ends.
+        self.strategy_state: dict = image_run.strategy_state if image_run is not None else {}
 
     @property
     def batch_size(self) -> int:
@@ -83,9 +102,12 @@ class PruneRun:
         self.prefill = False
         self.stash.clear()
         self.observed.clear()
+        self.attention_observed.clear()
+        self.strategy_state.clear()
         if self.image_run is not None:
             images = self.image_run
             images.observed.clear()
+            images.vision_source = None
             images.projector_table, images.output, images.features = None, None, []
 
     def group_for(self, layer: int) -> tuple[int, SequenceLayout]:
@@ -106,6 +128,8 @@ class Pruner:
         self.strategy = strategy
         self.config: PruneConfig = strategy.config
         self.stages: tuple[StageSpec, ...] = strategy.stages()
+        #: The strategy's stage that hides tokens from the text instead of removing them, if any.
+        self.mask: StageSpec | None = strategy.mask_stage()
         #: The request whose forward is running now (set by the adapter's outermost hook).
         self.active: PruneRun | None = None
         #: The most recent prefill, for ``vtoken.selection``.
@@ -128,11 +152,17 @@ class Pruner:
             stage=stage,
             tokens=rows,
             generator=run.generator,
-            stage_index=self.stages.index(stage),
+            stage_index=self.stages.index(stage) if stage in self.stages else len(self.stages),
+            state=run.strategy_state,
             **extras,
         )
         reduction = self.strategy.reduce(ctx)
-        expected = torch.arange(reduction.keep.shape[1], device=rows.budget.device)[None, :] < rows.budget[:, None]
+        budget = rows.budget
+        if getattr(self.strategy, "adaptive_budget", False):  # its own count: 1..valid tokens per row
+            budget = (reduction.keep >= 0).sum(-1)
+            if bool((budget < 1).any() | (budget > rows.valid.sum(-1)).any()):
+                raise RuntimeError(f"{self.strategy.name} kept no token, or more than the valid ones, of a row")
+        expected = torch.arange(reduction.keep.shape[1], device=budget.device)[None, :] < budget[:, None]
         if not torch.equal(reduction.keep >= 0, expected):
             raise RuntimeError(f"{self.strategy.name} did not keep exactly the budget of every row")
         return reduction
@@ -221,6 +251,13 @@ class Pruner:
             for crop in image.crops:
                 targets = landed[crop][landed[crop] >= 0]
                 kept[image.sample, image.offset + targets] = True
+            # Tokens from the encoder that were never candidates (the CLS token under
+            # vision_feature_select_strategy='full') stay, as the encoder kept them.
+            candidates = images.candidate_local[image.crops]
+            reachable = torch.zeros(image.num_tokens, dtype=torch.bool)
+            reachable[candidates[candidates >= 0]] = True
+            fixed = torch.nonzero((image.source >= 0) & ~reachable).squeeze(-1)
+            kept[image.sample, image.offset + fixed] = True
         for image in visual.images:
             local = kept[image.sample, image.offset : image.offset + image.num_tokens]
             start = 0
@@ -231,12 +268,17 @@ class Pruner:
 
     # --- projector and LLM sites ----------------------------------------------------------------
     @staticmethod
-    def _llm_observed(run: PruneRun, layout: SequenceLayout, slot_index, row_sample, layer: int) -> torch.Tensor:
+    def _llm_observed(
+        run: PruneRun, layout: SequenceLayout, slot_index, row_sample, layer: int, attention: bool = False
+    ) -> torch.Tensor:
         """The summary observed at LLM ``layer`` for each current candidate ``[R, N, k]``, matched
-        through the original sequence index (the layer may have seen a longer layout)."""
-        if layer not in run.observed:
-            raise ValueError(f"LLM layer {layer} was not observed; list it in observed_layers('llm', ...)")
-        summary, then = run.observed[layer]
+        through the original sequence index (the layer may have seen a longer layout). With
+        ``attention``: what ``observe_attention`` summarised instead of ``observe``."""
+        store = run.attention_observed if attention else run.observed
+        if layer not in store:
+            where = "observed_attention(...)" if attention else "observed_layers('llm', ...)"
+            raise ValueError(f"LLM layer {layer} was not observed; list it in {where}")
+        summary, then = store[layer]
         summary = summary if summary.dim() == 3 else summary[..., None]
         batch = then.orig_index.shape[0]
         where = torch.full((batch, run.orig_length), -1, dtype=torch.long, device=summary.device)
@@ -259,6 +301,55 @@ class Pruner:
         out = table[source.clamp(min=0)]
         return out * (source >= 0)[..., None].to(out.dtype)
 
+
+    @staticmethod
+    def _vision_rows(run: PruneRun, row_image: torch.Tensor, local: torch.Tensor, layer: int) -> torch.Tensor:
+        """At the projector site: the summary observed at vision ``layer`` for each candidate
+        ``[R, N, k]``, through the encoder token each candidate came from (zeros for tokens with no
+        encoder candidate: NeXT's newlines, the CLS token under ``vision_feature_select_strategy='full'``)."""
+        images = run.image_run
+        if images is None or layer not in images.observed:
+            raise ValueError(f"vision layer {layer} was not observed; list it in observed_layers('vision', ...)")
+        summary, then, first = images.observed[layer]
+        summary = summary if summary.dim() == 3 else summary[..., None]
+        candidates = summary[:, first:]
+        crops, full = images.candidate_local.shape
+        width = candidates.shape[-1]
+        if then is not None:  # a vision stage ran before this layer: put the survivors back in place
+            places = then.to(candidates.device)[..., None].expand(-1, -1, width)
+            candidates = candidates.new_zeros(crops, full, width).scatter(1, places, candidates)
+        table = candidates.reshape(crops * full, width)
+        source = torch.full_like(local, -1)
+        for r, i in enumerate(row_image.tolist()):
+            image = run.visual.images[i]
+            sub = images.candidate_local[image.crops]  # [n, P]: image-local token of each candidate
+            flat = torch.tensor(image.crops)[:, None] * full + torch.arange(full)[None]
+            lookup = torch.full((image.num_tokens,), -1, dtype=torch.long)
+            lookup[sub[sub >= 0]] = flat[sub >= 0]
+            ok = local[r] >= 0
+            source[r, ok] = lookup.to(local.device)[local[r, ok]]
+        out = table[source.clamp(min=0).to(table.device)]
+        return out * (source >= 0).to(table.device)[..., None].to(out.dtype)
+
+    @staticmethod
+    def _crop_rows(run: PruneRun, row_image: torch.Tensor, local: torch.Tensor, table: torch.Tensor, fill=0.0):
+        """A per-crop patch table ``[C, P, ...]`` (patches in encoder order, CLS excluded) mapped onto
+        the candidate rows ``[R, N, ...]``; ``fill`` where a candidate has no patch behind it."""
+        candidate_local = run.image_run.candidate_local  # [C, P]: image-local token of each patch
+        crops, patches = candidate_local.shape
+        source = torch.full(local.shape, -1, dtype=torch.long)
+        for r, i in enumerate(row_image.tolist()):
+            image = run.visual.images[i]
+            sub = candidate_local[image.crops]
+            flat = torch.tensor(image.crops)[:, None] * patches + torch.arange(patches)[None]
+            lookup = torch.full((image.num_tokens,), -1, dtype=torch.long)
+            lookup[sub[sub >= 0]] = flat[sub >= 0]
+            ok = (local[r] >= 0).cpu()
+            source[r, ok] = lookup[local[r].cpu()[ok]]
+        source = source.to(table.device)
+        out = table.reshape(crops * patches, *table.shape[2:])[source.clamp(min=0)]
+        has = (source >= 0).reshape(*source.shape, *([1] * (table.dim() - 2)))
+        return torch.where(has, out, torch.as_tensor(fill, dtype=out.dtype, device=out.device))
 
     def run_sequence_stage(
         self,
@@ -308,10 +399,22 @@ class Pruner:
                 picked = picked.permute(0, 2, 3, 1)
                 return picked * valid[:, None, None, :]
 
-        extras = {"attention": row_attention, "observed": partial(self._llm_observed, run, layout, slot_index, row_sample)}
+        if stage.site == "projector":  # no LLM layer has run yet: observations are the vision encoder's
+            observed = partial(self._vision_rows, run, row_image, local)
+        else:
+            observed = partial(self._llm_observed, run, layout, slot_index, row_sample)
+            extras_attention = partial(self._llm_observed, run, layout, slot_index, row_sample, attention=True)
+        extras = {"attention": row_attention, "observed": observed}
+        if stage.site == "llm":
+            extras["observed_attention"] = extras_attention
         if projector is not None:
             extras["projector"] = projector
             extras["projector_input"] = self._projector_rows(run, row_image, local)
+        source = run.image_run.vision_source if run.image_run is not None else None
+        if source is not None:
+            extras["vision_attention"] = source.attention
+            extras["pixel_patches"] = source.pixel_patches
+            extras["from_crops"] = partial(self._crop_rows, run, row_image, local)
         reduction = self._reduce(run, stage, rows, **extras)
         kept_valid = reduction.keep >= 0
         kept_slots = torch.gather(slot_index, 1, reduction.keep.clamp(min=0))
@@ -328,3 +431,22 @@ class Pruner:
             visual = new_layout.visual_index[sample]
             run.record(stage, sample, visual[visual >= 0])
         return new_layout, gather_tokens(hidden, index)
+
+    def run_mask_stage(
+        self,
+        run: PruneRun,
+        stage: StageSpec,
+        layout: SequenceLayout,
+        hidden: torch.Tensor,
+        attention: Callable[..., torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Decide the strategy's mask stage on ``layout`` (hidden states ``[B, L, d]`` at the input of
+        ``stage.layer``) once the prefill has run: the strategy keeps, per image, the tokens text may
+        still attend to, exactly as at an ``"llm"`` stage (recorded for ``vtoken.selection``). Returns
+        ``[B, L]``: True for the visual slots of ``layout`` that text may no longer attend to."""
+        kept, _ = self.run_sequence_stage(run, stage, layout, hidden, attention)
+        present = torch.zeros(layout.valid.shape[0], max(run.orig_length, 1), dtype=torch.bool, device=layout.valid.device)
+        rows_b, slots = (kept.orig_index >= 0).nonzero(as_tuple=True)
+        present[rows_b, kept.orig_index[rows_b, slots]] = True
+        still = torch.gather(present, 1, layout.orig_index.clamp(min=0))
+        return (layout.image_index >= 0) & layout.valid & (layout.orig_index >= 0) & ~still

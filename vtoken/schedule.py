@@ -61,10 +61,20 @@ class ScoringCost:
       - ``"vision_attention_rows"``: the same for vision-encoder layer ``layer``.
       - ``"projector_passes"``: ``passes`` extra forward passes of the projector over the visual
         tokens of a sample (ZOO-Prune's 2m perturbed passes, for example).
+      - ``"vision_token_matching"`` / ``"llm_token_matching"``: the token similarities of ToMe
+        bipartite matching that merges the tokens entering the stage at vision / LLM layer
+        ``layer`` down to that stage's count (Representation Shift's merge mode).
+      - ``"vision_attention_map"``: every token of vision-encoder layer ``layer`` as a query (the
+        layer's whole attention map, recomputed beside the model's own attention; VFlowOpt).
+      - ``"llm_rerun_rows"``: ``rows`` tokens run (again) through every LLM layer from ``layer``
+        on, each attending to all the prompt's tokens (AIF's masked text rows, its probe step).
       - ``"flops"``: an explicit count, ``flops``, for anything else.
     """
 
-    kind: Literal["llm_attention_rows", "vision_attention_rows", "projector_passes", "flops"]
+    kind: Literal[
+        "llm_attention_rows", "vision_attention_rows", "projector_passes", "vision_token_matching",
+        "llm_token_matching", "vision_attention_map", "llm_rerun_rows", "flops",
+    ]
     layer: int | None = None
     rows: int = 0
     passes: int = 0

@@ -29,6 +29,9 @@ class Strategy:
     trained: ClassVar[bool] = False
     #: True for methods that score with the projector's inputs (ZOO-Prune).
     needs_projector_input: ClassVar[bool] = False
+    #: True for methods that score with each patch's pixels (VFlowOpt's patch entropy):
+    #: ``ctx.pixel_patches`` is then present.
+    needs_pixel_patches: ClassVar[bool] = False
 
     def __init__(self, config: PruneConfig):
         self.config = config
@@ -55,6 +58,11 @@ class Strategy:
         see during prefill; none by default."""
         return []
 
+    def vision_attention_layers(self, num_layers: int) -> list[int]:
+        """Vision-encoder layers whose attention ``ctx.vision_attention(layer)`` should offer at the
+        projector and LLM sites (recomputed beside SDPA from the layer's input); none by default."""
+        return []
+
     def observe(
         self, site: str, layer: int, io: dict[str, tuple[torch.Tensor, torch.Tensor]], valid: torch.Tensor
     ) -> torch.Tensor:
@@ -65,6 +73,50 @@ class Strategy:
         For Llama-style layers the attention input is the RMS-normed hidden state the attention sees
         and its output the branch before the residual add; likewise for the MLP."""
         raise NotImplementedError(f"{type(self).__name__} lists observed layers but does not implement observe()")
+
+    def observed_attention(self, num_layers: int) -> tuple[str, list[int]]:
+        """LLM layers whose attention probabilities ``observe_attention`` should see during prefill,
+        and from which query rows: ``"last"`` (each sample's last token), ``"instruction"`` (the
+        valid text tokens after the sample's last image) or ``"next"`` (the token the model would
+        generate next, greedily, attending in one probe decoding step after the prefill; only for
+        strategies with a ``mask_stage``, which decide after the prefill). No layers by default."""
+        return "instruction", []
+
+    def observe_attention(
+        self, layer: int, probs: torch.Tensor, query_valid: torch.Tensor, key_valid: torch.Tensor
+    ) -> torch.Tensor:
+        """Summarise the attention of LLM ``layer`` per key token. ``probs`` (``[B, H, Q, L]``,
+        float32) are the softmax probabilities of the Q query rows over the L prompt slots, computed
+        beside the model's attention from the layer's queries and keys (never an L x L map; eager
+        attention gives the same numbers); rows absent for a sample (``query_valid [B, Q]`` False)
+        and keys a row may not attend (``key_valid [B, L]`` False: padding, later tokens) are zero.
+        For ``"next"`` the probe token's own key is left out of the L slots. Return ``[B, L]`` or
+        ``[B, L, k]``; ``ctx.observed_attention(layer)`` hands it back aligned with the candidate
+        rows."""
+        raise NotImplementedError(
+            f"{type(self).__name__} lists attention layers but does not implement observe_attention()"
+        )
+
+    #: True when the strategy chooses how many tokens each row keeps (AIF's adaptive ratio); the
+    #: configured budget is then only a default, and each row must keep at least one token.
+    adaptive_budget: bool = False
+
+    def mask_stage(self) -> StageSpec | None:
+        """A stage that hides visual tokens from the text instead of removing them (attention
+        modulation, as AIF). It is decided after the whole prefill (so it may read every layer's
+        observations); every token stays in the sequence with its position, and from decoder layer
+        ``stage.layer`` on no text token (prompt or generated) attends to the tokens it does not
+        keep, while visual tokens still attend to every visual token. The text rows it affects are
+        recomputed from the prefix's KV cache. The strategy decides it through ``score``/``reduce``
+        like an ``"llm"`` stage (with ``ctx.observed_attention``); it is not one of ``stages()``, so
+        the pruning schedule shows no stage for it. ``vtoken.selection`` reports the tokens text may
+        attend to. None (no such stage) by default."""
+        return None
+
+    #: With a ``mask_stage``: drop the hidden tokens' keys and values from the KV cache of layers
+    #: ``>= stage.layer`` once the prefill is done (only text queries come later, and they may not
+    #: attend to them, so outputs are unchanged while decoding reads and stores fewer tokens).
+    evict_masked: bool = False
 
     def scoring_cost(self, stage: StageSpec) -> list[ScoringCost]:
         """Extra work this method does to decide ``stage`` (for honest FLOPs); none by default."""

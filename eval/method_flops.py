@@ -1,0 +1,110 @@
+"""LLaVA-1.5-7B FLOPs of every registered method's own schedule, next to the papers' published TFLOPs.
+
+    python eval/method_flops.py            # writes eval/results/method_flops.md
+
+Each method is wrapped, with its defaults and a budget of 192 / 128 / 64 visual tokens (1/3, 2/9, 1/9
+of 576), around a LLaVA-1.5-7B built from the shipped config on the meta device (no weights, no
+network). The schedule is read back from the wrapped model (``vtoken.schedule_of``), so what is
+reported is what the method actually does: its stages, and its scoring cost as its own line.
+A budget means visual tokens reaching the LLM (pre-LLM methods) or surviving the pruning layer (in-LLM
+methods); the column "LLM-layer mean" makes in-LLM and progressive schedules comparable.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from vtoken.accounting import DEFAULT_TEXT_TOKENS, flops
+from vtoken.bench import LLAVA_7B as LLAVA, llava_7b_schedule
+from vtoken.registry import get_strategy, strategy_names
+
+OUT = Path(__file__).resolve().parent / "results" / "method_flops.md"
+BUDGETS = (192, 128, 64)
+
+# Published LLaVA-1.5-7B TFLOPs (the "paper" convention: LLM multiply-adds over visual tokens), with
+# the schedule behind each figure and where it is printed. Methods whose papers print none are absent.
+PUBLISHED: dict[str, list[tuple[str, float, str, list]]] = {
+    "fastv": [
+        ("K=2, keep 288", 2.01, "TransPrune Tab. 1", [("llm", 288, 2)]),
+        ("K=2, keep 144", 1.12, "TransPrune Tab. 1", [("llm", 144, 2)]),
+    ],
+    "transprune": [
+        ("High: 504/360/72 after layers 7/9/12 (its default schedule)", 1.56, "TransPrune Tab. 1",
+         [("llm", 504, 7), ("llm", 360, 9), ("llm", 72, 12)]),
+    ],
+}
+
+
+def method_rows(name: str):
+    for budget in BUDGETS:
+        try:
+            schedule = llava_7b_schedule(name, {"keep_tokens": budget})
+        except (ValueError, RuntimeError) as err:
+            yield budget, None, str(err).split("\n")[0]
+            continue
+        true = flops(LLAVA, schedule, text_tokens=DEFAULT_TEXT_TOKENS)
+        paper = flops(LLAVA, schedule, convention="paper")
+        yield budget, (schedule, true, paper), None
+
+
+def stages_text(schedule) -> str:
+    parts = [f"{s.site}{'' if s.layer is None else ':' + str(s.layer)}→{s.keep_tokens}" for s in schedule.stages]
+    return ", ".join(parts) or "none"
+
+
+def main() -> None:
+    base_true = flops(LLAVA, None, text_tokens=DEFAULT_TEXT_TOKENS)
+    base_paper = flops(LLAVA, None, convention="paper")
+    lines = [
+        "# LLaVA-1.5-7B FLOPs of each method's schedule",
+        "",
+        "Produced by `python eval/method_flops.py` from the shipped config (no weights).",
+        f"True convention: all prefill FLOPs of one sample with {DEFAULT_TEXT_TOKENS} text tokens (2 FLOPs per"
+        " multiply-add, vision tower, projector, LLM, LM head); scoring = the method's own extra work,"
+        " included in the total. Paper convention: LLM multiply-adds over visual tokens only"
+        " (4nd² + 2n²d + 3ndm per layer), the convention of the published TFLOPs tables.",
+        "",
+        f"Unpruned: {base_true.prefill / 1e12:.2f} TFLOPs true, {base_paper.prefill / 1e12:.2f} paper"
+        " (published 3.82).",
+        "",
+        "| method | budget | stages (site:layer→tokens) | LLM-layer mean tokens | true TFLOPs | of which scoring |"
+        " paper TFLOPs |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    skipped = []
+    for name in strategy_names():
+        cls = get_strategy(name)
+        if name.startswith("_") or getattr(cls, "needs_annotations", False):
+            continue
+        for budget, found, error in method_rows(name):
+            if found is None:
+                skipped.append(f"- `{name}` at {budget}: {error}")
+                continue
+            schedule, true, paper = found
+            lines.append(
+                f"| {name} | {budget} | {stages_text(schedule)} | {true.mean_visual_tokens:.1f} |"
+                f" {true.prefill / 1e12:.2f} | {true.scoring / 1e12:.3f} | {paper.prefill / 1e12:.2f} |"
+            )
+    lines += ["", "## Published figures reproduced from their schedules", "",
+              "| method | schedule | published TFLOPs | ours (paper convention) | source |", "|---|---|---|---|---|"]
+    for name, entries in PUBLISHED.items():
+        for label, value, source, stages in entries:
+            lines.append(f"| {name} | {label} | {value:.2f} | {paper_tflops(stages):.2f} | {source} |")
+    if skipped:
+        lines += ["", "Not reported (the method cannot run without more input):", "", *skipped]
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def paper_tflops(stages) -> float:
+    """Paper-convention TFLOPs of a published schedule given as (site, kept tokens, layer) triples."""
+    from vtoken.schedule import Schedule, Stage
+
+    schedule = Schedule(tuple(Stage(*stage) for stage in stages))
+    return flops(LLAVA, schedule, convention="paper").prefill / 1e12
+
+
+if __name__ == "__main__":
+    sys.exit(main())

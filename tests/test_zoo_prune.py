@@ -1,0 +1,358 @@
+"""ZOO-Prune (``vtoken/strategies/zoo_prune.py``): the zeroth-order sensitivity and the
+sensitivity-weighted max-min selection on tensors whose answer is known by construction, then
+end-to-end on the tiny LLaVA and LLaVA-NeXT (the generic checks are in test_all_methods.py)."""
+
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import vtoken
+from vtoken.config import StageSpec
+from vtoken.context import ScoreContext, TokenRows
+from vtoken.schedule import ScoringCost
+from vtoken.strategies.zoo_prune import (
+    ZooPruneConfig,
+    ZooPruneStrategy,
+    float32_projector,
+    normalise_sensitivity,
+    random_directions,
+    weighted_maxmin_order,
+    zo_sensitivity,
+)
+from tiny import greedy_without_cache, llava_inputs, llava_next_inputs, tiny_llava, tiny_llava_next
+
+
+def _directions(m=16, dim=6, seed=0):
+    return random_directions(m, dim, torch.Generator().manual_seed(seed))
+
+
+def _selected(scores, count):
+    """The indices a top-``count`` of ``weighted_maxmin_order`` scores keeps, in pick order."""
+    return torch.argsort(scores, descending=True, stable=True)[:count].tolist()
+
+
+class Quadratic(nn.Module):
+    """M(x) = (x_0^2, x_1, ..., x_{d-1}): Jacobian diag(2 x_0, 1, ..., 1)."""
+
+    def forward(self, x):
+        return torch.cat([x[..., :1] ** 2, x[..., 1:]], dim=-1)
+
+
+class Recording(nn.Module):
+    """Wraps a projector and records the largest batch of rows it was called with."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.largest = 0
+
+    def forward(self, x):
+        self.largest = max(self.largest, x.reshape(-1, x.shape[-1]).shape[0])
+        return self.inner(x)
+
+
+def _context(features, inputs, budget, projector, seed=0, valid=None):
+    rows, n = features.shape[:2]
+    valid = torch.ones(rows, n, dtype=torch.bool) if valid is None else valid
+    tokens = TokenRows(
+        features=features, valid=valid, budget=torch.as_tensor(budget), sample=torch.arange(rows),
+        grids=[None] * rows,
+    )
+    return ScoreContext(
+        stage=StageSpec("projector", keep_tokens=int(max(budget))), tokens=tokens,
+        generator=torch.Generator().manual_seed(seed), projector=projector, projector_input=inputs,
+    )
+
+
+def _keep(strategy, ctx):
+    return strategy.reduce(ctx).keep
+
+
+# --------------------------------------------------------------------------------------------------
+# Sensitivity S(i) = (1/m) sum_j ||M(x + h u_j) - M(x - h u_j)|| / 2h
+
+
+def test_directions_are_unit_norm_and_seeded():
+    u = _directions(8, 5, seed=3)
+    assert u.shape == (8, 5) and u.dtype == torch.float32
+    torch.testing.assert_close(u.norm(dim=-1), torch.ones(8))
+    assert torch.equal(u, _directions(8, 5, seed=3))
+    assert not torch.allclose(u, _directions(8, 5, seed=4))
+
+
+def test_linear_projector_gives_constant_sensitivity():
+    torch.manual_seed(0)
+    linear = nn.Linear(6, 5)
+    x = torch.randn(10, 6) * torch.logspace(-1, 1, 10)[:, None]  # very different tokens
+    u = _directions(16, 6)
+    s = zo_sensitivity(float32_projector(linear), x, u, step=0.01)
+    # The Jacobian is W for every token: S = mean_j ||W u_j|| exactly, whatever x.
+    expected = (u @ linear.weight.detach().T).norm(dim=-1).mean()
+    torch.testing.assert_close(s, expected.expand(10), rtol=1e-5, atol=0)
+    weight, flat = normalise_sensitivity(s[None], torch.ones(1, 10, dtype=torch.bool))
+    assert bool(flat[0]) and torch.equal(weight, torch.ones(1, 10))
+
+
+def test_quadratic_projector_gives_known_sensitivity_and_ordering():
+    torch.manual_seed(0)
+    x = torch.randn(5, 6)
+    x[:, 0] = torch.tensor([0.5, -3.0, 0.0, 2.0, -1.0])
+    u = _directions(16, 6)
+    s = zo_sensitivity(float32_projector(Quadratic()), x, u, step=0.01)
+    # The central difference of a quadratic is exact: delta_j = (2 x_0 u_j0, u_j1, ..., u_jd).
+    delta = torch.cat([2 * x[:, None, :1] * u[None, :, :1], u[None, :, 1:].expand(5, -1, -1)], dim=-1)
+    torch.testing.assert_close(s, delta.norm(dim=-1).mean(-1), rtol=1e-4, atol=0)
+    # More curvature along x_0 (larger |x_0|) means more sensitive.
+    assert torch.argsort(s, descending=True).tolist() == [1, 3, 4, 0, 2]
+    weight, flat = normalise_sensitivity(s[None], torch.ones(1, 5, dtype=torch.bool))
+    assert not bool(flat[0])
+    assert weight[0, 1] == pytest.approx(1.0, abs=1e-6) and weight[0, 2] == 0.0
+
+
+def test_chunking_bounds_memory_and_does_not_change_the_result():
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(6, 12), nn.GELU(), nn.Linear(12, 4))
+    x = torch.randn(9, 6)
+    u = _directions(5, 6)
+    results = []
+    for chunk in (2, 7, 16, 10_000):
+        recording = Recording(mlp)
+        results.append(zo_sensitivity(float32_projector(recording), x, u, step=0.01, chunk_size=chunk))
+        assert recording.largest <= chunk
+    # Equal up to float32 rounding (a matrix product may round differently for another batch size,
+    # and the difference quotient divides by 2h): far below the spread of S across tokens.
+    for other in results[1:]:
+        torch.testing.assert_close(other, results[0], rtol=1e-4, atol=0)
+    assert (results[0].max() - results[0].min()) / results[0].max() > 1e-2
+    # Through the strategy: the same selection for every chunk size.
+    features = torch.randn(2, 9, 4)
+    keeps = [
+        _keep(ZooPruneStrategy(ZooPruneConfig(directions=5, chunk_size=chunk)),
+              _context(features, torch.randn(2, 9, 6, generator=torch.Generator().manual_seed(1)), [3, 4], mlp))
+        for chunk in (2, 10_000)
+    ]
+    assert torch.equal(keeps[0], keeps[1])
+
+
+def test_bf16_projector_and_inputs_are_scored_in_float32():
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8)).to(torch.bfloat16)
+    x = (torch.randn(6, 16) * 3).to(torch.bfloat16)
+    u = _directions(8, 16)
+    s = zo_sensitivity(float32_projector(mlp), x, u, step=0.01)
+    assert s.dtype == torch.float32
+    reference = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8))
+    reference.load_state_dict({k: v.float() for k, v in mlp.state_dict().items()})
+    torch.testing.assert_close(s, zo_sensitivity(reference, x.float(), u, step=0.01), rtol=1e-5, atol=0)
+    # In bf16 the step h u (~0.0025 per component) is lost in rounding: a different, wrong answer.
+    naive = torch.stack([
+        ((mlp(x + 0.01 * uj.to(torch.bfloat16)) - mlp(x - 0.01 * uj.to(torch.bfloat16))).float().norm(dim=-1) / 0.02)
+        for uj in u
+    ]).mean(0)
+    assert not torch.allclose(naive, s, rtol=0.05)
+    assert all(p.dtype == torch.bfloat16 for p in mlp.parameters())  # the module is untouched
+
+
+# --------------------------------------------------------------------------------------------------
+# Sensitivity-weighted greedy max-min selection
+
+
+def _on_circle(degrees):
+    angles = torch.tensor(degrees, dtype=torch.float32) * math.pi / 180
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)[None]  # [1, N, 2]
+
+
+def test_maxmin_picks_the_known_farthest_points():
+    # Unit vectors at these angles; cosine distance 1 - cos(angle between).
+    z = _on_circle([0, 10, 90, 180, 100, 330])
+    ones = torch.ones(1, 6)
+    valid = torch.ones(1, 6, dtype=torch.bool)
+    order = weighted_maxmin_order(z, ones, valid, valid, torch.tensor([4]))
+    # Flat weights: first the first token (0°), then its opposite (180°), then 90° (distance 1 to
+    # both; 100° is only 1 - cos 80° from 180°), then 330° (30° from its nearest pick; 10° and 100°
+    # are 10° from theirs).
+    assert _selected(order[0], 4) == [0, 3, 2, 5]
+    # Scaling all points changes nothing (cosine distance).
+    assert torch.equal(weighted_maxmin_order(z * 7, ones, valid, valid, torch.tensor([4])), order)
+
+
+def test_sensitivity_weights_the_maxmin_choice():
+    z = _on_circle([0, 180, 90])
+    valid = torch.ones(1, 3, dtype=torch.bool)
+    # First pick = argmax Ŝ (the tie between 0° and 90° goes to the lower index); then
+    # 180° scores 0.3 * 2 = 0.6 and 90° scores 1 * 1 = 1: the weighting overrides pure distance.
+    weight = torch.tensor([[1.0, 0.3, 1.0]])
+    assert _selected(weighted_maxmin_order(z, weight, valid, valid, torch.tensor([2]))[0], 2) == [0, 2]
+    assert _selected(weighted_maxmin_order(z, torch.ones(1, 3), valid, valid, torch.tensor([2]))[0], 2) == [0, 1]
+    # The first pick follows the sensitivity, not the index.
+    weight = torch.tensor([[0.2, 0.9, 0.5]])
+    assert _selected(weighted_maxmin_order(z, weight, valid, valid, torch.tensor([1]))[0], 1) == [1]
+
+
+def _reference_selection(z, weight, eligible, count):
+    """The official loop, literally: full cosine-distance matrix, min over the selected set each step."""
+    zn = torch.nn.functional.normalize(z.double(), dim=-1)
+    distance = 1 - zn @ zn.T
+    chosen = [int(torch.where(eligible, weight.double(), -1.0).argmax())]
+    while len(chosen) < count:
+        nearest = distance[:, chosen].min(dim=1).values
+        score = torch.where(eligible, weight.double() * nearest, torch.full_like(nearest, -1.0))
+        score[chosen] = -math.inf
+        chosen.append(int(score.argmax()))
+    return chosen
+
+
+def test_running_minimum_equals_the_full_matrix_reference():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(3, 20, 8, generator=g)
+    weight = torch.rand(3, 20, generator=g)
+    valid = torch.ones(3, 20, dtype=torch.bool)
+    valid[2, 15:] = False  # a padded row
+    eligible = valid.clone()
+    eligible[1, [3, 7]] = False  # two separators
+    count = torch.tensor([6, 19, 15])
+    order = weighted_maxmin_order(z, weight, eligible, valid, count)
+    for r in range(3):
+        n = int(count[r])
+        assert _selected(order[r], n) == _reference_selection(z[r, valid[r]], weight[r, valid[r]], eligible[r, valid[r]], n)
+        assert int((order[r] > -21).sum()) == n
+    # Row 1 keeps 19 of 20: every eligible token, then the first separator.
+    assert _selected(order[1], 19)[-1] == 3
+
+
+# --------------------------------------------------------------------------------------------------
+# The strategy on hand-made contexts
+
+
+def test_tokens_without_projector_input_are_kept_only_to_fill_the_budget():
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(6, 12), nn.GELU(), nn.Linear(12, 4))
+    inputs = torch.randn(1, 8, 6)
+    inputs[0, [2, 5]] = 0  # two newline-like tokens
+    features = torch.randn(1, 8, 4)
+    strategy = ZooPruneStrategy(ZooPruneConfig(directions=4))
+    for budget in range(1, 7):
+        keep = _keep(strategy, _context(features, inputs, [budget], mlp))[0].tolist()
+        assert len(keep) == budget and not {2, 5} & set(keep)
+    assert _keep(strategy, _context(features, inputs, [7], mlp))[0].tolist() == [0, 1, 2, 3, 4, 6, 7]
+    assert torch.all(strategy.last_sensitivity[0, [2, 5]] == 0) and torch.all(strategy.last_sensitivity[0, [0, 1, 3]] > 0)
+
+
+def test_same_seed_same_selection_other_seed_other_directions():
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(6, 12), nn.GELU(), nn.Linear(12, 4))
+    inputs, features = torch.randn(2, 30, 6), torch.randn(2, 30, 4)
+    strategy = ZooPruneStrategy(ZooPruneConfig(directions=3))
+    first = _keep(strategy, _context(features, inputs, [5, 9], mlp, seed=0))
+    s0 = strategy.last_sensitivity.clone()
+    assert torch.equal(_keep(strategy, _context(features, inputs, [5, 9], mlp, seed=0)), first)
+    assert torch.equal(strategy.last_sensitivity, s0)
+    _keep(strategy, _context(features, inputs, [5, 9], mlp, seed=1))
+    assert not torch.allclose(strategy.last_sensitivity, s0)  # other directions, other estimates
+
+
+def test_linear_projector_warns_once():
+    torch.manual_seed(0)
+    linear = nn.Linear(6, 4)
+    inputs, features = torch.randn(1, 10, 6), torch.randn(1, 10, 4)
+    strategy = ZooPruneStrategy(ZooPruneConfig(directions=4))
+    with pytest.warns(UserWarning, match="linear"):
+        keep = _keep(strategy, _context(features, inputs, [3], linear))
+    # Flat Ŝ: plain max-min diversity from the first token.
+    order = weighted_maxmin_order(features, torch.ones(1, 10), torch.ones(1, 10, dtype=torch.bool),
+                                  torch.ones(1, 10, dtype=torch.bool), torch.tensor([3]))
+    assert keep[0].tolist() == sorted(_selected(order[0], 3)) and 0 in keep[0].tolist()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _keep(strategy, _context(features, inputs, [3], linear))  # no second warning
+
+
+# --------------------------------------------------------------------------------------------------
+# Options, cost and the models
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(directions=0), "directions"),
+    (dict(directions=2.5), "directions"),
+    (dict(step=0.0), "step"),
+    (dict(step=float("nan")), "step"),
+    (dict(chunk_size=1), "chunk_size"),
+    (dict(flat_rtol=-1.0), "flat_rtol"),
+    (dict(site="llm", layer=2), "projector"),
+])
+def test_bad_options_are_refused_before_the_model_changes(options, message):
+    model = tiny_llava()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        vtoken.wrap(model, "zoo_prune", **options)
+    assert not vtoken.is_wrapped(model)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_scoring_cost_is_2m_projector_passes():
+    model = tiny_llava()
+    with vtoken.pruned(model, "zoo_prune", keep_tokens=4, directions=8):
+        schedule = vtoken.schedule_of(model)
+        assert schedule.scoring == (ScoringCost("projector_passes", passes=16),)
+        report = vtoken.flops(model, schedule)
+    # 16 passes of Linear(32 -> 64), Linear(64 -> 64) over the 16 patch tokens of the image.
+    assert report.scoring == 16 * 2 * 16 * (32 * 64 + 64 * 64)
+
+
+@pytest.mark.parametrize("name", ["llava", "next"])
+def test_non_default_options_cached_generation_equals_recomputation(name):
+    model = tiny_llava() if name == "llava" else tiny_llava_next()
+    x = llava_inputs(3) if name == "llava" else llava_next_inputs(model)
+    options = dict(keep=0.3, directions=6, step=0.05, chunk_size=7, positions="original", seed=3)
+    with vtoken.pruned(model, "zoo_prune", **options):
+        cached = model.generate(**x, max_new_tokens=4, do_sample=False)
+        selection = vtoken.selection(model)
+        uncached = greedy_without_cache(model, x, 4)
+        # Query-agnostic and seeded: the recomputation's last prefill chose the same tokens.
+        assert all(torch.equal(a["projector"], b["projector"]) for a, b in zip(selection, vtoken.selection(model)))
+    assert torch.equal(cached, uncached)
+
+
+def test_next_newlines_are_not_kept_while_patches_remain(monkeypatch):
+    model = tiny_llava_next()
+    x = llava_next_inputs(model)
+    seen = {}
+    original = ZooPruneStrategy.score
+
+    def spy(self, ctx):
+        seen["inputs"], seen["valid"] = ctx.projector_input, ctx.tokens.valid
+        seen["grids"] = ctx.tokens.grids
+        return original(self, ctx)
+
+    monkeypatch.setattr(ZooPruneStrategy, "score", spy)
+    with vtoken.pruned(model, "zoo_prune", keep=0.5):
+        with torch.no_grad():
+            model(**x)
+        kept = [s["projector"] for s in vtoken.selection(model)]
+    for r in range(3):
+        n = int(seen["valid"][r].sum())
+        in_grid = torch.cat([g.index().reshape(-1) for g in seen["grids"][r]])
+        newlines = sorted(set(range(n)) - set(in_grid.tolist()))
+        assert newlines, "a NeXT image has newline tokens"
+        # The context gives them no projector input, and the strategy never keeps them here.
+        assert torch.all(seen["inputs"][r, newlines] == 0)
+        assert torch.all(seen["inputs"][r, in_grid].abs().amax(-1) > 0)
+        assert not set(newlines) & set(kept[r].tolist())
+        assert len(kept[r]) == round(0.5 * n)
+
+
+def test_linear_projector_model_warns_once_and_still_prunes():
+    model = tiny_llava()
+    model.model.multi_modal_projector.act = nn.Identity()  # Linear -> Linear: an affine projector
+    x = llava_inputs(3)
+    with vtoken.pruned(model, "zoo_prune", keep_tokens=4):
+        with pytest.warns(UserWarning, match="linear") as caught:
+            with torch.no_grad():
+                model(**x)
+                model(**x)
+        kept = [s["projector"] for s in vtoken.selection(model)]
+    assert sum("zoo_prune" in str(w.message) for w in caught) == 1
+    assert all(len(k) == 4 and 0 in k.tolist() for k in kept)  # flat Ŝ: the first pick is token 0

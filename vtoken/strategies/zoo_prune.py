@@ -1,0 +1,325 @@
+"""``zoo_prune``: ZOO-Prune (Y. Kim, Y. Zhang, H. Liu, A. Jung, S. Lee, S. Hong, "ZOO-Prune: Training-Free
+Token Pruning via Zeroth-Order Gradient Estimation in Vision-Language Models", CVPR 2026, arXiv
+2509.24837; official code ``AIM-SKKU/ZOO-Prune``).
+
+A projector-site pruning method in two steps (paper §3, "Method"; the equation numbers of the arXiv
+text could not be read here, so formulas are named after their step of §3, as the project's method
+notes on ZOO-Prune (§1.2) give them):
+
+1. **Zeroth-order sensitivity** (§3, the symmetric-difference estimator and Proposition 3.1). For each
+   visual token ``x_i`` (the projector's input, ``d_v`` wide) and ``m`` random directions ``u_j ~ N(0, I)``
+   normalised to unit L2 norm, *shared by every token* (the projector acts on each token alone)::
+
+       delta_ij = (M(x_i + h u_j) - M(x_i - h u_j)) / (2 h)          (central difference)
+       S(i)     = (1/m) sum_j || delta_ij ||_2                       (sensitivity)
+
+   with ``M`` the projector; Proposition 3.1: ``S(x) = E_u ||J(x) u||_2 + O(h^2)``, ``J`` the projector's
+   Jacobian. Paper defaults ``m = 64`` (``directions``), ``h = 0.01`` (``step``). This is ``2 m``
+   projector passes over the visual tokens, reported by :meth:`ZooPruneStrategy.scoring_cost` as
+   ``ScoringCost("projector_passes", passes=2m)`` so FLOPs include the method's own work (about 3.1
+   TFLOPs for LLaVA-1.5-7B's 576 tokens; for LLaVA-NeXT the count covers every crop's patches, a
+   slight overestimate since unpadding removes some before scoring).
+
+2. **Sensitivity-aware diverse selection** (§3, "SADS" in the code). The sensitivity is min-max
+   normalised per image, ``Ŝ(i) = (S(i) - min S) / (max S - min S + 1e-8)`` (all ones when it is
+   flat, see below); the distance is the cosine distance of the *projected* tokens ``Z = M(X)`` (what
+   the LLM receives; the official code's docstring says pre-projector features, but the call passes
+   the projector output), ``d(i, j) = 1 - cos(Z_i, Z_j)``. Greedy max-min selection weighted
+   multiplicatively by the sensitivity::
+
+       first pick:  argmax_i Ŝ(i)                 (DivPrune's first pick differs: it has no Ŝ)
+       then:        argmax_{i not in P} Ŝ(i) · min_{j in P} d(i, j)    until |P| = k
+
+   The kept tokens keep their original order. There is no weighting hyper-parameter (the paper's
+   LLaVA-NeXT ablation: the product beats the sum, 98.3% vs 98.1% retained at 640 tokens). Here a running min-distance vector makes it ``O(k N d)``
+   per image with no ``N x N`` matrix at all (the official LLaVA-1.5 path built an ``N x N x d``
+   tensor and re-gathered the selected rows every step).
+
+Where the paper, the official code and this implementation differ (each choice is the default):
+
+- **Precision.** The official LLaVA-1.5 path casts the perturbed inputs to fp16, where ``h u`` (about
+  3e-4 per component) is close to one ulp and ``S`` partly measures rounding. Here the finite
+  differences always run in float32: the projector's parameters are copied to float32 for the
+  scoring passes (``torch.func.functional_call``; the model itself is untouched) and autocast is off.
+- **Determinism.** The official code draws fresh directions on every call; here they come from the
+  run's generator, seeded with ``seed`` at every forward, so the same input gives the same selection
+  (and a cached ``generate`` equals recomputation).
+- **Batches and image spans.** The official code handles batch size 1 and assumes the image starts
+  at token 35; here each image is one row of the projector-site context, found from ``input_ids`` by
+  the adapter, for any batch size and padding.
+- **Memory.** The ``N · m`` perturbed copies go through the projector in chunks of at most
+  ``chunk_size`` rows (both signs counted), so peak memory does not grow with ``N`` or ``m``. The chunk
+  size changes ``S`` only by float32 rounding (a matrix product may round differently for another
+  batch size; relative differences around 1e-5 after the division by ``2h``), not the method.
+- **LLaVA-NeXT.** Each image (base view + high-resolution view + newlines) is one row: sensitivity is
+  normalised and the greedy selection runs over the whole image with the image's budget. The official
+  NeXT code instead splits the budget evenly over crops, selects per crop, and scores with a rank-128
+  SVD copy of the projector (possibly built before the weights were loaded; notes §1.5); here the real
+  projector is used. **Newline tokens** have no projector input (the context gives zeros), so they
+  have no sensitivity: they are not candidates while image tokens remain, and fill the budget, in
+  order, only when it exceeds the image's patch tokens (so ``keep=1.0`` keeps everything). The official
+  code always keeps them on top of the budget; here the budget is exact, like every vtoken method.
+  A token counts as a newline when its projector input is exactly zero.
+- **Linear projectors.** When ``M`` is affine its Jacobian is constant and ``S`` is the same for every
+  token: ZOO-Prune becomes DivPrune's max-min selection with the first pick at the first token. When
+  the relative spread ``(max S - min S) / max S`` of an image is at most ``flat_rtol`` (default 1e-3;
+  the float32 rounding spread of a linear 1024 -> 4096 projector at ``h = 0.01`` is about 7e-6 for
+  inputs of unit scale and 7e-4 for inputs of scale 100, while a GELU MLP gives several percent),
+  ``Ŝ`` is set to ones (the official code does so only when max == min exactly; min-max
+  normalisation would otherwise stretch rounding noise into random weights) and a warning is issued
+  once per wrapped model.
+- **Positions.** ``positions="contiguous"`` by default: the official code rebuilds the sequence from
+  the kept tokens (``position_ids`` stays ``None``), so RoPE positions are compacted.
+
+Budget default: ``keep = 1/9`` (64 of LLaVA-1.5's 576 tokens; 320 of LLaVA-NeXT's 2880). The paper has
+no single default: the official run script sweeps ``SUBSET_RATIO`` 0.1112 / 0.2223 / 0.3334 (64 / 128 /
+192 tokens); the tightest is the setting the paper stresses (95.2% retained on LLaVA-1.5-7B).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vtoken.config import PruneConfig, StageSpec
+from vtoken.context import ScoreContext
+from vtoken.registry import register
+from vtoken.schedule import ScoringCost
+from vtoken.strategies.base import Strategy
+
+#: Added to the min-max range (the official code's epsilon).
+NORM_EPS = 1e-8
+
+
+@dataclass
+class ZooPruneConfig(PruneConfig):
+    """ZOO-Prune options.
+
+    ``directions``: ``m``, the number of shared random unit directions (paper: 64).
+    ``step``: ``h``, the finite-difference step along each direction (paper: 0.01).
+    ``chunk_size``: the most perturbed token copies sent through the projector in one call (``+h`` and
+    ``-h`` copies both count); bounds the memory of the scoring passes; changes ``S`` only by float32 rounding.
+    ``flat_rtol``: an image whose sensitivity spread ``(max - min) / max`` is at most this is treated as
+    flat (linear projector): ``Ŝ = 1`` for every token, with a warning.
+    """
+
+    method = "zoo_prune"
+    default_keep = 1 / 9
+
+    site: str = "projector"
+    positions: str = "contiguous"
+    directions: int = 64
+    step: float = 0.01
+    chunk_size: int = 8192
+    flat_rtol: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if isinstance(self.directions, bool) or not isinstance(self.directions, int) or self.directions < 1:
+            raise ValueError(f"directions (m) must be a positive integer, got {self.directions!r}; the paper uses 64")
+        if isinstance(self.step, bool) or not isinstance(self.step, (int, float)) or not (
+            math.isfinite(self.step) and self.step > 0
+        ):
+            raise ValueError(f"step (h) must be a positive finite number, got {self.step!r}; the paper uses 0.01")
+        if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 2:
+            raise ValueError(
+                f"chunk_size must be an integer >= 2 (one +h and one -h copy), got {self.chunk_size!r}"
+            )
+        if isinstance(self.flat_rtol, bool) or not isinstance(self.flat_rtol, (int, float)) or not (
+            math.isfinite(self.flat_rtol) and self.flat_rtol >= 0
+        ):
+            raise ValueError(f"flat_rtol must be a finite number >= 0, got {self.flat_rtol!r}")
+        super().__post_init__()
+
+
+# --------------------------------------------------------------------------------------------------
+# Tensor functions (model-free)
+
+
+def random_directions(count: int, dim: int, generator: torch.Generator, device=None) -> torch.Tensor:
+    """``[count, dim]`` float32 directions ``u ~ N(0, I)`` normalised to unit L2 norm, drawn from
+    ``generator`` (on the CPU, so the draw is the same on every device)."""
+    u = torch.randn(count, dim, generator=generator, dtype=torch.float32, device="cpu")
+    return F.normalize(u, dim=-1).to(device)
+
+
+def float32_projector(projector: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``projector`` as a float32 function: a module whose floating parameters or buffers are not
+    float32 runs on float32 copies of them (``torch.func.functional_call``; the module keeps its own
+    tensors); autocast is disabled. A plain callable is called as it is and its output cast to float32."""
+    if isinstance(projector, nn.Module):
+        tensors = dict(itertools.chain(projector.named_parameters(), projector.named_buffers()))
+        if any(t.is_floating_point() and t.dtype != torch.float32 for t in tensors.values()):
+            copies = {n: t.detach().float() if t.is_floating_point() else t for n, t in tensors.items()}
+
+            def call(x: torch.Tensor) -> torch.Tensor:
+                return torch.func.functional_call(projector, copies, (x,))
+        else:
+            call = projector
+    else:
+        call = projector
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
+            return call(x.float()).float()
+
+    return run
+
+
+def zo_sensitivity(
+    projector: Callable[[torch.Tensor], torch.Tensor],
+    inputs: torch.Tensor,
+    directions: torch.Tensor,
+    step: float,
+    chunk_size: int = 8192,
+) -> torch.Tensor:
+    """ZOO-Prune's sensitivity ``S(i) = (1/m) sum_j ||M(x_i + h u_j) - M(x_i - h u_j)||_2 / (2h)`` (paper
+    §3, central-difference estimator) of each of ``inputs`` (``[T, d_v]``) along the shared unit
+    ``directions`` (``[m, d_v]``), in float32.
+
+    The ``T · m`` (token, direction) pairs go through ``projector`` in order, ``chunk_size // 2`` pairs
+    per call (their ``+h`` and ``-h`` copies together: at most ``chunk_size`` rows), so memory is
+    bounded by ``chunk_size`` whatever ``T`` and ``m``.
+    """
+    x = inputs.float()
+    u = directions.float().to(x.device)
+    tokens, m = x.shape[0], u.shape[0]
+    norms = torch.empty(tokens * m, dtype=torch.float32, device=x.device)
+    pairs = max(1, chunk_size // 2)
+    for start in range(0, tokens * m, pairs):
+        index = torch.arange(start, min(start + pairs, tokens * m), device=x.device)
+        offset = step * u[index % m]
+        base = x[index // m]
+        out = projector(torch.cat([base + offset, base - offset]))
+        n = index.shape[0]
+        norms[start : start + n] = torch.linalg.vector_norm(out[:n] - out[n:], dim=-1) / (2 * step)
+    return norms.view(tokens, m).mean(dim=-1)
+
+
+def normalise_sensitivity(
+    sensitivity: torch.Tensor, eligible: torch.Tensor, flat_rtol: float = 1e-3
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, min-max normalise ``sensitivity`` (``[R, N]``) over the ``eligible`` tokens:
+    ``Ŝ = (S - min S) / (max S - min S + 1e-8)`` (paper §3, SADS). A row whose relative spread
+    ``(max - min) / max`` is at most ``flat_rtol`` is flat (a linear projector): its ``Ŝ`` is 1.
+    Returns ``Ŝ`` (zero at ineligible tokens) and the ``[R]`` flat flags (True also for rows with
+    fewer than two eligible tokens, where there is nothing to compare)."""
+    s = sensitivity.float()
+    low = s.masked_fill(~eligible, float("inf")).amin(-1, keepdim=True)
+    high = s.masked_fill(~eligible, float("-inf")).amax(-1, keepdim=True)
+    spread = high - low
+    flat = ~(spread > flat_rtol * high.abs()) | (eligible.sum(-1, keepdim=True) < 2)
+    scaled = (s - low) / (spread + NORM_EPS)
+    scaled = torch.where(flat, torch.ones_like(s), scaled)
+    return scaled.masked_fill(~eligible, 0.0), flat[:, 0]
+
+
+def weighted_maxmin_order(
+    features: torch.Tensor,
+    weight: torch.Tensor,
+    eligible: torch.Tensor,
+    valid: torch.Tensor,
+    count: torch.Tensor,
+) -> torch.Tensor:
+    """Sensitivity-weighted greedy max-min selection (paper §3, SADS), per row.
+
+    ``features`` ``[R, N, d]`` (the projected tokens), ``weight`` ``[R, N]`` (``Ŝ`` >= 0), ``eligible``
+    ``[R, N]`` (tokens that may be picked on merit), ``valid`` ``[R, N]``, ``count`` ``[R]`` picks per row.
+    The first pick is ``argmax Ŝ``; each next one ``argmax Ŝ(i) · min_{j in P} (1 - cos(z_i, z_j))``
+    over unpicked tokens, kept in a running ``[R, N]`` min-distance vector (``O(k N d)``, no ``N x N``
+    matrix). Valid tokens that are not eligible (newlines) rank below every eligible one and are
+    picked, in order, only after all of those. Ties go to the lower index.
+
+    Returns ``[R, N]`` float32 ranks as scores: ``-t`` for the ``t``-th pick (0-based), ``-(N + 1)`` for
+    unpicked tokens, so a top-``count`` of the scores is exactly the selection.
+    """
+    rows, n = valid.shape
+    z = F.normalize(features.float(), dim=-1)
+    w = weight.float()
+    scores = torch.full((rows, n), -float(n + 1), dtype=torch.float32, device=valid.device)
+    picked = torch.zeros(rows, n, dtype=torch.bool, device=valid.device)
+    arange = torch.arange(rows, device=valid.device)
+    steps = int(count.max()) if rows else 0
+    nearest = None  # min over picked j of d(i, j)
+    for t in range(steps):
+        merit = w if nearest is None else w * nearest
+        s = torch.where(eligible, merit, torch.full_like(merit, -1.0))
+        s = s.masked_fill(~valid | picked, float("-inf"))
+        j = s.argmax(dim=-1)
+        live = count > t
+        picked[arange[live], j[live]] = True
+        scores[arange[live], j[live]] = -float(t)
+        distance = (1.0 - torch.einsum("rnd,rd->rn", z, z[arange, j])).clamp(min=0.0)
+        nearest = distance if nearest is None else torch.minimum(nearest, distance)
+    return scores
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+@register
+class ZooPruneStrategy(Strategy):
+    name = "zoo_prune"
+    Config = ZooPruneConfig
+    sites = ("projector",)
+    needs_projector_input = True
+
+    def __init__(self, config: ZooPruneConfig):
+        super().__init__(config)
+        self._warned_flat = False
+        #: The last scored ``[R, N]`` sensitivity ``S`` (zeros where not computed), for inspection.
+        self.last_sensitivity: torch.Tensor | None = None
+
+    def scoring_cost(self, stage: StageSpec) -> list[ScoringCost]:
+        # m directions, each a +h and a -h pass of the projector over the image's tokens.
+        return [ScoringCost("projector_passes", passes=2 * self.config.directions)]
+
+    def sensitivity(self, ctx: ScoreContext, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[R, N]`` float32 sensitivity ``S`` of the eligible tokens (those with projector input) of
+        ``rows`` (``[R]`` bool, default all), and the ``[R, N]`` eligibility mask."""
+        config = self.config
+        projector = ctx.require("projector", self.name)
+        inputs = ctx.require("projector_input", self.name)
+        valid = ctx.tokens.valid
+        eligible = valid & (inputs != 0).any(dim=-1).to(valid.device)
+        wanted = eligible if rows is None else eligible & rows[:, None]
+        sensitivity = torch.zeros(valid.shape, dtype=torch.float32, device=valid.device)
+        if bool(wanted.any()):
+            u = random_directions(config.directions, inputs.shape[-1], ctx.generator, inputs.device)
+            values = zo_sensitivity(
+                float32_projector(projector), inputs[wanted.to(inputs.device)], u, float(config.step), config.chunk_size
+            )
+            sensitivity[wanted] = values.to(sensitivity.device)
+        return sensitivity, eligible
+
+    def score(self, ctx: ScoreContext) -> torch.Tensor:
+        rows = ctx.tokens
+        valid, budget = rows.valid, rows.budget.to(rows.valid.device)
+        choose = budget < valid.sum(-1)  # rows that keep everything need no scoring
+        if not bool(choose.any()):
+            self.last_sensitivity = torch.zeros(valid.shape, dtype=torch.float32, device=valid.device)
+            return torch.zeros(valid.shape, dtype=torch.float32, device=valid.device)
+        sensitivity, eligible = self.sensitivity(ctx, choose)
+        self.last_sensitivity = sensitivity
+        weight, flat = normalise_sensitivity(sensitivity, eligible, self.config.flat_rtol)
+        informative = choose & (eligible.sum(-1) >= 2)
+        if bool((flat & informative).any()) and not self._warned_flat:
+            self._warned_flat = True
+            warnings.warn(
+                "zoo_prune: the projector's sensitivity is the same for every token of an image (relative "
+                f"spread <= flat_rtol={self.config.flat_rtol}); the projector is linear (or linear on these "
+                "inputs), so ZOO-Prune reduces to DivPrune's max-min diversity selection starting at the "
+                "first token. Use a method that suits a linear projector, or raise flat_rtol only if the "
+                "projector is known to be non-linear.",
+                stacklevel=2,
+            )
+        count = torch.where(choose, budget, torch.zeros_like(budget))
+        scores = weighted_maxmin_order(rows.features, weight, eligible, valid, count)
+        # Rows that keep everything: any order, all of them are kept.
+        return torch.where(choose[:, None], scores, torch.zeros_like(scores))
