@@ -11,6 +11,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 import time
@@ -54,7 +55,7 @@ def main(argv=None) -> None:
         f"Produced by `python eval/eval_tiny_llava.py {' '.join(shlex.quote(a) for a in (argv or sys.argv[1:]))}`"
         f" ({time.time() - start:.0f} s).",
         "",
-        f"Model: `{args.model}`, {params / 1e6:.2f}M parameters. Records: {len(records)} of the `{args.split}`"
+        f"Model: `{os.path.relpath(args.model, Path(__file__).resolve().parents[1])}`, {params / 1e6:.2f}M parameters. Records: {len(records)} of the `{args.split}`"
         f" split (seed {args.seed}); exact match of the greedy answer.",
         "",
         "| family | records | accuracy |",

@@ -144,6 +144,13 @@ def llava_7b_schedule(method: str | None, option: dict | None):
     read from a wrapped meta-device model built from the shipped config; ``None`` when unpruned."""
     if method is None:
         return None
+    if get_strategy(method).trained:
+        # Trained weights fit the small model only: project the same share of tokens reaching the
+        # LLM (the trained projector's own few GFLOPs are left out of this column).
+        from vtoken.schedule import Schedule, Stage
+
+        kept = option["keep_tokens"] if "keep_tokens" in option else round(576 * option["keep"])
+        return Schedule((Stage("projector", max(1, kept)),), visual_tokens=576)
     if "model" not in _META_7B:
         from transformers import LlavaForConditionalGeneration
 
@@ -166,13 +173,29 @@ def _points(methods, budgets):
             yield name, text, ({"keep": budget} if isinstance(budget, float) else {"keep_tokens": budget})
 
 
+def shipped_trained(model_path: str | None) -> list[tuple[str, str]]:
+    """(method, weights directory) of the trained methods shipped for the default model:
+    ``vtoken/assets/tiny-llava-trained/<method>-<tag>/`` (TokenPacker at scales 2 and 3)."""
+    if model_path is not None or default_model_path() is None:
+        return []
+    root = os.path.join(os.path.dirname(__file__), "assets", "tiny-llava-trained")
+    if not os.path.isdir(root):
+        return []
+    return [(entry.split("-")[0], os.path.join(root, entry)) for entry in sorted(os.listdir(root))
+            if os.path.isdir(os.path.join(root, entry))]
+
+
 def run(
     methods=None, budgets=DEFAULT_BUDGETS, model_path=None, repeats=5, batch=8, data=None, limit=500,
-    progress=print,
+    progress=print, trained=None,
 ) -> list[BenchRow]:
     """Benchmark every method at every budget. With a VQA model (the shipped tiny LLaVA, or a
     directory holding a tokenizer and image processor) also accuracy on ``data`` (a JSONL file in
-    the :mod:`vtoken.vqa.data` format; default: ``limit`` generated test records)."""
+    the :mod:`vtoken.vqa.data` format; default: ``limit`` generated test records).
+
+    ``trained`` lists (method, weights directory) pairs of trained methods (TokenPacker), each run
+    once at the budget its weights fix; by default those shipped for the default model, unless
+    ``methods`` names others only."""
     vqa = _vqa_model(model_path)
     model = vqa.model if vqa is not None else load_model(model_path)
     records = _records(vqa, data, limit) if vqa is not None else None
@@ -213,6 +236,17 @@ def run(
             site = ",".join(vtoken.selection(model)[0])
             schedule = vtoken.schedule_of(model, visual_tokens=visual)
             rows.append(measure(name, text, site, schedule, base, option))
+    if trained is None:
+        trained = [(m, w) for m, w in shipped_trained(model_path) if methods is None or m in methods]
+    for name, weights in trained:
+        with vtoken.pruned(model, name, weights=weights):
+            with torch.no_grad():
+                model(**one)
+            site = ",".join(vtoken.selection(model)[0])
+            kept = len(list(vtoken.selection(model)[0].values())[-1])
+            schedule = vtoken.schedule_of(model, visual_tokens=visual)
+            text = str(Fraction(kept, visual))
+            rows.append(measure(name, text, site, schedule, base, {"keep": kept / visual}))
     return rows
 
 

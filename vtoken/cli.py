@@ -20,6 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--data", help="a VQA JSONL file (default: generated test records)")
     bench.add_argument("--limit", type=int, default=500, help="records to evaluate")
     bench.add_argument("--out", help="directory for bench.md and bench.json")
+    bench.add_argument("--trained", nargs="+", metavar="METHOD=DIR", default=None,
+                       help="trained methods with their weights (tokenpacker=DIR); default: those shipped")
     commands.add_parser("methods", help="list the registered methods and their options")
     _add_train_projector(commands)
     args = parser.parse_args(argv)
@@ -50,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         batch=args.batch,
         data=args.data,
         limit=args.limit,
+        trained=[tuple(item.split("=", 1)) for item in args.trained] if args.trained else None,
         progress=lambda line: print(line, file=sys.stderr),
     )
     print(bench_module.to_markdown(rows))
