@@ -32,8 +32,8 @@ checkpoint is saved with ``save_pretrained`` (safetensors) together with the pro
 ``test`` split is never used here; ``eval/eval_tiny_llava.py`` reports test accuracy with greedy
 ``generate``.
 
-Usage (the shipped ``vtoken/assets/tiny-llava`` came from these two runs, ~60 + ~45 min on one
-core; logs in ``eval/results/training/``)::
+Usage (the shipped ``vtoken/assets/tiny-llava`` came from these three runs, ~60 + ~45 + ~13 min on
+one core; logs in ``eval/results/training/``)::
 
     # 1. vision tower + projector (and an LLM with transformers' 0.02 init, discarded)
     OMP_NUM_THREADS=1 python eval/train_tiny_llava.py --lm-init-scale 0 --steps 6000 --warmup 200 \
@@ -41,7 +41,11 @@ core; logs in ``eval/results/training/``)::
     # 2. fresh fan-in-initialised LLM on that vision tower; best validation checkpoint (step 3500)
     OMP_NUM_THREADS=1 python eval/train_tiny_llava.py --steps 5000 --warmup 100 --curriculum-steps 1000 \
         --simple-start 0.6 --simple-end 0.3 --text-hidden 128 --vision-from /tmp/tl/B --eval-every 250 \
-        --val-n 400 --stop-after 3500 --out vtoken/assets/tiny-llava
+        --val-n 400 --stop-after 3500 --out /tmp/tl/F
+    # 3. continue at a lower learning rate, annealed; best validation checkpoint (step 1000)
+    OMP_NUM_THREADS=1 python eval/train_tiny_llava.py --init /tmp/tl/F --start-index 400000 --steps 1300 \
+        --stop-after 1000 --warmup 20 --lr 6e-4 --curriculum-steps 1 --simple-start 0.3 --simple-end 0.3 \
+        --eval-every 250 --val-n 400 --seed 1 --out vtoken/assets/tiny-llava
 """
 
 from __future__ import annotations
