@@ -301,7 +301,6 @@ class Pruner:
         out = table[source.clamp(min=0)]
         return out * (source >= 0)[..., None].to(out.dtype)
 
-
     @staticmethod
     def _vision_rows(run: PruneRun, row_image: torch.Tensor, local: torch.Tensor, layer: int) -> torch.Tensor:
         """At the projector site: the summary observed at vision ``layer`` for each candidate
@@ -318,18 +317,7 @@ class Pruner:
         if then is not None:  # a vision stage ran before this layer: put the survivors back in place
             places = then.to(candidates.device)[..., None].expand(-1, -1, width)
             candidates = candidates.new_zeros(crops, full, width).scatter(1, places, candidates)
-        table = candidates.reshape(crops * full, width)
-        source = torch.full_like(local, -1)
-        for r, i in enumerate(row_image.tolist()):
-            image = run.visual.images[i]
-            sub = images.candidate_local[image.crops]  # [n, P]: image-local token of each candidate
-            flat = torch.tensor(image.crops)[:, None] * full + torch.arange(full)[None]
-            lookup = torch.full((image.num_tokens,), -1, dtype=torch.long)
-            lookup[sub[sub >= 0]] = flat[sub >= 0]
-            ok = local[r] >= 0
-            source[r, ok] = lookup.to(local.device)[local[r, ok]]
-        out = table[source.clamp(min=0).to(table.device)]
-        return out * (source >= 0).to(table.device)[..., None].to(out.dtype)
+        return Pruner._crop_rows(run, row_image, local, candidates)
 
     @staticmethod
     def _crop_rows(run: PruneRun, row_image: torch.Tensor, local: torch.Tensor, table: torch.Tensor, fill=0.0):
@@ -399,14 +387,12 @@ class Pruner:
                 picked = picked.permute(0, 2, 3, 1)
                 return picked * valid[:, None, None, :]
 
+        extras = {"attention": row_attention}
         if stage.site == "projector":  # no LLM layer has run yet: observations are the vision encoder's
-            observed = partial(self._vision_rows, run, row_image, local)
+            extras["observed"] = partial(self._vision_rows, run, row_image, local)
         else:
-            observed = partial(self._llm_observed, run, layout, slot_index, row_sample)
-            extras_attention = partial(self._llm_observed, run, layout, slot_index, row_sample, attention=True)
-        extras = {"attention": row_attention, "observed": observed}
-        if stage.site == "llm":
-            extras["observed_attention"] = extras_attention
+            extras["observed"] = partial(self._llm_observed, run, layout, slot_index, row_sample)
+            extras["observed_attention"] = partial(self._llm_observed, run, layout, slot_index, row_sample, attention=True)
         if projector is not None:
             extras["projector"] = projector
             extras["projector_input"] = self._projector_rows(run, row_image, local)
