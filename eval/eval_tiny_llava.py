@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from vtoken.bench import default_model_path
 from vtoken.vqa.data import FAMILIES, SPLITS, generate, load_jsonl
@@ -46,6 +47,8 @@ def main(argv=None) -> None:
         records = generate(args.split, args.n, seed=args.seed, image_size=image_size, patch_size=patch_size)
     start = time.time()
     result = evaluate(vqa, records)
+    # The same questions about blank grey images: what the model answers from the text alone.
+    blank = evaluate(vqa, [dict(r, pil=Image.new("RGB", (image_size, image_size), (120, 120, 120))) for r in records])
     families = result.family_accuracy()
     counts = dict(result.total)
     params = sum(p.numel() for p in vqa.model.parameters())
@@ -62,6 +65,8 @@ def main(argv=None) -> None:
         "|---|---|---|",
         *(f"| {f} | {counts[f]} | {100 * families[f]:.1f} |" for f in FAMILIES if f in families),
         f"| **overall** | {len(records)} | **{100 * result.accuracy:.1f}** |",
+        "",
+        f"The same questions about blank grey images (the text-only prior): {100 * blank.accuracy:.1f}%.",
     ]
     text = "\n".join(lines) + "\n"
     print(text)
