@@ -1,7 +1,11 @@
 """Deterministic synthetic visual question answering data for pruning benchmarks.
 
 Each image is a small noisy/textured canvas with a handful of coloured shapes,
-small printed characters on white tags and grey clutter.  Every question comes
+small printed characters on white tags and grey clutter.  Scenes are laid out on the
+model's patch grid: a shape fills a block of 2x2 (small) or 3x3 (large) patches, a tag
+exactly one patch, so what each visual token shows is well defined (the difficulty lies in
+finding and combining the evidence, which is what pruning affects, not in reassembling
+glyphs cut by patch borders).  Every question comes
 with the pixel boxes of the objects it is about, so one can check which visual
 tokens (patches) an answer depends on and whether a pruning strategy kept them.
 
@@ -16,8 +20,8 @@ visual evidence:
   some instances.
 * ``spatial`` -- "is the red circle to the left of the blue square?" (yes/no).
   Needs two objects and their positions.
-* ``text`` -- read one small printed digit or letter (a 5x7 bitmap glyph,
-  about one patch at the default size).  Fine detail that merged or pooled
+* ``text`` -- read one small printed digit or letter (a 5x7 bitmap glyph
+  inside a single patch).  Fine detail that merged or pooled
   tokens blur.
 * ``exist`` -- POPE-style "is there a green star in the image?", exactly half
   yes and half no; absent objects often share colour or shape with present
@@ -56,7 +60,7 @@ COLOURS = {
 }
 SHAPES = ("circle", "square", "triangle", "star", "cross")
 PLURALS = {s: s + ("es" if s.endswith("s") else "s") for s in SHAPES}
-SIZES = {"small": 0.105, "large": 0.167}  # box side as a fraction of the image side
+SIZES = {"small": 2, "large": 3}  # block side in patches (tags are one patch)
 RELATIONS = {"left": "to the left of", "right": "to the right of",
              "above": "above", "below": "below"}  # order matters: opposites pair up
 MAX_COUNT = 5
@@ -128,31 +132,33 @@ def _random_obj(rng, shapes=SHAPES, colours=tuple(COLOURS)) -> dict:
     return _obj(_pick(rng, shapes), _pick(rng, colours), _pick(rng, tuple(SIZES)))
 
 
-def _side(item: dict, image_size: int) -> tuple[int, int]:
-    """(width, height) in pixels of an object or tag."""
-    if item["kind"] == "tag":
-        unit = max(1, image_size // 96)
-        return 7 * unit, 9 * unit
-    side = max(4, round(SIZES[item["size"]] * image_size))
-    return side, side
+def _side(item: dict, patch_size: int) -> tuple[int, int]:
+    """(width, height) in pixels of an object's or tag's grid cell block.
+
+    Scenes are laid out on the patch grid: a tag is one patch, a small shape 2x2 patches and a
+    large one 3x3 (see :data:`SIZES`).  The shape is drawn inside its block with a margin, so
+    blocks may touch while the shapes never do."""
+    cells = 1 if item["kind"] == "tag" else SIZES[item["size"]]
+    return cells * patch_size, cells * patch_size
 
 
-def _place(rng, items: list[dict], image_size: int, tries: int = 200) -> None:
-    """Give every item a non-overlapping integer ``box`` (1 px gap, inside the image)."""
-    placed: list[list[int]] = []
+def _place(rng, items: list[dict], image_size: int, patch_size: int, tries: int = 200) -> None:
+    """Give every item a ``box`` of whole patches inside the image, no two boxes sharing a patch."""
+    grid = image_size // patch_size
+    taken = np.zeros((grid, grid), dtype=bool)
     for item in items:
-        w, h = _side(item, image_size)
+        cells = _side(item, patch_size)[0] // patch_size
+        if cells > grid:
+            raise LayoutError("object larger than the image")
         for _ in range(tries):
-            x0 = int(rng.integers(1, image_size - w))
-            y0 = int(rng.integers(1, image_size - h))
-            box = [x0, y0, x0 + w, y0 + h]
-            if all(box[0] >= b[2] + 1 or b[0] >= box[2] + 1 or
-                   box[1] >= b[3] + 1 or b[1] >= box[3] + 1 for b in placed):
+            col, row = (int(v) for v in rng.integers(0, grid - cells + 1, size=2))
+            if not taken[row: row + cells, col: col + cells].any():
                 break
         else:
             raise LayoutError("no room for object")
-        item["box"] = box
-        placed.append(box)
+        taken[row: row + cells, col: col + cells] = True
+        x0, y0 = col * patch_size, row * patch_size
+        item["box"] = [x0, y0, x0 + cells * patch_size, y0 + cells * patch_size]
 
 
 def _clutter_tags(rng, exclude: str = "") -> list[dict]:
@@ -167,7 +173,7 @@ def _name(obj: dict) -> str:
 
 # ------------------------------------------------------------------ question families
 
-def _attribute(rng, image_size: int, k: int) -> tuple[list[dict], dict]:
+def _attribute(rng, image_size: int, k: int, patch_size: int = 8) -> tuple[list[dict], dict]:
     """Colour or shape of one uniquely described object (query-dependent, small evidence).
 
     Variants: colour of the only <shape>; shape of the only <colour> object; colour of the
@@ -190,12 +196,12 @@ def _attribute(rng, image_size: int, k: int) -> tuple[list[dict], dict]:
             distractors.append(_obj(target["shape"], twin_colour, twin_size))
             question = Q_COLOUR_SIZED.format(size=target["size"], shape=target["shape"])
     items = [target] + distractors + _clutter_tags(rng)
-    _place(rng, items, image_size)
+    _place(rng, items, image_size, patch_size)
     return items, {"question": question, "answer": answer, "targets": [target],
                    "subtype": variant}
 
 
-def _count(rng, image_size: int, k: int) -> tuple[list[dict], dict]:
+def _count(rng, image_size: int, k: int, patch_size: int = 8) -> tuple[list[dict], dict]:
     """How many objects match a description (1..5); needs every instance.
 
     Distractors share the colour or the shape of the description but not both, so a
@@ -222,12 +228,12 @@ def _count(rng, image_size: int, k: int) -> tuple[list[dict], dict]:
         question = Q_COUNT_COLOUR_SHAPE.format(colour=colour, shapes=PLURALS[shape])
     distractors = [make_distractor() for _ in range(int(rng.integers(1, 4)))]
     items = targets + distractors + _clutter_tags(rng)
-    _place(rng, items, image_size)
+    _place(rng, items, image_size, patch_size)
     return items, {"question": question, "answer": str(n), "targets": targets,
                    "subtype": variant}
 
 
-def _spatial(rng, image_size: int, k: int) -> tuple[list[dict], dict]:
+def _spatial(rng, image_size: int, k: int, patch_size: int = 8) -> tuple[list[dict], dict]:
     """Is object A left of / right of / above / below object B (yes/no, alternating).
 
     All objects have distinct colour+shape so both are uniquely named; the two objects
@@ -238,12 +244,12 @@ def _spatial(rng, image_size: int, k: int) -> tuple[list[dict], dict]:
     order = rng.permutation(len(combos))[: int(rng.integers(3, 6))]
     objs = [_obj(*combos[i], _pick(rng, tuple(SIZES))) for i in order]
     items = objs + _clutter_tags(rng)
-    _place(rng, items, image_size)
+    _place(rng, items, image_size, patch_size)
     a, b = objs[0], objs[1]
     centre = lambda o, axis: (o["box"][axis] + o["box"][axis + 2]) / 2
     axis = int(rng.integers(2))  # 0: horizontal, 1: vertical
     gap = centre(a, axis) - centre(b, axis)
-    if abs(gap) < (_side(a, image_size)[0] + _side(b, image_size)[0]) / 2:
+    if abs(gap) < (_side(a, patch_size)[0] + _side(b, patch_size)[0]) / 2:
         raise LayoutError("objects overlap along the asked axis")
     true_rel = 2 * axis + int(gap > 0)  # index into RELATIONS
     want_yes = k % 2 == 0
@@ -253,7 +259,7 @@ def _spatial(rng, image_size: int, k: int) -> tuple[list[dict], dict]:
                    "targets": [a, b], "subtype": relation}
 
 
-def _text(rng, image_size: int, k: int) -> tuple[list[dict], dict]:
+def _text(rng, image_size: int, k: int, patch_size: int = 8) -> tuple[list[dict], dict]:
     """Read the one printed digit (or letter): a ~1-patch glyph, fine detail.
 
     The image also holds one character of the other kind, so the model must read
@@ -264,12 +270,12 @@ def _text(rng, image_size: int, k: int) -> tuple[list[dict], dict]:
     target = _tag(_pick(rng, chars))
     items = [target, _tag(_pick(rng, other))]
     items += [_random_obj(rng) for _ in range(int(rng.integers(2, 5)))]
-    _place(rng, items, image_size)
+    _place(rng, items, image_size, patch_size)
     return items, {"question": Q_TEXT.format(kind=kind), "answer": target["char"],
                    "targets": [target], "subtype": kind}
 
 
-def _exist(rng, image_size: int, k: int) -> tuple[list[dict], dict]:
+def _exist(rng, image_size: int, k: int, patch_size: int = 8) -> tuple[list[dict], dict]:
     """POPE-style existence: "is there a <colour> <shape>?" -- yes/no alternating.
 
     'yes' names a present object (boxes: every instance).  'no' names an absent
@@ -289,7 +295,7 @@ def _exist(rng, image_size: int, k: int) -> tuple[list[dict], dict]:
         colour, shape = _pick(rng, near if subtype == "adversarial" else absent)
     targets = [o for o in objs if (o["colour"], o["shape"]) == (colour, shape)]
     items = objs + _clutter_tags(rng)
-    _place(rng, items, image_size)
+    _place(rng, items, image_size, patch_size)
     return items, {"question": Q_EXIST.format(colour=colour, shape=shape),
                    "answer": "yes" if want_yes else "no", "targets": targets,
                    "subtype": subtype}
@@ -359,15 +365,18 @@ def _shape_outline(shape: str, box: Sequence[float]) -> tuple[str, Any]:
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def _draw_shapes(rng, shapes: list[dict], image_size: int) -> Image.Image:
-    """Anti-aliased RGBA layer with the coloured shapes (slight colour jitter)."""
-    ss = SUPERSAMPLE
+def _draw_shapes(rng, shapes: list[dict], image_size: int, patch_size: int) -> Image.Image:
+    """Anti-aliased RGBA layer with the coloured shapes (slight colour jitter), each inset in
+    its block by an eighth of a patch so that shapes in touching blocks stay apart."""
+    ss, inset = SUPERSAMPLE, patch_size / 8
     layer = Image.new("RGBA", (image_size * ss, image_size * ss), (0, 0, 0, 0))
     draw = ImageDraw.Draw(layer)
     for obj in shapes:
         rgb = np.clip(np.array(COLOURS[obj["colour"]]) + rng.integers(-12, 13, size=3), 0, 255)
         fill = tuple(int(v) for v in rgb) + (255,)
-        kind, geom = _shape_outline(obj["shape"], [v * ss for v in obj["box"]])
+        x0, y0, x1, y1 = obj["box"]
+        box = [(x0 + inset) * ss, (y0 + inset) * ss, (x1 - inset) * ss, (y1 - inset) * ss]
+        kind, geom = _shape_outline(obj["shape"], box)
         if kind == "ellipse":
             draw.ellipse(geom, fill=fill)
         else:
@@ -375,28 +384,29 @@ def _draw_shapes(rng, shapes: list[dict], image_size: int) -> Image.Image:
     return layer.resize((image_size, image_size), Image.Resampling.BOX)
 
 
-def _draw_tag(draw: ImageDraw.ImageDraw, tag: dict, image_size: int) -> None:
-    """White tag with a black 5x7 glyph, one glyph pixel = ``unit`` image pixels."""
-    unit = max(1, image_size // 96)
+def _draw_tag(draw: ImageDraw.ImageDraw, tag: dict, patch_size: int) -> None:
+    """White one-patch tag with a black 5x7 glyph; one glyph pixel = patch_size / 8 pixels, so
+    the glyph sits inside a single visual token (the finest detail the model can see)."""
+    unit = max(1, patch_size // 8)
     x0, y0, x1, y1 = tag["box"]
     draw.rectangle([x0, y0, x1 - 1, y1 - 1], fill=(245, 245, 245))
     for r, row in enumerate(GLYPHS[tag["char"]]):
         for c, bit in enumerate(row):
             if bit == "1":
-                px, py = x0 + (c + 1) * unit, y0 + (r + 1) * unit
+                px, py = x0 + (c + 1) * unit, y0 + r * unit + unit // 2
                 draw.rectangle([px, py, px + unit - 1, py + unit - 1], fill=(10, 10, 10))
 
 
-def render(rng, items: list[dict], image_size: int) -> Image.Image:
+def render(rng, items: list[dict], image_size: int, patch_size: int = 8) -> Image.Image:
     """Draw background, clutter, shapes and tags of a placed scene into an RGB image."""
     image = Image.fromarray(_background(rng, image_size))
     _draw_clutter(rng, ImageDraw.Draw(image), image_size)
     shapes = [it for it in items if it["kind"] == "shape"]
     image = Image.alpha_composite(image.convert("RGBA"),
-                                  _draw_shapes(rng, shapes, image_size)).convert("RGB")
+                                  _draw_shapes(rng, shapes, image_size, patch_size)).convert("RGB")
     draw = ImageDraw.Draw(image)
     for tag in (it for it in items if it["kind"] == "tag"):
-        _draw_tag(draw, tag, image_size)
+        _draw_tag(draw, tag, patch_size)
     return image
 
 
@@ -423,13 +433,13 @@ def make_example(split: str, seed: int, index: int, family: str, k: int,
     rng = _record_rng(split, seed, index)
     for _ in range(100):
         try:
-            items, q = BUILDERS[family](rng, image_size, k)
+            items, q = BUILDERS[family](rng, image_size, k, patch_size)
             break
         except LayoutError:
             continue
     else:
         raise RuntimeError(f"could not lay out {family} example {index}; image too small?")
-    image = render(rng, items, image_size)
+    image = render(rng, items, image_size, patch_size)
     grid = image_size // patch_size
     return {
         "image": f"images/{split}_{seed}_{index:05d}.png",
