@@ -370,6 +370,16 @@ def test_train_projector_runs_checkpoints_and_resumes(vqa, tmp_path):
     assert json.load(open(tmp_path / "b" / "training_args.json"))["started_at_step"] == 2
     assert [json.loads(line)["step"] for line in open(tmp_path / "b" / "log.jsonl")] == [3]
     assert all(torch.equal(a, b) for a, b in zip(packer.state_dict().values(), resumed.state_dict().values()))
+    # A checkpoint made on other base weights is refused, not silently resumed; the model is untouched.
+    original = model.lm_head.weight[0, 0].item()
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] += 1.0
+    changed = _snapshot(model)
+    with pytest.raises(ValueError, match="other weights"):
+        train_projector(model, records, out=tmp_path / "b", **dict(options, steps=4))
+    assert all(torch.equal(v, changed[k]) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = original
     # The trained weights wrap and generate.
     from vtoken.vqa.tokenizer import IMAGE, prompt
 

@@ -25,7 +25,8 @@ accumulation; one process only (the packer runs inside the LLaVA forward through
 DDP wrapper would synchronise). ``tqdm`` progress; checkpoints ``out/checkpoint-<step>/`` every
 ``save_every`` steps and at the end (packer + optimizer + scheduler + step, and the LLM weights in stage
 2); a rerun with the same ``out`` resumes from the newest checkpoint and gives the same weights as an
-uninterrupted run (the data order is a pure function of ``seed`` and the step).
+uninterrupted run (the data order is a pure function of ``seed`` and the step). A checkpoint records a
+fingerprint of the base model's weights; one made on other weights is refused with an error.
 
 Output: ``out/packer_config.json`` + ``out/packer.safetensors`` (``vtoken.wrap(model, "tokenpacker",
 weights=out)``), ``out/training_args.json``, ``out/log.jsonl`` (loss per step), and after stage 2
@@ -35,6 +36,7 @@ weights=out)``), ``out/training_args.json``, ``out/log.jsonl`` (loss per step), 
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import math
 import os
@@ -258,12 +260,25 @@ def _llm_parameters(model) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in named.items() if n.startswith(("model.language_model.", "lm_head."))}
 
 
-def _save_checkpoint(path: str, packer, optimizer, scheduler, step: int, llm: dict | None) -> None:
+def base_model_fingerprint(model) -> str:
+    """Hash of the base model's weights (a strided sample of every tensor): a checkpoint records it
+    so that a rerun with the same ``out`` cannot silently resume a packer trained on other weights
+    (the same path holding a retrained model, say)."""
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters()):
+        flat = param.detach().flatten()
+        sample = flat[:: max(1, flat.numel() // 1024)].float().cpu()
+        digest.update(name.encode() + str(tuple(param.shape)).encode() + sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _save_checkpoint(path: str, packer, optimizer, scheduler, step: int, llm: dict | None,
+                     fingerprint: str) -> None:
     from safetensors.torch import save_file
 
     packer.save_pretrained(path)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-               os.path.join(path, STATE_NAME))
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "base_model": fingerprint}, os.path.join(path, STATE_NAME))
     if llm is not None:
         save_file({n: p.detach().contiguous().cpu() for n, p in llm.items()}, os.path.join(path, LLM_NAME))
 
@@ -329,6 +344,13 @@ def train_projector(
         raise ValueError("train_projector runs in one process (one GPU or the CPU); launch it without DDP")
     os.makedirs(out, exist_ok=True)
     checkpoint = _latest_checkpoint(out) if resume else None
+    fingerprint = base_model_fingerprint(model)  # before stage 2 restores a checkpoint's LLM
+    if checkpoint is not None:
+        recorded = torch.load(os.path.join(checkpoint, STATE_NAME), weights_only=False).get("base_model")
+        if recorded is not None and recorded != fingerprint:
+            raise ValueError(
+                f"{checkpoint} was trained on a base model with other weights than this one (fingerprint "
+                f"{recorded} != {fingerprint}); pass a fresh out directory or resume=False to start over")
     packer = build_packer(model, scale, layers, checkpoint or init, residual, seed)
     saved_flags = {n: p.requires_grad for n, p in model.named_parameters()}
     was_training = model.training
@@ -410,7 +432,8 @@ def train_projector(
                                       "seconds": round(time.perf_counter() - began, 3)}) + "\n")
                 log.flush()
             if (save_every and step % save_every == 0) or step == total:
-                _save_checkpoint(os.path.join(out, f"checkpoint-{step}"), packer, optimizer, scheduler, step, llm)
+                _save_checkpoint(os.path.join(out, f"checkpoint-{step}"), packer, optimizer, scheduler, step, llm,
+                                 fingerprint)
     finally:
         bar.close()
         log.close()
