@@ -197,17 +197,8 @@ def vision_features(model, pixel_values, with_hidden=False):
 # ------------------------------------------------------------------------------- data
 
 def scene(split: str, seed: int, index: int, family: str, k: int):
-    """``vqa_data.make_example`` keeping the scene's objects: (PIL image, items, record fields)."""
-    rng = D._record_rng(split, seed, index)
-    for _ in range(100):
-        try:
-            items, q = D.BUILDERS[family](rng, IMAGE_SIZE, k, PATCH_SIZE)
-            break
-        except D.LayoutError:
-            continue
-    else:
-        raise RuntimeError("layout failed")
-    return D.render(rng, items, IMAGE_SIZE, PATCH_SIZE), items, q
+    """The benchmark's own scene for a record, with its objects: (PIL image, items, record fields)."""
+    return D.make_scene(split, seed, index, family, k, IMAGE_SIZE, PATCH_SIZE)
 
 
 def extra_questions(items, rng: random.Random) -> dict[str, list[tuple[str, str]]]:

@@ -6,6 +6,7 @@ import json
 import statistics
 from collections import Counter
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -161,7 +162,7 @@ def test_a_glyph_is_drawn_inside_its_patch():
     rng = vqa_data._record_rng("train", 0, 0)
     tag = {"kind": "tag", "char": "8", "box": [16, 24, 24, 32]}
     image = vqa_data.render(rng, [tag], 96, 8)
-    pixels = __import__("numpy").asarray(image).min(axis=2)
+    pixels = np.asarray(image).min(axis=2)
     dark = pixels[24:32, 16:24] < 60
     assert dark.sum() == sum(row.count("1") for row in vqa_data.GLYPHS["8"])
     assert (pixels[24:32, 16:24] > 200).sum() == 64 - dark.sum()  # the rest of the patch is the white tag

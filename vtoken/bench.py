@@ -137,6 +137,7 @@ def _flops(model, schedule, method: str | None = None, option: dict | None = Non
 
 
 _META_7B = {}
+LLAVA_7B_VISUAL_TOKENS = 576  # 336 px / 14 px patches, squared
 
 
 def llava_7b_schedule(method: str | None, option: dict | None):
@@ -149,8 +150,8 @@ def llava_7b_schedule(method: str | None, option: dict | None):
         # LLM (the trained projector's own few GFLOPs are left out of this column).
         from vtoken.schedule import Schedule, Stage
 
-        kept = option["keep_tokens"] if "keep_tokens" in option else round(576 * option["keep"])
-        return Schedule((Stage("projector", max(1, kept)),), visual_tokens=576)
+        kept = option["keep_tokens"] if "keep_tokens" in option else round(LLAVA_7B_VISUAL_TOKENS * option["keep"])
+        return Schedule((Stage("projector", max(1, kept)),), visual_tokens=LLAVA_7B_VISUAL_TOKENS)
     if "model" not in _META_7B:
         from transformers import LlavaForConditionalGeneration
 
@@ -160,7 +161,7 @@ def llava_7b_schedule(method: str | None, option: dict | None):
             _META_7B["model"] = LlavaForConditionalGeneration(load_config(LLAVA_7B)).eval()
     meta = _META_7B["model"]
     with vtoken.pruned(meta, method, **(option or {})):
-        return vtoken.schedule_of(meta, visual_tokens=576)
+        return vtoken.schedule_of(meta, visual_tokens=LLAVA_7B_VISUAL_TOKENS)
 
 
 def _points(methods, budgets):
@@ -242,8 +243,8 @@ def run(
         with vtoken.pruned(model, name, weights=weights):
             with torch.no_grad():
                 model(**one)
-            site = ",".join(vtoken.selection(model)[0])
-            kept = len(list(vtoken.selection(model)[0].values())[-1])
+            selected = vtoken.selection(model)[0]
+            site, kept = ",".join(selected), len(list(selected.values())[-1])
             schedule = vtoken.schedule_of(model, visual_tokens=visual)
             text = str(Fraction(kept, visual))
             rows.append(measure(name, text, site, schedule, base, {"keep": kept / visual}))

@@ -345,8 +345,9 @@ def train_projector(
     os.makedirs(out, exist_ok=True)
     checkpoint = _latest_checkpoint(out) if resume else None
     fingerprint = base_model_fingerprint(model)  # before stage 2 restores a checkpoint's LLM
-    if checkpoint is not None:
-        recorded = torch.load(os.path.join(checkpoint, STATE_NAME), weights_only=False).get("base_model")
+    resumed_state = torch.load(os.path.join(checkpoint, STATE_NAME), weights_only=False) if checkpoint else None
+    if resumed_state is not None:
+        recorded = resumed_state.get("base_model")
         if recorded is not None and recorded != fingerprint:
             raise ValueError(
                 f"{checkpoint} was trained on a base model with other weights than this one (fingerprint "
@@ -383,11 +384,10 @@ def train_projector(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
     start = 0
-    if checkpoint is not None:
-        state = torch.load(os.path.join(checkpoint, STATE_NAME), weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start = int(state["step"])
+    if resumed_state is not None:
+        optimizer.load_state_dict(resumed_state["optimizer"])
+        scheduler.load_state_dict(resumed_state["scheduler"])
+        start = int(resumed_state["step"])
     args = {
         "model": path, "data": data if isinstance(data, (str, os.PathLike)) else f"<{len(records)} records>",
         "records": len(records), "scale": scale, "stage": stage, "steps": total, "lr": lr, "batch_size": batch_size,

@@ -132,14 +132,16 @@ def _random_obj(rng, shapes=SHAPES, colours=tuple(COLOURS)) -> dict:
     return _obj(_pick(rng, shapes), _pick(rng, colours), _pick(rng, tuple(SIZES)))
 
 
-def _side(item: dict, patch_size: int) -> tuple[int, int]:
-    """(width, height) in pixels of an object's or tag's grid cell block.
+def _cells(item: dict) -> int:
+    """Side in patches of an item's square block on the patch grid: a tag is one patch, a small
+    shape 2x2 patches and a large one 3x3 (see :data:`SIZES`).  The shape is drawn inside its
+    block with a margin, so blocks may touch while the shapes never do."""
+    return 1 if item["kind"] == "tag" else SIZES[item["size"]]
 
-    Scenes are laid out on the patch grid: a tag is one patch, a small shape 2x2 patches and a
-    large one 3x3 (see :data:`SIZES`).  The shape is drawn inside its block with a margin, so
-    blocks may touch while the shapes never do."""
-    cells = 1 if item["kind"] == "tag" else SIZES[item["size"]]
-    return cells * patch_size, cells * patch_size
+
+def _side(item: dict, patch_size: int) -> tuple[int, int]:
+    """(width, height) in pixels of an item's block."""
+    return _cells(item) * patch_size, _cells(item) * patch_size
 
 
 def _place(rng, items: list[dict], image_size: int, patch_size: int, tries: int = 200) -> None:
@@ -147,7 +149,7 @@ def _place(rng, items: list[dict], image_size: int, patch_size: int, tries: int 
     grid = image_size // patch_size
     taken = np.zeros((grid, grid), dtype=bool)
     for item in items:
-        cells = _side(item, patch_size)[0] // patch_size
+        cells = _cells(item)
         if cells > grid:
             raise LayoutError("object larger than the image")
         for _ in range(tries):
@@ -260,7 +262,7 @@ def _spatial(rng, image_size: int, k: int, patch_size: int = 8) -> tuple[list[di
 
 
 def _text(rng, image_size: int, k: int, patch_size: int = 8) -> tuple[list[dict], dict]:
-    """Read the one printed digit (or letter): a ~1-patch glyph, fine detail.
+    """Read the one printed digit (or letter): a glyph inside one patch, fine detail.
 
     The image also holds one character of the other kind, so the model must read
     the characters rather than just find a tag.
@@ -427,9 +429,10 @@ def _family_plan(split: str, n: int, seed: int, families: Sequence[str]) -> list
     return plan[:n]
 
 
-def make_example(split: str, seed: int, index: int, family: str, k: int,
-                 image_size: int = 96, patch_size: int = 8) -> dict:
-    """One record (with its PIL image under ``"pil"``); ``k`` = index within the family."""
+def make_scene(split: str, seed: int, index: int, family: str, k: int,
+               image_size: int = 96, patch_size: int = 8) -> tuple[Image.Image, list[dict], dict]:
+    """The scene behind record ``index``: (image, placed items, question fields). Training code
+    that needs the objects of a scene (not just the record) uses this."""
     rng = _record_rng(split, seed, index)
     for _ in range(100):
         try:
@@ -439,7 +442,13 @@ def make_example(split: str, seed: int, index: int, family: str, k: int,
             continue
     else:
         raise RuntimeError(f"could not lay out {family} example {index}; image too small?")
-    image = render(rng, items, image_size, patch_size)
+    return render(rng, items, image_size, patch_size), items, q
+
+
+def make_example(split: str, seed: int, index: int, family: str, k: int,
+                 image_size: int = 96, patch_size: int = 8) -> dict:
+    """One record (with its PIL image under ``"pil"``); ``k`` = index within the family."""
+    image, _, q = make_scene(split, seed, index, family, k, image_size, patch_size)
     grid = image_size // patch_size
     return {
         "image": f"images/{split}_{seed}_{index:05d}.png",
