@@ -115,6 +115,11 @@ class Adapter(ABC):
     def visual_tokens_per_image(self) -> int | None:
         """Visual tokens one image gives the LLM at the default input size (None if it varies)."""
 
+    def one_grid_per_image(self) -> str | None:
+        """None when every image reaches the LLM as exactly one intact patch grid (nothing else);
+        otherwise a short description of what it gets instead, for error messages."""
+        return None
+
     # --- runtime ------------------------------------------------------------------------------
     @abstractmethod
     def install(self, pruner: Any, undo: UndoStack) -> None:

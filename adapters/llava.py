@@ -76,6 +76,15 @@ class LlavaAdapter(Adapter):
     def visual_tokens_per_image(self) -> int | None:
         return None if self.is_next else self.tokens_per_crop
 
+    def one_grid_per_image(self) -> str | None:
+        if self.is_next:
+            return "LLaVA-NeXT AnyRes: a base view, high-resolution crops and newline tokens"
+        if self.has_cls and self.select != "default":
+            return "the CLS token besides the grid (vision_feature_select_strategy='full'; use 'default')"
+        if not self.has_cls and self.select == "default":
+            return "a grid missing its first patch (a tower without CLS under vision_feature_select_strategy='default')"
+        return None
+
     # --- validation -----------------------------------------------------------------------------
     def validate(self, stages: tuple) -> None:
         num_vision = len(self.vision_layers())

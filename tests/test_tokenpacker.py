@@ -284,17 +284,24 @@ def test_generate_on_a_padded_batch_cached_equals_uncached(scale, positions):
         assert torch.equal(model(**x).logits, ref)  # unwrapped: exactly the original
 
 
-def test_llava_next_is_refused_with_a_clear_error():
+def test_llava_next_is_refused_at_wrap_time_with_a_clear_error():
     model = tiny_llava_next()
     x = llava_next_inputs(model)
     with torch.no_grad():
         ref = model(**x).logits
-    with vtoken.pruned(model, "tokenpacker", weights=_packer(2)):
-        with pytest.raises(ValueError, match="LLaVA-NeXT AnyRes.*does not support"):
-            with torch.no_grad():
-                model(**x)
+    with pytest.raises(ValueError, match="tokenpacker needs each image.*LLaVA-NeXT AnyRes.*pool, fastv"):
+        vtoken.wrap(model, "tokenpacker", weights=_packer(2))
+    assert not vtoken.is_wrapped(model)
     with torch.no_grad():
         assert torch.equal(model(**x).logits, ref)
+
+
+def test_full_feature_strategy_is_refused_at_wrap_time():
+    model = tiny_llava()
+    model.config.vision_feature_select_strategy = "full"
+    with pytest.raises(ValueError, match="CLS token besides the grid.*'default'"):
+        vtoken.wrap(model, "tokenpacker", weights=_packer(2))
+    assert not vtoken.is_wrapped(model)
 
 
 # ------------------------------------------------------------------------------ training

@@ -79,6 +79,12 @@ def wrap(model: nn.Module, method: str | None = None, *, config=None, **options:
     adapter = adapter_cls(model)
     strategy.bind({"vision": len(adapter.vision_layers()), "llm": len(adapter.decoder_layers())})
     adapter.validate(strategy.stages())
+    layout = adapter.one_grid_per_image() if strategy.needs_one_grid_per_image else None
+    if layout is not None:
+        raise ValueError(
+            f"{cfg.method} needs each image to reach the LLM as one patch grid, but this model gives {layout}; "
+            "use a LLaVA-1.5-style model, or a training-free method (pool, fastv) on this one"
+        )
     pruner = Pruner(strategy)
     undo = UndoStack()
     try:

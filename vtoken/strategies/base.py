@@ -32,6 +32,9 @@ class Strategy:
     #: True for methods that score with each patch's pixels (VFlowOpt's patch entropy):
     #: ``ctx.pixel_patches`` is then present.
     needs_pixel_patches: ClassVar[bool] = False
+    #: True for methods that only work when each image reaches the LLM as exactly one patch grid
+    #: (TokenPacker's region packing): ``wrap`` refuses models whose adapter says otherwise.
+    needs_one_grid_per_image: ClassVar[bool] = False
 
     def __init__(self, config: PruneConfig):
         self.config = config

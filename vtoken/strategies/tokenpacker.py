@@ -98,6 +98,7 @@ class TokenPackerStrategy(Strategy):
     sites = ("projector",)
     trained = True
     needs_projector_input = True
+    needs_one_grid_per_image = True
 
     def __init__(self, config: TokenPackerConfig):
         super().__init__(config)
