@@ -284,6 +284,8 @@ class Stream:
         self.p_simple, self.max_objects = 0.0, 6
         self.simple_tags = (0, 2)
         self.focus = False
+        self.focus_family = "attribute"
+        self.family_weights = {f: 1.0 for f in D.FAMILIES}
         self.block = 10 ** 9
         self.plan: list[str] = []
         self.k = Counter()
@@ -291,11 +293,14 @@ class Stream:
 
     def next(self):
         if self.focus:
-            # Locating warm-up: 2-3 object scenes asked only which colour / shape a named object has.
-            image, items = simple_scene(self.split, self.seed, self.simple_index, self.rng.randint(2, 3))
+            # Warm-up on one family: 2-3 object scenes asked only questions of ``focus_family``
+            # (attribute: locating a named object; text: looking at the tags at all).
+            image, items = simple_scene(self.split, self.seed, self.simple_index, self.rng.randint(2, 3),
+                                        self.simple_tags)
             self.simple_index += 1
             extra = extra_questions(items, self.rng)
-            return image, self._sample([], set(), {"attribute": extra["attribute"]} if extra.get("attribute") else extra), items
+            focused = {self.focus_family: extra[self.focus_family]} if extra.get(self.focus_family) else extra
+            return image, self._sample([], set(), focused), items
         if self.p_simple > 0 and self.rng.random() < self.p_simple:
             image, items = simple_scene(self.split, self.seed, self.simple_index,
                                         self.rng.randint(1, self.max_objects), self.simple_tags)
@@ -315,7 +320,9 @@ class Stream:
         tries = 0
         while len(qa) < self.questions and fams and tries < 4 * self.questions:
             tries += 1
-            fam = self.rng.choice(fams)
+            weights = [self.family_weights[f] for f in fams]
+            # uniform draws keep the random stream of runs made before the option existed
+            fam = self.rng.choice(fams) if len(set(weights)) == 1 else self.rng.choices(fams, weights)[0]
             question, answer = self.rng.choice(extra[fam])
             if question not in seen:
                 seen.add(question)
@@ -351,6 +358,30 @@ def patch_labels(items) -> torch.Tensor:
             lab[4, y0:y1, x0:x1] = SIZE_IDS[it["size"]]
             lab[3, y0, x0] = 1
     return torch.from_numpy(lab.reshape(len(AUX_SIZES), -1))
+
+
+SIDE = IMAGE_SIZE // PATCH_SIZE
+POSITION_SIZES = (SIDE, SIDE)  # row, column of every patch
+
+
+def position_labels(batch_size: int) -> torch.Tensor:
+    """(B, 2, 144) row and column of each patch (same for every image)."""
+    idx = torch.arange(N_PATCHES)
+    return torch.stack([idx // SIDE, idx % SIDE])[None].expand(batch_size, -1, -1)
+
+
+def rms_normalise(x: torch.Tensor) -> torch.Tensor:
+    """What the LLM's first RMSNorm sees (without its gain): features at unit mean square."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+def dense_loss(head, feats, labels, sizes):
+    """Mean cross-entropy of a linear per-patch head over label groups (label 0 = none, counted
+    as a class: the head must also say "no object here"); also the heads' logits."""
+    parts = head(feats).split(sizes, dim=-1)
+    loss = sum(F.cross_entropy(p.reshape(-1, p.shape[-1]), labels[:, i].reshape(-1))
+               for i, p in enumerate(parts)) / len(parts)
+    return loss, parts
 
 
 class Packer:
@@ -428,7 +459,7 @@ def packed_logits(model, batch, with_hidden=False):
     out = lm(inputs_embeds=emb, attention_mask=batch["mask"], position_ids=batch["position_ids"], use_cache=False)
     h = out.last_hidden_state[batch["rows"], batch["cols"]]
     logits = model.lm_head(h)
-    return (logits, hidden) if with_hidden else logits
+    return (logits, hidden, feats) if with_hidden else logits
 
 
 # ------------------------------------------------------------------------- evaluation
@@ -487,14 +518,25 @@ def main(argv=None):
                     help="anneal simple scenes over this many steps (0: no curriculum)")
     ap.add_argument("--focus-steps", type=int, default=0,
                     help="first steps on 2-3 object scenes with attribute questions only (locating warm-up)")
+    ap.add_argument("--focus-family", default="attribute", choices=D.FAMILIES,
+                    help="the family the --focus-steps warm-up asks about")
     ap.add_argument("--simple-start", type=float, default=0.8, help="share of simple scenes at step 0")
     ap.add_argument("--simple-end", type=float, default=0.3, help="share of simple scenes after the curriculum")
     ap.add_argument("--simple-tags", type=int, nargs=2, default=(0, 2), metavar=("MIN", "MAX"),
                     help="printed tags per simple scene (more tags: more text questions)")
     ap.add_argument("--text-weight", type=float, default=1.0,
                     help="loss weight of text-family answers (a scene has at most two text questions)")
+    ap.add_argument("--family-weights", nargs="+", default=[], metavar="FAMILY=W",
+                    help="sampling weights of the extra questions' families (default 1 each), e.g. "
+                         "spatial=4 text=4: more of the questions a model is still answering from the prior")
     ap.add_argument("--aux-weight", type=float, default=1.0,
                     help="weight of the auxiliary per-patch colour/shape/character loss on the vision tower")
+    ap.add_argument("--aux-projected-weight", type=float, default=0.0,
+                    help="weight of a second per-patch loss (object labels plus row and column) on the projected "
+                         "visual tokens as the LLM's RMSNorm sees them: it makes what tells tags and positions "
+                         "apart a large share of each token, not a sliver beside a common component")
+    ap.add_argument("--aux-warmup", type=int, default=0,
+                    help="steps during which the auxiliary loss trains only its head (use with --init)")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast for forward/backward")
     ap.add_argument("--time-limit", type=float, default=0, help="stop after this many minutes (0: none)")
     ap.add_argument("--stop-after", type=int, default=0,
@@ -532,9 +574,17 @@ def main(argv=None):
     val = D.generate("validation", args.val_n, seed=args.data_seed, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE)
     stream = Stream("train", args.data_seed, args.questions, start=args.start_index, rng_seed=args.seed)
     stream.simple_tags = tuple(args.simple_tags)
+    stream.focus_family = args.focus_family
+    for item in args.family_weights:
+        family, _, weight = item.partition("=")
+        if family not in stream.family_weights or not weight:
+            ap.error(f"--family-weights takes FAMILY=WEIGHT with FAMILY one of {D.FAMILIES}, got {item!r}")
+        stream.family_weights[family] = float(weight)
 
     aux_head = torch.nn.Linear(model.config.vision_config.hidden_size, sum(AUX_SIZES))
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n] + list(aux_head.parameters())
+    proj_head = torch.nn.Linear(model.config.text_config.hidden_size, sum(AUX_SIZES) + sum(POSITION_SIZES))
+    heads = list(aux_head.parameters()) + (list(proj_head.parameters()) if args.aux_projected_weight else [])
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n] + heads
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
@@ -561,7 +611,7 @@ def main(argv=None):
         images, qas, items = zip(*(stream.next() for _ in range(args.batch_size)))
         batch = packer.batch(list(images), list(qas))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            logits, hidden = packed_logits(model, batch, with_hidden=True)
+            logits, hidden, projected = packed_logits(model, batch, with_hidden=True)
         logits = logits.float()
         if args.text_weight != 1.0:  # targets come as (answer, eos) per question, in batch order
             weights = torch.tensor([w for qa in qas for q, _ in qa
@@ -570,21 +620,34 @@ def main(argv=None):
         else:
             loss = F.cross_entropy(logits, batch["targets"])
         aux_loss = torch.zeros(())
+        labels = torch.stack([patch_labels(it) for it in items])  # B, heads, 144
+        # a resumed run starts with fresh (unsaved) aux heads: fit them on frozen features first,
+        # or their random gradients scramble the tower's features for the first hundred steps
+        frozen = step <= args.aux_warmup
         if args.aux_weight > 0:
-            labels = torch.stack([patch_labels(it) for it in items])  # B, heads, 144
-            parts = aux_head(hidden.float()).split(AUX_SIZES, dim=-1)
-            aux_loss = sum(F.cross_entropy(p.reshape(-1, p.shape[-1]), labels[:, i].reshape(-1))
-                           for i, p in enumerate(parts)) / len(parts)
-            run_aux += aux_loss.item()
+            feats_for_aux = hidden.detach() if frozen else hidden
+            aux_loss, parts = dense_loss(aux_head, feats_for_aux.float(), labels, AUX_SIZES)
+            aux_loss = args.aux_weight * aux_loss
             with torch.no_grad():  # shape / character accuracy on the patches that have one
                 for name, i in (("shape", 1), ("char", 2)):
                     lab = labels[:, i]
                     hit = parts[i].argmax(-1)[lab > 0] == lab[lab > 0]
                     run_aux_acc[name] += hit.float().mean().item() if hit.numel() else 0.0
-        total = loss + args.aux_weight * aux_loss
+        if args.aux_projected_weight > 0:
+            feats_for_aux = rms_normalise((projected.detach() if frozen else projected).float())
+            proj_labels = torch.cat([labels, position_labels(len(items))], dim=1)
+            proj_loss, parts = dense_loss(proj_head, feats_for_aux, proj_labels, AUX_SIZES + POSITION_SIZES)
+            aux_loss = aux_loss + args.aux_projected_weight * proj_loss
+            with torch.no_grad():
+                lab = labels[:, 2]
+                hit = parts[2].argmax(-1)[lab > 0] == lab[lab > 0]
+                run_aux_acc["proj-char"] += hit.float().mean().item() if hit.numel() else 0.0
+                run_aux_acc["proj-col"] += (parts[-1].argmax(-1) == proj_labels[:, -1]).float().mean().item()
+        run_aux += aux_loss.item()
+        total = loss + aux_loss
         opt.zero_grad(set_to_none=True)
         total.backward()
-        torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(aux_head.parameters()), 1.0)
+        torch.nn.utils.clip_grad_norm_(list(model.parameters()) + heads, 1.0)
         opt.step()
         with torch.no_grad():
             ans = batch["is_answer"]

@@ -22,7 +22,7 @@ token at its region's top-left patch position.
 Needs weights: wrap with ``weights=<dir>`` written by ``vtoken.train_projector`` / ``vtoken
 train-projector`` (or a :class:`~vtoken.packer.TokenPackerModule` in memory). Supported: LLaVA-1.5-style
 models whose visual tokens are one patch grid (``vision_feature_select_strategy="default"``). LLaVA-NeXT
-(AnyRes) is refused with an error at the first forward: its rows hold a base grid, a high-resolution
+(AnyRes) is refused by ``wrap`` (``needs_one_grid_per_image``): its rows hold a base grid, a high-resolution
 grid of varying shape and newline tokens, so the packed count differs per image and cannot be the one
 budget that a projector stage gives every image (the official TokenPacker-HD packs each crop and adds
 its own separators, a different pipeline).
