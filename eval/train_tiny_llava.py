@@ -370,18 +370,54 @@ def position_labels(batch_size: int) -> torch.Tensor:
     return torch.stack([idx // SIDE, idx % SIDE])[None].expand(batch_size, -1, -1)
 
 
-def rms_normalise(x: torch.Tensor) -> torch.Tensor:
-    """What the LLM's first RMSNorm sees (without its gain): features at unit mean square."""
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+class CosineHead(torch.nn.Module):
+    """Per-patch classifier on cosine similarity, ``scale * cos(feature, class weight)``.
+
+    A linear head reaches any margin by growing its weights, so it can read a class from a sliver
+    of the feature (printed characters are ~8% of a tag token beside a common "white tag"
+    direction; tags have cosine 0.997 with each other).  With the norms fixed, the loss can only
+    fall by making the class directions a large share of each token, which is what the LLM, which
+    sees RMS-normalised tokens, needs in order to read them."""
+
+    def __init__(self, dim: int, classes: int, scale: float = 16.0):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(classes, dim) * dim ** -0.5)
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * F.normalize(x, dim=-1) @ F.normalize(self.weight, dim=-1).T
 
 
 def dense_loss(head, feats, labels, sizes):
-    """Mean cross-entropy of a linear per-patch head over label groups (label 0 = none, counted
+    """Mean cross-entropy of a per-patch head over label groups (label 0 = none, counted
     as a class: the head must also say "no object here"); also the heads' logits."""
     parts = head(feats).split(sizes, dim=-1)
     loss = sum(F.cross_entropy(p.reshape(-1, p.shape[-1]), labels[:, i].reshape(-1))
                for i, p in enumerate(parts)) / len(parts)
     return loss, parts
+
+
+def drop_background(batch, items, image_offset: int, rate: float, rng: random.Random) -> None:
+    """Background dropout: for a share ``rate`` of the images, hide a random fraction (uniform in
+    [0, 1)) of the visual tokens that show no object or tag from every query, in place.
+
+    Without it the model counts by proportion (softmax attention averages over the 144 visual
+    tokens): shown only the patches of the counted objects, as a query-aware pruner would, it
+    answers "5" for any count.  Hiding background teaches counts that do not depend on how much
+    background is left.  Object and tag tokens are never hidden, so every answer stays true, and
+    no token is favoured over another by anything but its content."""
+    mask = batch["mask"]
+    for b, scene in enumerate(items):
+        if rng.random() >= rate:
+            continue
+        labels = patch_labels(scene)
+        background = ((labels[0] == 0) & (labels[2] == 0)).nonzero().flatten().tolist()
+        share = rng.random()
+        hidden = [p for p in background if rng.random() < share]
+        if hidden:
+            cols = torch.tensor(hidden) + image_offset
+            mask[b, 0, :, cols] = False
+            mask[b, 0, cols, cols] = True  # a hidden token still attends to itself (no NaN row)
 
 
 class Packer:
@@ -532,9 +568,12 @@ def main(argv=None):
     ap.add_argument("--aux-weight", type=float, default=1.0,
                     help="weight of the auxiliary per-patch colour/shape/character loss on the vision tower")
     ap.add_argument("--aux-projected-weight", type=float, default=0.0,
-                    help="weight of a second per-patch loss (object labels plus row and column) on the projected "
-                         "visual tokens as the LLM's RMSNorm sees them: it makes what tells tags and positions "
-                         "apart a large share of each token, not a sliver beside a common component")
+                    help="weight of a second per-patch loss (object labels plus row and column, cosine head) on "
+                         "the projected visual tokens: it makes what tells tags and positions apart a large share "
+                         "of each token, not a sliver beside a common component")
+    ap.add_argument("--background-dropout", type=float, default=0.0,
+                    help="share of images whose background tokens are partly hidden from the LLM (see "
+                         "drop_background); 0: none")
     ap.add_argument("--aux-warmup", type=int, default=0,
                     help="steps during which the auxiliary loss trains only its head (use with --init)")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast for forward/backward")
@@ -582,7 +621,7 @@ def main(argv=None):
         stream.family_weights[family] = float(weight)
 
     aux_head = torch.nn.Linear(model.config.vision_config.hidden_size, sum(AUX_SIZES))
-    proj_head = torch.nn.Linear(model.config.text_config.hidden_size, sum(AUX_SIZES) + sum(POSITION_SIZES))
+    proj_head = CosineHead(model.config.text_config.hidden_size, sum(AUX_SIZES) + sum(POSITION_SIZES))
     heads = list(aux_head.parameters()) + (list(proj_head.parameters()) if args.aux_projected_weight else [])
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n] + heads
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
@@ -595,6 +634,7 @@ def main(argv=None):
         t = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
         return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
+    dropout_rng = random.Random(args.seed + 1)
     out = Path(args.out)
     best, t0 = -1.0, time.time()
     run_loss, run_acc, run_aux, run_n = 0.0, 0.0, 0.0, 0
@@ -610,6 +650,8 @@ def main(argv=None):
             stream.max_objects = 1 + round(6 * t)
         images, qas, items = zip(*(stream.next() for _ in range(args.batch_size)))
         batch = packer.batch(list(images), list(qas))
+        if args.background_dropout:
+            drop_background(batch, items, len(packer.prefix) - N_PATCHES, args.background_dropout, dropout_rng)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             logits, hidden, projected = packed_logits(model, batch, with_hidden=True)
         logits = logits.float()
@@ -634,7 +676,7 @@ def main(argv=None):
                     hit = parts[i].argmax(-1)[lab > 0] == lab[lab > 0]
                     run_aux_acc[name] += hit.float().mean().item() if hit.numel() else 0.0
         if args.aux_projected_weight > 0:
-            feats_for_aux = rms_normalise((projected.detach() if frozen else projected).float())
+            feats_for_aux = (projected.detach() if frozen else projected).float()
             proj_labels = torch.cat([labels, position_labels(len(items))], dim=1)
             proj_loss, parts = dense_loss(proj_head, feats_for_aux, proj_labels, AUX_SIZES + POSITION_SIZES)
             aux_loss = aux_loss + args.aux_projected_weight * proj_loss

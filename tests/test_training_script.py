@@ -1,0 +1,78 @@
+"""The tiny LLaVA's training script (``eval/train_tiny_llava.py``): packed questions compute what
+single prompts compute, background dropout never hides evidence, extra questions are true."""
+
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
+
+T = pytest.importorskip("train_tiny_llava")
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tokenizer = T.build_tokenizer()
+    processor = T.build_processor(tokenizer)
+    model = T.build_model(tokenizer, vision_hidden=32, vision_layers=2, text_hidden=32, text_layers=2,
+                          text_heads=2).eval()
+    packer = T.Packer(tokenizer, processor.image_processor)
+    stream = T.Stream(questions=4, rng_seed=0)
+    scenes = [stream.next() for _ in range(3)]
+    return model, processor, packer, scenes
+
+
+def test_each_packed_question_gets_the_logits_of_its_own_single_prompt(setup):
+    model, processor, packer, scenes = setup
+    images, qas, _ = zip(*scenes)
+    assert all(len(qa) >= 2 for qa in qas)  # several questions share one image prefix
+    with torch.no_grad():
+        packed = T.packed_logits(model, packer.batch(list(images), list(qas)))
+        i = 0
+        for image, qa in zip(images, qas):
+            for question, answer in qa:
+                text = T.prompt(question)
+                inputs = processor(images=image, text=text, return_tensors="pt")
+                logits = model(**inputs).logits[0, -1]
+                assert torch.allclose(packed[i], logits, atol=1e-4), question
+                i += 2  # the answer target, then the end-of-sequence target after it
+
+
+def test_background_dropout_hides_background_only(setup):
+    _, _, packer, scenes = setup
+    images, qas, items = zip(*scenes)
+    batch = packer.batch(list(images), list(qas))
+    before = batch["mask"].clone()
+    offset = len(packer.prefix) - T.N_PATCHES
+    T.drop_background(batch, items, offset, rate=1.0, rng=random.Random(0))
+    hidden_any = False
+    for b, scene in enumerate(items):
+        labels = T.patch_labels(scene)
+        evidence = (labels[0] > 0) | (labels[2] > 0)  # shape or tag patches
+        row = batch["mask"][b, 0, batch["cols"][0]]  # what the first answer position sees
+        seen = row[offset: offset + T.N_PATCHES]
+        assert seen[evidence].all()
+        hidden_any |= bool((~seen[~evidence]).any())
+        assert torch.equal(batch["mask"][b, 0, :, :offset], before[b, 0, :, :offset])  # prompt untouched
+        assert batch["mask"][b, 0].diagonal().all()  # every row attends somewhere (no NaN)
+    assert hidden_any
+
+
+def test_extra_questions_are_true_of_the_scene(setup):
+    *_, scenes = setup
+    for _, _, items in scenes:
+        shapes = [it for it in items if it["kind"] == "shape"]
+        extra = T.extra_questions(items, random.Random(0))
+        for question, answer in extra["count"]:
+            words = question.split()  # how many [colour] <plural shape | objects> are there?
+            colour, noun = (words[2], words[3]) if words[2] in T.D.COLOURS else (None, words[2])
+            matches = [o for o in shapes if colour in (None, o["colour"])
+                       and noun in ("objects", T.D.PLURALS[o["shape"]])]
+            assert int(answer) == len(matches), question
+        for question, answer in extra["exist"]:
+            colour, shape = question.split()[3:5]
+            present = any(o["colour"] == colour and o["shape"] == shape for o in shapes)
+            assert answer == ("yes" if present else "no"), question
