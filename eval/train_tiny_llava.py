@@ -652,8 +652,10 @@ def main(argv=None):
         stream.family_weights[family] = float(weight)
 
     aux_head = torch.nn.Linear(model.config.vision_config.hidden_size, sum(AUX_SIZES))
-    proj_head = CosineHead(model.config.text_config.hidden_size, sum(AUX_SIZES) + sum(POSITION_SIZES))
-    heads = list(aux_head.parameters()) + (list(proj_head.parameters()) if args.aux_projected_weight else [])
+    proj_head = None  # built only when used: drawing its weights would shift earlier recipes' random streams
+    if args.aux_projected_weight:
+        proj_head = CosineHead(model.config.text_config.hidden_size, sum(AUX_SIZES) + sum(POSITION_SIZES))
+    heads = list(aux_head.parameters()) + (list(proj_head.parameters()) if proj_head is not None else [])
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n] + heads
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},

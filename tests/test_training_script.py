@@ -76,3 +76,23 @@ def test_extra_questions_are_true_of_the_scene(setup):
             colour, shape = question.split()[3:5]
             present = any(o["colour"] == colour and o["shape"] == shape for o in shapes)
             assert answer == ("yes" if present else "no"), question
+
+
+def test_a_two_step_run_with_every_stage4_option_saves_a_loadable_model(tmp_path, capsys):
+    from transformers import LlavaForConditionalGeneration
+
+    out = tmp_path / "model"
+    T.main(["--steps", "2", "--warmup", "1", "--batch-size", "2", "--questions", "3", "--val-n", "5",
+            "--eval-every", "2", "--log-every", "1", "--vision-hidden", "32", "--vision-layers", "2",
+            "--text-hidden", "32", "--text-layers", "1", "--aux-projected-weight", "1", "--aux-warmup", "1",
+            "--background-dropout", "1", "--family-weights", "text=4", "spatial=4", "--out", str(out)])
+    log = capsys.readouterr().out
+    assert "aux-proj-char-acc" in log and "[val] step 2" in log
+    model = LlavaForConditionalGeneration.from_pretrained(out)
+    assert model.config.text_config.hidden_size == 32
+
+
+def test_family_weights_must_name_a_family(capsys):
+    with pytest.raises(SystemExit):
+        T.main(["--steps", "1", "--val-n", "1", "--text-hidden", "32", "--family-weights", "colour=2"])
+    assert "--family-weights takes FAMILY=WEIGHT" in capsys.readouterr().err
