@@ -82,6 +82,12 @@ had moved either (at step 675 Y1 read characters from the projected tokens at 0.
 at 0.32). Spatial questions stay at their prior (50%) although the projected tokens now give each
 patch's column at 0.999: the LLM has not learnt to compare two objects' positions.
 
+Reproducibility, not yet shown: stage 4 rerun with --seed 15 from the same stage-3 weights
+(``rerun_stage4_seed15_partial.log``, stopped by a time limit at step 2909) had text questions at
+9% at step 2000 where the shipped run had 39%, and at 34% (73.3% val overall) at its last step
+where the shipped run had 100% by step 3000: the text answers come later in that run, or not at
+all.
+
 Not used for the shipped model: ``--background-dropout`` (ablation W4). The model counts by
 proportion: shown only the counted objects' patches (the oracle at 1/9) it answers "5" whatever the
 count (24 of 96 validation records right, random 35; ``probes.py``). Hiding random background
