@@ -118,7 +118,8 @@ import vqa_data as D
 from vqa_tokenizer import IMAGE, build_tokenizer, prompt
 
 IMAGE_SIZE, PATCH_SIZE = 96, 8
-N_PATCHES = (IMAGE_SIZE // PATCH_SIZE) ** 2  # 144 visual tokens per image
+SIDE = IMAGE_SIZE // PATCH_SIZE  # patches per row and column
+N_PATCHES = SIDE ** 2  # 144 visual tokens per image
 
 
 # ----------------------------------------------------------------------------- model
@@ -163,7 +164,7 @@ def _init_positions(model) -> None:
     Only an initialisation (the embeddings stay trainable); it gives the patches a usable sense of
     where they are from step 0, which the spatial questions and locating named objects need."""
     emb = _vision_model(model).embeddings.position_embedding.weight
-    dim, side = emb.shape[1], IMAGE_SIZE // PATCH_SIZE
+    dim, side = emb.shape[1], SIDE
     quarter = dim // 4
     freqs = 1.0 / (side ** (torch.arange(quarter, dtype=torch.float32) / quarter))
     rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
@@ -380,11 +381,10 @@ def patch_labels(items) -> torch.Tensor:
     """(5, 144) per-patch labels of a scene: colour, shape, printed character, "top-left patch
     of a shape" and size of the object whose block covers the patch (0 = none).
 
-    Used only by the auxiliary dense loss on the vision tower's selected features (a linear
-    probe head that is not part of the saved model); answers and attention are not touched.
+    Used by the auxiliary dense losses (heads that are not part of the saved model) and to tell
+    background from evidence in :func:`drop_background`; answers and attention are not touched.
     The anchor label gives every object one patch that stands for it, which counting needs."""
-    side = IMAGE_SIZE // PATCH_SIZE
-    lab = np.zeros((len(AUX_SIZES), side, side), dtype=np.int64)
+    lab = np.zeros((len(AUX_SIZES), SIDE, SIDE), dtype=np.int64)
     for it in items:
         x0, y0, x1, y1 = (v // PATCH_SIZE for v in it["box"])
         if it["kind"] == "tag":
@@ -397,7 +397,6 @@ def patch_labels(items) -> torch.Tensor:
     return torch.from_numpy(lab.reshape(len(AUX_SIZES), -1))
 
 
-SIDE = IMAGE_SIZE // PATCH_SIZE
 POSITION_SIZES = (SIDE, SIDE)  # row, column of every patch
 
 
@@ -434,7 +433,14 @@ def dense_loss(head, feats, labels, sizes):
     return loss, parts
 
 
-def drop_background(batch, items, image_offset: int, rate: float, rng: random.Random) -> None:
+def labelled_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Accuracy of per-patch ``logits`` on the patches whose label is not 0 (none); 0 if there are none."""
+    has = labels > 0
+    hit = logits.argmax(-1)[has] == labels[has]
+    return hit.float().mean().item() if hit.numel() else 0.0
+
+
+def drop_background(batch, labels: torch.Tensor, image_offset: int, rate: float, rng: random.Random) -> None:
     """Background dropout: for a share ``rate`` of the images, hide a random fraction (uniform in
     [0, 1)) of the visual tokens that show no object or tag from every query, in place.
 
@@ -442,13 +448,13 @@ def drop_background(batch, items, image_offset: int, rate: float, rng: random.Ra
     tokens): shown only the patches of the counted objects, as a query-aware pruner would, it
     answers "5" for any count.  Hiding background teaches counts that do not depend on how much
     background is left.  Object and tag tokens are never hidden, so every answer stays true, and
-    no token is favoured over another by anything but its content."""
+    no token is favoured over another by anything but its content.  ``labels``: the batch's
+    :func:`patch_labels`, (B, 5, 144)."""
     mask = batch["mask"]
-    for b, scene in enumerate(items):
+    for b, scene in enumerate(labels):
         if rng.random() >= rate:
             continue
-        labels = patch_labels(scene)
-        background = ((labels[0] == 0) & (labels[2] == 0)).nonzero().flatten().tolist()
+        background = ((scene[0] == 0) & (scene[2] == 0)).nonzero().flatten().tolist()
         share = rng.random()
         hidden = [p for p in background if rng.random() < share]
         if hidden:
@@ -689,8 +695,9 @@ def main(argv=None):
             stream.max_objects = 1 + round(6 * t)
         images, qas, items = zip(*(stream.next() for _ in range(args.batch_size)))
         batch = packer.batch(list(images), list(qas))
+        labels = torch.stack([patch_labels(it) for it in items])  # B, 5, 144
         if args.background_dropout:
-            drop_background(batch, items, len(packer.prefix) - N_PATCHES, args.background_dropout, dropout_rng)
+            drop_background(batch, labels, len(packer.prefix) - N_PATCHES, args.background_dropout, dropout_rng)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             logits, hidden, projected = packed_logits(model, batch, with_hidden=True)
         logits = logits.float()
@@ -701,7 +708,6 @@ def main(argv=None):
         else:
             loss = F.cross_entropy(logits, batch["targets"])
         aux_loss = torch.zeros(())
-        labels = torch.stack([patch_labels(it) for it in items])  # B, heads, 144
         # a resumed run starts with fresh (unsaved) aux heads: fit them on frozen features first,
         # or their random gradients scramble the tower's features for the first hundred steps
         frozen = step <= args.aux_warmup
@@ -711,18 +717,14 @@ def main(argv=None):
             aux_loss = args.aux_weight * aux_loss
             with torch.no_grad():  # shape / character accuracy on the patches that have one
                 for name, i in (("shape", 1), ("char", 2)):
-                    lab = labels[:, i]
-                    hit = parts[i].argmax(-1)[lab > 0] == lab[lab > 0]
-                    run_aux_acc[name] += hit.float().mean().item() if hit.numel() else 0.0
+                    run_aux_acc[name] += labelled_accuracy(parts[i], labels[:, i])
         if args.aux_projected_weight > 0:
             feats_for_aux = (projected.detach() if frozen else projected).float()
             proj_labels = torch.cat([labels, position_labels(len(items))], dim=1)
             proj_loss, parts = dense_loss(proj_head, feats_for_aux, proj_labels, AUX_SIZES + POSITION_SIZES)
             aux_loss = aux_loss + args.aux_projected_weight * proj_loss
             with torch.no_grad():
-                lab = labels[:, 2]
-                hit = parts[2].argmax(-1)[lab > 0] == lab[lab > 0]
-                run_aux_acc["proj-char"] += hit.float().mean().item() if hit.numel() else 0.0
+                run_aux_acc["proj-char"] += labelled_accuracy(parts[2], labels[:, 2])
                 run_aux_acc["proj-col"] += (parts[-1].argmax(-1) == proj_labels[:, -1]).float().mean().item()
         run_aux += aux_loss.item()
         total = loss + aux_loss

@@ -47,7 +47,8 @@ def test_background_dropout_hides_background_only(setup):
     batch = packer.batch(list(images), list(qas))
     before = batch["mask"].clone()
     offset = len(packer.prefix) - T.N_PATCHES
-    T.drop_background(batch, items, offset, rate=1.0, rng=random.Random(0))
+    labels = torch.stack([T.patch_labels(scene) for scene in items])
+    T.drop_background(batch, labels, offset, rate=1.0, rng=random.Random(0))
     hidden_any = False
     for b, scene in enumerate(items):
         labels = T.patch_labels(scene)
