@@ -86,7 +86,9 @@ Reproducibility, not yet shown: stage 4 rerun with --seed 15 from the same stage
 (``rerun_stage4_seed15_partial.log``, stopped by a time limit at step 2909) had text questions at
 9% at step 2000 where the shipped run had 39%, and at 34% (73.3% val overall) at its last step
 where the shipped run had 100% by step 3000: the text answers come later in that run, or not at
-all.
+all. All four stages ran before the question stream stopped depending on PYTHONHASHSEED (existence
+questions were listed in set order), so no rerun can repeat them exactly; a rerun now repeats
+itself given its arguments.
 
 Not used for the shipped model: ``--background-dropout`` (ablation W4). The model counts by
 proportion: shown only the counted objects' patches (the oracle at 1/9) it answers "5" whatever the
@@ -281,7 +283,9 @@ def extra_questions(items, rng: random.Random) -> dict[str, list[tuple[str, str]
     present = set(by_name)
     absent = [(c, s) for c in D.COLOURS for s in D.SHAPES if (c, s) not in present]
     near = [(c, s) for c, s in absent if any(c == pc or s == ps for pc, ps in present)]
-    yes_q = [(D.Q_EXIST.format(colour=c, shape=s), "yes") for c, s in present]
+    # by_name, not the set: a set of strings iterates in PYTHONHASHSEED order, which made every
+    # run's question stream (and so its weights) differ from process to process
+    yes_q = [(D.Q_EXIST.format(colour=c, shape=s), "yes") for c, s in by_name]
     pool = near if near and rng.random() < 0.5 else absent
     no_q = [(D.Q_EXIST.format(colour=c, shape=s), "no") for c, s in rng.sample(pool, min(len(pool), len(yes_q)))]
     out["exist"] = yes_q + no_q

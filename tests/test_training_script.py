@@ -1,7 +1,9 @@
 """The tiny LLaVA's training script (``eval/train_tiny_llava.py``): packed questions compute what
 single prompts compute, background dropout never hides evidence, extra questions are true."""
 
+import os
 import random
+import subprocess
 import sys
 from pathlib import Path
 
@@ -97,3 +99,13 @@ def test_family_weights_must_name_a_family(capsys):
     with pytest.raises(SystemExit):
         T.main(["--steps", "1", "--val-n", "1", "--text-hidden", "32", "--family-weights", "colour=2"])
     assert "--family-weights takes FAMILY=WEIGHT" in capsys.readouterr().err
+
+
+def test_the_question_stream_does_not_depend_on_the_string_hash_seed():
+    code = ("import sys; sys.path.insert(0, 'eval'); import train_tiny_llava as T; s = T.Stream(questions=12); "
+            "print([qa for _ in range(6) for qa in s.next()[1]])")
+    root = Path(__file__).resolve().parents[1]
+    streams = {subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONHASHSEED": seed}).stdout
+               for seed in ("1", "2", "3")}
+    assert len(streams) == 1
