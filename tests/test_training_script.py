@@ -93,6 +93,7 @@ def test_a_two_step_run_with_every_stage4_option_saves_a_loadable_model(tmp_path
     assert "aux-proj-char-acc" in log and "[val] step 2" in log
     model = LlavaForConditionalGeneration.from_pretrained(out)
     assert model.config.text_config.hidden_size == 32
+    assert (out / "training_state.txt").read_text().startswith("step 2 val ")  # the first evaluation is saved
 
 
 def test_family_weights_must_name_a_family(capsys):
@@ -109,3 +110,4 @@ def test_the_question_stream_does_not_depend_on_the_string_hash_seed():
                               env={**os.environ, "PYTHONHASHSEED": seed}).stdout
                for seed in ("1", "2", "3")}
     assert len(streams) == 1
+    assert streams.pop().count("?") >= 6 * 2  # six images with their benchmark question and extra ones
