@@ -11,7 +11,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
 import time
@@ -52,14 +51,19 @@ def main(argv=None) -> None:
     families = result.family_accuracy()
     counts = dict(result.total)
     params = sum(p.numel() for p in vqa.model.parameters())
+    shipped = Path(args.model).resolve() == Path(default_model_path()).resolve()
+    repo = Path(__file__).resolve().parents[1]
+    model_path = Path(args.model).resolve()
+    shown = model_path.relative_to(repo) if model_path.is_relative_to(repo) else model_path
+    source = f"`{args.data}`" if args.data else f"the `{args.split}` split (seed {args.seed})"
     lines = [
-        "# The shipped tiny LLaVA, unpruned",
+        f"# {'The shipped tiny LLaVA' if shipped else 'A tiny LLaVA'}, unpruned",
         "",
         f"Produced by `python eval/eval_tiny_llava.py {' '.join(shlex.quote(a) for a in (argv or sys.argv[1:]))}`"
         f" ({time.time() - start:.0f} s).",
         "",
-        f"Model: `{os.path.relpath(args.model, Path(__file__).resolve().parents[1])}`, {params / 1e6:.2f}M parameters. Records: {len(records)} of the `{args.split}`"
-        f" split (seed {args.seed}); exact match of the greedy answer.",
+        f"Model: `{shown}`, {params / 1e6:.2f}M parameters. Records: {len(records)} of {source};"
+        " exact match of the greedy answer.",
         "",
         "| family | records | accuracy |",
         "|---|---|---|",

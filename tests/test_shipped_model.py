@@ -14,10 +14,11 @@ from vtoken.bench import default_model_path, run
 from vtoken.vqa.data import generate
 from vtoken.vqa.evaluate import VQAModel, evaluate
 
-# The shipped model's test accuracy on 1000 records is in eval/results/tiny_llava.md (87.2%); 96
+# The shipped model's test accuracy on 1000 records is in eval/results/tiny_llava.md (89.6%); 96
 # records are a coarse check that the weights load and read the image: the same questions asked about
-# blank grey images (the text-only prior) score far lower (89.6% against 29.2% when written, and
-# all 20 text questions right: the model reads the one-patch characters).
+# blank grey images (the text-only prior) score far lower (90.6% against 32.3% when written, and
+# all 20 text questions right: the model reads the one-patch characters). The thresholds leave room
+# for a retrained model: a rerun of the last stage with another seed scored 85.8% on the 1000.
 MIN_ACCURACY = 0.82
 MIN_GAIN_OVER_BLANK = 0.45
 MIN_TEXT_ACCURACY = 0.8

@@ -4,7 +4,8 @@
 
 1. Tag tokens as the LLM receives them (projected visual tokens of printed-character patches):
    mean cosine between tags, and how well a least-squares linear probe reads the character.
-2. Text questions about a lone tag on an empty image (and with two shapes, and two tags).
+2. Text questions about a lone tag on an empty image (and with two shapes, and two tags); with
+   two shapes, the right answers per printed character.
 3. Counting under the oracle and random selections at 16 of 144 tokens: (truth, answer) counts.
 
 Validation split only; seeds fixed, so the output is the same on every run.
@@ -12,7 +13,7 @@ Validation split only; seeds fixed, so the output is the same on every run.
 
 import random
 import sys
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
@@ -58,6 +59,13 @@ def lone_tags(model, tokenizer, processor) -> None:
                 records.append({"pil": image, "question": question, "answer": answer, "family": "text"})
         accuracy, _ = T.val_accuracy(model, packer, records)
         print(f"text questions, {shapes} shapes and {tags[0]} tag(s): {accuracy:.2f}")
+        if shapes == 2:
+            by_char = defaultdict(list)
+            for r in records:
+                by_char[r["answer"]].append(r)
+            # Right answers per printed character: a run learns the digits before the letters.
+            right = {c: round(T.val_accuracy(model, packer, rs)[0] * len(rs)) for c, rs in by_char.items()}
+            print("  right per character: " + " ".join(f"{c}:{right[c]}/{len(by_char[c])}" for c in sorted(by_char)))
 
 
 def counting_under_pruning(path: str) -> None:
