@@ -51,9 +51,8 @@ def main(argv=None) -> None:
     families = result.family_accuracy()
     counts = dict(result.total)
     params = sum(p.numel() for p in vqa.model.parameters())
-    shipped = Path(args.model).resolve() == Path(default_model_path()).resolve()
-    repo = Path(__file__).resolve().parents[1]
-    model_path = Path(args.model).resolve()
+    model_path, repo = Path(args.model).resolve(), Path(__file__).resolve().parents[1]
+    shipped = model_path == Path(default_model_path()).resolve()
     shown = model_path.relative_to(repo) if model_path.is_relative_to(repo) else model_path
     source = f"`{args.data}`" if args.data else f"the `{args.split}` split (seed {args.seed})"
     lines = [

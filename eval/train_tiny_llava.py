@@ -75,12 +75,13 @@ only lower its loss by making the character a large share of the token; its char
 from 0.32 (step 675) to 0.96 (step 2225) and the text answers followed (100% at step 3000, run G
 below). In the shipped model tags have cosine 0.263 with each other and a lone tag is read every
 time (``probes_shipped.log``; run G: 0.284, ``probes_run_G.log``). Not established: whether
-the cosine form matters, or whether stage 4 without the projected loss gets there too. The runs that would tell (a linear head on
-RMS-normalised tokens, since replaced by the cosine head, ablation Y1; no projected loss, text and
-spatial sampled 2x, ablation W2) were stopped near step 700, before the cosine run's text answers
-had moved either (at step 675 Y1 read characters from the projected tokens at 0.27, the cosine run
-at 0.32). Spatial questions stay at their prior (50%) although the projected tokens now give each
-patch's column at 0.999: the LLM has not learnt to compare two objects' positions.
+the cosine form matters, or whether stage 4 without the projected loss gets there too. The runs
+that would tell (a linear head on RMS-normalised tokens, since replaced by the cosine head,
+ablation Y1; no projected loss, text and spatial sampled 2x, ablation W2) were stopped near step
+700, before the cosine run's text answers had moved either (at step 675 Y1 read characters from
+the projected tokens at 0.27, the cosine run at 0.32). Spatial questions stay at their prior (50%)
+although the projected tokens now give each patch's column at 0.999: the LLM has not learnt to
+compare two objects' positions.
 
 Reproducibility of stage 4, from the same stage-3 weights. Test: unpruned accuracy on 1000 test
 records by ``eval/eval_tiny_llava.py --model DIR`` (shipped: ``eval/results/tiny_llava.md``; seed
@@ -105,15 +106,16 @@ at 4500; when the learning rate had decayed it read every digit and most letters
 and x (right answers per character on lone tags beside two shapes, ``probes_rerun_seed25.log``: l
 1/5, p 1/7, r 0/3, x 0/9), 78.5% of the test's text questions. Seed 15 was at 34% when its time ran
 out. A rerun whose validation text accuracy is still climbing at its last step may gain from more
-steps (not tested).
-Stages 1 to 3 were not rerun: they ran before the hash-seed fix, so their exact streams are gone.
+steps (not tested). Stages 1 to 3 were not rerun: they ran before the hash-seed fix, so their
+exact streams are gone.
 
 Not used for the shipped model: ``--background-dropout`` (ablation W4). The model counts by
 proportion: shown only the counted objects' patches (the oracle at 1/9) it answers "5" whatever the
-count (24 of 96 validation records right, random 33; ``probes_shipped.log``). Hiding random background
-tokens during training made the oracle count better than random within 500 steps (a hand check, not
-a committed result), but unpruned counting fell from 85% to 71% on validation by step 1000
-(ablation W4's log), so the shipped model keeps this weakness and the benchmark reports it.
+count (24 of 96 validation records right, random 33; ``probes_shipped.log``). Hiding random
+background tokens during training made the oracle count better than random within 500 steps (a
+hand check, not a committed result), but unpruned counting fell from 85% to 71% on validation by
+step 1000 (ablation W4's log), so the shipped model keeps this weakness and the benchmark reports
+it.
 """
 
 from __future__ import annotations

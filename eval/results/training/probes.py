@@ -13,7 +13,7 @@ Validation split only; seeds fixed, so the output is the same on every run.
 
 import random
 import sys
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -57,15 +57,12 @@ def lone_tags(model, tokenizer, processor) -> None:
             i += 1
             for question, answer in T.extra_questions(items, rng).get("text", []):
                 records.append({"pil": image, "question": question, "answer": answer, "family": "text"})
-        accuracy, _ = T.val_accuracy(model, packer, records)
+        # Grouped by the printed character (val_accuracy reports per "family"), in the same pass.
+        accuracy, per_char = T.val_accuracy(model, packer, [dict(r, family=r["answer"]) for r in records])
         print(f"text questions, {shapes} shapes and {tags[0]} tag(s): {accuracy:.2f}")
-        if shapes == 2:
-            by_char = defaultdict(list)
-            for r in records:
-                by_char[r["answer"]].append(r)
-            # Right answers per printed character: a run learns the digits before the letters.
-            right = {c: round(T.val_accuracy(model, packer, rs)[0] * len(rs)) for c, rs in by_char.items()}
-            print("  right per character: " + " ".join(f"{c}:{right[c]}/{len(by_char[c])}" for c in sorted(by_char)))
+        if shapes == 2:  # right answers per character: a run learns the digits before the letters
+            n = Counter(r["answer"] for r in records)
+            print("  right per character: " + " ".join(f"{c}:{round(a * n[c])}/{n[c]}" for c, a in per_char.items()))
 
 
 def counting_under_pruning(path: str) -> None:
