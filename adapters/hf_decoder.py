@@ -27,8 +27,7 @@ from functools import partial
 
 import torch
 from torch import nn
-from transformers.cache_utils import DynamicCache
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, and_masks, causal_mask_function
+from vtoken import compat
 
 from .base import UndoStack
 from .observe import observe_layer
@@ -58,31 +57,18 @@ def causal_mask_for(config, hidden: torch.Tensor, padding_mask: torch.Tensor, qu
 
     ``extra``: an optional transformers mask function ``(batch, head, query, key) -> bool`` (absolute
     slot indices, broadcast) that must also hold; only for :data:`ARBITRARY_MASK_ATTENTION`."""
-    try:
-        make_mask = ALL_MASK_ATTENTION_FUNCTIONS[config._attn_implementation]
-    except KeyError:  # an implementation that builds no mask (as transformers does for it)
-        make_mask = None
-    if extra is not None and config._attn_implementation not in ARBITRARY_MASK_ATTENTION:
+    make_mask = compat.mask_builder(config)  # None: an implementation that builds no mask
+    implementation = compat.attention_implementation(config)
+    if extra is not None and implementation not in ARBITRARY_MASK_ATTENTION:
         raise ValueError(
-            f"attn_implementation={config._attn_implementation!r} cannot take an arbitrary attention mask; "
+            f"attn_implementation={implementation!r} cannot take an arbitrary attention mask; "
             f"use one of {', '.join(ARBITRARY_MASK_ATTENTION)}"
         )
     if make_mask is None:
         return None
-    kv_length = padding_mask.shape[1]
-    return make_mask(
-        batch_size=hidden.shape[0],
-        q_length=query_length,
-        kv_length=kv_length,
-        q_offset=kv_length - query_length,
-        kv_offset=0,
-        mask_function=causal_mask_function if extra is None else and_masks(causal_mask_function, extra),
-        attention_mask=padding_mask.to(torch.bool),
-        allow_is_causal_skip=extra is None,
-        dtype=hidden.dtype,
-        config=config,
-        use_vmap=False,
-        device=hidden.device,
+    return compat.build_mask(
+        config, make_mask, batch_size=hidden.shape[0], q_length=query_length, kv_length=padding_mask.shape[1],
+        padding_mask=padding_mask.to(torch.bool), extra=extra, dtype=hidden.dtype, device=hidden.device,
     )
 
 
@@ -123,7 +109,7 @@ class DecoderPruning:
         if pruner.mask is not None:
             self._check_mask_stage(pruner.mask, query)
         for layer in pruner.strategy.observed_layers("llm", len(self.layers)):
-            observe_layer(self.layers[layer], {"attention": "self_attn", "mlp": "mlp"}, prefilling,
+            observe_layer(self.layers[layer], compat.LAYER_PARTS, prefilling,
                           partial(self._observed, layer), undo)
         for layer in attention_layers:
             hook = partial(self._attention_observed, query, layer)
@@ -149,8 +135,8 @@ class DecoderPruning:
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.dim() != 2:
             raise ValueError("vtoken needs a 2-D attention_mask (batch, length); a 4-D custom mask cannot be pruned")
-        cache = kwargs.get("past_key_values")
-        if cache is not None and self.pruner.stages_at("llm") and not isinstance(cache, DynamicCache):
+        cache = compat.cache_from(kwargs)
+        if cache is not None and self.pruner.stages_at("llm") and not compat.is_dynamic_cache(cache):
             raise ValueError(
                 f"pruning inside the LLM needs a DynamicCache (layers hold different lengths); got "
                 f"{type(cache).__name__}. Use the default cache (no cache_implementation='static')."
@@ -217,11 +203,11 @@ class DecoderPruning:
         if run.prefill:
             if output is not None and self.pruner.mask is not None:
                 replaced = output = self._apply_mask_stage(run, kwargs, output)
-            cache = getattr(output, "past_key_values", None) if output is not None else None
+            cache = compat.output_cache(output)
             if cache is not None and run.cache_added:
-                output.past_key_values = None
+                compat.drop_output_cache(output)
             elif cache is not None:
-                cache._vtoken_run = run
+                self.pruner.attach(cache, run)
             run.end_prefill()
             self.pruner.last_run = run
         run.group_kwargs = {}
@@ -271,7 +257,7 @@ class DecoderPruning:
         else:
             padding = torch.cat([layout.valid, run.new_mask], dim=1)
             positions = self._decode_positions(run, layout)
-        cos_sin = self.lm.rotary_emb(hidden, positions)
+        cos_sin = compat.rotary_cos_sin(self.lm, hidden, positions)
         mask = causal_mask_for(self.config, hidden, padding, hidden.shape[1])
         return {"attention_mask": mask, "position_ids": positions, "position_embeddings": cos_sin}
 
@@ -301,7 +287,7 @@ class DecoderPruning:
         cos_sin = kwargs["position_embeddings"]
         layout = run.group_for(index)[1]
         if query == "next" and run.side_pass == "next":
-            keys = kwargs["past_key_values"].layers[index].keys  # after this step's update
+            keys, _ = compat.cache_layer_kv(compat.cache_from(kwargs), index)  # after this step's update
             extra = torch.ones(hidden.shape[0], keys.shape[2] - layout.length, dtype=torch.bool, device=hidden.device)
             key_valid = torch.cat([layout.valid, extra], dim=1)
             probs = llama_cached_attention_rows(module, hidden, cos_sin, keys, key_valid)[..., : layout.length]
@@ -343,7 +329,7 @@ class DecoderPruning:
         self._check_mask_attention()
 
     def _check_mask_attention(self) -> None:
-        implementation = self.config._attn_implementation
+        implementation = compat.attention_implementation(self.config)
         if implementation not in ARBITRARY_MASK_ATTENTION:
             raise ValueError(
                 f"this method masks visual tokens from the text with an explicit attention mask, which "
@@ -354,12 +340,12 @@ class DecoderPruning:
         """A mask stage reuses the prefix's KV cache to recompute the text rows: make sure the
         prefill fills one, even when the caller asked for none (it is then not returned)."""
         self._check_mask_attention()
-        if kwargs.get("past_key_values") is not None:
+        if compat.cache_from(kwargs) is not None:
             return False
-        wanted = kwargs.get("use_cache")
+        wanted = compat.use_cache_from(kwargs)
         run.cache_added = not (self.config.use_cache if wanted is None else wanted)
-        kwargs["past_key_values"] = DynamicCache(config=self.config)
-        kwargs["use_cache"] = True
+        compat.set_cache(kwargs, compat.new_dynamic_cache(self.config))
+        kwargs[compat.USE_CACHE_KWARG] = True
         return True
 
     def _apply_mask_stage(self, run: PruneRun, kwargs, output):
@@ -367,10 +353,10 @@ class DecoderPruning:
         comes after a hidden token with the text -> hidden-visual attention masked from layer
         ``stage.layer`` on, and set the decoding layout (hidden slots invalid, or evicted)."""
         stage, strategy = self.pruner.mask, self.pruner.strategy
-        cache = output.past_key_values
+        cache = compat.output_cache(output)
         layout = run.groups[0][1]
         query, layers = strategy.observed_attention(len(self.layers))
-        if query == "next" and layers:
+        if query == "next" and layers and run.replay is None:  # a replay decides nothing anew
             self._probe_next(run, layout, output, cache)
         hidden = run.stash[stage.layer][0]
         masked = self.pruner.run_mask_stage(run, stage, layout, hidden, partial(self._attention, run, stage.layer))
@@ -386,9 +372,12 @@ class DecoderPruning:
             return output
         if strategy.evict_masked:
             decoding, index = layout.compact(layout.valid & ~masked)  # positions kept; pads go too
-            for cached in cache.layers[stage.layer :]:
-                cached.keys = gather_tokens(cached.keys.transpose(1, 2), index).transpose(1, 2).contiguous()
-                cached.values = gather_tokens(cached.values.transpose(1, 2), index).transpose(1, 2).contiguous()
+            for layer in range(stage.layer, compat.num_cache_layers(cache)):
+                keys, values = (
+                    gather_tokens(t.transpose(1, 2), index).transpose(1, 2).contiguous()
+                    for t in compat.cache_layer_kv(cache, layer)
+                )
+                compat.set_cache_layer_kv(cache, layer, keys, values)
         else:
             decoding = SequenceLayout(
                 layout.orig_index, layout.valid & ~masked, layout.visual_index, layout.image_index, layout.position_ids
@@ -411,11 +400,11 @@ class DecoderPruning:
         try:
             self.lm.forward(
                 inputs_embeds=embeds, attention_mask=torch.cat([layout.valid, ones], dim=1).long(),
-                position_ids=positions, past_key_values=cache, use_cache=True,
+                position_ids=positions, use_cache=True, **compat.cache_kwargs(cache),
             )
         finally:
             run.side_pass = None
-        cache.crop(-1)
+        compat.crop_cache(cache, -1)
 
     def _recompute(self, run: PruneRun, kwargs, output, cache, layout, masked, start: int):
         """Rerun the LLM on slots ``start..`` over the prefix's cache, no text query attending to a
@@ -431,13 +420,13 @@ class DecoderPruning:
 
         plain = causal_mask_for(self.config, embeds, layout.valid, length - start)
         modulated = causal_mask_for(self.config, embeds, layout.valid, length - start, extra=text_may_attend)
-        cache.crop(start - length)
+        compat.crop_cache(cache, start - length)
         flags = {k: kwargs[k] for k in ("output_attentions", "output_hidden_states") if kwargs.get(k)}
         run.side_pass, run.recompute = "recompute", (self.pruner.mask.layer, plain, modulated)
         try:
             rest = self.lm.forward(
                 inputs_embeds=embeds[:, start:], attention_mask=layout.valid.long(),
-                position_ids=layout.position_ids[:, start:], past_key_values=cache, use_cache=True, **flags,
+                position_ids=layout.position_ids[:, start:], use_cache=True, **compat.cache_kwargs(cache), **flags,
             )
         finally:
             run.side_pass, run.recompute = None, None
@@ -476,14 +465,14 @@ def llama_attention_rows(layer: nn.Module, hidden, cos_sin, query_slots, key_val
     recomputed from the layer's input exactly as its attention would (RMSNorm, q/k projections,
     optional q/k norms, rotary), through :func:`vtoken.kernels.attention_rows`. Query slot ``q``
     attends to key slots ``<= q`` that are valid."""
-    attn = layer.self_attn
-    x = layer.input_layernorm(hidden)
+    attn = compat.attention_parts(compat.layer_attention(layer))
+    x = compat.decoder_input_norm(layer)(hidden)
     batch, length, _ = x.shape
     head_dim = attn.head_dim
     rows = gather_tokens(x, query_slots)
     q = attn.q_proj(rows).view(batch, rows.shape[1], -1, head_dim)
     k = attn.k_proj(x).view(batch, length, -1, head_dim)
-    if hasattr(attn, "q_norm"):
+    if attn.q_norm is not None:
         q, k = attn.q_norm(q), attn.k_norm(k)
     q, k = q.transpose(1, 2), k.transpose(1, 2)
     cos, sin = (t.expand(batch, -1, -1) for t in cos_sin)
@@ -514,11 +503,11 @@ def llama_cached_attention_rows(layer: nn.Module, hidden, cos_sin, keys, key_val
     input ``hidden`` ``[B, S, d]`` and their rotary ``cos_sin``) over the K keys the layer's cache
     holds after its update (post-rotary, the new tokens last), through
     :func:`vtoken.kernels.attention_rows`. New token j attends to valid keys ``<= K - S + j``."""
-    attn = layer.self_attn
-    x = layer.input_layernorm(hidden)
+    attn = compat.attention_parts(compat.layer_attention(layer))
+    x = compat.decoder_input_norm(layer)(hidden)
     batch, steps, _ = x.shape
     q = attn.q_proj(x).view(batch, steps, -1, attn.head_dim)
-    if hasattr(attn, "q_norm"):
+    if attn.q_norm is not None:
         q = attn.q_norm(q)
     cos, sin = (t.expand(batch, -1, -1) for t in cos_sin)
     q = apply_rotary(q.transpose(1, 2), cos, sin)

@@ -23,17 +23,17 @@ from functools import partial
 
 import torch
 from torch import nn
-from transformers import LlavaForConditionalGeneration, LlavaModel
-from transformers.models.llava_next import modeling_llava_next as next_modeling
+from transformers import LlavaForConditionalGeneration, LlavaModel, LlavaNextForConditionalGeneration, LlavaNextModel
 
 from .base import Adapter, ImageInfo, UndoStack, VisualLayout
 from .hf_decoder import DecoderPruning
 from .observe import observe_layer
+from vtoken import compat
 from vtoken.context import Grid, VisionAttention
 from vtoken.kernels import attention_rows, gather_tokens, received_attention
 from vtoken.pruner import ImageRun, Pruner, PruneRun
 
-_NEXT_CLASSES = (next_modeling.LlavaNextForConditionalGeneration, next_modeling.LlavaNextModel)
+_NEXT_CLASSES = (LlavaNextForConditionalGeneration, LlavaNextModel)
 _CLASSES = (LlavaForConditionalGeneration, LlavaModel, *_NEXT_CLASSES)
 
 
@@ -48,7 +48,7 @@ class LlavaAdapter(Adapter):
         super().__init__(model)
         self.core = model.model if isinstance(model, (LlavaForConditionalGeneration, _NEXT_CLASSES[0])) else model
         self.config = self.core.config
-        self.is_next = isinstance(self.core, next_modeling.LlavaNextModel)
+        self.is_next = isinstance(self.core, LlavaNextModel)
         vision_config = self.config.vision_config
         self.grid_side = vision_config.image_size // vision_config.patch_size
         self.has_cls = vision_config.model_type == "clip_vision_model"
@@ -139,16 +139,25 @@ class LlavaAdapter(Adapter):
             for i in range(pixel_values.shape[0])
         ]
 
+    def crops_per_image(self, image_sizes) -> list[int]:
+        config = self.config
+        return [
+            compat.image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
+            for size in image_sizes
+        ]
+
+    def crop_pixels(self, pixel_values: torch.Tensor, image_sizes) -> torch.Tensor:
+        """``[C, channels, H, W]``: every crop the encoder sees, in encoder order (LLaVA-NeXT's
+        ``[images, max crops, ...]`` without the padding past each image's crops)."""
+        if pixel_values.dim() == 5:
+            return torch.cat([p[:n] for p, n in zip(pixel_values, self.crops_per_image(image_sizes))])
+        return pixel_values
+
     def _next_images(self, pixel_values, image_sizes) -> list[ImageInfo]:
         if image_sizes is None:
             raise ValueError("LLaVA-NeXT needs image_sizes from its processor")
         config = self.config
-        crops_per_image = [
-            next_modeling.image_size_to_num_patches(
-                image_size=size, grid_pinpoints=config.image_grid_pinpoints, patch_size=config.vision_config.image_size
-            )
-            for size in image_sizes
-        ]
+        crops_per_image = self.crops_per_image(image_sizes)
         per, side = self.tokens_per_crop, self.grid_side
         # Run the model's own packing on crop-token ids, with -1 for the newline, to learn where each
         # crop token lands (unpadding and newlines included).
@@ -156,9 +165,8 @@ class LlavaAdapter(Adapter):
         for n in crops_per_image:
             ids.append(torch.arange(first * per, (first + n) * per, dtype=torch.float64).view(n, per, 1))
             first += n
-        packed, _ = self.core.pack_image_features(
-            ids, image_sizes, vision_feature_select_strategy=self.select,
-            image_newline=torch.tensor([-1.0], dtype=torch.float64),
+        packed = compat.pack_anyres_features(
+            self.core, ids, image_sizes, self.select, image_newline=torch.tensor([-1.0], dtype=torch.float64)
         )
         images, first = [], 0
         for n, tokens, size in zip(crops_per_image, packed, image_sizes):
@@ -177,9 +185,7 @@ class LlavaAdapter(Adapter):
     def _next_geometry(self, size, crops: int) -> dict:
         config = self.config
         height, width = (int(v) for v in size)
-        rows, cols = next_modeling.get_anyres_image_grid_shape(
-            (height, width), config.image_grid_pinpoints, config.vision_config.image_size
-        )
+        rows, cols = compat.anyres_grid_shape((height, width), config.image_grid_pinpoints, config.vision_config.image_size)
         return {
             "kind": "anyres", "grid": (self.grid_side, self.grid_side), "image_size": (height, width),
             "crop_grid": (int(rows), int(cols)), "crops": crops, "tokens_per_crop": self.tokens_per_crop,
@@ -234,18 +240,20 @@ class LlavaAdapter(Adapter):
         @functools.wraps(encode)  # keeps the signature generate() inspects
         def get_image_features(*args, **kwargs):
             bound = inspect.signature(encode).bind(*args, **kwargs)
-            images = self.image_infos(bound.arguments["pixel_values"], bound.arguments.get("image_sizes"))
-            run = ImageRun(images, self.candidate_local(images), pruner.config)
+            pixels, sizes = bound.arguments["pixel_values"], bound.arguments.get("image_sizes")
+            images = self.image_infos(pixels, sizes)
+            run = ImageRun(images, self.candidate_local(images), pruner.config,
+                           crop_pixels=partial(self.crop_pixels, pixels, sizes))
             if reads_encoder:
-                run.vision_source = _VisionSource(self, bound.arguments["pixel_values"], images)
+                run.vision_source = _VisionSource(self, pixels, images)
             pruner.encoding = run
             try:
                 output = encode(*args, **kwargs)
             finally:
                 pruner.encoding = None
             run.output = output
-            run.features = list(output.pooler_output)
-            pruner.pending_images = run
+            run.features = compat.image_features(output)
+            pruner.remember_encoding(output, run)
             return output
 
         self.core.get_image_features = get_image_features
@@ -254,14 +262,14 @@ class LlavaAdapter(Adapter):
         strategy = pruner.strategy
         for layer in strategy.observed_layers("vision", len(self.vision_layers())):
             observe_layer(
-                self.vision_layers()[layer], {"attention": "self_attn", "mlp": "mlp"},
+                self.vision_layers()[layer], compat.LAYER_PARTS,
                 active=lambda: pruner.encoding is not None, done=partial(self._observed_vision, layer), undo=undo,
             )
         if strategy.needs_projector_input:
             undo.hook(self.projector().register_forward_pre_hook(self._before_projector))
         for layer in attention_layers:
             hook = partial(self._vision_attention_input, layer)
-            undo.hook(self.vision_layers()[layer].self_attn.register_forward_pre_hook(hook, with_kwargs=True))
+            undo.hook(compat.layer_attention(self.vision_layers()[layer]).register_forward_pre_hook(hook, with_kwargs=True))
         for stage in pruner.stages_at("vision"):
             hook = partial(self._after_vision_layer, stage)
             undo.hook(self.vision_layers()[stage.layer].register_forward_hook(hook))
@@ -274,12 +282,12 @@ class LlavaAdapter(Adapter):
         pruner = self.pruner
         pruner.active = None
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        cache = kwargs.get("past_key_values")
+        cache = compat.cache_from(kwargs)
         has_images = input_ids is not None and bool((input_ids == self.config.image_token_id).any())
-        if cache is not None and cache.get_seq_length() > 0:
+        if cache is not None and compat.cache_length(cache) > 0:
             if has_images:
                 raise ValueError("vtoken prunes images at prefill; a new image cannot be added to a filled KV cache")
-            pruner.active = getattr(cache, "_vtoken_run", None)
+            pruner.active = pruner.run_for_cache(cache)
             return None
         if input_ids is None:
             raise ValueError("vtoken finds the visual tokens in input_ids; call the model with input_ids, not inputs_embeds")
@@ -290,7 +298,7 @@ class LlavaAdapter(Adapter):
                     "call vtoken.unwrap(model) for text-only use, or wrap with text_only='passthrough'"
                 )
             return None
-        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+        encoded = compat.encoded_images(kwargs)
         if kwargs.get("pixel_values") is not None:
             # Encode here (through the wrapped get_image_features) so the forward sees the encoding
             # it will use, exactly as generate() does.
@@ -298,16 +306,21 @@ class LlavaAdapter(Adapter):
             extra = {k: kwargs[k] for k in names if kwargs.get(k) is not None}
             encoded = self.core.get_image_features(pixel_values=kwargs["pixel_values"], return_dict=True, **extra)
             kwargs["pixel_values"] = None
-            kwargs["mm_encoder_outputs"] = {**(kwargs.get("mm_encoder_outputs") or {}), "image": encoded}
+            compat.set_encoded_images(kwargs, encoded)
         elif encoded is None:
             raise ValueError(
                 "input_ids hold image tokens but no pixel_values were given; pass the processor's pixel_values"
             )
-        images = pruner.pending_images
-        pruner.pending_images = None
+        images = pruner.encoding_of(encoded)
         order = self._encoded_order(images, encoded)
         placed = self.visual_layout(input_ids, [images.images[i] for i in order])
-        pruner.active = PruneRun(placed, pruner.config, images)
+        run = PruneRun(placed, pruner.config, images)
+        mask = kwargs.get("attention_mask")
+        run.prompt = (input_ids, mask)
+        # generate() without a KV cache re-runs the whole sequence at every step with the features
+        # it encoded once: such a step continues the prompt this encoding served, and prunes as it did.
+        run.replay = images.replay_for(input_ids, mask)
+        pruner.active = run
         return args, kwargs
 
     @staticmethod
@@ -316,7 +329,7 @@ class LlavaAdapter(Adapter):
         the features for beam search or several returned sequences (the same tensors, reordered)."""
         if images is not None and images.output is encoded:
             order = []
-            for feature in encoded.pooler_output:
+            for feature in compat.image_features(encoded):
                 match = [i for i, mine in enumerate(images.features) if mine is feature]
                 if not match:
                     break
@@ -419,10 +432,10 @@ class _VisionSource:
                 f"vision layer {layer} saw {x.shape[1]} tokens per crop, not the full {first + patches}; "
                 "its attention map needs every patch (no vision-site pruning before it)"
             )
-        attn = adapter.vision_layers()[layer].self_attn
+        attn = compat.attention_parts(compat.layer_attention(adapter.vision_layers()[layer]))
         crops, tokens, _ = x.shape
         head_dim = attn.head_dim
-        scaling = getattr(attn, "scale", None) or attn.scaling
+        scaling = attn.scaling
         with torch.no_grad():
             q = attn.q_proj(x).view(crops, tokens, -1, head_dim).transpose(1, 2)
             k = attn.k_proj(x).view(crops, tokens, -1, head_dim).transpose(1, 2)

@@ -9,6 +9,8 @@ import math
 import pytest
 import torch
 
+from vtoken import compat
+
 import vtoken
 from vtoken.config import PruneConfig
 from vtoken.registry import register
@@ -341,7 +343,7 @@ def test_evict_drops_the_masked_tokens_from_the_kv_cache_and_modulate_keeps_them
     for mode in ("modulate", "evict"):
         with vtoken.pruned(model, "aif", keep=0.25, mode=mode, layer=2):
             with torch.no_grad():
-                cache = model(**x, use_cache=True).past_key_values
+                cache = compat.output_cache(model(**x, use_cache=True))
             selection = vtoken.selection(model)
         lengths[mode] = [layer.keys.shape[2] for layer in cache.layers]
     masked = _masked_positions(x["input_ids"], selection, "llm:2").sum(-1)  # per sample, they differ

@@ -5,6 +5,8 @@ import json
 
 import pytest
 import torch
+
+from vtoken import compat
 from PIL import Image
 
 import vtoken
@@ -126,7 +128,7 @@ def test_runtime_errors_name_the_fix():
     with vtoken.pruned(model, "fastv", keep=0.5):
         out = model(**x, use_cache=True)
         with pytest.raises(ValueError, match="mismatched batch: this cache was filled for 2 samples but the input has 1"):
-            model(input_ids=torch.tensor([[5]]), past_key_values=out.past_key_values)
+            model(input_ids=torch.tensor([[5]]), **compat.cache_kwargs(compat.output_cache(out)))
     _assert_same(model, x, snap)
 
 

@@ -18,6 +18,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+
+from vtoken import compat
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import (
     CLIPVisionConfig,
@@ -281,8 +283,8 @@ def drive_llm(model, lm, schedule, text_before, visual, text_after, tally, *, mr
             h, pos, n_visual = h[:, keep.to(device)], pos[keep.to(device)], stages[i]
         ids = position_ids(pos)
         h = tally("llm", lambda: layer(
-            h, attention_mask=causal_mask(h.shape[1], device), position_ids=ids, past_key_values=cache,
-            use_cache=True, position_embeddings=lm.rotary_emb(h, ids)))
+            h, attention_mask=causal_mask(h.shape[1], device), position_ids=ids, use_cache=True,
+            position_embeddings=lm.rotary_emb(h, ids), **compat.cache_kwargs(cache)))
     tally("lm_head", lambda: model.lm_head(lm.norm(h)[:, -1:]))
     tally.kv_after_prefill = kv_bytes(cache)
 
@@ -293,7 +295,7 @@ def drive_llm(model, lm, schedule, text_before, visual, text_after, tally, *, mr
         def one_token():
             y = x
             for layer in lm.layers:
-                y = layer(y, attention_mask=None, position_ids=ids, past_key_values=cache, use_cache=True,
+                y = layer(y, attention_mask=None, position_ids=ids, use_cache=True, **compat.cache_kwargs(cache),
                           position_embeddings=lm.rotary_emb(y, ids))
             return model.lm_head(lm.norm(y))
 

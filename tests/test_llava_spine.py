@@ -6,6 +6,8 @@ import dataclasses
 import pytest
 import torch
 
+from vtoken import compat
+
 import vtoken
 from vtoken.adapters.hf_decoder import llama_attention_rows
 from vtoken.config import PruneConfig
@@ -240,7 +242,7 @@ def test_layers_before_k_cache_every_token_and_later_layers_only_the_kept():
     stages = [{"site": "llm", "layer": 1, "keep_tokens": 10}, {"site": "llm", "layer": 3, "keep_tokens": 4}]
     with vtoken.pruned(model, "fastv", stages=stages):
         with torch.no_grad():
-            cache = model(**x, use_cache=True).past_key_values
+            cache = compat.output_cache(model(**x, use_cache=True))
     lengths = [layer.keys.shape[2] for layer in cache.layers]
     assert lengths == [length, length - 6, length - 6, length - 12]
 

@@ -17,6 +17,7 @@ def _ctx(features, budget, grids=None, attention=None, site="projector"):
         tokens=TokenRows(features, valid, torch.tensor(budget), torch.zeros(rows, dtype=torch.long), grids or [None] * rows),
         generator=torch.Generator().manual_seed(0),
         attention=attention,
+        row_seeds=lambda: [1000 + r for r in range(rows)],
     )
 
 

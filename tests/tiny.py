@@ -7,6 +7,8 @@ a 4-layer Llama with grouped-query attention. Nothing is downloaded.
 from __future__ import annotations
 
 import torch
+
+from vtoken import compat
 from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
@@ -134,7 +136,7 @@ def greedy_without_cache(model, x, steps, suppress=()):
     for _ in range(steps):
         with torch.no_grad():
             out = model(input_ids=ids, attention_mask=mask, use_cache=False, **extra)
-        assert out.past_key_values is None  # nothing a wrapped model caches internally leaks out
+        assert compat.output_cache(out) is None  # nothing a wrapped model caches internally leaks out
         logits = out.logits[:, -1]
         logits[:, list(suppress)] = float("-inf")
         token = torch.where(finished, config.pad_token_id, logits.argmax(-1))

@@ -367,12 +367,12 @@ def _llava_geometry(dims: ModelDims, images: int) -> Geometry:
 
 
 def _llava_next_geometry(dims: ModelDims, image_size, images: int, convention: str) -> Geometry:
-    from transformers.image_processing_utils import select_best_resolution
+    from vtoken import compat
 
     side = _side_patches(dims)
     patches = side * side
     per_crop = patches + (dims.vision.cls_tokens if dims.keep_cls else 0)
-    best_h, best_w = select_best_resolution(tuple(image_size), [list(p) for p in dims.grid_pinpoints])
+    best_h, best_w = compat.select_best_resolution(tuple(image_size), [list(p) for p in dims.grid_pinpoints])
     grid_h, grid_w = best_h // dims.vision.image_size, best_w // dims.vision.image_size
     crops = 1 + grid_h * grid_w
     if convention == "paper":
@@ -399,11 +399,11 @@ def _unpadded_grid(image_size, rows: int, cols: int) -> tuple[int, int]:
 
 
 def _qwen_geometry(dims: ModelDims, image_size, images: int) -> Geometry:
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+    from vtoken import compat
 
     factor = dims.vision.patch * dims.vision.merge
-    height, width = smart_resize(*image_size, factor=factor, min_pixels=QWEN_MIN_PIXELS,
-                                 max_pixels=QWEN_MAX_PIXELS)
+    height, width = compat.qwen2_vl_smart_resize(*image_size, factor=factor, min_pixels=QWEN_MIN_PIXELS,
+                                                 max_pixels=QWEN_MAX_PIXELS)
     rows, cols = height // dims.vision.patch, width // dims.vision.patch
     patches = rows * cols
     merged = patches // dims.vision.merge**2

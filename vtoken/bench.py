@@ -80,7 +80,13 @@ def _runs_unassisted(name: str) -> bool:
 
 def parse_budget(text: str) -> float | int:
     """``"1/9"`` or ``"0.25"`` is a fraction of the visual tokens, ``"64"`` a count; ``"1"`` keeps all."""
-    value = Fraction(text)
+    try:
+        value = Fraction(text)
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(
+            f"budget {text!r} is not a number; write fractions of the visual tokens (1/9, 0.25) or counts (64), "
+            "separated by spaces or commas"
+        ) from None
     if value <= 0:
         raise ValueError(f"budget {text!r} must be positive")
     if value <= 1:

@@ -11,8 +11,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vtoken", description="Visual-token pruning for VLMs.")
     commands = parser.add_subparsers(dest="command", required=True)
     bench = commands.add_parser("bench", help="every method at several budgets: kept tokens, latency, FLOPs")
-    bench.add_argument("--methods", nargs="+", help="methods to run (default: every registered one)")
-    bench.add_argument("--budgets", nargs="+", default=None, help="fractions (1/9, 0.25) or counts (64); 1 = unpruned")
+    bench.add_argument("--methods", nargs="+", help="methods to run, space or comma separated (default: every registered one)")
+    bench.add_argument("--budgets", nargs="+", default=None,
+                       help="fractions (1/9, 0.25) or counts (64), space or comma separated; 1 = unpruned")
     bench.add_argument("--model", help="a LLaVA / LLaVA-NeXT checkpoint path or hub id (default: built-in tiny model)")
     bench.add_argument("--repeats", type=int, default=5, help="timed prefills per point (median reported)")
     bench.add_argument("--batch", type=int, default=8, help="batch size of the throughput column")
@@ -25,7 +26,47 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("methods", help="list the registered methods and their options")
     _add_train_projector(commands)
     args = parser.parse_args(argv)
+    try:
+        return _run(args, argv)
+    except (ValueError, FileNotFoundError, NotADirectoryError) as error:
+        # A user's mistake: one line naming the problem and the fix, no traceback.
+        print(f"vtoken {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
+
+def split_list(values: list[str] | None) -> list[str] | None:
+    """``["1,1/9", "2/9"]`` -> ``["1", "1/9", "2/9"]``: lists may be given space or comma separated."""
+    if values is None:
+        return None
+    items = [item.strip() for value in values for item in value.split(",")]
+    return [item for item in items if item]
+
+
+def _bench_arguments(args):
+    """Check every bench argument before any model runs."""
+    from vtoken.bench import DEFAULT_BUDGETS, parse_budget
+    from vtoken.registry import strategy_names
+
+    methods = split_list(args.methods)
+    if methods is not None:
+        known = [name for name in strategy_names() if not name.startswith("_")]
+        unknown = [m for m in methods if m not in known]
+        if unknown:
+            raise ValueError(f"unknown method {unknown[0]!r}; known methods: {', '.join(known)}")
+    budgets = split_list(args.budgets) or list(DEFAULT_BUDGETS)
+    for budget in budgets:
+        parse_budget(budget)
+    trained = None
+    if args.trained:
+        trained = []
+        for item in args.trained:
+            if "=" not in item:
+                raise ValueError(f"--trained {item!r}: write METHOD=DIR, e.g. tokenpacker=path/to/weights")
+            trained.append(tuple(item.split("=", 1)))
+    return methods, budgets, trained
+
+
+def _run(args, argv) -> int:
     if args.command == "methods":
         import vtoken
 
@@ -38,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train-projector":
         return _train_projector(args)
 
+    methods, budgets, trained = _bench_arguments(args)
+
     import torch
 
     from vtoken import bench as bench_module
@@ -45,14 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = bench_module.run(
-        methods=args.methods,
-        budgets=args.budgets or bench_module.DEFAULT_BUDGETS,
+        methods=methods,
+        budgets=budgets,
         model_path=args.model,
         repeats=args.repeats,
         batch=args.batch,
         data=args.data,
         limit=args.limit,
-        trained=[tuple(item.split("=", 1)) for item in args.trained] if args.trained else None,
+        trained=trained,
         progress=lambda line: print(line, file=sys.stderr),
     )
     print(bench_module.to_markdown(rows))

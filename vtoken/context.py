@@ -149,6 +149,21 @@ class ScoreContext:
     pixel_patches: Callable[[], torch.Tensor] | None = None
     from_crops: Callable[..., torch.Tensor] | None = None
     state: dict | None = None
+    #: Per row, a seed that depends only on the config's seed, the row's own image (its pixels), its
+    #: place in that image (crop) and the stage; computed on first call.
+    row_seeds: Callable[[], list[int]] | None = None
+
+    def uniform(self) -> torch.Tensor:
+        """``[R, N]`` uniform draws in [0, 1) for the valid candidates (0 for padding). A row's draws
+        depend only on its own image, place and stage and the config's seed, never on the other
+        images of the batch: an image is pruned the same alone and in any batch."""
+        seeds = self.require("row_seeds", "per-image random draws")()
+        valid = self.tokens.valid.cpu()
+        out = torch.zeros(valid.shape, dtype=torch.float32)
+        for r, seed in enumerate(seeds):
+            generator = torch.Generator().manual_seed(seed)
+            out[r, valid[r]] = torch.rand(int(valid[r].sum()), generator=generator)
+        return out.to(self.tokens.valid.device)
 
     def require(self, what: str, method: str):
         value = getattr(self, what)

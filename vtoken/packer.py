@@ -146,9 +146,9 @@ def _mlp(inp: int, hidden: int, act: nn.Module, bias: bool = True) -> nn.Sequent
 
 
 def _activation(name: str) -> nn.Module:
-    from transformers.activations import ACT2FN  # the same activation objects LLaVA's projector uses
+    from vtoken.compat import activation  # the same activation objects LLaVA's projector uses
 
-    return ACT2FN[name]
+    return activation(name)
 
 
 def region_centres(size: int, scale: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

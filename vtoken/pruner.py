@@ -4,6 +4,8 @@ per-request state. The adapter's hooks call into it with tensors; it never touch
 
 from __future__ import annotations
 
+import hashlib
+import weakref
 from functools import partial
 from typing import Callable
 
@@ -23,8 +25,16 @@ class ImageRun:
     forward; the forward then picks up the encoding it is handed.
     """
 
-    def __init__(self, images: list, candidate_local: torch.Tensor, config: PruneConfig):
+    def __init__(
+        self, images: list, candidate_local: torch.Tensor, config: PruneConfig,
+        crop_pixels: Callable[[], torch.Tensor] | None = None,
+    ):
         self.images = images
+        self.seed = config.seed
+        #: ``[C, ...]`` the pixels of every crop in encoder order (for per-image seeds), when known.
+        self.crop_pixels = crop_pixels
+        self._pixels: torch.Tensor | None = None
+        self._keys: dict[tuple[int, ...], int] = {}
         #: ``[C, P]`` image-local token index each encoder candidate (non-CLS token) lands on, or -1.
         self.candidate_local = candidate_local
         self.crop_image = torch.empty(candidate_local.shape[0], dtype=torch.long)
@@ -48,6 +58,55 @@ class ImageRun:
         self.vision_source = None
         #: The strategy's per-request scratch (``ScoreContext.state``), shared by every stage.
         self.strategy_state: dict = {}
+        #: The last fresh prefill this encoding served (see :class:`Served`), for replays.
+        self.served: Served | None = None
+
+    def image_key(self, crops: list[int]) -> int:
+        """A fingerprint of one image's own pixels (the encoder crops it came from), so that a seed
+        derived from it depends on the image and never on the batch it is in."""
+        crops = tuple(crops)
+        if crops not in self._keys:
+            if self.crop_pixels is None:
+                raise ValueError("this encoding has no pixels to derive per-image seeds from")
+            if self._pixels is None:
+                self._pixels = self.crop_pixels().detach()
+            data = self._pixels[list(crops)].contiguous().cpu()
+            digest = hashlib.blake2b(data.view(torch.uint8).numpy().tobytes(), digest_size=8).digest()
+            self._keys[crops] = int.from_bytes(digest, "little")
+        return self._keys[crops]
+
+    def replay_for(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> dict | None:
+        """The reductions of the prefill this encoding served last, when ``input_ids`` (and the mask)
+        continue that prefill's prompt row by row: ``generate`` without a KV cache re-runs the whole
+        sequence at each step, and each such step must prune exactly as the first did."""
+        served = self.served
+        if served is None or input_ids.shape[0] != served.input_ids.shape[0]:
+            return None
+        length = served.input_ids.shape[1]
+        if input_ids.shape[1] <= length or not torch.equal(input_ids[:, :length], served.input_ids):
+            return None
+        if (attention_mask is None) != (served.attention_mask is None):
+            return None
+        if attention_mask is not None and not torch.equal(attention_mask[:, :length].bool(), served.attention_mask):
+            return None
+        return served.reductions
+
+
+def row_seed(seed: int, image_key: int, *place: int) -> int:
+    """A 63-bit seed from the config's seed, an image's fingerprint and the row's place (crop within
+    the image, stage index)."""
+    text = ":".join(str(v) for v in (seed, image_key, *place)).encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") & ((1 << 63) - 1)
+
+
+class Served:
+    """A fresh prefill an encoding served: its prompt (``input_ids`` and the boolean attention mask)
+    and every stage's reduction, by stage name."""
+
+    def __init__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, reductions: dict):
+        self.input_ids = input_ids
+        self.attention_mask = attention_mask.bool() if attention_mask is not None else None
+        self.reductions = reductions
 
 
 class PruneRun:
@@ -91,6 +150,13 @@ class PruneRun:
         self.cache_added = False
         #: The strategy's per-request scratch (``ScoreContext.state``); emptied when the prefill ends.
         self.strategy_state: dict = image_run.strategy_state if image_run is not None else {}
+        #: Stage name -> the :class:`Reduction` this prefill applied (its rows in layout order).
+        self.reductions: dict = {}
+        #: Set when this prefill continues the prompt of one its encoding served before (``generate``
+        #: without a cache): stage name -> the reduction to apply again instead of scoring.
+        self.replay: dict | None = None
+        #: The prompt of this prefill (``input_ids``, ``attention_mask``), recorded for replays.
+        self.prompt: tuple | None = None
 
     @property
     def batch_size(self) -> int:
@@ -105,10 +171,11 @@ class PruneRun:
         self.attention_observed.clear()
         self.strategy_state.clear()
         if self.image_run is not None:
-            images = self.image_run
-            images.observed.clear()
-            images.vision_source = None
-            images.projector_table, images.output, images.features = None, None, []
+            # The encoding keeps what a replay needs for as long as it lives (generate holds it for the
+            # whole call); the run that rides on the KV cache lets go of it.
+            if self.replay is None and self.prompt is not None:
+                self.image_run.served = Served(*self.prompt, self.reductions)
+            self.image_run = None
 
     def group_for(self, layer: int) -> tuple[int, SequenceLayout]:
         current = self.groups[0]
@@ -134,9 +201,29 @@ class Pruner:
         self.active: PruneRun | None = None
         #: The most recent prefill, for ``vtoken.selection``.
         self.last_run: PruneRun | None = None
-        #: The vision-encoder call running now, and the last one finished (awaiting its forward).
+        #: The vision-encoder call running now.
         self.encoding: ImageRun | None = None
-        self.pending_images: ImageRun | None = None
+        # Encodings by the identity of the features object they returned, for as long as that object
+        # lives (``generate`` encodes once and hands the same object to every forward).
+        self._encodings: dict[int, ImageRun] = {}
+        # Decoding state by KV cache, for as long as the cache lives (never stored on the cache).
+        self._runs_by_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def remember_encoding(self, output, images: ImageRun) -> None:
+        key = id(output)
+        self._encodings[key] = images
+        weakref.finalize(output, self._encodings.pop, key, None)
+
+    def encoding_of(self, output) -> ImageRun | None:
+        images = self._encodings.get(id(output))
+        return images if images is not None and images.output is output else None
+
+    def attach(self, cache, run: PruneRun) -> None:
+        """Decoding steps with ``cache`` continue ``run``."""
+        self._runs_by_cache[cache] = run
+
+    def run_for_cache(self, cache) -> PruneRun | None:
+        return self._runs_by_cache.get(cache)
 
     def stages_at(self, site: str) -> list[StageSpec]:
         return [s for s in self.stages if s.site == site]
@@ -147,16 +234,28 @@ class Pruner:
                 return stage
         return None
 
-    def _reduce(self, run: PruneRun | ImageRun, stage: StageSpec, rows: TokenRows, **extras) -> Reduction:
+    def _stage_index(self, stage: StageSpec) -> int:
+        return self.stages.index(stage) if stage in self.stages else len(self.stages)
+
+    def _reduce(
+        self, run: PruneRun | ImageRun, stage: StageSpec, rows: TokenRows,
+        row_seeds: Callable[[], list[int]] | None = None, **extras,
+    ) -> Reduction:
+        replay = getattr(run, "replay", None)
+        if replay is not None and stage.name in replay:
+            return replay[stage.name]
         ctx = ScoreContext(
             stage=stage,
             tokens=rows,
             generator=run.generator,
-            stage_index=self.stages.index(stage) if stage in self.stages else len(self.stages),
+            stage_index=self._stage_index(stage),
             state=run.strategy_state,
+            row_seeds=row_seeds,
             **extras,
         )
         reduction = self.strategy.reduce(ctx)
+        if isinstance(run, PruneRun):
+            run.reductions[stage.name] = reduction
         budget = rows.budget
         if getattr(self.strategy, "adaptive_budget", False):  # its own count: 1..valid tokens per row
             budget = (reduction.keep >= 0).sum(-1)
@@ -207,7 +306,17 @@ class Pruner:
             local_index=local,
         )
         observed = partial(self._vision_observed, images, positions)
-        reduction = self._reduce(images, stage, rows, observed=observed)
+        stage_index = self._stage_index(stage)
+
+        def row_seeds() -> list[int]:
+            seeds = []
+            for crop, i in enumerate(images.crop_image.tolist()):
+                image = images.images[i]
+                key = images.image_key(image.crops)
+                seeds.append(row_seed(images.seed, key, image.crops.index(crop), stage_index))
+            return seeds
+
+        reduction = self._reduce(images, stage, rows, row_seeds=row_seeds, observed=observed)
         kept = reduction.features if reduction.features is not None else gather_tokens(candidates, reduction.keep)
         images.vision_positions = torch.gather(positions, 1, reduction.keep)
         images.stage_positions[stage.name] = images.vision_positions
@@ -401,7 +510,16 @@ class Pruner:
             extras["vision_attention"] = source.attention
             extras["pixel_patches"] = source.pixel_patches
             extras["from_crops"] = partial(self._crop_rows, run, row_image, local)
-        reduction = self._reduce(run, stage, rows, **extras)
+        stage_index = self._stage_index(stage)
+
+        def row_seeds() -> list[int]:
+            encoding = run.image_run
+            return [
+                row_seed(self.config.seed, encoding.image_key(images[int(i)].crops), stage_index)
+                for i in row_image.tolist()
+            ]
+
+        reduction = self._reduce(run, stage, rows, row_seeds=row_seeds, **extras)
         kept_valid = reduction.keep >= 0
         kept_slots = torch.gather(slot_index, 1, reduction.keep.clamp(min=0))
         sample_of = row_sample[:, None].expand_as(kept_slots)

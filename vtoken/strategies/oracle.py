@@ -43,7 +43,7 @@ class OracleStrategy(Strategy):
         if len(self.relevant) != rows.num_rows:
             raise ValueError(f"oracle got relevant patches for {len(self.relevant)} images, the batch has {rows.num_rows}")
         # Random in [0, 1) for every token, +1 for relevant ones: relevant first, random fill after.
-        scores = torch.rand(rows.valid.shape, generator=ctx.generator).to(rows.valid.device)
+        scores = ctx.uniform()  # seeded per image: an image's fill never depends on its batch
         for r, wanted in enumerate(self.relevant):
             if wanted:
                 hit = torch.isin(rows.local_index[r], torch.tensor(wanted, device=rows.local_index.device))

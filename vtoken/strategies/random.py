@@ -1,7 +1,8 @@
 """``random``: keep a uniformly random subset of each image's visual tokens (seeded).
 
-The floor every method must beat at the same budget. Draws come from a generator seeded with the
-config's ``seed`` at each forward, so the same input gives the same selection.
+The floor every method must beat at the same budget. Each image's draws are seeded from the config's
+``seed``, the image's own pixels and the stage (``ScoreContext.uniform``), so the same image gets the
+same subset at every forward, alone or in any batch, and two different images get independent ones.
 """
 
 from __future__ import annotations
@@ -27,5 +28,4 @@ class RandomStrategy(Strategy):
     Config = RandomConfig
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
-        valid = ctx.tokens.valid
-        return torch.rand(valid.shape, generator=ctx.generator, device="cpu").to(valid.device)
+        return ctx.uniform()

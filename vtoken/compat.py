@@ -1,0 +1,257 @@
+"""Every transformers name that vtoken reads or writes and that moves between releases.
+
+vtoken patches close to transformers' internals (keyword arguments the hooks see, cache layers,
+mask builders, rotary modules, attention-module attributes, multimodal encoder outputs). Each such
+name is read or written here, version-gated here and nowhere else, so a new release means one file
+to change. The declared range (``pyproject.toml``) is what CI tests: the lowest and the newest
+release it admits.
+
+Known moves:
+
+- 5.24 renamed the KV-cache keyword and output field ``past_key_values`` to ``cache`` (the old
+  keyword stays a deprecated alias until 5.40, and the forward's decorator renames it *after* the
+  module's pre-hooks ran, so a hook may see either name).
+- 5.24 replaced ``image_hidden_states`` on LLaVA outputs by ``image_outputs`` (we read neither).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import transformers
+from packaging.version import Version
+from torch import nn
+
+TRANSFORMERS_VERSION = Version(transformers.__version__)
+
+#: transformers 5.24 renamed ``past_key_values`` (keyword and output field) to ``cache``.
+CACHE_RENAMED = TRANSFORMERS_VERSION >= Version("5.24.0.dev0")
+#: The keyword the installed transformers' forwards take the KV cache under.
+CACHE_KWARG = "cache" if CACHE_RENAMED else "past_key_values"
+_CACHE_NAMES = ("cache", "past_key_values")
+USE_CACHE_KWARG = "use_cache"
+#: ``generate`` encodes images once and hands the features to each forward under this keyword.
+ENCODER_OUTPUTS_KWARG = "mm_encoder_outputs"
+
+
+# --- KV cache: keyword, output field, internals --------------------------------------------------
+def cache_from(kwargs: dict) -> Any:
+    """The KV cache a forward was called with, under either name (None if none)."""
+    for name in _CACHE_NAMES:
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    return None
+
+
+def set_cache(kwargs: dict, cache) -> None:
+    """Pass ``cache`` to a forward under the installed release's keyword (the other name removed)."""
+    for name in _CACHE_NAMES:
+        kwargs.pop(name, None)
+    kwargs[CACHE_KWARG] = cache
+
+
+def cache_kwargs(cache) -> dict:
+    """``{keyword: cache}`` for calling a forward directly."""
+    return {CACHE_KWARG: cache}
+
+
+def use_cache_from(kwargs: dict) -> bool | None:
+    return kwargs.get(USE_CACHE_KWARG)
+
+
+def output_cache(output) -> Any:
+    """The KV cache a model output carries (None if none)."""
+    if output is None:
+        return None
+    name = "cache" if CACHE_RENAMED else "past_key_values"
+    return getattr(output, name, None)
+
+
+def drop_output_cache(output) -> None:
+    """Remove the KV cache from a model output, as if the model had made none. A ``ModelOutput`` is
+    a dict whose attribute setter does not remove keys for ``None`` (and which refuses ``del``), so the
+    key is taken out of the dict itself: ``to_tuple()`` and ``**output`` then no longer carry it."""
+    name = "cache" if CACHE_RENAMED else "past_key_values"
+    if name in output.keys():
+        OrderedDict.__delitem__(output, name)  # ModelOutput is an OrderedDict that refuses ``del``
+    object.__setattr__(output, name, None)
+
+
+def cache_length(cache) -> int:
+    return int(cache.get_seq_length())
+
+
+def new_dynamic_cache(config):
+    from transformers.cache_utils import DynamicCache
+
+    return DynamicCache(config=config)
+
+
+def is_dynamic_cache(cache) -> bool:
+    from transformers.cache_utils import DynamicCache
+
+    return isinstance(cache, DynamicCache)
+
+
+def cache_layer_kv(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(keys, values)`` ``[B, H_kv, L, D]`` that ``cache`` holds for decoder ``layer``."""
+    entry = cache.layers[layer]
+    return entry.keys, entry.values
+
+
+def set_cache_layer_kv(cache, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+    entry = cache.layers[layer]
+    entry.keys, entry.values = keys, values
+
+
+def num_cache_layers(cache) -> int:
+    return len(cache.layers)
+
+
+def crop_cache(cache, tokens: int) -> None:
+    """``cache.crop``: a negative ``tokens`` removes that many from the end of every layer."""
+    cache.crop(tokens)
+
+
+# --- multimodal encoder outputs -------------------------------------------------------------------
+def encoded_images(kwargs: dict):
+    """The image encoding ``generate`` handed to a forward (None if none)."""
+    return (kwargs.get(ENCODER_OUTPUTS_KWARG) or {}).get("image")
+
+
+def set_encoded_images(kwargs: dict, encoded) -> None:
+    kwargs[ENCODER_OUTPUTS_KWARG] = {**(kwargs.get(ENCODER_OUTPUTS_KWARG) or {}), "image": encoded}
+
+
+def image_features(encoded) -> list[torch.Tensor]:
+    """Per-image feature tensors of an image encoding (``get_image_features`` output)."""
+    return list(encoded.pooler_output)
+
+
+# --- attention masks --------------------------------------------------------------------------------
+def attention_implementation(config) -> str:
+    return config._attn_implementation
+
+
+def mask_builder(config) -> Callable | None:
+    """The mask function transformers uses for ``config``'s attention implementation (None where
+    it builds no mask)."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    try:
+        return ALL_MASK_ATTENTION_FUNCTIONS[attention_implementation(config)]
+    except KeyError:
+        return None
+
+
+def build_mask(config, make_mask: Callable, *, batch_size: int, q_length: int, kv_length: int,
+               padding_mask: torch.Tensor, extra: Callable | None, dtype, device):
+    """Call a transformers mask builder: causal over ``kv_length`` keys for the last ``q_length``
+    queries, ``padding_mask`` ``[B, kv]`` (True = may be attended), and ``extra`` (a mask function
+    ``(batch, head, q, kv) -> bool``) also holding when given."""
+    from transformers.masking_utils import and_masks, causal_mask_function
+
+    return make_mask(
+        batch_size=batch_size,
+        q_length=q_length,
+        kv_length=kv_length,
+        q_offset=kv_length - q_length,
+        kv_offset=0,
+        mask_function=causal_mask_function if extra is None else and_masks(causal_mask_function, extra),
+        attention_mask=padding_mask,
+        allow_is_causal_skip=extra is None,
+        dtype=dtype,
+        config=config,
+        use_vmap=False,
+        device=device,
+    )
+
+
+# --- decoder layers, attention modules, rotary ------------------------------------------------------
+@dataclass(frozen=True)
+class AttentionParts:
+    """What recomputing one attention module's query and key rows needs."""
+
+    q_proj: nn.Module
+    k_proj: nn.Module
+    head_dim: int
+    scaling: float
+    q_norm: nn.Module | None = None
+    k_norm: nn.Module | None = None
+
+
+#: A transformer block's sub-modules by role -> attribute name (Llama decoder and CLIP encoder layers).
+LAYER_PARTS = {"attention": "self_attn", "mlp": "mlp"}
+
+
+def layer_attention(layer: nn.Module) -> nn.Module:
+    return layer.self_attn
+
+
+def decoder_input_norm(layer: nn.Module) -> nn.Module:
+    return layer.input_layernorm
+
+
+def attention_parts(attn: nn.Module) -> AttentionParts:
+    """The projections, head size, softmax scale and optional q/k norms of a Llama-style (decoder)
+    or CLIP-style (vision) attention module."""
+    scaling = getattr(attn, "scaling", None)
+    if scaling is None:
+        scaling = getattr(attn, "scale")
+    return AttentionParts(
+        q_proj=attn.q_proj, k_proj=attn.k_proj, head_dim=attn.head_dim, scaling=float(scaling),
+        q_norm=getattr(attn, "q_norm", None), k_norm=getattr(attn, "k_norm", None),
+    )
+
+
+def rotary_cos_sin(language_model: nn.Module, hidden: torch.Tensor, positions: torch.Tensor):
+    """``(cos, sin)`` of the decoder stack's rotary embedding for ``positions``."""
+    return language_model.rotary_emb(hidden, positions)
+
+
+# --- family internals (LLaVA-NeXT, image processors, activations) ------------------------------------
+def llava_next_modeling():
+    from transformers.models.llava_next import modeling_llava_next
+
+    return modeling_llava_next
+
+
+def image_size_to_num_patches(image_size, grid_pinpoints, patch_size: int) -> int:
+    return llava_next_modeling().image_size_to_num_patches(
+        image_size=image_size, grid_pinpoints=grid_pinpoints, patch_size=patch_size
+    )
+
+
+def pack_anyres_features(core: nn.Module, features: list, image_sizes, select: str, image_newline) -> list:
+    """LLaVA-NeXT's own packing of per-crop features (unpadding, newline after each row)."""
+    packed, _ = core.pack_image_features(
+        features, image_sizes, vision_feature_select_strategy=select, image_newline=image_newline
+    )
+    return packed
+
+
+def anyres_grid_shape(image_size, grid_pinpoints, patch_size: int) -> tuple[int, int]:
+    rows, cols = llava_next_modeling().get_anyres_image_grid_shape(image_size, grid_pinpoints, patch_size)
+    return int(rows), int(cols)
+
+
+def select_best_resolution(original_size, possible_resolutions):
+    from transformers.image_processing_utils import select_best_resolution as select
+
+    return select(original_size, possible_resolutions)
+
+
+def qwen2_vl_smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int):
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    return smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+
+
+def activation(name: str) -> nn.Module:
+    """The activation module transformers uses for ``name`` (as LLaVA's projector builds it)."""
+    from transformers.activations import ACT2FN
+
+    return ACT2FN[name]
