@@ -485,10 +485,12 @@ def llama_attention_rows(layer: nn.Module, hidden, cos_sin, query_slots, key_val
 
 def query_attention_rows(layer: nn.Module, hidden, cos_sin, layout, query: str):
     """``([B, H, Q, L], [B, Q])``: the attention probabilities of a layout's query rows (``"last"``:
-    each sample's last slot; ``"instruction"``: see :func:`instruction_slots`) over its slots, zero
+    each sample's last valid slot, so right padding is never scored as a query; ``"instruction"``: see :func:`instruction_slots`) over its slots, zero
     for absent rows, and which rows are present."""
     if query == "last":
-        query_slots = torch.full((hidden.shape[0], 1), hidden.shape[1] - 1, device=hidden.device)
+        # Each sample's last *valid* slot: in a right-padded batch the last slot is padding.
+        slots = torch.arange(layout.length, device=hidden.device).expand_as(layout.valid)
+        query_slots = torch.where(layout.valid.bool(), slots, -1).max(dim=-1, keepdim=True).values.clamp(min=0)
         present = torch.ones(query_slots.shape, dtype=torch.bool, device=hidden.device)
         return llama_attention_rows(layer, hidden, cos_sin, query_slots, layout.valid), present
     if query == "instruction":

@@ -7,6 +7,7 @@ summarised the layer.
 
 from __future__ import annotations
 
+import threading
 from typing import Callable
 
 import torch
@@ -29,17 +30,23 @@ def observe_layer(
     """Hook ``layer`` so that, whenever ``active()`` holds, ``done(io)`` receives
     ``{"block": (in, out), name: (in, out) for each sub-module in parts}``; ``parts`` maps a part
     name (``"attention"``, ``"mlp"``) to the sub-module's attribute name in the layer."""
-    captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    # What the sub-modules saw, per thread: two threads running the model at once never mix.
+    per_thread = threading.local()
+
+    def captured() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        if not hasattr(per_thread, "io"):
+            per_thread.io = {}
+        return per_thread.io
 
     def sub_hook(name, module, args, kwargs, output):
         if active():
-            captured[name] = (_input(args, kwargs), _first(output))
+            captured()[name] = (_input(args, kwargs), _first(output))
 
     def layer_hook(module, args, kwargs, output):
         if active():
-            captured["block"] = (_input(args, kwargs), _first(output))
-            io = dict(captured)
-            captured.clear()
+            io = captured()
+            io["block"] = (_input(args, kwargs), _first(output))
+            per_thread.io = {}
             done(io)
 
     for name, attribute in parts.items():

@@ -77,7 +77,8 @@ def test_cached_generation_equals_recomputation(method, name):
         # recomputing: replay the prefill's choice (see test_llava_spine's replay strategy).
         from test_llava_spine import _ReplayStrategy
 
-        stages = [dict(site=s.site, layer=s.layer, keep=s.keep, keep_tokens=s.keep_tokens) for s in bound_stages]
+        stages = [dict(site=s.site, layer=s.layer, keep=s.keep, keep_tokens=s.keep_tokens, rounding=s.rounding)
+                  for s in bound_stages]
         _ReplayStrategy.plan = {s.name: {b: sel[s.name].tolist() for b, sel in enumerate(selection)} for s in bound_stages}
         with vtoken.pruned(model, "_test_replay", stages=stages, positions=config.positions):
             uncached = greedy_without_cache(model, x, 5, suppress)

@@ -137,3 +137,29 @@ def test_text_only_passthrough_generates_as_the_plain_model(method):
     with vtoken.pruned(model, method, **options):
         wrapped = model.generate(**x, max_new_tokens=STEPS, do_sample=False)
     assert torch.equal(wrapped, plain)
+
+
+def _right_padded(x: dict) -> dict:
+    ids, mask = x["input_ids"].clone(), x["attention_mask"].clone()
+    for b in range(ids.shape[0]):
+        n = int(mask[b].sum())
+        ids[b] = torch.cat([ids[b][mask[b].bool()], ids[b][~mask[b].bool()]])
+        mask[b] = (torch.arange(ids.shape[1]) < n).long()
+    return {**x, "input_ids": ids, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("method", ["fastv", "transprune"])
+def test_right_padding_scores_each_samples_last_real_token(method):
+    """In a right-padded batch the attention-scored methods read each sample's last valid token (not
+    a pad): every sample keeps what it keeps alone."""
+    model = tiny_llava()
+    x = _right_padded(llava_inputs(3))
+    with vtoken.pruned(model, method, keep=0.4):
+        with torch.no_grad():
+            model(**x)
+        batched = vtoken.selection(model)
+        for b in range(3):
+            with torch.no_grad():
+                model(**_alone(x, b))
+            alone = vtoken.selection(model)[0]
+            assert all(torch.equal(alone[k], batched[b][k]) for k in alone), f"sample {b}"

@@ -323,7 +323,7 @@ def test_cached_generation_equals_recomputation(name, option):
         assert kept[2] <= kept[1] <= kept[0]  # each stage prunes what the previous one kept
     # The scores read the whole prompt, which grows when recomputing: replay the prefill's choice.
     _ReplayStrategy.plan = {s.name: {b: sel[s.name].tolist() for b, sel in enumerate(selection)} for s in stages}
-    specs = [dict(site="llm", layer=s.layer, keep=s.keep, keep_tokens=s.keep_tokens) for s in stages]
+    specs = [dict(site="llm", layer=s.layer, keep=s.keep, keep_tokens=s.keep_tokens, rounding=s.rounding) for s in stages]
     with vtoken.pruned(model, "_test_replay", stages=specs, positions="contiguous"):
         uncached = greedy_without_cache(model, x, 5)
     assert torch.equal(uncached, cached)
@@ -338,3 +338,18 @@ def test_saved_config_rebuilds_the_schedule_for_the_model(tmp_path):
     with vtoken.pruned(model, config=vtoken.load(tmp_path)):
         assert vtoken.strategy_of(model).stages() == stages
         assert vtoken.config_of(model).direction == "abs"
+
+
+def test_stage_counts_are_floored_as_the_official_code():
+    """``int(n * ratio)`` (official ``llava_arch.py``), not the nearest count: 52 tokens (a LLaVA-NeXT
+    image) keep 45 / 32 / 6 through TransPrune-High's 0.875 / 0.625 / 0.125; ``rounding="round"``
+    gives 46 for the first stage."""
+    from vtoken.registry import get_strategy as strategy_class
+
+    cls = strategy_class("transprune")
+    floor = cls(cls.Config())
+    floor.bind({"llm": 32, "vision": 4})
+    assert [s.budget(52) for s in floor.stages()] == [45, 32, 6]
+    nearest = cls(cls.Config(rounding="round"))
+    nearest.bind({"llm": 32, "vision": 4})
+    assert [s.budget(52) for s in nearest.stages()] == [46, 32, 6]

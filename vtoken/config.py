@@ -16,6 +16,7 @@ from vtoken.schedule import SITES, check_site
 
 CONFIG_FILE = "vtoken_config.json"
 POSITION_MODES = ("original", "contiguous")
+ROUNDINGS = ("round", "floor")
 
 
 @dataclass(frozen=True)
@@ -30,9 +31,14 @@ class StageSpec:
     layer: int | None = None
     keep: float | None = None
     keep_tokens: int | None = None
+    #: How a fraction becomes a count: ``"round"`` to the nearest (vtoken's default), or ``"floor"``
+    #: (``int(keep * n)``, as the official code of some methods computes it; at least 1 either way).
+    rounding: str = "round"
 
     def __post_init__(self) -> None:
         check_site(self.site, self.layer)
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
         if (self.keep is None) == (self.keep_tokens is None):
             raise ValueError("give exactly one budget: keep=<fraction in (0, 1]> or keep_tokens=<count>")
         if self.keep is not None and not (0.0 < self.keep <= 1.0):
@@ -48,7 +54,8 @@ class StageSpec:
         """Tokens this stage keeps of an image that has ``visual_tokens`` visual tokens."""
         if self.keep_tokens is not None:
             return self.keep_tokens
-        return max(1, round(self.keep * visual_tokens))
+        exact = self.keep * visual_tokens
+        return max(1, int(exact) if self.rounding == "floor" else round(exact))
 
     def fraction(self, visual_tokens: int) -> float:
         return self.keep if self.keep is not None else self.keep_tokens / visual_tokens

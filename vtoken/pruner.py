@@ -4,6 +4,7 @@ per-request state. The adapter's hooks call into it with tensors; it never touch
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import weakref
 from functools import partial
@@ -197,17 +198,35 @@ class Pruner:
         self.stages: tuple[StageSpec, ...] = strategy.stages()
         #: The strategy's stage that hides tokens from the text instead of removing them, if any.
         self.mask: StageSpec | None = strategy.mask_stage()
-        #: The request whose forward is running now (set by the adapter's outermost hook).
-        self.active: PruneRun | None = None
-        #: The most recent prefill, for ``vtoken.selection``.
+        # The request whose forward runs now, and the vision-encoder call running now: one value per
+        # thread (and asyncio task), so two threads using one wrapped model never see each other's.
+        self._active: contextvars.ContextVar = contextvars.ContextVar(f"vtoken_active_{id(self)}", default=None)
+        self._encoding: contextvars.ContextVar = contextvars.ContextVar(f"vtoken_encoding_{id(self)}", default=None)
+        #: The most recent prefill to finish (any thread), for ``vtoken.selection`` and ``vtoken.show``.
         self.last_run: PruneRun | None = None
-        #: The vision-encoder call running now.
-        self.encoding: ImageRun | None = None
         # Encodings by the identity of the features object they returned, for as long as that object
         # lives (``generate`` encodes once and hands the same object to every forward).
         self._encodings: dict[int, ImageRun] = {}
         # Decoding state by KV cache, for as long as the cache lives (never stored on the cache).
         self._runs_by_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    @property
+    def active(self) -> PruneRun | None:
+        """The request whose forward is running now in this thread (set by the adapter's outermost hook)."""
+        return self._active.get()
+
+    @active.setter
+    def active(self, run: PruneRun | None) -> None:
+        self._active.set(run)
+
+    @property
+    def encoding(self) -> ImageRun | None:
+        """The vision-encoder call running now in this thread."""
+        return self._encoding.get()
+
+    @encoding.setter
+    def encoding(self, images: ImageRun | None) -> None:
+        self._encoding.set(images)
 
     def remember_encoding(self, output, images: ImageRun) -> None:
         key = id(output)

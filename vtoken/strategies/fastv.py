@@ -2,9 +2,16 @@
 
 At LLM layer K, rank the visual tokens by the attention they receive and drop the lowest-ranked
 (paper §4.2: K=2, R=50%). The paper defines the score as the average attention a token receives from
-all tokens; the official implementation (and this one, by default) uses the attention from the last
-token only, taken from layer K-1's attention map and averaged over heads. Kept tokens keep their
+all tokens; the official implementation (and this one) uses the attention from the last token only,
+taken from layer K-1's attention map and averaged over heads. The paper's all-token criterion is not
+offered: it needs every query row (the column sums of the attention map). "The last token" is each
+sample's last valid token, so a right-padded batch never scores a pad token. Kept tokens keep their
 original position ids (the official code sets ``position_ids = keep_indexs``).
+
+Decoding: the official in-place code keeps no KV cache (its evaluation calls ``generate`` with
+``use_cache=False``), so it re-ranks with each newly generated token as "the last token". vtoken
+prunes once, at the prefill, as the repository's KV-cache variant (``fastv_forward``) does; with
+``use_cache=False`` every step replays the prefill's choice, so cached and uncached decoding agree.
 
 Unlike the official code this never needs ``attn_implementation="eager"``: the one attention row is
 recomputed beside SDPA/FlashAttention from layer K-1's input (see ``vtoken.kernels.attention_rows``).

@@ -61,7 +61,6 @@ similarity products of the bipartite matching (``*_token_matching`` in ``vtoken.
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -298,13 +297,6 @@ class RepShiftStrategy(Strategy):
     Config = RepShiftConfig
     sites = ("vision", "llm")
 
-    def __init__(self, config: RepShiftConfig):
-        super().__init__(config)
-        # Merge mode: token sizes after the last stage of the request identified by its generator
-        # (the same object for every stage of one request), so the next stage at the same site can
-        # continue from them. Cleared after a request's last stage; a weak key never outlives it.
-        self._sizes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
     def stages(self) -> tuple[StageSpec, ...]:
         return self.config.resolved_stages(self.depths.get("vision"))
 
@@ -343,11 +335,9 @@ class RepShiftStrategy(Strategy):
             floor = 1e-6 * shift.amax(dim=-1, keepdim=True).clamp(min=1e-12)
             weights = sizes * (shift + floor)
         keep, merged, new_sizes = bipartite_merge(rows.features, rows.valid, rows.budget, weights, sizes)
-        last = ctx.stage_index == len(self.stages()) - 1
-        if last:
-            self._sizes.pop(ctx.generator, None)
-        else:
-            self._sizes[ctx.generator] = (ctx.stage_index, ctx.stage.site, new_sizes, rows.budget.clone())
+        # Merge mode: the sizes this stage leaves, in the request's scratch (the same dict at every
+        # stage of one prefill), so the next stage at the same site continues from them.
+        ctx.state["repshift_sizes"] = (ctx.stage_index, ctx.stage.site, new_sizes, rows.budget.clone())
         return Reduction(keep=keep, features=merged)
 
     def _carried_sizes(self, ctx: ScoreContext) -> torch.Tensor:
@@ -355,7 +345,7 @@ class RepShiftStrategy(Strategy):
         the same site just before (its kept tokens are then exactly these rows, in order), else 1."""
         rows = ctx.tokens
         ones = torch.ones(rows.valid.shape, dtype=torch.float32, device=rows.features.device)
-        previous = self._sizes.get(ctx.generator)
+        previous = ctx.state.get("repshift_sizes") if ctx.state is not None else None
         if previous is None:
             return ones
         index, site, sizes, counts = previous

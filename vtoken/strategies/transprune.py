@@ -29,6 +29,8 @@ numbers: the released scripts reproduce TransPrune-High's 1.56 TFLOPs exactly):
   (the code only runs batch 1). Here it is always taken per sample over that sample's valid tokens
   (system prompt, image and text, as the code at batch 1): samples of a batch never mix.
 - Kept tokens are renumbered contiguously (``positions="contiguous"``), as the code does.
+- Each stage keeps ``int(n * ratio)`` tokens (``rounding="floor"``), as the code does; vtoken's other
+  methods round to the nearest. One token apart where ``n * ratio`` is not whole (LLaVA-NeXT).
 
 Layers (0-based ``model.layers[i]``; a stage at layer K prunes *before* layer K runs, i.e. after the
 paper's 1-based layer K). The released LLaVA-1.5-7B / LLaVA-NeXT-7B setting (TransPrune-High) prunes
@@ -50,6 +52,7 @@ Table 7) computes no attention rows at all.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -190,6 +193,9 @@ class TransPruneConfig(PruneConfig):
         ttv_only: the attention-free variant (Table 7): score by TTV alone, compute no attention.
         direction: ``"signed"`` (``1 - cos``, official code, default) or ``"abs"`` (``1 - |cos|``,
             the paper's equation).
+        rounding: how a stage's fraction becomes a count: ``"floor"`` (``int(n * ratio)``, as the
+            official code, default) or ``"round"`` (vtoken's other methods). They differ by one token
+            where ``n * ratio`` is not whole (LLaVA-NeXT's varying counts, custom fractions).
         layer: a single pruning stage at this layer instead of the progressive schedule.
     """
 
@@ -204,6 +210,7 @@ class TransPruneConfig(PruneConfig):
     alpha: float = 0.5
     ttv_only: bool = False
     direction: str = "signed"
+    rounding: str = "floor"
 
     def __post_init__(self) -> None:
         # Depth of the model this config was last bound to (``TransPruneStrategy.bind``); not a
@@ -275,6 +282,7 @@ class TransPruneConfig(PruneConfig):
                 raise ValueError("transprune prunes inside the LLM only: every stage needs site='llm'")
         else:
             stages = self._progressive(depth)
+        stages = tuple(dataclasses.replace(s, rounding=self.rounding) for s in stages)
         self._check_accumulation(stages, depth)
         return stages
 

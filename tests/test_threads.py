@@ -1,0 +1,65 @@
+"""One wrapped model used by two threads at once: each request's state is its own (the adapter's
+hooks reach the running request through a per-thread route, decoding state is keyed by the KV
+cache), so each thread gets exactly what it gets alone."""
+
+import threading
+
+import pytest
+import torch
+
+import vtoken
+from tiny import llava_inputs, llava_next_inputs, tiny_llava, tiny_llava_next
+
+STEPS = 6
+
+
+def _generate(model, x):
+    return model.generate(**x, max_new_tokens=STEPS, do_sample=False, suppress_tokens=[model.config.image_token_id])
+
+
+@pytest.mark.parametrize("method,options", [
+    ("fastv", {"keep": 0.4}),                       # inside the LLM: per-layer-group decoding state
+    ("pool", {"keep": 0.25}),                       # before the LLM
+    ("repshift", {"mode": "merge", "keep": 0.5}),   # merging, with sizes carried between stages
+    ("random", {"keep": 0.3, "site": "vision", "layer": 1}),  # inside the vision encoder
+])
+@pytest.mark.parametrize("family", ["llava", "next"])
+def test_two_threads_get_what_each_gets_alone(method, options, family):
+    _two_threads(method, options, family)
+
+
+@pytest.mark.parametrize("method", ["aif", "transprune", "vflowopt", "zoo_prune"])
+def test_two_threads_with_the_other_methods(method):
+    _two_threads(method, {"keep": 0.4}, "llava")
+
+
+def _two_threads(method, options, family):
+    model = tiny_llava() if family == "llava" else tiny_llava_next()
+    inputs = [llava_inputs(2, seed=1), llava_inputs(3, seed=2)] if family == "llava" else [
+        llava_next_inputs(model, seed=1), llava_next_inputs(model, image_sizes=((64, 64), (32, 64)), seed=2)]
+    vtoken.wrap(model, method, **options)
+    alone = [_generate(model, x) for x in inputs]
+    results: dict = {}
+    start = threading.Barrier(len(inputs))
+
+    errors = []
+
+    def work(i):
+        start.wait()
+        try:
+            for round_ in range(3):
+                results[i, round_] = _generate(model, inputs[i])
+        except Exception as error:  # reported below, with the thread's traceback
+            errors.append(error)
+            raise
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    vtoken.unwrap(model)
+    assert not errors, errors
+    assert len(results) == 3 * len(inputs)
+    for (i, _), out in results.items():
+        assert torch.equal(out, alone[i])
