@@ -115,6 +115,11 @@ class Adapter(ABC):
     def visual_tokens_per_image(self) -> int | None:
         """Visual tokens one image gives the LLM at the default input size (None if it varies)."""
 
+    def vision_feature_layer(self) -> int | None:
+        """The vision-encoder layer (0-based) whose output the projector reads (the last one read when
+        several are concatenated); None when the family does not say."""
+        return None
+
     def one_grid_per_image(self) -> str | None:
         """None when every image reaches the LLM as exactly one intact patch grid (nothing else);
         otherwise a short description of what it gets instead, for error messages."""

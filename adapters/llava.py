@@ -76,6 +76,13 @@ class LlavaAdapter(Adapter):
     def visual_tokens_per_image(self) -> int | None:
         return None if self.is_next else self.tokens_per_crop
 
+    def vision_feature_layer(self) -> int | None:
+        # hidden_states[j] is the output of encoder layer j - 1 (hidden_states[0]: the embeddings).
+        layers = self.config.vision_feature_layer
+        layers = [layers] if isinstance(layers, int) else list(layers)
+        num = len(self.vision_layers())
+        return max(max(j % (num + 1) for j in layers) - 1, 0)
+
     def one_grid_per_image(self) -> str | None:
         if self.is_next:
             return "LLaVA-NeXT AnyRes: a base view, high-resolution crops and newline tokens"

@@ -163,3 +163,19 @@ def test_right_padding_scores_each_samples_last_real_token(method):
                 model(**_alone(x, b))
             alone = vtoken.selection(model)[0]
             assert all(torch.equal(alone[k], batched[b][k]) for k in alone), f"sample {b}"
+
+
+@pytest.mark.parametrize("method", ["fastv", "pool", "aif"])
+@pytest.mark.parametrize("family", list(MODELS))
+@pytest.mark.parametrize("mode", [dict(num_beams=2), dict(do_sample=True, num_return_sequences=2)])
+def test_beam_search_and_sampling_without_a_cache_equal_with_one(method, family, mode):
+    make, inputs = MODELS[family]
+    model = make()
+    x = inputs(model)
+    with vtoken.pruned(model, method, keep=0.4):
+        outs = []
+        for use_cache in (True, False):
+            torch.manual_seed(1)
+            outs.append(model.generate(**x, max_new_tokens=4, suppress_tokens=[model.config.image_token_id],
+                                       use_cache=use_cache, **mode))
+    assert torch.equal(outs[0], outs[1])

@@ -401,3 +401,29 @@ def test_config_round_trips_through_json(tmp_path):
     with vtoken.pruned(model, config=tmp_path):
         assert [s.name for s in vtoken.strategy_of(model).stages()] == ["projector", "llm:2"]
     assert math.isclose(VFlowOptConfig().stage1 * 0.25, 0.2651)
+
+
+def test_schedule_options_are_refused_beside_stages():
+    """llm_layers, stage1 and r2 shape the default schedule; with stages=[...] they would be silently
+    ignored, so they are an error naming both fixes."""
+    import pytest as _pytest
+
+    from vtoken.registry import get_strategy as strategy_class
+
+    cls = strategy_class("vflowopt")
+    stages = [{"site": "projector", "keep": 0.5}]
+    for extra in ({"llm_layers": [2]}, {"stage1": 1.2}, {"r2": 0.5}):
+        with _pytest.raises(ValueError, match=f"{next(iter(extra))}.*drop .* or drop stages="):
+            cls.Config(stages=stages, **extra)
+    cls.Config(stages=stages)  # alone: fine
+
+
+def test_default_vision_layer_follows_the_layer_the_projector_reads():
+    from tiny import tiny_llava
+
+    for feature_layer, expected in ((-2, 2), (-1, 3), (2, 1)):
+        model = tiny_llava()
+        model.config.vision_feature_layer = feature_layer
+        model.model.config.vision_feature_layer = feature_layer
+        with vtoken.pruned(model, "vflowopt", keep=0.5):
+            assert vtoken.strategy_of(model).vision_layer == expected

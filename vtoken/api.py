@@ -77,7 +77,11 @@ def wrap(model: nn.Module, method: str | None = None, *, config=None, **options:
     strategy_cls = get_strategy(cfg.method)
     strategy = strategy_cls(cfg)
     adapter = adapter_cls(model)
-    strategy.bind({"vision": len(adapter.vision_layers()), "llm": len(adapter.decoder_layers())})
+    depths = {"vision": len(adapter.vision_layers()), "llm": len(adapter.decoder_layers())}
+    read = adapter.vision_feature_layer()
+    if read is not None:
+        depths["vision_read"] = read
+    strategy.bind(depths)
     adapter.validate(strategy.stages())
     layout = adapter.one_grid_per_image() if strategy.needs_one_grid_per_image else None
     if layout is not None:

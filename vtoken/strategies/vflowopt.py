@@ -76,6 +76,7 @@ Eq. 8; see :mod:`vtoken.tuning`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -301,7 +302,8 @@ class VFlowOptConfig(PruneConfig):
         a: the side of the recycling cells, in patches (may be fractional).
         alpha: the weight of the patch-entropy term (Eq. 4).
         llm_layers: the in-LLM pruning layers (default: the paper's even split, ``L//3, 2*(L//3)``).
-        vision_layer: the vision layer whose attention makes the map (default: second-to-last).
+        vision_layer: the vision layer whose attention makes the map (default: the layer the projector
+            reads, from the model's vision_feature_layer; the second-to-last for LLaVA-1.5).
         relevance: ``"mean"`` (official code) or ``"sum"`` (paper text) over the context set.
         recycle: recycle the dropped tokens at stage 1 (Eqs. 6-7).
         newline_importance: importance of visual tokens with no patch (NeXT's newlines).
@@ -329,7 +331,16 @@ class VFlowOptConfig(PruneConfig):
     image_std: list[float] = field(default_factory=lambda: list(CLIP_STD))
 
     def __post_init__(self) -> None:
-        if not self.stages:
+        if self.stages:
+            defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name in ("stage1", "r2")}
+            ignored = [name for name, value in defaults.items() if getattr(self, name) != value]
+            ignored += ["llm_layers"] if self.llm_layers is not None else []
+            if ignored:
+                raise ValueError(
+                    f"{', '.join(ignored)} shape vflowopt's default schedule, which stages=[...] replaces; "
+                    f"drop {' and '.join(ignored)} or drop stages="
+                )
+        else:
             if self.site != "projector" or self.layer is not None:
                 raise ValueError(
                     "vflowopt's first stage is in front of the LLM (site='projector', no layer); its "
@@ -386,7 +397,10 @@ class VFlowOptStrategy(Strategy):
         super().bind(depths)
         config = self.config
         vision = depths.get("vision", 0)
-        layer = config.vision_layer if config.vision_layer is not None else max(vision - 2, 0)
+        # Default: the layer whose output the projector reads (LLaVA's vision_feature_layer; the
+        # second-to-last for LLaVA-1.5's -2), as the official code reads the selected layer's attention.
+        default = depths.get("vision_read", max(vision - 2, 0))
+        layer = config.vision_layer if config.vision_layer is not None else default
         if layer >= vision:
             raise ValueError(
                 f"vision_layer={layer} does not exist: the vision encoder has {vision} layers (0..{vision - 1})"
