@@ -123,7 +123,7 @@ def test_instruction_statistics_equal_the_eager_attention_maps(name, heads):
     with vtoken.pruned(model, "aif", keep=0.5, heads=heads):
         with torch.no_grad():
             model(**x)
-        last = vtoken.strategy_of(model).last
+        last = vtoken.diagnostics(model)[vtoken.strategy_of(model).mask_stage().name]
     assert last["dynamics"].shape[-1] == len(model.model.language_model.layers)
     for b, e in enumerate(expected):
         n = e.shape[0]
@@ -143,7 +143,7 @@ def test_next_token_statistics_equal_the_eager_attention_of_the_first_generated_
     with vtoken.pruned(model, "aif", keep=0.5, query="next"):
         with torch.no_grad():
             model(**x)
-        last = vtoken.strategy_of(model).last
+        last = vtoken.diagnostics(model)[vtoken.strategy_of(model).mask_stage().name]
     for b, e in enumerate(expected):
         assert torch.allclose(last["dynamics"][b], e, atol=1e-6)
 
@@ -255,7 +255,7 @@ def test_cached_generation_equals_recomputation_with_the_modulated_mask(name, mo
         out = model.generate(**x, max_new_tokens=steps, do_sample=False, suppress_tokens=[IMAGE_TOKEN],
                              output_logits=True, return_dict_in_generate=True)
         selection = vtoken.selection(model)
-        last = vtoken.strategy_of(model).last
+        last = vtoken.diagnostics(model)[vtoken.strategy_of(model).mask_stage().name]
     counts = [len(s[f"llm:{layer}"]) for s in selection]
     assert counts == last["kept"].tolist()
     if "keep_tokens" in options:
@@ -360,7 +360,7 @@ def test_adaptive_counts_follow_eq5_and_keep_all_is_the_identity_in_generation()
     with vtoken.pruned(model, "aif", ratio="adaptive", ratios=[0.25, 0.5]):
         with torch.no_grad():
             model(**x)
-        last = vtoken.strategy_of(model).last
+        last = vtoken.diagnostics(model)[vtoken.strategy_of(model).mask_stage().name]
         selection = vtoken.selection(model)
     n = last["valid"].sum(-1)
     expected_kept = n - torch.floor(last["ratio"] * n).long()

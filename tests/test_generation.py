@@ -37,16 +37,17 @@ def _relevant(x, model) -> list[list[int]]:
 
 def _wrap(model, method, x):
     vtoken.wrap(model, method, **_options(method))
-    if method == "oracle":
-        vtoken.strategy_of(model).relevant = _relevant(x, model)
 
 
-def _generate(model, x, **extra):
-    # A random tiny model may prefer the image placeholder as its next word; a real one never does.
-    return model.generate(
-        **x, max_new_tokens=STEPS, do_sample=False, suppress_tokens=[model.config.image_token_id],
-        output_scores=True, return_dict_in_generate=True, **extra,
-    )
+def _generate(model, x, relevant=None, **extra):
+    """Greedy generate with scores; the oracle's annotations (``relevant``, default: ``_relevant``)
+    handed in through ``vtoken.annotate``."""
+    with vtoken.annotate(model, relevant=relevant or _relevant(x, model)):
+        # A random tiny model may prefer the image placeholder as its next word; a real one never does.
+        return model.generate(
+            **x, max_new_tokens=STEPS, do_sample=False, suppress_tokens=[model.config.image_token_id],
+            output_scores=True, return_dict_in_generate=True, **extra,
+        )
 
 
 @pytest.mark.parametrize("method,family", CASES)
@@ -90,9 +91,7 @@ def test_each_sample_alone_equals_it_in_the_batch(method, family):
     width = x["input_ids"].shape[1]
     for b in range(x["input_ids"].shape[0]):
         single = _alone(x, b)
-        if method == "oracle":
-            vtoken.strategy_of(model).relevant = [relevant[b]]
-        out = _generate(model, single)
+        out = _generate(model, single, relevant=[relevant[b]])
         mine = out.sequences[0, single["input_ids"].shape[1]:]  # shorter when it ends at EOS
         theirs = batched.sequences[b, width:]
         assert torch.equal(mine, theirs[: len(mine)]), f"sample {b}"
@@ -179,3 +178,34 @@ def test_beam_search_and_sampling_without_a_cache_equal_with_one(method, family,
             outs.append(model.generate(**x, max_new_tokens=4, suppress_tokens=[model.config.image_token_id],
                                        use_cache=use_cache, **mode))
     assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_call_leaves_no_state_on_the_strategy(method):
+    """Per-request state lives in the request (``ctx.state``, ``ctx.report``), never on the strategy
+    instance: a call leaves its attributes exactly as they were."""
+    model = tiny_llava()
+    x = llava_inputs(2)
+    _wrap(model, method, x)
+    strategy = vtoken.strategy_of(model)
+    before = {k: (id(v), repr(v)) for k, v in vars(strategy).items()}
+    _generate(model, x)
+    after = {k: (id(v), repr(v)) for k, v in vars(strategy).items()}
+    vtoken.unwrap(model)
+    assert after == before
+
+
+def test_annotations_and_diagnostics_belong_to_the_call():
+    model = tiny_llava()
+    x = llava_inputs(2)
+    with vtoken.pruned(model, "oracle", keep_tokens=3):
+        with pytest.raises(ValueError, match=r"with vtoken.annotate\(model, relevant="):
+            model(**x)
+        with vtoken.annotate(model, relevant=[[1, 2, 3], [4, 5, 6]]), torch.no_grad():
+            model(**x)
+        assert [s["projector"].tolist() for s in vtoken.selection(model)] == [[1, 2, 3], [4, 5, 6]]
+    with vtoken.pruned(model, "zoo_prune", keep=0.25):
+        with torch.no_grad():
+            model(**x)
+        sensitivity = vtoken.diagnostics(model)["projector"]["sensitivity"]
+    assert sensitivity.shape == (2, 16) and bool((sensitivity > 0).all())

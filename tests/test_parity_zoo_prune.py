@@ -142,7 +142,7 @@ def run_vtoken(model, x, **options):
         with torch.no_grad():
             logits = model(**x).logits[:, -1]
         selection = [s["projector"] for s in vtoken.selection(model)]
-        sensitivity = vtoken.strategy_of(model).last_sensitivity.clone()
+        sensitivity = vtoken.diagnostics(model)["projector"]["sensitivity"].clone()
     return selection, sensitivity, logits
 
 

@@ -64,11 +64,17 @@ def _context(features, inputs, budget, projector, seed=0, valid=None):
     return ScoreContext(
         stage=StageSpec("projector", keep_tokens=int(max(budget))), tokens=tokens,
         generator=torch.Generator().manual_seed(seed), projector=projector, projector_input=inputs,
+        diagnostics={},
     )
 
 
 def _keep(strategy, ctx):
     return strategy.reduce(ctx).keep
+
+
+def _sensitivity(ctx):
+    """The sensitivity the strategy reported while deciding ``ctx``."""
+    return ctx.diagnostics[ctx.stage.name]["sensitivity"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -237,8 +243,10 @@ def test_tokens_without_projector_input_are_kept_only_to_fill_the_budget():
     for budget in range(1, 7):
         keep = _keep(strategy, _context(features, inputs, [budget], mlp))[0].tolist()
         assert len(keep) == budget and not {2, 5} & set(keep)
-    assert _keep(strategy, _context(features, inputs, [7], mlp))[0].tolist() == [0, 1, 2, 3, 4, 6, 7]
-    assert torch.all(strategy.last_sensitivity[0, [2, 5]] == 0) and torch.all(strategy.last_sensitivity[0, [0, 1, 3]] > 0)
+    ctx = _context(features, inputs, [7], mlp)
+    assert _keep(strategy, ctx)[0].tolist() == [0, 1, 2, 3, 4, 6, 7]
+    sensitivity = _sensitivity(ctx)
+    assert torch.all(sensitivity[0, [2, 5]] == 0) and torch.all(sensitivity[0, [0, 1, 3]] > 0)
 
 
 def test_same_seed_same_selection_other_seed_other_directions():
@@ -246,12 +254,15 @@ def test_same_seed_same_selection_other_seed_other_directions():
     mlp = nn.Sequential(nn.Linear(6, 12), nn.GELU(), nn.Linear(12, 4))
     inputs, features = torch.randn(2, 30, 6), torch.randn(2, 30, 4)
     strategy = ZooPruneStrategy(ZooPruneConfig(directions=3))
-    first = _keep(strategy, _context(features, inputs, [5, 9], mlp, seed=0))
-    s0 = strategy.last_sensitivity.clone()
-    assert torch.equal(_keep(strategy, _context(features, inputs, [5, 9], mlp, seed=0)), first)
-    assert torch.equal(strategy.last_sensitivity, s0)
-    _keep(strategy, _context(features, inputs, [5, 9], mlp, seed=1))
-    assert not torch.allclose(strategy.last_sensitivity, s0)  # other directions, other estimates
+    ctx = _context(features, inputs, [5, 9], mlp, seed=0)
+    first = _keep(strategy, ctx)
+    s0 = _sensitivity(ctx)
+    again = _context(features, inputs, [5, 9], mlp, seed=0)
+    assert torch.equal(_keep(strategy, again), first)
+    assert torch.equal(_sensitivity(again), s0)
+    other = _context(features, inputs, [5, 9], mlp, seed=1)
+    _keep(strategy, other)
+    assert not torch.allclose(_sensitivity(other), s0)  # other directions, other estimates
 
 
 def test_linear_projector_warns_once():

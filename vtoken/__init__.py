@@ -8,7 +8,9 @@
 """
 
 from vtoken.api import (
+    annotate,
     config_of,
+    diagnostics,
     is_wrapped,
     load,
     methods,
@@ -46,5 +48,5 @@ __all__ = [
     "wrap", "unwrap", "pruned", "methods", "selection", "show", "save_config", "load", "config_of",
     "strategy_of", "is_wrapped", "schedule_of", "flops", "kv_cache_bytes", "FlopsReport", "PruneConfig", "StageSpec", "Schedule", "ScoringCost", "Stage",
 ]
-__all__ += ["train_projector"]
+__all__ += ["train_projector", "annotate", "diagnostics"]
 __all__ += ["tune"]

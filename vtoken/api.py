@@ -165,6 +165,28 @@ def selection(model: nn.Module) -> list[dict[str, torch.Tensor]]:
     return [dict(s) for s in run.selections]
 
 
+def diagnostics(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    """What the strategy reported while deciding the last prefill (``ScoreContext.report``): stage
+    name -> named values, per image row (AIF's dynamics and entropy, ZOO-Prune's sensitivity, ...)."""
+    run = _state(model).pruner.last_run
+    if run is None:
+        raise ValueError("no forward pass has run since wrapping; call the model (or generate) first")
+    return {stage: dict(values) for stage, values in run.diagnostics.items()}
+
+
+@contextmanager
+def annotate(model: nn.Module, **annotations: Any) -> Iterator[nn.Module]:
+    """Hand the calls made inside the block per-input annotations (the oracle's ``relevant``: one
+    list of image-local token indices per image, in batch order). They belong to this thread's calls
+    only; the strategy reads them from ``ScoreContext.annotations``."""
+    pruner = _state(model).pruner
+    token = pruner.annotations.set(dict(annotations))
+    try:
+        yield model
+    finally:
+        pruner.annotations.reset(token)
+
+
 def save_config(model: nn.Module, directory: str | os.PathLike) -> str:
     """Write the wrapped model's config as JSON into ``directory``; returns the file's path."""
     return _state(model).config.save(directory)

@@ -10,6 +10,7 @@ after warm-up, on whatever device the model is on.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -214,8 +215,8 @@ def run(
         names = [*names, "oracle"]
 
     def timed(inputs, count: int) -> float:
-        _annotate(model, vqa, records[:count] if records else None)
-        return _median_ms(model, inputs, repeats)
+        with _annotations(model, vqa, records[:count] if records else []):
+            return _median_ms(model, inputs, repeats)
 
     def measure(name, text, site, schedule, base=None, option=None) -> BenchRow:
         if option and "keep_tokens" in option:  # a count on this model is the same share of 576
@@ -237,8 +238,7 @@ def run(
     rows = [base]
     for name, text, option in _points(names, budgets):
         with vtoken.pruned(model, name, **option):
-            _annotate(model, vqa, records[:1] if records else None)
-            with torch.no_grad():
+            with _annotations(model, vqa, records[:1] if records else []), torch.no_grad():
                 model(**one)
             site = ",".join(vtoken.selection(model)[0])
             schedule = vtoken.schedule_of(model, visual_tokens=visual)
@@ -257,13 +257,11 @@ def run(
     return rows
 
 
-def _annotate(model, vqa, records) -> None:
-    """Hand a strategy that needs annotations (the oracle) the relevant patches of ``records``."""
+def _annotations(model, vqa, records):
+    """A block handing the calls inside it the relevant patches of ``records`` (read by the oracle)."""
     if not vtoken.is_wrapped(model):
-        return
-    strategy = vtoken.strategy_of(model)
-    if getattr(strategy, "needs_annotations", False):
-        strategy.relevant = [vqa.relevant(r) for r in records]
+        return contextlib.nullcontext()
+    return vtoken.annotate(model, relevant=[vqa.relevant(r) for r in records])
 
 
 def _vqa_model(model_path):

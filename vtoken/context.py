@@ -152,6 +152,17 @@ class ScoreContext:
     #: Per row, a seed that depends only on the config's seed, the row's own image (its pixels), its
     #: place in that image (crop) and the stage; computed on first call.
     row_seeds: Callable[[], list[int]] | None = None
+    #: Per-input annotations the caller handed this request (``vtoken.annotate``), e.g. the oracle's
+    #: ``relevant`` patches; empty when none.
+    annotations: dict = field(default_factory=dict)
+    #: Where ``report`` puts what the strategy wants inspectable after the call (``vtoken.diagnostics``).
+    diagnostics: dict | None = None
+
+    def report(self, **values) -> None:
+        """Keep named values of this stage's decision (scores, statistics) for ``vtoken.diagnostics``
+        after the call; they belong to this request, never to the strategy instance."""
+        if self.diagnostics is not None:
+            self.diagnostics.setdefault(self.stage.name, {}).update(values)
 
     def uniform(self) -> torch.Tensor:
         """``[R, N]`` uniform draws in [0, 1) for the valid candidates (0 for padding). A row's draws

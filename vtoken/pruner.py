@@ -59,6 +59,8 @@ class ImageRun:
         self.vision_source = None
         #: The strategy's per-request scratch (``ScoreContext.state``), shared by every stage.
         self.strategy_state: dict = {}
+        #: Stage name -> what the strategy reported (``ScoreContext.report``) at the vision stages.
+        self.diagnostics: dict = {}
         #: The last fresh prefill this encoding served (see :class:`Served`), for replays.
         self.served: Served | None = None
 
@@ -153,6 +155,8 @@ class PruneRun:
         self.strategy_state: dict = image_run.strategy_state if image_run is not None else {}
         #: Stage name -> the :class:`Reduction` this prefill applied (its rows in layout order).
         self.reductions: dict = {}
+        #: Stage name -> what the strategy reported (``ScoreContext.report``), for ``vtoken.diagnostics``.
+        self.diagnostics: dict = dict(image_run.diagnostics) if image_run is not None else {}
         #: Set when this prefill continues the prompt of one its encoding served before (``generate``
         #: without a cache): stage name -> the reduction to apply again instead of scoring.
         self.replay: dict | None = None
@@ -202,6 +206,8 @@ class Pruner:
         # thread (and asyncio task), so two threads using one wrapped model never see each other's.
         self._active: contextvars.ContextVar = contextvars.ContextVar(f"vtoken_active_{id(self)}", default=None)
         self._encoding: contextvars.ContextVar = contextvars.ContextVar(f"vtoken_encoding_{id(self)}", default=None)
+        #: Per-input annotations for the calls made inside ``vtoken.annotate`` (this thread's).
+        self.annotations: contextvars.ContextVar = contextvars.ContextVar(f"vtoken_annotations_{id(self)}", default={})
         #: The most recent prefill to finish (any thread), for ``vtoken.selection`` and ``vtoken.show``.
         self.last_run: PruneRun | None = None
         # Encodings by the identity of the features object they returned, for as long as that object
@@ -270,6 +276,8 @@ class Pruner:
             stage_index=self._stage_index(stage),
             state=run.strategy_state,
             row_seeds=row_seeds,
+            annotations=self.annotations.get(),
+            diagnostics=run.diagnostics,
             **extras,
         )
         reduction = self.strategy.reduce(ctx)

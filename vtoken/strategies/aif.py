@@ -207,9 +207,6 @@ class AIFStrategy(Strategy):
         super().__init__(config)
         self.adaptive_budget = config.adaptive
         self.evict_masked = config.mode == "evict"
-        #: The last decision's statistics, per image row: ``dynamics`` ``[R, N, L]``, ``mean`` and
-        #: ``entropy`` ``[R, N]``, ``valid`` ``[R, N]``, ``ratio`` and ``kept`` ``[R]``.
-        self.last: dict[str, torch.Tensor] = {}
 
     def bind(self, depths: dict[str, int]) -> None:
         super().bind(depths)
@@ -256,7 +253,7 @@ class AIFStrategy(Strategy):
             budget = ctx.tokens.budget
             ratio = 1.0 - budget.float() / valid.sum(dim=-1).clamp(min=1)
         keep = masked_topk(-entropy, valid, budget)
-        self.last = {
-            "dynamics": dynamics, "mean": mean, "entropy": entropy, "valid": valid, "ratio": ratio, "kept": budget,
-        }
+        # The decision's statistics per image row, for vtoken.diagnostics: dynamics [R, N, L], mean,
+        # entropy and valid [R, N], ratio and kept [R].
+        ctx.report(dynamics=dynamics, mean=mean, entropy=entropy, valid=valid, ratio=ratio, kept=budget)
         return Reduction(keep=keep)

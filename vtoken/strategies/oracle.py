@@ -3,9 +3,9 @@ random patches.
 
 A reference row that no published benchmark has, because only a generator knows which patches hold
 the answer (``vtoken.vqa``). It bounds what selection can achieve at a budget on a given model. It
-is not a real method: before each forward, the caller sets ``strategy.relevant`` to one list of
-image-local token indices per image (in batch order); ``vtoken bench`` does this from the records'
-boxes. When an image has more relevant tokens than the budget, a seeded random subset is kept.
+is not a real method: the caller hands each call its annotations, ``with vtoken.annotate(model,
+relevant=[...])``: one list of image-local token indices per image (in batch order); ``vtoken bench``
+does this from the records' boxes. When an image has more relevant tokens than the budget, a seeded random subset is kept.
 """
 
 from __future__ import annotations
@@ -32,19 +32,19 @@ class OracleStrategy(Strategy):
     #: Needs per-image annotations (``relevant``) that only a generated benchmark has.
     needs_annotations = True
 
-    def __init__(self, config: PruneConfig):
-        super().__init__(config)
-        self.relevant: list[list[int]] | None = None
-
     def score(self, ctx: ScoreContext) -> torch.Tensor:
-        if self.relevant is None:
-            raise ValueError("the oracle needs strategy.relevant: one list of relevant token indices per image")
+        relevant = ctx.annotations.get("relevant")
+        if relevant is None:
+            raise ValueError(
+                "the oracle needs the relevant patches of each image: call the model inside "
+                "`with vtoken.annotate(model, relevant=[[...], ...]):` (one list of token indices per image)"
+            )
         rows = ctx.tokens
-        if len(self.relevant) != rows.num_rows:
-            raise ValueError(f"oracle got relevant patches for {len(self.relevant)} images, the batch has {rows.num_rows}")
+        if len(relevant) != rows.num_rows:
+            raise ValueError(f"oracle got relevant patches for {len(relevant)} images, the batch has {rows.num_rows}")
         # Random in [0, 1) for every token, +1 for relevant ones: relevant first, random fill after.
         scores = ctx.uniform()  # seeded per image: an image's fill never depends on its batch
-        for r, wanted in enumerate(self.relevant):
+        for r, wanted in enumerate(relevant):
             if wanted:
                 hit = torch.isin(rows.local_index[r], torch.tensor(wanted, device=rows.local_index.device))
                 scores[r] += hit.float()

@@ -273,8 +273,6 @@ class ZooPruneStrategy(Strategy):
     def __init__(self, config: ZooPruneConfig):
         super().__init__(config)
         self._warned_flat = False
-        #: The last scored ``[R, N]`` sensitivity ``S`` (zeros where not computed), for inspection.
-        self.last_sensitivity: torch.Tensor | None = None
 
     def scoring_cost(self, stage: StageSpec) -> list[ScoringCost]:
         # m directions, each a +h and a -h pass of the projector over the image's tokens.
@@ -303,10 +301,10 @@ class ZooPruneStrategy(Strategy):
         valid, budget = rows.valid, rows.budget.to(rows.valid.device)
         choose = budget < valid.sum(-1)  # rows that keep everything need no scoring
         if not bool(choose.any()):
-            self.last_sensitivity = torch.zeros(valid.shape, dtype=torch.float32, device=valid.device)
+            ctx.report(sensitivity=torch.zeros(valid.shape, dtype=torch.float32, device=valid.device))
             return torch.zeros(valid.shape, dtype=torch.float32, device=valid.device)
         sensitivity, eligible = self.sensitivity(ctx, choose)
-        self.last_sensitivity = sensitivity
+        ctx.report(sensitivity=sensitivity)  # [R, N] S, zeros where not computed; vtoken.diagnostics
         weight, flat = normalise_sensitivity(sensitivity, eligible, self.config.flat_rtol)
         informative = choose & (eligible.sum(-1) >= 2)
         if bool((flat & informative).any()) and not self._warned_flat:

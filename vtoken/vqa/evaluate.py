@@ -8,6 +8,7 @@ and its image processor, as ``eval/train_tiny_llava.py`` saves them.
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -97,17 +98,17 @@ def evaluate(vqa: VQAModel, records: list[dict], batch_size: int = 32) -> EvalRe
     When the model is wrapped, also the relevant-patch recall: the share of the records' relevant
     patches among the visual tokens that survived every stage. For merging methods (``pool``) a kept
     token stands for a window, so recall there counts only the windows' anchors; treat it as a floor.
-    When the wrapped strategy is the oracle, it is handed each batch's relevant patches.
+    Each batch is evaluated inside ``vtoken.annotate(model, relevant=...)`` (its relevant patches), which
+    the oracle reads.
     """
     result = EvalResult()
     wrapped = vtoken.is_wrapped(vqa.model)
-    strategy = vtoken.strategy_of(vqa.model) if wrapped else None
     for start in range(0, len(records), batch_size):
         chunk = records[start : start + batch_size]
         relevant = [vqa.relevant(r) for r in chunk]
-        if strategy is not None and getattr(strategy, "needs_annotations", False):
-            strategy.relevant = relevant
-        answers = vqa.answer(vqa.encode(chunk))
+        annotations = vtoken.annotate(vqa.model, relevant=relevant) if wrapped else contextlib.nullcontext()
+        with annotations:
+            answers = vqa.answer(vqa.encode(chunk))
         for record, answer in zip(chunk, answers):
             family = record.get("family", "all")
             result.total[family] += 1

@@ -71,12 +71,11 @@ def counting_under_pruning(path: str) -> None:
     for method in ("oracle", "random"):
         pairs = Counter()
         with vtoken.pruned(vqa.model, method, keep_tokens=16):
-            strategy = vtoken.strategy_of(vqa.model)
             for s in range(0, len(records), 32):
                 chunk = records[s: s + 32]
-                if method == "oracle":
-                    strategy.relevant = [vqa.relevant(r) for r in chunk]
-                for r, answer in zip(chunk, vqa.answer(vqa.encode(chunk))):
+                with vtoken.annotate(vqa.model, relevant=[vqa.relevant(r) for r in chunk]):
+                    answers = vqa.answer(vqa.encode(chunk))
+                for r, answer in zip(chunk, answers):
                     pairs[(r["answer"], answer)] += 1
         right = sum(n for (truth, answer), n in pairs.items() if truth == answer)
         print(f"count at 16/144 tokens, {method}: {right}/{len(records)} right; (truth, answer): {sorted(pairs.items())}")
