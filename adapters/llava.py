@@ -163,7 +163,6 @@ class LlavaAdapter(Adapter):
     def _next_images(self, pixel_values, image_sizes) -> list[ImageInfo]:
         if image_sizes is None:
             raise ValueError("LLaVA-NeXT needs image_sizes from its processor")
-        config = self.config
         crops_per_image = self.crops_per_image(image_sizes)
         per, side = self.tokens_per_crop, self.grid_side
         # Run the model's own packing on crop-token ids, with -1 for the newline, to learn where each

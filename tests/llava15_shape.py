@@ -61,3 +61,55 @@ def llava15_inputs(batch: int = 2, seed: int = 0, system: int = 35, question=(12
         mask[i, width - len(row):] = 1
     pixels = torch.randn(batch, 3, 336, 336, generator=g)
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
+
+
+def sdpa_and_eager(kv_heads: int = 4, seed: int = 0):
+    """The model under test (SDPA) and an eager copy with the same weights, for a reference that
+    reads attention maps."""
+    model = llava15_shaped("sdpa", seed=seed, kv_heads=kv_heads)
+    reference = llava15_shaped("eager", seed=seed, kv_heads=kv_heads)
+    reference.load_state_dict(model.state_dict())
+    return model, reference
+
+
+class _Captured(Exception):
+    pass
+
+
+def llm_inputs(model, inputs: dict) -> torch.Tensor:
+    """The ``inputs_embeds`` the unwrapped model hands its LLM (image features scattered in); the
+    LLM itself is not run."""
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen["embeds"] = kwargs["inputs_embeds"].detach().clone()
+        raise _Captured
+
+    handle = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    return seen["embeds"]
+
+
+def alone(inputs: dict, b: int) -> dict:
+    """Sample ``b`` of a left-padded batch as a batch of one, without its padding."""
+    valid = inputs["attention_mask"][b].bool()
+    return {
+        "input_ids": inputs["input_ids"][b : b + 1, valid],
+        "attention_mask": inputs["attention_mask"][b : b + 1, valid],
+        "pixel_values": inputs["pixel_values"][b : b + 1],
+    }
+
+
+def one_thread():
+    """A fixture body: tensors here are tiny (width 32/64), so one thread is faster than two, and much
+    faster on a shared machine where two threads wait for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

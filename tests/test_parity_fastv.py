@@ -47,36 +47,15 @@ import pytest
 import torch
 
 import vtoken
-from llava15_shape import IMAGE_TOKEN, VISUAL_TOKENS, llava15_inputs, llava15_shaped
+from llava15_shape import (
+    IMAGE_TOKEN, VISUAL_TOKENS, alone, llava15_inputs, llm_inputs, one_thread, sdpa_and_eager,
+)
 
 OFFICIAL_COMMIT = "d1659729b5bf1be225e99ee15783deeea80f63b1"
 LOGIT_TOL = dict(rtol=1e-5, atol=1e-5)  # differences seen: ~3e-7 on logits of ~0.5
 
 
 # --- the reference ---------------------------------------------------------------------------------
-class _Captured(Exception):
-    pass
-
-
-def _llm_inputs(model, inputs) -> torch.Tensor:
-    """The ``inputs_embeds`` the unwrapped model hands its LLM (image features scattered in); the
-    LLM itself is not run."""
-    seen = {}
-
-    def grab(module, args, kwargs):
-        seen["embeds"] = kwargs["inputs_embeds"].detach().clone()
-        raise _Captured
-
-    handle = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        model(**inputs)
-    except _Captured:
-        pass
-    finally:
-        handle.remove()
-    return seen["embeds"]
-
-
 def _decoder_layer(layer, lm, hidden, positions):
     """One Llama decoder layer over ``hidden`` ``[1, n, d]`` with a causal mask and rotary positions
     ``positions`` ``[1, n]``, written out as the official layer runs it; returns the new hidden
@@ -142,12 +121,7 @@ def official_fastv(ref_model, embeds, input_ids, attention_mask, layer_k: int, r
 # --- fixtures and helpers --------------------------------------------------------------------------
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
-    """Tensors here are tiny (width 32/64): one thread is faster than two, and much faster on a
-    shared machine, where two threads each wait for the other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    yield from one_thread()
 
 
 @pytest.fixture(scope="module")
@@ -156,14 +130,9 @@ def batch():
 
 
 def _models(kv_heads: int, inputs):
-    """The model under test (SDPA), an eager copy with the same weights for the reference, and the
-    LLM inputs of ``inputs``."""
-    model = llava15_shaped("sdpa", kv_heads=kv_heads)
-    ref = llava15_shaped("eager", kv_heads=kv_heads)
-    ref.load_state_dict(model.state_dict())
-    with torch.no_grad():
-        embeds = _llm_inputs(model, inputs)
-    return model, ref, embeds
+    """The model under test (SDPA), an eager copy for the reference, and the LLM inputs of ``inputs``."""
+    model, ref = sdpa_and_eager(kv_heads)
+    return model, ref, llm_inputs(model, inputs)
 
 
 @pytest.fixture(scope="module")
@@ -174,15 +143,6 @@ def mha(batch):
 @pytest.fixture(scope="module")
 def gqa(batch):
     return _models(2, batch)
-
-
-def _alone(inputs, b: int) -> dict:
-    valid = inputs["attention_mask"][b].bool()
-    return {
-        "input_ids": inputs["input_ids"][b : b + 1, valid],
-        "attention_mask": inputs["attention_mask"][b : b + 1, valid],
-        "pixel_values": inputs["pixel_values"][b : b + 1],
-    }
 
 
 def _wrapped(model, inputs, **options):
@@ -237,10 +197,10 @@ def test_each_sample_selects_in_a_batch_what_it_selects_alone(mha, batch, option
     with torch.no_grad():
         logits, together = _wrapped(model, batch, **options)
         for b in range(2):
-            alone_logits, alone = _wrapped(model, _alone(batch, b), **options)
-            assert together[b].keys() == alone[0].keys()
+            alone_logits, single = _wrapped(model, alone(batch, b), **options)
+            assert together[b].keys() == single[0].keys()
             for stage in together[b]:
-                assert torch.equal(together[b][stage], alone[0][stage]), (b, stage)
+                assert torch.equal(together[b][stage], single[0][stage]), (b, stage)
             # Alone the positions start at 0 instead of at the padding: rotary attention is the same.
             torch.testing.assert_close(logits[b], alone_logits[0], **LOGIT_TOL)
 
