@@ -5,9 +5,12 @@ from __future__ import annotations
 from torch import nn
 
 from .base import Adapter, ImageInfo, UndoStack, VisualLayout
+from . import llava
 from .llava import LlavaAdapter
 
 ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter,)
+#: Family -> the signals (``vtoken.signals``) its models never provide, and why.
+FAMILY_GAPS: dict[str, dict[str, str]] = {**llava.FAMILY_GAPS}
 
 
 def adapter_for(model: nn.Module) -> type[Adapter]:
@@ -21,4 +24,4 @@ def adapter_for(model: nn.Module) -> type[Adapter]:
     )
 
 
-__all__ = ["Adapter", "ADAPTERS", "ImageInfo", "UndoStack", "VisualLayout", "adapter_for"]
+__all__ = ["Adapter", "ADAPTERS", "FAMILY_GAPS", "ImageInfo", "UndoStack", "VisualLayout", "adapter_for"]

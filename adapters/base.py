@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from vtoken.context import Grid
+from vtoken.signals import Needs, Signal
 
 
 @dataclass
@@ -118,6 +119,19 @@ class Adapter(ABC):
     def vision_feature_layer(self) -> int | None:
         """The vision-encoder layer (0-based) whose output the projector reads (the last one read when
         several are concatenated); None when the family does not say."""
+        return None
+
+    def unavailable(self, signal: Signal) -> str | None:
+        """None when this model provides ``signal`` (:mod:`vtoken.signals`); otherwise what it gives
+        instead or why not, for the error that refuses the method."""
+        return "no such signal in this family"
+
+    def missing_signal(self, needs: Needs) -> tuple[Signal, str] | None:
+        """The first signal of ``needs`` this model cannot provide, with the reason; None if all."""
+        for signal in needs.signals:
+            reason = self.unavailable(signal)
+            if reason is not None:
+                return signal, reason
         return None
 
     def one_grid_per_image(self) -> str | None:

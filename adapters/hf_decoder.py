@@ -27,7 +27,7 @@ from functools import partial
 
 import torch
 from torch import nn
-from vtoken import compat
+from vtoken import compat, signals
 
 from .base import UndoStack
 from .observe import observe_layer
@@ -104,11 +104,12 @@ class DecoderPruning:
             run = pruner.active
             return run is not None and run.prefill and bool(run.groups) and run.side_pass is None
 
-        query, attention_layers = pruner.strategy.observed_attention(len(self.layers))
+        query = pruner.needs.attention_query()
+        attention_layers = pruner.needs.layers(signals.LLM_ATTENTION_OBSERVED)
         self._check_attention_layers(query, attention_layers)
         if pruner.mask is not None:
             self._check_mask_stage(pruner.mask, query)
-        for layer in pruner.strategy.observed_layers("llm", len(self.layers)):
+        for layer in pruner.needs.layers(signals.LLM_OBSERVED):
             observe_layer(self.layers[layer], compat.LAYER_PARTS, prefilling,
                           partial(self._observed, layer), undo)
         for layer in attention_layers:
@@ -355,7 +356,7 @@ class DecoderPruning:
         stage, strategy = self.pruner.mask, self.pruner.strategy
         cache = compat.output_cache(output)
         layout = run.groups[0][1]
-        query, layers = strategy.observed_attention(len(self.layers))
+        query, layers = self.pruner.needs.attention_query(), self.pruner.needs.layers(signals.LLM_ATTENTION_OBSERVED)
         if query == "next" and layers and run.replay is None:  # a replay decides nothing anew
             self._probe_next(run, layout, output, cache)
         hidden = run.stash[stage.layer][0]

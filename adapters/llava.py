@@ -28,13 +28,20 @@ from transformers import LlavaForConditionalGeneration, LlavaModel, LlavaNextFor
 from .base import Adapter, ImageInfo, UndoStack, VisualLayout
 from .hf_decoder import DecoderPruning
 from .observe import observe_layer
-from vtoken import compat
+from vtoken import compat, signals
 from vtoken.context import Grid, VisionAttention
 from vtoken.kernels import attention_rows, gather_tokens, received_attention
 from vtoken.pruner import ImageRun, Pruner, PruneRun
 
 _NEXT_CLASSES = (LlavaNextForConditionalGeneration, LlavaNextModel)
 _CLASSES = (LlavaForConditionalGeneration, LlavaModel, *_NEXT_CLASSES)
+
+
+#: Per family this adapter serves: the signals its models never provide, and why (``vtoken.methods``).
+FAMILY_GAPS = {
+    "LLaVA-1.5": {},
+    "LLaVA-NeXT": {signals.ONE_GRID_PER_IMAGE: "AnyRes gives a base view, high-resolution crops and newline tokens"},
+}
 
 
 class LlavaAdapter(Adapter):
@@ -82,6 +89,20 @@ class LlavaAdapter(Adapter):
         layers = [layers] if isinstance(layers, int) else list(layers)
         num = len(self.vision_layers())
         return max(max(j % (num + 1) for j in layers) - 1, 0)
+
+    @property
+    def family_name(self) -> str:
+        return "LLaVA-NeXT" if self.is_next else "LLaVA-1.5"
+
+    def unavailable(self, signal) -> str | None:
+        # Every signal exists on LLaVA and LLaVA-NeXT; only the one-grid layout depends on the model.
+        if signal.name == signals.ONE_GRID_PER_IMAGE:
+            return self.one_grid_per_image()
+        if signal.layer is not None:
+            depth = len(self.vision_layers() if signal.name in signals.VISION_LAYERED else self.decoder_layers())
+            if not 0 <= signal.layer < depth:
+                return f"no layer {signal.layer} (it has {depth})"
+        return None
 
     def one_grid_per_image(self) -> str | None:
         if self.is_next:
@@ -239,9 +260,10 @@ class LlavaAdapter(Adapter):
     def install(self, pruner: Pruner, undo: UndoStack) -> None:
         self.pruner = pruner
         encode = self.core.get_image_features
+        needs = pruner.needs
         # Strategies that read the encoder itself (VFlowOpt): one layer's attention, the pixels.
-        attention_layers = pruner.strategy.vision_attention_layers(len(self.vision_layers()))
-        reads_encoder = bool(attention_layers) or pruner.strategy.needs_pixel_patches
+        attention_layers = needs.layers(signals.VISION_ATTENTION)
+        reads_encoder = bool(attention_layers) or needs.has(signals.PIXEL_PATCHES)
 
         @functools.wraps(encode)  # keeps the signature generate() inspects
         def get_image_features(*args, **kwargs):
@@ -265,13 +287,12 @@ class LlavaAdapter(Adapter):
         self.core.get_image_features = get_image_features
         undo.push(lambda: delattr(self.core, "get_image_features"))
         undo.hook(self.core.register_forward_pre_hook(self._before_model, with_kwargs=True))
-        strategy = pruner.strategy
-        for layer in strategy.observed_layers("vision", len(self.vision_layers())):
+        for layer in needs.layers(signals.VISION_OBSERVED):
             observe_layer(
                 self.vision_layers()[layer], compat.LAYER_PARTS,
                 active=lambda: pruner.encoding is not None, done=partial(self._observed_vision, layer), undo=undo,
             )
-        if strategy.needs_projector_input:
+        if needs.has(signals.PROJECTOR_INPUT):
             undo.hook(self.projector().register_forward_pre_hook(self._before_projector))
         for layer in attention_layers:
             hook = partial(self._vision_attention_input, layer)
@@ -409,7 +430,7 @@ class LlavaAdapter(Adapter):
             if pruner.config.positions == "contiguous":
                 layout = layout.renumbered()
             embeds = gather_tokens(embeds, index)
-        projector = self.projector() if pruner.strategy.needs_projector_input else None
+        projector = self.projector() if pruner.needs.has(signals.PROJECTOR_INPUT) else None
         for stage in pruner.stages_at("projector"):
             layout, embeds = pruner.run_sequence_stage(run, stage, layout, embeds, projector=projector)
         return layout, embeds
@@ -430,7 +451,7 @@ class _VisionSource:
     def attention(self, layer: int) -> VisionAttention:
         adapter = self.adapter
         if layer not in self.inputs:
-            raise ValueError(f"vision layer {layer}'s attention was not recorded; list it in vision_attention_layers()")
+            raise ValueError(f"vision layer {layer}'s attention was not recorded; declare Signal('vision_attention', {layer}) in needs()")
         x = self.inputs[layer]
         first, patches = int(adapter.has_cls), adapter.grid_side**2
         if x.shape[1] != first + patches:

@@ -108,3 +108,29 @@ def test_sdpa_and_eager_choose_the_same_tokens(method):
         torch.equal(a[k], b[k]) for a, b in zip(chosen[0], chosen[1]) for k in a
     )
     assert torch.allclose(logits[0], logits[1], atol=1e-4)
+
+
+@pytest.mark.parametrize("method", [m["name"] for m in vtoken.methods() if not m["name"].startswith("_")])
+def test_needs_stay_within_what_the_method_says_it_reads(method):
+    """``needs()`` on a bound strategy names only signals listed in the class's ``reads`` (what
+    ``vtoken.methods()`` shows per family), and every one of them exists on LLaVA."""
+    from test_generation import _options
+
+    model = tiny_llava()
+    with vtoken.pruned(model, method, **_options(method)):
+        strategy = vtoken.strategy_of(model)
+        assert strategy.needs().names() <= set(type(strategy).reads)
+
+
+def test_a_method_a_family_cannot_serve_is_refused_naming_the_signal():
+    from test_tokenpacker import _packer
+
+    model = tiny_llava_next()
+    with pytest.raises(ValueError, match=r"tokenpacker needs each image .* \(signal 'one_grid_per_image'\), but this "
+                                         r"LLaVA-NeXT model gives LLaVA-NeXT AnyRes"):
+        vtoken.wrap(model, "tokenpacker", weights=_packer(2))
+    assert not vtoken.is_wrapped(model)
+    listed = {m["name"]: m for m in vtoken.methods()}
+    assert listed["tokenpacker"]["families"]["LLaVA-1.5"] == "runs"
+    assert "one patch grid" in listed["tokenpacker"]["families"]["LLaVA-NeXT"]
+    assert all(v == "runs" for v in listed["fastv"]["families"].values())

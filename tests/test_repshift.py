@@ -176,9 +176,10 @@ def test_default_schedule_is_the_papers_scaled_to_depth():
 
 def test_llm_site_scores_the_layer_before_the_pruning_layer():
     strategy = RepShiftStrategy(RepShiftConfig(site="llm", layer=2))
-    assert strategy.observed_layers("llm", 4) == [1] and strategy.observed_layers("vision", 4) == []
+    needs = strategy.needs()
+    assert needs.layers("llm_observed") == [1] and needs.layers("vision_observed") == []
     vision = RepShiftStrategy(RepShiftConfig(layer=3))
-    assert vision.observed_layers("vision", 24) == [3]
+    assert vision.needs().layers("vision_observed") == [3]
 
 
 @pytest.mark.parametrize(
@@ -248,23 +249,23 @@ def test_merge_leaves_invalid_tokens_out():
     assert keep.tolist() == [[0, 1, 2, 3]] and torch.equal(merged, features)  # fills the budget last
 
 
-def _ctx(stage, features, budget, stage_index, generator):
+def _ctx(stage, features, budget, stage_index, generator, state=None):
     rows, width = features.shape[:2]
     tokens = TokenRows(features, torch.ones(rows, width, dtype=torch.bool), torch.tensor(budget),
                        torch.arange(rows), [None] * rows)
-    return ScoreContext(stage=stage, tokens=tokens, generator=generator, stage_index=stage_index)
+    return ScoreContext(stage=stage, tokens=tokens, generator=generator, stage_index=stage_index,
+                        state=state if state is not None else {})
 
 
 def test_sizes_carry_from_one_stage_to_the_next():
     stages = [dict(site="vision", layer=0, keep_tokens=4), dict(site="vision", layer=1, keep_tokens=2)]
     strategy = RepShiftStrategy(RepShiftConfig(stages=stages, mode="merge", merge_weight="size"))
     generator = torch.Generator()
+    request = {}  # the request's scratch: the same dict at every stage of one prefill
     features = torch.randn(1, 8, 3, generator=torch.Generator().manual_seed(1))
-    first = strategy.reduce(_ctx(StageSpec(**stages[0]), features, [4], 0, generator))
-    second = strategy.reduce(_ctx(StageSpec(**stages[1]), first.features, [2], 1, generator))
+    first = strategy.reduce(_ctx(StageSpec(**stages[0]), features, [4], 0, generator, request))
+    second = strategy.reduce(_ctx(StageSpec(**stages[1]), first.features, [2], 1, generator, request))
     # With sizes carried, the two survivors (of sizes summing to 8) hold the sum of all 8 originals.
-    sizes = strategy._sizes  # cleared after the request's last stage
-    assert len(sizes) == 0
     first_sizes = bipartite_merge(features, torch.ones(1, 8, dtype=torch.bool), torch.tensor([4]),
                                   torch.ones(1, 8), torch.ones(1, 8))[2]
     keep, merged, final = bipartite_merge(first.features, torch.ones(1, 4, dtype=torch.bool), torch.tensor([2]),

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import vtoken
+from vtoken.signals import Needs, Signal
 from vtoken.config import PruneConfig
 from vtoken.registry import register
 from vtoken.strategies.base import Strategy
@@ -24,12 +25,12 @@ class _Probe(Strategy):
 
     name = "_test_probe"
     Config = _ProbeConfig
-    needs_projector_input = True
     seen: dict = {}
     layers = {"vision": [1], "llm": [1]}
 
-    def observed_layers(self, site, num_layers):
-        return self.layers.get(site, [])
+    def needs(self):
+        layered = [Signal(f"{site}_observed", layer) for site, layers in self.layers.items() for layer in layers]
+        return Needs.of(Signal("projector_input"), *layered)
 
     def observe(self, site, layer, io, valid):
         # Per token: the block output itself, so the test can compare with hidden states.

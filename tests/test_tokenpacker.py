@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import vtoken
+from vtoken.signals import Needs, Signal
 from vtoken.config import PruneConfig
 from vtoken.packer import PackerConfig, TokenPackerModule, default_layers, point_queries, regions
 from vtoken.packer_training import Encoder, answer_loss, build_packer, train_projector
@@ -162,11 +163,10 @@ class _VisionProbe(Strategy):
 
     name = "_test_projector_sees_vision"
     Config = _VisionProbeConfig
-    needs_projector_input = True
     seen: dict = {}
 
-    def observed_layers(self, site, num_layers):
-        return [0, 2] if site == "vision" else []
+    def needs(self):
+        return Needs.of(Signal("projector_input"), Signal("vision_observed", 0), Signal("vision_observed", 2))
 
     def observe(self, site, layer, io, valid):
         return io["block"][1]

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from vtoken.config import PruneConfig, option_defaults, read_config_file
+from vtoken.signals import ANNOTATIONS, MEANING
 from vtoken.registry import get_strategy, strategy_names
 from vtoken.schedule import Schedule, ScoringCost, Stage
 
@@ -83,11 +84,13 @@ def wrap(model: nn.Module, method: str | None = None, *, config=None, **options:
         depths["vision_read"] = read
     strategy.bind(depths)
     adapter.validate(strategy.stages())
-    layout = adapter.one_grid_per_image() if strategy.needs_one_grid_per_image else None
-    if layout is not None:
+    missing = adapter.missing_signal(strategy.needs())
+    if missing is not None:
+        signal, reason = missing
+        family = getattr(adapter, "family_name", adapter.family)
         raise ValueError(
-            f"{cfg.method} needs each image to reach the LLM as one patch grid, but this model gives {layout}; "
-            "use a LLaVA-1.5-style model, or a training-free method (pool, fastv) on this one"
+            f"{cfg.method} needs {MEANING[signal.name]} (signal {str(signal)!r}), but this {family} model gives "
+            f"{reason}; use a model that provides it, or a method that does not need it (pool, fastv)"
         )
     pruner = Pruner(strategy)
     undo = UndoStack()
@@ -129,10 +132,17 @@ def pruned(model: nn.Module, method: str | None = None, *, config=None, **option
 
 
 def methods() -> list[dict[str, Any]]:
-    """Every registered method with its options and their defaults."""
+    """Every registered method with its options and their defaults, the signals it reads, and per
+    model family whether it runs there (``"runs"``) or why not."""
+    from vtoken.adapters import FAMILY_GAPS  # adapters sit above the core in the import order
+
     out = []
     for name in strategy_names():
         cls = get_strategy(name)
+        families = {}
+        for family, gaps in FAMILY_GAPS.items():
+            lacking = [f"needs {MEANING[s]}: {gaps[s]}" for s in cls.reads if s in gaps]
+            families[family] = "; ".join(lacking) if lacking else "runs"
         out.append(
             {
                 "name": name,
@@ -140,7 +150,9 @@ def methods() -> list[dict[str, Any]]:
                 "default_keep": cls.Config.default_keep,
                 "sites": list(cls.sites),
                 "trained": cls.trained,
-                "needs_annotations": getattr(cls, "needs_annotations", False),
+                "reads": list(cls.reads),
+                "needs_annotations": ANNOTATIONS in cls.reads,
+                "families": families,
                 "summary": (sys.modules[cls.__module__].__doc__ or "").strip().split("\n")[0],
             }
         )

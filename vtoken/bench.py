@@ -76,7 +76,7 @@ def synthetic_inputs(model, batch: int, text_tokens: int = 32, seed: int = 0) ->
 def _runs_unassisted(name: str) -> bool:
     """Methods a plain benchmark can run: no trained weights, no per-input annotations, not test-only."""
     cls = get_strategy(name)
-    return not (name.startswith("_") or cls.trained or getattr(cls, "needs_annotations", False))
+    return not (name.startswith("_") or cls.trained or "annotations" in cls.reads)
 
 
 def parse_budget(text: str) -> float | int:

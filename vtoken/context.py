@@ -113,19 +113,20 @@ class ScoreContext:
 
     ``observed(layer)`` returns ``[R, N, k]``: what the strategy's ``observe`` summarised per token
     at ``layer`` of this site (vision-encoder or LLM layer), aligned with the current rows (zeros
-    for tokens it did not see). Strategies list the layers in ``observed_layers``.
+    for tokens it did not see). Strategies declare the layers in ``needs()`` (``vision_observed``,
+    ``llm_observed`` signals).
     ``observed_attention(layer)`` (``"llm"`` site and mask stages) is the same for what the
-    strategy's ``observe_attention`` summarised of LLM ``layer``'s attention rows; strategies list
-    the layers and the query rows in their ``observed_attention`` method.
+    strategy's ``observe_attention`` summarised of LLM ``layer``'s attention rows; strategies declare
+    the layers and the query rows in ``needs()`` (``llm_attention_observed`` signals).
 
     At the ``"projector"`` site, ``projector`` is the model's projector as a callable on any
     ``[..., d_vision]`` tensor and ``projector_input`` (``[R, N, d_vision]``) the features it was fed
     for each candidate (zeros for tokens with no vision feature, such as NeXT's newlines); present
-    when the strategy sets ``needs_projector_input``.
+    when the strategy's ``needs()`` holds the ``projector_input`` signal.
 
     At the ``"projector"`` and ``"llm"`` sites, for strategies that read the vision encoder itself
-    (VFlowOpt; the adapter asks the strategy's ``vision_attention_layers(num_layers)`` and
-    ``needs_pixel_patches``): ``vision_attention(layer)`` gives a :class:`VisionAttention` of
+    (VFlowOpt; signals ``vision_attention`` at a layer and ``pixel_patches`` in ``needs()``):
+    ``vision_attention(layer)`` gives a :class:`VisionAttention` of
     vision layer ``layer`` for every crop of the request; ``pixel_patches()`` the ``[C, P, channels,
     p, p]`` pixel values (as the model received them, still normalised) behind each crop's patch
     tokens; ``from_crops(table, fill=0.0)`` maps a per-crop patch table ``[C, P, ...]`` onto the
@@ -148,7 +149,7 @@ class ScoreContext:
     vision_attention: Callable[[int], VisionAttention] | None = None
     pixel_patches: Callable[[], torch.Tensor] | None = None
     from_crops: Callable[..., torch.Tensor] | None = None
-    state: dict | None = None
+    state: dict = field(default_factory=dict)
     #: Per row, a seed that depends only on the config's seed, the row's own image (its pixels), its
     #: place in that image (crop) and the stage; computed on first call.
     row_seeds: Callable[[], list[int]] | None = None

@@ -16,6 +16,7 @@ from vtoken.config import PruneConfig, StageSpec
 from vtoken.context import Grid, Reduction, ScoreContext, TokenRows
 from vtoken.kernels import gather_tokens
 from vtoken.layout import SequenceLayout
+from vtoken.signals import Needs
 
 
 class ImageRun:
@@ -200,6 +201,8 @@ class Pruner:
         self.strategy = strategy
         self.config: PruneConfig = strategy.config
         self.stages: tuple[StageSpec, ...] = strategy.stages()
+        #: Everything the strategy reads (by signal name and layer), once per wrap.
+        self.needs: Needs = strategy.needs()
         #: The strategy's stage that hides tokens from the text instead of removing them, if any.
         self.mask: StageSpec | None = strategy.mask_stage()
         # The request whose forward runs now, and the vision-encoder call running now: one value per
@@ -353,7 +356,7 @@ class Pruner:
     def _vision_observed(images: ImageRun, positions: torch.Tensor, layer: int) -> torch.Tensor:
         """The summary observed at vision ``layer`` for each current candidate ``[C, N, k]``."""
         if layer not in images.observed:
-            raise ValueError(f"vision layer {layer} was not observed; list it in observed_layers('vision', ...)")
+            raise ValueError(f"vision layer {layer} was not observed; declare Signal('vision_observed', {layer}) in needs()")
         summary, then, first = images.observed[layer]
         summary = summary if summary.dim() == 3 else summary[..., None]
         crops, full = positions.shape[0], images.candidate_local.shape[1]
@@ -412,7 +415,8 @@ class Pruner:
         ``attention``: what ``observe_attention`` summarised instead of ``observe``."""
         store = run.attention_observed if attention else run.observed
         if layer not in store:
-            where = "observed_attention(...)" if attention else "observed_layers('llm', ...)"
+            where = "llm_attention_observed" if attention else "llm_observed"
+            where = f"Signal({where!r}, {layer}) in needs()"
             raise ValueError(f"LLM layer {layer} was not observed; list it in {where}")
         summary, then = store[layer]
         summary = summary if summary.dim() == 3 else summary[..., None]
@@ -428,7 +432,7 @@ class Pruner:
     def _projector_rows(run: PruneRun, row_image: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
         table = run.image_run.projector_table if run.image_run is not None else None
         if table is None:
-            raise ValueError("projector inputs were not captured; set needs_projector_input on the strategy")
+            raise ValueError("projector inputs were not captured; declare Signal('projector_input') in needs()")
         images = run.visual.images
         source = torch.full_like(local, -1)
         for r, i in enumerate(row_image.tolist()):
@@ -444,7 +448,7 @@ class Pruner:
         encoder candidate: NeXT's newlines, the CLS token under ``vision_feature_select_strategy='full'``)."""
         images = run.image_run
         if images is None or layer not in images.observed:
-            raise ValueError(f"vision layer {layer} was not observed; list it in observed_layers('vision', ...)")
+            raise ValueError(f"vision layer {layer} was not observed; declare Signal('vision_observed', {layer}) in needs()")
         summary, then, first = images.observed[layer]
         summary = summary if summary.dim() == 3 else summary[..., None]
         candidates = summary[:, first:]

@@ -65,6 +65,8 @@ from vtoken.config import PruneConfig, StageSpec
 from vtoken.context import Reduction, ScoreContext
 from vtoken.kernels import masked_topk
 from vtoken.registry import register
+from vtoken import signals
+from vtoken.signals import Needs, Signal
 from vtoken.schedule import ScoringCost
 from vtoken.strategies.base import Strategy
 
@@ -220,8 +222,11 @@ class AIFStrategy(Strategy):
     def mask_stage(self) -> StageSpec:
         return self.config.resolved_stages()[0]
 
-    def observed_attention(self, num_layers: int) -> tuple[str, list[int]]:
-        return self.config.query, list(range(num_layers))
+    reads = (signals.LLM_ATTENTION_OBSERVED,)
+
+    def needs(self) -> Needs:
+        layers = range(self.depths.get("llm", 0))
+        return Needs.of(*(Signal(signals.LLM_ATTENTION_OBSERVED, layer, self.config.query) for layer in layers))
 
     def observe_attention(self, layer, probs, query_valid, key_valid) -> torch.Tensor:
         return token_dynamics(probs, query_valid, self.config.heads)

@@ -16,6 +16,7 @@ from vtoken.config import PruneConfig, StageSpec
 from vtoken.context import Reduction, ScoreContext
 from vtoken.kernels import masked_topk
 from vtoken.schedule import SITES, ScoringCost
+from vtoken.signals import Needs
 
 
 class Strategy:
@@ -27,14 +28,9 @@ class Strategy:
     sites: ClassVar[tuple[str, ...]] = SITES
     #: True for methods that need trained weights (TokenPacker).
     trained: ClassVar[bool] = False
-    #: True for methods that score with the projector's inputs (ZOO-Prune).
-    needs_projector_input: ClassVar[bool] = False
-    #: True for methods that score with each patch's pixels (VFlowOpt's patch entropy):
-    #: ``ctx.pixel_patches`` is then present.
-    needs_pixel_patches: ClassVar[bool] = False
-    #: True for methods that only work when each image reaches the LLM as exactly one patch grid
-    #: (TokenPacker's region packing): ``wrap`` refuses models whose adapter says otherwise.
-    needs_one_grid_per_image: ClassVar[bool] = False
+    #: The names of the signals (:mod:`vtoken.signals`) this method may read, for listings before it
+    #: is bound to a model (``vtoken.methods()``); ``needs()`` gives the layers once bound.
+    reads: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: PruneConfig):
         self.config = config
@@ -56,15 +52,14 @@ class Strategy:
         """The stages to run on the bound model; the config's by default."""
         return self.config.resolved_stages()
 
-    def observed_layers(self, site: str, num_layers: int) -> list[int]:
-        """Layers of ``site`` (``"vision"`` or ``"llm"``) whose inputs and outputs ``observe`` should
-        see during prefill; none by default."""
-        return []
-
-    def vision_attention_layers(self, num_layers: int) -> list[int]:
-        """Vision-encoder layers whose attention ``ctx.vision_attention(layer)`` should offer at the
-        projector and LLM sites (recomputed beside SDPA from the layer's input); none by default."""
-        return []
+    def needs(self) -> Needs:
+        """Every signal this method reads (:mod:`vtoken.signals`), by name and layer, on the bound
+        model: the layers whose inputs and outputs ``observe`` sees (``vision_observed``,
+        ``llm_observed``), the LLM layers and query rows whose attention ``observe_attention`` sees
+        (``llm_attention_observed``), the vision layers whose attention ``ctx.vision_attention``
+        offers, and the rest by name. The family provides them; ``wrap`` refuses what it cannot.
+        Nothing by default."""
+        return Needs()
 
     def observe(
         self, site: str, layer: int, io: dict[str, tuple[torch.Tensor, torch.Tensor]], valid: torch.Tensor
@@ -77,18 +72,14 @@ class Strategy:
         and its output the branch before the residual add; likewise for the MLP."""
         raise NotImplementedError(f"{type(self).__name__} lists observed layers but does not implement observe()")
 
-    def observed_attention(self, num_layers: int) -> tuple[str, list[int]]:
-        """LLM layers whose attention probabilities ``observe_attention`` should see during prefill,
-        and from which query rows: ``"last"`` (each sample's last token), ``"instruction"`` (the
-        valid text tokens after the sample's last image) or ``"next"`` (the token the model would
-        generate next, greedily, attending in one probe decoding step after the prefill; only for
-        strategies with a ``mask_stage``, which decide after the prefill). No layers by default."""
-        return "instruction", []
-
     def observe_attention(
         self, layer: int, probs: torch.Tensor, query_valid: torch.Tensor, key_valid: torch.Tensor
     ) -> torch.Tensor:
-        """Summarise the attention of LLM ``layer`` per key token. ``probs`` (``[B, H, Q, L]``,
+        """Summarise the attention of LLM ``layer`` per key token (the layers and query rows of the
+        ``llm_attention_observed`` signals in ``needs()``: ``"last"``, each sample's last token;
+        ``"instruction"``, the valid text tokens after its last image; ``"next"``, the token the
+        model would generate next, in one probe decoding step after the prefill, only for strategies
+        with a ``mask_stage``). ``probs`` (``[B, H, Q, L]``,
         float32) are the softmax probabilities of the Q query rows over the L prompt slots, computed
         beside the model's attention from the layer's queries and keys (never an L x L map; eager
         attention gives the same numbers); rows absent for a sample (``query_valid [B, Q]`` False)

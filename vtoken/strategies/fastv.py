@@ -26,6 +26,8 @@ import torch
 from vtoken.config import PruneConfig, StageSpec
 from vtoken.context import ScoreContext
 from vtoken.registry import register
+from vtoken import signals
+from vtoken.signals import Needs, Signal
 from vtoken.schedule import ScoringCost
 from vtoken.strategies.base import Strategy
 
@@ -59,6 +61,10 @@ class FastVStrategy(Strategy):
     name = "fastv"
     Config = FastVConfig
     sites = ("llm",)
+    reads = (signals.LLM_ATTENTION,)
+
+    def needs(self) -> Needs:
+        return Needs.of(Signal(signals.LLM_ATTENTION))
 
     def scoring_cost(self, stage: StageSpec) -> list[ScoringCost]:
         # One query row (the last token) against every key of the scoring layer.

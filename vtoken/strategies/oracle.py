@@ -17,6 +17,8 @@ import torch
 from vtoken.config import PruneConfig
 from vtoken.context import ScoreContext
 from vtoken.registry import register
+from vtoken import signals
+from vtoken.signals import Needs, Signal
 from vtoken.strategies.base import Strategy
 
 
@@ -29,8 +31,11 @@ class OracleConfig(PruneConfig):
 class OracleStrategy(Strategy):
     name = "oracle"
     Config = OracleConfig
-    #: Needs per-image annotations (``relevant``) that only a generated benchmark has.
-    needs_annotations = True
+    #: Per-image annotations (``relevant``) that only a generated benchmark has.
+    reads = (signals.ANNOTATIONS,)
+
+    def needs(self) -> Needs:
+        return Needs.of(Signal(signals.ANNOTATIONS, query="relevant"))
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         relevant = ctx.annotations.get("relevant")

@@ -69,6 +69,8 @@ import torch.nn.functional as F
 from vtoken.config import PruneConfig, StageSpec
 from vtoken.context import Reduction, ScoreContext
 from vtoken.registry import register
+from vtoken import signals
+from vtoken.signals import Needs, Signal
 from vtoken.schedule import ScoringCost
 from vtoken.strategies.base import Strategy
 
@@ -306,8 +308,11 @@ class RepShiftStrategy(Strategy):
         decoder layer before the LLM pruning layer."""
         return stage.layer if stage.site == "vision" else stage.layer - 1
 
-    def observed_layers(self, site: str, num_layers: int) -> list[int]:
-        return sorted({self.scored_layer(s) for s in self.stages() if s.site == site})
+    reads = (signals.VISION_OBSERVED, signals.LLM_OBSERVED)
+
+    def needs(self) -> Needs:
+        kind = {"vision": signals.VISION_OBSERVED, "llm": signals.LLM_OBSERVED}
+        return Needs.of(*(Signal(kind[s.site], self.scored_layer(s)) for s in self.stages()))
 
     def observe(self, site: str, layer: int, io: dict, valid: torch.Tensor) -> torch.Tensor:
         config = self.config

@@ -22,7 +22,7 @@ token at its region's top-left patch position.
 Needs weights: wrap with ``weights=<dir>`` written by ``vtoken.train_projector`` / ``vtoken
 train-projector`` (or a :class:`~vtoken.packer.TokenPackerModule` in memory). Supported: LLaVA-1.5-style
 models whose visual tokens are one patch grid (``vision_feature_select_strategy="default"``). LLaVA-NeXT
-(AnyRes) is refused by ``wrap`` (``needs_one_grid_per_image``): its rows hold a base grid, a high-resolution
+(AnyRes) is refused by ``wrap`` (it needs the ``one_grid_per_image`` signal): its rows hold a base grid, a high-resolution
 grid of varying shape and newline tokens, so the packed count differs per image and cannot be the one
 budget that a projector stage gives every image (the official TokenPacker-HD packs each crop and adds
 its own separators, a different pipeline).
@@ -39,6 +39,8 @@ from vtoken.config import PruneConfig, StageSpec
 from vtoken.context import Reduction, ScoreContext
 from vtoken.packer import TokenPackerModule
 from vtoken.registry import register
+from vtoken import signals
+from vtoken.signals import Needs, Signal
 from vtoken.schedule import ScoringCost
 from vtoken.strategies.base import Strategy
 
@@ -97,8 +99,7 @@ class TokenPackerStrategy(Strategy):
     Config = TokenPackerConfig
     sites = ("projector",)
     trained = True
-    needs_projector_input = True
-    needs_one_grid_per_image = True
+    reads = (signals.PROJECTOR_INPUT, signals.ONE_GRID_PER_IMAGE, signals.VISION_OBSERVED)
 
     def __init__(self, config: TokenPackerConfig):
         super().__init__(config)
@@ -145,9 +146,10 @@ class TokenPackerStrategy(Strategy):
     def stages(self) -> tuple[StageSpec, ...]:
         return (StageSpec("projector", keep_tokens=self.tokens),)
 
-    # hidden_states[j] (what the official code reads) is the output of encoder layer j - 1.
-    def observed_layers(self, site: str, num_layers: int) -> list[int]:
-        return [j - 1 for j in self.packer.config.layers] if site == "vision" else []
+    def needs(self) -> Needs:
+        # hidden_states[j] (what the official code reads) is the output of encoder layer j - 1.
+        levels = [Signal(signals.VISION_OBSERVED, j - 1) for j in self.packer.config.layers]
+        return Needs.of(Signal(signals.PROJECTOR_INPUT), Signal(signals.ONE_GRID_PER_IMAGE), *levels)
 
     def observe(self, site, layer, io, valid) -> torch.Tensor:
         return io["block"][1]  # the layer's output, [crops, T, d_vision]

@@ -62,6 +62,8 @@ import torch.nn.functional as F
 from vtoken.config import PruneConfig, StageSpec
 from vtoken.context import ScoreContext
 from vtoken.registry import register
+from vtoken import signals
+from vtoken.signals import Needs, Signal
 from vtoken.schedule import ScoringCost
 from vtoken.strategies.base import Strategy
 
@@ -361,8 +363,12 @@ class TransPruneStrategy(Strategy):
     def accumulate_layers(self) -> tuple[int, ...]:
         return self._accumulate
 
-    def observed_layers(self, site: str, num_layers: int) -> list[int]:
-        return list(self._accumulate) if site == "llm" else []
+    reads = (signals.LLM_OBSERVED, signals.LLM_ATTENTION)
+
+    def needs(self) -> Needs:
+        observed = [Signal(signals.LLM_OBSERVED, layer) for layer in self._accumulate]
+        attention = [Signal(signals.LLM_ATTENTION)] if self.config.uses_iga else []
+        return Needs.of(*observed, *attention)
 
     def observe(self, site, layer, io, valid) -> torch.Tensor:
         return layer_transition_variation(io, valid, self.config.direction)

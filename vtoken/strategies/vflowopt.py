@@ -86,6 +86,8 @@ from vtoken.config import PruneConfig, StageSpec
 from vtoken.context import Grid, Reduction, ScoreContext, TokenRows, VisionAttention
 from vtoken.kernels import masked_topk
 from vtoken.registry import register
+from vtoken import signals
+from vtoken.signals import Needs, Signal
 from vtoken.schedule import ScoringCost
 from vtoken.strategies.base import Strategy
 
@@ -385,8 +387,7 @@ class VFlowOptStrategy(Strategy):
     name = "vflowopt"
     Config = VFlowOptConfig
     sites = ("projector", "llm")
-    #: The adapter hands the pixels behind each patch to the context (``ScoreContext.pixel_patches``).
-    needs_pixel_patches = True
+    reads = (signals.VISION_ATTENTION, signals.PIXEL_PATCHES)
 
     def __init__(self, config: VFlowOptConfig):
         super().__init__(config)
@@ -437,9 +438,11 @@ class VFlowOptStrategy(Strategy):
     def stages(self) -> tuple[StageSpec, ...]:
         return self._stages if self._stages is not None else self.config.resolved_stages()
 
-    def vision_attention_layers(self, num_layers: int) -> list[int]:
-        """The vision layer whose attention the adapter must make available (``ctx.vision_attention``)."""
-        return [self.vision_layer if self.vision_layer is not None else max(num_layers - 2, 0)]
+    def needs(self) -> Needs:
+        # The chosen vision layer's attention makes the map; the pixels behind each patch give its
+        # gray-level entropy term.
+        layer = self.vision_layer if self.vision_layer is not None else max(self.depths.get("vision", 2) - 2, 0)
+        return Needs.of(Signal(signals.VISION_ATTENTION, layer), Signal(signals.PIXEL_PATCHES))
 
     def scoring_cost(self, stage: StageSpec) -> list[ScoringCost]:
         # The map is made once per request, for the first stage: the chosen vision layer's queries

@@ -91,6 +91,8 @@ from torch import nn
 from vtoken.config import PruneConfig, StageSpec
 from vtoken.context import ScoreContext
 from vtoken.registry import register
+from vtoken import signals
+from vtoken.signals import Needs, Signal
 from vtoken.schedule import ScoringCost
 from vtoken.strategies.base import Strategy
 
@@ -268,7 +270,10 @@ class ZooPruneStrategy(Strategy):
     name = "zoo_prune"
     Config = ZooPruneConfig
     sites = ("projector",)
-    needs_projector_input = True
+    reads = (signals.PROJECTOR_INPUT,)
+
+    def needs(self) -> Needs:
+        return Needs.of(Signal(signals.PROJECTOR_INPUT))
 
     def __init__(self, config: ZooPruneConfig):
         super().__init__(config)
