@@ -466,7 +466,11 @@ class _VisionSource:
         with torch.no_grad():
             q = attn.q_proj(x).view(crops, tokens, -1, head_dim).transpose(1, 2)
             k = attn.k_proj(x).view(crops, tokens, -1, head_dim).transpose(1, 2)
-            received = received_attention(q[:, :, first:], k, scaling)[:, first:] / patches
+            cls = attention_rows(q[:, :, :1], k, scaling).mean(dim=1)[:, 0, first:] if first else None
+
+        def column_mass() -> torch.Tensor:
+            with torch.no_grad():
+                return received_attention(q[:, :, first:], k, scaling)[:, first:] / patches
 
         def rows(index: torch.Tensor) -> torch.Tensor:
             index = index.to(q.device)
@@ -475,7 +479,7 @@ class _VisionSource:
                 probs = attention_rows(picked, k, scaling).mean(dim=1)[..., first:]
             return probs * (index >= 0)[..., None].to(probs.dtype)
 
-        return VisionAttention(received=received, rows=rows)
+        return VisionAttention(rows=rows, keys=k.mean(dim=1)[:, first:], cls=cls, column_mass=column_mass)
 
     def pixel_patches(self) -> torch.Tensor:
         """``[C, P, channels, p, p]``: the (normalised) pixel values behind each crop's patch tokens,

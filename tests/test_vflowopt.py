@@ -68,7 +68,9 @@ def _attention_from(matrix: torch.Tensor) -> VisionAttention:
         picked = matrix[torch.arange(matrix.shape[0])[:, None], index.clamp(min=0)]
         return picked * (index >= 0)[..., None]
 
-    return VisionAttention(received=matrix.mean(dim=1), rows=rows)
+    crops, patches = matrix.shape[:2]
+    return VisionAttention(rows=rows, keys=torch.zeros(crops, patches, 1), cls=None,
+                           column_mass=lambda: matrix.mean(dim=1))
 
 
 def test_context_relevance_is_the_mean_or_sum_of_the_context_rows():

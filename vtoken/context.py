@@ -8,6 +8,7 @@ is reached through the callables the adapter puts on :class:`ScoreContext`.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -91,12 +92,21 @@ class VisionAttention:
     layer's input, never as a whole N x N map.
 
     ``received``: ``[C, P]`` the mean over the crop's P patch queries of the probability each patch
-    receives. ``rows(index)``: for ``[C, Q]`` patch indices (-1 for none) the ``[C, Q, P]``
-    probability rows of those query patches (zero rows for -1).
+    receives (computed on first use: every patch as a query). ``rows(index)``: for ``[C, Q]`` patch
+    indices (-1 for none) the ``[C, Q, P]`` probability rows of those query patches (zero rows for
+    -1). ``cls``: ``[C, P]`` the CLS token's row (its attention to each patch), or None for a tower
+    without CLS. ``keys``: ``[C, P, head_dim]`` each patch's key, averaged over heads (before the
+    softmax scale; VisionZip's similarity metric).
     """
 
-    received: torch.Tensor
     rows: Callable[[torch.Tensor], torch.Tensor]
+    keys: torch.Tensor
+    cls: torch.Tensor | None
+    column_mass: Callable[[], torch.Tensor]
+
+    @functools.cached_property
+    def received(self) -> torch.Tensor:
+        return self.column_mass()
 
 
 @dataclass

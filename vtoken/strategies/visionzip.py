@@ -1,0 +1,188 @@
+"""``visionzip``: VisionZip (Yang et al., "VisionZip: Longer is Better but Not Necessary in Vision
+Language Models", CVPR 2025; official code ``dvlab-research/VisionZip``, ``visionzip/clip_encoder.py``
+at 3151f6df).
+
+Pre-LLM selection plus merging, from one vision layer (the one the projector reads: LLaVA's
+``vision_feature_layer=-2``):
+
+- **Dominant tokens** (paper §3.2): the patches the CLS token attends to most, from that layer's
+  attention, summed (here averaged; the ranking is the same) over heads.
+- **Contextual tokens** (§3.2): the remaining patches, compared by their keys of the same layer
+  (averaged over heads, L2-normalised); ``contextual`` targets are taken uniformly from them (every
+  ``len // contextual``-th, in patch order), every other remaining patch joins the target it is most
+  similar to (cosine), and a contextual token is the target's feature **plus** the mean of the
+  features that joined it (the official ``target_hidden + aggregated_hidden``; a target nobody
+  joined stays itself).
+
+Merging happens on the vision features (the projector's input) and the merged vectors go through
+the projector, exactly as the official code merges before LLaVA's projector; dominant tokens keep
+their projected features unchanged.
+
+The budget splits as the paper's settings do: 54 dominant + 10 contextual at 64 tokens, 108 + 20 at
+128, 162 + 30 at 192, i.e. ``dominant = round(budget * 54 / 64)`` (``dominant_share``).
+
+Where this differs from the official code (LLaVA-1.5 in the LLaVA repository):
+
+- The official code counts the CLS token as one of the dominant tokens (``visionzip(model,
+  dominant=54)`` keeps CLS + 53 patches) and hands it to the LLM. transformers' LLaVA drops CLS
+  (``vision_feature_select_strategy="default"``), so here all dominant tokens are patches.
+- The official code puts the contextual tokens after the dominant ones; here every kept token keeps
+  its place in the image (a contextual token sits at its target patch), with the kept tokens
+  renumbered contiguously (``positions="contiguous"``, as the official shorter sequence is).
+
+Scoring cost: the CLS query row against every key of the layer (``vision_attention_rows``, 1 row);
+the key similarities of the merge (at most 576 x 10 x head_dim multiply-adds per image) are not
+counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from vtoken import signals
+from vtoken.config import PruneConfig, StageSpec
+from vtoken.context import Reduction, ScoreContext
+from vtoken.registry import register
+from vtoken.schedule import ScoringCost
+from vtoken.signals import Needs, Signal
+from vtoken.strategies.base import Strategy
+
+#: The paper's split: 54 dominant of 64 tokens (108 of 128, 162 of 192).
+PAPER_DOMINANT_SHARE = 54 / 64
+
+
+@dataclass
+class VisionZipConfig(PruneConfig):
+    """VisionZip options.
+
+    Attributes:
+        dominant_share: the share of the budget kept as dominant tokens (the rest are contextual).
+        vision_layer: the vision layer whose CLS attention and keys are read (default: the layer
+            the projector reads, LLaVA's ``vision_feature_layer``).
+    """
+
+    method = "visionzip"
+    default_keep = 64 / 576
+
+    site: str = "projector"
+    positions: str = "contiguous"
+    dominant_share: float = PAPER_DOMINANT_SHARE
+    vision_layer: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.dominant_share, bool) or not isinstance(self.dominant_share, (int, float)) or not (
+            0.0 <= self.dominant_share <= 1.0
+        ):
+            raise ValueError(f"dominant_share must be a fraction in [0, 1] (54/64 in the paper), got {self.dominant_share!r}")
+        if self.vision_layer is not None and (not isinstance(self.vision_layer, int) or self.vision_layer < 0):
+            raise ValueError(f"vision_layer must be a layer index >= 0, got {self.vision_layer!r}")
+        for stage in self.resolved_stages():
+            if stage.site != "projector":
+                raise ValueError(
+                    f"visionzip selects from the vision features in front of the projector; use site='projector', "
+                    f"not {stage.site!r}"
+                )
+        super().__post_init__()
+
+
+def split_budget(budget: int, dominant_share: float) -> tuple[int, int]:
+    """``(dominant, contextual)`` counts of a budget (54 + 10 of 64 at the paper's share)."""
+    dominant = min(budget, max(0, round(budget * dominant_share)))
+    return dominant, budget - dominant
+
+
+def contextual_merge(features: torch.Tensor, keys: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """VisionZip's contextual tokens from the non-dominant tokens of one image: ``features`` ``[M, d]``
+    (what is merged), ``keys`` ``[M, k]`` (the similarity metric). Returns the indices of the
+    ``count`` targets within the M tokens (ascending) and their merged features ``[count, d]``:
+    target + mean of the tokens most similar (cosine) to it."""
+    total = features.shape[0]
+    step = max(1, total // count)
+    targets = torch.arange(0, total, step, device=features.device)[:count]
+    others = torch.ones(total, dtype=torch.bool, device=features.device)
+    others[targets] = False
+    metric = F.normalize(keys.float(), dim=-1)
+    similarity = metric[others] @ metric[targets].T  # [M - count, count]
+    assign = similarity.argmax(dim=-1)
+    joined = features[others].float()
+    sums = torch.zeros(len(targets), features.shape[-1], dtype=torch.float32, device=features.device)
+    sums.index_add_(0, assign, joined)
+    counts = torch.bincount(assign, minlength=len(targets)).clamp(min=1).to(sums.dtype)
+    merged = features[targets].float() + sums / counts[:, None]
+    return targets, merged.to(features.dtype)
+
+
+@register
+class VisionZipStrategy(Strategy):
+    name = "visionzip"
+    Config = VisionZipConfig
+    sites = ("projector",)
+    reads = (signals.VISION_ATTENTION, signals.PROJECTOR_INPUT)
+
+    def __init__(self, config: VisionZipConfig):
+        super().__init__(config)
+        self.vision_layer: int | None = config.vision_layer
+
+    def bind(self, depths: dict[str, int]) -> None:
+        super().bind(depths)
+        vision = depths.get("vision", 0)
+        layer = self.config.vision_layer
+        if layer is None:
+            layer = depths.get("vision_read", max(vision - 2, 0))
+        if layer >= vision:
+            raise ValueError(f"vision_layer={layer} does not exist: the vision encoder has {vision} layers (0..{vision - 1})")
+        self.vision_layer = layer
+
+    def needs(self) -> Needs:
+        layer = self.vision_layer if self.vision_layer is not None else max(self.depths.get("vision", 2) - 2, 0)
+        return Needs.of(Signal(signals.VISION_ATTENTION, layer), Signal(signals.PROJECTOR_INPUT))
+
+    def scoring_cost(self, stage: StageSpec) -> list[ScoringCost]:
+        return [ScoringCost("vision_attention_rows", layer=self.vision_layer, rows=1)]
+
+    def reduce(self, ctx: ScoreContext) -> Reduction:
+        rows = ctx.tokens
+        attention = ctx.require("vision_attention", self.name)(self.vision_layer)
+        if attention.cls is None:
+            raise ValueError(
+                "visionzip ranks patches by the vision CLS token's attention, and this vision tower has no CLS "
+                "token; use a method that does not need it (pool, random)"
+            )
+        inputs = ctx.require("projector_input", self.name)
+        project = ctx.require("projector", self.name)
+        from_crops = ctx.require("from_crops", self.name)
+        cls = from_crops(attention.cls)  # [R, N]
+        keys = from_crops(attention.keys)  # [R, N, k]
+        has_patch = from_crops(torch.ones_like(attention.cls)) > 0  # NeXT's newlines have none
+        width = int(rows.budget.max())
+        keep = torch.full((rows.num_rows, width), -1, dtype=torch.long, device=rows.valid.device)
+        features = rows.features.new_zeros(rows.num_rows, width, rows.features.shape[-1])
+        for r in range(rows.num_rows):
+            budget = int(rows.budget[r])
+            patches = torch.nonzero(rows.valid[r] & has_patch[r]).squeeze(-1)
+            plain = torch.nonzero(rows.valid[r] & ~has_patch[r]).squeeze(-1)
+            dominant_count, contextual_count = split_budget(min(budget, len(patches)), self.config.dominant_share)
+            order = torch.argsort(cls[r, patches].float(), descending=True, stable=True)
+            dominant = patches[order[:dominant_count]]
+            rest = torch.sort(patches[order[dominant_count:]]).values
+            chosen = [dominant]
+            replaced = {}
+            if 0 < contextual_count < len(rest):  # (when every remaining patch is a target, nothing merges)
+                targets, merged = contextual_merge(inputs[r, rest], keys[r, rest], contextual_count)
+                chosen.append(rest[targets])
+                for index, vector in zip(rest[targets].tolist(), project(merged).to(features.dtype)):
+                    replaced[index] = vector
+            else:
+                chosen.append(rest[:contextual_count])
+            # Tokens with no patch behind them (NeXT's newlines) only when the patches cannot fill it.
+            chosen.append(plain[: budget - dominant_count - contextual_count])
+            kept = torch.sort(torch.cat(chosen)).values
+            keep[r, : len(kept)] = kept
+            features[r, : len(kept)] = rows.features[r, kept]
+            for slot, index in enumerate(kept.tolist()):
+                if index in replaced:
+                    features[r, slot] = replaced[index]
+        return Reduction(keep=keep, features=features)
