@@ -13,12 +13,8 @@ Positions: during decoding, the new tokens' position ids are the ones the unwrap
 (given by ``generate``, or counted from the original length), shifted per sample by the number of
 dropped tokens in ``contiguous`` mode.
 
-Mask stages (``Strategy.mask_stage``, attention modulation as AIF): the prefill runs unchanged as a
-probe, during which the strategy's observed layers hand it their query rows' attention
-(``observe_attention``, recomputed beside SDPA); the stage is then decided, the slots from the first
-text token after a hidden visual token on are recomputed over the probe's KV cache with a mask that
-keeps text queries off the hidden keys from the stage's layer on (SDPA and eager only), and
-decoding continues with those keys masked, or evicted from the cache (``Strategy.evict_masked``).
+Mask stages (``Strategy.mask_stage``, attention modulation as AIF) run through their own mechanism,
+:class:`~vtoken.adapters.mask_stage.MaskStagePass`; the decoder calls it at four points.
 """
 
 from __future__ import annotations
@@ -30,9 +26,11 @@ from torch import nn
 from vtoken import compat, signals
 
 from .base import UndoStack
+from .mask_stage import MaskStagePass
+from .masks import causal_mask_for
 from .observe import observe_layer
 from vtoken.kernels import attention_rows, gather_tokens
-from vtoken.layout import SequenceLayout, identity_layout
+from vtoken.layout import identity_layout
 from vtoken.pruner import Pruner, PruneRun
 
 
@@ -45,31 +43,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """Llama-style rotary embedding of ``x`` ``[B, H, L, D]`` with ``cos``/``sin`` ``[B, L, D]``."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return (x * cos) + (_rotate_half(x) * sin)
-
-
-#: Attention implementations that take an arbitrary mask (what a mask stage needs at prefill).
-ARBITRARY_MASK_ATTENTION = ("sdpa", "eager")
-
-
-def causal_mask_for(config, hidden: torch.Tensor, padding_mask: torch.Tensor, query_length: int, extra=None):
-    """The mask the attention implementation of ``config`` expects, for the last ``query_length``
-    tokens attending causally over ``padding_mask.shape[1]`` keys (True = may be attended).
-
-    ``extra``: an optional transformers mask function ``(batch, head, query, key) -> bool`` (absolute
-    slot indices, broadcast) that must also hold; only for :data:`ARBITRARY_MASK_ATTENTION`."""
-    make_mask = compat.mask_builder(config)  # None: an implementation that builds no mask
-    implementation = compat.attention_implementation(config)
-    if extra is not None and implementation not in ARBITRARY_MASK_ATTENTION:
-        raise ValueError(
-            f"attn_implementation={implementation!r} cannot take an arbitrary attention mask; "
-            f"use one of {', '.join(ARBITRARY_MASK_ATTENTION)}"
-        )
-    if make_mask is None:
-        return None
-    return compat.build_mask(
-        config, make_mask, batch_size=hidden.shape[0], q_length=query_length, kv_length=padding_mask.shape[1],
-        padding_mask=padding_mask.to(torch.bool), extra=extra, dtype=hidden.dtype, device=hidden.device,
-    )
 
 
 class DecoderPruning:
@@ -107,8 +80,8 @@ class DecoderPruning:
         query = pruner.needs.attention_query()
         attention_layers = pruner.needs.layers(signals.LLM_ATTENTION_OBSERVED)
         self._check_attention_layers(query, attention_layers)
-        if pruner.mask is not None:
-            self._check_mask_stage(pruner.mask, query)
+        #: The mechanism of a mask stage (attention modulation, AIF), when the strategy has one.
+        self.masking = MaskStagePass(self) if pruner.mask is not None else None
         for layer in pruner.needs.layers(signals.LLM_OBSERVED):
             observe_layer(self.layers[layer], compat.LAYER_PARTS, prefilling,
                           partial(self._observed, layer), undo)
@@ -145,8 +118,8 @@ class DecoderPruning:
         run.group_kwargs = {}
         update = self._prefill_inputs if run.prefill else self._decode_inputs
         changed = update(run, embeds, mask, kwargs)
-        if run.prefill and self.pruner.mask is not None:
-            changed = self._prepare_mask_prefill(run, kwargs) or changed
+        if run.prefill and self.masking is not None:
+            changed = self.masking.prepare_prefill(run, kwargs) or changed
         return (args, kwargs) if changed else None
 
     def _prefill_inputs(self, run: PruneRun, embeds, mask, kwargs) -> bool:
@@ -202,8 +175,8 @@ class DecoderPruning:
             return None
         replaced = None
         if run.prefill:
-            if output is not None and self.pruner.mask is not None:
-                replaced = output = self._apply_mask_stage(run, kwargs, output)
+            if output is not None and self.masking is not None:
+                replaced = output = self.masking.apply(run, kwargs, output)
             cache = compat.output_cache(output)
             if cache is not None and run.cache_added:
                 compat.drop_output_cache(output)
@@ -219,12 +192,8 @@ class DecoderPruning:
         run = self.pruner.active
         if run is None or not run.groups:
             return None
-        if run.side_pass is not None:  # an extra pass of a mask stage (see _apply_mask_stage)
-            if run.side_pass != "recompute":
-                return None
-            first, plain, masked = run.recompute
-            kwargs["attention_mask"] = masked if index >= first else plain
-            return args, kwargs
+        if run.side_pass is not None:  # an extra pass of the mask stage's own (MaskStagePass)
+            return self.masking.layer_inputs(run, index, args, kwargs)
         hidden = args[0] if args else kwargs.pop("hidden_states")
         self._use_group_kwargs(run, index, hidden, kwargs)
         stage = self.pruner.llm_stage_at(index) if run.prefill else None
@@ -301,7 +270,7 @@ class DecoderPruning:
         run.attention_observed[index] = (summary, layout)
         return None
 
-    # --- mask stages (attention modulation) -------------------------------------------------------
+    # --- observed attention -----------------------------------------------------------------------
     def _check_attention_layers(self, query: str, layers: list[int]) -> None:
         if not layers:
             return
@@ -317,133 +286,6 @@ class DecoderPruning:
                 "attention of the next token needs the model's LM head (a probe decodes one token); wrap the "
                 "model with its head (e.g. LlavaForConditionalGeneration), or use query rows 'instruction'"
             )
-
-    def _check_mask_stage(self, stage, query: str) -> None:
-        if stage.site != "llm" or not 0 <= stage.layer < len(self.layers):
-            raise ValueError(
-                f"a mask stage needs site 'llm' and a layer in 0..{len(self.layers) - 1}, got {stage.name!r}"
-            )
-        if self.pruner.stages_at("llm"):
-            raise ValueError("a mask stage cannot be combined with pruning inside the LLM; use pre-LLM stages only")
-        if self.pruner.config.positions != "original":
-            raise ValueError("a mask stage keeps every token's position; use positions='original'")
-        self._check_mask_attention()
-
-    def _check_mask_attention(self) -> None:
-        implementation = compat.attention_implementation(self.config)
-        if implementation not in ARBITRARY_MASK_ATTENTION:
-            raise ValueError(
-                f"this method masks visual tokens from the text with an explicit attention mask, which "
-                f"attn_implementation={implementation!r} cannot take; use one of {', '.join(ARBITRARY_MASK_ATTENTION)}"
-            )
-
-    def _prepare_mask_prefill(self, run: PruneRun, kwargs) -> bool:
-        """A mask stage reuses the prefix's KV cache to recompute the text rows: make sure the
-        prefill fills one, even when the caller asked for none (it is then not returned)."""
-        self._check_mask_attention()
-        if compat.cache_from(kwargs) is not None:
-            return False
-        wanted = compat.use_cache_from(kwargs)
-        run.cache_added = not (self.config.use_cache if wanted is None else wanted)
-        compat.set_cache(kwargs, compat.new_dynamic_cache(self.config))
-        kwargs[compat.USE_CACHE_KWARG] = True
-        return True
-
-    def _apply_mask_stage(self, run: PruneRun, kwargs, output):
-        """After the prefill (the probe): decide the mask stage, recompute the rows of the text that
-        comes after a hidden token with the text -> hidden-visual attention masked from layer
-        ``stage.layer`` on, and set the decoding layout (hidden slots invalid, or evicted)."""
-        stage, strategy = self.pruner.mask, self.pruner.strategy
-        cache = compat.output_cache(output)
-        layout = run.groups[0][1]
-        query, layers = self.pruner.needs.attention_query(), self.pruner.needs.layers(signals.LLM_ATTENTION_OBSERVED)
-        if query == "next" and layers and run.replay is None:  # a replay decides nothing anew
-            self._probe_next(run, layout, output, cache)
-        hidden = run.stash[stage.layer][0]
-        masked = self.pruner.run_mask_stage(run, stage, layout, hidden, partial(self._attention, run, stage.layer))
-        if not bool(masked.any()):
-            return output
-        text = (layout.image_index < 0) & layout.valid
-        affected = text & (masked.long().cumsum(-1) > 0)  # text after a hidden token
-        if bool(affected.any()):
-            slots = torch.arange(layout.length, device=masked.device).expand_as(affected)
-            start = int(torch.where(affected, slots, layout.length).min())
-            output = self._recompute(run, kwargs, output, cache, layout, masked, start)
-        if run.cache_added:
-            return output
-        if strategy.evict_masked:
-            decoding, index = layout.compact(layout.valid & ~masked)  # positions kept; pads go too
-            for layer in range(stage.layer, compat.num_cache_layers(cache)):
-                keys, values = (
-                    gather_tokens(t.transpose(1, 2), index).transpose(1, 2).contiguous()
-                    for t in compat.cache_layer_kv(cache, layer)
-                )
-                compat.set_cache_layer_kv(cache, layer, keys, values)
-        else:
-            decoding = SequenceLayout(
-                layout.orig_index, layout.valid & ~masked, layout.visual_index, layout.image_index, layout.position_ids
-            )
-        if stage.layer == 0:
-            run.groups[0] = (0, decoding)
-            run.input_layout_changed = True
-        else:
-            run.groups.append((stage.layer, decoding))
-        return output
-
-    def _probe_next(self, run: PruneRun, layout, output, cache) -> None:
-        """One greedy decoding step on the prefill's cache, so the observed layers see the next
-        token's attention; the cache is then cut back to the prompt."""
-        token = self.head(output.last_hidden_state[:, -1]).argmax(-1)
-        embeds = self.lm.get_input_embeddings()(token)[:, None]
-        positions = layout.position_ids[:, -1:] + 1
-        ones = torch.ones_like(layout.valid[:, :1])
-        run.side_pass = "next"
-        try:
-            self.lm.forward(
-                inputs_embeds=embeds, attention_mask=torch.cat([layout.valid, ones], dim=1).long(),
-                position_ids=positions, use_cache=True, **compat.cache_kwargs(cache),
-            )
-        finally:
-            run.side_pass = None
-        compat.crop_cache(cache, -1)
-
-    def _recompute(self, run: PruneRun, kwargs, output, cache, layout, masked, start: int):
-        """Rerun the LLM on slots ``start..`` over the prefix's cache, no text query attending to a
-        ``masked`` key from the mask stage's layer on (visual queries unchanged), and splice the
-        result into ``output``. Slots before ``start`` hold no text that comes after a hidden token
-        in any sample, so their hidden states and cache entries are already what the mask gives."""
-        embeds = kwargs["inputs_embeds"]
-        length = layout.length
-        text = layout.image_index < 0
-
-        def text_may_attend(batch, head, q, kv):
-            return ~(text[batch, q] & masked[batch, kv])
-
-        plain = causal_mask_for(self.config, embeds, layout.valid, length - start)
-        modulated = causal_mask_for(self.config, embeds, layout.valid, length - start, extra=text_may_attend)
-        compat.crop_cache(cache, start - length)
-        flags = {k: kwargs[k] for k in ("output_attentions", "output_hidden_states") if kwargs.get(k)}
-        run.side_pass, run.recompute = "recompute", (self.pruner.mask.layer, plain, modulated)
-        try:
-            rest = self.lm.forward(
-                inputs_embeds=embeds[:, start:], attention_mask=layout.valid.long(),
-                position_ids=layout.position_ids[:, start:], use_cache=True, **compat.cache_kwargs(cache), **flags,
-            )
-        finally:
-            run.side_pass, run.recompute = None, None
-        output.last_hidden_state = torch.cat([output.last_hidden_state[:, :start], rest.last_hidden_state], dim=1)
-        if getattr(output, "hidden_states", None) is not None and rest.hidden_states is not None:
-            output.hidden_states = tuple(
-                torch.cat([a[:, :start], b], dim=1) for a, b in zip(output.hidden_states, rest.hidden_states)
-            )
-        if getattr(output, "attentions", None) is not None and rest.attentions is not None:
-            spliced = []
-            for a, b in zip(output.attentions, rest.attentions):
-                a = a.clone()
-                a[:, :, start:] = b
-                spliced.append(a)
-            output.attentions = tuple(spliced)
-        return output
 
 
 def instruction_slots(layout) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,176 @@
+"""The mechanism of a mask stage (attention modulation, as AIF), apart from the decoder pruning.
+
+A mask stage removes nothing: the prefill runs unchanged as a probe, during which the strategy's
+observed layers hand it their query rows' attention (``observe_attention``, recomputed beside SDPA);
+after it the stage is decided, the slots from the first text token after a hidden visual token on are
+recomputed over the probe's KV cache with a mask that keeps text queries off the hidden keys from the
+stage's layer on (SDPA and eager only), and decoding continues with those keys masked, or evicted
+from the cache (``Strategy.evict_masked``). With ``query="next"`` one greedy probe step after the
+prefill shows the observed layers the next token's attention first.
+
+:class:`~vtoken.adapters.hf_decoder.DecoderPruning` calls it at four points: when it installs
+(checks), before the prefill (a KV cache to recompute over), after the prefill (decide, recompute,
+set the decoding layout) and before each layer during its own extra passes (their masks).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from vtoken import compat, signals
+from vtoken.kernels import gather_tokens
+from vtoken.layout import SequenceLayout
+from vtoken.pruner import PruneRun
+
+from .masks import ARBITRARY_MASK_ATTENTION, causal_mask_for
+
+
+class MaskStagePass:
+    """Runs the strategy's mask stage for one wrapped decoder stack (``decoder``: its
+    :class:`~vtoken.adapters.hf_decoder.DecoderPruning`)."""
+
+    def __init__(self, decoder):
+        self.decoder = decoder
+        self.pruner = decoder.pruner
+        self._check(self.pruner.mask)
+
+    def layer_inputs(self, run: PruneRun, index: int, args, kwargs):
+        """Before decoder layer ``index`` during an extra pass: the recompute's masks (plain before
+        the stage's layer, modulated from it on); the probe step runs as the model would."""
+        if run.side_pass != "recompute":
+            return None
+        first, plain, masked = run.recompute
+        kwargs["attention_mask"] = masked if index >= first else plain
+        return args, kwargs
+
+    def _check(self, stage) -> None:
+        if stage.site != "llm" or not 0 <= stage.layer < len(self.decoder.layers):
+            raise ValueError(
+                f"a mask stage needs site 'llm' and a layer in 0..{len(self.decoder.layers) - 1}, got {stage.name!r}"
+            )
+        if self.pruner.stages_at("llm"):
+            raise ValueError("a mask stage cannot be combined with pruning inside the LLM; use pre-LLM stages only")
+        if self.pruner.config.positions != "original":
+            raise ValueError("a mask stage keeps every token's position; use positions='original'")
+        self.check_attention()
+
+    def check_attention(self) -> None:
+        implementation = compat.attention_implementation(self.decoder.config)
+        if implementation not in ARBITRARY_MASK_ATTENTION:
+            raise ValueError(
+                f"this method masks visual tokens from the text with an explicit attention mask, which "
+                f"attn_implementation={implementation!r} cannot take; use one of {', '.join(ARBITRARY_MASK_ATTENTION)}"
+            )
+
+    def prepare_prefill(self, run: PruneRun, kwargs) -> bool:
+        """A mask stage reuses the prefix's KV cache to recompute the text rows: make sure the
+        prefill fills one, even when the caller asked for none (it is then not returned)."""
+        self.check_attention()
+        if compat.cache_from(kwargs) is not None:
+            return False
+        wanted = compat.use_cache_from(kwargs)
+        run.cache_added = not (self.decoder.config.use_cache if wanted is None else wanted)
+        compat.set_cache(kwargs, compat.new_dynamic_cache(self.decoder.config))
+        kwargs[compat.USE_CACHE_KWARG] = True
+        return True
+
+    def apply(self, run: PruneRun, kwargs, output):
+        """After the prefill (the probe): decide the mask stage, recompute the rows of the text that
+        comes after a hidden token with the text -> hidden-visual attention masked from layer
+        ``stage.layer`` on, and set the decoding layout (hidden slots invalid, or evicted)."""
+        stage, strategy = self.pruner.mask, self.pruner.strategy
+        cache = compat.output_cache(output)
+        layout = run.groups[0][1]
+        query, layers = self.pruner.needs.attention_query(), self.pruner.needs.layers(signals.LLM_ATTENTION_OBSERVED)
+        if query == "next" and layers and run.replay is None:  # a replay decides nothing anew
+            self._probe_next(run, layout, output, cache)
+        hidden = run.stash[stage.layer][0]
+        masked = self.pruner.run_mask_stage(run, stage, layout, hidden, partial(self.decoder._attention, run, stage.layer))
+        if not bool(masked.any()):
+            return output
+        text = (layout.image_index < 0) & layout.valid
+        affected = text & (masked.long().cumsum(-1) > 0)  # text after a hidden token
+        if bool(affected.any()):
+            slots = torch.arange(layout.length, device=masked.device).expand_as(affected)
+            start = int(torch.where(affected, slots, layout.length).min())
+            output = self._recompute(run, kwargs, output, cache, layout, masked, start)
+        if run.cache_added:
+            return output
+        if strategy.evict_masked:
+            decoding, index = layout.compact(layout.valid & ~masked)  # positions kept; pads go too
+            for layer in range(stage.layer, compat.num_cache_layers(cache)):
+                keys, values = (
+                    gather_tokens(t.transpose(1, 2), index).transpose(1, 2).contiguous()
+                    for t in compat.cache_layer_kv(cache, layer)
+                )
+                compat.set_cache_layer_kv(cache, layer, keys, values)
+        else:
+            decoding = SequenceLayout(
+                layout.orig_index, layout.valid & ~masked, layout.visual_index, layout.image_index, layout.position_ids
+            )
+        if stage.layer == 0:
+            run.groups[0] = (0, decoding)
+            run.input_layout_changed = True
+        else:
+            run.groups.append((stage.layer, decoding))
+        return output
+
+    def _probe_next(self, run: PruneRun, layout, output, cache) -> None:
+        """One greedy decoding step on the prefill's cache, so the observed layers see the next
+        token's attention; the cache is then cut back to the prompt."""
+        token = self.decoder.head(output.last_hidden_state[:, -1]).argmax(-1)
+        embeds = self.decoder.lm.get_input_embeddings()(token)[:, None]
+        positions = layout.position_ids[:, -1:] + 1
+        ones = torch.ones_like(layout.valid[:, :1])
+        run.side_pass = "next"
+        try:
+            self.decoder.lm.forward(
+                inputs_embeds=embeds, attention_mask=torch.cat([layout.valid, ones], dim=1).long(),
+                position_ids=positions, use_cache=True, **compat.cache_kwargs(cache),
+            )
+        finally:
+            run.side_pass = None
+        compat.crop_cache(cache, -1)
+
+    def _recompute(self, run: PruneRun, kwargs, output, cache, layout, masked, start: int):
+        """Rerun the LLM on slots ``start..`` over the prefix's cache, no text query attending to a
+        ``masked`` key from the mask stage's layer on (visual queries unchanged), and splice the
+        result into ``output``. Slots before ``start`` hold no text that comes after a hidden token
+        in any sample, so their hidden states and cache entries are already what the mask gives."""
+        embeds = kwargs["inputs_embeds"]
+        length = layout.length
+        text = layout.image_index < 0
+
+        def text_may_attend(batch, head, q, kv):
+            return ~(text[batch, q] & masked[batch, kv])
+
+        plain = causal_mask_for(self.decoder.config, embeds, layout.valid, length - start)
+        modulated = causal_mask_for(self.decoder.config, embeds, layout.valid, length - start, extra=text_may_attend)
+        compat.crop_cache(cache, start - length)
+        flags = {k: kwargs[k] for k in ("output_attentions", "output_hidden_states") if kwargs.get(k)}
+        run.side_pass, run.recompute = "recompute", (self.pruner.mask.layer, plain, modulated)
+        try:
+            rest = self.decoder.lm.forward(
+                inputs_embeds=embeds[:, start:], attention_mask=layout.valid.long(),
+                position_ids=layout.position_ids[:, start:], use_cache=True, **compat.cache_kwargs(cache), **flags,
+            )
+        finally:
+            run.side_pass, run.recompute = None, None
+        output.last_hidden_state = torch.cat([output.last_hidden_state[:, :start], rest.last_hidden_state], dim=1)
+        if getattr(output, "hidden_states", None) is not None and rest.hidden_states is not None:
+            output.hidden_states = tuple(
+                torch.cat([a[:, :start], b], dim=1) for a, b in zip(output.hidden_states, rest.hidden_states)
+            )
+        if getattr(output, "attentions", None) is not None and rest.attentions is not None:
+            spliced = []
+            for a, b in zip(output.attentions, rest.attentions):
+                a = a.clone()
+                a[:, :, start:] = b
+                spliced.append(a)
+            output.attentions = tuple(spliced)
+        return output
+
+
+
