@@ -116,6 +116,12 @@ class Adapter(ABC):
     def visual_tokens_per_image(self) -> int | None:
         """Visual tokens one image gives the LLM at the default input size (None if it varies)."""
 
+    def site_width(self, site: str) -> tuple[int, int]:
+        """``(feature width, attention head size)`` of the tokens a stage at ``site`` works on:
+        the vision encoder's at the vision and projector sites (where scoring reads vision features
+        and attention), the LLM's inside it."""
+        raise NotImplementedError
+
     def vision_feature_layer(self) -> int | None:
         """The vision-encoder layer (0-based) whose output the projector reads (the last one read when
         several are concatenated); None when the family does not say."""

@@ -83,6 +83,12 @@ class LlavaAdapter(Adapter):
     def visual_tokens_per_image(self) -> int | None:
         return None if self.is_next else self.tokens_per_crop
 
+    def site_width(self, site: str) -> tuple[int, int]:
+        config = self.config.vision_config if site in ("vision", "projector") else self.config.text_config
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return config.hidden_size, head_dim
+
     def vision_feature_layer(self) -> int | None:
         # hidden_states[j] is the output of encoder layer j - 1 (hidden_states[0]: the embeddings).
         layers = self.config.vision_feature_layer

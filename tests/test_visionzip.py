@@ -159,3 +159,15 @@ def test_llava_next_keeps_the_budget_of_each_image():
         counts = (x["input_ids"] == model.config.image_token_id).sum(-1).tolist()
         kept = [len(s["projector"]) for s in vtoken.selection(model)]
     assert kept == [max(1, round(0.25 * n)) for n in counts]
+
+
+def test_scoring_cost_counts_the_cls_row_and_the_merge_from_the_stage_shapes():
+    """The CLS row against every key of the read layer, plus the contextual merge's similarities:
+    (576 - 54 - 10) remaining tokens x 10 targets x head_dim 8 (width 32, 4 heads), 2 FLOPs each."""
+    from vtoken.schedule import ScoringCost
+
+    model = llava15_shaped(vision_layers=4, llm_layers=2)
+    with vtoken.pruned(model, "visionzip", keep_tokens=64):
+        scoring = vtoken.schedule_of(model).scoring
+    assert scoring == (ScoringCost("vision_attention_rows", layer=2, rows=1),
+                       ScoringCost("flops", flops=2.0 * (576 - 54 - 10) * 10 * 8))

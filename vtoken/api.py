@@ -14,7 +14,7 @@ from torch import nn
 from vtoken.config import PruneConfig, option_defaults, read_config_file
 from vtoken.signals import ANNOTATIONS, MEANING
 from vtoken.registry import get_strategy, strategy_names
-from vtoken.schedule import Schedule, ScoringCost, Stage
+from vtoken.schedule import Schedule, ScoringCost, Stage, StageShapes
 
 _STATE_ATTR = "_vtoken_state"
 
@@ -222,15 +222,20 @@ def schedule_of(model: nn.Module, visual_tokens: int | None = None) -> Schedule:
         raise ValueError("this model's visual token count depends on the image; pass visual_tokens=")
     stages, scoring = [], []
     vision_tokens = getattr(adapter, "grid_side", 0) ** 2 or None
+    entering = {"vision": vision_tokens, "visual": tokens}  # tokens reaching the next stage, per image
     for spec in state.pruner.stages:
         if spec.site == "vision":
             kept = max(1, round(spec.fraction(tokens) * vision_tokens))
+            before, entering["vision"] = entering["vision"], kept
         else:
             kept = spec.budget(tokens)
+            before, entering["visual"] = entering["visual"], kept
         stages.append(Stage(spec.site, kept, spec.layer))
-        scoring.extend(state.strategy.scoring_cost(spec))
+        scoring.extend(state.strategy.scoring_cost(spec, StageShapes(before, kept, *adapter.site_width(spec.site))))
     if state.pruner.mask is not None:  # a mask stage (AIF) removes nothing but still costs its scoring
-        scoring.extend(state.strategy.scoring_cost(state.pruner.mask))
+        mask = state.pruner.mask
+        shapes = StageShapes(tokens, mask.budget(tokens), *adapter.site_width(mask.site))
+        scoring.extend(state.strategy.scoring_cost(mask, shapes))
     return Schedule(tuple(stages), tuple(scoring), visual_tokens=tokens, vision_tokens=vision_tokens)
 
 

@@ -52,6 +52,19 @@ class Stage:
 
 
 @dataclass(frozen=True)
+class StageShapes:
+    """The sizes one stage works on, per image, so a strategy can state its own scoring FLOPs:
+    ``tokens`` candidates enter the stage and ``kept`` leave it; ``width`` is the feature width at
+    the site (vision hidden size at the vision and projector sites' inputs, LLM hidden size in the
+    LLM), ``head_dim`` the attention head size there."""
+
+    tokens: int
+    kept: int
+    width: int
+    head_dim: int
+
+
+@dataclass(frozen=True)
 class ScoringCost:
     """Extra work a strategy does to score tokens, reported apart so that net savings stay honest.
 

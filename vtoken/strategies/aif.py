@@ -67,7 +67,7 @@ from vtoken.kernels import masked_topk
 from vtoken.registry import register
 from vtoken import signals
 from vtoken.signals import Needs, Signal
-from vtoken.schedule import ScoringCost
+from vtoken.schedule import ScoringCost, StageShapes
 from vtoken.strategies.base import Strategy
 
 #: Candidate mask ratios of Eq. 5.
@@ -231,7 +231,7 @@ class AIFStrategy(Strategy):
     def observe_attention(self, layer, probs, query_valid, key_valid) -> torch.Tensor:
         return token_dynamics(probs, query_valid, self.config.heads)
 
-    def scoring_cost(self, stage: StageSpec) -> list[ScoringCost]:
+    def scoring_cost(self, stage: StageSpec, shapes: StageShapes | None = None) -> list[ScoringCost]:
         # The probe's rows at every layer, and the text after the image rerun over the cached prefix
         # (one more decoding step for query="next").
         layers = self.depths.get("llm", 0)

@@ -15,7 +15,7 @@ import torch
 from vtoken.config import PruneConfig, StageSpec
 from vtoken.context import Reduction, ScoreContext
 from vtoken.kernels import masked_topk
-from vtoken.schedule import SITES, ScoringCost
+from vtoken.schedule import SITES, ScoringCost, StageShapes
 from vtoken.signals import Needs
 
 
@@ -112,8 +112,9 @@ class Strategy:
     #: attend to them, so outputs are unchanged while decoding reads and stores fewer tokens).
     evict_masked: bool = False
 
-    def scoring_cost(self, stage: StageSpec) -> list[ScoringCost]:
-        """Extra work this method does to decide ``stage`` (for honest FLOPs); none by default."""
+    def scoring_cost(self, stage: StageSpec, shapes: StageShapes | None = None) -> list[ScoringCost]:
+        """Extra work this method does to decide ``stage`` (for honest FLOPs); none by default.
+        ``shapes`` (when known) gives the stage's sizes per image, for costs that depend on them."""
         return []
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:

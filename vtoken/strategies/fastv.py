@@ -28,7 +28,7 @@ from vtoken.context import ScoreContext
 from vtoken.registry import register
 from vtoken import signals
 from vtoken.signals import Needs, Signal
-from vtoken.schedule import ScoringCost
+from vtoken.schedule import ScoringCost, StageShapes
 from vtoken.strategies.base import Strategy
 
 
@@ -66,7 +66,7 @@ class FastVStrategy(Strategy):
     def needs(self) -> Needs:
         return Needs.of(Signal(signals.LLM_ATTENTION))
 
-    def scoring_cost(self, stage: StageSpec) -> list[ScoringCost]:
+    def scoring_cost(self, stage: StageSpec, shapes: StageShapes | None = None) -> list[ScoringCost]:
         # One query row (the last token) against every key of the scoring layer.
         layer = stage.layer - 1 if self.config.score_layer == "previous" else stage.layer
         return [ScoringCost("llm_attention_rows", layer=layer, rows=1)]

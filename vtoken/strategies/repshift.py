@@ -71,7 +71,7 @@ from vtoken.context import Reduction, ScoreContext
 from vtoken.registry import register
 from vtoken import signals
 from vtoken.signals import Needs, Signal
-from vtoken.schedule import ScoringCost
+from vtoken.schedule import ScoringCost, StageShapes
 from vtoken.strategies.base import Strategy
 
 OPERATIONS = ("mlp", "attention", "block")
@@ -318,7 +318,7 @@ class RepShiftStrategy(Strategy):
         config = self.config
         return representation_shift(io, config.operation, config.distance, config.shift)
 
-    def scoring_cost(self, stage: StageSpec) -> list[ScoringCost]:
+    def scoring_cost(self, stage: StageSpec, shapes: StageShapes | None = None) -> list[ScoringCost]:
         if self.config.mode != "merge":
             return []  # element-wise distances of tensors the layer computes anyway
         return [ScoringCost(f"{stage.site}_token_matching", layer=stage.layer)]

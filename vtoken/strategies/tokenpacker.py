@@ -41,7 +41,7 @@ from vtoken.packer import TokenPackerModule
 from vtoken.registry import register
 from vtoken import signals
 from vtoken.signals import Needs, Signal
-from vtoken.schedule import ScoringCost
+from vtoken.schedule import ScoringCost, StageShapes
 from vtoken.strategies.base import Strategy
 
 _NO_WEIGHTS = (
@@ -154,7 +154,7 @@ class TokenPackerStrategy(Strategy):
     def observe(self, site, layer, io, valid) -> torch.Tensor:
         return io["block"][1]  # the layer's output, [crops, T, d_vision]
 
-    def scoring_cost(self, stage: StageSpec) -> list[ScoringCost]:
+    def scoring_cost(self, stage: StageSpec, shapes: StageShapes | None = None) -> list[ScoringCost]:
         height, width = self.packer.config.grid
         return [ScoringCost("flops", flops=float(self.packer.flops(height, width)))]
 

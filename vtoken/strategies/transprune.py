@@ -64,7 +64,7 @@ from vtoken.context import ScoreContext
 from vtoken.registry import register
 from vtoken import signals
 from vtoken.signals import Needs, Signal
-from vtoken.schedule import ScoringCost
+from vtoken.schedule import ScoringCost, StageShapes
 from vtoken.strategies.base import Strategy
 
 #: The model the paper's layers are given for (LLaVA-1.5-7B / LLaVA-NeXT-7B: 32 decoder layers).
@@ -373,7 +373,7 @@ class TransPruneStrategy(Strategy):
     def observe(self, site, layer, io, valid) -> torch.Tensor:
         return layer_transition_variation(io, valid, self.config.direction)
 
-    def scoring_cost(self, stage: StageSpec) -> list[ScoringCost]:
+    def scoring_cost(self, stage: StageSpec, shapes: StageShapes | None = None) -> list[ScoringCost]:
         # IGA: the instruction rows against every key of layer K (recomputed beside SDPA). TTV's
         # norms and cosines are element-wise work on tensors the layers produce anyway (O(L d) per
         # layer, under 1e-4 of a layer's matmuls) and are not counted, like the layers' own norms.

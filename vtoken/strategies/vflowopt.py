@@ -88,7 +88,7 @@ from vtoken.kernels import masked_topk
 from vtoken.registry import register
 from vtoken import signals
 from vtoken.signals import Needs, Signal
-from vtoken.schedule import ScoringCost
+from vtoken.schedule import ScoringCost, StageShapes
 from vtoken.strategies.base import Strategy
 
 #: The image mean / std of the CLIP image processor (LLaVA-1.5, LLaVA-NeXT).
@@ -444,7 +444,7 @@ class VFlowOptStrategy(Strategy):
         layer = self.vision_layer if self.vision_layer is not None else max(self.depths.get("vision", 2) - 2, 0)
         return Needs.of(Signal(signals.VISION_ATTENTION, layer), Signal(signals.PIXEL_PATCHES))
 
-    def scoring_cost(self, stage: StageSpec) -> list[ScoringCost]:
+    def scoring_cost(self, stage: StageSpec, shapes: StageShapes | None = None) -> list[ScoringCost]:
         # The map is made once per request, for the first stage: the chosen vision layer's queries
         # and keys recomputed and every score (plus a few context rows, not counted).
         if stage != self.stages()[0]:

@@ -30,9 +30,8 @@ Where this differs from the official code (LLaVA-1.5 in the LLaVA repository):
   its place in the image (a contextual token sits at its target patch), with the kept tokens
   renumbered contiguously (``positions="contiguous"``, as the official shorter sequence is).
 
-Scoring cost: the CLS query row against every key of the layer (``vision_attention_rows``, 1 row);
-the key similarities of the merge (at most 576 x 10 x head_dim multiply-adds per image) are not
-counted.
+Scoring cost: the CLS query row against every key of the layer (``vision_attention_rows``, 1 row)
+and, from the stage's shapes, the merge's key similarities (:func:`contextual_matching_flops`).
 """
 
 from __future__ import annotations
@@ -46,7 +45,7 @@ from vtoken import signals
 from vtoken.config import PruneConfig, StageSpec
 from vtoken.context import Reduction, ScoreContext
 from vtoken.registry import register
-from vtoken.schedule import ScoringCost
+from vtoken.schedule import ScoringCost, StageShapes
 from vtoken.signals import Needs, Signal
 from vtoken.strategies.base import Strategy
 
@@ -92,6 +91,14 @@ def split_budget(budget: int, dominant_share: float) -> tuple[int, int]:
     """``(dominant, contextual)`` counts of a budget (54 + 10 of 64 at the paper's share)."""
     dominant = min(budget, max(0, round(budget * dominant_share)))
     return dominant, budget - dominant
+
+
+def contextual_matching_flops(shapes: StageShapes, dominant_share: float) -> int:
+    """FLOPs of the contextual merge's key similarities per image: every remaining token against
+    every target (2 FLOPs per multiply-add over the head-averaged keys)."""
+    dominant, contextual = split_budget(shapes.kept, dominant_share)
+    remaining = shapes.tokens - dominant - contextual
+    return 2 * max(remaining, 0) * contextual * shapes.head_dim
 
 
 def contextual_merge(features: torch.Tensor, keys: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,8 +147,11 @@ class VisionZipStrategy(Strategy):
         layer = self.vision_layer if self.vision_layer is not None else max(self.depths.get("vision", 2) - 2, 0)
         return Needs.of(Signal(signals.VISION_ATTENTION, layer), Signal(signals.PROJECTOR_INPUT))
 
-    def scoring_cost(self, stage: StageSpec) -> list[ScoringCost]:
-        return [ScoringCost("vision_attention_rows", layer=self.vision_layer, rows=1)]
+    def scoring_cost(self, stage: StageSpec, shapes: StageShapes | None = None) -> list[ScoringCost]:
+        costs = [ScoringCost("vision_attention_rows", layer=self.vision_layer, rows=1)]
+        if shapes is not None:
+            costs.append(ScoringCost("flops", flops=float(contextual_matching_flops(shapes, self.config.dominant_share))))
+        return costs
 
     def reduce(self, ctx: ScoreContext) -> Reduction:
         rows = ctx.tokens

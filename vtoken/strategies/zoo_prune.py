@@ -93,7 +93,7 @@ from vtoken.context import ScoreContext
 from vtoken.registry import register
 from vtoken import signals
 from vtoken.signals import Needs, Signal
-from vtoken.schedule import ScoringCost
+from vtoken.schedule import ScoringCost, StageShapes
 from vtoken.strategies.base import Strategy
 
 #: Added to the min-max range (the official code's epsilon).
@@ -279,7 +279,7 @@ class ZooPruneStrategy(Strategy):
         super().__init__(config)
         self._warned_flat = False
 
-    def scoring_cost(self, stage: StageSpec) -> list[ScoringCost]:
+    def scoring_cost(self, stage: StageSpec, shapes: StageShapes | None = None) -> list[ScoringCost]:
         # m directions, each a +h and a -h pass of the projector over the image's tokens.
         return [ScoringCost("projector_passes", passes=2 * self.config.directions)]
 
