@@ -116,6 +116,10 @@ class Adapter(ABC):
     def visual_tokens_per_image(self) -> int | None:
         """Visual tokens one image gives the LLM at the default input size (None if it varies)."""
 
+    def vision_tokens(self) -> int | None:
+        """Patch tokens one crop holds in the vision encoder (None if it varies)."""
+        return None
+
     def site_width(self, site: str) -> tuple[int, int]:
         """``(feature width, attention head size)`` of the tokens a stage at ``site`` works on:
         the vision encoder's at the vision and projector sites (where scoring reads vision features
@@ -126,6 +130,11 @@ class Adapter(ABC):
         """The vision-encoder layer (0-based) whose output the projector reads (the last one read when
         several are concatenated); None when the family does not say."""
         return None
+
+    @property
+    def family_name(self) -> str:
+        """The family as users name it (``"LLaVA-NeXT"``), for messages."""
+        return self.family
 
     def unavailable(self, signal: Signal) -> str | None:
         """None when this model provides ``signal`` (:mod:`vtoken.signals`); otherwise what it gives

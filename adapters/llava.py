@@ -83,6 +83,9 @@ class LlavaAdapter(Adapter):
     def visual_tokens_per_image(self) -> int | None:
         return None if self.is_next else self.tokens_per_crop
 
+    def vision_tokens(self) -> int | None:
+        return self.grid_side**2
+
     def site_width(self, site: str) -> tuple[int, int]:
         config = self.config.vision_config if site in ("vision", "projector") else self.config.text_config
         heads = config.num_attention_heads

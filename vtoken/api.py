@@ -87,7 +87,7 @@ def wrap(model: nn.Module, method: str | None = None, *, config=None, **options:
     missing = adapter.missing_signal(strategy.needs())
     if missing is not None:
         signal, reason = missing
-        family = getattr(adapter, "family_name", adapter.family)
+        family = adapter.family_name
         raise ValueError(
             f"{cfg.method} needs {MEANING[signal.name]} (signal {str(signal)!r}), but this {family} model gives "
             f"{reason}; use a model that provides it, or a method that does not need it (pool, fastv)"
@@ -221,7 +221,7 @@ def schedule_of(model: nn.Module, visual_tokens: int | None = None) -> Schedule:
     if tokens is None:
         raise ValueError("this model's visual token count depends on the image; pass visual_tokens=")
     stages, scoring = [], []
-    vision_tokens = getattr(adapter, "grid_side", 0) ** 2 or None
+    vision_tokens = adapter.vision_tokens()
     entering = {"vision": vision_tokens, "visual": tokens}  # tokens reaching the next stage, per image
     for spec in state.pruner.stages:
         if spec.site == "vision":
