@@ -22,9 +22,10 @@ from vtoken.strategies.aif import (
     dynamics_mean,
     token_dynamics,
 )
-from tiny import IMAGE_TOKEN, greedy_without_cache, llava_inputs, llava_next_inputs, tiny_llava, tiny_llava_next
+from tiny import IMAGE_TOKEN, greedy_without_cache, tiny_llava
+from families import FAMILIES
 
-MODELS = {"llava": (tiny_llava, lambda m: llava_inputs(3)), "next": (tiny_llava_next, llava_next_inputs)}
+MODELS = {name: (family.make, family.inputs) for name, family in FAMILIES.items()}
 
 
 def _build(name, attn="sdpa"):
@@ -274,7 +275,7 @@ def test_cached_generation_equals_recomputation_with_the_modulated_mask(name, mo
 def test_two_images_in_a_sample_and_a_sample_without_image(mode):
     """Text between two images may not see the first image's masked tokens; the second image's
     tokens still see all of the first's; a sample without image is untouched."""
-    from test_llava_spine import _mixed_batch
+    from test_all_families import _mixed_batch
 
     model, eager = tiny_llava(), tiny_llava("eager")
     x = _mixed_batch()

@@ -7,13 +7,14 @@ import torch
 
 import vtoken
 from vtoken.registry import get_strategy
-from tiny import greedy_without_cache, llava_inputs, llava_next_inputs, tiny_llava, tiny_llava_next
+from tiny import greedy_without_cache, tiny_llava, tiny_llava_next
+from families import FAMILIES
 
 METHODS = [
     m["name"] for m in vtoken.methods()
     if not m["name"].startswith("_") and not m["trained"] and not m["needs_annotations"]
 ]
-MODELS = {"llava": (tiny_llava, lambda m: llava_inputs(3)), "next": (tiny_llava_next, llava_next_inputs)}
+MODELS = {name: (family.make, family.inputs) for name, family in FAMILIES.items()}
 
 
 def _model(name, attn="sdpa"):
@@ -74,8 +75,8 @@ def test_cached_generation_equals_recomputation(method, name):
             uncached = greedy_without_cache(model, x, 5, suppress)
     elif llm_stages and not _merges(method):
         # Scores inside the LLM may read the whole prompt (FastV's last token), which grows when
-        # recomputing: replay the prefill's choice (see test_llava_spine's replay strategy).
-        from test_llava_spine import _ReplayStrategy
+        # recomputing: replay the prefill's choice (see test_all_families's replay strategy).
+        from test_all_families import _ReplayStrategy
 
         stages = [dict(site=s.site, layer=s.layer, keep=s.keep, keep_tokens=s.keep_tokens, rounding=s.rounding)
                   for s in bound_stages]

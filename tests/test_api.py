@@ -12,6 +12,7 @@ from PIL import Image
 import vtoken
 from vtoken.registry import register
 from vtoken.strategies.base import Strategy
+from families import FAMILIES
 from tiny import llava_inputs, tiny_llava, tiny_llava_next, llava_next_inputs
 
 
@@ -46,10 +47,10 @@ def _assert_same(model, x, snap):
     assert not hasattr(model, "_vtoken_state")
 
 
-@pytest.mark.parametrize("make,inputs", [(tiny_llava, lambda m: llava_inputs(3)), (tiny_llava_next, llava_next_inputs)])
-def test_unwrap_restores_everything(make, inputs):
-    model = make()
-    x = inputs(model)
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_unwrap_restores_everything(name):
+    model = FAMILIES[name].make()
+    x = FAMILIES[name].inputs(model)
     snap = _snapshot(model, x)
     for method, options in [("fastv", {}), ("pool", {"site": "vision", "layer": 0}), ("random", {})]:
         vtoken.wrap(model, method, **options)

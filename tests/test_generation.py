@@ -9,10 +9,11 @@ import pytest
 import torch
 
 import vtoken
-from tiny import llava_inputs, llava_next_inputs, tiny_llava, tiny_llava_next
+from tiny import llava_inputs, tiny_llava
+from families import FAMILIES
 
 METHODS = [m["name"] for m in vtoken.methods() if not m["name"].startswith("_")]
-MODELS = {"llava": (tiny_llava, lambda m: llava_inputs(3)), "next": (tiny_llava_next, llava_next_inputs)}
+MODELS = {name: (family.make, family.inputs) for name, family in FAMILIES.items()}
 CASES = [
     pytest.param(method, family, marks=pytest.mark.skip(reason="TokenPacker is refused on LLaVA-NeXT at wrap"))
     if (method, family) == ("tokenpacker", "next") else (method, family)

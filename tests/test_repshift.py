@@ -21,14 +21,13 @@ from vtoken.strategies.repshift import (
     representation_shift,
     token_distance,
 )
+from families import FAMILIES
 from tiny import (
     IMAGE_TOKEN,
     greedy_without_cache,
     left_pad,
     llava_inputs,
-    llava_next_inputs,
     tiny_llava,
-    tiny_llava_next,
 )
 
 
@@ -287,7 +286,7 @@ def test_merge_cost_is_reported():
 
 
 # --- end to end -----------------------------------------------------------------------------------
-MODELS = {"llava": (tiny_llava, lambda m: llava_inputs(3)), "next": (tiny_llava_next, llava_next_inputs)}
+MODELS = {name: (family.make, family.inputs) for name, family in FAMILIES.items()}
 CASES = [
     ("llava", dict(mode="merge", keep=0.4)),  # progressive vision merging, shift-weighted
     ("next", dict(mode="merge", merge_weight="size", keep=0.4)),

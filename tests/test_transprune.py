@@ -27,6 +27,7 @@ from vtoken.strategies.transprune import (
     transition_variation,
 )
 from tiny import IMAGE_TOKEN, greedy_without_cache, llava_inputs, llava_next_inputs, tiny_llava, tiny_llava_next
+from families import FAMILIES
 
 LLAVA = "llava-hf/llava-1.5-7b-hf"
 E1, E2 = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 1.0, 0.0])
@@ -299,14 +300,14 @@ def test_sdpa_and_eager_choose_the_same_tokens_on_next(options):
 
 
 # --- generate() with a KV cache ------------------------------------------------------------------
-MODELS = {"llava": (tiny_llava, lambda m: llava_inputs(3)), "next": (tiny_llava_next, llava_next_inputs)}
+MODELS = {name: (family.make, family.inputs) for name, family in FAMILIES.items()}
 OPTIONS = {"default": {}, "ttv_only": {"ttv_only": True}, "abs": {"direction": "abs"}}
 
 
 @pytest.mark.parametrize("option", list(OPTIONS))
 @pytest.mark.parametrize("name", list(MODELS))
 def test_cached_generation_equals_recomputation(name, option):
-    from test_llava_spine import _ReplayStrategy
+    from test_all_families import _ReplayStrategy
 
     make, inputs = MODELS[name]
     model = make()

@@ -1,5 +1,10 @@
-"""The spine on tiny random LLaVA and LLaVA-NeXT: exactness of keep-all, the pre-LLM oracle,
-cached-equals-uncached decoding with pruning inside the LLM, FastV's attention row against eager."""
+"""The generic adapter suite: every family in ``tests/families.py`` joins it (today LLaVA-1.5 and
+LLaVA-NeXT). Keep-all is exact at every site; pre-LLM pruning equals the unwrapped LLM run on the
+kept embeddings at their positions; cached decoding equals recomputation with pruning before and
+inside the LLM; several images per sample and samples without one; samples never mix; FastV's
+attention row equals the eager map. (Every method's cached = uncached and batch = alone guarantees
+are in ``test_generation.py``; unwrap exactness in ``test_api.py``; threads in ``test_threads.py``;
+all of them draw their models from ``families.py`` too.)"""
 
 import dataclasses
 
@@ -13,9 +18,10 @@ from vtoken.adapters.hf_decoder import llama_attention_rows
 from vtoken.config import PruneConfig
 from vtoken.registry import register
 from vtoken.strategies.base import Strategy
-from tiny import greedy_without_cache, llava_inputs, llava_next_inputs, tiny_llava, tiny_llava_next
+from tiny import IMAGE_TOKEN, greedy_without_cache, llava_inputs, tiny_llava
+from families import FAMILIES
 
-MODELS = {"llava": (tiny_llava, lambda m: llava_inputs(3)), "next": (tiny_llava_next, llava_next_inputs)}
+MODELS = {name: (family.make, family.inputs) for name, family in FAMILIES.items()}
 
 KEEP_ALL_SITES = [
     ("random", {"site": "projector"}),
@@ -190,26 +196,13 @@ def test_fastv_under_sdpa_selects_what_the_eager_map_says(name):
         assert selection[b]["llm:2"].tolist() == expected.tolist()
 
 
-def _mixed_batch():
-    """Sample 0 holds two images, sample 1 none, sample 2 one: 3 images for 3 samples."""
-    from tiny import IMAGE_TOKEN, left_pad
-
-    g = torch.Generator().manual_seed(3)
-    image = [IMAGE_TOKEN] * 16
-    rows = [
-        [1, 7, 8, *image, 9, *image, 10, 11],
-        [1, 12, 13, 14, 15, 16],
-        [1, 17, *image, 18, 19, 20, 21],
-    ]
-    ids, mask = left_pad(rows)
-    return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.randn(3, 3, 32, 32, generator=g)}
-
-
 @pytest.mark.parametrize("method,options", [("random", {"site": "projector"}), ("fastv", {"layer": 2}),
                                             ("random", {"site": "vision", "layer": 1})])
-def test_several_images_per_sample_and_samples_without_image(method, options):
-    model = tiny_llava()
-    x = _mixed_batch()
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_several_images_per_sample_and_samples_without_image(name, method, options):
+    family = FAMILIES[name]
+    model = family.make()
+    x = family.several_images(model)
     with torch.no_grad():
         ref = model(**x).logits
     with vtoken.pruned(model, method, keep=1.0, **options):
@@ -217,14 +210,34 @@ def test_several_images_per_sample_and_samples_without_image(method, options):
             assert torch.equal(model(**x).logits, ref)
     with vtoken.pruned(model, "random", keep=0.25, **{k: v for k, v in options.items()}) if method == "random" \
             else vtoken.pruned(model, "random", keep=0.25, site="llm", layer=2):
-        cached = model.generate(**x, max_new_tokens=5, do_sample=False)
-        uncached = greedy_without_cache(model, x, 5)
+        # (a random tiny model may prefer the image placeholder as its next word; a real one never does)
+        cached = model.generate(**x, max_new_tokens=5, do_sample=False, suppress_tokens=[IMAGE_TOKEN])
+        uncached = greedy_without_cache(model, x, 5, suppress=[IMAGE_TOKEN])
         selection = vtoken.selection(model)
     assert torch.equal(cached, uncached)
     (kept0,), (kept1,), (kept2,) = (list(s.values()) for s in selection)
-    # Budgets are per image: 4 of 16 from each of sample 0's two images, none from sample 1.
-    assert len(kept0) == 8 and len(kept1) == 0 and len(kept2) == 4
-    assert (kept0 < 16).sum() == 4 and (kept0 >= 16).sum() == 4
+    # Budgets are per image: a quarter of each of sample 0's two images, none from sample 1.
+    sizes = _image_token_counts(x)  # sample 0's two images, then sample 2's
+    assert len(kept1) == 0
+    if name == "next" and options.get("site") == "vision":
+        pytest.xfail("open deviation: at the vision site LLaVA-NeXT keeps the fraction of every 576-token crop, "
+                     "so an image keeps more than keep * its visual tokens (issue 'Faithful by test')")
+    assert len(kept2) == round(0.25 * sizes[2])
+    assert (kept0 < sizes[0]).sum() == round(0.25 * sizes[0]) and (kept0 >= sizes[0]).sum() == round(0.25 * sizes[1])
+
+
+def _image_token_counts(x) -> list[int]:
+    """Visual tokens of each image of the batch, in order (runs of image tokens)."""
+    counts = []
+    for row in (x["input_ids"] == IMAGE_TOKEN).tolist():
+        run = 0
+        for is_image in row + [False]:
+            if is_image:
+                run += 1
+            elif run:
+                counts.append(run)
+                run = 0
+    return counts
 
 
 def test_beam_search_runs_with_pruning_inside_the_llm():

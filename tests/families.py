@@ -1,0 +1,63 @@
+"""Every model family vtoken supports, as the generic suites see it: how to build a tiny random model
+of the family, a left-padded batch for it (images of different sizes where the family allows), and a
+batch whose first sample holds two images, the second none and the third one.
+
+A new adapter joins every generic suite (``test_all_families.py``, ``test_all_methods.py``,
+``test_generation.py``, ``test_threads.py``) by adding one entry here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from tiny import (
+    IMAGE_TOKEN, left_pad, llava_inputs, llava_next_inputs, next_image_tokens, tiny_llava, tiny_llava_next,
+)
+
+
+@dataclass(frozen=True)
+class Family:
+    make: Callable[..., nn.Module]  # (attn="sdpa", seed=0) -> a tiny model in eval mode
+    inputs: Callable[[nn.Module], dict]  # a left-padded batch of 3 samples, one image each
+    several_images: Callable[[nn.Module], dict]  # 2 images, none, 1 image
+    #: A vision layer after which pruning is allowed (before the layer the projector reads).
+    vision_layer: int = 1
+
+
+def _llava_several_images(model) -> dict:
+    g = torch.Generator().manual_seed(3)
+    image = [IMAGE_TOKEN] * 16
+    rows = [[1, 7, 8, *image, 9, *image, 10, 11], [1, 12, 13, 14, 15, 16], [1, 17, *image, 18, 19, 20, 21]]
+    ids, mask = left_pad(rows)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.randn(3, 3, 32, 32, generator=g)}
+
+
+def _next_several_images(model) -> dict:
+    from vtoken import compat
+
+    sizes = [(32, 64), (64, 64), (64, 40)]
+    counts = next_image_tokens(model, sizes)
+    rows = [
+        [1, 7, 8, *[IMAGE_TOKEN] * counts[0], 9, *[IMAGE_TOKEN] * counts[1], 10, 11],
+        [1, 12, 13, 14, 15, 16],
+        [1, 17, *[IMAGE_TOKEN] * counts[2], 18, 19, 20, 21],
+    ]
+    ids, mask = left_pad(rows)
+    g = torch.Generator().manual_seed(3)
+    config = model.config
+    crops = [compat.image_size_to_num_patches(s, config.image_grid_pinpoints, 32) for s in sizes]
+    pixels = torch.zeros(len(sizes), max(crops), 3, 32, 32)
+    for i, n in enumerate(crops):
+        pixels[i, :n] = torch.randn(n, 3, 32, 32, generator=g)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels,
+            "image_sizes": torch.tensor([list(s) for s in sizes])}
+
+
+FAMILIES: dict[str, Family] = {
+    "llava": Family(tiny_llava, lambda m: llava_inputs(3), _llava_several_images),
+    "next": Family(tiny_llava_next, llava_next_inputs, _next_several_images),
+}
