@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import vtoken
-from tiny import llava_inputs, llava_next_inputs, tiny_llava, tiny_llava_next
+from families import FAMILIES
 
 STEPS = 6
 
@@ -23,7 +23,7 @@ def _generate(model, x):
     ("repshift", {"mode": "merge", "keep": 0.5}),   # merging, with sizes carried between stages
     ("random", {"keep": 0.3, "site": "vision", "layer": 1}),  # inside the vision encoder
 ])
-@pytest.mark.parametrize("family", ["llava", "next"])
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_two_threads_get_what_each_gets_alone(method, options, family):
     _two_threads(method, options, family)
 
@@ -34,9 +34,8 @@ def test_two_threads_with_the_other_methods(method):
 
 
 def _two_threads(method, options, family):
-    model = tiny_llava() if family == "llava" else tiny_llava_next()
-    inputs = [llava_inputs(2, seed=1), llava_inputs(3, seed=2)] if family == "llava" else [
-        llava_next_inputs(model, seed=1), llava_next_inputs(model, image_sizes=((64, 64), (32, 64)), seed=2)]
+    model = FAMILIES[family].make()
+    inputs = [FAMILIES[family].inputs(model), FAMILIES[family].several_images(model)]
     vtoken.wrap(model, method, **options)
     alone = [_generate(model, x) for x in inputs]
     results: dict = {}
