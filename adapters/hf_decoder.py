@@ -232,8 +232,13 @@ class DecoderPruning:
         return {"attention_mask": mask, "position_ids": positions, "position_embeddings": cos_sin}
 
     def _decode_positions(self, run: PruneRun, layout) -> torch.Tensor:
-        if self.pruner.config.positions == "original":
+        """New tokens' positions: the unwrapped model's, less the tokens renumbering removed (all the
+        group's drops under "contiguous", those before the LLM under "pre_llm")."""
+        positions = self.pruner.config.positions
+        if positions == "original":
             return run.new_positions
+        if positions == "pre_llm":
+            layout = run.groups[0][1]
         dropped = run.orig_valid_count.to(layout.valid.device) - layout.valid.sum(-1)
         return run.new_positions - dropped[:, None]
 

@@ -31,7 +31,7 @@ from .observe import observe_layer
 from vtoken import compat, signals
 from vtoken.context import Grid, VisionAttention
 from vtoken.kernels import attention_rows, gather_tokens, received_attention
-from vtoken.pruner import ImageRun, Pruner, PruneRun
+from vtoken.pruner import ImageRun, Pruner, PruneRun, renumbers
 
 _NEXT_CLASSES = (LlavaNextForConditionalGeneration, LlavaNextModel)
 _CLASSES = (LlavaForConditionalGeneration, LlavaModel, *_NEXT_CLASSES)
@@ -436,7 +436,7 @@ class LlavaAdapter(Adapter):
             visual = layout.visual_index
             keep = (layout.image_index < 0) | kept[torch.arange(visual.shape[0])[:, None], visual.clamp(min=0)]
             layout, index = layout.compact(keep)
-            if pruner.config.positions == "contiguous":
+            if renumbers(pruner.config.positions, "vision"):
                 layout = layout.renumbered()
             embeds = gather_tokens(embeds, index)
         projector = self.projector() if pruner.needs.has(signals.PROJECTOR_INPUT) else None

@@ -280,3 +280,23 @@ def test_samples_never_mix(name, method, options):
                 single = model(**alone).logits[:, -1]
             assert all(torch.equal(v, kept_batched[b][k]) for k, v in vtoken.selection(model)[0].items())
             assert torch.allclose(single, batched[b : b + 1], atol=1e-5)
+
+
+@pytest.mark.parametrize("positions", ["original", "contiguous", "pre_llm"])
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_every_position_policy_decodes_as_recomputation(name, positions):
+    """Tokens dropped before and inside the LLM under each position policy: cached decoding (positions
+    of new tokens shifted by what the policy renumbered) equals recomputing the sequence each step."""
+    model, x = _build(name)
+    stages = [{"site": "projector", "keep": 0.6}, {"site": "llm", "layer": 2, "keep": 0.3}]
+    generate = dict(max_new_tokens=6, do_sample=False, suppress_tokens=[IMAGE_TOKEN], output_scores=True,
+                    return_dict_in_generate=True)
+    with vtoken.pruned(model, "random", stages=stages, positions=positions):
+        cached = model.generate(**x, **generate)
+        recomputed = greedy_without_cache(model, x, 6, suppress=[IMAGE_TOKEN])
+        # Without a cache every step is a prefill, whose positions come from the layout itself: the
+        # scores show a decoding position off by the tokens dropped inside the LLM.
+        uncached = model.generate(**x, use_cache=False, **generate)
+    assert torch.equal(recomputed, cached.sequences) and torch.equal(uncached.sequences, cached.sequences)
+    for a, b in zip(cached.scores, uncached.scores):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -403,3 +403,16 @@ def test_stage1_keeps_what_the_official_drop_count_keeps(runs, schedule):
 def test_logits_with_the_official_codes_stage1_renumbering(runs, schedule):
     for b, ref in enumerate(runs[schedule]["ref"]):
         assert torch.allclose(runs[schedule]["alone"][b]["logits"][0], ref["official_positions_logits"], atol=1e-4)
+
+
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
+def test_the_official_position_policy_is_an_option(models, runs, schedule):
+    """``positions="pre_llm"`` renumbers after stage 1 and keeps positions in the LLM, as the official
+    code does: the logits then equal the reference run with the official positions."""
+    model, _ = models
+    options, _ = SCHEDULES[schedule]
+    for b, ref in enumerate(runs[schedule]["ref"]):
+        with torch.no_grad():
+            mine = _run_vtoken(model, alone(runs[schedule]["x"], b), {**options, "positions": "pre_llm"})
+        assert torch.allclose(mine["logits"][0], ref["official_positions_logits"], atol=1e-4), (
+            schedule, b, float((mine["logits"][0] - ref["official_positions_logits"]).abs().max()))

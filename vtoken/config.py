@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 from vtoken.schedule import SITES, check_site
 
 CONFIG_FILE = "vtoken_config.json"
-POSITION_MODES = ("original", "contiguous")
+POSITION_MODES = ("original", "contiguous", "pre_llm")
 ROUNDINGS = ("round", "floor")
 
 
@@ -75,7 +75,10 @@ class PruneConfig:
             order; each budget is relative to the image's original token count. Overrides
             ``site``/``layer``/``keep``.
         positions: ``"original"``: kept tokens keep their rotary positions (FastV);
-            ``"contiguous"``: they are renumbered 0..n-1 (PyramidDrop).
+            ``"contiguous"``: they are renumbered 0..n-1 (PyramidDrop); ``"pre_llm"``: renumbered
+            where they are dropped before the LLM (vision, projector sites), kept inside it
+            (VFlowOpt's official code: the LLM input is built from the survivors, later stages
+            gather position ids).
         text_only: what a prompt without visual tokens does: ``"error"`` or ``"passthrough"``.
         seed: seed of any randomness (used by ``random``, recorded for every method).
     """

@@ -103,6 +103,11 @@ def row_seed(seed: int, image_key: int, *place: int) -> int:
     return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") & ((1 << 63) - 1)
 
 
+def renumbers(positions: str, site: str) -> bool:
+    """Whether a stage at ``site`` renumbers the kept tokens under position mode ``positions``."""
+    return positions == "contiguous" or (positions == "pre_llm" and site in ("vision", "projector"))
+
+
 class Served:
     """A fresh prefill an encoding served: its prompt (``input_ids`` and the boolean attention mask)
     and every stage's reduction, by stage name."""
@@ -560,7 +565,7 @@ class Pruner:
             hidden = hidden.clone()
             hidden[sample_of[kept_valid], kept_slots[kept_valid]] = reduction.features[kept_valid].to(hidden.dtype)
         new_layout, index = layout.compact(keep)
-        if self.config.positions == "contiguous":
+        if renumbers(self.config.positions, stage.site):
             new_layout = new_layout.renumbered()
         for sample in range(run.batch_size):
             visual = new_layout.visual_index[sample]

@@ -53,8 +53,9 @@ Eq. 7 exactly. Stages 2 and 3 run inside the LLM, before the layers that split i
 28, as the paper), and drop the lowest-importance tokens of the SAME map (it is not recomputed; a
 recycled token keeps its slot's importance, as in the official code). Nothing is recycled there.
 Kept tokens keep their position ids (``positions="original"``; the paper: "position IDs of visual
-tokens remain unchanged following pruning"; the official code renumbers after stage 1 only, which
-one position policy for all stages cannot express).
+tokens remain unchanged following pruning"). The official code renumbers after stage 1 only (its
+LLM input is built from the survivors) and gathers positions in the LLM: ``positions="pre_llm"``
+(tested to give the official code's logits).
 
 **Budget** (Eq. 5): ``keep`` / ``keep_tokens`` is the paper's ``R-bar``, the number of visual
 tokens averaged over the LLM layers: ``(n1 L1 + n2 L2 + n3 L3) / L`` with ``L1, L2, L3`` the layers
