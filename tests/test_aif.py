@@ -275,10 +275,8 @@ def test_cached_generation_equals_recomputation_with_the_modulated_mask(name, mo
 def test_two_images_in_a_sample_and_a_sample_without_image(mode):
     """Text between two images may not see the first image's masked tokens; the second image's
     tokens still see all of the first's; a sample without image is untouched."""
-    from test_all_families import _mixed_batch
-
     model, eager = tiny_llava(), tiny_llava("eager")
-    x = _mixed_batch()
+    x = FAMILIES["llava"].several_images(model)
     with vtoken.pruned(model, "aif", keep=0.25, mode=mode):
         out = model.generate(**x, max_new_tokens=4, do_sample=False, suppress_tokens=[IMAGE_TOKEN],
                              output_logits=True, return_dict_in_generate=True)
