@@ -226,3 +226,31 @@ def test_each_sample_packs_the_same_in_a_batch_as_alone(model, inputs, packers, 
         torch.testing.assert_close(single_embeds[0, first_alone:first_alone + m], embeds[b, first:first + m],
                                    rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(single_logits[0], logits[b], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("scale,fmt", [(2, "bin"), (3, "safetensors")])
+def test_a_released_checkpoint_loads_by_its_official_names(tmp_path, scale, fmt):
+    """``TokenPackerModule.from_official`` reads the official class's parameter names (as a released
+    ``mm_projector.bin`` holds them, under ``model.mm_projector.``) and packs exactly as it does."""
+    torch.manual_seed(3)
+    ref = RefTokenPacker(GRID, 32, 128, 32, 4, 64, scale).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    state = {f"model.mm_projector.{k}": v.clone() for k, v in ref.state_dict().items()}
+    path = tmp_path / f"mm_projector.{fmt}"
+    if fmt == "bin":
+        torch.save(state, path)
+    else:
+        from safetensors.torch import save_file
+
+        save_file(state, str(path))
+    packer = TokenPackerModule.from_official(path, scale=scale, layers=OFFICIAL_LAYERS, num_heads=4)
+    assert (packer.config.query_dim, packer.config.level_dim, packer.config.llm_hidden) == (32, 32, 64)
+    query, levels = torch.randn(2, GRID, GRID, 32), torch.randn(2, GRID, GRID, 128)
+    with torch.no_grad():
+        got = packer(query, levels)
+        want = ref(query.reshape(2, VISUAL_TOKENS, 32), levels.reshape(2, VISUAL_TOKENS, 128))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="not a parameter of the official TokenPacker projector"):
+        TokenPackerModule.from_official({"model.mm_projector.proj.weight": torch.zeros(1)})

@@ -58,6 +58,23 @@ import torch.nn.functional as F
 from torch import nn
 
 CONFIG_NAME = "packer_config.json"
+#: Parameter names of the official ``TokenPacker`` class -> this module's.
+_OFFICIAL_NAMES = {"q_proj_1.": "q_proj.", "k_proj_1.": "k_proj.", "v_proj_1.": "v_proj.", "ln_q_1.": "ln_q.",
+                   "ln_k_1.": "ln_k.", "ln_v_1.": "ln_v.", "clip_attn.": "attn.", "mlp.": "mlp."}
+
+
+def _read_state(source) -> dict:
+    """A state dict from a dict, a ``.safetensors`` file or a ``torch.save`` file."""
+    if isinstance(source, dict):
+        return dict(source)
+    path = os.fspath(source)
+    if not os.path.isfile(path):
+        raise ValueError(f"no such checkpoint file {path!r}; pass the projector's .bin or .safetensors file")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
 WEIGHTS_NAME = "packer.safetensors"
 
 #: The official multi-level layers (hidden-state indices of a 24-layer CLIP-L, ``hidden_states[0]`` being
@@ -278,6 +295,42 @@ class TokenPackerModule(nn.Module):
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         save_file(state, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
         return str(directory)
+
+    @classmethod
+    def from_official(
+        cls, source, *, scale: int = 2, layers=(12, 16, 22, 23), num_heads: int = 8, grid=(24, 24),
+        vision_layers: int | None = 24, act: str = "gelu",
+    ) -> "TokenPackerModule":
+        """The projector of a released TokenPacker checkpoint (``CircleRadon/TokenPacker``'s
+        ``TokenPacker`` class, e.g. the ``mm_projector.bin`` of LLaVA-TokenPacker-7b): ``source`` is a
+        state dict or a ``.bin`` / ``.safetensors`` file; names map one to one (``q_proj_1`` ->
+        ``q_proj``, ``clip_attn`` -> ``attn``, ...) after any prefix up to ``mm_projector.``. Widths
+        come from the tensors; what the weights do not fix comes from the official code's defaults:
+        ``scale`` 2 (the released 144-token models; pass the ``scale_factor`` of others), the levels
+        ``hidden_states[12, 16, 22, 23]``, 8 heads, the 24 x 24 grid of a 336 px CLIP-L/14 tower."""
+        state = _read_state(source)
+        state = {name.split("mm_projector.", 1)[-1]: tensor for name, tensor in state.items()}
+        renamed = {}
+        for name, tensor in state.items():
+            prefix = next((p for p in _OFFICIAL_NAMES if name.startswith(p)), None)
+            if prefix is None:
+                raise ValueError(
+                    f"{name!r} is not a parameter of the official TokenPacker projector; expected names "
+                    f"starting with {', '.join(_OFFICIAL_NAMES)}"
+                )
+            renamed[_OFFICIAL_NAMES[prefix] + name[len(prefix):]] = tensor
+        embed, query_dim = renamed["q_proj.weight"].shape
+        kv_dim = renamed["k_proj.0.weight"].shape[1]
+        if kv_dim % len(layers):
+            raise ValueError(f"the key projection takes {kv_dim} features, not a multiple of the {len(layers)} levels")
+        config = PackerConfig(
+            query_dim=query_dim, level_dim=kv_dim // len(layers), llm_hidden=renamed["mlp.2.weight"].shape[0],
+            layers=list(layers), scale=scale, embed_dim=embed, num_heads=num_heads, act=act,
+            mlp_bias="mlp.0.bias" in renamed, grid=list(grid), vision_layers=vision_layers,
+        )
+        module = cls(config)
+        module.load_state_dict(renamed, strict=True)
+        return module.to(dtype=renamed["q_proj.weight"].dtype).eval()
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device | None = None) -> "TokenPackerModule":
