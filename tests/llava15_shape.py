@@ -113,3 +113,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def models_with_llm_inputs(kv_heads: int, inputs: dict):
+    """The model under test (SDPA), its eager copy for a reference, and the LLM inputs of ``inputs``."""
+    model, reference = sdpa_and_eager(kv_heads)
+    return model, reference, llm_inputs(model, inputs)
+
+
+def wrapped_last_logits(model, inputs: dict, method: str, **options):
+    """``(last-token logits, vtoken.selection)`` of ``model`` wrapped with ``method`` for one forward."""
+    import vtoken
+
+    with vtoken.pruned(model, method, **options):
+        out = model(**inputs)
+        selection = vtoken.selection(model)
+    return out.logits[:, -1], selection

@@ -48,7 +48,7 @@ import torch
 
 import vtoken
 from llava15_shape import (
-    IMAGE_TOKEN, VISUAL_TOKENS, alone, llava15_inputs, llm_inputs, one_thread, sdpa_and_eager,
+    IMAGE_TOKEN, VISUAL_TOKENS, alone, llava15_inputs, models_with_llm_inputs, one_thread, wrapped_last_logits,
 )
 
 OFFICIAL_COMMIT = "d1659729b5bf1be225e99ee15783deeea80f63b1"
@@ -129,27 +129,18 @@ def batch():
     return llava15_inputs(2)
 
 
-def _models(kv_heads: int, inputs):
-    """The model under test (SDPA), an eager copy for the reference, and the LLM inputs of ``inputs``."""
-    model, ref = sdpa_and_eager(kv_heads)
-    return model, ref, llm_inputs(model, inputs)
-
-
 @pytest.fixture(scope="module")
 def mha(batch):
-    return _models(4, batch)
+    return models_with_llm_inputs(4, batch)
 
 
 @pytest.fixture(scope="module")
 def gqa(batch):
-    return _models(2, batch)
+    return models_with_llm_inputs(2, batch)
 
 
 def _wrapped(model, inputs, **options):
-    with vtoken.pruned(model, "fastv", **options):
-        out = model(**inputs)
-        selection = vtoken.selection(model)
-    return out.logits[:, -1], selection
+    return wrapped_last_logits(model, inputs, "fastv", **options)
 
 
 SCHEDULES = [

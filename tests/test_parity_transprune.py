@@ -64,7 +64,7 @@ import torch.nn.functional as F
 
 import vtoken
 from llava15_shape import (
-    IMAGE_TOKEN, VISUAL_TOKENS, alone, llava15_inputs, llm_inputs, one_thread, sdpa_and_eager,
+    IMAGE_TOKEN, VISUAL_TOKENS, alone, llava15_inputs, models_with_llm_inputs, one_thread, wrapped_last_logits,
 )
 
 OFFICIAL_COMMIT = "c9e8284f5808f7692c40590ffc99537e9220a01d"
@@ -195,27 +195,18 @@ def batch():
     return llava15_inputs(2)
 
 
-def _models(kv_heads: int, inputs):
-    """The model under test (SDPA), an eager copy for the reference, and the LLM inputs of ``inputs``."""
-    model, ref = sdpa_and_eager(kv_heads)
-    return model, ref, llm_inputs(model, inputs)
-
-
 @pytest.fixture(scope="module")
 def mha(batch):
-    return _models(4, batch)
+    return models_with_llm_inputs(4, batch)
 
 
 @pytest.fixture(scope="module")
 def gqa(batch):
-    return _models(2, batch)
+    return models_with_llm_inputs(2, batch)
 
 
 def _wrapped(model, inputs, **options):
-    with vtoken.pruned(model, "transprune", **options):
-        out = model(**inputs)
-        selection = vtoken.selection(model)
-    return out.logits[:, -1], selection
+    return wrapped_last_logits(model, inputs, "transprune", **options)
 
 
 PAPER = dict(prune_after=(7, 9, 12), counts=(504, 360, 72), accumulate=tuple(range(7, 13)))
