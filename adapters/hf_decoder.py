@@ -31,7 +31,8 @@ from .masks import causal_mask_for
 from .observe import observe_layer
 from vtoken.kernels import attention_rows, gather_tokens
 from vtoken.layout import identity_layout
-from vtoken.pruner import Pruner, PruneRun
+from vtoken.pruner import Pruner
+from vtoken.request import PruneRun
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,8 @@ from .observe import observe_layer
 from vtoken import compat, signals
 from vtoken.context import Grid, VisionAttention
 from vtoken.kernels import attention_rows, gather_tokens, received_attention
-from vtoken.pruner import ImageRun, Pruner, PruneRun, renumbers
+from vtoken.pruner import Pruner
+from vtoken.request import ImageRun, PruneRun, renumbers
 
 _NEXT_CLASSES = (LlavaNextForConditionalGeneration, LlavaNextModel)
 _CLASSES = (LlavaForConditionalGeneration, LlavaModel, *_NEXT_CLASSES)

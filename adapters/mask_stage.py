@@ -22,7 +22,7 @@ import torch
 from vtoken import compat, signals
 from vtoken.kernels import gather_tokens
 from vtoken.layout import SequenceLayout
-from vtoken.pruner import PruneRun
+from vtoken.request import PruneRun
 
 from .masks import ARBITRARY_MASK_ATTENTION, causal_mask_for
 

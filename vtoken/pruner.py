@@ -1,11 +1,11 @@
-"""The model-independent half of a wrapped model: it runs the strategy at each stage and keeps the
-per-request state. The adapter's hooks call into it with tensors; it never touches a module.
+"""The model-independent half of a wrapped model: it runs the strategy at each stage and routes each
+hook to the request running in its thread (the request's state is in :mod:`vtoken.request`). The
+adapter's hooks call into it with tensors; it never touches a module.
 """
 
 from __future__ import annotations
 
 import contextvars
-import hashlib
 import weakref
 from functools import partial
 from typing import Callable
@@ -16,187 +16,8 @@ from vtoken.config import PruneConfig, StageSpec
 from vtoken.context import Grid, Reduction, ScoreContext, TokenRows
 from vtoken.kernels import gather_tokens
 from vtoken.layout import SequenceLayout
+from vtoken.request import ImageRun, PruneRun, renumbers, row_seed
 from vtoken.signals import Needs
-
-
-class ImageRun:
-    """One call of the vision encoder: its images (image-local token structure) and what the
-    vision-site stages kept of every crop.
-
-    It is separate from :class:`PruneRun` because ``generate`` encodes the images before the first
-    forward; the forward then picks up the encoding it is handed.
-    """
-
-    def __init__(
-        self, images: list, candidate_local: torch.Tensor, config: PruneConfig,
-        crop_pixels: Callable[[], torch.Tensor] | None = None,
-    ):
-        self.images = images
-        self.seed = config.seed
-        #: ``[C, ...]`` the pixels of every crop in encoder order (for per-image seeds), when known.
-        self.crop_pixels = crop_pixels
-        self._pixels: torch.Tensor | None = None
-        self._keys: dict[tuple[int, ...], int] = {}
-        #: ``[C, P]`` image-local token index each encoder candidate (non-CLS token) lands on, or -1.
-        self.candidate_local = candidate_local
-        self.crop_image = torch.empty(candidate_local.shape[0], dtype=torch.long)
-        for i, image in enumerate(images):
-            self.crop_image[image.crops] = i
-        self.generator = torch.Generator().manual_seed(config.seed)
-        #: For each crop, the candidate index of each token still in the encoder (None: no vision stage ran).
-        self.vision_positions: torch.Tensor | None = None
-        #: ``vision_positions`` after each vision stage, by stage name.
-        self.stage_positions: dict[str, torch.Tensor] = {}
-        #: Vision layer -> (per-token summary ``[C, T, k]``, candidate positions then, first candidate).
-        self.observed: dict[int, tuple] = {}
-        #: ``[C * tokens_per_crop, d_vision]``: the projector input of every crop token (when asked for).
-        self.projector_table: torch.Tensor | None = None
-        #: The features object this encoding returned and its per-image tensors, to recognise them
-        #: when a forward receives them.
-        self.output = None
-        self.features: list[torch.Tensor] = []
-        #: Set by the adapter for strategies that read the encoder itself (VFlowOpt): an object with
-        #: ``attention(layer)`` (a :class:`~vtoken.context.VisionAttention`) and ``pixel_patches()``.
-        self.vision_source = None
-        #: The strategy's per-request scratch (``ScoreContext.state``), shared by every stage.
-        self.strategy_state: dict = {}
-        #: Stage name -> what the strategy reported (``ScoreContext.report``) at the vision stages.
-        self.diagnostics: dict = {}
-        #: The last fresh prefill this encoding served (see :class:`Served`), for replays.
-        self.served: Served | None = None
-
-    def image_key(self, crops: list[int]) -> int:
-        """A fingerprint of one image's own pixels (the encoder crops it came from), so that a seed
-        derived from it depends on the image and never on the batch it is in."""
-        crops = tuple(crops)
-        if crops not in self._keys:
-            if self.crop_pixels is None:
-                raise ValueError("this encoding has no pixels to derive per-image seeds from")
-            if self._pixels is None:
-                self._pixels = self.crop_pixels().detach()
-            data = self._pixels[list(crops)].contiguous().cpu()
-            digest = hashlib.blake2b(data.view(torch.uint8).numpy().tobytes(), digest_size=8).digest()
-            self._keys[crops] = int.from_bytes(digest, "little")
-        return self._keys[crops]
-
-    def replay_for(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> dict | None:
-        """The reductions of the prefill this encoding served last, when ``input_ids`` (and the mask)
-        continue that prefill's prompt row by row: ``generate`` without a KV cache re-runs the whole
-        sequence at each step, and each such step must prune exactly as the first did."""
-        served = self.served
-        if served is None or input_ids.shape[0] != served.input_ids.shape[0]:
-            return None
-        length = served.input_ids.shape[1]
-        if input_ids.shape[1] <= length or not torch.equal(input_ids[:, :length], served.input_ids):
-            return None
-        if (attention_mask is None) != (served.attention_mask is None):
-            return None
-        if attention_mask is not None and not torch.equal(attention_mask[:, :length].bool(), served.attention_mask):
-            return None
-        return served.reductions
-
-
-def row_seed(seed: int, image_key: int, *place: int) -> int:
-    """A 63-bit seed from the config's seed, an image's fingerprint and the row's place (crop within
-    the image, stage index)."""
-    text = ":".join(str(v) for v in (seed, image_key, *place)).encode()
-    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") & ((1 << 63) - 1)
-
-
-def renumbers(positions: str, site: str) -> bool:
-    """Whether a stage at ``site`` renumbers the kept tokens under position mode ``positions``."""
-    return positions == "contiguous" or (positions == "pre_llm" and site in ("vision", "projector"))
-
-
-class Served:
-    """A fresh prefill an encoding served: its prompt (``input_ids`` and the boolean attention mask)
-    and every stage's reduction, by stage name."""
-
-    def __init__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, reductions: dict):
-        self.input_ids = input_ids
-        self.attention_mask = attention_mask.bool() if attention_mask is not None else None
-        self.reductions = reductions
-
-
-class PruneRun:
-    """One request, from its prefill through its decoding steps.
-
-    Attached to the request's KV cache after prefill, so concurrent generations with different caches
-    never share state, and a step without a cache starts afresh.
-    """
-
-    def __init__(self, visual, config: PruneConfig, image_run: ImageRun | None = None):
-        self.visual = visual
-        self.image_run = image_run
-        self.prefill = True
-        self.generator = image_run.generator if image_run is not None else torch.Generator().manual_seed(config.seed)
-        #: (first LLM layer, layout) per layer group, in order; group 0 starts at layer 0.
-        self.groups: list[tuple[int, SequenceLayout]] = []
-        #: Per sample: stage name -> kept sample-level visual indices (ascending).
-        self.selections: list[dict[str, torch.Tensor]] = [{} for _ in range(visual.batch_size)]
-        self.orig_length = 0
-        self.orig_valid_count: torch.Tensor | None = None
-        self.seen = 0
-        # Set at each decoding step: the attention-mask columns and position ids of the new tokens.
-        self.new_mask: torch.Tensor | None = None
-        self.new_positions: torch.Tensor | None = None
-        #: LLM layer -> (per-token summary ``[B, L, k]``, the layout of that layer).
-        self.observed: dict[int, tuple] = {}
-        # Per forward: layer-group kwargs already built, layer inputs kept for scoring.
-        self.group_kwargs: dict[int, dict] = {}
-        self.stash: dict[int, tuple] = {}
-        #: LLM layer -> (``observe_attention``'s summary ``[B, L, k]``, the layout of that layer).
-        self.attention_observed: dict[int, tuple] = {}
-        #: Set while the adapter runs an extra pass of the LLM inside a prefill for a mask stage:
-        #: ``"next"`` (the probe decoding step) or ``"recompute"`` (the masked text rows).
-        self.side_pass: str | None = None
-        #: During ``"recompute"``: (first masked layer, the attention mask its layers use).
-        self.recompute: tuple | None = None
-        #: True once a mask stage changed the layout of layer group 0 (decoding masks then come from it).
-        self.input_layout_changed = False
-        #: True when the adapter added a KV cache the caller did not ask for (a mask stage reuses the
-        #: prefix's KV); it is not returned.
-        self.cache_added = False
-        #: The strategy's per-request scratch (``ScoreContext.state``); emptied when the prefill ends.
-        self.strategy_state: dict = image_run.strategy_state if image_run is not None else {}
-        #: Stage name -> the :class:`Reduction` this prefill applied (its rows in layout order).
-        self.reductions: dict = {}
-        #: Stage name -> what the strategy reported (``ScoreContext.report``), for ``vtoken.diagnostics``.
-        self.diagnostics: dict = dict(image_run.diagnostics) if image_run is not None else {}
-        #: Set when this prefill continues the prompt of one its encoding served before (``generate``
-        #: without a cache): stage name -> the reduction to apply again instead of scoring.
-        self.replay: dict | None = None
-        #: The prompt of this prefill (``input_ids``, ``attention_mask``), recorded for replays.
-        self.prompt: tuple | None = None
-
-    @property
-    def batch_size(self) -> int:
-        return self.visual.batch_size
-
-    def end_prefill(self) -> None:
-        """Drop what only the prefill needed (layer inputs, observations, image features), so the
-        run that rides on the KV cache through decoding stays small."""
-        self.prefill = False
-        self.stash.clear()
-        self.observed.clear()
-        self.attention_observed.clear()
-        self.strategy_state.clear()
-        if self.image_run is not None:
-            # The encoding keeps what a replay needs for as long as it lives (generate holds it for the
-            # whole call); the run that rides on the KV cache lets go of it.
-            if self.replay is None and self.prompt is not None:
-                self.image_run.served = Served(*self.prompt, self.reductions)
-            self.image_run = None
-
-    def group_for(self, layer: int) -> tuple[int, SequenceLayout]:
-        current = self.groups[0]
-        for first, layout in self.groups:
-            if first <= layer:
-                current = (first, layout)
-        return current
-
-    def record(self, stage: StageSpec, sample: int, indices: torch.Tensor) -> None:
-        self.selections[sample][stage.name] = torch.sort(indices.cpu()).values
 
 
 class Pruner:
