@@ -37,17 +37,22 @@ def _two_threads(method, options, family):
     model = FAMILIES[family].make()
     inputs = [FAMILIES[family].inputs(model), FAMILIES[family].several_images(model)]
     vtoken.wrap(model, method, **options)
-    alone = [_generate(model, x) for x in inputs]
+    alone, alone_selections = [], []
+    for x in inputs:
+        alone.append(_generate(model, x))
+        alone_selections.append(vtoken.selection(model))
     results: dict = {}
     start = threading.Barrier(len(inputs))
 
     errors = []
+    selections: dict = {}
 
     def work(i):
         start.wait()
         try:
             for round_ in range(3):
                 results[i, round_] = _generate(model, inputs[i])
+                selections[i, round_] = vtoken.selection(model)  # this thread's own last prefill
         except Exception as error:  # reported below, with the thread's traceback
             errors.append(error)
             raise
@@ -60,5 +65,8 @@ def _two_threads(method, options, family):
     vtoken.unwrap(model)
     assert not errors, errors
     assert len(results) == 3 * len(inputs)
-    for (i, _), out in results.items():
+    for (i, round_), out in results.items():
         assert torch.equal(out, alone[i])
+        mine, theirs = selections[i, round_], alone_selections[i]
+        assert [list(s) for s in mine] == [list(s) for s in theirs]
+        assert all(torch.equal(a[k], b[k]) for a, b in zip(mine, theirs) for k in a)

@@ -37,8 +37,10 @@ class Pruner:
         self._encoding: contextvars.ContextVar = contextvars.ContextVar(f"vtoken_encoding_{id(self)}", default=None)
         #: Per-input annotations for the calls made inside ``vtoken.annotate`` (this thread's).
         self.annotations: contextvars.ContextVar = contextvars.ContextVar(f"vtoken_annotations_{id(self)}", default={})
-        #: The most recent prefill to finish (any thread), for ``vtoken.selection`` and ``vtoken.show``.
-        self.last_run: PruneRun | None = None
+        # The most recent prefill to finish in this thread, and in any thread (for a thread that has
+        # run none): what ``vtoken.selection``, ``vtoken.diagnostics`` and ``vtoken.show`` report.
+        self._last_run: contextvars.ContextVar = contextvars.ContextVar(f"vtoken_last_{id(self)}", default=None)
+        self._last_run_any: PruneRun | None = None
         # Encodings by the identity of the features object they returned, for as long as that object
         # lives (``generate`` encodes once and hands the same object to every forward).
         self._encodings: dict[int, ImageRun] = {}
@@ -53,6 +55,16 @@ class Pruner:
     @active.setter
     def active(self, run: PruneRun | None) -> None:
         self._active.set(run)
+
+    @property
+    def last_run(self) -> PruneRun | None:
+        """The last prefill this thread finished (or, if it has finished none, any thread's last)."""
+        return self._last_run.get() or self._last_run_any
+
+    @last_run.setter
+    def last_run(self, run: PruneRun) -> None:
+        self._last_run.set(run)
+        self._last_run_any = run
 
     @property
     def encoding(self) -> ImageRun | None:
