@@ -108,6 +108,8 @@ class LlavaAdapter(Adapter):
         # Every signal exists on LLaVA and LLaVA-NeXT; only the one-grid layout depends on the model.
         if signal.name == signals.ONE_GRID_PER_IMAGE:
             return self.one_grid_per_image()
+        if signal.name == signals.VISION_CLS and not self.has_cls:
+            return f"a {self.config.vision_config.model_type} tower without a CLS token"
         if signal.layer is not None:
             depth = len(self.vision_layers() if signal.name in signals.VISION_LAYERED else self.decoder_layers())
             if not 0 <= signal.layer < depth:

@@ -171,3 +171,19 @@ def test_scoring_cost_counts_the_cls_row_and_the_merge_from_the_stage_shapes():
         scoring = vtoken.schedule_of(model).scoring
     assert scoring == (ScoringCost("vision_attention_rows", layer=2, rows=1),
                        ScoringCost("flops", flops=2.0 * (576 - 54 - 10) * 10 * 8))
+
+
+def test_a_tower_without_cls_is_refused_at_wrap_naming_the_signal():
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, SiglipVisionConfig
+
+    from tiny import _text
+
+    vision = SiglipVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                                num_hidden_layers=4, num_attention_heads=4)
+    model = LlavaForConditionalGeneration(LlavaConfig(
+        vision_config=vision, text_config=_text(), image_token_id=IMAGE_TOKEN, vision_feature_layer=-2,
+        vision_feature_select_strategy="full", image_seq_length=16)).eval()
+    with pytest.raises(ValueError, match=r"visionzip needs a CLS token in the vision tower \(signal 'vision_cls'\), "
+                                         r"but this LLaVA-1.5 model gives a siglip_vision_model tower without a CLS"):
+        vtoken.wrap(model, "visionzip")
+    assert not vtoken.is_wrapped(model)

@@ -127,7 +127,7 @@ class VisionZipStrategy(Strategy):
     name = "visionzip"
     Config = VisionZipConfig
     sites = ("projector",)
-    reads = (signals.VISION_ATTENTION, signals.PROJECTOR_INPUT)
+    reads = (signals.VISION_ATTENTION, signals.VISION_CLS, signals.PROJECTOR_INPUT)
 
     def __init__(self, config: VisionZipConfig):
         super().__init__(config)
@@ -145,7 +145,7 @@ class VisionZipStrategy(Strategy):
 
     def needs(self) -> Needs:
         layer = self.vision_layer if self.vision_layer is not None else max(self.depths.get("vision", 2) - 2, 0)
-        return Needs.of(Signal(signals.VISION_ATTENTION, layer), Signal(signals.PROJECTOR_INPUT))
+        return Needs.of(Signal(signals.VISION_ATTENTION, layer), Signal(signals.VISION_CLS), Signal(signals.PROJECTOR_INPUT))
 
     def scoring_cost(self, stage: StageSpec, shapes: StageShapes | None = None) -> list[ScoringCost]:
         costs = [ScoringCost("vision_attention_rows", layer=self.vision_layer, rows=1)]
