@@ -324,8 +324,13 @@ class LlavaAdapter(Adapter):
         cache = compat.cache_from(kwargs)
         has_images = input_ids is not None and bool((input_ids == self.config.image_token_id).any())
         if cache is not None and compat.cache_length(cache) > 0:
-            if has_images:
-                raise ValueError("vtoken prunes images at prefill; a new image cannot be added to a filled KV cache")
+            # A decoding step. Image tokens without images (a generated token that happens to be the
+            # image token's id) are text to the model, as to the unwrapped one; new images are not.
+            if has_images and (kwargs.get("pixel_values") is not None or compat.encoded_images(kwargs) is not None):
+                raise ValueError(
+                    "vtoken prunes images at prefill; a new image cannot be added to a filled KV cache: start a "
+                    "new prompt with every image (or call vtoken.unwrap(model) for this use)"
+                )
             pruner.active = pruner.run_for_cache(cache)
             return None
         if input_ids is None:

@@ -210,3 +210,23 @@ def test_annotations_and_diagnostics_belong_to_the_call():
             model(**x)
         sensitivity = vtoken.diagnostics(model)["projector"]["sensitivity"]
     assert sensitivity.shape == (2, 16) and bool((sensitivity > 0).all())
+
+
+@pytest.mark.parametrize("method", ["fastv", "pool"])
+@pytest.mark.parametrize("family", list(MODELS))
+def test_a_generated_image_token_is_text_as_for_the_plain_model(method, family):
+    """A random tiny model may generate the image token's id; the plain model then goes on treating it
+    as text, and so does the wrapped one (keep=1.0: the same tokens as the plain model)."""
+    make, inputs = MODELS[family]
+    model = make()
+    x = inputs(model)
+    image = model.config.image_token_id
+    bias = torch.zeros(model.config.text_config.vocab_size)
+    bias[image] = 50.0  # make the image token the first generated token
+    with torch.no_grad():
+        model.lm_head.bias = torch.nn.Parameter(bias)
+    plain = model.generate(**x, max_new_tokens=3, do_sample=False)
+    assert bool((plain[:, x["input_ids"].shape[1]] == image).all())
+    with vtoken.pruned(model, method, keep=1.0):
+        wrapped = model.generate(**x, max_new_tokens=3, do_sample=False)
+    assert torch.equal(wrapped, plain)
