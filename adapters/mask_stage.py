@@ -5,7 +5,7 @@ observed layers hand it their query rows' attention (``observe_attention``, reco
 after it the stage is decided, the slots from the first text token after a hidden visual token on are
 recomputed over the probe's KV cache with a mask that keeps text queries off the hidden keys from the
 stage's layer on (SDPA and eager only), and decoding continues with those keys masked, or evicted
-from the cache (``Strategy.evict_masked``). With ``query="next"`` one greedy probe step after the
+from the cache (``MaskStage.evict``). With ``query="next"`` one greedy probe step after the
 prefill shows the observed layers the next token's attention first.
 
 :class:`~vtoken.adapters.hf_decoder.DecoderPruning` calls it at four points: when it installs
@@ -80,7 +80,7 @@ class MaskStagePass:
         """After the prefill (the probe): decide the mask stage, recompute the rows of the text that
         comes after a hidden token with the text -> hidden-visual attention masked from layer
         ``stage.layer`` on, and set the decoding layout (hidden slots invalid, or evicted)."""
-        stage, strategy = self.pruner.mask, self.pruner.strategy
+        stage = self.pruner.mask
         cache = compat.output_cache(output)
         layout = run.groups[0][1]
         query, layers = self.pruner.needs.attention_query(), self.pruner.needs.layers(signals.LLM_ATTENTION_OBSERVED)
@@ -98,7 +98,7 @@ class MaskStagePass:
             output = self._recompute(run, kwargs, output, cache, layout, masked, start)
         if run.cache_added:
             return output
-        if strategy.evict_masked:
+        if self.pruner.masking.evict:
             decoding, index = layout.compact(layout.valid & ~masked)  # positions kept; pads go too
             for layer in range(stage.layer, compat.num_cache_layers(cache)):
                 keys, values = (

@@ -14,7 +14,7 @@ from vtoken import compat
 import vtoken
 from vtoken.config import PruneConfig
 from vtoken.registry import register
-from vtoken.strategies.base import Strategy
+from vtoken.strategies.base import MaskStage, Strategy
 from vtoken.strategies.aif import (
     adaptive_mask_ratio,
     distribution_entropy,
@@ -124,7 +124,7 @@ def test_instruction_statistics_equal_the_eager_attention_maps(name, heads):
     with vtoken.pruned(model, "aif", keep=0.5, heads=heads):
         with torch.no_grad():
             model(**x)
-        last = vtoken.diagnostics(model)[vtoken.strategy_of(model).mask_stage().name]
+        last = vtoken.diagnostics(model)[vtoken.strategy_of(model).mask_stage().stage.name]
     assert last["dynamics"].shape[-1] == len(model.model.language_model.layers)
     for b, e in enumerate(expected):
         n = e.shape[0]
@@ -144,7 +144,7 @@ def test_next_token_statistics_equal_the_eager_attention_of_the_first_generated_
     with vtoken.pruned(model, "aif", keep=0.5, query="next"):
         with torch.no_grad():
             model(**x)
-        last = vtoken.diagnostics(model)[vtoken.strategy_of(model).mask_stage().name]
+        last = vtoken.diagnostics(model)[vtoken.strategy_of(model).mask_stage().stage.name]
     for b, e in enumerate(expected):
         assert torch.allclose(last["dynamics"][b], e, atol=1e-6)
 
@@ -256,7 +256,7 @@ def test_cached_generation_equals_recomputation_with_the_modulated_mask(name, mo
         out = model.generate(**x, max_new_tokens=steps, do_sample=False, suppress_tokens=[IMAGE_TOKEN],
                              output_logits=True, return_dict_in_generate=True)
         selection = vtoken.selection(model)
-        last = vtoken.diagnostics(model)[vtoken.strategy_of(model).mask_stage().name]
+        last = vtoken.diagnostics(model)[vtoken.strategy_of(model).mask_stage().stage.name]
     counts = [len(s[f"llm:{layer}"]) for s in selection]
     assert counts == last["kept"].tolist()
     if "keep_tokens" in options:
@@ -308,7 +308,7 @@ class _ReplayMask(Strategy):
         return ()
 
     def mask_stage(self):
-        return self.config.resolved_stages()[0]
+        return MaskStage(self.config.resolved_stages()[0])
 
     def score(self, ctx):
         local = ctx.tokens.local_index
@@ -359,7 +359,7 @@ def test_adaptive_counts_follow_eq5_and_keep_all_is_the_identity_in_generation()
     with vtoken.pruned(model, "aif", ratio="adaptive", ratios=[0.25, 0.5]):
         with torch.no_grad():
             model(**x)
-        last = vtoken.diagnostics(model)[vtoken.strategy_of(model).mask_stage().name]
+        last = vtoken.diagnostics(model)[vtoken.strategy_of(model).mask_stage().stage.name]
         selection = vtoken.selection(model)
     n = last["valid"].sum(-1)
     expected_kept = n - torch.floor(last["ratio"] * n).long()
@@ -379,7 +379,7 @@ def test_schedule_reports_no_pruning_and_the_probe_cost():
     model, _ = _build("llava")
     with vtoken.pruned(model, "aif", keep=0.25):
         schedule = vtoken.schedule_of(model)
-        costs = vtoken.strategy_of(model).scoring_cost(vtoken.strategy_of(model).mask_stage())
+        costs = vtoken.strategy_of(model).scoring_cost(vtoken.strategy_of(model).mask_stage().stage)
     assert schedule.stages == ()
     assert [c.layer for c in costs if c.kind == "llm_attention_rows"] == [0, 1, 2, 3]
     assert any(c.kind == "llm_rerun_rows" for c in costs)

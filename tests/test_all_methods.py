@@ -62,7 +62,7 @@ def test_cached_generation_equals_recomputation(method, name):
         config = vtoken.config_of(model)
         strategy = vtoken.strategy_of(model)
         bound_stages = strategy.stages()  # depth-relative defaults resolved
-        mask_stage = strategy.mask_stage()
+        mask_stage = strategy.mask_stage().stage if strategy.mask_stage() is not None else None
         selection = vtoken.selection(model)
     llm_stages = [s for s in bound_stages if s.site == "llm"]
     if mask_stage is not None:

@@ -181,7 +181,7 @@ def reference(eager, x: dict, spec: dict, probes: dict, with_logits: bool = True
 def _statistics(model) -> dict:
     """The statistics the strategy reported for the last prefill's mask stage (dynamics, mean,
     entropy, ratio, kept)."""
-    return vtoken.diagnostics(model)[vtoken.strategy_of(model).mask_stage().name]
+    return vtoken.diagnostics(model)[vtoken.strategy_of(model).mask_stage().stage.name]
 
 
 def _run_vtoken(model, x: dict, options: dict):

@@ -30,7 +30,9 @@ class Pruner:
         #: Everything the strategy reads (by signal name and layer), once per wrap.
         self.needs: Needs = strategy.needs()
         #: The strategy's stage that hides tokens from the text instead of removing them, if any.
-        self.mask: StageSpec | None = strategy.mask_stage()
+        #: The strategy's mask stage (how it behaves), and its stage, if any.
+        self.masking = strategy.mask_stage()
+        self.mask: StageSpec | None = self.masking.stage if self.masking is not None else None
         # The request whose forward runs now, and the vision-encoder call running now: one value per
         # thread (and asyncio task), so two threads using one wrapped model never see each other's.
         self._active: contextvars.ContextVar = contextvars.ContextVar(f"vtoken_active_{id(self)}", default=None)
@@ -125,7 +127,8 @@ class Pruner:
         if isinstance(run, PruneRun):
             run.reductions[stage.name] = reduction
         budget = rows.budget
-        if getattr(self.strategy, "adaptive_budget", False):  # its own count: 1..valid tokens per row
+        if self.masking is not None and self.masking.adaptive_budget and stage == self.mask:
+            # The strategy chose each row's count: 1..valid tokens.
             budget = (reduction.keep >= 0).sum(-1)
             if bool((budget < 1).any() | (budget > rows.valid.sum(-1)).any()):
                 raise RuntimeError(f"{self.strategy.name} kept no token, or more than the valid ones, of a row")

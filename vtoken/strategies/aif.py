@@ -68,7 +68,7 @@ from vtoken.registry import register
 from vtoken import signals
 from vtoken.signals import Needs, Signal
 from vtoken.schedule import ScoringCost, StageShapes
-from vtoken.strategies.base import Strategy
+from vtoken.strategies.base import MaskStage, Strategy
 
 #: Candidate mask ratios of Eq. 5.
 RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -207,8 +207,6 @@ class AIFStrategy(Strategy):
 
     def __init__(self, config: AIFConfig):
         super().__init__(config)
-        self.adaptive_budget = config.adaptive
-        self.evict_masked = config.mode == "evict"
 
     def bind(self, depths: dict[str, int]) -> None:
         super().bind(depths)
@@ -219,8 +217,9 @@ class AIFStrategy(Strategy):
     def stages(self) -> tuple[StageSpec, ...]:
         return ()  # nothing is removed at prefill; the mask stage below is run by the adapter
 
-    def mask_stage(self) -> StageSpec:
-        return self.config.resolved_stages()[0]
+    def mask_stage(self) -> MaskStage:
+        config = self.config
+        return MaskStage(config.resolved_stages()[0], evict=config.mode == "evict", adaptive_budget=config.adaptive)
 
     reads = (signals.LLM_ATTENTION_OBSERVED,)
 

@@ -8,6 +8,7 @@ only.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -17,6 +18,22 @@ from vtoken.context import Reduction, ScoreContext
 from vtoken.kernels import masked_topk
 from vtoken.schedule import SITES, ScoringCost, StageShapes
 from vtoken.signals import Needs
+
+
+@dataclass(frozen=True)
+class MaskStage:
+    """A stage that hides visual tokens from the text instead of removing them (``Strategy.mask_stage``).
+
+    ``stage``: where (an ``"llm"`` layer) and the default budget. ``evict``: drop the hidden tokens'
+    keys and values from the KV cache of layers ``>= stage.layer`` once the prefill is done (only
+    text queries come later and they may not attend to them, so outputs are unchanged while decoding
+    reads and stores fewer tokens). ``adaptive_budget``: the strategy chooses how many tokens each
+    row keeps (AIF's adaptive ratio); the budget is then only a default, and each row keeps at least
+    one token."""
+
+    stage: StageSpec
+    evict: bool = False
+    adaptive_budget: bool = False
 
 
 class Strategy:
@@ -91,11 +108,7 @@ class Strategy:
             f"{type(self).__name__} lists attention layers but does not implement observe_attention()"
         )
 
-    #: True when the strategy chooses how many tokens each row keeps (AIF's adaptive ratio); the
-    #: configured budget is then only a default, and each row must keep at least one token.
-    adaptive_budget: bool = False
-
-    def mask_stage(self) -> StageSpec | None:
+    def mask_stage(self) -> MaskStage | None:
         """A stage that hides visual tokens from the text instead of removing them (attention
         modulation, as AIF). It is decided after the whole prefill (so it may read every layer's
         observations); every token stays in the sequence with its position, and from decoder layer
@@ -104,13 +117,8 @@ class Strategy:
         recomputed from the prefix's KV cache. The strategy decides it through ``score``/``reduce``
         like an ``"llm"`` stage (with ``ctx.observed_attention``); it is not one of ``stages()``, so
         the pruning schedule shows no stage for it. ``vtoken.selection`` reports the tokens text may
-        attend to. None (no such stage) by default."""
+        attend to. :class:`MaskStage` also says how it behaves. None (no such stage) by default."""
         return None
-
-    #: With a ``mask_stage``: drop the hidden tokens' keys and values from the KV cache of layers
-    #: ``>= stage.layer`` once the prefill is done (only text queries come later, and they may not
-    #: attend to them, so outputs are unchanged while decoding reads and stores fewer tokens).
-    evict_masked: bool = False
 
     def scoring_cost(self, stage: StageSpec, shapes: StageShapes | None = None) -> list[ScoringCost]:
         """Extra work this method does to decide ``stage`` (for honest FLOPs); none by default.
