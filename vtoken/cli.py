@@ -74,6 +74,8 @@ def _run(args, argv) -> int:
             print(f"{method['name']}: {method['summary']}")
             print(f"    sites: {', '.join(method['sites'])}; default keep: {method['default_keep']}")
             print(f"    options: {method['options']}")
+            for family, verdict in method["families"].items():
+                print(f"    {family}: {verdict}")
         return 0
 
     if args.command == "train-projector":
