@@ -280,8 +280,6 @@ class DecoderPruning:
     def _check_attention_layers(self, query: str, layers: list[int]) -> None:
         if not layers:
             return
-        if query not in ("last", "instruction", "next"):
-            raise ValueError(f"observed_attention query must be 'last', 'instruction' or 'next', got {query!r}")
         bad = [layer for layer in layers if not 0 <= layer < len(self.layers)]
         if bad:
             raise ValueError(f"observed attention layers {bad} do not exist: the LLM has {len(self.layers)} layers")

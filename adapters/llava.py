@@ -282,10 +282,10 @@ class LlavaAdapter(Adapter):
             bound = inspect.signature(encode).bind(*args, **kwargs)
             pixels, sizes = bound.arguments["pixel_values"], bound.arguments.get("image_sizes")
             images = self.image_infos(pixels, sizes)
-            run = ImageRun(images, self.candidate_local(images), pruner.config,
-                           crop_pixels=partial(self.crop_pixels, pixels, sizes))
+            crop_pixels = partial(self.crop_pixels, pixels, sizes)
+            run = ImageRun(images, self.candidate_local(images), pruner.config, crop_pixels=crop_pixels)
             if reads_encoder:
-                run.vision_source = _VisionSource(self, pixels, images)
+                run.vision_source = _VisionSource(self, crop_pixels)
             pruner.encoding = run
             try:
                 output = encode(*args, **kwargs)
@@ -458,10 +458,10 @@ class _VisionSource:
     and ``pixel_patches``): a chosen layer's self-attention, recomputed beside SDPA from the layer's
     input, and the pixels behind every patch token, crop by crop in encoder order."""
 
-    def __init__(self, adapter: LlavaAdapter, pixel_values: torch.Tensor, images: list):
+    def __init__(self, adapter: LlavaAdapter, crop_pixels):
         self.adapter = adapter
-        self.pixel_values = pixel_values
-        self.crops_per_image = [len(image.crops) for image in images]
+        #: ``() -> [C, channels, H, W]``: every crop's pixels in encoder order (``LlavaAdapter.crop_pixels``).
+        self.crop_pixels = crop_pixels
         #: Vision layer -> the input of its attention ``[C, T, D]`` (set by a hook during encoding).
         self.inputs: dict[int, torch.Tensor] = {}
 
@@ -501,9 +501,7 @@ class _VisionSource:
     def pixel_patches(self) -> torch.Tensor:
         """``[C, P, channels, p, p]``: the (normalised) pixel values behind each crop's patch tokens,
         in the row-major order of the encoder's patch embedding."""
-        pixels = self.pixel_values
-        if pixels.dim() == 5:  # LLaVA-NeXT: [images, max crops, ...], padded past each image's crops
-            pixels = torch.cat([p[:n] for p, n in zip(pixels, self.crops_per_image)])
+        pixels = self.crop_pixels()
         size = self.adapter.config.vision_config.patch_size
         crops, channels = pixels.shape[:2]
         side = self.adapter.grid_side

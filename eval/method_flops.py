@@ -15,6 +15,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from vtoken import signals
 from vtoken.accounting import DEFAULT_TEXT_TOKENS, flops
 from vtoken.bench import LLAVA_7B as LLAVA, llava_7b_schedule
 from vtoken.registry import get_strategy, strategy_names
@@ -75,7 +76,7 @@ def main() -> None:
     skipped = []
     for name in strategy_names():
         cls = get_strategy(name)
-        if name.startswith("_") or "annotations" in cls.reads:
+        if name.startswith("_") or signals.ANNOTATIONS in cls.reads:
             continue
         for budget, found, error in method_rows(name):
             if found is None:

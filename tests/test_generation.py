@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import vtoken
-from tiny import llava_inputs, tiny_llava
+from tiny import alone, llava_inputs, same_selections, tiny_llava
 from families import FAMILIES
 
 METHODS = [m["name"] for m in vtoken.methods() if not m["name"].startswith("_")]
@@ -64,20 +64,8 @@ def test_uncached_generate_equals_cached(method, family):
     for a, b in zip(uncached.scores, cached.scores):
         assert torch.allclose(a, b, atol=1e-4)
     # Every uncached step (a full prefill) pruned exactly the tokens the cached prefill pruned.
-    assert all(
-        torch.equal(a[k], b[k]) for a, b in zip(vtoken.selection(model), chosen) for k in a
-    ) and [list(s) for s in vtoken.selection(model)] == [list(s) for s in chosen]
+    assert same_selections(vtoken.selection(model), chosen)
     vtoken.unwrap(model)
-
-
-def _alone(x: dict, b: int) -> dict:
-    """Sample ``b`` of a left-padded batch as its own batch of one, without padding."""
-    keep = x["attention_mask"][b].bool()
-    single = {"input_ids": x["input_ids"][b][keep][None], "attention_mask": x["attention_mask"][b][keep][None]}
-    single["pixel_values"] = x["pixel_values"][b : b + 1]
-    if "image_sizes" in x:
-        single["image_sizes"] = x["image_sizes"][b : b + 1]
-    return single
 
 
 @pytest.mark.parametrize("method,family", CASES)
@@ -91,14 +79,13 @@ def test_each_sample_alone_equals_it_in_the_batch(method, family):
     relevant = _relevant(x, model)
     width = x["input_ids"].shape[1]
     for b in range(x["input_ids"].shape[0]):
-        single = _alone(x, b)
+        single = alone(x, b)
         out = _generate(model, single, relevant=[relevant[b]])
         mine = out.sequences[0, single["input_ids"].shape[1]:]  # shorter when it ends at EOS
         theirs = batched.sequences[b, width:]
         assert torch.equal(mine, theirs[: len(mine)]), f"sample {b}"
         assert bool((theirs[len(mine):] == model.generation_config.pad_token_id).all())
-        alone = vtoken.selection(model)[0]
-        assert list(alone) == list(chosen[b]) and all(torch.equal(alone[k], chosen[b][k]) for k in alone)
+        assert same_selections(vtoken.selection(model)[:1], [chosen[b]]), f"sample {b}"
     vtoken.unwrap(model)
 
 
@@ -160,9 +147,9 @@ def test_right_padding_scores_each_samples_last_real_token(method):
         batched = vtoken.selection(model)
         for b in range(3):
             with torch.no_grad():
-                model(**_alone(x, b))
-            alone = vtoken.selection(model)[0]
-            assert all(torch.equal(alone[k], batched[b][k]) for k in alone), f"sample {b}"
+                model(**alone(x, b))
+            single = vtoken.selection(model)[0]
+            assert all(torch.equal(single[k], batched[b][k]) for k in single), f"sample {b}"
 
 
 @pytest.mark.parametrize("method", ["fastv", "pool", "aif"])

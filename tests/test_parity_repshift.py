@@ -42,6 +42,7 @@ import torch
 
 import vtoken
 from llava15_shape import IMAGE_TOKEN, VISUAL_TOKENS, llava15_inputs, llava15_shaped
+from tiny import alone
 
 # ------------------------------------------------------------------------------------------------
 # Independent reference
@@ -182,12 +183,6 @@ def run_vtoken(model, x, capture_after=(), **options):
         for h in handles:
             h.remove()
     return selection, seen, logits
-
-
-def alone(x, b):
-    real = x["attention_mask"][b].bool()
-    return {"input_ids": x["input_ids"][b:b + 1, real], "attention_mask": x["attention_mask"][b:b + 1, real],
-            "pixel_values": x["pixel_values"][b:b + 1]}
 
 
 PAPER = {1: 461, 7: 369, 13: 295}  # 0.8 of the current tokens after layers 1, 7, 13 (blocks 1, 4, 7 of 12)

@@ -125,6 +125,23 @@ def llava_next_inputs(model, image_sizes=((32, 64), (64, 64), (64, 40)), seed: i
     }
 
 
+def alone(x: dict, b: int) -> dict:
+    """Sample ``b`` of a left-padded batch as a batch of one, without its padding."""
+    keep = x["attention_mask"][b].bool()
+    single = {"input_ids": x["input_ids"][b : b + 1, keep], "attention_mask": x["attention_mask"][b : b + 1, keep]}
+    single["pixel_values"] = x["pixel_values"][b : b + 1]
+    if "image_sizes" in x:
+        single["image_sizes"] = x["image_sizes"][b : b + 1]
+    return single
+
+
+def same_selections(a: list[dict], b: list[dict]) -> bool:
+    """Two ``vtoken.selection`` results name the same stages per sample and keep the same indices."""
+    return [list(s) for s in a] == [list(s) for s in b] and all(
+        torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in x
+    )
+
+
 def greedy_without_cache(model, x, steps, suppress=()):
     """Greedy decoding that recomputes the whole sequence every step (no KV cache), padding a
     finished sample with the pad token as generate() does; ``suppress`` lists token ids never

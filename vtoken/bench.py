@@ -21,6 +21,7 @@ from fractions import Fraction
 import torch
 
 import vtoken
+from vtoken import signals
 from vtoken.accounting import flops
 from vtoken.registry import get_strategy, strategy_names
 
@@ -76,7 +77,7 @@ def synthetic_inputs(model, batch: int, text_tokens: int = 32, seed: int = 0) ->
 def _runs_unassisted(name: str) -> bool:
     """Methods a plain benchmark can run: no trained weights, no per-input annotations, not test-only."""
     cls = get_strategy(name)
-    return not (name.startswith("_") or cls.trained or "annotations" in cls.reads)
+    return not (name.startswith("_") or cls.trained or signals.ANNOTATIONS in cls.reads)
 
 
 def parse_budget(text: str) -> float | int:
@@ -215,7 +216,7 @@ def run(
         names = [*names, "oracle"]
 
     def timed(inputs, count: int) -> float:
-        with _annotations(model, vqa, records[:count] if records else []):
+        with _annotations(vqa, records[:count] if records else []):
             return _median_ms(model, inputs, repeats)
 
     def measure(name, text, site, schedule, base=None, option=None) -> BenchRow:
@@ -238,7 +239,7 @@ def run(
     rows = [base]
     for name, text, option in _points(names, budgets):
         with vtoken.pruned(model, name, **option):
-            with _annotations(model, vqa, records[:1] if records else []), torch.no_grad():
+            with _annotations(vqa, records[:1] if records else []), torch.no_grad():
                 model(**one)
             site = ",".join(vtoken.selection(model)[0])
             schedule = vtoken.schedule_of(model, visual_tokens=visual)
@@ -257,11 +258,13 @@ def run(
     return rows
 
 
-def _annotations(model, vqa, records):
-    """A block handing the calls inside it the relevant patches of ``records`` (read by the oracle)."""
-    if not vtoken.is_wrapped(model):
+def _annotations(vqa, records):
+    """The oracle's annotations for ``records`` (none without a VQA model or records)."""
+    if vqa is None or not records:
         return contextlib.nullcontext()
-    return vtoken.annotate(model, relevant=[vqa.relevant(r) for r in records])
+    from vtoken.vqa.evaluate import annotations_for
+
+    return annotations_for(vqa, records)
 
 
 def _vqa_model(model_path):

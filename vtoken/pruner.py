@@ -16,7 +16,7 @@ from vtoken.config import PruneConfig, StageSpec
 from vtoken.context import Grid, Reduction, ScoreContext, TokenRows
 from vtoken.kernels import gather_tokens
 from vtoken.layout import SequenceLayout
-from vtoken.request import ImageRun, PruneRun, renumbers, row_seed
+from vtoken.request import ImageRun, PruneRun, renumbers
 from vtoken.signals import Needs
 
 
@@ -179,13 +179,9 @@ class Pruner:
         observed = partial(self._vision_observed, images, positions)
         stage_index = self._stage_index(stage)
 
-        def row_seeds() -> list[int]:
-            seeds = []
-            for crop, i in enumerate(images.crop_image.tolist()):
-                image = images.images[i]
-                key = images.image_key(image.crops)
-                seeds.append(row_seed(images.seed, key, image.crops.index(crop), stage_index))
-            return seeds
+        def row_seeds() -> list[int]:  # a crop's row: its image, its place in the image, the stage
+            crops = [images.images[i].crops for i in images.crop_image.tolist()]
+            return [images.row_seed(own, own.index(crop), stage_index) for crop, own in enumerate(crops)]
 
         reduction = self._reduce(images, stage, rows, row_seeds=row_seeds, observed=observed)
         kept = reduction.features if reduction.features is not None else gather_tokens(candidates, reduction.keep)
@@ -384,12 +380,8 @@ class Pruner:
             extras["from_crops"] = partial(self._crop_rows, run, row_image, local)
         stage_index = self._stage_index(stage)
 
-        def row_seeds() -> list[int]:
-            encoding = run.image_run
-            return [
-                row_seed(self.config.seed, encoding.image_key(images[int(i)].crops), stage_index)
-                for i in row_image.tolist()
-            ]
+        def row_seeds() -> list[int]:  # an image's row: the image, the stage
+            return [run.image_run.row_seed(images[int(i)].crops, stage_index) for i in row_image.tolist()]
 
         reduction = self._reduce(run, stage, rows, row_seeds=row_seeds, **extras)
         kept_valid = reduction.keep >= 0

@@ -74,6 +74,10 @@ class ImageRun:
             self._keys[crops] = int.from_bytes(digest, "little")
         return self._keys[crops]
 
+    def row_seed(self, crops: list[int], *place: int) -> int:
+        """The seed of a row of the image behind ``crops`` (see :func:`row_seed`)."""
+        return row_seed(self.seed, self.image_key(crops), *place)
+
     def replay_for(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> dict | None:
         """The reductions of the prefill this encoding served last, when ``input_ids`` (and the mask)
         continue that prefill's prompt row by row: ``generate`` without a KV cache re-runs the whole

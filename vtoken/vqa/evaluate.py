@@ -92,6 +92,14 @@ class EvalResult:
         return self.recall_hits / self.recall_total if self.recall_total else None
 
 
+def annotations_for(vqa, records, relevant=None):
+    """A block handing the calls inside it the relevant patches of ``records`` (what the oracle reads;
+    ``relevant`` when already computed); nothing when the model is not wrapped."""
+    if not vtoken.is_wrapped(vqa.model):
+        return contextlib.nullcontext()
+    return vtoken.annotate(vqa.model, relevant=relevant if relevant is not None else [vqa.relevant(r) for r in records])
+
+
 def evaluate(vqa: VQAModel, records: list[dict], batch_size: int = 32) -> EvalResult:
     """Exact-match accuracy of ``vqa.model`` as it is (wrapped or not) on ``records``.
 
@@ -106,8 +114,7 @@ def evaluate(vqa: VQAModel, records: list[dict], batch_size: int = 32) -> EvalRe
     for start in range(0, len(records), batch_size):
         chunk = records[start : start + batch_size]
         relevant = [vqa.relevant(r) for r in chunk]
-        annotations = vtoken.annotate(vqa.model, relevant=relevant) if wrapped else contextlib.nullcontext()
-        with annotations:
+        with annotations_for(vqa, chunk, relevant):
             answers = vqa.answer(vqa.encode(chunk))
         for record, answer in zip(chunk, answers):
             family = record.get("family", "all")
