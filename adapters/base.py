@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -20,15 +20,74 @@ from vtoken.context import Grid
 from vtoken.signals import Needs, Signal
 
 
+@dataclass(frozen=True)
+class TokenMap:
+    """Where each of one image's LLM visual tokens comes from in the vision encoder.
+
+    ``index[v, k]`` is an encoder-token slot ``crop * tokens_per_crop + token`` (the token's place in
+    the sequence the projector reads) and ``weight[v, k]`` its share in LLM token ``v``; unused
+    entries are ``-1`` / ``0``. A row with no entry is a token with no encoder origin (LLaVA-NeXT's
+    newline). One-to-one maps (LLaVA) have ``K == 1`` and weight 1; Qwen2-VL's 2x2 merger has
+    ``K == 4`` with weight 1/4 each; LLaVA-OneVision's interpolated AnyRes-Max grid and its pooled
+    video frames have the bilinear weights of ``interpolate`` (``K <= 4``, rows summing to 1).
+    """
+
+    index: torch.Tensor  # [V, K] long
+    weight: torch.Tensor  # [V, K] float
+
+    @classmethod
+    def one_to_one(cls, source: torch.Tensor) -> "TokenMap":
+        """A map where token ``v`` comes from slot ``source[v]`` alone (-1: no origin)."""
+        source = source.long()
+        return cls(source[:, None], (source >= 0).to(torch.float32)[:, None])
+
+    @property
+    def num_tokens(self) -> int:
+        return self.index.shape[0]
+
+    @property
+    def is_one_to_one(self) -> bool:
+        return self.index.shape[1] == 1
+
+    @property
+    def dominant(self) -> torch.Tensor:
+        """``[V]``: the slot with the largest weight behind each token, -1 where there is none."""
+        best = torch.where(self.index >= 0, self.weight, -1.0).argmax(dim=1, keepdim=True)
+        return torch.gather(self.index, 1, best).squeeze(1)
+
+    @property
+    def has_origin(self) -> torch.Tensor:
+        """``[V]`` bool: tokens with at least one encoder source."""
+        return (self.index >= 0).any(dim=1)
+
+    def reached(self, kept_slots: torch.Tensor) -> torch.Tensor:
+        """``[V]`` bool: tokens with at least one source among ``kept_slots`` (a bool ``[slots]``)."""
+        safe = self.index.clamp(min=0).to(kept_slots.device)
+        return ((self.index >= 0).to(kept_slots.device) & kept_slots[safe]).any(dim=1)
+
+    def gather(self, table: torch.Tensor, kept_slots: torch.Tensor | None = None) -> torch.Tensor:
+        """``[V, ...]``: each token's weighted mean of ``table[slot]`` (``table``: ``[slots, ...]``)
+        over its sources (those in ``kept_slots`` when given); zeros for tokens with none."""
+        index = self.index.to(table.device)
+        weight = torch.where(index >= 0, self.weight.to(table.device, torch.float32), 0.0)
+        if kept_slots is not None:
+            weight = weight * kept_slots.to(table.device)[index.clamp(min=0)]
+        total = weight.sum(dim=1, keepdim=True)
+        weight = torch.where(total > 0, weight / total.clamp(min=1e-12), 0.0)
+        values = table[index.clamp(min=0)]  # [V, K, ...]
+        shape = (*weight.shape, *([1] * (values.dim() - 2)))
+        return (values.float() * weight.view(shape)).sum(dim=1).to(table.dtype)
+
+
 @dataclass
 class ImageInfo:
-    """One image of the batch as the LLM sees it.
+    """One image (or video) of the batch as the LLM sees it.
 
     ``offset``/``num_tokens``: its span within the sample's visual tokens (sample-level indices).
     ``grids``: patch grids in image-local token indices. ``crops``: global indices of the vision
-    encoder inputs (crops) it came from. ``source``: for each of its tokens, the crop token it came
-    from as ``crop * tokens_per_crop + token``, or -1 for tokens with no crop origin (separators).
-    ``geometry``: what ``vtoken.show`` needs to draw the tokens over the picture.
+    encoder inputs (crops, frames) it came from. ``token_map``: where each of its tokens comes from
+    in the encoder (:class:`TokenMap`). ``geometry``: what ``vtoken.show`` needs to draw the tokens
+    over the picture.
     """
 
     sample: int
@@ -36,8 +95,13 @@ class ImageInfo:
     num_tokens: int
     grids: tuple[Grid, ...]
     crops: list[int]
-    source: torch.Tensor
+    token_map: TokenMap
     geometry: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def source(self) -> torch.Tensor:
+        """``[V]``: the encoder slot each token comes from (its dominant one), -1 for none."""
+        return self.token_map.dominant
 
 
 @dataclass
@@ -58,15 +122,6 @@ class VisualLayout:
     def visual_count(self, sample: int) -> int:
         return int((self.visual_index[sample] >= 0).sum())
 
-    def crop_to_visual(self, num_crops: int) -> torch.Tensor:
-        """``[C, tokens_per_crop]``: the sample-level visual index each crop token lands on, or -1."""
-        out = torch.full((num_crops, self.tokens_per_crop), -1, dtype=torch.long)
-        for image in self.images:
-            local = torch.nonzero(image.source >= 0).squeeze(-1)
-            src = image.source[local]
-            out.view(-1)[src] = image.offset + local
-        return out
-
 
 class UndoStack:
     """Every change made to a model, as an action that reverts it; run in reverse by ``unwrap``."""
@@ -83,6 +138,120 @@ class UndoStack:
     def run(self) -> None:
         while self._actions:
             self._actions.pop()()
+
+
+@dataclass(frozen=True)
+class VisionSpec:
+    """The vision encoder of a family, as the generic pipeline reads it.
+
+    ``layers``: its transformer blocks (a vision-site stage hooks the output of one). Each crop's
+    sequence is ``prefix_tokens`` never-pruned tokens (CLS, registers) then the ``grid`` of patches
+    in row-major order; ``sequence="packed"`` says every image of a call runs in one sequence cut by
+    ``cu_seqlens`` (Qwen2-VL) instead of ``[crops, tokens, width]``. ``attention(layer)`` gives a
+    block's attention parts (q/k projections, head size, scale: :func:`vtoken.compat.attention_parts`)
+    to recompute its queries and keys beside SDPA. ``read_layer``: the block whose output the
+    projector reads (the last one when several are concatenated).
+    """
+
+    layers: nn.ModuleList
+    prefix_tokens: int
+    grid: tuple[int, int]
+    patch_size: int
+    width: int
+    head_dim: int
+    attention: Callable[[int], Any]
+    read_layer: int
+    sequence: Literal["batched", "packed"] = "batched"
+    #: The tower as its config names it (``"clip_vision_model"``), for messages.
+    kind: str = "vision"
+
+    @property
+    def patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+
+@dataclass(frozen=True)
+class ProjectorSpec:
+    """What connects the encoder to the LLM: ``module`` maps ``[crops, tokens_per_crop, width]`` to
+    the LLM width token by token (its input is what ZOO-Prune perturbs); ``dropped_prefix`` tokens
+    are cut from the front of each crop's sequence before it (LLaVA's
+    ``vision_feature_select_strategy='default'`` drops the CLS token). Merging projectors (Qwen's 2x2
+    merger) are described by the :class:`TokenMap`, not here."""
+
+    module: nn.Module
+    dropped_prefix: int = 0
+
+
+@dataclass(frozen=True)
+class PositionScheme:
+    """How the LLM numbers its tokens. ``"rope_1d"``: ``position_ids`` ``[B, L]`` (Llama, Qwen2).
+    ``"mrope"``: ``[3, B, L]`` (t, h, w) ids from the model's ``get_rope_index`` with per-sample
+    ``rope_deltas`` for generated tokens, split over the head dimension by ``sections``
+    (``interleaved`` for Qwen3-VL's layout; ``[4, B, L]`` when a text row leads)."""
+
+    kind: Literal["rope_1d", "mrope"] = "rope_1d"
+    sections: tuple[int, ...] = ()
+    interleaved: bool = False
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """The LLM: ``stack`` is called with ``inputs_embeds`` (its pre- and post-hooks realise the
+    projector site and the decoding bookkeeping), ``layers`` its blocks (Llama-style: input norm,
+    q/k projections with optional q/k norms, rotary; :mod:`vtoken.adapters.hf_decoder` recomputes
+    a block's attention rows from its input), ``head`` the LM head (None on a bare model)."""
+
+    stack: nn.Module
+    layers: nn.ModuleList
+    head: nn.Module | None
+    positions: PositionScheme = PositionScheme()
+    width: int = 0
+    head_dim: int = 0
+
+
+@dataclass(frozen=True)
+class FamilyDescription:
+    """Everything the generic pipeline (:class:`vtoken.adapters.pipeline.VisionLanguageAdapter`)
+    needs to know about a model family, in one place.
+
+    ``name`` as users say it; ``vision``, ``projector`` and ``decoder`` its three parts (``decoder``
+    None for a vision-only model); ``gaps``: the signals (:mod:`vtoken.signals`) its models never
+    provide, with the reason. Token maps are per input (they depend on the image size), so the family
+    builds them in :meth:`VisionLanguageAdapter.image_infos`.
+
+    How the families to come map onto it:
+
+    - **Qwen2-VL / Qwen2.5-VL**: ``vision = VisionSpec(layers=visual.blocks, prefix_tokens=0,
+      grid=per image from image_grid_thw, sequence="packed", attention=the block's fused qkv)``;
+      ``projector = ProjectorSpec(visual.merger)``; each LLM token's ``TokenMap`` row holds its 2x2
+      merge unit (K=4, weight 1/4); ``decoder = DecoderSpec(model.language_model, ..., positions=
+      PositionScheme("mrope", sections=rope_scaling["mrope_section"]))``, Qwen3-VL with
+      ``interleaved=True`` and its DeepStack features following the same token map.
+    - **A timm / open_clip ViT**: ``vision = VisionSpec(layers=model.blocks, prefix_tokens=1 +
+      num_reg_tokens (0 with global pooling and no class token), grid=patch_embed.grid_size,
+      attention=block.attn's qkv)``; ``projector = None``, ``decoder = None``: the encoder's own head
+      (pooling, ``forward_head``) reads what the vision-site stages leave, and a token budget counts
+      the patch tokens leaving the encoder.
+    """
+
+    name: str
+    vision: VisionSpec
+    projector: ProjectorSpec | None
+    decoder: DecoderSpec | None
+    gaps: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def tokens_per_crop(self) -> int:
+        """Tokens of one crop the projector reads (its prefix tokens included)."""
+        dropped = self.projector.dropped_prefix if self.projector is not None else 0
+        return self.vision.prefix_tokens + self.vision.patches - dropped
+
+    @property
+    def first_patch_slot(self) -> int:
+        """The slot of a crop's first patch among the tokens the projector reads (-1: LLaVA's
+        ``'default'`` strategy on a tower without CLS drops the first patch)."""
+        dropped = self.projector.dropped_prefix if self.projector is not None else 0
+        return self.vision.prefix_tokens - dropped
 
 
 class Adapter(ABC):

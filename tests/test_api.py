@@ -85,7 +85,7 @@ def test_wrap_twice_is_an_error_and_keeps_the_first_wrap():
         ("random", {"keep": 0.5, "keep_tokens": 4}, r"exactly one budget"),
         ("fastv", {"site": "projector"}, r"cannot prune at the 'projector' site"),
         ("random", {"site": "llm", "layer": 9}, r"llm layer 9 does not exist: the LLM has 4 decoder layers"),
-        ("random", {"site": "vision", "layer": 3}, r"vision layer 3 is at or after the layer LLaVA reads"),
+        ("random", {"site": "vision", "layer": 3}, r"vision layer 3 is at or after the layer LLaVA-1.5 reads"),
         ("random", {"site": "llm"}, r"needs `layer`"),
         ("random", {"positions": "shuffled"}, r"positions must be one of"),
     ],

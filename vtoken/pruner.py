@@ -217,29 +217,25 @@ class Pruner:
 
     @staticmethod
     def _landed(run: PruneRun, positions: torch.Tensor) -> torch.Tensor:
-        """Visual tokens reached by the encoder tokens at ``positions``. A separator token (no crop
-        origin, e.g. NeXT's newline) survives when any token since the previous separator does."""
+        """Visual tokens reached by the encoder tokens at ``positions``: a token survives when any of
+        its sources does (its token map), and a token with no source (NeXT's newline) when any token
+        since the previous such one does. Prefix tokens the projector reads (the CLS token under
+        ``vision_feature_select_strategy='full'``) stay, as the encoder kept them."""
         visual, images = run.visual, run.image_run
         width = max(visual.visual_count(b) for b in range(visual.batch_size))
         kept = torch.zeros(visual.batch_size, max(width, 1), dtype=torch.bool)
-        landed = torch.gather(images.candidate_local, 1, positions.cpu())
+        crops, first = positions.shape[0], images.first_patch_slot
+        present = torch.zeros(crops, images.tokens_per_crop, dtype=torch.bool)
+        present[:, : max(first, 0)] = True
+        present.scatter_(1, positions.cpu() + first, True)
+        present = present.view(-1)
         for image in visual.images:  # an encoded image may be placed in several samples (beam search)
-            for crop in image.crops:
-                targets = landed[crop][landed[crop] >= 0]
-                kept[image.sample, image.offset + targets] = True
-            # Tokens from the encoder that were never candidates (the CLS token under
-            # vision_feature_select_strategy='full') stay, as the encoder kept them.
-            candidates = images.candidate_local[image.crops]
-            reachable = torch.zeros(image.num_tokens, dtype=torch.bool)
-            reachable[candidates[candidates >= 0]] = True
-            fixed = torch.nonzero((image.source >= 0) & ~reachable).squeeze(-1)
-            kept[image.sample, image.offset + fixed] = True
-        for image in visual.images:
-            local = kept[image.sample, image.offset : image.offset + image.num_tokens]
+            local = image.token_map.reached(present)
             start = 0
-            for sep in (image.source < 0).nonzero().squeeze(-1).tolist():
+            for sep in torch.nonzero(~image.token_map.has_origin).squeeze(-1).tolist():
                 local[sep] = bool(local[start:sep].any())
                 start = sep + 1
+            kept[image.sample, image.offset : image.offset + image.num_tokens] = local
         return kept
 
     # --- projector and LLM sites ----------------------------------------------------------------
@@ -267,16 +263,17 @@ class Pruner:
 
     @staticmethod
     def _projector_rows(run: PruneRun, row_image: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+        """``[R, N, d_vision]``: each candidate's projector input (for a token mixed from several
+        encoder tokens, the weighted mean of theirs); zeros for tokens with no encoder origin."""
         table = run.image_run.projector_table if run.image_run is not None else None
         if table is None:
             raise ValueError("projector inputs were not captured; declare Signal('projector_input') in needs()")
         images = run.visual.images
-        source = torch.full_like(local, -1)
+        out = table.new_zeros(*local.shape, table.shape[-1])
         for r, i in enumerate(row_image.tolist()):
             ok = local[r] >= 0
-            source[r, ok] = images[i].source.to(local.device)[local[r, ok]]
-        out = table[source.clamp(min=0)]
-        return out * (source >= 0)[..., None].to(out.dtype)
+            out[r, ok] = images[i].token_map.gather(table)[local[r, ok].to(table.device)]
+        return out
 
     @staticmethod
     def _vision_rows(run: PruneRun, row_image: torch.Tensor, local: torch.Tensor, layer: int) -> torch.Tensor:
@@ -299,22 +296,27 @@ class Pruner:
     @staticmethod
     def _crop_rows(run: PruneRun, row_image: torch.Tensor, local: torch.Tensor, table: torch.Tensor, fill=0.0):
         """A per-crop patch table ``[C, P, ...]`` (patches in encoder order, CLS excluded) mapped onto
-        the candidate rows ``[R, N, ...]``; ``fill`` where a candidate has no patch behind it."""
-        candidate_local = run.image_run.candidate_local  # [C, P]: image-local token of each patch
-        crops, patches = candidate_local.shape
-        source = torch.full(local.shape, -1, dtype=torch.long)
+        the candidate rows ``[R, N, ...]`` through each image's token map (a weighted mean where a
+        token mixes several patches); ``fill`` where a candidate has no patch behind it."""
+        images = run.image_run
+        crops, patches = images.candidate_local.shape
+        per, first = images.tokens_per_crop, images.first_patch_slot
+        flat = table.reshape(crops * patches, *table.shape[2:])
+        out = torch.full((*local.shape, *table.shape[2:]), float(fill), dtype=table.dtype, device=table.device)
         for r, i in enumerate(row_image.tolist()):
-            image = run.visual.images[i]
-            sub = candidate_local[image.crops]
-            flat = torch.tensor(image.crops)[:, None] * patches + torch.arange(patches)[None]
-            lookup = torch.full((image.num_tokens,), -1, dtype=torch.long)
-            lookup[sub[sub >= 0]] = flat[sub >= 0]
+            token_map = run.visual.images[i].token_map
+            crop, slot = token_map.index.div(per, rounding_mode="floor"), token_map.index % per
+            patch = slot - first
+            usable = (token_map.index >= 0) & (patch >= 0) & (patch < patches)
+            patch_map = type(token_map)(torch.where(usable, crop * patches + patch, -1), token_map.weight)
+            has_patch = usable.any(dim=1)
             ok = (local[r] >= 0).cpu()
-            source[r, ok] = lookup[local[r].cpu()[ok]]
-        source = source.to(table.device)
-        out = table.reshape(crops * patches, *table.shape[2:])[source.clamp(min=0)]
-        has = (source >= 0).reshape(*source.shape, *([1] * (table.dim() - 2)))
-        return torch.where(has, out, torch.as_tensor(fill, dtype=out.dtype, device=out.device))
+            tokens = local[r].cpu()[ok]
+            values = patch_map.gather(flat)[tokens.to(flat.device)]
+            keep = has_patch[tokens].to(values.device)
+            shape = (-1, *([1] * (values.dim() - 1)))
+            out[r, ok.to(out.device)] = torch.where(keep.view(shape), values, torch.as_tensor(fill, dtype=values.dtype, device=values.device))
+        return out
 
     def run_sequence_stage(
         self,

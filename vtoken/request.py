@@ -24,9 +24,11 @@ class ImageRun:
 
     def __init__(
         self, images: list, candidate_local: torch.Tensor, config: PruneConfig,
-        crop_pixels: Callable[[], torch.Tensor] | None = None,
+        crop_pixels: Callable[[], torch.Tensor] | None = None, tokens_per_crop: int | None = None,
     ):
         self.images = images
+        #: Tokens of one crop the projector reads (slots ``crop * tokens_per_crop + token``).
+        self.tokens_per_crop = tokens_per_crop if tokens_per_crop is not None else candidate_local.shape[1]
         self.seed = config.seed
         #: ``[C, ...]`` the pixels of every crop in encoder order (for per-image seeds), when known.
         self.crop_pixels = crop_pixels
@@ -46,6 +48,9 @@ class ImageRun:
         self.observed: dict[int, tuple] = {}
         #: ``[C * tokens_per_crop, d_vision]``: the projector input of every crop token (when asked for).
         self.projector_table: torch.Tensor | None = None
+        #: ``[C * tokens_per_crop, d_llm]``: every crop token's projected features in grid places, kept
+        #: after a vision stage when an image's tokens mix several encoder tokens (re-weighted later).
+        self.projected: torch.Tensor | None = None
         #: The features object this encoding returned and its per-image tensors, to recognise them
         #: when a forward receives them.
         self.output = None
@@ -59,6 +64,22 @@ class ImageRun:
         self.diagnostics: dict = {}
         #: The last fresh prefill this encoding served (see :class:`Served`), for replays.
         self.served: Served | None = None
+
+    @property
+    def first_patch_slot(self) -> int:
+        """The slot of a crop's first patch among the tokens the projector reads."""
+        return self.tokens_per_crop - self.candidate_local.shape[1]
+
+    def kept_slots(self) -> torch.Tensor:
+        """``[C * tokens_per_crop]`` bool: the encoder slots still present after the vision stages
+        (every slot when none ran; prefix slots the projector reads always stay)."""
+        crops, first = self.candidate_local.shape[0], self.first_patch_slot
+        if self.vision_positions is None:
+            return torch.ones(crops * self.tokens_per_crop, dtype=torch.bool)
+        kept = torch.zeros(crops, self.tokens_per_crop, dtype=torch.bool)
+        kept[:, : max(first, 0)] = True
+        kept.scatter_(1, self.vision_positions.cpu() + first, True)
+        return kept.view(-1)
 
     def image_key(self, crops: list[int]) -> int:
         """A fingerprint of one image's own pixels (the encoder crops it came from), so that a seed

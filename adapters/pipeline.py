@@ -1,0 +1,487 @@
+"""The one pipeline that realises the pruning sites on every vision-language family.
+
+A family adapter subclasses :class:`VisionLanguageAdapter` and supplies what is its own: its
+:class:`~vtoken.adapters.base.FamilyDescription` (vision blocks, projector, decoder, position scheme,
+gaps), the token map of each image for a given input (:meth:`image_infos`), the pixels of each crop,
+and the names of its encoder entry point and placeholder token. Everything else is here, once:
+
+- the encoder entry (``get_image_features``) is wrapped to open an :class:`~vtoken.request.ImageRun`
+  (the encoding's per-request state) and register it by the identity of the features it returns;
+- a pre-hook on the model opens the request's :class:`~vtoken.request.PruneRun` and places each
+  image's tokens in its sample (:meth:`visual_layout`);
+- vision-site stages shorten each crop's sequence after a vision block; the projector's output is
+  put back in grid places so the family's own packing runs unchanged, and the dropped tokens are
+  removed in front of the LLM (tokens of a weighted map are re-weighted over their kept sources);
+- the projector site and the LLM site run in :class:`~vtoken.adapters.hf_decoder.DecoderPruning`;
+- the signals a strategy declares (:mod:`vtoken.signals`) are captured by hooks installed only when
+  declared: observed blocks, a vision block's attention input, the projector input, the pixels.
+
+Every hook reaches the request through the pruner's per-thread route (``pruner.encoding`` during an
+encoder call, ``pruner.active`` during a forward); nothing per-request is stored on a module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from abc import abstractmethod
+from functools import partial
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .base import Adapter, FamilyDescription, ImageInfo, UndoStack, VisualLayout
+from .hf_decoder import DecoderPruning
+from .observe import observe_layer
+from vtoken import compat, signals
+from vtoken.context import Grid, VisionAttention
+from vtoken.kernels import attention_rows, gather_tokens, received_attention
+from vtoken.pruner import Pruner
+from vtoken.request import ImageRun, PruneRun, renumbers
+
+
+class VisionLanguageAdapter(Adapter):
+    """A family whose images are encoded crop by crop ([crops, tokens, width]), projected token by
+    token, placed into placeholder tokens of ``input_ids`` and read by a Llama-style decoder."""
+
+    #: The keyword arguments of the model's forward that its encoder call takes too.
+    encoder_kwargs: ClassVar[tuple[str, ...]] = ("image_sizes", "vision_feature_layer", "vision_feature_select_strategy")
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        self.core = self.inner_model(model)
+        self.config = self.core.config
+        self.description: FamilyDescription = self.describe()
+
+    # --- what the family supplies ---------------------------------------------------------------
+    @staticmethod
+    @abstractmethod
+    def inner_model(model: nn.Module) -> nn.Module:
+        """The module that owns the encoder entry point and runs vision, projector and LLM."""
+
+    @abstractmethod
+    def describe(self) -> FamilyDescription:
+        """The family's description (read once, at wrap time)."""
+
+    @abstractmethod
+    def image_infos(self, arguments: dict[str, Any]) -> list[ImageInfo]:
+        """The token structure of each image of one encoder call (``arguments``: the call's bound
+        arguments), not yet placed in a sample."""
+
+    @abstractmethod
+    def crop_pixels(self, arguments: dict[str, Any]) -> torch.Tensor:
+        """``[C, channels, H, W]``: every crop the encoder sees in this call, in encoder order."""
+
+    @property
+    def placeholder_id(self) -> int:
+        """The token id the processor repeats once per visual token."""
+        return self.config.image_token_id
+
+    def vision_site_refusal(self) -> str | None:
+        """None when vision-site stages can run on this model, else why not (with the fix)."""
+        return None
+
+    # --- structure, from the description --------------------------------------------------------
+    @property
+    def family_name(self) -> str:
+        return self.description.name
+
+    def vision_layers(self) -> nn.ModuleList:
+        return self.description.vision.layers
+
+    def projector(self) -> nn.Module:
+        return self.description.projector.module
+
+    def language_model(self) -> nn.Module:
+        return self.description.decoder.stack
+
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.description.decoder.layers
+
+    @property
+    def tokens_per_crop(self) -> int:
+        return self.description.tokens_per_crop
+
+    def vision_tokens(self) -> int | None:
+        return self.description.vision.patches
+
+    def site_width(self, site: str) -> tuple[int, int]:
+        if site in ("vision", "projector"):
+            return self.description.vision.width, self.description.vision.head_dim
+        return self.description.decoder.width, self.description.decoder.head_dim
+
+    def vision_feature_layer(self) -> int | None:
+        return self.description.vision.read_layer
+
+    def unavailable(self, signal) -> str | None:
+        gap = self.description.gaps.get(signal.name)
+        if gap is not None:
+            return gap
+        if signal.name == signals.ONE_GRID_PER_IMAGE:
+            return self.one_grid_per_image()
+        if signal.name == signals.VISION_CLS and self.description.vision.prefix_tokens == 0:
+            return f"a {self.description.vision.kind} tower without a CLS token"
+        if signal.layer is not None:
+            depth = len(self.vision_layers() if signal.name in signals.VISION_LAYERED else self.decoder_layers())
+            if not 0 <= signal.layer < depth:
+                return f"no layer {signal.layer} (it has {depth})"
+        return None
+
+    # --- validation -----------------------------------------------------------------------------
+    def validate(self, stages: tuple) -> None:
+        num_vision = len(self.vision_layers())
+        read = self.description.vision.read_layer
+        decoder_layers = len(self.decoder_layers())
+        for stage in stages:
+            if stage.site == "llm" and stage.layer >= decoder_layers:
+                raise ValueError(
+                    f"llm layer {stage.layer} does not exist: the LLM has {decoder_layers} decoder layers "
+                    f"(0..{decoder_layers - 1})"
+                )
+            if stage.site == "vision" and stage.layer >= num_vision:
+                raise ValueError(f"vision layer {stage.layer} does not exist: the vision encoder has {num_vision} layers")
+            if stage.site == "vision":
+                if stage.layer >= self.first_read_layer():
+                    raise ValueError(
+                        f"vision layer {stage.layer} is at or after the layer {self.family_name} reads its features "
+                        f"from (layer {self.first_read_layer()}, vision_feature_layer={self.config.vision_feature_layer}); "
+                        f"use a vision layer <= {self.first_read_layer() - 1}"
+                    )
+                refusal = self.vision_site_refusal()
+                if refusal is not None:
+                    raise ValueError(refusal)
+            per_image = self.visual_tokens_per_image()
+            if per_image is not None and stage.keep_tokens is not None and stage.keep_tokens > per_image:
+                raise ValueError(
+                    f"keep_tokens={stage.keep_tokens} is larger than the {per_image} visual tokens of an image; "
+                    f"use keep_tokens <= {per_image} (or keep=1.0 to keep all)"
+                )
+
+    def first_read_layer(self) -> int:
+        """The first vision block (0-based) whose output the projector reads."""
+        return self.description.vision.read_layer
+
+    # --- where the visual tokens are ------------------------------------------------------------
+    def candidate_local(self, images: list[ImageInfo]) -> torch.Tensor:
+        """``[C, P]``: for each encoder candidate (patch token), the image-local LLM token it weighs
+        most in, or -1 when it reaches none (cut by unpadding)."""
+        crops = sum(len(image.crops) for image in images)
+        per = self.tokens_per_crop
+        slots = crops * per
+        best = torch.full((slots + 1,), -1, dtype=torch.long)  # last entry: "none"
+        weight = torch.zeros(slots + 1)
+        for image in images:
+            index, share = image.token_map.index, image.token_map.weight.float()
+            tokens = torch.arange(index.shape[0])[:, None].expand_as(index)
+            used = (index >= 0) & (share > 0)
+            # Visit entries by increasing weight so the heaviest share of each slot is written last.
+            order = torch.argsort(share[used], stable=True)
+            best[index[used][order]] = tokens[used][order]
+            weight[index[used][order]] = share[used][order]
+        patch_slots = torch.arange(self.description.vision.patches) + self.description.first_patch_slot
+        crop_base = torch.arange(crops)[:, None] * per
+        flat = torch.where(patch_slots[None] >= 0, crop_base + patch_slots[None], slots)
+        return best[flat]
+
+    def visual_layout(self, input_ids: torch.Tensor, images: list[ImageInfo]) -> VisualLayout:
+        """Place each image in its sample: image i owns the i-th block of placeholders in flattened
+        (batch, position) order, as ``masked_scatter`` fills them."""
+        placeholders = (input_ids == self.placeholder_id).cpu()
+        batch, length = input_ids.shape
+        visual_index = torch.where(placeholders, placeholders.long().cumsum(-1) - 1, -1)
+        image_index = torch.full((batch, length), -1, dtype=torch.long)
+        counts = [image.num_tokens for image in images]
+        if sum(counts) != int(placeholders.sum()):
+            raise ValueError(
+                f"the prompt has {int(placeholders.sum())} image tokens but the images give {sum(counts)} "
+                "features; build input_ids and pixel_values with the same processor call"
+            )
+        flat_rows, flat_pos = placeholders.nonzero(as_tuple=True)
+        placed, start = [], 0
+        for i, (image, count) in enumerate(zip(images, counts)):
+            rows = flat_rows[start : start + count]
+            if bool((rows != rows[0]).any()):
+                raise ValueError(f"image {i}'s tokens straddle two samples of the batch; check the prompts")
+            image_index[rows, flat_pos[start : start + count]] = i
+            sample = int(rows[0])
+            offset = int(visual_index[sample, flat_pos[start]])
+            placed.append(dataclasses.replace(image, sample=sample, offset=offset))
+            start += count
+        return VisualLayout(visual_index, image_index, placed, self.tokens_per_crop)
+
+    # --- hooks ----------------------------------------------------------------------------------
+    def install(self, pruner: Pruner, undo: UndoStack) -> None:
+        self.pruner = pruner
+        encode = self.core.get_image_features
+        needs = pruner.needs
+        # Strategies that read the encoder itself (VFlowOpt): one layer's attention, the pixels.
+        attention_layers = needs.layers(signals.VISION_ATTENTION)
+        reads_encoder = bool(attention_layers) or needs.has(signals.PIXEL_PATCHES)
+        signature = inspect.signature(encode)
+
+        @functools.wraps(encode)  # keeps the signature generate() inspects
+        def get_image_features(*args, **kwargs):
+            arguments = signature.bind(*args, **kwargs).arguments
+            images = self.image_infos(arguments)
+            crop_pixels = partial(self.crop_pixels, arguments)
+            run = ImageRun(
+                images, self.candidate_local(images), pruner.config, crop_pixels=crop_pixels,
+                tokens_per_crop=self.tokens_per_crop,
+            )
+            if reads_encoder:
+                run.vision_source = VisionSource(self, crop_pixels)
+            pruner.encoding = run
+            try:
+                output = encode(*args, **kwargs)
+            finally:
+                pruner.encoding = None
+            run.output = output
+            run.features = compat.image_features(output)
+            pruner.remember_encoding(output, run)
+            return output
+
+        self.core.get_image_features = get_image_features
+        undo.push(lambda: delattr(self.core, "get_image_features"))
+        undo.hook(self.core.register_forward_pre_hook(self._before_model, with_kwargs=True))
+        for layer in needs.layers(signals.VISION_OBSERVED):
+            observe_layer(
+                self.vision_layers()[layer], compat.LAYER_PARTS,
+                active=lambda: pruner.encoding is not None, done=partial(self._observed_vision, layer), undo=undo,
+            )
+        if needs.has(signals.PROJECTOR_INPUT):
+            undo.hook(self.projector().register_forward_pre_hook(self._before_projector))
+        for layer in attention_layers:
+            hook = partial(self._vision_attention_input, layer)
+            undo.hook(compat.layer_attention(self.vision_layers()[layer]).register_forward_pre_hook(hook, with_kwargs=True))
+        for stage in pruner.stages_at("vision"):
+            hook = partial(self._after_vision_layer, stage)
+            undo.hook(self.vision_layers()[stage.layer].register_forward_hook(hook))
+        if pruner.stages_at("vision"):
+            undo.hook(self.projector().register_forward_hook(self._after_projector))
+        decoder = self.description.decoder
+        DecoderPruning(decoder.stack, pruner, self._pre_llm, head=decoder.head).install(undo)
+
+    def _before_model(self, module, args, kwargs):
+        pruner = self.pruner
+        pruner.active = None
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        cache = compat.cache_from(kwargs)
+        has_images = input_ids is not None and bool((input_ids == self.placeholder_id).any())
+        self.refuse_inputs(kwargs)
+        if cache is not None and compat.cache_length(cache) > 0:
+            # A decoding step. Image tokens without images (a generated token that happens to be the
+            # image token's id) are text to the model, as to the unwrapped one; new images are not.
+            if has_images and (kwargs.get("pixel_values") is not None or compat.encoded_images(kwargs) is not None):
+                raise ValueError(
+                    "vtoken prunes images at prefill; a new image cannot be added to a filled KV cache: start a "
+                    "new prompt with every image (or call vtoken.unwrap(model) for this use)"
+                )
+            pruner.active = pruner.run_for_cache(cache)
+            return None
+        if input_ids is None:
+            raise ValueError("vtoken finds the visual tokens in input_ids; call the model with input_ids, not inputs_embeds")
+        if not has_images:
+            if pruner.config.text_only == "error":
+                raise ValueError(
+                    "this input has no image tokens, so there is nothing to prune; add an image, "
+                    "call vtoken.unwrap(model) for text-only use, or wrap with text_only='passthrough'"
+                )
+            return None
+        encoded = compat.encoded_images(kwargs)
+        if kwargs.get("pixel_values") is not None:
+            # Encode here (through the wrapped get_image_features) so the forward sees the encoding
+            # it will use, exactly as generate() does.
+            extra = {k: kwargs[k] for k in self.encoder_kwargs if kwargs.get(k) is not None}
+            encoded = self.core.get_image_features(pixel_values=kwargs["pixel_values"], return_dict=True, **extra)
+            kwargs["pixel_values"] = None
+            compat.set_encoded_images(kwargs, encoded)
+        elif encoded is None:
+            raise ValueError(
+                "input_ids hold image tokens but no pixel_values were given; pass the processor's pixel_values"
+            )
+        images = pruner.encoding_of(encoded)
+        order = self._encoded_order(images, encoded)
+        placed = self.visual_layout(input_ids, [images.images[i] for i in order])
+        run = PruneRun(placed, pruner.config, images)
+        mask = kwargs.get("attention_mask")
+        run.prompt = (input_ids, mask)
+        # generate() without a KV cache re-runs the whole sequence at every step with the features
+        # it encoded once: such a step continues the prompt this encoding served, and prunes as it did.
+        run.replay = images.replay_for(input_ids, mask)
+        pruner.active = run
+        return args, kwargs
+
+    def refuse_inputs(self, kwargs: dict) -> None:
+        """Raise for inputs of the model's forward this adapter cannot prune (say which, and the fix)."""
+
+    @staticmethod
+    def _encoded_order(images: ImageRun | None, encoded) -> list[int]:
+        """Which encoded image each per-image feature handed to the forward is. generate() repeats
+        the features for beam search or several returned sequences (the same tensors, reordered)."""
+        if images is not None and images.output is encoded:
+            order = []
+            for feature in compat.image_features(encoded):
+                match = [i for i, mine in enumerate(images.features) if mine is feature]
+                if not match:
+                    break
+                order.append(match[0])
+            else:
+                return order
+        raise ValueError(
+            "these image features were not encoded by the wrapped model; pass pixel_values, or compute "
+            "mm_encoder_outputs with the wrapped model's get_image_features"
+        )
+
+    def _grid(self) -> Grid:
+        rows, cols = self.description.vision.grid
+        return Grid(0, rows, cols, cols)
+
+    def _after_vision_layer(self, stage, module, args, output):
+        images = self.pruner.encoding
+        if images is None:
+            return None
+        hidden = output[0] if isinstance(output, tuple) else output
+        prefix = self.description.vision.prefix_tokens
+        pruned = self.pruner.run_vision_stage(images, stage, hidden, prefix, self._grid())
+        return (pruned, *output[1:]) if isinstance(output, tuple) else pruned
+
+    def _observed_vision(self, layer: int, io: dict) -> None:
+        images = self.pruner.encoding
+        hidden = io["block"][0]
+        valid = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        summary = self.pruner.strategy.observe("vision", layer, io, valid)
+        images.observed[layer] = (summary, images.vision_positions, self.description.vision.prefix_tokens)
+
+    def _vision_attention_input(self, layer, module, args, kwargs):
+        """Keep what vision ``layer``'s attention takes in (the normed hidden states), to recompute
+        its queries and keys when the strategy asks (:meth:`VisionSource.attention`)."""
+        images = self.pruner.encoding
+        if images is not None and images.vision_source is not None:
+            images.vision_source.inputs[layer] = args[0] if args else kwargs["hidden_states"]
+        return None
+
+    def _before_projector(self, module, args):
+        """Keep every crop token's projector input, in its grid place (ZOO-Prune perturbs them)."""
+        images = self.pruner.encoding
+        if images is None:
+            return None
+        features = args[0]
+        images.projector_table = self._to_grid(images, features).reshape(-1, features.shape[-1])
+        return None
+
+    def _to_grid(self, images: ImageRun, tokens: torch.Tensor) -> torch.Tensor:
+        """``[C, T', d]`` projector-side tokens back to ``[C, tokens_per_crop, d]`` grid places
+        (zeros where a vision stage dropped a token)."""
+        if images.vision_positions is None:
+            return tokens
+        crops, _, width = tokens.shape
+        first = self.description.first_patch_slot
+        slots = images.vision_positions.to(tokens.device) + first
+        full = tokens.new_zeros(crops, self.tokens_per_crop, width)
+        if first > 0:  # prefix tokens the projector reads (CLS under 'full') stay in front
+            full[:, :first] = tokens[:, :first]
+            tokens = tokens[:, first:]
+        return full.scatter(1, slots[..., None].expand(-1, -1, width), tokens)
+
+    def _after_projector(self, module, args, output):
+        images = self.pruner.encoding
+        if images is None or images.vision_positions is None:
+            return None
+        placed = self._to_grid(images, output)
+        if any(not image.token_map.is_one_to_one for image in images.images):
+            # Tokens mixed from several encoder tokens are rebuilt in front of the LLM from their kept
+            # sources (the family's packing mixed in zeros for the dropped ones).
+            images.projected = placed.reshape(-1, placed.shape[-1])
+        return placed
+
+    def _pre_llm(self, run: PruneRun, layout, embeds):
+        pruner = self.pruner
+        if run.image_run.vision_positions is not None:
+            kept = pruner.vision_kept_visual(run).to(embeds.device)
+            embeds = self._reweighted(run, embeds)
+            visual = layout.visual_index
+            keep = (layout.image_index < 0) | kept[torch.arange(visual.shape[0])[:, None], visual.clamp(min=0)]
+            layout, index = layout.compact(keep)
+            if renumbers(pruner.config.positions, "vision"):
+                layout = layout.renumbered()
+            embeds = gather_tokens(embeds, index)
+        projector = self.projector() if pruner.needs.has(signals.PROJECTOR_INPUT) else None
+        for stage in pruner.stages_at("projector"):
+            layout, embeds = pruner.run_sequence_stage(run, stage, layout, embeds, projector=projector)
+        return layout, embeds
+
+    def _reweighted(self, run: PruneRun, embeds: torch.Tensor) -> torch.Tensor:
+        """Tokens of a weighted map, rebuilt as the weighted mean of their kept sources' projected
+        features (a token whose sources were all dropped is removed anyway)."""
+        images = run.image_run
+        if images.projected is None:
+            return embeds
+        kept_slots = images.kept_slots().to(images.projected.device)
+        embeds = embeds.clone()
+        for image in run.visual.images:
+            if image.token_map.is_one_to_one:
+                continue
+            mixed = torch.nonzero((image.token_map.index >= 0).sum(1) > 1).squeeze(-1)
+            rebuilt = image.token_map.gather(images.projected, kept_slots)[mixed]
+            row = run.visual.visual_index[image.sample]
+            slots = torch.nonzero(row >= 0).squeeze(-1)[image.offset + mixed]
+            embeds[image.sample, slots.to(embeds.device)] = rebuilt.to(embeds.device, embeds.dtype)
+        return embeds
+
+
+class VisionSource:
+    """What a strategy may read from one call of the vision encoder (``ScoreContext.vision_attention``
+    and ``pixel_patches``): a chosen layer's self-attention, recomputed beside SDPA from the layer's
+    input, and the pixels behind every patch token, crop by crop in encoder order."""
+
+    def __init__(self, adapter: VisionLanguageAdapter, crop_pixels):
+        self.vision = adapter.description.vision
+        #: ``() -> [C, channels, H, W]``: every crop's pixels in encoder order.
+        self.crop_pixels = crop_pixels
+        #: Vision layer -> the input of its attention ``[C, T, D]`` (set by a hook during encoding).
+        self.inputs: dict[int, torch.Tensor] = {}
+
+    def attention(self, layer: int) -> VisionAttention:
+        vision = self.vision
+        if layer not in self.inputs:
+            raise ValueError(f"vision layer {layer}'s attention was not recorded; declare Signal('vision_attention', {layer}) in needs()")
+        x = self.inputs[layer]
+        first, patches = vision.prefix_tokens, vision.patches
+        if x.shape[1] != first + patches:
+            raise ValueError(
+                f"vision layer {layer} saw {x.shape[1]} tokens per crop, not the full {first + patches}; "
+                "its attention map needs every patch (no vision-site pruning before it)"
+            )
+        attn = vision.attention(layer)
+        crops, tokens, _ = x.shape
+        head_dim = attn.head_dim
+        scaling = attn.scaling
+        with torch.no_grad():
+            q = attn.q_proj(x).view(crops, tokens, -1, head_dim).transpose(1, 2)
+            k = attn.k_proj(x).view(crops, tokens, -1, head_dim).transpose(1, 2)
+            cls = attention_rows(q[:, :, :1], k, scaling).mean(dim=1)[:, 0, first:] if first else None
+
+        def column_mass() -> torch.Tensor:
+            with torch.no_grad():
+                return received_attention(q[:, :, first:], k, scaling)[:, first:] / patches
+
+        def rows(index: torch.Tensor) -> torch.Tensor:
+            index = index.to(q.device)
+            picked = torch.gather(q, 2, (first + index.clamp(min=0))[:, None, :, None].expand(-1, q.shape[1], -1, head_dim))
+            with torch.no_grad():
+                probs = attention_rows(picked, k, scaling).mean(dim=1)[..., first:]
+            return probs * (index >= 0)[..., None].to(probs.dtype)
+
+        return VisionAttention(rows=rows, keys=k.mean(dim=1)[:, first:], cls=cls, column_mass=column_mass)
+
+    def pixel_patches(self) -> torch.Tensor:
+        """``[C, P, channels, p, p]``: the (normalised) pixel values behind each crop's patch tokens,
+        in the row-major order of the encoder's patch embedding."""
+        pixels = self.crop_pixels()
+        size = self.vision.patch_size
+        crops, channels = pixels.shape[:2]
+        rows, cols = self.vision.grid
+        cut = pixels[:, :, : rows * size, : cols * size].unfold(2, size, size).unfold(3, size, size)
+        return cut.permute(0, 2, 3, 1, 4, 5).reshape(crops, rows * cols, channels, size, size)
