@@ -5,12 +5,14 @@ from __future__ import annotations
 from torch import nn
 
 from .base import Adapter, ImageInfo, UndoStack, VisualLayout
-from . import llava
+from . import llava, llava_onevision
 from .llava import LlavaAdapter
+from .llava_onevision import LlavaOnevisionAdapter
 
-ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter,)
+# The more specific adapter first: every family a class matches, the first one wins.
+ADAPTERS: tuple[type[Adapter], ...] = (LlavaOnevisionAdapter, LlavaAdapter)
 #: Family -> the signals (``vtoken.signals``) its models never provide, and why.
-FAMILY_GAPS: dict[str, dict[str, str]] = {**llava.FAMILY_GAPS}
+FAMILY_GAPS: dict[str, dict[str, str]] = {**llava.FAMILY_GAPS, **llava_onevision.FAMILY_GAPS}
 
 
 def adapter_for(model: nn.Module) -> type[Adapter]:
@@ -20,7 +22,7 @@ def adapter_for(model: nn.Module) -> type[Adapter]:
     families = ", ".join(a.family for a in ADAPTERS)
     raise ValueError(
         f"no vtoken adapter handles {type(model).__name__}; supported families: {families} "
-        "(LlavaForConditionalGeneration, LlavaNextForConditionalGeneration)"
+        "(LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, LlavaOnevisionForConditionalGeneration)"
     )
 
 

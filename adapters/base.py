@@ -41,6 +41,18 @@ class TokenMap:
         source = source.long()
         return cls(source[:, None], (source >= 0).to(torch.float32)[:, None])
 
+    @classmethod
+    def concat(cls, maps: list["TokenMap"]) -> "TokenMap":
+        """The tokens of ``maps`` one after the other (entries padded to the widest)."""
+        width = max(m.index.shape[1] for m in maps)
+        pad = [width - m.index.shape[1] for m in maps]
+        index = torch.cat([torch.nn.functional.pad(m.index, (0, p), value=-1) for m, p in zip(maps, pad)])
+        weight = torch.cat([torch.nn.functional.pad(m.weight.float(), (0, p)) for m, p in zip(maps, pad)])
+        return cls(index, weight)
+
+    def __getitem__(self, tokens) -> "TokenMap":
+        return TokenMap(self.index[tokens], self.weight[tokens])
+
     @property
     def num_tokens(self) -> int:
         return self.index.shape[0]

@@ -413,8 +413,9 @@ class VisionLanguageAdapter(Adapter):
         return layout, embeds
 
     def _reweighted(self, run: PruneRun, embeds: torch.Tensor) -> torch.Tensor:
-        """Tokens of a weighted map, rebuilt as the weighted mean of their kept sources' projected
-        features (a token whose sources were all dropped is removed anyway)."""
+        """Tokens of a weighted map that lost some of their sources, rebuilt as the weighted mean of
+        the kept ones' projected features (a token that lost all is removed anyway; one that lost
+        none keeps the family's own value)."""
         images = run.image_run
         if images.projected is None:
             return embeds
@@ -423,7 +424,13 @@ class VisionLanguageAdapter(Adapter):
         for image in run.visual.images:
             if image.token_map.is_one_to_one:
                 continue
-            mixed = torch.nonzero((image.token_map.index >= 0).sum(1) > 1).squeeze(-1)
+            index = image.token_map.index
+            used = index >= 0
+            dropped = used & ~kept_slots.cpu()[index.clamp(min=0)]
+            # Only tokens that lost some, not all, of their sources differ from the family's packing.
+            mixed = torch.nonzero(dropped.any(1) & (used & ~dropped).any(1)).squeeze(-1)
+            if mixed.numel() == 0:
+                continue
             rebuilt = image.token_map.gather(images.projected, kept_slots)[mixed]
             row = run.visual.visual_index[image.sample]
             slots = torch.nonzero(row >= 0).squeeze(-1)[image.offset + mixed]

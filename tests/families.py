@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from tiny import (
-    IMAGE_TOKEN, left_pad, llava_inputs, llava_next_inputs, next_image_tokens, tiny_llava, tiny_llava_next,
+    IMAGE_TOKEN, left_pad, llava_inputs, llava_next_inputs, next_image_tokens, onevision_image_tokens, onevision_inputs,
+    tiny_llava, tiny_llava_next, tiny_llava_onevision,
 )
 
 
@@ -24,6 +25,8 @@ class Family:
     make: Callable[..., nn.Module]  # (attn="sdpa", seed=0) -> a tiny model in eval mode
     inputs: Callable[[nn.Module], dict]  # a left-padded batch of 3 samples, one image each
     several_images: Callable[[nn.Module], dict]  # 2 images, none, 1 image
+    #: The family as ``vtoken.methods()`` names it.
+    label: str = ""
     #: A vision layer after which pruning is allowed (before the layer the projector reads).
     vision_layer: int = 1
 
@@ -57,7 +60,49 @@ def _next_several_images(model) -> dict:
             "image_sizes": torch.tensor([list(s) for s in sizes])}
 
 
+def _onevision_several_images(model) -> dict:
+    """Sample 0 holds two images (OneVision then encodes only their base views: batch_num_images),
+    sample 2 one image (all its AnyRes-Max crops)."""
+    from vtoken import compat
+
+    sizes = [(32, 64), (64, 64), (64, 40)]
+    batch_num_images = torch.tensor([2, 0, 1])
+    counts = onevision_image_tokens(model, sizes[:2], batch_num_images=[2]) + onevision_image_tokens(model, sizes[2:])
+    rows = [
+        [1, 7, 8, *[IMAGE_TOKEN] * counts[0], 9, *[IMAGE_TOKEN] * counts[1], 10, 11],
+        [1, 12, 13, 14, 15, 16],
+        [1, 17, *[IMAGE_TOKEN] * counts[2], 18, 19, 20, 21],
+    ]
+    ids, mask = left_pad(rows)
+    g = torch.Generator().manual_seed(3)
+    crops = [1, 1, compat.image_size_to_num_patches(sizes[2], model.config.image_grid_pinpoints, 32)]
+    pixels = torch.zeros(len(sizes), max(crops), 3, 32, 32)
+    for i, n in enumerate(crops):
+        pixels[i, :n] = torch.randn(n, 3, 32, 32, generator=g)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels,
+            "image_sizes": torch.tensor([list(s) for s in sizes]), "batch_num_images": batch_num_images}
+
+
 FAMILIES: dict[str, Family] = {
-    "llava": Family(tiny_llava, lambda m: llava_inputs(3), _llava_several_images),
-    "next": Family(tiny_llava_next, llava_next_inputs, _next_several_images),
+    "llava": Family(tiny_llava, lambda m: llava_inputs(3), _llava_several_images, "LLaVA-1.5"),
+    "next": Family(tiny_llava_next, llava_next_inputs, _next_several_images, "LLaVA-NeXT"),
+    "onevision": Family(tiny_llava_onevision, onevision_inputs, _onevision_several_images, "LLaVA-OneVision"),
 }
+
+
+def cases(methods: list[str], families=None) -> list:
+    """``(method, family)`` pytest params for every pair, the pairs ``vtoken.methods()`` says the
+    family cannot serve marked skip with its reason (``wrap`` refuses them; tested apart)."""
+    import pytest
+
+    import vtoken
+
+    runs = {m["name"]: m["families"] for m in vtoken.methods()}
+    out = []
+    for method in methods:
+        for name in families or FAMILIES:
+            verdict = runs[method][FAMILIES[name].label]
+            marks = [] if verdict == "runs" else [pytest.mark.skip(reason=f"{method} on {name}: {verdict}")]
+            out.append(pytest.param(method, name, marks=marks, id=f"{method}-{name}"))
+    return out
+

@@ -8,7 +8,7 @@ import torch
 import vtoken
 from vtoken.registry import get_strategy
 from tiny import greedy_without_cache, tiny_llava, tiny_llava_next
-from families import FAMILIES
+from families import FAMILIES, cases
 
 METHODS = [
     m["name"] for m in vtoken.methods()
@@ -27,8 +27,7 @@ def _final(selection):
     return [list(s.values())[-1] for s in selection]
 
 
-@pytest.mark.parametrize("name", list(MODELS))
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method,name", cases(METHODS))
 def test_keep_all_is_the_identity(method, name):
     model, x = _model(name)
     with torch.no_grad():
@@ -50,8 +49,7 @@ def test_budget_is_met_exactly(method):
     assert all(len(set(k.tolist())) == 5 and int(k.max()) < 16 for k in kept)
 
 
-@pytest.mark.parametrize("name", list(MODELS))
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method,name", cases(METHODS))
 def test_cached_generation_equals_recomputation(method, name):
     model, x = _model(name)
     # A random tiny model may prefer the image placeholder as its next word; a real one never

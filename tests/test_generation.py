@@ -10,15 +10,11 @@ import torch
 
 import vtoken
 from tiny import alone, llava_inputs, same_selections, tiny_llava
-from families import FAMILIES
+from families import FAMILIES, cases
 
 METHODS = [m["name"] for m in vtoken.methods() if not m["name"].startswith("_")]
 MODELS = {name: (family.make, family.inputs) for name, family in FAMILIES.items()}
-CASES = [
-    pytest.param(method, family, marks=pytest.mark.skip(reason="TokenPacker is refused on LLaVA-NeXT at wrap"))
-    if (method, family) == ("tokenpacker", "next") else (method, family)
-    for method in METHODS for family in MODELS
-]
+CASES = cases(METHODS)
 STEPS = 5
 
 

@@ -16,9 +16,14 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    Qwen2Config,
+    SiglipVisionConfig,
 )
 
 IMAGE_TOKEN = 99
+VIDEO_TOKEN = 98
 PAD = 0
 VOCAB = 100
 
@@ -62,6 +67,59 @@ def tiny_llava_next(attn: str = "sdpa", seed: int = 0) -> LlavaNextForConditiona
         model.model.image_newline.normal_()
     model.set_attn_implementation(attn)
     return model.eval()
+
+
+def tiny_llava_onevision(attn: str = "sdpa", seed: int = 0) -> LlavaOnevisionForConditionalGeneration:
+    """LLaVA-OneVision at toy size: a 4-layer SigLIP tower (4x4 patches, no CLS) read in full at its
+    last layer, a 4-layer Qwen2 with GQA, and ``anyres_max_2`` so that the crop grids of the default
+    inputs are interpolated for two of the three image sizes (a 4x8 grid is not, 8x8 and 8x6 are)."""
+    torch.manual_seed(seed)
+    vision = SiglipVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                                num_hidden_layers=4, num_attention_heads=4)
+    text = Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                       pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
+    config = LlavaOnevisionConfig(
+        vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN,
+        vision_feature_layer=-1, vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_2",
+        image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]],
+    )
+    model = LlavaOnevisionForConditionalGeneration(config)
+    with torch.no_grad():
+        model.model.image_newline.normal_()
+    model.set_attn_implementation(attn)
+    return model.eval()
+
+
+def onevision_image_tokens(model, image_sizes: list[tuple[int, int]], batch_num_images=None) -> list[int]:
+    """Visual tokens each image gives a LLaVA-OneVision model, from the model's own packing."""
+    config = model.config
+    if batch_num_images is None:
+        crops = [compat.image_size_to_num_patches(s, config.image_grid_pinpoints, 32) for s in image_sizes]
+    else:
+        crops = [1] * len(image_sizes)
+    feats = [torch.zeros(n, 16, 1) for n in crops]
+    packed, _ = model.model.pack_image_features(feats, torch.tensor([list(s) for s in image_sizes]),
+                                                image_newline=torch.zeros(1),
+                                                vision_aspect_ratio=config.vision_aspect_ratio)
+    return [p.shape[0] for p in packed]
+
+
+def onevision_inputs(model, image_sizes=((32, 64), (64, 64), (64, 40)), seed: int = 0) -> dict:
+    """One image per sample of different sizes (interpolated and not), left-padded."""
+    g = torch.Generator().manual_seed(seed)
+    counts = onevision_image_tokens(model, list(image_sizes))
+    rows = [_prompt(n, 2 + i, 3 + i, g) for i, n in enumerate(counts)]
+    ids, mask = left_pad(rows)
+    config = model.config
+    crops = [compat.image_size_to_num_patches(s, config.image_grid_pinpoints, 32) for s in image_sizes]
+    pixels = torch.zeros(len(image_sizes), max(crops), 3, 32, 32)
+    for i, n in enumerate(crops):
+        pixels[i, :n] = torch.randn(n, 3, 32, 32, generator=g)
+    return {
+        "input_ids": ids, "attention_mask": mask, "pixel_values": pixels,
+        "image_sizes": torch.tensor([list(s) for s in image_sizes]),
+    }
 
 
 def _prompt(n_image_tokens: int, text_before: int, text_after: int, generator: torch.Generator) -> list[int]:

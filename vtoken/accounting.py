@@ -1,9 +1,10 @@
 """Prefill FLOPs, per-token decode FLOPs and KV-cache size of a VLM under a pruning schedule.
 
 Everything is computed from the model *config* (no weights, no forward pass), so the real 7B configs
-work offline; the configs of ``llava-hf/llava-1.5-7b-hf``, ``llava-hf/llava-v1.6-vicuna-7b-hf`` and
-``Qwen/Qwen2.5-VL-7B-Instruct`` ship in ``vtoken/configs/``. Supported families: LLaVA-1.5
-(``llava``), LLaVA-NeXT (``llava_next``) and Qwen2.5-VL (``qwen2_5_vl``). All counts are per sample.
+work offline; the configs of ``llava-hf/llava-1.5-7b-hf``, ``llava-hf/llava-v1.6-vicuna-7b-hf``,
+``llava-hf/llava-onevision-qwen2-7b-ov-hf`` and ``Qwen/Qwen2.5-VL-7B-Instruct`` ship in
+``vtoken/configs/``. Supported families: LLaVA-1.5 (``llava``), LLaVA-NeXT (``llava_next``),
+LLaVA-OneVision (``llava_onevision``) and Qwen2.5-VL (``qwen2_5_vl``). All counts are per sample.
 
 Notation: an LLM layer with hidden size d, FFN size m, H query heads and H_kv key/value heads of size
 h_d; n tokens in the layer; v of them visual. FLOPs below are for one layer unless stated.
@@ -20,18 +21,23 @@ Conventions
   counted on the full block; ``torch.utils.flop_counter.FlopCounterMode`` counts the same).
 - Vision tower: the patch-embedding convolution, then every encoder layer the implementation runs,
   including the CLS token (CLIP) and the last layer whose output LLaVA discards
-  (``vision_feature_layer=-2``: transformers still runs it). CLIP layers use a two-matrix MLP;
+  (``vision_feature_layer=-2``: transformers still runs it). SigLIP towers (LLaVA-OneVision) have no
+  CLS token; their attention-pooling head, where the config enables it (``vision_use_head``; the
+  shipped OneVision config does not), is counted too. CLIP and SigLIP layers use a two-matrix MLP;
   Qwen2.5-VL blocks a SwiGLU MLP, window attention (``window_size`` 112 px = 8×8 patches) except in
   ``fullatt_block_indexes``; the window sizes follow transformers' partition exactly, so an unpruned
   Qwen2.5-VL tower is exact as well.
-- Projector: LLaVA's two-layer MLP on every patch feature (for LLaVA-NeXT on all crops, before
-  unpadding); Qwen2.5-VL's 2×2 merger MLP (4·D → 4·D → d).
+- Projector: LLaVA's two-layer MLP on every patch feature (for LLaVA-NeXT and LLaVA-OneVision on
+  all crops, before unpadding, interpolation or pooling); Qwen2.5-VL's 2×2 merger MLP
+  (4·D → 4·D → d).
 - LM head: 2·d·V per position that gets logits; by default only the last one (``lm_head_tokens=1``,
   as ``generate`` does). A plain ``model(...)`` call computes all positions.
-- Ignored: norms, activations, softmax, RoPE, residual adds, biases (the counter ignores them too).
+- Ignored: norms, activations, softmax, RoPE, residual adds, biases, and LLaVA-OneVision's bilinear
+  resizing of its crop grid and video frames (the counter ignores them too).
 
-Verified against ``FlopCounterMode`` on tiny LLaVA / LLaVA-NeXT / Qwen2.5-VL models and on the real
-7B configs on the meta device (``tests/test_flops.py``). Counter caveats: on CPU, SDPA dispatches to
+Verified against ``FlopCounterMode`` on tiny LLaVA / LLaVA-NeXT / LLaVA-OneVision / Qwen2.5-VL models
+and on the real 7B configs on the meta device (``tests/test_flops.py``,
+``tests/test_flops_onevision.py``). Counter caveats: on CPU, SDPA dispatches to
 ``aten._scaled_dot_product_flash_attention_for_cpu``, which the counter does **not** register, so
 attention counts as 0 there; compare with ``attn_implementation="eager"`` (``bmm`` is counted) or on
 the meta device (SDPA decomposes to ``bmm``). On CUDA the flash / efficient / cuDNN SDPA ops are
@@ -50,9 +56,14 @@ m=11008, 32 layers) it gives 3.82 TFLOPs at 576 tokens, FastV (K=2) keeping 288 
 LLaVA-NeXT-7B at 2880 tokens 20.83. LLaVA-NeXT counts there are 5 crops × 576 = 2880 (no newline
 tokens), which is the default visual count of this convention; ``"true"`` uses the count the model
 actually builds (576 base + unpadded grid + one newline per row: 2928 for the default 672×672 image).
-Decode under ``"paper"`` follows DyCoke's form with a three-matrix FFN: 4d² + 3dm + 2·d·(v_l + i)
-per layer for the i-th generated token. Scoring costs are reported as multiply-adds (half the true
-count) under ``"paper"``.
+LLaVA-OneVision follows the same rule: ``"paper"`` counts crops × 729 (3645 for the default 672×672
+image: base view + 2×2 crops), ``"true"`` the tokens the model packs (729 base + unpadded grid + one
+newline per row: 3699 at 672×672). Where the unpadded grid holds more than 1.1² × 9 crops' worth of
+patches, the model shrinks it by bilinear interpolation to about 9 crops' worth, and the paper count
+becomes larger than what the LLM sees (1080×1920: 16 crops × 729 = 11664 against 7269); pass
+``visual_tokens=`` to override it. Decode under ``"paper"`` follows DyCoke's form with a three-matrix
+FFN: 4d² + 3dm + 2·d·(v_l + i) per layer for the i-th generated token. Scoring costs are reported
+as multiply-adds (half the true count) under ``"paper"``.
 
 Schedules and scoring
 ---------------------
@@ -82,6 +93,7 @@ CONVENTIONS: tuple[str, ...] = ("true", "paper")
 DEFAULT_TEXT_TOKENS = 64
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 LLAVA_NEXT_DEFAULT_IMAGE = (672, 672)
+LLAVA_ONEVISION_DEFAULT_IMAGE = (672, 672)  # the LLaVA-NeXT default: base view + 2×2 crops of 384 px
 QWEN_DEFAULT_IMAGE = (672, 672)
 QWEN_MIN_PIXELS = 56 * 56
 QWEN_MAX_PIXELS = 28 * 28 * 16384  # the official Qwen2.5-VL preprocessor_config.json value
@@ -128,6 +140,7 @@ class VisionDims:
     merge: int = 1  # spatial merge of the projector (Qwen: 2, i.e. 2×2 patches per LLM token)
     window: int = 0  # attention window, in merged units per side (Qwen2.5-VL: 112 px → 4)
     full_attention_layers: tuple[int, ...] = ()
+    pooling_head: bool = False  # SigLIP's attention-pooling head runs after the last layer
 
     @property
     def patch_inputs(self) -> int:
@@ -146,13 +159,14 @@ class ProjectorDims:
 
 @dataclass(frozen=True)
 class ModelDims:
-    family: str  # "llava" | "llava_next" | "qwen2_5_vl"
+    family: str  # "llava" | "llava_next" | "llava_onevision" | "qwen2_5_vl"
     name: str
     decoder: DecoderDims
     vision: VisionDims
     projector: ProjectorDims
     keep_cls: bool = False  # vision_feature_select_strategy == "full"
     grid_pinpoints: tuple[tuple[int, int], ...] = ()
+    anyres_max: int = 0  # LLaVA-OneVision's vision_aspect_ratio "anyres_max_N": N
 
 
 @dataclass(frozen=True)
@@ -236,13 +250,13 @@ def _config_from_dict(data: dict):
 def model_dims(config) -> ModelDims:
     """Read the dimensions the FLOPs model needs from a transformers config."""
     family = getattr(config, "model_type", None)
-    if family in ("llava", "llava_next"):
+    if family in ("llava", "llava_next", "llava_onevision"):
         return _llava_dims(config, family)
     if family == "qwen2_5_vl":
         return _qwen2_5_vl_dims(config)
     raise NotImplementedError(
         f"FLOPs model for model_type {family!r} is not implemented (supported: llava, llava_next, "
-        "qwen2_5_vl)"
+        "llava_onevision, qwen2_5_vl)"
     )
 
 
@@ -264,8 +278,13 @@ def _llava_dims(config, family: str) -> ModelDims:
     text, vision = config.text_config, config.vision_config
     feature_layers = config.vision_feature_layer
     n_feature_layers = 1 if isinstance(feature_layers, int) else len(feature_layers)
-    cls_tokens = 1 if "clip" in getattr(vision, "model_type", "clip") else 0
+    vision_type = getattr(vision, "model_type", "clip")
+    cls_tokens = 1 if "clip" in vision_type else 0
     pinpoints = tuple(tuple(p) for p in getattr(config, "image_grid_pinpoints", None) or ())
+    anyres_max = 0
+    if family == "llava_onevision":
+        # parsed exactly as LlavaOnevisionModel.pack_image_features does ("anyres_max_9" -> 9)
+        anyres_max = int(getattr(config, "vision_aspect_ratio", "anyres_max_9").strip("anyres_max_"))
     return ModelDims(
         family=family,
         name=_model_name(config),
@@ -279,12 +298,14 @@ def _llava_dims(config, family: str) -> ModelDims:
             image_size=vision.image_size,
             cls_tokens=cls_tokens,
             mlp_matrices=2,
+            pooling_head="siglip" in vision_type and bool(getattr(vision, "vision_use_head", False)),
         ),
         projector=ProjectorDims(
             in_dim=vision.hidden_size * n_feature_layers, hidden=text.hidden_size, out_dim=text.hidden_size
         ),
         keep_cls=config.vision_feature_select_strategy == "full",
-        grid_pinpoints=pinpoints if family == "llava_next" else (),
+        grid_pinpoints=pinpoints if family in ("llava_next", "llava_onevision") else (),
+        anyres_max=anyres_max,
     )
 
 
@@ -329,6 +350,7 @@ def geometry(
     convention: str = "true",
     vision_tokens: int | None = None,
     visual_tokens: int | None = None,
+    frames: int | None = None,
 ) -> Geometry:
     """Tokens per part for ``images`` images of ``image_size`` (h, w) before any pruning.
 
@@ -337,15 +359,32 @@ def geometry(
       (672×672 by default: 5 crops). ``"true"``: 576 base tokens + the unpadded crop grid + one
       newline per grid row, as the model packs them (2928 at 672×672); ``"paper"``: crops × 576
       (2880).
+    - LLaVA-OneVision (``LlavaOnevisionModel.pack_image_features``): one image is a base view plus the
+      crops of the best pinpoint resolution (672×672 by default: 2×2 crops of 384 px, 729 patches
+      each, no CLS). ``"true"``: 729 base tokens + the unpadded crop grid (rows × cols patches), which
+      is bilinearly resized to ``[rows // r, cols // r]`` when r = sqrt(rows·cols / (N·27²)) > 1.1
+      (N from ``vision_aspect_ratio`` ``"anyres_max_N"``), + one newline per row (3699 at 672×672);
+      ``"paper"``: crops × 729 (3645). Several images in one sample (``images`` > 1) are each
+      encoded as their base view only, 729 tokens + one newline (the model's multi-image path).
+      ``frames`` makes the sample one video instead: every frame is one 729-patch pass whose
+      projected features are pooled 2×2 (bilinear, to ceil(27/2)² = 196 tokens), + one newline per
+      video; ``"paper"``: frames × 196.
     - Qwen2.5-VL: ``smart_resize`` to multiples of 28 px (default 672×672 → 48×48 patches, 576 LLM
       tokens after the 2×2 merger).
 
     ``vision_tokens`` overrides the patches per crop/image, ``visual_tokens`` the LLM-side count only.
     """
+    if frames is not None and dims.family != "llava_onevision":
+        raise ValueError(f"frames= (video) is only modelled for llava_onevision, not {dims.family}")
     if dims.family == "llava":
         geo = _llava_geometry(dims, images)
     elif dims.family == "llava_next":
         geo = _llava_next_geometry(dims, image_size or LLAVA_NEXT_DEFAULT_IMAGE, images, convention)
+    elif dims.family == "llava_onevision":
+        if frames is not None:
+            geo = _onevision_video_geometry(dims, frames, convention)
+        else:
+            geo = _onevision_geometry(dims, image_size or LLAVA_ONEVISION_DEFAULT_IMAGE, images, convention)
     else:
         geo = _qwen_geometry(dims, image_size or QWEN_DEFAULT_IMAGE, images)
     if vision_tokens is not None and vision_tokens != geo.patches:
@@ -382,6 +421,48 @@ def _llava_next_geometry(dims: ModelDims, image_size, images: int, convention: s
         visual = per_crop + rows * cols + rows  # base view + unpadded grid + one newline per row
     return Geometry(crops=images * crops, patches=patches, projector_tokens=images * crops * per_crop,
                     visual_tokens=images * visual)
+
+
+def _onevision_geometry(dims: ModelDims, image_size, images: int, convention: str) -> Geometry:
+    from vtoken import compat
+
+    side = _side_patches(dims)
+    patches = side * side  # SigLIP: no CLS, "full" selection keeps every patch
+    if images > 1:  # multi-image sample: every image is its base view only, plus one newline
+        visual = patches if convention == "paper" else patches + 1
+        return Geometry(crops=images, patches=patches, projector_tokens=images * patches,
+                        visual_tokens=images * visual)
+    best_h, best_w = compat.select_best_resolution(tuple(image_size), [list(p) for p in dims.grid_pinpoints])
+    grid_h, grid_w = best_h // dims.vision.image_size, best_w // dims.vision.image_size
+    crops = 1 + grid_h * grid_w
+    if convention == "paper":
+        visual = crops * patches
+    else:
+        rows, cols = _onevision_grid(dims, image_size, grid_h * side, grid_w * side)
+        visual = patches + rows * cols + rows  # base view + (resized) unpadded grid + one newline per row
+    return Geometry(crops=crops, patches=patches, projector_tokens=crops * patches, visual_tokens=visual)
+
+
+def _onevision_grid(dims: ModelDims, image_size, rows: int, cols: int) -> tuple[int, int]:
+    """The unpadded AnyRes grid, then LLaVA-OneVision's bilinear shrink of a grid larger than
+    ``anyres_max`` base views: ratio = sqrt(rows·cols / (N·side²)); above 1.1 the grid becomes
+    [int(rows // ratio), int(cols // ratio)]."""
+    import math
+
+    rows, cols = _unpadded_grid(image_size, rows, cols)
+    side = _side_patches(dims)
+    ratio = math.sqrt(rows * cols / (dims.anyres_max * side**2))
+    if ratio > 1.1:
+        rows, cols = int(rows // ratio), int(cols // ratio)
+    return rows, cols
+
+
+def _onevision_video_geometry(dims: ModelDims, frames: int, convention: str) -> Geometry:
+    side = _side_patches(dims)
+    pooled = -(-side // 2)  # ceil(side / 2): apply_pooling's bilinear 2×2 downsampling
+    visual = frames * pooled * pooled + (0 if convention == "paper" else 1)  # one newline per video
+    return Geometry(crops=frames, patches=side * side, projector_tokens=frames * side * side,
+                    visual_tokens=visual)
 
 
 def _unpadded_grid(image_size, rows: int, cols: int) -> tuple[int, int]:
@@ -464,6 +545,14 @@ def encoder_layer_flops(v: VisionDims, tokens: int, attention_pairs: int) -> int
     attention = 4 * attention_pairs * v.hidden
     mlp = 2 * v.mlp_matrices * tokens * v.hidden * v.intermediate
     return projections + attention + mlp
+
+
+def pooling_head_flops(v: VisionDims, tokens: int) -> int:
+    """SigLIP's attention-pooling head on one crop of ``tokens`` tokens: one probe query
+    (``nn.MultiheadAttention``: q and out projections 2·D² each, k and v 2·n·D² each, scores and
+    values 2·n·D each), then the MLP on the probe alone 2·D·I per matrix."""
+    attention = 4 * v.hidden**2 + 4 * tokens * v.hidden**2 + 4 * tokens * v.hidden
+    return attention + 2 * v.mlp_matrices * v.hidden * v.intermediate
 
 
 def projector_flops(p: ProjectorDims, tokens: int) -> int:
@@ -587,26 +676,30 @@ def flops(
     images: int | None = None,
     dtype: Any = "float16",
     lm_head_tokens: int = 1,
+    frames: int | None = None,
 ) -> FlopsReport:
     """FLOPs of one sample under a pruning ``schedule`` (see the module docstring for conventions).
 
     Args:
         model_or_config: a transformers config, a model (its ``.config``), a dict, a config-JSON
             path or a hub name (shipped configs first: ``"llava-hf/llava-1.5-7b-hf"``,
-            ``"llava-hf/llava-v1.6-vicuna-7b-hf"``, ``"Qwen/Qwen2.5-VL-7B-Instruct"``).
+            ``"llava-hf/llava-v1.6-vicuna-7b-hf"``, ``"llava-hf/llava-onevision-qwen2-7b-ov-hf"``,
+            ``"Qwen/Qwen2.5-VL-7B-Instruct"``).
         schedule: a ``Schedule``, a model wrapped by vtoken (its current schedule), or ``None``:
             the schedule of ``model_or_config`` if that is a wrapped model, else unpruned.
         text_tokens: non-visual prompt tokens (system prompt, question, template); default 64.
         decode_tokens: decoding steps (>= 1) averaged into ``decode_per_token`` (step i attends
             to the cache plus i tokens); default 1.
         convention: ``"true"`` (all FLOPs) or ``"paper"`` (visual-token LLM multiply-adds).
-        image_size: (h, w) of the image; sizes LLaVA-NeXT crops (default 672×672) and Qwen2.5-VL
-            patches (default 672×672). LLaVA-1.5 always sees 336×336.
+        image_size: (h, w) of the image; sizes LLaVA-NeXT and LLaVA-OneVision crops (default
+            672×672) and Qwen2.5-VL patches (default 672×672). LLaVA-1.5 always sees 336×336.
         visual_tokens: override the visual tokens reaching the LLM before pruning (the vision tower
             keeps its ``image_size`` geometry); else ``schedule.visual_tokens``, else the geometry.
         images: images per sample; default ``schedule.images``.
         dtype: KV-cache dtype (torch dtype or name) for ``kv_cache_bytes``.
         lm_head_tokens: positions that get logits at prefill (``"true"`` only); default 1.
+        frames: LLaVA-OneVision only: the sample is one video of this many frames instead of
+            images (196 pooled tokens per frame + one newline).
     """
     if convention not in CONVENTIONS:
         raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
@@ -614,7 +707,7 @@ def flops(
 
     def llm_visual_tokens() -> int:  # what a wrapped model's schedule is asked for
         return geometry(dims, image_size=image_size, images=images or 1, convention=convention,
-                        visual_tokens=visual_tokens).visual_tokens
+                        visual_tokens=visual_tokens, frames=frames).visual_tokens
 
     schedule = _resolve_schedule(model_or_config, schedule, llm_visual_tokens)
     geo = geometry(
@@ -624,7 +717,11 @@ def flops(
         convention=convention,
         vision_tokens=schedule.vision_tokens,
         visual_tokens=visual_tokens if visual_tokens is not None else schedule.visual_tokens,
+        frames=frames,
     )
+    if frames is not None and _vision_stages(schedule):
+        raise ValueError("a 'vision' stage on a video is not modelled: the 2×2 pooling of each frame "
+                         "needs its whole patch grid")
     return _report(dims, geo, schedule, text_tokens, decode_tokens, convention, dtype, lm_head_tokens)
 
 
@@ -636,6 +733,7 @@ def kv_cache_bytes(
     *,
     image_size: tuple[int, int] | None = None,
     visual_tokens: int | None = None,
+    frames: int | None = None,
 ) -> int:
     """KV-cache bytes of one sample after prefill: Σ_layers 2 · H_kv · h_d · n_l · bytes(dtype).
 
@@ -643,7 +741,7 @@ def kv_cache_bytes(
     token, later layers only the kept ones.
     """
     return flops(model_or_config, schedule, text_tokens=text_tokens, image_size=image_size,
-                 visual_tokens=visual_tokens, dtype=dtype).kv_cache_bytes
+                 visual_tokens=visual_tokens, dtype=dtype, frames=frames).kv_cache_bytes
 
 
 def describe(schedule: Schedule | None) -> str:
@@ -784,6 +882,8 @@ def _vision_flops(dims: ModelDims, schedule: Schedule, geo: Geometry) -> int:
         else:
             pairs = tokens * tokens
         total += geo.crops * encoder_layer_flops(v, tokens, pairs)
+    if v.pooling_head:
+        total += geo.crops * pooling_head_flops(v, _patches_at(schedule, geo, v.layers) + v.cls_tokens)
     return total
 
 
@@ -925,6 +1025,7 @@ __all__ = [
     "load_config",
     "model_dims",
     "paper_layer_macs",
+    "pooling_head_flops",
     "projector_flops",
     "shipped_configs",
 ]

@@ -126,6 +126,11 @@ def set_encoded_images(kwargs: dict, encoded) -> None:
     kwargs[ENCODER_OUTPUTS_KWARG] = {**(kwargs.get(ENCODER_OUTPUTS_KWARG) or {}), "image": encoded}
 
 
+def encoded_videos(kwargs: dict):
+    """The video encoding ``generate`` handed to a forward (None if none)."""
+    return (kwargs.get(ENCODER_OUTPUTS_KWARG) or {}).get("video")
+
+
 def image_features(encoded) -> list[torch.Tensor]:
     """Per-image feature tensors of an image encoding (``get_image_features`` output)."""
     return list(encoded.pooler_output)
@@ -229,6 +234,15 @@ def pack_anyres_features(core: nn.Module, features: list, image_sizes, select: s
     """LLaVA-NeXT's own packing of per-crop features (unpadding, newline after each row)."""
     packed, _ = core.pack_image_features(
         features, image_sizes, vision_feature_select_strategy=select, image_newline=image_newline
+    )
+    return packed
+
+
+def pack_anyres_max_features(core: nn.Module, features: list, image_sizes, image_newline, aspect_ratio: str) -> list:
+    """LLaVA-OneVision's own packing of per-crop features (unpadding, AnyRes-Max interpolation,
+    newline after each row)."""
+    packed, _ = core.pack_image_features(
+        features, image_sizes, image_newline=image_newline, vision_aspect_ratio=aspect_ratio
     )
     return packed
 
