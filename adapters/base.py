@@ -222,6 +222,25 @@ class DecoderSpec:
 
 
 @dataclass(frozen=True)
+class Modality:
+    """One kind of visual input of a family (images, videos): ``name`` is its key in transformers'
+    ``mm_encoder_outputs``, ``entry`` the encoder method of the inner model that ``generate`` and the
+    forward call (``get_image_features``), ``pixels`` its pixel keyword, ``placeholder`` the token id
+    the processor repeats once per visual token, ``forward_kwargs`` the forward's keyword arguments
+    the entry takes too. ``infos(arguments)`` builds the token structure (:class:`ImageInfo`, one per
+    image or video) of one entry call from its bound arguments, ``crop_pixels(arguments)`` the
+    ``[C, channels, H, W]`` pixels of every crop (frame) it encodes, in encoder order."""
+
+    name: str
+    entry: str
+    pixels: str
+    placeholder: int
+    forward_kwargs: tuple[str, ...]
+    infos: Callable[[dict[str, Any]], list["ImageInfo"]]
+    crop_pixels: Callable[[dict[str, Any]], torch.Tensor]
+
+
+@dataclass(frozen=True)
 class FamilyDescription:
     """Everything the generic pipeline (:class:`vtoken.adapters.pipeline.VisionLanguageAdapter`)
     needs to know about a model family, in one place.

@@ -12,7 +12,11 @@ What differs from LLaVA-NeXT, and how the token map follows it:
   source coordinate, hence its four sources and their weights (:class:`~vtoken.adapters.base.TokenMap`).
 - **Newlines.** One newline token closes every row of the crop grid; an image with a single crop
   (and every image of a multi-image sample, ``batch_num_images``) is its base view plus one newline.
-- **Video** (``pixel_values_videos``): not pruned yet; such inputs are refused with a message.
+- **Video** (``pixel_values_videos``, ``get_video_features``): every frame is one crop of the
+  encoder, its projected patches pooled 2x2 by bilinear interpolation (27x27 -> 14x14 patches at
+  384 px), one newline after the whole video. A video is one unit of the token budget (as an image
+  is); its map is read off the model's own ``apply_pooling`` as for AnyRes-Max. A prompt holds
+  images or videos, not both (refused with a message).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import torch
 from torch import nn
 from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionModel
 
-from .base import ImageInfo, TokenMap
+from .base import ImageInfo, Modality, TokenMap
 from .llava import LlavaAdapter
 from vtoken import compat, signals
 from vtoken.context import Grid
@@ -70,11 +74,40 @@ class LlavaOnevisionAdapter(LlavaAdapter):
             return "vision-site pruning on LLaVA-OneVision needs every crop token to be a patch (a tower without CLS under 'full')"
         return None
 
-    def refuse_inputs(self, kwargs: dict) -> None:
-        if kwargs.get("pixel_values_videos") is not None or compat.encoded_videos(kwargs) is not None:
-            raise ValueError(
-                "vtoken does not prune LLaVA-OneVision video input yet; pass images, or call vtoken.unwrap(model) for video"
-            )
+    def modalities(self) -> tuple[Modality, ...]:
+        video = Modality(
+            "video", "get_video_features", "pixel_values_videos", self.config.video_token_id,
+            ("vision_feature_layer", "vision_feature_select_strategy"), self.video_infos, self.video_pixels,
+        )
+        return (*super().modalities(), video)
+
+    # --- videos ---------------------------------------------------------------------------------
+    @staticmethod
+    def video_pixels(arguments: dict[str, Any]) -> torch.Tensor:
+        """``[videos * frames, channels, H, W]``: every frame, as the encoder sees them."""
+        return arguments["pixel_values_videos"].flatten(0, 1)
+
+    def video_infos(self, arguments: dict[str, Any]) -> list[ImageInfo]:
+        """One :class:`ImageInfo` per video: each frame's pooled grid, then one newline."""
+        videos, frames = arguments["pixel_values_videos"].shape[:2]
+        per, side = self.tokens_per_crop, self.grid_side
+        # The model's own pooling, run on each patch's (row, column): fractional where it interpolates.
+        token = torch.arange(per, dtype=torch.float64)
+        coordinates = torch.stack([torch.div(token, side, rounding_mode="floor"), token % side], dim=-1)
+        pooled = compat.pool_video_features(self.core, coordinates[None])[0]  # [pooled tokens, 2]
+        pooled_side = int(round(pooled.shape[0] ** 0.5))
+        infos = []
+        for video in range(videos):
+            maps = [
+                _bilinear_map(pooled, lambda y, x, f=(video * frames + frame): f * per + y * side + x)
+                for frame in range(frames)
+            ]
+            token_map = TokenMap.concat([*maps, TokenMap.one_to_one(torch.tensor([-1]))])
+            grids = tuple(Grid(f * pooled.shape[0], pooled_side, pooled_side, pooled_side) for f in range(frames))
+            geometry = {"kind": "video", "frames": frames, "grid": (pooled_side, pooled_side)}
+            crops = list(range(video * frames, (video + 1) * frames))
+            infos.append(ImageInfo(-1, -1, token_map.num_tokens, grids, crops, token_map, geometry))
+        return infos
 
     # --- where the visual tokens are ------------------------------------------------------------
     def crops_per_image(self, image_sizes, batch_num_images=None) -> list[int]:
@@ -147,21 +180,32 @@ class LlavaOnevisionAdapter(LlavaAdapter):
         return compat.pack_anyres_max_features(self.core, [features], [size], newline, aspect)[0][per:]
 
     def _crop_grid_map(self, coordinates: torch.Tensor, first: int, cols: int) -> TokenMap:
-        """The bilinear sources of each packed crop-grid token: at most four (row, col) cells."""
+        """The bilinear sources of each packed crop-grid token (row, column in the grid of crops)."""
         side, per = self.grid_side, self.tokens_per_crop
-        is_token = coordinates[:, 0] >= 0
-        coordinates = coordinates.clamp(min=0)
-        base = torch.floor(coordinates + _SNAP)
-        frac = (coordinates - base).clamp(min=0)
-        frac = torch.where(frac < _SNAP, 0.0, frac)
-        index, weight = [], []
-        for dy in (0, 1):
-            for dx in (0, 1):
-                share = (frac[:, 0] if dy else 1 - frac[:, 0]) * (frac[:, 1] if dx else 1 - frac[:, 1])
-                y, x = (base[:, 0] + dy).long(), (base[:, 1] + dx).long()
-                crop = 1 + (y // side) * cols + x // side
-                slot = (first + crop) * per + (y % side) * side + x % side
-                used = is_token & (share > 0)
-                index.append(torch.where(used, slot, -1))
-                weight.append(torch.where(used, share, 0.0).float())
-        return TokenMap(torch.stack(index, dim=1), torch.stack(weight, dim=1))
+
+        def slot(y, x):
+            crop = 1 + (y // side) * cols + x // side
+            return (first + crop) * per + (y % side) * side + x % side
+
+        return _bilinear_map(coordinates, slot)
+
+
+def _bilinear_map(coordinates: torch.Tensor, slot) -> TokenMap:
+    """A :class:`TokenMap` from the fractional source coordinates ``[T, 2]`` (row, column) that
+    ``interpolate(mode="bilinear")`` gives a linear ramp: each token's (up to) four neighbouring
+    cells with their bilinear weights; ``slot(rows, cols)`` numbers the cells. Negative coordinates
+    mark tokens with no source (newlines)."""
+    is_token = coordinates[:, 0] >= 0
+    coordinates = coordinates.clamp(min=0)
+    base = torch.floor(coordinates + _SNAP)
+    frac = (coordinates - base).clamp(min=0)
+    frac = torch.where(frac < _SNAP, 0.0, frac)
+    index, weight = [], []
+    for dy in (0, 1):
+        for dx in (0, 1):
+            share = (frac[:, 0] if dy else 1 - frac[:, 0]) * (frac[:, 1] if dx else 1 - frac[:, 1])
+            y, x = (base[:, 0] + dy).long(), (base[:, 1] + dx).long()
+            used = is_token & (share > 0)
+            index.append(torch.where(used, slot(y, x), -1))
+            weight.append(torch.where(used, share, 0.0).float())
+    return TokenMap(torch.stack(index, dim=1), torch.stack(weight, dim=1))

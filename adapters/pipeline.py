@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .base import Adapter, FamilyDescription, ImageInfo, UndoStack, VisualLayout
+from .base import Adapter, FamilyDescription, ImageInfo, Modality, UndoStack, VisualLayout
 from .hf_decoder import DecoderPruning
 from .observe import observe_layer
 from vtoken import compat, signals
@@ -76,8 +76,13 @@ class VisionLanguageAdapter(Adapter):
 
     @property
     def placeholder_id(self) -> int:
-        """The token id the processor repeats once per visual token."""
+        """The token id the processor repeats once per visual token of an image."""
         return self.config.image_token_id
+
+    def modalities(self) -> tuple[Modality, ...]:
+        """The kinds of visual input this family prunes (images; a family with videos adds theirs)."""
+        return (Modality("image", "get_image_features", "pixel_values", self.placeholder_id, self.encoder_kwargs,
+                         self.image_infos, self.crop_pixels),)
 
     def vision_site_refusal(self) -> str | None:
         """None when vision-site stages can run on this model, else why not (with the fix)."""
@@ -185,10 +190,11 @@ class VisionLanguageAdapter(Adapter):
         flat = torch.where(patch_slots[None] >= 0, crop_base + patch_slots[None], slots)
         return best[flat]
 
-    def visual_layout(self, input_ids: torch.Tensor, images: list[ImageInfo]) -> VisualLayout:
+    def visual_layout(self, input_ids: torch.Tensor, images: list[ImageInfo], placeholder: int | None = None) -> VisualLayout:
         """Place each image in its sample: image i owns the i-th block of placeholders in flattened
         (batch, position) order, as ``masked_scatter`` fills them."""
-        placeholders = (input_ids == self.placeholder_id).cpu()
+        placeholder = self.placeholder_id if placeholder is None else placeholder
+        placeholders = (input_ids == placeholder).cpu()
         batch, length = input_ids.shape
         visual_index = torch.where(placeholders, placeholders.long().cumsum(-1) - 1, -1)
         image_index = torch.full((batch, length), -1, dtype=torch.long)
@@ -214,37 +220,12 @@ class VisionLanguageAdapter(Adapter):
     # --- hooks ----------------------------------------------------------------------------------
     def install(self, pruner: Pruner, undo: UndoStack) -> None:
         self.pruner = pruner
-        encode = self.core.get_image_features
-        needs = pruner.needs
-        # Strategies that read the encoder itself (VFlowOpt): one layer's attention, the pixels.
-        attention_layers = needs.layers(signals.VISION_ATTENTION)
-        reads_encoder = bool(attention_layers) or needs.has(signals.PIXEL_PATCHES)
-        signature = inspect.signature(encode)
-
-        @functools.wraps(encode)  # keeps the signature generate() inspects
-        def get_image_features(*args, **kwargs):
-            arguments = signature.bind(*args, **kwargs).arguments
-            images = self.image_infos(arguments)
-            crop_pixels = partial(self.crop_pixels, arguments)
-            run = ImageRun(
-                images, self.candidate_local(images), pruner.config, crop_pixels=crop_pixels,
-                tokens_per_crop=self.tokens_per_crop,
-            )
-            if reads_encoder:
-                run.vision_source = VisionSource(self, crop_pixels)
-            pruner.encoding = run
-            try:
-                output = encode(*args, **kwargs)
-            finally:
-                pruner.encoding = None
-            run.output = output
-            run.features = compat.image_features(output)
-            pruner.remember_encoding(output, run)
-            return output
-
-        self.core.get_image_features = get_image_features
-        undo.push(lambda: delattr(self.core, "get_image_features"))
+        self._modalities = self.modalities()
+        for modality in self._modalities:
+            self._wrap_entry(modality, undo)
         undo.hook(self.core.register_forward_pre_hook(self._before_model, with_kwargs=True))
+        needs = pruner.needs
+        attention_layers = needs.layers(signals.VISION_ATTENTION)
         for layer in needs.layers(signals.VISION_OBSERVED):
             observe_layer(
                 self.vision_layers()[layer], compat.LAYER_PARTS,
@@ -263,17 +244,50 @@ class VisionLanguageAdapter(Adapter):
         decoder = self.description.decoder
         DecoderPruning(decoder.stack, pruner, self._pre_llm, head=decoder.head).install(undo)
 
+    def _wrap_entry(self, modality: Modality, undo: UndoStack) -> None:
+        """Wrap the encoder entry of ``modality`` so each call opens its own :class:`ImageRun`."""
+        pruner = self.pruner
+        encode = getattr(self.core, modality.entry)
+        needs = pruner.needs
+        # Strategies that read the encoder itself (VFlowOpt): one layer's attention, the pixels.
+        reads_encoder = bool(needs.layers(signals.VISION_ATTENTION)) or needs.has(signals.PIXEL_PATCHES)
+        signature = inspect.signature(encode)
+
+        @functools.wraps(encode)  # keeps the signature generate() inspects
+        def encoder_entry(*args, **kwargs):
+            arguments = signature.bind(*args, **kwargs).arguments
+            images = modality.infos(arguments)
+            crop_pixels = partial(modality.crop_pixels, arguments)
+            run = ImageRun(
+                images, self.candidate_local(images), pruner.config, crop_pixels=crop_pixels,
+                tokens_per_crop=self.tokens_per_crop,
+            )
+            run.modality = modality.name
+            if reads_encoder:
+                run.vision_source = VisionSource(self, crop_pixels)
+            pruner.encoding = run
+            try:
+                output = encode(*args, **kwargs)
+            finally:
+                pruner.encoding = None
+            run.output = output
+            run.features = compat.image_features(output)
+            pruner.remember_encoding(output, run)
+            return output
+
+        setattr(self.core, modality.entry, encoder_entry)
+        undo.push(lambda: delattr(self.core, modality.entry))
+
     def _before_model(self, module, args, kwargs):
         pruner = self.pruner
         pruner.active = None
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = compat.cache_from(kwargs)
-        has_images = input_ids is not None and bool((input_ids == self.placeholder_id).any())
-        self.refuse_inputs(kwargs)
+        present = [m for m in self._modalities if input_ids is not None and bool((input_ids == m.placeholder).any())]
         if cache is not None and compat.cache_length(cache) > 0:
             # A decoding step. Image tokens without images (a generated token that happens to be the
             # image token's id) are text to the model, as to the unwrapped one; new images are not.
-            if has_images and (kwargs.get("pixel_values") is not None or compat.encoded_images(kwargs) is not None):
+            if any(kwargs.get(m.pixels) is not None or compat.encoded_output(kwargs, m.name) is not None for m in present):
                 raise ValueError(
                     "vtoken prunes images at prefill; a new image cannot be added to a filled KV cache: start a "
                     "new prompt with every image (or call vtoken.unwrap(model) for this use)"
@@ -282,28 +296,36 @@ class VisionLanguageAdapter(Adapter):
             return None
         if input_ids is None:
             raise ValueError("vtoken finds the visual tokens in input_ids; call the model with input_ids, not inputs_embeds")
-        if not has_images:
+        if not present:
             if pruner.config.text_only == "error":
                 raise ValueError(
                     "this input has no image tokens, so there is nothing to prune; add an image, "
                     "call vtoken.unwrap(model) for text-only use, or wrap with text_only='passthrough'"
                 )
             return None
-        encoded = compat.encoded_images(kwargs)
-        if kwargs.get("pixel_values") is not None:
-            # Encode here (through the wrapped get_image_features) so the forward sees the encoding
-            # it will use, exactly as generate() does.
-            extra = {k: kwargs[k] for k in self.encoder_kwargs if kwargs.get(k) is not None}
-            encoded = self.core.get_image_features(pixel_values=kwargs["pixel_values"], return_dict=True, **extra)
-            kwargs["pixel_values"] = None
-            compat.set_encoded_images(kwargs, encoded)
+        if len(present) > 1:
+            raise ValueError(
+                f"this prompt holds {' and '.join(m.name + 's' for m in present)} at once; vtoken prunes one kind of "
+                "visual input per prompt: send them in separate prompts (or call vtoken.unwrap(model) for this use)"
+            )
+        (modality,) = present
+        encoded = compat.encoded_output(kwargs, modality.name)
+        if kwargs.get(modality.pixels) is not None:
+            # Encode here (through the wrapped entry) so the forward sees the encoding it will use,
+            # exactly as generate() does.
+            extra = {k: kwargs[k] for k in modality.forward_kwargs if kwargs.get(k) is not None}
+            entry = getattr(self.core, modality.entry)
+            encoded = entry(**{modality.pixels: kwargs[modality.pixels]}, return_dict=True, **extra)
+            kwargs[modality.pixels] = None
+            compat.set_encoded_output(kwargs, modality.name, encoded)
         elif encoded is None:
             raise ValueError(
-                "input_ids hold image tokens but no pixel_values were given; pass the processor's pixel_values"
+                f"input_ids hold {modality.name} tokens but no {modality.pixels} were given; pass the processor's "
+                f"{modality.pixels}"
             )
         images = pruner.encoding_of(encoded)
         order = self._encoded_order(images, encoded)
-        placed = self.visual_layout(input_ids, [images.images[i] for i in order])
+        placed = self.visual_layout(input_ids, [images.images[i] for i in order], modality.placeholder)
         run = PruneRun(placed, pruner.config, images)
         mask = kwargs.get("attention_mask")
         run.prompt = (input_ids, mask)
@@ -313,9 +335,6 @@ class VisionLanguageAdapter(Adapter):
         pruner.active = run
         return args, kwargs
 
-    def refuse_inputs(self, kwargs: dict) -> None:
-        """Raise for inputs of the model's forward this adapter cannot prune (say which, and the fix)."""
-
     @staticmethod
     def _encoded_order(images: ImageRun | None, encoded) -> list[int]:
         """Which encoded image each per-image feature handed to the forward is. generate() repeats
@@ -324,6 +343,12 @@ class VisionLanguageAdapter(Adapter):
             order = []
             for feature in compat.image_features(encoded):
                 match = [i for i, mine in enumerate(images.features) if mine is feature]
+                # A stacked output (videos) gives new row views on every read, and generate() repeats
+                # it into a new tensor for beam search: the same rows, matched by value.
+                match = match or [
+                    i for i, mine in enumerate(images.features)
+                    if mine.shape == feature.shape and torch.equal(mine, feature)
+                ]
                 if not match:
                     break
                 order.append(match[0])

@@ -13,7 +13,7 @@ import torch
 
 import vtoken
 from vtoken.adapters import adapter_for
-from tiny import IMAGE_TOKEN, VIDEO_TOKEN, onevision_inputs, tiny_llava_onevision
+from tiny import IMAGE_TOKEN, VIDEO_TOKEN, left_pad, onevision_inputs, tiny_llava_onevision
 from vtoken import compat
 
 
@@ -143,15 +143,80 @@ def test_vision_site_rebuilds_interpolated_tokens_from_their_kept_sources(model,
     assert bool(partial.any())
 
 
-def test_video_input_is_refused_with_a_message_and_the_model_unchanged(model):
-    x = onevision_inputs(model)
-    video = torch.randn(1, 2, 3, 32, 32)
-    ids = torch.tensor([[1, 5, *[VIDEO_TOKEN] * (2 * 4 + 1), 6]])
+def _video_batch(frames: int = 3):
+    """Two videos of ``frames`` frames, left-padded prompts of different lengths (4x4 patches
+    pooled to 2x2 per frame, one newline per video)."""
+    g = torch.Generator().manual_seed(0)
+    video = torch.randn(2, frames, 3, 32, 32, generator=g)
+    tokens = frames * 4 + 1
+    ids, mask = left_pad([[1, 5, *[VIDEO_TOKEN] * tokens, 6, 7], [1, 8, 9, 10, *[VIDEO_TOKEN] * tokens, 6]])
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values_videos": video}
+
+
+def test_video_token_map_reproduces_the_models_pooling(model):
+    adapter = _adapter(model)
+    g = torch.Generator().manual_seed(1)
+    frames, width = 3, 5
+    infos = adapter.video_infos({"pixel_values_videos": torch.zeros(2, frames, 3, 32, 32)})
+    features = torch.randn(2 * frames, 16, width, generator=g, dtype=torch.float64)
+    pooled = model.model.apply_pooling(features)  # [frames, 4, d]
+    for video, info in enumerate(infos):
+        assert info.num_tokens == frames * pooled.shape[1] + 1
+        assert info.crops == list(range(video * frames, (video + 1) * frames))
+        mapped = info.token_map.gather(features.reshape(-1, width))
+        expected = pooled[video * frames : (video + 1) * frames].reshape(-1, width)
+        torch.testing.assert_close(mapped[:-1], expected, rtol=0, atol=1e-6)
+        assert not bool(info.token_map.has_origin[-1])
+
+
+@pytest.mark.parametrize("method,options", [("random", {"keep": 1.0}), ("random", {"keep": 1.0, "site": "vision", "layer": 1}),
+                                            ("fastv", {"keep": 1.0})])
+def test_video_keep_all_is_the_identity(model, method, options):
+    x = _video_batch()
     with torch.no_grad():
         ref = model(**x).logits
+    ref_gen = model.generate(**x, max_new_tokens=4, do_sample=False)
+    with vtoken.pruned(model, method, **options):
+        with torch.no_grad():
+            assert torch.equal(model(**x).logits, ref)
+        assert torch.equal(model.generate(**x, max_new_tokens=4, do_sample=False), ref_gen)
+
+
+@pytest.mark.parametrize("method,options", [("random", {"keep": 0.5}), ("pool", {"keep": 0.25}), ("fastv", {"keep": 0.4}),
+                                            ("random", {"keep": 0.5, "site": "vision", "layer": 1})])
+def test_video_budget_per_video_cached_uncached_and_alone(model, method, options):
+    """A video is one unit of the budget; cached generate equals uncached; each sample's result
+    equals its result alone (the random subset depends on the video, not the batch)."""
+    x = _video_batch()
+    with vtoken.pruned(model, method, **options):
+        cached = model.generate(**x, max_new_tokens=4, do_sample=False)
+        selection = vtoken.selection(model)
+        uncached = model.generate(**x, max_new_tokens=4, do_sample=False, use_cache=False)
+        assert torch.equal(cached, uncached)
+        for b in range(2):
+            keep = x["attention_mask"][b].bool()
+            single = {"input_ids": x["input_ids"][b : b + 1, keep], "attention_mask": x["attention_mask"][b : b + 1, keep],
+                      "pixel_values_videos": x["pixel_values_videos"][b : b + 1]}
+            alone = model.generate(**single, max_new_tokens=4, do_sample=False)
+            assert torch.equal(alone[0], cached[b, -alone.shape[1]:])
+            assert {k: v.tolist() for k, v in vtoken.selection(model)[0].items()} == \
+                {k: v.tolist() for k, v in selection[b].items()}
+    if options.get("site") != "vision":
+        assert all(len(list(s.values())[-1]) == round(options["keep"] * 13) for s in selection)
+
+
+def test_images_and_videos_in_one_prompt_are_refused_and_the_model_unchanged(model):
+    x = onevision_inputs(model)
+    with torch.no_grad():
+        ref = model(**x).logits
+    video = _video_batch(2)
+    ids = torch.cat([x["input_ids"][:1, -20:], video["input_ids"][:1]], dim=1)[:, :]
+    ids = torch.cat([x["input_ids"][:1], video["input_ids"][:1]], dim=1)
+    mixed = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": x["pixel_values"][:1],
+             "image_sizes": x["image_sizes"][:1], "pixel_values_videos": video["pixel_values_videos"][:1]}
     with vtoken.pruned(model, "pool", keep=0.5):
-        with pytest.raises(ValueError, match="does not prune LLaVA-OneVision video input yet"):
-            model(input_ids=ids, pixel_values_videos=video, attention_mask=torch.ones_like(ids))
+        with pytest.raises(ValueError, match="holds images and videos at once; vtoken prunes one kind"):
+            model(**mixed)
     with torch.no_grad():
         assert torch.equal(model(**x).logits, ref)
 

@@ -385,8 +385,10 @@ def geometry(
             geo = _onevision_video_geometry(dims, frames, convention)
         else:
             geo = _onevision_geometry(dims, image_size or LLAVA_ONEVISION_DEFAULT_IMAGE, images, convention)
-    else:
+    elif dims.family == "qwen2_5_vl":
         geo = _qwen_geometry(dims, image_size or QWEN_DEFAULT_IMAGE, images)
+    else:
+        raise NotImplementedError(f"no token geometry for family {dims.family!r}")
     if vision_tokens is not None and vision_tokens != geo.patches:
         geo = _with_patches(dims, geo, vision_tokens)
     if visual_tokens is not None:

@@ -126,9 +126,13 @@ def set_encoded_images(kwargs: dict, encoded) -> None:
     kwargs[ENCODER_OUTPUTS_KWARG] = {**(kwargs.get(ENCODER_OUTPUTS_KWARG) or {}), "image": encoded}
 
 
-def encoded_videos(kwargs: dict):
-    """The video encoding ``generate`` handed to a forward (None if none)."""
-    return (kwargs.get(ENCODER_OUTPUTS_KWARG) or {}).get("video")
+def encoded_output(kwargs: dict, modality: str):
+    """The encoding of ``modality`` (``"image"``, ``"video"``) handed to a forward (None if none)."""
+    return (kwargs.get(ENCODER_OUTPUTS_KWARG) or {}).get(modality)
+
+
+def set_encoded_output(kwargs: dict, modality: str, encoded) -> None:
+    kwargs[ENCODER_OUTPUTS_KWARG] = {**(kwargs.get(ENCODER_OUTPUTS_KWARG) or {}), modality: encoded}
 
 
 def image_features(encoded) -> list[torch.Tensor]:
@@ -245,6 +249,11 @@ def pack_anyres_max_features(core: nn.Module, features: list, image_sizes, image
         features, image_sizes, image_newline=image_newline, vision_aspect_ratio=aspect_ratio
     )
     return packed
+
+
+def pool_video_features(core: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """LLaVA-OneVision's own 2x2 bilinear pooling of per-frame features ``[frames, patches, d]``."""
+    return core.apply_pooling(features)
 
 
 def anyres_grid_shape(image_size, grid_pinpoints, patch_size: int) -> tuple[int, int]:

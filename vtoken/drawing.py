@@ -36,8 +36,8 @@ def token_boxes(info, width: int, height: int) -> dict[int, tuple[float, float, 
     geometry = info.geometry
     rows, cols = geometry["grid"]
     boxes = {}
-    if geometry["kind"] == "grid":
-        first = geometry["first"]
+    if geometry["kind"] in ("grid", "video"):  # a video: its first frame's tokens over the picture
+        first = geometry.get("first", 0)
         for j in range(info.num_tokens):
             p = j - first
             if 0 <= p < rows * cols:

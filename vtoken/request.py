@@ -27,6 +27,8 @@ class ImageRun:
         crop_pixels: Callable[[], torch.Tensor] | None = None, tokens_per_crop: int | None = None,
     ):
         self.images = images
+        #: The kind of visual input encoded (``"image"``, ``"video"``: ``Modality.name``).
+        self.modality = "image"
         #: Tokens of one crop the projector reads (slots ``crop * tokens_per_crop + token``).
         self.tokens_per_crop = tokens_per_crop if tokens_per_crop is not None else candidate_local.shape[1]
         self.seed = config.seed
