@@ -251,7 +251,7 @@ class DecoderPruning:
         if source < 0 or source not in run.stash:
             raise ValueError(f"no attention input is kept for LLM layer {source}")
         hidden, cos_sin, layout = run.stash[source]
-        return query_attention_rows(self.layers[source], hidden, cos_sin, layout, query)[0]
+        return query_attention_rows(self.layers[source], hidden, cos_sin, layout, query, run.prompt_end)[0]
 
     def _attention_observed(self, query: str, index: int, module, args, kwargs, output) -> None:
         """Forward hook of an observed-attention layer: the query rows' attention over the prompt,
@@ -269,7 +269,7 @@ class DecoderPruning:
             probs = llama_cached_attention_rows(module, hidden, cos_sin, keys, key_valid)[..., : layout.length]
             present = torch.ones(probs.shape[0], probs.shape[2], dtype=torch.bool, device=probs.device)
         elif query != "next" and run.side_pass is None:
-            probs, present = query_attention_rows(module, hidden, cos_sin, layout, query)
+            probs, present = query_attention_rows(module, hidden, cos_sin, layout, query, run.prompt_end)
         else:
             return None
         summary = self.pruner.strategy.observe_attention(index, probs, present, layout.valid)
@@ -292,14 +292,24 @@ class DecoderPruning:
             )
 
 
-def instruction_slots(layout) -> tuple[torch.Tensor, torch.Tensor]:
+def _query_candidates(layout, prompt_end: int | None) -> torch.Tensor:
+    """``[B, L]``: the valid slots that belong to the prompt (original index before ``prompt_end``;
+    every valid slot when None). ``generate`` with an assistant feeds candidate tokens with the
+    prompt in its first forward: scoring must read the prompt's rows, as in a plain prefill."""
+    valid = layout.valid.bool()
+    if prompt_end is None:
+        return valid
+    return valid & (layout.orig_index < prompt_end)
+
+
+def instruction_slots(layout, prompt_end: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sample, the slots of the valid text tokens after its last visual token (the question and
-    the chat template's tail), as ``[B, Q]`` slot indices with a ``[B, Q]`` presence mask; missing
-    entries point at the last slot."""
+    the chat template's tail) within the prompt, as ``[B, Q]`` slot indices with a ``[B, Q]``
+    presence mask; missing entries point at the last slot."""
     length = layout.length
     slots = torch.arange(length, device=layout.valid.device).expand_as(layout.valid)
     last_visual = torch.where(layout.image_index >= 0, slots, -1).max(dim=-1, keepdim=True).values
-    wanted = layout.valid & (layout.image_index < 0) & (slots > last_visual) & (last_visual >= 0)
+    wanted = _query_candidates(layout, prompt_end) & (layout.image_index < 0) & (slots > last_visual) & (last_visual >= 0)
     count = wanted.sum(-1)
     width = max(int(count.max()), 1)
     order = torch.sort(torch.where(wanted, slots, length + slots), dim=-1).values[:, :width]
@@ -330,18 +340,19 @@ def llama_attention_rows(layer: nn.Module, hidden, cos_sin, query_slots, key_val
     return attention_rows(q, k, attn.scaling, key_mask)
 
 
-def query_attention_rows(layer: nn.Module, hidden, cos_sin, layout, query: str):
+def query_attention_rows(layer: nn.Module, hidden, cos_sin, layout, query: str, prompt_end: int | None = None):
     """``([B, H, Q, L], [B, Q])``: the attention probabilities of a layout's query rows (``"last"``:
-    each sample's last valid slot, so right padding is never scored as a query; ``"instruction"``: see :func:`instruction_slots`) over its slots, zero
-    for absent rows, and which rows are present."""
+    each sample's last valid slot of the prompt, so right padding and an assistant's candidate tokens
+    are never scored as a query; ``"instruction"``: see :func:`instruction_slots`) over its slots,
+    zero for absent rows, and which rows are present."""
     if query == "last":
-        # Each sample's last *valid* slot: in a right-padded batch the last slot is padding.
         slots = torch.arange(layout.length, device=hidden.device).expand_as(layout.valid)
-        query_slots = torch.where(layout.valid.bool(), slots, -1).max(dim=-1, keepdim=True).values.clamp(min=0)
+        candidates = _query_candidates(layout, prompt_end)
+        query_slots = torch.where(candidates, slots, -1).max(dim=-1, keepdim=True).values.clamp(min=0)
         present = torch.ones(query_slots.shape, dtype=torch.bool, device=hidden.device)
         return llama_attention_rows(layer, hidden, cos_sin, query_slots, layout.valid), present
     if query == "instruction":
-        query_slots, present = instruction_slots(layout)
+        query_slots, present = instruction_slots(layout, prompt_end)
         probs = llama_attention_rows(layer, hidden, cos_sin, query_slots, layout.valid)
         return probs * present[:, None, :, None], present
     raise ValueError(f"query must be 'last' or 'instruction', got {query!r}")

@@ -22,6 +22,7 @@ encoder call, ``pruner.active`` during a forward); nothing per-request is stored
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
 import inspect
@@ -243,6 +244,67 @@ class VisionLanguageAdapter(Adapter):
             undo.hook(self.projector().register_forward_hook(self._after_projector))
         decoder = self.description.decoder
         DecoderPruning(decoder.stack, pruner, self._pre_llm, head=decoder.head).install(undo)
+        if callable(getattr(self.model, "generate", None)):
+            self._record_prompt_length(undo)
+        if self.model is not self.core:  # the model with the LM head computes the loss from labels
+            self._labels: contextvars.ContextVar = contextvars.ContextVar(f"vtoken_labels_{id(self)}", default=None)
+            undo.hook(self.model.register_forward_pre_hook(self._take_labels, with_kwargs=True))
+            undo.hook(self.model.register_forward_hook(self._loss_on_kept_tokens, with_kwargs=True, always_call=True))
+
+    def _record_prompt_length(self, undo: UndoStack) -> None:
+        """``generate`` records its prompt's length for the forwards it makes (per thread): an
+        assisted or prompt-lookup first forward holds candidate tokens after the prompt."""
+        generate = self.model.generate
+        lengths = self.pruner.prompt_length
+
+        @functools.wraps(generate)
+        def generate_recording_prompt(*args, **kwargs):
+            tokens = kwargs.get("input_ids", args[0] if args else None)
+            tokens = tokens if tokens is not None else kwargs.get("inputs_embeds")
+            token = lengths.set(tokens.shape[1] if tokens is not None else None)
+            try:
+                return generate(*args, **kwargs)
+            finally:
+                lengths.reset(token)
+
+        self.model.generate = generate_recording_prompt
+        undo.push(lambda: delattr(self.model, "generate"))
+
+    # --- training: labels follow the kept tokens ------------------------------------------------
+    def _take_labels(self, module, args, kwargs):
+        """Hold the labels back from the model's own loss (its logits may cover fewer tokens than the
+        labels); :meth:`_loss_on_kept_tokens` computes the loss once the kept tokens are known."""
+        labels = kwargs.get("labels")
+        if labels is None:
+            self._labels.set(None)
+            return None
+        self._labels.set((labels, self.pruner.thread_last_run))
+        return args, {**kwargs, "labels": None}
+
+    def _loss_on_kept_tokens(self, module, args, kwargs, output):
+        """The model's own loss function on the labels of the tokens its logits cover: the labels
+        gathered through the final layout of this forward (text labels are never dropped, a pad slot
+        added by pruning is ignored), so the loss equals the loss computed on the kept sequence."""
+        held = self._labels.get()
+        self._labels.set(None)
+        if held is None or output is None:
+            return None
+        labels, before = held
+        logits = output[0] if isinstance(output, tuple) else output.logits
+        run = self.pruner.thread_last_run
+        if run is not None and run is not before and run.groups:
+            layouts = [layout for _, layout in reversed(run.groups) if layout.length == logits.shape[1]]
+            if layouts:
+                index = layouts[0].orig_index.to(labels.device)
+                labels = torch.where(index >= 0, torch.gather(labels, 1, index.clamp(min=0)), -100)
+        extra = {k: kwargs[k] for k in ("num_items_in_batch",) if kwargs.get(k) is not None}
+        loss = self.model.loss_function(
+            logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **extra
+        )
+        if isinstance(output, tuple):
+            return (loss, *output)
+        output.loss = loss
+        return output
 
     def _wrap_entry(self, modality: Modality, undo: UndoStack) -> None:
         """Wrap the encoder entry of ``modality`` so each call opens its own :class:`ImageRun`."""
@@ -265,15 +327,19 @@ class VisionLanguageAdapter(Adapter):
             run.modality = modality.name
             if reads_encoder:
                 run.vision_source = VisionSource(self, crop_pixels)
+            # The encoding is remembered by its output object, so it is asked for as a ModelOutput;
+            # a caller who asked for a tuple gets one.
+            requested = kwargs.get("return_dict")
+            as_tuple = (getattr(self.config, "return_dict", True) if requested is None else requested) is False
             pruner.encoding = run
             try:
-                output = encode(*args, **kwargs)
+                output = encode(*args, **{**kwargs, "return_dict": True})
             finally:
                 pruner.encoding = None
             run.output = output
             run.features = compat.image_features(output)
             pruner.remember_encoding(output, run)
-            return output
+            return output.to_tuple() if as_tuple else output
 
         setattr(self.core, modality.entry, encoder_entry)
         undo.push(lambda: delattr(self.core, modality.entry))
@@ -282,6 +348,10 @@ class VisionLanguageAdapter(Adapter):
         pruner = self.pruner
         pruner.active = None
         input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is None and kwargs.get("inputs_embeds") is not None:
+            # As the plain model does: the placeholders are where the embeddings equal the image
+            # token's embedding (the layout only needs where they are).
+            input_ids = self._placeholders_in(kwargs["inputs_embeds"])
         cache = compat.cache_from(kwargs)
         present = [m for m in self._modalities if input_ids is not None and bool((input_ids == m.placeholder).any())]
         if cache is not None and compat.cache_length(cache) > 0:
@@ -292,12 +362,21 @@ class VisionLanguageAdapter(Adapter):
                     "vtoken prunes images at prefill; a new image cannot be added to a filled KV cache: start a "
                     "new prompt with every image (or call vtoken.unwrap(model) for this use)"
                 )
-            pruner.active = pruner.run_for_cache(cache)
-            return None
+            run = pruner.run_for_cache(cache)
+            pruner.active = run
+            if run is None:
+                return None
+            self._roll_back_rejected(run, cache)
+            return self._skip_processed_tokens(run, args, kwargs)
         if input_ids is None:
-            raise ValueError("vtoken finds the visual tokens in input_ids; call the model with input_ids, not inputs_embeds")
+            raise ValueError("vtoken finds the visual tokens in input_ids or inputs_embeds; pass one of them")
+        # Placeholders without pixels or an encoding are text to the model (an assistant model in
+        # assisted decoding is called so): nothing to prune, as the plain model runs them.
+        present = [
+            m for m in present if kwargs.get(m.pixels) is not None or compat.encoded_output(kwargs, m.name) is not None
+        ]
         if not present:
-            if pruner.config.text_only == "error":
+            if pruner.config.text_only == "error" and not self._has_placeholders(input_ids):
                 raise ValueError(
                     "this input has no image tokens, so there is nothing to prune; add an image, "
                     "call vtoken.unwrap(model) for text-only use, or wrap with text_only='passthrough'"
@@ -318,21 +397,73 @@ class VisionLanguageAdapter(Adapter):
             encoded = entry(**{modality.pixels: kwargs[modality.pixels]}, return_dict=True, **extra)
             kwargs[modality.pixels] = None
             compat.set_encoded_output(kwargs, modality.name, encoded)
-        elif encoded is None:
-            raise ValueError(
-                f"input_ids hold {modality.name} tokens but no {modality.pixels} were given; pass the processor's "
-                f"{modality.pixels}"
-            )
         images = pruner.encoding_of(encoded)
         order = self._encoded_order(images, encoded)
         placed = self.visual_layout(input_ids, [images.images[i] for i in order], modality.placeholder)
         run = PruneRun(placed, pruner.config, images)
         mask = kwargs.get("attention_mask")
         run.prompt = (input_ids, mask)
+        prompt_length = pruner.prompt_length.get()
+        if prompt_length is not None and input_ids.shape[1] > prompt_length:
+            run.prompt_end = prompt_length
         # generate() without a KV cache re-runs the whole sequence at every step with the features
         # it encoded once: such a step continues the prompt this encoding served, and prunes as it did.
         run.replay = images.replay_for(input_ids, mask)
         pruner.active = run
+        return args, kwargs
+
+    def _placeholders_in(self, embeds: torch.Tensor) -> torch.Tensor:
+        """``[B, L]`` ids: each modality's placeholder where ``embeds`` is its token's embedding, -1
+        elsewhere."""
+        table = self.core.get_input_embeddings()
+        ids = torch.full(embeds.shape[:2], -1, dtype=torch.long, device=embeds.device)
+        for modality in self._modalities:
+            token = table(torch.tensor(modality.placeholder, device=embeds.device)).to(embeds.dtype)
+            ids[(embeds == token).all(-1)] = modality.placeholder
+        return ids
+
+    def _has_placeholders(self, input_ids: torch.Tensor) -> bool:
+        return any(bool((input_ids == m.placeholder).any()) for m in self._modalities)
+
+    @staticmethod
+    def _roll_back_rejected(run: PruneRun, cache) -> None:
+        """Assisted and prompt-lookup decoding feed several candidate tokens, then crop the rejected
+        ones from the cache to the length its first layer should have. Layers that cache fewer tokens
+        (after an in-LLM stage) are cropped to their own length here, and the request's count of
+        processed tokens follows."""
+        new_before = run.seen - run.orig_length
+        removed = run.groups[0][1].length + new_before - compat.cache_length(cache)
+        if removed <= 0:
+            return
+        run.seen -= removed
+        new = run.seen - run.orig_length
+        for layer in range(compat.num_cache_layers(cache)):
+            keys, values = compat.cache_layer_kv(cache, layer)
+            target = run.group_for(layer)[1].length + new
+            if keys is not None and keys.shape[-2] > target:
+                compat.set_cache_layer_kv(cache, layer, keys[..., :target, :], values[..., :target, :])
+
+    @staticmethod
+    def _skip_processed_tokens(run: PruneRun, args, kwargs):
+        """A decoding step fed tokens this request already processed: ``generate`` continued from a
+        returned cache counts the tokens to feed from the cache's length, which pruning made shorter
+        than the sequence. The attention mask spans the whole sequence, so the tokens past
+        ``run.seen`` are the new ones; the others are dropped (their keys are in the cache)."""
+        mask = kwargs.get("attention_mask")
+        if args:  # input_ids given by position
+            kwargs = {**kwargs, "input_ids": args[0]}
+            args = args[1:]
+        tokens = kwargs.get("input_ids")
+        tokens = tokens if tokens is not None else kwargs.get("inputs_embeds")
+        if mask is None or tokens is None or mask.dim() != 2:
+            return args, kwargs
+        fed, new = tokens.shape[1], mask.shape[1] - run.seen
+        if fed <= new or new <= 0:
+            return args, kwargs
+        for name in ("input_ids", "inputs_embeds", "position_ids"):
+            value = kwargs.get(name)
+            if value is not None:
+                kwargs[name] = value[..., fed - new :] if name == "position_ids" else value[:, fed - new :]
         return args, kwargs
 
     @staticmethod

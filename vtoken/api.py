@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Iterator
 
 import torch
@@ -101,7 +103,23 @@ def wrap(model: nn.Module, method: str | None = None, *, config=None, **options:
         raise
     setattr(model, _STATE_ATTR, WrapState(cfg.method, cfg, strategy, adapter, pruner, undo))
     undo.push(lambda: delattr(model, _STATE_ATTR))
+    # copy.deepcopy looks __deepcopy__ up on the instance: a copy is a fresh wrap of a copied model.
+    model.__dict__["__deepcopy__"] = partial(_deepcopy_wrapped, model)
+    undo.push(lambda: model.__dict__.pop("__deepcopy__", None))
     return model
+
+
+def _deepcopy_wrapped(model: nn.Module, memo: dict) -> nn.Module:
+    """``copy.deepcopy`` of a wrapped model: the model is copied unwrapped (its hooks and the
+    encoder closure point at this model's pruner, so a plain copy would run into the original's
+    state), then the copy is wrapped with a copy of the same config and the original wrapped again."""
+    config = _state(model).config
+    unwrap(model)
+    try:
+        clone = copy.deepcopy(model, memo)
+    finally:
+        wrap(model, config=config)
+    return wrap(clone, config=copy.deepcopy(config, memo))
 
 
 def _state(model: nn.Module) -> WrapState:

@@ -37,6 +37,8 @@ class Pruner:
         # thread (and asyncio task), so two threads using one wrapped model never see each other's.
         self._active: contextvars.ContextVar = contextvars.ContextVar(f"vtoken_active_{id(self)}", default=None)
         self._encoding: contextvars.ContextVar = contextvars.ContextVar(f"vtoken_encoding_{id(self)}", default=None)
+        #: The prompt length of the ``generate`` call running in this thread (None outside one).
+        self.prompt_length: contextvars.ContextVar = contextvars.ContextVar(f"vtoken_prompt_{id(self)}", default=None)
         #: Per-input annotations for the calls made inside ``vtoken.annotate`` (this thread's).
         self.annotations: contextvars.ContextVar = contextvars.ContextVar(f"vtoken_annotations_{id(self)}", default={})
         # The most recent prefill to finish in this thread, and in any thread (for a thread that has
@@ -62,6 +64,11 @@ class Pruner:
     def last_run(self) -> PruneRun | None:
         """The last prefill this thread finished (or, if it has finished none, any thread's last)."""
         return self._last_run.get() or self._last_run_any
+
+    @property
+    def thread_last_run(self) -> PruneRun | None:
+        """The last prefill this thread finished (None if it has finished none)."""
+        return self._last_run.get()
 
     @last_run.setter
     def last_run(self, run: PruneRun) -> None:

@@ -190,6 +190,9 @@ class PruneRun:
         self.replay: dict | None = None
         #: The prompt of this prefill (``input_ids``, ``attention_mask``), recorded for replays.
         self.prompt: tuple | None = None
+        #: When the prefill's input runs past the prompt ``generate`` was given (assisted decoding
+        #: feeds candidate tokens with it): the prompt's length, so scoring reads only its rows.
+        self.prompt_end: int | None = None
 
     @property
     def batch_size(self) -> int:

@@ -1,0 +1,204 @@
+"""The wrapped model is still the model: what code written for the plain model does with it works,
+on every family of ``tests/families.py`` and every method that runs there.
+
+- ``generate`` continued from the cache it returned equals one ``generate`` call;
+- assisted decoding (a plain assistant, the wrapped model as the assistant) and prompt-lookup
+  decoding equal greedy decoding;
+- a forward with ``labels`` gives the loss computed by hand on the kept sequence, and gradients flow;
+- ``copy.deepcopy`` gives a model that runs on its own state;
+- ``return_dict=False``, ``inputs_embeds`` with pixels, image tokens without pixels behave as the
+  plain model's.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vtoken
+from vtoken import compat
+from families import FAMILIES, cases
+
+METHODS = [
+    m["name"] for m in vtoken.methods()
+    if not m["name"].startswith("_") and not m["trained"] and not m["needs_annotations"]
+]
+STEPS = 6
+
+
+def _options(method: str) -> dict:
+    return {"keep": 0.4}
+
+
+def _generate(model, x, **extra):
+    # (a random tiny model may prefer the image placeholder as its next word; a real one never does)
+    suppress = [model.config.image_token_id, getattr(model.config, "video_token_id", model.config.image_token_id)]
+    return model.generate(**x, max_new_tokens=STEPS, do_sample=False, suppress_tokens=suppress, **extra)
+
+
+@pytest.mark.parametrize("method,family", cases(METHODS))
+def test_continuing_from_the_returned_cache_equals_one_call(method, family):
+    model = FAMILIES[family].make()
+    x = FAMILIES[family].inputs(model)
+    with vtoken.pruned(model, method, **_options(method)):
+        whole = _generate(model, x)
+        first = model.generate(**x, max_new_tokens=STEPS // 2, do_sample=False, return_dict_in_generate=True,
+                               suppress_tokens=[model.config.image_token_id])
+        sequences = first.sequences
+        cache = compat.output_cache(first)
+        new = sequences.shape[1] - x["input_ids"].shape[1]
+        mask = torch.cat([x["attention_mask"], torch.ones(sequences.shape[0], new, dtype=torch.long)], dim=1)
+        # As with the plain model, the continuation passes the longer ids and the cache, no pixels.
+        rest = model.generate(input_ids=sequences, attention_mask=mask, max_new_tokens=STEPS - new, do_sample=False,
+                              suppress_tokens=[model.config.image_token_id], **compat.cache_kwargs(cache))
+    assert torch.equal(rest, whole)
+
+
+@pytest.mark.parametrize("method,family", cases(METHODS))
+def test_assisted_and_prompt_lookup_decoding_equal_greedy(method, family):
+    model = FAMILIES[family].make()
+    assistant = FAMILIES[family].make(seed=1)
+    x = {k: v[:1] for k, v in FAMILIES[family].inputs(model).items()}  # assisted decoding takes one sample
+    keep = x["attention_mask"][0].bool()
+    x["input_ids"], x["attention_mask"] = x["input_ids"][:, keep], x["attention_mask"][:, keep]
+    with vtoken.pruned(model, method, **_options(method)):
+        greedy = _generate(model, x)
+        assert torch.equal(_generate(model, x, prompt_lookup_num_tokens=3), greedy)
+        assert torch.equal(_generate(model, x, assistant_model=assistant), greedy)
+    # The wrapped model as the assistant: called with the image tokens but no pixels, it runs them
+    # as text as the plain model does, and the output is the main model's greedy output.
+    plain_greedy = _generate(model, x)
+    with vtoken.pruned(assistant, method, **_options(method)):
+        assert torch.equal(_generate(model, x, assistant_model=assistant), plain_greedy)
+
+
+def _hand_computed_loss(model, x, logits, labels, selection) -> torch.Tensor:
+    """Cross-entropy of next-token prediction over the kept sequence of each sample: its text
+    tokens and the visual tokens of the last stage's selection, right-aligned as the logits are."""
+    placeholder = model.config.image_token_id
+    width = logits.shape[1]
+    kept_labels = torch.full((labels.shape[0], width), -100, dtype=torch.long)
+    for b in range(labels.shape[0]):
+        ids, valid = x["input_ids"][b], x["attention_mask"][b].bool()
+        is_visual = ids == placeholder
+        rank = is_visual.long().cumsum(0) - 1
+        kept_visual = set(list(selection[b].values())[-1].tolist()) if selection[b] else set()
+        positions = [p for p in range(ids.shape[0]) if valid[p] and (not is_visual[p] or int(rank[p]) in kept_visual)]
+        kept_labels[b, width - len(positions):] = labels[b, positions]
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), kept_labels[:, 1:].reshape(-1),
+                           ignore_index=-100)
+
+
+@pytest.mark.parametrize("method,family", cases(METHODS))
+def test_labels_give_the_loss_on_the_kept_sequence_and_gradients_flow(method, family):
+    model = FAMILIES[family].make()
+    x = FAMILIES[family].inputs(model)
+    g = torch.Generator().manual_seed(5)
+    labels = torch.where(x["attention_mask"].bool(), torch.randint(3, 90, x["input_ids"].shape, generator=g), -100)
+    with vtoken.pruned(model, method, **_options(method)):
+        with torch.no_grad():
+            out = model(**x, labels=labels)
+        selection = vtoken.selection(model)
+        masks_only = vtoken.strategy_of(model).mask_stage() is not None
+        if masks_only:  # a mask stage removes nothing: the logits cover the whole prompt
+            logits = out.logits
+            expected = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
+                                       ignore_index=-100)
+        else:
+            expected = _hand_computed_loss(model, x, out.logits, labels, selection)
+        torch.testing.assert_close(out.loss, expected, rtol=1e-5, atol=1e-6)
+        model.train()
+        try:
+            loss = model(**x, labels=labels).loss
+            loss.backward()
+        finally:
+            model.eval()
+    head = model.lm_head.weight.grad
+    projector = next(model.model.multi_modal_projector.parameters()).grad
+    assert head is not None and bool(torch.isfinite(head).all()) and float(head.abs().sum()) > 0
+    assert projector is not None and float(projector.abs().sum()) > 0
+    model.zero_grad()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_keep_all_loss_is_the_plain_loss(family):
+    model = FAMILIES[family].make()
+    x = FAMILIES[family].inputs(model)
+    labels = torch.where(x["attention_mask"].bool(), x["input_ids"], -100)
+    with torch.no_grad():
+        plain = model(**x, labels=labels).loss
+        with vtoken.pruned(model, "random", keep=1.0):
+            assert torch.equal(model(**x, labels=labels).loss, plain)
+            out = model(**x, labels=labels, return_dict=False)
+    assert isinstance(out, tuple) and torch.equal(out[0], plain)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_deep_copy_runs_on_its_own_state(family):
+    model = FAMILIES[family].make()
+    x = FAMILIES[family].inputs(model)
+    vtoken.wrap(model, "fastv", keep=0.4)
+    with torch.no_grad():
+        ref = model(**x).logits
+    ref_selection = vtoken.selection(model)
+    clone = copy.deepcopy(model)
+    assert vtoken.is_wrapped(clone) and vtoken.is_wrapped(model)
+    with torch.no_grad():
+        assert torch.equal(clone(**x).logits, ref)
+        assert torch.equal(_generate(clone, x), _generate(model, x))
+        for parameter in clone.parameters():  # independent weights
+            parameter.add_(0.5)
+        assert torch.equal(model(**x).logits, ref)
+        clone(**x)
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(vtoken.selection(model), ref_selection) for k in a)
+    vtoken.unwrap(clone)
+    vtoken.unwrap(model)
+    assert not hasattr(clone, "_vtoken_state") and "__deepcopy__" not in vars(clone)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_image_features_as_a_tuple(family):
+    model = FAMILIES[family].make()
+    x = FAMILIES[family].inputs(model)
+    extra = {"image_sizes": x["image_sizes"]} if "image_sizes" in x else {}
+    plain = model.model.get_image_features(pixel_values=x["pixel_values"], return_dict=False, **extra)
+    with vtoken.pruned(model, "pool", keep=1.0):
+        wrapped = model.model.get_image_features(pixel_values=x["pixel_values"], return_dict=False, **extra)
+    assert isinstance(wrapped, tuple) and _same(wrapped, plain)
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_inputs_embeds_with_pixels_prune_as_input_ids_do(family):
+    model = FAMILIES[family].make()
+    x = FAMILIES[family].inputs(model)
+    embeds = model.get_input_embeddings()(x["input_ids"])
+    by_embeds = {**{k: v for k, v in x.items() if k != "input_ids"}, "inputs_embeds": embeds}
+    with vtoken.pruned(model, "random", keep=0.4):
+        with torch.no_grad():
+            ref = model(**x).logits
+            selection = vtoken.selection(model)
+            out = model(**by_embeds).logits
+        assert torch.equal(out, ref)
+        assert all(torch.equal(a[k], b[k]) for a, b in zip(vtoken.selection(model), selection) for k in a)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_image_tokens_without_pixels_run_as_text_as_in_the_plain_model(family):
+    model = FAMILIES[family].make()
+    x = FAMILIES[family].inputs(model)
+    text = {"input_ids": x["input_ids"], "attention_mask": x["attention_mask"]}
+    with torch.no_grad():
+        plain = model(**text).logits
+        with vtoken.pruned(model, "pool", keep=0.4):
+            assert torch.equal(model(**text).logits, plain)
