@@ -147,9 +147,24 @@ class UndoStack:
     def hook(self, handle: torch.utils.hooks.RemovableHandle) -> None:
         self.push(handle.remove)
 
+    def pre_hook(self, module: nn.Module, fn: Callable, **options) -> None:
+        """Register ``fn`` as a forward pre-hook of ``module`` (run eagerly, see :func:`eager`)."""
+        self.hook(module.register_forward_pre_hook(eager(fn), **options))
+
+    def post_hook(self, module: nn.Module, fn: Callable, **options) -> None:
+        """Register ``fn`` as a forward hook of ``module`` (run eagerly, see :func:`eager`)."""
+        self.hook(module.register_forward_hook(eager(fn), **options))
+
     def run(self) -> None:
         while self._actions:
             self._actions.pop()()
+
+
+def eager(fn: Callable) -> Callable:
+    """``fn`` run outside ``torch.compile``'s tracing: a compiled model breaks its graph around
+    vtoken's hooks and runs them as Python, so pruning happens under compile and its per-request
+    bookkeeping is never baked into a graph."""
+    return torch.compiler.disable(fn)
 
 
 @dataclass(frozen=True)

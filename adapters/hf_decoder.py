@@ -70,8 +70,8 @@ class DecoderPruning:
         return self.lm.config
 
     def install(self, undo: UndoStack) -> None:
-        undo.hook(self.lm.register_forward_pre_hook(self._before_lm, with_kwargs=True))
-        undo.hook(self.lm.register_forward_hook(self._after_lm, with_kwargs=True, always_call=True))
+        undo.pre_hook(self.lm, self._before_lm, with_kwargs=True)
+        undo.post_hook(self.lm, self._after_lm, with_kwargs=True, always_call=True)
         pruner = self.pruner
 
         def prefilling() -> bool:
@@ -88,7 +88,7 @@ class DecoderPruning:
                           partial(self._observed, layer), undo)
         for layer in attention_layers:
             hook = partial(self._attention_observed, query, layer)
-            undo.hook(self.layers[layer].register_forward_hook(hook, with_kwargs=True))
+            undo.post_hook(self.layers[layer], hook, with_kwargs=True)
         llm_layers = [s.layer for s in self.pruner.stages_at("llm")]
         if pruner.mask is not None:
             llm_layers.append(0)  # a mask stage sets the attention mask of every layer when it recomputes
@@ -97,8 +97,7 @@ class DecoderPruning:
         first_hooked = max(0, min(llm_layers) - 1)  # layer K-1's input is kept for scoring
         for index in range(first_hooked, len(self.layers)):
             hook = partial(self._before_layer, index)
-            undo.hook(self.layers[index].register_forward_pre_hook(hook, with_kwargs=True))
-
+            undo.pre_hook(self.layers[index], hook, with_kwargs=True)
     # --- hooks ----------------------------------------------------------------------------------
     def _before_lm(self, module, args, kwargs):
         run = self.pruner.active
@@ -107,10 +106,23 @@ class DecoderPruning:
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
             raise ValueError("vtoken expects the LLM to be called with inputs_embeds, as LLaVA does")
-        mask = kwargs.get("attention_mask")
-        if mask is not None and mask.dim() != 2:
-            raise ValueError("vtoken needs a 2-D attention_mask (batch, length); a 4-D custom mask cannot be pruned")
+        mask = compat.full_attention_mask(kwargs.get("attention_mask"))
         cache = compat.cache_from(kwargs)
+        if mask is not None and mask.dim() == 4 and cache is not None and not compat.is_dynamic_cache(cache):
+            # generate() with a static cache hands the LLM a 4-D mask. At prefill (empty cache) its last
+            # query row says which prompt tokens are real (padding), which is all vtoken needs; while
+            # decoding it is built from the pruned cache's length, so only what it implies is used: the
+            # generated tokens are real. The LLM builds its own mask for the pruned sequence.
+            if run.prefill:
+                mask = padding_from_4d_mask(mask, embeds.shape[1])
+            else:
+                mask = torch.ones(embeds.shape[0], run.seen + embeds.shape[1], dtype=torch.long, device=embeds.device)
+            kwargs["attention_mask"] = mask
+        if mask is not None and mask.dim() != 2:
+            raise ValueError(
+                "vtoken needs a 2-D attention_mask (batch, length); a custom 4-D mask cannot be pruned: pass the "
+                "processor's 2-D attention_mask"
+            )
         if cache is not None and self.pruner.stages_at("llm") and not compat.is_dynamic_cache(cache):
             raise ValueError(
                 f"pruning inside the LLM needs a DynamicCache (layers hold different lengths); got "
@@ -121,6 +133,12 @@ class DecoderPruning:
         changed = update(run, embeds, mask, kwargs)
         if run.prefill and self.masking is not None:
             changed = self.masking.prepare_prefill(run, kwargs) or changed
+        capacity = compat.cache_capacity(cache) if cache is not None else None
+        if changed and capacity is not None:
+            # A static cache holds ``capacity`` slots, written one after the other: slots not yet
+            # written (the pruned prompt is shorter than the positions say) must be masked out.
+            padding = kwargs["attention_mask"]
+            kwargs["attention_mask"] = torch.nn.functional.pad(padding, (0, capacity - padding.shape[1]))
         return (args, kwargs) if changed else None
 
     def _prefill_inputs(self, run: PruneRun, embeds, mask, kwargs) -> bool:
@@ -290,6 +308,14 @@ class DecoderPruning:
                 "attention of the next token needs the model's LM head (a probe decodes one token); wrap the "
                 "model with its head (e.g. LlavaForConditionalGeneration), or use query rows 'instruction'"
             )
+
+
+def padding_from_4d_mask(mask: torch.Tensor, length: int) -> torch.Tensor:
+    """``[B, length]`` long: the keys the last query row of a ``[B, 1, Q, K]`` mask may attend to
+    (bool: True allowed; float: 0 allowed), i.e. the 2-D padding mask it was built from."""
+    row = mask[:, 0, -1, :length]
+    allowed = row if row.dtype == torch.bool else row == 0
+    return allowed.long()
 
 
 def _query_candidates(layout, prompt_end: int | None) -> torch.Tensor:

@@ -51,7 +51,7 @@ def observe_layer(
 
     for name, attribute in parts.items():
         sub = getattr(layer, attribute)
-        undo.hook(sub.register_forward_hook(lambda m, a, k, o, n=name: sub_hook(n, m, a, k, o), with_kwargs=True))
+        undo.post_hook(sub, lambda m, a, k, o, n=name: sub_hook(n, m, a, k, o), with_kwargs=True)
     # Registered first among the layer's forward hooks, so it sees the layer's own output before
     # any pruning hook on the same layer shortens it.
-    undo.hook(layer.register_forward_hook(layer_hook, with_kwargs=True, prepend=True))
+    undo.post_hook(layer, layer_hook, with_kwargs=True, prepend=True)

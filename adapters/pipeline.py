@@ -33,8 +33,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .base import Adapter, FamilyDescription, ImageInfo, Modality, UndoStack, VisualLayout
-from .hf_decoder import DecoderPruning
+from .base import Adapter, FamilyDescription, ImageInfo, Modality, UndoStack, VisualLayout, eager
+from .hf_decoder import DecoderPruning, padding_from_4d_mask
 from .observe import observe_layer
 from vtoken import compat, signals
 from vtoken.context import Grid, VisionAttention
@@ -224,7 +224,7 @@ class VisionLanguageAdapter(Adapter):
         self._modalities = self.modalities()
         for modality in self._modalities:
             self._wrap_entry(modality, undo)
-        undo.hook(self.core.register_forward_pre_hook(self._before_model, with_kwargs=True))
+        undo.pre_hook(self.core, self._before_model, with_kwargs=True)
         needs = pruner.needs
         attention_layers = needs.layers(signals.VISION_ATTENTION)
         for layer in needs.layers(signals.VISION_OBSERVED):
@@ -233,24 +233,23 @@ class VisionLanguageAdapter(Adapter):
                 active=lambda: pruner.encoding is not None, done=partial(self._observed_vision, layer), undo=undo,
             )
         if needs.has(signals.PROJECTOR_INPUT):
-            undo.hook(self.projector().register_forward_pre_hook(self._before_projector))
+            undo.pre_hook(self.projector(), self._before_projector)
         for layer in attention_layers:
             hook = partial(self._vision_attention_input, layer)
-            undo.hook(compat.layer_attention(self.vision_layers()[layer]).register_forward_pre_hook(hook, with_kwargs=True))
+            undo.pre_hook(compat.layer_attention(self.vision_layers()[layer]), hook, with_kwargs=True)
         for stage in pruner.stages_at("vision"):
             hook = partial(self._after_vision_layer, stage)
-            undo.hook(self.vision_layers()[stage.layer].register_forward_hook(hook))
+            undo.post_hook(self.vision_layers()[stage.layer], hook)
         if pruner.stages_at("vision"):
-            undo.hook(self.projector().register_forward_hook(self._after_projector))
+            undo.post_hook(self.projector(), self._after_projector)
         decoder = self.description.decoder
         DecoderPruning(decoder.stack, pruner, self._pre_llm, head=decoder.head).install(undo)
         if callable(getattr(self.model, "generate", None)):
             self._record_prompt_length(undo)
         if self.model is not self.core:  # the model with the LM head computes the loss from labels
             self._labels: contextvars.ContextVar = contextvars.ContextVar(f"vtoken_labels_{id(self)}", default=None)
-            undo.hook(self.model.register_forward_pre_hook(self._take_labels, with_kwargs=True))
-            undo.hook(self.model.register_forward_hook(self._loss_on_kept_tokens, with_kwargs=True, always_call=True))
-
+            undo.pre_hook(self.model, self._take_labels, with_kwargs=True)
+            undo.post_hook(self.model, self._loss_on_kept_tokens, with_kwargs=True, always_call=True)
     def _record_prompt_length(self, undo: UndoStack) -> None:
         """``generate`` records its prompt's length for the forwards it makes (per thread): an
         assisted or prompt-lookup first forward holds candidate tokens after the prompt."""
@@ -341,7 +340,7 @@ class VisionLanguageAdapter(Adapter):
             pruner.remember_encoding(output, run)
             return output.to_tuple() if as_tuple else output
 
-        setattr(self.core, modality.entry, encoder_entry)
+        setattr(self.core, modality.entry, eager(encoder_entry))
         undo.push(lambda: delattr(self.core, modality.entry))
 
     def _before_model(self, module, args, kwargs):
@@ -401,7 +400,9 @@ class VisionLanguageAdapter(Adapter):
         order = self._encoded_order(images, encoded)
         placed = self.visual_layout(input_ids, [images.images[i] for i in order], modality.placeholder)
         run = PruneRun(placed, pruner.config, images)
-        mask = kwargs.get("attention_mask")
+        mask = compat.full_attention_mask(kwargs.get("attention_mask"))
+        if mask is not None and mask.dim() == 4:  # generate() with a static cache: the prompt's padding
+            mask = padding_from_4d_mask(mask, input_ids.shape[1])
         run.prompt = (input_ids, mask)
         prompt_length = pruner.prompt_length.get()
         if prompt_length is not None and input_ids.shape[1] > prompt_length:
@@ -449,7 +450,7 @@ class VisionLanguageAdapter(Adapter):
         returned cache counts the tokens to feed from the cache's length, which pruning made shorter
         than the sequence. The attention mask spans the whole sequence, so the tokens past
         ``run.seen`` are the new ones; the others are dropped (their keys are in the cache)."""
-        mask = kwargs.get("attention_mask")
+        mask = compat.full_attention_mask(kwargs.get("attention_mask"))
         if args:  # input_ids given by position
             kwargs = {**kwargs, "input_ids": args[0]}
             args = args[1:]
@@ -470,15 +471,15 @@ class VisionLanguageAdapter(Adapter):
     def _encoded_order(images: ImageRun | None, encoded) -> list[int]:
         """Which encoded image each per-image feature handed to the forward is. generate() repeats
         the features for beam search or several returned sequences (the same tensors, reordered)."""
-        if images is not None and images.output is encoded:
+        if images is not None:
             order = []
             for feature in compat.image_features(encoded):
                 match = [i for i, mine in enumerate(images.features) if mine is feature]
-                # A stacked output (videos) gives new row views on every read, and generate() repeats
-                # it into a new tensor for beam search: the same rows, matched by value.
+                # A stacked output (videos) gives new row views on every read, generate() repeats it
+                # into a new tensor for beam search, and offloading moves it: the same rows, by value.
                 match = match or [
                     i for i, mine in enumerate(images.features)
-                    if mine.shape == feature.shape and torch.equal(mine, feature)
+                    if mine.shape == feature.shape and torch.equal(mine, feature.to(mine.device, mine.dtype))
                 ]
                 if not match:
                     break

@@ -202,3 +202,74 @@ def test_image_tokens_without_pixels_run_as_text_as_in_the_plain_model(family):
         plain = model(**text).logits
         with vtoken.pruned(model, "pool", keep=0.4):
             assert torch.equal(model(**text).logits, plain)
+
+
+PRE_LLM = [("pool", {"keep": 0.4}), ("random", {"keep": 0.4}), ("random", {"keep": 0.5, "site": "vision", "layer": 1}),
+           ("random", {"keep": 1.0})]
+
+
+@pytest.mark.parametrize("method,options", PRE_LLM)
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_static_cache_equals_the_dynamic_cache_before_the_llm(family, method, options):
+    """Pruning before the LLM keeps every layer's cache the same length, so generate's static cache
+    (and its compiled path) works; at keep=1.0 it equals the plain model's."""
+    model = FAMILIES[family].make()
+    x = FAMILIES[family].inputs(model)
+    plain = _generate(model, x, cache_implementation="static")
+    with vtoken.pruned(model, method, **options):
+        dynamic = _generate(model, x)
+        static = _generate(model, x, cache_implementation="static")
+    assert torch.equal(static, dynamic)
+    if options["keep"] == 1.0:
+        assert torch.equal(static, plain)
+
+
+def test_pruning_inside_the_llm_refuses_a_static_cache_naming_the_fix():
+    model = FAMILIES["llava"].make()
+    x = FAMILIES["llava"].inputs(model)
+    with vtoken.pruned(model, "fastv", keep=0.4):
+        with pytest.raises(ValueError, match=r"needs a DynamicCache .*no cache_implementation='static'"):
+            _generate(model, x, cache_implementation="static")
+        _generate(model, x)  # and the model still works
+
+
+def test_compiled_equals_eager_in_either_order():
+    """Wrap then compile: the compiled model prunes (vtoken's hooks run eagerly between graphs) and
+    equals the eager wrapped model. Compile, run, then wrap: the compiled caller is retraced, so the
+    pruning is never silently skipped."""
+    torch._dynamo.reset()
+    model = FAMILIES["llava"].make()
+    x = FAMILIES["llava"].inputs(model)
+    with vtoken.pruned(model, "pool", keep=0.4):
+        with torch.no_grad():
+            eager = model(**x).logits
+        compiled = torch.compile(model)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(**x).logits, eager, rtol=1e-5, atol=1e-5)
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        compiled(**x)  # compiled before the wrap
+        with vtoken.pruned(model, "pool", keep=0.4):
+            out = compiled(**x).logits
+    assert out.shape == eager.shape
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+
+
+def test_an_offloaded_model_generates_as_the_in_memory_one(tmp_path):
+    """accelerate's hooks (device_map with CPU and disk offload) rebuild the encoder output object
+    around the same features; the wrapped model finds its encoding by them."""
+    from transformers import LlavaForConditionalGeneration
+
+    model = FAMILIES["llava"].make()
+    x = FAMILIES["llava"].inputs(model)
+    model.save_pretrained(tmp_path / "model")
+    offloaded = LlavaForConditionalGeneration.from_pretrained(
+        tmp_path / "model", device_map="auto", max_memory={"cpu": "150KB"}, offload_folder=str(tmp_path / "offload"),
+    ).eval()
+    assert any(hasattr(module, "_hf_hook") for module in offloaded.modules())
+    for method, options in [("pool", {"keep": 0.4}), ("fastv", {"keep": 0.4}), ("random", {"keep": 0.5, "site": "vision", "layer": 1})]:
+        with vtoken.pruned(model, method, **options):
+            in_memory = _generate(model, x)
+        with vtoken.pruned(offloaded, method, **options):
+            assert torch.equal(_generate(offloaded, x), in_memory)

@@ -103,10 +103,21 @@ def wrap(model: nn.Module, method: str | None = None, *, config=None, **options:
         raise
     setattr(model, _STATE_ATTR, WrapState(cfg.method, cfg, strategy, adapter, pruner, undo))
     undo.push(lambda: delattr(model, _STATE_ATTR))
+    _forget_compiled_code()
+    undo.push(_forget_compiled_code)
     # copy.deepcopy looks __deepcopy__ up on the instance: a copy is a fresh wrap of a copied model.
     model.__dict__["__deepcopy__"] = partial(_deepcopy_wrapped, model)
     undo.push(lambda: model.__dict__.pop("__deepcopy__", None))
     return model
+
+
+def _forget_compiled_code() -> None:
+    """torch.compile's code for a module does not notice hooks added or removed after it compiled:
+    a model compiled and run before ``wrap`` would keep running unpruned. Dropping every compiled
+    graph (torch._dynamo.reset) makes a compiled caller retrace with vtoken's hooks in place (they run
+    eagerly, between graphs); other compiled models only recompile."""
+    if "torch._dynamo" in sys.modules:
+        sys.modules["torch._dynamo"].reset()
 
 
 def _deepcopy_wrapped(model: nn.Module, memo: dict) -> nn.Module:

@@ -111,6 +111,18 @@ def num_cache_layers(cache) -> int:
     return len(cache.layers)
 
 
+def cache_capacity(cache) -> int | None:
+    """The fixed number of positions a static cache holds per layer (None for a growing cache)."""
+    layers = getattr(cache, "layers", None) or []
+    return getattr(layers[0], "max_cache_len", None) if layers else None
+
+
+def full_attention_mask(mask):
+    """The mask of the full-attention layers when a model hands its layers one per layer type (a
+    dict, as Qwen2 does under a static cache), else ``mask``."""
+    return mask.get("full_attention", next(iter(mask.values()))) if isinstance(mask, dict) else mask
+
+
 def crop_cache(cache, tokens: int) -> None:
     """``cache.crop``: a negative ``tokens`` removes that many from the end of every layer."""
     cache.crop(tokens)

@@ -90,8 +90,19 @@ class Pruner:
         weakref.finalize(output, self._encodings.pop, key, None)
 
     def encoding_of(self, output) -> ImageRun | None:
+        """The encoding that returned ``output``: by identity, or else (an accelerate hook or a
+        device move rebuilt the output object around the same features) the latest live encoding
+        whose features hold every one of ``output``'s, by identity or value."""
         images = self._encodings.get(id(output))
-        return images if images is not None and images.output is output else None
+        if images is not None and images.output is output:
+            return images
+        from vtoken import compat
+
+        features = compat.image_features(output)
+        for images in reversed(list(self._encodings.values())):
+            if all(any(_same_feature(mine, feature) for mine in images.features) for feature in features):
+                return images
+        return None
 
     def attach(self, cache, run: PruneRun) -> None:
         """Decoding steps with ``cache`` continue ``run``."""
@@ -427,3 +438,9 @@ class Pruner:
         present[rows_b, kept.orig_index[rows_b, slots]] = True
         still = torch.gather(present, 1, layout.orig_index.clamp(min=0))
         return (layout.image_index >= 0) & layout.valid & (layout.orig_index >= 0) & ~still
+
+
+def _same_feature(mine: torch.Tensor, other: torch.Tensor) -> bool:
+    if mine is other:
+        return True
+    return mine.shape == other.shape and torch.equal(mine, other.to(mine.device, mine.dtype))
