@@ -123,10 +123,12 @@ class DecoderPruning:
                 "vtoken needs a 2-D attention_mask (batch, length); a custom 4-D mask cannot be pruned: pass the "
                 "processor's 2-D attention_mask"
             )
-        if cache is not None and self.pruner.stages_at("llm") and not compat.is_dynamic_cache(cache):
+        inside = bool(self.pruner.stages_at("llm")) or self.pruner.mask is not None
+        if cache is not None and inside and not compat.is_dynamic_cache(cache):
             raise ValueError(
-                f"pruning inside the LLM needs a DynamicCache (layers hold different lengths); got "
-                f"{type(cache).__name__}. Use the default cache (no cache_implementation='static')."
+                f"{self.pruner.strategy.name} prunes or masks inside the LLM, which needs a DynamicCache (layers "
+                f"hold different lengths, or a recomputed prefix); got {type(cache).__name__}. Use the default "
+                "cache (no cache_implementation='static'), or a method that prunes before the LLM."
             )
         run.group_kwargs = {}
         update = self._prefill_inputs if run.prefill else self._decode_inputs

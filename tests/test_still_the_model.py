@@ -204,33 +204,58 @@ def test_image_tokens_without_pixels_run_as_text_as_in_the_plain_model(family):
             assert torch.equal(model(**text).logits, plain)
 
 
-PRE_LLM = [("pool", {"keep": 0.4}), ("random", {"keep": 0.4}), ("random", {"keep": 0.5, "site": "vision", "layer": 1}),
-           ("random", {"keep": 1.0})]
+def _prunes_inside_the_llm(model) -> bool:
+    strategy = vtoken.strategy_of(model)
+    return any(stage.site == "llm" for stage in strategy.stages()) or strategy.mask_stage() is not None
 
 
-@pytest.mark.parametrize("method,options", PRE_LLM)
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_a_static_cache_equals_the_dynamic_cache_before_the_llm(family, method, options):
+@pytest.mark.parametrize("method,family", cases(METHODS))
+def test_a_static_cache_equals_the_dynamic_cache_before_the_llm(method, family):
     """Pruning before the LLM keeps every layer's cache the same length, so generate's static cache
-    (and its compiled path) works; at keep=1.0 it equals the plain model's."""
+    (and its compiled path) works and equals the dynamic cache; a method that prunes inside the LLM
+    refuses it with a message naming the fix, and the model still works."""
+    model = FAMILIES[family].make()
+    x = FAMILIES[family].inputs(model)
+    with vtoken.pruned(model, method, **_options(method)):
+        dynamic = _generate(model, x)
+        if _prunes_inside_the_llm(model):
+            with pytest.raises(ValueError, match=r"DynamicCache .*no cache_implementation='static'"):
+                _generate(model, x, cache_implementation="static")
+            assert torch.equal(_generate(model, x), dynamic)
+        else:
+            assert torch.equal(_generate(model, x, cache_implementation="static"), dynamic)
+
+
+@pytest.mark.parametrize("options", [{"keep": 1.0}, {"keep": 1.0, "site": "vision", "layer": 1}])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_static_cache_at_keep_all_equals_the_plain_model(family, options):
     model = FAMILIES[family].make()
     x = FAMILIES[family].inputs(model)
     plain = _generate(model, x, cache_implementation="static")
-    with vtoken.pruned(model, method, **options):
-        dynamic = _generate(model, x)
-        static = _generate(model, x, cache_implementation="static")
-    assert torch.equal(static, dynamic)
-    if options["keep"] == 1.0:
-        assert torch.equal(static, plain)
+    with vtoken.pruned(model, "random", **options):
+        assert torch.equal(_generate(model, x, cache_implementation="static"), plain)
 
 
-def test_pruning_inside_the_llm_refuses_a_static_cache_naming_the_fix():
+@pytest.mark.parametrize("method,options", [("pool", {"keep": 0.4}), ("fastv", {"keep": 0.4}),
+                                            ("random", {"keep": 0.5, "site": "vision", "layer": 1})])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(method, options):
     model = FAMILIES["llava"].make()
     x = FAMILIES["llava"].inputs(model)
-    with vtoken.pruned(model, "fastv", keep=0.4):
-        with pytest.raises(ValueError, match=r"needs a DynamicCache .*no cache_implementation='static'"):
-            _generate(model, x, cache_implementation="static")
-        _generate(model, x)  # and the model still works
+    labels = torch.where(x["attention_mask"].bool(), x["input_ids"], -100)
+    grads = []
+    with vtoken.pruned(model, method, **options):
+        model.train()
+        try:
+            for checkpointing in (False, True):
+                if checkpointing:
+                    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                model(**x, labels=labels).loss.backward()
+                grads.append(model.lm_head.weight.grad.clone())
+                model.zero_grad()
+        finally:
+            model.gradient_checkpointing_disable()
+            model.eval()
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
 
 
 def test_compiled_equals_eager_in_either_order():
@@ -253,6 +278,12 @@ def test_compiled_equals_eager_in_either_order():
             out = compiled(**x).logits
     assert out.shape == eager.shape
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    # Wrapping the compiled module wraps the model it compiled.
+    with torch.no_grad():
+        with vtoken.pruned(compiled, "pool", keep=0.4):
+            assert vtoken.is_wrapped(model)
+            torch.testing.assert_close(compiled(**x).logits, eager, rtol=1e-5, atol=1e-5)
+        assert not vtoken.is_wrapped(model)
     torch._dynamo.reset()
 
 

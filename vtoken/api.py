@@ -70,6 +70,11 @@ def wrap(model: nn.Module, method: str | None = None, *, config=None, **options:
     from vtoken.adapters.base import UndoStack
     from vtoken.pruner import Pruner
 
+    original = getattr(model, "_orig_mod", None)
+    if type(model).__name__ == "OptimizedModule" and isinstance(original, nn.Module):
+        # torch.compile(model): the hooks go on the original's modules, which the compiled module runs.
+        wrap(original, method, config=config, **options)
+        return model
     existing = getattr(model, _STATE_ATTR, None)
     if existing is not None:
         raise ValueError(
