@@ -30,7 +30,7 @@ from .mask_stage import MaskStagePass
 from .masks import causal_mask_for
 from .observe import observe_layer
 from vtoken.kernels import attention_rows, gather_tokens
-from vtoken.layout import identity_layout
+from vtoken.layout import identity_layout, positions_in, positions_out, rotary_positions
 from vtoken.pruner import Pruner
 from vtoken.request import PruneRun
 
@@ -146,10 +146,7 @@ class DecoderPruning:
     def _prefill_inputs(self, run: PruneRun, embeds, mask, kwargs) -> bool:
         batch, length = embeds.shape[:2]
         padding = mask if mask is not None else torch.ones(batch, length, dtype=torch.long, device=embeds.device)
-        positions = kwargs.get("position_ids")
-        if positions is None:
-            positions = torch.arange(length, device=embeds.device)[None]
-        positions = positions.expand(batch, length)
+        positions = positions_in(kwargs.get("position_ids"), batch, length, embeds.device)
         run.orig_length = length
         run.seen = length
         run.orig_valid_count = padding.bool().sum(-1)
@@ -157,6 +154,7 @@ class DecoderPruning:
         layout = identity_layout(
             padding, positions, visual.visual_index.to(embeds.device), visual.image_index.to(embeds.device)
         )
+        run.orig_max_position = layout.max_position()
         if not self.touches_input:
             run.groups = [(0, layout)]
             return False
@@ -164,7 +162,7 @@ class DecoderPruning:
         run.groups = [(0, layout)]
         kwargs["inputs_embeds"] = embeds
         kwargs["attention_mask"] = layout.valid.to(padding.dtype)
-        kwargs["position_ids"] = layout.position_ids
+        kwargs["position_ids"] = positions_out(layout.position_ids)
         return True
 
     def _decode_inputs(self, run: PruneRun, embeds, mask, kwargs) -> bool:
@@ -181,13 +179,13 @@ class DecoderPruning:
         positions = kwargs.get("position_ids")
         if positions is None:
             positions = (torch.arange(steps, device=embeds.device) + run.seen)[None].expand(batch, steps)
-        run.new_positions = positions.expand(batch, steps)
+        run.new_positions = positions_in(positions, batch, steps, embeds.device)
         run.seen += steps
         if not (self.touches_input or run.input_layout_changed):
             return False
         _, layout = run.groups[0]
         kwargs["attention_mask"] = torch.cat([layout.valid, run.new_mask], dim=1).long()
-        kwargs["position_ids"] = self._decode_positions(run, layout)
+        kwargs["position_ids"] = positions_out(self._decode_positions(run, layout))
         return True
 
     def _after_lm(self, module, args, kwargs, output):
@@ -248,9 +246,9 @@ class DecoderPruning:
         else:
             padding = torch.cat([layout.valid, run.new_mask], dim=1)
             positions = self._decode_positions(run, layout)
-        cos_sin = compat.rotary_cos_sin(self.lm, hidden, positions)
+        cos_sin = compat.rotary_cos_sin(self.lm, hidden, rotary_positions(positions))
         mask = causal_mask_for(self.config, hidden, padding, hidden.shape[1])
-        return {"attention_mask": mask, "position_ids": positions, "position_embeddings": cos_sin}
+        return {"attention_mask": mask, "position_ids": positions_out(positions), "position_embeddings": cos_sin}
 
     def _decode_positions(self, run: PruneRun, layout) -> torch.Tensor:
         """New tokens' positions: the unwrapped model's, less the tokens renumbering removed (all the
@@ -260,8 +258,11 @@ class DecoderPruning:
             return run.new_positions
         if positions == "pre_llm":
             layout = run.groups[0][1]
-        dropped = run.orig_valid_count.to(layout.valid.device) - layout.valid.sum(-1)
-        return run.new_positions - dropped[:, None]
+        # What renumbering took off the next position: the prompt's largest id, unwrapped, less the
+        # layout's (for 1-D RoPE, the number of dropped tokens).
+        dropped = run.orig_max_position.to(layout.valid.device) - layout.max_position()
+        dropped = dropped.view(-1, *([1] * (run.new_positions.dim() - 1)))
+        return run.new_positions - dropped
 
     # --- attention rows for scoring -------------------------------------------------------------
     def _attention(self, run: PruneRun, index: int, query: str = "last", layer: str = "previous"):

@@ -21,7 +21,7 @@ import torch
 
 from vtoken import compat, signals
 from vtoken.kernels import gather_tokens
-from vtoken.layout import SequenceLayout
+from vtoken.layout import SequenceLayout, positions_out
 from vtoken.request import PruneRun
 
 from .masks import ARBITRARY_MASK_ATTENTION, causal_mask_for
@@ -122,7 +122,7 @@ class MaskStagePass:
         token's attention; the cache is then cut back to the prompt."""
         token = self.decoder.head(output.last_hidden_state[:, -1]).argmax(-1)
         embeds = self.decoder.lm.get_input_embeddings()(token)[:, None]
-        positions = layout.position_ids[:, -1:] + 1
+        positions = positions_out(layout.position_ids[:, -1:] + 1)
         ones = torch.ones_like(layout.valid[:, :1])
         run.side_pass = "next"
         try:
@@ -154,7 +154,7 @@ class MaskStagePass:
         try:
             rest = self.decoder.lm.forward(
                 inputs_embeds=embeds[:, start:], attention_mask=layout.valid.long(),
-                position_ids=layout.position_ids[:, start:], use_cache=True, **compat.cache_kwargs(cache), **flags,
+                position_ids=positions_out(layout.position_ids[:, start:]), use_cache=True, **compat.cache_kwargs(cache), **flags,
             )
         finally:
             run.side_pass, run.recompute = None, None

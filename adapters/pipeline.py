@@ -89,6 +89,11 @@ class VisionLanguageAdapter(Adapter):
         """None when vision-site stages can run on this model, else why not (with the fix)."""
         return None
 
+    def tokens_per_crop_for(self, images: list[ImageInfo]) -> int:
+        """Tokens of one crop the projector reads, for the images of one encoder call (fixed for
+        most families; a family whose crops vary in size gives the call's largest)."""
+        return self.tokens_per_crop
+
     # --- structure, from the description --------------------------------------------------------
     @property
     def family_name(self) -> str:
@@ -149,15 +154,16 @@ class VisionLanguageAdapter(Adapter):
             if stage.site == "vision" and stage.layer >= num_vision:
                 raise ValueError(f"vision layer {stage.layer} does not exist: the vision encoder has {num_vision} layers")
             if stage.site == "vision":
-                if stage.layer >= self.first_read_layer():
-                    raise ValueError(
-                        f"vision layer {stage.layer} is at or after the layer {self.family_name} reads its features "
-                        f"from (layer {self.first_read_layer()}, vision_feature_layer={self.config.vision_feature_layer}); "
-                        f"use a vision layer <= {self.first_read_layer() - 1}"
-                    )
                 refusal = self.vision_site_refusal()
                 if refusal is not None:
                     raise ValueError(refusal)
+                if stage.layer >= self.first_read_layer():
+                    read = getattr(self.config, "vision_feature_layer", None)
+                    raise ValueError(
+                        f"vision layer {stage.layer} is at or after the layer {self.family_name} reads its features "
+                        f"from (layer {self.first_read_layer()}, vision_feature_layer={read}); "
+                        f"use a vision layer <= {self.first_read_layer() - 1}"
+                    )
             per_image = self.visual_tokens_per_image()
             if per_image is not None and stage.keep_tokens is not None and stage.keep_tokens > per_image:
                 raise ValueError(
@@ -321,7 +327,7 @@ class VisionLanguageAdapter(Adapter):
             crop_pixels = partial(modality.crop_pixels, arguments)
             run = ImageRun(
                 images, self.candidate_local(images), pruner.config, crop_pixels=crop_pixels,
-                tokens_per_crop=self.tokens_per_crop,
+                tokens_per_crop=self.tokens_per_crop_for(images),
             )
             run.modality = modality.name
             if reads_encoder:

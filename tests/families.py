@@ -16,7 +16,7 @@ from torch import nn
 
 from tiny import (
     IMAGE_TOKEN, left_pad, llava_inputs, llava_next_inputs, next_image_tokens, onevision_image_tokens, onevision_inputs,
-    tiny_llava, tiny_llava_next, tiny_llava_onevision,
+    qwen_inputs, tiny_llava, tiny_llava_next, tiny_llava_onevision, tiny_qwen2_vl,
 )
 
 
@@ -29,6 +29,16 @@ class Family:
     label: str = ""
     #: A vision layer after which pruning is allowed (before the layer the projector reads).
     vision_layer: int = 1
+    #: Whether the family prunes inside its vision encoder (Qwen-VL's packed tower: not yet).
+    vision_site: bool = True
+    #: ``(model, x) -> position ids`` a direct forward of the unwrapped model gives (``[B, L]``, or
+    #: ``[3, B, L]`` for M-RoPE); None: every slot numbered 0..L-1, pads included.
+    positions: Callable | None = None
+
+    def supports(self, options: dict) -> bool:
+        """Whether this family runs a method with ``options`` (a vision-site stage needs ``vision_site``)."""
+        stages = options.get("stages") or [options]
+        return self.vision_site or all(stage.get("site") != "vision" for stage in stages)
 
 
 def _llava_several_images(model) -> dict:
@@ -83,10 +93,27 @@ def _onevision_several_images(model) -> dict:
             "image_sizes": torch.tensor([list(s) for s in sizes]), "batch_num_images": batch_num_images}
 
 
+def _qwen_several_images(model) -> dict:
+    return qwen_inputs(model, grids=((1, 4, 6), (1, 4, 4), (1, 6, 4)), images_per_sample=[2, 0, 1])
+
+
+def _qwen_positions(model, x) -> torch.Tensor:
+    """The M-RoPE ids of a direct forward: the model's own ``get_rope_index``."""
+    positions, _ = model.model.get_rope_index(
+        x["input_ids"], mm_token_type_ids=x["mm_token_type_ids"], image_grid_thw=x.get("image_grid_thw"),
+        attention_mask=x["attention_mask"],
+    )
+    return positions
+
+
 FAMILIES: dict[str, Family] = {
     "llava": Family(tiny_llava, lambda m: llava_inputs(3), _llava_several_images, "LLaVA-1.5"),
     "next": Family(tiny_llava_next, llava_next_inputs, _next_several_images, "LLaVA-NeXT"),
     "onevision": Family(tiny_llava_onevision, onevision_inputs, _onevision_several_images, "LLaVA-OneVision"),
+    "qwen2": Family(tiny_qwen2_vl, qwen_inputs, _qwen_several_images, "Qwen2-VL", vision_site=False,
+                    positions=_qwen_positions),
+    "qwen2_5": Family(lambda attn="sdpa", seed=0: tiny_qwen2_vl(attn, seed, version="2.5"), qwen_inputs,
+                      _qwen_several_images, "Qwen2.5-VL", vision_site=False, positions=_qwen_positions),
 }
 
 

@@ -18,7 +18,7 @@ from vtoken.adapters.hf_decoder import llama_attention_rows
 from vtoken.config import PruneConfig
 from vtoken.registry import register
 from vtoken.strategies.base import Strategy
-from tiny import IMAGE_TOKEN, greedy_without_cache, llava_inputs, tiny_llava
+from tiny import IMAGE_TOKEN, alone, greedy_without_cache, llava_inputs, tiny_llava
 from families import FAMILIES
 
 MODELS = {name: (family.make, family.inputs) for name, family in FAMILIES.items()}
@@ -49,6 +49,8 @@ def test_keep_all_is_exact_at_every_site(name, attn):
         ref = model(**x).logits
     ref_gen = model.generate(**x, max_new_tokens=5, do_sample=False)
     for method, options in KEEP_ALL_SITES:
+        if not FAMILIES[name].supports(options):
+            continue
         with vtoken.pruned(model, method, keep=1.0, **options):
             with torch.no_grad():
                 out = model(**x).logits
@@ -63,11 +65,27 @@ def _embeds(model, x):
     """The LLM input embeddings the unwrapped model builds (text embeddings + image features)."""
     core = model.model
     embeds = core.get_input_embeddings()(x["input_ids"])
-    extra = {"image_sizes": x["image_sizes"]} if "image_sizes" in x else {}
+    extra = {k: x[k] for k in ("image_sizes", "image_grid_thw", "batch_num_images") if k in x}
     feats = core.get_image_features(pixel_values=x["pixel_values"], return_dict=True, **extra).pooler_output
     feats = torch.cat(list(feats), dim=0)
     mask = (x["input_ids"] == model.config.image_token_id)[..., None]
     return embeds.masked_scatter(mask, feats)
+
+
+def _contiguous_mrope(ids: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+    """``positions="contiguous"`` on M-RoPE, from its definition: the kept tokens' ids ``[3, n]``
+    renumbered so that text runs on from the largest id so far and each image keeps its tokens'
+    (t, h, w) offsets from the text just before it."""
+    out = ids.clone()
+    shift, largest = 0, None
+    for j in range(ids.shape[1]):
+        if visual[j]:
+            out[:, j] = ids[:, j] - shift
+        else:
+            out[:, j] = ids[0, j] if largest is None else largest + 1
+            shift = int(ids[0, j] - out[0, j])
+        largest = int(out[:, j].max()) if largest is None else max(largest, int(out[:, j].max()))
+    return out
 
 
 @pytest.mark.parametrize("positions", ["original", "contiguous"])
@@ -79,7 +97,10 @@ def test_projector_site_equals_llm_on_kept_embeddings(name, positions):
         with vtoken.pruned(model, "random", keep=0.4, positions=positions):
             pruned_logits = model(**x).logits
             kept = vtoken.selection(model)
-        # Oracle: the unwrapped LLM on only the kept tokens of each sample, one sample at a time.
+        # Oracle: the unwrapped LLM on only the kept tokens of each sample, one sample at a time, at
+        # the positions a direct forward of the unwrapped model gives them (M-RoPE ids for Qwen).
+        family_positions = FAMILIES[name].positions
+        direct = family_positions(model, x) if family_positions is not None else None
         for b in range(x["input_ids"].shape[0]):
             valid = x["attention_mask"][b].bool()
             is_visual = x["input_ids"][b] == model.config.image_token_id
@@ -89,9 +110,14 @@ def test_projector_site_equals_llm_on_kept_embeddings(name, positions):
             slots = torch.nonzero(keep).squeeze(-1)
             # Unwrapped, a direct forward numbers every slot (pads included) 0..L-1; "contiguous"
             # renumbers the kept tokens from the first real token's position.
-            pad = int((~valid).sum())
-            pos = slots if positions == "original" else pad + torch.arange(len(slots))
-            out = model.model.language_model(inputs_embeds=embeds[b : b + 1, slots], position_ids=pos[None],
+            if direct is None:
+                pad = int((~valid).sum())
+                pos = (slots if positions == "original" else pad + torch.arange(len(slots)))[None]
+            elif positions == "original":
+                pos = direct[:, b : b + 1, slots]
+            else:
+                pos = _contiguous_mrope(direct[:, b, slots], is_visual[slots])[:, None]
+            out = model.model.language_model(inputs_embeds=embeds[b : b + 1, slots], position_ids=pos,
                                              attention_mask=torch.ones(1, len(slots), dtype=torch.long))
             oracle = model.lm_head(out.last_hidden_state)
             n = len(slots)
@@ -124,10 +150,7 @@ class _ReplayStrategy(Strategy):
 def test_in_llm_pruning_cached_equals_uncached(name, batch, positions, attn):
     model, x = _build(name, attn)
     if batch == 1:
-        x = {k: v[:1] for k, v in x.items()}
-        if "attention_mask" in x:  # drop the left padding the batch added
-            pad = int((x["attention_mask"][0] == 0).sum())
-            x["input_ids"], x["attention_mask"] = x["input_ids"][:, pad:], x["attention_mask"][:, pad:]
+        x = alone(x, 0)  # the first sample without the left padding the batch added
     stages = [{"site": "llm", "layer": 1, "keep": 0.6}, {"site": "llm", "layer": 3, "keep": 0.3}]
     with vtoken.pruned(model, "fastv", stages=stages, positions=positions):
         cached = model.generate(**x, max_new_tokens=6, do_sample=False)
@@ -154,6 +177,8 @@ def test_random_inside_llm_cached_equals_uncached(name):
 @pytest.mark.parametrize("site", [{"site": "projector"}, {"site": "vision", "layer": 1}])
 @pytest.mark.parametrize("name", list(MODELS))
 def test_pre_llm_pruning_cached_equals_uncached(name, site):
+    if not FAMILIES[name].supports(site):
+        pytest.skip(f"{name} does not prune inside its vision encoder yet")
     model, x = _build(name)
     with vtoken.pruned(model, "random", keep=0.3, **site):
         cached = model.generate(**x, max_new_tokens=6, do_sample=False)
@@ -170,7 +195,8 @@ def test_fastv_attention_row_equals_eager_map(name):
         lm = model.model.language_model
         hidden_in = out.hidden_states[layer - 1]
         length = hidden_in.shape[1]
-        positions = torch.arange(length)[None]
+        direct = FAMILIES[name].positions  # M-RoPE ids for Qwen, 0..L-1 otherwise
+        positions = direct(model, x) if direct is not None else torch.arange(length)[None]
         cos_sin = lm.rotary_emb(hidden_in, positions)
         query = torch.full((hidden_in.shape[0], 1), length - 1)
         rows = llama_attention_rows(lm.layers[layer - 1], hidden_in, cos_sin, query, x["attention_mask"].bool())
@@ -201,6 +227,8 @@ def test_fastv_under_sdpa_selects_what_the_eager_map_says(name):
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_several_images_per_sample_and_samples_without_image(name, method, options):
     family = FAMILIES[name]
+    if not family.supports(options):
+        pytest.skip(f"{name} does not prune inside its vision encoder yet")
     model = family.make()
     x = family.several_images(model)
     with torch.no_grad():
@@ -274,10 +302,9 @@ def test_samples_never_mix(name, method, options):
             kept_batched = vtoken.selection(model)
         for b in range(x["input_ids"].shape[0]):
             pad = int((mask[b] == 0).sum())
-            alone = {k: v[b : b + 1] for k, v in x.items()}
-            alone["input_ids"], alone["attention_mask"] = alone["input_ids"][:, pad:], alone["attention_mask"][:, pad:]
+            single_x = alone(x, b)
             with torch.no_grad():
-                single = model(**alone).logits[:, -1]
+                single = model(**single_x, position_ids=positions[b : b + 1, pad:]).logits[:, -1]
             assert all(torch.equal(v, kept_batched[b][k]) for k, v in vtoken.selection(model)[0].items())
             assert torch.allclose(single, batched[b : b + 1], atol=1e-5)
 

@@ -91,6 +91,58 @@ def tiny_llava_onevision(attn: str = "sdpa", seed: int = 0) -> LlavaOnevisionFor
     return model.eval()
 
 
+VISION_START, VISION_END = 97, 96
+
+
+def tiny_qwen2_vl(attn: str = "sdpa", seed: int = 0, version: str = "2"):
+    """Qwen2-VL (``version="2"``) or Qwen2.5-VL (``"2.5"``) at toy size: a 2-block packed vision tower
+    on 4-pixel patches with the 2x2 merger, a 4-layer Qwen2 with GQA and M-RoPE sections [2, 3, 3]."""
+    from transformers import (
+        Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
+    )
+
+    torch.manual_seed(seed)
+    text = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=512, pad_token_id=PAD, bos_token_id=1, eos_token_id=2,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    tokens = dict(image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
+                  vision_end_token_id=VISION_END)
+    if version == "2.5":
+        vision = dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64, patch_size=4,
+                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=16,
+                      fullatt_block_indexes=[1, 3])
+        model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(vision_config=vision, text_config=text, **tokens))
+    else:
+        vision = dict(depth=2, embed_dim=32, num_heads=4, hidden_size=64, patch_size=4, spatial_merge_size=2,
+                      temporal_patch_size=2, in_channels=3, mlp_ratio=2)
+        model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(vision_config=vision, text_config=text, **tokens))
+    model.set_attn_implementation(attn)
+    return model.eval()
+
+
+def qwen_inputs(model, grids=((1, 4, 6), (1, 6, 4), (1, 4, 4)), seed: int = 0, images_per_sample=None) -> dict:
+    """A left-padded batch, one image per sample by default (``images_per_sample`` [2, 0, 1] puts two
+    in the first sample, none in the second), each image's placeholders between vision start/end,
+    with the processor's ``mm_token_type_ids``."""
+    g = torch.Generator().manual_seed(seed)
+    grids = torch.tensor([list(t) for t in grids])
+    patch_values = 3 * 2 * 4 * 4
+    pixels = torch.randn(int(grids.prod(-1).sum()), patch_values, generator=g)
+    per_sample = images_per_sample or [1] * len(grids)
+    rows, image = [], 0
+    for sample, count in enumerate(per_sample):
+        row = [1, *torch.randint(3, 90, (2 + sample,), generator=g).tolist()]
+        for _ in range(count):
+            t, h, w = grids[image].tolist()
+            row += [VISION_START, *[IMAGE_TOKEN] * (t * h * w // 4), VISION_END]
+            image += 1
+        row += torch.randint(3, 90, (3 + sample,), generator=g).tolist()
+        rows.append(row)
+    ids, mask = left_pad(rows)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "image_grid_thw": grids,
+            "mm_token_type_ids": (ids == IMAGE_TOKEN).int()}
+
+
 def onevision_image_tokens(model, image_sizes: list[tuple[int, int]], batch_num_images=None) -> list[int]:
     """Visual tokens each image gives a LLaVA-OneVision model, from the model's own packing."""
     config = model.config
@@ -184,13 +236,30 @@ def llava_next_inputs(model, image_sizes=((32, 64), (64, 64), (64, 40)), seed: i
 
 
 def alone(x: dict, b: int) -> dict:
-    """Sample ``b`` of a left-padded batch as a batch of one, without its padding."""
+    """Sample ``b`` of a left-padded batch as a batch of one, without its padding (for Qwen-VL, with
+    its own images' patches and grids: the batch packs every image's patches in one tensor)."""
     keep = x["attention_mask"][b].bool()
     single = {"input_ids": x["input_ids"][b : b + 1, keep], "attention_mask": x["attention_mask"][b : b + 1, keep]}
+    if "image_grid_thw" in x:
+        counts = [image_runs(row) for row in x["input_ids"]]
+        first, count = sum(counts[:b]), counts[b]
+        grids, sizes = x["image_grid_thw"], x["image_grid_thw"].prod(-1)
+        start = int(sizes[:first].sum())
+        if count:
+            single["pixel_values"] = x["pixel_values"][start : start + int(sizes[first : first + count].sum())]
+            single["image_grid_thw"] = grids[first : first + count]
+        single["mm_token_type_ids"] = x["mm_token_type_ids"][b : b + 1, keep]
+        return single
     single["pixel_values"] = x["pixel_values"][b : b + 1]
     if "image_sizes" in x:
         single["image_sizes"] = x["image_sizes"][b : b + 1]
     return single
+
+
+def image_runs(row: torch.Tensor, token: int = IMAGE_TOKEN) -> int:
+    """How many images a row holds (runs of the image token)."""
+    is_image = (row == token).long()
+    return int(((is_image[1:] - is_image[:-1]) == 1).sum() + is_image[:1].sum())
 
 
 def same_selections(a: list[dict], b: list[dict]) -> bool:
@@ -211,6 +280,8 @@ def greedy_without_cache(model, x, steps, suppress=()):
     for _ in range(steps):
         with torch.no_grad():
             out = model(input_ids=ids, attention_mask=mask, use_cache=False, **extra)
+        if "mm_token_type_ids" in extra:  # Qwen-VL: generated tokens are text
+            extra["mm_token_type_ids"] = torch.cat([extra["mm_token_type_ids"], torch.zeros_like(ids[:, :1]).int()], 1)
         assert compat.output_cache(out) is None  # nothing a wrapped model caches internally leaks out
         logits = out.logits[:, -1]
         logits[:, list(suppress)] = float("-inf")

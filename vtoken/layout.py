@@ -15,11 +15,36 @@ import torch
 from vtoken.kernels import compact_index, gather_tokens
 
 
+def positions_in(positions: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:
+    """A model's position ids in vtoken's layout form: ``[B, L]`` for 1-D RoPE, ``[B, L, k]`` for a
+    model that gives ``[k, B, L]`` (M-RoPE: k = 3 components t/h/w, or 4 with a text row first), so
+    that every per-slot gather works on the slot axis alone."""
+    if positions is None:
+        return torch.arange(length, device=device)[None].expand(batch, length)
+    if positions.dim() == 3:
+        return positions.permute(1, 2, 0).expand(batch, length, positions.shape[0])
+    return positions.expand(batch, length)
+
+
+def positions_out(positions: torch.Tensor) -> torch.Tensor:
+    """Layout-form position ids back in the model's form (``[k, B, L]`` for M-RoPE)."""
+    return positions.permute(2, 0, 1) if positions.dim() == 3 else positions
+
+
+def rotary_positions(positions: torch.Tensor) -> torch.Tensor:
+    """The position ids the rotary embedding takes, in the model's form: M-RoPE's three t/h/w rows
+    (the leading text row of a 4-row form only serves mask building)."""
+    if positions.dim() == 3:
+        return positions_out(positions[..., -3:])
+    return positions
+
+
 @dataclass
 class SequenceLayout:
     """Per slot (``[B, L]`` each): the original sequence index (-1 for a pad slot added by pruning),
     whether the slot may be attended, the sample-level visual-token index (-1 for text), the global
-    image index (-1 for text), and the position id the slot carries."""
+    image index (-1 for text), and the position id the slot carries (``[B, L, k]`` for M-RoPE, see
+    :func:`positions_in`)."""
 
     orig_index: torch.Tensor
     valid: torch.Tensor
@@ -48,10 +73,44 @@ class SequenceLayout:
     def renumbered(self) -> "SequenceLayout":
         """The same slots with consecutive position ids over the valid slots (PyramidDrop-style),
         starting from the position of each sample's first valid slot (0 under ``generate``)."""
+        if self.position_ids.dim() == 3:
+            return SequenceLayout(self.orig_index, self.valid, self.visual_index, self.image_index, self._mrope_renumbered())
         first_valid = self.valid.long().argmax(-1, keepdim=True)
         start = torch.gather(self.position_ids, 1, first_valid)
         positions = start + (self.valid.long().cumsum(-1) - 1).clamp(min=0)
         return SequenceLayout(self.orig_index, self.valid, self.visual_index, self.image_index, positions)
+
+    def _mrope_renumbered(self) -> torch.Tensor:
+        """Contiguous M-RoPE ids: every run of an image's kept tokens keeps its (t, h, w) offsets
+        from the image's start, which follows the text before it; a text token takes the largest id
+        so far plus one (all components), as ``get_rope_index`` numbers text after an image. With
+        nothing dropped this is the model's own numbering."""
+        positions = self.position_ids[..., -3:].clone()  # a leading text row (4-row form) follows below
+        for b in range(positions.shape[0]):
+            slots = torch.nonzero(self.valid[b]).squeeze(-1).tolist()
+            if not slots:
+                continue
+            images = self.image_index[b].tolist()
+            old = self.position_ids[b, :, -3:]
+            shift = 0  # old - new of the last text token (images keep their offsets from it)
+            largest = None
+            for slot in slots:
+                if images[slot] >= 0:
+                    positions[b, slot] = old[slot] - shift
+                else:
+                    value = old[slot, 0] if largest is None else largest + 1
+                    positions[b, slot] = value
+                    shift = int(old[slot, 0]) - int(value)
+                largest = int(positions[b, slot].max()) if largest is None else max(largest, int(positions[b, slot].max()))
+        if self.position_ids.shape[-1] == 4:  # the text row (mask building only) follows the temporal one
+            positions = torch.cat([positions[..., :1], positions], dim=-1)
+        return positions
+
+    def max_position(self) -> torch.Tensor:
+        """``[B]``: each sample's largest position id over its valid slots (every component)."""
+        positions = self.position_ids[..., -3:] if self.position_ids.dim() == 3 else self.position_ids[..., None]
+        floor = torch.iinfo(positions.dtype).min if not positions.dtype.is_floating_point else float("-inf")
+        return torch.where(self.valid[..., None].bool(), positions, floor).amax(dim=(1, 2))
 
     def visual_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Visual slots grouped by image, for scoring.

@@ -91,8 +91,10 @@ class ImageRun:
             if self.crop_pixels is None:
                 raise ValueError("this encoding has no pixels to derive per-image seeds from")
             if self._pixels is None:
-                self._pixels = self.crop_pixels().detach()
-            data = self._pixels[list(crops)].contiguous().cpu()
+                self._pixels = self.crop_pixels()
+            # Each crop's own pixels (a family whose crops differ in size hands a list), so the key
+            # never depends on the padding a batch adds.
+            data = torch.cat([self._pixels[c].detach().reshape(-1) for c in crops]).cpu()
             digest = hashlib.blake2b(data.view(torch.uint8).numpy().tobytes(), digest_size=8).digest()
             self._keys[crops] = int.from_bytes(digest, "little")
         return self._keys[crops]
@@ -158,6 +160,9 @@ class PruneRun:
         self.selections: list[dict[str, torch.Tensor]] = [{} for _ in range(visual.batch_size)]
         self.orig_length = 0
         self.orig_valid_count: torch.Tensor | None = None
+        #: ``[B]``: the largest position id of each sample's prompt, unwrapped (renumbering shifts the
+        #: positions of generated tokens by what it took off it).
+        self.orig_max_position: torch.Tensor | None = None
         self.seen = 0
         # Set at each decoding step: the attention-mask columns and position ids of the new tokens.
         self.new_mask: torch.Tensor | None = None
