@@ -7,6 +7,10 @@ tested against. None of them materialises an N x N attention map.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+#: Metrics of :func:`token_shift`.
+SHIFT_METRICS = ("l2", "l1", "cos", "abs_cos", "norm_ratio")
 
 
 def attention_rows(
@@ -101,6 +105,43 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor, fill: float = 0.0) -> to
         mask = valid.reshape(*valid.shape, *([1] * (x.dim() - 2)))
         out = torch.where(mask, out, torch.as_tensor(fill, dtype=x.dtype, device=x.device))
     return out
+
+
+def cu_seqlens(keep: torch.Tensor) -> torch.Tensor:
+    """Cumulative kept lengths ``[B + 1]`` (int32, leading 0) of a boolean keep mask ``[B, L]``.
+
+    Row b's kept tokens occupy ``[out[b], out[b + 1])`` of the packed sequence, the ``cu_seqlens`` a
+    variable-length FlashAttention call takes (``max_seqlen`` is ``int(out.diff().max())``).
+    """
+    counts = keep.to(torch.bool).sum(dim=-1, dtype=torch.int32)
+    out = torch.zeros(keep.shape[0] + 1, dtype=torch.int32, device=keep.device)
+    out[1:] = torch.cumsum(counts, dim=0, dtype=torch.int32)
+    return out
+
+
+def token_shift(after: torch.Tensor, before: torch.Tensor, metric: str = "l2") -> torch.Tensor:
+    """Per-token change between two hidden states ``[..., D]``, reduced over D, in float32.
+
+    ``"l2"``: ``||after - before||``; ``"l1"``: ``sum |after - before|``; ``"cos"``:
+    ``1 - cos(after, before)``; ``"abs_cos"``: ``1 - |cos(after, before)|`` (cosine as
+    ``F.cosine_similarity`` with ``eps=1e-8``: each norm clamped to 1e-8, so a zero vector has cosine
+    0); ``"norm_ratio"``: ``||after|| / max(||before||, 1e-12)``. These are, term for term, the
+    formulas of Representation Shift (``repshift.token_distance(after, before, "l2" | "l1" | "cos")``)
+    and TransPrune's token transition variation (``direction_change(x_in, x_out, "signed" | "abs")``
+    is ``token_shift(x_out, x_in, "cos" | "abs_cos")``; ``magnitude_change(x_in, x_out)`` is
+    ``token_shift(x_out, x_in, "norm_ratio")``), tested equal bit for bit.
+    """
+    after, before = after.float(), before.float()
+    if metric == "l2":
+        return (after - before).norm(dim=-1)
+    if metric == "l1":
+        return (after - before).abs().sum(dim=-1)
+    if metric in ("cos", "abs_cos"):
+        cosine = F.cosine_similarity(after, before, dim=-1, eps=1e-8)
+        return 1.0 - (cosine if metric == "cos" else cosine.abs())
+    if metric == "norm_ratio":
+        return after.norm(dim=-1) / before.norm(dim=-1).clamp_min(1e-12)
+    raise ValueError(f"metric must be one of {SHIFT_METRICS}, got {metric!r}")
 
 
 def masked_topk(scores: torch.Tensor, valid: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:

@@ -35,6 +35,19 @@ class Family:
     #: ``[3, B, L]`` for M-RoPE); None: every slot numbered 0..L-1, pads included.
     positions: Callable | None = None
 
+    def refusal(self, method: str, options: dict) -> str | None:
+        """Why ``wrap`` refuses ``method`` with ``options`` on this family's tiny model (None if it
+        does not): a method's default schedule may use a site the family lacks."""
+        import vtoken
+
+        model = self.make()
+        try:
+            vtoken.wrap(model, method, **options)
+        except ValueError as error:
+            return str(error)
+        vtoken.unwrap(model)
+        return None
+
     def supports(self, options: dict) -> bool:
         """Whether this family runs a method with ``options`` (a vision-site stage needs ``vision_site``)."""
         stages = options.get("stages") or [options]

@@ -1,9 +1,11 @@
-"""The PyTorch reference kernels against plain loops and dense attention."""
+"""The PyTorch reference kernels against plain loops, dense attention and the strategies' own formulas."""
 
 import pytest
 import torch
 
-from vtoken.kernels import attention_rows, compact_index, gather_tokens, masked_topk
+from vtoken.kernels import (
+    attention_rows, compact_index, cu_seqlens, gather_tokens, masked_topk, received_attention, token_shift,
+)
 
 
 def test_compact_index_left_pads_each_row():
@@ -55,3 +57,38 @@ def test_attention_rows_equal_dense_softmax(kv_heads):
     rows = [n - 1, 3]
     out = attention_rows(q_all[:, :, rows], k, 0.3, mask[:, rows])
     assert torch.allclose(out, dense[:, :, rows], atol=1e-6)
+
+
+def test_received_attention_equals_dense_column_mass():
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 4, 11, 8, generator=g)
+    k = torch.randn(2, 2, 11, 8, generator=g)
+    dense = torch.softmax(q @ k.repeat_interleave(2, dim=1).transpose(-1, -2) * 0.4, -1)
+    expected = dense.sum(dim=2).mean(dim=1)
+    assert torch.allclose(received_attention(q, k, 0.4, chunk=3), expected, atol=1e-6)
+
+
+def test_cu_seqlens_counts_kept_tokens():
+    keep = torch.tensor([[1, 0, 1, 1], [0, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    out = cu_seqlens(keep)
+    assert out.dtype == torch.int32 and out.tolist() == [0, 3, 3, 7]
+    assert cu_seqlens(torch.zeros(0, 5, dtype=torch.bool)).tolist() == [0]
+
+
+def test_token_shift_is_the_strategies_formulas_bit_for_bit():
+    """Representation Shift's token_distance and TransPrune's direction and magnitude terms."""
+    from vtoken.strategies.repshift import token_distance
+    from vtoken.strategies.transprune import direction_change, magnitude_change
+
+    g = torch.Generator().manual_seed(3)
+    x_in = torch.randn(2, 9, 32, generator=g).to(torch.bfloat16)
+    x_out = torch.randn(2, 9, 32, generator=g).to(torch.bfloat16)
+    x_in[0, 0] = 0
+    x_out[1, 1] = -x_in[1, 1]
+    for metric in ("l2", "l1", "cos"):
+        assert torch.equal(token_shift(x_out, x_in, metric), token_distance(x_out, x_in, metric))
+    assert torch.equal(token_shift(x_out, x_in, "cos"), direction_change(x_in, x_out, "signed"))
+    assert torch.equal(token_shift(x_out, x_in, "abs_cos"), direction_change(x_in, x_out, "abs"))
+    assert torch.equal(token_shift(x_out, x_in, "norm_ratio"), magnitude_change(x_in, x_out))
+    with pytest.raises(ValueError, match="metric"):
+        token_shift(x_out, x_in, "l3")
