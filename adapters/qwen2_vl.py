@@ -34,7 +34,7 @@ from torch import nn
 
 from .base import DecoderSpec, FamilyDescription, ImageInfo, Modality, PositionScheme, ProjectorSpec, TokenMap, VisionSpec
 from .pipeline import VisionLanguageAdapter
-from vtoken import compat, signals
+from vtoken import signals
 from vtoken.context import Grid
 
 _NOT_YET = "yet (its packed vision tower is not instrumented)"

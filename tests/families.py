@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from tiny import (
-    IMAGE_TOKEN, left_pad, llava_inputs, llava_next_inputs, next_image_tokens, onevision_image_tokens, onevision_inputs,
+    padded_crops, two_none_one, llava_inputs, llava_next_inputs, next_image_tokens, onevision_image_tokens, onevision_inputs,
     qwen_inputs, tiny_llava, tiny_llava_next, tiny_llava_onevision, tiny_qwen2_vl,
 )
 
@@ -56,9 +56,7 @@ class Family:
 
 def _llava_several_images(model) -> dict:
     g = torch.Generator().manual_seed(3)
-    image = [IMAGE_TOKEN] * 16
-    rows = [[1, 7, 8, *image, 9, *image, 10, 11], [1, 12, 13, 14, 15, 16], [1, 17, *image, 18, 19, 20, 21]]
-    ids, mask = left_pad(rows)
+    ids, mask = two_none_one([16, 16, 16])
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.randn(3, 3, 32, 32, generator=g)}
 
 
@@ -66,19 +64,9 @@ def _next_several_images(model) -> dict:
     from vtoken import compat
 
     sizes = [(32, 64), (64, 64), (64, 40)]
-    counts = next_image_tokens(model, sizes)
-    rows = [
-        [1, 7, 8, *[IMAGE_TOKEN] * counts[0], 9, *[IMAGE_TOKEN] * counts[1], 10, 11],
-        [1, 12, 13, 14, 15, 16],
-        [1, 17, *[IMAGE_TOKEN] * counts[2], 18, 19, 20, 21],
-    ]
-    ids, mask = left_pad(rows)
-    g = torch.Generator().manual_seed(3)
-    config = model.config
-    crops = [compat.image_size_to_num_patches(s, config.image_grid_pinpoints, 32) for s in sizes]
-    pixels = torch.zeros(len(sizes), max(crops), 3, 32, 32)
-    for i, n in enumerate(crops):
-        pixels[i, :n] = torch.randn(n, 3, 32, 32, generator=g)
+    ids, mask = two_none_one(next_image_tokens(model, sizes))
+    crops = [compat.image_size_to_num_patches(s, model.config.image_grid_pinpoints, 32) for s in sizes]
+    pixels = padded_crops(crops, torch.Generator().manual_seed(3))
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels,
             "image_sizes": torch.tensor([list(s) for s in sizes])}
 
@@ -91,17 +79,9 @@ def _onevision_several_images(model) -> dict:
     sizes = [(32, 64), (64, 64), (64, 40)]
     batch_num_images = torch.tensor([2, 0, 1])
     counts = onevision_image_tokens(model, sizes[:2], batch_num_images=[2]) + onevision_image_tokens(model, sizes[2:])
-    rows = [
-        [1, 7, 8, *[IMAGE_TOKEN] * counts[0], 9, *[IMAGE_TOKEN] * counts[1], 10, 11],
-        [1, 12, 13, 14, 15, 16],
-        [1, 17, *[IMAGE_TOKEN] * counts[2], 18, 19, 20, 21],
-    ]
-    ids, mask = left_pad(rows)
-    g = torch.Generator().manual_seed(3)
+    ids, mask = two_none_one(counts)
     crops = [1, 1, compat.image_size_to_num_patches(sizes[2], model.config.image_grid_pinpoints, 32)]
-    pixels = torch.zeros(len(sizes), max(crops), 3, 32, 32)
-    for i, n in enumerate(crops):
-        pixels[i, :n] = torch.randn(n, 3, 32, 32, generator=g)
+    pixels = padded_crops(crops, torch.Generator().manual_seed(3))
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels,
             "image_sizes": torch.tensor([list(s) for s in sizes]), "batch_num_images": batch_num_images}
 

@@ -157,6 +157,25 @@ def onevision_image_tokens(model, image_sizes: list[tuple[int, int]], batch_num_
     return [p.shape[0] for p in packed]
 
 
+def padded_crops(crops: list[int], generator: torch.Generator) -> torch.Tensor:
+    """``[images, max crops, 3, 32, 32]``: random pixels for each image's crops, zeros past them (the
+    AnyRes processors' padded layout)."""
+    pixels = torch.zeros(len(crops), max(crops), 3, 32, 32)
+    for i, n in enumerate(crops):
+        pixels[i, :n] = torch.randn(n, 3, 32, 32, generator=generator)
+    return pixels
+
+
+def two_none_one(counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and mask of three prompts: two images (``counts[0]``, ``counts[1]`` tokens),
+    none, one image (``counts[2]`` tokens)."""
+    return left_pad([
+        [1, 7, 8, *[IMAGE_TOKEN] * counts[0], 9, *[IMAGE_TOKEN] * counts[1], 10, 11],
+        [1, 12, 13, 14, 15, 16],
+        [1, 17, *[IMAGE_TOKEN] * counts[2], 18, 19, 20, 21],
+    ])
+
+
 def onevision_inputs(model, image_sizes=((32, 64), (64, 64), (64, 40)), seed: int = 0) -> dict:
     """One image per sample of different sizes (interpolated and not), left-padded."""
     g = torch.Generator().manual_seed(seed)
@@ -165,9 +184,7 @@ def onevision_inputs(model, image_sizes=((32, 64), (64, 64), (64, 40)), seed: in
     ids, mask = left_pad(rows)
     config = model.config
     crops = [compat.image_size_to_num_patches(s, config.image_grid_pinpoints, 32) for s in image_sizes]
-    pixels = torch.zeros(len(image_sizes), max(crops), 3, 32, 32)
-    for i, n in enumerate(crops):
-        pixels[i, :n] = torch.randn(n, 3, 32, 32, generator=g)
+    pixels = padded_crops(crops, g)
     return {
         "input_ids": ids, "attention_mask": mask, "pixel_values": pixels,
         "image_sizes": torch.tensor([list(s) for s in image_sizes]),
@@ -226,9 +243,7 @@ def llava_next_inputs(model, image_sizes=((32, 64), (64, 64), (64, 40)), seed: i
     ids, mask = left_pad(rows)
     config = model.config
     crops = [image_size_to_num_patches(s, config.image_grid_pinpoints, 32) for s in image_sizes]
-    pixels = torch.zeros(len(image_sizes), max(crops), 3, 32, 32)
-    for i, n in enumerate(crops):
-        pixels[i, :n] = torch.randn(n, 3, 32, 32, generator=g)
+    pixels = padded_crops(crops, g)
     return {
         "input_ids": ids, "attention_mask": mask, "pixel_values": pixels,
         "image_sizes": torch.tensor([list(s) for s in image_sizes]),

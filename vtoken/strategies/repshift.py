@@ -67,6 +67,7 @@ import torch
 import torch.nn.functional as F
 
 from vtoken.config import PruneConfig, StageSpec
+from vtoken.kernels import token_shift
 from vtoken.context import Reduction, ScoreContext
 from vtoken.registry import register
 from vtoken import signals
@@ -189,14 +190,9 @@ class RepShiftConfig(PruneConfig):
 
 def token_distance(after: torch.Tensor, before: torch.Tensor, distance: str = "l2") -> torch.Tensor:
     """Per-token distance ``D(after, before)`` over the last dimension, in float32 (Fig. 5b)."""
-    after, before = after.float(), before.float()
-    if distance == "l2":
-        return (after - before).norm(dim=-1)
-    if distance == "l1":
-        return (after - before).abs().sum(dim=-1)
-    if distance == "cos":
-        return 1.0 - F.cosine_similarity(after, before, dim=-1, eps=1e-8)
-    raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
+    if distance not in DISTANCES:
+        raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
+    return token_shift(after, before, distance)  # one pass (a Triton kernel on CUDA)
 
 
 def representation_shift(

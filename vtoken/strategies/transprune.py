@@ -57,9 +57,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from vtoken.config import PruneConfig, StageSpec
+from vtoken.kernels import token_shift
 from vtoken.context import ScoreContext
 from vtoken.registry import register
 from vtoken import signals
@@ -78,13 +78,15 @@ DIRECTIONS = ("signed", "abs")
 #: every text token after the image). About half of the accounting's default 64 text tokens: a
 #: LLaVA-1.5 VQA question with "Answer the question using a single word or phrase. ASSISTANT:".
 ASSUMED_INSTRUCTION_ROWS = 32
-_EPS = 1e-8
 
 
 # --- the formulas ---------------------------------------------------------------------------------
+_EPS = 1e-8
+
+
 def magnitude_change(x_in: torch.Tensor, x_out: torch.Tensor) -> torch.Tensor:
     """Eq. 1: ``m = ||T_out|| / ||T_in||`` per token (float32; a zero input counts as a tiny norm)."""
-    return x_out.float().norm(dim=-1) / x_in.float().norm(dim=-1).clamp_min(1e-12)
+    return token_shift(x_out, x_in, "norm_ratio")  # one pass (a Triton kernel on CUDA)
 
 
 def direction_change(x_in: torch.Tensor, x_out: torch.Tensor, direction: str = "signed") -> torch.Tensor:
@@ -93,8 +95,7 @@ def direction_change(x_in: torch.Tensor, x_out: torch.Tensor, direction: str = "
     for the same or the reversed direction, 1 at 90 degrees). A zero vector has cosine 0."""
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
-    cosine = F.cosine_similarity(x_out.float(), x_in.float(), dim=-1, eps=_EPS)
-    return 1.0 - (cosine if direction == "signed" else cosine.abs())
+    return token_shift(x_out, x_in, "cos" if direction == "signed" else "abs_cos")
 
 
 def transition_variation(
