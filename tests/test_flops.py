@@ -580,3 +580,32 @@ def test_wrapped_model_forward_matches_counter(method, options):
         assert close(flops(model, text_tokens=TEXT).prefill, tally.parts["all"])
     finally:
         api.unwrap(model)
+
+
+def test_qwen2_vl_full_forward_matches_counter():
+    """Qwen2-VL: full attention in every vision block (no windows), a two-matrix MLP, the 2x2 merger."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    config = Qwen2VLConfig(
+        text_config=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=160, max_position_embeddings=512,
+                         bos_token_id=None, eos_token_id=None,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]}),
+        vision_config=dict(depth=3, embed_dim=32, mlp_ratio=2, num_heads=2, hidden_size=64, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2),
+        image_token_id=150, video_token_id=151, vision_start_token_id=152, vision_end_token_id=153)
+    torch.manual_seed(0)
+    model = Qwen2VLForConditionalGeneration(config)
+    model.set_attn_implementation("eager")
+    model.eval()
+    ids = torch.tensor([[1, 2, 3, 152] + [150] * 15 + [153, 4, 5, 6, 7]])
+    grid = torch.tensor([[1, 10, 6]])
+    pixels = torch.randn(60, 3 * 2 * 14 * 14)
+    tally = Tally()
+    tally("vision+merger", lambda: model.model.visual(pixels, grid_thw=grid))
+    tally("all", lambda: model(input_ids=ids, pixel_values=pixels, image_grid_thw=grid, logits_to_keep=1,
+                               mm_token_type_ids=(ids == 150).int()))
+    report = flops(model, text_tokens=9, image_size=QWEN_IMAGE)
+    assert report.visual_tokens == 15
+    assert close(report.vision + report.projector, tally.parts["vision+merger"])
+    assert close(report.prefill, tally.parts["all"])

@@ -4,7 +4,8 @@ Everything is computed from the model *config* (no weights, no forward pass), so
 work offline; the configs of ``llava-hf/llava-1.5-7b-hf``, ``llava-hf/llava-v1.6-vicuna-7b-hf``,
 ``llava-hf/llava-onevision-qwen2-7b-ov-hf`` and ``Qwen/Qwen2.5-VL-7B-Instruct`` ship in
 ``vtoken/configs/``. Supported families: LLaVA-1.5 (``llava``), LLaVA-NeXT (``llava_next``),
-LLaVA-OneVision (``llava_onevision``) and Qwen2.5-VL (``qwen2_5_vl``). All counts are per sample.
+LLaVA-OneVision (``llava_onevision``), Qwen2-VL (``qwen2_vl``: full-attention vision blocks, a
+two-matrix MLP) and Qwen2.5-VL (``qwen2_5_vl``). All counts are per sample.
 
 Notation: an LLM layer with hidden size d, FFN size m, H query heads and H_kv key/value heads of size
 h_d; n tokens in the layer; v of them visual. FLOPs below are for one layer unless stated.
@@ -159,7 +160,7 @@ class ProjectorDims:
 
 @dataclass(frozen=True)
 class ModelDims:
-    family: str  # "llava" | "llava_next" | "llava_onevision" | "qwen2_5_vl"
+    family: str  # "llava" | "llava_next" | "llava_onevision" | "qwen2_vl" | "qwen2_5_vl"
     name: str
     decoder: DecoderDims
     vision: VisionDims
@@ -254,9 +255,11 @@ def model_dims(config) -> ModelDims:
         return _llava_dims(config, family)
     if family == "qwen2_5_vl":
         return _qwen2_5_vl_dims(config)
+    if family == "qwen2_vl":
+        return _qwen2_vl_dims(config)
     raise NotImplementedError(
         f"FLOPs model for model_type {family!r} is not implemented (supported: llava, llava_next, "
-        "llava_onevision, qwen2_5_vl)"
+        "llava_onevision, qwen2_vl, qwen2_5_vl)"
     )
 
 
@@ -306,6 +309,31 @@ def _llava_dims(config, family: str) -> ModelDims:
         keep_cls=config.vision_feature_select_strategy == "full",
         grid_pinpoints=pinpoints if family in ("llava_next", "llava_onevision") else (),
         anyres_max=anyres_max,
+    )
+
+
+def _qwen2_vl_dims(config) -> ModelDims:
+    """Qwen2-VL: a ViT of ``depth`` blocks with full attention (no windows) and a two-matrix MLP
+    (``embed_dim * mlp_ratio``), then the 2x2 merger MLP (4·D → 4·D → d)."""
+    text, vision = config.text_config, config.vision_config
+    merge = vision.spatial_merge_size
+    width = vision.embed_dim
+    merged_dim = width * merge * merge
+    return ModelDims(
+        family="qwen2_vl",
+        name=_model_name(config),
+        decoder=_decoder_dims(text),
+        vision=VisionDims(
+            layers=vision.depth,
+            hidden=width,
+            intermediate=int(width * vision.mlp_ratio),
+            patch=vision.patch_size,
+            channels=vision.in_channels,
+            mlp_matrices=2,
+            temporal_patch=vision.temporal_patch_size,
+            merge=merge,
+        ),
+        projector=ProjectorDims(in_dim=merged_dim, hidden=merged_dim, out_dim=vision.hidden_size),
     )
 
 
@@ -385,7 +413,7 @@ def geometry(
             geo = _onevision_video_geometry(dims, frames, convention)
         else:
             geo = _onevision_geometry(dims, image_size or LLAVA_ONEVISION_DEFAULT_IMAGE, images, convention)
-    elif dims.family == "qwen2_5_vl":
+    elif dims.family in ("qwen2_vl", "qwen2_5_vl"):
         geo = _qwen_geometry(dims, image_size or QWEN_DEFAULT_IMAGE, images)
     else:
         raise NotImplementedError(f"no token geometry for family {dims.family!r}")
@@ -491,7 +519,8 @@ def _qwen_geometry(dims: ModelDims, image_size, images: int) -> Geometry:
     patches = rows * cols
     merged = patches // dims.vision.merge**2
     return Geometry(crops=images, patches=patches, projector_tokens=images * merged,
-                    visual_tokens=images * merged, windows=_qwen_windows(dims, rows, cols))
+                    visual_tokens=images * merged,
+                    windows=_qwen_windows(dims, rows, cols) if dims.vision.window else ())
 
 
 def _qwen_windows(dims: ModelDims, rows: int, cols: int) -> tuple[int, ...]:
