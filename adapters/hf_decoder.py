@@ -149,7 +149,6 @@ class DecoderPruning:
         positions = positions_in(kwargs.get("position_ids"), batch, length, embeds.device)
         run.orig_length = length
         run.seen = length
-        run.orig_valid_count = padding.bool().sum(-1)
         visual = run.visual
         layout = identity_layout(
             padding, positions, visual.visual_index.to(embeds.device), visual.image_index.to(embeds.device)

@@ -39,7 +39,7 @@ from .observe import observe_layer
 from vtoken import compat, signals
 from vtoken.context import Grid, VisionAttention
 from vtoken.kernels import attention_rows, gather_tokens, received_attention
-from vtoken.pruner import Pruner
+from vtoken.pruner import Pruner, same_feature
 from vtoken.request import ImageRun, PruneRun, renumbers
 
 
@@ -483,10 +483,7 @@ class VisionLanguageAdapter(Adapter):
                 match = [i for i, mine in enumerate(images.features) if mine is feature]
                 # A stacked output (videos) gives new row views on every read, generate() repeats it
                 # into a new tensor for beam search, and offloading moves it: the same rows, by value.
-                match = match or [
-                    i for i, mine in enumerate(images.features)
-                    if mine.shape == feature.shape and torch.equal(mine, feature.to(mine.device, mine.dtype))
-                ]
+                match = match or [i for i, mine in enumerate(images.features) if same_feature(mine, feature)]
                 if not match:
                     break
                 order.append(match[0])

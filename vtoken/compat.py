@@ -129,15 +129,6 @@ def crop_cache(cache, tokens: int) -> None:
 
 
 # --- multimodal encoder outputs -------------------------------------------------------------------
-def encoded_images(kwargs: dict):
-    """The image encoding ``generate`` handed to a forward (None if none)."""
-    return (kwargs.get(ENCODER_OUTPUTS_KWARG) or {}).get("image")
-
-
-def set_encoded_images(kwargs: dict, encoded) -> None:
-    kwargs[ENCODER_OUTPUTS_KWARG] = {**(kwargs.get(ENCODER_OUTPUTS_KWARG) or {}), "image": encoded}
-
-
 def encoded_output(kwargs: dict, modality: str):
     """The encoding of ``modality`` (``"image"``, ``"video"``) handed to a forward (None if none)."""
     return (kwargs.get(ENCODER_OUTPUTS_KWARG) or {}).get(modality)

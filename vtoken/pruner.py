@@ -100,7 +100,7 @@ class Pruner:
 
         features = compat.image_features(output)
         for images in reversed(list(self._encodings.values())):
-            if all(any(_same_feature(mine, feature) for mine in images.features) for feature in features):
+            if all(any(same_feature(mine, feature) for mine in images.features) for feature in features):
                 return images
         return None
 
@@ -242,11 +242,7 @@ class Pruner:
         visual, images = run.visual, run.image_run
         width = max(visual.visual_count(b) for b in range(visual.batch_size))
         kept = torch.zeros(visual.batch_size, max(width, 1), dtype=torch.bool)
-        crops, first = positions.shape[0], images.first_patch_slot
-        present = torch.zeros(crops, images.tokens_per_crop, dtype=torch.bool)
-        present[:, : max(first, 0)] = True
-        present.scatter_(1, positions.cpu() + first, True)
-        present = present.view(-1)
+        present = images.kept_slots(positions)
         for image in visual.images:  # an encoded image may be placed in several samples (beam search)
             local = image.token_map.reached(present)
             start = 0
@@ -440,7 +436,9 @@ class Pruner:
         return (layout.image_index >= 0) & layout.valid & (layout.orig_index >= 0) & ~still
 
 
-def _same_feature(mine: torch.Tensor, other: torch.Tensor) -> bool:
+def same_feature(mine: torch.Tensor, other: torch.Tensor) -> bool:
+    """``other`` is the feature tensor ``mine``: the same object, or equal values (moved, or
+    repeated by ``generate`` for beam search)."""
     if mine is other:
         return True
     return mine.shape == other.shape and torch.equal(mine, other.to(mine.device, mine.dtype))

@@ -72,15 +72,17 @@ class ImageRun:
         """The slot of a crop's first patch among the tokens the projector reads."""
         return self.tokens_per_crop - self.candidate_local.shape[1]
 
-    def kept_slots(self) -> torch.Tensor:
-        """``[C * tokens_per_crop]`` bool: the encoder slots still present after the vision stages
-        (every slot when none ran; prefix slots the projector reads always stay)."""
+    def kept_slots(self, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """``[C * tokens_per_crop]`` bool: the encoder slots present when each crop holds the
+        candidates at ``positions`` (default: what the vision stages left; every slot when none ran).
+        Prefix slots the projector reads (CLS under 'full') always stay."""
+        positions = self.vision_positions if positions is None else positions
         crops, first = self.candidate_local.shape[0], self.first_patch_slot
-        if self.vision_positions is None:
+        if positions is None:
             return torch.ones(crops * self.tokens_per_crop, dtype=torch.bool)
         kept = torch.zeros(crops, self.tokens_per_crop, dtype=torch.bool)
         kept[:, : max(first, 0)] = True
-        kept.scatter_(1, self.vision_positions.cpu() + first, True)
+        kept.scatter_(1, positions.cpu() + first, True)
         return kept.view(-1)
 
     def image_key(self, crops: list[int]) -> int:
@@ -159,7 +161,6 @@ class PruneRun:
         #: Per sample: stage name -> kept sample-level visual indices (ascending).
         self.selections: list[dict[str, torch.Tensor]] = [{} for _ in range(visual.batch_size)]
         self.orig_length = 0
-        self.orig_valid_count: torch.Tensor | None = None
         #: ``[B]``: the largest position id of each sample's prompt, unwrapped (renumbering shifts the
         #: positions of generated tokens by what it took off it).
         self.orig_max_position: torch.Tensor | None = None
