@@ -18,12 +18,14 @@ FASTV_K = 2
 LLAVA = "llava-hf/llava-1.5-7b-hf"
 NEXT = "llava-hf/llava-v1.6-vicuna-7b-hf"
 QWEN = "Qwen/Qwen2.5-VL-7B-Instruct"
+ONEVISION = "llava-hf/llava-onevision-qwen2-7b-ov-hf"
 
 # (label, hub id, budgets). LLaVA-NeXT budgets are the papers' equivalents of 192/128/64 at 2880.
 MODELS = [
     ("LLaVA-1.5-7B", LLAVA, (192, 128, 64)),
     ("LLaVA-NeXT-7B", NEXT, (640, 320, 160)),
     ("Qwen2.5-VL-7B", QWEN, (192, 128, 64)),
+    ("LLaVA-OneVision-7B", ONEVISION, (1024, 512, 256)),  # 3699 tokens at 672x672 (base + 2x2 crops)
 ]
 
 # Published TFLOPs (paper convention) and where they are printed.
@@ -138,7 +140,9 @@ def assumptions() -> list[str]:
         "`true` convention; the `paper` convention counts visual tokens only. One image per sample.",
         "- **Images**: LLaVA-1.5 at 336×336 (576 patches + CLS); LLaVA-NeXT at 672×672 (base view + 4 crops, "
         "5 tower passes; the model packs 576 + 48·48 + 48 newlines = 2928 tokens, the papers count 2880); "
-        "Qwen2.5-VL at 672×672 (48×48 = 2304 patches, 576 LLM tokens after the 2×2 merger).",
+        "Qwen2.5-VL at 672×672 (48×48 = 2304 patches, 576 LLM tokens after the 2×2 merger); "
+        "LLaVA-OneVision at 672×672 (base view + 2×2 crops of 384 px, 5 tower passes of 729 patches; the model "
+        "packs 729 + 54·54 + 54 newlines = 3699 tokens, the paper convention counts 5 × 729 = 3645).",
         "- **`true`**: 2 FLOPs per multiply-add over every token; GQA-aware projections, gated MLP (three "
         "matrices), attention scores and values over the full n×n square (causal masking not subtracted, as "
         "FlopCounterMode counts it), the whole vision tower (patch embedding, every encoder layer including "
@@ -151,7 +155,7 @@ def assumptions() -> list[str]:
         "the tower (not used here) is approximate (windows assumed to shrink uniformly).",
         "- **pre-LLM** keeps the budget between projector and LLM (the projector still runs on every patch). "
         "Its scoring line is one CLS attention row at vision layer 22 per tower pass (VisionZip / FasterVLM "
-        "style) for the LLaVA models and zero for Qwen2.5-VL (no CLS; e.g. pooling).",
+        "style) for LLaVA-1.5 / NeXT and zero for Qwen2.5-VL and LLaVA-OneVision (no CLS; e.g. pooling).",
         "- **FastV K=2** runs layers 0–1 on every token and layers 2+ on the budget; its scoring line is the "
         "last query row against every key of layer 1 (FastV's released code).",
         "- **decode**: one generated token attending to the cache left by the prefill (the cache of layers "
