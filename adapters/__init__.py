@@ -5,15 +5,29 @@ from __future__ import annotations
 from torch import nn
 
 from .base import Adapter, ImageInfo, UndoStack, VisualLayout
-from . import llava, llava_onevision, qwen2_vl
+from . import clip, llava, llava_onevision, open_clip_vit, qwen2_vl, timm_vit, vision_encoder
+from .clip import ClipVisionAdapter
 from .llava import LlavaAdapter
 from .llava_onevision import LlavaOnevisionAdapter
+from .open_clip_vit import OpenClipAdapter
 from .qwen2_vl import QwenVLAdapter
+from .timm_vit import TimmViTAdapter
 
 # The more specific adapter first: every family a class matches, the first one wins.
-ADAPTERS: tuple[type[Adapter], ...] = (LlavaOnevisionAdapter, LlavaAdapter, QwenVLAdapter)
+ADAPTERS: tuple[type[Adapter], ...] = (
+    LlavaOnevisionAdapter, LlavaAdapter, QwenVLAdapter, ClipVisionAdapter, TimmViTAdapter, OpenClipAdapter,
+)
 #: Family -> the signals (``vtoken.signals``) its models never provide, and why.
-FAMILY_GAPS: dict[str, dict[str, str]] = {**llava.FAMILY_GAPS, **llava_onevision.FAMILY_GAPS, **qwen2_vl.FAMILY_GAPS}
+FAMILY_GAPS: dict[str, dict[str, str]] = {
+    **llava.FAMILY_GAPS, **llava_onevision.FAMILY_GAPS, **qwen2_vl.FAMILY_GAPS,
+    **clip.FAMILY_GAPS, **timm_vit.FAMILY_GAPS, **open_clip_vit.FAMILY_GAPS,
+}
+#: Families whose models are a vision tower alone: they have only the vision site.
+VISION_ONLY: frozenset[str] = frozenset({*clip.FAMILY_GAPS, *timm_vit.FAMILY_GAPS, *open_clip_vit.FAMILY_GAPS})
+#: Family -> the pruning sites its models lack, and why.
+MISSING_SITES: dict[str, dict[str, str]] = {
+    **qwen2_vl.MISSING_SITES, **{family: vision_encoder.vision_only_missing_sites() for family in VISION_ONLY},
+}
 
 
 def adapter_for(model: nn.Module) -> type[Adapter]:
@@ -24,8 +38,9 @@ def adapter_for(model: nn.Module) -> type[Adapter]:
     raise ValueError(
         f"no vtoken adapter handles {type(model).__name__}; supported families: {families} "
         "(LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, LlavaOnevisionForConditionalGeneration, "
-        "Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration)"
+        "Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration, CLIPModel, CLIPVisionModel, "
+        "SiglipModel, SiglipVisionModel, timm VisionTransformer, open_clip CLIP / VisionTransformer)"
     )
 
 
-__all__ = ["Adapter", "ADAPTERS", "FAMILY_GAPS", "ImageInfo", "UndoStack", "VisualLayout", "adapter_for"]
+__all__ = ["Adapter", "ADAPTERS", "FAMILY_GAPS", "MISSING_SITES", "VISION_ONLY", "ImageInfo", "UndoStack", "VisualLayout", "adapter_for"]

@@ -16,6 +16,7 @@ from typing import Any, Callable, ClassVar, Literal
 import torch
 from torch import nn
 
+from vtoken import compat
 from vtoken.context import Grid
 from vtoken.signals import Needs, Signal
 
@@ -191,10 +192,41 @@ class VisionSpec:
     sequence: Literal["batched", "packed"] = "batched"
     #: The tower as its config names it (``"clip_vision_model"``), for messages.
     kind: str = "vision"
+    #: Whether the first prefix token is a CLS token (None: it is when there is a prefix token);
+    #: register tokens follow it and are never pruned either.
+    cls: bool | None = None
+    #: A block's attention and MLP branches by attribute name (``observe`` reads their outputs as
+    #: the branches added to the residual stream; timm's ``ls1``/``ls2`` include the layer scale).
+    parts: dict[str, str] = field(default_factory=lambda: dict(compat.LAYER_PARTS))
+    #: The attention sub-module of a block (its input is the normed hidden states).
+    attention_module: Callable[[nn.Module], nn.Module] = lambda block: compat.layer_attention(block)
+    #: How to run a block in two halves (:class:`BlockHalves`), for stages inside a block (ToMe);
+    #: ``halves(block, undo)`` may install hooks (on ``undo``). None: the family cannot.
+    halves: Callable[[nn.Module, "UndoStack"], "BlockHalves"] | None = None
 
     @property
     def patches(self) -> int:
         return self.grid[0] * self.grid[1]
+
+    @property
+    def has_cls(self) -> bool:
+        return self.prefix_tokens > 0 if self.cls is None else self.cls
+
+
+@dataclass(frozen=True)
+class BlockHalves:
+    """One pre-norm vision block run in two halves, for a stage between its attention and its MLP
+    (ToMe's placement). ``split_call(args, kwargs)`` takes the block's call apart into the hidden
+    states ``[C, T, d]`` and the rest of its arguments; ``attention(hidden, bias, rest)`` returns the
+    hidden states after the attention's residual add, with ``bias`` (``[C, 1, 1, T]`` or None) added
+    to the attention logits, and the attention's keys averaged over heads (``[C, T, head_dim]``);
+    ``mlp(hidden)`` the block's output; ``output(hidden)`` it in the type the block returns. Every
+    family's halves are checked against its block's own forward (``tests/test_vision_only.py``)."""
+
+    split_call: Callable[[tuple, dict], tuple[torch.Tensor, dict]]
+    attention: Callable[[torch.Tensor, torch.Tensor | None, dict], tuple[torch.Tensor, torch.Tensor]]
+    mlp: Callable[[torch.Tensor], torch.Tensor]
+    output: Callable[[torch.Tensor], Any] = lambda hidden: hidden
 
 
 @dataclass(frozen=True)
@@ -273,11 +305,14 @@ class FamilyDescription:
       merge unit (K=4, weight 1/4); ``decoder = DecoderSpec(model.language_model, ..., positions=
       PositionScheme("mrope", sections=rope_scaling["mrope_section"]))``, Qwen3-VL with
       ``interleaved=True`` and its DeepStack features following the same token map.
-    - **A timm / open_clip ViT**: ``vision = VisionSpec(layers=model.blocks, prefix_tokens=1 +
-      num_reg_tokens (0 with global pooling and no class token), grid=patch_embed.grid_size,
-      attention=block.attn's qkv)``; ``projector = None``, ``decoder = None``: the encoder's own head
-      (pooling, ``forward_head``) reads what the vision-site stages leave, and a token budget counts
-      the patch tokens leaving the encoder.
+    - **A timm / open_clip ViT** (:mod:`vtoken.adapters.timm_vit`, :mod:`vtoken.adapters.open_clip_vit`,
+      CLIP / SigLIP in :mod:`vtoken.adapters.clip`): ``vision = VisionSpec(layers=model.blocks,
+      prefix_tokens=1 + num_reg_tokens (0 with global pooling and no class token),
+      grid=patch_embed.grid_size, attention=block.attn's fused qkv, halves=the block in two halves)``;
+      ``projector = None``, ``decoder = None``: the vision-only pipeline
+      (:class:`vtoken.adapters.vision_encoder.VisionEncoderAdapter`) opens each call at the patch
+      embedding, the encoder's own head (pooling, ``forward_head``) reads what the vision-site stages
+      leave, and a token budget counts the patch tokens leaving the encoder.
     """
 
     name: str
@@ -363,6 +398,11 @@ class Adapter(ABC):
             if reason is not None:
                 return signal, reason
         return None
+
+    def placed_options(self, strategy_cls, options: dict) -> dict:
+        """The options a method runs with on this family (a family may place a method whose default
+        site it lacks); unchanged by default."""
+        return options
 
     def one_grid_per_image(self) -> str | None:
         """None when every image reaches the LLM as exactly one intact patch grid (nothing else);

@@ -21,6 +21,7 @@ from torch import nn
 from transformers import LlavaForConditionalGeneration, LlavaModel, LlavaNextForConditionalGeneration, LlavaNextModel
 
 from .base import DecoderSpec, FamilyDescription, ImageInfo, ProjectorSpec, TokenMap, VisionSpec
+from .clip import hf_encoder_halves
 from .pipeline import VisionLanguageAdapter
 from vtoken import compat, signals
 from vtoken.context import Grid
@@ -74,6 +75,7 @@ class LlavaAdapter(VisionLanguageAdapter):
                 attention=lambda layer: compat.attention_parts(compat.layer_attention(layers[layer])),
                 read_layer=self._read_layers(len(layers))[-1],
                 kind=vision_config.model_type,
+                halves=hf_encoder_halves,
             ),
             projector=ProjectorSpec(self.core.multi_modal_projector, dropped_prefix=int(self.select == "default")),
             decoder=DecoderSpec(

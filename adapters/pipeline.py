@@ -35,15 +35,14 @@ from torch import nn
 
 from .base import Adapter, FamilyDescription, ImageInfo, Modality, UndoStack, VisualLayout, eager
 from .hf_decoder import DecoderPruning, padding_from_4d_mask
-from .observe import observe_layer
+from .vision_site import VisionSite, VisionSource
 from vtoken import compat, signals
-from vtoken.context import Grid, VisionAttention
-from vtoken.kernels import attention_rows, gather_tokens, received_attention
+from vtoken.kernels import gather_tokens
 from vtoken.pruner import Pruner, same_feature
 from vtoken.request import ImageRun, PruneRun, renumbers
 
 
-class VisionLanguageAdapter(Adapter):
+class VisionLanguageAdapter(VisionSite, Adapter):
     """A family whose images are encoded crop by crop ([crops, tokens, width]), projected token by
     token, placed into placeholder tokens of ``input_ids`` and read by a Llama-style decoder."""
 
@@ -132,10 +131,11 @@ class VisionLanguageAdapter(Adapter):
             return gap
         if signal.name == signals.ONE_GRID_PER_IMAGE:
             return self.one_grid_per_image()
-        if signal.name == signals.VISION_CLS and self.description.vision.prefix_tokens == 0:
-            return f"a {self.description.vision.kind} tower without a CLS token"
-        if signal.layer is not None:
-            depth = len(self.vision_layers() if signal.name in signals.VISION_LAYERED else self.decoder_layers())
+        vision = self.vision_unavailable(signal)
+        if vision is not None:
+            return vision
+        if signal.layer is not None and signal.name not in signals.VISION_LAYERED:
+            depth = len(self.decoder_layers())
             if not 0 <= signal.layer < depth:
                 return f"no layer {signal.layer} (it has {depth})"
         return None
@@ -231,21 +231,9 @@ class VisionLanguageAdapter(Adapter):
         for modality in self._modalities:
             self._wrap_entry(modality, undo)
         undo.pre_hook(self.core, self._before_model, with_kwargs=True)
-        needs = pruner.needs
-        attention_layers = needs.layers(signals.VISION_ATTENTION)
-        for layer in needs.layers(signals.VISION_OBSERVED):
-            observe_layer(
-                self.vision_layers()[layer], compat.LAYER_PARTS,
-                active=lambda: pruner.encoding is not None, done=partial(self._observed_vision, layer), undo=undo,
-            )
-        if needs.has(signals.PROJECTOR_INPUT):
+        if pruner.needs.has(signals.PROJECTOR_INPUT):
             undo.pre_hook(self.projector(), self._before_projector)
-        for layer in attention_layers:
-            hook = partial(self._vision_attention_input, layer)
-            undo.pre_hook(compat.layer_attention(self.vision_layers()[layer]), hook, with_kwargs=True)
-        for stage in pruner.stages_at("vision"):
-            hook = partial(self._after_vision_layer, stage)
-            undo.post_hook(self.vision_layers()[stage.layer], hook)
+        self.install_vision(undo)
         if pruner.stages_at("vision"):
             undo.post_hook(self.projector(), self._after_projector)
         decoder = self.description.decoder
@@ -494,34 +482,6 @@ class VisionLanguageAdapter(Adapter):
             "mm_encoder_outputs with the wrapped model's get_image_features"
         )
 
-    def _grid(self) -> Grid:
-        rows, cols = self.description.vision.grid
-        return Grid(0, rows, cols, cols)
-
-    def _after_vision_layer(self, stage, module, args, output):
-        images = self.pruner.encoding
-        if images is None:
-            return None
-        hidden = output[0] if isinstance(output, tuple) else output
-        prefix = self.description.vision.prefix_tokens
-        pruned = self.pruner.run_vision_stage(images, stage, hidden, prefix, self._grid())
-        return (pruned, *output[1:]) if isinstance(output, tuple) else pruned
-
-    def _observed_vision(self, layer: int, io: dict) -> None:
-        images = self.pruner.encoding
-        hidden = io["block"][0]
-        valid = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
-        summary = self.pruner.strategy.observe("vision", layer, io, valid)
-        images.observed[layer] = (summary, images.vision_positions, self.description.vision.prefix_tokens)
-
-    def _vision_attention_input(self, layer, module, args, kwargs):
-        """Keep what vision ``layer``'s attention takes in (the normed hidden states), to recompute
-        its queries and keys when the strategy asks (:meth:`VisionSource.attention`)."""
-        images = self.pruner.encoding
-        if images is not None and images.vision_source is not None:
-            images.vision_source.inputs[layer] = args[0] if args else kwargs["hidden_states"]
-        return None
-
     def _before_projector(self, module, args):
         """Keep every crop token's projector input, in its grid place (ZOO-Prune perturbs them)."""
         images = self.pruner.encoding
@@ -596,59 +556,3 @@ class VisionLanguageAdapter(Adapter):
             slots = torch.nonzero(row >= 0).squeeze(-1)[image.offset + mixed]
             embeds[image.sample, slots.to(embeds.device)] = rebuilt.to(embeds.device, embeds.dtype)
         return embeds
-
-
-class VisionSource:
-    """What a strategy may read from one call of the vision encoder (``ScoreContext.vision_attention``
-    and ``pixel_patches``): a chosen layer's self-attention, recomputed beside SDPA from the layer's
-    input, and the pixels behind every patch token, crop by crop in encoder order."""
-
-    def __init__(self, adapter: VisionLanguageAdapter, crop_pixels):
-        self.vision = adapter.description.vision
-        #: ``() -> [C, channels, H, W]``: every crop's pixels in encoder order.
-        self.crop_pixels = crop_pixels
-        #: Vision layer -> the input of its attention ``[C, T, D]`` (set by a hook during encoding).
-        self.inputs: dict[int, torch.Tensor] = {}
-
-    def attention(self, layer: int) -> VisionAttention:
-        vision = self.vision
-        if layer not in self.inputs:
-            raise ValueError(f"vision layer {layer}'s attention was not recorded; declare Signal('vision_attention', {layer}) in needs()")
-        x = self.inputs[layer]
-        first, patches = vision.prefix_tokens, vision.patches
-        if x.shape[1] != first + patches:
-            raise ValueError(
-                f"vision layer {layer} saw {x.shape[1]} tokens per crop, not the full {first + patches}; "
-                "its attention map needs every patch (no vision-site pruning before it)"
-            )
-        attn = vision.attention(layer)
-        crops, tokens, _ = x.shape
-        head_dim = attn.head_dim
-        scaling = attn.scaling
-        with torch.no_grad():
-            q = attn.q_proj(x).view(crops, tokens, -1, head_dim).transpose(1, 2)
-            k = attn.k_proj(x).view(crops, tokens, -1, head_dim).transpose(1, 2)
-            cls = attention_rows(q[:, :, :1], k, scaling).mean(dim=1)[:, 0, first:] if first else None
-
-        def column_mass() -> torch.Tensor:
-            with torch.no_grad():
-                return received_attention(q[:, :, first:], k, scaling)[:, first:] / patches
-
-        def rows(index: torch.Tensor) -> torch.Tensor:
-            index = index.to(q.device)
-            picked = torch.gather(q, 2, (first + index.clamp(min=0))[:, None, :, None].expand(-1, q.shape[1], -1, head_dim))
-            with torch.no_grad():
-                probs = attention_rows(picked, k, scaling).mean(dim=1)[..., first:]
-            return probs * (index >= 0)[..., None].to(probs.dtype)
-
-        return VisionAttention(rows=rows, keys=k.mean(dim=1)[:, first:], cls=cls, column_mass=column_mass)
-
-    def pixel_patches(self) -> torch.Tensor:
-        """``[C, P, channels, p, p]``: the (normalised) pixel values behind each crop's patch tokens,
-        in the row-major order of the encoder's patch embedding."""
-        pixels = self.crop_pixels()
-        size = self.vision.patch_size
-        crops, channels = pixels.shape[:2]
-        rows, cols = self.vision.grid
-        cut = pixels[:, :, : rows * size, : cols * size].unfold(2, size, size).unfold(3, size, size)
-        return cut.permute(0, 2, 3, 1, 4, 5).reshape(crops, rows * cols, channels, size, size)

@@ -39,6 +39,12 @@ from vtoken.context import Grid
 
 _NOT_YET = "yet (its packed vision tower is not instrumented)"
 
+#: Per family: the pruning sites its models lack (yet), and why (``vtoken.methods``).
+MISSING_SITES = {
+    family: {"vision": "pruning inside its packed vision tower is not implemented yet"}
+    for family in ("Qwen2-VL", "Qwen2.5-VL")
+}
+
 #: Per family: the signals its models never provide (yet), and why (``vtoken.methods``).
 FAMILY_GAPS = {
     family: {
@@ -95,6 +101,8 @@ class QwenVLAdapter(VisionLanguageAdapter):
                 read_layer=len(visual.blocks) - 1,
                 sequence="packed",
                 kind=vision_config.model_type,
+                parts={"attention": "attn", "mlp": "mlp"},
+                attention_module=lambda block: block.attn,
             ),
             projector=ProjectorSpec(visual.merger),
             decoder=DecoderSpec(

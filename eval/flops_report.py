@@ -1,15 +1,20 @@
-"""FLOPs report for the 7B models at the literature's budgets; writes ``eval/results/flops.md``.
+"""FLOPs report for the 7B models at the literature's budgets and for standalone vision encoders;
+writes ``eval/results/flops.md``.
 
     python eval/flops_report.py
 
-Everything comes from the shipped configs (``vtoken/configs/``): no weights, no network, a second.
+Everything comes from the shipped configs (``vtoken/configs/``), configs built from arguments, and
+timm / open_clip models built on the meta device: no weights, no network, a few seconds.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import math
+
 from vtoken.accounting import DEFAULT_TEXT_TOKENS, flops, geometry, load_config, model_dims
+from vtoken.accounting_vit import tome_schedule
 from vtoken.schedule import ScoringCost, Schedule, Stage
 
 OUT = Path(__file__).resolve().parent / "results" / "flops.md"
@@ -160,22 +165,192 @@ def assumptions() -> list[str]:
         "last query row against every key of layer 1 (FastV's released code).",
         "- **decode**: one generated token attending to the cache left by the prefill (the cache of layers "
         "before K holds every token); KV cache in fp16.",
+        "- **Vision encoders (section 3)**: patch-embedding convolution, every block at the tokens it runs on "
+        "(attention linear maps + QKᵀ and AV over the full square; MLP), the pooling head / projection / "
+        "classifier on the final tokens, and the scoring a schedule lists. Excluded (not matrix products, "
+        "ignored by FlopCounterMode too): norms, softmax, GELU / SiLU, biases, residual adds, position "
+        "embeddings, layer scale, average pooling, the weighted averages that merge tokens and ToMe's "
+        "proportional-attention bias. fvcore, behind the papers' figures, also adds 5 operations per LayerNorm "
+        "element (0.2% of DeiT-S), below their rounding. CLIP / SigLIP / open_clip CLIP: the text tower is not "
+        "counted (it encodes the prompt, not the image). RepShift rows round each stage's count up, "
+        "ceil(0.8·n) (on DeiT-S rounding to nearest gives the same 196 → 157 → 126 → 101, 2.987 GMACs); "
+        "truncating (156/124/99) would give 2.949, printed 2.9, so the published 3.0 rules truncation out.",
         "",
     ]
 
 
+# --------------------------------------------------------------------------------------------------
+# Standalone vision encoders (vtoken.accounting_vit)
+
+TOME_PAPER = ("ToMe (Bolya et al., ICLR 2023, arXiv 2210.09461v3), DeiT comparison table (models trained with "
+              "ToMe), as indexed by Papers with Code")
+REPSHIFT_PAPER = "Representation Shift (Choi et al., ICCV 2025, arXiv 2508.00367), DeiT-S image classification"
+
+
+def timm_model(name: str, **options):
+    import timm
+    import torch
+
+    with torch.device("meta"):  # shapes only: no weights, no init cost
+        return timm.create_model(name, pretrained=False, **options)
+
+
+def open_clip_model(name: str):
+    import open_clip
+    import torch
+
+    with torch.device("meta"):
+        return open_clip.model.CLIP(**open_clip.get_model_config(name))
+
+
+def clip_l336():
+    """LLaVA-1.5's CLIP ViT-L/14 at 336 px as a CLIPModel config (vision tower + 768-d projection)."""
+    from transformers import CLIPConfig
+
+    return CLIPConfig(vision_config=load_config(LLAVA).vision_config.to_dict(), projection_dim=768)
+
+
+def siglip_so400m():
+    """SigLIP so400m/14 at 384 px (``google/siglip-so400m-patch14-384``'s vision dimensions)."""
+    from transformers import SiglipVisionConfig
+
+    return SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                              patch_size=14, image_size=384)
+
+
+def repshift(patches: int, depth: int, fraction: float = 0.8) -> Schedule:
+    """Representation Shift's DeiT schedule: 20% of the current patches pruned after (1-based) blocks
+    1, 4 and 7 of 12, the blocks scaled to ``depth`` (round(b·depth/12), 0-based minus one); counts
+    rounded up (196 -> 157 -> 126 -> 101 on DeiT-S)."""
+    stages, kept = [], patches
+    for block in (1, 4, 7):
+        kept = math.ceil(fraction * kept)
+        stages.append(Stage("vision", kept, max(0, round(block * depth / 12) - 1)))
+    return Schedule(tuple(stages))
+
+
+# (label, model, schedule, published GMACs, source)
+VIT_PUBLISHED = [
+    ("DeiT-S", "deit_small_patch16_224", "unpruned (197 tokens)", None, 4.6, REPSHIFT_PAPER),
+    ("DeiT-S", "deit_small_patch16_224", "RepShift: -20% after blocks 1, 4, 7 (157/126/101)", "repshift", 3.0,
+     REPSHIFT_PAPER),
+    ("DeiT-S", "deit_small_patch16_224", "ToMe r=8", 8, 3.4, TOME_PAPER),
+    ("DeiT-S", "deit_small_patch16_224", "ToMe r=13", 13, 2.7, TOME_PAPER),
+    ("DeiT-S", "deit_small_patch16_224", "ToMe r=16", 16, 2.3, TOME_PAPER),
+    ("DeiT-T", "deit_tiny_patch16_224", "unpruned (197 tokens)", None, 1.3,
+     "DeiT-Ti's usual baseline figure (reference row of the ToMe DeiT table; that row not read here)"),
+    ("DeiT-T", "deit_tiny_patch16_224", "ToMe r=8", 8, 0.9, TOME_PAPER),
+    ("DeiT-T", "deit_tiny_patch16_224", "ToMe r=12", 12, 0.8, TOME_PAPER),
+    ("DeiT-T", "deit_tiny_patch16_224", "ToMe r=16", 16, 0.6, TOME_PAPER),
+]
+
+
+def vit_schedule(kind, patches: int, depth: int) -> Schedule:
+    if kind is None:
+        return Schedule()
+    if kind == "repshift":
+        return repshift(patches, depth)
+    return tome_schedule(patches, depth, kind)
+
+
+def vit_published_section() -> list[str]:
+    lines = [
+        "### 3.1 Published GFLOPs reproduced (`paper`: multiply-accumulates)",
+        "",
+        "DeiT, ToMe and Representation Shift print fvcore's multiply-accumulate count as \"GFLOPs\". ToMe's "
+        "schedule merges r tokens between the attention and the MLP of every block (`inside=True` stages, "
+        "capped at half the candidates); its bipartite matching (keys averaged over heads) is listed as "
+        "scoring and moves no figure at this rounding. The README of facebookresearch/ToMe (commit af95e4b) "
+        "lists accuracy and im/s per r, not GFLOPs, so the ToMe figures come from the paper; no published GFLOPs "
+        "for its ViT-B/16 AugReg (r=16) or MAE ViT-L/16 (r=8) rows could be sourced, so sections 3.3 and 3.4 give "
+        "vtoken's counts for them without a published counterpart.",
+        "",
+        "| Model | Schedule | Published | vtoken `paper` | without scoring | Source |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for label, name, what, kind, published, source in VIT_PUBLISHED:
+        model = timm_model(name)
+        report = flops(model, vit_schedule(kind, 196, 12), convention="paper")
+        got = report.prefill / 1e9
+        mark = "" if round(got, 1) == published else " **(differs)**"
+        lines.append(f"| {label} | {what} | {published:.1f} | {got:.3f}{mark} | "
+                     f"{report.prefill_without_scoring / 1e9:.3f} | {source} |")
+    return lines + [""]
+
+
+# (label, how to build, ToMe r)
+ENCODERS = [
+    ("DeiT-S/16 224 (timm `deit_small_patch16_224`)", lambda: timm_model("deit_small_patch16_224"), 13),
+    ("ViT-B/16 224 AugReg (timm `vit_base_patch16_224`)", lambda: timm_model("vit_base_patch16_224"), 16),
+    ("ViT-L/16 224, MAE-style average pooling (timm `vit_large_patch16_224`, `global_pool='avg'`)",
+     lambda: timm_model("vit_large_patch16_224", global_pool="avg"), 8),
+    ("CLIP ViT-L/14 336 (transformers `CLIPConfig`: LLaVA-1.5's tower + 768-d projection)", clip_l336, 16),
+    ("SigLIP so400m/14 384 (transformers `SiglipVisionConfig`, attention-pooling head)", siglip_so400m, 16),
+    ("open_clip ViT-B-16 (`CLIP` on the meta device: `model.visual`)", lambda: open_clip_model("ViT-B-16"), 16),
+]
+
+
+def encoder_rows(index: int, label: str, build, r: int) -> list[str]:
+    model = build()
+    base = flops(model)
+    depth, patches = len(base.block_tokens), base.patches
+    rows = [("unpruned", Schedule()), (f"ToMe r={r} (+ matching)", tome_schedule(patches, depth, r)),
+            ("RepShift 0.8³ after blocks 1/4/7 of 12, scaled", repshift(patches, depth))]
+    lines = [
+        f"### 3.{index} {label}",
+        "",
+        f"{depth} blocks, {patches} patches + {base.prefix_tokens} prefix token(s) per image."
+        + "".join(f" Note: {n}." for n in base.notes),
+        "",
+        "| Schedule | stages | block mean tokens | `paper` GMACs | patch embed | blocks | head | scoring "
+        "| `true` GFLOPs | vs unpruned |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for what, schedule in rows:
+        true, paper = flops(model, schedule), flops(model, schedule, convention="paper")
+        stages = ", ".join(f"{s.layer}{'i' if s.inside else ''}→{s.keep_tokens}" for s in schedule.stages) or "–"
+        if len(schedule.stages) > 4:
+            first, last = schedule.stages[0], schedule.stages[-1]
+            stages = (f"{len(schedule.stages)} inside stages: {first.layer}i→{first.keep_tokens} … "
+                      f"{last.layer}i→{last.keep_tokens}")
+        lines.append(
+            f"| {what} | {stages} | {true.mean_tokens:.1f} | {paper.prefill / 1e9:.3f} "
+            f"| {true.patch_embedding / 1e9:.3f} | {true.blocks / 1e9:.3f} | {true.head / 1e9:.4f} "
+            f"| {true.scoring / 1e9:.4f} | {true.prefill / 1e9:.3f} | {true.prefill / base.prefill:.1%} |"
+        )
+    return lines + [""]
+
+
+def vit_section() -> list[str]:
+    lines = [
+        "## 3. Standalone vision encoders (no LLM)",
+        "",
+        "`vtoken.flops(model_or_config, schedule)` on CLIP / SigLIP configs and models, timm and open_clip ViTs "
+        "(`vtoken/accounting_vit.py`). Per image. `Stage(\"vision\", K, layer=l)`: the blocks after block l "
+        "run on K patches + the prefix (CLS, registers); `inside=True` (marked `i`): block l's MLP already does "
+        "(ToMe). `true` = 2 FLOPs per multiply-accumulate, equal to `FlopCounterMode` "
+        "(`tests/test_flops_vit.py`); `paper` = multiply-accumulates, half of it.",
+        "",
+    ]
+    lines += vit_published_section()
+    for i, (label, build, r) in enumerate(ENCODERS, start=2):
+        lines += encoder_rows(i, label, build, r)
+    return lines
+
+
 def build() -> str:
     lines = [
-        "# FLOPs of visual-token pruning on 7B VLMs",
+        "# FLOPs of visual-token pruning on 7B VLMs and vision encoders",
         "",
         "Generated by `python eval/flops_report.py` from the configs shipped in `vtoken/configs/` "
-        "(`vtoken.flops`). TFLOPs per sample.",
+        "(`vtoken.flops`). TFLOPs per sample (sections 1-2), GFLOPs per image (section 3).",
         "",
     ]
     lines += published_section()
     lines += ["## 2. Both conventions at the literature's budgets", ""]
     for i, (label, name, budgets) in enumerate(MODELS, start=1):
         lines += model_section(i, label, name, budgets)
+    lines += vit_section()
     lines += assumptions()
     return "\n".join(lines)
 

@@ -132,4 +132,7 @@ def test_a_method_a_family_cannot_serve_is_refused_naming_the_signal():
     listed = {m["name"]: m for m in vtoken.methods()}
     assert listed["tokenpacker"]["families"]["LLaVA-1.5"] == "runs"
     assert "one patch grid" in listed["tokenpacker"]["families"]["LLaVA-NeXT"]
-    assert all(v == "runs" for v in listed["fastv"]["families"].values())
+    from vtoken.adapters import VISION_ONLY
+
+    assert all(v == "runs" for family, v in listed["fastv"]["families"].items() if family not in VISION_ONLY)
+    assert all("lacks" in listed["fastv"]["families"][family] for family in VISION_ONLY)

@@ -5,7 +5,9 @@ work offline; the configs of ``llava-hf/llava-1.5-7b-hf``, ``llava-hf/llava-v1.6
 ``llava-hf/llava-onevision-qwen2-7b-ov-hf`` and ``Qwen/Qwen2.5-VL-7B-Instruct`` ship in
 ``vtoken/configs/``. Supported families: LLaVA-1.5 (``llava``), LLaVA-NeXT (``llava_next``),
 LLaVA-OneVision (``llava_onevision``), Qwen2-VL (``qwen2_vl``: full-attention vision blocks, a
-two-matrix MLP) and Qwen2.5-VL (``qwen2_5_vl``). All counts are per sample.
+two-matrix MLP) and Qwen2.5-VL (``qwen2_5_vl``). All counts are per sample. Standalone vision
+encoders (CLIP / SigLIP configs and models, timm and open_clip ViTs) are counted by
+``vtoken.accounting_vit``, which ``flops`` dispatches to; they return an ``EncoderFlopsReport``.
 
 Notation: an LLM layer with hidden size d, FFN size m, H query heads and H_kv key/value heads of size
 h_d; n tokens in the layer; v of them visual. FLOPs below are for one layer unless stated.
@@ -69,7 +71,8 @@ as multiply-adds (half the true count) under ``"paper"``.
 Schedules and scoring
 ---------------------
 The pruning schedule (``vtoken.schedule.Schedule``) decides how many visual tokens each part sees:
-``"vision"`` stages shrink the encoder layers after ``layer`` (per crop), ``"projector"`` stages the
+``"vision"`` stages shrink the encoder layers after ``layer`` (per crop; with ``inside=True`` the
+MLP of layer ``layer`` too, ToMe's place between attention and MLP), ``"projector"`` stages the
 whole LLM, ``"llm"`` stages the decoder layers from ``layer`` on (FastV's K: layers < K keep all).
 Prefill, decode and the KV cache all follow it: a layer before the pruning layer caches every token,
 a later one only the kept ones. The work a method does to *decide* what to prune
@@ -88,6 +91,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from vtoken import accounting_vit as _vit
 from vtoken.schedule import ScoringCost, Schedule, Stage
 
 CONVENTIONS: tuple[str, ...] = ("true", "paper")
@@ -142,6 +146,7 @@ class VisionDims:
     window: int = 0  # attention window, in merged units per side (Qwen2.5-VL: 112 px → 4)
     full_attention_layers: tuple[int, ...] = ()
     pooling_head: bool = False  # SigLIP's attention-pooling head runs after the last layer
+    heads: int = 0  # attention heads (the width of ToMe's matching metric, keys averaged over heads)
 
     @property
     def patch_inputs(self) -> int:
@@ -302,6 +307,7 @@ def _llava_dims(config, family: str) -> ModelDims:
             cls_tokens=cls_tokens,
             mlp_matrices=2,
             pooling_head="siglip" in vision_type and bool(getattr(vision, "vision_use_head", False)),
+            heads=vision.num_attention_heads,
         ),
         projector=ProjectorDims(
             in_dim=vision.hidden_size * n_feature_layers, hidden=text.hidden_size, out_dim=text.hidden_size
@@ -332,6 +338,7 @@ def _qwen2_vl_dims(config) -> ModelDims:
             mlp_matrices=2,
             temporal_patch=vision.temporal_patch_size,
             merge=merge,
+            heads=vision.num_heads,
         ),
         projector=ProjectorDims(in_dim=merged_dim, hidden=merged_dim, out_dim=vision.hidden_size),
     )
@@ -356,6 +363,7 @@ def _qwen2_5_vl_dims(config) -> ModelDims:
             merge=merge,
             window=vision.window_size // merge // vision.patch_size,
             full_attention_layers=tuple(vision.fullatt_block_indexes),
+            heads=vision.num_heads,
         ),
         projector=ProjectorDims(in_dim=merged_dim, hidden=merged_dim, out_dim=vision.out_hidden_size),
     )
@@ -568,13 +576,15 @@ def paper_layer_macs(d: DecoderDims, visual: int) -> int:
     return 4 * visual * d.hidden**2 + 2 * visual**2 * d.hidden + 3 * visual * d.hidden * d.intermediate
 
 
-def encoder_layer_flops(v: VisionDims, tokens: int, attention_pairs: int) -> int:
+def encoder_layer_flops(v: VisionDims, tokens: int, attention_pairs: int, mlp_tokens: int | None = None) -> int:
     """One ViT layer on ``tokens`` tokens with ``attention_pairs`` (query, key) pairs in total
     (n² for global attention, Σ window² for window attention): q, k, v, o projections 8·n·D², QKᵀ and
-    AV 4·pairs·D, MLP 2·n·D·I per matrix."""
+    AV 4·pairs·D, MLP 2·n_m·D·I per matrix, where n_m = ``mlp_tokens`` (a stage inside the layer,
+    between attention and MLP, ToMe's place) or n."""
     projections = 8 * tokens * v.hidden**2
     attention = 4 * attention_pairs * v.hidden
-    mlp = 2 * v.mlp_matrices * tokens * v.hidden * v.intermediate
+    n_mlp = tokens if mlp_tokens is None else mlp_tokens
+    mlp = 2 * v.mlp_matrices * n_mlp * v.hidden * v.intermediate
     return projections + attention + mlp
 
 
@@ -708,14 +718,19 @@ def flops(
     dtype: Any = "float16",
     lm_head_tokens: int = 1,
     frames: int | None = None,
-) -> FlopsReport:
+) -> FlopsReport | _vit.EncoderFlopsReport:
     """FLOPs of one sample under a pruning ``schedule`` (see the module docstring for conventions).
+
+    A standalone vision encoder (a CLIP / SigLIP config or model, a timm or open_clip ViT module)
+    returns an ``accounting_vit.EncoderFlopsReport`` per image instead (``vtoken.accounting_vit``:
+    only ``schedule``, ``convention``, ``image_size`` and ``images`` apply; ``frames`` and
+    ``visual_tokens`` are refused, the LLM arguments ignored).
 
     Args:
         model_or_config: a transformers config, a model (its ``.config``), a dict, a config-JSON
             path or a hub name (shipped configs first: ``"llava-hf/llava-1.5-7b-hf"``,
             ``"llava-hf/llava-v1.6-vicuna-7b-hf"``, ``"llava-hf/llava-onevision-qwen2-7b-ov-hf"``,
-            ``"Qwen/Qwen2.5-VL-7B-Instruct"``).
+            ``"Qwen/Qwen2.5-VL-7B-Instruct"``), or a timm / open_clip vision transformer.
         schedule: a ``Schedule``, a model wrapped by vtoken (its current schedule), or ``None``:
             the schedule of ``model_or_config`` if that is a wrapped model, else unpruned.
         text_tokens: non-visual prompt tokens (system prompt, question, template); default 64.
@@ -724,6 +739,7 @@ def flops(
         convention: ``"true"`` (all FLOPs) or ``"paper"`` (visual-token LLM multiply-adds).
         image_size: (h, w) of the image; sizes LLaVA-NeXT and LLaVA-OneVision crops (default
             672×672) and Qwen2.5-VL patches (default 672×672). LLaVA-1.5 always sees 336×336.
+            A vision encoder runs on its patch grid (default: the model's own input size).
         visual_tokens: override the visual tokens reaching the LLM before pruning (the vision tower
             keeps its ``image_size`` geometry); else ``schedule.visual_tokens``, else the geometry.
         images: images per sample; default ``schedule.images``.
@@ -734,7 +750,13 @@ def flops(
     """
     if convention not in CONVENTIONS:
         raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
-    dims = model_dims(load_config(model_or_config))
+    config, encoder = _config_or_encoder(model_or_config)
+    if encoder is not None:
+        if frames is not None or visual_tokens is not None:
+            raise ValueError(f"{encoder.name} is a vision encoder: frames= and visual_tokens= do not apply")
+        schedule = _resolve_schedule(model_or_config, schedule, lambda: _vit.patches_of(encoder, image_size))
+        return _vit.encoder_flops(encoder, schedule, convention=convention, image_size=image_size, images=images)
+    dims = model_dims(config)
 
     def llm_visual_tokens() -> int:  # what a wrapped model's schedule is asked for
         return geometry(dims, image_size=image_size, images=images or 1, convention=convention,
@@ -771,8 +793,11 @@ def kv_cache_bytes(
     n_l is text + visual tokens at layer l: layers before an ``"llm"`` pruning stage hold every
     token, later layers only the kept ones.
     """
-    return flops(model_or_config, schedule, text_tokens=text_tokens, image_size=image_size,
-                 visual_tokens=visual_tokens, dtype=dtype, frames=frames).kv_cache_bytes
+    report = flops(model_or_config, schedule, text_tokens=text_tokens, image_size=image_size,
+                   visual_tokens=visual_tokens, dtype=dtype, frames=frames)
+    if isinstance(report, _vit.EncoderFlopsReport):
+        raise ValueError(f"{report.model} is a vision encoder: it keeps no KV cache")
+    return report.kv_cache_bytes
 
 
 def describe(schedule: Schedule | None) -> str:
@@ -781,7 +806,8 @@ def describe(schedule: Schedule | None) -> str:
         text = "unpruned"
     else:
         text = ", ".join(
-            f"{s.site}{'' if s.layer is None else '@' + str(s.layer)}→{s.keep_tokens}" for s in schedule.stages
+            f"{s.site}{'' if s.layer is None else '@' + str(s.layer)}{'(in)' if s.inside else ''}→{s.keep_tokens}"
+            for s in schedule.stages
         )
     if schedule is not None and schedule.scoring:
         text += " + scoring(" + ", ".join(_describe_cost(c) for c in schedule.scoring) + ")"
@@ -802,6 +828,16 @@ def _describe_cost(cost: ScoringCost) -> str:
 
 # --------------------------------------------------------------------------------------------------
 # Internals
+
+
+def _config_or_encoder(source: Any):
+    """(transformers config, None) for a VLM; (None or its config, ``EncoderDims``) for a standalone
+    vision encoder (``vtoken.accounting_vit``: timm / open_clip modules, CLIP / SigLIP configs)."""
+    encoder = _vit.module_dims(source)
+    if encoder is not None:
+        return None, encoder
+    config = load_config(source)
+    return config, _vit.config_dims(config, source)
 
 
 def _resolve_schedule(model_or_config: Any, schedule: Any, visual_tokens: Callable[[], int]) -> Schedule:
@@ -862,6 +898,13 @@ def _patches_at(schedule: Schedule, geo: Geometry, layer: int) -> int:
     return count
 
 
+def _mlp_patches_at(schedule: Schedule, geo: Geometry, layer: int) -> int:
+    """Patch tokens per crop that the MLP of vision layer ``layer`` processes: an inside stage at that
+    layer (``Stage.inside``) has already reduced them."""
+    inside = [s for s in _vision_stages(schedule) if s.inside and s.layer == layer]
+    return inside[0].keep_tokens if inside else _patches_at(schedule, geo, layer)
+
+
 def _kept_patches(schedule: Schedule, geo: Geometry) -> int:
     stages = _vision_stages(schedule)
     return stages[-1].keep_tokens if stages else geo.patches
@@ -912,7 +955,8 @@ def _vision_flops(dims: ModelDims, schedule: Schedule, geo: Geometry) -> int:
             pairs = round(sum(w * w for w in geo.windows) * scale)
         else:
             pairs = tokens * tokens
-        total += geo.crops * encoder_layer_flops(v, tokens, pairs)
+        mlp_tokens = _mlp_patches_at(schedule, geo, layer) + v.cls_tokens
+        total += geo.crops * encoder_layer_flops(v, tokens, pairs, mlp_tokens)
     if v.pooling_head:
         total += geo.crops * pooling_head_flops(v, _patches_at(schedule, geo, v.layers) + v.cls_tokens)
     return total
@@ -935,7 +979,9 @@ def _scoring_cost_flops(cost: ScoringCost, dims: ModelDims, schedule: Schedule, 
       those kept by a vision-site stage; a projector-site stage comes after it).
     - ``vision_token_matching`` / ``llm_token_matching`` at layer l: the similarities of ToMe
       bipartite matching repeated from the tokens entering the stage at (site, l) down to its count
-      (``bipartite_matching_flops``), per crop (width D) or per sample (width d).
+      (``bipartite_matching_flops``), per crop (width D; for a stage inside its block, ToMe's, the
+      head size D/H, its metric being the block's keys averaged over heads, over the whole sequence
+      with the CLS token protected) or per sample (width d).
     - ``vision_attention_map`` at vision layer l, per crop: q and k projections of the n tokens
       (CLS included) 4·n·D² and every score 2·n²·D.
     - ``llm_rerun_rows`` from layer l: ``decoder_layer_flops`` of r queries over the n tokens of
@@ -964,8 +1010,11 @@ def _scoring_cost_flops(cost: ScoringCost, dims: ModelDims, schedule: Schedule, 
         if stage is None:
             raise ValueError(f"{cost}: the schedule has no {site} stage at layer {cost.layer} to match tokens for")
         if site == "vision":
-            tokens = _patches_at(schedule, geo, cost.layer)
-            return geo.crops * bipartite_matching_flops(tokens, stage.keep_tokens, dims.vision.hidden)
+            tokens, v = _patches_at(schedule, geo, cost.layer), dims.vision
+            if stage.inside:  # ToMe: whole sequence (CLS protected), keys averaged over heads
+                cls, width = v.cls_tokens, v.hidden // v.heads if v.heads else v.hidden
+                return geo.crops * bipartite_matching_flops(tokens + cls, stage.keep_tokens + cls, width)
+            return geo.crops * bipartite_matching_flops(tokens, stage.keep_tokens, v.hidden)
         tokens = layer_visual[cost.layer - 1] if cost.layer > 0 else _pre_llm_visual(dims, schedule, geo)
         return bipartite_matching_flops(tokens, stage.keep_tokens, dims.decoder.hidden)
     if cost.kind == "llm_rerun_rows":

@@ -80,11 +80,13 @@ def wrap(model: nn.Module, method: str | None = None, *, config=None, **options:
         raise ValueError(
             f"this model is already wrapped with {existing.method!r}; call vtoken.unwrap(model) before wrapping again"
         )
-    adapter_cls = adapter_for(model)
+    adapter = adapter_for(model)(model)
+    if config is None and method is not None:
+        # A family may place a method whose default site it lacks (a ViT has only the vision site).
+        options = adapter.placed_options(get_strategy(method), options)
     cfg = _config_for(method, config, options)
     strategy_cls = get_strategy(cfg.method)
     strategy = strategy_cls(cfg)
-    adapter = adapter_cls(model)
     depths = {"vision": len(adapter.vision_layers()), "llm": len(adapter.decoder_layers())}
     read = adapter.vision_feature_layer()
     if read is not None:
@@ -168,14 +170,21 @@ def pruned(model: nn.Module, method: str | None = None, *, config=None, **option
 def methods() -> list[dict[str, Any]]:
     """Every registered method with its options and their defaults, the signals it reads, and per
     model family whether it runs there (``"runs"``) or why not."""
-    from vtoken.adapters import FAMILY_GAPS  # adapters sit above the core in the import order
+    from vtoken.adapters import FAMILY_GAPS, MISSING_SITES, VISION_ONLY  # adapters sit above the core
+    from vtoken.adapters.vision_encoder import LANGUAGE_SIGNALS
 
     out = []
     for name in strategy_names():
         cls = get_strategy(name)
         families = {}
         for family, gaps in FAMILY_GAPS.items():
-            lacking = [f"needs {MEANING[s]}: {gaps[s]}" for s in cls.reads if s in gaps]
+            # A vision-only family has the vision site alone: what a method reads at other sites is moot.
+            reads = [s for s in cls.reads if not (family in VISION_ONLY and s in LANGUAGE_SIGNALS)]
+            lacking = [f"needs {MEANING[s]}: {gaps[s]}" for s in reads if s in gaps]
+            missing = MISSING_SITES.get(family, {})
+            if all(site in missing for site in cls.sites):
+                reason = missing[cls.sites[0]]
+                lacking.insert(0, f"prunes at the {' / '.join(cls.sites)} site, which it lacks: {reason}")
             families[family] = "; ".join(lacking) if lacking else "runs"
         out.append(
             {
@@ -257,14 +266,15 @@ def schedule_of(model: nn.Module, visual_tokens: int | None = None) -> Schedule:
     stages, scoring = [], []
     vision_tokens = adapter.vision_tokens()
     entering = {"vision": vision_tokens, "visual": tokens}  # tokens reaching the next stage, per image
+    inside = state.strategy.inside_block() is not None  # vision stages between attention and MLP (ToMe)
     for spec in state.pruner.stages:
         if spec.site == "vision":
-            kept = max(1, round(spec.fraction(tokens) * vision_tokens))
+            kept = spec.crop_budget(vision_tokens, tokens)
             before, entering["vision"] = entering["vision"], kept
         else:
             kept = spec.budget(tokens)
             before, entering["visual"] = entering["visual"], kept
-        stages.append(Stage(spec.site, kept, spec.layer))
+        stages.append(Stage(spec.site, kept, spec.layer, inside=inside and spec.site == "vision"))
         scoring.extend(state.strategy.scoring_cost(spec, StageShapes(before, kept, *adapter.site_width(spec.site))))
     if state.pruner.mask is not None:  # a mask stage (AIF) removes nothing but still costs its scoring
         mask = state.pruner.mask

@@ -224,6 +224,18 @@ def rotary_cos_sin(language_model: nn.Module, hidden: torch.Tensor, positions: t
     return language_model.rotary_emb(hidden, positions)
 
 
+def encoder_layer_norms(layer: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The norms before the attention and before the MLP of a CLIP / SigLIP encoder layer."""
+    return layer.layer_norm1, layer.layer_norm2
+
+
+def clip_vision_tower(model: nn.Module) -> nn.Module:
+    """The module holding a CLIP / SigLIP model's vision ``embeddings`` and ``encoder``:
+    ``model.vision_model`` (``CLIPModel``, ``CLIPVisionModelWithProjection``, ``SiglipModel``), or the
+    model itself (``CLIPVisionModel`` and ``SiglipVisionModel`` since transformers 5 hold them directly)."""
+    return getattr(model, "vision_model", model)
+
+
 # --- family internals (LLaVA-NeXT, image processors, activations) ------------------------------------
 def llava_next_modeling():
     from transformers.models.llava_next import modeling_llava_next

@@ -60,6 +60,12 @@ class StageSpec:
     def fraction(self, visual_tokens: int) -> float:
         return self.keep if self.keep is not None else self.keep_tokens / visual_tokens
 
+    def crop_budget(self, crop_tokens: int, image_tokens: int) -> int:
+        """Tokens one vision-encoder crop of ``crop_tokens`` patches keeps at this (vision) stage, for
+        an image of ``image_tokens`` visual tokens: the image's fraction of the crop (at least 1). A
+        method whose count is not linear in the token count (ToMe) overrides it."""
+        return max(1, round(self.fraction(image_tokens) * crop_tokens))
+
 
 @dataclass
 class PruneConfig:

@@ -55,6 +55,10 @@ class TokenRows:
             broken the grid.
         local_index: ``[R, N]`` each candidate's index among its image's visual tokens as the LLM sees
             them (-1 for padding, and at the vision site for tokens that never reach the LLM).
+        sizes: ``[R, N]`` float (vision site): how many original patch tokens each candidate holds
+            (1 until a merging stage folds tokens into it; 0 for padding).
+        offset: (vision site) the place of the first candidate in the encoder's sequence: the
+            tokens before it (CLS, registers) are never candidates.
     """
 
     features: torch.Tensor
@@ -63,6 +67,8 @@ class TokenRows:
     sample: torch.Tensor
     grids: list[tuple[Grid, ...] | None]
     local_index: torch.Tensor | None = None
+    sizes: torch.Tensor | None = None
+    offset: int = 0
 
     @property
     def num_rows(self) -> int:
@@ -76,10 +82,15 @@ class Reduction:
     ``keep``: ``[R, K]`` kept token indices per row, ascending, padded with -1 past the row's budget.
     ``features``: optional ``[R, K, d]`` replacement features for the kept tokens (merging methods put
     the merged vectors here; each one takes the position of the kept token it replaces).
+    ``merged_into``: optional ``[R, N]`` long, for merging methods at the vision site: for each
+    candidate, the column of ``keep`` whose token now holds it (a kept token holds itself), -1 for
+    candidates dropped outright and for padding. The pipeline follows it to carry sizes (how many
+    patches each token holds) and the source map ``vtoken.show`` draws; None means plain pruning.
     """
 
     keep: torch.Tensor
     features: torch.Tensor | None = None
+    merged_into: torch.Tensor | None = None
 
 
 @dataclass
@@ -168,6 +179,9 @@ class ScoreContext:
     annotations: dict = field(default_factory=dict)
     #: Where ``report`` puts what the strategy wants inspectable after the call (``vtoken.diagnostics``).
     diagnostics: dict | None = None
+    #: ``[R, N, head_dim]`` (vision stages that run inside their block, ``Strategy.inside_block``):
+    #: each candidate's key in this block's attention, averaged over heads (ToMe's matching metric).
+    keys: torch.Tensor | None = None
 
     def report(self, **values) -> None:
         """Keep named values of this stage's decision (scores, statistics) for ``vtoken.diagnostics``

@@ -87,11 +87,47 @@ def show(model, image, path, sample: int = 0, image_in_sample: int = 0) -> str:
     kept_visual = list(stages.values())[-1] if stages else torch.arange(run.visual.visual_count(sample))
     kept_local = {int(v) - info.offset for v in kept_visual if info.offset <= int(v) < info.offset + info.num_tokens}
     dimmed = Image.blend(Image.new("RGB", picture.size), picture, DIM)
-    for j, (left, top, right, bottom) in token_boxes(info, *picture.size).items():
+    boxes = token_boxes(info, *picture.size)
+    holders = _merged_holders(run, info)
+    if holders is not None:  # a merging method inside a vision-only tower: colour what each token holds
+        return _save(_draw_sources(picture, dimmed, boxes, holders), path)
+    for j, (left, top, right, bottom) in boxes.items():
         if j in kept_local:
             box = tuple(int(round(v)) for v in (max(left, 0), max(top, 0), min(right, picture.width), min(bottom, picture.height)))
             if box[2] > box[0] and box[3] > box[1]:
                 dimmed.paste(picture.crop(box), box[:2])
+    return _save(dimmed, path)
+
+
+def _save(picture: Image.Image, path) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    dimmed.save(path)
+    picture.save(path)
     return str(path)
+
+
+def _merged_holders(run, info) -> list[int] | None:
+    """For a vision-only run whose stages merged tokens: per patch of ``info``'s image, the token
+    leaving the encoder that holds it (-1: dropped); None when nothing was merged."""
+    images = run.image_run
+    owner = getattr(images, "owner", None)
+    if owner is None or run.visual.tokens_per_crop == 0 or len(info.crops) != 1:
+        return None
+    row = owner[info.crops[0]].cpu()
+    if int((row >= 0).sum()) == len(torch.unique(row[row >= 0])):  # one patch per token: plain pruning
+        return None
+    return row.tolist()
+
+
+def _draw_sources(picture: Image.Image, dimmed: Image.Image, boxes: dict, holders: list[int]) -> Image.Image:
+    """ToMe's source map: the patches one merged token holds share a tint; dropped patches stay dim."""
+    out = dimmed.copy()
+    for j, holder in enumerate(holders):
+        if holder < 0 or j not in boxes:
+            continue
+        left, top, right, bottom = (int(round(v)) for v in boxes[j])
+        if right <= left or bottom <= top:
+            continue
+        hue = (holder * 0.61803398875) % 1.0  # golden-ratio steps: neighbouring tokens get distant tints
+        tint = Image.new("HSV", (right - left, bottom - top), (int(hue * 255), 200, 255)).convert("RGB")
+        out.paste(Image.blend(picture.crop((left, top, right, bottom)), tint, 0.45), (left, top))
+    return out

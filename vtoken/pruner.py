@@ -157,12 +157,15 @@ class Pruner:
 
     # --- vision site ----------------------------------------------------------------------------
     def run_vision_stage(
-        self, images: ImageRun, stage: StageSpec, hidden: torch.Tensor, first_candidate: int, grid: Grid
+        self, images: ImageRun, stage: StageSpec, hidden: torch.Tensor, first_candidate: int, grid: Grid,
+        keys: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Prune the encoder tokens of every crop to the same count (the encoder batches crops).
+        """Prune (or merge) the encoder tokens of every crop to the same count (the encoder batches
+        crops).
 
-        ``hidden`` is ``[C, T, d]``; tokens before ``first_candidate`` (CLS) are always kept. A
-        candidate that never reaches the LLM (cut by LLaVA-NeXT's unpadding) ranks last.
+        ``hidden`` is ``[C, T, d]``; tokens before ``first_candidate`` (CLS, registers) are always
+        kept. A candidate that never reaches the LLM (cut by LLaVA-NeXT's unpadding) ranks last.
+        ``keys`` (``[C, T, head_dim]``, stages inside a block) are the block attention's keys.
         """
         crops = hidden.shape[0]
         candidates = hidden[:, first_candidate:]
@@ -170,9 +173,7 @@ class Pruner:
         if images.vision_positions is None:
             images.vision_positions = torch.arange(full, device=hidden.device).expand(crops, -1)
         positions = images.vision_positions
-        counts = {
-            max(1, round(stage.fraction(images.images[i].num_tokens) * full)) for i in images.crop_image.tolist()
-        }
+        counts = {stage.crop_budget(full, images.images[i].num_tokens) for i in images.crop_image.tolist()}
         if len(counts) != 1:
             raise ValueError(
                 "at the vision site every crop keeps the same number of tokens, but keep_tokens gives "
@@ -193,6 +194,8 @@ class Pruner:
             sample=images.crop_image.to(hidden.device),  # the image, as samples are not known yet
             grids=[(grid,) if positions.shape[1] == full else None for _ in range(crops)],
             local_index=local,
+            sizes=images.sizes().to(hidden.device),
+            offset=first_candidate,
         )
         observed = partial(self._vision_observed, images, positions)
         stage_index = self._stage_index(stage)
@@ -201,8 +204,13 @@ class Pruner:
             crops = [images.images[i].crops for i in images.crop_image.tolist()]
             return [images.row_seed(own, own.index(crop), stage_index) for crop, own in enumerate(crops)]
 
-        reduction = self._reduce(images, stage, rows, row_seeds=row_seeds, observed=observed)
+        extras = {"keys": keys[:, first_candidate:]} if keys is not None else {}
+        if images.vision_source is not None:  # the tower's own attention and pixels (VisionZip, VFlowOpt)
+            extras["vision_attention"] = images.vision_source.attention
+            extras["pixel_patches"] = images.vision_source.pixel_patches
+        reduction = self._reduce(images, stage, rows, row_seeds=row_seeds, observed=observed, **extras)
         kept = reduction.features if reduction.features is not None else gather_tokens(candidates, reduction.keep)
+        images.follow(reduction)
         images.vision_positions = torch.gather(positions, 1, reduction.keep)
         images.stage_positions[stage.name] = images.vision_positions
         return torch.cat([hidden[:, :first_candidate], kept], dim=1)

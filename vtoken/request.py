@@ -44,6 +44,12 @@ class ImageRun:
         self.generator = torch.Generator().manual_seed(config.seed)
         #: For each crop, the candidate index of each token still in the encoder (None: no vision stage ran).
         self.vision_positions: torch.Tensor | None = None
+        #: ``[C, P]``: for each patch of each crop, the current encoder candidate that holds it (a
+        #: merged token holds several), -1 once dropped; None while no vision stage has run.
+        self.owner: torch.Tensor | None = None
+        #: ``(rows, cols)`` of the patch grid of this call's crops, where it differs from the family's
+        #: default (a vision-only model run at another image size); None otherwise.
+        self.grid: tuple[int, int] | None = None
         #: ``vision_positions`` after each vision stage, by stage name.
         self.stage_positions: dict[str, torch.Tensor] = {}
         #: Vision layer -> (per-token summary ``[C, T, k]``, candidate positions then, first candidate).
@@ -71,6 +77,38 @@ class ImageRun:
     def first_patch_slot(self) -> int:
         """The slot of a crop's first patch among the tokens the projector reads."""
         return self.tokens_per_crop - self.candidate_local.shape[1]
+
+    def follow(self, reduction) -> None:
+        """Move :attr:`owner` through one vision stage's :class:`~vtoken.context.Reduction`: a patch
+        goes to the kept token its holder was merged into (``merged_into``) or is kept as (plain
+        pruning), and is dropped with its holder otherwise."""
+        keep = reduction.keep
+        crops = keep.shape[0]
+        current = self.vision_positions.shape[1] if self.vision_positions is not None else self.candidate_local.shape[1]
+        if reduction.merged_into is not None:
+            slot_of = reduction.merged_into.to(keep.device).long()
+        else:
+            slot_of = torch.full((crops, current + 1), -1, dtype=torch.long, device=keep.device)
+            columns = torch.arange(keep.shape[1], device=keep.device).expand(crops, -1)
+            slot_of.scatter_(1, torch.where(keep >= 0, keep, current), columns)
+            slot_of = slot_of[:, :current]
+        owner = self.owner
+        if owner is None:
+            owner = torch.arange(self.candidate_local.shape[1], device=keep.device).expand(crops, -1)
+        owner = owner.to(keep.device)
+        self.owner = torch.where(owner >= 0, torch.gather(slot_of, 1, owner.clamp(min=0)), -1)
+
+    def sizes(self) -> torch.Tensor:
+        """``[C, N]`` float: how many patches each current encoder candidate holds (1 each before any
+        merge; a pruned token's patches are gone, so a kept token holds only its own)."""
+        current = self.vision_positions.shape[1] if self.vision_positions is not None else self.candidate_local.shape[1]
+        crops = self.candidate_local.shape[0]
+        if self.owner is None:
+            return torch.ones(crops, current)
+        owner = self.owner
+        counts = torch.zeros(crops, current + 1, device=owner.device)
+        counts.scatter_add_(1, torch.where(owner >= 0, owner, current), torch.ones_like(owner, dtype=counts.dtype))
+        return counts[:, :current]
 
     def kept_slots(self, positions: torch.Tensor | None = None) -> torch.Tensor:
         """``[C * tokens_per_crop]`` bool: the encoder slots present when each crop holds the

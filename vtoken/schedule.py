@@ -39,14 +39,20 @@ def check_site(site: str, layer: int | None) -> None:
 
 @dataclass(frozen=True)
 class Stage:
-    """One pruning step: at ``site`` (after/before ``layer``), ``keep_tokens`` visual tokens survive."""
+    """One pruning step: at ``site`` (after/before ``layer``), ``keep_tokens`` visual tokens survive.
+
+    ``inside``: a vision stage that runs inside block ``layer``, between its attention and its MLP
+    (ToMe): that block's MLP already runs on the kept tokens."""
 
     site: Site
     keep_tokens: int
     layer: int | None = None
+    inside: bool = False
 
     def __post_init__(self) -> None:
         check_site(self.site, self.layer)
+        if self.inside and self.site != "vision":
+            raise ValueError("only a 'vision' stage can run inside its block (inside=True)")
         if self.keep_tokens < 0:
             raise ValueError(f"keep_tokens must be >= 0, got {self.keep_tokens}")
 

@@ -36,6 +36,18 @@ class MaskStage:
     adaptive_budget: bool = False
 
 
+@dataclass(frozen=True)
+class InsideBlock:
+    """The strategy's vision stages run inside their block, between its attention and its MLP
+    (ToMe's placement, Bolya et al. ICLR 2023 §3): the block's MLP already runs on the reduced tokens,
+    ``TokenRows.features`` are the hidden states after the attention's residual add and
+    ``ScoreContext.keys`` that attention's keys. ``proportional_attention``: every vision block from
+    the first stage on adds ``log(size)`` of each key to its attention logits (ToMe Eq. 1), as an
+    additive float mask the model's SDPA or eager attention takes."""
+
+    proportional_attention: bool = True
+
+
 class Strategy:
     #: Registry name (``vtoken.wrap(model, name)``).
     name: ClassVar[str] = ""
@@ -118,6 +130,11 @@ class Strategy:
         like an ``"llm"`` stage (with ``ctx.observed_attention``); it is not one of ``stages()``, so
         the pruning schedule shows no stage for it. ``vtoken.selection`` reports the tokens text may
         attend to. :class:`MaskStage` also says how it behaves. None (no such stage) by default."""
+        return None
+
+    def inside_block(self) -> InsideBlock | None:
+        """Run the vision stages inside their block (see :class:`InsideBlock`); None (the default):
+        a vision stage acts on its block's output."""
         return None
 
     def scoring_cost(self, stage: StageSpec, shapes: StageShapes | None = None) -> list[ScoringCost]:

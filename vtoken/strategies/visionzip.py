@@ -60,7 +60,8 @@ class VisionZipConfig(PruneConfig):
     Attributes:
         dominant_share: the share of the budget kept as dominant tokens (the rest are contextual).
         vision_layer: the vision layer whose CLS attention and keys are read (default: the layer
-            the projector reads, LLaVA's ``vision_feature_layer``).
+            the projector reads, LLaVA's ``vision_feature_layer``; at the vision site, the layer the
+            stage prunes after).
     """
 
     method = "visionzip"
@@ -78,12 +79,20 @@ class VisionZipConfig(PruneConfig):
             raise ValueError(f"dominant_share must be a fraction in [0, 1] (54/64 in the paper), got {self.dominant_share!r}")
         if self.vision_layer is not None and (not isinstance(self.vision_layer, int) or self.vision_layer < 0):
             raise ValueError(f"vision_layer must be a layer index >= 0, got {self.vision_layer!r}")
-        for stage in self.resolved_stages():
-            if stage.site != "projector":
+        stages = self.resolved_stages()
+        for stage in stages:
+            if stage.site not in VisionZipStrategy.sites:
                 raise ValueError(
-                    f"visionzip selects from the vision features in front of the projector; use site='projector', "
-                    f"not {stage.site!r}"
+                    f"visionzip selects from the vision features in front of the projector (site='projector') or "
+                    f"inside a vision tower (site='vision', a vision-only model), not at {stage.site!r}"
                 )
+            if stage.site == "vision" and self.vision_layer is not None and stage.layer != self.vision_layer:
+                raise ValueError(
+                    f"at the vision site visionzip reads the attention of the layer it prunes after; give layer="
+                    f"{self.vision_layer} or drop vision_layer (got layer={stage.layer})"
+                )
+        if len(stages) != 1:
+            raise ValueError("visionzip selects once; give one stage (site and layer), not a list of stages")
         super().__post_init__()
 
 
@@ -101,11 +110,12 @@ def contextual_matching_flops(shapes: StageShapes, dominant_share: float) -> int
     return 2 * max(remaining, 0) * contextual * shapes.head_dim
 
 
-def contextual_merge(features: torch.Tensor, keys: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+def contextual_merge(features: torch.Tensor, keys: torch.Tensor, count: int, assignment: bool = False):
     """VisionZip's contextual tokens from the non-dominant tokens of one image: ``features`` ``[M, d]``
     (what is merged), ``keys`` ``[M, k]`` (the similarity metric). Returns the indices of the
     ``count`` targets within the M tokens (ascending) and their merged features ``[count, d]``:
-    target + mean of the tokens most similar (cosine) to it."""
+    target + mean of the tokens most similar (cosine) to it; with ``assignment``, also ``[M]``: the
+    target (0..count-1) each token joined (a target joins itself)."""
     total = features.shape[0]
     step = max(1, total // count)
     targets = torch.arange(0, total, step, device=features.device)[:count]
@@ -119,14 +129,19 @@ def contextual_merge(features: torch.Tensor, keys: torch.Tensor, count: int) -> 
     sums.index_add_(0, assign, joined)
     counts = torch.bincount(assign, minlength=len(targets)).clamp(min=1).to(sums.dtype)
     merged = features[targets].float() + sums / counts[:, None]
-    return targets, merged.to(features.dtype)
+    if not assignment:
+        return targets, merged.to(features.dtype)
+    joined = torch.empty(total, dtype=torch.long, device=features.device)
+    joined[targets] = torch.arange(len(targets), device=features.device)
+    joined[others] = assign
+    return targets, merged.to(features.dtype), joined
 
 
 @register
 class VisionZipStrategy(Strategy):
     name = "visionzip"
     Config = VisionZipConfig
-    sites = ("projector",)
+    sites = ("projector", "vision")
     reads = (signals.VISION_ATTENTION, signals.VISION_CLS, signals.PROJECTOR_INPUT)
 
     def __init__(self, config: VisionZipConfig):
@@ -137,7 +152,10 @@ class VisionZipStrategy(Strategy):
         super().bind(depths)
         vision = depths.get("vision", 0)
         layer = self.config.vision_layer
-        if layer is None:
+        (stage,) = self.config.resolved_stages()
+        if stage.site == "vision":
+            layer = stage.layer
+        elif layer is None:
             layer = depths.get("vision_read", max(vision - 2, 0))
         if layer >= vision:
             raise ValueError(f"vision_layer={layer} does not exist: the vision encoder has {vision} layers (0..{vision - 1})")
@@ -145,7 +163,10 @@ class VisionZipStrategy(Strategy):
 
     def needs(self) -> Needs:
         layer = self.vision_layer if self.vision_layer is not None else max(self.depths.get("vision", 2) - 2, 0)
-        return Needs.of(Signal(signals.VISION_ATTENTION, layer), Signal(signals.VISION_CLS), Signal(signals.PROJECTOR_INPUT))
+        needs = [Signal(signals.VISION_ATTENTION, layer), Signal(signals.VISION_CLS)]
+        if self.config.resolved_stages()[0].site == "projector":  # merged in front of the projector
+            needs.append(Signal(signals.PROJECTOR_INPUT))
+        return Needs.of(*needs)
 
     def scoring_cost(self, stage: StageSpec, shapes: StageShapes | None = None) -> list[ScoringCost]:
         costs = [ScoringCost("vision_attention_rows", layer=self.vision_layer, rows=1)]
@@ -161,12 +182,20 @@ class VisionZipStrategy(Strategy):
                 "visionzip ranks patches by the vision CLS token's attention, and this vision tower has no CLS "
                 "token; use a method that does not need it (pool, random)"
             )
-        inputs = ctx.require("projector_input", self.name)
-        project = ctx.require("projector", self.name)
-        from_crops = ctx.require("from_crops", self.name)
-        cls = from_crops(attention.cls)  # [R, N]
-        keys = from_crops(attention.keys)  # [R, N, k]
-        has_patch = from_crops(torch.ones_like(attention.cls)) > 0  # NeXT's newlines have none
+        if ctx.stage.site == "vision":
+            # Inside the tower (a vision-only model): rows are crops and candidates their patches in
+            # order; what merges is the layer's own output, with no projector after it.
+            inputs, project = rows.features, (lambda merged: merged)
+            cls, keys = attention.cls, attention.keys
+            has_patch = torch.ones_like(rows.valid)
+        else:
+            inputs = ctx.require("projector_input", self.name)
+            project = ctx.require("projector", self.name)
+            from_crops = ctx.require("from_crops", self.name)
+            cls = from_crops(attention.cls)  # [R, N]
+            keys = from_crops(attention.keys)  # [R, N, k]
+            has_patch = from_crops(torch.ones_like(attention.cls)) > 0  # NeXT's newlines have none
+        merged_into = torch.full(rows.valid.shape, -1, dtype=torch.long, device=rows.valid.device)
         width = int(rows.budget.max())
         keep = torch.full((rows.num_rows, width), -1, dtype=torch.long, device=rows.valid.device)
         features = rows.features.new_zeros(rows.num_rows, width, rows.features.shape[-1])
@@ -180,9 +209,11 @@ class VisionZipStrategy(Strategy):
             rest = torch.sort(patches[order[dominant_count:]]).values
             chosen = [dominant]
             replaced = {}
+            joined = {}
             if 0 < contextual_count < len(rest):  # (when every remaining patch is a target, nothing merges)
-                targets, merged = contextual_merge(inputs[r, rest], keys[r, rest], contextual_count)
+                targets, merged, assign = contextual_merge(inputs[r, rest], keys[r, rest], contextual_count, assignment=True)
                 chosen.append(rest[targets])
+                joined = dict(zip(rest.tolist(), rest[targets][assign].tolist()))
                 for index, vector in zip(rest[targets].tolist(), project(merged).to(features.dtype)):
                     replaced[index] = vector
             else:
@@ -195,4 +226,7 @@ class VisionZipStrategy(Strategy):
             for slot, index in enumerate(kept.tolist()):
                 if index in replaced:
                     features[r, slot] = replaced[index]
-        return Reduction(keep=keep, features=features)
+            column = {index: slot for slot, index in enumerate(kept.tolist())}
+            for index, target in {**joined, **{i: i for i in column}}.items():
+                merged_into[r, index] = column[target]
+        return Reduction(keep=keep, features=features, merged_into=merged_into)

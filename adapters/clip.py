@@ -1,0 +1,106 @@
+"""Adapter for transformers CLIP and SigLIP vision towers used on their own: ``CLIPModel``,
+``CLIPVisionModel``, ``CLIPVisionModelWithProjection``, ``SiglipModel``, ``SiglipVisionModel``.
+
+Only the vision tower is touched (a ``CLIPModel``'s text tower runs unchanged). CLIP's sequence is
+CLS then the patch grid (the CLS token is never pruned; ``get_image_features`` pools it); SigLIP has
+no CLS token and pools every token left by its attention-pooling head. Position embeddings are added
+in the embeddings, before any block, so kept tokens carry theirs.
+"""
+
+from __future__ import annotations
+
+import contextvars
+
+import torch
+from torch import nn
+from transformers import (
+    CLIPModel, CLIPVisionModel, CLIPVisionModelWithProjection, SiglipModel, SiglipVisionModel,
+)
+
+from .base import BlockHalves, FamilyDescription, UndoStack, VisionSpec
+from .vision_encoder import VisionEncoderAdapter, vision_only_gaps
+from vtoken import compat
+
+_CLIP = (CLIPModel, CLIPVisionModel, CLIPVisionModelWithProjection)
+_SIGLIP = (SiglipModel, SiglipVisionModel)
+
+#: Per family this adapter serves: the signals its models never provide, and why (``vtoken.methods``).
+FAMILY_GAPS = {"CLIP": vision_only_gaps(), "SigLIP": vision_only_gaps()}
+
+
+class ClipVisionAdapter(VisionEncoderAdapter):
+    family = "clip"
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return isinstance(model, (*_CLIP, *_SIGLIP))
+
+    def describe(self) -> FamilyDescription:
+        tower = compat.clip_vision_tower(self.model)
+        config = tower.config
+        layers = tower.encoder.layers
+        has_cls = hasattr(tower.embeddings, "class_embedding")
+        side = config.image_size // config.patch_size
+        return FamilyDescription(
+            name="CLIP" if isinstance(self.model, _CLIP) else "SigLIP",
+            vision=VisionSpec(
+                layers=layers,
+                prefix_tokens=int(has_cls),
+                grid=(side, side),
+                patch_size=config.patch_size,
+                width=config.hidden_size,
+                head_dim=config.hidden_size // config.num_attention_heads,
+                attention=lambda layer: compat.attention_parts(compat.layer_attention(layers[layer])),
+                read_layer=len(layers) - 1,
+                kind=config.model_type,
+                halves=hf_encoder_halves,
+            ),
+            projector=None,
+            decoder=None,
+            gaps=vision_only_gaps(),
+        )
+
+    def pixel_entry(self) -> nn.Module:
+        return compat.clip_vision_tower(self.model).embeddings
+
+
+def hf_encoder_halves(block: nn.Module, undo: UndoStack) -> BlockHalves:
+    """A transformers CLIP/SigLIP encoder layer (``layer_norm1``, ``self_attn``, ``layer_norm2``,
+    ``mlp``, pre-norm residuals) in two halves. The attention is the layer's own module (SDPA or
+    eager, as the model is configured), handed the size bias as its additive ``attention_mask``;
+    its keys are read off ``k_proj``'s output by a hook that only records inside the halves."""
+    attention = compat.layer_attention(block)
+    norm_before_attention, norm_before_mlp = compat.encoder_layer_norms(block)
+    recording: contextvars.ContextVar = contextvars.ContextVar(f"vtoken_keys_{id(block)}", default=None)
+
+    def record_keys(module, args, output):
+        box = recording.get()
+        if box is not None:
+            box.append(output)
+
+    undo.post_hook(attention.k_proj, record_keys)
+
+    def split_call(args, kwargs):
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        if len(args) > 1:
+            kwargs["attention_mask"] = args[1]
+        return hidden, kwargs
+
+    def run_attention(hidden, bias, rest):
+        mask = rest.pop("attention_mask", None)
+        mask = bias if mask is None else (mask if bias is None else mask + bias)
+        box: list = []
+        token = recording.set(box)
+        try:
+            out = attention(hidden_states=norm_before_attention(hidden), attention_mask=mask, **rest)
+        finally:
+            recording.reset(token)
+        out = out[0] if isinstance(out, tuple) else out
+        keys = box[0].view(*hidden.shape[:2], -1, attention.head_dim).mean(dim=2)
+        return hidden + out, keys
+
+    def mlp(hidden):
+        return hidden + block.mlp(norm_before_mlp(hidden))
+
+    return BlockHalves(split_call, run_attention, mlp)

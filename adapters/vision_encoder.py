@@ -1,0 +1,195 @@
+"""The pipeline of a vision-only family (``FamilyDescription.decoder is None``): a ViT used on its own,
+for zero-shot classification, retrieval or embeddings (CLIP, SigLIP, timm and open_clip ViTs).
+
+The model keeps its own API (``get_image_features``, ``encode_image``, ``forward_features`` /
+``forward_head``, a classifier's logits): nothing but the vision blocks is touched. A call of the
+tower starts at its patch embedding, whose pre-hook opens the call's
+:class:`~vtoken.request.ImageRun` with the pixels (one image per batch row); the vision-site stages
+(:class:`~vtoken.adapters.vision_site.VisionSite`) shorten each image's sequence; the prefix tokens
+(CLS, registers) are never candidates. Whatever reads the encoder's output (the CLS token, an
+average over tokens, an attention-pooling head) reads what the stages left. A budget counts the patch
+tokens leaving the encoder: ``keep_tokens=K`` leaves K patch tokens per image. The end of the last
+block records what each image kept, for ``vtoken.selection`` and ``vtoken.show``.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from typing import Any
+
+import torch
+from torch import nn
+
+from .base import Adapter, FamilyDescription, ImageInfo, TokenMap, UndoStack, VisualLayout
+from .vision_site import VisionSite, VisionSource
+from vtoken import signals
+from vtoken.context import Grid
+from vtoken.pruner import Pruner
+from vtoken.request import ImageRun, PruneRun
+
+#: Signals of a vision-language model that a vision-only model has no part for.
+NO_LLM = "a vision-only model (no projector, no LLM)"
+LANGUAGE_SIGNALS = (
+    signals.PROJECTOR_INPUT, signals.LLM_ATTENTION, signals.LLM_OBSERVED, signals.LLM_ATTENTION_OBSERVED,
+)
+
+
+def vision_only_missing_sites() -> dict[str, str]:
+    """The sites no vision-only family has (``vtoken.methods``)."""
+    return {"projector": NO_LLM, "llm": NO_LLM}
+
+
+def vision_only_gaps() -> dict[str, str]:
+    """The signals no vision-only family provides, and why (``vtoken.methods``)."""
+    return {name: NO_LLM for name in LANGUAGE_SIGNALS}
+
+
+class VisionEncoderAdapter(VisionSite, Adapter):
+    """A family whose model is a vision tower alone (or a CLIP whose text tower is left untouched)."""
+
+    #: Sites a vision-only model has.
+    model_sites = ("vision",)
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        self.description: FamilyDescription = self.describe()
+
+    # --- what the family supplies ---------------------------------------------------------------
+    @abstractmethod
+    def describe(self) -> FamilyDescription:
+        """The tower's description (``projector`` and ``decoder`` None)."""
+
+    @abstractmethod
+    def pixel_entry(self) -> nn.Module:
+        """The module each call of the tower first hands the pixels (its patch embedding)."""
+
+    def pixels_from(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        """The ``[B, channels, H, W]`` pixels of one call of :meth:`pixel_entry`."""
+        return args[0] if args else next(iter(kwargs.values()))
+
+    # --- structure, from the description --------------------------------------------------------
+    @property
+    def family_name(self) -> str:
+        return self.description.name
+
+    def vision_layers(self) -> nn.ModuleList:
+        return self.description.vision.layers
+
+    def projector(self) -> nn.Module:
+        raise ValueError(f"{self.family_name} is a vision-only model: it has no projector")
+
+    def decoder_layers(self) -> nn.ModuleList:
+        return nn.ModuleList()
+
+    def visual_tokens_per_image(self) -> int | None:
+        return self.description.vision.patches
+
+    def vision_tokens(self) -> int | None:
+        return self.description.vision.patches
+
+    def site_width(self, site: str) -> tuple[int, int]:
+        return self.description.vision.width, self.description.vision.head_dim
+
+    def default_vision_layer(self) -> int:
+        """Where a method that is not placed by its own defaults prunes on this family: after block
+        ``depth // 3`` (1-based; block 4 of 12, EViT's first pruning place), so two thirds of the
+        tower run on the kept tokens."""
+        return max(len(self.vision_layers()) // 3 - 1, 0)
+
+    def placed_options(self, strategy_cls, options: dict) -> dict:
+        """``options`` with the site placed on this family: a method whose default site is one a
+        vision-only model lacks runs at the vision site after :meth:`default_vision_layer`."""
+        if "vision" not in strategy_cls.sites:
+            raise ValueError(
+                f"{strategy_cls.name} prunes at the {' / '.join(strategy_cls.sites)} site, which a vision-only "
+                f"{self.family_name} model lacks; use a method that prunes inside the vision tower "
+                "(tome, repshift, visionzip, random, pool)"
+            )
+        if "site" in options or options.get("stages"):
+            return options
+        if getattr(strategy_cls.Config, "site", "vision") == "vision":
+            return options
+        return {"site": "vision", "layer": self.default_vision_layer(), **options}
+
+    def unavailable(self, signal) -> str | None:
+        gap = self.description.gaps.get(signal.name)
+        if gap is not None:
+            return gap
+        return self.vision_unavailable(signal)
+
+    def validate(self, stages: tuple) -> None:
+        depth = len(self.vision_layers())
+        patches = self.description.vision.patches
+        for stage in stages:
+            if stage.site != "vision":
+                raise ValueError(
+                    f"{self.family_name} is a vision-only model: it has no {stage.site!r} site; "
+                    f"use site='vision' with layer=0..{depth - 1}"
+                )
+            if stage.layer >= depth:
+                raise ValueError(f"vision layer {stage.layer} does not exist: the vision encoder has {depth} layers")
+            if stage.keep_tokens is not None and stage.keep_tokens > patches:
+                raise ValueError(
+                    f"keep_tokens={stage.keep_tokens} is larger than the {patches} patch tokens of an image; "
+                    f"use keep_tokens <= {patches} (or keep=1.0 to keep all)"
+                )
+
+    # --- hooks ----------------------------------------------------------------------------------
+    def install(self, pruner: Pruner, undo: UndoStack) -> None:
+        self.pruner = pruner
+        undo.pre_hook(self.pixel_entry(), self._open_encoding, with_kwargs=True)
+        self.install_vision(undo)
+        # After every stage hook of the last block: what each image kept is final.
+        undo.post_hook(self.vision_layers()[len(self.vision_layers()) - 1], self._close_encoding)
+
+    def _open_encoding(self, module, args, kwargs):
+        pruner, vision = self.pruner, self.description.vision
+        pixels = self.pixels_from(args, kwargs)
+        rows, cols = pixels.shape[-2] // vision.patch_size, pixels.shape[-1] // vision.patch_size
+        patches, prefix = rows * cols, vision.prefix_tokens
+        geometry = {"kind": "grid", "grid": (rows, cols), "first": 0}
+        per = prefix + patches  # encoder slots of image i: i * per + token
+        images = [
+            ImageInfo(i, 0, patches, (Grid(0, rows, cols, cols),), [i], TokenMap.one_to_one(i * per + prefix + torch.arange(patches)), geometry)
+            for i in range(pixels.shape[0])
+        ]
+        candidate_local = torch.arange(patches).expand(len(images), -1)
+        crop_pixels = lambda: pixels  # noqa: E731  (the call's own pixels: per-image seeds, pixel_patches)
+        run = ImageRun(images, candidate_local, pruner.config, crop_pixels=crop_pixels, tokens_per_crop=per)
+        if (rows, cols) != tuple(vision.grid):
+            run.grid = (rows, cols)
+        needs = pruner.needs
+        if needs.layers(signals.VISION_ATTENTION) or needs.has(signals.PIXEL_PATCHES):
+            run.vision_source = VisionSource(self, crop_pixels, (rows, cols))
+        pruner.encoding = run
+        return None
+
+    def _close_encoding(self, module, args, output):
+        """Record what each image kept (its patch indices after every stage) as the thread's last run."""
+        pruner = self.pruner
+        images = pruner.encoding
+        if images is None:
+            return None
+        batch, patches = len(images.images), images.candidate_local.shape[1]
+        visual_index = torch.arange(patches).expand(batch, -1)
+        image_index = torch.arange(batch)[:, None].expand(-1, patches)
+        run = PruneRun(VisualLayout(visual_index, image_index, images.images, images.tokens_per_crop), pruner.config, images)
+        if pruner.stages_at("vision"):
+            pruner.vision_kept_visual(run)
+        run.diagnostics = dict(images.diagnostics)
+        pruner.last_run = run
+        pruner.encoding = None
+        return None
+
+
+def encoder_sources(run: PruneRun) -> torch.Tensor | None:
+    """``[B, P]``: for each patch of each image of a vision-only run, the index (among the image's
+    tokens leaving the encoder, in sequence order) of the token that holds it; -1 when dropped; None
+    when no stage ran. Merged tokens hold several patches (ToMe's source map)."""
+    images: ImageRun | None = run.image_run
+    if images is None or images.owner is None:
+        return None
+    return images.owner.cpu()
+
+
+__all__ = ["VisionEncoderAdapter", "vision_only_gaps", "encoder_sources", "NO_LLM"]

@@ -1,0 +1,205 @@
+"""The vision site, for every family: stages inside the vision encoder and the signals read there.
+
+Shared by the vision-language pipeline (:mod:`vtoken.adapters.pipeline`) and the vision-only one
+(:mod:`vtoken.adapters.vision_encoder`): both describe their tower with a
+:class:`~vtoken.adapters.base.VisionSpec` and keep the encoder call's state in an
+:class:`~vtoken.request.ImageRun` reached through ``pruner.encoding`` (per thread).
+
+- A stage after block ``l`` shortens every crop's sequence in a forward hook on that block.
+- A strategy whose stages run inside their block (``Strategy.inside_block``: ToMe) has the blocks
+  from its first stage on run in two halves (:class:`~vtoken.adapters.base.BlockHalves`): the
+  attention (with ``log(size)`` added to its logits for proportional attention), the stage, then
+  the MLP. The model's own attention runs (SDPA or eager): the bias is an additive float mask.
+- Observed blocks (``vision_observed``), a block's attention input (``vision_attention``) and the
+  pixels are captured only when a strategy declares them.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import nn
+
+from .base import BlockHalves, UndoStack, eager
+from .observe import observe_layer
+from vtoken import signals
+from vtoken.context import Grid, VisionAttention
+from vtoken.kernels import attention_rows, received_attention
+from vtoken.request import ImageRun
+
+
+class VisionSite:
+    """Mixin of the adapters: installs the vision-site stages and signals of ``self.pruner`` on the
+    tower ``self.description.vision``."""
+
+    def install_vision(self, undo: UndoStack) -> None:
+        pruner, vision = self.pruner, self.description.vision
+        needs = pruner.needs
+        for layer in needs.layers(signals.VISION_OBSERVED):
+            observe_layer(
+                vision.layers[layer], vision.parts,
+                active=lambda: pruner.encoding is not None, done=partial(self._observed_vision, layer), undo=undo,
+            )
+        for layer in needs.layers(signals.VISION_ATTENTION):
+            hook = partial(self._vision_attention_input, layer)
+            undo.pre_hook(vision.attention_module(vision.layers[layer]), hook, with_kwargs=True)
+        inside = pruner.strategy.inside_block()
+        stages = pruner.stages_at("vision")
+        if inside is None:
+            for stage in stages:
+                undo.post_hook(vision.layers[stage.layer], partial(self._after_vision_layer, stage))
+        elif stages:
+            self._run_blocks_in_halves(stages, inside.proportional_attention, undo)
+
+    def vision_unavailable(self, signal) -> str | None:
+        """Why the tower cannot give ``signal`` (None when it can, or when it is not a vision signal)."""
+        vision = self.description.vision
+        if signal.name == signals.VISION_CLS and not vision.has_cls:
+            return f"a {vision.kind} tower without a CLS token"
+        if signal.name in signals.VISION_LAYERED and not 0 <= signal.layer < len(vision.layers):
+            return f"no layer {signal.layer} (it has {len(vision.layers)})"
+        return None
+
+    # --- stages ---------------------------------------------------------------------------------
+    def _grid(self, images: ImageRun | None = None) -> Grid:
+        rows, cols = images.grid if images is not None and images.grid is not None else self.description.vision.grid
+        return Grid(0, rows, cols, cols)
+
+    def _after_vision_layer(self, stage, module, args, output):
+        images = self.pruner.encoding
+        if images is None:
+            return None
+        hidden = output[0] if isinstance(output, tuple) else output
+        prefix = self.description.vision.prefix_tokens
+        pruned = self.pruner.run_vision_stage(images, stage, hidden, prefix, self._grid(images))
+        return (pruned, *output[1:]) if isinstance(output, tuple) else pruned
+
+    def _run_blocks_in_halves(self, stages, proportional: bool, undo: UndoStack) -> None:
+        """Replace the ``forward`` of the blocks that need it, on the instance (undone by ``unwrap``):
+        the stage blocks, and with proportional attention every block from the first stage on (a
+        merged token's size weighs its key in every later attention)."""
+        vision = self.description.vision
+        if vision.halves is None:
+            raise ValueError(
+                f"{self.pruner.strategy.name} runs inside the vision blocks, which this {self.family_name} "
+                "tower cannot split into attention and MLP; use a method that prunes after a block"
+            )
+        by_layer = {stage.layer: stage for stage in stages}
+        layers = range(min(by_layer), len(vision.layers)) if proportional else sorted(by_layer)
+        for layer in layers:
+            block = vision.layers[layer]
+            halves = vision.halves(block, undo)
+            original = block.forward
+            forward = partial(self._block_in_halves, by_layer.get(layer), halves, original, proportional)
+            had = "forward" in block.__dict__
+            block.forward = eager(forward)
+            undo.push(partial(_restore_forward, block, had, original))
+
+    def _block_in_halves(self, stage, halves: BlockHalves, original, proportional: bool, *args, **kwargs):
+        images = self.pruner.encoding
+        if images is None:
+            return original(*args, **kwargs)
+        hidden, rest = halves.split_call(args, kwargs)
+        bias = self._size_bias(images, hidden) if proportional else None
+        hidden, keys = halves.attention(hidden, bias, rest)
+        if stage is not None:
+            prefix = self.description.vision.prefix_tokens
+            hidden = self.pruner.run_vision_stage(images, stage, hidden, prefix, self._grid(images), keys=keys)
+        return halves.output(halves.mlp(hidden))
+
+    def _size_bias(self, images: ImageRun, hidden: torch.Tensor) -> torch.Tensor | None:
+        """``[C, 1, 1, T]``: ``log(size)`` of every token of the block's sequence (ToMe's
+        proportional attention, Eq. 1), 0 for the prefix tokens; None while every size is 1."""
+        if images.owner is None:
+            return None
+        sizes = images.sizes().to(hidden.device)
+        if bool((sizes == 1).all()):
+            return None
+        prefix = hidden.shape[1] - sizes.shape[1]
+        full = torch.cat([sizes.new_ones(sizes.shape[0], prefix), sizes], dim=1)
+        return full.clamp(min=1).log().to(hidden.dtype)[:, None, None, :]
+
+    # --- signals --------------------------------------------------------------------------------
+    def _observed_vision(self, layer: int, io: dict) -> None:
+        images = self.pruner.encoding
+        hidden = io["block"][0]
+        valid = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        summary = self.pruner.strategy.observe("vision", layer, io, valid)
+        images.observed[layer] = (summary, images.vision_positions, self.description.vision.prefix_tokens)
+
+    def _vision_attention_input(self, layer, module, args, kwargs):
+        """Keep what vision ``layer``'s attention takes in (the normed hidden states), to recompute
+        its queries and keys when the strategy asks (:meth:`VisionSource.attention`)."""
+        images = self.pruner.encoding
+        if images is not None and images.vision_source is not None:
+            hidden = args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))
+            images.vision_source.inputs[layer] = hidden
+        return None
+
+
+def _restore_forward(block: nn.Module, had: bool, original) -> None:
+    if had:
+        block.forward = original
+    else:
+        del block.forward
+
+
+class VisionSource:
+    """What a strategy may read from one call of the vision encoder (``ScoreContext.vision_attention``
+    and ``pixel_patches``): a chosen layer's self-attention, recomputed beside SDPA from the layer's
+    input, and the pixels behind every patch token, crop by crop in encoder order."""
+
+    def __init__(self, adapter: VisionSite, crop_pixels, grid: tuple[int, int] | None = None):
+        self.vision = adapter.description.vision
+        #: ``() -> [C, channels, H, W]``: every crop's pixels in encoder order.
+        self.crop_pixels = crop_pixels
+        #: The patch grid of the crops (the family's default unless the call's pixels say otherwise).
+        self.grid = grid or self.vision.grid
+        #: Vision layer -> the input of its attention ``[C, T, D]`` (set by a hook during encoding).
+        self.inputs: dict[int, torch.Tensor] = {}
+
+    def attention(self, layer: int) -> VisionAttention:
+        vision = self.vision
+        if layer not in self.inputs:
+            raise ValueError(f"vision layer {layer}'s attention was not recorded; declare Signal('vision_attention', {layer}) in needs()")
+        x = self.inputs[layer]
+        first, patches = vision.prefix_tokens, self.grid[0] * self.grid[1]
+        if x.shape[1] != first + patches:
+            raise ValueError(
+                f"vision layer {layer} saw {x.shape[1]} tokens per crop, not the full {first + patches}; "
+                "its attention map needs every patch (no vision-site pruning before it)"
+            )
+        attn = vision.attention(layer)
+        crops, tokens, _ = x.shape
+        head_dim = attn.head_dim
+        scaling = attn.scaling
+        with torch.no_grad():
+            q = attn.q_proj(x).view(crops, tokens, -1, head_dim).transpose(1, 2)
+            k = attn.k_proj(x).view(crops, tokens, -1, head_dim).transpose(1, 2)
+            if attn.q_norm is not None:
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            cls = attention_rows(q[:, :, :1], k, scaling).mean(dim=1)[:, 0, first:] if vision.has_cls else None
+
+        def column_mass() -> torch.Tensor:
+            with torch.no_grad():
+                return received_attention(q[:, :, first:], k, scaling)[:, first:] / patches
+
+        def rows(index: torch.Tensor) -> torch.Tensor:
+            index = index.to(q.device)
+            picked = torch.gather(q, 2, (first + index.clamp(min=0))[:, None, :, None].expand(-1, q.shape[1], -1, head_dim))
+            with torch.no_grad():
+                probs = attention_rows(picked, k, scaling).mean(dim=1)[..., first:]
+            return probs * (index >= 0)[..., None].to(probs.dtype)
+
+        return VisionAttention(rows=rows, keys=k.mean(dim=1)[:, first:], cls=cls, column_mass=column_mass)
+
+    def pixel_patches(self) -> torch.Tensor:
+        """``[C, P, channels, p, p]``: the (normalised) pixel values behind each crop's patch tokens,
+        in the row-major order of the encoder's patch embedding."""
+        pixels = self.crop_pixels()
+        size = self.vision.patch_size
+        crops, channels = pixels.shape[:2]
+        rows, cols = self.grid
+        cut = pixels[:, :, : rows * size, : cols * size].unfold(2, size, size).unfold(3, size, size)
+        return cut.permute(0, 2, 3, 1, 4, 5).reshape(crops, rows * cols, channels, size, size)

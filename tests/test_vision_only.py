@@ -1,0 +1,337 @@
+"""The generic suite of the vision-only families (CLIP, SigLIP, timm and open_clip ViTs): every family
+of ``vision_families.py`` with every method that runs on it, against the unwrapped model.
+
+Guarantees: unwrap exact; keep-all identity; an image's embedding independent of its batch; SDPA
+equals eager; the prefix tokens (CLS, registers) never pruned; a budget counts the patch tokens leaving
+the encoder; pruning after block l equals the unwrapped blocks run on only the kept tokens; ToMe-style
+block halves equal each family's block; refusals are one line and leave the model unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import vtoken
+from vision_families import DEPTH, PATCHES, VISION_FAMILIES, blocks_of, images
+
+#: Methods that run on a vision-only family, with the options the suite uses (a budget of 1/4).
+METHODS = {
+    "random": dict(keep=0.25),
+    "pool": dict(keep=0.25),
+    "repshift": dict(keep=0.25),
+    "repshift_merge": dict(keep=0.25, mode="merge"),
+    "tome": dict(r=12),
+    "visionzip": dict(keep=0.25),
+}
+
+
+def _method(name: str) -> str:
+    return name.split("_")[0]
+
+
+def _cases(require_cls: bool = True):
+    for family, spec in VISION_FAMILIES.items():
+        for method in METHODS:
+            if method == "visionzip" and not spec.has_cls:
+                continue
+            yield pytest.param(family, method, id=f"{family}-{method}")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _embed(family: str, model, x) -> torch.Tensor:
+    with torch.no_grad():
+        return VISION_FAMILIES[family].embed(model, x)
+
+
+@pytest.mark.parametrize("family,method", list(_cases()))
+def test_unwrap_is_exact(family, method):
+    spec = VISION_FAMILIES[family]
+    model = spec.make()
+    pristine = copy.deepcopy(model)
+    x = images()
+    before = _embed(family, model, x)
+    types = [type(m) for m in model.modules()]
+    vtoken.wrap(model, _method(method), **METHODS[method])
+    _embed(family, model, x)
+    vtoken.unwrap(model)
+    assert [type(m) for m in model.modules()] == types
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    state, original = model.state_dict(), pristine.state_dict()
+    assert state.keys() == original.keys() and all(torch.equal(state[k], original[k]) for k in state)
+    assert torch.equal(_embed(family, model, x), before)
+
+
+@pytest.mark.parametrize("family,method", list(_cases()))
+def test_keep_all_is_identity(family, method):
+    spec = VISION_FAMILIES[family]
+    model = spec.make()
+    x = images()
+    before = _embed(family, model, x)
+    options = dict(METHODS[method])
+    if method == "tome":
+        options = {"keep": 1.0}
+    else:
+        options["keep"] = 1.0
+    vtoken.wrap(model, _method(method), **options)
+    torch.testing.assert_close(_embed(family, model, x), before, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("family,method", list(_cases()))
+def test_each_image_as_alone(family, method):
+    spec = VISION_FAMILIES[family]
+    model = vtoken.wrap(spec.make(), _method(method), **METHODS[method])
+    x = images()
+    together = _embed(family, model, x)
+    for b in range(x.shape[0]):
+        torch.testing.assert_close(together[b : b + 1], _embed(family, model, x[b : b + 1]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family,method", list(_cases()))
+def test_budget_counts_patch_tokens_leaving_the_encoder(family, method):
+    """``keep_tokens=K`` (or ToMe's r) leaves exactly K patch tokens after the last block, the prefix
+    tokens (CLS, registers) untouched besides them."""
+    spec = VISION_FAMILIES[family]
+    model = spec.make()
+    options = dict(METHODS[method])
+    if method != "tome":
+        options = {k: v for k, v in options.items() if k != "keep"} | {"keep_tokens": 40}
+        expected = 40
+    else:
+        expected = PATCHES - DEPTH * options["r"]
+    vtoken.wrap(model, _method(method), **options)
+    seen = []
+    handle = blocks_of(model)[DEPTH - 1].register_forward_hook(lambda m, a, o: seen.append((o[0] if isinstance(o, tuple) else o).shape[1]))
+    _embed(family, model, images())
+    handle.remove()
+    assert seen == [spec.prefix + expected]
+    kept = vtoken.selection(model)[0]
+    assert len(list(kept.values())[-1]) == expected
+
+
+@pytest.mark.parametrize("family", list(VISION_FAMILIES))
+def test_prefix_tokens_are_never_pruned(family):
+    """After a pruning stage the prefix tokens are the block's own first outputs, unchanged."""
+    spec = VISION_FAMILIES[family]
+    model = spec.make()
+    layer = 1
+    outputs = []
+    block = blocks_of(model)[layer]
+    vtoken.wrap(model, "random", keep=0.25, site="vision", layer=layer)
+    # Registered after wrap's stage hook: it sees the block's pruned output (and its input first).
+    handle = block.register_forward_hook(lambda m, a, o: outputs.append(o[0] if isinstance(o, tuple) else o))
+    handle_in = blocks_of(model)[layer + 1].register_forward_pre_hook(lambda m, a: outputs.append(a[0] if a else None))
+    x = images()
+    reference = spec.make()
+    captured = []
+    reference_handle = blocks_of(reference)[layer].register_forward_hook(lambda m, a, o: captured.append(o[0] if isinstance(o, tuple) else o))
+    _embed(family, model, x)
+    _embed(family, reference, x)
+    handle.remove(), handle_in.remove(), reference_handle.remove()
+    pruned, full = outputs[0], captured[0]
+    assert pruned.shape[1] == spec.prefix + round(0.25 * PATCHES)
+    torch.testing.assert_close(pruned[:, : spec.prefix], full[:, : spec.prefix], rtol=0, atol=0)
+    kept = torch.stack([s[f"vision:{layer}"] for s in vtoken.selection(model)])
+    index = (spec.prefix + kept)[..., None].expand(-1, -1, full.shape[-1])
+    torch.testing.assert_close(pruned[:, spec.prefix :], torch.gather(full, 1, index), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", list(VISION_FAMILIES))
+def test_pruning_equals_the_unwrapped_blocks_on_the_kept_tokens(family):
+    """The wrapped model's embedding equals the unwrapped model whose sequence is cut to the prefix
+    and the kept patches (``vtoken.selection``) after block l by a plain hook of this test."""
+    spec = VISION_FAMILIES[family]
+    model = spec.make()
+    x = images()
+    layer = 2
+    vtoken.wrap(model, "random", keep=0.3, site="vision", layer=layer)
+    wrapped = _embed(family, model, x)
+    kept = torch.stack([s[f"vision:{layer}"] for s in vtoken.selection(model)])
+    vtoken.unwrap(model)
+
+    def cut(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        index = torch.cat([torch.arange(spec.prefix).expand(hidden.shape[0], -1), spec.prefix + kept], dim=1)
+        hidden = torch.gather(hidden, 1, index[..., None].expand(-1, -1, hidden.shape[-1]))
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    handle = blocks_of(model)[layer].register_forward_hook(cut)
+    reference = _embed(family, model, x)
+    handle.remove()
+    torch.testing.assert_close(wrapped, reference, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family,method", [c for c in _cases() if VISION_FAMILIES[c.values[0]].switchable])
+def test_sdpa_equals_eager(family, method):
+    spec = VISION_FAMILIES[family]
+    x = images()
+    out = {}
+    for attn in ("sdpa", "eager"):
+        model = vtoken.wrap(spec.make(attn=attn), _method(method), **METHODS[method])
+        out[attn] = _embed(family, model, x)
+    torch.testing.assert_close(out["sdpa"], out["eager"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", list(VISION_FAMILIES))
+def test_block_halves_equal_the_block(family):
+    """The two halves a ToMe-style stage runs (attention, then MLP) compose to the family's own block,
+    and a zero bias changes nothing."""
+    from vtoken.adapters import adapter_for
+    from vtoken.adapters.base import UndoStack
+
+    spec = VISION_FAMILIES[family]
+    model = spec.make()
+    adapter = adapter_for(model)(model)
+    block = blocks_of(model)[1]
+    undo = UndoStack()
+    halves = adapter.description.vision.halves(block, undo)
+    x = torch.randn(2, spec.prefix + PATCHES, 64)
+    with torch.no_grad():
+        expected = block(x, None)  # (the second argument: HF's attention_mask, timm's attn_mask, open_clip's k_x)
+        expected = expected[0] if isinstance(expected, tuple) else expected
+        hidden, rest = halves.split_call((x, None), {})
+        middle, keys = halves.attention(hidden, None, rest)
+        got = halves.mlp(middle)
+        middle_zero, _ = halves.attention(hidden, torch.zeros(2, 1, 1, x.shape[1]), dict(rest))
+    undo.run()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(middle_zero, middle, rtol=1e-5, atol=1e-6)
+    assert keys.shape == (2, x.shape[1], 16)
+
+
+@pytest.mark.parametrize("family", list(VISION_FAMILIES))
+def test_proportional_attention_bias_reaches_the_logits(family):
+    """A bias that forbids every patch key leaves each token attending to the prefix only (or, with
+    no prefix, is refused nowhere: a -inf on all but one key makes every row that key's value)."""
+    from vtoken.adapters import adapter_for
+    from vtoken.adapters.base import UndoStack
+
+    spec = VISION_FAMILIES[family]
+    model = spec.make()
+    adapter = adapter_for(model)(model)
+    block = blocks_of(model)[0]
+    halves = adapter.description.vision.halves(block, UndoStack())
+    tokens = spec.prefix + PATCHES
+    x = torch.randn(1, tokens, 64)
+    one_key = torch.full((1, 1, 1, tokens), -1e9)
+    one_key[..., 3] = 0.0
+    with torch.no_grad():
+        hidden, rest = halves.split_call((x, None), {})
+        out, _ = halves.attention(hidden, one_key, rest)
+    branch = out - x  # every query attends to key 3 alone: the same branch output for every row
+    torch.testing.assert_close(branch, branch[:, 3:4].expand_as(branch), rtol=1e-4, atol=1e-5)
+
+
+def test_tome_sources_partition_the_patches():
+    model = vtoken.wrap(VISION_FAMILIES["timm"].make(), "tome", r=12)
+    _embed("timm", model, images())
+    from vtoken.adapters.vision_encoder import encoder_sources
+
+    run = vtoken.api._state(model).pruner.last_run
+    sources = encoder_sources(run)
+    left = PATCHES - DEPTH * 12
+    assert sources.shape == (3, PATCHES)
+    assert bool((sources >= 0).all()) and bool((sources < left).all())
+    assert all(len(torch.unique(row)) == left for row in sources)  # every token left holds some patch
+
+
+@pytest.mark.parametrize("method,expected", [
+    ("fastv", "fastv prunes at the llm site, which a vision-only"),
+    ("zoo_prune", "zoo_prune prunes at the projector site"),
+])
+def test_methods_without_a_vision_site_are_refused(method, expected):
+    model = VISION_FAMILIES["clip"].make()
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=expected) as error:
+        vtoken.wrap(model, method)
+    assert "\n" not in str(error.value) and not vtoken.is_wrapped(model)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_visionzip_needs_a_cls_token():
+    model = VISION_FAMILIES["siglip"].make()
+    with pytest.raises(ValueError, match="CLS token"):
+        vtoken.wrap(model, "visionzip", keep=0.25)
+    assert not vtoken.is_wrapped(model)
+
+
+def test_budget_larger_than_the_patches_is_refused():
+    model = VISION_FAMILIES["timm"].make()
+    with pytest.raises(ValueError, match=f"larger than the {PATCHES} patch tokens"):
+        vtoken.wrap(model, "random", keep_tokens=PATCHES + 1)
+    assert not vtoken.is_wrapped(model)
+
+
+def test_methods_say_which_run_on_each_vision_family():
+    listing = {m["name"]: m["families"] for m in vtoken.methods()}
+    for family in ("CLIP", "SigLIP", "timm ViT", "open_clip ViT"):
+        for method in ("tome", "repshift", "random", "pool", "visionzip"):
+            assert listing[method][family] == "runs", (method, family)
+        assert "vision-only" in listing["fastv"][family]
+        assert "vision-only" in listing["zoo_prune"][family]
+
+
+def test_clip_text_tower_is_untouched():
+    model = VISION_FAMILIES["clip"].make()
+    text = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model.get_text_features(input_ids=text)
+        vtoken.wrap(model, "tome", r=12)
+        after = model.get_text_features(input_ids=text)
+    before = before if isinstance(before, torch.Tensor) else before.pooler_output
+    after = after if isinstance(after, torch.Tensor) else after.pooler_output
+    assert torch.equal(before, after)
+
+
+def test_show_draws_what_each_merged_token_holds(tmp_path):
+    """After ToMe, ``vtoken.show`` tints the patches of each merged token alike: two patches merged
+    into one token get the same colour, patches of different tokens different ones."""
+    from PIL import Image
+
+    from vtoken.adapters.vision_encoder import encoder_sources
+
+    model = vtoken.wrap(VISION_FAMILIES["timm"].make(), "tome", r=12)
+    x = images(1)
+    _embed("timm", model, x)
+    picture = Image.new("RGB", (112, 112), (128, 128, 128))
+    path = vtoken.show(model, picture, tmp_path / "sources.png")
+    drawn = Image.open(path).convert("RGB")
+    holders = encoder_sources(vtoken.api._state(model).pruner.last_run)[0]
+    colour = lambda p: drawn.getpixel(((p % 14) * 8 + 4, (p // 14) * 8 + 4))  # noqa: E731
+    same = [(a, b) for a in range(40) for b in range(a + 1, 196) if holders[a] == holders[b]][:5]
+    different = [(a, b) for a in range(40) for b in range(a + 1, 196) if holders[a] != holders[b]][:5]
+    assert same and all(colour(a) == colour(b) for a, b in same)
+    assert all(colour(a) != colour(b) for a, b in different)
+
+
+@pytest.mark.parametrize("method", ["tome", "random", "visionzip"])
+def test_two_threads_get_what_each_gets_alone(method):
+    """Two threads encoding different images on one wrapped model: each gets its result alone (the
+    encoder call's state is per thread; ToMe's sizes and order never mix)."""
+    import threading
+
+    model = vtoken.wrap(VISION_FAMILIES["clip"].make(), _method(method), **METHODS[method])
+    inputs = [images(2, seed=1), images(3, seed=2)]
+    alone = [_embed("clip", model, x) for x in inputs]
+    results: dict[int, list] = {0: [], 1: []}
+    start = threading.Barrier(2)
+
+    def work(i):
+        start.wait()
+        for _ in range(4):
+            results[i].append(_embed("clip", model, inputs[i]))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    for i in range(2):
+        assert all(torch.equal(out, alone[i]) for out in results[i])
