@@ -34,6 +34,7 @@ from torch import nn
 
 from .base import DecoderSpec, FamilyDescription, ImageInfo, Modality, PositionScheme, ProjectorSpec, TokenMap, VisionSpec
 from .pipeline import VisionLanguageAdapter
+from .qwen_vision import PackedVisionSite
 from vtoken import signals
 from vtoken.context import Grid
 
@@ -41,18 +42,18 @@ _NOT_YET = "yet (its packed vision tower is not instrumented)"
 
 #: Per family: the pruning sites its models lack (yet), and why (``vtoken.methods``).
 MISSING_SITES = {
-    family: {"vision": "pruning inside its packed vision tower is not implemented yet"}
-    for family in ("Qwen2-VL", "Qwen2.5-VL")
+    "Qwen2.5-VL": {"vision": "pruning inside its windowed vision tower (window_index, cu_window_seqlens) is not implemented yet"},
 }
 
 #: Per family: the signals its models never provide (yet), and why (``vtoken.methods``).
 FAMILY_GAPS = {
     family: {
         signals.VISION_ATTENTION: "no vision-layer attention " + _NOT_YET,
-        signals.VISION_OBSERVED: "no observed vision blocks " + _NOT_YET,
+        **({signals.VISION_OBSERVED: "no observed vision blocks in its windowed tower yet"} if family == "Qwen2.5-VL" else {}),
         signals.PIXEL_PATCHES: "no per-token pixel patches " + _NOT_YET,
         signals.PROJECTOR_INPUT: "no 2x2 merger inputs " + _NOT_YET,
         signals.VISION_CLS: "a vision tower without a CLS token",
+        signals.VISION_BLOCK_KEYS: "no split vision blocks " + _NOT_YET,
     }
     for family in ("Qwen2-VL", "Qwen2.5-VL")
 }
@@ -66,7 +67,7 @@ def _classes() -> tuple[type, ...]:
     return (Qwen2VLForConditionalGeneration, Qwen2VLModel, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLModel)
 
 
-class QwenVLAdapter(VisionLanguageAdapter):
+class QwenVLAdapter(PackedVisionSite, VisionLanguageAdapter):
     family = "qwen2_vl"
     encoder_kwargs = ("image_grid_thw",)
 
@@ -127,10 +128,16 @@ class QwenVLAdapter(VisionLanguageAdapter):
         return None
 
     def vision_site_refusal(self) -> str | None:
-        return (
-            f"vision-site pruning inside {self.family_name}'s packed vision tower is not implemented yet; use "
-            "site='projector' or a site inside the LLM"
-        )
+        if self.family_name in MISSING_SITES:
+            return (
+                f"vision-site pruning inside {self.family_name}'s windowed vision tower is not implemented yet; use "
+                "site='projector' or a site inside the LLM"
+            )
+        return None
+
+    def install_vision(self, undo) -> None:
+        super().install_vision(undo)
+        self.install_packed(undo)
 
     def one_grid_per_image(self) -> str | None:
         return None

@@ -57,6 +57,8 @@ class VisionSite:
         vision = self.description.vision
         if signal.name == signals.VISION_CLS and not vision.has_cls:
             return f"a {vision.kind} tower without a CLS token"
+        if signal.name == signals.VISION_BLOCK_KEYS and vision.halves is None:
+            return f"a {vision.kind} tower whose blocks vtoken cannot split into attention and MLP yet"
         if signal.name in signals.VISION_LAYERED and not 0 <= signal.layer < len(vision.layers):
             return f"no layer {signal.layer} (it has {len(vision.layers)})"
         return None

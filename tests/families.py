@@ -103,8 +103,7 @@ FAMILIES: dict[str, Family] = {
     "llava": Family(tiny_llava, lambda m: llava_inputs(3), _llava_several_images, "LLaVA-1.5"),
     "next": Family(tiny_llava_next, llava_next_inputs, _next_several_images, "LLaVA-NeXT"),
     "onevision": Family(tiny_llava_onevision, onevision_inputs, _onevision_several_images, "LLaVA-OneVision"),
-    "qwen2": Family(tiny_qwen2_vl, qwen_inputs, _qwen_several_images, "Qwen2-VL", vision_site=False,
-                    positions=_qwen_positions),
+    "qwen2": Family(tiny_qwen2_vl, qwen_inputs, _qwen_several_images, "Qwen2-VL", positions=_qwen_positions),
     "qwen2_5": Family(lambda attn="sdpa", seed=0: tiny_qwen2_vl(attn, seed, version="2.5"), qwen_inputs,
                       _qwen_several_images, "Qwen2.5-VL", vision_site=False, positions=_qwen_positions),
 }

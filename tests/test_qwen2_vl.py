@@ -88,11 +88,59 @@ def test_videos_keep_all_and_cached_equals_recomputation(version):
 
 def test_vision_site_and_encoder_signals_are_refused_naming_the_fix():
     model = tiny_qwen2_vl()
-    with pytest.raises(ValueError, match="vision-site pruning inside Qwen2-VL's packed vision tower is not implemented yet"):
-        vtoken.wrap(model, "random", site="vision", layer=0)
+    with pytest.raises(ValueError, match="vision-site pruning inside Qwen2.5-VL's windowed vision tower is not implemented yet"):
+        vtoken.wrap(tiny_qwen2_vl(version="2.5"), "random", site="vision", layer=0)
     with pytest.raises(ValueError, match=r"zoo_prune needs the projector and its inputs .* Qwen2-VL model gives no 2x2 merger"):
         vtoken.wrap(model, "zoo_prune")
     assert not vtoken.is_wrapped(model)
     families = {m["name"]: m["families"] for m in vtoken.methods()}
     assert families["fastv"]["Qwen2-VL"] == "runs" and families["pool"]["Qwen2.5-VL"] == "runs"
     assert families["vflowopt"]["Qwen2-VL"].startswith("needs a vision layer's self-attention")
+
+
+def test_vision_site_equals_the_unwrapped_tower_on_the_kept_merge_units():
+    """Pruning after vision block l keeps whole 2x2 merge units: the wrapped model's image features for
+    the kept LLM tokens equal the unwrapped tower whose packed sequence is cut by this test's own hooks
+    after block l to those units' patches, each frame's ``cu_seqlens`` and every patch's own rotary
+    position kept (and the dropped tokens' features are zeros)."""
+    model = tiny_qwen2_vl()
+    grids = ((1, 8, 12), (1, 12, 8), (1, 8, 8))
+    x = qwen_inputs(model, grids=grids)
+    grid = x["image_grid_thw"]
+    layer = 1
+    vtoken.wrap(model, "random", site="vision", layer=layer, keep=0.4)
+    with torch.no_grad():
+        wrapped = model.model.get_image_features(x["pixel_values"], grid).pooler_output
+    # The kept LLM tokens per image (the image features' rows), from what the encoder left non-zero.
+    kept = [torch.nonzero(f.abs().sum(-1) > 0).squeeze(-1) for f in wrapped]
+    assert [len(k) for k in kept] == [round(0.4 * g.prod().item() / 4) for g in grid]
+    vtoken.unwrap(model)
+
+    starts = torch.cumsum(torch.tensor([0] + [int(g.prod()) for g in grid]), 0)
+    patches = torch.cat([starts[i] + (k[:, None] * 4 + torch.arange(4)).reshape(-1) for i, k in enumerate(kept)])
+    lengths = torch.tensor([len(k) * 4 for k in kept])
+    blocks = model.model.visual.blocks
+
+    def cut(module, args, output):
+        return output[patches]
+
+    def kept_inputs(module, args, kwargs):
+        cos, sin = kwargs["position_embeddings"]
+        cu = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(kwargs["cu_seqlens"].dtype)
+        out = {**kwargs, "cu_seqlens": cu, "position_embeddings": (cos[patches], sin[patches])}
+        if "max_seqlen" in kwargs and kwargs["max_seqlen"] is not None:
+            out["max_seqlen"] = int(lengths.max())
+        return args, out
+
+    handles = [blocks[layer].register_forward_hook(cut)]
+    handles += [b.register_forward_pre_hook(kept_inputs, with_kwargs=True) for b in blocks[layer + 1 :]]
+    with torch.no_grad():
+        merged = model.model.visual(x["pixel_values"], grid_thw=grid).pooler_output
+    for h in handles:
+        h.remove()
+    reference = torch.split(merged, [len(k) for k in kept])
+    for image, k in enumerate(kept):
+        torch.testing.assert_close(wrapped[image][k], reference[image], rtol=0, atol=0)
+        dropped = torch.ones(len(wrapped[image]), dtype=torch.bool)
+        dropped[k] = False
+        assert bool((wrapped[image][dropped] == 0).all())

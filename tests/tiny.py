@@ -113,7 +113,7 @@ def tiny_qwen2_vl(attn: str = "sdpa", seed: int = 0, version: str = "2"):
                       fullatt_block_indexes=[1, 3])
         model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(vision_config=vision, text_config=text, **tokens))
     else:
-        vision = dict(depth=2, embed_dim=32, num_heads=4, hidden_size=64, patch_size=4, spatial_merge_size=2,
+        vision = dict(depth=3, embed_dim=32, num_heads=4, hidden_size=64, patch_size=4, spatial_merge_size=2,
                       temporal_patch_size=2, in_channels=3, mlp_ratio=2)
         model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(vision_config=vision, text_config=text, **tokens))
     model.set_attn_implementation(attn)

@@ -66,6 +66,8 @@ class ImageRun:
         #: Set by the adapter for strategies that read the encoder itself (VFlowOpt): an object with
         #: ``attention(layer)`` (a :class:`~vtoken.context.VisionAttention`) and ``pixel_patches()``.
         self.vision_source = None
+        #: The adapter's per-call scratch (a packed tower's current sequence, :mod:`vtoken.adapters.qwen_vision`).
+        self.family_state: dict = {}
         #: The strategy's per-request scratch (``ScoreContext.state``), shared by every stage.
         self.strategy_state: dict = {}
         #: Stage name -> what the strategy reported (``ScoreContext.report``) at the vision stages.

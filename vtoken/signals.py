@@ -22,6 +22,8 @@ The signals, and where a strategy finds them on its :class:`~vtoken.context.Scor
 (layer, query)                 ``observe_attention`` (``ctx.observed_attention(layer)``)
 ``one_grid_per_image``         each image reaches the LLM as exactly one intact patch grid
 ``vision_cls``                 the vision tower has a CLS token (its attention row is offered)
+``vision_block_keys``          stages run inside the vision blocks, between attention and MLP, with
+                               the block's keys (``Strategy.inside_block``; ``ctx.keys``)
 ``annotations`` (query=name)   per-input annotations from ``vtoken.annotate`` (``ctx.annotations``)
 ============================  ========================================================================
 """
@@ -39,6 +41,7 @@ LLM_OBSERVED = "llm_observed"
 LLM_ATTENTION_OBSERVED = "llm_attention_observed"
 ONE_GRID_PER_IMAGE = "one_grid_per_image"
 VISION_CLS = "vision_cls"
+VISION_BLOCK_KEYS = "vision_block_keys"
 ANNOTATIONS = "annotations"
 
 #: What each signal means, for the error that refuses a method a family cannot serve.
@@ -52,11 +55,12 @@ MEANING = {
     LLM_ATTENTION_OBSERVED: "the attention rows of every LLM layer",
     ONE_GRID_PER_IMAGE: "each image to reach the LLM as one patch grid",
     VISION_CLS: "a CLS token in the vision tower",
+    VISION_BLOCK_KEYS: "vision blocks run in two halves (attention, then MLP) with their keys",
     ANNOTATIONS: "per-input annotations",
 }
 SIGNALS = (
     VISION_ATTENTION, VISION_OBSERVED, PIXEL_PATCHES, PROJECTOR_INPUT, LLM_ATTENTION, LLM_OBSERVED,
-    LLM_ATTENTION_OBSERVED, ONE_GRID_PER_IMAGE, VISION_CLS, ANNOTATIONS,
+    LLM_ATTENTION_OBSERVED, ONE_GRID_PER_IMAGE, VISION_CLS, VISION_BLOCK_KEYS, ANNOTATIONS,
 )
 #: Signals read at a layer of a site: their ``Signal.layer`` is that layer's index.
 LAYERED = {VISION_ATTENTION: "vision", VISION_OBSERVED: "vision", LLM_OBSERVED: "llm", LLM_ATTENTION_OBSERVED: "llm"}

@@ -97,7 +97,9 @@ import torch
 
 from vtoken.config import ROUNDINGS, PruneConfig, StageSpec
 from vtoken.context import Reduction, ScoreContext
+from vtoken import signals
 from vtoken.registry import register
+from vtoken.signals import Needs, Signal
 from vtoken.schedule import ScoringCost, StageShapes, check_site
 from vtoken.strategies.base import InsideBlock, Strategy
 
@@ -474,6 +476,7 @@ class ToMeStrategy(Strategy):
     name = "tome"
     Config = ToMeConfig
     sites = ("vision",)
+    reads = (signals.VISION_BLOCK_KEYS,)
 
     def bind(self, depths: dict[str, int]) -> None:
         super().bind(depths)
@@ -481,6 +484,9 @@ class ToMeStrategy(Strategy):
 
     def stages(self) -> tuple[StageSpec, ...]:
         return self.config.resolved_stages(self.depths.get("vision"), self.depths.get("vision_read"))
+
+    def needs(self) -> Needs:
+        return Needs.of(Signal(signals.VISION_BLOCK_KEYS))
 
     def inside_block(self) -> InsideBlock:
         return InsideBlock(proportional_attention=self.config.proportional_attention)

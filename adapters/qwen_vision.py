@@ -1,0 +1,205 @@
+"""The vision site inside a packed vision tower (Qwen2-VL): every image of a call runs in one
+sequence ``[N, d]`` cut into frames by ``cu_seqlens``, with 2-D rotary ``position_embeddings`` per
+token, and the 2x2 merger after the last block reads groups of ``merge**2`` consecutive patches.
+
+A stage after block ``l`` keeps whole merge units: one row per frame (an image is one frame), its
+candidates the frame's units (a unit's feature is the mean of its patches' hidden states), the
+budget the frame's share of the image's budget in LLM tokens (one unit is one LLM token). The kept
+units' patches stay in order; every later block is handed the ``cu_seqlens``, ``max_seqlen`` and
+``position_embeddings`` of the kept patches (each keeps its own 2-D rotary position), and the merger's
+output is put back in the image's unit places (zeros for dropped units) so the model's own split and
+placement run unchanged; the pipeline then removes the dropped tokens in front of the LLM, each kept
+token with its original M-RoPE position.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vtoken.context import Grid, TokenRows
+from vtoken.kernels import gather_tokens
+from vtoken.request import ImageRun
+
+#: The block keyword arguments that describe the packed sequence.
+PACKED_KWARGS = ("cu_seqlens", "max_seqlen", "position_embeddings")
+
+
+class PackedTower:
+    """One encoder call's packed sequence as the vision stages left it: ``index`` the original
+    places of the patches still in the sequence (ascending), ``frames`` per frame its image, its
+    first patch in the original sequence and the original units still in it, and the block keyword
+    arguments that describe the current sequence (taken from block 0, then rebuilt by each stage)."""
+
+    def __init__(self, images: list, unit: int):
+        self.unit = unit
+        self.frames: list[dict] = []
+        start = 0
+        for image, info in enumerate(images):
+            for frame, grid in enumerate(info.grids):  # one grid of merge units per frame
+                units = grid.height * grid.width
+                self.frames.append({"image": image, "frame": frame, "start": start, "units": torch.arange(units),
+                                    "rows": grid.height, "cols": grid.width, "all": units})
+                start += units * unit
+        self.index = torch.arange(start)
+        self.kwargs: dict | None = None
+
+    def patches(self, frame: dict) -> torch.Tensor:
+        """The original places of a frame's current patches (each unit's ``merge**2`` in order)."""
+        return (frame["start"] + frame["units"][:, None] * self.unit + torch.arange(self.unit)).reshape(-1)
+
+
+class PackedVisionSite:
+    """Mixin of the Qwen-VL adapter: the vision-site stages of a packed tower (see the module)."""
+
+    def install_packed(self, undo) -> None:
+        layers = self.vision_layers()
+        if self.pruner.stages_at("vision"):
+            for block in layers:
+                undo.pre_hook(block, self._packed_block_inputs, with_kwargs=True)
+
+    def _packed(self, images: ImageRun) -> PackedTower:
+        state = images.family_state.get("packed")
+        if state is None:
+            state = PackedTower(images.images, self.merge**2)
+            images.family_state["packed"] = state
+        return state
+
+    def _packed_block_inputs(self, module, args, kwargs):
+        """Block 0 records the sequence's keyword arguments; after a stage every block gets those of
+        the kept patches."""
+        images = self.pruner.encoding
+        if images is None:
+            return None
+        state = self._packed(images)
+        if state.kwargs is None:
+            state.kwargs = {k: kwargs[k] for k in PACKED_KWARGS if k in kwargs}
+            return None
+        return args, {**kwargs, **{k: v for k, v in state.kwargs.items() if k in kwargs}}
+
+    def _observed_vision(self, layer: int, io: dict) -> None:
+        """A packed block's per-patch summary (the strategy's ``observe`` on the sequence as one row),
+        kept with the original places of the patches it covers."""
+        images = self.pruner.encoding
+        packed = {name: (a[None], b[None]) for name, (a, b) in io.items()}
+        valid = torch.ones(1, io["block"][0].shape[0], dtype=torch.bool, device=io["block"][0].device)
+        summary = self.pruner.strategy.observe("vision", layer, packed, valid)[0]
+        images.observed[layer] = (summary, self._packed(images).index.clone())
+
+    def _after_vision_layer(self, stage, module, args, output):
+        images = self.pruner.encoding
+        if images is None:
+            return None
+        hidden = output[0] if isinstance(output, tuple) else output
+        pruned = self._packed_stage(images, stage, hidden)
+        return (pruned, *output[1:]) if isinstance(output, tuple) else pruned
+
+    def _packed_stage(self, images: ImageRun, stage, hidden: torch.Tensor) -> torch.Tensor:
+        state = self._packed(images)
+        device = hidden.device
+        frames = state.frames
+        where = {int(p): i for i, p in enumerate(state.index.tolist())}  # original place -> current place
+        width = max(len(f["units"]) for f in frames)
+        dim = hidden.shape[-1]
+        features = hidden.new_zeros(len(frames), width, dim)
+        valid = torch.zeros(len(frames), width, dtype=torch.bool, device=device)
+        local = torch.full((len(frames), width), -1, dtype=torch.long, device=device)
+        budget = torch.zeros(len(frames), dtype=torch.long, device=device)
+        grids = []
+        for r, frame in enumerate(frames):
+            places = torch.tensor([where[int(p)] for p in state.patches(frame).tolist()], device=device)
+            count = len(frame["units"])
+            features[r, :count] = hidden[places].view(count, state.unit, dim).mean(dim=1)
+            valid[r, :count] = True
+            local[r, :count] = (frame["frame"] * frame["all"] + frame["units"]).to(device)
+            image = images.images[frame["image"]]
+            budget[r] = stage.crop_budget(frame["all"], image.num_tokens)
+            if int(budget[r]) > count:
+                raise ValueError(
+                    f"the budget ({int(budget[r])} tokens of a frame) exceeds the {count} tokens left in the vision "
+                    f"encoder at {stage.name}; lower keep/keep_tokens"
+                )
+            whole = count == frame["all"]
+            grids.append((Grid(0, frame["rows"], frame["cols"], frame["cols"]),) if whole else None)
+        rows = TokenRows(features, valid, budget, torch.tensor([f["image"] for f in frames], device=device), grids, local)
+        stage_index = self.pruner._stage_index(stage)
+
+        def row_seeds() -> list[int]:  # a frame's row: its image, the frame, the stage
+            return [images.row_seed(images.images[f["image"]].crops, f["frame"], stage_index) for f in frames]
+
+        def observed(layer: int) -> torch.Tensor:  # [R, units, k]: a unit's summary, the mean of its patches'
+            if layer not in images.observed:
+                raise ValueError(f"vision layer {layer} was not observed; declare Signal('vision_observed', {layer}) in needs()")
+            summary, then = images.observed[layer]
+            summary = summary if summary.dim() == 2 else summary[:, None]
+            place = {int(p): i for i, p in enumerate(then.tolist())}
+            out = summary.new_zeros(len(frames), width, summary.shape[-1])
+            for r, frame in enumerate(frames):
+                where_then = torch.tensor([place[int(p)] for p in state.patches(frame).tolist()], device=summary.device)
+                out[r, : len(frame["units"])] = summary[where_then].view(-1, state.unit, summary.shape[-1]).mean(dim=1)
+            return out
+
+        reduction = self.pruner._reduce(images, stage, rows, row_seeds=row_seeds, observed=observed)
+        shifts = []
+        for r, frame in enumerate(frames):
+            keep = reduction.keep[r]
+            picked = keep[keep >= 0]
+            frame["units"] = frame["units"][picked.cpu()]
+            if reduction.features is not None:
+                # A merging method gives each kept unit a new feature: its patches move by the change
+                # of the unit's mean, so the unit's mean is the merged feature and its patches keep
+                # their differences (the merger reads all of them).
+                change = reduction.features[r, : len(picked)] - features[r, picked]
+                shifts.append(change.repeat_interleave(state.unit, dim=0))
+        kept = torch.cat([state.patches(f) for f in frames])
+        current = torch.tensor([where[int(p)] for p in kept.tolist()], device=device)
+        self._renew_kwargs(state, current, frames)
+        state.index = kept
+        self._record_positions(images, stage, frames, state)
+        out = gather_tokens(hidden[None], current[None])[0]
+        return out + torch.cat(shifts).to(out.dtype) if shifts else out
+
+    @staticmethod
+    def _renew_kwargs(state: PackedTower, current: torch.Tensor, frames: list[dict]) -> None:
+        """The keyword arguments of the kept patches: per-frame ``cu_seqlens`` (a frame keeps at least
+        one unit), their longest frame, and each kept patch's own rotary ``position_embeddings``."""
+        kwargs = dict(state.kwargs or {})
+        lengths = torch.tensor([len(f["units"]) * state.unit for f in frames])
+        if "cu_seqlens" in kwargs:
+            old = kwargs["cu_seqlens"]
+            kwargs["cu_seqlens"] = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(old.device, old.dtype)
+        if kwargs.get("max_seqlen") is not None:
+            old = kwargs["max_seqlen"]
+            longest = int(lengths.max())
+            kwargs["max_seqlen"] = torch.as_tensor(longest, device=old.device, dtype=old.dtype) if torch.is_tensor(old) else longest
+        if kwargs.get("position_embeddings") is not None:
+            kwargs["position_embeddings"] = tuple(t[current.to(t.device)] for t in kwargs["position_embeddings"])
+        state.kwargs = kwargs
+
+    @staticmethod
+    def _record_positions(images: ImageRun, stage, frames: list[dict], state: PackedTower) -> None:
+        """``vision_positions``: per image, the image-local patch candidates still present (padded by
+        repeating the first: the pipeline's slot sets ignore repeats)."""
+        per_image: dict[int, list[torch.Tensor]] = {}
+        for frame in frames:
+            first_patch = frame["frame"] * frame["all"] * state.unit
+            units = frame["units"]
+            patches = first_patch + (units[:, None] * state.unit + torch.arange(state.unit)).reshape(-1)
+            per_image.setdefault(frame["image"], []).append(patches)
+        rows = [torch.cat(per_image[i]) for i in range(len(images.images))]
+        width = max(len(r) for r in rows)
+        positions = torch.stack([torch.cat([r, r[:1].expand(width - len(r))]) for r in rows])
+        images.vision_positions = positions
+        images.stage_positions[stage.name] = positions
+
+    def _after_projector(self, module, args, output):
+        """The merger's output for the kept units, put back in every unit's place (zeros for dropped
+        ones), so ``get_image_features`` splits it per image as it expects."""
+        images = self.pruner.encoding
+        if images is None or images.vision_positions is None:
+            return None
+        state = self._packed(images)
+        kept_units = torch.div(state.index[:: state.unit], state.unit, rounding_mode="floor")
+        total = int(sum(f["all"] for f in state.frames))
+        full = output.new_zeros(total, output.shape[-1])
+        full[kept_units.to(output.device)] = output
+        return full
