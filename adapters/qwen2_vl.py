@@ -35,21 +35,18 @@ from torch import nn
 from .base import DecoderSpec, FamilyDescription, ImageInfo, Modality, PositionScheme, ProjectorSpec, TokenMap, VisionSpec
 from .pipeline import VisionLanguageAdapter
 from .qwen_vision import PackedVisionSite
-from vtoken import signals
+from vtoken import compat, signals
 from vtoken.context import Grid
 
 _NOT_YET = "yet (its packed vision tower is not instrumented)"
 
 #: Per family: the pruning sites its models lack (yet), and why (``vtoken.methods``).
-MISSING_SITES = {
-    "Qwen2.5-VL": {"vision": "pruning inside its windowed vision tower (window_index, cu_window_seqlens) is not implemented yet"},
-}
+MISSING_SITES: dict[str, dict[str, str]] = {}
 
 #: Per family: the signals its models never provide (yet), and why (``vtoken.methods``).
 FAMILY_GAPS = {
     family: {
         signals.VISION_ATTENTION: "no vision-layer attention " + _NOT_YET,
-        **({signals.VISION_OBSERVED: "no observed vision blocks in its windowed tower yet"} if family == "Qwen2.5-VL" else {}),
         signals.PIXEL_PATCHES: "no per-token pixel patches " + _NOT_YET,
         signals.PROJECTOR_INPUT: "no 2x2 merger inputs " + _NOT_YET,
         signals.VISION_CLS: "a vision tower without a CLS token",
@@ -128,12 +125,17 @@ class QwenVLAdapter(PackedVisionSite, VisionLanguageAdapter):
         return None
 
     def vision_site_refusal(self) -> str | None:
-        if self.family_name in MISSING_SITES:
-            return (
-                f"vision-site pruning inside {self.family_name}'s windowed vision tower is not implemented yet; use "
-                "site='projector' or a site inside the LLM"
-            )
         return None
+
+    def full_attention(self, layer: int) -> bool:
+        return layer in getattr(self.config.vision_config, "fullatt_block_indexes", range(len(self.vision_layers())))
+
+    def window_index(self, images) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if not hasattr(self.config.vision_config, "fullatt_block_indexes"):
+            return None  # Qwen2-VL: every block attends over whole frames
+        grid_thw = torch.tensor([[len(i.grids), i.grids[0].height * self.merge, i.grids[0].width * self.merge]
+                                 for i in images.images])
+        return compat.qwen_vision_window_index(self.core.visual, grid_thw)
 
     def install_vision(self, undo) -> None:
         super().install_vision(undo)

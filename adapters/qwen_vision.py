@@ -1,18 +1,25 @@
-"""The vision site inside a packed vision tower (Qwen2-VL): every image of a call runs in one
-sequence ``[N, d]`` cut into frames by ``cu_seqlens``, with 2-D rotary ``position_embeddings`` per
+"""The vision site inside a packed vision tower (Qwen2-VL, Qwen2.5-VL): every image of a call runs in
+one sequence ``[N, d]`` cut into frames by ``cu_seqlens``, with 2-D rotary ``position_embeddings`` per
 token, and the 2x2 merger after the last block reads groups of ``merge**2`` consecutive patches.
+Qwen2.5-VL runs the sequence in window order (``window_index``: merge units grouped by attention
+window) and most blocks attend within windows (``cu_window_seqlens``), the
+``fullatt_block_indexes`` ones over whole frames; the merger's output is put back in row-major order
+after it.
 
 A stage after block ``l`` keeps whole merge units: one row per frame (an image is one frame), its
 candidates the frame's units (a unit's feature is the mean of its patches' hidden states), the
 budget the frame's share of the image's budget in LLM tokens (one unit is one LLM token). The kept
-units' patches stay in order; every later block is handed the ``cu_seqlens``, ``max_seqlen`` and
-``position_embeddings`` of the kept patches (each keeps its own 2-D rotary position), and the merger's
-output is put back in the image's unit places (zeros for dropped units) so the model's own split and
-placement run unchanged; the pipeline then removes the dropped tokens in front of the LLM, each kept
+units' patches stay in sequence order; every later block is handed the ``cu_seqlens`` and
+``max_seqlen`` of the kept patches (per frame, or per window for a windowed block, empty windows
+dropped) and their ``position_embeddings`` (each keeps its own 2-D rotary position), and the merger's
+output is put back in the units' places (zeros for dropped units) so the model's own reordering,
+split and placement run unchanged; the pipeline then removes the dropped tokens in front of the LLM, each kept
 token with its original M-RoPE position.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 
@@ -25,60 +32,96 @@ PACKED_KWARGS = ("cu_seqlens", "max_seqlen", "position_embeddings")
 
 
 class PackedTower:
-    """One encoder call's packed sequence as the vision stages left it: ``index`` the original
-    places of the patches still in the sequence (ascending), ``frames`` per frame its image, its
-    first patch in the original sequence and the original units still in it, and the block keyword
-    arguments that describe the current sequence (taken from block 0, then rebuilt by each stage)."""
+    """One encoder call's packed sequence as the vision stages left it.
 
-    def __init__(self, images: list, unit: int):
+    Units (groups of ``merge**2`` patches, one LLM token each) are numbered row-major per frame and
+    image (the token maps' order); ``order[u]`` is unit ``u``'s place in the sequence the blocks run on
+    (Qwen2-VL: the same; Qwen2.5-VL: its window order, ``window_index`` inverted), ``window[place]``
+    the attention window of a place (Qwen2.5-VL). ``index`` holds the sequence places of the patches
+    still in the sequence (ascending); ``frames`` per frame its image, its first unit and the units
+    still in it (ascending); ``position_embeddings`` the rotary positions of the current sequence
+    (from block 0's call, then gathered by each stage), ``lengths`` per attention kind the segment
+    lengths of the current sequence once a stage ran."""
+
+    def __init__(self, images: list, unit: int, window_index: torch.Tensor | None = None,
+                 cu_window_seqlens: torch.Tensor | None = None):
         self.unit = unit
         self.frames: list[dict] = []
-        start = 0
+        first = 0
         for image, info in enumerate(images):
             for frame, grid in enumerate(info.grids):  # one grid of merge units per frame
                 units = grid.height * grid.width
-                self.frames.append({"image": image, "frame": frame, "start": start, "units": torch.arange(units),
+                self.frames.append({"image": image, "frame": frame, "first": first, "units": torch.arange(units),
                                     "rows": grid.height, "cols": grid.width, "all": units})
-                start += units * unit
-        self.index = torch.arange(start)
-        self.kwargs: dict | None = None
+                first += units
+        self.order = torch.arange(first) if window_index is None else torch.argsort(window_index.cpu())
+        self.window = None
+        if cu_window_seqlens is not None:
+            bounds = torch.unique_consecutive(cu_window_seqlens.cpu().long()) // unit
+            self.window = torch.searchsorted(bounds, torch.arange(first), right=True) - 1
+        self.index = torch.arange(first * unit)
+        self.position_embeddings: tuple | None = None
+        self.lengths: dict[str, torch.Tensor] | None = None
+
+    def places(self, frame: dict) -> torch.Tensor:
+        """The sequence places (in units) of a frame's current units."""
+        return self.order[frame["first"] + frame["units"]]
 
     def patches(self, frame: dict) -> torch.Tensor:
-        """The original places of a frame's current patches (each unit's ``merge**2`` in order)."""
-        return (frame["start"] + frame["units"][:, None] * self.unit + torch.arange(self.unit)).reshape(-1)
+        """The sequence places of a frame's current patches (each unit's ``merge**2`` in order)."""
+        return (self.places(frame)[:, None] * self.unit + torch.arange(self.unit)).reshape(-1)
 
 
 class PackedVisionSite:
     """Mixin of the Qwen-VL adapter: the vision-site stages of a packed tower (see the module)."""
 
     def install_packed(self, undo) -> None:
-        layers = self.vision_layers()
         if self.pruner.stages_at("vision"):
-            for block in layers:
-                undo.pre_hook(block, self._packed_block_inputs, with_kwargs=True)
+            for layer, block in enumerate(self.vision_layers()):
+                undo.pre_hook(block, partial(self._packed_block_inputs, layer), with_kwargs=True)
+
+    def full_attention(self, layer: int) -> bool:
+        """Whether vision block ``layer`` attends over whole frames (else within windows)."""
+        return True
+
+    def window_index(self, images: ImageRun) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(window_index, cu_window_seqlens)`` of a windowed tower for this call; None otherwise."""
+        return None
 
     def _packed(self, images: ImageRun) -> PackedTower:
         state = images.family_state.get("packed")
         if state is None:
-            state = PackedTower(images.images, self.merge**2)
+            windows = self.window_index(images)
+            state = PackedTower(images.images, self.merge**2, *(windows or ()))
             images.family_state["packed"] = state
         return state
 
-    def _packed_block_inputs(self, module, args, kwargs):
-        """Block 0 records the sequence's keyword arguments; after a stage every block gets those of
-        the kept patches."""
+    def _packed_block_inputs(self, layer, module, args, kwargs):
+        """Block 0 records the sequence's rotary positions; after a stage every block gets the
+        segments (whole frames or windows, as the block attends) and positions of the kept patches."""
         images = self.pruner.encoding
         if images is None:
             return None
         state = self._packed(images)
-        if state.kwargs is None:
-            state.kwargs = {k: kwargs[k] for k in PACKED_KWARGS if k in kwargs}
+        if state.position_embeddings is None:
+            state.position_embeddings = kwargs.get("position_embeddings")
+        if state.lengths is None:
             return None
-        return args, {**kwargs, **{k: v for k, v in state.kwargs.items() if k in kwargs}}
+        lengths = state.lengths["full" if self.full_attention(layer) or state.window is None else "window"]
+        out = dict(kwargs)
+        if "cu_seqlens" in kwargs:
+            old = kwargs["cu_seqlens"]
+            out["cu_seqlens"] = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(old.device, old.dtype)
+        if kwargs.get("max_seqlen") is not None:
+            old, longest = kwargs["max_seqlen"], int(lengths.max())
+            out["max_seqlen"] = torch.as_tensor(longest, device=old.device, dtype=old.dtype) if torch.is_tensor(old) else longest
+        if "position_embeddings" in kwargs:
+            out["position_embeddings"] = state.position_embeddings
+        return args, out
 
     def _observed_vision(self, layer: int, io: dict) -> None:
         """A packed block's per-patch summary (the strategy's ``observe`` on the sequence as one row),
-        kept with the original places of the patches it covers."""
+        kept with the sequence places of the patches it covers."""
         images = self.pruner.encoding
         packed = {name: (a[None], b[None]) for name, (a, b) in io.items()}
         valid = torch.ones(1, io["block"][0].shape[0], dtype=torch.bool, device=io["block"][0].device)
@@ -97,7 +140,6 @@ class PackedVisionSite:
         state = self._packed(images)
         device = hidden.device
         frames = state.frames
-        where = {int(p): i for i, p in enumerate(state.index.tolist())}  # original place -> current place
         width = max(len(f["units"]) for f in frames)
         dim = hidden.shape[-1]
         features = hidden.new_zeros(len(frames), width, dim)
@@ -106,7 +148,7 @@ class PackedVisionSite:
         budget = torch.zeros(len(frames), dtype=torch.long, device=device)
         grids = []
         for r, frame in enumerate(frames):
-            places = torch.tensor([where[int(p)] for p in state.patches(frame).tolist()], device=device)
+            places = torch.searchsorted(state.index, state.patches(frame)).to(device)  # current places
             count = len(frame["units"])
             features[r, :count] = hidden[places].view(count, state.unit, dim).mean(dim=1)
             valid[r, :count] = True
@@ -131,10 +173,9 @@ class PackedVisionSite:
                 raise ValueError(f"vision layer {layer} was not observed; declare Signal('vision_observed', {layer}) in needs()")
             summary, then = images.observed[layer]
             summary = summary if summary.dim() == 2 else summary[:, None]
-            place = {int(p): i for i, p in enumerate(then.tolist())}
             out = summary.new_zeros(len(frames), width, summary.shape[-1])
             for r, frame in enumerate(frames):
-                where_then = torch.tensor([place[int(p)] for p in state.patches(frame).tolist()], device=summary.device)
+                where_then = torch.searchsorted(then, state.patches(frame)).to(summary.device)
                 out[r, : len(frame["units"])] = summary[where_then].view(-1, state.unit, summary.shape[-1]).mean(dim=1)
             return out
 
@@ -150,30 +191,26 @@ class PackedVisionSite:
                 # their differences (the merger reads all of them).
                 change = reduction.features[r, : len(picked)] - features[r, picked]
                 shifts.append(change.repeat_interleave(state.unit, dim=0))
-        kept = torch.cat([state.patches(f) for f in frames])
-        current = torch.tensor([where[int(p)] for p in kept.tolist()], device=device)
-        self._renew_kwargs(state, current, frames)
+        kept = torch.sort(torch.cat([state.patches(f) for f in frames])).values  # in sequence order
+        current = torch.searchsorted(state.index, kept).to(device)
+        self._renew_segments(state, current, kept)
         state.index = kept
         self._record_positions(images, stage, frames, state)
         out = gather_tokens(hidden[None], current[None])[0]
         return out + torch.cat(shifts).to(out.dtype) if shifts else out
 
     @staticmethod
-    def _renew_kwargs(state: PackedTower, current: torch.Tensor, frames: list[dict]) -> None:
-        """The keyword arguments of the kept patches: per-frame ``cu_seqlens`` (a frame keeps at least
-        one unit), their longest frame, and each kept patch's own rotary ``position_embeddings``."""
-        kwargs = dict(state.kwargs or {})
-        lengths = torch.tensor([len(f["units"]) * state.unit for f in frames])
-        if "cu_seqlens" in kwargs:
-            old = kwargs["cu_seqlens"]
-            kwargs["cu_seqlens"] = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(old.device, old.dtype)
-        if kwargs.get("max_seqlen") is not None:
-            old = kwargs["max_seqlen"]
-            longest = int(lengths.max())
-            kwargs["max_seqlen"] = torch.as_tensor(longest, device=old.device, dtype=old.dtype) if torch.is_tensor(old) else longest
-        if kwargs.get("position_embeddings") is not None:
-            kwargs["position_embeddings"] = tuple(t[current.to(t.device)] for t in kwargs["position_embeddings"])
-        state.kwargs = kwargs
+    def _renew_segments(state: PackedTower, current: torch.Tensor, kept: torch.Tensor) -> None:
+        """The segments of the kept patches: per frame (a frame keeps at least one unit; frames are
+        contiguous in the sequence), per window where the tower has windows (empty ones dropped),
+        and each kept patch's own rotary position."""
+        full = torch.tensor([len(f["units"]) * state.unit for f in state.frames])
+        state.lengths = {"full": full}
+        if state.window is not None:
+            counts = torch.bincount(state.window[kept[:: state.unit] // state.unit], minlength=int(state.window.max()) + 1)
+            state.lengths["window"] = counts[counts > 0] * state.unit
+        if state.position_embeddings is not None:
+            state.position_embeddings = tuple(t[current.to(t.device)] for t in state.position_embeddings)
 
     @staticmethod
     def _record_positions(images: ImageRun, stage, frames: list[dict], state: PackedTower) -> None:

@@ -23,6 +23,8 @@ FASTV_K = 2
 LLAVA = "llava-hf/llava-1.5-7b-hf"
 NEXT = "llava-hf/llava-v1.6-vicuna-7b-hf"
 QWEN = "Qwen/Qwen2.5-VL-7B-Instruct"
+QWEN2 = "Qwen/Qwen2-VL-7B-Instruct"
+QWEN3 = "Qwen/Qwen3-VL-8B-Instruct"
 ONEVISION = "llava-hf/llava-onevision-qwen2-7b-ov-hf"
 
 # (label, hub id, budgets). LLaVA-NeXT budgets are the papers' equivalents of 192/128/64 at 2880.
@@ -31,6 +33,8 @@ MODELS = [
     ("LLaVA-NeXT-7B", NEXT, (640, 320, 160)),
     ("Qwen2.5-VL-7B", QWEN, (192, 128, 64)),
     ("LLaVA-OneVision-7B", ONEVISION, (1024, 512, 256)),  # 3699 tokens at 672x672 (base + 2x2 crops)
+    ("Qwen2-VL-7B", QWEN2, (192, 128, 64)),  # 576 tokens at 672x672, as Qwen2.5-VL
+    ("Qwen3-VL-8B", QWEN3, (147, 98, 49)),  # 441 tokens at 672x672 (16-px patches): 1/3, 2/9, 1/9 of 441
 ]
 
 # Published TFLOPs (paper convention) and where they are printed.
@@ -59,7 +63,7 @@ def schedule_from(stages) -> Schedule:
 
 def pre_llm(name: str, keep: int) -> Schedule:
     """Pre-LLM pruning scored by one query row (CLS, as VisionZip / FasterVLM do) at LLaVA's feature
-    layer; Qwen2.5-VL has no CLS token, so its pre-LLM scoring is left at zero (pool / random)."""
+    layer; the Qwen towers have no CLS token, so their pre-LLM scoring is left at zero (pool / random)."""
     scoring = ()
     dims = model_dims(load_config(name))
     if dims.vision.cls_tokens:
@@ -124,12 +128,22 @@ def model_section(index: int, label: str, name: str, budgets) -> list[str]:
     dims = model_dims(load_config(name))
     geo_true, geo_paper = geometry(dims), geometry(dims, convention="paper")
     d = dims.decoder
+    v = dims.vision
+    tower = ""
+    if v.window:
+        tower = (f" Window attention ({v.window}×{v.window} merged units), full attention in blocks "
+                 f"{'/'.join(map(str, v.full_attention_layers))}.")
+    elif dims.family in ("qwen2_vl", "qwen3_vl"):
+        tower = " Full attention in every block."
+    if v.deepstack_layers:
+        tower += (f" DeepStack mergers after blocks {'/'.join(map(str, v.deepstack_layers))} (in the projector "
+                  "column with the merger).")
     head = [
         f"### 2.{index} {label} (`{name}`)",
         "",
         f"LLM: {d.layers} layers, hidden {d.hidden}, FFN {d.intermediate}, {d.heads} heads / "
         f"{d.kv_heads} KV heads, vocab {d.vocab}. Vision: {dims.vision.layers} layers, hidden "
-        f"{dims.vision.hidden}, {geo_true.crops} pass(es) of {geo_true.patches} patches. "
+        f"{dims.vision.hidden}, {geo_true.crops} pass(es) of {geo_true.patches} patches.{tower} "
         f"Visual tokens reaching the LLM: {geo_true.visual_tokens} (`true`), {geo_paper.visual_tokens} "
         f"(`paper`).",
         "",
@@ -145,7 +159,9 @@ def assumptions() -> list[str]:
         "`true` convention; the `paper` convention counts visual tokens only. One image per sample.",
         "- **Images**: LLaVA-1.5 at 336×336 (576 patches + CLS); LLaVA-NeXT at 672×672 (base view + 4 crops, "
         "5 tower passes; the model packs 576 + 48·48 + 48 newlines = 2928 tokens, the papers count 2880); "
-        "Qwen2.5-VL at 672×672 (48×48 = 2304 patches, 576 LLM tokens after the 2×2 merger); "
+        "Qwen2-VL and Qwen2.5-VL at 672×672 (48×48 = 2304 patches of 14 px, 576 LLM tokens after the 2×2 "
+        "merger); Qwen3-VL at 672×672 too (42×42 = 1764 patches of 16 px, 441 LLM tokens; its budgets "
+        "147/98/49 are the same 1/3, 2/9, 1/9); "
         "LLaVA-OneVision at 672×672 (base view + 2×2 crops of 384 px, 5 tower passes of 729 patches; the model "
         "packs 729 + 54·54 + 54 newlines = 3699 tokens, the paper convention counts 5 × 729 = 3645).",
         "- **`true`**: 2 FLOPs per multiply-add over every token; GQA-aware projections, gated MLP (three "
@@ -153,14 +169,21 @@ def assumptions() -> list[str]:
         "FlopCounterMode counts it), the whole vision tower (patch embedding, every encoder layer including "
         "CLS and LLaVA's unused last layer), the projector, and the LM head on the last position only. Norms, "
         "activations, softmax and biases are ignored. Checked against `torch.utils.flop_counter.FlopCounterMode` "
-        "(`tests/test_flops.py`): exact on tiny LLaVA / LLaVA-NeXT / Qwen2.5-VL models and on these 7B configs "
-        "on the meta device.",
+        "(`tests/test_flops.py`, `tests/test_flops_qwen.py`): exact on tiny LLaVA / LLaVA-NeXT / Qwen2-VL / "
+        "Qwen2.5-VL / Qwen3-VL models and on the LLaVA-1.5 / LLaVA-NeXT / LLaVA-OneVision / Qwen2-VL-7B / "
+        "Qwen3-VL-8B configs on the meta device (`tests/test_flops_onevision.py` for OneVision).",
         "- **Qwen2.5-VL vision tower**: window attention (8×8-patch windows, full attention in blocks "
         "7/15/23/31) counted window by window, exact for an unpruned tower; only vision-site pruning inside "
         "the tower (not used here) is approximate (windows assumed to shrink uniformly).",
+        "- **Qwen2-VL / Qwen3-VL vision towers**: full attention over each image in every block, two-matrix MLP "
+        "(Qwen2-VL 1280 → 5120, Qwen3-VL 1152 → 4304). Qwen3-VL's interpolated learned position embeddings "
+        "(a gather and a weighted sum) are not matrix products and are not counted. Its three DeepStack "
+        "mergers (after blocks 8, 16, 24; each the merger's shape, 4608 → 4608 → 4096) run on every patch "
+        "of the tower here (pre-LLM and FastV prune after the tower) and are in the projector column; "
+        "their outputs are added to the first three LLM layers' hidden states (elementwise, not counted).",
         "- **pre-LLM** keeps the budget between projector and LLM (the projector still runs on every patch). "
         "Its scoring line is one CLS attention row at vision layer 22 per tower pass (VisionZip / FasterVLM "
-        "style) for LLaVA-1.5 / NeXT and zero for Qwen2.5-VL and LLaVA-OneVision (no CLS; e.g. pooling).",
+        "style) for LLaVA-1.5 / NeXT and zero for the Qwen models and LLaVA-OneVision (no CLS; e.g. pooling).",
         "- **FastV K=2** runs layers 0–1 on every token and layers 2+ on the budget; its scoring line is the "
         "last query row against every key of layer 1 (FastV's released code).",
         "- **decode**: one generated token attending to the cache left by the prefill (the cache of layers "
@@ -338,6 +361,22 @@ def vit_section() -> list[str]:
     return lines
 
 
+def config_sources() -> list[str]:
+    """Where each shipped config's values were read (its ``_source`` and ``_provenance``)."""
+    import json
+
+    from vtoken.accounting import CONFIG_DIR
+
+    lines = ["## Config sources", "",
+             "No network reaches the Hugging Face Hub here: each shipped config was transcribed from what "
+             "could be read and cited, as its `_provenance` says.", ""]
+    for path in sorted(CONFIG_DIR.glob("*.json")):
+        data = json.loads(path.read_text())
+        lines.append(f"- **`vtoken/configs/{path.name}`** ({data.get('_source', '?')}): "
+                     f"{data.get('_provenance', 'no provenance recorded')}")
+    return lines + [""]
+
+
 def build() -> str:
     lines = [
         "# FLOPs of visual-token pruning on 7B VLMs and vision encoders",
@@ -352,6 +391,7 @@ def build() -> str:
         lines += model_section(i, label, name, budgets)
     lines += vit_section()
     lines += assumptions()
+    lines += config_sources()
     return "\n".join(lines)
 
 

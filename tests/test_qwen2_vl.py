@@ -8,6 +8,8 @@ to itself alone.
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -88,8 +90,6 @@ def test_videos_keep_all_and_cached_equals_recomputation(version):
 
 def test_vision_site_and_encoder_signals_are_refused_naming_the_fix():
     model = tiny_qwen2_vl()
-    with pytest.raises(ValueError, match="vision-site pruning inside Qwen2.5-VL's windowed vision tower is not implemented yet"):
-        vtoken.wrap(tiny_qwen2_vl(version="2.5"), "random", site="vision", layer=0)
     with pytest.raises(ValueError, match=r"zoo_prune needs the projector and its inputs .* Qwen2-VL model gives no 2x2 merger"):
         vtoken.wrap(model, "zoo_prune")
     assert not vtoken.is_wrapped(model)
@@ -98,12 +98,16 @@ def test_vision_site_and_encoder_signals_are_refused_naming_the_fix():
     assert families["vflowopt"]["Qwen2-VL"].startswith("needs a vision layer's self-attention")
 
 
-def test_vision_site_equals_the_unwrapped_tower_on_the_kept_merge_units():
+@pytest.mark.parametrize("version", VERSIONS)
+def test_vision_site_equals_the_unwrapped_tower_on_the_kept_merge_units(version):
     """Pruning after vision block l keeps whole 2x2 merge units: the wrapped model's image features for
     the kept LLM tokens equal the unwrapped tower whose packed sequence is cut by this test's own hooks
-    after block l to those units' patches, each frame's ``cu_seqlens`` and every patch's own rotary
-    position kept (and the dropped tokens' features are zeros)."""
-    model = tiny_qwen2_vl()
+    after block l to those units' patches (Qwen2.5-VL: in its window order), every later block handed
+    the kept patches' segments (whole frames, or windows for Qwen2.5-VL's windowed blocks) and their
+    own rotary positions; the dropped tokens' features are zeros."""
+    from transformers.vision_utils import get_vision_window_index
+
+    model = tiny_qwen2_vl(version=version)
     grids = ((1, 8, 12), (1, 12, 8), (1, 8, 8))
     x = qwen_inputs(model, grids=grids)
     grid = x["image_grid_thw"]
@@ -116,31 +120,52 @@ def test_vision_site_equals_the_unwrapped_tower_on_the_kept_merge_units():
     assert [len(k) for k in kept] == [round(0.4 * g.prod().item() / 4) for g in grid]
     vtoken.unwrap(model)
 
-    starts = torch.cumsum(torch.tensor([0] + [int(g.prod()) for g in grid]), 0)
-    patches = torch.cat([starts[i] + (k[:, None] * 4 + torch.arange(4)).reshape(-1) for i, k in enumerate(kept)])
-    lengths = torch.tensor([len(k) * 4 for k in kept])
-    blocks = model.model.visual.blocks
+    visual = model.model.visual
+    first_unit = torch.cumsum(torch.tensor([0] + [int(g.prod()) // 4 for g in grid]), 0)
+    units = torch.cat([first_unit[i] + k for i, k in enumerate(kept)])  # row-major global units
+    total = int(first_unit[-1])
+    place = torch.arange(total)  # each unit's place in the sequence the blocks run on
+    windowed = version == "2.5"
+    if windowed:
+        window_index, cu_window = get_vision_window_index(grid, visual.spatial_merge_size, visual.window_size,
+                                                          visual.patch_size)
+        place = torch.argsort(window_index)
+        bounds = torch.unique_consecutive(cu_window.long()) // 4
+    places = torch.sort(place[units]).values
+    patches = (places[:, None] * 4 + torch.arange(4)).reshape(-1)
+    full = torch.tensor([len(k) * 4 for k in kept])
+    if windowed:
+        counts = torch.bincount(torch.searchsorted(bounds, places, right=True) - 1)
+        windows = counts[counts > 0] * 4
+    blocks = visual.blocks
+    full_blocks = set(getattr(model.config.vision_config, "fullatt_block_indexes", range(len(blocks))))
 
     def cut(module, args, output):
         return output[patches]
 
-    def kept_inputs(module, args, kwargs):
+    def kept_inputs(index, module, args, kwargs):
+        lengths = full if index in full_blocks or not windowed else windows
         cos, sin = kwargs["position_embeddings"]
         cu = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(kwargs["cu_seqlens"].dtype)
         out = {**kwargs, "cu_seqlens": cu, "position_embeddings": (cos[patches], sin[patches])}
-        if "max_seqlen" in kwargs and kwargs["max_seqlen"] is not None:
+        if kwargs.get("max_seqlen") is not None:
             out["max_seqlen"] = int(lengths.max())
         return args, out
 
-    handles = [blocks[layer].register_forward_hook(cut)]
-    handles += [b.register_forward_pre_hook(kept_inputs, with_kwargs=True) for b in blocks[layer + 1 :]]
+    def back_in_place(module, args, output):  # the merger's output for the kept units, zeros elsewhere
+        out = output.new_zeros(total, output.shape[-1])
+        out[places] = output
+        return out
+
+    handles = [blocks[layer].register_forward_hook(cut), visual.merger.register_forward_hook(back_in_place)]
+    handles += [b.register_forward_pre_hook(partial(kept_inputs, i), with_kwargs=True)
+                for i, b in enumerate(blocks) if i > layer]
     with torch.no_grad():
-        merged = model.model.visual(x["pixel_values"], grid_thw=grid).pooler_output
+        reference = model.model.get_image_features(x["pixel_values"], grid).pooler_output
     for h in handles:
         h.remove()
-    reference = torch.split(merged, [len(k) for k in kept])
     for image, k in enumerate(kept):
-        torch.testing.assert_close(wrapped[image][k], reference[image], rtol=0, atol=0)
+        torch.testing.assert_close(wrapped[image][k], reference[image][k], rtol=0, atol=0)
         dropped = torch.ones(len(wrapped[image]), dtype=torch.bool)
         dropped[k] = False
         assert bool((wrapped[image][dropped] == 0).all())

@@ -2,10 +2,13 @@
 
 Everything is computed from the model *config* (no weights, no forward pass), so the real 7B configs
 work offline; the configs of ``llava-hf/llava-1.5-7b-hf``, ``llava-hf/llava-v1.6-vicuna-7b-hf``,
-``llava-hf/llava-onevision-qwen2-7b-ov-hf`` and ``Qwen/Qwen2.5-VL-7B-Instruct`` ship in
-``vtoken/configs/``. Supported families: LLaVA-1.5 (``llava``), LLaVA-NeXT (``llava_next``),
-LLaVA-OneVision (``llava_onevision``), Qwen2-VL (``qwen2_vl``: full-attention vision blocks, a
-two-matrix MLP) and Qwen2.5-VL (``qwen2_5_vl``). All counts are per sample. Standalone vision
+``llava-hf/llava-onevision-qwen2-7b-ov-hf``, ``Qwen/Qwen2-VL-7B-Instruct``,
+``Qwen/Qwen2.5-VL-7B-Instruct`` and ``Qwen/Qwen3-VL-8B-Instruct`` ship in ``vtoken/configs/`` (each
+file's ``_source`` / ``_provenance`` say where its values were read). Supported families: LLaVA-1.5
+(``llava``), LLaVA-NeXT (``llava_next``), LLaVA-OneVision (``llava_onevision``), Qwen2-VL
+(``qwen2_vl``: full-attention vision blocks, a two-matrix MLP), Qwen2.5-VL (``qwen2_5_vl``: window
+attention, SwiGLU MLP) and Qwen3-VL (``qwen3_vl``: full-attention blocks, a two-matrix MLP, 16-px
+patches, the DeepStack mergers). All counts are per sample. Standalone vision
 encoders (CLIP / SigLIP configs and models, timm and open_clip ViTs) are counted by
 ``vtoken.accounting_vit``, which ``flops`` dispatches to; they return an ``EncoderFlopsReport``.
 
@@ -29,23 +32,32 @@ Conventions
   shipped OneVision config does not), is counted too. CLIP and SigLIP layers use a two-matrix MLP;
   Qwen2.5-VL blocks a SwiGLU MLP, window attention (``window_size`` 112 px = 8×8 patches) except in
   ``fullatt_block_indexes``; the window sizes follow transformers' partition exactly, so an unpruned
-  Qwen2.5-VL tower is exact as well.
+  Qwen2.5-VL tower is exact as well. Qwen2-VL and Qwen3-VL blocks attend over the whole image (one
+  ``cu_seqlens`` segment per image) with a two-matrix MLP (Qwen2-VL: ``embed_dim · mlp_ratio``;
+  Qwen3-VL: ``intermediate_size``). Qwen3-VL's learned position embeddings, bilinearly interpolated
+  to each grid (a gather and a weighted sum), cost no matrix product and are not counted.
 - Projector: LLaVA's two-layer MLP on every patch feature (for LLaVA-NeXT and LLaVA-OneVision on
-  all crops, before unpadding, interpolation or pooling); Qwen2.5-VL's 2×2 merger MLP
-  (4·D → 4·D → d).
+  all crops, before unpadding, interpolation or pooling); the Qwen families' 2×2 merger MLP
+  (4·D → 4·D → d). Qwen3-VL's ``projector`` line also holds its DeepStack mergers: one more merger
+  of the same shape per ``deepstack_visual_indexes`` entry, run inside the tower on the tokens that
+  leave that vision block (after a ``"vision"`` stage at or before it; every token for a
+  ``"projector"`` or ``"llm"`` stage, which act after the tower). Their outputs are *added* to the
+  hidden states of the first ``len(deepstack_visual_indexes)`` LLM layers at the visual positions:
+  an elementwise add, not counted, and a pruned token's DeepStack features leave with it.
 - LM head: 2·d·V per position that gets logits; by default only the last one (``lm_head_tokens=1``,
   as ``generate`` does). A plain ``model(...)`` call computes all positions.
 - Ignored: norms, activations, softmax, RoPE, residual adds, biases, and LLaVA-OneVision's bilinear
   resizing of its crop grid and video frames (the counter ignores them too).
 
-Verified against ``FlopCounterMode`` on tiny LLaVA / LLaVA-NeXT / LLaVA-OneVision / Qwen2.5-VL models
-and on the real 7B configs on the meta device (``tests/test_flops.py``,
-``tests/test_flops_onevision.py``). Counter caveats: on CPU, SDPA dispatches to
-``aten._scaled_dot_product_flash_attention_for_cpu``, which the counter does **not** register, so
-attention counts as 0 there; compare with ``attn_implementation="eager"`` (``bmm`` is counted) or on
-the meta device (SDPA decomposes to ``bmm``). On CUDA the flash / efficient / cuDNN SDPA ops are
-registered, counted as the full n² square (torch's ``sdpa_flop``: "we aren't accounting for causal
-attention"; read from the torch 2.14 source, not run here).
+Verified against ``FlopCounterMode`` on tiny LLaVA / LLaVA-NeXT / LLaVA-OneVision / Qwen2-VL /
+Qwen2.5-VL / Qwen3-VL models and on the real 7B / 8B configs on the meta device
+(``tests/test_flops.py``, ``tests/test_flops_onevision.py``, ``tests/test_flops_qwen.py``). Counter
+caveats: on CPU, SDPA dispatches to ``aten._scaled_dot_product_flash_attention_for_cpu``, which the
+counter does **not** register, so attention counts as 0 there; compare with
+``attn_implementation="eager"`` (``bmm`` is counted) or on the meta device (SDPA decomposes to
+``bmm``). On CUDA the flash / efficient / cuDNN SDPA ops are registered, counted as the full n²
+square (torch's ``sdpa_flop``: "we aren't accounting for causal attention"; read from the torch 2.14
+source, not run here).
 
 ``convention="paper"``: the convention behind the token-pruning literature's TFLOPs tables (FastV
 §4.2 with a three-matrix FFN as in TransPrune Eq. 7 and PyramidDrop): multiply-adds of the LLM layers
@@ -102,6 +114,12 @@ LLAVA_ONEVISION_DEFAULT_IMAGE = (672, 672)  # the LLaVA-NeXT default: base view 
 QWEN_DEFAULT_IMAGE = (672, 672)
 QWEN_MIN_PIXELS = 56 * 56
 QWEN_MAX_PIXELS = 28 * 28 * 16384  # the official Qwen2.5-VL preprocessor_config.json value
+# Qwen2-VL's preprocessor_config.json has the same min_pixels 3136 / max_pixels 12845056. Qwen3-VL's
+# (Qwen2VLImageProcessorFast, patch_size 16) sizes images by size = {"shortest_edge": 65536,
+# "longest_edge": 16777216} pixels, on a 32-pixel grid (16-px patches × the 2×2 merge).
+QWEN3_MIN_PIXELS = 65536
+QWEN3_MAX_PIXELS = 16777216
+QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -147,6 +165,7 @@ class VisionDims:
     full_attention_layers: tuple[int, ...] = ()
     pooling_head: bool = False  # SigLIP's attention-pooling head runs after the last layer
     heads: int = 0  # attention heads (the width of ToMe's matching metric, keys averaged over heads)
+    deepstack_layers: tuple[int, ...] = ()  # Qwen3-VL: blocks whose output feeds a DeepStack merger
 
     @property
     def patch_inputs(self) -> int:
@@ -165,7 +184,7 @@ class ProjectorDims:
 
 @dataclass(frozen=True)
 class ModelDims:
-    family: str  # "llava" | "llava_next" | "llava_onevision" | "qwen2_vl" | "qwen2_5_vl"
+    family: str  # "llava" | "llava_next" | "llava_onevision" | "qwen2_vl" | "qwen2_5_vl" | "qwen3_vl"
     name: str
     decoder: DecoderDims
     vision: VisionDims
@@ -262,9 +281,11 @@ def model_dims(config) -> ModelDims:
         return _qwen2_5_vl_dims(config)
     if family == "qwen2_vl":
         return _qwen2_vl_dims(config)
+    if family == "qwen3_vl":
+        return _qwen3_vl_dims(config)
     raise NotImplementedError(
         f"FLOPs model for model_type {family!r} is not implemented (supported: llava, llava_next, "
-        "llava_onevision, qwen2_vl, qwen2_5_vl)"
+        "llava_onevision, qwen2_vl, qwen2_5_vl, qwen3_vl)"
     )
 
 
@@ -369,6 +390,36 @@ def _qwen2_5_vl_dims(config) -> ModelDims:
     )
 
 
+def _qwen3_vl_dims(config) -> ModelDims:
+    """Qwen3-VL: a ViT of ``depth`` full-attention blocks (one fused qkv projection, a two-matrix MLP
+    of ``intermediate_size``), then the 2x2 merger (4·D → 4·D → d) and, per entry of
+    ``deepstack_visual_indexes``, a DeepStack merger of the same shape on the output of that block.
+
+    Its LLM is Qwen3 (``head_dim`` given apart from ``hidden / heads``; the per-head q/k RMSNorms are
+    not matrix products); its M-RoPE is interleaved (``mrope_interleaved``), which moves no FLOP."""
+    text, vision = config.text_config, config.vision_config
+    merge = vision.spatial_merge_size
+    merged_dim = vision.hidden_size * merge * merge
+    return ModelDims(
+        family="qwen3_vl",
+        name=_model_name(config),
+        decoder=_decoder_dims(text),
+        vision=VisionDims(
+            layers=vision.depth,
+            hidden=vision.hidden_size,
+            intermediate=vision.intermediate_size,
+            patch=vision.patch_size,
+            channels=vision.in_channels,
+            mlp_matrices=2,
+            temporal_patch=vision.temporal_patch_size,
+            merge=merge,
+            heads=vision.num_heads,
+            deepstack_layers=tuple(vision.deepstack_visual_indexes or ()),
+        ),
+        projector=ProjectorDims(in_dim=merged_dim, hidden=merged_dim, out_dim=vision.out_hidden_size),
+    )
+
+
 def _model_name(config) -> str:
     name = getattr(config, "_name_or_path", "") or ""
     return name or config.model_type
@@ -405,8 +456,10 @@ def geometry(
       ``frames`` makes the sample one video instead: every frame is one 729-patch pass whose
       projected features are pooled 2×2 (bilinear, to ceil(27/2)² = 196 tokens), + one newline per
       video; ``"paper"``: frames × 196.
-    - Qwen2.5-VL: ``smart_resize`` to multiples of 28 px (default 672×672 → 48×48 patches, 576 LLM
-      tokens after the 2×2 merger).
+    - Qwen2-VL / Qwen2.5-VL: ``smart_resize`` to multiples of 28 px within [3136, 12845056] pixels
+      (default 672×672 → 48×48 patches, 576 LLM tokens after the 2×2 merger).
+    - Qwen3-VL: ``smart_resize`` to multiples of 32 px (16-px patches) within [65536, 16777216]
+      pixels (default 672×672 → 42×42 patches, 441 LLM tokens).
 
     ``vision_tokens`` overrides the patches per crop/image, ``visual_tokens`` the LLM-side count only.
     """
@@ -421,7 +474,7 @@ def geometry(
             geo = _onevision_video_geometry(dims, frames, convention)
         else:
             geo = _onevision_geometry(dims, image_size or LLAVA_ONEVISION_DEFAULT_IMAGE, images, convention)
-    elif dims.family in ("qwen2_vl", "qwen2_5_vl"):
+    elif dims.family in QWEN_FAMILIES:
         geo = _qwen_geometry(dims, image_size or QWEN_DEFAULT_IMAGE, images)
     else:
         raise NotImplementedError(f"no token geometry for family {dims.family!r}")
@@ -521,8 +574,9 @@ def _qwen_geometry(dims: ModelDims, image_size, images: int) -> Geometry:
     from vtoken import compat
 
     factor = dims.vision.patch * dims.vision.merge
-    height, width = compat.qwen2_vl_smart_resize(*image_size, factor=factor, min_pixels=QWEN_MIN_PIXELS,
-                                                 max_pixels=QWEN_MAX_PIXELS)
+    low, high = (QWEN3_MIN_PIXELS, QWEN3_MAX_PIXELS) if dims.family == "qwen3_vl" else (QWEN_MIN_PIXELS,
+                                                                                        QWEN_MAX_PIXELS)
+    height, width = compat.qwen2_vl_smart_resize(*image_size, factor=factor, min_pixels=low, max_pixels=high)
     rows, cols = height // dims.vision.patch, width // dims.vision.patch
     patches = rows * cols
     merged = patches // dims.vision.merge**2
@@ -599,6 +653,16 @@ def pooling_head_flops(v: VisionDims, tokens: int) -> int:
 def projector_flops(p: ProjectorDims, tokens: int) -> int:
     """The two-layer projector MLP on ``tokens`` tokens: 2·n·(in·hidden + hidden·out)."""
     return 2 * tokens * (p.in_dim * p.hidden + p.hidden * p.out_dim)
+
+
+def deepstack_flops(dims: ModelDims, schedule: Schedule, geo: Geometry) -> int:
+    """Qwen3-VL's DeepStack mergers: for each vision block k in ``deepstack_layers``, one merger
+    (``projector_flops``) on the merged tokens that leave block k in every image: all of them, or the
+    kept ones after a ``"vision"`` stage at a layer <= k (its hook has shrunk block k's output before
+    the merger reads it). 0 for the families without DeepStack."""
+    v = dims.vision
+    return sum(geo.crops * projector_flops(dims.projector, _patches_at(schedule, geo, k + 1) // v.merge**2)
+               for k in v.deepstack_layers)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -730,7 +794,8 @@ def flops(
         model_or_config: a transformers config, a model (its ``.config``), a dict, a config-JSON
             path or a hub name (shipped configs first: ``"llava-hf/llava-1.5-7b-hf"``,
             ``"llava-hf/llava-v1.6-vicuna-7b-hf"``, ``"llava-hf/llava-onevision-qwen2-7b-ov-hf"``,
-            ``"Qwen/Qwen2.5-VL-7B-Instruct"``), or a timm / open_clip vision transformer.
+            ``"Qwen/Qwen2-VL-7B-Instruct"``, ``"Qwen/Qwen2.5-VL-7B-Instruct"``,
+            ``"Qwen/Qwen3-VL-8B-Instruct"``), or a timm / open_clip vision transformer.
         schedule: a ``Schedule``, a model wrapped by vtoken (its current schedule), or ``None``:
             the schedule of ``model_or_config`` if that is a wrapped model, else unpruned.
         text_tokens: non-visual prompt tokens (system prompt, question, template); default 64.
@@ -738,7 +803,7 @@ def flops(
             to the cache plus i tokens); default 1.
         convention: ``"true"`` (all FLOPs) or ``"paper"`` (visual-token LLM multiply-adds).
         image_size: (h, w) of the image; sizes LLaVA-NeXT and LLaVA-OneVision crops (default
-            672×672) and Qwen2.5-VL patches (default 672×672). LLaVA-1.5 always sees 336×336.
+            672×672) and the Qwen families' patches (default 672×672). LLaVA-1.5 always sees 336×336.
             A vision encoder runs on its patch grid (default: the model's own input size).
         visual_tokens: override the visual tokens reaching the LLM before pruning (the vision tower
             keeps its ``image_size`` geometry); else ``schedule.visual_tokens``, else the geometry.
@@ -1044,7 +1109,8 @@ def _report(dims: ModelDims, geo: Geometry, schedule: Schedule, text_tokens: int
     else:
         parts = dict(
             vision=_vision_flops(dims, schedule, geo),
-            projector=projector_flops(dims.projector, _projector_tokens(dims, schedule, geo)),
+            projector=projector_flops(dims.projector, _projector_tokens(dims, schedule, geo))
+            + deepstack_flops(dims, schedule, geo),
             llm=sum(decoder_layer_flops(d, text_tokens + v, text_tokens + v) for v in layer_visual),
             lm_head=2 * lm_head_tokens * d.hidden * d.vocab,
             scoring=scoring,
@@ -1097,6 +1163,7 @@ __all__ = [
     "ProjectorDims",
     "VisionDims",
     "decoder_layer_flops",
+    "deepstack_flops",
     "describe",
     "encoder_layer_flops",
     "flops",

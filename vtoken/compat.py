@@ -224,6 +224,18 @@ def rotary_cos_sin(language_model: nn.Module, hidden: torch.Tensor, positions: t
     return language_model.rotary_emb(hidden, positions)
 
 
+def qwen_vision_window_index(visual: nn.Module, grid_thw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(window_index, cu_window_seqlens)`` of a Qwen2.5-VL vision tower for ``grid_thw``: the
+    units in window order and the windows' cumulative lengths in patches, as its forward computes them
+    (``transformers.vision_utils.get_vision_window_index`` in 5.23 and 5.24)."""
+    from transformers.vision_utils import get_vision_window_index
+
+    return get_vision_window_index(
+        grid_thw, spatial_merge_size=visual.spatial_merge_size, window_size=visual.window_size,
+        patch_size=visual.patch_size,
+    )
+
+
 def encoder_layer_norms(layer: nn.Module) -> tuple[nn.Module, nn.Module]:
     """The norms before the attention and before the MLP of a CLIP / SigLIP encoder layer."""
     return layer.layer_norm1, layer.layer_norm2
