@@ -5,21 +5,22 @@ from __future__ import annotations
 from torch import nn
 
 from .base import Adapter, ImageInfo, UndoStack, VisualLayout
-from . import clip, llava, llava_onevision, open_clip_vit, qwen2_vl, timm_vit, vision_encoder
+from . import clip, llava, llava_onevision, open_clip_vit, qwen2_vl, qwen3_vl, timm_vit, vision_encoder
 from .clip import ClipVisionAdapter
 from .llava import LlavaAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .open_clip_vit import OpenClipAdapter
 from .qwen2_vl import QwenVLAdapter
+from .qwen3_vl import Qwen3VLAdapter
 from .timm_vit import TimmViTAdapter
 
 # The more specific adapter first: every family a class matches, the first one wins.
 ADAPTERS: tuple[type[Adapter], ...] = (
-    LlavaOnevisionAdapter, LlavaAdapter, QwenVLAdapter, ClipVisionAdapter, TimmViTAdapter, OpenClipAdapter,
+    LlavaOnevisionAdapter, LlavaAdapter, Qwen3VLAdapter, QwenVLAdapter, ClipVisionAdapter, TimmViTAdapter, OpenClipAdapter,
 )
 #: Family -> the signals (``vtoken.signals``) its models never provide, and why.
 FAMILY_GAPS: dict[str, dict[str, str]] = {
-    **llava.FAMILY_GAPS, **llava_onevision.FAMILY_GAPS, **qwen2_vl.FAMILY_GAPS,
+    **llava.FAMILY_GAPS, **llava_onevision.FAMILY_GAPS, **qwen2_vl.FAMILY_GAPS, **qwen3_vl.FAMILY_GAPS,
     **clip.FAMILY_GAPS, **timm_vit.FAMILY_GAPS, **open_clip_vit.FAMILY_GAPS,
 }
 #: Families whose models are a vision tower alone: they have only the vision site.
@@ -38,7 +39,7 @@ def adapter_for(model: nn.Module) -> type[Adapter]:
     raise ValueError(
         f"no vtoken adapter handles {type(model).__name__}; supported families: {families} "
         "(LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, LlavaOnevisionForConditionalGeneration, "
-        "Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration, CLIPModel, CLIPVisionModel, "
+        "Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration, CLIPModel, CLIPVisionModel, "
         "SiglipModel, SiglipVisionModel, timm VisionTransformer, open_clip CLIP / VisionTransformer)"
     )
 

@@ -370,6 +370,11 @@ class Adapter(ABC):
         """Patch tokens one crop holds in the vision encoder (None if it varies)."""
         return None
 
+    def vision_tokens_for(self, visual_tokens: int) -> int | None:
+        """Patch tokens in the vision encoder behind an image of ``visual_tokens`` LLM tokens (a
+        family whose images vary in size says it from the token count)."""
+        return self.vision_tokens()
+
     def site_width(self, site: str) -> tuple[int, int]:
         """``(feature width, attention head size)`` of the tokens a stage at ``site`` works on:
         the vision encoder's at the vision and projector sites (where scoring reads vision features

@@ -85,7 +85,7 @@ class QwenVLAdapter(PackedVisionSite, VisionLanguageAdapter):
         width = vision_config.embed_dim if hasattr(vision_config, "embed_dim") else vision_config.hidden_size
         text_heads = text_config.num_attention_heads
         rope = getattr(text_config, "rope_parameters", None) or getattr(text_config, "rope_scaling", None) or {}
-        name = "Qwen2.5-VL" if "2_5" in config.model_type else "Qwen2-VL"
+        name = self.family_label()
         return FamilyDescription(
             name=name,
             vision=VisionSpec(
@@ -107,12 +107,21 @@ class QwenVLAdapter(PackedVisionSite, VisionLanguageAdapter):
                 stack=language_model,
                 layers=language_model.layers,
                 head=getattr(self.model, "lm_head", None),
-                positions=PositionScheme("mrope", sections=tuple(rope.get("mrope_section", ()))),
+                positions=PositionScheme("mrope", sections=tuple(rope.get("mrope_section", ())), interleaved=self.interleaved_mrope),
                 width=text_config.hidden_size,
                 head_dim=getattr(text_config, "head_dim", None) or text_config.hidden_size // text_heads,
             ),
-            gaps=FAMILY_GAPS[name],
+            gaps=self.family_gaps(),
         )
+
+    #: Whether the M-RoPE sections interleave over the head dimension (Qwen3-VL) or come in blocks.
+    interleaved_mrope = False
+
+    def family_label(self) -> str:
+        return "Qwen2.5-VL" if "2_5" in self.config.model_type else "Qwen2-VL"
+
+    def family_gaps(self) -> dict[str, str]:
+        return FAMILY_GAPS[self.family_label()]
 
     @property
     def merge(self) -> int:
@@ -123,6 +132,9 @@ class QwenVLAdapter(PackedVisionSite, VisionLanguageAdapter):
 
     def vision_tokens(self) -> int | None:
         return None
+
+    def vision_tokens_for(self, visual_tokens: int) -> int | None:
+        return visual_tokens * self.merge**2  # each LLM token is one merge unit of patches
 
     def vision_site_refusal(self) -> str | None:
         return None

@@ -104,6 +104,8 @@ FAMILIES: dict[str, Family] = {
     "next": Family(tiny_llava_next, llava_next_inputs, _next_several_images, "LLaVA-NeXT"),
     "onevision": Family(tiny_llava_onevision, onevision_inputs, _onevision_several_images, "LLaVA-OneVision"),
     "qwen2": Family(tiny_qwen2_vl, qwen_inputs, _qwen_several_images, "Qwen2-VL", positions=_qwen_positions),
+    "qwen3": Family(lambda attn="sdpa", seed=0: tiny_qwen2_vl(attn, seed, version="3"), qwen_inputs,
+                    _qwen_several_images, "Qwen3-VL", positions=_qwen_positions),
     "qwen2_5": Family(lambda attn="sdpa", seed=0: tiny_qwen2_vl(attn, seed, version="2.5"), qwen_inputs,
                       _qwen_several_images, "Qwen2.5-VL", positions=_qwen_positions),
 }

@@ -117,11 +117,24 @@ def test_projector_site_equals_llm_on_kept_embeddings(name, positions):
                 pos = direct[:, b : b + 1, slots]
             else:
                 pos = _contiguous_mrope(direct[:, b, slots], is_visual[slots])[:, None]
+            extra = _kept_deepstack(model, x, b, kept[b]["projector"], is_visual[slots])
             out = model.model.language_model(inputs_embeds=embeds[b : b + 1, slots], position_ids=pos,
-                                             attention_mask=torch.ones(1, len(slots), dtype=torch.long))
+                                             attention_mask=torch.ones(1, len(slots), dtype=torch.long), **extra)
             oracle = model.lm_head(out.last_hidden_state)
             n = len(slots)
             assert torch.allclose(pruned_logits[b, -n:], oracle[0], atol=1e-5), b
+
+
+def _kept_deepstack(model, x, sample: int, kept_visual: torch.Tensor, visual_slots: torch.Tensor) -> dict:
+    """Qwen3-VL: the DeepStack features of sample ``sample``'s kept visual tokens (its one image's rows
+    at the kept indices) and where they go among the kept slots, for the LLM's own DeepStack adds;
+    nothing for families without DeepStack."""
+    visual = getattr(model.model, "visual", None)
+    if visual is None or not hasattr(visual, "deepstack_merger_list"):
+        return {}
+    features = model.model.get_image_features(x["pixel_values"], x["image_grid_thw"]).deepstack_features
+    return {"visual_pos_masks": visual_slots[None],
+            "deepstack_visual_embeds": [layer[sample][kept_visual] for layer in features]}
 
 
 @dataclasses.dataclass
@@ -190,10 +203,14 @@ def test_pre_llm_pruning_cached_equals_uncached(name, site):
 def test_fastv_attention_row_equals_eager_map(name):
     model, x = _build(name, "eager")
     layer = 2
+    lm = model.model.language_model
+    inputs = []  # layer K-1's own input (Qwen3-VL adds DeepStack features between layers)
+    handle = lm.layers[layer - 1].register_forward_pre_hook(
+        lambda m, a, k: inputs.append(a[0] if a else k["hidden_states"]), with_kwargs=True)
     with torch.no_grad():
-        out = model(**x, output_attentions=True, output_hidden_states=True)
-        lm = model.model.language_model
-        hidden_in = out.hidden_states[layer - 1]
+        out = model(**x, output_attentions=True)
+        handle.remove()
+        hidden_in = inputs[0]
         length = hidden_in.shape[1]
         direct = FAMILIES[name].positions  # M-RoPE ids for Qwen, 0..L-1 otherwise
         positions = direct(model, x) if direct is not None else torch.arange(length)[None]

@@ -17,7 +17,7 @@ import vtoken
 from vtoken.adapters import adapter_for
 from tiny import IMAGE_TOKEN, VIDEO_TOKEN, VISION_END, VISION_START, greedy_without_cache, left_pad, qwen_inputs, tiny_qwen2_vl
 
-VERSIONS = ["2", "2.5"]
+VERSIONS = ["2", "2.5", "3"]
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -70,7 +70,9 @@ def _video_batch(frames: int = 4):
             "mm_token_type_ids": (ids == VIDEO_TOKEN).int() * 2}
 
 
-@pytest.mark.parametrize("version", VERSIONS)
+# Qwen3-VL's processor writes a video as frames of their own, each after a timestamp, with a grid of
+# t = 1 per frame: this batch (one grid of t = 2 per video) is not a Qwen3-VL prompt.
+@pytest.mark.parametrize("version", ["2", "2.5"])
 def test_videos_keep_all_and_cached_equals_recomputation(version):
     model = tiny_qwen2_vl(version=version)
     x = _video_batch()
@@ -114,7 +116,8 @@ def test_vision_site_equals_the_unwrapped_tower_on_the_kept_merge_units(version)
     layer = 1
     vtoken.wrap(model, "random", site="vision", layer=layer, keep=0.4)
     with torch.no_grad():
-        wrapped = model.model.get_image_features(x["pixel_values"], grid).pooler_output
+        wrapped_output = model.model.get_image_features(x["pixel_values"], grid)
+    wrapped = wrapped_output.pooler_output
     # The kept LLM tokens per image (the image features' rows), from what the encoder left non-zero.
     kept = [torch.nonzero(f.abs().sum(-1) > 0).squeeze(-1) for f in wrapped]
     assert [len(k) for k in kept] == [round(0.4 * g.prod().item() / 4) for g in grid]
@@ -138,7 +141,7 @@ def test_vision_site_equals_the_unwrapped_tower_on_the_kept_merge_units(version)
         counts = torch.bincount(torch.searchsorted(bounds, places, right=True) - 1)
         windows = counts[counts > 0] * 4
     blocks = visual.blocks
-    full_blocks = set(getattr(model.config.vision_config, "fullatt_block_indexes", range(len(blocks))))
+    full_blocks = set(getattr(model.config.vision_config, "fullatt_block_indexes", None) or range(len(blocks)))
 
     def cut(module, args, output):
         return output[patches]
@@ -157,15 +160,66 @@ def test_vision_site_equals_the_unwrapped_tower_on_the_kept_merge_units(version)
         out[places] = output
         return out
 
-    handles = [blocks[layer].register_forward_hook(cut), visual.merger.register_forward_hook(back_in_place)]
+    mergers = [visual.merger, *getattr(visual, "deepstack_merger_list", [])]  # Qwen3-VL: DeepStack's too
+    handles = [blocks[layer].register_forward_hook(cut)]
+    handles += [m.register_forward_hook(back_in_place) for i, m in enumerate(mergers)
+                if i == 0 or visual.deepstack_visual_indexes[i - 1] >= layer]
     handles += [b.register_forward_pre_hook(partial(kept_inputs, i), with_kwargs=True)
                 for i, b in enumerate(blocks) if i > layer]
     with torch.no_grad():
-        reference = model.model.get_image_features(x["pixel_values"], grid).pooler_output
+        reference_output = model.model.get_image_features(x["pixel_values"], grid)
+    reference = reference_output.pooler_output
     for h in handles:
         h.remove()
+    deepstack = list(zip(getattr(wrapped_output, "deepstack_features", None) or [],
+                         getattr(reference_output, "deepstack_features", None) or []))
+    assert len(deepstack) == (2 if version == "3" else 0)
     for image, k in enumerate(kept):
         torch.testing.assert_close(wrapped[image][k], reference[image][k], rtol=0, atol=0)
+        for mine, theirs in deepstack:  # DeepStack features of the kept tokens: the tower's own
+            torch.testing.assert_close(mine[image][k], theirs[image][k], rtol=0, atol=0)
         dropped = torch.ones(len(wrapped[image]), dtype=torch.bool)
         dropped[k] = False
         assert bool((wrapped[image][dropped] == 0).all())
+
+
+def test_qwen3_deepstack_follows_pruning_inside_the_llm():
+    """Qwen3-VL adds each visual token's DeepStack features after LLM layers 0 and 1. With FastV at
+    layer 1, the wrapped model's last logits equal this test's own run of the unwrapped layers:
+    layer 0 on every token, DeepStack row 0 added to every visual token, the sequence cut to the kept
+    tokens (their M-RoPE ids kept), layer 1, DeepStack row 1 added to the kept visual tokens only,
+    then the remaining layers."""
+    from tiny import alone
+
+    model = tiny_qwen2_vl(version="3")
+    x = alone(qwen_inputs(model, grids=((1, 8, 8), (1, 4, 4), (1, 4, 4))), 0)
+    with torch.no_grad():
+        vtoken.wrap(model, "fastv", layer=1, keep=0.3)
+        wrapped = model(**x).logits[0, -1]
+        kept = vtoken.selection(model)[0]["llm:1"]
+        vtoken.unwrap(model)
+
+        core, lm = model.model, model.model.language_model
+        encoded = core.get_image_features(x["pixel_values"], x["image_grid_thw"])
+        ids = x["input_ids"]
+        visual = ids[0] == model.config.image_token_id
+        hidden = core.get_input_embeddings()(ids)
+        hidden[0, visual] = torch.cat(encoded.pooler_output)
+        deepstack = [torch.cat(f) for f in encoded.deepstack_features]
+        positions, _ = core.get_rope_index(ids, mm_token_type_ids=x["mm_token_type_ids"],
+                                           image_grid_thw=x["image_grid_thw"], attention_mask=x["attention_mask"])
+        slots = torch.arange(ids.shape[1])
+        for layer_index, layer in enumerate(lm.layers):
+            if layer_index == 1:  # FastV's cut before layer 1: text tokens and the kept visual tokens
+                keep = ~visual
+                keep[torch.nonzero(visual).squeeze(-1)[kept]] = True
+                hidden, slots = hidden[:, keep], slots[keep]
+            cos_sin = lm.rotary_emb(hidden, positions[:, :, slots])
+            hidden = layer(hidden, attention_mask=None, position_ids=positions[:, :, slots], position_embeddings=cos_sin)
+            if layer_index < len(deepstack):  # the DeepStack add after this layer, on its visual tokens
+                rank = torch.cumsum(visual.long(), 0) - 1
+                here = visual[slots]
+                hidden = hidden.clone()
+                hidden[0, here] = hidden[0, here] + deepstack[layer_index][rank[slots[here]]]
+        reference = model.lm_head(lm.norm(hidden))[0, -1]
+    torch.testing.assert_close(wrapped, reference, rtol=1e-5, atol=1e-5)

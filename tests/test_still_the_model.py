@@ -46,15 +46,16 @@ def test_continuing_from_the_returned_cache_equals_one_call(method, family):
     x = FAMILIES[family].inputs(model)
     with vtoken.pruned(model, method, **_options(method)):
         whole = _generate(model, x)
+        suppress = [model.config.image_token_id, getattr(model.config, "video_token_id", model.config.image_token_id)]
         first = model.generate(**x, max_new_tokens=STEPS // 2, do_sample=False, return_dict_in_generate=True,
-                               suppress_tokens=[model.config.image_token_id])
+                               suppress_tokens=suppress)
         sequences = first.sequences
         cache = compat.output_cache(first)
         new = sequences.shape[1] - x["input_ids"].shape[1]
         mask = torch.cat([x["attention_mask"], torch.ones(sequences.shape[0], new, dtype=torch.long)], dim=1)
         # As with the plain model, the continuation passes the longer ids and the cache, no pixels.
         rest = model.generate(input_ids=sequences, attention_mask=mask, max_new_tokens=STEPS - new, do_sample=False,
-                              suppress_tokens=[model.config.image_token_id], **compat.cache_kwargs(cache))
+                              suppress_tokens=suppress, **compat.cache_kwargs(cache))
     assert torch.equal(rest, whole)
 
 

@@ -264,7 +264,7 @@ def schedule_of(model: nn.Module, visual_tokens: int | None = None) -> Schedule:
     if tokens is None:
         raise ValueError("this model's visual token count depends on the image; pass visual_tokens=")
     stages, scoring = [], []
-    vision_tokens = adapter.vision_tokens()
+    vision_tokens = adapter.vision_tokens_for(tokens)
     entering = {"vision": vision_tokens, "visual": tokens}  # tokens reaching the next stage, per image
     inside = state.strategy.inside_block() is not None  # vision stages between attention and MLP (ToMe)
     for spec in state.pruner.stages:
