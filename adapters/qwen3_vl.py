@@ -27,6 +27,7 @@ from torch import nn
 
 from .qwen2_vl import FAMILY_GAPS as _QWEN2_GAPS
 from .qwen2_vl import QwenVLAdapter
+from vtoken import compat
 from vtoken.pruner import Pruner
 
 #: The signals Qwen3-VL's models never provide (yet), and why (``vtoken.methods``): as Qwen2-VL's.
@@ -57,12 +58,12 @@ class Qwen3VLAdapter(QwenVLAdapter):
         super().install(pruner, undo)
         visual = self.core.visual
         if pruner.stages_at("vision"):
-            for merger in visual.deepstack_merger_list:
+            for merger in compat.deepstack_mergers(visual):
                 undo.post_hook(merger, self._after_projector)
         self._follow_deepstack(self.core.language_model, undo)
 
     def _follow_deepstack(self, language_model: nn.Module, undo) -> None:
-        original = language_model._deepstack_process
+        original = getattr(language_model, compat.DEEPSTACK_PROCESS)
         pruner = self.pruner
 
         def deepstack_process(hidden_states, visual_pos_masks, visual_embeds):
@@ -76,8 +77,8 @@ class Qwen3VLAdapter(QwenVLAdapter):
                 raise RuntimeError("vtoken: no layout of this request matches the LLM's hidden states at a DeepStack layer")
             return add_deepstack(hidden_states, visual_pos_masks, visual_embeds, layouts[0].orig_index)
 
-        language_model._deepstack_process = deepstack_process
-        undo.push(lambda: language_model.__dict__.pop("_deepstack_process", None))
+        setattr(language_model, compat.DEEPSTACK_PROCESS, deepstack_process)
+        undo.push(lambda: language_model.__dict__.pop(compat.DEEPSTACK_PROCESS, None))
 
 
 def add_deepstack(hidden: torch.Tensor, visual_pos_masks: torch.Tensor, visual_embeds: torch.Tensor,

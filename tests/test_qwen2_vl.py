@@ -223,3 +223,23 @@ def test_qwen3_deepstack_follows_pruning_inside_the_llm():
                 hidden[0, here] = hidden[0, here] + deepstack[layer_index][rank[slots[here]]]
         reference = model.lm_head(lm.norm(hidden))[0, -1]
     torch.testing.assert_close(wrapped, reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_show_draws_the_kept_tokens_over_a_dynamic_grid(version, tmp_path):
+    """``vtoken.show`` on a Qwen image of its own grid (8 x 12 patches: 4 x 6 LLM tokens): each kept
+    token lights its 2x2 patch block, the others are dimmed."""
+    from PIL import Image
+
+    model = tiny_qwen2_vl(version=version)
+    x = qwen_inputs(model, grids=((1, 8, 12), (1, 12, 8), (1, 8, 8)))
+    vtoken.wrap(model, "pool", keep=0.25)
+    with torch.no_grad():
+        model(**x)
+    picture = Image.new("RGB", (48, 32), (200, 100, 50))  # 6 x 4 tokens of 8 x 8 pixels
+    drawn = Image.open(vtoken.show(model, picture, tmp_path / "qwen.png", sample=0)).convert("RGB")
+    kept = set(vtoken.selection(model)[0]["projector"].tolist())
+    for token in range(24):
+        row, col = divmod(token, 6)
+        bright = drawn.getpixel((col * 8 + 4, row * 8 + 4)) == (200, 100, 50)
+        assert bright == (token in kept), token

@@ -236,6 +236,16 @@ def qwen_vision_window_index(visual: nn.Module, grid_thw: torch.Tensor) -> tuple
     )
 
 
+def deepstack_mergers(visual: nn.Module) -> list[nn.Module]:
+    """Qwen3-VL's DeepStack mergers (one per ``deepstack_visual_indexes`` block), in order."""
+    return list(visual.deepstack_merger_list)
+
+
+#: The Qwen3-VL text model's method that adds the DeepStack features after a layer (replaced on the
+#: instance by the adapter, so the features follow the pruning).
+DEEPSTACK_PROCESS = "_deepstack_process"
+
+
 def encoder_layer_norms(layer: nn.Module) -> tuple[nn.Module, nn.Module]:
     """The norms before the attention and before the MLP of a CLIP / SigLIP encoder layer."""
     return layer.layer_norm1, layer.layer_norm2
