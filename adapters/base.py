@@ -239,6 +239,9 @@ class ProjectorSpec:
 
     module: nn.Module
     dropped_prefix: int = 0
+    #: Encoder tokens one LLM token's projector input holds, concatenated in token-map order (1:
+    #: a token-by-token projector; Qwen's 2x2 merger: 4, its input per LLM token ``[4 * width]``).
+    unit: int = 1
 
 
 @dataclass(frozen=True)

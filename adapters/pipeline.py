@@ -482,6 +482,21 @@ class VisionLanguageAdapter(VisionSite, Adapter):
             "mm_encoder_outputs with the wrapped model's get_image_features"
         )
 
+    def projector_on_tokens(self):
+        """The projector as a callable on per-LLM-token inputs ``[..., unit * width]`` (what
+        ``ctx.projector`` is): the module itself for a token-by-token projector; a merging one
+        (``ProjectorSpec.unit`` > 1) gets each token's encoder tokens back as rows."""
+        spec = self.description.projector
+        if spec.unit == 1:
+            return spec.module
+        width = self.description.vision.width
+
+        def project(tokens: torch.Tensor) -> torch.Tensor:
+            out = spec.module(tokens.reshape(-1, width))
+            return out.reshape(*tokens.shape[:-1], out.shape[-1])
+
+        return project
+
     def _before_projector(self, module, args):
         """Keep every crop token's projector input, in its grid place (ZOO-Prune perturbs them)."""
         images = self.pruner.encoding
@@ -527,7 +542,7 @@ class VisionLanguageAdapter(VisionSite, Adapter):
             if renumbers(pruner.config.positions, "vision"):
                 layout = layout.renumbered()
             embeds = gather_tokens(embeds, index)
-        projector = self.projector() if pruner.needs.has(signals.PROJECTOR_INPUT) else None
+        projector = self.projector_on_tokens() if pruner.needs.has(signals.PROJECTOR_INPUT) else None
         for stage in pruner.stages_at("projector"):
             layout, embeds = pruner.run_sequence_stage(run, stage, layout, embeds, projector=projector)
         return layout, embeds

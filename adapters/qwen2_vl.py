@@ -48,7 +48,8 @@ FAMILY_GAPS = {
     family: {
         signals.VISION_ATTENTION: "no vision-layer attention " + _NOT_YET,
         signals.PIXEL_PATCHES: "no per-token pixel patches " + _NOT_YET,
-        signals.PROJECTOR_INPUT: "no 2x2 merger inputs " + _NOT_YET,
+        signals.ONE_GRID_PER_IMAGE: "the 2x2 merger packs four patches into each token (TokenPacker is trained "
+                                    "for a LLaVA projector that reads one patch per token)",
         signals.VISION_CLS: "a vision tower without a CLS token",
         signals.VISION_BLOCK_KEYS: "no split vision blocks " + _NOT_YET,
     }
@@ -102,7 +103,7 @@ class QwenVLAdapter(PackedVisionSite, VisionLanguageAdapter):
                 parts={"attention": "attn", "mlp": "mlp"},
                 attention_module=lambda block: block.attn,
             ),
-            projector=ProjectorSpec(visual.merger),
+            projector=ProjectorSpec(visual.merger, unit=self.merge**2),
             decoder=DecoderSpec(
                 stack=language_model,
                 layers=language_model.layers,

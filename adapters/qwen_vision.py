@@ -228,6 +228,30 @@ class PackedVisionSite:
         images.vision_positions = positions
         images.stage_positions[stage.name] = positions
 
+    def _before_projector(self, module, args):
+        """Keep every patch's merger input (the last block's output), in row-major slots
+        ``image * tokens_per_crop + patch`` (zeros for patches a vision stage dropped): each LLM
+        token's projector input is its unit's patches, concatenated (``ProjectorSpec.unit``)."""
+        images = self.pruner.encoding
+        if images is None:
+            return None
+        features = args[0]
+        state = self._packed(images)
+        per = images.tokens_per_crop
+        table = features.new_zeros(len(images.images) * per, features.shape[-1])
+        within = torch.arange(state.unit)
+        slots, places = [], []
+        for frame in state.frames:
+            units = frame["units"]
+            first_patch = frame["image"] * per + frame["frame"] * frame["all"] * state.unit
+            slots.append((first_patch + units[:, None] * state.unit + within).reshape(-1))
+            places.append((state.places(frame)[:, None] * state.unit + within).reshape(-1))
+        current = torch.searchsorted(state.index, torch.cat(places)).to(features.device)
+        table[torch.cat(slots).to(features.device)] = features[current]
+        images.projector_table = table
+        images.projector_unit = state.unit
+        return None
+
     def _after_projector(self, module, args, output):
         """The merger's output for the kept units, put back in every unit's place (zeros for dropped
         ones), so ``get_image_features`` splits it per image as it expects."""

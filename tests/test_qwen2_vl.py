@@ -8,13 +8,19 @@ to itself alone.
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 
 import pytest
 import torch
 
 import vtoken
+from vtoken import signals
 from vtoken.adapters import adapter_for
+from vtoken.config import PruneConfig
+from vtoken.registry import register
+from vtoken.signals import Needs, Signal
+from vtoken.strategies.base import Strategy
 from tiny import IMAGE_TOKEN, VIDEO_TOKEN, VISION_END, VISION_START, greedy_without_cache, left_pad, qwen_inputs, tiny_qwen2_vl
 
 VERSIONS = ["2", "2.5", "3"]
@@ -92,12 +98,14 @@ def test_videos_keep_all_and_cached_equals_recomputation(version):
 
 def test_vision_site_and_encoder_signals_are_refused_naming_the_fix():
     model = tiny_qwen2_vl()
-    with pytest.raises(ValueError, match=r"zoo_prune needs the projector and its inputs .* Qwen2-VL model gives no 2x2 merger"):
-        vtoken.wrap(model, "zoo_prune")
+    with pytest.raises(ValueError, match=r"vflowopt needs a vision layer's self-attention .* Qwen2-VL model gives no vision-layer"):
+        vtoken.wrap(model, "vflowopt")
     assert not vtoken.is_wrapped(model)
     families = {m["name"]: m["families"] for m in vtoken.methods()}
     assert families["fastv"]["Qwen2-VL"] == "runs" and families["pool"]["Qwen2.5-VL"] == "runs"
     assert families["vflowopt"]["Qwen2-VL"].startswith("needs a vision layer's self-attention")
+    assert families["zoo_prune"]["Qwen2.5-VL"] == "runs" and families["zoo_prune"]["Qwen3-VL"] == "runs"
+    assert "TokenPacker is trained for a LLaVA projector" in families["tokenpacker"]["Qwen2-VL"]
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -243,3 +251,48 @@ def test_show_draws_the_kept_tokens_over_a_dynamic_grid(version, tmp_path):
         row, col = divmod(token, 6)
         bright = drawn.getpixel((col * 8 + 4, row * 8 + 4)) == (200, 100, 50)
         assert bright == (token in kept), token
+
+
+@dataclasses.dataclass
+class _ProjectorProbeConfig(PruneConfig):
+    method = "_test_projector_probe"
+
+
+@register
+class _ProjectorProbe(Strategy):
+    """Test-only: reports how far the projector applied to each candidate's projector input is from
+    the candidate's own LLM embedding (it must be the same token)."""
+
+    name = "_test_projector_probe"
+    Config = _ProjectorProbeConfig
+    sites = ("vision", "projector")
+
+    def needs(self) -> Needs:
+        return Needs.of(Signal(signals.PROJECTOR_INPUT))
+
+    def score(self, ctx):
+        rows = ctx.tokens
+        if ctx.stage.site == "vision":  # (a plain first stage, to drop units before the merger)
+            return ctx.uniform()
+        projected = ctx.projector(ctx.projector_input)
+        gap = (projected - rows.features).abs().amax(-1).masked_fill(~rows.valid, 0)
+        ctx.report(gap=gap.max(), width=torch.tensor(ctx.projector_input.shape[-1]))
+        return torch.zeros(rows.valid.shape)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("vision_stage", [False, True])
+def test_the_merger_input_of_each_token_projects_to_its_embedding(version, vision_stage):
+    """ZOO-Prune's signal on Qwen: each LLM token's projector input is its 2x2 unit's four patches as
+    the merger read them (Qwen2.5-VL: undoing its window order), so the merger applied to it gives the
+    token's own embedding, also after a vision stage dropped units."""
+    model = tiny_qwen2_vl(version=version)
+    x = qwen_inputs(model, grids=((1, 8, 12), (1, 12, 8), (1, 8, 8)))
+    stages = [{"site": "vision", "layer": 1, "keep": 0.5}] if vision_stage else []
+    vtoken.wrap(model, "_test_projector_probe", stages=[*stages, {"site": "projector", "keep": 0.25}])
+    with torch.no_grad():
+        model(**x)
+    report = vtoken.diagnostics(model)["projector"]
+    width = model.config.vision_config.hidden_size if version != "2" else model.config.vision_config.embed_dim
+    assert int(report["width"]) == 4 * width
+    assert float(report["gap"]) < 1e-5

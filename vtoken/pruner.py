@@ -291,10 +291,17 @@ class Pruner:
         if table is None:
             raise ValueError("projector inputs were not captured; declare Signal('projector_input') in needs()")
         images = run.visual.images
-        out = table.new_zeros(*local.shape, table.shape[-1])
+        unit = run.image_run.projector_unit
+        out = table.new_zeros(*local.shape, table.shape[-1] * unit)
         for r, i in enumerate(row_image.tolist()):
             ok = local[r] >= 0
-            out[r, ok] = images[i].token_map.gather(table)[local[r, ok].to(table.device)]
+            token_map = images[i].token_map
+            if unit == 1:
+                rows = token_map.gather(table)
+            else:  # a merging projector reads each token's encoder tokens concatenated (Qwen's merger)
+                index = token_map.index.to(table.device)
+                rows = (table[index.clamp(min=0)] * (index >= 0)[..., None]).reshape(index.shape[0], -1)
+            out[r, ok] = rows[local[r, ok].to(table.device)]
         return out
 
     @staticmethod

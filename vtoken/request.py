@@ -56,6 +56,8 @@ class ImageRun:
         self.observed: dict[int, tuple] = {}
         #: ``[C * tokens_per_crop, d_vision]``: the projector input of every crop token (when asked for).
         self.projector_table: torch.Tensor | None = None
+        #: Encoder tokens one LLM token's projector input concatenates (``ProjectorSpec.unit``).
+        self.projector_unit = 1
         #: ``[C * tokens_per_crop, d_llm]``: every crop token's projected features in grid places, kept
         #: after a vision stage when an image's tokens mix several encoder tokens (re-weighted later).
         self.projected: torch.Tensor | None = None
