@@ -178,9 +178,10 @@ def test_sensitivity_selection_and_logits_match_the_official_algorithm(model, in
     (selection, sensitivity, logits), expected = runs(name)
     k = SETTINGS[name][1]["k"]
     for b, (s, picks, z) in enumerate(expected):
-        # Same sensitivity (float32; vtoken chunks the projector calls, so only rounding differs: about
-        # 2e-7 relative here; a one-sided difference is 1.1e-5 off at h=0.01 and 1.7e-3 at h=0.5).
-        torch.testing.assert_close(sensitivity[b], s, rtol=2e-6, atol=0)
+        # Same sensitivity (float32; vtoken scores LLaVA's two-layer projector from its structure,
+        # W2 (σ(a + h v) - σ(a - h v)), so only rounding differs: up to 6.4e-6 relative here; a
+        # one-sided difference is 1.1e-5 off at h=0.01 and 1.7e-3 at h=0.5).
+        torch.testing.assert_close(sensitivity[b], s, rtol=8e-6, atol=0)
         # Same greedy max-min diverse selection, to the index. Some steps of the greedy are decided by
         # merit gaps of a few 1e-6 on this model, the size of the float32 rounding of S after min-max
         # normalisation; such near-ties (within 2e-5) may go to the token vtoken kept.

@@ -303,14 +303,29 @@ def test_bad_options_are_refused_before_the_model_changes(options, message):
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
-def test_scoring_cost_is_2m_projector_passes():
+def test_scoring_cost_follows_how_the_projector_is_scored():
+    """LLaVA's two-layer projector is scored from its structure: its first layer once over the 16 patch
+    tokens and m = 8 second-layer passes (on the activation differences), rank r with projector_rank;
+    a projector of another shape gets the generic 2m full passes."""
     model = tiny_llava()
+    x = llava_inputs(1)
     with vtoken.pruned(model, "zoo_prune", keep_tokens=4, directions=8):
-        schedule = vtoken.schedule_of(model)
-        assert schedule.scoring == (ScoringCost("projector_passes", passes=16),)
-        report = vtoken.flops(model, schedule)
-    # 16 passes of Linear(32 -> 64), Linear(64 -> 64) over the 16 patch tokens of the image.
-    assert report.scoring == 16 * 2 * 16 * (32 * 64 + 64 * 64)
+        assert vtoken.schedule_of(model).scoring == (ScoringCost("projector_sensitivity", passes=8),)
+        report = vtoken.flops(model, vtoken.schedule_of(model))
+        # Linear(32 -> 64) once, then 8 x Linear(64 -> 64), over 16 tokens.
+        assert report.scoring == 2 * 16 * 32 * 64 + 8 * 2 * 16 * 64 * 64
+    with vtoken.pruned(model, "zoo_prune", keep_tokens=4, directions=8, projector_rank=5):
+        assert vtoken.flops(model, vtoken.schedule_of(model)).scoring == 2 * 16 * 32 * 64 + 8 * 2 * 16 * 64 * 5
+    # Qwen's merger (a LayerNorm first) is scored by 2m full passes.
+    from tiny import tiny_qwen2_vl
+
+    from vtoken.accounting import model_dims, projector_flops
+
+    qwen = tiny_qwen2_vl()
+    with vtoken.pruned(qwen, "zoo_prune", directions=8):
+        report = vtoken.flops(qwen, image_size=(32, 32))
+    tokens = report.visual_tokens  # merge units: the merger's input tokens
+    assert report.scoring == 16 * projector_flops(model_dims(qwen.config).projector, tokens)
 
 
 @pytest.mark.parametrize("name", ["llava", "next"])
@@ -367,3 +382,63 @@ def test_linear_projector_model_warns_once_and_still_prunes():
         kept = [s["projector"] for s in vtoken.selection(model)]
     assert sum("zoo_prune" in str(w.message) for w in caught) == 1
     assert all(len(k) == 4 and 0 in k.tolist() for k in kept)  # flat Ŝ: the first pick is token 0
+
+
+def _llava_projector(d_in=64, hidden=96, seed=0):
+    from transformers import LlavaConfig
+    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+    torch.manual_seed(seed)
+    config = LlavaConfig(vision_config={"hidden_size": d_in, "num_attention_heads": 4},
+                         text_config={"hidden_size": hidden, "num_attention_heads": 4})
+    return LlavaMultiModalProjector(config).eval()
+
+
+def test_a_two_layer_projector_is_scored_from_its_structure_as_the_generic_passes_would():
+    """W2 (σ(a + h v) - σ(a - h v)) with a = W1 x + b1, v = W1 u equals the +h / -h passes of the
+    whole projector (b2 cancels), to float32 rounding; a projector that is not Linear-activation-Linear
+    in that order is not taken for one."""
+    from vtoken.strategies.zoo_prune import two_layer_projector, zo_sensitivity_two_layer
+
+    projector = _llava_projector()
+    g = torch.Generator().manual_seed(1)
+    x, u = torch.randn(50, 64, generator=g), random_directions(16, 64, g)
+    parts = two_layer_projector(projector)
+    assert parts is not None
+    exact = zo_sensitivity(float32_projector(projector), x, u, step=0.01)
+    # float32: both difference nearly equal values (h = 0.01), so rounding is ~1e-5 of S
+    torch.testing.assert_close(zo_sensitivity_two_layer(parts, x, u, step=0.01), exact, rtol=5e-5, atol=0)
+    assert two_layer_projector(torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.GELU())) is None
+    order = torch.nn.Module()  # the right children, used in another order by forward: refused by the probe
+    order.linear_1, order.act, order.linear_2 = torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 64)
+    order.forward = lambda t: order.act(order.linear_2(order.linear_1(t)))
+    assert two_layer_projector(order) is None
+
+
+def test_the_rank_r_proxy_is_exact_at_full_rank_and_close_at_low_rank():
+    """``projector_rank`` scores with ``Σ_r V_r^T`` of W2's SVD (the official LLaVA-NeXT proxy): at full
+    rank the norms are W2's, at a low rank the sensitivity stays close and the ranking mostly agrees."""
+    from vtoken.strategies.zoo_prune import two_layer_projector, zo_sensitivity_two_layer
+
+    projector = _llava_projector()
+    g = torch.Generator().manual_seed(2)
+    x, u = torch.randn(80, 64, generator=g), random_directions(16, 64, g)
+    exact = zo_sensitivity_two_layer(two_layer_projector(projector), x, u, step=0.01)
+    full = zo_sensitivity_two_layer(two_layer_projector(projector, rank=96), x, u, step=0.01)
+    torch.testing.assert_close(full, exact, rtol=1e-4, atol=0)
+    low = zo_sensitivity_two_layer(two_layer_projector(projector, rank=48), x, u, step=0.01)
+    assert bool((low <= exact * (1 + 1e-5)).all())  # a truncated SVD can only shorten W2 d
+    top = lambda s: set(s.topk(20).indices.tolist())  # noqa: E731
+    assert len(top(low) & top(exact)) >= 14
+
+
+def test_projector_rank_on_a_projector_that_is_not_two_layer_is_refused():
+    from tiny import llava_inputs, tiny_llava
+
+    model = tiny_llava()
+    model.model.multi_modal_projector.forward = lambda t: t @ torch.ones(t.shape[-1], 64) * 0.0  # not two-layer
+    with pytest.raises(ValueError, match="projector_rank needs a two-layer"):
+        with vtoken.pruned(model, "zoo_prune", projector_rank=8):
+            model(**llava_inputs(2))
+    with pytest.raises(ValueError, match="projector_rank must be a positive integer"):
+        vtoken.wrap(tiny_llava(), "zoo_prune", projector_rank=0)

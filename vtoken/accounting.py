@@ -884,6 +884,8 @@ def _describe_cost(cost: ScoringCost) -> str:
         return f"{cost.kind.split('_')[0]} L{cost.layer} {cost.rows} rows"
     if cost.kind == "projector_passes":
         return f"projector ×{cost.passes}"
+    if cost.kind == "projector_sensitivity":
+        return f"projector sensitivity ×{cost.passes}" + (f" (rank {cost.rows})" if cost.rows else "")
     if cost.kind == "vision_attention_map":
         return f"vision L{cost.layer} attention map"
     if cost.kind.endswith("token_matching"):
@@ -1042,6 +1044,10 @@ def _scoring_cost_flops(cost: ScoringCost, dims: ModelDims, schedule: Schedule, 
       n tokens (CLS included) of that layer.
     - ``projector_passes``: passes × the projector over its input tokens (all patch features, or
       those kept by a vision-site stage; a projector-site stage comes after it).
+    - ``projector_sensitivity``: ZOO-Prune's ``passes`` directions over the same tokens: the
+      projector's first layer once (2·n·in·hidden) and ``passes`` second-layer passes (2·n·hidden·out,
+      ``out`` = ``rows`` for a rank-``rows`` proxy), as a plain two-layer MLP is scored from its
+      structure; for Qwen's merger (a LayerNorm first) ``2 · passes`` full projector passes.
     - ``vision_token_matching`` / ``llm_token_matching`` at layer l: the similarities of ToMe
       bipartite matching repeated from the tokens entering the stage at (site, l) down to its count
       (``bipartite_matching_flops``), per crop (width D; for a stage inside its block, ToMe's, the
@@ -1069,6 +1075,12 @@ def _scoring_cost_flops(cost: ScoringCost, dims: ModelDims, schedule: Schedule, 
         return geo.crops * (4 * n * v.hidden**2 + 2 * n * n * v.hidden)
     if cost.kind == "projector_passes":
         return cost.passes * projector_flops(dims.projector, _projector_tokens(dims, schedule, geo))
+    if cost.kind == "projector_sensitivity":
+        p, tokens = dims.projector, _projector_tokens(dims, schedule, geo)
+        if dims.family.startswith("qwen"):  # the merger's LayerNorm comes first: full passes
+            return 2 * cost.passes * projector_flops(p, tokens)
+        second = cost.rows if cost.rows else p.out_dim
+        return 2 * tokens * p.in_dim * p.hidden + cost.passes * 2 * tokens * p.hidden * second
     if cost.kind in ("vision_token_matching", "llm_token_matching"):
         site = cost.kind.split("_")[0]
         stage = next((s for s in schedule.stages if s.site == site and s.layer == cost.layer), None)

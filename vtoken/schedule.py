@@ -78,6 +78,11 @@ class ScoringCost:
       - ``"llm_attention_rows"``: ``rows`` query rows against every key of LLM layer ``layer``
         (q projection of the rows, k projection of all tokens, scores and softmax).
       - ``"vision_attention_rows"``: the same for vision-encoder layer ``layer``.
+      - ``"projector_sensitivity"``: ZOO-Prune's sensitivity along ``passes`` directions (``rows``
+        > 0: a rank-``rows`` SVD proxy of the projector's second layer). A family whose projector is
+        a plain two-layer MLP (LLaVA, OneVision) is scored from its structure: its first layer once
+        over the visual tokens, then ``passes`` second-layer passes on activation differences; any
+        other (Qwen's merger, a LayerNorm first) by ``2 * passes`` full projector passes.
       - ``"projector_passes"``: ``passes`` extra forward passes of the projector over the visual
         tokens of a sample (ZOO-Prune's 2m perturbed passes, for example).
       - ``"vision_token_matching"`` / ``"llm_token_matching"``: the token similarities of ToMe
@@ -91,7 +96,8 @@ class ScoringCost:
     """
 
     kind: Literal[
-        "llm_attention_rows", "vision_attention_rows", "projector_passes", "vision_token_matching",
+        "llm_attention_rows", "vision_attention_rows", "projector_passes", "projector_sensitivity",
+        "vision_token_matching",
         "llm_token_matching", "vision_attention_map", "llm_rerun_rows", "flops",
     ]
     layer: int | None = None

@@ -81,6 +81,7 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -110,6 +111,10 @@ class ZooPruneConfig(PruneConfig):
     ``-h`` copies both count); bounds the memory of the scoring passes; changes ``S`` only by float32 rounding.
     ``flat_rtol``: an image whose sensitivity spread ``(max - min) / max`` is at most this is treated as
     flat (linear projector): ``Ŝ = 1`` for every token, with a warning.
+    ``projector_rank``: score with a rank-``r`` SVD proxy of a two-layer projector's second matrix (the
+    official LLaVA-NeXT code uses 128); None (default, the paper's LLaVA-1.5 setting): the exact
+    projector. Either way a two-layer projector is scored from its structure
+    (:func:`zo_sensitivity_two_layer`), equal to the generic passes up to float32 rounding.
     """
 
     method = "zoo_prune"
@@ -121,6 +126,7 @@ class ZooPruneConfig(PruneConfig):
     step: float = 0.01
     chunk_size: int = 8192
     flat_rtol: float = 1e-3
+    projector_rank: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.directions, bool) or not isinstance(self.directions, int) or self.directions < 1:
@@ -133,6 +139,11 @@ class ZooPruneConfig(PruneConfig):
             raise ValueError(
                 f"chunk_size must be an integer >= 2 (one +h and one -h copy), got {self.chunk_size!r}"
             )
+        if self.projector_rank is not None and (
+            isinstance(self.projector_rank, bool) or not isinstance(self.projector_rank, int) or self.projector_rank < 1
+        ):
+            raise ValueError(f"projector_rank must be a positive integer or None, got {self.projector_rank!r}; "
+                             "the official LLaVA-NeXT code uses 128")
         if isinstance(self.flat_rtol, bool) or not isinstance(self.flat_rtol, (int, float)) or not (
             math.isfinite(self.flat_rtol) and self.flat_rtol >= 0
         ):
@@ -201,6 +212,92 @@ def zo_sensitivity(
         out = projector(torch.cat([base + offset, base - offset]))
         n = index.shape[0]
         norms[start : start + n] = torch.linalg.vector_norm(out[:n] - out[n:], dim=-1) / (2 * step)
+    return norms.view(tokens, m).mean(dim=-1)
+
+
+@dataclass(frozen=True)
+class TwoLayerProjector:
+    """A projector ``M(x) = W2 σ(W1 x + b1) + b2`` read off its module (LLaVA's ``linear_1``, ``act``,
+    ``linear_2``), in float32. ``out`` is what the sensitivity multiplies the activation difference
+    by: ``W2`` itself, or with ``rank`` set the rank-``r`` factor ``Σ_r V_r^T`` of its SVD
+    (``||U_r Σ_r V_r^T d|| = ||Σ_r V_r^T d||``, ``U_r`` having orthonormal columns): the official
+    LLaVA-NeXT code's rank-128 SVD proxy of the projector."""
+
+    w1: torch.Tensor  # [hidden, d_v]
+    b1: torch.Tensor | None  # [hidden]
+    act: Callable[[torch.Tensor], torch.Tensor]
+    out: torch.Tensor  # [d_out or rank, hidden]
+
+
+def two_layer_projector(projector, rank: int | None = None) -> TwoLayerProjector | None:
+    """The :class:`TwoLayerProjector` of ``projector`` when it is an ``nn.Module`` whose children are,
+    in order, a Linear, an element-wise activation and a Linear, and running those three in turn
+    reproduces the module's own output on a probe input; None otherwise (the generic passes run)."""
+    if not isinstance(projector, nn.Module):
+        return None
+    children = list(projector.children())
+    if len(children) != 3 or not isinstance(children[0], nn.Linear) or not isinstance(children[2], nn.Linear):
+        return None
+    first, act, second = children
+    if first.out_features != second.in_features:
+        return None
+    with torch.no_grad():
+        probe = torch.randn(3, first.in_features, generator=torch.Generator().manual_seed(0)).to(
+            first.weight.device, first.weight.dtype)
+        if not torch.allclose(projector(probe), second(act(first(probe))), rtol=1e-4, atol=1e-5):
+            return None
+        w2 = second.weight.detach().float()
+        if rank is not None and rank < min(w2.shape):
+            _, sigma, vh = torch.linalg.svd(w2, full_matrices=False)
+            w2 = sigma[:rank, None] * vh[:rank]
+    bias = first.bias.detach().float() if first.bias is not None else None
+    return TwoLayerProjector(first.weight.detach().float(), bias, act, w2)
+
+
+#: Each projector's structure (and SVD proxy) by module, read once per weight version and rank: derived
+#: from the model, kept beside it (weakly), never on a strategy or per request.
+_STRUCTURES: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def cached_two_layer_projector(projector, rank: int | None = None) -> TwoLayerProjector | None:
+    """:func:`two_layer_projector`, computed once per projector module, weight version and rank."""
+    if not isinstance(projector, nn.Module):
+        return None
+    versions = tuple(p._version for p in projector.parameters())
+    entries = _STRUCTURES.setdefault(projector, {})
+    key = (versions, rank)
+    if key not in entries:
+        entries.clear()
+        entries[key] = two_layer_projector(projector, rank)
+    return entries[key]
+
+
+def zo_sensitivity_two_layer(
+    parts: TwoLayerProjector, inputs: torch.Tensor, directions: torch.Tensor, step: float, chunk_size: int = 8192
+) -> torch.Tensor:
+    """:func:`zo_sensitivity` for a two-layer projector, computed from its structure: with
+    ``a = W1 x + b1`` and ``v = W1 u``, ``M(x + h u) - M(x - h u) = W2 (σ(a + h v) - σ(a - h v))`` (``b2``
+    cancels), so ``W1`` runs once per token and once per direction instead of twice per (token,
+    direction) pair, and ``W2`` once per pair on the difference instead of twice: 2.5x fewer FLOPs on
+    LLaVA-1.5's 1024 -> 4096 -> 4096 projector, and with a rank-``r`` ``out`` (``two_layer_projector(...,
+    rank=r)``) ``hidden / r`` times fewer again in the second layer. Equal to the generic estimator up to
+    float32 rounding (exact ``out``)."""
+    x = inputs.float()
+    u = directions.float().to(x.device)
+    with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
+        a = x @ parts.w1.to(x.device).T
+        if parts.b1 is not None:
+            a = a + parts.b1.to(x.device)
+        v = step * (u @ parts.w1.to(x.device).T)
+        out = parts.out.to(x.device)
+        tokens, m = a.shape[0], v.shape[0]
+        norms = torch.empty(tokens * m, dtype=torch.float32, device=x.device)
+        pairs = max(1, chunk_size // 2)
+        for start in range(0, tokens * m, pairs):
+            index = torch.arange(start, min(start + pairs, tokens * m), device=x.device)
+            base, offset = a[index // m], v[index % m]
+            difference = parts.act(base + offset) - parts.act(base - offset)
+            norms[start : start + index.shape[0]] = torch.linalg.vector_norm(difference @ out.T, dim=-1) / (2 * step)
     return norms.view(tokens, m).mean(dim=-1)
 
 
@@ -279,9 +376,13 @@ class ZooPruneStrategy(Strategy):
         super().__init__(config)
         self._warned_flat = False
 
+    def _two_layer(self, projector) -> TwoLayerProjector | None:
+        return cached_two_layer_projector(projector, self.config.projector_rank)
+
     def scoring_cost(self, stage: StageSpec, shapes: StageShapes | None = None) -> list[ScoringCost]:
-        # m directions, each a +h and a -h pass of the projector over the image's tokens.
-        return [ScoringCost("projector_passes", passes=2 * self.config.directions)]
+        # m directions: from a two-layer projector's structure, or 2m full passes (the FLOPs model
+        # knows which each family's projector gets; ScoringCost "projector_sensitivity").
+        return [ScoringCost("projector_sensitivity", passes=self.config.directions, rows=self.config.projector_rank or 0)]
 
     def sensitivity(self, ctx: ScoreContext, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``[R, N]`` float32 sensitivity ``S`` of the eligible tokens (those with projector input) of
@@ -295,9 +396,17 @@ class ZooPruneStrategy(Strategy):
         sensitivity = torch.zeros(valid.shape, dtype=torch.float32, device=valid.device)
         if bool(wanted.any()):
             u = random_directions(config.directions, inputs.shape[-1], ctx.generator, inputs.device)
-            values = zo_sensitivity(
-                float32_projector(projector), inputs[wanted.to(inputs.device)], u, float(config.step), config.chunk_size
-            )
+            chosen = inputs[wanted.to(inputs.device)]
+            parts = self._two_layer(projector)
+            if parts is not None:
+                values = zo_sensitivity_two_layer(parts, chosen, u, float(config.step), config.chunk_size)
+            else:
+                if config.projector_rank is not None:
+                    raise ValueError(
+                        "zoo_prune: projector_rank needs a two-layer (Linear, activation, Linear) projector; this "
+                        "model's is not one: drop projector_rank"
+                    )
+                values = zo_sensitivity(float32_projector(projector), chosen, u, float(config.step), config.chunk_size)
             sensitivity[wanted] = values.to(sensitivity.device)
         return sensitivity, eligible
 
