@@ -9,8 +9,6 @@ in the embeddings, before any block, so kept tokens carry theirs.
 
 from __future__ import annotations
 
-import contextvars
-
 import torch
 from torch import nn
 from transformers import (
@@ -18,6 +16,7 @@ from transformers import (
 )
 
 from .base import BlockHalves, FamilyDescription, UndoStack, VisionSpec
+from .observe import OutputRecorder
 from .vision_encoder import VisionEncoderAdapter, vision_only_gaps
 from vtoken import compat
 
@@ -71,14 +70,7 @@ def hf_encoder_halves(block: nn.Module, undo: UndoStack) -> BlockHalves:
     its keys are read off ``k_proj``'s output by a hook that only records inside the halves."""
     attention = compat.layer_attention(block)
     norm_before_attention, norm_before_mlp = compat.encoder_layer_norms(block)
-    recording: contextvars.ContextVar = contextvars.ContextVar(f"vtoken_keys_{id(block)}", default=None)
-
-    def record_keys(module, args, output):
-        box = recording.get()
-        if box is not None:
-            box.append(output)
-
-    undo.post_hook(attention.k_proj, record_keys)
+    keys = OutputRecorder(attention.k_proj, undo)
 
     def split_call(args, kwargs):
         kwargs = dict(kwargs)
@@ -90,15 +82,9 @@ def hf_encoder_halves(block: nn.Module, undo: UndoStack) -> BlockHalves:
     def run_attention(hidden, bias, rest):
         mask = rest.pop("attention_mask", None)
         mask = bias if mask is None else (mask if bias is None else mask + bias)
-        box: list = []
-        token = recording.set(box)
-        try:
-            out = attention(hidden_states=norm_before_attention(hidden), attention_mask=mask, **rest)
-        finally:
-            recording.reset(token)
+        out, projected = keys.recording(attention, hidden_states=norm_before_attention(hidden), attention_mask=mask, **rest)
         out = out[0] if isinstance(out, tuple) else out
-        keys = box[0].view(*hidden.shape[:2], -1, attention.head_dim).mean(dim=2)
-        return hidden + out, keys
+        return hidden + out, projected.view(*hidden.shape[:2], -1, attention.head_dim).mean(dim=2)
 
     def mlp(hidden):
         return hidden + block.mlp(norm_before_mlp(hidden))

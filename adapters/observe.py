@@ -7,6 +7,7 @@ summarised the layer.
 
 from __future__ import annotations
 
+import contextvars
 import threading
 from typing import Callable
 
@@ -22,6 +23,31 @@ def _first(value):
 
 def _input(args, kwargs):
     return args[0] if args else kwargs["hidden_states"]
+
+
+class OutputRecorder:
+    """A forward hook on ``module`` that records its output only inside :meth:`recording` (per thread:
+    the hook stays installed, a call outside a recording passes untouched). The block halves use it to
+    read a block's attention keys while the block's own attention module runs."""
+
+    def __init__(self, module: nn.Module, undo: UndoStack):
+        self._box: contextvars.ContextVar = contextvars.ContextVar(f"vtoken_record_{id(module)}", default=None)
+        undo.post_hook(module, self._record)
+
+    def _record(self, module, args, output):
+        box = self._box.get()
+        if box is not None:
+            box.append(output)
+
+    def recording(self, call: Callable, *args, **kwargs):
+        """``(call(*args, **kwargs), the module's output during it)``."""
+        box: list = []
+        token = self._box.set(box)
+        try:
+            result = call(*args, **kwargs)
+        finally:
+            self._box.reset(token)
+        return result, box[0]
 
 
 def observe_layer(

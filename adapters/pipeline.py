@@ -94,13 +94,6 @@ class VisionLanguageAdapter(VisionSite, Adapter):
         return self.tokens_per_crop
 
     # --- structure, from the description --------------------------------------------------------
-    @property
-    def family_name(self) -> str:
-        return self.description.name
-
-    def vision_layers(self) -> nn.ModuleList:
-        return self.description.vision.layers
-
     def projector(self) -> nn.Module:
         return self.description.projector.module
 

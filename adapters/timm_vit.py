@@ -10,13 +10,12 @@ the stages left. Position embeddings are added in ``_pos_embed``, before any blo
 
 from __future__ import annotations
 
-import contextvars
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .base import BlockHalves, FamilyDescription, UndoStack, VisionSpec
+from .observe import OutputRecorder
 from .vision_encoder import VisionEncoderAdapter, vision_only_gaps
 from vtoken.compat import AttentionParts
 
@@ -97,14 +96,7 @@ def timm_block_halves(block: nn.Module, undo: UndoStack) -> BlockHalves:
             "attention and MLP; use a method that prunes after a block (repshift, random, pool)"
         )
     attention = block.attn
-    recording: contextvars.ContextVar = contextvars.ContextVar(f"vtoken_keys_{id(block)}", default=None)
-
-    def record_keys(module, args, output):
-        box = recording.get()
-        if box is not None:
-            box.append(output)
-
-    undo.post_hook(attention.k_norm, record_keys)
+    keys = OutputRecorder(attention.k_norm, undo)
 
     def split_call(args, kwargs):
         kwargs = dict(kwargs)
@@ -118,14 +110,9 @@ def timm_block_halves(block: nn.Module, undo: UndoStack) -> BlockHalves:
         if mask is not None and mask.dtype == torch.bool:
             mask = torch.zeros(mask.shape, dtype=hidden.dtype, device=hidden.device).masked_fill(~mask, float("-inf"))
         mask = bias if mask is None else (mask if bias is None else mask + bias)
-        box: list = []
-        token = recording.set(box)
-        try:
-            out = attention(block.norm1(hidden), attn_mask=mask, **rest)
-        finally:
-            recording.reset(token)
-        keys = box[0].mean(dim=1)  # [C, heads, T, head_dim] -> [C, T, head_dim]
-        return hidden + block.drop_path1(block.ls1(out)), keys
+        out, normed_keys = keys.recording(attention, block.norm1(hidden), attn_mask=mask, **rest)
+        # [C, heads, T, head_dim] -> [C, T, head_dim]
+        return hidden + block.drop_path1(block.ls1(out)), normed_keys.mean(dim=1)
 
     def mlp(hidden):
         return hidden + block.drop_path2(block.ls2(block.mlp(block.norm2(hidden))))

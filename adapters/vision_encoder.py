@@ -68,13 +68,6 @@ class VisionEncoderAdapter(VisionSite, Adapter):
         return args[0] if args else next(iter(kwargs.values()))
 
     # --- structure, from the description --------------------------------------------------------
-    @property
-    def family_name(self) -> str:
-        return self.description.name
-
-    def vision_layers(self) -> nn.ModuleList:
-        return self.description.vision.layers
-
     def projector(self) -> nn.Module:
         raise ValueError(f"{self.family_name} is a vision-only model: it has no projector")
 

@@ -52,6 +52,13 @@ class VisionSite:
         elif stages:
             self._run_blocks_in_halves(stages, inside.proportional_attention, undo)
 
+    @property
+    def family_name(self) -> str:
+        return self.description.name
+
+    def vision_layers(self) -> nn.ModuleList:
+        return self.description.vision.layers
+
     def vision_unavailable(self, signal) -> str | None:
         """Why the tower cannot give ``signal`` (None when it can, or when it is not a vision signal)."""
         vision = self.description.vision

@@ -53,6 +53,8 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "eval"))
+from eval_tiny_clip import code_version  # noqa: E402  (one record of the code a result came from)
 DEFAULT_OUT = REPO / "eval" / "results" / "tiny_clip" / "bench_vit_speed"
 DEFAULT_METHODS = ("tome", "random", "pool", "repshift", "visionzip")
 FAMILIES = {"timm": "timm ViT", "hf": "CLIP"}  # family names vtoken.methods() reports
@@ -66,18 +68,6 @@ TOME_PUBLISHED = {
 }
 
 
-def code_version() -> str:
-    """The checkout's commit, and whether vtoken's code differs from it (uncommitted changes)."""
-    import subprocess
-
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "vtoken", "adapters", "kernels"],
-                               cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout)"
-    return f"{head}" + (" plus uncommitted changes to vtoken/adapters/kernels" if dirty else "")
 
 
 # ----------------------------------------------------------------------------- models
