@@ -339,85 +339,59 @@ def _llava_dims(config, family: str) -> ModelDims:
     )
 
 
-def _qwen2_vl_dims(config) -> ModelDims:
-    """Qwen2-VL: a ViT of ``depth`` blocks with full attention (no windows) and a two-matrix MLP
-    (``embed_dim * mlp_ratio``), then the 2x2 merger MLP (4·D → 4·D → d)."""
+def _qwen_dims(config, family: str, width: int, intermediate: int, out_dim: int, mlp_matrices: int,
+               **vision_extra) -> ModelDims:
+    """A Qwen-VL family: its ViT of ``depth`` blocks, then the 2x2 merger MLP (4·D → 4·D → d)."""
     text, vision = config.text_config, config.vision_config
     merge = vision.spatial_merge_size
-    width = vision.embed_dim
     merged_dim = width * merge * merge
     return ModelDims(
-        family="qwen2_vl",
+        family=family,
         name=_model_name(config),
         decoder=_decoder_dims(text),
         vision=VisionDims(
             layers=vision.depth,
             hidden=width,
-            intermediate=int(width * vision.mlp_ratio),
+            intermediate=intermediate,
             patch=vision.patch_size,
             channels=vision.in_channels,
-            mlp_matrices=2,
+            mlp_matrices=mlp_matrices,
             temporal_patch=vision.temporal_patch_size,
             merge=merge,
             heads=vision.num_heads,
+            **vision_extra,
         ),
-        projector=ProjectorDims(in_dim=merged_dim, hidden=merged_dim, out_dim=vision.hidden_size),
+        projector=ProjectorDims(in_dim=merged_dim, hidden=merged_dim, out_dim=out_dim),
     )
+
+
+def _qwen2_vl_dims(config) -> ModelDims:
+    """Qwen2-VL: full attention in every block (no windows) and a two-matrix MLP (``embed_dim *
+    mlp_ratio``); the merger maps to the LLM's width (``vision_config.hidden_size``)."""
+    vision = config.vision_config
+    return _qwen_dims(config, "qwen2_vl", vision.embed_dim, int(vision.embed_dim * vision.mlp_ratio),
+                      vision.hidden_size, mlp_matrices=2)
 
 
 def _qwen2_5_vl_dims(config) -> ModelDims:
-    text, vision = config.text_config, config.vision_config
-    merge = vision.spatial_merge_size
-    merged_dim = vision.hidden_size * merge * merge
-    return ModelDims(
-        family="qwen2_5_vl",
-        name=_model_name(config),
-        decoder=_decoder_dims(text),
-        vision=VisionDims(
-            layers=vision.depth,
-            hidden=vision.hidden_size,
-            intermediate=vision.intermediate_size,
-            patch=vision.patch_size,
-            channels=vision.in_channels,
-            mlp_matrices=3,
-            temporal_patch=vision.temporal_patch_size,
-            merge=merge,
-            window=vision.window_size // merge // vision.patch_size,
-            full_attention_layers=tuple(vision.fullatt_block_indexes),
-            heads=vision.num_heads,
-        ),
-        projector=ProjectorDims(in_dim=merged_dim, hidden=merged_dim, out_dim=vision.out_hidden_size),
-    )
+    """Qwen2.5-VL: window attention (``window_size`` pixels) except in ``fullatt_block_indexes``, a
+    gated three-matrix MLP."""
+    vision = config.vision_config
+    return _qwen_dims(config, "qwen2_5_vl", vision.hidden_size, vision.intermediate_size, vision.out_hidden_size,
+                      mlp_matrices=3, window=vision.window_size // vision.spatial_merge_size // vision.patch_size,
+                      full_attention_layers=tuple(vision.fullatt_block_indexes))
 
 
 def _qwen3_vl_dims(config) -> ModelDims:
-    """Qwen3-VL: a ViT of ``depth`` full-attention blocks (one fused qkv projection, a two-matrix MLP
-    of ``intermediate_size``), then the 2x2 merger (4·D → 4·D → d) and, per entry of
-    ``deepstack_visual_indexes``, a DeepStack merger of the same shape on the output of that block.
+    """Qwen3-VL: ``depth`` full-attention blocks (one fused qkv projection, a two-matrix MLP of
+    ``intermediate_size``), the 2x2 merger and, per entry of ``deepstack_visual_indexes``, a DeepStack
+    merger of the same shape on the output of that block.
 
     Its LLM is Qwen3 (``head_dim`` given apart from ``hidden / heads``; the per-head q/k RMSNorms are
     not matrix products); its M-RoPE is interleaved (``mrope_interleaved``), which moves no FLOP."""
-    text, vision = config.text_config, config.vision_config
-    merge = vision.spatial_merge_size
-    merged_dim = vision.hidden_size * merge * merge
-    return ModelDims(
-        family="qwen3_vl",
-        name=_model_name(config),
-        decoder=_decoder_dims(text),
-        vision=VisionDims(
-            layers=vision.depth,
-            hidden=vision.hidden_size,
-            intermediate=vision.intermediate_size,
-            patch=vision.patch_size,
-            channels=vision.in_channels,
-            mlp_matrices=2,
-            temporal_patch=vision.temporal_patch_size,
-            merge=merge,
-            heads=vision.num_heads,
-            deepstack_layers=tuple(vision.deepstack_visual_indexes or ()),
-        ),
-        projector=ProjectorDims(in_dim=merged_dim, hidden=merged_dim, out_dim=vision.out_hidden_size),
-    )
+    vision = config.vision_config
+    return _qwen_dims(config, "qwen3_vl", vision.hidden_size, vision.intermediate_size, vision.out_hidden_size,
+                      mlp_matrices=2, deepstack_layers=tuple(vision.deepstack_visual_indexes or ()))
 
 
 def _model_name(config) -> str:
