@@ -194,17 +194,35 @@ def test_selection_reports_every_stage_within_the_sample():
 
 
 def test_show_draws_kept_patches(tmp_path):
+    """Pruning: kept patches bright, the others dimmed, over a picture enlarged to a legible size (a
+    64 px image drawn at 384 px)."""
+    model = tiny_llava()
+    x = llava_inputs(1)
+    image = Image.new("RGB", (64, 64), (200, 200, 200))
+    with vtoken.pruned(model, "random", keep_tokens=4):
+        with torch.no_grad():
+            model(**x)
+        path = vtoken.show(model, image, tmp_path / "kept.png")
+        kept = set(vtoken.selection(model)[0]["projector"].tolist())
+    drawn = Image.open(path).convert("RGB")
+    assert drawn.size == (384, 384)
+    for r in range(4):
+        for c in range(4):
+            value = drawn.getpixel((c * 96 + 48, r * 96 + 48))[0]
+            assert (value == 200) == (r * 4 + c in kept)
+
+
+def test_show_draws_each_pooled_token_over_its_whole_window(tmp_path):
+    """pool to 2x2: every patch of a window shares its pooled token's tint, the four windows differ."""
     model = tiny_llava()
     x = llava_inputs(1)
     image = Image.new("RGB", (64, 64), (200, 200, 200))
     with vtoken.pruned(model, "pool", keep_tokens=4):
         with torch.no_grad():
             model(**x)
-        path = vtoken.show(model, image, tmp_path / "kept.png")
-    drawn = Image.open(path).convert("RGB")
-    # pool to 2x2 keeps the top-left patch of each 2x2 window: patches 0, 2, 8, 10 of the 4x4 grid.
-    kept_cells = {(0, 0), (0, 2), (2, 0), (2, 2)}
-    for r in range(4):
-        for c in range(4):
-            value = drawn.getpixel((c * 16 + 8, r * 16 + 8))[0]
-            assert (value == 200) == ((r, c) in kept_cells)
+        drawn = Image.open(vtoken.show(model, image, tmp_path / "pooled.png")).convert("RGB")
+    colour = {(r, c): drawn.getpixel((c * 96 + 48, r * 96 + 48)) for r in range(4) for c in range(4)}
+    windows = {(r, c): (r // 2, c // 2) for r in range(4) for c in range(4)}
+    for a in colour:
+        for b in colour:
+            assert (colour[a] == colour[b]) == (windows[a] == windows[b]), (a, b)

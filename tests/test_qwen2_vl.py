@@ -241,15 +241,15 @@ def test_show_draws_the_kept_tokens_over_a_dynamic_grid(version, tmp_path):
 
     model = tiny_qwen2_vl(version=version)
     x = qwen_inputs(model, grids=((1, 8, 12), (1, 12, 8), (1, 8, 8)))
-    vtoken.wrap(model, "pool", keep=0.25)
+    vtoken.wrap(model, "random", keep=0.25)
     with torch.no_grad():
         model(**x)
-    picture = Image.new("RGB", (48, 32), (200, 100, 50))  # 6 x 4 tokens of 8 x 8 pixels
+    picture = Image.new("RGB", (48, 32), (200, 100, 50))  # 6 x 4 tokens, drawn 12x larger (96 px each)
     drawn = Image.open(vtoken.show(model, picture, tmp_path / "qwen.png", sample=0)).convert("RGB")
     kept = set(vtoken.selection(model)[0]["projector"].tolist())
     for token in range(24):
         row, col = divmod(token, 6)
-        bright = drawn.getpixel((col * 8 + 4, row * 8 + 4)) == (200, 100, 50)
+        bright = drawn.getpixel((col * 96 + 48, row * 96 + 48)) == (200, 100, 50)
         assert bright == (token in kept), token
 
 

@@ -309,3 +309,25 @@ def test_an_offloaded_model_generates_as_the_in_memory_one(tmp_path):
             in_memory = _generate(model, x)
         with vtoken.pruned(offloaded, method, **options):
             assert torch.equal(_generate(offloaded, x), in_memory)
+
+
+@pytest.mark.parametrize("method", ["fastv", "pool", "zoo_prune"])
+def test_wrap_then_change_the_dtype_and_load_with_device_map_auto(method, tmp_path):
+    """``wrap`` then ``.to(torch.bfloat16)`` runs in the new dtype and equals wrapping the converted
+    model; ``from_pretrained(..., device_map="auto")`` (accelerate) then ``wrap`` equals the in-memory
+    model wrapped."""
+    from transformers import LlavaForConditionalGeneration
+
+    make = FAMILIES["llava"].make
+    x = FAMILIES["llava"].inputs(make())
+    converted_after = vtoken.wrap(make(), method).to(torch.bfloat16)
+    converted_before = vtoken.wrap(make().to(torch.bfloat16), method)
+    bf16 = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in x.items()}
+    with torch.no_grad():
+        after, before = converted_after(**bf16).logits, converted_before(**bf16).logits
+    assert after.dtype == torch.bfloat16 and torch.equal(after, before)
+    model = make()
+    model.save_pretrained(tmp_path / "model")
+    loaded = vtoken.wrap(LlavaForConditionalGeneration.from_pretrained(tmp_path / "model", device_map="auto").eval(), method)
+    vtoken.wrap(model, method)
+    assert torch.equal(_generate(loaded, x), _generate(model, x))

@@ -32,16 +32,20 @@ def test_band_widths_give_exact_counts_and_square_grids():
 def test_pool_grid_averages_windows():
     # A 4x4 grid whose feature is the patch index: 2x2 pooling gives the window means.
     features = torch.arange(16, dtype=torch.float).view(16, 1)
-    pooled, anchors = pool_grid(features, Grid(0, 4, 4, 4), 4)
+    pooled, anchors, holds = pool_grid(features, Grid(0, 4, 4, 4), 4)
     assert pooled.view(-1).tolist() == [2.5, 4.5, 10.5, 12.5]
     assert anchors.tolist() == [0, 2, 8, 10]
+    # Each patch's window: the mean of a window's patches is its pooled value.
+    assert holds.tolist() == [0, 0, 1, 1, 0, 0, 1, 1, 2, 2, 3, 3, 2, 2, 3, 3]
+    assert all(features[holds == w].mean().item() == pooled[w].item() for w in range(4))
 
 
 def test_pool_grid_with_separators_uses_row_stride():
     # 2x2 grid, each row followed by a separator: tokens 0 1 [s] 3 4 [s]
     features = torch.tensor([[1.0], [3.0], [100.0], [5.0], [7.0], [100.0]])
-    pooled, anchors = pool_grid(features, Grid(0, 2, 2, 3), 1)
+    pooled, anchors, holds = pool_grid(features, Grid(0, 2, 2, 3), 1)
     assert pooled.item() == 4.0 and anchors.tolist() == [0]
+    assert holds.tolist() == [0, 0, -1, 0, 0]  # the separator belongs to no window
 
 
 def test_split_budget_is_exact_and_proportional():

@@ -306,7 +306,8 @@ def test_show_draws_what_each_merged_token_holds(tmp_path):
     path = vtoken.show(model, picture, tmp_path / "sources.png")
     drawn = Image.open(path).convert("RGB")
     holders = encoder_sources(vtoken.api._state(model).pruner.last_run)[0]
-    colour = lambda p: drawn.getpixel(((p % 14) * 8 + 4, (p // 14) * 8 + 4))  # noqa: E731
+    cell = drawn.width // 14  # (drawn enlarged to a legible size)
+    colour = lambda p: drawn.getpixel(((p % 14) * cell + cell // 2, (p // 14) * cell + cell // 2))  # noqa: E731
     same = [(a, b) for a in range(40) for b in range(a + 1, 196) if holders[a] == holders[b]][:5]
     different = [(a, b) for a in range(40) for b in range(a + 1, 196) if holders[a] != holders[b]][:5]
     assert same and all(colour(a) == colour(b) for a, b in same)

@@ -15,6 +15,8 @@ import torch
 from PIL import Image
 
 DIM = 0.25
+#: ``show`` enlarges a picture whose shorter side is below this many pixels (a 96 px image to 384).
+LEGIBLE = 384
 
 
 def _as_image(image) -> Image.Image:
@@ -78,18 +80,20 @@ def show(model, image, path, sample: int = 0, image_in_sample: int = 0) -> str:
     run = _state(model).pruner.last_run
     if run is None:
         raise ValueError("no forward pass has run since wrapping; call the model first, then show()")
-    images = [info for info in run.visual.images if info.sample == sample]
+    images = [(i, info) for i, info in enumerate(run.visual.images) if info.sample == sample]
     if not images:
         raise ValueError(f"sample {sample} of the last forward has no image")
-    info = images[image_in_sample]
-    picture = _as_image(image)
+    index, info = images[image_in_sample]
+    picture = _legible(_as_image(image))
     stages = run.selections[sample]
     kept_visual = list(stages.values())[-1] if stages else torch.arange(run.visual.visual_count(sample))
     kept_local = {int(v) - info.offset for v in kept_visual if info.offset <= int(v) < info.offset + info.num_tokens}
     dimmed = Image.blend(Image.new("RGB", picture.size), picture, DIM)
     boxes = token_boxes(info, *picture.size)
     holders = _merged_holders(run, info)
-    if holders is not None:  # a merging method inside a vision-only tower: colour what each token holds
+    if holders is None:
+        holders = _sequence_holders(run, index)
+    if holders is not None:  # a merging method (ToMe, pool's windows): colour what each kept token holds
         return _save(_draw_sources(picture, dimmed, boxes, holders), path)
     for j, (left, top, right, bottom) in boxes.items():
         if j in kept_local:
@@ -97,6 +101,27 @@ def show(model, image, path, sample: int = 0, image_in_sample: int = 0) -> str:
             if box[2] > box[0] and box[3] > box[1]:
                 dimmed.paste(picture.crop(box), box[:2])
     return _save(dimmed, path)
+
+
+def _legible(picture: Image.Image, short_side: int = LEGIBLE) -> Image.Image:
+    """``picture`` enlarged by a whole factor (nearest neighbour: patches stay sharp squares) until its
+    shorter side is at least ``short_side`` pixels; a large picture is left as it is."""
+    factor = -(-short_side // max(1, min(picture.size)))
+    if factor <= 1:
+        return picture
+    return picture.resize((picture.width * factor, picture.height * factor), Image.NEAREST)
+
+
+def _sequence_holders(run, index: int) -> list[int] | None:
+    """For an image whose projector / LLM stages merged tokens (pool's windows): per visual token, the
+    kept token holding it (-1: dropped); None when every kept token holds only itself."""
+    holders = getattr(run, "holders", {}).get(index)
+    if holders is None:
+        return None
+    held = holders[holders >= 0]
+    if int(held.numel()) == len(torch.unique(held)):
+        return None
+    return holders.tolist()
 
 
 def _save(picture: Image.Image, path) -> str:

@@ -415,6 +415,7 @@ class Pruner:
             return [run.image_run.row_seed(images[int(i)].crops, stage_index) for i in row_image.tolist()]
 
         reduction = self._reduce(run, stage, rows, row_seeds=row_seeds, **extras)
+        self._follow_holders(run, reduction, local, row_image)
         kept_valid = reduction.keep >= 0
         kept_slots = torch.gather(slot_index, 1, reduction.keep.clamp(min=0))
         sample_of = row_sample[:, None].expand_as(kept_slots)
@@ -430,6 +431,27 @@ class Pruner:
             visual = new_layout.visual_index[sample]
             run.record(stage, sample, visual[visual >= 0])
         return new_layout, gather_tokens(hidden, index)
+
+    @staticmethod
+    def _follow_holders(run: PruneRun, reduction: Reduction, local: torch.Tensor, row_image: torch.Tensor) -> None:
+        """Move each image's :attr:`PruneRun.holders` through one stage: a token goes to the kept token
+        its holder was merged into (``Reduction.merged_into``) or kept as, and is dropped otherwise."""
+        keep = reduction.keep
+        kept_local = torch.where(keep >= 0, torch.gather(local, 1, keep.clamp(min=0)), -1)
+        if reduction.merged_into is not None:
+            into = reduction.merged_into.to(local.device)
+            holder = torch.where(into >= 0, torch.gather(kept_local, 1, into.clamp(min=0)), -1)
+        else:
+            holder = torch.full_like(local, -1)
+            rows, columns = (keep >= 0).nonzero(as_tuple=True)
+            holder[rows, keep[rows, columns]] = kept_local[rows, columns]
+        for r, i in enumerate(row_image.tolist()):
+            n = run.visual.images[i].num_tokens
+            step = torch.full((n,), -1, dtype=torch.long)
+            ok = (local[r] >= 0).cpu()
+            step[local[r].cpu()[ok]] = holder[r].cpu()[ok]
+            previous = run.holders.get(i, torch.arange(n))
+            run.holders[i] = torch.where(previous >= 0, step[previous.clamp(min=0)], -1)
 
     def run_mask_stage(
         self,

@@ -200,6 +200,10 @@ class PruneRun:
         self.generator = image_run.generator if image_run is not None else torch.Generator().manual_seed(config.seed)
         #: (first LLM layer, layout) per layer group, in order; group 0 starts at layer 0.
         self.groups: list[tuple[int, SequenceLayout]] = []
+        #: Image (index in ``visual.images``) -> ``[V]``: for each of its visual tokens, the image-local
+        #: index of the kept token that holds it after the projector and LLM stages (a merged token
+        #: holds several: pool's windows), -1 once dropped; absent while no such stage ran.
+        self.holders: dict[int, torch.Tensor] = {}
         #: Per sample: stage name -> kept sample-level visual indices (ascending).
         self.selections: list[dict[str, torch.Tensor]] = [{} for _ in range(visual.batch_size)]
         self.orig_length = 0

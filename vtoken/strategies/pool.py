@@ -60,11 +60,13 @@ def split_budget(sizes: list[int], budget: int) -> list[int]:
     return shares
 
 
-def pool_grid(features: torch.Tensor, grid: Grid, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pool_grid(features: torch.Tensor, grid: Grid, tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Average-pool one grid of ``features`` (``[N, d]``) to exactly ``tokens`` vectors.
 
-    Returns the pooled ``[tokens, d]`` features (band by band, left to right) and the row index of
-    each window's top-left patch. Windows follow adaptive pooling: band b spans grid rows
+    Returns the pooled ``[tokens, d]`` features (band by band, left to right), the row index of
+    each window's top-left patch, and for every row index of the grid the window (0..tokens-1) that
+    holds it (adjacent windows overlap by a patch where the grid does not divide evenly: such a
+    patch is given to the later window). Windows follow adaptive pooling: band b spans grid rows
     ``[floor(b H / h'), ceil((b + 1) H / h'))`` and likewise for columns.
     """
     cells = features[grid.index().reshape(-1).to(features.device)]
@@ -72,6 +74,8 @@ def pool_grid(features: torch.Tensor, grid: Grid, tokens: int) -> tuple[torch.Te
     widths = band_widths(grid.height, grid.width, tokens)
     bands = len(widths)
     pooled, anchors = [], []
+    window = torch.zeros(grid.height, grid.width, dtype=torch.long)
+    first = 0
     for b, cols in enumerate(widths):
         top = (b * grid.height) // bands
         bottom = -((-(b + 1) * grid.height) // bands)
@@ -79,7 +83,12 @@ def pool_grid(features: torch.Tensor, grid: Grid, tokens: int) -> tuple[torch.Te
         pooled.append(band[:, 0].T)
         left = (torch.arange(cols) * grid.width) // cols
         anchors.append(grid.offset + top * grid.row_stride + left)
-    return torch.cat(pooled).to(features.dtype), torch.cat(anchors)
+        for c in range(cols):
+            window[top:bottom, left[c] :] = first + c
+        first += cols
+    holds = torch.full((int(grid.index().max()) + 1,), -1, dtype=torch.long)
+    holds[grid.index().reshape(-1)] = window.reshape(-1)
+    return torch.cat(pooled).to(features.dtype), torch.cat(anchors), holds
 
 
 @register
@@ -92,6 +101,7 @@ class PoolStrategy(Strategy):
         k = int(rows.budget.max())
         keep = torch.full((rows.num_rows, k), -1, dtype=torch.long, device=rows.features.device)
         merged = rows.features.new_zeros(rows.num_rows, k, rows.features.shape[-1])
+        merged_into = torch.full(rows.valid.shape, -1, dtype=torch.long, device=keep.device)
         for r in range(rows.num_rows):
             grids = rows.grids[r]
             if not grids:
@@ -110,6 +120,7 @@ class PoolStrategy(Strategy):
                 chosen = torch.sort(torch.cat([in_grid, others[: budget - grid_tokens]])).values.to(keep.device)
                 keep[r, :budget] = chosen
                 merged[r, :budget] = rows.features[r, chosen]
+                merged_into[r, chosen] = torch.arange(budget, device=keep.device)
                 continue
             shares = split_budget([g.size for g in grids], budget)
             pieces = [pool_grid(rows.features[r], g, n) for g, n in zip(grids, shares)]
@@ -118,4 +129,11 @@ class PoolStrategy(Strategy):
             order = torch.argsort(anchors)
             keep[r, :budget] = anchors[order]
             merged[r, :budget] = feats[order]
-        return Reduction(keep=keep, features=merged)
+            column = torch.empty_like(order)  # window (in pooled order) -> its column in keep
+            column[order] = torch.arange(budget, device=keep.device)
+            first = 0
+            for (_, _, holds), n in zip(pieces, shares):  # each grid cell's window, as a column
+                cells = torch.nonzero(holds >= 0).squeeze(-1)
+                merged_into[r, cells.to(keep.device)] = column[first + holds[cells].to(keep.device)]
+                first += n
+        return Reduction(keep=keep, features=merged, merged_into=merged_into)
