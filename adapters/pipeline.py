@@ -312,7 +312,7 @@ class VisionLanguageAdapter(VisionSite, Adapter):
             )
             run.modality = modality.name
             if reads_encoder:
-                run.vision_source = VisionSource(self, crop_pixels)
+                run.vision_source = self.vision_source_for(run, crop_pixels)
             # The encoding is remembered by its output object, so it is asked for as a ModelOutput;
             # a caller who asked for a tuple gets one.
             requested = kwargs.get("return_dict")
@@ -474,6 +474,10 @@ class VisionLanguageAdapter(VisionSite, Adapter):
             "these image features were not encoded by the wrapped model; pass pixel_values, or compute "
             "mm_encoder_outputs with the wrapped model's get_image_features"
         )
+
+    def vision_source_for(self, images: ImageRun, crop_pixels) -> VisionSource:
+        """What strategies read of this encoder call's tower (its attention, its pixels)."""
+        return VisionSource(self, crop_pixels)
 
     def projector_on_tokens(self):
         """The projector as a callable on per-LLM-token inputs ``[..., unit * width]`` (what

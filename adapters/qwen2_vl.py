@@ -46,8 +46,6 @@ MISSING_SITES: dict[str, dict[str, str]] = {}
 #: Per family: the signals its models never provide (yet), and why (``vtoken.methods``).
 FAMILY_GAPS = {
     family: {
-        signals.VISION_ATTENTION: "no vision-layer attention " + _NOT_YET,
-        signals.PIXEL_PATCHES: "no per-token pixel patches " + _NOT_YET,
         signals.ONE_GRID_PER_IMAGE: "the 2x2 merger packs four patches into each token (TokenPacker is trained "
                                     "for a LLaVA projector that reads one patch per token)",
         signals.VISION_CLS: "a vision tower without a CLS token",

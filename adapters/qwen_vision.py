@@ -23,8 +23,9 @@ from functools import partial
 
 import torch
 
-from vtoken.context import Grid, TokenRows
-from vtoken.kernels import gather_tokens
+from vtoken import compat
+from vtoken.context import Grid, TokenRows, VisionAttention
+from vtoken.kernels import attention_rows, gather_tokens
 from vtoken.request import ImageRun
 
 #: The block keyword arguments that describe the packed sequence.
@@ -118,6 +119,18 @@ class PackedVisionSite:
         if "position_embeddings" in kwargs:
             out["position_embeddings"] = state.position_embeddings
         return args, out
+
+    def vision_source_for(self, images: ImageRun, crop_pixels) -> "PackedVisionSource":
+        return PackedVisionSource(self, images, crop_pixels)
+
+    def _vision_attention_input(self, layer, module, args, kwargs):
+        """Keep what vision ``layer``'s attention takes in: the normed packed sequence, its segments
+        (``cu_seqlens``: frames, or windows) and rotary positions."""
+        images = self.pruner.encoding
+        if images is not None and images.vision_source is not None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            images.vision_source.inputs[layer] = (hidden, kwargs.get("cu_seqlens"), kwargs.get("position_embeddings"))
+        return None
 
     def _observed_vision(self, layer: int, io: dict) -> None:
         """A packed block's per-patch summary (the strategy's ``observe`` on the sequence as one row),
@@ -266,3 +279,97 @@ class PackedVisionSite:
         full = output.new_zeros(total, output.shape[-1])
         full[kept_units.to(output.device)] = output
         return full
+
+
+class PackedVisionSource:
+    """What a strategy may read from one call of a packed tower (``ScoreContext.vision_attention`` and
+    ``pixel_patches``), with images as the "crops": patches in each image's own order (slots
+    ``image * tokens_per_crop + patch``), padded to the call's largest image (``VisionAttention.valid``).
+    A layer's attention is recomputed beside SDPA from the layer's input, its rotary positions and its
+    segments (a query attends within its frame, or its window in Qwen2.5-VL's windowed blocks)."""
+
+    def __init__(self, adapter: PackedVisionSite, images: ImageRun, crop_pixels):
+        self.adapter, self.images, self.crop_pixels = adapter, images, crop_pixels
+        #: Vision layer -> (its attention input ``[N, d]``, ``cu_seqlens``, ``(cos, sin)``).
+        self.inputs: dict[int, tuple] = {}
+
+    def _slots(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(image, patch)`` of every place of the packed sequence (every patch present)."""
+        state = self.adapter._packed(self.images)
+        image = torch.empty(len(state.index), dtype=torch.long)
+        patch = torch.empty(len(state.index), dtype=torch.long)
+        for frame in state.frames:
+            places = state.patches(frame)
+            within = (frame["frame"] * frame["all"] + frame["units"]) * state.unit
+            image[places] = frame["image"]
+            patch[places] = (within[:, None] + torch.arange(state.unit)).reshape(-1)
+        return image, patch
+
+    def attention(self, layer: int) -> VisionAttention:
+        if layer not in self.inputs:
+            raise ValueError(f"vision layer {layer}'s attention was not recorded; declare Signal('vision_attention', {layer}) in needs()")
+        hidden, cu_seqlens, (cos, sin) = self.inputs[layer]
+        state = self.adapter._packed(self.images)
+        if hidden.shape[0] != sum(f["all"] for f in state.frames) * state.unit:
+            raise ValueError(
+                f"vision layer {layer} saw {hidden.shape[0]} patches, not all of them; its attention map needs every "
+                "patch (no vision-site pruning before it)"
+            )
+        attention = self.adapter.vision_layers()[layer].attn
+        heads = attention.num_heads
+        with torch.no_grad():
+            q, k, _ = attention.qkv(hidden).reshape(hidden.shape[0], 3, heads, -1).permute(1, 0, 2, 3).unbind(0)
+            q, k = compat.qwen_vision_rotary(attention)(q, k, cos, sin)
+        scaling = attention.head_dim ** -0.5 if hasattr(attention, "head_dim") else q.shape[-1] ** -0.5
+        image_of, patch_of = self._slots()
+        crops, width = len(self.images.images), self.images.candidate_local.shape[1]
+        counts = torch.tensor([info.token_map.index.numel() for info in self.images.images])
+        valid = torch.arange(width)[None] < counts[:, None]
+        bounds = cu_seqlens.tolist()
+        segments = list(zip(bounds[:-1], bounds[1:]))
+        keys = k.float().mean(dim=1)  # [N, head_dim]
+        key_table = keys.new_zeros(crops, width, keys.shape[-1])
+        key_table[image_of, patch_of] = keys
+        place_of = torch.full((crops, width), -1, dtype=torch.long)
+        place_of[image_of, patch_of] = torch.arange(len(image_of))
+
+        def segment_probs(start: int, end: int, queries: torch.Tensor) -> torch.Tensor:
+            """``[Q, end - start]`` head-averaged probabilities of sequence places ``queries``."""
+            qs = q[queries].transpose(0, 1)[None]  # [1, H, Q, d]
+            ks = k[start:end].transpose(0, 1)[None]
+            with torch.no_grad():
+                return attention_rows(qs.float(), ks.float(), scaling)[0].mean(dim=0)
+
+        def column_mass() -> torch.Tensor:
+            received = torch.zeros(len(image_of))
+            for start, end in segments:
+                received[start:end] = segment_probs(start, end, torch.arange(start, end)).sum(dim=0).cpu()
+            table = torch.zeros(crops, width)
+            table[image_of, patch_of] = received
+            return table / counts[:, None].clamp(min=1)
+
+        def rows(index: torch.Tensor) -> torch.Tensor:
+            out = torch.zeros(*index.shape, width)
+            index = index.cpu()
+            for c in range(crops):
+                for r, slot in enumerate(index[c].tolist()):
+                    if slot < 0:
+                        continue
+                    place = int(place_of[c, slot])
+                    start, end = next((a, b) for a, b in segments if a <= place < b)
+                    out[c, r, patch_of[start:end]] = segment_probs(start, end, torch.tensor([place]))[0].cpu()
+            return out
+
+        return VisionAttention(rows=rows, keys=key_table, cls=None, column_mass=column_mass, valid=valid)
+
+    def pixel_patches(self) -> torch.Tensor:
+        """``[C, P, channels, p, p]``: each image's patches as the processor flattened them (its first
+        temporal slice), padded with zeros to the largest image."""
+        pixels = self.crop_pixels()  # per image: [patches, channels * temporal * p * p]
+        vision = self.adapter.config.vision_config
+        channels, temporal, size = vision.in_channels, vision.temporal_patch_size, vision.patch_size
+        width = self.images.candidate_local.shape[1]
+        out = torch.zeros(len(pixels), width, channels, size, size, dtype=pixels[0].dtype)
+        for c, rows in enumerate(pixels):
+            out[c, : rows.shape[0]] = rows.view(rows.shape[0], channels, temporal, size, size)[:, :, 0]
+        return out

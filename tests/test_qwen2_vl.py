@@ -96,14 +96,17 @@ def test_videos_keep_all_and_cached_equals_recomputation(version):
     assert [len(s["projector"]) for s in selection] == [4, 4]
 
 
-def test_vision_site_and_encoder_signals_are_refused_naming_the_fix():
+def test_what_the_qwen_families_refuse_names_the_signal_and_the_fix():
     model = tiny_qwen2_vl()
-    with pytest.raises(ValueError, match=r"vflowopt needs a vision layer's self-attention .* Qwen2-VL model gives no vision-layer"):
-        vtoken.wrap(model, "vflowopt")
+    with pytest.raises(ValueError, match=r"visionzip needs a CLS token in the vision tower .* Qwen2-VL model gives"):
+        vtoken.wrap(model, "visionzip")
+    with pytest.raises(ValueError, match=r"tome needs vision blocks run in two halves"):
+        vtoken.wrap(model, "tome")
     assert not vtoken.is_wrapped(model)
     families = {m["name"]: m["families"] for m in vtoken.methods()}
-    assert families["fastv"]["Qwen2-VL"] == "runs" and families["pool"]["Qwen2.5-VL"] == "runs"
-    assert families["vflowopt"]["Qwen2-VL"].startswith("needs a vision layer's self-attention")
+    for family in ("Qwen2-VL", "Qwen2.5-VL", "Qwen3-VL"):
+        for method in ("fastv", "pool", "random", "repshift", "vflowopt", "zoo_prune", "transprune", "aif"):
+            assert families[method][family] == "runs", (method, family)
     assert families["zoo_prune"]["Qwen2.5-VL"] == "runs" and families["zoo_prune"]["Qwen3-VL"] == "runs"
     assert "TokenPacker is trained for a LLaVA projector" in families["tokenpacker"]["Qwen2-VL"]
 
@@ -296,3 +299,74 @@ def test_the_merger_input_of_each_token_projects_to_its_embedding(version, visio
     width = model.config.vision_config.hidden_size if version != "2" else model.config.vision_config.embed_dim
     assert int(report["width"]) == 4 * width
     assert float(report["gap"]) < 1e-5
+
+
+@dataclasses.dataclass
+class _AttentionProbeConfig(PruneConfig):
+    method = "_test_vision_attention_probe"
+
+
+@register
+class _AttentionProbe(Strategy):
+    """Test-only: reports what ``ctx.vision_attention(1)`` and ``ctx.pixel_patches()`` give."""
+
+    name = "_test_vision_attention_probe"
+    Config = _AttentionProbeConfig
+    sites = ("projector",)
+
+    def needs(self) -> Needs:
+        return Needs.of(Signal(signals.VISION_ATTENTION, 1), Signal(signals.PIXEL_PATCHES))
+
+    def score(self, ctx):
+        attention = ctx.vision_attention(1)
+        ctx.report(received=attention.received, rows=attention.rows(torch.tensor([[0, 7], [3, -1], [5, 9]])),
+                   keys=attention.keys, valid=attention.valid, pixels=ctx.pixel_patches())
+        return torch.zeros(ctx.tokens.valid.shape)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_vision_attention_of_a_packed_tower_is_the_layers_own(version):
+    """VFlowOpt's signals on Qwen: the attention of vision block 1, recomputed beside SDPA, equals this
+    test's own softmax over each segment of the packed sequence (frames; Qwen2.5-VL's windows in its
+    windowed blocks), mapped to each image's patches; the pixel patches are each image's own rows."""
+    from transformers.vision_utils import get_vision_window_index
+
+    model = tiny_qwen2_vl(version=version)
+    x = qwen_inputs(model, grids=((1, 8, 12), (1, 12, 8), (1, 8, 8)))
+    grid = x["image_grid_thw"]
+    visual = model.model.visual
+    block = visual.blocks[1]
+    seen = []
+    handle = block.attn.register_forward_pre_hook(lambda m, a, k: seen.append((a[0], k)), with_kwargs=True)
+    vtoken.wrap(model, "_test_vision_attention_probe", keep=0.5)
+    with torch.no_grad():
+        model(**x)
+    handle.remove()
+    report = vtoken.diagnostics(model)["projector"]
+    hidden, kwargs = seen[0]
+    attn = block.attn
+    q, k, _ = attn.qkv(hidden).reshape(hidden.shape[0], 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    q, k = vtoken.compat.qwen_vision_rotary(attn)(q, k, *kwargs["position_embeddings"])
+    cu = kwargs["cu_seqlens"].tolist()
+    full = torch.zeros(hidden.shape[0], hidden.shape[0])
+    for start, end in zip(cu[:-1], cu[1:]):
+        scores = torch.einsum("qhd,khd->hqk", q[start:end], k[start:end]) * q.shape[-1] ** -0.5
+        full[start:end, start:end] = scores.softmax(-1).mean(0)
+    # Sequence place of each image's patches (its own order); Qwen2.5-VL runs its units in window order.
+    units = int(grid.prod(-1).sum()) // 4
+    place_of_unit = torch.arange(units)
+    if version == "2.5":
+        window_index, _ = get_vision_window_index(grid, visual.spatial_merge_size, visual.window_size, visual.patch_size)
+        place_of_unit = torch.argsort(window_index)
+    starts = torch.cumsum(torch.tensor([0] + [int(g.prod()) for g in grid]), 0)
+    for image, g in enumerate(grid):
+        patches = torch.arange(int(g.prod()))
+        places = place_of_unit[(starts[image] + patches) // 4] * 4 + patches % 4
+        received = full[:, places].sum(0) / len(patches)
+        torch.testing.assert_close(report["received"][image, : len(patches)], received, rtol=1e-5, atol=1e-6)
+        assert bool(report["valid"][image, : len(patches)].all()) and not bool(report["valid"][image, len(patches) :].any())
+        for r, slot in enumerate([[0, 7], [3, -1], [5, 9]][image]):
+            want = full[places[slot], places] if slot >= 0 else torch.zeros(len(patches))
+            torch.testing.assert_close(report["rows"][image, r, : len(patches)], want, rtol=1e-5, atol=1e-6)
+        pixels = x["pixel_values"][starts[image] : starts[image + 1]].view(len(patches), 3, 2, 4, 4)[:, :, 0]
+        assert torch.equal(report["pixels"][image, : len(patches)], pixels)

@@ -236,6 +236,14 @@ def qwen_vision_window_index(visual: nn.Module, grid_thw: torch.Tensor) -> tuple
     )
 
 
+def qwen_vision_rotary(attention: nn.Module):
+    """The rotary function a Qwen-VL vision attention module applies to its ``q, k`` (``[N, H, d]``)
+    with the block's ``(cos, sin)``: ``apply_rotary_pos_emb_vision`` of its own modeling file."""
+    import sys
+
+    return sys.modules[type(attention).__module__].apply_rotary_pos_emb_vision
+
+
 def deepstack_mergers(visual: nn.Module) -> list[nn.Module]:
     """Qwen3-VL's DeepStack mergers (one per ``deepstack_visual_indexes`` block), in order."""
     return list(visual.deepstack_merger_list)

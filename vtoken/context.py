@@ -114,6 +114,9 @@ class VisionAttention:
     keys: torch.Tensor
     cls: torch.Tensor | None
     column_mass: Callable[[], torch.Tensor]
+    #: ``[C, P]`` True for real patches where crops differ in size and are padded to the largest
+    #: (Qwen-VL's images); None when every crop has all ``P`` patches.
+    valid: torch.Tensor | None = None
 
     @functools.cached_property
     def received(self) -> torch.Tensor:

@@ -127,10 +127,17 @@ def patch_entropy(levels: torch.Tensor) -> torch.Tensor:
     return (-terms.sum(-1)).reshape(levels.shape[:-1])
 
 
-def context_set(received: torch.Tensor, t: float) -> torch.Tensor:
+def context_set(received: torch.Tensor, t: float, valid: torch.Tensor | None = None) -> torch.Tensor:
     """Eqs. 1-2: ``[C, P]`` True for the tokens receiving more than ``t`` times the crop's mean
-    received attention; a crop where none does gets its most-attended token."""
-    chosen = received > t * received.mean(dim=-1, keepdim=True)
+    received attention (over its ``valid`` patches where crops are padded); a crop where none does
+    gets its most-attended token."""
+    if valid is None:
+        mean = received.mean(dim=-1, keepdim=True)
+    else:
+        mean = (received * valid).sum(-1, keepdim=True) / valid.sum(-1, keepdim=True).clamp(min=1)
+    chosen = received > t * mean
+    if valid is not None:
+        chosen &= valid
     empty = ~chosen.any(dim=-1)
     if bool(empty.any()):
         top = received.argmax(dim=-1)
@@ -141,7 +148,7 @@ def context_set(received: torch.Tensor, t: float) -> torch.Tensor:
 def context_relevance(attention: VisionAttention, t: float, relevance: str = "mean") -> torch.Tensor:
     """Eq. 3: ``[C, P]`` attention paid to each patch by the crop's context set (its mean, or sum,
     over the context rows)."""
-    chosen = context_set(attention.received, t)
+    chosen = context_set(attention.received, t, attention.valid)
     counts = chosen.sum(dim=-1)
     width = int(counts.max())
     # Context indices per crop, ascending, padded with -1.
@@ -152,11 +159,14 @@ def context_relevance(attention: VisionAttention, t: float, relevance: str = "me
     return total / counts[:, None].to(total.dtype) if relevance == "mean" else total
 
 
-def importance_map(relevance: torch.Tensor, entropy: torch.Tensor | None, alpha: float) -> torch.Tensor:
-    """Eq. 4: ``I = relevance + alpha * softmax(H)`` over each crop's patches (``[C, P]``)."""
+def importance_map(relevance: torch.Tensor, entropy: torch.Tensor | None, alpha: float,
+                   valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Eq. 4: ``I = relevance + alpha * softmax(H)`` over each crop's patches (``[C, P]``; the
+    softmax over its ``valid`` patches where crops are padded)."""
     if entropy is None or alpha == 0:
         return relevance.float()
-    return relevance.float() + alpha * torch.softmax(entropy.float(), dim=-1)
+    entropy = entropy.float() if valid is None else entropy.float().masked_fill(~valid, float("-inf"))
+    return relevance.float() + alpha * torch.softmax(entropy, dim=-1)
 
 
 def grid_cells(grids: tuple[Grid, ...], length: int, a: float) -> torch.Tensor:
@@ -465,7 +475,7 @@ class VFlowOptStrategy(Strategy):
             if config.alpha != 0:
                 patches = ctx.require("pixel_patches", self.name)()
                 entropy = patch_entropy(gray_levels(denormalize(patches, config.image_mean, config.image_std)))
-            state["importance"] = importance_map(relevance, entropy, config.alpha)
+            state["importance"] = importance_map(relevance, entropy, config.alpha, attention.valid)
         return state["importance"]
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
