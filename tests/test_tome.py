@@ -1,7 +1,7 @@
 """ToMe (``tome``) against the official code, facebookresearch/ToMe at commit
 af95e4b1befa172dadccd8c81e223b10090f9579: ``tome/merge.py`` (bipartite_soft_matching, merge_wavg,
 merge_source), ``tome/utils.py`` (parse_r) and ``tome/patch/timm.py`` (ToMeBlock, ToMeAttention),
-copied below as test-local references.
+whose rules are written below as independent test-local references (loops, not the official code).
 
 - Tensor-level parity: the official functions applied layer after layer to ``[B, 1 + 196, d]`` (and
   without a class token, and with a distillation token) against the strategy driven the way the
@@ -41,99 +41,81 @@ COMMIT = "af95e4b1befa172dadccd8c81e223b10090f9579"
 
 
 # --------------------------------------------------------------------------------------------------
-# The official code (tome/merge.py and tome/utils.py at COMMIT), verbatim but for formatting
+# An independent reference written from the rules of the official code (tome/merge.py and
+# tome/utils.py at COMMIT): the similarity is a matrix product, but who merges into whom, and the
+# merges themselves, are decided one row and one token at a time in plain Python, sharing nothing
+# with the strategy's batched tensor code. Same interface as the official functions.
 
 
 def do_nothing(x, mode=None):
     return x
 
 
-def bipartite_soft_matching(
-    metric: torch.Tensor, r: int, class_token: bool = False, distill_token: bool = False
-) -> Tuple[Callable, Callable]:
-    protected = 0
-    if class_token:
-        protected += 1
-    if distill_token:
-        protected += 1
-
-    # We can only reduce by a maximum of 50% tokens
-    t = metric.shape[1]
-    r = min(r, (t - protected) // 2)
-
+def bipartite_soft_matching(metric, r: int, class_token: bool = False, distill_token: bool = False):
+    """The rules: at most half of the unprotected tokens merge; places alternate between A (even)
+    and B (odd); the class token (A's first) never merges away and nothing merges into the
+    distillation token (B's first); the ``r`` A tokens whose best cosine match in B is strongest
+    join it; the output is the staying A tokens (by place when a class token leads, else strongest
+    edge first) then B (with a distillation token: its first tokens of A and B lead)."""
+    protected = int(class_token) + int(distill_token)
+    r = min(r, (metric.shape[1] - protected) // 2)
     if r <= 0:
         return do_nothing, do_nothing
-
-    with torch.no_grad():
-        metric = metric / metric.norm(dim=-1, keepdim=True)
-        a, b = metric[..., ::2, :], metric[..., 1::2, :]
-        scores = a @ b.transpose(-1, -2)
-
+    plans = []
+    for row in metric:
+        unit = row / row.norm(dim=-1, keepdim=True)
+        similarity = unit[0::2] @ unit[1::2].T
         if class_token:
-            scores[..., 0, :] = -math.inf
+            similarity[0, :] = -math.inf
         if distill_token:
-            scores[..., :, 0] = -math.inf
+            similarity[:, 0] = -math.inf
+        best, partner = similarity.max(dim=-1)
+        ranked = sorted(range(len(best)), key=lambda i: -float(best[i]))
+        staying = sorted(ranked[r:]) if class_token else ranked[r:]
+        plans.append((staying, [(i, int(partner[i])) for i in ranked[:r]]))
 
-        node_max, node_idx = scores.max(dim=-1)
-        edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
-
-        unm_idx = edge_idx[..., r:, :]  # Unmerged Tokens
-        src_idx = edge_idx[..., :r, :]  # Merged Tokens
-        dst_idx = node_idx[..., None].gather(dim=-2, index=src_idx)
-
-        if class_token:
-            # Sort to ensure the class token is at the start
-            unm_idx = unm_idx.sort(dim=1)[0]
-
-    def merge(x: torch.Tensor, mode="mean") -> torch.Tensor:
-        src, dst = x[..., ::2, :], x[..., 1::2, :]
-        n, t1, c = src.shape
-        unm = src.gather(dim=-2, index=unm_idx.expand(n, t1 - r, c))
-        src = src.gather(dim=-2, index=src_idx.expand(n, r, c))
-        dst = dst.scatter_reduce(-2, dst_idx.expand(n, r, c), src, reduce=mode)
-
-        if distill_token:
-            return torch.cat([unm[:, :1], dst[:, :1], unm[:, 1:], dst[:, 1:]], dim=1)
-        else:
-            return torch.cat([unm, dst], dim=1)
+    def merge(x, mode: str = "mean"):
+        rows = []
+        for row, (staying, moves) in zip(x, plans):
+            side_a, side_b = row[0::2], row[1::2]
+            groups = [[side_b[j]] for j in range(len(side_b))]
+            for i, j in moves:
+                groups[j].append(side_a[i])
+            combine = {"sum": lambda g: torch.stack(g).sum(0), "mean": lambda g: torch.stack(g).mean(0),
+                       "amax": lambda g: torch.stack(g).amax(0)}[mode]
+            side_b = [combine(g) for g in groups]
+            side_a = [side_a[i] for i in staying]
+            order = [side_a[0], side_b[0], *side_a[1:], *side_b[1:]] if distill_token else side_a + side_b
+            rows.append(torch.stack(order))
+        return torch.stack(rows)
 
     return merge, None
 
 
-def merge_wavg(merge: Callable, x: torch.Tensor, size: torch.Tensor = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    if size is None:
-        size = torch.ones_like(x[..., 0, None])
-
-    x = merge(x * size, mode="sum")
-    size = merge(size, mode="sum")
-
-    x = x / size
-    return x, size
+def merge_wavg(merge, x, size=None):
+    """Size-weighted means: each merged token is sum(size * x) / sum(size) of its members."""
+    size = torch.ones_like(x[..., :1]) if size is None else size
+    total = merge(size, mode="sum")
+    return merge(x * size, mode="sum") / total, total
 
 
-def merge_source(merge: Callable, x: torch.Tensor, source: torch.Tensor = None) -> torch.Tensor:
+def merge_source(merge, x, source=None):
+    """Which original tokens each token holds (0/1 rows, starting from the identity)."""
     if source is None:
-        n, t, _ = x.shape
-        source = torch.eye(t, device=x.device)[None, ...].expand(n, t, t)
-
-    source = merge(source, mode="amax")
-    return source
+        batch, tokens = x.shape[:2]
+        source = torch.eye(tokens).expand(batch, tokens, tokens)
+    return merge(source, mode="amax")
 
 
-def official_parse_r(num_layers, r):
-    inflect = 0
+def official_parse_r(num_layers: int, r):
+    """The schedule rule: a list is r per layer (padded with zeros); an int r is constant; a pair
+    (r, inflection) runs linearly from ``int(r (1 - inflection))`` to ``2 r`` minus that."""
     if isinstance(r, list):
-        if len(r) < num_layers:
-            r = r + [0] * (num_layers - len(r))
-        return list(r)
-    elif isinstance(r, tuple):
-        r, inflect = r
-
-    min_val = int(r * (1.0 - inflect))
-    max_val = 2 * r - min_val
-    step = (max_val - min_val) / (num_layers - 1)
-
-    return [int(min_val + step * i) for i in range(num_layers)]
+        return r + [0] * max(0, num_layers - len(r))
+    base, inflection = r if isinstance(r, tuple) else (r, 0)
+    low = int(base * (1.0 - inflection))
+    step = (2 * base - 2 * low) / (num_layers - 1)
+    return [int(low + step * i) for i in range(num_layers)]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ ascending order of their original patch index, not in ToMe's order. The strategy
 ToMe's order itself, in ``ctx.state`` (one dict per encoder call): the ToMe position of every
 candidate, the prefix taking positions ``0 .. offset - 1``. Each stage rebuilds the official sequence
 (the ``offset`` prefix slots, then the candidates in ToMe order), runs the official matching and
-``merge_wavg`` on it, verbatim (the prefix slots' rows and columns of ``S`` are ``-inf``), and hands
+``merge_wavg`` rules on it (the prefix slots' rows and columns of ``S`` are ``-inf``), and hands
 back the survivors in ascending candidate order (``Reduction.keep``; a merged token keeps its B
 member's index), their merged features, and ``merged_into`` (for each candidate the column of the
 token that now holds it), from which the pipeline carries the sizes (``TokenRows.sizes``) and the
@@ -116,7 +116,7 @@ STATE_KEY = "tome"
 
 
 def parse_r(num_layers: int, r: int | tuple[int, float] | list[int]) -> list[int]:
-    """``tome/utils.py:parse_r``, verbatim for an int and an ``(r, inflection)`` pair (a one-layer
+    """The schedule rule of ``tome/utils.py:parse_r`` for an int and an ``(r, inflection)`` pair (a one-layer
     tower, where the official step divides by zero, gets ``r`` itself); a list is returned as given
     (its length is checked by the config)."""
     if isinstance(r, list):
@@ -390,8 +390,9 @@ def tome_merge(
     ``features`` ``[G, n, d]``, ``keys`` ``[G, n, c]`` (the metric), ``sizes`` ``[G, n]`` are the
     row's tokens in any order; ``position`` ``[G, n]`` each token's place in ToMe's order (a
     permutation of ``0..n-1``); ``offset`` protected prefix tokens precede them in the sequence.
-    The official ``bipartite_soft_matching`` and ``merge_wavg`` run verbatim on the sequence
-    ``[prefix slots, tokens in ToMe order]``.
+    The matching and size-weighted merge of the official ``bipartite_soft_matching`` and
+    ``merge_wavg`` (same rules, written here) run on the sequence ``[prefix slots, tokens in ToMe
+    order]``.
 
     Returns, for the ``n - r`` survivors in ascending token index: ``keep`` ``[G, n - r]`` (indices
     into the ``n`` tokens; a merged token keeps its B member's), ``merged`` ``[G, n - r, d]`` (input
@@ -413,46 +414,41 @@ def tome_merge(
         )
 
     with torch.no_grad():
+        # ToMe's sequence: the protected prefix slots, then the tokens in its order. Places alternate
+        # between set A (even) and set B (odd); each A token's edge is its most cosine-similar B token.
         metric = keys.float().gather(1, seq[..., None].expand(rows, n, keys.shape[-1]))
         metric = torch.cat([metric.new_ones(rows, offset, metric.shape[-1]), metric], dim=1)
-        # --- tome/merge.py: bipartite_soft_matching, verbatim (protected prefix slots as its class /
-        # distillation tokens) ---------------------------------------------------------------
-        metric = metric / metric.norm(dim=-1, keepdim=True)
-        a, b = metric[..., ::2, :], metric[..., 1::2, :]
-        scores = a @ b.transpose(-1, -2)
-        if prefix_a:
-            scores[..., :prefix_a, :] = -math.inf
-        if prefix_b:
-            scores[..., :, :prefix_b] = -math.inf
-        node_max, node_idx = scores.max(dim=-1)
-        edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
-        unm_idx = edge_idx[..., r:, :]  # Unmerged Tokens
-        src_idx = edge_idx[..., :r, :]  # Merged Tokens
-        dst_idx = node_idx[..., None].gather(dim=-2, index=src_idx)
-        if offset > 0:
-            # Sort to ensure the prefix (class token) is at the start
-            unm_idx = unm_idx.sort(dim=1)[0]
+        unit = metric / metric.norm(dim=-1, keepdim=True)
+        similarity = unit[:, 0::2] @ unit[:, 1::2].transpose(1, 2)  # [G, |A|, |B|]
+        similarity[:, :prefix_a, :] = -math.inf  # a protected slot in A never merges away
+        similarity[:, :, :prefix_b] = -math.inf  # nor does anything merge into one in B
+        best, partner = similarity.max(dim=-1)
+        ranking = best.argsort(dim=-1, descending=True)  # A tokens, strongest edge first
+        merging, staying = ranking[:, :r], ranking[:, r:]
+        if offset > 0:  # the prefix stays in front (ToMe sorts the unmerged A tokens then)
+            staying = staying.sort(dim=-1).values
+        target = partner.gather(1, merging)  # the B token each merging A token joins
 
-    def merge(x: torch.Tensor, mode: str = "mean") -> torch.Tensor:
-        src, dst = x[..., ::2, :], x[..., 1::2, :]
-        g, t1, c = src.shape
-        unm = src.gather(dim=-2, index=unm_idx.expand(g, t1 - r, c))
-        src = src.gather(dim=-2, index=src_idx.expand(g, r, c))
-        dst = dst.scatter_reduce(-2, dst_idx.expand(g, r, c), src, reduce=mode)
-        return torch.cat([unm, dst], dim=1)
+    def fold(values: torch.Tensor) -> torch.Tensor:
+        """``[G, t, c]`` -> ``[G, t - r, c]``: the staying A tokens, then B with the merging A tokens
+        added into their targets."""
+        width = values.shape[-1]
+        side_a, side_b = values[:, 0::2], values[:, 1::2]
+        kept = side_a.gather(1, staying[..., None].expand(-1, -1, width))
+        moved = side_a.gather(1, merging[..., None].expand(-1, -1, width))
+        side_b = side_b.scatter_add(1, target[..., None].expand(-1, -1, width), moved)
+        return torch.cat([kept, side_b], dim=1)
 
-    # --- tome/merge.py: merge_wavg ---------------------------------------------------------------
+    # A merged token is the size-weighted mean of its members (ToMe Eq. 1's sizes): sum(s x) / sum(s).
     x = features.float().gather(1, seq[..., None].expand(rows, n, dim))
     x = torch.cat([x.new_zeros(rows, offset, dim), x], dim=1)
     size = sizes.float().gather(1, seq)[..., None]
     size = torch.cat([size.new_ones(rows, offset, 1), size], dim=1)
-    x = merge(x * size, mode="sum")
-    size = merge(size, mode="sum")
-    x = x / size
+    x = fold(x * size) / fold(size)
 
     # Which token each output slot is (a merged token is its B member), prefix slots dropped.
     ids_a, ids_b = ids[:, ::2], ids[:, 1::2]
-    order = torch.cat([ids_a.gather(1, unm_idx[..., 0]), ids_b], dim=1)  # [G, t - r], ToMe's new order
+    order = torch.cat([ids_a.gather(1, staying), ids_b], dim=1)  # [G, t - r], ToMe's new order
     real = order >= 0
     order = order[real].view(rows, n - r)
     x = x[real].view(rows, n - r, dim)
@@ -460,8 +456,8 @@ def tome_merge(
     merged = x.gather(1, new_position[..., None].expand(rows, n - r, dim)).to(features.dtype)
     column = torch.full((rows, n), -1, dtype=torch.long, device=device)
     column.scatter_(1, keep, torch.arange(n - r, device=device).expand(rows, n - r))
-    src_ids = ids_a.gather(1, src_idx[..., 0])
-    dst_ids = ids_b.gather(1, dst_idx[..., 0])
+    src_ids = ids_a.gather(1, merging)
+    dst_ids = ids_b.gather(1, target)
     merged_into = column.clone()
     merged_into.scatter_(1, src_ids, column.gather(1, dst_ids))
     return keep, merged, new_position, merged_into
