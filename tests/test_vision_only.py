@@ -336,3 +336,21 @@ def test_two_threads_get_what_each_gets_alone(method):
     [t.join() for t in threads]
     for i in range(2):
         assert all(torch.equal(out, alone[i]) for out in results[i])
+
+
+@pytest.mark.parametrize("family", ["timm", "clip"])
+def test_a_deep_copy_and_a_saved_config_give_the_same_wrap(family, tmp_path):
+    """``copy.deepcopy`` of a wrapped ViT is an independent wrapped copy, and ``save_config`` /
+    ``load`` give ToMe's ``(r, inflection)`` schedule back."""
+    spec = VISION_FAMILIES[family]
+    model = vtoken.wrap(spec.make(), "tome", r=(12, -0.5))
+    x = images()
+    reference = _embed(family, model, x)
+    clone = copy.deepcopy(model)
+    assert torch.equal(_embed(family, clone, x), reference)
+    vtoken.unwrap(clone)
+    assert torch.equal(_embed(family, model, x), reference)  # the original stays wrapped
+    vtoken.save_config(model, tmp_path)
+    rewrapped = vtoken.wrap(spec.make(), config=vtoken.load(tmp_path))
+    assert vtoken.config_of(rewrapped).r == (12, -0.5)
+    assert torch.equal(_embed(family, rewrapped, x), reference)
