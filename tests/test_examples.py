@@ -1,0 +1,33 @@
+"""Every script in ``examples/`` runs offline as written (in a scratch directory, small sizes where
+the script takes them) and prints what it promises."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+#: Per script: extra arguments that keep it small, and a line its output must hold.
+RUNS = {
+    "quickstart.py": ([], "llm:2"),
+    "zero_shot_clip.py": (["--n", "20"], "tome keep 1/4"),
+    "vit_tome.py": (["--batch", "1", "--model", "vit_small_patch16_224"], "GMACs per image (ToMe r=16)"),
+}
+
+
+def test_every_example_is_listed():
+    assert sorted(RUNS) == sorted(p.name for p in EXAMPLES.glob("*.py"))
+
+
+@pytest.mark.parametrize("script", sorted(RUNS))
+def test_example_runs(script, tmp_path):
+    arguments, expected = RUNS[script]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, str(EXAMPLES / script), *arguments], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert expected in done.stdout
