@@ -490,17 +490,18 @@ def drop_background(batch, labels: torch.Tensor, image_offset: int, rate: float,
 class Packer:
     """Token ids and block masks for image-prefix + packed question segments."""
 
-    def __init__(self, tokenizer, image_processor):
+    def __init__(self, tokenizer, image_processor, prompt_fn=None):
         self.tok, self.improc = tokenizer, image_processor
+        self.prompt = prompt_fn or prompt  # the tiny Qwen passes its own prompt
         self.image_id = tokenizer.convert_tokens_to_ids(IMAGE)
-        ids = tokenizer(prompt("x"))["input_ids"]
+        ids = tokenizer(self.prompt("x"))["input_ids"]
         at = ids.index(self.image_id)
         self.prefix = ids[:at] + [self.image_id] * N_PATCHES
         self.cache: dict[str, list[int]] = {}
 
     def suffix(self, question: str) -> list[int]:
         if question not in self.cache:
-            ids = self.tok(prompt(question))["input_ids"]
+            ids = self.tok(self.prompt(question))["input_ids"]
             self.cache[question] = ids[ids.index(self.image_id) + 1:]
         return self.cache[question]
 
@@ -545,10 +546,14 @@ class Packer:
         causal = torch.ones(L, L, dtype=torch.bool).tril()
         mask = causal & (k_seg >= 0) & ((k_seg == 0) | (k_seg == q_seg))
         mask |= torch.eye(L, dtype=torch.bool)  # padding rows attend to themselves (no NaN)
-        pixels = self.improc(images=images, return_tensors="pt")["pixel_values"]
+        pixels, extra = self.pixels(images)
         return {"pixel_values": pixels, "input_ids": input_ids, "mask": mask[:, None],
                 "position_ids": pos, "rows": torch.tensor(rows), "cols": torch.tensor(cols),
-                "targets": torch.tensor(tgt), "is_answer": torch.tensor(is_ans)}
+                "targets": torch.tensor(tgt), "is_answer": torch.tensor(is_ans), **extra}
+
+    def pixels(self, images):
+        """(pixel values, other image inputs of the batch); the tiny Qwen adds its grids."""
+        return self.improc(images=images, return_tensors="pt")["pixel_values"], {}
 
 
 def packed_logits(model, batch, with_hidden=False):
@@ -567,8 +572,10 @@ def packed_logits(model, batch, with_hidden=False):
 
 # ------------------------------------------------------------------------- evaluation
 
-def val_accuracy(model, packer, records, batch_size=32):
-    """Greedy first-token exact match (teacher-forced argmax) per family on single-question records."""
+def val_accuracy(model, packer, records, batch_size=32, logits_fn=None):
+    """Greedy first-token exact match (teacher-forced argmax) per family on single-question records
+    (``logits_fn``: :func:`packed_logits` unless given, e.g. the tiny Qwen's)."""
+    logits_fn = logits_fn or packed_logits
     model.eval()
     correct, total = Counter(), Counter()
     with torch.no_grad():
@@ -576,7 +583,7 @@ def val_accuracy(model, packer, records, batch_size=32):
             chunk = records[s: s + batch_size]
             batch = packer.batch([r["pil"] for r in chunk], [[(r["question"], r["answer"])] for r in chunk],
                                  with_eos=False)
-            pred = packed_logits(model, batch).argmax(-1)
+            pred = logits_fn(model, batch).argmax(-1)
             for r, p, t in zip(chunk, pred.tolist(), batch["targets"].tolist()):
                 total[r["family"]] += 1
                 correct[r["family"]] += int(p == t)

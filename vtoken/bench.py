@@ -3,7 +3,9 @@ measured prefill latency and FLOPs.
 
 The default model is a small LLaVA built from a config with random weights (144 visual tokens per
 image, the shape of the offline benchmark), so the command runs anywhere in seconds; ``--model``
-takes any LLaVA / LLaVA-NeXT checkpoint directory or hub id that ``from_pretrained`` can load.
+takes any LLaVA / LLaVA-NeXT checkpoint directory or hub id that ``from_pretrained`` can load, or a
+Qwen2-VL directory saved with its processor (``vtoken/assets/tiny-qwen2-vl``: accuracy on the benchmark
+too; the default method list skips the methods ``vtoken.methods()`` says do not run on the model).
 Latency is the median wall time of a batch-1 prefill (and a batch-``--batch`` one for throughput),
 after warm-up, on whatever device the model is on.
 """
@@ -80,6 +82,21 @@ def _runs_unassisted(name: str) -> bool:
     return not (name.startswith("_") or cls.trained or signals.ANNOTATIONS in cls.reads)
 
 
+def _runs_on(model, name: str, progress=print) -> bool:
+    """Whether ``vtoken.methods()`` says ``name`` runs on ``model``'s family (the default method list
+    skips the others, saying why: e.g. ToMe on Qwen2-VL, whose packed vision tower is not split)."""
+    from vtoken.adapters import adapter_for
+
+    try:
+        family = adapter_for(model)(model).family_name
+    except (ValueError, AttributeError, TypeError):
+        return True
+    why = next((m["families"].get(family, "runs") for m in vtoken.methods() if m["name"] == name), "runs")
+    if why != "runs":
+        progress(f"{name}: skipped on {family}: {why}")
+    return why == "runs"
+
+
 def parse_budget(text: str) -> float | int:
     """``"1/9"`` or ``"0.25"`` is a fraction of the visual tokens, ``"64"`` a count; ``"1"`` keeps all."""
     try:
@@ -131,12 +148,13 @@ class BenchRow:
 LLAVA_7B = "llava-hf/llava-1.5-7b-hf"
 
 
-def _flops(model, schedule, method: str | None = None, option: dict | None = None) -> tuple[float, float, float]:
+def _flops(model, schedule, method: str | None = None, option: dict | None = None,
+           image_size: tuple[int, int] | None = None) -> tuple[float, float, float]:
     """This model's prefill TFLOPs, the layer-mean visual tokens, and LLaVA-1.5-7B's TFLOPs for the
     same method and budget (64 text tokens), in the true convention. The 7B schedule comes from
     wrapping a weightless LLaVA-1.5-7B with the method, so depth-relative defaults (TransPrune's
     layers) resolve for 32 layers rather than being copied from the small model."""
-    own = flops(model, schedule=schedule, text_tokens=32)
+    own = flops(model, schedule=schedule, text_tokens=32, image_size=image_size)
     try:
         seven_b = flops(LLAVA_7B, schedule=llava_7b_schedule(method, option), text_tokens=64).prefill / 1e12
     except ValueError:  # e.g. a trained method whose weights fit the small model only
@@ -211,9 +229,12 @@ def run(
     one, many = (vqa.encode(records[:1]), vqa.encode(records[:batch])) if records else (
         synthetic_inputs(model, 1), synthetic_inputs(model, batch))
     visual = int((one["input_ids"] == model.config.image_token_id).sum())
-    names = methods or [n for n in strategy_names() if _runs_unassisted(n)]
+    names = methods or [n for n in strategy_names() if _runs_unassisted(n) and _runs_on(model, n, progress)]
     if records and any(r.get("boxes") for r in records) and methods is None:
         names = [*names, "oracle"]
+
+    # the Qwen families size their patch grid from the image (LLaVA-1.5's is fixed by its config)
+    image_size = (vqa.grid[0],) * 2 if vqa is not None and "image_grid_thw" in one else None
 
     def timed(inputs, count: int) -> float:
         with _annotations(vqa, records[:count] if records else []):
@@ -222,7 +243,7 @@ def run(
     def measure(name, text, site, schedule, base=None, option=None) -> BenchRow:
         if option and "keep_tokens" in option:  # a count on this model is the same share of 576
             option = {"keep": option["keep_tokens"] / visual}
-        own, kept, paper = _flops(model, schedule, None if name == "none" else name, option)
+        own, kept, paper = _flops(model, schedule, None if name == "none" else name, option, image_size)
         row = BenchRow(name, text, site, kept, visual, timed(one, 1), timed(many, batch), batch, own, paper)
         if records is not None:
             from vtoken.vqa.evaluate import evaluate

@@ -14,7 +14,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--methods", nargs="+", help="methods to run, space or comma separated (default: every registered one)")
     bench.add_argument("--budgets", nargs="+", default=None,
                        help="fractions (1/9, 0.25) or counts (64), space or comma separated; 1 = unpruned")
-    bench.add_argument("--model", help="a LLaVA / LLaVA-NeXT checkpoint path or hub id (default: built-in tiny model)")
+    bench.add_argument("--model", help="a LLaVA / LLaVA-NeXT checkpoint path or hub id, or a Qwen2-VL directory saved "
+                       "with its processor, e.g. vtoken/assets/tiny-qwen2-vl (default: built-in tiny model)")
     bench.add_argument("--repeats", type=int, default=5, help="timed prefills per point (median reported)")
     bench.add_argument("--batch", type=int, default=8, help="batch size of the throughput column")
     bench.add_argument("--threads", type=int, default=None, help="torch CPU threads")

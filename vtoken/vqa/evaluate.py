@@ -1,4 +1,4 @@
-"""Accuracy of a (wrapped) LLaVA on visual-QA records: exact match of the greedy answer, per family,
+"""Accuracy of a (wrapped) LLaVA or Qwen2-VL on visual-QA records: exact match of the greedy answer, per family,
 with the share of each question's relevant patches that survive pruning.
 
 Records are the JSONL format of :mod:`vtoken.vqa.data` (``image``/``pil``, ``question``,
@@ -30,8 +30,10 @@ class VQAModel:
 
     @classmethod
     def load(cls, path: str) -> "VQAModel":
-        from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
+        from transformers import AutoConfig, AutoImageProcessor, AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
+        if cls is VQAModel and AutoConfig.from_pretrained(path).model_type in QwenVQAModel.MODEL_TYPES:
+            return QwenVQAModel.load(path)
         model = LlavaForConditionalGeneration.from_pretrained(path).eval()
         try:  # a saved LlavaProcessor holds both
             processor = AutoProcessor.from_pretrained(path)
@@ -70,6 +72,54 @@ class VQAModel:
         image_size, patch_size, _ = self.grid
         offset = int(self.model.config.vision_feature_select_strategy == "full")
         return [offset + p for p in relevant_patches(record, image_size, patch_size)]
+
+
+@dataclass
+class QwenVQAModel(VQAModel):
+    """A Qwen2-VL / Qwen2.5-VL with its saved processor (``eval/train_tiny_qwen.py``): prompts from the
+    processor's chat template, inputs (``image_grid_thw``, ``mm_token_type_ids``) from the processor.
+    The images have one fixed size (the image processor's ``max_pixels``), so every image has the same
+    grid; LLM token ``j`` is merged cell ``j`` (row-major) of ``patch_size * merge_size`` pixels."""
+
+    MODEL_TYPES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
+    processor: object = None
+
+    @classmethod
+    def load(cls, path: str) -> "QwenVQAModel":
+        import transformers
+        from transformers import AutoConfig, AutoProcessor
+
+        model_type = AutoConfig.from_pretrained(path).model_type
+        model = getattr(transformers, cls.MODEL_TYPES[model_type]).from_pretrained(path).eval()
+        processor = AutoProcessor.from_pretrained(path)
+        processor.tokenizer.padding_side = "left"
+        image_size, cell, side = cls._grid(processor.image_processor)
+        return cls(model, processor.tokenizer, processor.image_processor, side * side, processor)
+
+    @staticmethod
+    def _grid(image_processor) -> tuple[int, int, int]:
+        size = getattr(image_processor, "size", None) or {}
+        pixels = size.get("longest_edge") or image_processor.max_pixels
+        image_size = int(round(pixels ** 0.5))
+        cell = image_processor.patch_size * image_processor.merge_size
+        return image_size, cell, image_size // cell
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        """(image size, pixels per LLM token side, LLM tokens per side)."""
+        return self._grid(self.image_processor)
+
+    def encode(self, records: list[dict]) -> dict:
+        messages = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r["question"]}]}]
+                    for r in records]
+        texts = [self.processor.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in messages]
+        images = [r["pil"] if "pil" in r else load_image(r) for r in records]
+        return dict(self.processor(images=images, text=texts, return_tensors="pt", padding=True))
+
+    def relevant(self, record: dict) -> list[int]:
+        """Image-local LLM-token indices (merged cells, row-major) of the record's boxes."""
+        image_size, cell, _ = self.grid
+        return relevant_patches(record, image_size, cell)
 
 
 @dataclass

@@ -42,10 +42,15 @@ def _template_words() -> list[str]:
     return words(PROMPT_TEMPLATE.replace(IMAGE, " ").replace("{question}", " "))
 
 
-def build_tokenizer(save_dir: str | Path | None = None) -> PreTrainedTokenizerFast:
-    """Build the tokenizer; with ``save_dir`` also ``save_pretrained`` it there."""
+def build_tokenizer(save_dir: str | Path | None = None, extra_special_tokens: dict[str, str] | None = None
+                    ) -> PreTrainedTokenizerFast:
+    """Build the tokenizer; with ``save_dir`` also ``save_pretrained`` it there.
+
+    ``extra_special_tokens`` (name -> token, e.g. ``{"vision_start_token": "<|vision_start|>"}`` for the
+    tiny Qwen2-VL) are appended after the vocabulary, so every other id stays what it is without them."""
     vocab_words = sorted(set(vocabulary()) | set(_template_words()))
-    vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, *vocab_words])}
+    extra = dict(extra_special_tokens or {})
+    vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, *vocab_words, *extra.values()])}
     core = Tokenizer(WordLevel(vocab, unk_token=UNK))
     core.normalizer = normalizers.Lowercase()
     core.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -53,7 +58,7 @@ def build_tokenizer(save_dir: str | Path | None = None) -> PreTrainedTokenizerFa
         single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core, bos_token=BOS, eos_token=EOS, unk_token=UNK,
-        pad_token=PAD, extra_special_tokens={"image_token": IMAGE},
+        pad_token=PAD, extra_special_tokens={"image_token": IMAGE, **extra},
         clean_up_tokenization_spaces=True)
     if save_dir is not None:
         tokenizer.save_pretrained(str(save_dir))
