@@ -303,6 +303,10 @@ class VisionLanguageAdapter(VisionSite, Adapter):
 
         @functools.wraps(encode)  # keeps the signature generate() inspects
         def encoder_entry(*args, **kwargs):
+            if pruner.encoding is not None:
+                # An entry calling another (Qwen3-VL's get_video_features runs get_image_features):
+                # the outer call's encoding holds the request.
+                return encode(*args, **kwargs)
             arguments = signature.bind(*args, **kwargs).arguments
             images = modality.infos(arguments)
             crop_pixels = partial(modality.crop_pixels, arguments)

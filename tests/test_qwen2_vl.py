@@ -370,3 +370,32 @@ def test_vision_attention_of_a_packed_tower_is_the_layers_own(version):
             torch.testing.assert_close(report["rows"][image, r, : len(patches)], want, rtol=1e-5, atol=1e-6)
         pixels = x["pixel_values"][starts[image] : starts[image + 1]].view(len(patches), 3, 2, 4, 4)[:, :, 0]
         assert torch.equal(report["pixels"][image, : len(patches)], pixels)
+
+
+def test_qwen3_videos_prune_at_every_site_and_cached_equals_recomputation():
+    """A Qwen3-VL video (its frames each between vision start and end, text between them): keep-all is
+    exact; the vision, projector and LLM sites keep the video's budget (get_video_features runs
+    get_image_features: one encoding, the outer call's); cached generation equals recomputation."""
+    model = tiny_qwen2_vl(version="3")
+    g = torch.Generator().manual_seed(0)
+    frame = [VISION_START, *[VIDEO_TOKEN] * 16, VISION_END]
+    row = [1, 5, 6, *frame, 7, *frame, 8, 9]
+    ids = torch.tensor([row])
+    x = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "video_grid_thw": torch.tensor([[2, 8, 8]]),
+         "pixel_values_videos": torch.randn(128, 96, generator=g), "mm_token_type_ids": (ids == VIDEO_TOKEN).int() * 2}
+    suppress = [IMAGE_TOKEN, VIDEO_TOKEN]
+    with torch.no_grad():
+        ref = model(**x).logits
+    with vtoken.pruned(model, "random", keep=1.0):
+        with torch.no_grad():
+            assert torch.equal(model(**x).logits, ref)
+    for options in ({"site": "vision", "layer": 1, "keep": 0.5}, {"keep": 0.5}, {"site": "llm", "layer": 1, "keep": 0.5}):
+        with vtoken.pruned(model, "random", **options):
+            with torch.no_grad():
+                logits = model(**x).logits
+            kept = list(vtoken.selection(model)[0].values())[-1]
+            assert len(kept) == 16, options
+            if options.get("site") != "llm":
+                assert logits.shape[1] == ids.shape[1] - 16
+            cached = model.generate(**x, max_new_tokens=3, do_sample=False, suppress_tokens=suppress)
+            assert torch.equal(greedy_without_cache(model, x, 3, suppress=suppress), cached)
