@@ -213,6 +213,20 @@ class VisionSpec:
         return self.prefix_tokens > 0 if self.cls is None else self.cls
 
 
+def block_call_splitter(hidden: str, mask: str) -> Callable[[tuple, dict], tuple[torch.Tensor, dict]]:
+    """``split_call`` of a block called ``block(hidden_states, mask, ...)`` whose first two parameters
+    are named ``hidden`` and ``mask`` (either may come by position or by name)."""
+
+    def split_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor, dict]:
+        kwargs = dict(kwargs)
+        states = args[0] if args else kwargs.pop(hidden)
+        if len(args) > 1:
+            kwargs[mask] = args[1]
+        return states, kwargs
+
+    return split_call
+
+
 @dataclass(frozen=True)
 class BlockHalves:
     """One pre-norm vision block run in two halves, for a stage between its attention and its MLP

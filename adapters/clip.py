@@ -15,7 +15,7 @@ from transformers import (
     CLIPModel, CLIPVisionModel, CLIPVisionModelWithProjection, SiglipModel, SiglipVisionModel,
 )
 
-from .base import BlockHalves, FamilyDescription, UndoStack, VisionSpec
+from .base import BlockHalves, FamilyDescription, UndoStack, VisionSpec, block_call_splitter
 from .observe import OutputRecorder
 from .vision_encoder import VisionEncoderAdapter, vision_only_gaps
 from vtoken import compat
@@ -72,13 +72,6 @@ def hf_encoder_halves(block: nn.Module, undo: UndoStack) -> BlockHalves:
     norm_before_attention, norm_before_mlp = compat.encoder_layer_norms(block)
     keys = OutputRecorder(attention.k_proj, undo)
 
-    def split_call(args, kwargs):
-        kwargs = dict(kwargs)
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        if len(args) > 1:
-            kwargs["attention_mask"] = args[1]
-        return hidden, kwargs
-
     def run_attention(hidden, bias, rest):
         mask = rest.pop("attention_mask", None)
         mask = bias if mask is None else (mask if bias is None else mask + bias)
@@ -89,4 +82,4 @@ def hf_encoder_halves(block: nn.Module, undo: UndoStack) -> BlockHalves:
     def mlp(hidden):
         return hidden + block.mlp(norm_before_mlp(hidden))
 
-    return BlockHalves(split_call, run_attention, mlp)
+    return BlockHalves(block_call_splitter("hidden_states", "attention_mask"), run_attention, mlp)

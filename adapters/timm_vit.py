@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import BlockHalves, FamilyDescription, UndoStack, VisionSpec
+from .base import BlockHalves, FamilyDescription, UndoStack, VisionSpec, block_call_splitter
 from .observe import OutputRecorder
 from .vision_encoder import VisionEncoderAdapter, vision_only_gaps
 from vtoken.compat import AttentionParts
@@ -98,13 +98,6 @@ def timm_block_halves(block: nn.Module, undo: UndoStack) -> BlockHalves:
     attention = block.attn
     keys = OutputRecorder(attention.k_norm, undo)
 
-    def split_call(args, kwargs):
-        kwargs = dict(kwargs)
-        hidden = args[0] if args else kwargs.pop("x")
-        if len(args) > 1:
-            kwargs["attn_mask"] = args[1]
-        return hidden, kwargs
-
     def run_attention(hidden, bias, rest):
         mask = rest.pop("attn_mask", None)
         if mask is not None and mask.dtype == torch.bool:
@@ -117,4 +110,4 @@ def timm_block_halves(block: nn.Module, undo: UndoStack) -> BlockHalves:
     def mlp(hidden):
         return hidden + block.drop_path2(block.ls2(block.mlp(block.norm2(hidden))))
 
-    return BlockHalves(split_call, run_attention, mlp)
+    return BlockHalves(block_call_splitter("x", "attn_mask"), run_attention, mlp)

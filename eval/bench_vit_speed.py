@@ -54,7 +54,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "eval"))
-from eval_tiny_clip import code_version  # noqa: E402  (one record of the code a result came from)
+from eval_tiny_clip import code_version, write_result  # noqa: E402  (shared with the CLIP evaluation)
 DEFAULT_OUT = REPO / "eval" / "results" / "tiny_clip" / "bench_vit_speed"
 DEFAULT_METHODS = ("tome", "random", "pool", "repshift", "visionzip")
 FAMILIES = {"timm": "timm ViT", "hf": "CLIP"}  # family names vtoken.methods() reports
@@ -382,13 +382,7 @@ def main(argv=None) -> dict:
     print(f"machine: {result['machine']}", flush=True)
     for kind in args.models:
         result["models"].append(bench_model(kind, args))
-    text = markdown(result)
-    print(text)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".md").write_text(text)
-        out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    write_result(args.out, markdown(result), result)
     return result
 
 

@@ -300,17 +300,21 @@ def parse_args(argv):
     return args
 
 
+def write_result(out: str | None, text: str, result: dict) -> None:
+    """Print ``text``; with ``out``, write it as ``out.md`` and ``result`` as ``out.json``."""
+    print(text)
+    if out:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".md").write_text(text)
+        out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+
+
 def main(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     result = evaluate(args, argv)
-    text = markdown(result)
-    print(text)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".md").write_text(text)
-        out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    write_result(args.out, markdown(result), result)
     return result
 
 

@@ -51,6 +51,7 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_tiny_llava import save  # noqa: E402  (model, processor and training state, as the tiny LLaVA's)
 
 import numpy as np
 import torch
@@ -220,13 +221,6 @@ def param_groups(model, weight_decay):
     for name, p in model.named_parameters():
         (decay if p.ndim >= 2 and "embedding" not in name else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def save(model, processor, out: Path, info: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out), safe_serialization=True)
-    processor.save_pretrained(str(out))
-    (out / "training_state.txt").write_text(info + "\n")
 
 
 def main(argv=None):
