@@ -38,7 +38,6 @@ from .qwen_vision import PackedVisionSite
 from vtoken import compat, signals
 from vtoken.context import Grid
 
-_NOT_YET = "yet (its packed vision tower is not instrumented)"
 
 #: Per family: the pruning sites its models lack (yet), and why (``vtoken.methods``).
 MISSING_SITES: dict[str, dict[str, str]] = {}
@@ -49,7 +48,7 @@ FAMILY_GAPS = {
         signals.ONE_GRID_PER_IMAGE: "the 2x2 merger packs four patches into each token (TokenPacker is trained "
                                     "for a LLaVA projector that reads one patch per token)",
         signals.VISION_CLS: "a vision tower without a CLS token",
-        signals.VISION_BLOCK_KEYS: "no split vision blocks " + _NOT_YET,
+        signals.VISION_BLOCK_KEYS: "no split vision blocks yet (vtoken does not run its packed blocks in two halves)",
     }
     for family in ("Qwen2-VL", "Qwen2.5-VL")
 }

@@ -82,19 +82,17 @@ def _runs_unassisted(name: str) -> bool:
     return not (name.startswith("_") or cls.trained or signals.ANNOTATIONS in cls.reads)
 
 
-def _runs_on(model, name: str, progress=print) -> bool:
-    """Whether ``vtoken.methods()`` says ``name`` runs on ``model``'s family (the default method list
-    skips the others, saying why: e.g. ToMe on Qwen2-VL, whose packed vision tower is not split)."""
+def _refusals(model) -> dict[str, str]:
+    """Method -> why it does not run on ``model``'s family, as ``vtoken.methods()`` says (the default
+    method list skips those, saying why: e.g. ToMe on Qwen2-VL, whose packed blocks are not split)."""
     from vtoken.adapters import adapter_for
 
     try:
         family = adapter_for(model)(model).family_name
     except (ValueError, AttributeError, TypeError):
-        return True
-    why = next((m["families"].get(family, "runs") for m in vtoken.methods() if m["name"] == name), "runs")
-    if why != "runs":
-        progress(f"{name}: skipped on {family}: {why}")
-    return why == "runs"
+        return {}
+    verdicts = {m["name"]: m["families"].get(family, "runs") for m in vtoken.methods()}
+    return {name: f"skipped on {family}: {why}" for name, why in verdicts.items() if why != "runs"}
 
 
 def parse_budget(text: str) -> float | int:
@@ -229,7 +227,12 @@ def run(
     one, many = (vqa.encode(records[:1]), vqa.encode(records[:batch])) if records else (
         synthetic_inputs(model, 1), synthetic_inputs(model, batch))
     visual = int((one["input_ids"] == model.config.image_token_id).sum())
-    names = methods or [n for n in strategy_names() if _runs_unassisted(n) and _runs_on(model, n, progress)]
+    refused = _refusals(model) if methods is None else {}
+    if methods is None:
+        for name in strategy_names():
+            if _runs_unassisted(name) and name in refused:
+                progress(f"{name}: {refused[name]}")
+    names = methods or [n for n in strategy_names() if _runs_unassisted(n) and n not in refused]
     if records and any(r.get("boxes") for r in records) and methods is None:
         names = [*names, "oracle"]
 

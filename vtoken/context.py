@@ -92,6 +92,17 @@ class Reduction:
     features: torch.Tensor | None = None
     merged_into: torch.Tensor | None = None
 
+    def columns(self, candidates: int) -> torch.Tensor:
+        """``[R, candidates]``: the column of :attr:`keep` whose token holds each candidate
+        (:attr:`merged_into`, or for plain pruning the candidate's own column), -1 if dropped."""
+        if self.merged_into is not None:
+            return self.merged_into.to(self.keep.device).long()
+        rows = self.keep.shape[0]
+        columns = torch.full((rows, candidates + 1), -1, dtype=torch.long, device=self.keep.device)
+        own = torch.arange(self.keep.shape[1], device=self.keep.device).expand(rows, -1)
+        columns.scatter_(1, torch.where(self.keep >= 0, self.keep, candidates), own)
+        return columns[:, :candidates]
+
 
 @dataclass
 class VisionAttention:

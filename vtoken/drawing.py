@@ -116,12 +116,7 @@ def _sequence_holders(run, index: int) -> list[int] | None:
     """For an image whose projector / LLM stages merged tokens (pool's windows): per visual token, the
     kept token holding it (-1: dropped); None when every kept token holds only itself."""
     holders = getattr(run, "holders", {}).get(index)
-    if holders is None:
-        return None
-    held = holders[holders >= 0]
-    if int(held.numel()) == len(torch.unique(held)):
-        return None
-    return holders.tolist()
+    return None if holders is None else _if_merged(holders)
 
 
 def _save(picture: Image.Image, path) -> str:
@@ -137,10 +132,14 @@ def _merged_holders(run, info) -> list[int] | None:
     owner = getattr(images, "owner", None)
     if owner is None or run.visual.tokens_per_crop == 0 or len(info.crops) != 1:
         return None
-    row = owner[info.crops[0]].cpu()
-    if int((row >= 0).sum()) == len(torch.unique(row[row >= 0])):  # one patch per token: plain pruning
-        return None
-    return row.tolist()
+    return _if_merged(owner[info.crops[0]].cpu())
+
+
+def _if_merged(holders: torch.Tensor) -> list[int] | None:
+    """``holders`` as a list when some kept token holds more than one patch or token; None when each
+    holds only itself (plain pruning: drawn bright / dim)."""
+    held = holders[holders >= 0]
+    return None if int(held.numel()) == len(torch.unique(held)) else holders.tolist()
 
 
 def _draw_sources(picture: Image.Image, dimmed: Image.Image, boxes: dict, holders: list[int]) -> Image.Image:

@@ -438,13 +438,8 @@ class Pruner:
         its holder was merged into (``Reduction.merged_into``) or kept as, and is dropped otherwise."""
         keep = reduction.keep
         kept_local = torch.where(keep >= 0, torch.gather(local, 1, keep.clamp(min=0)), -1)
-        if reduction.merged_into is not None:
-            into = reduction.merged_into.to(local.device)
-            holder = torch.where(into >= 0, torch.gather(kept_local, 1, into.clamp(min=0)), -1)
-        else:
-            holder = torch.full_like(local, -1)
-            rows, columns = (keep >= 0).nonzero(as_tuple=True)
-            holder[rows, keep[rows, columns]] = kept_local[rows, columns]
+        into = reduction.columns(local.shape[1]).to(local.device)
+        holder = torch.where(into >= 0, torch.gather(kept_local, 1, into.clamp(min=0)), -1)
         for r, i in enumerate(row_image.tolist()):
             n = run.visual.images[i].num_tokens
             step = torch.full((n,), -1, dtype=torch.long)

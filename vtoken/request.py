@@ -89,13 +89,7 @@ class ImageRun:
         keep = reduction.keep
         crops = keep.shape[0]
         current = self.vision_positions.shape[1] if self.vision_positions is not None else self.candidate_local.shape[1]
-        if reduction.merged_into is not None:
-            slot_of = reduction.merged_into.to(keep.device).long()
-        else:
-            slot_of = torch.full((crops, current + 1), -1, dtype=torch.long, device=keep.device)
-            columns = torch.arange(keep.shape[1], device=keep.device).expand(crops, -1)
-            slot_of.scatter_(1, torch.where(keep >= 0, keep, current), columns)
-            slot_of = slot_of[:, :current]
+        slot_of = reduction.columns(current)
         owner = self.owner
         if owner is None:
             owner = torch.arange(self.candidate_local.shape[1], device=keep.device).expand(crops, -1)

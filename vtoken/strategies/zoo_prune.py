@@ -376,9 +376,6 @@ class ZooPruneStrategy(Strategy):
         super().__init__(config)
         self._warned_flat = False
 
-    def _two_layer(self, projector) -> TwoLayerProjector | None:
-        return cached_two_layer_projector(projector, self.config.projector_rank)
-
     def scoring_cost(self, stage: StageSpec, shapes: StageShapes | None = None) -> list[ScoringCost]:
         # m directions: from a two-layer projector's structure, or 2m full passes (the FLOPs model
         # knows which each family's projector gets; ScoringCost "projector_sensitivity").
@@ -397,7 +394,7 @@ class ZooPruneStrategy(Strategy):
         if bool(wanted.any()):
             u = random_directions(config.directions, inputs.shape[-1], ctx.generator, inputs.device)
             chosen = inputs[wanted.to(inputs.device)]
-            parts = self._two_layer(projector)
+            parts = cached_two_layer_projector(projector, config.projector_rank)
             if parts is not None:
                 values = zo_sensitivity_two_layer(parts, chosen, u, float(config.step), config.chunk_size)
             else:
