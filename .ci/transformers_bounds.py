@@ -1,5 +1,5 @@
-"""Print the lowest and the newest transformers releases that pyproject.toml's range admits, as
-``LOWEST NEWEST``, resolved now from the package index (not pinned by hand)."""
+"""Print the lowest and the newest transformers releases that pyproject.toml's range admits and pip can
+install, as ``LOWEST NEWEST``, resolved now from the package index (not pinned by hand)."""
 
 import re
 import subprocess
@@ -22,4 +22,19 @@ versions = sorted(
 )
 if not versions:
     sys.exit(f"no transformers release satisfies {spec}")
-print(versions[0], versions[-1])
+
+
+def installable(version: Version) -> bool:
+    """Whether pip can install this release with its dependencies from the index now (a release can
+    be published before a dependency it pins is: pip then resolves a new user's ``pip install -e .``
+    to an older one, so that is the newest release a user gets)."""
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", f"transformers=={version}"],
+                          capture_output=True, text=True)
+    return done.returncode == 0
+
+
+lowest = next((v for v in versions if installable(v)), None)
+if lowest is None:
+    sys.exit(f"no transformers release in {spec} can be installed from the index")
+newest = next(v for v in reversed(versions) if installable(v))
+print(lowest, newest)
