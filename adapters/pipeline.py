@@ -158,6 +158,8 @@ class VisionLanguageAdapter(VisionSite, Adapter):
                         f"use a vision layer <= {self.first_read_layer() - 1}"
                     )
             per_image = self.visual_tokens_per_image()
+            if stage.site == "vision" and per_image is not None and self.vision_tokens() is not None:
+                stage.crop_budget(self.vision_tokens(), per_image)  # a budget the stage cannot meet raises here
             if per_image is not None and stage.keep_tokens is not None and stage.keep_tokens > per_image:
                 raise ValueError(
                     f"keep_tokens={stage.keep_tokens} is larger than the {per_image} visual tokens of an image; "

@@ -126,6 +126,7 @@ class VisionEncoderAdapter(VisionSite, Adapter):
                     f"keep_tokens={stage.keep_tokens} is larger than the {patches} patch tokens of an image; "
                     f"use keep_tokens <= {patches} (or keep=1.0 to keep all)"
                 )
+            stage.crop_budget(patches, patches)  # a budget the stage cannot meet (ToMe's cap) raises here
 
     # --- hooks ----------------------------------------------------------------------------------
     def install(self, pruner: Pruner, undo: UndoStack) -> None:

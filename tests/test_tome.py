@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 from typing import Callable, Tuple
 
 import pytest
@@ -640,3 +641,25 @@ def test_tome_matches_official_on_timm_vit(r, prop_attn, options):
         holders = {int(i) for i in kept[b]}
         groups = [set(row.nonzero().squeeze(-1).tolist()) for row in final[b] > 0]
         assert all(len(holders & g) == 1 for g in groups)
+
+
+def test_a_budget_the_tower_cannot_reach_is_refused_at_wrap_and_skipped_by_the_bench():
+    """The shipped tiny LLaVA merges in 2 vision layers (it reads layer 2): 144 patches cannot go below
+    36. ``wrap`` refuses keep=2/9 (32) before anything runs, and ``vtoken bench`` skips that point,
+    saying why, and measures the others."""
+    from fractions import Fraction
+
+    from transformers import LlavaForConditionalGeneration
+
+    from vtoken.bench import run
+
+    path = Path(vtoken.__file__).parent / "assets" / "tiny-llava"
+    model = LlavaForConditionalGeneration.from_pretrained(path).eval()
+    with pytest.raises(ValueError, match="so at least 36 remain"):
+        vtoken.wrap(model, "tome", keep=2 / 9)
+    assert not vtoken.is_wrapped(model)
+    said = []
+    rows = run(methods=["tome"], budgets=[Fraction(2, 9), Fraction(1, 3)], repeats=1, batch=1, limit=10,
+               progress=said.append)
+    assert [(r.method, str(r.budget)) for r in rows] == [("none", "1"), ("tome", "1/3")]
+    assert any(line.startswith("tome @ 2/9: skipped: tome cannot merge 144") for line in said)

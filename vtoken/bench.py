@@ -262,12 +262,19 @@ def run(
     base = measure("none", "1", "-", None)
     rows = [base]
     for name, text, option in _points(names, budgets):
-        with vtoken.pruned(model, name, **option):
+        try:
+            vtoken.wrap(model, name, **option)
+        except ValueError as error:  # a budget this method cannot meet on this model: say so, go on
+            progress(f"{name} @ {text}: skipped: {error}")
+            continue
+        try:
             with _annotations(vqa, records[:1] if records else []), torch.no_grad():
                 model(**one)
             site = ",".join(vtoken.selection(model)[0])
             schedule = vtoken.schedule_of(model, visual_tokens=visual)
             rows.append(measure(name, text, site, schedule, base, option))
+        finally:
+            vtoken.unwrap(model)
     if trained is None:
         trained = [(m, w) for m, w in shipped_trained(model_path) if methods is None or m in methods]
     for name, weights in trained:
