@@ -59,7 +59,9 @@ def test_bench_reports_accuracy_rows(vqa_dir):
     assert all(r.accuracy is not None and set(r.families) for r in rows)
 
 
-def test_oracle_gap_summary_places_methods_between_random_and_oracle():
+def test_oracle_gap_summary_measures_the_benchmark_itself():
+    """The gap between oracle and random per budget (where methods land between them is ranked at equal
+    cost: tests/test_bench_report.py)."""
     from vtoken.bench import BenchRow, oracle_gap_summary
 
     def row(method, budget, accuracy):
@@ -69,6 +71,5 @@ def test_oracle_gap_summary_places_methods_between_random_and_oracle():
             row("fastv", "1/9", 0.6), row("pool", "1/9", 0.4), row("oracle", "1/3", 0.85), row("random", "1/3", 0.8)]
     text = oracle_gap_summary(rows)
     assert "budget 1/9: oracle 80.0, random 50.0: gap +30.0 points (meets" in text
-    assert "fastv 0.33, pool -0.33" in text
     assert "budget 1/3: oracle 85.0, random 80.0: gap +5.0 points (misses" in text
     assert oracle_gap_summary(rows[:1]) == ""

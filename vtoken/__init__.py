@@ -7,25 +7,34 @@
     vtoken.unwrap(model)                        # exactly the original again
 """
 
-from vtoken.api import (
-    annotate,
-    config_of,
-    diagnostics,
-    is_wrapped,
-    load,
-    methods,
-    pruned,
-    save_config,
-    schedule_of,
-    selection,
-    strategy_of,
-    unwrap,
-    wrap,
-)
-from vtoken.accounting import FlopsReport, flops, kv_cache_bytes
-from vtoken.config import PruneConfig, StageSpec
-from vtoken.schedule import Schedule, ScoringCost, Stage
-from vtoken.tuning import tune
+# The public names load on first use (PEP 562), so ``import vtoken.cli`` (``vtoken --help``) does not
+# import torch and transformers; ``from vtoken import wrap`` and ``vtoken.wrap`` work as usual.
+_LAZY = {
+    **dict.fromkeys(
+        ("annotate", "config_of", "diagnostics", "is_wrapped", "load", "methods", "pruned", "save_config",
+         "schedule_of", "selection", "strategy_of", "unwrap", "wrap"),
+        "vtoken.api",
+    ),
+    **dict.fromkeys(("FlopsReport", "flops", "kv_cache_bytes"), "vtoken.accounting"),
+    **dict.fromkeys(("PruneConfig", "StageSpec"), "vtoken.config"),
+    **dict.fromkeys(("Schedule", "ScoringCost", "Stage"), "vtoken.schedule"),
+    "tune": "vtoken.tuning",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module 'vtoken' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __version__ = "0.1.0"
 

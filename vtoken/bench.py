@@ -1,23 +1,23 @@
 """``vtoken bench``: every registered method at a few budgets on one model, with kept tokens,
-measured prefill latency and FLOPs.
+measured prefill latency, FLOPs and, on a model that answers the offline benchmark, accuracy.
 
-The default model is a small LLaVA built from a config with random weights (144 visual tokens per
-image, the shape of the offline benchmark), so the command runs anywhere in seconds; ``--model``
-takes any LLaVA / LLaVA-NeXT checkpoint directory or hub id that ``from_pretrained`` can load, or a
-Qwen2-VL directory saved with its processor (``vtoken/assets/tiny-qwen2-vl``: accuracy on the benchmark
-too; the default method list skips the methods ``vtoken.methods()`` says do not run on the model).
-Latency is the median wall time of a batch-1 prefill (and a batch-``--batch`` one for throughput),
-after warm-up, on whatever device the model is on.
+The default model is the tiny LLaVA shipped in ``vtoken/assets/tiny-llava`` (144 visual tokens per
+image, trained on the offline benchmark), so the command runs offline in minutes on 2 cores;
+``--model`` takes a LLaVA-1.5 or Qwen2-VL / Qwen2.5-VL directory saved with its tokenizer and image
+processor (accuracy too), or any checkpoint of a family vtoken supports for speed and FLOPs (the default
+method list skips the methods ``vtoken.methods()`` says do not run on the model). Latency is the median
+wall time of a batch-1 prefill (and a batch-``--batch`` one for throughput), after warm-up, on the
+model's device. What the results mean is in :mod:`vtoken.bench_report` (equal-cost ranking) and
+:mod:`vtoken.bench_plot` (the trade-off plots).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
 from fractions import Fraction
 
 import torch
@@ -25,6 +25,7 @@ import torch
 import vtoken
 from vtoken import signals
 from vtoken.accounting import flops
+from vtoken.bench_report import BenchRow, matched_cost_summary, oracle_gap_summary, to_markdown, write  # noqa: F401
 from vtoken.registry import get_strategy, strategy_names
 
 DEFAULT_BUDGETS = ("1", "1/3", "2/9", "1/9")
@@ -52,14 +53,32 @@ def builtin_model(seed: int = 0):
     return model.eval()
 
 
-def load_model(path: str | None):
-    if path is None:
-        return builtin_model()
-    from transformers import AutoConfig, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+ATTENTION = ("sdpa", "eager", "flash_attention_2")
 
+
+def load_model(path: str | None, dtype: str | None = None, attn: str | None = None):
+    """The model at ``path`` (a directory or hub id) with the class its config names; the built-in
+    random model when ``path`` is None."""
+    if path is None:
+        model = builtin_model()
+        return model if dtype is None else model.to(DTYPES[dtype])
+    from transformers import AutoConfig, AutoModelForImageTextToText, LlavaForConditionalGeneration
+
+    options = _load_options(dtype, attn)
     config = AutoConfig.from_pretrained(path)
-    cls = LlavaNextForConditionalGeneration if config.model_type == "llava_next" else LlavaForConditionalGeneration
-    return cls.from_pretrained(path).eval()
+    if config.model_type == "llava":  # the Auto class maps it too; name it for old configs without auto_map
+        return LlavaForConditionalGeneration.from_pretrained(path, **options).eval()
+    return AutoModelForImageTextToText.from_pretrained(path, **options).eval()
+
+
+def _load_options(dtype: str | None, attn: str | None) -> dict:
+    options = {}
+    if dtype is not None:
+        options["dtype"] = DTYPES[dtype]
+    if attn is not None:
+        options["attn_implementation"] = attn
+    return options
 
 
 def synthetic_inputs(model, batch: int, text_tokens: int = 32, seed: int = 0) -> dict:
@@ -122,25 +141,6 @@ def _median_ms(model, inputs: dict, repeats: int) -> float:
             model(**inputs, use_cache=False)
             times.append((time.perf_counter() - start) * 1000)
     return statistics.median(times)
-
-
-@dataclass
-class BenchRow:
-    method: str
-    budget: str
-    site: str
-    kept_tokens: float
-    visual_tokens: int
-    prefill_ms: float
-    batch_ms: float
-    batch: int
-    tflops: float
-    tflops_llava_7b: float
-    accuracy: float | None = None
-    retained: float | None = None
-    recall: float | None = None
-    families: dict[str, float] | None = None
-    samples: int = 0
 
 
 LLAVA_7B = "llava-hf/llava-1.5-7b-hf"
@@ -210,9 +210,23 @@ def shipped_trained(model_path: str | None) -> list[tuple[str, str]]:
             if os.path.isdir(os.path.join(root, entry))]
 
 
+def shipped_tuned(model_path: str | None) -> list[tuple[str, str]]:
+    """(label, config directory) of the tuned configs shipped for the default model, shown beside the
+    method's default rows: ``vtoken/assets/tiny-llava-tuned/<method>-<budget tag>/vtoken_config.json``
+    (VFlowOpt at 1/9, tuned by ``eval/tune_vflowopt.py``)."""
+    if model_path is not None or default_model_path() is None:
+        return []
+    root = os.path.join(os.path.dirname(__file__), "assets", "tiny-llava-tuned")
+    if not os.path.isdir(root):
+        return []
+    return [(f"{entry.split('-')[0]} (tuned)", os.path.join(root, entry)) for entry in sorted(os.listdir(root))
+            if os.path.isfile(os.path.join(root, entry, "vtoken_config.json"))]
+
+
 def run(
     methods=None, budgets=DEFAULT_BUDGETS, model_path=None, repeats=5, batch=8, data=None, limit=500,
-    progress=print, trained=None,
+    progress=print, trained=None, configs=None, device=None, dtype=None, attn=None,
+    on_row: Callable[[list[BenchRow]], None] | None = None, bar: bool = False,
 ) -> list[BenchRow]:
     """Benchmark every method at every budget. With a VQA model (the shipped tiny LLaVA, or a
     directory holding a tokenizer and image processor) also accuracy on ``data`` (a JSONL file in
@@ -220,12 +234,19 @@ def run(
 
     ``trained`` lists (method, weights directory) pairs of trained methods (TokenPacker), each run
     once at the budget its weights fix; by default those shipped for the default model, unless
-    ``methods`` names others only."""
-    vqa = _vqa_model(model_path)
-    model = vqa.model if vqa is not None else load_model(model_path)
+    ``methods`` names others only. ``configs`` lists (label, saved config) pairs run as extra rows (by
+    default the tuned configs shipped for the default model, for the methods in the sweep).
+    ``on_row(rows)`` is called after every measured row (the CLI writes its files there, so a crash
+    keeps what was measured); ``bar`` shows a progress bar over the whole sweep on stderr.
+    """
+    vqa = _vqa_model(model_path, dtype, attn)
+    model = vqa.model if vqa is not None else load_model(model_path, dtype, attn)
+    if device is not None:
+        model.to(device)
     records = _records(vqa, data, limit) if vqa is not None else None
     one, many = (vqa.encode(records[:1]), vqa.encode(records[:batch])) if records else (
         synthetic_inputs(model, 1), synthetic_inputs(model, batch))
+    one, many = _to(one, model), _to(many, model)
     visual = int((one["input_ids"] == model.config.image_token_id).sum())
     refused = _refusals(model) if methods is None else {}
     if methods is None:
@@ -235,58 +256,108 @@ def run(
     names = methods or [n for n in strategy_names() if _runs_unassisted(n) and n not in refused]
     if records and any(r.get("boxes") for r in records) and methods is None:
         names = [*names, "oracle"]
+    if trained is None:  # the shipped weights, for the trained methods asked for (all by default)
+        trained = [(m, w) for m, w in shipped_trained(model_path) if methods is None or m in methods]
+    if configs is None:
+        configs = [(label, path) for label, path in shipped_tuned(model_path)
+                   if label.split(" ")[0] in names]
+    points = list(_points([n for n in names if not get_strategy(n).trained], budgets))
 
     # the Qwen families size their patch grid from the image (LLaVA-1.5's is fixed by its config)
     image_size = (vqa.grid[0],) * 2 if vqa is not None and "image_grid_thw" in one else None
+
+    ticker = _Ticker(1 + len(points) + len(trained) + len(configs), progress, bar)
+    rows: list[BenchRow] = []
 
     def timed(inputs, count: int) -> float:
         with _annotations(vqa, records[:count] if records else []):
             return _median_ms(model, inputs, repeats)
 
-    def measure(name, text, site, schedule, base=None, option=None) -> BenchRow:
+    def measure(name, text, site, schedule, option=None, label="") -> None:
         if option and "keep_tokens" in option:  # a count on this model is the same share of 576
             option = {"keep": option["keep_tokens"] / visual}
         own, kept, paper = _flops(model, schedule, None if name == "none" else name, option, image_size)
-        row = BenchRow(name, text, site, kept, visual, timed(one, 1), timed(many, batch), batch, own, paper)
+        row = BenchRow(name, text, site, kept, visual, timed(one, 1), timed(many, batch), batch, own, paper,
+                       label=label, prunes_in_llm=any(s.startswith("llm") for s in site.split(",")))
         if records is not None:
             from vtoken.vqa.evaluate import evaluate
 
             result = evaluate(vqa, records)
             row.accuracy, row.families, row.recall = result.accuracy, result.family_accuracy(), result.recall
             row.samples = len(records)
+            base = rows[0] if rows else None
             row.retained = row.accuracy / base.accuracy if base is not None and base.accuracy else None
-        progress(f"{name} @ {text}: {row.prefill_ms:.1f} ms, {row.kept_tokens:.1f} tokens"
-                 + (f", accuracy {row.accuracy:.3f}" if row.accuracy is not None else ""))
-        return row
+        rows.append(row)
+        ticker.done(f"{row.label} @ {text}: {row.prefill_ms:.1f} ms, {row.kept_tokens:.1f} tokens"
+                    + (f", accuracy {100 * row.accuracy:.1f}%" if row.accuracy is not None else ""))
+        if on_row is not None:
+            on_row(rows)
 
-    base = measure("none", "1", "-", None)
-    rows = [base]
-    for name, text, option in _points(names, budgets):
-        try:
-            vtoken.wrap(model, name, **option)
-        except ValueError as error:  # a budget this method cannot meet on this model: say so, go on
-            progress(f"{name} @ {text}: skipped: {error}")
-            continue
+    def measure_wrapped(name, text, option=None, label="", fraction_of_kept=False) -> None:
+        """Measure the model as wrapped now (unwrapped afterwards, whatever happens)."""
         try:
             with _annotations(vqa, records[:1] if records else []), torch.no_grad():
                 model(**one)
-            site = ",".join(vtoken.selection(model)[0])
+            selected = vtoken.selection(model)[0]
+            site = ",".join(selected)
+            if fraction_of_kept:  # a trained or tuned point: its budget is what it kept
+                kept = len(list(selected.values())[-1])
+                text, option = str(Fraction(kept, visual)), {"keep": kept / visual}
             schedule = vtoken.schedule_of(model, visual_tokens=visual)
-            rows.append(measure(name, text, site, schedule, base, option))
+            measure(name, text, site, schedule, option, label)
         finally:
             vtoken.unwrap(model)
-    if trained is None:
-        trained = [(m, w) for m, w in shipped_trained(model_path) if methods is None or m in methods]
-    for name, weights in trained:
-        with vtoken.pruned(model, name, weights=weights):
-            with torch.no_grad():
-                model(**one)
-            selected = vtoken.selection(model)[0]
-            site, kept = ",".join(selected), len(list(selected.values())[-1])
-            schedule = vtoken.schedule_of(model, visual_tokens=visual)
-            text = str(Fraction(kept, visual))
-            rows.append(measure(name, text, site, schedule, base, {"keep": kept / visual}))
+
+    try:
+        measure("none", "1", "-", None)
+        for name, text, option in points:
+            try:
+                vtoken.wrap(model, name, **option)
+            except ValueError as error:  # a budget this method cannot meet on this model: say so, go on
+                ticker.done(f"{name} @ {text}: skipped: {error}")
+                continue
+            measure_wrapped(name, text, option)
+        for name, weights in trained:
+            vtoken.wrap(model, name, weights=weights)
+            measure_wrapped(name, "", fraction_of_kept=True)
+        for label, path in configs:
+            config = vtoken.load(path)
+            vtoken.wrap(model, config=config)
+            text = str(Fraction(config.keep).limit_denominator(1000)) if config.keep else str(config.keep_tokens)
+            measure_wrapped(config.method, text, {"keep": config.keep} if config.keep else
+                            {"keep_tokens": config.keep_tokens}, label=label)
+    finally:
+        ticker.close()
     return rows
+
+
+class _Ticker:
+    """Progress over the sweep: a tqdm bar on stderr (``bar=True``) whose lines go above it, or plain
+    ``progress`` lines."""
+
+    def __init__(self, total: int, progress: Callable[[str], None], bar: bool):
+        self.progress, self.bar = progress, None
+        if bar:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, unit="point", desc="vtoken bench", dynamic_ncols=True)
+
+    def done(self, line: str) -> None:
+        if self.bar is None:
+            self.progress(line)
+        else:
+            self.bar.write(line)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _to(inputs: dict, model) -> dict:
+    """``inputs`` on the model's device (the benchmark builds them on the CPU)."""
+    device = next(model.parameters()).device
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
 
 def _annotations(vqa, records):
@@ -298,13 +369,13 @@ def _annotations(vqa, records):
     return annotations_for(vqa, records)
 
 
-def _vqa_model(model_path):
+def _vqa_model(model_path, dtype=None, attn=None):
     from vtoken.vqa.evaluate import VQAModel
 
     path = model_path or default_model_path()
     if path is None or not os.path.isfile(os.path.join(path, "tokenizer_config.json")):
         return None
-    return VQAModel.load(path)
+    return VQAModel.load(path, **_load_options(dtype, attn))
 
 
 def default_model_path() -> str | None:
@@ -320,64 +391,3 @@ def _records(vqa, data, limit):
         return load_jsonl(data)[:limit]
     image_size, patch_size, _ = vqa.grid
     return generate("test", limit, seed=0, image_size=image_size, patch_size=patch_size)
-
-
-def to_markdown(rows: list[BenchRow]) -> str:
-    accuracy = rows[0].accuracy is not None
-    families = sorted(rows[0].families or {}) if accuracy else []
-    head = ["method", "budget", "stages", "visual tokens (LLM layer mean)"]
-    if accuracy:
-        head += ["accuracy", *families, "retained", "relevant-patch recall"]
-    head += ["prefill ms (b=1)", f"prefill ms (b={rows[0].batch})", "TFLOPs (this model)",
-             "TFLOPs (LLaVA-1.5-7B, same schedule)"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    pct = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
-    for r in rows:
-        cells = [r.method, r.budget, r.site, f"{r.kept_tokens:.1f} / {r.visual_tokens}"]
-        if accuracy:
-            cells += [pct(r.accuracy), *(pct(r.families.get(f)) for f in families), pct(r.retained), pct(r.recall)]
-        cells += [f"{r.prefill_ms:.1f}", f"{r.batch_ms:.1f}", f"{r.tflops:.5f}", f"{r.tflops_llava_7b:.2f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def oracle_gap_summary(rows: list[BenchRow]) -> str:
-    """Per budget: how far ``oracle`` beats ``random`` (the benchmark's test of itself: a good
-    benchmark shows at least 15 points at 1/9), and where each method lands between them
-    (0 = random, 1 = oracle). Empty without accuracy or without both reference rows."""
-    by = {(r.method, r.budget): r for r in rows if r.accuracy is not None}
-    lines = []
-    for budget in dict.fromkeys(r.budget for r in rows if r.method == "oracle"):
-        oracle, random = by.get(("oracle", budget)), by.get(("random", budget))
-        if oracle is None or random is None:
-            continue
-        gap = 100 * (oracle.accuracy - random.accuracy)
-        verdict = "meets" if gap >= 15 else "misses"
-        lines.append(f"- budget {budget}: oracle {100 * oracle.accuracy:.1f}, random {100 * random.accuracy:.1f}:"
-                     f" gap {gap:+.1f} points ({verdict} the 15-point bar).")
-        if abs(gap) < 1e-9:
-            continue
-        placed = sorted(
-            ((r.accuracy - random.accuracy) / (oracle.accuracy - random.accuracy), r.method)
-            for r in rows
-            if r.budget == budget and r.accuracy is not None and r.method not in ("oracle", "random")
-        )
-        if placed:
-            lines.append("  Position between random (0) and oracle (1): "
-                         + ", ".join(f"{m} {p:.2f}" for p, m in reversed(placed)) + ".")
-    return ("Oracle against random:\n\n" + "\n".join(lines) + "\n") if lines else ""
-
-
-def write(rows: list[BenchRow], out: str, command: str) -> None:
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "bench.md"), "w") as f:
-        f.write(f"Produced by `{command}`.\n\n")
-        if rows[0].accuracy is not None:
-            f.write(f"Accuracy: exact match of the greedy answer on {rows[0].samples} records, in percent; "
-                    "retained = accuracy / unpruned accuracy.\n\n")
-        f.write(to_markdown(rows))
-        summary = oracle_gap_summary(rows)
-        if summary:
-            f.write("\n" + summary)
-    with open(os.path.join(out, "bench.json"), "w") as f:
-        json.dump([asdict(r) for r in rows], f, indent=2)

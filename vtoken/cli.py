@@ -1,38 +1,86 @@
-"""The ``vtoken`` command line."""
+"""The ``vtoken`` command line.
+
+``vtoken --help`` and every argument check run without importing torch or transformers (they load
+only when a command starts work), and a mistake is one line naming the fix, exit status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import shlex
 import sys
+
+#: Where ``vtoken bench`` writes when ``--out`` is not given (relative to the working directory).
+DEFAULT_OUT = "vtoken-bench"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Show each option's default and keep the description's line breaks."""
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vtoken", description="Visual-token pruning for VLMs.")
     commands = parser.add_subparsers(dest="command", required=True)
-    bench = commands.add_parser("bench", help="every method at several budgets: kept tokens, latency, FLOPs")
-    bench.add_argument("--methods", nargs="+", help="methods to run, space or comma separated (default: every registered one)")
-    bench.add_argument("--budgets", nargs="+", default=None,
-                       help="fractions (1/9, 0.25) or counts (64), space or comma separated; 1 = unpruned")
-    bench.add_argument("--model", help="a LLaVA / LLaVA-NeXT checkpoint path or hub id, or a Qwen2-VL directory saved "
-                       "with its processor, e.g. vtoken/assets/tiny-qwen2-vl (default: built-in tiny model)")
-    bench.add_argument("--repeats", type=int, default=5, help="timed prefills per point (median reported)")
-    bench.add_argument("--batch", type=int, default=8, help="batch size of the throughput column")
-    bench.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    bench.add_argument("--data", help="a VQA JSONL file (default: generated test records)")
-    bench.add_argument("--limit", type=int, default=500, help="records to evaluate")
-    bench.add_argument("--out", help="directory for bench.md and bench.json")
-    bench.add_argument("--trained", nargs="+", metavar="METHOD=DIR", default=None,
-                       help="trained methods with their weights (tokenpacker=DIR); default: those shipped")
-    commands.add_parser("methods", help="list the registered methods and their options")
+    _add_bench(commands)
+    methods = commands.add_parser("methods", help="the registered methods: what each does, where it runs",
+                                  formatter_class=_Help)
+    methods.add_argument("name", nargs="?", help="one method: print its whole description and options")
     _add_train_projector(commands)
     args = parser.parse_args(argv)
     try:
         return _run(args, argv)
-    except (ValueError, FileNotFoundError, NotADirectoryError) as error:
-        # A user's mistake: one line naming the problem and the fix, no traceback.
-        print(f"vtoken {args.command}: error: {error}", file=sys.stderr)
+    except BrokenPipeError:  # the reader went away (``vtoken methods | head``): nothing left to say
+        sys.stdout = open(os.devnull, "w")
+        return 0
+    except (ValueError, OSError, ImportError) as error:
+        # A user's mistake (or a model that cannot be loaded): one line naming the problem, no traceback.
+        if os.environ.get("VTOKEN_DEBUG"):
+            raise
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"vtoken {args.command}: error: {message}", file=sys.stderr)
         return 2
+
+
+def _add_bench(commands) -> None:
+    bench = commands.add_parser(
+        "bench", formatter_class=_Help,
+        help="every method at several budgets: accuracy, kept tokens, FLOPs, latency, plots",
+        description="Every method at several budgets on one model: accuracy on the offline benchmark, kept "
+                    "tokens, FLOPs (this model and LLaVA-1.5-7B), prefill latency; writes bench.md, bench.json and "
+                    "accuracy/recall-vs-FLOPs plots into --out, and ranks methods at equal cost.",
+    )
+    bench.add_argument("--methods", nargs="+", help="methods, space or comma separated (default: every method that "
+                       "runs on the model without weights or annotations, plus the oracle and the shipped trained "
+                       "and tuned rows on the default model)")
+    bench.add_argument("--budgets", nargs="+", default=["1", "1/3", "2/9", "1/9"],
+                       help="fractions of the visual tokens (1/9, 0.25) or counts (64), space or comma separated; "
+                       "1 = unpruned")
+    bench.add_argument("--model", help="a local directory or hub id: a LLaVA-1.5 or Qwen2-VL / Qwen2.5-VL directory "
+                       "saved with its tokenizer and image processor (accuracy too, e.g. vtoken/assets/tiny-qwen2-vl), "
+                       "or a LLaVA checkpoint for speed and FLOPs (default: the shipped tiny LLaVA)")
+    bench.add_argument("--data", help="a VQA JSONL file: image, question, answer per line (default: generated "
+                       "test records)")
+    bench.add_argument("--limit", type=int, default=500, help="records to evaluate")
+    bench.add_argument("--repeats", type=int, default=5, help="timed prefills per point (median reported)")
+    bench.add_argument("--batch-size", "--batch", dest="batch", type=int, default=8,
+                       help="batch size of the throughput column")
+    bench.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps (default: where the model loads, "
+                       "the CPU)")
+    bench.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
+                       help="weights' dtype (default: the checkpoint's)")
+    bench.add_argument("--attn", default=None, choices=("sdpa", "eager", "flash_attention_2"),
+                       help="attention implementation (default: the model's)")
+    bench.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    bench.add_argument("--out", default=DEFAULT_OUT, help="directory for bench.md, bench.json and the plots "
+                       "(rewritten after every row)")
+    bench.add_argument("--trained", nargs="+", metavar="METHOD=DIR", default=None,
+                       help="trained methods with their weights (tokenpacker=DIR); default: those shipped")
+    bench.add_argument("--configs", nargs="+", metavar="LABEL=DIR", default=None,
+                       help="saved configs (vtoken.save_config) to run as extra rows, e.g. 'vflowopt (tuned)'=DIR; "
+                       "default: the tuned configs shipped for the default model")
 
 
 def split_list(values: list[str] | None) -> list[str] | None:
@@ -43,68 +91,108 @@ def split_list(values: list[str] | None) -> list[str] | None:
     return [item for item in items if item]
 
 
-def _bench_arguments(args):
-    """Check every bench argument before any model runs."""
-    from vtoken.bench import DEFAULT_BUDGETS, parse_budget
-    from vtoken.registry import strategy_names
+def _pairs(values: list[str] | None, flag: str, example: str) -> list[tuple[str, str]] | None:
+    """``["a=DIR", ...]`` -> ``[("a", "DIR"), ...]``; every DIR must be an existing directory."""
+    if values is None:
+        return None
+    pairs = []
+    for item in values:
+        if "=" not in item:
+            raise ValueError(f"{flag} {item!r}: write {example}")
+        key, path = item.split("=", 1)
+        if not os.path.isdir(path):
+            raise ValueError(f"{flag} {item!r}: no such directory {path!r}")
+        pairs.append((key.strip(), path))
+    return pairs
 
-    methods = split_list(args.methods)
-    if methods is not None:
-        known = [name for name in strategy_names() if not name.startswith("_")]
-        unknown = [m for m in methods if m not in known]
-        if unknown:
-            raise ValueError(f"unknown method {unknown[0]!r}; known methods: {', '.join(known)}")
-    budgets = split_list(args.budgets) or list(DEFAULT_BUDGETS)
-    for budget in budgets:
-        parse_budget(budget)
-    trained = None
-    if args.trained:
-        trained = []
-        for item in args.trained:
-            if "=" not in item:
-                raise ValueError(f"--trained {item!r}: write METHOD=DIR, e.g. tokenpacker=path/to/weights")
-            trained.append(tuple(item.split("=", 1)))
-    return methods, budgets, trained
+
+def _check_model(path: str | None) -> None:
+    if path is None:
+        return
+    local = os.path.isabs(path) or path.startswith((".", "~")) or os.path.exists(path) or path.count("/") > 1
+    if local:
+        if not os.path.isdir(os.path.expanduser(path)):
+            raise ValueError(f"--model {path!r}: no such directory (give a local model directory or a hub id "
+                             "such as llava-hf/llava-1.5-7b-hf)")
+        if not os.path.isfile(os.path.join(os.path.expanduser(path), "config.json")):
+            raise ValueError(f"--model {path!r}: the directory holds no config.json (save the model there with "
+                             "save_pretrained)")
+    elif not _HUB_ID.match(path):
+        raise ValueError(f"--model {path!r} is neither a local directory nor a hub id (owner/name)")
+
+
+def _bench_arguments(args):
+    """Check every bench argument before any model runs (imports no torch)."""
+    from vtoken.bench_args import check_budgets, check_data, check_device, check_methods
+
+    methods = check_methods(split_list(args.methods))
+    budgets = check_budgets(split_list(args.budgets) or ["1", "1/3", "2/9", "1/9"])
+    trained = _pairs(args.trained, "--trained", "METHOD=DIR, e.g. tokenpacker=path/to/weights")
+    configs = _pairs(args.configs, "--configs", "LABEL=DIR, e.g. 'vflowopt (tuned)'=path/to/config")
+    _check_model(args.model)
+    for flag, value in (("--limit", args.limit), ("--repeats", args.repeats), ("--batch-size", args.batch)):
+        if value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
+    if args.data is not None:
+        check_data(args.data)
+    check_device(args.device, args.attn)
+    if trained:
+        check_methods([m for m, _ in trained], trained=True)
+    if methods:
+        missing = [m for m in methods if _is_trained(m) and m not in dict(trained or {})]
+        if missing and args.model is not None:
+            raise ValueError(f"{missing[0]} needs trained weights for this model: add --trained {missing[0]}=DIR "
+                             "(train them with vtoken train-projector)")
+    return methods, budgets, trained, configs
+
+
+def _is_trained(name: str) -> bool:
+    from vtoken.bench_args import trained_methods
+
+    return name in trained_methods()
 
 
 def _run(args, argv) -> int:
     if args.command == "methods":
-        import vtoken
+        from vtoken.method_text import describe, summary_lines
 
-        for method in vtoken.methods():
-            print(f"{method['name']}: {method['summary']}")
-            print(f"    sites: {', '.join(method['sites'])}; default keep: {method['default_keep']}")
-            print(f"    options: {method['options']}")
-            for family, verdict in method["families"].items():
-                print(f"    {family}: {verdict}")
+        if args.name:
+            print(describe(args.name))
+        else:
+            print("\n".join(summary_lines()))
         return 0
 
     if args.command == "train-projector":
         return _train_projector(args)
 
-    methods, budgets, trained = _bench_arguments(args)
+    methods, budgets, trained, configs = _bench_arguments(args)
 
     import torch
 
     from vtoken import bench as bench_module
+    from vtoken.bench_plot import plot
+    from vtoken.bench_report import matched_cost_summary, short_table, write
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    command = "vtoken " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    written = {}
+
+    def save(rows):
+        written.update(write(rows, args.out, command))
+
     rows = bench_module.run(
-        methods=methods,
-        budgets=budgets,
-        model_path=args.model,
-        repeats=args.repeats,
-        batch=args.batch,
-        data=args.data,
-        limit=args.limit,
-        trained=trained,
+        methods=methods, budgets=budgets, model_path=args.model, repeats=args.repeats, batch=args.batch,
+        data=args.data, limit=args.limit, trained=trained, configs=configs, device=args.device,
+        dtype=args.dtype, attn=args.attn, on_row=save, bar=sys.stderr.isatty(),
         progress=lambda line: print(line, file=sys.stderr),
     )
-    print(bench_module.to_markdown(rows))
-    if args.out:
-        command = "vtoken " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-        bench_module.write(rows, args.out, command)
+    written.update(plot(rows, args.out))
+    print(short_table(rows))
+    summary = matched_cost_summary(rows)
+    if summary:
+        print(summary)
+    print("Written: " + ", ".join(written.values()))
     return 0
 
 

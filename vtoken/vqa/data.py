@@ -522,7 +522,13 @@ def load_jsonl(path: str | Path) -> list[dict]:
     for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
-        rec = json.loads(line)
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{line_no}: not valid JSON ({error.msg} at column {error.colno}); "
+                             "each line must be one JSON object") from None
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}:{line_no}: a record must be a JSON object with image, question, answer")
         missing = {"image", "question", "answer"} - rec.keys()
         if missing:
             raise ValueError(f"{path}:{line_no}: missing keys {sorted(missing)}")
@@ -535,8 +541,11 @@ def load_jsonl(path: str | Path) -> list[dict]:
         rec.setdefault("family", "all")
         rec.setdefault("id", f"{path.stem}-{line_no}")
         if "image_size" not in rec:
-            with Image.open(image) as im:
-                rec["image_size"] = list(im.size)
+            try:
+                with Image.open(image) as im:
+                    rec["image_size"] = list(im.size)
+            except OSError as error:
+                raise ValueError(f"{path}:{line_no}: cannot read the image {image} ({error})") from None
         records.append(rec)
     return records
 

@@ -29,12 +29,14 @@ class VQAModel:
     image_tokens: int
 
     @classmethod
-    def load(cls, path: str) -> "VQAModel":
+    def load(cls, path: str, **options) -> "VQAModel":
+        """The model at ``path`` with its tokenizer and image processor; ``options`` go to
+        ``from_pretrained`` (``dtype``, ``attn_implementation``)."""
         from transformers import AutoConfig, AutoImageProcessor, AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
         if cls is VQAModel and AutoConfig.from_pretrained(path).model_type in QwenVQAModel.MODEL_TYPES:
-            return QwenVQAModel.load(path)
-        model = LlavaForConditionalGeneration.from_pretrained(path).eval()
+            return QwenVQAModel.load(path, **options)
+        model = LlavaForConditionalGeneration.from_pretrained(path, **options).eval()
         try:  # a saved LlavaProcessor holds both
             processor = AutoProcessor.from_pretrained(path)
             tokenizer, image_processor = processor.tokenizer, processor.image_processor
@@ -61,6 +63,8 @@ class VQAModel:
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "pixel_values": pixels}
 
     def answer(self, inputs: dict, max_new_tokens: int = 2) -> list[str]:
+        device = next(self.model.parameters()).device  # inputs are built on the CPU
+        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         with torch.no_grad():
             out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         new = out[:, inputs["input_ids"].shape[1] :]
@@ -85,12 +89,12 @@ class QwenVQAModel(VQAModel):
     processor: object = None
 
     @classmethod
-    def load(cls, path: str) -> "QwenVQAModel":
+    def load(cls, path: str, **options) -> "QwenVQAModel":
         import transformers
         from transformers import AutoConfig, AutoProcessor
 
         model_type = AutoConfig.from_pretrained(path).model_type
-        model = getattr(transformers, cls.MODEL_TYPES[model_type]).from_pretrained(path).eval()
+        model = getattr(transformers, cls.MODEL_TYPES[model_type]).from_pretrained(path, **options).eval()
         processor = AutoProcessor.from_pretrained(path)
         processor.tokenizer.padding_side = "left"
         image_size, cell, side = cls._grid(processor.image_processor)

@@ -1,0 +1,91 @@
+"""``vtoken bench``'s report: equal-cost comparison on curves whose values are known by construction,
+the short terminal view, the plots, and files written row by row."""
+
+import json
+import math
+
+import pytest
+
+from vtoken.bench_report import BenchRow, at_cost, curves, matched_cost_summary, short_table
+
+
+def row(method, budget, tflops, accuracy, in_llm=False, label="", recall=None):
+    return BenchRow(method, budget, "llm:2" if in_llm else "projector", 10.0, 144, 1.0, 2.0, 8, 1e-4, tflops,
+                    accuracy=accuracy, recall=recall, samples=100, label=label, prunes_in_llm=in_llm)
+
+
+ROWS = [
+    row("none", "1", 9.0, 0.90),
+    row("random", "1/3", 4.0, 0.60), row("random", "1/9", 2.0, 0.45),
+    row("oracle", "1/3", 4.0, 0.80), row("oracle", "1/9", 2.0, 0.70),
+    # an in-LLM method: at "1/3" it costs 5 TFLOPs, at "1/9" 3 TFLOPs: it never reaches 2
+    row("fastv", "1/3", 5.0, 0.88, in_llm=True), row("fastv", "1/9", 3.0, 0.84, in_llm=True),
+    row("pool", "1/3", 4.0, 0.55), row("pool", "1/9", 2.0, 0.50),
+    row("vflowopt", "1/9", 2.0, 0.62, label="vflowopt (tuned)"),
+]
+
+
+def test_interpolates_along_each_curve_from_the_unpruned_end():
+    fastv = curves(ROWS)["fastv"]
+    assert fastv == [(9.0, 0.90), (5.0, 0.88), (3.0, 0.84)]
+    assert at_cost(fastv, 4.0) == pytest.approx(0.86)  # halfway between 5 -> 0.88 and 3 -> 0.84
+    assert at_cost(fastv, 7.0) == pytest.approx(0.89)  # halfway between unpruned and "1/3"
+    assert at_cost(fastv, 2.0) is None  # never that cheap: no extrapolation
+    assert at_cost(fastv, 2.98) == pytest.approx(0.84)  # within 1% of its cheapest point counts as equal
+    assert curves(ROWS, "recall") == {}  # no recall in these rows
+
+
+def test_ranks_at_the_cost_of_the_reference_rows():
+    text = matched_cost_summary(ROWS)
+    first, second = text.split("- at ")[1:]
+    assert first.startswith("4.00 TFLOPs (the cost of keeping 1/3 of the tokens before the LLM): random 60.0, oracle 80.0")
+    assert "ranking: fastv * 86.0, pool 55.0" in first
+    # (0.86 - 0.60) / (0.80 - 0.60) = 1.30; (0.55 - 0.60) / 0.20 = -0.25
+    assert "between random (0) and oracle (1): fastv 1.30, pool -0.25" in first
+    assert "does not reach this cost: vflowopt (tuned) (measured at 2.00 only)" in first
+    assert "ranking: vflowopt (tuned) 62.0, pool 50.0" in second
+    assert "fastv (cheapest 3.00)" in second
+
+
+def test_short_view_fits_a_terminal_and_marks_in_llm_methods():
+    text = short_table(ROWS)
+    assert max(len(line) for line in text.splitlines()) <= 100
+    assert "fastv *" in text and "vflowopt (tuned)" in text
+    assert "prunes inside the LLM" in text.splitlines()[-1]
+
+
+def test_plots_are_written(tmp_path):
+    pytest.importorskip("matplotlib")
+    from vtoken.bench_plot import plot
+
+    rows = [*ROWS, row("random", "2/9", 3.0, 0.5, recall=0.3)]
+    written = plot(rows, str(tmp_path))
+    for path in written.values():
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert set(written) == {"accuracy", "recall"}
+
+
+def test_the_cli_writes_every_row_as_it_finishes(tmp_path, monkeypatch, capsys):
+    """A crash in the middle keeps the rows measured before it, in bench.json and bench.md."""
+    import vtoken.bench
+    from vtoken.cli import main
+
+    real = vtoken.bench._flops
+    calls = []
+
+    def crash_on_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise ValueError("simulated failure")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(vtoken.bench, "_flops", crash_on_third)
+    out = tmp_path / "out"
+    assert main(["bench", "--methods", "random", "--budgets", "1,1/3,1/9", "--limit", "4", "--repeats", "1",
+                 "--batch-size", "2", "--out", str(out)]) == 2
+    assert "simulated failure" in capsys.readouterr().err
+    rows = json.loads((out / "bench.json").read_text())
+    assert [(r["method"], r["budget"]) for r in rows] == [("none", "1"), ("random", "1/3")]
+    assert "| random | 1/3 |" in (out / "bench.md").read_text()
+    assert math.isfinite(rows[1]["tflops_llava_7b"])
