@@ -243,6 +243,11 @@ def run(
     model = vqa.model if vqa is not None else load_model(model_path, dtype, attn)
     if device is not None:
         model.to(device)
+    if vqa is None and type(model).__name__ != "LlavaForConditionalGeneration":
+        raise ValueError(
+            f"--model: a {type(model).__name__} without a tokenizer and processor for the benchmark cannot be "
+            "benchmarked yet; give a LLaVA-1.5 checkpoint, or a LLaVA-1.5 / Qwen2-VL / Qwen2.5-VL directory saved "
+            "with its tokenizer and image processor")
     records = _records(vqa, data, limit) if vqa is not None else None
     one, many = (vqa.encode(records[:1]), vqa.encode(records[:batch])) if records else (
         synthetic_inputs(model, 1), synthetic_inputs(model, batch))
@@ -254,6 +259,10 @@ def run(
             if _runs_unassisted(name) and name in refused:
                 progress(f"{name}: {refused[name]}")
     names = methods or [n for n in strategy_names() if _runs_unassisted(n) and n not in refused]
+    needs_boxes = [n for n in names if signals.ANNOTATIONS in get_strategy(n).reads]
+    if needs_boxes and not records:
+        raise ValueError(f"{needs_boxes[0]} reads the benchmark's boxes: run it on a model that answers the "
+                         "benchmark (the default one, or a directory saved with its tokenizer and processor)")
     if records and any(r.get("boxes") for r in records) and methods is None:
         names = [*names, "oracle"]
     if trained is None:  # the shipped weights, for the trained methods asked for (all by default)

@@ -229,9 +229,11 @@ def write(rows: list[BenchRow], out: str, command: str, notes: list[str] | None 
         f.write(f"Produced by `{command}`.\n\n")
         if rows[0].accuracy is not None:
             f.write(f"Accuracy: exact match of the greedy answer on {rows[0].samples} records, in percent; "
-                    "retained = accuracy / unpruned accuracy. Prefill times are this model's, on this machine; "
-                    "TFLOPs are projected to LLaVA-1.5-7B (576 visual tokens, 64 text tokens) with the same "
-                    "schedule.\n\n")
+                    "retained = accuracy / unpruned accuracy. TFLOPs are projected to LLaVA-1.5-7B (576 visual "
+                    "tokens, 64 text tokens) with the same schedule. Prefill times are this model's, on this "
+                    "machine: on a model this small per-call overheads dominate them, so judge speed by "
+                    "`python eval/bench_speed.py` (a LLaVA-1.5 shape scaled to CPU, eval/results/bench_speed/) "
+                    "instead.\n\n")
         for note in notes or []:
             f.write(f"{note}\n\n")
         f.write(to_markdown(rows))
