@@ -245,9 +245,8 @@ def run(
         model.to(device)
     if vqa is None and type(model).__name__ != "LlavaForConditionalGeneration":
         raise ValueError(
-            f"--model: a {type(model).__name__} without a tokenizer and processor for the benchmark cannot be "
-            "benchmarked yet; give a LLaVA-1.5 checkpoint, or a LLaVA-1.5 / Qwen2-VL / Qwen2.5-VL directory saved "
-            "with its tokenizer and image processor")
+            f"--model: a {type(model).__name__} is benchmarked on questions put through its processor: save the "
+            "model with its tokenizer and processor (with a chat template) in one directory")
     records = _records(vqa, data, limit) if vqa is not None else None
     one, many = (vqa.encode(records[:1]), vqa.encode(records[:batch])) if records else (
         synthetic_inputs(model, 1), synthetic_inputs(model, batch))
@@ -259,11 +258,12 @@ def run(
             if _runs_unassisted(name) and name in refused:
                 progress(f"{name}: {refused[name]}")
     names = methods or [n for n in strategy_names() if _runs_unassisted(n) and n not in refused]
+    recall = vqa is not None and vqa.has_recall  # the benchmark's boxes map onto this model's tokens
     needs_boxes = [n for n in names if signals.ANNOTATIONS in get_strategy(n).reads]
-    if needs_boxes and not records:
+    if needs_boxes and not (records and recall):
         raise ValueError(f"{needs_boxes[0]} reads the benchmark's boxes: run it on a model that answers the "
                          "benchmark (the default one, or a directory saved with its tokenizer and processor)")
-    if records and any(r.get("boxes") for r in records) and methods is None:
+    if records and recall and any(r.get("boxes") for r in records) and methods is None:
         names = [*names, "oracle"]
     if trained is None:  # the shipped weights, for the trained methods asked for (all by default)
         trained = [(m, w) for m, w in shipped_trained(model_path) if methods is None or m in methods]
@@ -272,8 +272,8 @@ def run(
                    if label.split(" ")[0] in names]
     points = list(_points([n for n in names if not get_strategy(n).trained], budgets))
 
-    # the Qwen families size their patch grid from the image (LLaVA-1.5's is fixed by its config)
-    image_size = (vqa.grid[0],) * 2 if vqa is not None and "image_grid_thw" in one else None
+    # families with processors size their tokens from the image (LLaVA-1.5's grid is fixed by its config)
+    image_size = (vqa.grid[0],) * 2 if vqa is not None and getattr(vqa, "processor", None) is not None else None
 
     ticker = _Ticker(1 + len(points) + len(trained) + len(configs), progress, bar)
     rows: list[BenchRow] = []

@@ -58,9 +58,10 @@ def _add_bench(commands) -> None:
     bench.add_argument("--budgets", nargs="+", default=["1", "1/3", "2/9", "1/9"],
                        help="fractions of the visual tokens (1/9, 0.25) or counts (64), space or comma separated; "
                        "1 = unpruned")
-    bench.add_argument("--model", help="a local directory or hub id: a LLaVA-1.5 or Qwen2-VL / Qwen2.5-VL directory "
-                       "saved with its tokenizer and image processor (accuracy too, e.g. vtoken/assets/tiny-qwen2-vl), "
-                       "or a LLaVA checkpoint for speed and FLOPs (default: the shipped tiny LLaVA)")
+    bench.add_argument("--model", help="a local directory or hub id of any supported family saved with its tokenizer "
+                       "and processor (accuracy too; relevant-patch recall and the oracle on LLaVA-1.5 and Qwen2-VL / "
+                       "2.5-VL, e.g. vtoken/assets/tiny-qwen2-vl), or a bare LLaVA-1.5 checkpoint for speed and FLOPs "
+                       "(default: the shipped tiny LLaVA)")
     bench.add_argument("--data", help="a VQA JSONL file: image, question, answer per line (default: generated "
                        "test records)")
     bench.add_argument("--limit", type=int, default=500, help="records to evaluate")

@@ -34,8 +34,12 @@ class VQAModel:
         ``from_pretrained`` (``dtype``, ``attn_implementation``)."""
         from transformers import AutoConfig, AutoImageProcessor, AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
-        if cls is VQAModel and AutoConfig.from_pretrained(path).model_type in QwenVQAModel.MODEL_TYPES:
-            return QwenVQAModel.load(path, **options)
+        if cls is VQAModel:
+            model_type = AutoConfig.from_pretrained(path).model_type
+            if model_type in QwenVQAModel.MODEL_TYPES:
+                return QwenVQAModel.load(path, **options)
+            if model_type != "llava":
+                return ChatVQAModel.load(path, **options)
         model = LlavaForConditionalGeneration.from_pretrained(path, **options).eval()
         try:  # a saved LlavaProcessor holds both
             processor = AutoProcessor.from_pretrained(path)
@@ -71,6 +75,11 @@ class VQAModel:
         texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
         return [(t.split() or [""])[0].lower() for t in texts]
 
+    @property
+    def has_recall(self) -> bool:
+        """Whether :meth:`relevant` maps a record's boxes to this model's visual tokens."""
+        return True
+
     def relevant(self, record: dict) -> list[int]:
         """Image-local visual-token indices of the record's boxes (patch indices, row-major)."""
         image_size, patch_size, _ = self.grid
@@ -79,14 +88,68 @@ class VQAModel:
 
 
 @dataclass
-class QwenVQAModel(VQAModel):
+class ChatVQAModel(VQAModel):
+    """Any family vtoken supports, saved with a processor that carries a chat template (LLaVA-NeXT,
+    LLaVA-OneVision, Qwen3-VL, or a LLaVA-1.5 with a template): prompts from the template, inputs from
+    the processor. Benchmark images are generated at the image processor's size on a 12 x 12 grid of
+    cells. No relevant-patch recall: these families' visual tokens (AnyRes crops, unpadding, dynamic
+    grids) do not map one to one onto the generated image's cells, so ``relevant`` is empty and the
+    oracle, which reads it, does not run on them."""
+
+    processor: object = None
+    image_side: int = 336
+
+    @classmethod
+    def load(cls, path: str, **options) -> "ChatVQAModel":
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(path)
+        if not getattr(processor, "chat_template", None):
+            raise ValueError(f"{path}: the processor has no chat template, so benchmark questions cannot be "
+                             "put to the model; save one with the processor (processor.chat_template = ...)")
+        model = AutoModelForImageTextToText.from_pretrained(path, **options).eval()
+        processor.tokenizer.padding_side = "left"
+        return cls(model, processor.tokenizer, processor.image_processor, 0, processor,
+                   _image_side(processor.image_processor))
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        """(generated image size, cell size, cells per side): 12 cells per side at any resolution."""
+        return self.image_side, self.image_side // 12, 12
+
+    @property
+    def has_recall(self) -> bool:
+        return False
+
+    def encode(self, records: list[dict]) -> dict:
+        messages = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r["question"]}]}]
+                    for r in records]
+        texts = [self.processor.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in messages]
+        images = [r["pil"] if "pil" in r else load_image(r) for r in records]
+        return dict(self.processor(images=images, text=texts, return_tensors="pt", padding=True))
+
+    def relevant(self, record: dict) -> list[int]:
+        return []
+
+
+def _image_side(image_processor) -> int:
+    """The square size images are resized or cropped to (a multiple of 12, for the generator's grid)."""
+    for key in ("crop_size", "size"):
+        size = getattr(image_processor, key, None) or {}
+        side = size.get("height") or size.get("shortest_edge")
+        if side:
+            return max(12, int(side) // 12 * 12)
+    return 336
+
+
+@dataclass
+class QwenVQAModel(ChatVQAModel):
     """A Qwen2-VL / Qwen2.5-VL with its saved processor (``eval/train_tiny_qwen.py``): prompts from the
     processor's chat template, inputs (``image_grid_thw``, ``mm_token_type_ids``) from the processor.
     The images have one fixed size (the image processor's ``max_pixels``), so every image has the same
     grid; LLM token ``j`` is merged cell ``j`` (row-major) of ``patch_size * merge_size`` pixels."""
 
     MODEL_TYPES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
-    processor: object = None
 
     @classmethod
     def load(cls, path: str, **options) -> "QwenVQAModel":
@@ -98,7 +161,7 @@ class QwenVQAModel(VQAModel):
         processor = AutoProcessor.from_pretrained(path)
         processor.tokenizer.padding_side = "left"
         image_size, cell, side = cls._grid(processor.image_processor)
-        return cls(model, processor.tokenizer, processor.image_processor, side * side, processor)
+        return cls(model, processor.tokenizer, processor.image_processor, side * side, processor, image_size)
 
     @staticmethod
     def _grid(image_processor) -> tuple[int, int, int]:
@@ -113,12 +176,9 @@ class QwenVQAModel(VQAModel):
         """(image size, pixels per LLM token side, LLM tokens per side)."""
         return self._grid(self.image_processor)
 
-    def encode(self, records: list[dict]) -> dict:
-        messages = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r["question"]}]}]
-                    for r in records]
-        texts = [self.processor.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in messages]
-        images = [r["pil"] if "pil" in r else load_image(r) for r in records]
-        return dict(self.processor(images=images, text=texts, return_tensors="pt", padding=True))
+    @property
+    def has_recall(self) -> bool:
+        return True
 
     def relevant(self, record: dict) -> list[int]:
         """Image-local LLM-token indices (merged cells, row-major) of the record's boxes."""
