@@ -133,7 +133,8 @@ def curves(rows: list[BenchRow], metric: str = "accuracy") -> dict[str, list[tup
         start = getattr(base, metric) if base is not None else None
         if metric == "recall" and base is not None:
             start = 1.0  # unpruned keeps every relevant patch
-        if start is not None and len(points) > 1:
+        variant = any(r.label == label and r.label != r.method for r in rows)  # a tuned config: one point
+        if start is not None and not variant:
             points.insert(0, (base.tflops_llava_7b, start))
     return out
 
@@ -174,7 +175,8 @@ def matched_cost_summary(rows: list[BenchRow]) -> str:
                 continue
             value = at_cost(points, cost)
             if value is None:
-                cheapest = min(p[0] for p in points)
+                own = [r.tflops_llava_7b for r in rows if r.label == label]  # its measured points only
+                cheapest = min(own)
                 if len(points) == 1:
                     unreached.append(f"{label} (measured at {cheapest:.2f} only)")
                 else:
