@@ -2,8 +2,12 @@
 the eager route that materialises the full N x N attention map): time and peak memory at N = 576, 2880,
 8192 and 32768 tokens.
 
-    python eval/bench_kernels.py                        # CPU: writes eval/results/bench_kernels/cpu.md
-    python eval/bench_kernels.py --out eval/results/bench_kernels/h100.md   # on a CUDA machine
+    python eval/bench_kernels.py --out /tmp/bench_kernels/cpu.md                      # CPU, a fresh file
+    python eval/bench_kernels.py --repeats 3 --out eval/results/bench_kernels/cpu.md --overwrite  # the committed one
+    python eval/bench_kernels.py --out eval/results/bench_kernels/h100.md             # on a CUDA machine
+
+``--out`` is the Markdown file to write; the script refuses to replace an existing one unless
+``--overwrite`` is given.
 
 Where CUDA is available every route is timed on the GPU (``torch.cuda.synchronize`` around each call)
 and its peak memory is ``torch.cuda.max_memory_allocated`` above what the inputs already hold; the
@@ -37,6 +41,7 @@ import gc
 import math
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -51,6 +56,9 @@ if not CUDA:
 
 from vtoken.kernels import reference  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from output import add_output_arguments, claim  # noqa: E402  (eval/output.py)
+
 try:
     from vtoken.kernels import triton_attention, triton_gather, triton_shift  # noqa: E402
 
@@ -59,7 +67,6 @@ except Exception as error:  # triton missing or broken: references only
     triton_attention = triton_gather = triton_shift = None
     TRITON_ERROR = f"{type(error).__name__}: {error}"
 
-OUT = Path(__file__).resolve().parent / "results" / "bench_kernels" / ("cuda.md" if CUDA else "cpu.md")
 SIZES = (576, 2880, 8192, 32768)
 MiB = 2**20
 
@@ -298,14 +305,16 @@ def machine() -> str:
 
 
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
     parser.add_argument("--repeats", type=int, default=3 if not CUDA else 20)
     parser.add_argument("--eager-cap-gib", type=float, default=6.0 if not CUDA else 60.0,
                         help="skip an eager full-map route whose map would need more than this")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32" if not CUDA else "bfloat16")
-    parser.add_argument("--out", type=Path, default=OUT)
+    add_output_arguments(parser, "Markdown file to write (e.g. eval/results/bench_kernels/cpu.md)")
     args = parser.parse_args(argv)
+    out = claim(args.out, args.overwrite)
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     # CPU: how far the interpreter goes for each check, and the largest N the O(N^2) reference of
@@ -323,7 +332,7 @@ def main(argv=None):
         + (f"triton {__import__('triton').__version__}" if TRITON_ERROR is None else f"triton unavailable ({TRITON_ERROR})")
         + f", Python {platform.python_version()}, {torch.get_num_threads()} torch threads. Inputs {args.dtype}."
         + f" Load average (1 min) at start: {load:.2f}.",
-        f"Command: `python eval/bench_kernels.py {' '.join(sys.argv[1:])}`".rstrip() + f" ({wall / 60:.1f} min).",
+        f"Command: `python eval/bench_kernels.py {' '.join(shlex.quote(a) for a in argv)}`" + f" ({wall / 60:.1f} min).",
         "",
     ]
     if CUDA:
@@ -344,9 +353,8 @@ def main(argv=None):
             "max(1, |reference|). Run the same script on a CUDA machine for kernel timings.",
         ]
     header += ["", f"Largest difference in any check: {max(errors) if errors else float('nan'):.1e}.", ""]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(header + table) + "\n")
-    print(f"wrote {args.out}")
+    out.write_text("\n".join(header + table) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -30,12 +30,18 @@ the unpruned median; ToMe's published speed-up printed beside ours (see ``TOME_P
 
 Where it runs is named in the output (the CPU model, its cores and the threads used; a GPU by name).
 ToMe measured batch 64 on a V100; on this CPU a batch of 64 ViT-B images takes tens of seconds per
-forward on one thread, so the committed CPU run used a smaller ``--batch`` (see its header).
+forward on one thread (the committed CPU run's command is in its header).
+
+Writes ``<out>.md`` and ``<out>.json`` (``--out`` is the stem); refuses to replace either unless
+``--overwrite`` is given.
 
 Usage::
 
-    OMP_NUM_THREADS=1 python eval/bench_vit_speed.py --batch 8 --repeats 5          # CPU, what is committed
-    python eval/bench_vit_speed.py --device cuda --batch 64 --repeats 20             # on a GPU
+    OMP_NUM_THREADS=1 python eval/bench_vit_speed.py --batch 8 --repeats 5 --out /tmp/vit_speed/bench_vit_speed
+    python eval/bench_vit_speed.py --device cuda --batch 64 --repeats 20 --out /tmp/vit_speed/gpu   # on a GPU
+    # the committed CPU result (minutes per round):
+    python eval/bench_vit_speed.py --batch 64 --repeats 5 --threads 1 \
+        --out eval/results/tiny_clip/bench_vit_speed --overwrite
 """
 
 from __future__ import annotations
@@ -55,7 +61,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "eval"))
 from eval_tiny_clip import code_version, write_result  # noqa: E402  (shared with the CLIP evaluation)
-DEFAULT_OUT = REPO / "eval" / "results" / "tiny_clip" / "bench_vit_speed"
+from output import add_output_arguments, claim_stem  # noqa: E402  (eval/output.py)
+
 DEFAULT_METHODS = ("tome", "random", "pool", "repshift", "visionzip")
 FAMILIES = {"timm": "timm ViT", "hf": "CLIP"}  # family names vtoken.methods() reports
 
@@ -364,8 +371,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: torch's default)")
-    ap.add_argument("--out", default=str(DEFAULT_OUT), help="output stem: <out>.md and <out>.json ('' to skip)")
+    add_output_arguments(ap, "output stem: <out>.md and <out>.json (e.g. eval/results/tiny_clip/bench_vit_speed)")
     args = ap.parse_args(argv)
+    claim_stem(args.out, args.overwrite)
     if args.threads:
         torch.set_num_threads(args.threads)
     import timm

@@ -6,9 +6,11 @@ float32 estimator (overlap of the kept sets at 64 / 128 / 192 tokens).
 
 Random weights and inputs (unit-scale tokens, the projector initialised as transformers does), float32,
 ``torch.set_num_threads(--threads)``. The generic estimator is timed on ``--generic-directions``
-directions and scaled to m (its cost is linear in m; the output says so).
+directions and scaled to m (its cost is linear in m; the output says so). Writes the Markdown file
+``--out`` and the same name with ``.json`` beside it; refuses to replace either unless ``--overwrite``.
 
-    python eval/bench_zoo_prune.py --out eval/results/zoo_prune_speed.md
+    python eval/bench_zoo_prune.py --out /tmp/zoo_prune_speed.md
+    python eval/bench_zoo_prune.py --out eval/results/zoo_prune_speed.md --overwrite   # the committed result
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -26,6 +30,9 @@ from vtoken.strategies.zoo_prune import (
     float32_projector, normalise_sensitivity, random_directions, two_layer_projector, weighted_maxmin_order,
     zo_sensitivity, zo_sensitivity_two_layer,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from output import add_output_arguments, claim  # noqa: E402  (eval/output.py)
 
 
 def llava_projector(d_in: int = 1024, hidden: int = 4096, seed: int = 0) -> torch.nn.Module:
@@ -60,6 +67,7 @@ def select(projector, x, s, k: int) -> set[int]:
 
 
 def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=576)
     parser.add_argument("--directions", type=int, default=64)
@@ -67,8 +75,10 @@ def main(argv=None) -> None:
     parser.add_argument("--rank", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=None, help="Markdown output (a .json is written beside it)")
+    add_output_arguments(parser, "Markdown file (e.g. eval/results/zoo_prune_speed.md); a .json is written beside it")
     args = parser.parse_args(argv)
+    out = claim(args.out, args.overwrite)
+    claim(out.with_suffix(".json"), args.overwrite)
     torch.set_num_threads(args.threads)
     projector = llava_projector()
     g = torch.Generator().manual_seed(0)
@@ -102,7 +112,7 @@ def main(argv=None) -> None:
     lines = [
         "# ZOO-Prune scoring cost on LLaVA-1.5's projector shape",
         "",
-        f"Produced by `python eval/bench_zoo_prune.py --out eval/results/zoo_prune_speed.md` (tokens {n}, m "
+        f"Produced by `python eval/bench_zoo_prune.py {' '.join(shlex.quote(a) for a in argv)}` (tokens {n}, m "
         f"{args.directions}, h {step}, rank {args.rank}, {args.repeats} repeats). Machine: {machine}.",
         "",
         f"The generic estimator was timed with {m_generic} directions and scaled to m = {args.directions} (linear in m).",
@@ -119,12 +129,10 @@ def main(argv=None) -> None:
     lines += [f"| {k} | {100 * v:.1f}% |" for k, v in overlap.items()]
     text = "\n".join(lines) + "\n"
     print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
-        Path(args.out).with_suffix(".json").write_text(json.dumps(
-            {"rows": rows, "gflops": {k: v / 1e9 for k, v in flops.items()}, "overlap": overlap,
-             "structure_vs_generic_max_rel": agreement, "machine": machine, "args": vars(args)}, indent=2))
+    out.write_text(text)
+    out.with_suffix(".json").write_text(json.dumps(
+        {"rows": rows, "gflops": {k: v / 1e9 for k, v in flops.items()}, "overlap": overlap,
+         "structure_vs_generic_max_rel": agreement, "machine": machine, "args": vars(args)}, indent=2))
 
 
 if __name__ == "__main__":

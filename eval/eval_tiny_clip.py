@@ -17,12 +17,16 @@ Text embeddings are computed once, unwrapped. A method the registry says does no
 that ``wrap`` refuses (``ValueError``), is skipped with the reason printed and written in the table.
 After the last method the unwrapped model must give the unpruned image embeddings again (checked).
 
-Writes ``<out>.md`` and ``<out>.json`` (default ``eval/results/tiny_clip/eval``) with the command
-in the header.
+Writes ``<out>.md`` and ``<out>.json`` (``--out`` is the stem) with the command in the header;
+refuses to replace either unless ``--overwrite`` is given.
 
 Usage::
 
-    OMP_NUM_THREADS=1 python eval/eval_tiny_clip.py --model vtoken/assets/tiny-clip --split test --n 500
+    OMP_NUM_THREADS=1 python eval/eval_tiny_clip.py --model vtoken/assets/tiny-clip --split test --n 500 \
+        --out /tmp/tiny_clip/eval
+    # the committed result (eval/results/tiny_clip/eval.md and eval.json):
+    OMP_NUM_THREADS=1 python eval/eval_tiny_clip.py --model vtoken/assets/tiny-clip --split test --n 500 \
+        --out eval/results/tiny_clip/eval --overwrite
 """
 
 from __future__ import annotations
@@ -41,10 +45,10 @@ import torch
 import torch.nn.functional as F
 
 import clip_data as C
+from output import add_output_arguments, claim_stem
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO / "vtoken" / "assets" / "tiny-clip"
-DEFAULT_OUT = REPO / "eval" / "results" / "tiny_clip" / "eval"
 DEFAULT_METHODS = ("tome", "repshift", "visionzip", "random", "pool")
 FAMILY = "CLIP"  # the family name vtoken.methods() reports for CLIPModel
 
@@ -294,7 +298,7 @@ def parse_args(argv):
     ap.add_argument("--budgets", nargs="*", type=float, default=[0.75, 0.5, 0.25])
     ap.add_argument("--batch", type=int, default=100)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=str(DEFAULT_OUT), help="output stem: <out>.md and <out>.json ('' to skip)")
+    add_output_arguments(ap, "output stem: <out>.md and <out>.json (e.g. eval/results/tiny_clip/eval)")
     args = ap.parse_args(argv)
     args.methods = [m for part in args.methods for m in re.split(r"[,\s]+", part) if m]
     return args
@@ -313,6 +317,7 @@ def write_result(out: str | None, text: str, result: dict) -> None:
 def main(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    claim_stem(args.out, args.overwrite)
     result = evaluate(args, argv)
     write_result(args.out, markdown(result), result)
     return result

@@ -1,11 +1,15 @@
 """Unpruned exact-match accuracy of the tiny LLaVA on the synthetic VQA benchmark, per family.
 
 Greedy ``generate`` on left-padded batches through the same harness as ``vtoken bench``
-(``vtoken.vqa.evaluate``); writes ``eval/results/tiny_llava.md`` with the command that produced it.
+(``vtoken.vqa.evaluate``); writes the Markdown file ``--out`` with the command that produced it,
+and refuses to replace an existing one unless ``--overwrite`` is given.
 
 Usage::
 
-    OMP_NUM_THREADS=1 python eval/eval_tiny_llava.py --model vtoken/assets/tiny-llava --split test --n 1000
+    OMP_NUM_THREADS=1 python eval/eval_tiny_llava.py --model vtoken/assets/tiny-llava --split test --n 1000 \
+        --out /tmp/tiny_llava.md
+    # the committed result:
+    OMP_NUM_THREADS=1 python eval/eval_tiny_llava.py --n 1000 --out eval/results/tiny_llava.md --overwrite
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from vtoken.bench import default_model_path
 from vtoken.vqa.data import FAMILIES, SPLITS, generate, load_jsonl
 from vtoken.vqa.evaluate import VQAModel, evaluate
 
-RESULTS = Path(__file__).resolve().parent / "results" / "tiny_llava.md"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from output import add_output_arguments, claim  # noqa: E402  (eval/output.py)
 
 
 def main(argv=None) -> None:
@@ -34,8 +39,9 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0, help="generator seed of the split")
     ap.add_argument("--data", default=None, help="a JSONL file in the benchmark format instead of generating")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=str(RESULTS), help="Markdown file to write ('' to skip)")
+    add_output_arguments(ap, "Markdown file to write (e.g. eval/results/tiny_llava.md)")
     args = ap.parse_args(argv)
+    out = claim(args.out, args.overwrite)
     torch.set_num_threads(args.threads)
 
     vqa = VQAModel.load(args.model)
@@ -73,9 +79,7 @@ def main(argv=None) -> None:
     ]
     text = "\n".join(lines) + "\n"
     print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+    out.write_text(text)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,16 @@
 """The tiny Qwen2-VL on the synthetic VQA benchmark: unpruned accuracy per family (with the text-only
 prior), then every method that runs on Qwen2-VL at each budget through ``vtoken bench``'s harness.
 
-Writes ``eval/results/tiny_qwen.md`` (with the command that produced it) and ``tiny_qwen.json``.
+Writes the Markdown file ``--out`` (with the command that produced it) and the same name with ``.json``
+beside it; refuses to replace either unless ``--overwrite`` is given.
 
 Usage::
 
-    OMP_NUM_THREADS=1 python eval/eval_tiny_qwen.py --model vtoken/assets/tiny-qwen2-vl --n 1000 --limit 500
+    OMP_NUM_THREADS=1 python eval/eval_tiny_qwen.py --model vtoken/assets/tiny-qwen2-vl --n 1000 --limit 500 \
+        --out /tmp/tiny_qwen.md
+    # the committed result (eval/results/tiny_qwen.md and tiny_qwen.json):
+    OMP_NUM_THREADS=1 python eval/eval_tiny_qwen.py --model vtoken/assets/tiny-qwen2-vl --n 1000 --limit 500 \
+        --out eval/results/tiny_qwen.md --overwrite
 """
 
 from __future__ import annotations
@@ -26,8 +31,10 @@ from vtoken.vqa.data import FAMILIES, generate
 from vtoken.vqa.evaluate import VQAModel, evaluate
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "eval"))
+from output import add_output_arguments, claim  # noqa: E402  (eval/output.py)
+
 DEFAULT_MODEL = REPO / "vtoken" / "assets" / "tiny-qwen2-vl"
-RESULTS = Path(__file__).resolve().parent / "results" / "tiny_qwen.md"
 
 
 def unpruned(vqa, n: int, seed: int = 0) -> dict:
@@ -50,8 +57,10 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=str(RESULTS), help="Markdown file ('' to skip); the JSON goes beside it")
+    add_output_arguments(ap, "Markdown file (e.g. eval/results/tiny_qwen.md); the .json goes beside it")
     args = ap.parse_args(argv)
+    out = claim(args.out, args.overwrite)
+    claim(out.with_suffix(".json"), args.overwrite)
     torch.set_num_threads(args.threads)
 
     start = time.time()
@@ -111,12 +120,9 @@ def main(argv=None) -> None:
         lines.append(summary)
     text = "\n".join(lines)
     print(text)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
-        out.with_suffix(".json").write_text(json.dumps(
-            {"command": command, "model": str(shown), "unpruned": base, "rows": [asdict(r) for r in rows]}, indent=2))
+    out.write_text(text)
+    out.with_suffix(".json").write_text(json.dumps(
+        {"command": command, "model": str(shown), "unpruned": base, "rows": [asdict(r) for r in rows]}, indent=2))
 
 
 if __name__ == "__main__":

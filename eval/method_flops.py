@@ -1,6 +1,9 @@
 """LLaVA-1.5-7B FLOPs of every registered method's own schedule, next to the papers' published TFLOPs.
 
-    python eval/method_flops.py            # writes eval/results/method_flops.md
+    python eval/method_flops.py --out /tmp/method_flops.md
+    python eval/method_flops.py --out eval/results/method_flops.md --overwrite   # the committed table
+
+``--out`` is the Markdown file to write; an existing one is refused unless ``--overwrite`` is given.
 
 Each method is wrapped, with its defaults and a budget of 192 / 128 / 64 visual tokens (1/3, 2/9, 1/9
 of 576), around a LLaVA-1.5-7B built from the shipped config on the meta device (no weights, no
@@ -12,6 +15,8 @@ methods); the column "LLM-layer mean" makes in-LLM and progressive schedules com
 
 from __future__ import annotations
 
+import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -20,7 +25,9 @@ from vtoken.accounting import DEFAULT_TEXT_TOKENS, flops
 from vtoken.bench import LLAVA_7B as LLAVA, llava_7b_schedule
 from vtoken.registry import get_strategy, strategy_names
 
-OUT = Path(__file__).resolve().parent / "results" / "method_flops.md"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from output import add_output_arguments, claim  # noqa: E402  (eval/output.py)
+
 BUDGETS = (192, 128, 64)
 
 # Published LLaVA-1.5-7B TFLOPs (the "paper" convention: LLM multiply-adds over visual tokens), with
@@ -54,13 +61,19 @@ def stages_text(schedule) -> str:
     return ", ".join(parts) or "none"
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_output_arguments(parser, "Markdown file to write (e.g. eval/results/method_flops.md)")
+    args = parser.parse_args(argv)
+    out = claim(args.out, args.overwrite)
+    command = "python eval/method_flops.py " + " ".join(shlex.quote(a) for a in argv)
     base_true = flops(LLAVA, None, text_tokens=DEFAULT_TEXT_TOKENS)
     base_paper = flops(LLAVA, None, convention="paper")
     lines = [
         "# LLaVA-1.5-7B FLOPs of each method's schedule",
         "",
-        "Produced by `python eval/method_flops.py` from the shipped config (no weights).",
+        f"Produced by `{command}` from the shipped config (no weights).",
         f"True convention: all prefill FLOPs of one sample with {DEFAULT_TEXT_TOKENS} text tokens (2 FLOPs per"
         " multiply-add, vision tower, projector, LLM, LM head); scoring = the method's own extra work,"
         " included in the total. Paper convention: LLM multiply-adds over visual tokens only"
@@ -98,8 +111,7 @@ def main() -> None:
               " (ZOO-Prune's 2m projector passes are most of its cost)."]
     if skipped:
         lines += ["", "Not reported (the method cannot run without more input):", "", *skipped]
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text("\n".join(lines) + "\n")
+    out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -1,6 +1,7 @@
 """Why Representation Shift lands below random on the shipped tiny LLaVA, and which schedule fixes it.
 
-    python eval/repshift_schedule.py --out eval/results/repshift_schedule
+    python eval/repshift_schedule.py --out /tmp/repshift_schedule
+    python eval/repshift_schedule.py --out eval/results/repshift_schedule --overwrite   # the committed result
 
 Every variant below is scored on ``--validation`` records of the *validation* split at the same
 budget (``--keep``, default 1/9); the best by validation accuracy is then measured on ``--test``
@@ -8,7 +9,7 @@ records of the test split, beside the default schedule and ``random`` at the sam
 reported per variant: relevant-patch recall (the share of the question's object patches that survive),
 which tells a score that finds objects from one that does not. Writes ``repshift_schedule.md`` and the
 chosen config (``vtoken_config.json``, loadable with ``vtoken.wrap(model, config=DIR)``) into
-``--out``; it refuses to overwrite a committed result unless ``--overwrite`` is given.
+``--out``; it refuses to overwrite either file there unless ``--overwrite`` is given.
 
 The shipped tower has 4 layers and LLaVA reads hidden state 3 (``vision_feature_layer=-2``), so
 vision-site pruning can only follow layers 0 or 1; the default progressive schedule (three stages
@@ -39,6 +40,9 @@ from vtoken.bench import default_model_path
 from vtoken.vqa.data import generate
 from vtoken.vqa.evaluate import VQAModel, evaluate
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from output import add_output_arguments, claim  # noqa: E402  (eval/output.py)
+
 VARIANTS: dict[str, dict] = {
     "default (paper schedule scaled: vision 0, 1)": {},
     "vision 0, mlp, l2": {"site": "vision", "layer": 0},
@@ -67,13 +71,10 @@ def main(argv=None) -> None:
     ap.add_argument("--keep", default="1/9", help="budget as a fraction of the visual tokens")
     ap.add_argument("--validation", type=int, default=400, help="validation records to choose on")
     ap.add_argument("--test", type=int, default=1000, help="test records to report on")
-    ap.add_argument("--out", required=True, help="output directory (repshift_schedule.md, the chosen config)")
-    ap.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    add_output_arguments(ap, "output folder (repshift_schedule.md, the chosen config vtoken_config.json)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
-    out = Path(args.out)
-    if (out / "repshift_schedule.md").exists() and not args.overwrite:
-        sys.exit(f"{out / 'repshift_schedule.md'} exists; pass --overwrite to replace it, or another --out")
+    out = claim(args.out, args.overwrite, "repshift_schedule.md", "vtoken_config.json")
     torch.set_num_threads(args.threads)
     keep = float(Fraction(args.keep))
     vqa = VQAModel.load(args.model)
@@ -100,7 +101,6 @@ def main(argv=None) -> None:
         "random": measure(vqa, test, "random", keep=keep),
     }
     minutes = (time.time() - start) / 60
-    out.mkdir(parents=True, exist_ok=True)
     with vtoken.pruned(vqa.model, "repshift", keep=keep, **best_options):
         vtoken.save_config(vqa.model, out)
 

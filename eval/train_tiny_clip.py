@@ -22,22 +22,28 @@ Model selection: zero-shot accuracy of the 30-class task (``clip_data.CLASSES``)
 ``--val-n`` ``validation`` subject scenes, every ``--eval-every`` steps; the best checkpoint is
 written with ``save_pretrained`` (safetensors) together with a ``CLIPProcessor`` (the tokenizer
 and a ``CLIPImageProcessor`` with CLIP's normalisation constants).  The ``test`` split is never
-used here; ``eval/eval_tiny_clip.py`` reports on it.
+used here; ``eval/eval_tiny_clip.py`` reports on it. ``--out`` (required) must be a new or empty
+folder unless ``--overwrite`` is given.
 
 Usage (the shipped ``vtoken/assets/tiny-clip``; log ``eval/results/tiny_clip/train.log``: 900 steps
 of 128 pairs, 25.7 min on one thread of a 2-core CPU shared with other jobs; the best checkpoint was
 the last, validation zero-shot 87.6% (colour 100%, shape 87.6%), retrieval recall@1 91.6% image->text
 and 92.2% text->image on 500 validation scenes; test numbers in ``eval/results/tiny_clip/eval.md``)::
 
+    # into a fresh folder
     OMP_NUM_THREADS=1 nohup python eval/train_tiny_clip.py --steps 900 --time-limit 40 \
-        --out vtoken/assets/tiny-clip > eval/results/tiny_clip/train.log 2>&1 &
+        --out /tmp/tiny-clip > /tmp/tiny-clip-train.log 2>&1 &
+    # the shipped model and its log were written in place; this replaces both
+    OMP_NUM_THREADS=1 nohup python eval/train_tiny_clip.py --steps 900 --time-limit 40 \
+        --out vtoken/assets/tiny-clip --overwrite > eval/results/tiny_clip/train.log 2>&1 &
 
 Validation zero-shot accuracy along the way (steps 100..900): 14.0, 24.6, 35.8, 54.4, 72.2, 76.4,
 83.4, 86.2, 87.6%; colour is learnt first (99% by step 500), the shape of the large object last.
 
-Smoke run (a few seconds)::
+Smoke run (a few seconds; replaces /tmp/tc)::
 
-    OMP_NUM_THREADS=1 python eval/train_tiny_clip.py --steps 3 --batch 8 --val-n 16 --eval-every 2 --out /tmp/tc
+    OMP_NUM_THREADS=1 python eval/train_tiny_clip.py --steps 3 --batch 8 --val-n 16 --eval-every 2 --out /tmp/tc \
+        --overwrite
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ import torch
 import torch.nn.functional as F
 
 import clip_data as C
+from output import add_output_arguments, claim
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -242,8 +249,9 @@ def main(argv=None):
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--time-limit", type=float, default=0, help="minutes; stop (and evaluate) after")
-    ap.add_argument("--out", required=True)
+    add_output_arguments(ap, "model folder to save the best checkpoint in (new or empty)")
     args = ap.parse_args(argv)
+    out = claim(args.out, args.overwrite, "*")
     torch.set_num_threads(args.threads)
     print("args:", vars(args), flush=True)
 
@@ -262,7 +270,7 @@ def main(argv=None):
         t = (step - args.warmup) / max(1, args.steps - args.warmup)
         return args.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
-    out, best, start = Path(args.out), -1.0, time.time()
+    best, start = -1.0, time.time()
     run_loss, data_time = 0.0, 0.0
     model.train()
     for step in range(1, args.steps + 1):

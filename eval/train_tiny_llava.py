@@ -30,7 +30,8 @@ Model selection: exact-match accuracy of the greedy first answer token on ``--va
 the ``validation`` split (teacher-forced argmax = greedy ``generate``'s first token).  The best
 checkpoint is saved with ``save_pretrained`` (safetensors) together with the processor.  The
 ``test`` split is never used here; ``eval/eval_tiny_llava.py`` reports test accuracy with greedy
-``generate``.
+``generate``. ``--out`` (required) must be a new or empty folder unless ``--overwrite`` is given: the
+first checkpoint replaces what is there.
 
 Usage (the shipped ``vtoken/assets/tiny-llava`` came from these four runs on the grid-aligned
 scenes, ~22 + ~19 + ~47 + ~96 min with two runs sharing two cores; logs in
@@ -56,7 +57,7 @@ scenes, ~22 + ~19 + ~47 + ~96 min with two runs sharing two cores; logs in
         --warmup 50 --curriculum-steps 1 --simple-start 0.3 --simple-end 0.3 --simple-tags 1 2 \
         --text-weight 3 --questions 12 --lr 3e-4 --aux-warmup 150 --family-weights spatial=4 text=4 \
         --aux-projected-weight 1 --eval-every 500 --val-n 400 --seed 5 --time-limit 105 \
-        --out vtoken/assets/tiny-llava
+        --out vtoken/assets/tiny-llava --overwrite
 
 What moved the LLM off its plateau (same steps, validation accuracy at step 1000 of stage 2 and
 its ablations): 8 heads of 16 with RoPE base 1e4: 39.5% (ablation B, trained from scratch); base
@@ -86,7 +87,8 @@ compare two objects' positions.
 Reproducibility of stage 4, from the same stage-3 weights. Test: unpruned accuracy on 1000 test
 records by ``eval/eval_tiny_llava.py --model DIR`` (shipped: ``eval/results/tiny_llava.md``; seed
 25: ``eval/results/training/rerun_stage4_seed25_test.md``; run G: ``eval/results/tiny_llava.md`` as
-of commit 17b87f5). Seed 25 is the stage-4 command above with ``--seed 25``:
+of commit 17b87f5). Seed 25 is the stage-4 command above with ``--seed 25`` and a fresh ``--out``
+instead of ``vtoken/assets/tiny-llava --overwrite``:
 
 =====================================  ========  ======  =====  ====================================
 run                                    val       test    text   log
@@ -138,6 +140,7 @@ import torch.nn.functional as F
 
 import vqa_data as D
 from vqa_tokenizer import IMAGE, build_tokenizer, prompt
+from output import add_output_arguments, claim
 
 IMAGE_SIZE, PATCH_SIZE = 96, 8
 SIDE = IMAGE_SIZE // PATCH_SIZE  # patches per row and column
@@ -662,8 +665,9 @@ def main(argv=None):
     ap.add_argument("--vision-from", default=None,
                     help="start the vision tower and projector from a saved model dir (the LLM stays fresh)")
     ap.add_argument("--start-index", type=int, default=0, help="first train-split record index")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "models" / "tiny-llava"))
+    add_output_arguments(ap, "model folder to save the best checkpoint in (new or empty)")
     args = ap.parse_args(argv)
+    out = claim(args.out, args.overwrite, "*")
 
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     torch.set_num_threads(args.threads)
@@ -711,7 +715,6 @@ def main(argv=None):
         return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
     dropout_rng = random.Random(args.seed + 1)
-    out = Path(args.out)
     best, t0 = -1.0, time.time()
     run_loss, run_acc, run_aux, run_n = 0.0, 0.0, 0.0, 0
     run_aux_acc = Counter()

@@ -31,7 +31,7 @@ block mask; here the packed positions are M-RoPE's three rows, so each question 
 the positions of its single-question prompt.  The best validation checkpoint is saved with
 ``save_pretrained`` (model and processor) at every evaluation that improves it, so a stopped run
 still leaves a usable model; ``eval/eval_tiny_qwen.py`` reports test accuracy with greedy
-``generate``.
+``generate``. ``--out`` (required) must be a new or empty folder unless ``--overwrite`` is given.
 
 Usage (log of both stages: ``eval/results/training/tiny_qwen_train.log``; one thread, sharing two
 cores with other jobs)::
@@ -39,7 +39,7 @@ cores with other jobs)::
     # 1. LLM from the tiny LLaVA, vision distilled from scratch: 33 min, ~1 s/step; val 76.3% at step 500,
     #    87.5% at step 2000 (the last, lr decayed); test 86.7% on 1000 records (count 80.5, spatial 54.5)
     OMP_NUM_THREADS=1 python eval/train_tiny_qwen.py --steps 2000 --distill-only-steps 300 --warmup 50 \\
-        --eval-every 250 --time-limit 65 --out vtoken/assets/tiny-qwen2-vl
+        --eval-every 250 --time-limit 65 --out vtoken/assets/tiny-qwen2-vl --overwrite
     # 2. continue with count and attribute questions sampled 3x and 2x (saves only above stage 1's 87.5%):
     #    17 min; val 86.3 / 84.8 / 86.0 at steps 200 / 400 / 600, 88.25% at step 800 (count 92.5), shipped
     #    (copied from /tmp/tq_s2): test 87.7% on 1000 records (count 88.0, spatial 50.5), eval/results/tiny_qwen.md
@@ -71,6 +71,7 @@ import torch.nn.functional as F
 import train_tiny_llava as L
 import vqa_data as D
 from vqa_tokenizer import IMAGE, build_tokenizer
+from output import add_output_arguments, claim
 
 IMAGE_SIZE, PATCH_SIZE, MERGE = 96, 4, 2
 CELL = PATCH_SIZE * MERGE  # pixels per side of one LLM token
@@ -255,11 +256,13 @@ def main(argv=None):
     ap.add_argument("--teacher", default=str(DEFAULT_LLAVA), help="the tiny LLaVA (LLM init, distillation)")
     ap.add_argument("--init", default=None, help="resume a saved tiny Qwen (no LLM copy)")
     ap.add_argument("--init-best", type=float, default=-1.0,
-                    help="save only validation accuracies above this (the --init model's, when --out is its folder)")
+                    help="save only validation accuracies above this (the --init model's, when --out is its "
+                         "folder: then with --overwrite)")
     ap.add_argument("--start-index", type=int, default=0)
     ap.add_argument("--time-limit", type=float, default=0, help="minutes (0: none)")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "vtoken" / "assets" / "tiny-qwen2-vl"))
+    add_output_arguments(ap, "model folder to save the best checkpoint in (new or empty)")
     args = ap.parse_args(argv)
+    out = claim(args.out, args.overwrite, "*")
 
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     torch.set_num_threads(args.threads)
@@ -304,7 +307,6 @@ def main(argv=None):
         t = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
         return args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
-    out = Path(args.out)
     best, t0 = args.init_best, time.time()
     run = Counter()
     model.train()

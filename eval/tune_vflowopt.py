@@ -1,13 +1,15 @@
 """VFlowOpt's flow-guided hyper-parameter search on the shipped tiny LLaVA, with accuracy before and after.
 
-    OMP_NUM_THREADS=1 python eval/tune_vflowopt.py --keep 1/9 --trials 30
+    OMP_NUM_THREADS=1 python eval/tune_vflowopt.py --keep 1/9 --trials 30 --out /tmp/vflowopt
+    # the committed result (eval/results/vflowopt_tune.md, eval/results/vflowopt-tuned-1of9/):
+    OMP_NUM_THREADS=1 python eval/tune_vflowopt.py --keep 1/9 --trials 40 --out eval/results --overwrite
 
 The calibration set is ``--calibration`` records of the *validation* split (never test); the search
 (``vtoken.tune``, optuna TPE, seeded) minimises the discrepancy of the last token's final
-representation with and without pruning. The tuned config is saved to
-``eval/results/vflowopt-tuned-<keep>/vtoken_config.json`` (``vtoken.wrap(model, config=DIR)`` loads
-it), and test accuracy of the default and the tuned config at the same budget goes to
-``eval/results/vflowopt_tune.md``.
+representation with and without pruning. Into the folder ``--out`` go the tuned config,
+``vflowopt-tuned-<keep>/vtoken_config.json`` (``vtoken.wrap(model, config=DIR)`` loads it), and
+``vflowopt_tune.md``: test accuracy of the default and the tuned config at the same budget. Either
+file already there is refused unless ``--overwrite`` is given.
 """
 
 from __future__ import annotations
@@ -26,13 +28,21 @@ from vtoken.bench import default_model_path
 from vtoken.vqa.data import generate
 from vtoken.vqa.evaluate import VQAModel, evaluate
 
-RESULTS = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "eval"))
+from output import add_output_arguments, claim  # noqa: E402  (eval/output.py)
 
 
 def accuracy(vqa: VQAModel, records, **wrap) -> tuple[float, dict]:
     with vtoken.pruned(vqa.model, "vflowopt", **wrap):
         result = evaluate(vqa, records)
     return result.accuracy, result.family_accuracy()
+
+
+def shown(path: Path) -> str:
+    """``path`` relative to the repository when it is inside it, else as an absolute path."""
+    path = path.resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
 def main(argv=None) -> None:
@@ -44,7 +54,10 @@ def main(argv=None) -> None:
     ap.add_argument("--test", type=int, default=1000, help="test records to measure accuracy on")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    add_output_arguments(ap, "output folder (vflowopt_tune.md, vflowopt-tuned-<keep>/vtoken_config.json)")
     args = ap.parse_args(argv)
+    tag = f"vflowopt-tuned-{args.keep.replace('/', 'of')}"
+    results = claim(args.out, args.overwrite, "vflowopt_tune.md", f"{tag}/vtoken_config.json")
     torch.set_num_threads(args.threads)
 
     keep = float(Fraction(args.keep))
@@ -52,7 +65,7 @@ def main(argv=None) -> None:
     image_size, patch_size, _ = vqa.grid
     calibration_records = generate("validation", args.calibration, seed=0, image_size=image_size, patch_size=patch_size)
     calibration = [vqa.encode(calibration_records[i : i + 16]) for i in range(0, len(calibration_records), 16)]
-    out = RESULTS / f"vflowopt-tuned-{args.keep.replace('/', 'of')}"
+    out = results / tag
     start = time.time()
     tuned = vtoken.tune(vqa.model, "vflowopt", calibration=calibration, trials=args.trials, seed=args.seed,
                         keep=keep, save=out)
@@ -71,7 +84,7 @@ def main(argv=None) -> None:
         f" validation records; test accuracy on {args.test} test records). Budget: keep {args.keep}"
         " of the visual tokens (layer-averaged, paper Eq. 5).",
         "",
-        f"Tuned config: `{out.relative_to(RESULTS.parent.parent)}/vtoken_config.json`: "
+        f"Tuned config: `{shown(out)}/vtoken_config.json`: "
         + ", ".join(f"{k}={v:.4g}" for k, v in searched.items()),
         "",
         "| config | accuracy | " + " | ".join(families) + " |",
@@ -81,7 +94,7 @@ def main(argv=None) -> None:
     ]
     text = "\n".join(lines) + "\n"
     print(text)
-    (RESULTS / "vflowopt_tune.md").write_text(text)
+    (results / "vflowopt_tune.md").write_text(text)
 
 
 if __name__ == "__main__":

@@ -96,9 +96,10 @@ def test_a_two_step_run_with_every_stage4_option_saves_a_loadable_model(tmp_path
     assert (out / "training_state.txt").read_text().startswith("step 2 val ")  # the first evaluation is saved
 
 
-def test_family_weights_must_name_a_family(capsys):
+def test_family_weights_must_name_a_family(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        T.main(["--steps", "1", "--val-n", "1", "--text-hidden", "32", "--family-weights", "colour=2"])
+        T.main(["--steps", "1", "--val-n", "1", "--text-hidden", "32", "--family-weights", "colour=2",
+                "--out", str(tmp_path / "model")])
     assert "--family-weights takes FAMILY=WEIGHT" in capsys.readouterr().err
 
 
