@@ -89,3 +89,12 @@ def test_the_cli_writes_every_row_as_it_finishes(tmp_path, monkeypatch, capsys):
     assert [(r["method"], r["budget"]) for r in rows] == [("none", "1"), ("random", "1/3")]
     assert "| random | 1/3 |" in (out / "bench.md").read_text()
     assert math.isfinite(rows[1]["tflops_llava_7b"])
+
+
+def test_a_trained_method_named_alone_runs_with_the_shipped_weights():
+    from vtoken.bench import run
+
+    rows = run(methods=["tokenpacker"], budgets=["1"], limit=2, repeats=1, batch=1, progress=lambda _: None)
+    # the shipped packers: scale 2 (144 / 4 = 36 tokens) and scale 3 (144 / 9 = 16)
+    assert [(r.method, r.budget, r.kept_tokens) for r in rows] == [
+        ("none", "1", 144), ("tokenpacker", "1/4", 36), ("tokenpacker", "1/9", 16)]
