@@ -84,3 +84,13 @@ def test_methods_name_prints_one_method_with_its_options(capsys):
     assert out.startswith("fastv\n") and "    layer = 2" in out and "use_cache=False" in out
     assert main(["methods", "nosuch"]) == 2
     assert "unknown method 'nosuch'" in capsys.readouterr().err
+
+
+def test_every_public_name_and_submodule_resolves_from_the_lazy_package():
+    import vtoken
+
+    for name in vtoken.__all__:
+        assert getattr(vtoken, name) is not None, name
+    assert vtoken.accounting.flops is vtoken.flops and vtoken.api.wrap is vtoken.wrap
+    with pytest.raises(AttributeError, match="no attribute 'nosuch'"):
+        vtoken.nosuch
