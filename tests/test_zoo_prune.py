@@ -292,6 +292,8 @@ def test_linear_projector_warns_once():
     (dict(step=float("nan")), "step"),
     (dict(chunk_size=1), "chunk_size"),
     (dict(flat_rtol=-1.0), "flat_rtol"),
+    (dict(precision="float8"), "precision must be one of"),
+    (dict(precision="bfloat16"), "precision='bfloat16' is refused"),
     (dict(site="llm", layer=2), "projector"),
 ])
 def test_bad_options_are_refused_before_the_model_changes(options, message):
@@ -442,3 +444,29 @@ def test_projector_rank_on_a_projector_that_is_not_two_layer_is_refused():
             model(**llava_inputs(2))
     with pytest.raises(ValueError, match="projector_rank must be a positive integer"):
         vtoken.wrap(tiny_llava(), "zoo_prune", projector_rank=0)
+
+
+def test_half_precision_passes_run_in_float16_and_stay_close():
+    """The perturbed passes in float16 (the official code's fp16 projector): both estimators differ from
+    float32 (so they ran in float16: h = 0.01 differences lose mantissa bits), by less than 10% of S
+    (measured 7.4%); bfloat16 would be off by up to 150% (measured here), which is why it is refused."""
+    from vtoken.strategies.zoo_prune import projector_in, two_layer_projector, zo_sensitivity_two_layer
+
+    precision, rtol, dtype = "float16", 0.1, torch.float16
+    projector = _llava_projector()
+    g = torch.Generator().manual_seed(3)
+    x, u = torch.randn(60, 64, generator=g), random_directions(16, 64, g)
+    parts = two_layer_projector(projector)
+    exact = zo_sensitivity_two_layer(parts, x, u, step=0.01)
+    half = zo_sensitivity_two_layer(parts, x, u, step=0.01, dtype=dtype)
+    generic = zo_sensitivity(projector_in(projector, dtype), x, u, step=0.01, dtype=dtype)
+    assert half.dtype == torch.float32 and not torch.equal(half, exact)
+    torch.testing.assert_close(half, exact, rtol=rtol, atol=0)
+    torch.testing.assert_close(generic, exact, rtol=rtol, atol=0)
+    bf16 = zo_sensitivity(projector_in(projector, torch.bfloat16), x, u, step=0.01, dtype=torch.bfloat16)
+    assert float(((bf16 - exact).abs() / exact).max()) > 0.5
+    model = tiny_llava()
+    with vtoken.pruned(model, "zoo_prune", keep_tokens=4, precision=precision):
+        with torch.no_grad():
+            model(**llava_inputs(1))
+        assert len(vtoken.selection(model)[0]["projector"]) == 4

@@ -99,6 +99,8 @@ from vtoken.strategies.base import Strategy
 
 #: Added to the min-max range (the official code's epsilon).
 NORM_EPS = 1e-8
+#: The dtypes the perturbed projector passes may run in (``precision``).
+PRECISIONS = {"float32": torch.float32, "float16": torch.float16}
 
 
 @dataclass
@@ -115,6 +117,12 @@ class ZooPruneConfig(PruneConfig):
     official LLaVA-NeXT code uses 128); None (default, the paper's LLaVA-1.5 setting): the exact
     projector. Either way a two-layer projector is scored from its structure
     (:func:`zo_sensitivity_two_layer`), equal to the generic passes up to float32 rounding.
+    ``precision``: the dtype of the perturbed passes, ``"float32"`` (default) or ``"float16"`` (the
+    official code runs the projector in the model's fp16); the sensitivity is accumulated in float32
+    either way. bfloat16 is refused: with 8 mantissa bits ``x + h u`` at ``h = 0.01`` mostly rounds
+    back to ``x`` (tests/test_zoo_prune.py measures up to 150% error). ``python eval/bench_zoo_prune.py`` reports how far each
+    precision's kept set agrees with float32's and its time (on the CPU only so far, where half
+    precision is not faster, hence the float32 default).
     """
 
     method = "zoo_prune"
@@ -127,8 +135,15 @@ class ZooPruneConfig(PruneConfig):
     chunk_size: int = 8192
     flat_rtol: float = 1e-3
     projector_rank: int | None = None
+    precision: str = "float32"
 
     def __post_init__(self) -> None:
+        if self.precision == "bfloat16":
+            raise ValueError("precision='bfloat16' is refused: its 8-bit mantissa cannot hold x + h u at h = 0.01 "
+                             "(measured: sensitivity off by up to 150%); use 'float16' (the official code's) or "
+                             "'float32'")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {self.precision!r}")
         if isinstance(self.directions, bool) or not isinstance(self.directions, int) or self.directions < 1:
             raise ValueError(f"directions (m) must be a positive integer, got {self.directions!r}; the paper uses 64")
         if isinstance(self.step, bool) or not isinstance(self.step, (int, float)) or not (
@@ -162,14 +177,17 @@ def random_directions(count: int, dim: int, generator: torch.Generator, device=N
     return F.normalize(u, dim=-1).to(device)
 
 
-def float32_projector(projector: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``projector`` as a float32 function: a module whose floating parameters or buffers are not
-    float32 runs on float32 copies of them (``torch.func.functional_call``; the module keeps its own
-    tensors); autocast is disabled. A plain callable is called as it is and its output cast to float32."""
+def projector_in(
+    projector: Callable[[torch.Tensor], torch.Tensor], dtype: torch.dtype = torch.float32
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``projector`` as a function computing in ``dtype`` and returning float32: a module whose floating
+    parameters or buffers are not ``dtype`` runs on ``dtype`` copies of them
+    (``torch.func.functional_call``; the module keeps its own tensors); autocast is disabled. A plain
+    callable gets its input in ``dtype`` and its output cast to float32."""
     if isinstance(projector, nn.Module):
         tensors = dict(itertools.chain(projector.named_parameters(), projector.named_buffers()))
-        if any(t.is_floating_point() and t.dtype != torch.float32 for t in tensors.values()):
-            copies = {n: t.detach().float() if t.is_floating_point() else t for n, t in tensors.items()}
+        if any(t.is_floating_point() and t.dtype != dtype for t in tensors.values()):
+            copies = {n: t.detach().to(dtype) if t.is_floating_point() else t for n, t in tensors.items()}
 
             def call(x: torch.Tensor) -> torch.Tensor:
                 return torch.func.functional_call(projector, copies, (x,))
@@ -180,9 +198,14 @@ def float32_projector(projector: Callable[[torch.Tensor], torch.Tensor]) -> Call
 
     def run(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
-            return call(x.float()).float()
+            return call(x.to(dtype)).float()
 
     return run
+
+
+def float32_projector(projector: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``projector`` as a float32 function (:func:`projector_in` in float32)."""
+    return projector_in(projector, torch.float32)
 
 
 def zo_sensitivity(
@@ -191,6 +214,7 @@ def zo_sensitivity(
     directions: torch.Tensor,
     step: float,
     chunk_size: int = 8192,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """ZOO-Prune's sensitivity ``S(i) = (1/m) sum_j ||M(x_i + h u_j) - M(x_i - h u_j)||_2 / (2h)`` (paper
     §3, central-difference estimator) of each of ``inputs`` (``[T, d_v]``) along the shared unit
@@ -198,7 +222,8 @@ def zo_sensitivity(
 
     The ``T · m`` (token, direction) pairs go through ``projector`` in order, ``chunk_size // 2`` pairs
     per call (their ``+h`` and ``-h`` copies together: at most ``chunk_size`` rows), so memory is
-    bounded by ``chunk_size`` whatever ``T`` and ``m``.
+    bounded by ``chunk_size`` whatever ``T`` and ``m``. The perturbed copies are formed in ``dtype`` (the
+    projector should compute in it too: :func:`projector_in`); norms are accumulated in float32.
     """
     x = inputs.float()
     u = directions.float().to(x.device)
@@ -207,9 +232,9 @@ def zo_sensitivity(
     pairs = max(1, chunk_size // 2)
     for start in range(0, tokens * m, pairs):
         index = torch.arange(start, min(start + pairs, tokens * m), device=x.device)
-        offset = step * u[index % m]
-        base = x[index // m]
-        out = projector(torch.cat([base + offset, base - offset]))
+        offset = (step * u[index % m]).to(dtype)
+        base = x[index // m].to(dtype)
+        out = projector(torch.cat([base + offset, base - offset])).float()
         n = index.shape[0]
         norms[start : start + n] = torch.linalg.vector_norm(out[:n] - out[n:], dim=-1) / (2 * step)
     return norms.view(tokens, m).mean(dim=-1)
@@ -273,7 +298,8 @@ def cached_two_layer_projector(projector, rank: int | None = None) -> TwoLayerPr
 
 
 def zo_sensitivity_two_layer(
-    parts: TwoLayerProjector, inputs: torch.Tensor, directions: torch.Tensor, step: float, chunk_size: int = 8192
+    parts: TwoLayerProjector, inputs: torch.Tensor, directions: torch.Tensor, step: float, chunk_size: int = 8192,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """:func:`zo_sensitivity` for a two-layer projector, computed from its structure: with
     ``a = W1 x + b1`` and ``v = W1 u``, ``M(x + h u) - M(x - h u) = W2 (σ(a + h v) - σ(a - h v))`` (``b2``
@@ -281,7 +307,9 @@ def zo_sensitivity_two_layer(
     direction) pair, and ``W2`` once per pair on the difference instead of twice: 2.5x fewer FLOPs on
     LLaVA-1.5's 1024 -> 4096 -> 4096 projector, and with a rank-``r`` ``out`` (``two_layer_projector(...,
     rank=r)``) ``hidden / r`` times fewer again in the second layer. Equal to the generic estimator up to
-    float32 rounding (exact ``out``)."""
+    float32 rounding (exact ``out``). With a half ``dtype`` the per-pair part (activation of the
+    perturbed pre-activations, and ``W2`` on their difference) runs in it, as the official code's fp16
+    projector passes do; ``a`` and ``v`` are formed in float32 and rounded once."""
     x = inputs.float()
     u = directions.float().to(x.device)
     with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
@@ -289,7 +317,7 @@ def zo_sensitivity_two_layer(
         if parts.b1 is not None:
             a = a + parts.b1.to(x.device)
         v = step * (u @ parts.w1.to(x.device).T)
-        out = parts.out.to(x.device)
+        a, v, out = a.to(dtype), v.to(dtype), parts.out.to(x.device, dtype)
         tokens, m = a.shape[0], v.shape[0]
         norms = torch.empty(tokens * m, dtype=torch.float32, device=x.device)
         pairs = max(1, chunk_size // 2)
@@ -297,7 +325,8 @@ def zo_sensitivity_two_layer(
             index = torch.arange(start, min(start + pairs, tokens * m), device=x.device)
             base, offset = a[index // m], v[index % m]
             difference = parts.act(base + offset) - parts.act(base - offset)
-            norms[start : start + index.shape[0]] = torch.linalg.vector_norm(difference @ out.T, dim=-1) / (2 * step)
+            norms[start : start + index.shape[0]] = torch.linalg.vector_norm(
+                (difference @ out.T).float(), dim=-1) / (2 * step)
     return norms.view(tokens, m).mean(dim=-1)
 
 
@@ -395,15 +424,17 @@ class ZooPruneStrategy(Strategy):
             u = random_directions(config.directions, inputs.shape[-1], ctx.generator, inputs.device)
             chosen = inputs[wanted.to(inputs.device)]
             parts = cached_two_layer_projector(projector, config.projector_rank)
+            dtype = PRECISIONS[config.precision]
             if parts is not None:
-                values = zo_sensitivity_two_layer(parts, chosen, u, float(config.step), config.chunk_size)
+                values = zo_sensitivity_two_layer(parts, chosen, u, float(config.step), config.chunk_size, dtype)
             else:
                 if config.projector_rank is not None:
                     raise ValueError(
                         "zoo_prune: projector_rank needs a two-layer (Linear, activation, Linear) projector; this "
                         "model's is not one: drop projector_rank"
                     )
-                values = zo_sensitivity(float32_projector(projector), chosen, u, float(config.step), config.chunk_size)
+                values = zo_sensitivity(projector_in(projector, dtype), chosen, u, float(config.step),
+                                        config.chunk_size, dtype)
             sensitivity[wanted] = values.to(sensitivity.device)
         return sensitivity, eligible
 
