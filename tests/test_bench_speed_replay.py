@@ -1,0 +1,112 @@
+"""The speed bench's oracles (``eval/replay_strategy.py``, ``eval/bench_speed.py``): the replay of a
+method's recorded reductions gives the method's logits and selection while reading no signal (no
+attention rows, no vision attention, no observers, none of the method's own code), and the
+hand-written oracle of a projector / LLM schedule gives the method's first-token logits."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import vtoken
+from tiny import llava_inputs, tiny_llava
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
+
+import replay_strategy as replay  # noqa: E402
+
+CASES = {
+    "fastv": ("fastv", {"keep": 0.5}),
+    "transprune": ("transprune", {"keep": 0.5}),
+    "vflowopt": ("vflowopt", {"keep": 0.5}),  # projector recycling (replayed verbatim) + two LLM stages
+    "tome": ("tome", {"keep": 0.5}),  # vision site, inside the blocks, merges recomputed
+    "repshift": ("repshift", {"keep": 0.5}),
+    "repshift-merge": ("repshift", {"keep": 0.5, "mode": "merge"}),
+}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llava()
+
+
+class Spy:
+    """Counts the calls that compute a signal: LLM attention rows, a vision layer's attention, the
+    pixel patches."""
+
+    def __init__(self, monkeypatch):
+        from vtoken.adapters import hf_decoder, vision_site
+
+        self.calls: dict[str, int] = {}
+        targets = [(hf_decoder, "attention_rows"), (vision_site, "attention_rows"),
+                   (vision_site, "received_attention"), (vision_site.VisionSource, "attention"),
+                   (vision_site.VisionSource, "pixel_patches")]
+        for owner, name in targets:
+            label = f"{getattr(owner, '__name__', owner)}.{name}"
+            original = getattr(owner, name)
+
+            def counted(*args, _original=original, _label=label, **kwargs):
+                self.calls[_label] = self.calls.get(_label, 0) + 1
+                return _original(*args, **kwargs)
+
+            monkeypatch.setattr(owner, name, counted)
+
+    def total(self) -> int:
+        return sum(self.calls.values())
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_replay_reproduces_the_method_and_reads_no_signal(model, case, monkeypatch):
+    method, options = CASES[case]
+    x = llava_inputs(2)  # left padding, prompts of different lengths
+    spy = Spy(monkeypatch)
+    recording = replay.record(model, method, x, **options)
+    if method in ("fastv", "transprune", "vflowopt"):
+        assert spy.total() > 0  # the spy sees the method's signals
+    spy.calls.clear()
+
+    def never(*args, **kwargs):
+        raise AssertionError(f"the replay called {method}'s own code")
+
+    for name in ("reduce", "score", "observe", "observe_attention"):
+        setattr(recording.source, name, never)  # this instance only
+    with replay.replaying(model, recording):
+        strategy = vtoken.strategy_of(model)
+        assert strategy.name.startswith("_") and strategy.needs().names() == frozenset()
+        assert vtoken.config_of(model).positions == recording.source.config.positions
+        with torch.no_grad():
+            logits = model(**x).logits
+        selection = vtoken.selection(model)
+    assert spy.calls == {}
+    assert replay.max_abs_diff(logits, recording.logits) <= 1e-5
+    assert [list(s) for s in selection] == [list(s) for s in recording.selection]
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(selection, recording.selection) for k in a)
+    if case == "tome":  # the merges are recomputed from the live features, not handed back
+        assert recording.recompute == set(recording.reductions) and not recording.verbatim
+    if case in ("repshift-merge", "vflowopt"):  # merged vectors with no merged_into: replayed as recorded
+        assert recording.verbatim
+
+
+@pytest.mark.parametrize("method", ["random", "zoo_prune", "fastv", "transprune", "vflowopt"])
+def test_hand_written_oracle_runs_the_same_schedule(model, method):
+    import bench_speed
+
+    x = llava_inputs(1)
+    recording = replay.record(model, method, x, keep=0.5)
+    assert bench_speed.oracle_supported(recording)
+    plan = bench_speed.oracle_plan(recording, x)
+    with torch.no_grad():
+        first = bench_speed.oracle_call(model, x, plan)
+    assert replay.max_abs_diff(first[:, -1], recording.logits[:, -1]) <= 1e-5
+
+
+def test_kv_cache_bytes_reads_every_layer(model):
+    import bench_speed
+
+    x = llava_inputs(1)
+    with torch.no_grad():
+        out = model(**x, use_cache=True)
+    cache = vtoken.compat.output_cache(out)
+    expected = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    assert bench_speed.kv_cache_bytes(cache) == expected > 0
