@@ -2,14 +2,15 @@
 
     python examples/train_tokenpacker.py [--steps 200] [--out tokenpacker-tiny] [--n 50]
 
-Stage 1 of TokenPacker's recipe (only the packer trains) on the offline benchmark's train split, on the
-CPU: about 0.15 s a step on 2 cores. The same from the command line:
+Stage 1 of TokenPacker's recipe (only the packer trains; the published architecture, ``init="random"``)
+on the offline benchmark's train split, on the CPU: about 0.15 s a step on 2 cores. The same from the command line:
 
     vtoken train-projector --model vtoken/assets/tiny-llava --data generated --out tokenpacker-tiny --steps 200 --n 1600
 
 A rerun with the same --out resumes from its last checkpoint (delete the folder to start afresh). The
-packer shipped for this model (1000 steps, vtoken/assets/tiny-llava-trained/tokenpacker-s2) is shown
-beside it: a few steps do not make a good packer.
+packer shipped for this model (1000 steps, vtoken/assets/tiny-llava-trained/tokenpacker-s2, trained with
+vtoken's residual variant ``init="projector"``, which starts from the model's projector) is shown beside
+it: a few steps do not make a good packer.
 """
 
 import argparse

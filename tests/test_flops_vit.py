@@ -180,8 +180,9 @@ def drive(d: Driver, schedule: Schedule, pixels: torch.Tensor, tally: Tally, hea
         x = tally("blocks", lambda: d.mlp_half(block, x))
         if layer in after:
             if layer not in inside and any(c.kind == "vision_token_matching" for c in scoring[layer]):
-                metric = weights(1, x.shape[1] - d.prefix, width)  # hidden states
-                tally("scoring", lambda: matching(metric, after[layer]))
+                # Representation Shift's merge: hidden states, the whole sequence (prefix first in A, as ToMe)
+                metric = weights(1, x.shape[1], width)
+                tally("scoring", lambda: matching(metric, d.prefix + after[layer]))
             x = x[:, : d.prefix + after[layer]]
     return tally("head", lambda: d.head(x))
 

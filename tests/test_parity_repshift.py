@@ -11,36 +11,44 @@ Sources followed:
   running every CLIP encoder layer by hand from its sub-modules. Schedule: the paper's DeiT setting (drop
   20% of the current tokens after 1-based blocks 1, 4, 7 of 12) scaled to 24 layers, i.e. after 0-based
   layers 1, 7, 13 keeping round(0.8 x current): 461, 369, 295 of 576. CLS is never pruned.
-- **Merging**: ToMe's ``bipartite_soft_matching`` and ``merge_wavg`` (facebookresearch/ToMe,
-  ``tome/merge.py`` at af95e4b1befa172dadccd8c81e223b10090f9579) and vid-TLDR's ``merging`` /
-  ``merge_wavg`` (mlvlab/vid-TLDR, ``multi_modality/utils/vid_TLDR.py`` at
-  a25051d4a4808ce2b480bd1a80a96f68c21aa5cb), which the paper plugs the shift into (Table 3): L2-normalised
-  metric, sets A = ``[::2]`` and B = ``[1::2]``, each A token's most similar B token, the ``r`` A tokens with
-  the highest similarity merged into their partner by a ``scatter_reduce`` sum of weighted features
-  divided by the summed weights, the result ``cat([unmerged A (sorted), B])``; at most half the tokens per
-  round (``r = min(r, T // 2)``). The metric is the hidden state itself (vid-TLDR; ToMe uses the
-  attention keys, which SDPA does not expose), taken at the block output (the shift needs the MLP).
+- **Merging**: what the paper's Table 3 ran, vid-TLDR with the shift as its saliency: mlvlab/vid-TLDR
+  at a25051d4a4808ce2b480bd1a80a96f68c21aa5cb (``multi_modality/utils/vid_TLDR.py``: ``vidTLDR``,
+  ``get_objective_score``, ``merging``, ``merge_wavg``), itself ToMe's bipartite soft matching
+  (facebookresearch/ToMe at af95e4b1befa172dadccd8c81e223b10090f9579, ``tome/merge.py``:
+  ``bipartite_soft_matching`` with ``class_token=True``, ``merge_wavg``). Written below from those
+  rules as per-token loops (no code shared with vtoken's batched tensors):
 
-Which conventions the passing tests use, and the two strict xfails:
+  - the sequence in ToMe's order, CLS first; A = places ``0, 2, ...`` (CLS is A's first and never
+    merges: its row of similarities is -inf), B = places ``1, 3, ...``;
+  - similarity ``(cos + 1) / 2`` of L2-normalised hidden states (vid-TLDR's metric is the hidden state;
+    ToMe's the attention keys, which SDPA does not expose); each A token's best B token; the ``r`` A
+    tokens with the strongest edge merge; ``r = min(r, n // 2)`` for ``n`` patch tokens;
+  - vid-TLDR's weighting: with ``m = max size`` each token enters as ``x * size / m``, a merging A token
+    also times its saliency, in the features and the sizes alike; a token's new size is the sum, its
+    feature the sum divided by ``new size / m``; the saliency is ``get_objective_score``'s normalisation
+    (min-max, below-mean tokens 0, the rest ``(s - mean) / max``) of the MLP shift over the patch
+    tokens, the shift standing where vid-TLDR has the attention's negative entropy;
+    ``merge_weight="size"``: ToMe's ``merge_wavg`` (saliency 1);
+  - the output ``[unmerged A in place order, B]`` is the next round's and the next stage's sequence
+    (ToMe's order across stages; the tower's blocks, with CLIP's position embeddings added before the
+    first one, treat the tokens alike in any order), compared with vtoken after sorting by each
+    token's representative patch (a merged token's B member), the order vtoken hands the LLM;
+  - the merge acts on the block output, where the shift of the block's MLP exists (vtoken's placement;
+    ToMe and vid-TLDR merge between attention and MLP, see the docstring of ``repshift.py``); no
+    proportional attention (``log size`` bias) afterwards, which vtoken documents it does not apply.
 
-- Weighting: ``merge_weight="shift"`` weights each member by ``size x shift`` in a normalised weighted mean
-  (vtoken's documented rule; vid-TLDR scales only the merged-in A tokens by its saliency and divides by the
-  plain size sum, and how Representation Shift's code normalises the shift for it cannot be checked);
-  ``merge_weight="size"`` is ToMe's ``merge_wavg``. No proportional attention (``log size`` bias) after a
-  merge: vtoken documents it does not apply it (FlashAttention has no additive bias, the paper's point).
-- Split: over the patch tokens only, as vid-TLDR's (which has no CLS): A starts with the first patch.
-  ToMe with ``class_token=True`` splits the whole sequence with CLS at index 0 of A, so its A is the
-  *odd* patches: ``test_tome_class_token_split_xfail`` shows vtoken differs from that.
-- Order: the passing tests sort the tokens back into their original order after every merge (vtoken's
-  documented choice, needed to keep the LLM's image tokens in spatial order). ToMe and vid-TLDR return
-  ``cat([unmerged A, B])``, and the next merging layer splits that reordered sequence alternately:
-  ``test_tome_reordering_across_stages_xfail`` shows vtoken's second and third stages match differently.
+  ``test_tome_class_token_split`` and ``test_tome_order_across_stages`` check that these two
+  conventions are the ones vtoken follows, against the alternatives (split over the patches only, CLS
+  set aside; tokens sorted back to spatial order before every split), which give different tokens here.
 """
 
 import pytest
 import torch
 
 import vtoken
+from vtoken.config import StageSpec
+from vtoken.context import ScoreContext, TokenRows
+from vtoken.strategies.repshift import RepShiftConfig, RepShiftStrategy
 from llava15_shape import IMAGE_TOKEN, VISUAL_TOKENS, llava15_inputs, llava15_shaped
 from tiny import alone
 
@@ -62,45 +70,55 @@ def mlp_shift(x_mid, branch):
     return (branch.float() - x_mid.float()).norm(dim=-1)
 
 
-def bipartite_round(x, weight, size, index, r, with_cls):
-    """One bipartite soft-matching merge of ``r`` tokens (ToMe / vid-TLDR) over one image's sequence
-    ``x`` ``[T, d]`` (CLS at 0). ``with_cls``: ToMe's ``class_token=True`` split of the whole sequence
-    (CLS in A, never merged); else the split is over the patches (vid-TLDR), CLS set aside. Members are
-    averaged with ``weight``. Returns the new sequence in ToMe's order ``cat([CLS?, unmerged A, B])`` with
-    its weights, sizes and representative (B member's) original patch index, CLS having index -1."""
-    if not with_cls:
-        cls = (x[:1], weight[:1], size[:1], index[:1])
-        x, weight, size, index = x[1:], weight[1:], size[1:], index[1:]
-    metric = x / x.norm(dim=-1, keepdim=True)
-    a, b = metric[::2], metric[1::2]
-    scores = a @ b.T
+def objective_score(score):
+    """vid-TLDR's saliency from a ``[n]`` score (``get_objective_score`` after the entropy), one token at
+    a time: min-max to [0, 1]; below the mean -> 0; else (s - mean) / the largest (s - mean)."""
+    values = [float(v) for v in score]
+    low, high = min(values), max(values)
+    unit = [(v - low) / (high - low) for v in values]
+    mean = sum(unit) / len(unit)
+    top = max(u - mean for u in unit)
+    return torch.tensor([0.0 if u < mean else (u - mean) / top for u in unit])
+
+
+def bipartite_round(x, size, saliency, index, r, with_cls):
+    """One merge of ``r`` tokens over one image's sequence ``x`` ``[T, d]`` (CLS at 0, the rest in ToMe's
+    order) with sizes ``size`` ``[T]``, representative patch ``index`` ``[T]`` (CLS -1) and the saliency
+    of each token (``[T]``; None: ToMe's size weighting). ``with_cls``: ToMe's ``class_token=True`` split
+    of the whole sequence; else CLS is set aside and the patches are split (vid-TLDR on a model without
+    CLS). Returns the new sequence ``[CLS, unmerged A, B]`` with its sizes and indices."""
+    head = 0 if with_cls else 1
+    body = list(range(head, x.shape[0]))
+    a, b = body[0::2], body[1::2]
+    unit = x / x.norm(dim=-1, keepdim=True)
+    similarity = (unit[a] @ unit[b].T + 1) / 2
     if with_cls:
-        scores[0, :] = -float("inf")
-    node_max, node_idx = scores.max(dim=-1)
-    edge = node_max.argsort(descending=True)
-    src, unm = edge[:r], edge[r:].sort().values
-    dst = node_idx[src]
-
-    def merge(t):
-        t = t if t.dim() == 2 else t[:, None]
-        ta, tb = t[::2], t[1::2]
-        tb = tb.scatter_reduce(0, dst[:, None].expand(-1, t.shape[1]), ta[src], reduce="sum")
-        return torch.cat([ta[unm], tb])
-
-    total = merge(weight)[:, 0]
-    x = merge(x * weight[:, None]) / total[:, None]
-    size = merge(size)[:, 0]
-    index = torch.cat([index[::2][unm], index[1::2]])
+        similarity[0, :] = -float("inf")
+    best, partner = similarity.max(dim=-1)
+    edges = best.argsort(descending=True).tolist()
+    merging, staying = edges[:r], sorted(edges[r:])
+    m = float(size.max())
+    groups = {j: [(b[j], 1.0)] for j in range(len(b))}
+    for i in merging:
+        groups[int(partner[i])].append((a[i], 1.0 if saliency is None else float(saliency[a[i]])))
+    new_x, new_size, new_index = [], [], []
     if not with_cls:
-        x, total, size, index = (torch.cat([c, v]) for c, v in zip(cls, (x, total, size, index)))
-    return x, total, size, index
+        new_x.append(x[0]), new_size.append(size[0]), new_index.append(index[0])
+    for i in staying:
+        new_x.append(x[a[i]]), new_size.append(size[a[i]]), new_index.append(index[a[i]])
+    for j in range(len(b)):
+        total = sum(size[t] * f for t, f in groups[j])
+        mass = sum(x[t] * (size[t] / m) * f for t, f in groups[j])
+        new_x.append(mass / (total / m)), new_size.append(total), new_index.append(index[b[j]])
+    return torch.stack(new_x), torch.stack(new_size), torch.stack(new_index)
 
 
-def ref_encode(model, pixels, stages, mode="prune", merge_weight="shift", with_cls=False, reorder=False):
+def ref_encode(model, pixels, stages, mode="prune", merge_weight="shift", with_cls=True, reorder=True):
     """One image ``[1, 3, H, W]`` through the CLIP tower by hand with Representation Shift at ``stages``
     (``{layer: tokens kept}``). Returns the selection per stage (original patch indices, ascending), the
     sequence right after each stage (CLS first, then the tokens in original order) and the projector
-    input (hidden state -2 without CLS) with its patch indices, in original order."""
+    input (hidden state -2 without CLS) with its patch indices, in original order. ``reorder=False``
+    sorts the tokens back to spatial order before every split (not what ToMe or vid-TLDR do)."""
     vm = model.model.vision_tower
     h = vm.pre_layrnorm(vm.embeddings(pixels))[0]  # [T, d]
     index = torch.arange(-1, h.shape[0] - 1)  # CLS = -1, patch p = p
@@ -115,14 +133,16 @@ def ref_encode(model, pixels, stages, mode="prune", merge_weight="shift", with_c
                 keep = torch.cat([torch.zeros(1, dtype=torch.long), 1 + shift[1:].topk(count).indices.sort().values])
                 h, index, size = h[keep], index[keep], size[keep]
             else:
-                weight = size * shift if merge_weight == "shift" else size.clone()
-                weight[0] = 1.0  # CLS: never merged, its weight only divides itself
+                salient = None
+                if merge_weight == "shift":  # each patch's saliency at this stage, by its representative index
+                    salient = dict(zip(index[1:].tolist(), objective_score(shift[1:]).tolist()))
                 while h.shape[0] - 1 > count:
                     n = h.shape[0] - 1
-                    h, weight, size, index = bipartite_round(h, weight, size, index, min(n - count, n // 2), with_cls)
+                    saliency = None if salient is None else torch.tensor([0.0] + [salient[p] for p in index[1:].tolist()])
+                    h, size, index = bipartite_round(h, size, saliency, index, min(n - count, n // 2), with_cls)
                     if not reorder:
                         order = index.argsort()
-                        h, weight, size, index = h[order], weight[order], size[order], index[order]
+                        h, size, index = h[order], size[order], index[order]
             selection[f"vision:{i}"] = index[1:].sort().values
             order = index.argsort()
             after[i] = h[order]
@@ -195,6 +215,11 @@ SETTINGS = {
     "merge-layer5": ({"mode": "merge", "layer": 5, "keep": 0.6}, {5: 346}, dict(mode="merge", merge_weight="shift")),
     "merge-layer5-size": ({"mode": "merge", "layer": 5, "keep": 0.6, "merge_weight": "size"}, {5: 346},
                           dict(mode="merge", merge_weight="size")),
+    # 576 -> 461, then 461 (odd) -> 200 in two rounds: the cap n // 2 binds (231 left, not 230), and the
+    # second round splits the first round's ToMe order with each token's saliency of this stage.
+    "merge-two-rounds": ({"mode": "merge", "stages": [{"site": "vision", "layer": 3, "keep_tokens": 461},
+                                                      {"site": "vision", "layer": 5, "keep_tokens": 200}]},
+                         {3: 461, 5: 200}, dict(mode="merge", merge_weight="shift")),
 }
 
 
@@ -245,8 +270,8 @@ def test_selection_features_and_logits_match_the_reference(model, inputs, runs, 
 
 
 def test_the_reference_distinguishes_the_variants(model, inputs, runs):
-    # Guards against a vacuous reference: on this model the branch and residual forms, and shift and
-    # size weighting, give different answers.
+    # Guards against a vacuous reference: on this model the branch and residual forms, and vid-TLDR's
+    # saliency weighting and ToMe's size weighting, give different answers.
     with torch.no_grad():
         vm = model.model.vision_tower
         h = vm.pre_layrnorm(vm.embeddings(inputs["pixel_values"][:1]))[0]
@@ -258,6 +283,9 @@ def test_the_reference_distinguishes_the_variants(model, inputs, runs):
     shift_weighted = runs("merge-layer5")[1][0][1][5]
     size_weighted = runs("merge-layer5-size")[1][0][1][5]
     assert not torch.allclose(shift_weighted, size_weighted, rtol=1e-4, atol=1e-5)
+    # The saliency is not trivial: some merging tokens weigh 0 (below the mean), none more than 1.
+    saliency = objective_score(branch_form)
+    assert (saliency == 0).any() and (saliency > 0).any() and saliency.max() == 1
 
 
 @pytest.mark.parametrize("name", ["prune-paper", "merge-paper"])
@@ -274,31 +302,67 @@ def test_each_sample_selects_the_same_in_a_batch_as_alone(model, inputs, runs, n
 
 
 # ------------------------------------------------------------------------------------------------
-# Where vtoken departs from the literal ToMe / vid-TLDR code (documented in vtoken's docstring as its
-# choices; strict xfails so a change of behaviour is noticed either way).
+# The two conventions of the published code that a plainer merge would miss.
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ToMe's bipartite_soft_matching(class_token=True) splits the whole sequence with CLS at index 0 of set A, "
-    "so A = CLS + odd patches and B = even patches (p0, p2, ...); vtoken splits the patch tokens only "
-    "(A = even patches, B = odd), as vid-TLDR does for a model without CLS, so on CLIP (with CLS) the matching "
-    "and the merged tokens differ from ToMe's"))
-def test_tome_class_token_split_xfail(model, inputs, runs):
-    (selection, seen, _), _ = runs("merge-layer5")
+def test_tome_class_token_split(model, inputs, runs):
+    """ToMe's ``bipartite_soft_matching(class_token=True)`` splits the whole sequence with CLS as A's first
+    token, so A holds CLS and the odd patches and B the even ones (p0, p2, ...). vtoken follows it; the
+    split over the patch tokens alone (CLS set aside, A = even patches) picks different tokens here."""
+    (selection, seen, _), expected = runs("merge-layer5")
     with torch.no_grad():
-        sel, after, _, _ = ref_encode(model, inputs["pixel_values"][:1], {5: 346}, mode="merge", with_cls=True)
-    assert torch.equal(selection[0]["vision:5"], sel["vision:5"])
-    torch.testing.assert_close(seen[5][0], after[5], rtol=1e-4, atol=1e-5)
+        patches_only = ref_encode(model, inputs["pixel_values"][:1], {5: 346}, mode="merge", with_cls=False)
+    assert torch.equal(selection[0]["vision:5"], expected[0][0]["vision:5"])
+    torch.testing.assert_close(seen[5][0], expected[0][1][5], rtol=1e-4, atol=1e-5)
+    assert not torch.equal(selection[0]["vision:5"], patches_only[0]["vision:5"])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ToMe and vid-TLDR return merged sequences as cat([unmerged A, B]) and the next merging layer splits that "
-    "reordered sequence alternately into A/B; vtoken sorts the survivors back into original patch order before "
-    "every split, so from the second merging stage of the default schedule (vision:7, vision:13) on, the "
-    "bipartite partition, the matching and the merged tokens differ from the official code's"))
-def test_tome_reordering_across_stages_xfail(model, inputs, runs):
-    (selection, seen, _), _ = runs("merge-paper")
+def test_tome_order_across_stages(model, inputs, runs):
+    """ToMe and vid-TLDR return a merged sequence as ``[unmerged A, B]`` and the next merging layer splits
+    that reordered sequence alternately; vtoken keeps that order from stage to stage (and hands the
+    tokens on in spatial order). Sorting back to spatial order before every split, as vtoken used to,
+    matches differently from the second stage of the paper's schedule on."""
+    (selection, seen, _), expected = runs("merge-paper")
     with torch.no_grad():
-        sel, after, _, _ = ref_encode(model, inputs["pixel_values"][:1], PAPER, mode="merge", reorder=True)
-    for stage in sel:
-        assert torch.equal(selection[0][stage], sel[stage]), stage
+        spatial = ref_encode(model, inputs["pixel_values"][:1], PAPER, mode="merge", reorder=False)
+    for stage, indices in expected[0][0].items():
+        assert torch.equal(selection[0][stage], indices), stage
+    assert torch.equal(spatial[0]["vision:1"], expected[0][0]["vision:1"])  # one stage: the same split
+    assert not torch.equal(spatial[0]["vision:7"], expected[0][0]["vision:7"])
+    assert not torch.equal(spatial[0]["vision:13"], expected[0][0]["vision:13"])
+
+
+def test_without_a_class_token_follows_vid_tldr():
+    """vid-TLDR's own case (UMT has no class token): the split starts with the first token and the
+    unmerged A tokens are sorted (ToMe's ``class_token=False`` path would leave them in edge order, and
+    the next stage would split differently). The strategy is driven as the pipeline drives it: each
+    stage's candidates in ascending order, the shift observed on them, two stages of one request."""
+    g = torch.Generator().manual_seed(3)
+    rows, tokens, dim = 2, 40, 8
+    features = torch.randn(rows, tokens, dim, generator=g)
+    shifts = {0: torch.rand(rows, tokens, generator=g), 4: torch.rand(rows, tokens, generator=g)}  # by patch
+    stages = [dict(site="vision", layer=0, keep_tokens=29), dict(site="vision", layer=4, keep_tokens=12)]
+    strategy = RepShiftStrategy(RepShiftConfig(stages=stages, mode="merge"))
+    state, current, index = {}, features, torch.arange(tokens).expand(rows, -1)
+    for i, stage in enumerate(stages):
+        n = current.shape[1]
+        observed = lambda layer, index=index: torch.gather(shifts[layer], 1, index)[..., None]
+        candidates = TokenRows(current, torch.ones(rows, n, dtype=torch.bool), torch.full((rows,), stage["keep_tokens"]),
+                               torch.arange(rows), [None] * rows, sizes=None, offset=0)
+        ctx = ScoreContext(stage=StageSpec(**stage), tokens=candidates, generator=torch.Generator(), stage_index=i,
+                           observed=observed, state=state)
+        reduction = strategy.reduce(ctx)
+        current, index = reduction.features, torch.gather(index, 1, reduction.keep)
+    for r in range(rows):
+        # The reference, with a dummy first token set aside (with_cls=False) standing for "no class token".
+        x = torch.cat([torch.zeros(1, dim), features[r]])
+        ids, size = torch.arange(-1, tokens), torch.ones(tokens + 1)
+        for stage in stages:
+            salient = dict(zip(ids[1:].tolist(), objective_score(shifts[stage["layer"]][r, ids[1:]]).tolist()))
+            while x.shape[0] - 1 > stage["keep_tokens"]:
+                n = x.shape[0] - 1
+                saliency = torch.tensor([0.0] + [salient[p] for p in ids[1:].tolist()])
+                x, size, ids = bipartite_round(x, size, saliency, ids, min(n - stage["keep_tokens"], n // 2), False)
+        order = ids[1:].argsort()
+        assert torch.equal(index[r], ids[1:][order])
+        torch.testing.assert_close(current[r], x[1:][order], rtol=1e-5, atol=1e-6)

@@ -23,6 +23,8 @@ Official code followed (CircleRadon/TokenPacker, ``main`` at 771a16e7462c3afb908
 vtoken records, as the stage's kept indices, the top-left patch of each ``s x s`` region (row-major).
 """
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -254,3 +256,26 @@ def test_a_released_checkpoint_loads_by_its_official_names(tmp_path, scale, fmt)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="not a parameter of the official TokenPacker projector"):
         TokenPackerModule.from_official({"model.mm_projector.proj.weight": torch.zeros(1)})
+
+
+def test_official_names_round_trip_from_a_whole_model_state_dict(tmp_path, packers):
+    """A released TokenPacker model is a whole LLaVA checkpoint: its shards hold the projector as
+    ``model.mm_projector.<official name>`` beside the LLM's and the vision tower's weights.
+    ``from_official`` reads the projector out of such a state dict (or file) and gives back, renamed one to
+    one, exactly the weights it was made from."""
+    packer = packers[3]
+    state = {"model.embed_tokens.weight": torch.randn(10, 64), "model.layers.0.mlp.up_proj.weight": torch.randn(8, 64),
+             "model.vision_tower.vision_tower.vision_model.post_layernorm.weight": torch.ones(32)}
+    for name, tensor in packer.state_dict().items():
+        prefix = next(p for p in RENAME if name.startswith(p))
+        state["model.mm_projector." + RENAME[prefix] + name[len(prefix):]] = tensor.clone()
+    from safetensors.torch import save_file
+
+    save_file(state, str(tmp_path / "model-00002-of-00002.safetensors"))
+    for source in (state, tmp_path / "model-00002-of-00002.safetensors"):
+        loaded = TokenPackerModule.from_official(source, scale=3, layers=OFFICIAL_LAYERS, num_heads=4, grid=(GRID, GRID))
+        assert loaded.state_dict().keys() == packer.state_dict().keys()
+        assert all(torch.equal(loaded.state_dict()[k], v) for k, v in packer.state_dict().items())
+        assert dataclasses.asdict(loaded.config) == dataclasses.asdict(packer.config)
+    with pytest.raises(ValueError, match="no TokenPacker projector in these weights"):
+        TokenPackerModule.from_official({"model.mm_projector.mlp.2.weight": torch.zeros(2, 2)})

@@ -1,5 +1,6 @@
 """Representation Shift (``repshift``): the shift formulas on hand-made tensors, the tensors a real
-CLIP layer hands ``observe``, CLS handling, the progressive default schedule, bipartite merging, and
+CLIP layer hands ``observe``, CLS handling, the progressive default schedule, merging (vid-TLDR's saliency weighting in ToMe's
+bipartite matching, split and order), and
 generate() on left-padded batches (cached equals uncached) for the options the generic suite does
 not reach."""
 
@@ -20,6 +21,7 @@ from vtoken.strategies.repshift import (
     default_layers,
     representation_shift,
     token_distance,
+    vid_tldr_saliency,
 )
 from families import FAMILIES
 from tiny import (
@@ -202,50 +204,83 @@ def test_bad_options_are_refused_before_the_model_is_touched(options, message):
 
 
 # --- merging --------------------------------------------------------------------------------------
+def test_vid_tldr_saliency_on_hand_made_scores():
+    # get_objective_score's normalisation: min-max, below the mean -> 0, the rest (s - mean) / max.
+    scores = torch.tensor([[0.0, 1.0, 2.0, 3.0, 10.0], [1.0, 2.0, 3.0, 4.0, 0.0], [5.0, 5.0, 5.0, 5.0, 5.0]])
+    take_part = torch.tensor([[True] * 5, [True, True, True, True, False], [True] * 5])
+    saliency = vid_tldr_saliency(scores, take_part)
+    assert torch.allclose(saliency[0], torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0]))
+    assert torch.allclose(saliency[1], torch.tensor([0.0, 0.0, 1 / 3, 1.0, 0.0]))  # the last token takes no part
+    assert torch.equal(saliency[2], torch.ones(5))  # all equal (0 / 0 in the official code): plain sizes
+
+
 def test_bipartite_merge_merges_the_most_similar_pairs():
-    # A = tokens 0, 2; B = tokens 1, 3. 0 is nearly 1; 2 is less close to 3.
+    # No prefix: A = tokens 0, 2; B = tokens 1, 3. 0 is nearly 1; 2 is less close to 3.
     features = torch.tensor([[[1.0, 0.0], [1.0, 0.02], [0.0, 1.0], [0.5, 1.0]]])
-    valid = torch.ones(1, 4, dtype=torch.bool)
-    ones = torch.ones(1, 4)
-    keep, merged, sizes = bipartite_merge(features, valid, torch.tensor([3]), ones, ones)
+    take_part = torch.ones(1, 4, dtype=torch.bool)
+    keep, merged, into, position, sizes = bipartite_merge(features, take_part, torch.tensor([3]))
     assert keep.tolist() == [[1, 2, 3]] and sizes.tolist() == [[2.0, 1.0, 1.0]]
     assert torch.allclose(merged[0], torch.tensor([[1.0, 0.01], [0.0, 1.0], [0.5, 1.0]]))
-    keep, merged, sizes = bipartite_merge(features, valid, torch.tensor([2]), ones, ones)
+    assert into.tolist() == [[0, 0, 1, 2]]
+    assert position.tolist() == [[1, 0, 2]]  # ToMe's order: [unmerged A (2), B (1, 3)]
+    keep, merged, into, position, sizes = bipartite_merge(features, take_part, torch.tensor([2]))
     assert keep.tolist() == [[1, 3]] and sizes.tolist() == [[2.0, 2.0]]
     assert torch.allclose(merged[0, 1], torch.tensor([0.25, 1.0]))
 
 
-def test_merge_weights_by_size_times_shift():
+def test_a_class_token_leads_set_a():
+    # With a class token before the candidates (ToMe's class_token=True): the sequence is
+    # [CLS, 0, 1, 2, 3], A = CLS, 1, 3 and B = 0, 2, so 1 merges into 0 (not 0 into 1).
+    features = torch.tensor([[[1.0, 0.0], [1.0, 0.02], [0.0, 1.0], [0.5, 1.0]]])
+    keep, merged, into, position, _ = bipartite_merge(features, torch.ones(1, 4, dtype=torch.bool), torch.tensor([3]),
+                                                      offset=1)
+    assert keep.tolist() == [[0, 2, 3]] and into.tolist() == [[0, 0, 1, 2]]
+    assert torch.allclose(merged[0, 0], torch.tensor([1.0, 0.01]))
+    assert position.tolist() == [[1, 2, 0]]  # [CLS, unmerged A (3), B (0, 2)]
+
+
+def test_merge_weights_follow_vid_tldr():
+    # Token 0 (A) merges into token 1 (B): it weighs size x saliency (0.5), its target its size (1),
+    # whatever the target's own saliency; the merged size is the weighted sum.
     features = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
-    weights = torch.tensor([[3.0, 1.0]])  # size 1 x shift 3, size 1 x shift 1
-    keep, merged, sizes = bipartite_merge(features, torch.ones(1, 2, dtype=torch.bool), torch.tensor([1]),
-                                          weights, torch.ones(1, 2))
-    assert keep.tolist() == [[1]] and sizes.tolist() == [[2.0]]  # the B token's place
-    assert torch.allclose(merged[0, 0], torch.tensor([0.75, 0.25]))
+    saliency = torch.tensor([[0.5, 0.0]])
+    keep, merged, _, _, sizes = bipartite_merge(features, torch.ones(1, 2, dtype=torch.bool), torch.tensor([1]),
+                                                saliency=saliency)
+    assert keep.tolist() == [[1]] and torch.allclose(sizes, torch.tensor([[1.5]]))  # the B token's place
+    assert torch.allclose(merged[0, 0], torch.tensor([1 / 3, 2 / 3]))
+    # A background token (saliency 0) vanishes from the average it joins.
+    _, merged, _, _, sizes = bipartite_merge(features, torch.ones(1, 2, dtype=torch.bool), torch.tensor([1]),
+                                             saliency=torch.zeros(1, 2))
+    assert torch.equal(merged[0, 0], features[0, 1]) and sizes.tolist() == [[1.0]]
 
 
 def test_merge_preserves_size_weighted_sums_over_several_rounds():
     g = torch.Generator().manual_seed(0)
     features = torch.randn(2, 12, 4, generator=g)
     sizes = torch.randint(1, 4, (2, 12), generator=g).float()
-    valid = torch.ones(2, 12, dtype=torch.bool)
-    keep, merged, new_sizes = bipartite_merge(features, valid, torch.tensor([3, 5]), sizes, sizes)  # 12 -> 6 -> 3
+    take_part = torch.ones(2, 12, dtype=torch.bool)
+    keep, merged, into, _, new_sizes = bipartite_merge(features, take_part, torch.tensor([3, 5]), sizes)  # 12 -> 6 -> 3
     for r, k in enumerate([3, 5]):
         assert (keep[r, :k] >= 0).all() and (keep[r, k:] == -1).all() and len(set(keep[r, :k].tolist())) == k
         assert torch.all(keep[r, : k - 1] < keep[r, 1:k])
         assert torch.isclose(new_sizes[r].sum(), sizes[r].sum())
         total = (sizes[r, :, None] * features[r]).sum(0)
         assert torch.allclose((new_sizes[r, :, None] * merged[r]).sum(0), total, atol=1e-5)
+        # merged_into partitions the tokens: each kept token holds itself, sizes are what it holds.
+        assert torch.equal(into[r, keep[r, :k]], torch.arange(k))
+        held = torch.zeros(k).index_add(0, into[r], sizes[r])
+        assert torch.allclose(held, new_sizes[r, :k])
 
 
-def test_merge_leaves_invalid_tokens_out():
+def test_merge_leaves_tokens_that_take_no_part_out():
     features = torch.tensor([[[1.0, 0.0], [100.0, 100.0], [1.0, 0.1], [0.0, 1.0]]])
-    valid = torch.tensor([[True, False, True, True]])
-    ones = torch.ones(1, 4)
-    keep, merged, _ = bipartite_merge(features, valid, torch.tensor([2]), ones, ones)
-    assert 1 not in keep[0].tolist() and merged.abs().max() < 2  # never kept, never merged into
-    keep, merged, _ = bipartite_merge(features, valid, torch.tensor([4]), ones, ones)
-    assert keep.tolist() == [[0, 1, 2, 3]] and torch.equal(merged, features)  # fills the budget last
+    take_part = torch.tensor([[True, False, True, True]])
+    keep, merged, into, _, _ = bipartite_merge(features, take_part, torch.tensor([2]))
+    assert 1 not in keep[0].tolist() and merged.abs().max() < 2 and into[0, 1] == -1  # never kept, never merged into
+    keep, merged, _, _, _ = bipartite_merge(features, take_part, torch.tensor([3]))
+    assert keep.tolist() == [[0, 2, 3]] and torch.equal(merged[0], features[0, [0, 2, 3]])  # nothing to merge
+    with pytest.raises(RuntimeError, match="exceeds the 3 tokens"):
+        bipartite_merge(features, take_part, torch.tensor([4]))
 
 
 def _ctx(stage, features, budget, stage_index, generator, state=None):
@@ -256,22 +291,29 @@ def _ctx(stage, features, budget, stage_index, generator, state=None):
                         state=state if state is not None else {})
 
 
-def test_sizes_carry_from_one_stage_to_the_next():
-    stages = [dict(site="vision", layer=0, keep_tokens=4), dict(site="vision", layer=1, keep_tokens=2)]
+def test_order_and_sizes_carry_from_one_stage_to_the_next():
+    stages = [dict(site="vision", layer=0, keep_tokens=5), dict(site="vision", layer=1, keep_tokens=2)]
     strategy = RepShiftStrategy(RepShiftConfig(stages=stages, mode="merge", merge_weight="size"))
     generator = torch.Generator()
     request = {}  # the request's scratch: the same dict at every stage of one prefill
     features = torch.randn(1, 8, 3, generator=torch.Generator().manual_seed(1))
-    first = strategy.reduce(_ctx(StageSpec(**stages[0]), features, [4], 0, generator, request))
+    first = strategy.reduce(_ctx(StageSpec(**stages[0]), features, [5], 0, generator, request))
     second = strategy.reduce(_ctx(StageSpec(**stages[1]), first.features, [2], 1, generator, request))
-    # With sizes carried, the two survivors (of sizes summing to 8) hold the sum of all 8 originals.
-    first_sizes = bipartite_merge(features, torch.ones(1, 8, dtype=torch.bool), torch.tensor([4]),
-                                  torch.ones(1, 8), torch.ones(1, 8))[2]
-    keep, merged, final = bipartite_merge(first.features, torch.ones(1, 4, dtype=torch.bool), torch.tensor([2]),
-                                          first_sizes, first_sizes)
+    # The second stage continues from the first's ToMe order and sizes.
+    ones = torch.ones(1, 8, dtype=torch.bool)
+    _, _, _, position, first_sizes = bipartite_merge(features, ones, torch.tensor([5]))
+    keep, merged, _, _, final = bipartite_merge(first.features, ones[:, :5], torch.tensor([2]), first_sizes,
+                                                position=position)
     assert torch.equal(second.keep, keep) and torch.allclose(second.features, merged)
     assert final.sum() == 8
     assert torch.allclose((final[0, :, None] * merged[0]).sum(0), features[0].sum(0), atol=1e-5)
+    # Starting again from spatial order gives another split here.
+    assert not torch.equal(bipartite_merge(first.features, ones[:, :5], torch.tensor([2]), first_sizes)[0], keep)
+    # A stage whose candidates are not what the previous one kept is refused, naming why.
+    request = {}
+    strategy.reduce(_ctx(StageSpec(**stages[0]), features, [5], 0, generator, request))
+    with pytest.raises(RuntimeError, match="ToMe's token order cannot be followed"):
+        strategy.reduce(_ctx(StageSpec(**stages[1]), features[:, :6], [2], 1, generator, request))
 
 
 def test_merge_cost_is_reported():
@@ -282,7 +324,8 @@ def test_merge_cost_is_reported():
     assert merge.scoring_cost(StageSpec("vision", 1, 0.8)) == [ScoringCost("vision_token_matching", layer=1)]
     schedule = Schedule((Stage("vision", 461, 1),), (ScoringCost("vision_token_matching", layer=1),))
     report = vtoken.flops("llava-hf/llava-1.5-7b-hf", schedule)
-    assert report.scoring == 2 * 288 * 288 * 1024
+    # ToMe's split of the whole block output: CLS first in A, so 289 A tokens (CLS never merges) x 288 B
+    assert report.scoring == 2 * 289 * 288 * 1024
 
 
 # --- end to end -----------------------------------------------------------------------------------

@@ -102,6 +102,47 @@ def test_scale_one_with_zeroed_injection_is_the_plain_projector():
     assert not build_packer(model, scale=1, init="random").config.residual
 
 
+def test_the_default_packer_is_the_published_architecture():
+    """``build_packer``'s default (``init="random"``) is the official ``TokenPacker`` as built: no
+    residual, every Linear trunc-normal(0.02) with zero biases (the attention's out-projection included),
+    LayerNorms 1/0, the output MLP not copied from the model's projector, a live injection."""
+    model = tiny_llava()
+    packer = build_packer(model, scale=2)
+    assert not packer.config.residual
+    reference = build_packer(model, scale=2, init="random")
+    assert all(torch.equal(a, b) for a, b in zip(packer.state_dict().values(), reference.state_dict().values()))
+    linears = [m for m in packer.modules() if isinstance(m, torch.nn.Linear)]
+    assert packer.attn.out_proj in linears
+    for linear in linears:
+        assert 0.01 < float(linear.weight.detach().std()) < 0.03
+        assert linear.bias is None or not linear.bias.any()
+    norms = [m for m in packer.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert len(norms) == 3 and all(bool((n.weight == 1).all()) and not n.bias.any() for n in norms)
+    projector = model.model.multi_modal_projector
+    assert not torch.equal(packer.mlp[0].weight, projector.linear_1.weight)
+    assert packer.attn.out_proj.weight.abs().sum() > 0
+    # vtoken's variant, by name only: the residual, the projector's MLP, the injection zeroed.
+    variant = build_packer(model, scale=2, init="projector")
+    assert variant.config.residual and torch.equal(variant.mlp[0].weight, projector.linear_1.weight)
+    assert not variant.attn.out_proj.weight.any()
+
+
+@pytest.mark.parametrize("scale", [2, 3])
+def test_the_shipped_packers_say_which_recipe_trained_them(scale):
+    """The packers shipped for the tiny LLaVA were trained from ``init="projector"`` (vtoken's residual
+    variant, not the published architecture): their config, their training arguments and the README of
+    their folder agree on it."""
+    root = os.path.join(os.path.dirname(vtoken.__file__), "assets", "tiny-llava-trained")
+    folder = os.path.join(root, f"tokenpacker-s{scale}")
+    args = json.load(open(os.path.join(folder, "training_args.json")))
+    packer = TokenPackerModule.from_pretrained(folder)
+    assert (args["init"], args["residual"], args["stage"], args["scale"]) == ("projector", True, 1, scale)
+    assert packer.config.residual and packer.config.scale == scale
+    readme = open(os.path.join(root, "README.md")).read()
+    assert f"tokenpacker-s{scale}" in readme and 'init="projector"' in readme
+    assert "not the published TokenPacker architecture" in readme
+
+
 @pytest.mark.parametrize("scale,grid", [(2, (4, 6)), (3, (4, 4))])
 def test_each_query_sees_only_its_own_region(scale, grid):
     packer = _packer(scale, grid=grid)
@@ -368,6 +409,9 @@ def test_train_projector_runs_checkpoints_and_resumes(vqa, tmp_path):
         "checkpoint-1", "checkpoint-2", "checkpoint-3", "log.jsonl", "packer.safetensors", "packer_config.json",
         "training_args.json",
     ]
+    args = json.load(open(tmp_path / "a" / "training_args.json"))
+    assert (args["init"], args["residual"]) == ("random", False)  # the published architecture by default
+    assert not packer.config.residual
     log = [json.loads(line) for line in open(tmp_path / "a" / "log.jsonl")]
     assert [r["step"] for r in log] == [1, 2, 3] and all(r["loss"] > 0 for r in log)
     assert any(not torch.equal(a, b) for a, b in zip(packer.parameters(), build_packer(model, 2).parameters()))
@@ -432,3 +476,10 @@ def test_cli_trains_from_a_model_directory(vqa, tmp_path):
     packer = TokenPackerModule.from_pretrained(tmp_path / "out")
     assert packer.config.scale == 3 and packer.config.grid == [4, 4] and packer.config.layers == [2, 3]
     assert os.path.isdir(tmp_path / "out" / "checkpoint-2")
+    # `--init` defaults to the published architecture (no residual); `--init projector` is the variant.
+    assert not packer.config.residual
+    assert json.load(open(tmp_path / "out" / "training_args.json"))["init"] == "random"
+    variant = ["train-projector", "--model", str(tmp_path / "model"), "--data", "generated", "--n", "4", "--scale", "3",
+               "--steps", "1", "--batch-size", "2", "--init", "projector", "--out", str(tmp_path / "variant"), "--cpu"]
+    assert main(variant) == 0
+    assert TokenPackerModule.from_pretrained(tmp_path / "variant").config.residual

@@ -1065,7 +1065,9 @@ def _scoring_cost_flops(cost: ScoringCost, dims: ModelDims, schedule: Schedule, 
             if stage.inside:  # ToMe: whole sequence (CLS protected), keys averaged over heads
                 cls, width = v.cls_tokens, v.hidden // v.heads if v.heads else v.hidden
                 return geo.crops * bipartite_matching_flops(tokens + cls, stage.keep_tokens + cls, width)
-            return geo.crops * bipartite_matching_flops(tokens, stage.keep_tokens, v.hidden)
+            # Representation Shift's merge: the block output's whole sequence, CLS first in A (ToMe's split)
+            cls = v.cls_tokens
+            return geo.crops * bipartite_matching_flops(tokens + cls, stage.keep_tokens + cls, v.hidden)
         tokens = layer_visual[cost.layer - 1] if cost.layer > 0 else _pre_llm_visual(dims, schedule, geo)
         return bipartite_matching_flops(tokens, stage.keep_tokens, dims.decoder.hidden)
     if cost.kind == "llm_rerun_rows":

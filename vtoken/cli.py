@@ -212,7 +212,9 @@ def _add_train_projector(commands) -> None:
     train.add_argument("--batch-size", type=int, default=8)
     train.add_argument("--grad-accum", type=int, default=1)
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--init", default="projector", help="'projector', 'random' or a packer directory (stage 2)")
+    train.add_argument("--init", default="random", help="'random' (the published TokenPacker: official init, no "
+                       "residual), 'projector' (vtoken's variant: residual, output MLP copied from the model's "
+                       "projector, the shipped packers' recipe) or a packer directory (stage 2)")
     train.add_argument("--layers", type=int, nargs="+", default=None, help="vision hidden-state indices (default: scaled 12 16 22 23)")
     train.add_argument("--n", type=int, default=2000, help="records to generate with --data generated")
     train.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (and at the end)")

@@ -35,10 +35,19 @@ partial region is the bilinear sample at the centre of its real patches (which i
 
 Where paper and code differ: the paper says the injection "updates the coarse point query"; the official
 code feeds the attention output alone to the MLP (no residual). ``residual=False`` (default) is the
-official code; ``residual=True`` adds the interpolated query (pre-``W_q``) to the injected value before
-the MLP, so that with a zeroed injection (``attn.out_proj`` = 0) and the output MLP copied from the
-model's projector the packer starts exactly as "interpolate, then the original projector"
-(``vtoken.train_projector(init="projector")`` uses this; at ``s=1`` it *is* the original projector).
+official code, the published architecture, and with the official initialisation (trunc-normal 0.02 for
+every Linear, zero biases, LayerNorm 1/0) what ``vtoken.train_projector`` trains by default
+(``init="random"``). ``residual=True`` is vtoken's variant: it adds the interpolated query (pre-``W_q``)
+to the injected value before the MLP, so that with a zeroed injection (``attn.out_proj`` = 0) and the
+output MLP copied from the model's projector the packer starts exactly as "interpolate, then the
+original projector" (``vtoken.train_projector(init="projector")``; at ``s=1`` it *is* the original
+projector).
+
+The packers shipped for the tiny LLaVA (``vtoken/assets/tiny-llava-trained/tokenpacker-s2`` and ``-s3``,
+the trained rows of ``vtoken bench``) are that variant: ``residual=True``, trained from
+``init="projector"`` (stage 1 only, 1000 steps of batch 8, lr 1e-3; their ``training_args.json`` and the
+README there), not the published architecture. A released checkpoint's projector
+(:meth:`TokenPackerModule.from_official`) is the published one.
 
 Saving: ``save_pretrained(dir)`` writes ``packer_config.json`` (a tiny JSON of :class:`PackerConfig`) and
 ``packer.safetensors``; ``TokenPackerModule.from_pretrained(dir)`` reads them back (bit-identical). This
@@ -58,6 +67,7 @@ import torch.nn.functional as F
 from torch import nn
 
 CONFIG_NAME = "packer_config.json"
+WEIGHTS_NAME = "packer.safetensors"
 #: Parameter names of the official ``TokenPacker`` class -> this module's.
 _OFFICIAL_NAMES = {"q_proj_1.": "q_proj.", "k_proj_1.": "k_proj.", "v_proj_1.": "v_proj.", "ln_q_1.": "ln_q.",
                    "ln_k_1.": "ln_k.", "ln_v_1.": "ln_v.", "clip_attn.": "attn.", "mlp.": "mlp."}
@@ -75,7 +85,6 @@ def _read_state(source) -> dict:
 
         return load_file(path)
     return torch.load(path, map_location="cpu", weights_only=True)
-WEIGHTS_NAME = "packer.safetensors"
 
 #: The official multi-level layers (hidden-state indices of a 24-layer CLIP-L, ``hidden_states[0]`` being
 #: the embeddings), and the projector-input layer they were chosen relative to (``-2`` -> 23).
@@ -109,7 +118,8 @@ class PackerConfig:
         num_heads: attention heads (default ``max(1, E // 128)``: the official 8 heads of 128).
         act: activation of the output MLP (a ``transformers`` ACT2FN name; LLaVA's ``projector_hidden_act``).
         mlp_bias: biases in the output MLP (LLaVA's ``multimodal_projector_bias``).
-        residual: add the interpolated query to the injected value before the MLP (see module doc).
+        residual: add the interpolated query to the injected value before the MLP (see module doc;
+            False is the published architecture, True vtoken's variant the shipped packers use).
         eps: LayerNorm epsilon (official 1e-6).
         grid: ``[h, w]`` patch grid of the model it was trained for (fixes the token budget).
         vision_layers: depth of the vision tower it was trained for (checked at wrap time).
@@ -304,12 +314,15 @@ class TokenPackerModule(nn.Module):
         """The projector of a released TokenPacker checkpoint (``CircleRadon/TokenPacker``'s
         ``TokenPacker`` class, e.g. the ``mm_projector.bin`` of LLaVA-TokenPacker-7b): ``source`` is a
         state dict or a ``.bin`` / ``.safetensors`` file; names map one to one (``q_proj_1`` ->
-        ``q_proj``, ``clip_attn`` -> ``attn``, ...) after any prefix up to ``mm_projector.``. Widths
-        come from the tensors; what the weights do not fix comes from the official code's defaults:
+        ``q_proj``, ``clip_attn`` -> ``attn``, ...) after any prefix up to ``mm_projector.``; where some
+        names hold ``mm_projector.`` (a released model's shard, the LLM's weights beside it) only those
+        are read. Widths come from the tensors; what the weights do not fix comes from the official
+        code's defaults:
         ``scale`` 2 (the released 144-token models; pass the ``scale_factor`` of others), the levels
         ``hidden_states[12, 16, 22, 23]``, 8 heads, the 24 x 24 grid of a 336 px CLIP-L/14 tower."""
         state = _read_state(source)
-        state = {name.split("mm_projector.", 1)[-1]: tensor for name, tensor in state.items()}
+        if any("mm_projector." in name for name in state):  # a whole model's (shard's) weights: its projector
+            state = {name.split("mm_projector.", 1)[1]: t for name, t in state.items() if "mm_projector." in name}
         renamed = {}
         for name, tensor in state.items():
             prefix = next((p for p in _OFFICIAL_NAMES if name.startswith(p)), None)
@@ -319,6 +332,10 @@ class TokenPackerModule(nn.Module):
                     f"starting with {', '.join(_OFFICIAL_NAMES)}"
                 )
             renamed[_OFFICIAL_NAMES[prefix] + name[len(prefix):]] = tensor
+        missing = sorted({"q_proj.weight", "k_proj.0.weight", "mlp.2.weight"} - renamed.keys())
+        if missing:
+            raise ValueError(f"no TokenPacker projector in these weights: {', '.join(missing)} missing (official names "
+                             f"q_proj_1, k_proj_1, mlp, ...)")
         embed, query_dim = renamed["q_proj.weight"].shape
         kv_dim = renamed["k_proj.0.weight"].shape[1]
         if kv_dim % len(layers):

@@ -2,11 +2,28 @@
 
 The recipe is TokenPacker's (paper §4.1 and the official ``scripts/v1_5``), at any scale:
 
+- **architecture and start** (default ``init="random"``): the published packer, the official
+  ``TokenPacker`` class of CircleRadon/TokenPacker (``llava/model/multimodal_projector/builder.py``):
+  no residual (``residual=False``), every Linear trunc-normal(0.02) with zero biases, LayerNorms 1/0
+  (``TokenPackerModule._init_weights``). ``init="projector"`` is vtoken's frugal variant, not the
+  published architecture: ``residual=True`` (the interpolated query is added to the injected value),
+  the output MLP copied from the model's own projector and the injection zeroed, so training starts
+  from "interpolate, then the original projector" (see :func:`build_packer`). The TokenPacker weights
+  shipped for the tiny LLaVA (``vtoken/assets/tiny-llava-trained/tokenpacker-s2`` and ``-s3``) were
+  trained with ``init="projector"`` (their ``training_args.json`` and ``packer_config.json``:
+  ``residual: true``), stage 1 only, 1000 steps of batch 8 on 8000 generated train records, lr 1e-3.
 - **stage 1** (alignment): only the packer trains; the vision tower and the LLM are frozen. The loss is
   next-token cross-entropy on the answer (caption) tokens and the ``</s>`` after them, nothing else.
   Paper: lr 1e-3, cosine schedule, warm-up 3%, weight decay 0, 1 epoch.
 - **stage 2** (instruction tuning, optional): the LLM (decoder and LM head) trains too; the vision tower
   stays frozen. Paper: lr 2e-5.
+
+The prompt is not the official stage-1 template. Official stage 1 (``scripts/v1_5/pretrain.sh``:
+``--version plain``; ``llava/train/train.py``, ``preprocess_plain``) trains on captions (LLaVA-Pretrain
+558K): the human turn is replaced by the image alone, the text is ``<image>`` + caption + ``"\\n"`` (no
+system prompt, no question), and the loss covers the caption and the ``"\\n"``. Here both stages use the
+records' question prompt (``vtoken.vqa.tokenizer.prompt``), the answer and ``</s>`` (stage 2's style),
+because the data this trains on are questions about the image, which the plain template would drop.
 
 The packer runs exactly as it does at inference: the model is wrapped with ``vtoken.wrap(model,
 "tokenpacker", weights=<the packer being trained>)``, so the LLM sees the packed tokens at the positions
@@ -102,18 +119,20 @@ def _feature_layer(model) -> int:
     return max(j % (depth + 1) for j in chosen)
 
 
-def build_packer(model, scale: int = 2, layers=None, init: str = "projector", residual: bool | None = None,
+def build_packer(model, scale: int = 2, layers=None, init: str = "random", residual: bool | None = None,
                  seed: int = 0) -> TokenPackerModule:
     """A packer shaped for ``model`` (widths, grid, depth from its configs).
 
     ``layers``: hidden-state indices of the multi-level features (default: the official [12, 16, 22, 23]
     of 24 scaled to this tower, :func:`vtoken.packer.default_layers`). ``init``:
 
-    - ``"projector"`` (default): ``residual=True``, the output MLP copied from the model's projector and
-      the injection zeroed, so training starts from "interpolate, then the original projector" (the
-      2x2-mean baseline at s=2) and learns the injection; the frugal start for small data.
-    - ``"random"``: the official initialisation (trunc-normal 0.02) and, by default, the official
-      ``residual=False``.
+    - ``"random"`` (default): the published architecture, as the official ``TokenPacker`` class builds
+      it: its initialisation (trunc-normal 0.02, zero biases) and, unless ``residual`` says otherwise,
+      no residual.
+    - ``"projector"``: vtoken's variant (not the published architecture): ``residual=True``, the output
+      MLP copied from the model's projector and the injection zeroed, so training starts from
+      "interpolate, then the original projector" (the 2x2-mean baseline at s=2) and learns the
+      injection; a frugal start for small data. The packers shipped for the tiny LLaVA were trained so.
     - a directory: a packer saved before (e.g. stage 1's output, to start stage 2).
     """
     _check_model(model)
@@ -286,7 +305,7 @@ def _save_checkpoint(path: str, packer, optimizer, scheduler, step: int, llm: di
 def train_projector(
     model, data, processor=None, out: str | os.PathLike | None = None, scale: int = 2, stage: int = 1,
     steps: int | None = None, epochs: float = 1.0, lr: float | None = None, batch_size: int = 8, seed: int = 0,
-    layers: Iterable[int] | None = None, init: str = "projector", residual: bool | None = None,
+    layers: Iterable[int] | None = None, init: str = "random", residual: bool | None = None,
     grad_accum: int = 1, mixed_precision: str = "no", device: str | None = None, save_every: int | None = None,
     resume: bool = True, warmup_ratio: float = 0.03, weight_decay: float = 0.0, max_grad_norm: float = 1.0,
     generated: int = 2000, progress: bool = True, log_every: int = 1,
@@ -306,7 +325,8 @@ def train_projector(
         steps / epochs: optimizer steps (default: ``epochs`` passes over the data).
         lr: default 1e-3 (stage 1) / 2e-5 (stage 2), the paper's; cosine with ``warmup_ratio`` warm-up.
         batch_size / grad_accum: micro-batch size and micro-batches per optimizer step.
-        layers / init / residual: see :func:`build_packer`.
+        layers / init / residual: see :func:`build_packer` (default ``init="random"``: the published
+            architecture; ``init="projector"``: vtoken's residual variant, the shipped packers' recipe).
         mixed_precision: ``"no"``, ``"fp16"`` or ``"bf16"`` (accelerate autocast); ``device``: ``"cpu"``
             forces the CPU, default is accelerate's choice (the model is moved there and stays there).
         save_every: checkpoint every N optimizer steps (always at the end); ``resume``: continue from the

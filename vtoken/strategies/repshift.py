@@ -38,21 +38,68 @@ vision layer ``layer`` itself (the stage acts on that layer's output); CLS is ne
 ran; ``K = 0`` is refused. The score never needs attention weights, so SDPA/FlashAttention run in
 every layer.
 
-Merging (``mode="merge"``). The paper plugs the shift into vid-TLDR (Table 3) as its saliency:
-ToMe's bipartite soft matching (tokens split alternately into sets A and B, cosine similarity, the
-``r`` A tokens with the most similar B partner merged into it), with merged tokens combined by
-size-weighted averages. Here the matching runs on the site's features (vid-TLDR matches on the
-hidden states too; ToMe on attention keys, which SDPA does not expose), and one stage repeats the
-matching until the budget is met (ToMe removes at most half the tokens per round). With
-``merge_weight="shift"`` (default) a merged token is the mean of its members weighted by
-``size x shift``, so salient tokens dominate the average (vid-TLDR scales only the merged-in tokens
-by saliency and divides by the plain size sum, which shrinks the result; a normalised weighted mean
-keeps it a convex combination); with ``merge_weight="size"`` it is ToMe's size-weighted mean, which
-preserves ``sum(size * x)`` exactly. Sizes (how many original tokens each one stands for) are
-carried from one stage to the next of the same site within a request; a stage at a new site starts
-again at size 1 (the token sets are laid out differently there). ToMe's proportional attention
-(``log size`` added to the attention logits) is not applied: it needs an additive attention bias,
-which FlashAttention lacks, and the paper does not say how it combined the two.
+Merging (``mode="merge"``). The paper defines no merge rule of its own: for Table 3 it puts the
+shift into vid-TLDR (Choi et al., CVPR 2024) in place of vid-TLDR's attention-entropy saliency, on
+UMT, a video ViT without a class token. The default follows that code, mlvlab/vid-TLDR at
+``a25051d4a4808ce2b480bd1a80a96f68c21aa5cb`` (``multi_modality/utils/vid_TLDR.py``: ``vidTLDR``,
+``get_objective_score``, ``merging``, ``merge_wavg``; ``multi_modality/models/backbones/vit/vit.py``:
+``Block``), which is ToMe's bipartite soft matching (facebookresearch/ToMe at
+``af95e4b1befa172dadccd8c81e223b10090f9579``, ``tome/merge.py``) with a saliency-weighted average.
+One merging round on a row (an image's crop at the vision site, an image at the LLM site), through
+:func:`vtoken.strategies.tome.merge_round`:
+
+- **Sequence and split** (ToMe): the prefix tokens (CLS, registers: ``TokenRows.offset``) then the
+  candidates in *ToMe's order*, split alternately into A (even places) and B (odd); the class token
+  is A's first and never merges (``class_token=True``); other prefix tokens are protected as in
+  ``tome.py``. Without a prefix (vid-TLDR's UMT, SigLIP, Qwen-VL, the LLM site) A starts with the
+  first candidate.
+- **Matching**: cosine similarity of the hidden states (vid-TLDR's metric is the block's hidden
+  state, ``merging(x, ...)``; ToMe's are the attention keys); each A token's most similar B token;
+  the ``r`` A tokens with the strongest edge merge into it. vid-TLDR ranks ``(cos + 1) / 2``, the
+  same order.
+- **Per-round cap** (ToMe and vid-TLDR): ``r = min(r, n // 2)`` for ``n`` candidates (ToMe's
+  ``(t - protected) // 2``, vid-TLDR's ``T // 2``). One stage repeats rounds until its budget is
+  met (vtoken's budget; both codes merge one round per block); the paper's schedule (20% of the
+  current tokens per stage) needs one round.
+- **Saliency weighting** (``merge_weight="shift"``, default; vid-TLDR's ``merge_wavg`` with
+  ``merging``'s ``src * src_so``): a token that merges away enters its target with weight
+  ``size x saliency``, the target (and every staying token) with weight ``size``, in the averaged
+  features and in the summed size alike, so a merged token is the convex combination
+  ``sum(w x) / sum(w)`` and its size becomes ``sum(w)`` (a saliency-weighted size, carried to the
+  next stage; vid-TLDR's ``size / size_max`` scaling cancels). The saliency is the shift through
+  ``get_objective_score``'s normalisation, per row over its candidates (:func:`vid_tldr_saliency`:
+  min-max to [0, 1]; "background removing": tokens below the mean get 0, so they vanish from the
+  average they join; "foreground sharpening": the rest ``(s - mean) / max``). Which part of
+  ``get_objective_score`` the shift replaced (only the entropy, as here, or the whole function) is
+  not stated, and Representation Shift's code could not be read; the normalisation is kept because
+  the rule needs the saliency on the scale of the (unscaled) target weight 1. ``merge_weight="size"``
+  is ToMe's ``merge_wavg`` (every member weighs its size, sizes are counts).
+- **Order** (ToMe and vid-TLDR): the round's output is ``[prefix, staying A in place order, B]``, and
+  the next round and the next stage split *that* sequence. The staying A tokens are always sorted
+  (vid-TLDR sorts them; ToMe does when a class token leads, and leaves them in edge order otherwise).
+  The order is kept in ``ctx.state`` (as ``tome.py`` does); the tokens themselves always reach the
+  next block, the projector and the LLM in spatial order (a merged token keeps its B member's place;
+  ``Reduction.merged_into`` tells the pipeline which patches each one holds, for ``vtoken.show``), so
+  the LLM reads the image in raster order, as unpruned. In the vision tower (position embeddings
+  added before the first block, attention without a mask) the blocks are permutation-equivariant, so
+  this equals running the tower in ToMe's order and sorting its output at the end. At the LLM site
+  ToMe's order only decides the split: the tokens keep their places in the causal sequence.
+
+At the vision site every real encoder token takes part (also those the LLM never sees, LLaVA-NeXT's
+unpadding), as in ``tome.py``. Order and sizes carry from one stage to the next at the same site
+within a request; a stage at a new site (``"vision"`` then ``"llm"``) starts again from spatial order
+and size 1.
+
+Where. A stage merges the *output* of its block (after the MLP), not between the block's attention
+and MLP as ToMe and vid-TLDR do. The default score is the shift across that block's MLP, which
+exists only once the MLP has run on every token; merging before the MLP would have to score with
+something else (the previous block's shift, or this block's attention shift) or run the MLP on every
+token first, which is merging after the block. Against ToMe's placement in the same block, the MLP of
+the stage's block runs on the ``r`` merged-away tokens too (one MLP over ``r`` tokens), and the match
+compares ``x̂`` rather than ``x'``. Proportional attention (vid-TLDR and ToMe add ``log size`` to the
+later blocks' attention logits) is not applied: vtoken's pipeline adds that bias only for stages run
+inside their block, and FlashAttention, the paper's point, takes no additive bias; the paper does not
+say how its "+Ours" runs combined the two.
 
 Cost. The shift is an element-wise distance over tensors the layer computes anyway (O(n d), like the
 norms the FLOPs convention ignores), so pruning reports no scoring cost. Merging reports the
@@ -64,7 +111,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from vtoken.config import PruneConfig, StageSpec
 from vtoken.kernels import token_shift
@@ -74,12 +120,15 @@ from vtoken import signals
 from vtoken.signals import Needs, Signal
 from vtoken.schedule import ScoringCost, StageShapes
 from vtoken.strategies.base import Strategy
+from vtoken.strategies.tome import merge_round
 
 OPERATIONS = ("mlp", "attention", "block")
 DISTANCES = ("l2", "l1", "cos")
 SHIFTS = ("branch", "residual")
 MODES = ("prune", "merge")
 MERGE_WEIGHTS = ("shift", "size")
+#: Where merge mode keeps ToMe's token order and the sizes in ``ctx.state``.
+STATE_KEY = "repshift"
 
 #: The paper's image schedule (DeiT, Table 5): 20% of the current tokens dropped after these
 #: 1-based blocks of a 12-block ViT.
@@ -135,9 +184,11 @@ class RepShiftConfig(PruneConfig):
         shift: ``"branch"`` (default, Eq. 4-6 literally: branch output against the sub-layer input)
             or ``"residual"`` (the residual stream after the sub-layer against before it).
         mode: ``"prune"`` (default, the paper's main use: keep the highest shifts) or ``"merge"``
-            (ToMe bipartite matching with the shift as saliency, as in the paper's vid-TLDR runs).
-        merge_weight: in merge mode, ``"shift"`` (default; members weighted by size x shift) or
-            ``"size"`` (ToMe's size-weighted mean).
+            (vid-TLDR's merging with the shift as saliency, as in the paper's Table 3: ToMe's
+            bipartite matching, class-token split, per-round cap and token order).
+        merge_weight: in merge mode, ``"shift"`` (default; vid-TLDR's rule: a token merging away
+            weighs size x normalised shift, its target its size) or ``"size"`` (ToMe's
+            size-weighted mean).
     """
 
     method = "repshift"
@@ -222,67 +273,98 @@ def representation_shift(
 # Merging
 
 
-def bipartite_merge(
-    features: torch.Tensor, valid: torch.Tensor, budget: torch.Tensor, weights: torch.Tensor, sizes: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Merge each row's valid tokens down to ``budget[r]`` by repeated ToMe bipartite soft matching.
+def vid_tldr_saliency(score: torch.Tensor, take_part: torch.Tensor) -> torch.Tensor:
+    """``[R, N]`` vid-TLDR's saliency of each token from a per-token ``score`` (higher = more salient),
+    per row over the tokens that ``take_part``: ``get_objective_score`` after its first lines (which
+    compute the attention's negative entropy; Representation Shift puts the shift there). Min-max
+    normalise to [0, 1]; "background removing": tokens below the row's mean get 0; "foreground
+    sharpening": the others become ``(s - mean) / max(s - mean)``, so the most salient token has 1.
+    A row whose scores are all equal (where the official code divides 0 by 0) gets 1 everywhere, i.e.
+    plain size weighting. Tokens not taking part get 0."""
+    big = torch.finfo(torch.float32).max
+    s = score.float()
+    s = s - s.masked_fill(~take_part, big).amin(dim=-1, keepdim=True)
+    high = s.masked_fill(~take_part, -big).amax(dim=-1, keepdim=True)
+    flat = high <= 0
+    s = s / torch.where(flat, torch.ones_like(high), high)
+    count = take_part.sum(dim=-1, keepdim=True).clamp(min=1)
+    mean = (s * take_part).sum(dim=-1, keepdim=True) / count
+    background = s < mean
+    s = s - mean
+    top = s.masked_fill(~take_part, -big).amax(dim=-1, keepdim=True)
+    s = s / torch.where(top > 0, top, torch.ones_like(top))
+    s = s.masked_fill(background, 0.0)
+    s = torch.where(flat, torch.ones_like(s), s)
+    return s.masked_fill(~take_part, 0.0)
 
-    Each round splits the row's current tokens (in index order) alternately into A (even) and B
-    (odd), finds each A token's most cosine-similar B token, and merges the ``r`` A tokens with the
-    highest similarity into their partners (``r = min(tokens - budget, |A|)``; ties go to the lower
-    index). A merged token is ``sum(w x) / sum(w)`` over its members, with weight ``sum(w)`` and size
-    ``sum(size)``; it keeps its B member's index. Invalid tokens take no part; they fill a row only
-    when its budget exceeds its valid count (lowest index first, as ``masked_topk`` does).
+
+def bipartite_merge(
+    features: torch.Tensor, take_part: torch.Tensor, budget: torch.Tensor, sizes: torch.Tensor | None = None,
+    offset: int = 0, position: torch.Tensor | None = None, saliency: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Merge each row's tokens that ``take_part`` down to ``budget[r]`` by rounds of ToMe's bipartite
+    soft matching (:func:`vtoken.strategies.tome.merge_round`, the hidden states as the metric), each
+    merging ``min(n - budget, n // 2)`` of the row's ``n`` tokens.
 
     Args:
-        features: ``[R, N, d]``; valid: ``[R, N]``; budget: ``[R]``;
-        weights: ``[R, N]`` averaging weight of each token (its size, or size x saliency);
-        sizes: ``[R, N]`` original tokens each token stands for.
+        features: ``[R, N, d]``; take_part: ``[R, N]``; budget: ``[R]`` (at most the row's count).
+        sizes: ``[R, N]`` the (weighted) size of each token (default 1).
+        offset: protected prefix tokens (CLS, registers) before the candidates in the sequence.
+        position: ``[R, N]`` each token's place in ToMe's order among the row's tokens taking part
+            (a permutation of ``0 .. n-1``, -1 elsewhere); default their ascending (spatial) order.
+        saliency: ``[R, N]`` vid-TLDR's saliency (:func:`vid_tldr_saliency`): a token merging away
+            weighs ``size x saliency``; None: ToMe's size-weighted mean. In a later round of the
+            same call a token keeps its own saliency (a merged token its B member's).
 
-    Returns ``keep`` ``[R, K]`` (ascending, -1 padded), merged features ``[R, K, d]`` (in the input
-    dtype) and sizes ``[R, K]``.
+    Returns ``keep`` ``[R, K]`` (ascending, -1 padded), the kept tokens' features ``[R, K, d]`` (input
+    dtype; a row with nothing to merge comes back bit-exact), ``merged_into`` ``[R, N]`` (the column of ``keep`` holding each
+    token, -1 for tokens not taking part), their places in ToMe's order ``[R, K]`` and their sizes
+    ``[R, K]`` (float32).
     """
     rows, width, dim = features.shape
-    k = int(budget.max()) if rows else 0
     device = features.device
+    take_part = take_part.to(device)
+    budget = budget.to(device)
+    counts = take_part.sum(dim=-1)
+    if bool((budget > counts).any()):
+        i = int((budget > counts).nonzero()[0])
+        raise RuntimeError(f"repshift: the budget ({int(budget[i])}) exceeds the {int(counts[i])} tokens of row {i}")
+    if sizes is None:
+        sizes = take_part.float()
+    if position is None:
+        position = torch.where(take_part, take_part.long().cumsum(dim=-1) - 1, -1)
+    k = int(budget.max()) if rows else 0
     keep = torch.full((rows, k), -1, dtype=torch.long, device=device)
-    merged = features.new_zeros(rows, k, dim)
-    new_sizes = sizes.new_zeros(rows, k, dtype=torch.float32)
-    for r in range(rows):
-        target = int(budget[r])
-        ids = valid[r].nonzero().squeeze(-1)
-        if target >= ids.numel():
-            filler = (~valid[r]).nonzero().squeeze(-1)[: target - ids.numel()]
-            chosen = torch.sort(torch.cat([ids, filler])).values
-            keep[r, :target] = chosen
-            merged[r, :target] = features[r, chosen]
-            new_sizes[r, :target] = sizes[r, chosen].float()
-            continue
-        x = features[r, ids].float()
-        w = weights[r, ids].float()
-        s = sizes[r, ids].float()
-        while ids.numel() > target:
-            count = ids.numel()
-            a, b = torch.arange(0, count, 2, device=device), torch.arange(1, count, 2, device=device)
-            unit = F.normalize(x, dim=-1)
-            similarity = unit[a] @ unit[b].T  # [|A|, |B|]
-            best, partner = similarity.max(dim=-1)
-            order = torch.sort(best, descending=True, stable=True).indices
-            n_merge = min(count - target, a.numel())
-            src, rest = order[:n_merge], order[n_merge:]
-            dst, src = b[partner[src]], a[src]
-            total = w.index_add(0, dst, w[src])
-            mass = (x * w[:, None]).index_add(0, dst, x[src] * w[src, None])
-            touched = torch.unique(dst)
-            x = x.clone()
-            x[touched] = mass[touched] / total[touched, None]  # untouched tokens stay bit-exact
-            w, s = total, s.index_add(0, dst, s[src])
-            survivors = torch.sort(torch.cat([a[rest], b])).values
-            ids, x, w, s = ids[survivors], x[survivors], w[survivors], s[survivors]
-        keep[r, :target] = ids
-        merged[r, :target] = x.to(features.dtype)
-        new_sizes[r, :target] = s
-    return keep, merged, new_sizes
+    out = features.new_zeros(rows, k, dim)
+    merged_into = torch.full((rows, width), -1, dtype=torch.long, device=device)
+    next_position = torch.full((rows, k), -1, dtype=torch.long, device=device)
+    next_sizes = torch.zeros(rows, k, dtype=torch.float32, device=device)
+    pairs = torch.stack([counts, budget], dim=1).cpu()
+    for n, target in torch.unique(pairs, dim=0).tolist():
+        group = ((counts == n) & (budget == target)).nonzero().squeeze(-1)
+        size = len(group)
+        columns = torch.sort(torch.where(take_part[group], torch.arange(width, device=device), width), dim=1).values[:, :n]
+        x = features[group].gather(1, columns[..., None].expand(-1, -1, dim))
+        s = sizes[group].to(device).float().gather(1, columns)
+        p = position[group].to(device).gather(1, columns)
+        w = saliency[group].to(device).float().gather(1, columns) if saliency is not None else None
+        local = torch.arange(n, device=device).expand(size, n)  # current token -> its column among the n
+        holder = torch.arange(n, device=device).expand(size, n)  # each of the n -> the current token holding it
+        while x.shape[1] > target:
+            m = x.shape[1]
+            kept, x, p, into, s = merge_round(x, x, s, p, min(m - target, m // 2), offset, saliency=w,
+                                              sort_unmerged=True)
+            local, holder = local.gather(1, kept), into.gather(1, holder)
+            if w is not None:
+                w = w.gather(1, kept)
+        keep[group, :target] = columns.gather(1, local)
+        out[group, :target] = x.to(features.dtype)
+        next_position[group, :target] = p
+        next_sizes[group, :target] = s
+        into_row = torch.full((size, width), -1, dtype=torch.long, device=device)
+        into_row.scatter_(1, columns, holder)
+        merged_into[group] = into_row
+    return keep, out, merged_into, next_position, next_sizes
 
 
 # --------------------------------------------------------------------------------------------------
@@ -328,35 +410,38 @@ class RepShiftStrategy(Strategy):
         if self.config.mode == "prune":
             return super().reduce(ctx)
         rows = ctx.tokens
-        sizes = self._carried_sizes(ctx)
-        weights = sizes
+        device = rows.features.device
+        # At the vision site every real encoder token takes part (also those the LLM never sees:
+        # LLaVA-NeXT's unpadding), as the encoder merges its whole sequence (tome.py does the same).
+        vision = ctx.stage.site == "vision" and rows.sizes is not None
+        take_part = (rows.sizes > 0 if vision else rows.valid).to(device)
+        position, sizes = self._carried(ctx, take_part)
+        saliency = None
         if self.config.merge_weight == "shift":
-            shift = self.score(ctx).clamp(min=0)
-            # A tiny floor so a group of zero-shift tokens still averages instead of dividing by 0.
-            floor = 1e-6 * shift.amax(dim=-1, keepdim=True).clamp(min=1e-12)
-            weights = sizes * (shift + floor)
-        keep, merged, new_sizes = bipartite_merge(rows.features, rows.valid, rows.budget, weights, sizes)
-        # Merge mode: the sizes this stage leaves, in the request's scratch (the same dict at every
-        # stage of one prefill), so the next stage at the same site continues from them.
-        ctx.state["repshift_sizes"] = (ctx.stage_index, ctx.stage.site, new_sizes, rows.budget.clone())
-        return Reduction(keep=keep, features=merged)
+            shift = ctx.require("observed", self.name)(self.scored_layer(ctx.stage))[..., 0].float()
+            saliency = vid_tldr_saliency(shift.to(device), take_part)
+        keep, merged, merged_into, position, sizes = bipartite_merge(
+            rows.features, take_part, rows.budget, sizes, offset=int(rows.offset), position=position, saliency=saliency,
+        )
+        # ToMe's order and the (weighted) sizes this stage leaves, in the request's scratch (the same
+        # dict at every stage of one prefill), so the next stage at the same site continues from them.
+        ctx.state[STATE_KEY] = {"stage_index": ctx.stage_index, "site": ctx.stage.site, "position": position,
+                                "sizes": sizes}
+        ctx.report(merged=(take_part.sum(-1) - rows.budget.to(device)).cpu())
+        return Reduction(keep=keep, features=merged, merged_into=merged_into)
 
-    def _carried_sizes(self, ctx: ScoreContext) -> torch.Tensor:
-        """Sizes of the current rows: those the previous stage of this request left, when it ran at
-        the same site just before (its kept tokens are then exactly these rows, in order), else 1."""
-        rows = ctx.tokens
-        ones = torch.ones(rows.valid.shape, dtype=torch.float32, device=rows.features.device)
-        previous = ctx.state.get("repshift_sizes") if ctx.state is not None else None
-        if previous is None:
-            return ones
-        index, site, sizes, counts = previous
-        if index != ctx.stage_index - 1 or site != ctx.stage.site or sizes.shape[0] != rows.num_rows:
-            return ones
-        width = rows.valid.shape[1]
-        if site == "vision":
-            same = sizes.shape[1] == width
-        else:
-            same = torch.equal(rows.valid.sum(-1).cpu(), counts.cpu()) and sizes.shape[1] >= width
-        if not same:
-            return ones
-        return torch.where(rows.valid, sizes[:, :width].to(ones.device), ones)
+    @staticmethod
+    def _carried(ctx: ScoreContext, take_part: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """ToMe's order and the sizes of the current rows: what the previous stage of this request
+        left when it ran at the same site just before (its kept tokens are then exactly these rows,
+        in order), else (None, None): spatial order, size 1."""
+        previous = ctx.state.get(STATE_KEY) if ctx.state is not None else None
+        if previous is None or previous["stage_index"] != ctx.stage_index - 1 or previous["site"] != ctx.stage.site:
+            return None, None
+        position = previous["position"].to(take_part.device)
+        if position.shape != take_part.shape or not torch.equal(position >= 0, take_part):
+            raise RuntimeError(
+                "repshift: the candidates of this stage are not the tokens the previous merging stage kept, in the "
+                "order it returned them; ToMe's token order cannot be followed"
+            )
+        return position, previous["sizes"].to(take_part.device)

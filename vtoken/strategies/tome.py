@@ -385,6 +385,16 @@ def _identity(rows: int, width: int, position: torch.Tensor, valid: torch.Tensor
 def tome_merge(
     features: torch.Tensor, keys: torch.Tensor, sizes: torch.Tensor, position: torch.Tensor, r: int, offset: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One ToMe step on ``G`` rows that all hold ``n`` tokens and merge ``r`` of them: the first four
+    results of :func:`merge_round` with ToMe's own rules (no saliency; the unmerged A tokens sorted
+    when a prefix leads)."""
+    return merge_round(features, keys, sizes, position, r, offset)[:4]
+
+
+def merge_round(
+    features: torch.Tensor, keys: torch.Tensor, sizes: torch.Tensor, position: torch.Tensor, r: int, offset: int,
+    saliency: torch.Tensor | None = None, sort_unmerged: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One ToMe step on ``G`` rows that all hold ``n`` tokens and merge ``r`` of them.
 
     ``features`` ``[G, n, d]``, ``keys`` ``[G, n, c]`` (the metric), ``sizes`` ``[G, n]`` are the
@@ -396,8 +406,22 @@ def tome_merge(
 
     Returns, for the ``n - r`` survivors in ascending token index: ``keep`` ``[G, n - r]`` (indices
     into the ``n`` tokens; a merged token keeps its B member's), ``merged`` ``[G, n - r, d]`` (input
-    dtype), ``new_position`` ``[G, n - r]`` (their places in ToMe's order after the merge) and
-    ``merged_into`` ``[G, n]`` (for each token, the column of ``keep`` holding it).
+    dtype), ``new_position`` ``[G, n - r]`` (their places in ToMe's order after the merge),
+    ``merged_into`` ``[G, n]`` (for each token, the column of ``keep`` holding it) and ``new_sizes``
+    ``[G, n - r]`` float32 (the merged sizes: ``merge(s, sum)``).
+
+    Two options used by other merging methods (ToMe itself uses neither; without them the result is
+    ToMe's, bit for bit):
+
+    - ``saliency`` ``[G, n]``: vid-TLDR's weighting (mlvlab/vid-TLDR, ``multi_modality/utils/
+      vid_TLDR.py``, ``merging`` and ``merge_wavg``): a token that merges away (an A token in the
+      top ``r``) enters its target with weight ``size x saliency`` instead of ``size``, in the merged
+      features and in the merged size alike (``src = src * src_so`` inside ``merge``, which
+      ``merge_wavg`` applies to ``x * size`` and to ``size``); the target and the staying tokens keep
+      weight ``size``. A merged token is still ``sum(w x) / sum(w)``, a convex combination, and its
+      size becomes ``sum(w)``.
+    - ``sort_unmerged``: whether the staying A tokens are put in ascending place order (None:
+      ToMe's rule, only when a prefix leads; vid-TLDR always sorts them).
     """
     rows, n, dim = features.shape
     device = features.device
@@ -425,8 +449,8 @@ def tome_merge(
         best, partner = similarity.max(dim=-1)
         ranking = best.argsort(dim=-1, descending=True)  # A tokens, strongest edge first
         merging, staying = ranking[:, :r], ranking[:, r:]
-        if offset > 0:  # the prefix stays in front (ToMe sorts the unmerged A tokens then)
-            staying = staying.sort(dim=-1).values
+        if (offset > 0) if sort_unmerged is None else sort_unmerged:
+            staying = staying.sort(dim=-1).values  # the prefix stays in front (ToMe sorts the unmerged A tokens then)
         target = partner.gather(1, merging)  # the B token each merging A token joins
 
     def fold(values: torch.Tensor) -> torch.Tensor:
@@ -444,7 +468,15 @@ def tome_merge(
     x = torch.cat([x.new_zeros(rows, offset, dim), x], dim=1)
     size = sizes.float().gather(1, seq)[..., None]
     size = torch.cat([size.new_ones(rows, offset, 1), size], dim=1)
-    x = fold(x * size) / fold(size)
+    if saliency is not None:  # vid-TLDR: a merging A token weighs size x saliency (features and size alike)
+        side_a = size[:, 0::2]
+        scale = saliency.float().gather(1, seq)
+        scale = torch.cat([scale.new_ones(rows, offset), scale], dim=1)[:, 0::2].gather(1, merging)
+        side_a = side_a.scatter(1, merging[..., None], side_a.gather(1, merging[..., None]) * scale[..., None])
+        size = size.clone()
+        size[:, 0::2] = side_a
+    total = fold(size)
+    x = fold(x * size) / total
 
     # Which token each output slot is (a merged token is its B member), prefix slots dropped.
     ids_a, ids_b = ids[:, ::2], ids[:, 1::2]
@@ -454,13 +486,14 @@ def tome_merge(
     x = x[real].view(rows, n - r, dim)
     keep, new_position = torch.sort(order, dim=1)  # ascending token index; its place in ToMe order
     merged = x.gather(1, new_position[..., None].expand(rows, n - r, dim)).to(features.dtype)
+    new_sizes = total[real].view(rows, n - r).gather(1, new_position)
     column = torch.full((rows, n), -1, dtype=torch.long, device=device)
     column.scatter_(1, keep, torch.arange(n - r, device=device).expand(rows, n - r))
     src_ids = ids_a.gather(1, merging)
     dst_ids = ids_b.gather(1, target)
     merged_into = column.clone()
     merged_into.scatter_(1, src_ids, column.gather(1, dst_ids))
-    return keep, merged, new_position, merged_into
+    return keep, merged, new_position, merged_into, new_sizes
 
 
 # --------------------------------------------------------------------------------------------------
