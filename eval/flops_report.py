@@ -10,9 +10,7 @@ timm / open_clip models built on the meta device: no weights, no network, a few 
 
 from __future__ import annotations
 
-import argparse
 import math
-import shlex
 import sys
 from pathlib import Path
 
@@ -21,7 +19,7 @@ from vtoken.accounting_vit import tome_schedule
 from vtoken.schedule import ScoringCost, Schedule, Stage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from output import add_output_arguments, claim  # noqa: E402  (eval/output.py)
+from output import report_output  # noqa: E402  (eval/output.py)
 
 TEXT = DEFAULT_TEXT_TOKENS
 FASTV_K = 2
@@ -401,12 +399,9 @@ def build(command: str = "python eval/flops_report.py") -> str:
 
 
 def main(argv=None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_output_arguments(parser, "Markdown file to write (e.g. eval/results/flops.md)")
-    args = parser.parse_args(argv)
-    out = claim(args.out, args.overwrite)
-    text = build("python eval/flops_report.py " + " ".join(shlex.quote(a) for a in argv))
+    out, command = report_output("flops_report", __doc__.split("\n\n")[0],
+                                 "Markdown file to write (e.g. eval/results/flops.md)", argv)
+    text = build(command)
     out.write_text(text)
     print(text)
 

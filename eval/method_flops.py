@@ -15,8 +15,6 @@ methods); the column "LLM-layer mean" makes in-LLM and progressive schedules com
 
 from __future__ import annotations
 
-import argparse
-import shlex
 import sys
 from pathlib import Path
 
@@ -26,7 +24,7 @@ from vtoken.bench import LLAVA_7B as LLAVA, llava_7b_schedule
 from vtoken.registry import get_strategy, strategy_names
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from output import add_output_arguments, claim  # noqa: E402  (eval/output.py)
+from output import report_output  # noqa: E402  (eval/output.py)
 
 BUDGETS = (192, 128, 64)
 
@@ -62,12 +60,8 @@ def stages_text(schedule) -> str:
 
 
 def main(argv=None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_output_arguments(parser, "Markdown file to write (e.g. eval/results/method_flops.md)")
-    args = parser.parse_args(argv)
-    out = claim(args.out, args.overwrite)
-    command = "python eval/method_flops.py " + " ".join(shlex.quote(a) for a in argv)
+    out, command = report_output("method_flops", __doc__.split("\n\n")[0],
+                                 "Markdown file to write (e.g. eval/results/method_flops.md)", argv)
     base_true = flops(LLAVA, None, text_tokens=DEFAULT_TEXT_TOKENS)
     base_paper = flops(LLAVA, None, convention="paper")
     lines = [

@@ -20,7 +20,7 @@ import argparse
 import os
 from pathlib import Path
 
-__all__ = ["add_output_arguments", "claim", "claim_stem"]
+__all__ = ["add_output_arguments", "claim", "claim_stem", "report_output"]
 
 
 def add_output_arguments(parser: argparse.ArgumentParser, what: str) -> None:
@@ -72,3 +72,18 @@ def claim_stem(stem: str | os.PathLike, overwrite: bool = False, suffixes=(".md"
     stem = Path(stem)
     claim(stem.parent, overwrite, *(stem.with_suffix(suffix).name for suffix in suffixes))
     return stem
+
+
+def report_output(script: str, description: str, what: str, argv: list[str] | None = None) -> tuple[Path, str]:
+    """For a script whose only argument is its report: parse ``--out`` / ``--overwrite`` from ``argv``
+    (default ``sys.argv[1:]``), claim the file, and return it with the command line that produced it
+    (``python eval/<script>.py ...``, for the report's header)."""
+    import shlex
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(description=description)
+    add_output_arguments(parser, what)
+    args = parser.parse_args(argv)
+    out = claim(args.out, args.overwrite)
+    return out, f"python eval/{script}.py " + " ".join(shlex.quote(a) for a in argv)
