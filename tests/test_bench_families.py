@@ -55,3 +55,23 @@ def test_the_oracle_needs_tokens_that_map_onto_the_image(next_dir):
     with pytest.raises(ValueError, match="oracle reads the benchmark's boxes"):
         run(methods=["oracle"], budgets=["1/4"], model_path=next_dir, repeats=1, batch=1, limit=2,
             progress=lambda _: None)
+
+
+def test_a_family_without_an_adapter_is_one_line_naming_the_supported_ones(tmp_path, capsys):
+    from transformers import GemmaConfig, PaliGemmaConfig, PaliGemmaForConditionalGeneration, SiglipVisionConfig
+
+    from vtoken.cli import main
+
+    config = PaliGemmaConfig(
+        vision_config=SiglipVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2),
+        text_config=GemmaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                num_attention_heads=2, num_key_value_heads=1, head_dim=16),
+        image_token_index=299, projection_dim=32,
+    )
+    PaliGemmaForConditionalGeneration(config).save_pretrained(tmp_path)
+    capsys.readouterr()
+    assert main(["bench", "--model", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no vtoken adapter handles PaliGemmaForConditionalGeneration" in err
+    assert "supported families: " in err and "LlavaForConditionalGeneration" in err

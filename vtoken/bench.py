@@ -241,6 +241,9 @@ def run(
     """
     vqa = _vqa_model(model_path, dtype, attn)
     model = vqa.model if vqa is not None else load_model(model_path, dtype, attn)
+    from vtoken.adapters import adapter_for
+
+    adapter_for(model)  # a family vtoken has no adapter for: one line naming the supported ones
     if device is not None:
         model.to(device)
     if vqa is None and type(model).__name__ != "LlavaForConditionalGeneration":

@@ -174,6 +174,9 @@ def _run(args, argv) -> int:
     from vtoken.bench_plot import plot
     from vtoken.bench_report import matched_cost_summary, short_table, write
 
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # one progress bar: the sweep's
     if args.threads:
         torch.set_num_threads(args.threads)
     command = "vtoken " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
