@@ -68,9 +68,19 @@ def test_help_shows_defaults_without_importing_torch():
 
 
 def test_methods_prints_whole_sentences_without_markup(capsys):
-    assert main(["methods"]) == 0
+    from vtoken import registry
+    from vtoken.strategies.random import RandomStrategy
+
+    class Internal(RandomStrategy):  # registered by a test or a benchmark, as eval/replay_strategy.py is
+        name = "_internal_for_test_cli"
+
+    registry.register(Internal)
+    try:
+        assert main(["methods"]) == 0
+    finally:
+        registry._STRATEGIES.pop(Internal.name)
     out = capsys.readouterr().out
-    assert "``" not in out and ":func:" not in out and "**" not in out
+    assert "``" not in out and ":func:" not in out and "**" not in out and "_internal_for_test_cli" not in out
     fastv = out.split("\nfastv\n")[1].split("\n\n")[0]
     assert "At LLM layer K, rank the visual tokens" in fastv
     assert " ".join(fastv.split()).count("averaged over heads.") == 1  # the sentence is not cut

@@ -61,6 +61,8 @@ def summary_lines() -> list[str]:
 
     lines = []
     for method in vtoken.methods():
+        if method["name"].startswith("_"):  # internal strategies (tests, benchmarks) are not methods
+            continue
         parts = paragraphs(method["name"])
         body = [parts[0]] + ([first_sentences(parts[1])] if len(parts) > 1 else [])
         facts = (f"sites: {', '.join(method['sites'])}; default keep: {method['default_keep']:.3g}"
