@@ -41,7 +41,6 @@ import gc
 import math
 import os
 import platform
-import shlex
 import statistics
 import sys
 import time
@@ -57,7 +56,7 @@ if not CUDA:
 from vtoken.kernels import reference  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from output import add_output_arguments, claim  # noqa: E402  (eval/output.py)
+from output import add_output_arguments, claim, command_line  # noqa: E402  (eval/output.py)
 
 try:
     from vtoken.kernels import triton_attention, triton_gather, triton_shift  # noqa: E402
@@ -332,7 +331,7 @@ def main(argv=None):
         + (f"triton {__import__('triton').__version__}" if TRITON_ERROR is None else f"triton unavailable ({TRITON_ERROR})")
         + f", Python {platform.python_version()}, {torch.get_num_threads()} torch threads. Inputs {args.dtype}."
         + f" Load average (1 min) at start: {load:.2f}.",
-        f"Command: `python eval/bench_kernels.py {' '.join(shlex.quote(a) for a in argv)}`" + f" ({wall / 60:.1f} min).",
+        f"Command: `{command_line('bench_kernels', argv)}`" + f" ({wall / 60:.1f} min).",
         "",
     ]
     if CUDA:

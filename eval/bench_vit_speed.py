@@ -50,7 +50,6 @@ import argparse
 import json
 import os
 import platform
-import shlex
 import statistics
 import sys
 import time
@@ -61,7 +60,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "eval"))
 from eval_tiny_clip import code_version, write_result  # noqa: E402  (shared with the CLIP evaluation)
-from output import add_output_arguments, claim_stem  # noqa: E402  (eval/output.py)
+from output import add_output_arguments, claim_stem, command_line  # noqa: E402  (eval/output.py)
 
 DEFAULT_METHODS = ("tome", "random", "pool", "repshift", "visionzip")
 FAMILIES = {"timm": "timm ViT", "hf": "CLIP"}  # family names vtoken.methods() reports
@@ -380,7 +379,7 @@ def main(argv=None) -> dict:
     import transformers
 
     result = {
-        "command": "python eval/bench_vit_speed.py " + " ".join(shlex.quote(x) for x in argv),
+        "command": command_line("bench_vit_speed", argv),
         "machine": machine(args.device), "code": code_version(), "torch": torch.__version__,
         "transformers": transformers.__version__, "timm": timm.__version__,
         "args": vars(args), "budgets": tome_budgets(r=args.r or 16),

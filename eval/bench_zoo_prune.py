@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import shlex
 import statistics
 import sys
 import time
@@ -33,7 +32,7 @@ from vtoken.strategies.zoo_prune import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from output import add_output_arguments, claim  # noqa: E402  (eval/output.py)
+from output import add_output_arguments, claim, command_line  # noqa: E402  (eval/output.py)
 
 
 def llava_projector(d_in: int = 1024, hidden: int = 4096, seed: int = 0) -> torch.nn.Module:
@@ -119,7 +118,7 @@ def main(argv=None) -> None:
     lines = [
         "# ZOO-Prune scoring cost on LLaVA-1.5's projector shape",
         "",
-        f"Produced by `python eval/bench_zoo_prune.py {' '.join(shlex.quote(a) for a in argv)}` (tokens {n}, m "
+        f"Produced by `{command_line('bench_zoo_prune', argv)}` (tokens {n}, m "
         f"{args.directions}, h {step}, rank {args.rank}, {args.repeats} repeats). Machine: {machine}.",
         "",
         f"The generic estimator was timed with {m_generic} directions and scaled to m = {args.directions} (linear in m).",

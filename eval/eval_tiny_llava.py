@@ -15,7 +15,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ from vtoken.vqa.data import FAMILIES, SPLITS, generate, load_jsonl
 from vtoken.vqa.evaluate import VQAModel, evaluate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from output import add_output_arguments, claim  # noqa: E402  (eval/output.py)
+from output import add_output_arguments, claim, command_line  # noqa: E402  (eval/output.py)
 
 
 def main(argv=None) -> None:
@@ -64,7 +63,7 @@ def main(argv=None) -> None:
     lines = [
         f"# {'The shipped tiny LLaVA' if shipped else 'A tiny LLaVA'}, unpruned",
         "",
-        f"Produced by `python eval/eval_tiny_llava.py {' '.join(shlex.quote(a) for a in (argv or sys.argv[1:]))}`"
+        f"Produced by `{command_line('eval_tiny_llava', argv or None)}`"
         f" ({time.time() - start:.0f} s).",
         "",
         f"Model: `{shown}`, {params / 1e6:.2f}M parameters. Records: {len(records)} of {source};"

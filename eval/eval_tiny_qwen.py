@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from dataclasses import asdict
@@ -32,7 +31,7 @@ from vtoken.vqa.evaluate import VQAModel, evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "eval"))
-from output import add_output_arguments, claim  # noqa: E402  (eval/output.py)
+from output import add_output_arguments, claim, command_line  # noqa: E402  (eval/output.py)
 
 DEFAULT_MODEL = REPO / "vtoken" / "assets" / "tiny-qwen2-vl"
 
@@ -78,7 +77,7 @@ def main(argv=None) -> None:
     params = sum(p.numel() for p in vqa.model.parameters())
     path = Path(args.model).resolve()
     shown = path.relative_to(REPO) if path.is_relative_to(REPO) else path
-    command = "OMP_NUM_THREADS=1 python eval/eval_tiny_qwen.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    command = command_line("eval_tiny_qwen", argv or None, prefix="OMP_NUM_THREADS=1 ")
     lines = [
         "# The tiny Qwen2-VL on the offline VQA benchmark",
         "",

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
+import sys
 from pathlib import Path
 
-__all__ = ["add_output_arguments", "claim", "claim_stem", "report_output"]
+__all__ = ["add_output_arguments", "claim", "claim_stem", "command_line", "report_output"]
 
 
 def add_output_arguments(parser: argparse.ArgumentParser, what: str) -> None:
@@ -78,12 +80,16 @@ def report_output(script: str, description: str, what: str, argv: list[str] | No
     """For a script whose only argument is its report: parse ``--out`` / ``--overwrite`` from ``argv``
     (default ``sys.argv[1:]``), claim the file, and return it with the command line that produced it
     (``python eval/<script>.py ...``, for the report's header)."""
-    import shlex
-    import sys
-
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=description)
     add_output_arguments(parser, what)
     args = parser.parse_args(argv)
     out = claim(args.out, args.overwrite)
-    return out, f"python eval/{script}.py " + " ".join(shlex.quote(a) for a in argv)
+    return out, command_line(script, argv)
+
+
+def command_line(script: str, argv: list[str] | None = None, prefix: str = "") -> str:
+    """The command that produced a result, as its header names it: ``python eval/<script>.py ARGS``
+    (``argv``: default ``sys.argv[1:]``; ``prefix`` e.g. an environment setting)."""
+    argv = sys.argv[1:] if argv is None else argv
+    return f"{prefix}python eval/{script}.py " + " ".join(shlex.quote(a) for a in argv)

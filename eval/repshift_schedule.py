@@ -27,7 +27,6 @@ stays the paper's (Eqs. 4-6, tested against the reference); the chosen config is
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import time
 from fractions import Fraction
@@ -41,7 +40,7 @@ from vtoken.vqa.data import generate
 from vtoken.vqa.evaluate import VQAModel, evaluate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from output import add_output_arguments, claim  # noqa: E402  (eval/output.py)
+from output import add_output_arguments, claim, command_line  # noqa: E402  (eval/output.py)
 
 VARIANTS: dict[str, dict] = {
     "default (paper schedule scaled: vision 0, 1)": {},
@@ -105,7 +104,7 @@ def main(argv=None) -> None:
         vtoken.save_config(vqa.model, out)
 
     families = sorted(next(iter(report.values()))[2])
-    command = "python eval/repshift_schedule.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    command = command_line("repshift_schedule", argv or None)
     lines = [
         "# Representation Shift's schedule on the shipped tiny LLaVA",
         "",

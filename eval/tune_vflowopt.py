@@ -15,7 +15,6 @@ file already there is refused unless ``--overwrite`` is given.
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import time
 from fractions import Fraction
@@ -30,7 +29,7 @@ from vtoken.vqa.evaluate import VQAModel, evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "eval"))
-from output import add_output_arguments, claim  # noqa: E402  (eval/output.py)
+from output import add_output_arguments, claim, command_line  # noqa: E402  (eval/output.py)
 
 
 def accuracy(vqa: VQAModel, records, **wrap) -> tuple[float, dict]:
@@ -76,7 +75,7 @@ def main(argv=None) -> None:
     tuned_acc, tuned_fam = accuracy(vqa, test, config=tuned)
     searched = {k: getattr(tuned, k) for k in ("stage1", "r2", "t", "a", "alpha") if hasattr(tuned, k)}
     families = sorted(base_fam)
-    command = "python eval/tune_vflowopt.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    command = command_line("tune_vflowopt", argv or None)
     lines = [
         "# VFlowOpt: default against flow-tuned hyper-parameters on the shipped tiny LLaVA",
         "",
