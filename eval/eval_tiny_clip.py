@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -45,7 +44,8 @@ import torch
 import torch.nn.functional as F
 
 import clip_data as C
-from output import add_output_arguments, claim_stem
+from output import add_output_arguments, claim_stem, command_line
+from train_tiny_clip import _tensor, embed_texts  # the trainer's encoders: evaluation embeds as training did
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO / "vtoken" / "assets" / "tiny-clip"
@@ -75,10 +75,6 @@ def load(model_dir):
     return model, processor
 
 
-def _tensor(x):
-    return x if isinstance(x, torch.Tensor) else x.pooler_output
-
-
 @torch.no_grad()
 def image_embeddings(model, pixel_values, batch_size=100) -> torch.Tensor:
     out = [_tensor(model.get_image_features(pixel_values=pixel_values[i: i + batch_size]))
@@ -86,14 +82,9 @@ def image_embeddings(model, pixel_values, batch_size=100) -> torch.Tensor:
     return F.normalize(torch.cat(out).float(), dim=-1)
 
 
-@torch.no_grad()
 def text_embeddings(model, tokenizer, texts, batch_size=250) -> torch.Tensor:
-    out = []
-    for i in range(0, len(texts), batch_size):
-        enc = tokenizer(list(texts[i: i + batch_size]), padding=True, return_tensors="pt")
-        out.append(_tensor(model.get_text_features(input_ids=enc["input_ids"],
-                                                   attention_mask=enc["attention_mask"])))
-    return F.normalize(torch.cat(out).float(), dim=-1)
+    """The texts embedded as the trainer embeds them (``train_tiny_clip.embed_texts``), in float32."""
+    return embed_texts(model, tokenizer, texts, batch_size).float()
 
 
 def zero_shot(image_emb, class_emb, labels) -> dict:
@@ -211,7 +202,7 @@ def evaluate(args, argv) -> dict:
         print(f"WARNING: after unwrap the image embeddings differ from the unpruned ones "
               f"(max |diff| {(again - base_emb).abs().max().item():.3g})", flush=True)
     return {
-        "command": "python eval/eval_tiny_clip.py " + " ".join(shlex.quote(a) for a in argv),
+        "command": command_line("eval_tiny_clip", argv),
         "model": _shown(args.model),
         "parameters": sum(p.numel() for p in model.parameters()),
         "split": args.split, "seed": args.seed, "n": len(recs),

@@ -57,7 +57,7 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_tiny_llava import save  # noqa: E402  (model, processor and training state, as the tiny LLaVA's)
+from train_tiny_llava import grid_position_code, save  # noqa: E402  (model, processor and training state, as the tiny LLaVA's)
 
 import numpy as np
 import torch
@@ -97,15 +97,7 @@ def build_model(tokenizer, vision_hidden=128, vision_layers=4, text_hidden=128, 
 def _init_positions(model) -> None:
     """A 2D sin/cos code of (row, column) as the initial patch position embeddings (CLS at 0)."""
     emb = model.vision_model.embeddings.position_embedding.weight
-    dim, side = emb.shape[1], C.GRID
-    quarter = dim // 4
-    freqs = 1.0 / (side ** (torch.arange(quarter, dtype=torch.float32) / quarter))
-    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
-    code = []
-    for pos in (rows.flatten().float(), cols.flatten().float()):
-        ang = pos[:, None] * freqs[None, :] * math.pi / 2
-        code += [torch.sin(ang), torch.cos(ang)]
-    code = torch.cat(code, dim=1)
+    code = grid_position_code(C.GRID, emb.shape[1])
     with torch.no_grad():
         emb.zero_()
         emb[1:, : code.shape[1]] = code * 0.5

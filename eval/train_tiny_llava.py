@@ -183,13 +183,9 @@ def _vision_model(model):
     return getattr(tower, "vision_model", tower)  # transformers 5: CLIPVisionModel is flat
 
 
-def _init_positions(model) -> None:
-    """Initialise CLIP's learned position embeddings with a 2D sin/cos code (row, column).
-
-    Only an initialisation (the embeddings stay trainable); it gives the patches a usable sense of
-    where they are from step 0, which the spatial questions and locating named objects need."""
-    emb = _vision_model(model).embeddings.position_embedding.weight
-    dim, side = emb.shape[1], SIDE
+def grid_position_code(side: int, dim: int) -> torch.Tensor:
+    """A 2D sin/cos code of (row, column) for a ``side x side`` patch grid, row-major:
+    ``[side * side, 4 * (dim // 4)]`` (sin and cos of each coordinate at ``dim // 4`` frequencies)."""
     quarter = dim // 4
     freqs = 1.0 / (side ** (torch.arange(quarter, dtype=torch.float32) / quarter))
     rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
@@ -197,7 +193,16 @@ def _init_positions(model) -> None:
     for pos in (rows.flatten().float(), cols.flatten().float()):
         ang = pos[:, None] * freqs[None, :] * math.pi / 2
         code += [torch.sin(ang), torch.cos(ang)]
-    code = torch.cat(code, dim=1)  # (144, 4 * quarter)
+    return torch.cat(code, dim=1)
+
+
+def _init_positions(model) -> None:
+    """Initialise CLIP's learned position embeddings with a 2D sin/cos code (row, column).
+
+    Only an initialisation (the embeddings stay trainable); it gives the patches a usable sense of
+    where they are from step 0, which the spatial questions and locating named objects need."""
+    emb = _vision_model(model).embeddings.position_embedding.weight
+    code = grid_position_code(SIDE, emb.shape[1])  # (144, 4 * (dim // 4))
     with torch.no_grad():
         emb.zero_()
         emb[1:, : code.shape[1]] = code * 0.5  # index 0 is CLS

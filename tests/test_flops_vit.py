@@ -29,6 +29,7 @@ import vtoken
 from vtoken.accounting import kv_cache_bytes
 from vtoken.accounting_vit import tome_schedule
 from vtoken.schedule import ScoringCost, Schedule, Stage
+from test_flops import Tally  # FlopCounterMode counts per part, shared with the VLM counter tests
 
 timm = pytest.importorskip("timm")
 open_clip = pytest.importorskip("open_clip")
@@ -46,19 +47,6 @@ def count(fn: Callable[[], Any]) -> int:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
-
-
-class Tally:
-    """FlopCounterMode counts added up per part; counters are never nested."""
-
-    def __init__(self) -> None:
-        self.parts: dict[str, int] = defaultdict(int)
-
-    def __call__(self, part: str, fn):
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            out = fn()
-        self.parts[part] += counter.get_total_flops()
-        return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -163,7 +151,6 @@ def drive(d: Driver, schedule: Schedule, pixels: torch.Tensor, tally: Tally, hea
 
     for layer, block in enumerate(d.blocks):
         for cost in scoring[layer]:
-            n = x.shape[1]
             if cost.kind == "vision_attention_rows":
                 wq, wk = weights(width, attn_width), weights(width, attn_width)
                 tally("scoring", lambda: (x[:, : cost.rows] @ wq) @ (x @ wk).transpose(-1, -2))
