@@ -25,10 +25,10 @@ import torch
 import vtoken
 from vtoken import signals
 from vtoken.accounting import flops
+from vtoken.bench_args import DEFAULT_BUDGETS
 from vtoken.bench_report import BenchRow, matched_cost_summary, oracle_gap_summary, to_markdown, write  # noqa: F401
 from vtoken.registry import get_strategy, strategy_names
 
-DEFAULT_BUDGETS = ("1", "1/3", "2/9", "1/9")
 
 
 def builtin_model(seed: int = 0):
@@ -106,9 +106,9 @@ def _refusals(model) -> dict[str, str]:
     method list skips those, saying why: e.g. ToMe on Qwen2-VL, whose packed blocks are not split)."""
     from vtoken.adapters import adapter_for
 
-    try:
+    try:  # run() has already refused a model no adapter handles
         family = adapter_for(model)(model).family_name
-    except (ValueError, AttributeError, TypeError):
+    except (AttributeError, TypeError):
         return {}
     verdicts = {m["name"]: m["families"].get(family, "runs") for m in vtoken.methods()}
     return {name: f"skipped on {family}: {why}" for name, why in verdicts.items() if why != "runs"}

@@ -1,10 +1,82 @@
 """Checks of ``vtoken bench``'s arguments, run before any model loads: each bad value is a
-``ValueError`` whose one line names the problem and the fix (the CLI prints it and exits with 2)."""
+``ValueError`` whose one line names the problem and the fix (the CLI prints it and exits with 2).
+
+Importing this module imports no torch (``vtoken --help`` stays fast); the checks that need the
+registry or torch import them when they run."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import re
+
+#: The budgets of the default sweep: the 192 / 128 / 64-of-576 points of the literature, and unpruned.
+DEFAULT_BUDGETS = ("1", "1/3", "2/9", "1/9")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def split_list(values: list[str] | None) -> list[str] | None:
+    """``["1,1/9", "2/9"]`` -> ``["1", "1/9", "2/9"]``: lists may be given space or comma separated."""
+    if values is None:
+        return None
+    items = [item.strip() for value in values for item in value.split(",")]
+    return [item for item in items if item]
+
+
+def check_bench_arguments(args):
+    """Every ``vtoken bench`` argument checked before any model runs: (methods, budgets, trained
+    pairs, config pairs), lists split."""
+    methods = check_methods(split_list(args.methods))
+    budgets = check_budgets(split_list(args.budgets) or list(DEFAULT_BUDGETS))
+    trained = check_pairs(args.trained, "--trained", "METHOD=DIR, e.g. tokenpacker=path/to/weights")
+    configs = check_pairs(args.configs, "--configs", "LABEL=DIR, e.g. 'vflowopt (tuned)'=path/to/config")
+    check_model(args.model)
+    for flag, value in (("--limit", args.limit), ("--repeats", args.repeats), ("--batch-size", args.batch)):
+        if value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
+    if args.data is not None:
+        check_data(args.data)
+    check_device(args.device, args.attn)
+    if trained:
+        check_methods([m for m, _ in trained], trained=True)
+    if methods:
+        needs_weights = set(trained_methods()) - set(dict(trained or {}))
+        missing = [m for m in methods if m in needs_weights]
+        if missing and args.model is not None:
+            raise ValueError(f"{missing[0]} needs trained weights for this model: add --trained {missing[0]}=DIR "
+                             "(train them with vtoken train-projector)")
+    return methods, budgets, trained, configs
+
+
+def check_pairs(values: list[str] | None, flag: str, example: str) -> list[tuple[str, str]] | None:
+    """``["a=DIR", ...]`` -> ``[("a", "DIR"), ...]``; every DIR must be an existing directory."""
+    if values is None:
+        return None
+    pairs = []
+    for item in values:
+        if "=" not in item:
+            raise ValueError(f"{flag} {item!r}: write {example}")
+        key, path = item.split("=", 1)
+        if not os.path.isdir(path):
+            raise ValueError(f"{flag} {item!r}: no such directory {path!r}")
+        pairs.append((key.strip(), path))
+    return pairs
+
+
+def check_model(path: str | None) -> None:
+    """A local model directory holding a config, or something shaped like a hub id."""
+    if path is None:
+        return
+    local = os.path.isabs(path) or path.startswith((".", "~")) or os.path.exists(path) or path.count("/") > 1
+    if local:
+        if not os.path.isdir(os.path.expanduser(path)):
+            raise ValueError(f"--model {path!r}: no such directory (give a local model directory or a hub id "
+                             "such as llava-hf/llava-1.5-7b-hf)")
+        if not os.path.isfile(os.path.join(os.path.expanduser(path), "config.json")):
+            raise ValueError(f"--model {path!r}: the directory holds no config.json (save the model there with "
+                             "save_pretrained)")
+    elif not _HUB_ID.match(path):
+        raise ValueError(f"--model {path!r} is neither a local directory nor a hub id (owner/name)")
 
 
 def public_methods() -> list[str]:

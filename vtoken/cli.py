@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shlex
 import sys
 
+from vtoken.bench_args import DEFAULT_BUDGETS, check_bench_arguments, split_list  # noqa: F401  (torch-free)
+
 #: Where ``vtoken bench`` writes when ``--out`` is not given (relative to the working directory).
 DEFAULT_OUT = "vtoken-bench"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -55,7 +55,7 @@ def _add_bench(commands) -> None:
     bench.add_argument("--methods", nargs="+", help="methods, space or comma separated (default: every method that "
                        "runs on the model without weights or annotations, plus the oracle and the shipped trained "
                        "and tuned rows on the default model)")
-    bench.add_argument("--budgets", nargs="+", default=["1", "1/3", "2/9", "1/9"],
+    bench.add_argument("--budgets", nargs="+", default=list(DEFAULT_BUDGETS),
                        help="fractions of the visual tokens (1/9, 0.25) or counts (64), space or comma separated; "
                        "1 = unpruned")
     bench.add_argument("--model", help="a local directory or hub id of any supported family saved with its tokenizer "
@@ -84,75 +84,6 @@ def _add_bench(commands) -> None:
                        "default: the tuned configs shipped for the default model")
 
 
-def split_list(values: list[str] | None) -> list[str] | None:
-    """``["1,1/9", "2/9"]`` -> ``["1", "1/9", "2/9"]``: lists may be given space or comma separated."""
-    if values is None:
-        return None
-    items = [item.strip() for value in values for item in value.split(",")]
-    return [item for item in items if item]
-
-
-def _pairs(values: list[str] | None, flag: str, example: str) -> list[tuple[str, str]] | None:
-    """``["a=DIR", ...]`` -> ``[("a", "DIR"), ...]``; every DIR must be an existing directory."""
-    if values is None:
-        return None
-    pairs = []
-    for item in values:
-        if "=" not in item:
-            raise ValueError(f"{flag} {item!r}: write {example}")
-        key, path = item.split("=", 1)
-        if not os.path.isdir(path):
-            raise ValueError(f"{flag} {item!r}: no such directory {path!r}")
-        pairs.append((key.strip(), path))
-    return pairs
-
-
-def _check_model(path: str | None) -> None:
-    if path is None:
-        return
-    local = os.path.isabs(path) or path.startswith((".", "~")) or os.path.exists(path) or path.count("/") > 1
-    if local:
-        if not os.path.isdir(os.path.expanduser(path)):
-            raise ValueError(f"--model {path!r}: no such directory (give a local model directory or a hub id "
-                             "such as llava-hf/llava-1.5-7b-hf)")
-        if not os.path.isfile(os.path.join(os.path.expanduser(path), "config.json")):
-            raise ValueError(f"--model {path!r}: the directory holds no config.json (save the model there with "
-                             "save_pretrained)")
-    elif not _HUB_ID.match(path):
-        raise ValueError(f"--model {path!r} is neither a local directory nor a hub id (owner/name)")
-
-
-def _bench_arguments(args):
-    """Check every bench argument before any model runs (imports no torch)."""
-    from vtoken.bench_args import check_budgets, check_data, check_device, check_methods
-
-    methods = check_methods(split_list(args.methods))
-    budgets = check_budgets(split_list(args.budgets) or ["1", "1/3", "2/9", "1/9"])
-    trained = _pairs(args.trained, "--trained", "METHOD=DIR, e.g. tokenpacker=path/to/weights")
-    configs = _pairs(args.configs, "--configs", "LABEL=DIR, e.g. 'vflowopt (tuned)'=path/to/config")
-    _check_model(args.model)
-    for flag, value in (("--limit", args.limit), ("--repeats", args.repeats), ("--batch-size", args.batch)):
-        if value < 1:
-            raise ValueError(f"{flag} must be at least 1, got {value}")
-    if args.data is not None:
-        check_data(args.data)
-    check_device(args.device, args.attn)
-    if trained:
-        check_methods([m for m, _ in trained], trained=True)
-    if methods:
-        missing = [m for m in methods if _is_trained(m) and m not in dict(trained or {})]
-        if missing and args.model is not None:
-            raise ValueError(f"{missing[0]} needs trained weights for this model: add --trained {missing[0]}=DIR "
-                             "(train them with vtoken train-projector)")
-    return methods, budgets, trained, configs
-
-
-def _is_trained(name: str) -> bool:
-    from vtoken.bench_args import trained_methods
-
-    return name in trained_methods()
-
-
 def _run(args, argv) -> int:
     if args.command == "methods":
         from vtoken.method_text import describe, summary_lines
@@ -166,7 +97,7 @@ def _run(args, argv) -> int:
     if args.command == "train-projector":
         return _train_projector(args)
 
-    methods, budgets, trained, configs = _bench_arguments(args)
+    methods, budgets, trained, configs = check_bench_arguments(args)
 
     import torch
 
