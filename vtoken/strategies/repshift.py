@@ -120,7 +120,7 @@ from vtoken import signals
 from vtoken.signals import Needs, Signal
 from vtoken.schedule import ScoringCost, StageShapes
 from vtoken.strategies.base import Strategy
-from vtoken.strategies.tome import merge_round
+from vtoken.strategies.tome import GroupMerge, merge_round, merge_rows
 
 OPERATIONS = ("mlp", "attention", "block")
 DISTANCES = ("l2", "l1", "cos")
@@ -321,35 +321,20 @@ def bipartite_merge(
     token, -1 for tokens not taking part), their places in ToMe's order ``[R, K]`` and their sizes
     ``[R, K]`` (float32).
     """
-    rows, width, dim = features.shape
-    device = features.device
+    dim, device = features.shape[-1], features.device
     take_part = take_part.to(device)
-    budget = budget.to(device)
-    counts = take_part.sum(dim=-1)
-    if bool((budget > counts).any()):
-        i = int((budget > counts).nonzero()[0])
-        raise RuntimeError(f"repshift: the budget ({int(budget[i])}) exceeds the {int(counts[i])} tokens of row {i}")
     if sizes is None:
         sizes = take_part.float()
     if position is None:
         position = torch.where(take_part, take_part.long().cumsum(dim=-1) - 1, -1)
-    k = int(budget.max()) if rows else 0
-    keep = torch.full((rows, k), -1, dtype=torch.long, device=device)
-    out = features.new_zeros(rows, k, dim)
-    merged_into = torch.full((rows, width), -1, dtype=torch.long, device=device)
-    next_position = torch.full((rows, k), -1, dtype=torch.long, device=device)
-    next_sizes = torch.zeros(rows, k, dtype=torch.float32, device=device)
-    pairs = torch.stack([counts, budget], dim=1).cpu()
-    for n, target in torch.unique(pairs, dim=0).tolist():
-        group = ((counts == n) & (budget == target)).nonzero().squeeze(-1)
-        size = len(group)
-        columns = torch.sort(torch.where(take_part[group], torch.arange(width, device=device), width), dim=1).values[:, :n]
+
+    def merge_group(group, columns, n, target) -> GroupMerge:
         x = features[group].gather(1, columns[..., None].expand(-1, -1, dim))
         s = sizes[group].to(device).float().gather(1, columns)
         p = position[group].to(device).gather(1, columns)
         w = saliency[group].to(device).float().gather(1, columns) if saliency is not None else None
-        local = torch.arange(n, device=device).expand(size, n)  # current token -> its column among the n
-        holder = torch.arange(n, device=device).expand(size, n)  # each of the n -> the current token holding it
+        local = torch.arange(n, device=device).expand(len(group), n)  # current token -> its column among the n
+        holder = torch.arange(n, device=device).expand(len(group), n)  # each of the n -> the current token holding it
         while x.shape[1] > target:
             m = x.shape[1]
             kept, x, p, into, s = merge_round(x, x, s, p, min(m - target, m // 2), offset, saliency=w,
@@ -357,14 +342,9 @@ def bipartite_merge(
             local, holder = local.gather(1, kept), into.gather(1, holder)
             if w is not None:
                 w = w.gather(1, kept)
-        keep[group, :target] = columns.gather(1, local)
-        out[group, :target] = x.to(features.dtype)
-        next_position[group, :target] = p
-        next_sizes[group, :target] = s
-        into_row = torch.full((size, width), -1, dtype=torch.long, device=device)
-        into_row.scatter_(1, columns, holder)
-        merged_into[group] = into_row
-    return keep, out, merged_into, next_position, next_sizes
+        return local, x.to(features.dtype), p, holder, s
+
+    return merge_rows("repshift", features, take_part, budget.to(device), merge_group)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -91,6 +91,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -374,6 +375,54 @@ class ToMeConfig(PruneConfig):
 # Merging
 
 
+#: What merging one group of rows gives (:func:`merge_rows`): the survivors' indices among the
+#: group's ``n`` tokens ``[G, target]``, their features ``[G, target, d]`` (input dtype), their places in
+#: ToMe's order ``[G, target]``, the survivor holding each of the ``n`` tokens ``[G, n]``, and their
+#: sizes ``[G, target]`` (or None when the method does not carry sizes).
+GroupMerge = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"]
+
+
+def merge_rows(
+    method: str, features: torch.Tensor, take_part: torch.Tensor, budget: torch.Tensor,
+    merge_group: Callable[[torch.Tensor, torch.Tensor, int, int], GroupMerge],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Merge each row's tokens that ``take_part`` down to ``budget[r]``, rows with the same count and
+    budget together: ``merge_group(group, columns, n, target)`` merges the rows ``group`` (``[G]``)
+    whose ``n`` taking-part tokens sit at ``columns`` (``[G, n]``, ascending) down to ``target``.
+
+    Returns ``keep`` ``[R, K]`` (ascending columns, -1 padded), the kept features ``[R, K, d]``,
+    ``merged_into`` ``[R, N]`` (the column of ``keep`` holding each token, -1 for tokens not taking
+    part), the kept tokens' places in ToMe's order ``[R, K]`` and their sizes ``[R, K]`` (float32,
+    zero where ``merge_group`` carries none)."""
+    rows, width, dim = features.shape
+    device = features.device
+    counts = take_part.sum(dim=-1)
+    if bool((budget > counts).any()):
+        i = int((budget > counts).nonzero()[0])
+        raise RuntimeError(f"{method}: the budget ({int(budget[i])}) exceeds the {int(counts[i])} tokens of row {i} "
+                           "taking part in the merge")
+    k = int(budget.max()) if rows else 0
+    keep = torch.full((rows, k), -1, dtype=torch.long, device=device)
+    out = features.new_zeros(rows, k, dim)
+    merged_into = torch.full((rows, width), -1, dtype=torch.long, device=device)
+    next_position = torch.full((rows, k), -1, dtype=torch.long, device=device)
+    next_sizes = torch.zeros(rows, k, dtype=torch.float32, device=device)
+    pairs = torch.stack([counts, budget], dim=1).cpu()
+    for n, target in torch.unique(pairs, dim=0).tolist():
+        group = ((counts == n) & (budget == target)).nonzero().squeeze(-1)
+        columns = torch.sort(torch.where(take_part[group], torch.arange(width, device=device), width), dim=1).values[:, :n]
+        local, merged, position, holder, sizes = merge_group(group, columns, n, target)
+        keep[group, :target] = columns.gather(1, local)
+        out[group, :target] = merged
+        next_position[group, :target] = position
+        if sizes is not None:
+            next_sizes[group, :target] = sizes
+        into_row = torch.full((len(group), width), -1, dtype=torch.long, device=device)
+        into_row.scatter_(1, columns, holder)
+        merged_into[group] = into_row
+    return keep, out, merged_into, next_position, next_sizes
+
+
 def _identity(rows: int, width: int, position: torch.Tensor, valid: torch.Tensor, n: int):
     """A row set that merges nothing (``r == 0``: the official ``do_nothing``): every valid token
     stays, in ToMe order unchanged."""
@@ -535,47 +584,25 @@ class ToMeStrategy(Strategy):
         # Every real encoder token takes part (a size > 0), also those that never reach the LLM
         # (LLaVA-NeXT's unpadding: ``valid`` False): the encoder merges its whole sequence.
         valid = rows.sizes > 0 if rows.sizes is not None else rows.valid
-        count, width, dim = valid.shape[0], valid.shape[1], features.shape[-1]
-        device = features.device
-        offset = int(rows.offset)
+        dim, device, offset = features.shape[-1], features.device, int(rows.offset)
         sizes = rows.sizes if rows.sizes is not None else valid.float()
         position = self._order(ctx, valid)
-        valid_count = valid.sum(-1)
-        if bool((budget > valid_count).any()):
-            i = int((budget > valid_count).nonzero()[0])
-            raise RuntimeError(
-                f"tome: the budget ({int(budget[i])}) exceeds the {int(valid_count[i])} tokens of row {i} taking part "
-                f"in the merge"
-            )
-        k = int(budget.max()) if count else 0
-        keep = torch.full((count, k), -1, dtype=torch.long, device=device)
-        out = features.new_zeros(count, k, dim)
-        merged_into = torch.full((count, width), -1, dtype=torch.long, device=device)
-        next_position = torch.full((count, k), -1, dtype=torch.long, device=device)
-        pairs = torch.stack([valid_count, budget], dim=1).cpu()
-        for n, target in torch.unique(pairs, dim=0).tolist():
-            group = ((valid_count == n) & (budget == target)).nonzero().squeeze(-1)
-            g_valid = valid[group]
-            columns = torch.sort(torch.where(g_valid, torch.arange(width, device=device), width), dim=1).values[:, :n]
+
+        def merge_group(group, columns, n, target) -> GroupMerge:
             g_position = position[group].gather(1, columns)  # ToMe place of each valid token
+            g_features = features[group].gather(1, columns[..., None].expand(-1, n, dim))
             r = n - target
             if r == 0:  # the official do_nothing: features untouched, order unchanged
-                g_keep, g_out, g_next = columns, features[group].gather(1, columns[..., None].expand(-1, n, dim)), g_position
-                g_into = torch.arange(n, device=device).expand(len(group), n)
-            else:
-                g_features = features[group].gather(1, columns[..., None].expand(-1, n, dim))
-                g_keys = ctx.keys[group].gather(1, columns[..., None].expand(-1, n, ctx.keys.shape[-1]))
-                g_sizes = sizes[group].gather(1, columns)
-                local_keep, g_out, g_next, g_into = tome_merge(g_features, g_keys, g_sizes, g_position, r, offset)
-                g_keep = columns.gather(1, local_keep)
-            keep[group, :target] = g_keep
-            out[group, :target] = g_out
-            next_position[group, :target] = g_next
-            row_into = torch.full((len(group), width), -1, dtype=torch.long, device=device)
-            row_into.scatter_(1, columns, g_into)
-            merged_into[group] = row_into
+                local = torch.arange(n, device=device).expand(len(group), n)
+                return local, g_features, g_position, local, None
+            g_keys = ctx.keys[group].gather(1, columns[..., None].expand(-1, n, ctx.keys.shape[-1]))
+            g_sizes = sizes[group].gather(1, columns)
+            local_keep, g_out, g_next, g_into = tome_merge(g_features, g_keys, g_sizes, g_position, r, offset)
+            return local_keep, g_out, g_next, g_into, None
+
+        keep, out, merged_into, next_position, _ = merge_rows("tome", features, valid, budget, merge_group)
         ctx.state[STATE_KEY] = {"stage_index": ctx.stage_index, "position": next_position}
-        ctx.report(merged=(valid_count - budget).cpu())
+        ctx.report(merged=(valid.sum(-1) - budget).cpu())
         return Reduction(keep=keep, features=out, merged_into=merged_into)
 
     @staticmethod
