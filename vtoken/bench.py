@@ -28,6 +28,7 @@ from vtoken.accounting import flops
 from vtoken.bench_args import DEFAULT_BUDGETS
 from vtoken.bench_report import BenchRow, matched_cost_summary, oracle_gap_summary, to_markdown, write  # noqa: F401
 from vtoken.registry import get_strategy, strategy_names
+from vtoken.vqa.evaluate import on_model_device
 
 
 
@@ -253,7 +254,7 @@ def run(
     records = _records(vqa, data, limit) if vqa is not None else None
     one, many = (vqa.encode(records[:1]), vqa.encode(records[:batch])) if records else (
         synthetic_inputs(model, 1), synthetic_inputs(model, batch))
-    one, many = _to(one, model), _to(many, model)
+    one, many = on_model_device(one, model), on_model_device(many, model)
     visual = int((one["input_ids"] == model.config.image_token_id).sum())
     refused = _refusals(model) if methods is None else {}
     if methods is None:
@@ -364,12 +365,6 @@ class _Ticker:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-def _to(inputs: dict, model) -> dict:
-    """``inputs`` on the model's device (the benchmark builds them on the CPU)."""
-    device = next(model.parameters()).device
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
 
 def _annotations(vqa, records):

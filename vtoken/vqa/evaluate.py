@@ -19,6 +19,12 @@ from vtoken.vqa.data import load_image, relevant_patches
 from vtoken.vqa.tokenizer import IMAGE, prompt
 
 
+def on_model_device(inputs: dict, model: torch.nn.Module) -> dict:
+    """``inputs`` moved to the device of ``model``'s parameters (the benchmark builds them on the CPU)."""
+    device = next(model.parameters()).device
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
 @dataclass
 class VQAModel:
     """A LLaVA with what it needs to turn records into inputs and outputs into answers."""
@@ -67,8 +73,7 @@ class VQAModel:
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "pixel_values": pixels}
 
     def answer(self, inputs: dict, max_new_tokens: int = 2) -> list[str]:
-        device = next(self.model.parameters()).device  # inputs are built on the CPU
-        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        inputs = on_model_device(inputs, self.model)
         with torch.no_grad():
             out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         new = out[:, inputs["input_ids"].shape[1] :]
