@@ -1,0 +1,176 @@
+"""Does the suite catch a real change of a formula? Each mutation below is one edit of a method's
+formula or default (the issue "Faithful by test" lists most of them). The script makes it in a fresh
+clone of this checkout's HEAD, runs the test files that should catch it, one at a time with ``-x``,
+records the first test that fails (or "NOT CAUGHT"), and restores the clone before the next one.
+
+    OMP_NUM_THREADS=1 python eval/mutations.py --out /tmp/mutations.md
+    OMP_NUM_THREADS=1 python eval/mutations.py --out eval/results/mutations.md --overwrite   # the committed result
+
+A mutation whose text is no longer in its file is reported as "stale" (the code moved: update the
+edit), never silently skipped. The clone runs on the installed packages (``PYTHONPATH`` points at it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from output import add_output_arguments, claim, command_line  # noqa: E402  (eval/output.py)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]  # pytest arguments, run in order: a file, or "file::-k expression"
+
+
+MUTATIONS = (
+    Mutation("TransPrune: L1 normalisation over the whole batch, not per image", "vtoken/strategies/transprune.py",
+             "return x / (x.sum(dim=-1, keepdim=True) + _EPS)", "return x / (x.sum() + _EPS)",
+             ("tests/test_parity_transprune.py", "tests/test_transprune.py")),
+    Mutation("TransPrune: default positions switched", "vtoken/strategies/transprune.py",
+             'positions: str = "contiguous"', 'positions: str = "original"',
+             ("tests/test_parity_transprune.py", "tests/test_transprune.py")),
+    Mutation("TransPrune: counts rounded, not floored (int)", "vtoken/strategies/transprune.py",
+             'rounding: str = "floor"', 'rounding: str = "round"',
+             ("tests/test_parity_transprune.py", "tests/test_transprune.py")),
+    Mutation("TransPrune: direction-change softmax over the whole batch", "vtoken/strategies/transprune.py",
+             'weights = torch.softmax(turn.masked_fill(~valid, float("-inf")), dim=-1)',
+             'weights = torch.softmax(turn.masked_fill(~valid, float("-inf")).flatten(), dim=-1).view_as(turn)',
+             ("tests/test_parity_transprune.py", "tests/test_transprune.py")),
+    Mutation("VFlowOpt: in-LLM stages keep the least important tokens", "vtoken/strategies/vflowopt.py",
+             "return Reduction(keep=masked_topk(importance, rows.valid, rows.budget))",
+             'return Reduction(keep=masked_topk(-importance if ctx.stage.site == "llm" else importance, '
+             "rows.valid, rows.budget))",
+             ("tests/test_parity_vflowopt.py", "tests/test_vflowopt.py")),
+    Mutation("VFlowOpt: recycling cells twice as large", "vtoken/strategies/vflowopt.py",
+             "return recycle_rows(rows, importance, self.config.a)",
+             "return recycle_rows(rows, importance, 2 * self.config.a)",
+             ("tests/test_parity_vflowopt.py", "tests/test_vflowopt.py")),
+    Mutation("VFlowOpt: default positions switched (original -> pre_llm)", "vtoken/strategies/vflowopt.py",
+             "    recycle: bool = True\n", '    recycle: bool = True\n    positions: str = "pre_llm"\n',
+             ("tests/test_parity_vflowopt.py", "tests/test_vflowopt.py")),
+    Mutation("Representation Shift: default score MLP branch -> residual form", "vtoken/strategies/repshift.py",
+             '    shift: str = "branch"\n', '    shift: str = "residual"\n',
+             ("tests/test_parity_repshift.py", "tests/test_repshift.py")),
+    Mutation("Representation Shift: merge by plain sizes instead of the saliency", "vtoken/strategies/repshift.py",
+             'merge_weight: str = "shift"', 'merge_weight: str = "size"',
+             ("tests/test_parity_repshift.py", "tests/test_repshift.py")),
+    Mutation("AIF: keep the high-entropy tokens", "vtoken/strategies/aif.py",
+             "keep = masked_topk(-entropy, valid, budget)", "keep = masked_topk(entropy, valid, budget)",
+             ("tests/test_parity_aif.py", "tests/test_aif.py")),
+    Mutation("AIF: a never-attended token gets entropy 0 instead of log L", "vtoken/strategies/aif.py",
+             "torch.where(total[..., 0] > 0, entropy, math.log(dynamics.shape[-1]))",
+             "torch.where(total[..., 0] > 0, entropy, 0.0)",
+             ("tests/test_parity_aif.py", "tests/test_aif.py")),
+    Mutation("FastV: the last slot of a padded row scores, not the last real token", "adapters/hf_decoder.py",
+             "query_slots = torch.where(candidates, slots, -1).max(dim=-1, keepdim=True).values.clamp(min=0)",
+             "query_slots = slots.max(dim=-1, keepdim=True).values.clamp(min=0)",
+             ("tests/test_parity_fastv.py", "tests/test_generation.py::-k right_padding")),
+    Mutation("FastV: heads combined by max instead of mean", "vtoken/strategies/fastv.py",
+             "return probs.mean(dim=1)[:, 0]", "return probs.amax(dim=1)[:, 0]",
+             ("tests/test_parity_fastv.py",)),
+    Mutation("ZOO-Prune: central difference divided by h, not 2h (two-layer path)", "vtoken/strategies/zoo_prune.py",
+             "(difference @ out.T).float(), dim=-1) / (2 * step)", "(difference @ out.T).float(), dim=-1) / step",
+             ("tests/test_parity_zoo_prune.py", "tests/test_zoo_prune.py")),
+    Mutation("ZOO-Prune: central difference divided by h, not 2h (generic path)", "vtoken/strategies/zoo_prune.py",
+             "torch.linalg.vector_norm(out[:n] - out[n:], dim=-1) / (2 * step)",
+             "torch.linalg.vector_norm(out[:n] - out[n:], dim=-1) / step",
+             ("tests/test_parity_zoo_prune.py", "tests/test_zoo_prune.py")),
+    Mutation("random: seeded by the image's place in the batch, not the image", "vtoken/request.py",
+             "return row_seed(self.seed, self.image_key(crops), *place)",
+             "return row_seed(self.seed, crops[0], *place)",
+             ("tests/test_strategies.py", "tests/test_generation.py::-k random")),
+    Mutation("ToMe: proportional attention's log(size) bias dropped", "adapters/vision_site.py",
+             "bias = self._size_bias(images, hidden) if proportional else None", "bias = None",
+             ("tests/test_tome.py",)),
+    Mutation("VisionZip: contextual tokens merged by sum instead of mean", "vtoken/strategies/visionzip.py",
+             "merged = features[targets].float() + sums / counts[:, None]",
+             "merged = features[targets].float() + sums",
+             ("tests/test_visionzip.py",)),
+)
+
+
+def first_failure(clone: Path, test: str) -> str | None:
+    """The first failing test of ``test`` (``file`` or ``file::-k expr``) in ``clone``, or None."""
+    path, _, select = test.partition("::")
+    argv = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:randomly", "-p", "no:cacheprovider", path]
+    if select:
+        argv += select.split(" ", 1)
+    env = {**os.environ, "PYTHONPATH": str(clone), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    done = subprocess.run(argv, cwd=clone, env=env, capture_output=True, text=True, timeout=1800)
+    if done.returncode == 0:
+        return None
+    found = re.search(r"^FAILED (\S+)", done.stdout, re.M) or re.search(r"^ERROR (\S+)", done.stdout, re.M)
+    return found.group(1) if found else f"exit {done.returncode}: {done.stdout.strip().splitlines()[-1:]}"
+
+
+def clone_head(into: Path) -> Path:
+    clone = into / "repo"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
+    # the package layout an editable install gives: vtoken.adapters and vtoken.kernels
+    (clone / "vtoken" / "adapters").symlink_to(clone / "adapters")
+    (clone / "vtoken" / "kernels").symlink_to(clone / "kernels")
+    return clone
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", default=None, help="run the mutations whose name contains this text")
+    add_output_arguments(parser, "Markdown file (e.g. eval/results/mutations.md)")
+    args = parser.parse_args(argv)
+    out = claim(args.out, args.overwrite)
+    chosen = [m for m in MUTATIONS if args.only is None or args.only.lower() in m.name.lower()]
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                          check=True).stdout.strip()
+    lines, start, caught = [], time.time(), 0
+    with tempfile.TemporaryDirectory() as scratch:
+        clone = clone_head(Path(scratch))
+        for mutation in chosen:
+            target = clone / mutation.path
+            original = target.read_text()
+            if original.count(mutation.old) != 1:
+                lines.append(f"| {mutation.name} | `{mutation.path}` | **stale**: the text to change is not there once |")
+                continue
+            target.write_text(original.replace(mutation.old, mutation.new))
+            began = time.time()
+            try:
+                failure = next((f for f in (first_failure(clone, t) for t in mutation.tests) if f), None)
+            finally:
+                target.write_text(original)
+                shutil.rmtree(clone / "tests" / "__pycache__", ignore_errors=True)
+            caught += failure is not None
+            verdict = f"`{failure}`" if failure else "**NOT CAUGHT**"
+            lines.append(f"| {mutation.name} | `{mutation.path}` | {verdict} ({time.time() - began:.0f} s) |")
+            print(lines[-1], flush=True)
+    text = "\n".join([
+        "# Mutations of the methods' formulas and the first test that catches each",
+        "",
+        f"Produced by `{command_line('mutations', argv)}` on commit {head} ({(time.time() - start) / 60:.1f} min): "
+        f"{caught} of {len(chosen)} caught. Each mutation is one edit (see `MUTATIONS` in the script), made alone "
+        "in a fresh clone; the test files named there run in order with `-x`.",
+        "",
+        "| mutation | file | first failing test |",
+        "|---|---|---|",
+        *lines,
+    ]) + "\n"
+    out.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
