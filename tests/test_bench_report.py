@@ -104,3 +104,13 @@ def test_a_trained_method_named_alone_runs_with_the_shipped_weights():
     # the shipped packers: scale 2 (144 / 4 = 36 tokens) and scale 3 (144 / 9 = 16)
     assert [(r.method, r.budget, r.kept_tokens) for r in rows] == [
         ("none", "1", 144), ("tokenpacker", "1/4", 36), ("tokenpacker", "1/9", 16)]
+
+
+def test_the_shipped_tuned_config_is_the_committed_tuning_result():
+    """The bench's tuned VFlowOpt row loads a copy of eval/tune_vflowopt.py's committed output."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    shipped = root / "vtoken" / "assets" / "tiny-llava-tuned" / "vflowopt-1of9" / "vtoken_config.json"
+    committed = root / "eval" / "results" / "vflowopt-tuned-1of9" / "vtoken_config.json"
+    assert shipped.read_bytes() == committed.read_bytes()
