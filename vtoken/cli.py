@@ -1,7 +1,7 @@
 """The ``vtoken`` command line.
 
-``vtoken --help`` and every argument check run without importing torch or transformers (they load
-only when a command starts work), and a mistake is one line naming the fix, exit status 2.
+``vtoken --help`` runs without importing torch or transformers; every argument is checked before
+any model loads (``vtoken.bench_args``), and a mistake is one line naming the fix, exit status 2.
 """
 
 from __future__ import annotations
@@ -104,7 +104,6 @@ def _run(args, argv) -> int:
     from vtoken import bench as bench_module
     from vtoken.bench_plot import plot
     from vtoken.bench_report import matched_cost_summary, short_table, write
-
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # one progress bar: the sweep's
