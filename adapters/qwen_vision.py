@@ -25,7 +25,7 @@ import torch
 
 from vtoken import compat
 from vtoken.context import Grid, TokenRows, VisionAttention
-from vtoken.kernels import attention_rows, gather_tokens
+from vtoken.kernels import attention_rows, gather_tokens, received_attention
 from vtoken.request import ImageRun
 
 #: The block keyword arguments that describe the packed sequence.
@@ -341,9 +341,15 @@ class PackedVisionSource:
                 return attention_rows(qs.float(), ks.float(), scaling)[0].mean(dim=0)
 
         def column_mass() -> torch.Tensor:
+            # Per segment, the attention each patch receives from every query of its segment, summed
+            # chunk by chunk (kernels.received_attention): never the segment's N x N map, which for
+            # one 2304-patch image is 21M scores per layer.
             received = torch.zeros(len(image_of))
             for start, end in segments:
-                received[start:end] = segment_probs(start, end, torch.arange(start, end)).sum(dim=0).cpu()
+                qs = q[start:end].transpose(0, 1)[None].float()  # [1, H, N, d]
+                ks = k[start:end].transpose(0, 1)[None].float()
+                with torch.no_grad():
+                    received[start:end] = received_attention(qs, ks, scaling)[0].cpu()
             table = torch.zeros(crops, width)
             table[image_of, patch_of] = received
             return table / counts[:, None].clamp(min=1)
@@ -351,13 +357,15 @@ class PackedVisionSource:
         def rows(index: torch.Tensor) -> torch.Tensor:
             out = torch.zeros(*index.shape, width)
             index = index.cpu()
-            for c in range(crops):
-                for r, slot in enumerate(index[c].tolist()):
-                    if slot < 0:
-                        continue
-                    place = int(place_of[c, slot])
-                    start, end = next((a, b) for a, b in segments if a <= place < b)
-                    out[c, r, patch_of[start:end]] = segment_probs(start, end, torch.tensor([place]))[0].cpu()
+            crop_ids, row_ids = (index >= 0).nonzero(as_tuple=True)
+            places = place_of[crop_ids, index[crop_ids, row_ids]]
+            segment_of = torch.searchsorted(torch.tensor(bounds[1:]), places, right=True)
+            # One attention_rows call per segment for all the rows asked of it.
+            for s in segment_of.unique().tolist():
+                start, end = segments[s]
+                mine = segment_of == s
+                probs = segment_probs(start, end, places[mine]).cpu()  # [rows, end - start]
+                out[crop_ids[mine][:, None], row_ids[mine][:, None], patch_of[start:end][None, :]] = probs
             return out
 
         return VisionAttention(rows=rows, keys=key_table, cls=None, column_mass=column_mass, valid=valid)

@@ -16,7 +16,7 @@ Shared by the vision-language pipeline (:mod:`vtoken.adapters.pipeline`) and the
 
 from __future__ import annotations
 
-from functools import partial
+from functools import cache, partial
 
 import torch
 from torch import nn
@@ -184,20 +184,32 @@ class VisionSource:
         head_dim = attn.head_dim
         scaling = attn.scaling
         with torch.no_grad():
-            q = attn.q_proj(x).view(crops, tokens, -1, head_dim).transpose(1, 2)
             k = attn.k_proj(x).view(crops, tokens, -1, head_dim).transpose(1, 2)
-            if attn.q_norm is not None:
-                q, k = attn.q_norm(q), attn.k_norm(k)
-            cls = attention_rows(q[:, :, :1], k, scaling).mean(dim=1)[:, 0, first:] if vision.has_cls else None
+            if attn.k_norm is not None:
+                k = attn.k_norm(k)
+
+        def project_queries(rows: torch.Tensor) -> torch.Tensor:
+            """``[C, H, Q, head_dim]`` queries of the tokens ``rows`` ``[C, Q, D]`` of the layer input."""
+            q = attn.q_proj(rows).view(crops, rows.shape[1], -1, head_dim).transpose(1, 2)
+            return attn.q_norm(q) if attn.q_norm is not None else q
+
+        # Every token's query only when a strategy reads more than the CLS row (VisionZip reads only
+        # CLS: projecting all queries cost as much as its whole selection), then kept for the request.
+        all_queries = cache(lambda: project_queries(x))
+        cls = None
+        if vision.has_cls:
+            with torch.no_grad():
+                cls = attention_rows(project_queries(x[:, :1]), k, scaling).mean(dim=1)[:, 0, first:]
 
         def column_mass() -> torch.Tensor:
             with torch.no_grad():
-                return received_attention(q[:, :, first:], k, scaling)[:, first:] / patches
+                return received_attention(all_queries()[:, :, first:], k, scaling)[:, first:] / patches
 
         def rows(index: torch.Tensor) -> torch.Tensor:
-            index = index.to(q.device)
-            picked = torch.gather(q, 2, (first + index.clamp(min=0))[:, None, :, None].expand(-1, q.shape[1], -1, head_dim))
             with torch.no_grad():
+                q = all_queries()
+                index = index.to(q.device)
+                picked = torch.gather(q, 2, (first + index.clamp(min=0))[:, None, :, None].expand(-1, q.shape[1], -1, head_dim))
                 probs = attention_rows(picked, k, scaling).mean(dim=1)[..., first:]
             return probs * (index >= 0)[..., None].to(probs.dtype)
 

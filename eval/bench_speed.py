@@ -1,5 +1,6 @@
 """Speed of every method on a random-weight LLaVA-1.5 shape scaled to run on 2 CPU cores (issue
-"Speed that holds up"), unpruned against pruned at 64 / 128 / 192 of 576 visual tokens:
+"Speed that holds up"), unpruned against pruned at 64 / 128 / 192 of 576 visual tokens (``--family
+qwen2_vl``: the same on a Qwen2-VL shape, see below):
 
 - time to the first token at batch 1 (a prefill with the KV cache, logits of the last position);
 - each method against its own oracle, at batch 1. The *replay* (``eval/replay_strategy.py``) runs the
@@ -31,10 +32,14 @@ shares); the speed-up at batch 8 and 16 at least 90% of the batch-1 speed-up.
 
 Model: CLIP tower 384 wide x 6 layers on 336 px (576 patch tokens), Llama 768 wide x 8 layers (GQA
 12 / 4 heads), random weights; a 35-token system prompt and a 16-token question (8 to 24 tokens in a
-batch). Every configuration is timed in interleaved rounds in one process (each round runs every
+batch). ``--family qwen2_vl``: a Qwen2-VL vision tower 128 wide x 4 blocks on 672 px (2304 patches of
+14 px, merged 2 x 2 into 576 visual tokens) and the same LLM as a Qwen2 with M-RoPE; the prompt adds
+the vision start and end tokens; there every method's replay is its oracle (the hand-written oracle
+runs LLaVA). Every configuration is timed in interleaved rounds in one process (each round runs every
 configuration once; the first round warms up and is dropped), medians with min and max.
 
     OMP_NUM_THREADS=1 python eval/bench_speed.py --out eval/results/bench_speed/cpu.md --overwrite   # the committed one
+    OMP_NUM_THREADS=1 python eval/bench_speed.py --family qwen2_vl --out eval/results/bench_speed/cpu_qwen2_vl.md --overwrite
     python eval/bench_speed.py --device cuda --threads 8 --out eval/results/bench_speed/cuda.md
     OMP_NUM_THREADS=1 python eval/bench_speed.py --methods random,fastv,tome --budgets 64 --rounds 1 --batches 8 --out /tmp/speed.md
 """
@@ -70,9 +75,12 @@ import replay_strategy as replay  # noqa: E402
 from output import add_output_arguments, claim_stem  # noqa: E402  (eval/output.py)
 
 IMAGE_TOKEN, VOCAB, VISUAL = 99, 100, 576
+#: Qwen2-VL's other special tokens in the same small vocabulary.
+VIDEO_TOKEN, VISION_START, VISION_END = 98, 97, 96
 _START = time.perf_counter()
-#: Text tokens of the batch-1 prompt (BOS, system prompt, question), for vtoken.flops / kv_cache_bytes.
-TEXT_TOKENS = 1 + 35 + 16
+SYSTEM_TOKENS, QUESTION_TOKENS = 35, 16
+#: Text tokens of the batch-1 LLaVA prompt (BOS, system prompt, question), for vtoken.flops / kv_cache_bytes.
+TEXT_TOKENS = 1 + SYSTEM_TOKENS + QUESTION_TOKENS
 METHODS = ("random", "pool", "visionzip", "zoo_prune", "vflowopt", "repshift", "tome", "fastv", "transprune", "aif")
 MACHINERY_TARGET, SCORING_TARGET, BATCH_TARGET = 0.05, 0.02, 0.90
 
@@ -88,19 +96,109 @@ def scaled_llava(seed: int = 0) -> LlavaForConditionalGeneration:
     return LlavaForConditionalGeneration(config).eval()
 
 
-def prompt(seed: int = 0, batch: int = 1) -> dict:
-    """``batch`` prompts (a 35-token system prompt, the image, a question of 8 to 24 tokens: mixed
-    lengths, left-padded)."""
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for b in range(batch):
-        question = 16 if batch == 1 else 8 + (16 * b) // max(batch - 1, 1)
-        rows.append([1, *torch.randint(3, 90, (35,), generator=g).tolist(), *[IMAGE_TOKEN] * VISUAL,
-                     *torch.randint(3, 90, (question,), generator=g).tolist()])
+def _question_lengths(batch: int) -> list[int]:
+    """16 tokens at batch 1; 8 to 24 across a batch (mixed prompt lengths, left padding)."""
+    return [QUESTION_TOKENS if batch == 1 else 8 + (16 * b) // max(batch - 1, 1) for b in range(batch)]
+
+
+def _left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+def prompt(seed: int = 0, batch: int = 1) -> dict:
+    """``batch`` LLaVA prompts (a 35-token system prompt, the image, a question of 8 to 24 tokens:
+    mixed lengths, left-padded)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for question in _question_lengths(batch):
+        rows.append([1, *torch.randint(3, 90, (SYSTEM_TOKENS,), generator=g).tolist(), *[IMAGE_TOKEN] * VISUAL,
+                     *torch.randint(3, 90, (question,), generator=g).tolist()])
+    ids, mask = _left_pad(rows)
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.randn(batch, 3, 336, 336, generator=g)}
+
+
+#: Qwen2-VL's patch grid: 48 x 48 patches of 14 px (672 px), merged 2 x 2 into 576 visual tokens.
+QWEN_GRID = (1, 48, 48)
+
+
+def scaled_qwen2_vl(seed: int = 0):
+    """A random-weight Qwen2-VL shape scaled to 2 CPU cores: a 4-block packed vision tower 128 wide
+    (4 heads) on 2304 patches of 14 px with the 2 x 2 merger (576 visual tokens), and the same LLM
+    as :func:`scaled_llava` (768 x 8 layers, GQA 12/4) with M-RoPE sections [8, 12, 12]."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = dict(depth=4, embed_dim=128, num_heads=4, hidden_size=768, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, in_channels=3, mlp_ratio=4)
+    text = dict(vocab_size=VOCAB, hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=12,
+                num_key_value_heads=4, max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [8, 12, 12]})
+    config = Qwen2VLConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN,
+                           video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
+                           vision_end_token_id=VISION_END)
+    model = Qwen2VLForConditionalGeneration(config)
+    model.set_attn_implementation("sdpa")
+    return model.eval()
+
+
+def qwen_prompt(seed: int = 0, batch: int = 1) -> dict:
+    """``batch`` Qwen2-VL prompts: BOS, a 35-token system prompt, <vision_start>, the 576 image
+    tokens, <vision_end>, a question of 8 to 24 tokens (mixed lengths, left-padded), with the
+    processor's ``image_grid_thw`` and ``mm_token_type_ids``."""
+    g = torch.Generator().manual_seed(seed)
+    t, h, w = QWEN_GRID
+    rows = []
+    for question in _question_lengths(batch):
+        rows.append([1, *torch.randint(3, 90, (SYSTEM_TOKENS,), generator=g).tolist(), VISION_START,
+                     *[IMAGE_TOKEN] * (t * h * w // 4), VISION_END, *torch.randint(3, 90, (question,), generator=g).tolist()])
+    ids, mask = _left_pad(rows)
+    patch_values = 3 * 2 * 14 * 14
+    return {"input_ids": ids, "attention_mask": mask,
+            "pixel_values": torch.randn(batch * t * h * w, patch_values, generator=g),
+            "image_grid_thw": torch.tensor([list(QWEN_GRID)] * batch), "mm_token_type_ids": (ids == IMAGE_TOKEN).int()}
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family the bench runs on: how to build its scaled model and prompts, and how to
+    describe them."""
+
+    name: str
+    #: The heading's model name.
+    title: str
+    #: The report's "Model:" sentence (without the timing).
+    description: str
+    #: Text tokens of the batch-1 prompt (vtoken.flops / kv_cache_bytes).
+    text_tokens: int
+    #: Token ids generate must not produce (the image placeholder and the family's other specials).
+    special_tokens: tuple[int, ...]
+    #: Whether ``oracle_call`` (a hand-run unwrapped LLaVA) exists for it.
+    hand_oracle: bool
+    #: The committed output of a CPU run.
+    committed: str
+
+    def build(self):
+        return scaled_llava() if self.name == "llava" else scaled_qwen2_vl()  # looked up at call time
+
+    def inputs(self, seed: int = 0, batch: int = 1) -> dict:
+        return prompt(seed, batch) if self.name == "llava" else qwen_prompt(seed, batch)
+
+
+FAMILIES = {
+    "llava": Family(
+        "llava", "a LLaVA-1.5 shape",
+        "CLIP 384 x 6 layers on 336 px (576 tokens), Llama 768 x 8 layers (GQA 12/4), random weights",
+        TEXT_TOKENS, (IMAGE_TOKEN,), True, "eval/results/bench_speed/cpu.md"),
+    "qwen2_vl": Family(
+        "qwen2_vl", "a Qwen2-VL shape",
+        "Qwen2-VL vision tower 128 x 4 blocks on 672 px (2304 patches of 14 px, merged 2 x 2 into 576 tokens), "
+        "Qwen2 768 x 8 layers (GQA 12/4, M-RoPE), random weights",
+        TEXT_TOKENS + 2, (IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END), False,
+        "eval/results/bench_speed/cpu_qwen2_vl.md"),
+}
 
 
 def log(message: str) -> None:
@@ -406,7 +504,7 @@ def generate_runs(model, args, device, clock, meter, methods) -> dict:
     interleaved rounds after a warm-up round, and the peak memory of the warm-up round's call (measured
     there because the meter hands freed heap back first, which would slow the timed calls)."""
     batches = sorted({1, *args.batches})
-    inputs = {b: to_device(prompt(seed=1, batch=b), device) for b in batches}
+    inputs = {b: to_device(args.model_family.inputs(seed=1, batch=b), device) for b in batches}
     keys = ["none", *methods]
     out = {b: {k: {"tokens_per_s": [], "ttft_ms": [], "decode_ms": [], "peak_bytes": []} for k in keys} for b in batches}
     errors = {}
@@ -420,7 +518,7 @@ def generate_runs(model, args, device, clock, meter, methods) -> dict:
             start = time.perf_counter()
             with torch.no_grad():
                 model.generate(**x, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
-                               suppress_tokens=[IMAGE_TOKEN], streamer=steps)
+                               suppress_tokens=list(args.model_family.special_tokens), streamer=steps)
             clock.sync()
             return start, time.perf_counter()
 
@@ -465,6 +563,8 @@ class Config:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--family", default="llava", choices=sorted(FAMILIES),
+                        help="the model family whose scaled shape is timed (576 visual tokens in each)")
     parser.add_argument("--budgets", default="64,128,192", help="visual tokens kept of 576, comma separated")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--rounds", type=int, default=3, help="measured rounds (after one warm-up round)")
@@ -496,9 +596,11 @@ def main(argv=None) -> None:
     budgets = [int(b) for b in args.budgets.split(",") if b.strip()]
     methods = [m for m in args.methods.split(",") if m]
     generate_methods = methods if args.generate_methods is None else [m for m in args.generate_methods.split(",") if m]
+    family = args.model_family = FAMILIES[args.family]
+    text_tokens = family.text_tokens
     clock, meter = Clock(device), PeakMemory(device)
-    model = scaled_llava().to(device)
-    x = to_device(prompt(), device)
+    model = family.build().to(device)
+    x = to_device(family.inputs(), device)
 
     # --- recordings, replay checks, oracle plans ---------------------------------------------------
     configs: list[Config] = []
@@ -517,7 +619,7 @@ def main(argv=None) -> None:
                 raise AssertionError(f"{method} at {budget}: the replay's logits differ from the method's by {diff:.3g} "
                                      f"(> {args.replay_atol}): it is not the same schedule")
             config = Config(method, budget, recording, diff)
-            if oracle_supported(recording):
+            if family.hand_oracle and oracle_supported(recording):
                 config.plan = oracle_plan(recording, x)
                 with torch.no_grad():
                     config.oracle_diff = replay.max_abs_diff(oracle_call(model, x, config.plan)[:, -1],
@@ -561,23 +663,23 @@ def main(argv=None) -> None:
         return peak, kv_cache_bytes(compat.output_cache(out))
 
     memory = {"none": prefill_memory()}
-    predicted = {"none": vtoken.kv_cache_bytes(model, text_tokens=TEXT_TOKENS, dtype=model.dtype)}
+    predicted = {"none": vtoken.kv_cache_bytes(model, text_tokens=text_tokens, dtype=model.dtype)}
     for c in configs:
         with vtoken.pruned(model, c.method, keep_tokens=c.budget):
             prefill_memory()  # warm
             memory[(c.method, c.budget)] = prefill_memory()
-            predicted[(c.method, c.budget)] = vtoken.kv_cache_bytes(model, text_tokens=TEXT_TOKENS, dtype=model.dtype)
+            predicted[(c.method, c.budget)] = vtoken.kv_cache_bytes(model, text_tokens=text_tokens, dtype=model.dtype)
         with replay.replaying(model, c.recording):
             memory[(c.method, c.budget, "replay")] = prefill_memory()
 
     log("memory and KV cache measured")
 
     # --- scoring FLOPs of each method's own algorithm (vtoken.flops), for the scoring target --------
-    unpruned_flops = vtoken.flops(model, text_tokens=TEXT_TOKENS).prefill
+    unpruned_flops = vtoken.flops(model, text_tokens=text_tokens).prefill
     scoring_share = {}
     for c in configs:
         with vtoken.pruned(model, c.method, keep_tokens=c.budget):
-            scoring_share[(c.method, c.budget)] = vtoken.flops(model, text_tokens=TEXT_TOKENS).scoring / unpruned_flops
+            scoring_share[(c.method, c.budget)] = vtoken.flops(model, text_tokens=text_tokens).scoring / unpruned_flops
 
     # --- profile of the largest scoring overheads ----------------------------------------------------
     first = [c for c in configs if c.budget == budgets[0]]
@@ -673,13 +775,14 @@ def report(args, command, load_at_start, device, meter, base, times_none, config
             "times_s": c.times,
         })
     base_ms = 1000 * base
+    family = args.model_family
     lines = [
-        "# Speed on a LLaVA-1.5 shape scaled to CPU: time to first token, overhead against oracles, batch throughput, memory",
+        f"# Speed on {family.title} scaled to CPU: time to first token, overhead against oracles, batch throughput, memory",
         "",
         f"Produced by `{command}` ({args.rounds} interleaved rounds after a warm-up round, in one process; medians "
         f"with min and max). Machine: {machine_text(args, device, load_at_start)}. {args.note}".rstrip(),
         "",
-        f"Model: CLIP 384 x 6 layers on 336 px (576 tokens), Llama 768 x 8 layers (GQA 12/4), random weights, "
+        f"Model: {family.description}, "
         f"float32, on {device.type}; a 35-token system prompt and a 16-token question. Unpruned time to first token "
         f"{base_ms:.0f} ms (median of {len(times_none)}, min {1000 * min(times_none):.0f}, max {1000 * max(times_none):.0f}).",
     ]
@@ -849,12 +952,16 @@ def report(args, command, load_at_start, device, meter, base, times_none, config
 
     not_run = [f"{m} at {b} ({e})" for (m, b), e in skipped.items()]
     lines += ["", "## Not measured here", "",
-              "- LLaVA-1.5-7B itself: a random-weight shape scaled to run on 2 CPU cores (width and depth cut, 576 "
-              "tokens and the prompt kept), float32; run with `--device cuda` for a GPU.",
-              "- Hand-written oracles for vision-site schedules (ToMe, Representation Shift) and mask stages (AIF): their "
-              "replay is the oracle (the schedule with no scoring, inside vtoken), and their machinery is the keep-all "
-              "replay against the unwrapped model, which bounds vtoken's fixed cost but not the cost of realising the "
-              "merges or drops themselves.",
+              f"- The real model ({'LLaVA-1.5-7B' if family.name == 'llava' else 'Qwen2-VL-7B'}): a random-weight shape "
+              "scaled to run on 2 CPU cores (width and depth cut, 576 tokens and the prompt kept), float32; run with "
+              "`--device cuda` for a GPU.",
+              ("- Hand-written oracles for vision-site schedules (ToMe, Representation Shift) and mask stages (AIF): "
+               if family.hand_oracle else
+               "- Hand-written oracles (they hand-run the unwrapped LLaVA): on this family every method's replay is "
+               "its oracle, ")
+              + "their replay is the oracle (the schedule with no scoring, inside vtoken), and their machinery is the "
+              "keep-all replay against the unwrapped model, which bounds vtoken's fixed cost but not the cost of "
+              "realising the merges or drops themselves.",
               "- Time to first token and overheads at batch > 1 (the overhead tables are batch 1); memory peaks are "
               "single calls, not repeated to a spread.",
               "- Scoring of a merge whose weights are scores (VFlowOpt's recycling, Representation Shift's merge mode) "
@@ -867,7 +974,7 @@ def report(args, command, load_at_start, device, meter, base, times_none, config
             "keep_all_times_s": times_keep_all, "memory_method": meter.how,
             "kv_cache_bytes_unpruned": memory["none"][1], "prefill_peak_bytes_unpruned": memory["none"][0],
             "profile": profile_lines, "generate": generate, "skipped": {f"{m}@{b}": e for (m, b), e in skipped.items()},
-            "args": vars(args)}
+            "args": {k: v for k, v in vars(args).items() if k != "model_family"}}
     return text, data
 
 

@@ -19,7 +19,7 @@ default dispatch, ``attention_rows`` and ``received_attention`` keep the referen
 
 Each public function names its kernel, reference, test and benchmark the same way:
 ``triton_attention.py`` (``attention_rows``, ``received_attention``), ``triton_shift.py``
-(``token_shift``) and ``triton_gather.py`` (``gather_tokens``, ``cu_seqlens``) hold functions of the
+(``token_shift``, ``token_shifts``) and ``triton_gather.py`` (``gather_tokens``, ``cu_seqlens``) hold functions of the
 same names as ``reference.py``; ``tests/test_kernels_triton.py`` and ``eval/bench_kernels.py`` check
 and time them under those names.
 """
@@ -36,7 +36,7 @@ from .reference import SHIFT_METRICS, compact_index, masked_topk
 
 __all__ = [
     "SHIFT_METRICS", "attention_rows", "backend", "compact_index", "cu_seqlens", "gather_tokens",
-    "masked_topk", "received_attention", "token_shift",
+    "masked_topk", "received_attention", "token_shift", "token_shifts",
 ]
 
 BACKENDS = ("reference", "triton")
@@ -138,6 +138,17 @@ def token_shift(after: torch.Tensor, before: torch.Tensor, metric: str = "l2") -
 
         return kernel(after, before, metric)
     return reference.token_shift(after, before, metric)
+
+
+def token_shifts(after: torch.Tensor, before: torch.Tensor, metrics: tuple[str, ...]) -> tuple[torch.Tensor, ...]:
+    """Several of :func:`token_shift`'s metrics of the same two hidden states, one tensor per name,
+    the sums they share computed once (TransPrune's norm ratio and cosine in one pass); see
+    :func:`reference.token_shifts`."""
+    if backend(after, before) == "triton" and not _needs_graph(after, before):
+        from .triton_shift import token_shifts as kernel
+
+        return kernel(after, before, tuple(metrics))
+    return reference.token_shifts(after, before, tuple(metrics))
 
 
 def gather_tokens(x: torch.Tensor, index: torch.Tensor, fill: float = 0.0) -> torch.Tensor:

@@ -110,3 +110,22 @@ def test_kv_cache_bytes_reads_every_layer(model):
     cache = vtoken.compat.output_cache(out)
     expected = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     assert bench_speed.kv_cache_bytes(cache) == expected > 0
+
+
+def test_the_qwen2_vl_family_builds_576_visual_tokens_and_replays_its_methods():
+    """``--family qwen2_vl``: the scaled Qwen2-VL takes the prompts the bench builds (576 visual tokens
+    after the 2 x 2 merger, left-padded mixed lengths at batch > 1), and a method's replay gives its
+    logits there too (the replay is that family's oracle)."""
+    import bench_speed
+
+    family = bench_speed.FAMILIES["qwen2_vl"]
+    model = family.build()
+    x = family.inputs()
+    assert int((x["input_ids"] == bench_speed.IMAGE_TOKEN).sum()) == bench_speed.VISUAL
+    assert x["input_ids"].shape[1] == family.text_tokens + bench_speed.VISUAL
+    batch = family.inputs(seed=1, batch=3)
+    assert batch["attention_mask"].sum(-1).tolist() == [family.text_tokens - 16 + bench_speed.VISUAL + n for n in (8, 16, 24)]
+    assert not family.hand_oracle
+    recording = replay.record(model, "fastv", x, keep_tokens=64)
+    assert len(recording.selection[0]["llm:2"]) == 64
+    assert replay.max_abs_diff(replay.replay_logits(model, recording, x), recording.logits) == 0.0

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vtoken.kernels import (
-    attention_rows, compact_index, cu_seqlens, gather_tokens, masked_topk, received_attention, token_shift,
+    attention_rows, compact_index, cu_seqlens, gather_tokens, masked_topk, received_attention, token_shift, token_shifts,
 )
 
 
@@ -92,3 +92,30 @@ def test_token_shift_is_the_strategies_formulas_bit_for_bit():
     assert torch.equal(token_shift(x_out, x_in, "norm_ratio"), magnitude_change(x_in, x_out))
     with pytest.raises(ValueError, match="metric"):
         token_shift(x_out, x_in, "l3")
+
+
+def test_token_shifts_shares_its_sums_and_gives_each_metric_bit_for_bit():
+    """Several metrics in one call are each the single-metric result; TransPrune's TTV (which asks for
+    the norm ratio and the cosine together) is softmax(direction) * magnitude of the separate terms."""
+    from vtoken.strategies.transprune import direction_change, magnitude_change, transition_variation
+
+    g = torch.Generator().manual_seed(4)
+    x_in = torch.randn(2, 11, 48, generator=g)
+    x_out = torch.randn(2, 11, 48, generator=g)
+    x_in[0, 3] = 0
+    x_out[1, 2] = -2 * x_in[1, 2]
+    metrics = ("norm_ratio", "cos", "abs_cos", "l2", "l1", "cos")
+    for metric, got in zip(metrics, token_shifts(x_out, x_in, metrics), strict=True):
+        assert torch.equal(got, token_shift(x_out, x_in, metric)), metric
+    valid = torch.ones(2, 11, dtype=torch.bool)
+    valid[1, :3] = False
+    for direction in ("signed", "abs"):
+        want = torch.softmax(direction_change(x_in, x_out, direction).masked_fill(~valid, float("-inf")), -1)
+        want = torch.where(valid, want * magnitude_change(x_in, x_out), 0.0)
+        assert torch.equal(transition_variation(x_in, x_out, valid, direction), want)
+    # Known values: a reversed token has 1 - cos = 2 and norm ratio 2; a zero input has cosine 0.
+    ratio, turn = token_shifts(x_out, x_in, ("norm_ratio", "cos"))
+    assert turn[1, 2].item() == pytest.approx(2.0) and ratio[1, 2].item() == pytest.approx(2.0)
+    assert turn[0, 3].item() == 1.0
+    with pytest.raises(ValueError, match="metric"):
+        token_shifts(x_out, x_in, ("cos", "l3"))

@@ -241,6 +241,12 @@ def _check_token_shift(case):
         want = reference.token_shift(after, before, metric)
         assert got.dtype == torch.float32 and got.shape == shape[:-1], metric
         torch.testing.assert_close(got, want, rtol=SHIFT_RTOL, atol=1e-5, msg=lambda m: f"{metric}: {m}")
+    # Several metrics at once (the cosine and ratio from one shared pass, the others on their own).
+    metrics = ("norm_ratio", "cos", "abs_cos", "l2")
+    for metric, got in zip(metrics, kernels.token_shifts(after, before, metrics), strict=True):
+        want = reference.token_shift(after, before, metric)
+        assert got.dtype == torch.float32 and got.shape == shape[:-1], metric
+        torch.testing.assert_close(got, want, rtol=SHIFT_RTOL, atol=1e-5, msg=lambda m: f"token_shifts {metric}: {m}")
 
 
 @pytest.mark.parametrize("case", SHIFT_CASES, ids=lambda c: "x".join(map(str, c[0])) + "-" + str(c[1])[6:])

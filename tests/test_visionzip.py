@@ -57,8 +57,10 @@ def batch():
     return llava15_inputs(2)
 
 
-def official_visionzip(model, pixel_values, dominant_num: int, contextual_num: int):
-    """Per image: kept patch indices (ascending) and their projected features in that order."""
+def official_visionzip(model, pixel_values, dominant_num: int, contextual_num: int, joins: list | None = None):
+    """Per image: kept patch indices (ascending) and their projected features in that order. With
+    ``joins``, appends per image ``{patch: target patch}`` for every non-dominant patch (a target
+    joins itself)."""
     tower = model.model.vision_tower
     layer = getattr(tower, "vision_model", tower).encoder.layers[-2]
     seen = {}
@@ -89,6 +91,10 @@ def official_visionzip(model, pixel_values, dominant_num: int, contextual_num: i
         counts = assign.sum(0).clamp(min=1)[:, None]
         hidden = hidden_states[b, filtered]
         contextual = hidden[target_indices] + (assign.T @ hidden[others]) / counts
+        if joins is not None:
+            joined = dict(zip(filtered[target_indices].tolist(), filtered[target_indices].tolist()))
+            joined.update(zip(filtered[others].tolist(), filtered[target_indices][similarity.argmax(1)].tolist()))
+            joins.append(joined)
         kept = torch.cat([dominant, filtered[target_indices]])
         vectors = torch.cat([hidden_states[b, dominant], contextual])
         order = kept.argsort()
@@ -134,6 +140,34 @@ def test_matches_the_official_code(model, batch, budget, dominant, contextual):
             with torch.no_grad():
                 logits = model(**alone(batch, b)).logits[0, -1]
             torch.testing.assert_close(logits, expected_logits[b], rtol=1e-4, atol=1e-4)
+
+
+def test_merged_into_sends_every_joined_patch_to_its_targets_column(model, batch):
+    """``Reduction.merged_into`` (what drawings and the speed replay read): a kept token is its own
+    column, a patch that joined a contextual target goes to that target's column, as the official
+    assignment (cosine argmax over the targets' keys) says; nothing else is merged."""
+    joins: list = []
+    official_visionzip(model, batch["pixel_values"], 54, 10, joins)
+    with vtoken.pruned(model, "visionzip", keep_tokens=64):
+        strategy = vtoken.strategy_of(model)
+        decide, seen = strategy.reduce, []
+        strategy.reduce = lambda ctx: seen.append(decide(ctx)) or seen[-1]
+        try:
+            with torch.no_grad():
+                model(**batch)
+        finally:
+            del strategy.reduce
+    (reduction,) = seen
+    for b, joined in enumerate(joins):
+        keep, into = reduction.keep[b], reduction.merged_into[b]
+        column = {int(index): slot for slot, index in enumerate(keep.tolist())}
+        want = torch.full_like(into, -1)
+        for patch, target in joined.items():
+            want[patch] = column[target]
+        for index, slot in column.items():
+            want[index] = slot
+        assert torch.equal(into, want), b
+        assert len(joined) == 576 - 54 and int((into == -1).sum()) == 0
 
 
 def test_each_image_is_reduced_alone_as_in_the_batch(batch):

@@ -59,7 +59,7 @@ from dataclasses import dataclass
 import torch
 
 from vtoken.config import PruneConfig, StageSpec
-from vtoken.kernels import token_shift
+from vtoken.kernels import token_shift, token_shifts
 from vtoken.context import ScoreContext
 from vtoken.registry import register
 from vtoken import signals
@@ -106,9 +106,12 @@ def transition_variation(
     ``x_in``/``x_out`` are the sub-module's input and output ``[B, L, d]``. The softmax runs over
     each sample's valid tokens (``valid`` ``[B, L]``), never across samples; invalid tokens get 0.
     """
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
     valid = valid.to(torch.bool)
-    magnitude = magnitude_change(x_in, x_out)
-    turn = direction_change(x_in, x_out, direction)
+    # magnitude_change and direction_change in one pass over both tensors (they share ||T_out|| and
+    # ||T_in||): the same numbers, bit for bit.
+    magnitude, turn = token_shifts(x_out, x_in, ("norm_ratio", "cos" if direction == "signed" else "abs_cos"))
     weights = torch.softmax(turn.masked_fill(~valid, float("-inf")), dim=-1)
     return torch.where(valid, weights * magnitude, torch.zeros_like(magnitude))
 

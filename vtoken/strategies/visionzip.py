@@ -208,14 +208,10 @@ class VisionZipStrategy(Strategy):
             dominant = patches[order[:dominant_count]]
             rest = torch.sort(patches[order[dominant_count:]]).values
             chosen = [dominant]
-            replaced = {}
-            joined = {}
+            merged = None
             if 0 < contextual_count < len(rest):  # (when every remaining patch is a target, nothing merges)
                 targets, merged, assign = contextual_merge(inputs[r, rest], keys[r, rest], contextual_count, assignment=True)
                 chosen.append(rest[targets])
-                joined = dict(zip(rest.tolist(), rest[targets][assign].tolist()))
-                for index, vector in zip(rest[targets].tolist(), project(merged).to(features.dtype)):
-                    replaced[index] = vector
             else:
                 chosen.append(rest[:contextual_count])
             # Tokens with no patch behind them (NeXT's newlines) only when the patches cannot fill it.
@@ -223,10 +219,11 @@ class VisionZipStrategy(Strategy):
             kept = torch.sort(torch.cat(chosen)).values
             keep[r, : len(kept)] = kept
             features[r, : len(kept)] = rows.features[r, kept]
-            for slot, index in enumerate(kept.tolist()):
-                if index in replaced:
-                    features[r, slot] = replaced[index]
-            column = {index: slot for slot, index in enumerate(kept.tolist())}
-            for index, target in {**joined, **{i: i for i in column}}.items():
-                merged_into[r, index] = column[target]
+            # Vectorised bookkeeping (a Python loop over every token cost more than the scoring):
+            # each kept token merges into its own column, each joined patch into its target's.
+            merged_into[r, kept] = torch.arange(len(kept), device=kept.device)
+            if merged is not None:
+                target_slots = torch.searchsorted(kept, rest[targets])
+                features[r, target_slots] = project(merged).to(features.dtype)
+                merged_into[r, rest] = target_slots[assign]
         return Reduction(keep=keep, features=features, merged_into=merged_into)
