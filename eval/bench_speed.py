@@ -36,7 +36,10 @@ batch). ``--family qwen2_vl``: a Qwen2-VL vision tower 128 wide x 4 blocks on 67
 14 px, merged 2 x 2 into 576 visual tokens) and the same LLM as a Qwen2 with M-RoPE; the prompt adds
 the vision start and end tokens; there every method's replay is its oracle (the hand-written oracle
 runs LLaVA). Every configuration is timed in interleaved rounds in one process (each round runs every
-configuration once; the first round warms up and is dropped), medians with min and max.
+configuration once; the first round warms up and is dropped), medians with min and max. Overheads
+are medians of per-round pairs (the method and its replay timed back to back, the replay and the
+oracle, the keep-all replay and its own unpruned run): the drift of a round cancels within a pair,
+not between two medians taken over different rounds.
 
     OMP_NUM_THREADS=1 python eval/bench_speed.py --out eval/results/bench_speed/cpu.md --overwrite   # the committed one
     OMP_NUM_THREADS=1 python eval/bench_speed.py --family qwen2_vl --out eval/results/bench_speed/cpu_qwen2_vl.md --overwrite
@@ -498,6 +501,22 @@ def median_spread(values: list[float]) -> tuple[float, float, float]:
     return statistics.median(values), min(values), max(values)
 
 
+def paired_differences(first: list[float], second: list[float]) -> list[float]:
+    """``first[r] - second[r]`` of each round: two runs timed back to back in the same round share
+    its drift (the machine's load, the heap after the round's other runs), which a difference of
+    two medians taken over different rounds does not cancel."""
+    if len(first) != len(second):
+        raise ValueError(f"paired runs need one time each per round, got {len(first)} and {len(second)}")
+    return [a - b for a, b in zip(first, second)]
+
+
+def paired_ratios(first: list[float], second: list[float]) -> list[float]:
+    """``first[r] / second[r] - 1`` of each round (see :func:`paired_differences`)."""
+    if len(first) != len(second):
+        raise ValueError(f"paired runs need one time each per round, got {len(first)} and {len(second)}")
+    return [a / b - 1 for a, b in zip(first, second)]
+
+
 def generate_runs(model, args, device, clock, meter, methods) -> dict:
     """Per batch (1 and ``args.batches``), per configuration (``none`` and every method at
     ``args.generate_budget``): tokens/s, time to the first token and decode ms per token over
@@ -687,7 +706,7 @@ def main(argv=None) -> None:
 
     # --- profile of the largest scoring overheads ----------------------------------------------------
     first = [c for c in configs if c.budget == budgets[0]]
-    scoring_ms = {c.method: 1000 * (statistics.median(c.times["method"]) - statistics.median(c.times["replay"])) for c in first}
+    scoring_ms = {c.method: statistics.median(paired_differences(c.times["method"], c.times["replay"])) for c in first}
     if args.profile == "auto":
         profiled = sorted(scoring_ms, key=scoring_ms.get, reverse=True)[:3]
     elif args.profile == "none":
@@ -745,6 +764,19 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:.2f}"
 
 
+def generate_speedup(runs: dict, batch: int, method: str) -> float:
+    """A method's generate speed-up at ``batch``: the median over rounds of its tokens/s over the
+    unpruned model's in the same round."""
+    if method == "none":
+        return 1.0
+    return 1 + statistics.median(paired_ratios(runs[batch][method]["tokens_per_s"], runs[batch]["none"]["tokens_per_s"]))
+
+
+def keep_all_overhead(pair: dict[str, list[float]]) -> float:
+    """The keep-all replay against the unpruned run timed just before it, median over rounds."""
+    return statistics.median(paired_ratios(pair["keep_all"], pair["unpruned"]))
+
+
 def report(args, command, load_at_start, device, meter, base, times_none, configs, keep_all, times_keep_all, memory,
            predicted, scoring_share, profile_lines, generate, skipped):
     rows, targets = [], {}
@@ -752,16 +784,18 @@ def report(args, command, load_at_start, device, meter, base, times_none, config
         method_ms = 1000 * statistics.median(c.times["method"])
         replay_ms = 1000 * statistics.median(c.times["replay"])
         oracle_ms = 1000 * statistics.median(c.times["oracle"]) if c.times["oracle"] else None
-        scoring = method_ms - replay_ms
+        # Each overhead is the median of its per-round pairs (method and replay back to back; replay
+        # and oracle; keep-all and its own unpruned run), not a difference of two medians.
+        scoring_runs = [1000 * d for d in paired_differences(c.times["method"], c.times["replay"])]
+        scoring = statistics.median(scoring_runs)
         share = scoring_share[(c.method, c.budget)]
         exempt = share >= SCORING_TARGET
         scoring_ok = scoring / (1000 * base) < SCORING_TARGET
         paired = times_keep_all.get(c.method)
-        keep_all_ms = 1000 * statistics.median(paired["keep_all"]) if paired and paired["keep_all"] else None
         if oracle_ms is not None:
-            machinery, machinery_basis = replay_ms / oracle_ms - 1, "oracle"
-        elif keep_all_ms is not None:
-            machinery, machinery_basis = keep_all_ms / (1000 * statistics.median(paired["unpruned"])) - 1, "keep-all"
+            machinery, machinery_basis = statistics.median(paired_ratios(c.times["replay"], c.times["oracle"])), "oracle"
+        elif paired and paired["keep_all"]:
+            machinery, machinery_basis = keep_all_overhead(paired), "keep-all"
         else:
             machinery, machinery_basis = None, None
         final = list(c.recording.selection[0].values())[-1] if c.recording.selection[0] else None
@@ -770,7 +804,8 @@ def report(args, command, load_at_start, device, meter, base, times_none, config
             "ms": method_ms, "min": 1000 * min(c.times["method"]), "max": 1000 * max(c.times["method"]),
             "speedup": base / (method_ms / 1000), "replay_ms": replay_ms,
             "replay_min": 1000 * min(c.times["replay"]), "replay_max": 1000 * max(c.times["replay"]),
-            "oracle_ms": oracle_ms, "scoring_ms": scoring, "scoring_share": scoring / (1000 * base),
+            "oracle_ms": oracle_ms, "scoring_ms": scoring, "scoring_min": min(scoring_runs),
+            "scoring_max": max(scoring_runs), "scoring_share": scoring / (1000 * base),
             "algorithm_scoring_flops_share": share, "scoring_exempt": exempt,
             "scoring_pass": None if exempt else scoring_ok,
             "machinery": machinery, "machinery_basis": machinery_basis,
@@ -799,16 +834,13 @@ def report(args, command, load_at_start, device, meter, base, times_none, config
     gen_ratio = {}
     if generate:
         runs = generate["runs"]
-        plain1 = statistics.median(runs[1]["none"]["tokens_per_s"])
         for b in generate["batches"]:
             if b == 1:
                 continue
-            plain = statistics.median(runs[b]["none"]["tokens_per_s"])
             for method, values in runs[b].items():
                 if method == "none" or not values["tokens_per_s"] or not runs[1][method]["tokens_per_s"]:
                     continue
-                single = statistics.median(runs[1][method]["tokens_per_s"]) / plain1
-                gen_ratio[(method, b)] = (statistics.median(values["tokens_per_s"]) / plain) / single
+                gen_ratio[(method, b)] = generate_speedup(runs, b, method) / generate_speedup(runs, 1, method)
 
     def worst(method, key):
         values = [r[key] for r in by_method.get(method, []) if r[key] is not None]
@@ -849,12 +881,13 @@ def report(args, command, load_at_start, device, meter, base, times_none, config
 
     lines += ["", "## Overhead against the oracle, batch-1 prefill", "",
               "*replay*: the method's recorded reductions replayed through vtoken with no scoring and no signal (its logits "
-              "equal the method's: Δ replay); *scoring* = method - replay, as a share of the unpruned prefill, beside the "
+              "equal the method's: Δ replay); *scoring* = method - replay, the median over rounds of the two runs timed back to back in "
+              "each round (min-max of those differences), as a share of the unpruned prefill, beside the "
               "share of the unpruned prefill's FLOPs the method's own scoring needs (`vtoken.flops`); *oracle*: the "
               "unwrapped model hand-run on the same schedule (Δ oracle: its first-token logits against the method's), "
-              f"*machinery* = replay / oracle - 1; where no hand-written oracle exists the replay is the oracle and the "
+              f"*machinery* = replay / oracle - 1 (median over rounds of the pair); where no hand-written oracle exists the replay is the oracle and the "
               f"machinery is the keep-all replay against the unwrapped model (next table).", "",
-              "| method | budget | method ms | replay ms (min-max) | scoring ms | scoring / unpruned | algorithm FLOPs share | "
+              "| method | budget | method ms | replay ms (min-max) | scoring ms (min-max) | scoring / unpruned | algorithm FLOPs share | "
               "scoring target | oracle ms | machinery | machinery target | Δ replay | Δ oracle |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -865,7 +898,7 @@ def report(args, command, load_at_start, device, meter, base, times_none, config
             machinery += " (keep-all)"
         oracle_diff = "" if r["oracle_logit_diff"] is None else f"{r['oracle_logit_diff']:.1e}"
         lines.append(f"| {r['method']} | {r['budget']} | {r['ms']:.0f} | {r['replay_ms']:.0f} ({r['replay_min']:.0f}-"
-                     f"{r['replay_max']:.0f}) | {r['scoring_ms']:.0f} | {100 * r['scoring_share']:.1f}% | "
+                     f"{r['replay_max']:.0f}) | {r['scoring_ms']:.0f} ({r['scoring_min']:.0f} to {r['scoring_max']:.0f}) | {100 * r['scoring_share']:.1f}% | "
                      f"{100 * r['algorithm_scoring_flops_share']:.2f}% | {scoring_target} | {oracle} | {machinery} | "
                      f"{_pf(r['machinery_pass'])} | {r['replay_logit_diff']:.1e} | {oracle_diff} |")
     verbatim = sorted({(r["method"], s) for r in rows for s in r["replayed_verbatim"]})
@@ -879,7 +912,7 @@ def report(args, command, load_at_start, device, meter, base, times_none, config
     if keep_all:
         lines += ["", "## Machinery at keep-all: every stage installed, nothing dropped, nothing scored", "",
                   "Each keep-all replay runs right after an unpruned run of its own in every round; *unpruned ms* is "
-                  "the median of those paired runs.", "",
+                  "the median of those paired runs, *overhead* the median over rounds of keep-all / its pair - 1.", "",
                   "| method | stages installed at keep 1 | keep-all replay ms | min | max | unpruned ms | overhead | target |",
                   "|---|---|---|---|---|---|---|---|"]
         for method, pair in times_keep_all.items():
@@ -888,7 +921,7 @@ def report(args, command, load_at_start, device, meter, base, times_none, config
                 continue
             median = 1000 * statistics.median(values)
             unpruned_ms = 1000 * statistics.median(pair["unpruned"])
-            overhead = median / unpruned_ms - 1
+            overhead = keep_all_overhead(pair)
             stages = ", ".join(keep_all[method].reductions) or "none (the method has no stage at keep 1: hooks only)"
             lines.append(f"| {method} | {stages} | {median:.0f} | {1000 * min(values):.0f} | {1000 * max(values):.0f} | "
                          f"{unpruned_ms:.0f} | {100 * overhead:+.1f}% | {_pf(overhead <= MACHINERY_TARGET)} |")
@@ -906,12 +939,11 @@ def report(args, command, load_at_start, device, meter, base, times_none, config
         columns = 2 + sum(2 if b == 1 else 4 for b in batches)
         lines += ["", f"## Generate throughput ({args.new_tokens} new tokens, greedy; prompts of mixed lengths, left padding; "
                   f"keep {args.generate_budget} of 576)", "",
-                  "Speed-ups against the unpruned model in the same rounds; */ batch 1*: the batch's speed-up over the batch-1 "
+                  "Speed-ups against the unpruned model in the same rounds (median over rounds of the pair); */ batch 1*: the batch's speed-up over the batch-1 "
                   "generate speed-up (the same measure at batch 1), the issue's target. The TTFT speed-up is the "
                   "batch-1 prefill's, for reference (decoding gains less from pruning than the prefill).", "",
                   header, "|" + "---|" * columns]
         ttft = {r["method"]: r["speedup"] for r in rows if r["budget"] == args.generate_budget}
-        plain = {b: statistics.median(runs[b]["none"]["tokens_per_s"]) for b in batches}
         for method in ["none", *[m for m in runs[batches[0]] if m != "none"]]:
             cells = [method, "1.00x" if method == "none" else (f"{ttft[method]:.2f}x" if method in ttft else "")]
             for b in batches:
@@ -920,7 +952,7 @@ def report(args, command, load_at_start, device, meter, base, times_none, config
                     cells += ["not run", ""] + ([] if b == 1 else ["", ""])
                     continue
                 median, low, high = median_spread(values)
-                speedup = median / plain[b]
+                speedup = generate_speedup(runs, b, method)
                 cells += [f"{median:.1f} ({low:.1f}-{high:.1f})", f"{speedup:.2f}x"]
                 if b != 1:
                     ratio = gen_ratio.get((method, b)) if method != "none" else None

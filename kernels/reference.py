@@ -49,6 +49,22 @@ def attention_rows(
     return torch.softmax(scores, dim=-1)
 
 
+#: Score buffer of :func:`received_attention`'s chunks: about ``_CHUNK_SCORES`` scores (2 MB, near a
+#: core's cache) where the keys are few, but at least ``_MIN_CHUNK_ROWS`` query rows (the matmul's
+#: rows: with fewer, many keys make thin matmuls) and never more than ``_MAX_CHUNK_SCORES`` (64 MB).
+_CHUNK_SCORES, _MIN_CHUNK_ROWS, _MAX_CHUNK_SCORES = 1 << 19, 64, 1 << 24
+
+
+def _received_chunk_rows(scores_per_row: int) -> int:
+    """Query rows per chunk of :func:`received_attention` (``scores_per_row = B * H * N``). On one
+    CPU thread this ran faster than the former fixed 1M-score chunk at 576 keys x 6 heads, at a
+    2304-patch Qwen2-VL image (4 heads) and at 4096 keys x 16 heads (``eval/bench_kernels.py`` times
+    the reference at N = 576 to 32768)."""
+    per_row = max(1, scores_per_row)
+    rows = max(_MIN_CHUNK_ROWS, _CHUNK_SCORES // per_row)
+    return max(1, min(rows, _MAX_CHUNK_SCORES // per_row))
+
+
 def received_attention(
     query: torch.Tensor, key: torch.Tensor, scaling: float, chunk: int | None = None
 ) -> torch.Tensor:
@@ -57,7 +73,7 @@ def received_attention(
     Bidirectional (unmasked) softmax attention as in a vision encoder: for ``query`` ``[B, H, Q, D]``
     and ``key`` ``[B, H_kv, N, D]`` (``H % H_kv == 0``) it returns ``[B, N]`` float32
     ``sum_q mean_h softmax(q k^T * scaling)[h, q, n]``. Each softmax runs over all N keys; the query
-    rows are processed ``chunk`` at a time (default: enough rows for about 1M scores), and the sums
+    rows are processed ``chunk`` at a time (default: :func:`_received_chunk_rows`), and the sums
     accumulate chunk by chunk, so memory is O(B * H * chunk * N): no Q x N map exists at once.
     """
     batch, heads, rows, head_dim = query.shape
@@ -65,9 +81,8 @@ def received_attention(
     if heads % kv_heads:
         raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} key heads")
     group = heads // kv_heads
-    if chunk is None:  # about 1M scores (4 MB) per chunk: they stay in cache through the softmax; 16M
-        # ran about 1.5x slower on one CPU thread (a 2304-patch Qwen2-VL image)
-        chunk = max(1, (1 << 20) // max(1, batch * heads * keys))
+    if chunk is None:
+        chunk = _received_chunk_rows(batch * heads * keys)
     k_t = key.float().transpose(-1, -2)
     total = torch.zeros(batch, keys, dtype=torch.float32, device=query.device)
     for start in range(0, rows, chunk):
@@ -128,6 +143,13 @@ def cu_seqlens(keep: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def check_shift_metrics(metrics: tuple[str, ...]) -> None:
+    """Raise the one error every ``token_shift(s)`` backend gives for a metric it does not know."""
+    unknown = [m for m in metrics if m not in SHIFT_METRICS]
+    if unknown:
+        raise ValueError(f"metric must be one of {SHIFT_METRICS}, got {unknown[0]!r}")
+
+
 def token_shifts(after: torch.Tensor, before: torch.Tensor, metrics: tuple[str, ...]) -> tuple[torch.Tensor, ...]:
     """Several per-token changes between two hidden states ``[..., D]`` (broadcast), reduced over D, in
     float32, one result per name in ``metrics``; the sums they share (each norm, the dot product) are
@@ -143,9 +165,7 @@ def token_shifts(after: torch.Tensor, before: torch.Tensor, metrics: tuple[str, 
     "signed" | "abs")`` is ``token_shift(x_out, x_in, "cos" | "abs_cos")``; ``magnitude_change(x_in,
     x_out)`` is ``token_shift(x_out, x_in, "norm_ratio")``), tested equal bit for bit.
     """
-    unknown = [m for m in metrics if m not in SHIFT_METRICS]
-    if unknown:
-        raise ValueError(f"metric must be one of {SHIFT_METRICS}, got {unknown[0]!r}")
+    check_shift_metrics(metrics)
     after, before = after.float(), before.float()
     shared: dict[str, torch.Tensor] = {}
 

@@ -129,3 +129,23 @@ def test_the_qwen2_vl_family_builds_576_visual_tokens_and_replays_its_methods():
     recording = replay.record(model, "fastv", x, keep_tokens=64)
     assert len(recording.selection[0]["llm:2"]) == 64
     assert replay.max_abs_diff(replay.replay_logits(model, recording, x), recording.logits) == 0.0
+
+
+def test_overheads_are_medians_of_per_round_pairs():
+    """A fixed cost hidden under round-to-round drift: each round's method run costs 10 ms more than
+    the replay timed right after it, while the rounds themselves drift by up to 400 ms. The paired
+    median finds the 10 ms; the difference of the two medians (which come from different rounds here)
+    does not."""
+    import statistics
+
+    import bench_speed
+
+    replay_s = [1.0, 1.4, 1.2]
+    method_s = [r + 0.010 for r in replay_s]
+    method_s[1] = 1.0  # one round where the method ran in a quiet moment and the replay did not
+    assert statistics.median(bench_speed.paired_differences(method_s, replay_s)) == pytest.approx(0.010)
+    assert statistics.median(method_s) - statistics.median(replay_s) == pytest.approx(-0.19)  # drift hides it
+    pair = {"keep_all": [1.02, 2.04, 1.53], "unpruned": [1.0, 2.0, 1.5]}
+    assert bench_speed.keep_all_overhead(pair) == pytest.approx(0.02)
+    with pytest.raises(ValueError, match="one time each per round"):
+        bench_speed.paired_ratios([1.0], [1.0, 2.0])

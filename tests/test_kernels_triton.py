@@ -430,7 +430,7 @@ def test_interpreter_switched_on_after_triton_was_imported_is_named(monkeypatch)
     pytest.importorskip("triton")
     from vtoken.kernels import triton_shift
 
-    if type(triton_shift._token_shift_kernel).__name__ == "InterpretedFunction":
+    if type(triton_shift._shift_sums_kernel).__name__ == "InterpretedFunction":
         pytest.skip("this process imported triton with TRITON_INTERPRET set")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with pytest.raises(RuntimeError, match="set it before the first import of triton"):
