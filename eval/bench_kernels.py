@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import gc
 import math
 import os
 import platform
@@ -57,6 +56,7 @@ from vtoken.kernels import reference  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from output import add_output_arguments, claim, command_line  # noqa: E402  (eval/output.py)
+from peak_memory import PeakMemory  # noqa: E402  (eval/peak_memory.py)
 
 try:
     from vtoken.kernels import triton_attention, triton_gather, triton_shift  # noqa: E402
@@ -67,6 +67,7 @@ except Exception as error:  # triton missing or broken: references only
     TRITON_ERROR = f"{type(error).__name__}: {error}"
 
 SIZES = (576, 2880, 8192, 32768)
+METER = PeakMemory(torch.device("cuda" if CUDA else "cpu"))
 MiB = 2**20
 
 
@@ -79,37 +80,20 @@ if not CUDA and sys.platform.startswith("linux"):
         pass
 
 
-def _proc_status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def _sync():
     if CUDA:
         torch.cuda.synchronize()
 
 
 def measure(fn, repeats: int, slow: float = 20.0) -> tuple[float, float, int]:
-    """(median seconds over ``repeats`` calls after one warm-up, peak bytes above the state before the
-    call, calls timed). A warm-up slower than ``slow`` seconds is itself the one timed call."""
-    gc.collect()
+    """(median seconds over ``repeats`` calls after one warm-up, peak bytes the warm-up call added
+    (``eval/peak_memory.py``), calls timed). A warm-up slower than ``slow`` seconds is itself the one
+    timed call."""
     if CUDA:
         torch.cuda.empty_cache()
-        _sync()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current resident set
-        base = _proc_status("VmRSS")
     start = time.perf_counter()
-    out = fn()
-    _sync()
+    peak, out = METER.measure(fn)
     first = time.perf_counter() - start
-    peak = (torch.cuda.max_memory_allocated() if CUDA else _proc_status("VmHWM")) - base
     del out
     if first > slow:
         return first, max(peak, 0), 1

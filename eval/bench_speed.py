@@ -38,8 +38,10 @@ the vision start and end tokens; there every method's replay is its oracle (the 
 runs LLaVA). Every configuration is timed in interleaved rounds in one process (each round runs every
 configuration once; the first round warms up and is dropped), medians with min and max. Overheads
 are medians of per-round pairs (the method and its replay timed back to back, the replay and the
-oracle, the keep-all replay and its own unpruned run): the drift of a round cancels within a pair,
-not between two medians taken over different rounds.
+oracle, the keep-all replay and its own unpruned run; which of the two runs first alternates from
+round to round): the drift of a round cancels within a pair, not between two medians taken over
+different rounds. ``--prefill-rounds`` (default ``--rounds``) sets the prefill rounds alone: they
+are short, and the overheads are differences of a few percent.
 
     OMP_NUM_THREADS=1 python eval/bench_speed.py --out eval/results/bench_speed/cpu.md --overwrite   # the committed one
     OMP_NUM_THREADS=1 python eval/bench_speed.py --family qwen2_vl --out eval/results/bench_speed/cpu_qwen2_vl.md --overwrite
@@ -50,8 +52,6 @@ not between two medians taken over different rounds.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import os
 import platform
@@ -76,6 +76,7 @@ from vtoken.request import renumbers  # noqa: E402
 
 import replay_strategy as replay  # noqa: E402
 from output import add_output_arguments, claim_stem  # noqa: E402  (eval/output.py)
+from peak_memory import PeakMemory  # noqa: E402  (eval/peak_memory.py)
 
 IMAGE_TOKEN, VOCAB, VISUAL = 99, 100, 576
 #: Qwen2-VL's other special tokens in the same small vocabulary.
@@ -233,70 +234,6 @@ class Clock:
             fn()
         self.sync()
         return time.perf_counter() - start
-
-
-def _status_kib(field_name: str) -> int:
-    text = Path("/proc/self/status").read_text()
-    return int(re.search(rf"^{field_name}:\s+(\d+) kB", text, re.M).group(1))
-
-
-class PeakMemory:
-    """The peak memory one call adds. CUDA: ``max_memory_allocated`` after ``reset_peak_memory_stats``
-    minus what was allocated before. CPU: the process's peak RSS (``VmHWM``), reset to the current RSS
-    by writing 5 to ``/proc/self/clear_refs``, minus the RSS before the call; where that file cannot
-    be written, the rise of ``getrusage``'s all-time ``ru_maxrss`` (a lower bound: 0 whenever an
-    earlier call peaked higher). Freed heap is handed back (``malloc_trim``) before each call, so
-    memory the allocator kept from earlier calls does not hide this one's."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self._trim = None
-        try:
-            self._trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            pass
-        if device.type == "cuda":
-            self.how = "torch.cuda.max_memory_allocated (reset before each call) minus the allocated bytes before it"
-        elif self._reset_hwm():
-            self.how = ("peak RSS (VmHWM, reset through /proc/self/clear_refs before each call, heap trimmed) minus "
-                        "the RSS before the call")
-        else:
-            self.how = ("rise of getrusage's ru_maxrss over the call (/proc/self/clear_refs is not writable here, so "
-                        "the peak cannot be reset: a lower bound, 0 when an earlier call peaked higher)")
-
-    @staticmethod
-    def _reset_hwm() -> bool:
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            return True
-        except OSError:
-            return False
-
-    def measure(self, fn):
-        """``(peak bytes added, fn's result)``."""
-        gc.collect()
-        if self._trim is not None:
-            self._trim(0)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            before = torch.cuda.memory_allocated(self.device)
-            with torch.no_grad():
-                result = fn()
-            torch.cuda.synchronize(self.device)
-            return torch.cuda.max_memory_allocated(self.device) - before, result
-        if self._reset_hwm():
-            before = _status_kib("VmRSS")
-            with torch.no_grad():
-                result = fn()
-            return max(0, _status_kib("VmHWM") - before) * 1024, result
-        import resource
-
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        with torch.no_grad():
-            result = fn()
-        return max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024, result
 
 
 def kv_cache_bytes(cache) -> int:
@@ -501,20 +438,22 @@ def median_spread(values: list[float]) -> tuple[float, float, float]:
     return statistics.median(values), min(values), max(values)
 
 
+def _rounds(first: list[float], second: list[float]):
+    if len(first) != len(second):
+        raise ValueError(f"paired runs need one time each per round, got {len(first)} and {len(second)}")
+    return zip(first, second)
+
+
 def paired_differences(first: list[float], second: list[float]) -> list[float]:
     """``first[r] - second[r]`` of each round: two runs timed back to back in the same round share
     its drift (the machine's load, the heap after the round's other runs), which a difference of
     two medians taken over different rounds does not cancel."""
-    if len(first) != len(second):
-        raise ValueError(f"paired runs need one time each per round, got {len(first)} and {len(second)}")
-    return [a - b for a, b in zip(first, second)]
+    return [a - b for a, b in _rounds(first, second)]
 
 
 def paired_ratios(first: list[float], second: list[float]) -> list[float]:
     """``first[r] / second[r] - 1`` of each round (see :func:`paired_differences`)."""
-    if len(first) != len(second):
-        raise ValueError(f"paired runs need one time each per round, got {len(first)} and {len(second)}")
-    return [a / b - 1 for a, b in zip(first, second)]
+    return [a / b - 1 for a, b in _rounds(first, second)]
 
 
 def generate_runs(model, args, device, clock, meter, methods) -> dict:
@@ -587,6 +526,9 @@ def main(argv=None) -> None:
     parser.add_argument("--budgets", default="64,128,192", help="visual tokens kept of 576, comma separated")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--rounds", type=int, default=3, help="measured rounds (after one warm-up round)")
+    parser.add_argument("--prefill-rounds", type=int, default=None,
+                        help="measured rounds of the batch-1 prefills (default: --rounds); they are short, and the "
+                             "overheads they give are differences of a few percent, so more rounds pay")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (set OMP_NUM_THREADS to match)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (synchronized before and after each timing)")
     parser.add_argument("--batches", default="8,16", help="generate batches besides 1 (0: no generate runs)")
@@ -600,8 +542,10 @@ def main(argv=None) -> None:
     parser.add_argument("--note", default="", help="what else ran on the machine, for the record")
     add_output_arguments(parser, "Markdown file (e.g. eval/results/bench_speed/cpu.md); a .json is written beside it")
     args = parser.parse_args(argv)
-    if args.rounds < 1:
-        parser.error("--rounds must be at least 1 (the warm-up round is not counted)")
+    if args.prefill_rounds is None:
+        args.prefill_rounds = args.rounds
+    if args.rounds < 1 or args.prefill_rounds < 1:
+        parser.error("--rounds and --prefill-rounds must be at least 1 (the warm-up round is not counted)")
     claim_stem(Path(args.out).with_suffix(""), args.overwrite)  # before any model is built
     threads_env = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
     words = [os.path.relpath(sys.argv[0]), *sys.argv[1:]] if argv is None else ["eval/bench_speed.py", *argv]
@@ -652,22 +596,39 @@ def main(argv=None) -> None:
 
     # --- batch-1 prefill: interleaved rounds ---------------------------------------------------------
     times_none: list[float] = []
-    # Each keep-all replay is timed right after an unpruned run of its own (its pair): a fixed cost
-    # of a few percent must not be lost to the drift of a round (the heap after other methods' runs).
+    # Each keep-all replay is timed beside an unpruned run of its own (its pair): a fixed cost of a
+    # few percent must not be lost to the drift of a round (the heap after other methods' runs).
     times_keep_all: dict[str, dict[str, list[float]]] = {m: {"keep_all": [], "unpruned": []} for m in keep_all}
-    for round_ in range(args.rounds + 1):
+    # Within a pair the order alternates from round to round (method then replay, then replay then
+    # method): a run that is slower for following another (the heap it leaves) biases neither side.
+    for round_ in range(args.prefill_rounds + 1):
         sample = {("none",): clock.time(lambda: ttft_call(model, x))}
+        flip = round_ % 2 == 1
         for c in configs:
-            with vtoken.pruned(model, c.method, keep_tokens=c.budget):
-                sample[(c.method, c.budget, "method")] = clock.time(lambda: ttft_call(model, x))
-            with replay.replaying(model, c.recording):
-                sample[(c.method, c.budget, "replay")] = clock.time(lambda: ttft_call(model, x))
-            if c.plan is not None:
-                sample[(c.method, c.budget, "oracle")] = clock.time(lambda: oracle_call(model, x, c.plan))
+            def method_run(c=c):
+                with vtoken.pruned(model, c.method, keep_tokens=c.budget):
+                    sample[(c.method, c.budget, "method")] = clock.time(lambda: ttft_call(model, x))
+
+            def replay_run(c=c):
+                with replay.replaying(model, c.recording):
+                    sample[(c.method, c.budget, "replay")] = clock.time(lambda: ttft_call(model, x))
+
+            def oracle_run(c=c):
+                if c.plan is not None:
+                    sample[(c.method, c.budget, "oracle")] = clock.time(lambda: oracle_call(model, x, c.plan))
+
+            for run in ((oracle_run, replay_run, method_run) if flip else (method_run, replay_run, oracle_run)):
+                run()
         for method, recording in keep_all.items():
-            sample[(method, "keep-all pair")] = clock.time(lambda: ttft_call(model, x))
-            with replay.replaying(model, recording):
-                sample[(method, "keep-all")] = clock.time(lambda: ttft_call(model, x))
+            def unpruned_run(method=method):
+                sample[(method, "keep-all pair")] = clock.time(lambda: ttft_call(model, x))
+
+            def keep_all_run(method=method, recording=recording):
+                with replay.replaying(model, recording):
+                    sample[(method, "keep-all")] = clock.time(lambda: ttft_call(model, x))
+
+            for run in ((keep_all_run, unpruned_run) if flip else (unpruned_run, keep_all_run)):
+                run()
         if round_:
             times_none.append(sample[("none",)])
             for c in configs:
@@ -677,7 +638,7 @@ def main(argv=None) -> None:
             for method in keep_all:
                 times_keep_all[method]["keep_all"].append(sample[(method, "keep-all")])
                 times_keep_all[method]["unpruned"].append(sample[(method, "keep-all pair")])
-        log(f"prefill round {round_ + 1}/{args.rounds + 1} done")
+        log(f"prefill round {round_ + 1}/{args.prefill_rounds + 1} done")
     base = statistics.median(times_none)
 
     # --- memory and KV cache after a batch-1 prefill ------------------------------------------------
@@ -819,7 +780,8 @@ def report(args, command, load_at_start, device, meter, base, times_none, config
     lines = [
         f"# Speed on {family.title} scaled to CPU: time to first token, overhead against oracles, batch throughput, memory",
         "",
-        f"Produced by `{command}` ({args.rounds} interleaved rounds after a warm-up round, in one process; medians "
+        f"Produced by `{command}` ({args.prefill_rounds} interleaved rounds of the batch-1 prefills and {args.rounds} of the "
+        f"generate runs, each after a warm-up round, in one process; medians "
         f"with min and max). Machine: {machine_text(args, device, load_at_start)}. {args.note}".rstrip(),
         "",
         f"Model: {family.description}, "
@@ -882,11 +844,11 @@ def report(args, command, load_at_start, device, meter, base, times_none, config
     lines += ["", "## Overhead against the oracle, batch-1 prefill", "",
               "*replay*: the method's recorded reductions replayed through vtoken with no scoring and no signal (its logits "
               "equal the method's: Δ replay); *scoring* = method - replay, the median over rounds of the two runs timed back to back in "
-              "each round (min-max of those differences), as a share of the unpruned prefill, beside the "
+              "each round, in alternating order (min-max of those differences), as a share of the unpruned prefill, beside the "
               "share of the unpruned prefill's FLOPs the method's own scoring needs (`vtoken.flops`); *oracle*: the "
               "unwrapped model hand-run on the same schedule (Δ oracle: its first-token logits against the method's), "
-              f"*machinery* = replay / oracle - 1 (median over rounds of the pair); where no hand-written oracle exists the replay is the oracle and the "
-              f"machinery is the keep-all replay against the unwrapped model (next table).", "",
+              "*machinery* = replay / oracle - 1 (median over rounds of the pair); where no hand-written oracle exists the replay is the oracle and the "
+              "machinery is the keep-all replay against the unwrapped model (next table).", "",
               "| method | budget | method ms | replay ms (min-max) | scoring ms (min-max) | scoring / unpruned | algorithm FLOPs share | "
               "scoring target | oracle ms | machinery | machinery target | Δ replay | Δ oracle |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -911,7 +873,7 @@ def report(args, command, load_at_start, device, meter, base, times_none, config
 
     if keep_all:
         lines += ["", "## Machinery at keep-all: every stage installed, nothing dropped, nothing scored", "",
-                  "Each keep-all replay runs right after an unpruned run of its own in every round; *unpruned ms* is "
+                  "Each keep-all replay runs beside an unpruned run of its own in every round (alternately after and before it); *unpruned ms* is "
                   "the median of those paired runs, *overhead* the median over rounds of keep-all / its pair - 1.", "",
                   "| method | stages installed at keep 1 | keep-all replay ms | min | max | unpruned ms | overhead | target |",
                   "|---|---|---|---|---|---|---|---|"]
