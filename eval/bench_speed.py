@@ -15,7 +15,7 @@ qwen2_vl``: the same on a Qwen2-VL shape, see below):
   too), and ``machinery = replay / oracle - 1``. For vision-site (ToMe, Representation Shift) and mask
   (AIF) schedules the replay is the oracle, and vtoken's fixed machinery cost is measured as the
   replay of the method's keep-all schedule (every stage installed, nothing dropped, nothing scored)
-  against the unwrapped model run just before it in the same round. A profile (torch.profiler, one prefill) says where the largest scoring
+  against the unwrapped model run beside it in the same round. A profile (torch.profiler, one prefill) says where the largest scoring
   overheads go;
 - generate throughput (tokens/s, 32 new tokens, greedy) at batch 1, 8 and 16 with prompts of mixed
   lengths and left padding, every method at 64 tokens, and each batch's speed-up against the
@@ -60,6 +60,7 @@ import shlex
 import statistics
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -599,36 +600,29 @@ def main(argv=None) -> None:
     # Each keep-all replay is timed beside an unpruned run of its own (its pair): a fixed cost of a
     # few percent must not be lost to the drift of a round (the heap after other methods' runs).
     times_keep_all: dict[str, dict[str, list[float]]] = {m: {"keep_all": [], "unpruned": []} for m in keep_all}
-    # Within a pair the order alternates from round to round (method then replay, then replay then
-    # method): a run that is slower for following another (the heap it leaves) biases neither side.
+    # Every pair (or trio, with a hand-written oracle) of runs, each run as (sample key, the context
+    # it runs in, the call timed). Within a group the order alternates from round to round (method
+    # then replay, then replay then method): a run that is slower for following another (the heap it
+    # leaves) biases neither side.
+    def prefill():
+        return ttft_call(model, x)
+
+    groups = []
+    for c in configs:
+        runs = [((c.method, c.budget, "method"), lambda c=c: vtoken.pruned(model, c.method, keep_tokens=c.budget), prefill),
+                ((c.method, c.budget, "replay"), lambda c=c: replay.replaying(model, c.recording), prefill)]
+        if c.plan is not None:
+            runs.append(((c.method, c.budget, "oracle"), nullcontext, lambda c=c: oracle_call(model, x, c.plan)))
+        groups.append(runs)
+    for method, recording in keep_all.items():
+        groups.append([((method, "keep-all pair"), nullcontext, prefill),
+                       ((method, "keep-all"), lambda r=recording: replay.replaying(model, r), prefill)])
     for round_ in range(args.prefill_rounds + 1):
-        sample = {("none",): clock.time(lambda: ttft_call(model, x))}
-        flip = round_ % 2 == 1
-        for c in configs:
-            def method_run(c=c):
-                with vtoken.pruned(model, c.method, keep_tokens=c.budget):
-                    sample[(c.method, c.budget, "method")] = clock.time(lambda: ttft_call(model, x))
-
-            def replay_run(c=c):
-                with replay.replaying(model, c.recording):
-                    sample[(c.method, c.budget, "replay")] = clock.time(lambda: ttft_call(model, x))
-
-            def oracle_run(c=c):
-                if c.plan is not None:
-                    sample[(c.method, c.budget, "oracle")] = clock.time(lambda: oracle_call(model, x, c.plan))
-
-            for run in ((oracle_run, replay_run, method_run) if flip else (method_run, replay_run, oracle_run)):
-                run()
-        for method, recording in keep_all.items():
-            def unpruned_run(method=method):
-                sample[(method, "keep-all pair")] = clock.time(lambda: ttft_call(model, x))
-
-            def keep_all_run(method=method, recording=recording):
-                with replay.replaying(model, recording):
-                    sample[(method, "keep-all")] = clock.time(lambda: ttft_call(model, x))
-
-            for run in ((keep_all_run, unpruned_run) if flip else (unpruned_run, keep_all_run)):
-                run()
+        sample = {("none",): clock.time(prefill)}
+        for runs in groups:
+            for key, context, call in (reversed(runs) if round_ % 2 == 1 else runs):
+                with context():
+                    sample[key] = clock.time(call)
         if round_:
             times_none.append(sample[("none",)])
             for c in configs:
@@ -734,13 +728,13 @@ def generate_speedup(runs: dict, batch: int, method: str) -> float:
 
 
 def keep_all_overhead(pair: dict[str, list[float]]) -> float:
-    """The keep-all replay against the unpruned run timed just before it, median over rounds."""
+    """The keep-all replay against the unpruned run timed beside it, median over rounds."""
     return statistics.median(paired_ratios(pair["keep_all"], pair["unpruned"]))
 
 
 def report(args, command, load_at_start, device, meter, base, times_none, configs, keep_all, times_keep_all, memory,
            predicted, scoring_share, profile_lines, generate, skipped):
-    rows, targets = [], {}
+    rows = []
     for c in configs:
         method_ms = 1000 * statistics.median(c.times["method"])
         replay_ms = 1000 * statistics.median(c.times["replay"])
