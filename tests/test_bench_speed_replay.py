@@ -149,3 +149,82 @@ def test_overheads_are_medians_of_per_round_pairs():
     assert bench_speed.keep_all_overhead(pair) == pytest.approx(0.02)
     with pytest.raises(ValueError, match="one time each per round"):
         bench_speed.paired_ratios([1.0], [1.0, 2.0])
+
+
+def test_median_interval_is_the_sign_test_interval():
+    """Values known by construction: 12 rounds give the 3rd and 10th smallest (coverage 1 - 2 x
+    79 / 4096 = 96.1%); 5 rounds are too few for 95% and give the min-max at 93.75%. A failing
+    median whose interval holds passing values is "within noise"; one whose interval does not, is not."""
+    import bench_speed
+
+    values = [float(v) for v in (7, 3, 12, 1, 9, 5, 11, 2, 8, 4, 10, 6)]
+    low, high, coverage = bench_speed.median_interval(values)
+    assert (low, high) == (3.0, 10.0)
+    assert coverage == pytest.approx(1 - 2 * 79 / 4096)
+    assert bench_speed.median_interval([5.0, 1.0, 4.0, 2.0, 3.0]) == (1.0, 5.0, pytest.approx(1 - 2 / 32))
+    assert bench_speed.median_interval([2.0]) == (2.0, 2.0, 0.0)
+    # Larger n: the interval narrows around the median and keeps at least the coverage asked.
+    low, high, coverage = bench_speed.median_interval([float(v) for v in range(100)])
+    assert (low, high) == (39.0, 60.0) and coverage >= 0.95
+    assert bench_speed.within_noise(0.01, 0.03, 0.02) and not bench_speed.within_noise(0.025, 0.03, 0.02)
+    with pytest.raises(ValueError, match="at least one value"):
+        bench_speed.median_interval([])
+
+
+def test_strategy_call_time_counts_the_outermost_calls_only(model):
+    """The time inside a strategy's own calls: a reduce that sleeps 30 ms and calls observe (which
+    sleeps 20 ms) inside it counts 50 ms once, not 70; take() starts again from 0; the wrap is
+    undone. Inside ``StrategyCallTime.pruned`` the wrapped model's strategy has its calls wrapped."""
+    import time
+
+    import bench_speed
+
+    class Sleeper:
+        def observe(self, *args):
+            time.sleep(0.02)
+
+        def observe_attention(self, *args):
+            pass
+
+        def reduce(self, ctx):
+            time.sleep(0.03)
+            self.observe()
+
+    timer, strategy = bench_speed.StrategyCallTime(), Sleeper()
+    undo = bench_speed._around_calls(strategy, timer.around)
+    strategy.reduce(None)
+    assert 0.05 <= timer.take() < 0.065
+    assert timer.take() == 0.0
+    undo()
+    assert not strategy.__dict__
+    strategy.reduce(None)
+    assert timer.take() == 0.0
+    with timer.pruned(model, "fastv", 8):
+        assert set(bench_speed.STRATEGY_CALLS) <= set(vtoken.strategy_of(model).__dict__)
+    assert not vtoken.is_wrapped(model)
+
+
+def test_the_attention_map_floor_is_a_map_of_exponentials_and_counts_only_map_costs():
+    """``eval/scoring_floor.py``: the floor times every score of the map (twice the tokens: about four
+    times the time), is 0 for a schedule with no whole-map cost, counts one floor per map cost, and
+    each family's map shape is its tower's (heads, patches + CLS, head dim)."""
+    import bench_speed
+    from scoring_floor import AttentionMapShape, attention_map_floor, scoring_floor
+    from vtoken.schedule import ScoringCost
+
+    cpu = torch.device("cpu")
+    small, large = AttentionMapShape(2, 512, 32), AttentionMapShape(2, 1024, 32)
+    assert attention_map_floor(large, cpu, repeats=5) > 2.0 * attention_map_floor(small, cpu, repeats=5)
+    assert scoring_floor([ScoringCost("llm_attention_rows", layer=2, rows=16)], None, cpu) == 0.0
+    cache = {small: 0.25}
+    costs = [ScoringCost("vision_attention_map", layer=1), ScoringCost("vision_attention_map", layer=2)]
+    assert scoring_floor(costs, small, cpu, cache) == 0.5
+    with pytest.raises(ValueError, match="attention shape"):
+        scoring_floor(costs, None, cpu)
+    llava = bench_speed.scaled_llava().config.vision_config
+    patches = (llava.image_size // llava.patch_size) ** 2
+    assert bench_speed.FAMILIES["llava"].vision_map == AttentionMapShape(
+        llava.num_attention_heads, patches + 1, llava.hidden_size // llava.num_attention_heads)
+    qwen = bench_speed.scaled_qwen2_vl().config.vision_config
+    assert bench_speed.FAMILIES["qwen2_vl"].vision_map == AttentionMapShape(
+        qwen.num_heads, bench_speed.VISUAL * qwen.spatial_merge_size ** 2, qwen.embed_dim // qwen.num_heads)
