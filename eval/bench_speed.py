@@ -42,7 +42,10 @@ Model: CLIP tower 384 wide x 6 layers on 336 px (576 patch tokens), Llama 768 wi
 batch). ``--family qwen2_vl``: a Qwen2-VL vision tower 128 wide x 4 blocks on 672 px (2304 patches of
 14 px, merged 2 x 2 into 576 visual tokens) and the same LLM as a Qwen2 with M-RoPE; the prompt adds
 the vision start and end tokens; there every method's replay is its oracle (the hand-written oracle
-runs LLaVA). Every configuration is timed in interleaved rounds in one process (each round runs every
+runs LLaVA). ``--family qwen2_5_vl`` and ``qwen3_vl``: the same with Qwen2.5-VL's tower (windowed
+attention, full in blocks 1 and 3) and with Qwen3-VL's (16 px patches on 768 px, DeepStack) and its
+Qwen3 LLM. LLaVA-NeXT and LLaVA-OneVision are not among the families: their image is several crops
+(2880 visual tokens at 672 px), not the 576 tokens every budget here is a share of. Every configuration is timed in interleaved rounds in one process (each round runs every
 configuration once; the first round warms up and is dropped), medians with min and max. Overheads
 are medians of per-round pairs (the method and its replay timed back to back, the replay and the
 oracle, the keep-all replay and its own unpruned run; which of the two runs first alternates from
@@ -52,6 +55,7 @@ are short, and the overheads are differences of a few percent.
 
     OMP_NUM_THREADS=1 python eval/bench_speed.py --out eval/results/bench_speed/cpu.md --overwrite   # the committed one
     OMP_NUM_THREADS=1 python eval/bench_speed.py --family qwen2_vl --out eval/results/bench_speed/cpu_qwen2_vl.md --overwrite
+    OMP_NUM_THREADS=1 python eval/bench_speed.py --family qwen3_vl --out eval/results/bench_speed/cpu_qwen3_vl.md --overwrite
     python eval/bench_speed.py --device cuda --threads 8 --out eval/results/bench_speed/cuda.md
     OMP_NUM_THREADS=1 python eval/bench_speed.py --methods random,fastv,tome --budgets 64 --rounds 1 --batches 8 --out /tmp/speed.md
 """
@@ -136,31 +140,57 @@ def prompt(seed: int = 0, batch: int = 1) -> dict:
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.randn(batch, 3, 336, 336, generator=g)}
 
 
-#: Qwen2-VL's patch grid: 48 x 48 patches of 14 px (672 px), merged 2 x 2 into 576 visual tokens.
+#: Qwen's patch grid: 48 x 48 patches (672 px at 14 px, 768 px at 16 px), merged 2 x 2 into 576 visual tokens.
 QWEN_GRID = (1, 48, 48)
+QWEN_SPECIALS = (IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END)
 
 
-def scaled_qwen2_vl(seed: int = 0):
+#: The LLM of every Qwen shape: the LLaVA one's size (768 x 8 layers, GQA 12/4) with M-RoPE.
+QWEN_TEXT = dict(vocab_size=VOCAB, hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=12,
+                 num_key_value_heads=4, max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                 rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [8, 12, 12]})
+QWEN_TOKENS = dict(image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
+                   vision_end_token_id=VISION_END)
+#: Patch side in pixels: 14 for Qwen2-VL and Qwen2.5-VL, 16 for Qwen3-VL.
+QWEN_PATCH = {"2": 14, "2.5": 14, "3": 16}
+
+
+def scaled_qwen2_vl(seed: int = 0, version: str = "2"):
     """A random-weight Qwen2-VL shape scaled to 2 CPU cores: a 4-block packed vision tower 128 wide
-    (4 heads) on 2304 patches of 14 px with the 2 x 2 merger (576 visual tokens), and the same LLM
-    as :func:`scaled_llava` (768 x 8 layers, GQA 12/4) with M-RoPE sections [8, 12, 12]."""
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    (4 heads) on 2304 patches with the 2 x 2 merger (576 visual tokens), and the same LLM as
+    :func:`scaled_llava` (768 x 8 layers, GQA 12/4) with M-RoPE sections [8, 12, 12].
+
+    ``version="2.5"``: Qwen2.5-VL's tower (RMSNorm, SwiGLU, windowed attention in 112 px windows,
+    full attention in blocks 1 and 3, as the real one alternates them); ``"3"``: Qwen3-VL's (16 px
+    patches, learned position embeddings, DeepStack from blocks 1 and 2 into the first LLM layers)
+    and its Qwen3 LLM (q/k norms, head dim 64, interleaved M-RoPE)."""
+    from transformers import (
+        Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
+    )
 
     torch.manual_seed(seed)
-    vision = dict(depth=4, embed_dim=128, num_heads=4, hidden_size=768, patch_size=14, spatial_merge_size=2,
-                  temporal_patch_size=2, in_channels=3, mlp_ratio=4)
-    text = dict(vocab_size=VOCAB, hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=12,
-                num_key_value_heads=4, max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [8, 12, 12]})
-    config = Qwen2VLConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN,
-                           video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
-                           vision_end_token_id=VISION_END)
-    model = Qwen2VLForConditionalGeneration(config)
+    common = dict(spatial_merge_size=2, temporal_patch_size=2, in_channels=3, patch_size=QWEN_PATCH[version])
+    if version == "3":
+        from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+        text = {**QWEN_TEXT, "head_dim": 64,
+                "rope_parameters": {**QWEN_TEXT["rope_parameters"], "mrope_section": [8, 12, 12], "mrope_interleaved": True}}
+        vision = dict(depth=4, hidden_size=128, intermediate_size=512, num_heads=4, out_hidden_size=768,
+                      num_position_embeddings=48 * 48, deepstack_visual_indexes=[1, 2], **common)
+        model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(vision_config=vision, text_config=text, **QWEN_TOKENS))
+    elif version == "2.5":
+        vision = dict(depth=4, hidden_size=128, intermediate_size=512, num_heads=4, out_hidden_size=768,
+                      window_size=112, fullatt_block_indexes=[1, 3], **common)
+        model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(vision_config=vision, text_config=QWEN_TEXT,
+                                                                     **QWEN_TOKENS))
+    else:
+        vision = dict(depth=4, embed_dim=128, num_heads=4, hidden_size=768, mlp_ratio=4, **common)
+        model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(vision_config=vision, text_config=QWEN_TEXT, **QWEN_TOKENS))
     model.set_attn_implementation("sdpa")
     return model.eval()
 
 
-def qwen_prompt(seed: int = 0, batch: int = 1) -> dict:
+def qwen_prompt(seed: int = 0, batch: int = 1, version: str = "2") -> dict:
     """``batch`` Qwen2-VL prompts: BOS, a 35-token system prompt, <vision_start>, the 576 image
     tokens, <vision_end>, a question of 8 to 24 tokens (mixed lengths, left-padded), with the
     processor's ``image_grid_thw`` and ``mm_token_type_ids``."""
@@ -171,7 +201,7 @@ def qwen_prompt(seed: int = 0, batch: int = 1) -> dict:
         rows.append([1, *torch.randint(3, 90, (SYSTEM_TOKENS,), generator=g).tolist(), VISION_START,
                      *[IMAGE_TOKEN] * (t * h * w // 4), VISION_END, *torch.randint(3, 90, (question,), generator=g).tolist()])
     ids, mask = _left_pad(rows)
-    patch_values = 3 * 2 * 14 * 14
+    patch_values = 3 * 2 * QWEN_PATCH[version] ** 2
     return {"input_ids": ids, "attention_mask": mask,
             "pixel_values": torch.randn(batch * t * h * w, patch_values, generator=g),
             "image_grid_thw": torch.tensor([list(QWEN_GRID)] * batch), "mm_token_type_ids": (ids == IMAGE_TOKEN).int()}
@@ -198,11 +228,16 @@ class Family:
     #: One image's attention in a vision layer (the measured floor of a whole-map statistic).
     vision_map: AttentionMapShape
 
+    #: The full-size model this shape scales down.
+    real_model: str
+    #: Qwen's version ("2", "2.5", "3"); None for LLaVA.
+    qwen: str | None = None
+
     def build(self):
-        return scaled_llava() if self.name == "llava" else scaled_qwen2_vl()  # looked up at call time
+        return scaled_llava() if self.qwen is None else scaled_qwen2_vl(version=self.qwen)  # looked up at call time
 
     def inputs(self, seed: int = 0, batch: int = 1) -> dict:
-        return prompt(seed, batch) if self.name == "llava" else qwen_prompt(seed, batch)
+        return prompt(seed, batch) if self.qwen is None else qwen_prompt(seed, batch, self.qwen)
 
 
 FAMILIES = {
@@ -210,13 +245,30 @@ FAMILIES = {
         "llava", "a LLaVA-1.5 shape",
         "CLIP 384 x 6 layers on 336 px (576 tokens), Llama 768 x 8 layers (GQA 12/4), random weights",
         TEXT_TOKENS, (IMAGE_TOKEN,), True, "eval/results/bench_speed/cpu.md",
-        AttentionMapShape(heads=6, tokens=577, head_dim=64)),
+        AttentionMapShape(heads=6, tokens=577, head_dim=64), "LLaVA-1.5-7B"),
     "qwen2_vl": Family(
         "qwen2_vl", "a Qwen2-VL shape",
         "Qwen2-VL vision tower 128 x 4 blocks on 672 px (2304 patches of 14 px, merged 2 x 2 into 576 tokens), "
         "Qwen2 768 x 8 layers (GQA 12/4, M-RoPE), random weights",
-        TEXT_TOKENS + 2, (IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END), False,
-        "eval/results/bench_speed/cpu_qwen2_vl.md", AttentionMapShape(heads=4, tokens=2304, head_dim=32)),
+        TEXT_TOKENS + 2, QWEN_SPECIALS, False,
+        "eval/results/bench_speed/cpu_qwen2_vl.md", AttentionMapShape(heads=4, tokens=2304, head_dim=32), "Qwen2-VL-7B",
+        "2"),
+    "qwen2_5_vl": Family(
+        "qwen2_5_vl", "a Qwen2.5-VL shape",
+        "Qwen2.5-VL vision tower 128 x 4 blocks on 672 px (2304 patches of 14 px; windowed attention in 112 px "
+        "windows, full attention in blocks 1 and 3; merged 2 x 2 into 576 tokens), Qwen2 768 x 8 layers (GQA 12/4, "
+        "M-RoPE), random weights",
+        TEXT_TOKENS + 2, QWEN_SPECIALS, False,
+        "eval/results/bench_speed/cpu_qwen2_5_vl.md", AttentionMapShape(heads=4, tokens=2304, head_dim=32),
+        "Qwen2.5-VL-7B", "2.5"),
+    "qwen3_vl": Family(
+        "qwen3_vl", "a Qwen3-VL shape",
+        "Qwen3-VL vision tower 128 x 4 blocks on 768 px (2304 patches of 16 px, DeepStack from blocks 1 and 2; "
+        "merged 2 x 2 into 576 tokens), Qwen3 768 x 8 layers (GQA 12/4, head dim 64, interleaved M-RoPE), "
+        "random weights",
+        TEXT_TOKENS + 2, QWEN_SPECIALS, False,
+        "eval/results/bench_speed/cpu_qwen3_vl.md", AttentionMapShape(heads=4, tokens=2304, head_dim=32),
+        "Qwen3-VL-8B", "3"),
 }
 
 
@@ -1099,7 +1151,7 @@ def report(args, command, load_at_start, device, meter, base, times_none, config
 
     not_run = [f"{m} at {b} ({e})" for (m, b), e in skipped.items()]
     lines += ["", "## Not measured here", "",
-              f"- The real model ({'LLaVA-1.5-7B' if family.name == 'llava' else 'Qwen2-VL-7B'}): a random-weight shape "
+              f"- The real model ({family.real_model}): a random-weight shape "
               "scaled to run on 2 CPU cores (width and depth cut, 576 tokens and the prompt kept), float32; run with "
               "`--device cuda` for a GPU.",
               ("- Hand-written oracles for vision-site schedules (ToMe, Representation Shift) and mask stages (AIF): "

@@ -131,6 +131,27 @@ def test_the_qwen2_vl_family_builds_576_visual_tokens_and_replays_its_methods():
     assert replay.max_abs_diff(replay.replay_logits(model, recording, x), recording.logits) == 0.0
 
 
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "qwen3_vl"])
+def test_the_other_qwen_families_build_576_visual_tokens_and_replay_their_methods(name):
+    """``--family qwen2_5_vl`` / ``qwen3_vl``: the real classes (windowed blocks; DeepStack and 16 px
+    patches) on the bench's prompts give 576 visual tokens, and a vision-site and an LLM method's
+    replays give their logits (the replay is these families' oracle)."""
+    import bench_speed
+
+    family = bench_speed.FAMILIES[name]
+    model = family.build()
+    assert type(model).__name__ == {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+                                    "qwen3_vl": "Qwen3VLForConditionalGeneration"}[name]
+    x = family.inputs()
+    assert int((x["input_ids"] == bench_speed.IMAGE_TOKEN).sum()) == bench_speed.VISUAL
+    assert not family.hand_oracle and family.real_model.startswith("Qwen")
+    vision = model.config.vision_config
+    assert family.vision_map.heads == vision.num_heads and family.vision_map.head_dim == vision.hidden_size // vision.num_heads
+    for method in ("repshift", "fastv"):
+        recording = replay.record(model, method, x, keep_tokens=64)
+        assert replay.max_abs_diff(replay.replay_logits(model, recording, x), recording.logits) == 0.0
+
+
 def test_overheads_are_medians_of_per_round_pairs():
     """A fixed cost hidden under round-to-round drift: each round's method run costs 10 ms more than
     the replay timed right after it, while the rounds themselves drift by up to 400 ms. The paired
