@@ -240,35 +240,34 @@ class Family:
         return prompt(seed, batch) if self.qwen is None else qwen_prompt(seed, batch, self.qwen)
 
 
+def _qwen_family(name: str, version: str, real_model: str, description: str) -> Family:
+    """A Qwen family: what every Qwen shape shares (the prompt's vision start / end tokens, its special
+    tokens, no hand-written oracle, the 4-head map over 2304 patches at head dim 32, the result's path)."""
+    return Family(name, f"a {real_model.rsplit('-', 1)[0]} shape", description, TEXT_TOKENS + 2, QWEN_SPECIALS, False,
+                  f"eval/results/bench_speed/cpu_{name}.md", AttentionMapShape(heads=4, tokens=2304, head_dim=32),
+                  real_model, version)
+
+
 FAMILIES = {
     "llava": Family(
         "llava", "a LLaVA-1.5 shape",
         "CLIP 384 x 6 layers on 336 px (576 tokens), Llama 768 x 8 layers (GQA 12/4), random weights",
         TEXT_TOKENS, (IMAGE_TOKEN,), True, "eval/results/bench_speed/cpu.md",
         AttentionMapShape(heads=6, tokens=577, head_dim=64), "LLaVA-1.5-7B"),
-    "qwen2_vl": Family(
-        "qwen2_vl", "a Qwen2-VL shape",
+    "qwen2_vl": _qwen_family(
+        "qwen2_vl", "2", "Qwen2-VL-7B",
         "Qwen2-VL vision tower 128 x 4 blocks on 672 px (2304 patches of 14 px, merged 2 x 2 into 576 tokens), "
-        "Qwen2 768 x 8 layers (GQA 12/4, M-RoPE), random weights",
-        TEXT_TOKENS + 2, QWEN_SPECIALS, False,
-        "eval/results/bench_speed/cpu_qwen2_vl.md", AttentionMapShape(heads=4, tokens=2304, head_dim=32), "Qwen2-VL-7B",
-        "2"),
-    "qwen2_5_vl": Family(
-        "qwen2_5_vl", "a Qwen2.5-VL shape",
+        "Qwen2 768 x 8 layers (GQA 12/4, M-RoPE), random weights"),
+    "qwen2_5_vl": _qwen_family(
+        "qwen2_5_vl", "2.5", "Qwen2.5-VL-7B",
         "Qwen2.5-VL vision tower 128 x 4 blocks on 672 px (2304 patches of 14 px; windowed attention in 112 px "
         "windows, full attention in blocks 1 and 3; merged 2 x 2 into 576 tokens), Qwen2 768 x 8 layers (GQA 12/4, "
-        "M-RoPE), random weights",
-        TEXT_TOKENS + 2, QWEN_SPECIALS, False,
-        "eval/results/bench_speed/cpu_qwen2_5_vl.md", AttentionMapShape(heads=4, tokens=2304, head_dim=32),
-        "Qwen2.5-VL-7B", "2.5"),
-    "qwen3_vl": Family(
-        "qwen3_vl", "a Qwen3-VL shape",
+        "M-RoPE), random weights"),
+    "qwen3_vl": _qwen_family(
+        "qwen3_vl", "3", "Qwen3-VL-8B",
         "Qwen3-VL vision tower 128 x 4 blocks on 768 px (2304 patches of 16 px, DeepStack from blocks 1 and 2; "
         "merged 2 x 2 into 576 tokens), Qwen3 768 x 8 layers (GQA 12/4, head dim 64, interleaved M-RoPE), "
-        "random weights",
-        TEXT_TOKENS + 2, QWEN_SPECIALS, False,
-        "eval/results/bench_speed/cpu_qwen3_vl.md", AttentionMapShape(heads=4, tokens=2304, head_dim=32),
-        "Qwen3-VL-8B", "3"),
+        "random weights"),
 }
 
 
@@ -889,9 +888,14 @@ def generate_speedup(runs: dict, batch: int, method: str) -> float:
     return 1 + statistics.median(paired_ratios(runs[batch][method]["tokens_per_s"], runs[batch]["none"]["tokens_per_s"]))
 
 
+def keep_all_ratios(pair: dict[str, list[float]]) -> list[float]:
+    """The keep-all replay against the unpruned run timed beside it, per round."""
+    return paired_ratios(pair["keep_all"], pair["unpruned"])
+
+
 def keep_all_overhead(pair: dict[str, list[float]]) -> float:
     """The keep-all replay against the unpruned run timed beside it, median over rounds."""
-    return statistics.median(paired_ratios(pair["keep_all"], pair["unpruned"]))
+    return statistics.median(keep_all_ratios(pair))
 
 
 def report(args, command, load_at_start, device, meter, base, times_none, configs, keep_all, times_keep_all, memory,
@@ -914,7 +918,7 @@ def report(args, command, load_at_start, device, meter, base, times_none, config
         if oracle_ms is not None:
             machinery_runs, machinery_basis = paired_ratios(c.times["replay"], c.times["oracle"]), "oracle"
         elif paired and paired["keep_all"]:
-            machinery_runs, machinery_basis = paired_ratios(paired["keep_all"], paired["unpruned"]), "keep-all"
+            machinery_runs, machinery_basis = keep_all_ratios(paired), "keep-all"
         else:
             machinery_runs, machinery_basis = None, None
         machinery = statistics.median(machinery_runs) if machinery_runs else None
