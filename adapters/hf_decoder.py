@@ -26,6 +26,7 @@ from torch import nn
 from vtoken import compat, signals
 
 from .base import UndoStack
+from .key_reuse import KeyReuse
 from .mask_stage import MaskStagePass
 from .masks import causal_mask_for
 from .observe import observe_layer
@@ -83,6 +84,8 @@ class DecoderPruning:
         self._check_attention_layers(query, attention_layers)
         #: The mechanism of a mask stage (attention modulation, AIF), when the strategy has one.
         self.masking = MaskStagePass(self) if pruner.mask is not None else None
+        #: Layer K's keys projected for scoring at a stage at K, handed to the layer itself.
+        self.key_reuse = KeyReuse(self.layers, lambda: pruner.active, undo)
         for layer in pruner.needs.layers(signals.LLM_OBSERVED):
             observe_layer(self.layers[layer], compat.LAYER_PARTS, prefilling,
                           partial(self._observed, layer), undo)
@@ -220,7 +223,9 @@ class DecoderPruning:
         if stage is not None:
             _, layout = run.groups[-1]
             scorer = partial(self._attention, run, index)
-            layout, hidden = self.pruner.run_sequence_stage(run, stage, layout, hidden, scorer)
+            before = hidden
+            layout, hidden, selected_from = self.pruner.run_sequence_stage(run, stage, layout, hidden, scorer)
+            self.key_reuse.after_stage(run, index, before, hidden, selected_from)
             run.groups.append((index, layout))
             self._use_group_kwargs(run, index, hidden, kwargs)
         return (hidden, *args[1:]), kwargs
@@ -271,7 +276,10 @@ class DecoderPruning:
         if source < 0 or source not in run.stash:
             raise ValueError(f"no attention input is kept for LLM layer {source}")
         hidden, cos_sin, layout = run.stash[source]
-        return query_attention_rows(self.layers[source], hidden, cos_sin, layout, query, run.prompt_end)[0]
+        # Layer K's own keys (layer="current" at a stage at K) are projected once: for the scores here
+        # and, for the tokens the stage keeps, for the layer itself.
+        keys = self.key_reuse.keys_for(run, index, hidden) if source == index else None
+        return query_attention_rows(self.layers[source], hidden, cos_sin, layout, query, run.prompt_end, keys)[0]
 
     def _attention_observed(self, query: str, index: int, module, args, kwargs, output) -> None:
         """Forward hook of an observed-attention layer: the query rows' attention over the prompt,
@@ -345,43 +353,50 @@ def instruction_slots(layout, prompt_end: int | None = None) -> tuple[torch.Tens
     return torch.where(present, order, length - 1), present
 
 
-def llama_attention_rows(layer: nn.Module, hidden, cos_sin, query_slots, key_valid) -> torch.Tensor:
+def llama_attention_rows(layer: nn.Module, hidden, cos_sin, query_slots, key_valid,
+                         keys: torch.Tensor | None = None) -> torch.Tensor:
     """Attention probabilities ``[B, H, Q, L]`` of the query slots of a Llama-style decoder layer,
     recomputed from the layer's input exactly as its attention would (RMSNorm, q/k projections,
     optional q/k norms, rotary), through :func:`vtoken.kernels.attention_rows`. Query slot ``q``
-    attends to key slots ``<= q`` that are valid."""
+    attends to key slots ``<= q`` that are valid. ``keys``: the layer's key projection of ``hidden``
+    (``k_proj`` of its input norm, ``[B, L, kv_heads * head_dim]``) when already computed."""
     attn = compat.attention_parts(compat.layer_attention(layer))
-    x = compat.decoder_input_norm(layer)(hidden)
-    batch, length, _ = x.shape
+    norm = compat.decoder_input_norm(layer)
+    batch, length, _ = hidden.shape
     head_dim = attn.head_dim
-    rows = gather_tokens(x, query_slots)
+    if keys is None:
+        x = norm(hidden)
+        rows, keys = gather_tokens(x, query_slots), attn.k_proj(x)
+    else:  # the norm is per token: only the query rows need it
+        rows = norm(gather_tokens(hidden, query_slots))
     q = attn.q_proj(rows).view(batch, rows.shape[1], -1, head_dim)
-    k = attn.k_proj(x).view(batch, length, -1, head_dim)
+    k = keys.view(batch, length, -1, head_dim)
     if attn.q_norm is not None:
         q, k = attn.q_norm(q), attn.k_norm(k)
     q, k = q.transpose(1, 2), k.transpose(1, 2)
     cos, sin = (t.expand(batch, -1, -1) for t in cos_sin)
     q = apply_rotary(q, gather_tokens(cos, query_slots), gather_tokens(sin, query_slots))
     k = apply_rotary(k, cos, sin)
-    causal = torch.arange(length, device=x.device)[None, None, :] <= query_slots[:, :, None]
+    causal = torch.arange(length, device=hidden.device)[None, None, :] <= query_slots[:, :, None]
     key_mask = causal & key_valid[:, None, :].to(torch.bool)
     return attention_rows(q, k, attn.scaling, key_mask)
 
 
-def query_attention_rows(layer: nn.Module, hidden, cos_sin, layout, query: str, prompt_end: int | None = None):
+def query_attention_rows(layer: nn.Module, hidden, cos_sin, layout, query: str, prompt_end: int | None = None,
+                         keys: torch.Tensor | None = None):
     """``([B, H, Q, L], [B, Q])``: the attention probabilities of a layout's query rows (``"last"``:
     each sample's last valid slot of the prompt, so right padding and an assistant's candidate tokens
     are never scored as a query; ``"instruction"``: see :func:`instruction_slots`) over its slots,
-    zero for absent rows, and which rows are present."""
+    zero for absent rows, and which rows are present (``keys``: see :func:`llama_attention_rows`)."""
     if query == "last":
         slots = torch.arange(layout.length, device=hidden.device).expand_as(layout.valid)
         candidates = _query_candidates(layout, prompt_end)
         query_slots = torch.where(candidates, slots, -1).max(dim=-1, keepdim=True).values.clamp(min=0)
         present = torch.ones(query_slots.shape, dtype=torch.bool, device=hidden.device)
-        return llama_attention_rows(layer, hidden, cos_sin, query_slots, layout.valid), present
+        return llama_attention_rows(layer, hidden, cos_sin, query_slots, layout.valid, keys), present
     if query == "instruction":
         query_slots, present = instruction_slots(layout, prompt_end)
-        probs = llama_attention_rows(layer, hidden, cos_sin, query_slots, layout.valid)
+        probs = llama_attention_rows(layer, hidden, cos_sin, query_slots, layout.valid, keys)
         return probs * present[:, None, :, None], present
     raise ValueError(f"query must be 'last' or 'instruction', got {query!r}")
 

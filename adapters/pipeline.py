@@ -547,7 +547,7 @@ class VisionLanguageAdapter(VisionSite, Adapter):
             embeds = gather_tokens(embeds, index)
         projector = self.projector_on_tokens() if pruner.needs.has(signals.PROJECTOR_INPUT) else None
         for stage in pruner.stages_at("projector"):
-            layout, embeds = pruner.run_sequence_stage(run, stage, layout, embeds, projector=projector)
+            layout, embeds, _ = pruner.run_sequence_stage(run, stage, layout, embeds, projector=projector)
         return layout, embeds
 
     def _reweighted(self, run: PruneRun, embeds: torch.Tensor) -> torch.Tensor:

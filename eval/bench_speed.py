@@ -489,10 +489,58 @@ class StrategyCallTime:
             finally:
                 undo()
 
+    @property
+    def inside(self) -> bool:
+        """True while one of the strategy's calls runs."""
+        return self._depth > 0
+
     def take(self) -> float:
         """The seconds gathered since the last take, and start again from 0."""
         seconds, self.seconds = self.seconds, 0.0
         return seconds
+
+
+class LayerKeyTime:
+    """Wall time in the LLM layers' own key projections (``k_proj`` calls made outside the strategy's
+    calls) during the runs since the last :meth:`take`, and whether any of them ran on no row: a
+    stage's scoring projected that layer's keys and handed the kept ones to it
+    (``adapters/key_reuse.py``). The time in the strategy's calls then holds work its replay's
+    layers do themselves; the replay's key time less the method's is that work, taken off the
+    in-calls time. CPU only, like :class:`StrategyCallTime`."""
+
+    def __init__(self, model, calls: StrategyCallTime):
+        layers = model.model.language_model.layers
+        self.projections = [compat.attention_parts(compat.layer_attention(layer)).k_proj for layer in layers]
+        self.calls = calls
+        self.seconds, self.handed, self._start = 0.0, False, None
+
+    @contextmanager
+    def timing(self):
+        # Registered before vtoken's key-reuse hooks (added during the forward): the post-hook here
+        # sees the projection's own output, zero rows where the keys were handed over.
+        handles = [h for p in self.projections
+                   for h in (p.register_forward_pre_hook(self._before), p.register_forward_hook(self._after))]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _before(self, module, args) -> None:
+        if not self.calls.inside:
+            self._start = time.perf_counter()
+
+    def _after(self, module, args, output) -> None:
+        if self._start is not None and not self.calls.inside:
+            self.seconds += time.perf_counter() - self._start
+            self.handed = self.handed or output.shape[-2] == 0
+        self._start = None
+
+    def take(self) -> tuple[float, bool]:
+        """(seconds, whether a layer was handed its keys) since the last take; both start again."""
+        out = (self.seconds, self.handed)
+        self.seconds, self.handed = 0.0, False
+        return out
 
 
 def _profile(fn, device: torch.device) -> dict[str, tuple[float, int]]:
@@ -658,10 +706,13 @@ class Config:
     replay_diff: float
     plan: OraclePlan | None = None
     oracle_diff: float | None = None
-    #: Seconds per measured round: the method's prefill, its replay's, the oracle's, and the time
-    #: inside the strategy's own calls during the method's prefill (CPU only).
-    times: dict[str, list[float]] = field(
-        default_factory=lambda: {"method": [], "replay": [], "oracle": [], "strategy_calls": []})
+    #: Seconds per measured round: the method's prefill, its replay's, the oracle's, the time inside
+    #: the strategy's own calls during the method's prefill, and the LLM layers' own key projections
+    #: in the method's and the replay's prefills (CPU only).
+    times: dict[str, list[float]] = field(default_factory=lambda: {
+        "method": [], "replay": [], "oracle": [], "strategy_calls": [], "method_keys": [], "replay_keys": []})
+    #: True when the method's scoring handed an LLM layer its keys (the layer projected no row).
+    keys_handed: bool = False
 
 
 def main(argv=None) -> None:
@@ -754,6 +805,7 @@ def main(argv=None) -> None:
     # The method's own calls are timed on a CPU only (on an accelerator they return before their
     # kernels finish, and a synchronisation inside them would slow the run they are part of).
     call_time = StrategyCallTime() if device.type == "cpu" else None
+    key_time = LayerKeyTime(model, call_time) if call_time is not None else None
 
     def method_context(c: Config):
         if call_time is None:
@@ -770,14 +822,20 @@ def main(argv=None) -> None:
     for method, recording in keep_all.items():
         groups.append([((method, "keep-all pair"), nullcontext, prefill),
                        ((method, "keep-all"), lambda r=recording: replay.replaying(model, r), prefill)])
+    keys_handed: set[tuple] = set()  # (method, budget) whose layers were handed keys by the scoring
     for round_ in range(args.prefill_rounds + 1):
         sample = {("none",): clock.time(prefill)}
         for runs in groups:
             for key, context, call in (reversed(runs) if round_ % 2 == 1 else runs):
-                with context():
+                timed_keys = key_time is not None and key[-1] in ("method", "replay")
+                with context(), (key_time.timing() if timed_keys else nullcontext()):
                     sample[key] = clock.time(call)
                 if call_time is not None and key[-1] == "method":
                     sample[(*key[:-1], "strategy_calls")] = call_time.take()
+                if timed_keys:
+                    sample[(*key[:-1], f"{key[-1]}_keys")], handed = key_time.take()
+                    if handed:
+                        keys_handed.add(key[:-1])
         if round_:
             times_none.append(sample[("none",)])
             for c in configs:
@@ -789,6 +847,8 @@ def main(argv=None) -> None:
                 times_keep_all[method]["unpruned"].append(sample[(method, "keep-all pair")])
         log(f"prefill round {round_ + 1}/{args.prefill_rounds + 1} done")
     base = statistics.median(times_none)
+    for c in configs:
+        c.keys_handed = (c.method, c.budget) in keys_handed
 
     # --- memory and KV cache after a batch-1 prefill ------------------------------------------------
     def prefill_memory() -> tuple[int, int]:
@@ -914,6 +974,13 @@ def report(args, command, load_at_start, device, meter, base, times_none, config
         exempt = share >= SCORING_TARGET or floor >= SCORING_TARGET
         scoring_ok = scoring / (1000 * base) < SCORING_TARGET
         in_calls = 1000 * statistics.median(c.times["strategy_calls"]) if c.times["strategy_calls"] else None
+        spared = None
+        if in_calls is not None and c.keys_handed:
+            # The keys the layers were handed: projected inside the strategy's calls, by the layers
+            # themselves in the replay. Per round, what the calls took less what the layers were spared.
+            spared_runs = paired_differences(c.times["replay_keys"], c.times["method_keys"])
+            spared = 1000 * statistics.median(spared_runs)
+            in_calls = 1000 * statistics.median([t - d for t, d in zip(c.times["strategy_calls"], spared_runs)])
         paired = times_keep_all.get(c.method)
         if oracle_ms is not None:
             machinery_runs, machinery_basis = paired_ratios(c.times["replay"], c.times["oracle"]), "oracle"
@@ -933,7 +1000,7 @@ def report(args, command, load_at_start, device, meter, base, times_none, config
             "scoring_max": max(scoring_runs), "scoring_share": scoring / (1000 * base),
             "scoring_interval_share": (scoring_low / (1000 * base), scoring_high / (1000 * base)),
             "scoring_within_noise": within_noise(scoring_low / (1000 * base), scoring_high / (1000 * base), SCORING_TARGET),
-            "strategy_calls_ms": in_calls,
+            "strategy_calls_ms": in_calls, "spared_key_projection_ms": spared,
             "strategy_calls_share": None if in_calls is None else in_calls / (1000 * base),
             "algorithm_scoring_flops_share": share, "algorithm_floor_share": floor, "scoring_exempt": exempt,
             "scoring_pass": None if exempt else scoring_ok,
@@ -1036,7 +1103,9 @@ def report(args, command, load_at_start, device, meter, base, times_none, config
               f"attention map; blank where FLOPs are the only measure); *{CONFIDENCE:.0%} interval*: of the median of the "
               f"per-round pairs (sign-test order statistics); *in strategy calls*: the time inside the strategy's own calls "
               f"(reduce, observe, observe_attention) during the method's prefill, median over rounds, a direct measure of most "
-              f"of the scoring (a lower bound: vtoken's hooks outside those calls are not in it); *oracle*: the "
+              f"of the scoring (a lower bound: vtoken's hooks outside those calls are not in it), net of the keys the scoring "
+              f"projected and handed to the layers, which project them themselves in the replay (their key projections "
+              f"timed in both, per round); *oracle*: the "
               "unwrapped model hand-run on the same schedule (Δ oracle: its first-token logits against the method's), "
               "*machinery* = replay / oracle - 1 (median over rounds of the pair); where no hand-written oracle exists the replay is the oracle and the "
               "machinery is the keep-all replay against the unwrapped model (next table).", "",
@@ -1049,6 +1118,8 @@ def report(args, command, load_at_start, device, meter, base, times_none, config
         scoring_target = ("exempt" if r["scoring_exempt"] else _pf(r["scoring_pass"]) + (noise if r["scoring_within_noise"] else ""))
         low, high = r["scoring_interval_share"]
         in_calls = "" if r["strategy_calls_ms"] is None else f"{r['strategy_calls_ms']:.1f} ms ({100 * r['strategy_calls_share']:.1f}%)"
+        if r["spared_key_projection_ms"] is not None:
+            in_calls += f" (net of {r['spared_key_projection_ms']:.1f} ms of keys handed to the layers)"
         floor = f"{100 * r['algorithm_floor_share']:.1f}%" if r["algorithm_floor_share"] else ""
         machinery_interval = ("" if r["machinery_interval"] is None else
                               f"{100 * r['machinery_interval'][0]:+.1f}% to {100 * r['machinery_interval'][1]:+.1f}%")

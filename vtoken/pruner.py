@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextvars
 import weakref
 from functools import partial
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -18,6 +18,17 @@ from vtoken.kernels import gather_tokens
 from vtoken.layout import SequenceLayout
 from vtoken.request import ImageRun, PruneRun, renumbers
 from vtoken.signals import Needs
+
+
+class StageResult(NamedTuple):
+    """What a sequence stage made of its input: the new layout and hidden states, and
+    ``selected_from``: the ``[B, L']`` slot index that gathered the new hidden states from the input
+    when every kept row is an input row unchanged (None when the strategy merged features into them),
+    so any per-token tensor computed on the input (a layer's keys) gathers with it too."""
+
+    layout: SequenceLayout
+    hidden: torch.Tensor
+    selected_from: torch.Tensor | None
 
 
 class Pruner:
@@ -355,7 +366,7 @@ class Pruner:
         hidden: torch.Tensor,
         attention: Callable[..., torch.Tensor] | None = None,
         projector: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    ) -> tuple[SequenceLayout, torch.Tensor]:
+    ) -> StageResult:
         """Prune the visual slots of ``layout`` (hidden states ``[B, L, d]``) to each image's budget.
 
         ``attention(query, layer)``, when given, returns ``[B, H, Q, L]`` probabilities over the
@@ -430,7 +441,7 @@ class Pruner:
         for sample in range(run.batch_size):
             visual = new_layout.visual_index[sample]
             run.record(stage, sample, visual[visual >= 0])
-        return new_layout, gather_tokens(hidden, index)
+        return StageResult(new_layout, gather_tokens(hidden, index), index if reduction.features is None else None)
 
     @staticmethod
     def _follow_holders(run: PruneRun, reduction: Reduction, local: torch.Tensor, row_image: torch.Tensor) -> None:
@@ -460,7 +471,7 @@ class Pruner:
         ``stage.layer``) once the prefill has run: the strategy keeps, per image, the tokens text may
         still attend to, exactly as at an ``"llm"`` stage (recorded for ``vtoken.selection``). Returns
         ``[B, L]``: True for the visual slots of ``layout`` that text may no longer attend to."""
-        kept, _ = self.run_sequence_stage(run, stage, layout, hidden, attention)
+        kept = self.run_sequence_stage(run, stage, layout, hidden, attention).layout
         present = torch.zeros(layout.valid.shape[0], max(run.orig_length, 1), dtype=torch.bool, device=layout.valid.device)
         rows_b, slots = (kept.orig_index >= 0).nonzero(as_tuple=True)
         present[rows_b, kept.orig_index[rows_b, slots]] = True

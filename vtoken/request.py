@@ -217,6 +217,9 @@ class PruneRun:
         # Per forward: layer-group kwargs already built, layer inputs kept for scoring.
         self.group_kwargs: dict[int, dict] = {}
         self.stash: dict[int, tuple] = {}
+        #: LLM layer -> the keys scoring projected there, for the layer itself
+        #: (:class:`~vtoken.adapters.key_reuse.PendingKeys`).
+        self.reused_keys: dict[int, object] = {}
         #: LLM layer -> (``observe_attention``'s summary ``[B, L, k]``, the layout of that layer).
         self.attention_observed: dict[int, tuple] = {}
         #: Set while the adapter runs an extra pass of the LLM inside a prefill for a mask stage:
@@ -253,6 +256,7 @@ class PruneRun:
         run that rides on the KV cache through decoding stays small."""
         self.prefill = False
         self.stash.clear()
+        self.reused_keys.clear()
         self.observed.clear()
         self.attention_observed.clear()
         self.strategy_state.clear()

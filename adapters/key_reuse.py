@@ -1,0 +1,121 @@
+"""Keys scored on are keys the layer need not project again.
+
+A strategy that scores a pruning stage at LLM layer K with layer K's own attention
+(``ctx.attention(layer="current")``: TransPrune's instruction-guided attention, Eq. 5) projects the
+keys of every token at layer K's input, before the stage prunes them; layer K then runs on the kept
+tokens and projects their keys again. When the stage only selected rows (no merged features), the
+kept tokens' keys are rows of what scoring already computed: :class:`KeyReuse` hands them to the
+layer's key projection instead of recomputing them (the projection runs on zero rows and returns the
+gathered keys), which takes the layer's own share out of the scoring's cost.
+
+Only plain hooks are used, and each checks by identity that it sees the tensors it expects: the
+layer's input is the stage's output, the key projection's input is the layer's input norm of it. A
+layer whose forward does anything else (another norm order, a fused projection) is simply not
+helped, never changed. The kept keys differ from a fresh projection of the kept rows only by the
+matmul's rounding (the rows are the same; a different row count can block the sum differently).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
+
+import torch
+from torch import nn
+
+from vtoken import compat
+from vtoken.kernels import gather_tokens
+from vtoken.request import PruneRun
+
+from .base import UndoStack
+
+
+@dataclass
+class PendingKeys:
+    """Layer K's key projection of ``source``'s tokens (``[B, L, kv_heads * head_dim]``), and how far
+    it got towards the layer: armed once the stage's output is known, taken by the key projection."""
+
+    source: torch.Tensor
+    keys: torch.Tensor
+    armed: bool = False
+    normed: torch.Tensor | None = None
+    taken: bool = False
+
+
+class KeyReuse:
+    """Hands the keys a stage's scoring projected at LLM layer K to layer K's own attention."""
+
+    def __init__(self, layers: nn.ModuleList, active: Callable[[], PruneRun | None], undo: UndoStack):
+        self.layers = layers
+        self._active = active
+        self._undo = undo
+        self.hooked: set[int] = set()
+
+    def _hook(self, index: int) -> None:
+        """Hooks on layer ``index``'s input norm and key projection, added the first time scoring
+        projects its keys (a strategy that never reads a layer's current attention adds none), and
+        removed with the rest of the wrap."""
+        layer = self.layers[index]
+        projection = compat.attention_parts(compat.layer_attention(layer)).k_proj
+        self._undo.post_hook(compat.decoder_input_norm(layer), partial(self._normed, index))
+        self._undo.pre_hook(projection, partial(self._before_projection, index))
+        self._undo.post_hook(projection, partial(self._after_projection, index))
+        self.hooked.add(index)
+
+    # --- scoring and the stage ------------------------------------------------------------------
+    def keys_for(self, run: PruneRun, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Layer ``index``'s key projection (``k_proj`` of its input norm) of ``hidden``, its input
+        before the stage, kept for the layer's own attention after the stage."""
+        pending = run.reused_keys.get(index)
+        if pending is None or pending.source is not hidden:
+            if index not in self.hooked:
+                self._hook(index)
+            pending = PendingKeys(hidden, self._project(index, hidden))
+            run.reused_keys[index] = pending
+        return pending.keys
+
+    def after_stage(self, run: PruneRun, index: int, before: torch.Tensor, after: torch.Tensor,
+                    selected_from: torch.Tensor | None) -> None:
+        """The stage at ``index`` turned ``before`` into ``after`` (gathered with ``selected_from``, or
+        None when it merged features): arm the keys scoring projected from ``before``, or drop them."""
+        pending = run.reused_keys.pop(index, None)
+        if pending is None or selected_from is None or pending.source is not before:
+            return
+        keys = gather_tokens(pending.keys, selected_from)
+        pads = selected_from < 0
+        if bool(pads.any()):  # a new pad slot's hidden state is 0: its key is what the layer makes of 0
+            keys = torch.where(pads[..., None], self._project(index, torch.zeros_like(after[:1, :1])), keys)
+        run.reused_keys[index] = PendingKeys(after, keys, armed=True)
+
+    def _project(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        layer = self.layers[index]
+        projection = compat.attention_parts(compat.layer_attention(layer)).k_proj
+        return projection(compat.decoder_input_norm(layer)(hidden))
+
+    # --- hooks on layer K -----------------------------------------------------------------------
+    def _pending(self, index: int) -> PendingKeys | None:
+        run = self._active()
+        if run is None or not run.prefill or run.side_pass is not None:
+            return None
+        pending = run.reused_keys.get(index)
+        return pending if pending is not None and pending.armed else None
+
+    def _normed(self, index: int, module, args, output) -> None:
+        pending = self._pending(index)
+        if pending is not None and args and args[0] is pending.source:
+            pending.normed = output
+
+    def _before_projection(self, index: int, module, args):
+        pending = self._pending(index)
+        if pending is None or pending.normed is None or not args or args[0] is not pending.normed:
+            return None
+        pending.taken = True
+        return (args[0][..., :0, :], *args[1:])  # the projection runs on no row
+
+    def _after_projection(self, index: int, module, args, output):
+        pending = self._pending(index)
+        if pending is None or not pending.taken:
+            return None
+        self._active().reused_keys.pop(index, None)
+        return pending.keys

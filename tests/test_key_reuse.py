@@ -1,0 +1,114 @@
+"""Keys a stage's scoring projected at LLM layer K are handed to layer K (adapters/key_reuse.py).
+
+TransPrune scores its stage at K with layer K's own attention (IGA, Eq. 5), which projects the keys
+of every token; the layer then needs the kept tokens' keys. The layer must project no row itself, and
+everything it computes (logits, the KV cache, pad slots included) must be what it would have computed
+projecting them: the tests compare against the same run with the hand-over switched off, on every
+family's padded batch (images of different sizes: samples keep different counts, so the stage makes
+pad slots, and Qwen's key projection has a bias, so a pad's key is not 0).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vtoken
+from vtoken import compat
+from vtoken.adapters import key_reuse
+
+from families import FAMILIES, cases
+
+
+def _decoder_layers(model):
+    return model.model.language_model.layers
+
+
+def _key_projection(layer):
+    return compat.attention_parts(compat.layer_attention(layer)).k_proj
+
+
+def _hook_count(model) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def _prefill(model, x, handed: bool, monkeypatch):
+    """Logits, the KV cache's keys and values per layer, and the rows each LLM layer's own key
+    projection saw (calls outside the scoring), for a TransPrune prefill at keep 0.25."""
+    if not handed:
+        monkeypatch.setattr(key_reuse.KeyReuse, "after_stage", lambda self, *args: None)
+    rows: list[list[int]] = [[] for _ in _decoder_layers(model)]
+    # Registered before the wrap, so before vtoken's hooks: they see the projection's own output.
+    handles = [_key_projection(layer).register_forward_hook(lambda m, a, out, i=i: rows[i].append(out.shape[-2]))
+               for i, layer in enumerate(_decoder_layers(model))]
+    try:
+        with vtoken.pruned(model, "transprune", keep=0.25), torch.no_grad():
+            stages = [s.layer for s in vtoken.strategy_of(model).stages()]
+            out = model(**x, use_cache=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+        monkeypatch.undo()
+    cache = compat.output_cache(out)
+    kv = [compat.cache_layer_kv(cache, i) for i in range(len(rows))]
+    return out.logits, kv, rows, stages
+
+
+@pytest.mark.parametrize("method,family", cases(["transprune"]))
+def test_the_layer_projects_no_key_and_computes_what_it_would_have(method, family, monkeypatch):
+    model = FAMILIES[family].make()
+    x = FAMILIES[family].inputs(model)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in _decoder_layers(model):
+            bias = _key_projection(layer).bias
+            if bias is not None:  # initialised to 0: a pad's key would be 0 whoever projected it
+                bias.copy_(torch.randn(bias.shape, generator=generator))
+        model(**x)  # transformers adds hooks of its own at a model's first forward
+    hooks = _hook_count(model)
+    logits, kv, rows, stages = _prefill(model, x, True, monkeypatch)
+    plain_logits, plain_kv, plain_rows, _ = _prefill(model, x, False, monkeypatch)
+    for layer in stages:
+        # the scoring's projection (every row before the stage), then the layer's own: no row
+        assert rows[layer][-1] == 0, (layer, rows[layer])
+        assert plain_rows[layer][-1] > 0
+    assert rows[0] == plain_rows[0]  # layers without a stage project as before
+    assert torch.equal(logits, plain_logits)
+    for (k, v), (pk, pv) in zip(kv, plain_kv):
+        assert torch.equal(k, pk) and torch.equal(v, pv)  # pad slots' keys included
+    assert _hook_count(model) == hooks  # the hooks added during the forward go with the wrap
+
+
+def test_a_merging_stage_keeps_the_layer_projecting(monkeypatch):
+    """Keys are handed over only when the stage selected rows unchanged: a stage that merged features
+    into its kept rows leaves the layer to project their keys itself."""
+    from vtoken.pruner import Pruner
+
+    model = FAMILIES["llava"].make()
+    x = FAMILIES["llava"].inputs(model)
+    run_stage = Pruner.run_sequence_stage
+
+    def merged(self, *args, **kwargs):
+        result = run_stage(self, *args, **kwargs)
+        return result._replace(selected_from=None)  # as if the rows held merged features
+
+    monkeypatch.setattr(Pruner, "run_sequence_stage", merged)
+    rows = [[] for _ in _decoder_layers(model)]
+    handles = [_key_projection(layer).register_forward_hook(lambda m, a, out, i=i: rows[i].append(out.shape[-2]))
+               for i, layer in enumerate(_decoder_layers(model))]
+    with vtoken.pruned(model, "transprune", keep=0.25), torch.no_grad():
+        stages = [s.layer for s in vtoken.strategy_of(model).stages()]
+        model(**x)
+    for handle in handles:
+        handle.remove()
+    assert all(rows[layer][-1] > 0 for layer in stages)
+
+
+def test_a_method_that_never_reads_the_current_layer_adds_no_key_hooks():
+    model = FAMILIES["llava"].make()
+    x = FAMILIES["llava"].inputs(model)
+    layers = _decoder_layers(model)
+    with vtoken.pruned(model, "fastv", keep=0.25), torch.no_grad():
+        before = [len(_key_projection(layer)._forward_hooks) for layer in layers]
+        model(**x)
+        assert [len(_key_projection(layer)._forward_hooks) for layer in layers] == before
