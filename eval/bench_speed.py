@@ -1,6 +1,6 @@
 """Speed of every method on a random-weight LLaVA-1.5 shape scaled to run on 2 CPU cores (issue
-"Speed that holds up"), unpruned against pruned at 64 / 128 / 192 of 576 visual tokens (``--family
-qwen2_vl``: the same on a Qwen2-VL shape, see below):
+"Speed that holds up"), unpruned against pruned at 64 / 128 / 192 of 576 visual tokens (``--family``:
+the same on Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-NeXT and LLaVA-OneVision shapes, see below):
 
 - time to the first token at batch 1 (a prefill with the KV cache, logits of the last position);
 - each method against its own oracle, at batch 1. The *replay* (``eval/replay_strategy.py``) runs the
@@ -44,8 +44,11 @@ batch). ``--family qwen2_vl``: a Qwen2-VL vision tower 128 wide x 4 blocks on 67
 the vision start and end tokens; there every method's replay is its oracle (the hand-written oracle
 runs LLaVA). ``--family qwen2_5_vl`` and ``qwen3_vl``: the same with Qwen2.5-VL's tower (windowed
 attention, full in blocks 1 and 3) and with Qwen3-VL's (16 px patches on 768 px, DeepStack) and its
-Qwen3 LLM. LLaVA-NeXT and LLaVA-OneVision are not among the families: their image is several crops
-(2880 visual tokens at 672 px), not the 576 tokens every budget here is a share of. Every configuration is timed in interleaved rounds in one process (each round runs every
+Qwen3 LLM. ``--family llava_next`` and ``llava_onevision``: AnyRes images scaled down, a base view and a
+2 x 2 grid of 168 px crops of a 336 x 336 image (144 tokens a view; 744 visual tokens with the
+newlines; the 7B models have 2880 and more), through CLIP with the LLaVA LLM and through SigLIP
+(``anyres_max_9``) with a Qwen2 LLM of the same size; budgets 83 / 165 / 248, the same shares of 744
+as 64 / 128 / 192 of 576, and the replay is every method's oracle. Every configuration is timed in interleaved rounds in one process (each round runs every
 configuration once; the first round warms up and is dropped), medians with min and max. Overheads
 are medians of per-round pairs (the method and its replay timed back to back, the replay and the
 oracle, the keep-all replay and its own unpruned run; which of the two runs first alternates from
@@ -56,6 +59,7 @@ are short, and the overheads are differences of a few percent.
     OMP_NUM_THREADS=1 python eval/bench_speed.py --out eval/results/bench_speed/cpu.md --overwrite   # the committed one
     OMP_NUM_THREADS=1 python eval/bench_speed.py --family qwen2_vl --out eval/results/bench_speed/cpu_qwen2_vl.md --overwrite
     OMP_NUM_THREADS=1 python eval/bench_speed.py --family qwen3_vl --out eval/results/bench_speed/cpu_qwen3_vl.md --overwrite
+    OMP_NUM_THREADS=1 python eval/bench_speed.py --family llava_next --out eval/results/bench_speed/cpu_llava_next.md --overwrite
     python eval/bench_speed.py --device cuda --threads 8 --out eval/results/bench_speed/cuda.md
     OMP_NUM_THREADS=1 python eval/bench_speed.py --methods random,fastv,tome --budgets 64 --rounds 1 --batches 8 --out /tmp/speed.md
 """
@@ -207,6 +211,76 @@ def qwen_prompt(seed: int = 0, batch: int = 1, version: str = "2") -> dict:
             "image_grid_thw": torch.tensor([list(QWEN_GRID)] * batch), "mm_token_type_ids": (ids == IMAGE_TOKEN).int()}
 
 
+#: LLaVA-NeXT / OneVision's AnyRes views scaled down: 168 px tiles (12 x 12 patches of 14 px) and one
+#: 336 x 336 image, i.e. a base view and a 2 x 2 grid of crops (the 7B models: 336 / 384 px tiles and
+#: 2880 / up to 7290 tokens). The unpadded crop grid (24 x 24) with a newline per row, after the
+#: base view's 144: 744 visual tokens.
+ANYRES_TILE, ANYRES_IMAGE, ANYRES_PINPOINTS = 168, (336, 336), [[336, 336]]
+ANYRES_VIEWS = 5
+
+
+def scaled_anyres(kind: str, seed: int = 0):
+    """A random-weight LLaVA-NeXT (``kind="next"``: CLIP 384 x 6 layers with its CLS token, read at
+    the second-to-last layer; the LLaVA LLM) or LLaVA-OneVision (``"onevision"``: SigLIP 384 x 6
+    layers, no CLS, read in full at the last layer, ``anyres_max_9``; a Qwen2 LLM of the same size)
+    shape on :data:`ANYRES_PINPOINTS`, with a random newline embedding."""
+    from transformers import (
+        LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig,
+    )
+
+    torch.manual_seed(seed)
+    tower = dict(image_size=ANYRES_TILE, patch_size=14, hidden_size=384, intermediate_size=1536, num_hidden_layers=6,
+                 num_attention_heads=6)
+    llm = dict(vocab_size=VOCAB, hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=12,
+               num_key_value_heads=4, max_position_embeddings=4096, pad_token_id=0)
+    if kind == "next":
+        config = LlavaNextConfig(vision_config=CLIPVisionConfig(**tower), text_config=LlamaConfig(**llm),
+                                 image_token_id=IMAGE_TOKEN, vision_feature_layer=-2,
+                                 vision_feature_select_strategy="default", image_grid_pinpoints=ANYRES_PINPOINTS,
+                                 image_seq_length=(ANYRES_TILE // 14) ** 2)
+        model = LlavaNextForConditionalGeneration(config)
+    elif kind == "onevision":
+        config = LlavaOnevisionConfig(vision_config=SiglipVisionConfig(**tower), text_config=Qwen2Config(**llm),
+                                      image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_feature_layer=-1,
+                                      vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9",
+                                      image_grid_pinpoints=ANYRES_PINPOINTS)
+        model = LlavaOnevisionForConditionalGeneration(config)
+    else:
+        raise ValueError(f"kind must be 'next' or 'onevision', got {kind!r}")
+    with torch.no_grad():  # zeros by default would hide where the newlines go
+        model.model.image_newline.normal_()
+    model.set_attn_implementation("sdpa")
+    return model.eval()
+
+
+def anyres_visual_tokens(model) -> int:
+    """Visual tokens the model makes of one :data:`ANYRES_IMAGE` (its own packing: base view,
+    unpadded crops, newlines)."""
+    config = model.config
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    features, sizes, newline = [torch.zeros(ANYRES_VIEWS, side * side, 1)], torch.tensor([list(ANYRES_IMAGE)]), torch.zeros(1)
+    if getattr(config, "vision_aspect_ratio", None) is not None:  # OneVision
+        packed = compat.pack_anyres_max_features(model.model, features, sizes, newline, config.vision_aspect_ratio)
+    else:
+        packed = compat.pack_anyres_features(model.model, features, sizes, "full", newline)
+    return packed[0].shape[0]
+
+
+def anyres_prompt(seed: int = 0, batch: int = 1, visual: int = 744) -> dict:
+    """``batch`` LLaVA-NeXT / OneVision prompts as :func:`prompt` (``visual`` image tokens), with the
+    processor's ``[batch, 5, 3, 168, 168]`` views (base first) and ``image_sizes``."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for question in _question_lengths(batch):
+        rows.append([1, *torch.randint(3, 90, (SYSTEM_TOKENS,), generator=g).tolist(), *[IMAGE_TOKEN] * visual,
+                     *torch.randint(3, 90, (question,), generator=g).tolist()])
+    ids, mask = _left_pad(rows)
+    return {"input_ids": ids, "attention_mask": mask,
+            "pixel_values": torch.randn(batch, ANYRES_VIEWS, 3, ANYRES_TILE, ANYRES_TILE, generator=g),
+            "image_sizes": torch.tensor([list(ANYRES_IMAGE)] * batch)}
+
+
 @dataclass(frozen=True)
 class Family:
     """A model family the bench runs on: how to build its scaled model and prompts, and how to
@@ -230,14 +304,25 @@ class Family:
 
     #: The full-size model this shape scales down.
     real_model: str
-    #: Qwen's version ("2", "2.5", "3"); None for LLaVA.
+    #: Qwen's version ("2", "2.5", "3"); None for the LLaVA families.
     qwen: str | None = None
+    #: The AnyRes family ("next", "onevision"); None for the others.
+    anyres: str | None = None
+    #: Visual tokens of the prompt's image.
+    visual: int = VISUAL
+    #: Default budgets (visual tokens kept of ``visual``): 1/9, 2/9 and 1/3 of them.
+    budgets: tuple[int, ...] = (64, 128, 192)
 
+    # The builders are looked up at call time.
     def build(self):
-        return scaled_llava() if self.qwen is None else scaled_qwen2_vl(version=self.qwen)  # looked up at call time
+        if self.qwen is not None:
+            return scaled_qwen2_vl(version=self.qwen)
+        return scaled_llava() if self.anyres is None else scaled_anyres(self.anyres)
 
     def inputs(self, seed: int = 0, batch: int = 1) -> dict:
-        return prompt(seed, batch) if self.qwen is None else qwen_prompt(seed, batch, self.qwen)
+        if self.qwen is not None:
+            return qwen_prompt(seed, batch, self.qwen)
+        return prompt(seed, batch) if self.anyres is None else anyres_prompt(seed, batch, self.visual)
 
 
 def _qwen_family(name: str, version: str, real_model: str, description: str) -> Family:
@@ -246,6 +331,16 @@ def _qwen_family(name: str, version: str, real_model: str, description: str) -> 
     return Family(name, f"a {real_model.rsplit('-', 1)[0]} shape", description, TEXT_TOKENS + 2, QWEN_SPECIALS, False,
                   f"eval/results/bench_speed/cpu_{name}.md", AttentionMapShape(heads=4, tokens=2304, head_dim=32),
                   real_model, version)
+
+
+def _anyres_family(kind: str, visual: int, tokens_per_view: int, real_model: str, description: str) -> Family:
+    """A LLaVA-NeXT / OneVision family: the LLaVA prompt with :func:`anyres_prompt`'s image, no
+    hand-written oracle, five views' maps, budgets at the LLaVA ones' fractions of ``visual``."""
+    name = f"llava_{kind}"
+    return Family(name, f"a {real_model.rsplit('-', 1)[0]} shape", description, TEXT_TOKENS, (IMAGE_TOKEN,), False,
+                  f"eval/results/bench_speed/cpu_{name}.md",
+                  AttentionMapShape(heads=6, tokens=tokens_per_view, head_dim=64, views=ANYRES_VIEWS), real_model,
+                  anyres=kind, visual=visual, budgets=tuple(round(visual * f) for f in (1 / 9, 2 / 9, 1 / 3)))
 
 
 FAMILIES = {
@@ -268,6 +363,16 @@ FAMILIES = {
         "Qwen3-VL vision tower 128 x 4 blocks on 768 px (2304 patches of 16 px, DeepStack from blocks 1 and 2; "
         "merged 2 x 2 into 576 tokens), Qwen3 768 x 8 layers (GQA 12/4, head dim 64, interleaved M-RoPE), "
         "random weights"),
+    "llava_next": _anyres_family(
+        "next", 744, 145, "LLaVA-NeXT-7B",
+        "CLIP 384 x 6 layers on 168 px views (a base view and a 2 x 2 grid of crops of a 336 x 336 image: 144 tokens "
+        "each; 576 crop tokens with a newline per row and the base view's 144 make 744), Llama 768 x 8 layers "
+        "(GQA 12/4), random weights"),
+    "llava_onevision": _anyres_family(
+        "onevision", 744, 144, "LLaVA-OneVision-7B",
+        "SigLIP 384 x 6 layers on 168 px views (a base view and a 2 x 2 grid of crops of a 336 x 336 image: 144 "
+        "tokens each, anyres_max_9; 576 crop tokens with a newline per row and the base view's 144 make 744), "
+        "Qwen2 768 x 8 layers (GQA 12/4), random weights"),
 }
 
 
@@ -718,8 +823,10 @@ class Config:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--family", default="llava", choices=sorted(FAMILIES),
-                        help="the model family whose scaled shape is timed (576 visual tokens in each)")
-    parser.add_argument("--budgets", default="64,128,192", help="visual tokens kept of 576, comma separated")
+                        help="the model family whose scaled shape is timed (576 visual tokens in each, 744 in the "
+                             "LLaVA-NeXT and OneVision ones)")
+    parser.add_argument("--budgets", default=None, help="visual tokens kept, comma separated (default: the family's "
+                                                        "1/9, 2/9 and 1/3: 64,128,192 of 576; 83,165,248 of 744)")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--rounds", type=int, default=3, help="measured rounds (after one warm-up round)")
     parser.add_argument("--prefill-rounds", type=int, default=None,
@@ -729,7 +836,7 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (synchronized before and after each timing)")
     parser.add_argument("--batches", default="8,16", help="generate batches besides 1 (0: no generate runs)")
     parser.add_argument("--generate-methods", default=None, help="methods of the generate runs (default: --methods)")
-    parser.add_argument("--generate-budget", type=int, default=64)
+    parser.add_argument("--generate-budget", type=int, default=None, help="default: the family's first budget")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--profile", default="auto",
                         help="methods whose scoring is profiled at the first budget: a list, 'auto' (the three "
@@ -752,10 +859,12 @@ def main(argv=None) -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
     args.batches = [int(b) for b in args.batches.split(",") if b.strip() and int(b) > 0]
-    budgets = [int(b) for b in args.budgets.split(",") if b.strip()]
+    family = args.model_family = FAMILIES[args.family]
+    budgets = list(family.budgets) if args.budgets is None else [int(b) for b in args.budgets.split(",") if b.strip()]
+    if args.generate_budget is None:
+        args.generate_budget = budgets[0]
     methods = [m for m in args.methods.split(",") if m]
     generate_methods = methods if args.generate_methods is None else [m for m in args.generate_methods.split(",") if m]
-    family = args.model_family = FAMILIES[args.family]
     text_tokens = family.text_tokens
     clock, meter = Clock(device), PeakMemory(device)
     model = family.build().to(device)
@@ -876,7 +985,7 @@ def main(argv=None) -> None:
     for c in configs:
         with vtoken.pruned(model, c.method, keep_tokens=c.budget):
             scoring_share[(c.method, c.budget)] = vtoken.flops(model, text_tokens=text_tokens).scoring / unpruned_flops
-            costs = vtoken.schedule_of(model, visual_tokens=VISUAL).scoring
+            costs = vtoken.schedule_of(model, visual_tokens=family.visual).scoring
         floor_share[(c.method, c.budget)] = scoring_floor(costs, family.vision_map, device, floor_cache) / base
     log("scoring FLOPs and floors measured")
 
@@ -1089,7 +1198,7 @@ def report(args, command, load_at_start, device, meter, base, times_none, config
 
     lines += ["", "## Time to first token, batch 1", "",
               "| method | budget | kept tokens | ms (median) | min | max | speed-up |", "|---|---|---|---|---|---|---|",
-              f"| none | 576 | 576 | {base_ms:.0f} | {1000 * min(times_none):.0f} | {1000 * max(times_none):.0f} | 1.00x |"]
+              f"| none | {family.visual} | {family.visual} | {base_ms:.0f} | {1000 * min(times_none):.0f} | {1000 * max(times_none):.0f} | 1.00x |"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['budget']} | {r['kept'] if r['kept'] is not None else ''} | {r['ms']:.0f} | "
                      f"{r['min']:.0f} | {r['max']:.0f} | {r['speedup']:.2f}x |")
@@ -1171,7 +1280,7 @@ def report(args, command, load_at_start, device, meter, base, times_none, config
             for b in batches) + " |"
         columns = 2 + sum(2 if b == 1 else 4 for b in batches)
         lines += ["", f"## Generate throughput ({args.new_tokens} new tokens, greedy; prompts of mixed lengths, left padding; "
-                  f"keep {args.generate_budget} of 576)", "",
+                  f"keep {args.generate_budget} of {family.visual})", "",
                   "Speed-ups against the unpruned model in the same rounds (median over rounds of the pair); */ batch 1*: the batch's speed-up over the batch-1 "
                   "generate speed-up (the same measure at batch 1), the issue's target. The TTFT speed-up is the "
                   "batch-1 prefill's, for reference (decoding gains less from pruning than the prefill).", "",
@@ -1199,7 +1308,7 @@ def report(args, command, load_at_start, device, meter, base, times_none, config
               "returns (read from its layers), beside `vtoken.kv_cache_bytes` for the method's schedule.", "",
               "| method | budget | prefill peak MiB | replay's peak MiB | KV cache after prefill, MiB (bytes) | "
               "vtoken.kv_cache_bytes, MiB |", "|---|---|---|---|---|---|",
-              f"| none | 576 | {_mib(memory['none'][0])} | | {_mib(memory['none'][1])} ({memory['none'][1]}) | "
+              f"| none | {family.visual} | {_mib(memory['none'][0])} | | {_mib(memory['none'][1])} ({memory['none'][1]}) | "
               f"{_mib(predicted['none'])} |"]
     for r in rows:
         key = (r["method"], r["budget"])
@@ -1227,7 +1336,7 @@ def report(args, command, load_at_start, device, meter, base, times_none, config
     not_run = [f"{m} at {b} ({e})" for (m, b), e in skipped.items()]
     lines += ["", "## Not measured here", "",
               f"- The real model ({family.real_model}): a random-weight shape "
-              "scaled to run on 2 CPU cores (width and depth cut, 576 tokens and the prompt kept), float32; run with "
+              f"scaled to run on 2 CPU cores (width and depth cut{'' if family.anyres else ', 576 tokens'} and the prompt kept), float32; run with "
               "`--device cuda` for a GPU.",
               ("- Hand-written oracles for vision-site schedules (ToMe, Representation Shift) and mask stages (AIF): "
                if family.hand_oracle else

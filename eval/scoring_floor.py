@@ -30,20 +30,23 @@ class AttentionMapShape:
     heads: int
     tokens: int
     head_dim: int
+    #: Maps per image: the views a tower encodes apart (AnyRes: the base view and each crop).
+    views: int = 1
 
 
 def attention_map_floor(shape: AttentionMapShape, device: torch.device, repeats: int = 7, seed: int = 0) -> float:
     """Median seconds (of ``repeats``, after one warm-up) of the least work of any statistic that
-    reads the softmax of every score of one image's attention map: the ``heads x tokens^2`` scores
+    reads the softmax of every score of one image's attention maps (one per view): the ``views x heads x tokens^2`` scores
     computed (a matmul over ``head_dim``) and exponentiated, nothing else. No max is subtracted and
     nothing is reduced, normalised or summed, so this is below what the column mass needs. The query
     rows run in the chunks ``kernels.reference.received_attention`` uses (no ``N x N`` map at once,
     the exponentials in cache), each chunk's scores written into one reused buffer."""
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(1, shape.heads, shape.tokens, shape.head_dim, generator=g).to(device) * shape.head_dim ** -0.5
-    k_t = torch.randn(1, shape.heads, shape.tokens, shape.head_dim, generator=g).to(device).transpose(-1, -2)
-    chunk = _received_chunk_rows(shape.heads * shape.tokens)
-    buffer = torch.empty(1, shape.heads, chunk, shape.tokens, device=device)
+    maps = (shape.views, shape.heads, shape.tokens, shape.head_dim)
+    q = torch.randn(*maps, generator=g).to(device) * shape.head_dim ** -0.5
+    k_t = torch.randn(*maps, generator=g).to(device).transpose(-1, -2)
+    chunk = _received_chunk_rows(shape.views * shape.heads * shape.tokens)
+    buffer = torch.empty(shape.views, shape.heads, chunk, shape.tokens, device=device)
 
     def once() -> float:
         if device.type == "cuda":

@@ -249,3 +249,69 @@ def test_the_attention_map_floor_is_a_map_of_exponentials_and_counts_only_map_co
     qwen = bench_speed.scaled_qwen2_vl().config.vision_config
     assert bench_speed.FAMILIES["qwen2_vl"].vision_map == AttentionMapShape(
         qwen.num_heads, bench_speed.VISUAL * qwen.spatial_merge_size ** 2, qwen.embed_dim // qwen.num_heads)
+
+
+@pytest.mark.parametrize("name", ["llava_next", "llava_onevision"])
+def test_the_anyres_families_build_744_visual_tokens_and_replay_their_methods(name):
+    """``--family llava_next`` / ``llava_onevision``: the real classes on a 336 x 336 image in 168 px
+    views (the base view and 2 x 2 crops). The model's own packing makes 144 base tokens and a 24 x 24
+    crop grid with a newline per row, 744 tokens, which the prompts hold; the budgets are 1/9, 2/9, 1/3
+    of them; the map floor counts five views of 12 x 12 patches (CLIP's CLS on NeXT); a vision-site
+    and an LLM method's replays give their logits."""
+    import bench_speed
+    from scoring_floor import AttentionMapShape
+
+    family = bench_speed.FAMILIES[name]
+    model = family.build()
+    assert type(model).__name__ == {"llava_next": "LlavaNextForConditionalGeneration",
+                                    "llava_onevision": "LlavaOnevisionForConditionalGeneration"}[name]
+    assert bench_speed.anyres_visual_tokens(model) == family.visual == 144 + 24 * (24 + 1)
+    assert family.budgets == (83, 165, 248)
+    x = family.inputs()
+    assert int((x["input_ids"] == bench_speed.IMAGE_TOKEN).sum()) == family.visual
+    assert tuple(x["pixel_values"].shape) == (1, 5, 3, 168, 168)
+    batch = family.inputs(seed=1, batch=3)
+    assert batch["attention_mask"].sum(-1).tolist() == [family.text_tokens - 16 + family.visual + n for n in (8, 16, 24)]
+    vision = model.config.vision_config
+    cls = 1 if name == "llava_next" else 0
+    assert family.vision_map == AttentionMapShape(vision.num_attention_heads, (168 // 14) ** 2 + cls,
+                                                  vision.hidden_size // vision.num_attention_heads, views=5)
+    assert not family.hand_oracle
+    for method in ("repshift", "transprune"):
+        recording = replay.record(model, method, x, keep_tokens=83)
+        assert replay.max_abs_diff(replay.replay_logits(model, recording, x), recording.logits) == 0.0
+
+
+def test_a_map_floor_counts_every_view():
+    """Five views' maps take about five times one view's (the floor of an AnyRes image)."""
+    from scoring_floor import AttentionMapShape, attention_map_floor
+
+    cpu = torch.device("cpu")
+    one, five = AttentionMapShape(2, 384, 32), AttentionMapShape(2, 384, 32, views=5)
+    assert 3.5 * attention_map_floor(one, cpu, repeats=5) < attention_map_floor(five, cpu, repeats=5)
+
+
+def test_the_layer_key_time_sees_the_keys_handed_over_and_only_the_layers_own_projections():
+    """``LayerKeyTime``: TransPrune's layers were handed their keys at each stage (their projection
+    ran on no row), FastV's were not; the key projections the strategy's own calls make are not
+    counted, so the method's key time is below its replay's (whose layers project the kept keys)."""
+    import bench_speed
+
+    model = bench_speed.scaled_llava()
+    x = bench_speed.prompt()
+    calls = bench_speed.StrategyCallTime()
+    keys = bench_speed.LayerKeyTime(model, calls)
+    seen = {}
+    for method in ("transprune", "fastv"):
+        recording = replay.record(model, method, x, keep_tokens=64)
+        with calls.pruned(model, method, 64), keys.timing(), torch.no_grad():
+            bench_speed.ttft_call(model, x)
+        seen[method] = keys.take()
+        with replay.replaying(model, recording), keys.timing(), torch.no_grad():
+            bench_speed.ttft_call(model, x)
+        seen[(method, "replay")] = keys.take()
+    assert seen["transprune"][1] and not seen["fastv"][1]
+    assert not seen[("transprune", "replay")][1]
+    assert seen["transprune"][0] < seen[("transprune", "replay")][0]
+    assert keys.take() == (0.0, False)
+    assert all(not p._forward_hooks and not p._forward_pre_hooks for p in keys.projections)
