@@ -582,6 +582,28 @@ def test_wrapped_model_forward_matches_counter(method, options):
         api.unwrap(model)
 
 
+def test_wrapped_transprune_forward_matches_counter(monkeypatch):
+    """TransPrune's three stages with their instruction-guided attention: what the wrapped forward
+    does (the IGA's projections and scores at each stage, the layer then taking the kept tokens' keys
+    from it) is what ``flops`` reports, FLOP for FLOP, once the assumed instruction rows are this
+    prompt's 7 (the text after the image)."""
+    import vtoken.strategies.transprune as transprune
+
+    api = pytest.importorskip("vtoken.api")
+    monkeypatch.setattr(transprune, "ASSUMED_INSTRUCTION_ROWS", 7)
+    model = tiny_llava()
+    ids = torch.tensor([[1, 5, 6, 7, 8] + [100] * 16 + [9, 10, 11, 12, 13, 14, 15]])
+    pixels = torch.randn(1, 3, 56, 56)
+    api.wrap(model, "transprune", keep_tokens=8)
+    try:
+        assert [s.layer for s in api.strategy_of(model).stages()] == [1, 2, 3]
+        tally = Tally()
+        tally("all", lambda: model(input_ids=ids, pixel_values=pixels, logits_to_keep=1))
+        assert close(flops(model, text_tokens=TEXT).prefill, tally.parts["all"])
+    finally:
+        api.unwrap(model)
+
+
 def test_qwen2_vl_full_forward_matches_counter():
     """Qwen2-VL: full attention in every vision block (no windows), a two-matrix MLP, the 2x2 merger."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration

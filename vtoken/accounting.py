@@ -1013,7 +1013,9 @@ def _scoring_cost_flops(cost: ScoringCost, dims: ModelDims, schedule: Schedule, 
     """True FLOPs of one scoring item.
 
     - ``llm_attention_rows`` at layer l: q projection of the rows 2·r·d·H·h_d, k projection of the
-      n tokens entering layer l (before any stage at l) 2·n·d·H_kv·h_d, scores 2·r·n·H·h_d.
+      n tokens entering layer l (before any stage at l) 2·n·d·H_kv·h_d, scores 2·r·n·H·h_d; with
+      ``keys_reused`` the k projection of the tokens the stage at l keeps is the layer's own (it is
+      handed over, and counted in the layer): only the dropped ones' keys are scoring.
     - ``vision_attention_rows`` at vision layer l, per crop: 2·r·D² + 2·n·D² + 2·r·n·D over the
       n tokens (CLS included) of that layer.
     - ``projector_passes``: passes × the projector over its input tokens (all patch features, or
@@ -1037,7 +1039,8 @@ def _scoring_cost_flops(cost: ScoringCost, dims: ModelDims, schedule: Schedule, 
         d = dims.decoder
         visual = layer_visual[cost.layer - 1] if cost.layer > 0 else _pre_llm_visual(dims, schedule, geo)
         keys = text_tokens + visual
-        return 2 * cost.rows * d.hidden * d.q_dim + 2 * keys * d.hidden * d.kv_dim + 2 * cost.rows * keys * d.q_dim
+        projected = keys - (text_tokens + layer_visual[cost.layer]) if cost.keys_reused else keys
+        return 2 * cost.rows * d.hidden * d.q_dim + 2 * projected * d.hidden * d.kv_dim + 2 * cost.rows * keys * d.q_dim
     if cost.kind == "vision_attention_rows":
         v = dims.vision
         keys = _patches_at(schedule, geo, cost.layer) + v.cls_tokens

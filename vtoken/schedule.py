@@ -76,7 +76,9 @@ class ScoringCost:
 
     kinds:
       - ``"llm_attention_rows"``: ``rows`` query rows against every key of LLM layer ``layer``
-        (q projection of the rows, k projection of all tokens, scores and softmax).
+        (q projection of the rows, k projection of all tokens, scores and softmax). With
+        ``keys_reused`` the stage at ``layer`` hands the keys of the tokens it keeps to the layer
+        (``adapters/key_reuse.py``), so only the dropped tokens' key projections are extra work.
       - ``"vision_attention_rows"``: the same for vision-encoder layer ``layer``.
       - ``"projector_sensitivity"``: ZOO-Prune's sensitivity along ``passes`` directions (``rows``
         > 0: a rank-``rows`` SVD proxy of the projector's second layer). A family whose projector is
@@ -104,6 +106,7 @@ class ScoringCost:
     rows: int = 0
     passes: int = 0
     flops: float = 0.0
+    keys_reused: bool = False
 
 
 @dataclass(frozen=True)

@@ -378,12 +378,13 @@ class TransPruneStrategy(Strategy):
         return layer_transition_variation(io, valid, self.config.direction)
 
     def scoring_cost(self, stage: StageSpec, shapes: StageShapes | None = None) -> list[ScoringCost]:
-        # IGA: the instruction rows against every key of layer K (recomputed beside SDPA). TTV's
-        # norms and cosines are element-wise work on tensors the layers produce anyway (O(L d) per
-        # layer, under 1e-4 of a layer's matmuls) and are not counted, like the layers' own norms.
+        # IGA: the instruction rows against every key of layer K (recomputed beside SDPA); the keys
+        # of the tokens the stage keeps are handed to layer K itself (keys_reused). TTV's norms and
+        # cosines are element-wise work on tensors the layers produce anyway (O(L d) per layer, under
+        # 1e-4 of a layer's matmuls) and are not counted, like the layers' own norms.
         if not self.config.uses_iga:
             return []
-        return [ScoringCost("llm_attention_rows", layer=stage.layer, rows=ASSUMED_INSTRUCTION_ROWS)]
+        return [ScoringCost("llm_attention_rows", layer=stage.layer, rows=ASSUMED_INSTRUCTION_ROWS, keys_reused=True)]
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         valid = ctx.tokens.valid
