@@ -35,7 +35,10 @@ medians'; each overhead also gets a 95% interval of its median (sign-test order 
 rounds), and a verdict whose interval holds values on both sides of the target is marked *within
 noise*. Beside the scoring estimate (method - replay, a difference of two prefills) the time inside
 the strategy's own calls is measured directly (``StrategyCallTime``; CPU only): a few milliseconds
-timed as such, a lower bound of the scoring that the machine's noise hardly moves.
+timed as such, a lower bound of the scoring that the machine's noise hardly moves. Where the scoring
+hands a layer the keys it projected (TransPrune's IGA: ``adapters/key_reuse.py``), that layer's own
+key projection is spared, so the LLM layers' key projections are timed in the method's and the
+replay's prefills (``LayerKeyTime``) and the in-call time is given net of what the layers were spared.
 
 Model: CLIP tower 384 wide x 6 layers on 336 px (576 patch tokens), Llama 768 wide x 8 layers (GQA
 12 / 4 heads), random weights; a 35-token system prompt and a 16-token question (8 to 24 tokens in a
