@@ -112,3 +112,28 @@ def test_a_method_that_never_reads_the_current_layer_adds_no_key_hooks():
         before = [len(_key_projection(layer)._forward_hooks) for layer in layers]
         model(**x)
         assert [len(_key_projection(layer)._forward_hooks) for layer in layers] == before
+
+
+def test_compiled_equals_eager_with_keys_handed_over():
+    """Under torch.compile the hooks added during the first forward run eagerly too: the compiled
+    wrapped model gives the eager one's logits, its stage layers still projecting no row."""
+    torch._dynamo.reset()
+    model = FAMILIES["llava"].make()
+    x = FAMILIES["llava"].inputs(model)
+    layers = _decoder_layers(model)
+    rows = [[] for _ in layers]
+    handles = [_key_projection(layer).register_forward_hook(lambda m, a, out, i=i: rows[i].append(out.shape[-2]))
+               for i, layer in enumerate(layers)]
+    try:
+        with vtoken.pruned(model, "transprune", keep=0.25), torch.no_grad():
+            stages = [s.layer for s in vtoken.strategy_of(model).stages()]
+            eager = model(**x).logits
+            compiled = torch.compile(model)
+            for row in rows:
+                row.clear()
+            torch.testing.assert_close(compiled(**x).logits, eager, rtol=1e-5, atol=1e-5)
+    finally:
+        for handle in handles:
+            handle.remove()
+        torch._dynamo.reset()
+    assert all(rows[layer] and rows[layer][-1] == 0 for layer in stages), rows
