@@ -56,9 +56,8 @@ class KeyReuse:
         """Hooks on layer ``index``'s input norm and key projection, added the first time scoring
         projects its keys (a strategy that never reads a layer's current attention adds none), and
         removed with the rest of the wrap."""
-        layer = self.layers[index]
-        projection = compat.attention_parts(compat.layer_attention(layer)).k_proj
-        self._undo.post_hook(compat.decoder_input_norm(layer), partial(self._normed, index))
+        projection = self._projection(index)
+        self._undo.post_hook(compat.decoder_input_norm(self.layers[index]), partial(self._normed, index))
         self._undo.pre_hook(projection, partial(self._before_projection, index))
         self._undo.post_hook(projection, partial(self._after_projection, index))
         self.hooked.add(index)
@@ -88,10 +87,11 @@ class KeyReuse:
             keys = torch.where(pads[..., None], self._project(index, torch.zeros_like(after[:1, :1])), keys)
         run.reused_keys[index] = PendingKeys(after, keys, armed=True)
 
+    def _projection(self, index: int) -> nn.Module:
+        return compat.attention_parts(compat.layer_attention(self.layers[index])).k_proj
+
     def _project(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
-        layer = self.layers[index]
-        projection = compat.attention_parts(compat.layer_attention(layer)).k_proj
-        return projection(compat.decoder_input_norm(layer)(hidden))
+        return self._projection(index)(compat.decoder_input_norm(self.layers[index])(hidden))
 
     # --- hooks on layer K -----------------------------------------------------------------------
     def _pending(self, index: int) -> PendingKeys | None:

@@ -135,15 +135,21 @@ def _left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
+def _prompt_ids(g: torch.Generator, batch: int, image: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and mask of ``batch`` prompts: BOS, a 35-token system prompt, the ``image``
+    tokens, a question of :func:`_question_lengths` tokens (every family's prompt)."""
+    rows = []
+    for question in _question_lengths(batch):
+        rows.append([1, *torch.randint(3, 90, (SYSTEM_TOKENS,), generator=g).tolist(), *image,
+                     *torch.randint(3, 90, (question,), generator=g).tolist()])
+    return _left_pad(rows)
+
+
 def prompt(seed: int = 0, batch: int = 1) -> dict:
     """``batch`` LLaVA prompts (a 35-token system prompt, the image, a question of 8 to 24 tokens:
     mixed lengths, left-padded)."""
     g = torch.Generator().manual_seed(seed)
-    rows = []
-    for question in _question_lengths(batch):
-        rows.append([1, *torch.randint(3, 90, (SYSTEM_TOKENS,), generator=g).tolist(), *[IMAGE_TOKEN] * VISUAL,
-                     *torch.randint(3, 90, (question,), generator=g).tolist()])
-    ids, mask = _left_pad(rows)
+    ids, mask = _prompt_ids(g, batch, [IMAGE_TOKEN] * VISUAL)
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.randn(batch, 3, 336, 336, generator=g)}
 
 
@@ -203,11 +209,7 @@ def qwen_prompt(seed: int = 0, batch: int = 1, version: str = "2") -> dict:
     processor's ``image_grid_thw`` and ``mm_token_type_ids``."""
     g = torch.Generator().manual_seed(seed)
     t, h, w = QWEN_GRID
-    rows = []
-    for question in _question_lengths(batch):
-        rows.append([1, *torch.randint(3, 90, (SYSTEM_TOKENS,), generator=g).tolist(), VISION_START,
-                     *[IMAGE_TOKEN] * (t * h * w // 4), VISION_END, *torch.randint(3, 90, (question,), generator=g).tolist()])
-    ids, mask = _left_pad(rows)
+    ids, mask = _prompt_ids(g, batch, [VISION_START, *[IMAGE_TOKEN] * (t * h * w // 4), VISION_END])
     patch_values = 3 * 2 * QWEN_PATCH[version] ** 2
     return {"input_ids": ids, "attention_mask": mask,
             "pixel_values": torch.randn(batch * t * h * w, patch_values, generator=g),
@@ -274,11 +276,7 @@ def anyres_prompt(seed: int = 0, batch: int = 1, visual: int = 744) -> dict:
     """``batch`` LLaVA-NeXT / OneVision prompts as :func:`prompt` (``visual`` image tokens), with the
     processor's ``[batch, 5, 3, 168, 168]`` views (base first) and ``image_sizes``."""
     g = torch.Generator().manual_seed(seed)
-    rows = []
-    for question in _question_lengths(batch):
-        rows.append([1, *torch.randint(3, 90, (SYSTEM_TOKENS,), generator=g).tolist(), *[IMAGE_TOKEN] * visual,
-                     *torch.randint(3, 90, (question,), generator=g).tolist()])
-    ids, mask = _left_pad(rows)
+    ids, mask = _prompt_ids(g, batch, [IMAGE_TOKEN] * visual)
     return {"input_ids": ids, "attention_mask": mask,
             "pixel_values": torch.randn(batch, ANYRES_VIEWS, 3, ANYRES_TILE, ANYRES_TILE, generator=g),
             "image_sizes": torch.tensor([list(ANYRES_IMAGE)] * batch)}
