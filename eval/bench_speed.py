@@ -590,7 +590,7 @@ class StrategyCallTime:
         self._depth += 1
         try:
             # A call made from inside a block (ToMe's merges, an observer) is not the block's time.
-            with (self.block_time.outside(label) if self.block_time is not None else nullcontext()):
+            with (self.block_time.outside() if self.block_time is not None else nullcontext()):
                 yield
         finally:
             self._depth -= 1
@@ -762,6 +762,12 @@ def within_noise(low: float, high: float, target: float) -> bool:
     """Whether an estimate's interval holds values on both sides of its target: the rounds do not
     tell a pass from a fail, whatever the median says."""
     return low < target < high
+
+
+def _verdict_text(ok: bool | None, within_noise: bool, decided_by: str | None) -> str:
+    """pass / **FAIL**, then "(within noise)" and "(by the split)" where they apply."""
+    return (_pf(ok) + (" (within noise)" if within_noise else "")
+            + (" (by the split)" if decided_by == "split" else ""))
 
 
 @dataclass(frozen=True)
@@ -1315,11 +1321,9 @@ def report(args, command, load_at_start, device, meter, base, times_none, config
               "blocks matched out | in strategy calls | algorithm FLOPs share | floor | scoring target | oracle ms | machinery | "
               f"{CONFIDENCE:.0%} interval | blocks matched out | machinery target | Δ replay | Δ oracle |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    noise = " (within noise)"
     for r in rows:
-        by_split = " (by the split)"
-        scoring_target = ("exempt" if r["scoring_exempt"] else _pf(r["scoring_pass"]) + (noise if r["scoring_within_noise"] else "")
-                          + (by_split if r["scoring_decided_by"] == "split" else ""))
+        scoring_target = ("exempt" if r["scoring_exempt"] else
+                          _verdict_text(r["scoring_pass"], r["scoring_within_noise"], r["scoring_decided_by"]))
         scoring_split = "" if r["scoring_split_ms"] is None else (
             f"{r['scoring_split_ms']:.1f} ms ({100 * r['scoring_split_ms'] / base_ms:.1f}%; "
             f"{100 * r['scoring_split_interval_share'][0]:.1f}% to {100 * r['scoring_split_interval_share'][1]:.1f}%; "
@@ -1334,8 +1338,7 @@ def report(args, command, load_at_start, device, meter, base, times_none, config
         floor = f"{100 * r['algorithm_floor_share']:.1f}%" if r["algorithm_floor_share"] else ""
         machinery_interval = ("" if r["machinery_interval"] is None else
                               f"{100 * r['machinery_interval'][0]:+.1f}% to {100 * r['machinery_interval'][1]:+.1f}%")
-        machinery_target = (_pf(r["machinery_pass"]) + (noise if r["machinery_within_noise"] else "")
-                            + (by_split if r["machinery_decided_by"] == "split" else ""))
+        machinery_target = _verdict_text(r["machinery_pass"], r["machinery_within_noise"], r["machinery_decided_by"])
         oracle = f"{r['oracle_ms']:.0f}" if r["oracle_ms"] is not None else "= replay"
         machinery = "" if r["machinery"] is None else f"{100 * r['machinery']:+.1f}%"
         if r["machinery_basis"] == "keep-all":
@@ -1375,8 +1378,7 @@ def report(args, command, load_at_start, device, meter, base, times_none, config
                 split = (statistics.median(pair["split"]), (split_low, split_high))
                 split_text = f"{100 * split[0]:+.1f}% ({100 * split_low:+.1f}% to {100 * split_high:+.1f}%)"
             decided = verdict(overhead, median_interval(keep_all_ratios(pair))[:2], MACHINERY_TARGET, split)
-            target = (_pf(decided.ok) + (" (within noise)" if decided.within_noise else "")
-                      + (" (by the split)" if decided.basis == "split" else ""))
+            target = _verdict_text(decided.ok, decided.within_noise, decided.basis)
             lines.append(f"| {method} | {stages} | {median:.0f} | {1000 * min(values):.0f} | {1000 * max(values):.0f} | "
                          f"{unpruned_ms:.0f} | {100 * overhead:+.1f}% | {split_text} | {target} |")
 

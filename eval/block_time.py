@@ -132,7 +132,7 @@ class BlockTime:
             self._stack[-1].resumed = now
 
     @contextmanager
-    def outside(self, label: str = "") -> Iterator[None]:
+    def outside(self) -> Iterator[None]:
         """Code that is not the model's own (a strategy's call, a vtoken hook): its time goes to no
         block even when a block called it. A no-op when no block is being timed."""
         if not self._stack:
@@ -166,9 +166,10 @@ class BlockTime:
         return frames
 
 
-def hooks_outside(block_time: BlockTime) -> Callable[[Callable], Callable]:
-    """A replacement for ``vtoken.adapters.base.eager`` (the wrapper every vtoken hook is registered
-    through) that runs each hook inside ``block_time.outside()``; see :func:`vtoken_hooks_outside`."""
+@contextmanager
+def vtoken_hooks_outside(block_time: BlockTime) -> Iterator[None]:
+    """While active, hooks vtoken registers (through ``vtoken.adapters.base.UndoStack``, whose
+    ``eager`` wraps every hook) run inside ``block_time.outside()``: wrap models inside this context."""
     from vtoken.adapters import base
 
     original = base.eager
@@ -180,17 +181,7 @@ def hooks_outside(block_time: BlockTime) -> Callable[[Callable], Callable]:
 
         return original(run)
 
-    return eager
-
-
-@contextmanager
-def vtoken_hooks_outside(block_time: BlockTime) -> Iterator[None]:
-    """While active, hooks vtoken registers (through ``vtoken.adapters.base.UndoStack``) run inside
-    ``block_time.outside()``: wrap models inside this context."""
-    from vtoken.adapters import base
-
-    original = base.eager
-    base.eager = hooks_outside(block_time)
+    base.eager = eager
     try:
         yield
     finally:
