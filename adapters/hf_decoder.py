@@ -219,7 +219,7 @@ class DecoderPruning:
         self._use_group_kwargs(run, index, hidden, kwargs)
         stage = self.pruner.llm_stage_at(index) if run.prefill else None
         if run.prefill and index in self.stash_layers:
-            run.stash[index] = (hidden, kwargs.get("position_embeddings"), run.group_for(index)[1])
+            run.stash[index] = (hidden, kwargs.get("position_embeddings"), run.group_for(index)[1], compat.cache_from(kwargs))
         if stage is not None:
             _, layout = run.groups[-1]
             scorer = partial(self._attention, run, index)
@@ -275,11 +275,18 @@ class DecoderPruning:
         source = index - 1 if layer == "previous" else index
         if source < 0 or source not in run.stash:
             raise ValueError(f"no attention input is kept for LLM layer {source}")
-        hidden, cos_sin, layout = run.stash[source]
-        # Layer K's own keys (layer="current" at a stage at K) are projected once: for the scores here
-        # and, for the tokens the stage keeps, for the layer itself.
-        keys = self.key_reuse.keys_for(run, index, hidden) if source == index else None
-        return query_attention_rows(self.layers[source], hidden, cos_sin, layout, query, run.prompt_end, keys)[0]
+        hidden, cos_sin, layout, cache = run.stash[source]
+        keys = rotated = None
+        if source == index:
+            # Layer K's own keys (layer="current" at a stage at K) are projected once: for the scores
+            # here and, for the tokens the stage keeps, for the layer itself.
+            keys = self.key_reuse.keys_for(run, index, hidden)
+        elif self.pruner.llm_stage_at(source) is None:
+            # The previous layer ran on exactly this input (no stage of its own changed it), so the
+            # keys it left in the cache are the ones to score with: no second projection.
+            rotated = compat.prompt_keys(cache, source, hidden.shape[1], hidden.device)
+        return query_attention_rows(self.layers[source], hidden, cos_sin, layout, query, run.prompt_end, keys,
+                                    rotated)[0]
 
     def _attention_observed(self, query: str, index: int, module, args, kwargs, output) -> None:
         """Forward hook of an observed-attention layer: the query rows' attention over the prompt,
@@ -297,7 +304,10 @@ class DecoderPruning:
             probs = llama_cached_attention_rows(module, hidden, cos_sin, keys, key_valid)[..., : layout.length]
             present = torch.ones(probs.shape[0], probs.shape[2], dtype=torch.bool, device=probs.device)
         elif query != "next" and run.side_pass is None:
-            probs, present = query_attention_rows(module, hidden, cos_sin, layout, query, run.prompt_end)
+            # The layer has just run on ``hidden``: its keys are in the cache (when there is one).
+            rotated = compat.prompt_keys(compat.cache_from(kwargs), index, hidden.shape[1], hidden.device)
+            probs, present = query_attention_rows(module, hidden, cos_sin, layout, query, run.prompt_end,
+                                                  rotated_keys=rotated)
         else:
             return None
         summary = self.pruner.strategy.observe_attention(index, probs, present, layout.valid)
@@ -354,49 +364,56 @@ def instruction_slots(layout, prompt_end: int | None = None) -> tuple[torch.Tens
 
 
 def llama_attention_rows(layer: nn.Module, hidden, cos_sin, query_slots, key_valid,
-                         keys: torch.Tensor | None = None) -> torch.Tensor:
+                         keys: torch.Tensor | None = None, rotated_keys: torch.Tensor | None = None) -> torch.Tensor:
     """Attention probabilities ``[B, H, Q, L]`` of the query slots of a Llama-style decoder layer,
     recomputed from the layer's input exactly as its attention would (RMSNorm, q/k projections,
     optional q/k norms, rotary), through :func:`vtoken.kernels.attention_rows`. Query slot ``q``
     attends to key slots ``<= q`` that are valid. ``keys``: the layer's key projection of ``hidden``
-    (``k_proj`` of its input norm, ``[B, L, kv_heads * head_dim]``) when already computed."""
+    (``k_proj`` of its input norm, ``[B, L, kv_heads * head_dim]``) when already computed;
+    ``rotated_keys``: the keys as the layer's attention used them (``[B, kv_heads, L, head_dim]``,
+    after the key norm and rotary embedding: what its KV cache holds), which then need nothing."""
     attn = compat.attention_parts(compat.layer_attention(layer))
     norm = compat.decoder_input_norm(layer)
     batch, length, _ = hidden.shape
     head_dim = attn.head_dim
-    if keys is None:
+    if keys is None and rotated_keys is None:
         x = norm(hidden)
         rows, keys = gather_tokens(x, query_slots), attn.k_proj(x)
     else:  # the norm is per token: only the query rows need it
         rows = norm(gather_tokens(hidden, query_slots))
     q = attn.q_proj(rows).view(batch, rows.shape[1], -1, head_dim)
-    k = keys.view(batch, length, -1, head_dim)
     if attn.q_norm is not None:
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    q, k = q.transpose(1, 2), k.transpose(1, 2)
+        q = attn.q_norm(q)
     cos, sin = (t.expand(batch, -1, -1) for t in cos_sin)
-    q = apply_rotary(q, gather_tokens(cos, query_slots), gather_tokens(sin, query_slots))
-    k = apply_rotary(k, cos, sin)
+    q = apply_rotary(q.transpose(1, 2), gather_tokens(cos, query_slots), gather_tokens(sin, query_slots))
+    if rotated_keys is not None:
+        k = rotated_keys
+    else:
+        k = keys.view(batch, length, -1, head_dim)
+        if attn.k_norm is not None:
+            k = attn.k_norm(k)
+        k = apply_rotary(k.transpose(1, 2), cos, sin)
     causal = torch.arange(length, device=hidden.device)[None, None, :] <= query_slots[:, :, None]
     key_mask = causal & key_valid[:, None, :].to(torch.bool)
     return attention_rows(q, k, attn.scaling, key_mask)
 
 
 def query_attention_rows(layer: nn.Module, hidden, cos_sin, layout, query: str, prompt_end: int | None = None,
-                         keys: torch.Tensor | None = None):
+                         keys: torch.Tensor | None = None, rotated_keys: torch.Tensor | None = None):
     """``([B, H, Q, L], [B, Q])``: the attention probabilities of a layout's query rows (``"last"``:
     each sample's last valid slot of the prompt, so right padding and an assistant's candidate tokens
     are never scored as a query; ``"instruction"``: see :func:`instruction_slots`) over its slots,
-    zero for absent rows, and which rows are present (``keys``: see :func:`llama_attention_rows`)."""
+    zero for absent rows, and which rows are present (``keys``, ``rotated_keys``: see
+    :func:`llama_attention_rows`)."""
     if query == "last":
         slots = torch.arange(layout.length, device=hidden.device).expand_as(layout.valid)
         candidates = _query_candidates(layout, prompt_end)
         query_slots = torch.where(candidates, slots, -1).max(dim=-1, keepdim=True).values.clamp(min=0)
         present = torch.ones(query_slots.shape, dtype=torch.bool, device=hidden.device)
-        return llama_attention_rows(layer, hidden, cos_sin, query_slots, layout.valid, keys), present
+        return llama_attention_rows(layer, hidden, cos_sin, query_slots, layout.valid, keys, rotated_keys), present
     if query == "instruction":
         query_slots, present = instruction_slots(layout, prompt_end)
-        probs = llama_attention_rows(layer, hidden, cos_sin, query_slots, layout.valid, keys)
+        probs = llama_attention_rows(layer, hidden, cos_sin, query_slots, layout.valid, keys, rotated_keys)
         return probs * present[:, None, :, None], present
     raise ValueError(f"query must be 'last' or 'instruction', got {query!r}")
 

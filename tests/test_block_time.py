@@ -172,3 +172,17 @@ def test_verdict_uses_the_split_only_where_the_prefills_cannot_tell():
     assert decided == bench_speed.Verdict(True, True, "prefill")  # neither can tell
     assert bench_speed.verdict(0.05, (0.04, 0.06), 0.05, None) == bench_speed.Verdict(True, True, "prefill")
     assert bench_speed.verdict(0.02, (0.01, 0.015), 0.02, None, strict=True).ok is False
+
+
+def test_batch_ratio_and_its_interval_by_construction():
+    def runs(alone, alone_none, batched, batched_none):
+        return {1: {"m": {"tokens_per_s": alone}, "none": {"tokens_per_s": alone_none}},
+                8: {"m": {"tokens_per_s": batched}, "none": {"tokens_per_s": batched_none}}}
+
+    ratio, low, high = bench_speed.batch_ratio(runs([20.0] * 3, [10.0] * 3, [36.0] * 3, [20.0] * 3), 8, "m")
+    assert ratio == pytest.approx(0.9) and low == pytest.approx(0.9) and high == pytest.approx(0.9)
+    # three rounds: each speed-up's interval is its min-max (1.9 to 2.1 alone, 1.7 to 1.9 batched)
+    ratio, low, high = bench_speed.batch_ratio(runs([19.0, 20.0, 21.0], [10.0] * 3, [34.0, 36.0, 38.0], [20.0] * 3), 8, "m")
+    assert (ratio, low, high) == pytest.approx((1.8 / 2.0, 1.7 / 2.1, 1.9 / 1.9))
+    assert bench_speed._batch_verdict(ratio, low, high) == "pass (within noise)"
+    assert bench_speed._batch_verdict(0.85, 0.8, 0.89) == "**FAIL**"

@@ -137,3 +137,84 @@ def test_compiled_equals_eager_with_keys_handed_over():
             handle.remove()
         torch._dynamo.reset()
     assert all(rows[layer] and rows[layer][-1] == 0 for layer in stages), rows
+
+
+# --- keys a layer already left in the KV cache --------------------------------------------------------
+# A layer that has run leaves its keys (after its key norm and rotary embedding) in the cache: FastV's
+# score at K from layer K-1's attention and AIF's probe of every layer read them there instead of
+# projecting every token's key a second time. Where the cache cannot be trusted to hold exactly them
+# (none, a static or sliding-window layer, a stage that changed the layer's input) the keys are
+# projected as before.
+
+
+def _scored_attention(model, x, method: str, options: dict, from_cache: bool, monkeypatch, **call):
+    """Every attention-row block scoring computed ``[B, H, Q, L]``, whether each took the cache's
+    keys, and the key-projection rows per LLM layer, for one prefill."""
+    from vtoken.adapters import hf_decoder
+
+    if not from_cache:
+        monkeypatch.setattr(compat, "prompt_keys", lambda *args, **kwargs: None)
+    seen, rows = [], [[] for _ in _decoder_layers(model)]
+    original = hf_decoder.query_attention_rows
+
+    def spy(*args, **kwargs):
+        result = original(*args, **kwargs)
+        seen.append((result[0], kwargs.get("rotated_keys", args[7] if len(args) > 7 else None) is not None))
+        return result
+
+    monkeypatch.setattr(hf_decoder, "query_attention_rows", spy)
+    handles = [_key_projection(layer).register_forward_hook(lambda m, a, out, i=i: rows[i].append(out.shape[-2]))
+               for i, layer in enumerate(_decoder_layers(model))]
+    try:
+        with vtoken.pruned(model, method, **options), torch.no_grad():
+            logits = model(**x, **call).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+        monkeypatch.undo()
+    return logits, seen, rows
+
+
+@pytest.mark.parametrize("method,family", cases(["fastv", "aif"]))
+def test_attention_scored_on_the_cached_keys_is_the_projected_keys(method, family, monkeypatch):
+    model = FAMILIES[family].make()
+    x = FAMILIES[family].inputs(model)
+    options = {"keep": 0.3}
+    logits, cached, rows = _scored_attention(model, x, method, options, True, monkeypatch)
+    plain_logits, projected, plain_rows = _scored_attention(model, x, method, options, False, monkeypatch)
+    assert cached and all(used for _, used in cached)  # every block read the cache's keys
+    assert not any(used for _, used in projected)
+    assert len(cached) == len(projected)
+    for (a, _), (b, _) in zip(cached, projected):
+        # the same keys; the query rows' norm runs on the gathered rows alone (per token, rounded alike
+        # up to the reduction's blocking)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert torch.equal(logits, plain_logits)  # the same tokens kept
+    # Each scored layer's key projection ran once (the layer's own), not twice.
+    assert sum(map(len, rows)) + len(cached) == sum(map(len, plain_rows))
+
+
+def test_fastv_without_a_cache_projects_the_keys(monkeypatch):
+    model = FAMILIES["llava"].make()
+    x = FAMILIES["llava"].inputs(model)
+    logits, seen, _ = _scored_attention(model, x, "fastv", {"keep": 0.3}, True, monkeypatch, use_cache=False)
+    plain_logits, _, _ = _scored_attention(model, x, "fastv", {"keep": 0.3}, False, monkeypatch, use_cache=False)
+    assert seen and not any(used for _, used in seen)
+    assert torch.equal(logits, plain_logits)
+
+
+def test_prompt_keys_trusts_only_a_plain_growing_layer():
+    from transformers.cache_utils import DynamicCache, StaticCache
+
+    config = FAMILIES["llava"].make().config.get_text_config()
+    keys = torch.randn(2, config.num_key_value_heads, 7, config.hidden_size // config.num_attention_heads)
+    dynamic = DynamicCache(config=config)
+    dynamic.update(keys, keys.clone(), 0)
+    assert torch.equal(compat.prompt_keys(dynamic, 0, 7, keys.device), keys)
+    assert torch.equal(compat.prompt_keys(dynamic, 0, 3, keys.device), keys[:, :, 4:])  # the newest tokens
+    assert compat.prompt_keys(dynamic, 0, 8, keys.device) is None  # fewer held than asked
+    assert compat.prompt_keys(dynamic, 0, 7, torch.device("meta")) is None  # elsewhere (offloaded)
+    assert compat.prompt_keys(None, 0, 7, keys.device) is None
+    static = StaticCache(config=config, max_cache_len=16)
+    static.update(keys, keys.clone(), 0, {"cache_position": torch.arange(7)})
+    assert compat.prompt_keys(static, 0, 7, keys.device) is None  # 16 slots, the tail empty

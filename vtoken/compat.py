@@ -102,6 +102,22 @@ def cache_layer_kv(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     return entry.keys, entry.values
 
 
+def prompt_keys(cache, layer: int, length: int, device: torch.device) -> torch.Tensor | None:
+    """The keys ``[B, H_kv, length, D]`` (as the layer's attention used them: after its key norm and
+    rotary embedding) of the last ``length`` tokens ``cache`` holds for decoder ``layer``, or None
+    where they may not be those: a layer of another kind than the plain growing one (sliding window,
+    quantized, static, indexed), fewer tokens held, or keys offloaded to another device."""
+    from transformers.cache_utils import DynamicLayer
+
+    entry = cache.layers[layer] if cache is not None and layer < len(getattr(cache, "layers", ())) else None
+    if type(entry) is not DynamicLayer or not getattr(entry, "is_initialized", True):
+        return None
+    keys = entry.keys
+    if not isinstance(keys, torch.Tensor) or keys.dim() != 4 or keys.shape[2] < length or keys.device != device:
+        return None
+    return keys[:, :, keys.shape[2] - length:]
+
+
 def set_cache_layer_kv(cache, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
     entry = cache.layers[layer]
     entry.keys, entry.values = keys, values
