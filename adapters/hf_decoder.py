@@ -115,12 +115,13 @@ class DecoderPruning:
             # generate() with a static cache hands the LLM a 4-D mask. At prefill (empty cache) its last
             # query row says which prompt tokens are real (padding), which is all vtoken needs; while
             # decoding it is built from the pruned cache's length, so only what it implies is used: the
-            # generated tokens are real. The LLM builds its own mask for the pruned sequence.
+            # generated tokens are real. Where the input changes, the 2-D mask of the pruned sequence
+            # replaces it (``_prefill_inputs`` / ``_decode_inputs``) and the LLM builds its own; where it
+            # does not (no stage before the LLM), generate's mask is the right one and stays.
             if run.prefill:
                 mask = padding_from_4d_mask(mask, embeds.shape[1])
             else:
                 mask = torch.ones(embeds.shape[0], run.seen + embeds.shape[1], dtype=torch.long, device=embeds.device)
-            kwargs["attention_mask"] = mask
         if mask is not None and mask.dim() != 2:
             raise ValueError(
                 "vtoken needs a 2-D attention_mask (batch, length); a custom 4-D mask cannot be pruned: pass the "

@@ -229,15 +229,19 @@ def test_a_static_cache_equals_the_dynamic_cache_before_the_llm(method, family):
             assert torch.equal(_generate(model, x, cache_implementation="static"), dynamic)
 
 
-@pytest.mark.parametrize("options", [{"keep": 1.0}, {"keep": 1.0, "site": "vision", "layer": 1}])
+@pytest.mark.parametrize("method,options", [("random", {"keep": 1.0}), ("random", {"keep": 1.0, "site": "vision", "layer": 1}),
+                                            ("tome", {"keep": 1.0})])  # ToMe at keep 1: a wrap with no stage
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_a_static_cache_at_keep_all_equals_the_plain_model(family, options):
+def test_a_static_cache_at_keep_all_equals_the_plain_model(family, method, options):
     if not FAMILIES[family].supports(options):
         pytest.skip(f"{family} does not prune inside its vision encoder yet")
+    refusal = FAMILIES[family].refusal(method, options)
+    if refusal:
+        pytest.skip(refusal)
     model = FAMILIES[family].make()
     x = FAMILIES[family].inputs(model)
     plain = _generate(model, x, cache_implementation="static")
-    with vtoken.pruned(model, "random", **options):
+    with vtoken.pruned(model, method, **options):
         assert torch.equal(_generate(model, x, cache_implementation="static"), plain)
 
 
