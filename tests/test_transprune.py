@@ -180,9 +180,24 @@ def test_budget_options_set_the_last_stage():
     assert [(s.layer, s.keep) for s in TransPruneConfig(keep=1.0).resolved_stages(4)] == [(1, 1.0)]
     last = TransPruneConfig(keep_tokens=64).resolved_stages()[-1]
     assert (last.layer, last.keep_tokens) == (12, 64)
+    # A count above an earlier stage's default share: that stage keeps the count instead (as keep
+    # takes max(ratio, keep)); below it, the default share; never more than the image has.
+    early = TransPruneConfig(keep_tokens=400).resolved_stages()[:-1]
+    assert [s.budget(576) for s in early] == [504, 400] and [s.budget(100) for s in early] == [100, 100]
+    assert [s.budget(576) for s in TransPruneConfig(keep_tokens=64).resolved_stages()] == [504, 360, 64]
     custom = TransPruneConfig(prune_layers=[2, 5], keep_ratios=[0.5, 0.25], accumulate_layers=[0, 1, 3])
     assert [(s.layer, s.keep) for s in custom.resolved_stages()] == [(2, 0.5), (5, 0.25)]
     assert custom.accumulation(custom.resolved_stages()) == (0, 1, 3)
+
+
+def test_a_count_above_an_earlier_stages_share_runs_and_keeps_it():
+    """16 visual tokens, 4 layers: stages keep 14 and 10 by default; keep_tokens=11 keeps 11 at the
+    middle stage instead of failing at the last one (11 of 10)."""
+    model = tiny_llava()
+    with vtoken.pruned(model, "transprune", keep_tokens=11), torch.no_grad():
+        model(**llava_inputs(1))
+        kept = {stage: len(tokens) for stage, tokens in vtoken.selection(model)[0].items()}
+    assert kept == {"llm:1": 14, "llm:2": 11, "llm:3": 11}
 
 
 @pytest.mark.parametrize(

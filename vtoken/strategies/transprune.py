@@ -40,9 +40,9 @@ after 1-based layers 7, 9, 12 to 0.875, 0.625, 0.125 of the original tokens (576
 accumulation span is always the layer before the first pruning point to the layer before the last.
 
 Budgets: ``keep`` / ``keep_tokens`` set the final stage's budget; earlier stages keep their default
-fraction or the final one, whichever is larger (``keep=1.0`` keeps everything). With
-``keep_tokens`` the earlier stages stay fractions, so it must fit under them (at most 0.625 of an
-image's tokens with the default ratios); use ``keep`` or ``stages`` for milder budgets.
+fraction or the final budget, whichever is larger (``keep=1.0`` keeps everything; with
+``keep_tokens`` per image, :class:`AtLeastStage`), so no earlier stage cuts below what the last
+one keeps.
 
 Scores never need eager attention: TTV comes from forward hooks on the attention and MLP modules
 (``observe``), IGA from ``ctx.attention(query="instruction", layer="current")``, computed beside
@@ -181,6 +181,21 @@ def _is_layer_list(value) -> bool:
     return isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
 
 
+@dataclass(frozen=True)
+class AtLeastStage(StageSpec):
+    """An earlier stage of the progressive schedule under a count budget (``keep_tokens``): its
+    default fraction of an image's tokens, but never fewer than ``at_least`` (the final stage's
+    count, capped at the image's tokens), as ``keep`` takes ``max(ratio, keep)``."""
+
+    at_least: int = 1
+
+    def budget(self, visual_tokens: int) -> int:
+        return min(visual_tokens, max(super().budget(visual_tokens), self.at_least))
+
+    def fraction(self, visual_tokens: int) -> float:
+        return self.budget(visual_tokens) / visual_tokens
+
+
 @dataclass
 class TransPruneConfig(PruneConfig):
     """TransPrune options (see the module docstring for the formulas and defaults).
@@ -309,7 +324,11 @@ class TransPruneConfig(PruneConfig):
         for i, (layer, ratio) in enumerate(zip(layers, ratios)):
             if i == len(layers) - 1 and self.keep_tokens is not None:
                 stages.append(StageSpec("llm", layer, keep_tokens=self.keep_tokens))
-            elif not stages or stages[-1].keep != ratio:  # a stage keeping what is left does nothing
+            elif stages and stages[-1].keep == ratio:  # a stage keeping what is left does nothing
+                continue
+            elif self.keep_tokens is not None:
+                stages.append(AtLeastStage("llm", layer, keep=ratio, at_least=self.keep_tokens))
+            else:
                 stages.append(StageSpec("llm", layer, keep=ratio))
         return tuple(stages)
 
