@@ -275,7 +275,10 @@ class DecoderSpec:
     """The LLM: ``stack`` is called with ``inputs_embeds`` (its pre- and post-hooks realise the
     projector site and the decoding bookkeeping), ``layers`` its blocks (Llama-style: input norm,
     q/k projections with optional q/k norms, rotary; :mod:`vtoken.adapters.hf_decoder` recomputes
-    a block's attention rows from its input), ``head`` the LM head (None on a bare model)."""
+    a block's attention rows from its input), ``head`` the LM head (None on a bare model).
+    ``token_inputs``: keywords of ``stack``'s forward that carry more per-token input of the prompt
+    than its embeddings (Qwen3-VL's DeepStack features and their positions); a mask stage that
+    reruns the prompt's tail over its cache hands them to that rerun too."""
 
     stack: nn.Module
     layers: nn.ModuleList
@@ -283,6 +286,7 @@ class DecoderSpec:
     positions: PositionScheme = PositionScheme()
     width: int = 0
     head_dim: int = 0
+    token_inputs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

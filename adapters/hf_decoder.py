@@ -54,8 +54,11 @@ class DecoderPruning:
     the LLM (vision-site drops, projector-site stages); it returns the group-0 layout and embeddings.
     """
 
-    def __init__(self, language_model: nn.Module, pruner: Pruner, pre_llm, head: nn.Module | None = None):
+    def __init__(self, language_model: nn.Module, pruner: Pruner, pre_llm, head: nn.Module | None = None,
+                 token_inputs: tuple[str, ...] = ()):
         self.lm = language_model
+        #: The LLM's per-token inputs besides its embeddings (``DecoderSpec.token_inputs``).
+        self.token_inputs = token_inputs
         self.layers: nn.ModuleList = language_model.layers
         self.pruner = pruner
         self.pre_llm = pre_llm

@@ -16,6 +16,7 @@ set the decoding layout) and before each layer during its own extra passes (thei
 from __future__ import annotations
 
 from functools import partial
+from typing import NamedTuple
 
 import torch
 
@@ -25,6 +26,16 @@ from vtoken.layout import SequenceLayout, positions_out
 from vtoken.request import PruneRun
 
 from .masks import ARBITRARY_MASK_ATTENTION, causal_mask_for
+
+
+class Recompute(NamedTuple):
+    """A mask stage's rerun of the prompt from slot ``start`` on: layers before ``first`` (the
+    stage's layer) take the ``plain`` causal mask, the others the ``masked`` one."""
+
+    first: int
+    plain: torch.Tensor
+    masked: torch.Tensor
+    start: int
 
 
 class MaskStagePass:
@@ -41,8 +52,8 @@ class MaskStagePass:
         the stage's layer, modulated from it on); the probe step runs as the model would."""
         if run.side_pass != "recompute":
             return None
-        first, plain, masked = run.recompute
-        kwargs["attention_mask"] = masked if index >= first else plain
+        recompute = run.recompute
+        kwargs["attention_mask"] = recompute.masked if index >= recompute.first else recompute.plain
         return args, kwargs
 
     def _check(self, stage) -> None:
@@ -150,11 +161,15 @@ class MaskStagePass:
         modulated = causal_mask_for(self.decoder.config, embeds, layout.valid, length - start, extra=text_may_attend)
         compat.crop_cache(cache, start - length)
         flags = {k: kwargs[k] for k in ("output_attentions", "output_hidden_states") if kwargs.get(k)}
-        run.side_pass, run.recompute = "recompute", (self.pruner.mask.layer, plain, modulated)
+        # The prompt's other per-token inputs (DeepStack) go to the rerun whole: the model's hook for
+        # them reads ``run.recompute.start`` to find the rerun's slots.
+        token_inputs = {k: kwargs[k] for k in self.decoder.token_inputs if kwargs.get(k) is not None}
+        run.side_pass, run.recompute = "recompute", Recompute(self.pruner.mask.layer, plain, modulated, start)
         try:
             rest = self.decoder.lm.forward(
                 inputs_embeds=embeds[:, start:], attention_mask=layout.valid.long(),
-                position_ids=positions_out(layout.position_ids[:, start:]), use_cache=True, **compat.cache_kwargs(cache), **flags,
+                position_ids=positions_out(layout.position_ids[:, start:]), use_cache=True, **compat.cache_kwargs(cache),
+                **flags, **token_inputs,
             )
         finally:
             run.side_pass, run.recompute = None, None

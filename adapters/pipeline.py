@@ -232,7 +232,8 @@ class VisionLanguageAdapter(VisionSite, Adapter):
         if pruner.stages_at("vision"):
             undo.post_hook(self.projector(), self._after_projector)
         decoder = self.description.decoder
-        DecoderPruning(decoder.stack, pruner, self._pre_llm, head=decoder.head).install(undo)
+        DecoderPruning(decoder.stack, pruner, self._pre_llm, head=decoder.head,
+                       token_inputs=decoder.token_inputs).install(undo)
         if callable(getattr(self.model, "generate", None)):
             self._record_prompt_length(undo)
         if self.model is not self.core:  # the model with the LM head computes the loss from labels

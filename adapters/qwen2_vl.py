@@ -108,12 +108,15 @@ class QwenVLAdapter(PackedVisionSite, VisionLanguageAdapter):
                 positions=PositionScheme("mrope", sections=tuple(rope.get("mrope_section", ())), interleaved=self.interleaved_mrope),
                 width=text_config.hidden_size,
                 head_dim=getattr(text_config, "head_dim", None) or text_config.hidden_size // text_heads,
+                token_inputs=self.decoder_token_inputs,
             ),
             gaps=self.family_gaps(),
         )
 
     #: Whether the M-RoPE sections interleave over the head dimension (Qwen3-VL) or come in blocks.
     interleaved_mrope = False
+    #: The LLM's per-token inputs besides its embeddings (``DecoderSpec.token_inputs``).
+    decoder_token_inputs: tuple[str, ...] = ()
 
     def family_label(self) -> str:
         return "Qwen2.5-VL" if "2_5" in self.config.model_type else "Qwen2-VL"

@@ -10,6 +10,8 @@ What differs from Qwen2-VL (:mod:`vtoken.adapters.qwen2_vl`, whose pipeline it r
   inside it gets none; the rows are matched through each token's original place). Inside the
   vision tower, a DeepStack merger after a vision stage reads the kept units only, and its output is
   put back in unit places as the main merger's is.
+  A mask stage's rerun of the prompt's tail (AIF) gets them too: in a left-padded batch that tail
+  can hold another sample's last visual tokens.
 - **Positions.** M-RoPE with the interleaved layout (``PositionScheme(interleaved=True)``): vtoken
   carries the model's own 3-D ids per token, so the layout is the model's business.
 - **Vision tower.** Learned position embeddings interpolated to each image's grid (added before
@@ -43,6 +45,7 @@ def _classes() -> tuple[type, ...]:
 class Qwen3VLAdapter(QwenVLAdapter):
     family = "qwen3_vl"
     interleaved_mrope = True
+    decoder_token_inputs = compat.DEEPSTACK_KWARGS
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -70,7 +73,14 @@ class Qwen3VLAdapter(QwenVLAdapter):
             run = pruner.active
             if run is None or not run.groups:
                 return original(hidden_states, visual_pos_masks, visual_embeds)
-            if run.side_pass is not None:  # a mask stage's extra pass runs text rows only
+            if run.side_pass == "recompute":
+                # A mask stage reruns the prompt from slot ``start`` on: in a padded batch the slots
+                # there may hold another sample's last visual tokens, which get their rows as in the
+                # prefill (the layout is the prefill's: a mask stage prunes nothing).
+                layout = run.groups[0][1]
+                orig = layout.orig_index[:, run.recompute.start:]
+                return add_deepstack(hidden_states, visual_pos_masks, visual_embeds, orig)
+            if run.side_pass is not None:  # the probe's decoding step: a text token
                 return hidden_states
             layouts = [layout for _, layout in reversed(run.groups) if layout.length == hidden_states.shape[1]]
             if not layouts:

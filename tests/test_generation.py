@@ -80,6 +80,11 @@ def test_each_sample_alone_equals_it_in_the_batch(method, family):
         mine = out.sequences[0, single["input_ids"].shape[1]:]  # shorter when it ends at EOS
         theirs = batched.sequences[b, width:]
         assert torch.equal(mine, theirs[: len(mine)]), f"sample {b}"
+        # and the scores, not only their argmax (a 0.07 difference once left every token the same)
+        for step, (a, c) in enumerate(zip(out.scores, batched.scores)):
+            finite = torch.isfinite(a[0])  # suppressed tokens are -inf in both
+            assert torch.equal(finite, torch.isfinite(c[b])), f"sample {b}, step {step}"
+            torch.testing.assert_close(a[0][finite], c[b][finite], atol=1e-4, rtol=1e-4, msg=f"sample {b}, step {step}")
         assert bool((theirs[len(mine):] == model.generation_config.pad_token_id).all())
         assert same_selections(vtoken.selection(model)[:1], [chosen[b]]), f"sample {b}"
     vtoken.unwrap(model)

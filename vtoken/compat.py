@@ -268,6 +268,9 @@ def deepstack_mergers(visual: nn.Module) -> list[nn.Module]:
 #: The Qwen3-VL text model's method that adds the DeepStack features after a layer (replaced on the
 #: instance by the adapter, so the features follow the pruning).
 DEEPSTACK_PROCESS = "_deepstack_process"
+#: The Qwen3-VL text model's forward keywords for the DeepStack features and the visual positions they
+#: are added at.
+DEEPSTACK_KWARGS = ("visual_pos_masks", "deepstack_visual_embeds")
 
 
 def encoder_layer_norms(layer: nn.Module) -> tuple[nn.Module, nn.Module]:

@@ -225,7 +225,7 @@ class PruneRun:
         #: Set while the adapter runs an extra pass of the LLM inside a prefill for a mask stage:
         #: ``"next"`` (the probe decoding step) or ``"recompute"`` (the masked text rows).
         self.side_pass: str | None = None
-        #: During ``"recompute"``: (first masked layer, the attention mask its layers use).
+        #: During ``"recompute"``: the rerun (:class:`~vtoken.adapters.mask_stage.Recompute`).
         self.recompute: tuple | None = None
         #: True once a mask stage changed the layout of layer group 0 (decoding masks then come from it).
         self.input_layout_changed = False
