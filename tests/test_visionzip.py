@@ -195,6 +195,23 @@ def test_llava_next_keeps_the_budget_of_each_image():
     assert kept == [max(1, round(0.25 * n)) for n in counts]
 
 
+@pytest.mark.parametrize("size", [(64, 40), (32, 32)])
+def test_llava_next_vision_site_fills_a_crop_that_unpadding_cut(size):
+    """At the vision site every crop keeps the same count; where LLaVA-NeXT's unpadding cuts a crop's
+    patches below it, the cut patches fill the count (they never reach the LLM): keep 1.0 is the
+    plain model, and a high keep runs."""
+    from tiny import llava_next_inputs, tiny_llava_next
+
+    model = tiny_llava_next()
+    x = llava_next_inputs(model, image_sizes=(size,))
+    with torch.no_grad():
+        plain = model(**x).logits
+        with vtoken.pruned(model, "visionzip", site="vision", layer=1, keep=1.0):
+            torch.testing.assert_close(model(**x).logits, plain)
+        with vtoken.pruned(model, "visionzip", site="vision", layer=1, keep=0.9):
+            model(**x)
+
+
 def test_scoring_cost_counts_the_cls_row_and_the_merge_from_the_stage_shapes():
     """The CLS row against every key of the read layer, plus the contextual merge's similarities:
     (576 - 54 - 10) remaining tokens x 10 targets x head_dim 8 (width 32, 4 heads), 2 FLOPs each."""

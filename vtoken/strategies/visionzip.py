@@ -188,6 +188,9 @@ class VisionZipStrategy(Strategy):
             inputs, project = rows.features, (lambda merged: merged)
             cls, keys = attention.cls, attention.keys
             has_patch = torch.ones_like(rows.valid)
+            # Every crop keeps the same count (the tower batches crops); patches LLaVA-NeXT's unpadding
+            # cuts never reach the LLM and only fill a crop whose other patches cannot.
+            filler = ~rows.valid
         else:
             inputs = ctx.require("projector_input", self.name)
             project = ctx.require("projector", self.name)
@@ -195,6 +198,7 @@ class VisionZipStrategy(Strategy):
             cls = from_crops(attention.cls)  # [R, N]
             keys = from_crops(attention.keys)  # [R, N, k]
             has_patch = from_crops(torch.ones_like(attention.cls)) > 0  # NeXT's newlines have none
+            filler = rows.valid & ~has_patch
         merged_into = torch.full(rows.valid.shape, -1, dtype=torch.long, device=rows.valid.device)
         width = int(rows.budget.max())
         keep = torch.full((rows.num_rows, width), -1, dtype=torch.long, device=rows.valid.device)
@@ -202,7 +206,7 @@ class VisionZipStrategy(Strategy):
         for r in range(rows.num_rows):
             budget = int(rows.budget[r])
             patches = torch.nonzero(rows.valid[r] & has_patch[r]).squeeze(-1)
-            plain = torch.nonzero(rows.valid[r] & ~has_patch[r]).squeeze(-1)
+            plain = torch.nonzero(filler[r]).squeeze(-1)
             dominant_count, contextual_count = split_budget(min(budget, len(patches)), self.config.dominant_share)
             order = torch.argsort(cls[r, patches].float(), descending=True, stable=True)
             dominant = patches[order[:dominant_count]]
@@ -214,7 +218,8 @@ class VisionZipStrategy(Strategy):
                 chosen.append(rest[targets])
             else:
                 chosen.append(rest[:contextual_count])
-            # Tokens with no patch behind them (NeXT's newlines) only when the patches cannot fill it.
+            # Tokens with no patch behind them (NeXT's newlines) or cut by unpadding (at the vision
+            # site) only when the patches cannot fill it.
             chosen.append(plain[: budget - dominant_count - contextual_count])
             kept = torch.sort(torch.cat(chosen)).values
             keep[r, : len(kept)] = kept
