@@ -380,6 +380,12 @@ class VisionLanguageAdapter(VisionSite, Adapter):
                 f"this prompt holds {' and '.join(m.name + 's' for m in present)} at once; vtoken prunes one kind of "
                 "visual input per prompt: send them in separate prompts (or call vtoken.unwrap(model) for this use)"
             )
+        given = compat.full_attention_mask(kwargs.get("attention_mask"))
+        if given is not None and given.dim() == 2 and tuple(given.shape) != tuple(input_ids.shape[:2]):
+            raise ValueError(
+                f"attention_mask has shape {tuple(given.shape)} but the prompt is {tuple(input_ids.shape[:2])} "
+                "(batch, length); pass one mask entry per prompt token, as the processor returns them"
+            )
         (modality,) = present
         encoded = compat.encoded_output(kwargs, modality.name)
         if kwargs.get(modality.pixels) is not None:

@@ -335,3 +335,17 @@ def test_wrap_then_change_the_dtype_and_load_with_device_map_auto(method, tmp_pa
     loaded = vtoken.wrap(LlavaForConditionalGeneration.from_pretrained(tmp_path / "model", device_map="auto").eval(), method)
     vtoken.wrap(model, method)
     assert torch.equal(_generate(loaded, x), _generate(model, x))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_an_attention_mask_of_another_shape_is_refused_in_one_line(family):
+    """A 2-D mask that does not cover the prompt (another batch, a token short) is named with both
+    shapes before anything runs; the next correct call is the wrapped model's as before."""
+    model = FAMILIES[family].make()
+    x = FAMILIES[family].inputs(model)
+    with vtoken.pruned(model, "pool", keep=0.5), torch.no_grad():
+        expected = model(**x).logits
+        for mask in (x["attention_mask"][:1], x["attention_mask"][:, :-1]):
+            with pytest.raises(ValueError, match=r"^attention_mask has shape .* but the prompt is .*\(batch, length\)"):
+                model(**{**x, "attention_mask": mask})
+        assert torch.equal(model(**x).logits, expected)
