@@ -29,6 +29,10 @@ def test_lists_may_be_comma_or_space_separated():
     (["--device", "nosuchdevice"], "--device 'nosuchdevice' is not a device"),
     (["--attn", "flash_attention_2"], "--attn flash_attention_2"),
     (["--configs", "x"], "--configs 'x': write LABEL=DIR"),
+    (["--threads", "-1"], "--threads must be at least 1, got -1 (leave it out for torch's default)"),
+    (["--threads", "0"], "--threads must be at least 1, got 0"),
+    (["--budgets", "1", "1e400"], "budget '1e400': no image has that many visual tokens; write a count up to 1,000,000"),
+    (["--budgets", "1e-400"], "budget '1e-400' rounds to 0"),
 ])
 def test_bad_bench_arguments_are_one_line_before_any_model_runs(argv, message, capsys, monkeypatch):
     import vtoken.bench
@@ -40,6 +44,90 @@ def test_bad_bench_arguments_are_one_line_before_any_model_runs(argv, message, c
     assert main(["bench", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("vtoken bench: error: ") and message in err and err.count("\n") == 1
+
+
+def test_bench_paths_are_checked_before_any_model_runs(tmp_path, capsys, monkeypatch):
+    import vtoken.bench
+
+    monkeypatch.setattr(vtoken.bench, "run", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
+    a_file, empty = tmp_path / "a_file", tmp_path / "empty"
+    a_file.write_text("")
+    empty.mkdir()
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "vtoken_config.json").write_text("{")
+    cases = [
+        (["--out", str(a_file)], f"--out '{a_file}': not a directory; give a directory (created if missing)"),
+        (["--out", str(a_file / "sub")], f"--out '{a_file / 'sub'}': not a directory ('{a_file}' is)"),
+        (["--configs", f"x={empty}"], f"--configs x={empty}: the directory holds no vtoken_config.json (write one "
+         "with vtoken.save_config(model, DIR))"),
+        (["--configs", f"x={tmp_path / 'bad'}"], f"--configs x={tmp_path / 'bad'}: not a usable config: "),
+        (["--trained", f"tokenpacker={empty}"], f"--trained tokenpacker={empty}: the directory holds no "
+         "packer_config.json"),
+    ]
+    for argv, message in cases:
+        extra = [] if "--out" in argv else ["--out", str(tmp_path / "out")]
+        assert main(["bench", *argv, *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("vtoken bench: error: ") and message in err and err.count("\n") == 1, (argv, err)
+    assert not (tmp_path / "out").exists() and a_file.read_text() == ""
+
+
+def test_good_paths_pass_the_bench_checks(tmp_path):
+    from vtoken.bench import shipped_tuned
+    from vtoken.bench_args import check_configs, check_out
+
+    check_out(str(tmp_path / "new" / "nested"))  # made when the first row is written
+    check_out(str(tmp_path))
+    check_configs(shipped_tuned(None))  # the shipped tuned configs load
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--steps", "-1"], "--steps must be at least 1, got -1 (leave it out to train --epochs over the data)"),
+    (["--steps", "0"], "--steps must be at least 1, got 0"),
+    (["--epochs", "-1"], "--epochs must be a positive number, got -1.0"),
+    (["--epochs", "0"], "--epochs must be a positive number, got 0.0"),
+    (["--scale", "7"], "--scale 7: write 2, 3 or 4"),
+    (["--scale", "1"], "--scale 1: write 2, 3 or 4"),
+    (["--threads", "0"], "--threads must be at least 1, got 0"),
+    (["--n", "0"], "--n must be at least 1, got 0"),
+    (["--lr", "-1"], "--lr must be a positive number"),
+    (["--save-every", "-1"], "--save-every must be 0 (checkpoint at the end only) or more"),
+    (["--init", "nosuch"], "--init 'nosuch': write random, projector or a packer directory"),
+    (["--model", "/nonexistent"], "--model '/nonexistent': no such directory"),
+    (["--model", "./nonexistent"], "--model './nonexistent': no such directory"),
+    (["--data", "/nonexistent.jsonl"], "--data '/nonexistent.jsonl': no such file"),
+])
+def test_bad_train_projector_arguments_are_one_line_before_the_model_loads(argv, message, tmp_path, capsys,
+                                                                          monkeypatch):
+    import vtoken.packer_training
+    from vtoken.bench import default_model_path
+
+    monkeypatch.setattr(vtoken.packer_training, "train_projector",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained")))
+    options = {"--model": default_model_path(), "--data": "generated", "--out": str(tmp_path / "out")}
+    options.update(dict(zip(argv[::2], argv[1::2])))
+    assert main(["train-projector", *[x for pair in options.items() for x in pair]]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vtoken train-projector: error: ") and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_projector_out_must_not_be_a_file(tmp_path, capsys):
+    from vtoken.bench import default_model_path
+
+    (tmp_path / "a_file").write_text("")
+    argv = ["train-projector", "--model", default_model_path(), "--data", "generated", "--out", str(tmp_path / "a_file")]
+    assert main(argv) == 2
+    assert f"--out '{tmp_path / 'a_file'}': not a directory" in capsys.readouterr().err
+
+
+def test_train_projector_refuses_no_steps_before_loading(tmp_path):
+    from vtoken.packer_training import train_projector
+
+    for options, message in (({"steps": 0}, "steps must be at least 1"), ({"epochs": -1}, "epochs must be a positive")):
+        with pytest.raises(ValueError, match=message):  # raised before "/nonexistent" is loaded
+            train_projector("/nonexistent", "generated", out=tmp_path / "out", **options)
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_malformed_jsonl_line_names_the_file_and_line(tmp_path, capsys, monkeypatch):

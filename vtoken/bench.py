@@ -115,6 +115,11 @@ def _refusals(model) -> dict[str, str]:
     return {name: f"skipped on {family}: {why}" for name, why in verdicts.items() if why != "runs"}
 
 
+#: The largest count ``parse_budget`` takes: far above any supported model's visual tokens per image
+#: (Qwen2-VL's default ``max_pixels`` gives 16,384); a larger count is a typo.
+MAX_BUDGET_TOKENS = 1_000_000
+
+
 def parse_budget(text: str) -> float | int:
     """``"1/9"`` or ``"0.25"`` is a fraction of the visual tokens, ``"64"`` a count; ``"1"`` keeps all."""
     try:
@@ -127,9 +132,14 @@ def parse_budget(text: str) -> float | int:
     if value <= 0:
         raise ValueError(f"budget {text!r} must be positive")
     if value <= 1:
+        if float(value) == 0:
+            raise ValueError(f"budget {text!r} rounds to 0; write a fraction such as 1/9 or a count such as 64")
         return float(value)
     if value.denominator != 1:
         raise ValueError(f"budget {text!r}: a count must be a whole number")
+    if value > MAX_BUDGET_TOKENS:
+        raise ValueError(f"budget {text!r}: no image has that many visual tokens; write a count up to "
+                         f"{MAX_BUDGET_TOKENS:,} or a fraction (1/9, 0.25)")
     return int(value)
 
 

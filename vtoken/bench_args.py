@@ -1,5 +1,6 @@
-"""Checks of ``vtoken bench``'s arguments, run before any model loads: each bad value is a
-``ValueError`` whose one line names the problem and the fix (the CLI prints it and exits with 2).
+"""Checks of ``vtoken bench``'s (and ``vtoken train-projector``'s) arguments, run before any model loads:
+each bad value is a ``ValueError`` whose one line names the problem and the fix (the CLI prints it and
+exits with 2).
 
 Importing this module imports no torch (``vtoken --help`` stays fast); the checks that need the
 registry or torch import them when they run."""
@@ -34,11 +35,16 @@ def check_bench_arguments(args):
     for flag, value in (("--limit", args.limit), ("--repeats", args.repeats), ("--batch-size", args.batch)):
         if value < 1:
             raise ValueError(f"{flag} must be at least 1, got {value}")
+    check_threads(args.threads)
+    check_out(args.out)
     if args.data is not None:
         check_data(args.data)
     check_device(args.device, args.attn)
     if trained:
         check_methods([m for m, _ in trained], trained=True)
+        check_trained_weights(trained)
+    if configs:
+        check_configs(configs)
     if methods:
         needs_weights = set(trained_methods()) - set(dict(trained or {}))
         missing = [m for m in methods if m in needs_weights]
@@ -61,6 +67,52 @@ def check_pairs(values: list[str] | None, flag: str, example: str) -> list[tuple
             raise ValueError(f"{flag} {item!r}: no such directory {path!r}")
         pairs.append((key.strip(), path))
     return pairs
+
+
+def check_threads(threads: int | None) -> None:
+    """``--threads``: a positive count, or left out for torch's default."""
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {threads} (leave it out for torch's default)")
+
+
+def check_out(path: str, flag: str = "--out") -> None:
+    """``path`` is a directory, or one can be made there: nothing on the way to it is a file."""
+    existing = os.path.abspath(path)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        where = "" if existing == os.path.abspath(path) else f" ({existing!r} is)"
+        raise ValueError(f"{flag} {path!r}: not a directory{where}; give a directory (created if missing)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path!r}: {existing!r} is not writable; give a directory you can write to")
+
+
+def check_trained_weights(trained: list[tuple[str, str]]) -> None:
+    """Every ``--trained METHOD=DIR`` holds the weights files ``vtoken train-projector`` writes."""
+    from vtoken.packer import CONFIG_NAME, WEIGHTS_NAME
+
+    for method, path in trained:
+        if method != "tokenpacker":
+            continue
+        missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if not os.path.isfile(os.path.join(path, name))]
+        if missing:
+            raise ValueError(f"--trained {method}={path}: the directory holds no {missing[0]} (give the --out "
+                             "directory of vtoken train-projector)")
+
+
+def check_configs(configs: list[tuple[str, str]]) -> None:
+    """Every ``--configs LABEL=DIR`` holds a config ``vtoken.load`` reads."""
+    import vtoken
+    from vtoken.config import CONFIG_FILE
+
+    for label, path in configs:
+        if not os.path.isfile(os.path.join(path, CONFIG_FILE)):
+            raise ValueError(f"--configs {label}={path}: the directory holds no {CONFIG_FILE} (write one with "
+                             "vtoken.save_config(model, DIR))")
+        try:
+            vtoken.load(path)
+        except (ValueError, TypeError, AttributeError) as error:
+            raise ValueError(f"--configs {label}={path}: not a usable config: {error}") from None
 
 
 def check_model(path: str | None) -> None:
@@ -144,3 +196,36 @@ def check_device(device: str | None, attn: str | None) -> None:
                              "and a CUDA device; use --attn sdpa otherwise")
         if device is None or not device.startswith("cuda"):
             raise ValueError("--attn flash_attention_2 runs on CUDA only: add --device cuda, or use --attn sdpa")
+
+
+#: The region sides ``vtoken train-projector`` trains (TokenPacker's: 1/4, 1/9, 1/16 of the visual tokens).
+PACKER_SCALES = (2, 3, 4)
+
+
+def check_train_projector_arguments(args) -> None:
+    """Every ``vtoken train-projector`` argument that can be checked before the model loads."""
+    check_model(args.model)
+    if args.data != "generated":
+        if not os.path.isfile(args.data):
+            raise ValueError(f"--data {args.data!r}: no such file (give a JSONL file, one record per line, or "
+                             "'generated')")
+        check_data(args.data)
+    check_out(args.out)
+    if args.scale not in PACKER_SCALES:
+        raise ValueError(f"--scale {args.scale}: write 2, 3 or 4 (s x s patches become one token: 1/4, 1/9 or "
+                         "1/16 of the visual tokens)")
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {args.steps} (leave it out to train --epochs over "
+                         "the data)")
+    if not 0 < args.epochs < float("inf"):
+        raise ValueError(f"--epochs must be a positive number, got {args.epochs}")
+    if args.lr is not None and not 0 < args.lr < float("inf"):
+        raise ValueError(f"--lr must be a positive number, got {args.lr}")
+    for flag, value in (("--batch-size", args.batch_size), ("--grad-accum", args.grad_accum), ("--n", args.n)):
+        if value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
+    if args.save_every < 0:
+        raise ValueError(f"--save-every must be 0 (checkpoint at the end only) or more, got {args.save_every}")
+    if args.init not in ("random", "projector") and not os.path.isdir(args.init):
+        raise ValueError(f"--init {args.init!r}: write random, projector or a packer directory (stage 2)")
+    check_threads(args.threads)

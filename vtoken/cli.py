@@ -11,7 +11,9 @@ import os
 import shlex
 import sys
 
-from vtoken.bench_args import DEFAULT_BUDGETS, check_bench_arguments, split_list  # noqa: F401  (torch-free)
+from vtoken.bench_args import (  # noqa: F401  (torch-free)
+    DEFAULT_BUDGETS, check_bench_arguments, check_train_projector_arguments, split_list,
+)
 
 #: Where ``vtoken bench`` writes when ``--out`` is not given (relative to the working directory).
 DEFAULT_OUT = "vtoken-bench"
@@ -74,7 +76,7 @@ def _add_bench(commands) -> None:
                        help="weights' dtype (default: the checkpoint's)")
     bench.add_argument("--attn", default=None, choices=("sdpa", "eager", "flash_attention_2"),
                        help="attention implementation (default: the model's)")
-    bench.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    bench.add_argument("--threads", type=int, default=None, help="torch CPU threads, at least 1 (default: torch's)")
     bench.add_argument("--out", default=DEFAULT_OUT, help="directory for bench.md, bench.json and the plots "
                        "(rewritten after every row)")
     bench.add_argument("--trained", nargs="+", metavar="METHOD=DIR", default=None,
@@ -107,7 +109,7 @@ def _run(args, argv) -> int:
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # one progress bar: the sweep's
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     command = "vtoken " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     written = {}
@@ -154,15 +156,17 @@ def _add_train_projector(commands) -> None:
     train.add_argument("--no-resume", action="store_true", help="start afresh even if OUT holds checkpoints")
     train.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"))
     train.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
-    train.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    train.add_argument("--threads", type=int, default=None, help="torch CPU threads, at least 1 (default: torch's)")
 
 
 def _train_projector(args) -> int:
+    check_train_projector_arguments(args)
+
     import torch
 
     from vtoken.packer_training import train_projector
 
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     train_projector(
         args.model, args.data, out=args.out, scale=args.scale, stage=args.stage, steps=args.steps,

@@ -343,6 +343,10 @@ def train_projector(
         raise ValueError(f"stage must be 1 (packer only) or 2 (packer and LLM), got {stage!r}")
     if batch_size < 1 or grad_accum < 1:
         raise ValueError("batch_size and grad_accum must be >= 1")
+    if steps is not None and steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps} (None trains `epochs` passes over the data)")
+    if not 0 < epochs < math.inf:
+        raise ValueError(f"epochs must be a positive number, got {epochs}")
     out = str(out)
     model, tokenizer, image_processor, path = _load(model, processor)
     _check_model(model)
