@@ -98,6 +98,7 @@ chat template, Qwen's vision start/end markers); default 64.
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -789,6 +790,9 @@ def flops(
     """
     if convention not in CONVENTIONS:
         raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+    # images=0 would otherwise read as "not given" (``images or schedule.images``) and count one image.
+    if images is not None and (isinstance(images, bool) or not isinstance(images, numbers.Integral) or images < 1):
+        raise ValueError(f"images must be a positive number of images per sample, got {images!r}; omit it for the default")
     config, encoder = _config_or_encoder(model_or_config)
     if encoder is not None:
         if frames is not None or visual_tokens is not None:
@@ -1015,7 +1019,8 @@ def _scoring_cost_flops(cost: ScoringCost, dims: ModelDims, schedule: Schedule, 
     - ``llm_attention_rows`` at layer l: q projection of the rows 2·r·d·H·h_d, k projection of the
       n tokens entering layer l (before any stage at l) 2·n·d·H_kv·h_d, scores 2·r·n·H·h_d; with
       ``keys_reused`` the k projection of the tokens the stage at l keeps is the layer's own (it is
-      handed over, and counted in the layer): only the dropped ones' keys are scoring.
+      handed over, and counted in the layer): only the dropped ones' keys are scoring; with
+      ``keys_cached`` none (read from the layer's KV cache).
     - ``vision_attention_rows`` at vision layer l, per crop: 2·r·D² + 2·n·D² + 2·r·n·D over the
       n tokens (CLS included) of that layer.
     - ``projector_passes``: passes × the projector over its input tokens (all patch features, or
@@ -1040,6 +1045,8 @@ def _scoring_cost_flops(cost: ScoringCost, dims: ModelDims, schedule: Schedule, 
         visual = layer_visual[cost.layer - 1] if cost.layer > 0 else _pre_llm_visual(dims, schedule, geo)
         keys = text_tokens + visual
         projected = keys - (text_tokens + layer_visual[cost.layer]) if cost.keys_reused else keys
+        if cost.keys_cached:
+            projected = 0
         return 2 * cost.rows * d.hidden * d.q_dim + 2 * projected * d.hidden * d.kv_dim + 2 * cost.rows * keys * d.q_dim
     if cost.kind == "vision_attention_rows":
         v = dims.vision

@@ -18,6 +18,7 @@ Sites, in the order a token meets them:
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -33,6 +34,9 @@ def check_site(site: str, layer: int | None) -> None:
         raise ValueError(f"a {site!r} stage needs `layer` (the {site} layer index)")
     if site == "projector" and layer is not None:
         raise ValueError("the 'projector' site takes no `layer`; remove it")
+    # A bool, a float or a string is no layer index (True would pass as layer 1, 1.5 fail deep inside).
+    if layer is not None and (isinstance(layer, bool) or not isinstance(layer, numbers.Integral)):
+        raise ValueError(f"layer must be a layer index (an integer >= 0), got {layer!r}")
     if layer is not None and layer < 0:
         raise ValueError(f"layer must be >= 0, got {layer}")
 
@@ -78,7 +82,10 @@ class ScoringCost:
       - ``"llm_attention_rows"``: ``rows`` query rows against every key of LLM layer ``layer``
         (q projection of the rows, k projection of all tokens, scores and softmax). With
         ``keys_reused`` the stage at ``layer`` hands the keys of the tokens it keeps to the layer
-        (``adapters/key_reuse.py``), so only the dropped tokens' key projections are extra work.
+        (``adapters/key_reuse.py``), so only the dropped tokens' key projections are extra work;
+        with ``keys_cached`` layer ``layer`` has already run and its KV cache holds the keys, so no
+        key is projected (FastV's layer K-1, AIF's probe; a prefill with a KV cache, as ``generate``
+        runs it: without one they are projected again).
       - ``"vision_attention_rows"``: the same for vision-encoder layer ``layer``.
       - ``"projector_sensitivity"``: ZOO-Prune's sensitivity along ``passes`` directions (``rows``
         > 0: a rank-``rows`` SVD proxy of the projector's second layer). A family whose projector is
@@ -107,6 +114,7 @@ class ScoringCost:
     passes: int = 0
     flops: float = 0.0
     keys_reused: bool = False
+    keys_cached: bool = False
 
 
 @dataclass(frozen=True)

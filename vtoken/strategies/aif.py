@@ -235,7 +235,8 @@ class AIFStrategy(Strategy):
         # (one more decoding step for query="next").
         layers = self.depths.get("llm", 0)
         rows = 1 if self.config.query == "next" else ASSUMED_INSTRUCTION_ROWS
-        costs = [ScoringCost("llm_attention_rows", layer=layer, rows=rows) for layer in range(layers)]
+        # Each probed layer has run: its keys are read from the KV cache (the mask stage adds one).
+        costs = [ScoringCost("llm_attention_rows", layer=layer, rows=rows, keys_cached=True) for layer in range(layers)]
         costs.append(ScoringCost("llm_rerun_rows", layer=0, rows=ASSUMED_INSTRUCTION_ROWS))
         if self.config.query == "next":
             costs.append(ScoringCost("llm_rerun_rows", layer=0, rows=1))

@@ -67,9 +67,11 @@ class FastVStrategy(Strategy):
         return Needs.of(Signal(signals.LLM_ATTENTION))
 
     def scoring_cost(self, stage: StageSpec, shapes: StageShapes | None = None) -> list[ScoringCost]:
-        # One query row (the last token) against every key of the scoring layer.
-        layer = stage.layer - 1 if self.config.score_layer == "previous" else stage.layer
-        return [ScoringCost("llm_attention_rows", layer=layer, rows=1)]
+        # One query row (the last token) against every key of the scoring layer; layer K-1 has run,
+        # so its keys are read from the KV cache.
+        previous = self.config.score_layer == "previous"
+        layer = stage.layer - 1 if previous else stage.layer
+        return [ScoringCost("llm_attention_rows", layer=layer, rows=1, keys_cached=previous)]
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         attention = ctx.require_attention(self.name)
