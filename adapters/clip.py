@@ -18,13 +18,16 @@ from transformers import (
 from .base import BlockHalves, FamilyDescription, UndoStack, VisionSpec, block_call_splitter
 from .observe import OutputRecorder
 from .vision_encoder import VisionEncoderAdapter, vision_only_gaps
-from vtoken import compat
+from vtoken import compat, signals
 
 _CLIP = (CLIPModel, CLIPVisionModel, CLIPVisionModelWithProjection)
 _SIGLIP = (SiglipModel, SiglipVisionModel)
 
 #: Per family this adapter serves: the signals its models never provide, and why (``vtoken.methods``).
-FAMILY_GAPS = {"CLIP": vision_only_gaps(), "SigLIP": vision_only_gaps()}
+FAMILY_GAPS = {
+    "CLIP": vision_only_gaps(),
+    "SigLIP": {**vision_only_gaps(), signals.VISION_CLS: "a SigLIP tower, which has no CLS token (it pools every token)"},
+}
 
 
 class ClipVisionAdapter(VisionEncoderAdapter):
@@ -40,8 +43,9 @@ class ClipVisionAdapter(VisionEncoderAdapter):
         layers = tower.encoder.layers
         has_cls = hasattr(tower.embeddings, "class_embedding")
         side = config.image_size // config.patch_size
+        name = "CLIP" if isinstance(self.model, _CLIP) else "SigLIP"
         return FamilyDescription(
-            name="CLIP" if isinstance(self.model, _CLIP) else "SigLIP",
+            name=name,
             vision=VisionSpec(
                 layers=layers,
                 prefix_tokens=int(has_cls),
@@ -56,7 +60,7 @@ class ClipVisionAdapter(VisionEncoderAdapter):
             ),
             projector=None,
             decoder=None,
-            gaps=vision_only_gaps(),
+            gaps=FAMILY_GAPS[name],
         )
 
     def pixel_entry(self) -> nn.Module:

@@ -16,12 +16,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import BlockHalves, FamilyDescription, UndoStack, VisionSpec
-from .timm_vit import timm_vision_spec
+from .timm_vit import timm_block_gap, timm_vision_spec
 from .vision_encoder import VisionEncoderAdapter, vision_only_gaps
+from vtoken import signals
 from vtoken.compat import AttentionParts
 
 #: Per family this adapter serves: the signals its models never provide, and why (``vtoken.methods``).
-FAMILY_GAPS = {"open_clip ViT": vision_only_gaps()}
+FAMILY_GAPS = {"open_clip ViT": {
+    **vision_only_gaps(),
+    signals.VISION_CLS: "only a tower with a class token has one (not a timm trunk built without: the SigLIP models)",
+}}
 
 
 def _open_clip():
@@ -83,6 +87,16 @@ class OpenClipAdapter(VisionEncoderAdapter):
     def pixel_entry(self) -> nn.Module:
         trunk = _timm_trunk(self.tower)
         return trunk.patch_embed if trunk is not None else self.tower.conv1
+
+    def unavailable(self, signal) -> str | None:
+        gap = super().unavailable(signal)
+        if gap is None and _timm_trunk(self.tower) is not None:
+            return timm_block_gap(self.vision_layers(), signal)
+        return gap
+
+    def feature_map_modules(self) -> list[nn.Module]:
+        trunk = _timm_trunk(self.tower)  # a TimmModel tower calls its trunk's forward_intermediates
+        return [self.tower if trunk is None else trunk]
 
 
 def _timm_trunk(tower: nn.Module) -> nn.Module | None:

@@ -5,7 +5,10 @@ The model keeps its API: ``forward``, ``forward_features`` / ``forward_head``, i
 logits. The sequence is the prefix tokens (class token, then ``reg_tokens`` registers; none for a
 ViT without class token) then the patch grid; prefix tokens are never pruned or merged. Pooling
 (``global_pool="token"`` reads the class token, ``"avg"`` averages the patch tokens left) reads what
-the stages left. Position embeddings are added in ``_pos_embed``, before any block.
+the stages left. Position embeddings are added in ``_pos_embed``, before any block. ``Block`` and
+``ResPostBlock`` serve every method; other blocks (``ParallelScalingBlock``, ...) only the methods that
+prune after a block. While wrapped, ``forward_intermediates`` gives each block's tokens as NLC and
+refuses NCHW maps (the tokens left no longer fill the patch grid).
 """
 
 from __future__ import annotations
@@ -17,10 +20,15 @@ from torch import nn
 from .base import BlockHalves, FamilyDescription, UndoStack, VisionSpec, block_call_splitter
 from .observe import OutputRecorder
 from .vision_encoder import VisionEncoderAdapter, vision_only_gaps
+from vtoken import signals
 from vtoken.compat import AttentionParts
 
 #: Per family this adapter serves: the signals its models never provide, and why (``vtoken.methods``).
-FAMILY_GAPS = {"timm ViT": vision_only_gaps()}
+FAMILY_GAPS = {"timm ViT": {
+    **vision_only_gaps(),
+    signals.VISION_CLS: "only a ViT with a class token has one (not one built with class_token=False: "
+                        "global average pooling, SigLIP)",
+}}
 
 
 def _vit_class():
@@ -46,11 +54,18 @@ class TimmViTAdapter(VisionEncoderAdapter):
     def pixel_entry(self) -> nn.Module:
         return self.model.patch_embed
 
+    def unavailable(self, signal) -> str | None:
+        return super().unavailable(signal) or timm_block_gap(self.vision_layers(), signal)
+
+    def feature_map_modules(self) -> list[nn.Module]:
+        return [self.model]
+
 
 def timm_vision_spec(vit: nn.Module) -> VisionSpec:
-    """The description of a timm ``VisionTransformer`` tower (also open_clip's timm trunks)."""
+    """The description of a timm ``VisionTransformer`` tower (also open_clip's timm trunks). Blocks
+    other than ``Block`` and ``ResPostBlock`` are described too (methods that prune after a block run
+    on them); :func:`timm_block_gap` says what else they cannot serve."""
     blocks = vit.blocks
-    attention = blocks[0].attn
     rows, cols = vit.patch_embed.grid_size
     width = vit.embed_dim
     return VisionSpec(
@@ -59,15 +74,70 @@ def timm_vision_spec(vit: nn.Module) -> VisionSpec:
         grid=(int(rows), int(cols)),
         patch_size=int(vit.patch_embed.patch_size[0]),
         width=width,
-        head_dim=attention.head_dim,
+        head_dim=_head_dim(blocks[0], width),
         attention=lambda layer: fused_qkv_parts(blocks[layer].attn),
         read_layer=len(blocks) - 1,
         kind="timm vit",
         cls=getattr(vit, "cls_token", None) is not None,
-        parts={"attention": "ls1", "mlp": "ls2"},
+        parts=_branch_parts(blocks[0]) or {"attention": "ls1", "mlp": "ls2"},
         attention_module=lambda block: block.attn,
         halves=timm_block_halves,
     )
+
+
+def _block_types() -> tuple[type, type]:
+    from timm.models.vision_transformer import Block, ResPostBlock
+
+    return Block, ResPostBlock
+
+
+def _timm_attention(block: nn.Module) -> nn.Module | None:
+    """The block's timm ``Attention`` (``attn``: one fused ``qkv`` linear, q/k norms) that vtoken reads
+    and runs; None when it has none."""
+    attention = getattr(block, "attn", None)
+    if not isinstance(getattr(attention, "qkv", None), nn.Linear):
+        return None
+    return attention if all(hasattr(attention, a) for a in ("num_heads", "head_dim", "scale", "q_norm", "k_norm")) else None
+
+
+def _head_dim(block: nn.Module, width: int) -> int:
+    attention = _timm_attention(block)
+    if attention is not None:
+        return attention.head_dim
+    return next((m.head_dim for m in block.modules() if isinstance(getattr(m, "head_dim", None), int)), width)
+
+
+def _branch_parts(block: nn.Module) -> dict[str, str] | None:
+    """The sub-modules whose outputs are the block's attention and MLP branches (before the residual
+    add): ``Block``'s layer scales, ``ResPostBlock``'s norms (it normalises each branch); None for
+    other blocks."""
+    block_cls, post_cls = _block_types()
+    if _timm_attention(block) is None:
+        return None
+    if type(block) is block_cls:
+        return {"attention": "ls1", "mlp": "ls2"}
+    if type(block) is post_cls:
+        return {"attention": "norm1", "mlp": "norm2"}
+    return None
+
+
+def timm_block_gap(blocks: nn.ModuleList, signal) -> str | None:
+    """Why these timm blocks cannot serve ``signal`` (None when they can, or when it is not about
+    their structure): the block class, what it lacks, and which methods still run on it."""
+    layered = signal.name in signals.VISION_LAYERED
+    if layered and not 0 <= signal.layer < len(blocks):
+        return None  # (the generic check names the missing layer)
+    block = blocks[signal.layer if layered else 0]
+    if signal.name == signals.VISION_ATTENTION and _timm_attention(block) is None:
+        missing = "an attn module with one fused qkv projection (timm's Attention) whose attention vtoken recomputes"
+    elif signal.name == signals.VISION_OBSERVED and _branch_parts(block) is None:
+        missing = "separate attention and MLP branches (Block's ls1 / ls2) for vtoken to observe"
+    elif signal.name == signals.VISION_BLOCK_KEYS and _branch_parts(block) is None:
+        missing = "the Block / ResPostBlock layout vtoken splits into attention and MLP"
+    else:
+        return None
+    runs = ["random"] + (["pool", "visionzip"] if _timm_attention(block) is not None else ["pool"])
+    return f"{type(block).__name__} blocks, which lack {missing} (only {', '.join(runs[:-1])} and {runs[-1]} run on them)"
 
 
 def fused_qkv_parts(attention: nn.Module) -> AttentionParts:
@@ -85,16 +155,17 @@ def fused_qkv_parts(attention: nn.Module) -> AttentionParts:
 
 def timm_block_halves(block: nn.Module, undo: UndoStack) -> BlockHalves:
     """A timm ``Block`` (``norm1``, ``attn``, ``ls1``, ``drop_path1``, then ``norm2``, ``mlp``, ``ls2``,
-    ``drop_path2``) in two halves. The attention is the block's own module, handed the size bias as
+    ``drop_path2``) or ``ResPostBlock`` (``attn`` then ``norm1``, ``mlp`` then ``norm2``: each branch
+    normalised after) in two halves. The attention is the block's own module, handed the size bias as
     its float ``attn_mask`` (SDPA or its eager path); its keys (after ``k_norm``) are read by a hook
     on ``attn.k_norm`` that records only inside the halves."""
-    from timm.models.vision_transformer import Block
-
-    if type(block) is not Block:
+    parts = _branch_parts(block)
+    if parts is None:
         raise ValueError(
-            f"this timm ViT's blocks are {type(block).__name__}, not the standard Block that vtoken splits into "
-            "attention and MLP; use a method that prunes after a block (repshift, random, pool)"
+            f"this timm ViT's blocks are {type(block).__name__}, not the Block / ResPostBlock that vtoken splits into "
+            "attention and MLP; use a method that prunes after a block (random, pool)"
         )
+    post = parts["attention"] == "norm1"  # ResPostBlock: the norm closes the branch
     attention = block.attn
     keys = OutputRecorder(attention.k_norm, undo)
 
@@ -103,11 +174,13 @@ def timm_block_halves(block: nn.Module, undo: UndoStack) -> BlockHalves:
         if mask is not None and mask.dtype == torch.bool:
             mask = torch.zeros(mask.shape, dtype=hidden.dtype, device=hidden.device).masked_fill(~mask, float("-inf"))
         mask = bias if mask is None else (mask if bias is None else mask + bias)
-        out, normed_keys = keys.recording(attention, block.norm1(hidden), attn_mask=mask, **rest)
+        out, normed_keys = keys.recording(attention, hidden if post else block.norm1(hidden), attn_mask=mask, **rest)
         # [C, heads, T, head_dim] -> [C, T, head_dim]
-        return hidden + block.drop_path1(block.ls1(out)), normed_keys.mean(dim=1)
+        return hidden + block.drop_path1(block.norm1(out) if post else block.ls1(out)), normed_keys.mean(dim=1)
 
     def mlp(hidden):
+        if post:
+            return hidden + block.drop_path2(block.norm2(block.mlp(hidden)))
         return hidden + block.drop_path2(block.ls2(block.mlp(block.norm2(hidden))))
 
     return BlockHalves(block_call_splitter("x", "attn_mask"), run_attention, mlp)

@@ -14,7 +14,9 @@ block records what each image kept, for ``vtoken.selection`` and ``vtoken.show``
 
 from __future__ import annotations
 
+import inspect
 from abc import abstractmethod
+from functools import partial
 from typing import Any
 
 import torch
@@ -62,6 +64,11 @@ class VisionEncoderAdapter(VisionSite, Adapter):
     @abstractmethod
     def pixel_entry(self) -> nn.Module:
         """The module each call of the tower first hands the pixels (its patch embedding)."""
+
+    def feature_map_modules(self) -> list[nn.Module]:
+        """Modules whose ``forward_intermediates`` lays each block's patch tokens out on the patch
+        grid (timm, open_clip): refused with ``output_fmt="NCHW"`` while wrapped."""
+        return []
 
     def pixels_from(self, args: tuple, kwargs: dict) -> torch.Tensor:
         """The ``[B, channels, H, W]`` pixels of one call of :meth:`pixel_entry`."""
@@ -135,6 +142,34 @@ class VisionEncoderAdapter(VisionSite, Adapter):
         self.install_vision(undo)
         # After every stage hook of the last block: what each image kept is final.
         undo.post_hook(self.vision_layers()[len(self.vision_layers()) - 1], self._close_encoding)
+        for module in self.feature_map_modules():
+            self._refuse_feature_maps(module, undo)
+
+    def _refuse_feature_maps(self, module: nn.Module, undo: UndoStack) -> None:
+        """Replace ``module.forward_intermediates`` on the instance (undone by ``unwrap``) by one that
+        refuses feature maps (``output_fmt="NCHW"``): the tokens left after pruning or merging no
+        longer fill the patch grid (timm's reshape would silently fold them into fewer channels).
+        ``output_fmt="NLC"`` (each block's tokens as they are) runs as before."""
+        original = getattr(module, "forward_intermediates", None)
+        if original is None:  # (older timm / open_clip: no such method)
+            return
+        signature = inspect.signature(original)
+        method = self.pruner.strategy.name
+
+        def forward_intermediates(*args, **kwargs):
+            call = signature.bind(*args, **kwargs)
+            call.apply_defaults()
+            if call.arguments.get("output_fmt") == "NCHW":
+                raise ValueError(
+                    f"forward_intermediates(output_fmt='NCHW') lays each block's patch tokens out on the patch grid, "
+                    f"but the tokens {method} leaves (pruned or merged) have no feature-map layout; pass "
+                    "output_fmt='NLC' for the tokens left, or call vtoken.unwrap(model) first for feature maps"
+                )
+            return original(*args, **kwargs)
+
+        had = "forward_intermediates" in module.__dict__
+        module.forward_intermediates = forward_intermediates
+        undo.push(partial(_restore_attribute, module, "forward_intermediates", had, original))
 
     def _open_encoding(self, module, args, kwargs):
         pruner, vision = self.pruner, self.description.vision
@@ -174,6 +209,13 @@ class VisionEncoderAdapter(VisionSite, Adapter):
         pruner.last_run = run
         pruner.encoding = None
         return None
+
+
+def _restore_attribute(module: nn.Module, name: str, had: bool, original) -> None:
+    if had:
+        setattr(module, name, original)
+    else:
+        delattr(module, name)
 
 
 def encoder_sources(run: PruneRun) -> torch.Tensor | None:

@@ -200,14 +200,23 @@ def machine(device: str) -> str:
 
 # ----------------------------------------------------------------------------- bench
 
-def family_status(method: str, family: str) -> str | None:
+def family_status(method: str, family: str, model) -> str | None:
+    """Why ``method`` does not run here (None if it does): ``vtoken.methods()``'s verdict for the
+    family, and where that depends on the model (VisionZip needs a class token), a wrap of this one."""
     import vtoken
 
     entry = next((m for m in vtoken.methods() if m["name"] == method), None)
     if entry is None:
         return "not a registered method"
     status = next((v for k, v in entry.get("families", {}).items() if k.lower() == family.lower()), None)
-    return None if status in (None, "runs") else status
+    if status in (None, "runs"):
+        return None
+    try:
+        vtoken.wrap(model, method)
+    except ValueError:
+        return status
+    vtoken.unwrap(model)
+    return None
 
 
 def parse_options(items) -> dict[str, dict]:
@@ -247,7 +256,7 @@ def configs(args, model, family: str, budgets: dict) -> tuple[list[dict], list[d
         add(f"tome r={args.r}", "tome", {"r": args.r})
     for name in ("final", "matched"):
         for method in args.methods:
-            reason = family_status(method, family)
+            reason = family_status(method, family, model)
             options = dict(extra.get(method, {}))
             if reason:
                 skipped.append({"label": f"{method} ({name})", "method": method, "options": options,

@@ -274,10 +274,156 @@ def test_budget_larger_than_the_patches_is_refused():
 def test_methods_say_which_run_on_each_vision_family():
     listing = {m["name"]: m["families"] for m in vtoken.methods()}
     for family in ("CLIP", "SigLIP", "timm ViT", "open_clip ViT"):
-        for method in ("tome", "repshift", "random", "pool", "visionzip"):
+        for method in ("tome", "repshift", "random", "pool"):
             assert listing[method][family] == "runs", (method, family)
         assert "vision-only" in listing["fastv"][family]
         assert "vision-only" in listing["zoo_prune"][family]
+    # VisionZip reads the CLS token's attention: SigLIP has none, timm / open_clip only some models.
+    assert listing["visionzip"]["CLIP"] == "runs"
+    assert "no CLS token" in listing["visionzip"]["SigLIP"]
+    assert "class token" in listing["visionzip"]["timm ViT"] and "class_token=False" in listing["visionzip"]["timm ViT"]
+    assert "class token" in listing["visionzip"]["open_clip ViT"]
+
+
+@pytest.mark.parametrize("family", list(VISION_FAMILIES))
+def test_methods_verdict_agrees_with_wrap_for_visionzip(family):
+    """Where ``vtoken.methods()`` says VisionZip runs, it wraps; a model it refuses (no CLS token)
+    belongs to a family whose verdict says why."""
+    spec = VISION_FAMILIES[family]
+    verdict = {m["name"]: m["families"] for m in vtoken.methods()}["visionzip"][spec.label]
+    model = spec.make()
+    try:
+        vtoken.wrap(model, "visionzip", keep=0.25)
+    except ValueError as error:
+        assert not spec.has_cls and "CLS token" in str(error)
+        assert verdict != "runs" and "CLS token" in verdict, verdict
+    else:
+        assert spec.has_cls
+
+
+def _hooks(model) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def _timm_with_blocks(block_fn, **options):
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    return VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=5,
+                             block_fn=block_fn, **options).eval()
+
+
+@pytest.mark.parametrize("block,method", [
+    ("ParallelScalingBlock", "tome"), ("ParallelScalingBlock", "repshift"), ("ParallelScalingBlock", "visionzip"),
+    ("ParallelThingsBlock", "tome"), ("ParallelThingsBlock", "repshift"),
+])
+def test_timm_blocks_vtoken_cannot_read_are_refused_in_one_line(block, method):
+    """A timm ViT whose blocks have no ``attn`` / layer-scale branches to read or split is refused
+    naming the block class and the methods that still run, the model unchanged."""
+    import timm.models.vision_transformer as V
+
+    model = _timm_with_blocks(getattr(V, block))
+    state, hooks = copy.deepcopy(model.state_dict()), _hooks(model)
+    with pytest.raises(ValueError, match=f"{block} blocks, which lack .*only random and pool run") as error:
+        vtoken.wrap(model, method, **({"r": 2} if method == "tome" else {"keep": 0.5}))
+    assert "\n" not in str(error.value) and not vtoken.is_wrapped(model) and _hooks(model) == hooks
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("block", ["ParallelScalingBlock", "ParallelThingsBlock"])
+@pytest.mark.parametrize("method", ["random", "pool"])
+def test_methods_after_a_block_run_on_any_timm_block(block, method):
+    import timm.models.vision_transformer as V
+
+    model = _timm_with_blocks(getattr(V, block))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = model(x)
+        vtoken.wrap(model, method, keep=1.0)
+        torch.testing.assert_close(model(x), before, rtol=0, atol=1e-6)
+        vtoken.unwrap(model)
+        vtoken.wrap(model, method, keep=0.5, site="vision", layer=1)
+        model(x)
+        assert len(vtoken.selection(model)[0]["vision:1"]) == 8
+        vtoken.unwrap(model)
+        assert torch.equal(model(x), before)
+
+
+@pytest.mark.parametrize("method", ["tome", "repshift", "repshift_merge", "visionzip", "random"])
+def test_timm_res_post_blocks_run_every_method(method):
+    """``ResPostBlock`` (each branch normalised after attention / MLP) has the parts every method reads:
+    keep-all is the model itself, pruning runs, unwrap is exact."""
+    from timm.models.vision_transformer import ResPostBlock
+
+    model = _timm_with_blocks(ResPostBlock, init_values=0.5)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = model(x)
+        options = dict(METHODS[method])
+        vtoken.wrap(model, _method(method), **({"keep": 1.0} if method == "tome" else {**options, "keep": 1.0}))
+        torch.testing.assert_close(model(x), before, rtol=0, atol=1e-5)
+        vtoken.unwrap(model)
+        vtoken.wrap(model, _method(method), **({"r": 2} if method == "tome" else {**options, "keep": 0.5}))
+        assert model(x).shape == before.shape
+        assert len(list(vtoken.selection(model)[0].values())[-1]) == (16 - 3 * 2 if method == "tome" else 8)
+        vtoken.unwrap(model)
+        assert torch.equal(model(x), before)
+
+
+def test_timm_res_post_block_halves_and_branches_equal_the_block():
+    """ToMe's two halves compose to a ``ResPostBlock``, and the branches observed for Representation
+    Shift (the norms closing each branch) add up to its output."""
+    from timm.models.vision_transformer import ResPostBlock
+    from vtoken.adapters import adapter_for
+    from vtoken.adapters.base import UndoStack
+    from vtoken.adapters.observe import observe_layer
+
+    model = _timm_with_blocks(ResPostBlock, init_values=0.5)
+    vision = adapter_for(model)(model).description.vision
+    block = model.blocks[1]
+    x = torch.randn(2, 17, 32)
+    undo = UndoStack()
+    halves = vision.halves(block, undo)
+    seen = []
+    observe_layer(block, vision.parts, active=lambda: True, done=seen.append, undo=undo)
+    with torch.no_grad():
+        expected = block(x)
+        hidden, rest = halves.split_call((x,), {})
+        middle, keys = halves.attention(hidden, None, rest)
+        got = halves.mlp(middle)
+    undo.run()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    io = seen[0]
+    torch.testing.assert_close(io["block"][0] + io["attention"][1] + io["mlp"][1], expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(io["block"][0] + io["attention"][1], middle, rtol=1e-5, atol=1e-6)
+    assert keys.shape == (2, 17, 16) and _hooks(model) == 0
+
+
+@pytest.mark.parametrize("family", ["timm", "timm_registers", "open_clip_tower", "open_clip"])
+def test_feature_maps_of_forward_intermediates_are_refused_while_wrapped(family):
+    """Pruned or merged tokens no longer fill the patch grid: ``forward_intermediates`` refuses NCHW
+    maps in one line (it folded the tokens left into fewer channels), gives the tokens left as NLC,
+    and is the model's own again after unwrap."""
+    spec = VISION_FAMILIES[family]
+    model = vtoken.wrap(spec.make(), "random", keep=0.5)
+    x = images(2)
+    call = model.forward_intermediates
+    fmt = "image_output_fmt" if family == "open_clip" else "output_fmt"
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="no feature-map layout.*unwrap") as error:
+            call(x)
+        assert "\n" not in str(error.value)
+        out = call(x, **{fmt: "NLC"})
+        intermediates = out[1] if isinstance(out, tuple) else out["image_intermediates"]
+        assert intermediates[-1].shape[1] == PATCHES // 2  # the patch tokens left (prefix split off)
+        assert intermediates[0].shape[1] == PATCHES
+        if family.startswith("timm"):
+            torch.testing.assert_close(out[0], model.forward_features(x), rtol=0, atol=0)
+        vtoken.unwrap(model)
+        assert "forward_intermediates" not in (model.visual if family == "open_clip" else model).__dict__
+        maps = model.forward_intermediates(x)
+        maps = maps[1] if isinstance(maps, tuple) else maps["image_intermediates"]
+        assert maps[-1].shape == (2, 64, 14, 14)
 
 
 def test_clip_text_tower_is_untouched():
