@@ -226,3 +226,101 @@ def test_show_draws_each_pooled_token_over_its_whole_window(tmp_path):
     for a in colour:
         for b in colour:
             assert (colour[a] == colour[b]) == (windows[a] == windows[b]), (a, b)
+
+
+def _tiny_clip_vision():
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=32, patch_size=8)
+    return CLIPVisionModel(config).eval()  # a 4 x 4 grid: 16 patches
+
+
+TOO_BIG = 10**400
+
+
+@pytest.mark.parametrize(
+    "method,options,message",
+    [
+        # Wrongly typed options name the option, the value and what it takes (a bool is no number).
+        ("random", {"keep": "0.5"}, r"keep must be a fraction in \(0, 1\] \(a number, not a string or bool\), got '0.5'"),
+        ("random", {"keep": True}, r"keep must be a fraction .*got True"),
+        ("random", {"keep_tokens": True}, r"keep_tokens must be a positive integer .*got True"),
+        ("random", {"keep_tokens": "4"}, r"keep_tokens must be a positive integer .*got '4'"),
+        ("random", {"keep_tokens": TOO_BIG}, r"keep_tokens must be a positive integer below 2\*\*63 .*about 401 digits"),
+        ("aif", {"keep_tokens": TOO_BIG}, r"keep_tokens must be a positive integer below 2\*\*63"),
+        ("random", {"site": "llm", "layer": 1.5}, r"layer must be a layer index \(an integer >= 0\), got 1.5"),
+        ("random", {"site": "llm", "layer": "1"}, r"layer must be a layer index \(an integer >= 0\), got '1'"),
+        ("random", {"site": "llm", "layer": True}, r"layer must be a layer index .*got True"),
+        ("random", {"stages": [1]}, r"each entry of stages must be a dict like .*got 1"),
+        ("random", {"stages": {"site": "projector", "keep": 0.5}}, r"stages must be a list of dicts"),
+        ("random", {"stages": [{"site": "projector", "kep": 0.5}]}, r"unknown key\(s\) kep in a stage; a stage takes"),
+        ("random", {"seed": "a"}, r"seed must be an integer .*got 'a'"),
+        ("random", {"seed": 2**64}, r"seed must be an integer \(a 64-bit value"),
+        # Setups that used to fail only at the first forward.
+        ("random", {"stages": [{"site": "vision", "layer": 0, "keep": 0.25}, {"site": "vision", "layer": 1, "keep": 0.5}]},
+         r"stage vision:1 keeps 8 tokens per image, more than the 4 the earlier stage vision:0 leaves"),
+        ("random", {"stages": [{"site": "vision", "layer": 0, "keep_tokens": 4}, {"site": "projector", "keep": 0.5}]},
+         r"stage projector keeps 8 tokens per image, more than the 4 the earlier stage vision:0 leaves"),
+        ("random", {"stages": [{"site": "projector", "keep": 0.25}, {"site": "llm", "layer": 2, "keep_tokens": 5}]},
+         r"give llm:2 a budget of at most 4 tokens"),
+        ("pool", {"stages": [{"site": "vision", "layer": 0, "keep": 0.75}, {"site": "vision", "layer": 1, "keep": 0.25}]},
+         r"pool needs each image's full patch grid, but stage vision:1 follows vision:0.*give pool one stage"),
+        ("aif", {"keep_tokens": 1000}, r"keep_tokens=1000 is larger than the 16 visual tokens of an image"),
+        (None, {"config": {"keep": 0.5}}, r"the config dict has no 'method' key; add one"),
+        (None, {"config": 5}, r"config must be a config object, a dict or the path of a saved config, got int"),
+        ("transprune", {"prune_layers": [10]}, r"transprune prune_layers=\[10\]: layer 10 does not exist, the LLM has 4"),
+    ],
+)
+def test_bad_options_are_refused_at_wrap_in_one_line(method, options, message):
+    model = tiny_llava()
+    x = llava_inputs(2)
+    snap = _snapshot(model, x)
+    with pytest.raises(ValueError, match=message) as error:
+        vtoken.wrap(model, method, **options)
+    assert "\n" not in str(error.value)
+    _assert_same(model, x, snap)
+
+
+def test_budgets_that_grow_are_refused_where_the_counts_vary():
+    """LLaVA-NeXT's token count depends on the image: fractions are compared with fractions."""
+    model = tiny_llava_next()
+    stages = [{"site": "projector", "keep": 0.25}, {"site": "llm", "layer": 2, "keep": 0.5}]
+    with pytest.raises(ValueError, match=r"stage llm:2 \(keep=0.5\) keeps more than the earlier stage projector \(keep=0.25\)"):
+        vtoken.wrap(model, "random", stages=stages)
+    assert not vtoken.is_wrapped(model) and _hooks(model) == 0
+
+
+def test_setups_next_to_the_refused_ones_still_run():
+    model = tiny_llava()
+    x = llava_inputs(2)
+    for method, options in [
+        ("pool", {"stages": [{"site": "vision", "layer": 0, "keep": 1.0}, {"site": "projector", "keep_tokens": 4}]}),
+        ("random", {"stages": [{"site": "vision", "layer": 0, "keep": 0.5}, {"site": "projector", "keep_tokens": 8}]}),
+        ("random", {"keep": 1, "seed": -1}),
+        ("aif", {"keep_tokens": 16}),
+    ]:
+        with vtoken.pruned(model, method, **options):
+            with torch.no_grad():
+                model(**x)
+    # A config dict without its method takes the one named in the call.
+    with vtoken.pruned(model, "random", config={"keep": 0.5}):
+        assert vtoken.config_of(model).method == "random" and vtoken.config_of(model).keep == 0.5
+
+
+def test_flops_of_a_wrapped_vision_model_follow_image_size():
+    from vtoken.schedule import Schedule, Stage
+
+    model = _tiny_clip_vision()
+    vtoken.wrap(model, "random", site="vision", layer=0, keep=0.5)
+    report = vtoken.flops(model, image_size=(64, 64))  # an 8 x 8 grid: 64 patches, 32 after layer 0
+    vtoken.unwrap(model)
+    expected = vtoken.flops(model, Schedule((Stage("vision", 32, layer=0),)), image_size=(64, 64))
+    assert report.patches == 64 and report.prefill == expected.prefill
+    assert report.block_tokens == expected.block_tokens
+
+
+def test_flops_refuses_zero_images():
+    with pytest.raises(ValueError, match="images must be a positive number of images per sample, got 0"):
+        vtoken.flops(tiny_llava(), images=0)

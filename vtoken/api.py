@@ -13,7 +13,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from vtoken.config import PruneConfig, option_defaults, read_config_file
+from vtoken.config import PruneConfig, check_budget_order, option_defaults, read_config_file
 from vtoken.signals import ANNOTATIONS, MEANING
 from vtoken.registry import get_strategy, strategy_names
 from vtoken.schedule import Schedule, ScoringCost, Stage, StageShapes
@@ -41,7 +41,20 @@ def _config_for(method: str | None, config: PruneConfig | str | os.PathLike | di
             if method is not None and method != config.method:
                 raise ValueError(f"config is for {config.method!r} but method {method!r} was asked for")
             return config
-        data = dict(config) if isinstance(config, dict) else read_config_file(config)
+        if isinstance(config, dict):
+            data = dict(config)
+            if "method" not in data and method is None:
+                raise ValueError(
+                    "the config dict has no 'method' key; add one (config={'method': 'fastv', ...}) "
+                    "or name the method: vtoken.wrap(model, 'fastv', config=...)"
+                )
+            data.setdefault("method", method)
+        elif isinstance(config, (str, os.PathLike)):
+            data = read_config_file(config)
+        else:
+            raise ValueError(
+                f"config must be a config object, a dict or the path of a saved config, got {type(config).__name__}"
+            )
         saved_method = data.pop("method")
         if method is not None and method != saved_method:
             raise ValueError(f"the saved config is for {saved_method!r}, not {method!r}")
@@ -92,7 +105,11 @@ def wrap(model: nn.Module, method: str | None = None, *, config=None, **options:
     if read is not None:
         depths["vision_read"] = read
     strategy.bind(depths)
-    adapter.validate(strategy.stages())
+    # A mask stage (AIF) is checked like any stage: its layer exists, its budget fits an image.
+    mask = strategy.mask_stage()
+    adapter.validate(strategy.stages() + ((mask.stage,) if mask is not None else ()))
+    per_image = adapter.visual_tokens_per_image()
+    check_budget_order(strategy.stages(), per_image, adapter.vision_tokens_for(per_image) if per_image else None)
     missing = adapter.missing_signal(strategy.needs())
     if missing is not None:
         signal, reason = missing
@@ -258,13 +275,17 @@ def load(path: str | os.PathLike) -> PruneConfig:
 def schedule_of(model: nn.Module, visual_tokens: int | None = None) -> Schedule:
     """The pruning schedule of a wrapped model for one image of ``visual_tokens`` visual tokens
     (default: the model's tokens per image)."""
+    from vtoken.adapters.vision_encoder import VisionEncoderAdapter  # adapters sit above the core
+
     state = _state(model)
     adapter = state.adapter
     tokens = visual_tokens or adapter.visual_tokens_per_image()
     if tokens is None:
         raise ValueError("this model's visual token count depends on the image; pass visual_tokens=")
     stages, scoring = [], []
-    vision_tokens = adapter.vision_tokens_for(tokens)
+    # A vision-only model's visual tokens are its patches: another image size is another patch count
+    # (the adapter only knows the model's own input size).
+    vision_tokens = tokens if isinstance(adapter, VisionEncoderAdapter) else adapter.vision_tokens_for(tokens)
     entering = {"vision": vision_tokens, "visual": tokens}  # tokens reaching the next stage, per image
     inside = state.strategy.inside_block() is not None  # vision stages between attention and MLP (ToMe)
     for spec in state.pruner.stages:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -17,6 +18,29 @@ from vtoken.schedule import SITES, check_site
 CONFIG_FILE = "vtoken_config.json"
 POSITION_MODES = ("original", "contiguous", "pre_llm")
 ROUNDINGS = ("round", "floor")
+#: The largest ``keep_tokens``: counts become int64 tensors, and no image has anywhere near as many.
+MAX_KEEP_TOKENS = 2**63 - 1
+#: ``seed`` goes to ``torch.Generator.manual_seed``, which takes a 64-bit value.
+SEED_RANGE = (-(2**63), 2**64 - 1)
+
+
+def is_integer(value: Any) -> bool:
+    """An integer option (Python or NumPy), never a bool: ``keep_tokens=True`` is not 1 token."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """A real number (Python or NumPy), never a bool: ``keep=True`` is not a fraction."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def shown(value: Any) -> str:
+    """``repr(value)`` for an error message, short for a huge integer (``str`` of one over 4300
+    digits raises, and hundreds of digits make no readable line)."""
+    if is_integer(value) and int(value).bit_length() > 64:
+        return f"an integer of about {int(int(value).bit_length() * 0.30103) + 1} digits"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 @dataclass(frozen=True)
@@ -41,10 +65,19 @@ class StageSpec:
             raise ValueError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
         if (self.keep is None) == (self.keep_tokens is None):
             raise ValueError("give exactly one budget: keep=<fraction in (0, 1]> or keep_tokens=<count>")
-        if self.keep is not None and not (0.0 < self.keep <= 1.0):
-            raise ValueError(f"keep must be a fraction in (0, 1], got {self.keep}; use keep_tokens for counts")
-        if self.keep_tokens is not None and (not isinstance(self.keep_tokens, int) or self.keep_tokens <= 0):
-            raise ValueError(f"keep_tokens must be a positive integer, got {self.keep_tokens!r}")
+        # Types first: a string or a bool would otherwise fail deep inside (or, True, pass as 1).
+        if self.keep is not None and (not is_number(self.keep) or not (0.0 < self.keep <= 1.0)):
+            raise ValueError(
+                f"keep must be a fraction in (0, 1] (a number, not a string or bool), got {shown(self.keep)}; "
+                "use keep_tokens for counts"
+            )
+        if self.keep_tokens is not None and (
+            not is_integer(self.keep_tokens) or not 0 < self.keep_tokens <= MAX_KEEP_TOKENS
+        ):
+            raise ValueError(
+                f"keep_tokens must be a positive integer below 2**63 (a count of tokens per image, not a string "
+                f"or bool), got {shown(self.keep_tokens)}"
+            )
 
     @property
     def name(self) -> str:
@@ -103,6 +136,8 @@ class PruneConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if not is_integer(self.seed) or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise ValueError(f"seed must be an integer (a 64-bit value, as torch.manual_seed takes), got {shown(self.seed)}")
         if self.positions not in POSITION_MODES:
             raise ValueError(f"positions must be one of {POSITION_MODES}, got {self.positions!r}")
         if self.text_only not in ("error", "passthrough"):
@@ -112,7 +147,7 @@ class PruneConfig:
     def resolved_stages(self) -> tuple[StageSpec, ...]:
         """The stages this config asks for, validated and in execution order."""
         if self.stages:
-            stages = tuple(StageSpec(**dict(s)) for s in self.stages)
+            stages = tuple(StageSpec(**_stage_options(s)) for s in _stage_list(self.stages))
         else:
             keep = self.default_keep if self.keep is None and self.keep_tokens is None else self.keep
             stages = (StageSpec(self.site, self.layer, keep, self.keep_tokens),)
@@ -147,6 +182,74 @@ class PruneConfig:
         return cls(**options)
 
 
+def _stage_list(stages: Any) -> list:
+    if not isinstance(stages, (list, tuple)):
+        raise ValueError(
+            f"stages must be a list of dicts like {{'site': 'llm', 'layer': 2, 'keep': 0.5}}, got {shown(stages)}"
+        )
+    return list(stages)
+
+
+def _stage_options(stage: Any) -> dict[str, Any]:
+    """One entry of ``stages`` as StageSpec's options, naming what is wrong with it."""
+    if not isinstance(stage, dict):
+        raise ValueError(
+            f"each entry of stages must be a dict like {{'site': 'llm', 'layer': 2, 'keep': 0.5}}, got {shown(stage)}"
+        )
+    known = {f.name for f in dataclasses.fields(StageSpec)}
+    unknown = sorted(str(k) for k in set(stage) - known)
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(unknown)} in a stage; a stage takes {', '.join(sorted(known))}")
+    return dict(stage)
+
+
+def check_budget_order(stages: tuple[StageSpec, ...], visual_tokens: int | None = None,
+                       vision_tokens: int | None = None) -> None:
+    """Refuse stages whose budgets grow: every budget counts from the image's original tokens, so a
+    stage cannot keep more than the stage before it left (it would fail at the first forward).
+
+    With the model's token counts per image (``visual_tokens`` reaching the LLM, ``vision_tokens``
+    patches per crop) the stages' own counts are compared, within the vision encoder and within the
+    projector and LLM, and across the two where the encoder's patches are the LLM's visual tokens one
+    to one; without them, only budgets of the same kind (two fractions, two counts)."""
+    known = visual_tokens is not None and vision_tokens is not None
+
+    def count(stage: StageSpec) -> int | None:
+        if not known:
+            return None
+        if stage.site == "vision":
+            return stage.crop_budget(vision_tokens, visual_tokens)
+        return stage.budget(visual_tokens)
+
+    def budget_text(stage: StageSpec) -> str:
+        return f"keep={stage.keep!r}" if stage.keep is not None else f"keep_tokens={stage.keep_tokens!r}"
+
+    previous: dict[str, StageSpec] = {}  # the last stage in each token space
+    for stage in stages:
+        space = "vision" if stage.site == "vision" else "visual"
+        candidates = [previous.get(space)]
+        if space == "visual" and known and visual_tokens == vision_tokens:
+            candidates.append(previous.get("vision"))  # one encoder patch per visual token (LLaVA-1.5)
+        for earlier in filter(None, candidates):
+            before, now = count(earlier), count(stage)
+            if before is not None:
+                if now > before:
+                    raise ValueError(
+                        f"stage {stage.name} keeps {now} tokens per image, more than the {before} the earlier stage "
+                        f"{earlier.name} leaves (budgets count from the image's original tokens); give {stage.name} "
+                        f"a budget of at most {before} tokens, or {earlier.name} a larger one"
+                    )
+            elif (earlier.keep is not None and stage.keep is not None and stage.keep > earlier.keep) or (
+                earlier.keep_tokens is not None and stage.keep_tokens is not None and stage.keep_tokens > earlier.keep_tokens
+            ):
+                raise ValueError(
+                    f"stage {stage.name} ({budget_text(stage)}) keeps more than the earlier stage {earlier.name} "
+                    f"({budget_text(earlier)}) leaves (budgets count from the image's original tokens); "
+                    "budgets must not grow from one stage to the next"
+                )
+        previous[space] = stage
+
+
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """The saved options (with their ``method``) from a config file or a directory holding one."""
     if os.path.isdir(path):
@@ -168,4 +271,4 @@ def option_defaults(config_cls: type[PruneConfig]) -> dict[str, Any]:
     return out
 
 
-__all__ = ["PruneConfig", "StageSpec", "read_config_file", "option_defaults", "CONFIG_FILE", "field"]
+__all__ = ["PruneConfig", "StageSpec", "check_budget_order", "read_config_file", "option_defaults", "CONFIG_FILE", "field"]

@@ -28,6 +28,18 @@ from vtoken.strategies.base import Strategy
 class PoolConfig(PruneConfig):
     method = "pool"
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        # Pooling needs each image's whole patch grid: after a stage that pruned, there is none left
+        # (the forward would stop at that stage), so only the first stage may cut.
+        stages = self.resolved_stages()
+        for earlier, later in zip(stages, stages[1:]):
+            if earlier.keep != 1.0:
+                raise ValueError(
+                    f"pool needs each image's full patch grid, but stage {later.name} follows {earlier.name}, which "
+                    f"already pruned it; give pool one stage (site, layer, keep), or keep=1.0 at the earlier stages"
+                )
+
 
 def band_widths(height: int, width: int, tokens: int) -> list[int]:
     """How many pooled tokens each horizontal band of the grid gets, ``sum == tokens`` exactly.

@@ -342,6 +342,20 @@ class TransPruneConfig(PruneConfig):
         return tuple(range(max(0, layers[0] - 1), layers[-1]))
 
     def _check_accumulation(self, stages: tuple[StageSpec, ...], depth: int) -> None:
+        # The pruning layers first: the default accumulation span ends before the last of them, so a
+        # layer past the LLM would otherwise be reported as accumulate_layers the user never gave.
+        beyond = [s.layer for s in stages if s.layer >= depth]
+        if beyond:
+            if self.prune_layers is not None:
+                option = f"prune_layers={list(self.prune_layers)}"
+            elif self.layer is not None:
+                option = f"layer={self.layer}"
+            else:
+                option = "stages"
+            raise ValueError(
+                f"transprune {option}: layer {beyond[0]} does not exist, the LLM has {depth} decoder layers "
+                f"(0..{depth - 1}); prune at layers 1..{depth - 1}"
+            )
         accumulate = self.accumulation(stages)
         if any(layer >= depth for layer in accumulate):
             raise ValueError(
