@@ -324,3 +324,12 @@ def test_flops_of_a_wrapped_vision_model_follow_image_size():
 def test_flops_refuses_zero_images():
     with pytest.raises(ValueError, match="images must be a positive number of images per sample, got 0"):
         vtoken.flops(tiny_llava(), images=0)
+
+
+def test_a_layer_past_any_model_is_refused_before_it_is_printed():
+    from tiny import tiny_llava
+
+    model = tiny_llava()
+    with pytest.raises(ValueError, match=r"^layer must be a layer index of the model .* bits$"):
+        vtoken.wrap(model, "pool", keep=0.5, site="vision", layer=10**5000)
+    assert not hasattr(model, "_vtoken_state")

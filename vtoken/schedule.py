@@ -26,6 +26,11 @@ Site = Literal["vision", "projector", "llm"]
 SITES: tuple[str, ...] = ("vision", "projector", "llm")
 
 
+#: Far past any model's depth: a larger layer is a typo, refused before it is printed (Python will
+#: not turn an integer of over 4300 digits into text).
+MAX_LAYER = 1_000_000
+
+
 def check_site(site: str, layer: int | None) -> None:
     """Refuse a site name that does not exist, and a layer where the site takes none (or none where it needs one)."""
     if site not in SITES:
@@ -39,6 +44,9 @@ def check_site(site: str, layer: int | None) -> None:
         raise ValueError(f"layer must be a layer index (an integer >= 0), got {layer!r}")
     if layer is not None and layer < 0:
         raise ValueError(f"layer must be >= 0, got {layer}")
+    if layer is not None and layer > MAX_LAYER:  # no model is this deep; printing it may itself fail
+        raise ValueError(f"layer must be a layer index of the model (0 to its depth - 1), got an integer of "
+                         f"{int(layer).bit_length()} bits")
 
 
 @dataclass(frozen=True)
