@@ -380,10 +380,10 @@ class VisionLanguageAdapter(VisionSite, Adapter):
                 f"this prompt holds {' and '.join(m.name + 's' for m in present)} at once; vtoken prunes one kind of "
                 "visual input per prompt: send them in separate prompts (or call vtoken.unwrap(model) for this use)"
             )
-        given = compat.full_attention_mask(kwargs.get("attention_mask"))
-        if given is not None and given.dim() == 2 and tuple(given.shape) != tuple(input_ids.shape[:2]):
+        mask = compat.full_attention_mask(kwargs.get("attention_mask"))
+        if mask is not None and mask.dim() == 2 and tuple(mask.shape) != tuple(input_ids.shape[:2]):
             raise ValueError(
-                f"attention_mask has shape {tuple(given.shape)} but the prompt is {tuple(input_ids.shape[:2])} "
+                f"attention_mask has shape {tuple(mask.shape)} but the prompt is {tuple(input_ids.shape[:2])} "
                 "(batch, length); pass one mask entry per prompt token, as the processor returns them"
             )
         (modality,) = present
@@ -400,7 +400,6 @@ class VisionLanguageAdapter(VisionSite, Adapter):
         order = self._encoded_order(images, encoded)
         placed = self.visual_layout(input_ids, [images.images[i] for i in order], modality.placeholder)
         run = PruneRun(placed, pruner.config, images)
-        mask = compat.full_attention_mask(kwargs.get("attention_mask"))
         if mask is not None and mask.dim() == 4:  # generate() with a static cache: the prompt's padding
             mask = padding_from_4d_mask(mask, input_ids.shape[1])
         run.prompt = (input_ids, mask)

@@ -87,6 +87,9 @@ class VisionEncoderAdapter(VisionSite, Adapter):
     def vision_tokens(self) -> int | None:
         return self.description.vision.patches
 
+    def vision_tokens_for(self, visual_tokens: int) -> int | None:
+        return visual_tokens  # its visual tokens are its patches: another image size, another count
+
     def site_width(self, site: str) -> tuple[int, int]:
         return self.description.vision.width, self.description.vision.head_dim
 

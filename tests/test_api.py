@@ -330,6 +330,7 @@ def test_a_layer_past_any_model_is_refused_before_it_is_printed():
     from tiny import tiny_llava
 
     model = tiny_llava()
-    with pytest.raises(ValueError, match=r"^layer must be a layer index of the model .* bits$"):
-        vtoken.wrap(model, "pool", keep=0.5, site="vision", layer=10**5000)
+    for layer in (10**5000, -10**5000):
+        with pytest.raises(ValueError, match=r"^layer must be a layer index of the model .* bits$"):
+            vtoken.wrap(model, "pool", keep=0.5, site="vision", layer=layer)
     assert not hasattr(model, "_vtoken_state")

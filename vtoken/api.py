@@ -275,17 +275,13 @@ def load(path: str | os.PathLike) -> PruneConfig:
 def schedule_of(model: nn.Module, visual_tokens: int | None = None) -> Schedule:
     """The pruning schedule of a wrapped model for one image of ``visual_tokens`` visual tokens
     (default: the model's tokens per image)."""
-    from vtoken.adapters.vision_encoder import VisionEncoderAdapter  # adapters sit above the core
-
     state = _state(model)
     adapter = state.adapter
     tokens = visual_tokens or adapter.visual_tokens_per_image()
     if tokens is None:
         raise ValueError("this model's visual token count depends on the image; pass visual_tokens=")
     stages, scoring = [], []
-    # A vision-only model's visual tokens are its patches: another image size is another patch count
-    # (the adapter only knows the model's own input size).
-    vision_tokens = tokens if isinstance(adapter, VisionEncoderAdapter) else adapter.vision_tokens_for(tokens)
+    vision_tokens = adapter.vision_tokens_for(tokens)
     entering = {"vision": vision_tokens, "visual": tokens}  # tokens reaching the next stage, per image
     inside = state.strategy.inside_block() is not None  # vision stages between attention and MLP (ToMe)
     for spec in state.pruner.stages:

@@ -42,11 +42,11 @@ def check_site(site: str, layer: int | None) -> None:
     # A bool, a float or a string is no layer index (True would pass as layer 1, 1.5 fail deep inside).
     if layer is not None and (isinstance(layer, bool) or not isinstance(layer, numbers.Integral)):
         raise ValueError(f"layer must be a layer index (an integer >= 0), got {layer!r}")
-    if layer is not None and layer < 0:
-        raise ValueError(f"layer must be >= 0, got {layer}")
-    if layer is not None and layer > MAX_LAYER:  # no model is this deep; printing it may itself fail
+    if layer is not None and abs(layer) > MAX_LAYER:  # no model is this deep; printing it may itself fail
         raise ValueError(f"layer must be a layer index of the model (0 to its depth - 1), got an integer of "
                          f"{int(layer).bit_length()} bits")
+    if layer is not None and layer < 0:
+        raise ValueError(f"layer must be >= 0, got {layer}")
 
 
 @dataclass(frozen=True)
