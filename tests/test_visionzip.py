@@ -208,8 +208,12 @@ def test_llava_next_vision_site_fills_a_crop_that_unpadding_cut(size):
         plain = model(**x).logits
         with vtoken.pruned(model, "visionzip", site="vision", layer=1, keep=1.0):
             torch.testing.assert_close(model(**x).logits, plain)
-        with vtoken.pruned(model, "visionzip", site="vision", layer=1, keep=0.9):
-            model(**x)
+        kept = {}
+        for method in ("visionzip", "random"):  # random ranks the cut patches last too: the same counts
+            with vtoken.pruned(model, method, site="vision", layer=1, keep=0.9):
+                model(**x)
+                kept[method] = {stage: len(tokens) for stage, tokens in vtoken.selection(model)[0].items()}
+        assert kept["visionzip"] == kept["random"]
 
 
 def test_scoring_cost_counts_the_cls_row_and_the_merge_from_the_stage_shapes():
