@@ -1,18 +1,20 @@
 """Keys scored on are keys the layer need not project again.
 
 A strategy that scores a pruning stage at LLM layer K with layer K's own attention
-(``ctx.attention(layer="current")``: TransPrune's instruction-guided attention, Eq. 5) projects the
-keys of every token at layer K's input, before the stage prunes them; layer K then runs on the kept
-tokens and projects their keys again. When the stage only selected rows (no merged features), the
-kept tokens' keys are rows of what scoring already computed: :class:`KeyReuse` hands them to the
-layer's key projection instead of recomputing them (the projection runs on zero rows and returns the
-gathered keys), which takes the layer's own share out of the scoring's cost.
+(``ctx.attention(layer="current")``: TransPrune's instruction-guided attention, Eq. 5) normalises
+and projects the keys of every token at layer K's input, before the stage prunes them; layer K then
+runs on the kept tokens and normalises them and projects their keys again. When the stage only
+selected rows (no merged features), the kept tokens' normalised inputs and keys are rows of what
+scoring already computed: :class:`KeyReuse` hands them to the layer's input norm and key projection
+instead of recomputing them (each module runs on zero rows and returns the gathered rows), which
+takes the layer's own share out of the scoring's cost.
 
 Only plain hooks are used, and each checks by identity that it sees the tensors it expects: the
 layer's input is the stage's output, the key projection's input is the layer's input norm of it. A
 layer whose forward does anything else (another norm order, a fused projection) is simply not
-helped, never changed. The kept keys differ from a fresh projection of the kept rows only by the
-matmul's rounding (the rows are the same; a different row count can block the sum differently).
+helped, never changed. The norm works per token, so its kept rows are the same numbers; the kept
+keys differ from a fresh projection of the kept rows only by the matmul's rounding (the rows are the
+same; a different row count can block the sum differently).
 """
 
 from __future__ import annotations
@@ -33,13 +35,15 @@ from .base import UndoStack
 
 @dataclass
 class PendingKeys:
-    """Layer K's key projection of ``source``'s tokens (``[B, L, kv_heads * head_dim]``), and how far
-    it got towards the layer: armed once the stage's output is known, taken by the key projection."""
+    """Layer K's input norm of ``source``'s tokens (``normed``, ``[B, L, d]``) and key projection of
+    that (``keys``, ``[B, L, kv_heads * head_dim]``), and how far they got towards the layer: armed
+    once the stage's output is known, then taken by the input norm and the key projection."""
 
     source: torch.Tensor
+    normed: torch.Tensor
     keys: torch.Tensor
     armed: bool = False
-    normed: torch.Tensor | None = None
+    norm_taken: bool = False
     taken: bool = False
 
 
@@ -57,7 +61,9 @@ class KeyReuse:
         projects its keys (a strategy that never reads a layer's current attention adds none), and
         removed with the rest of the wrap."""
         projection = self._projection(index)
-        self._undo.post_hook(compat.decoder_input_norm(self.layers[index]), partial(self._normed, index))
+        norm = compat.decoder_input_norm(self.layers[index])
+        self._undo.pre_hook(norm, partial(self._before_norm, index))
+        self._undo.post_hook(norm, partial(self._normed, index))
         self._undo.pre_hook(projection, partial(self._before_projection, index))
         self._undo.post_hook(projection, partial(self._after_projection, index))
         self.hooked.add(index)
@@ -70,7 +76,8 @@ class KeyReuse:
         if pending is None or pending.source is not hidden:
             if index not in self.hooked:
                 self._hook(index)
-            pending = PendingKeys(hidden, self._project(index, hidden))
+            normed = compat.decoder_input_norm(self.layers[index])(hidden)
+            pending = PendingKeys(hidden, normed, self._projection(index)(normed))
             run.reused_keys[index] = pending
         return pending.keys
 
@@ -81,17 +88,16 @@ class KeyReuse:
         pending = run.reused_keys.pop(index, None)
         if pending is None or selected_from is None or pending.source is not before:
             return
-        keys = gather_tokens(pending.keys, selected_from)
+        normed, keys = gather_tokens(pending.normed, selected_from), gather_tokens(pending.keys, selected_from)
         pads = selected_from < 0
-        if bool(pads.any()):  # a new pad slot's hidden state is 0: its key is what the layer makes of 0
-            keys = torch.where(pads[..., None], self._project(index, torch.zeros_like(after[:1, :1])), keys)
-        run.reused_keys[index] = PendingKeys(after, keys, armed=True)
+        if bool(pads.any()):  # a new pad slot's hidden state is 0: it gets what the layer makes of 0
+            zero_normed = compat.decoder_input_norm(self.layers[index])(torch.zeros_like(after[:1, :1]))
+            normed = torch.where(pads[..., None], zero_normed, normed)
+            keys = torch.where(pads[..., None], self._projection(index)(zero_normed), keys)
+        run.reused_keys[index] = PendingKeys(after, normed, keys, armed=True)
 
     def _projection(self, index: int) -> nn.Module:
         return compat.attention_parts(compat.layer_attention(self.layers[index])).k_proj
-
-    def _project(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
-        return self._projection(index)(compat.decoder_input_norm(self.layers[index])(hidden))
 
     # --- hooks on layer K -----------------------------------------------------------------------
     def _pending(self, index: int) -> PendingKeys | None:
@@ -101,14 +107,22 @@ class KeyReuse:
         pending = run.reused_keys.get(index)
         return pending if pending is not None and pending.armed else None
 
-    def _normed(self, index: int, module, args, output) -> None:
+    def _before_norm(self, index: int, module, args):
         pending = self._pending(index)
-        if pending is not None and args and args[0] is pending.source:
-            pending.normed = output
+        if pending is None or pending.norm_taken or not args or args[0] is not pending.source:
+            return None
+        pending.norm_taken = True
+        return (args[0][..., :0, :], *args[1:])  # the norm runs on no row
+
+    def _normed(self, index: int, module, args, output):
+        pending = self._pending(index)
+        if pending is None or not pending.norm_taken or pending.taken or output.shape[-2] != 0:
+            return None  # not the call whose rows were taken out above
+        return pending.normed  # the kept rows of the norm scoring computed: what the key projection sees
 
     def _before_projection(self, index: int, module, args):
         pending = self._pending(index)
-        if pending is None or pending.normed is None or not args or args[0] is not pending.normed:
+        if pending is None or not pending.norm_taken or not args or args[0] is not pending.normed:
             return None
         pending.taken = True
         return (args[0][..., :0, :], *args[1:])  # the projection runs on no row

@@ -38,7 +38,8 @@ the strategy's own calls is measured directly (``StrategyCallTime``; CPU only): 
 timed as such, a lower bound of the scoring that the machine's noise hardly moves. Where the scoring
 hands a layer the keys it projected (TransPrune's IGA: ``adapters/key_reuse.py``), that layer's own
 key projection is spared, so the LLM layers' key projections are timed in the method's and the
-replay's prefills (``LayerKeyTime``) and the in-call time is given net of what the layers were spared.
+replay's prefills (``LayerKeyTime``, with the layers' input norms, handed over too) and the in-call
+time is given net of what the layers were spared.
 
 Two identical prefills timed back to back differ by about 9% here (one standard deviation), so a
 dozen rounds cannot tell a 1% overhead from a 3% one. On a CPU every pair is therefore also measured
@@ -619,16 +620,17 @@ class StrategyCallTime:
 
 
 class LayerKeyTime:
-    """Wall time in the LLM layers' own key projections (``k_proj`` calls made outside the strategy's
-    calls) during the runs since the last :meth:`take`, and whether any of them ran on no row: a
-    stage's scoring projected that layer's keys and handed the kept ones to it
+    """Wall time in the LLM layers' own input norms and key projections (calls made outside the
+    strategy's calls) during the runs since the last :meth:`take`, and whether any of them ran on no
+    row: a stage's scoring normalised and projected that layer's keys and handed the kept rows to it
     (``adapters/key_reuse.py``). The time in the strategy's calls then holds work its replay's
-    layers do themselves; the replay's key time less the method's is that work, taken off the
-    in-calls time. CPU only, like :class:`StrategyCallTime`."""
+    layers do themselves; the replay's time in those modules less the method's is that work, taken
+    off the in-calls time. CPU only, like :class:`StrategyCallTime`."""
 
     def __init__(self, model, calls: StrategyCallTime):
         layers = model.model.language_model.layers
-        self.projections = [compat.attention_parts(compat.layer_attention(layer)).k_proj for layer in layers]
+        self.projections = [module for layer in layers for module in (
+            compat.decoder_input_norm(layer), compat.attention_parts(compat.layer_attention(layer)).k_proj)]
         self.calls = calls
         self.seconds, self.handed, self._start = 0.0, False, None
 
@@ -1325,8 +1327,8 @@ def report(args, command, load_at_start, device, meter, base, times_none, config
               f"per-round pairs (sign-test order statistics); *in strategy calls*: the time inside the strategy's own calls "
               f"(reduce, observe, observe_attention) during the method's prefill, median over rounds, a direct measure of most "
               f"of the scoring (a lower bound: vtoken's hooks outside those calls are not in it), net of the keys the scoring "
-              f"projected and handed to the layers, which project them themselves in the replay (their key projections "
-              f"timed in both, per round); *oracle*: the "
+              f"normalised, projected and handed to the layers, which compute them themselves in the replay (their input "
+              f"norms and key projections timed in both, per round); *oracle*: the "
               "unwrapped model hand-run on the same schedule (Δ oracle: its first-token logits against the method's), "
               "*machinery* = replay / oracle - 1 (median over rounds of the pair); where no hand-written oracle exists the replay is the oracle and the "
               "machinery is the keep-all replay against the unwrapped model (next table). *Blocks matched out* "
@@ -1354,7 +1356,7 @@ def report(args, command, load_at_start, device, meter, base, times_none, config
         low, high = r["scoring_interval_share"]
         in_calls = "" if r["strategy_calls_ms"] is None else f"{r['strategy_calls_ms']:.1f} ms ({100 * r['strategy_calls_share']:.1f}%)"
         if r["spared_key_projection_ms"] is not None:
-            in_calls += f" (net of {r['spared_key_projection_ms']:.1f} ms of keys handed to the layers)"
+            in_calls += f" (net of {r['spared_key_projection_ms']:.1f} ms of normed rows and keys handed to the layers)"
         floor = f"{100 * r['algorithm_floor_share']:.1f}%" if r["algorithm_floor_share"] else ""
         machinery_interval = ("" if r["machinery_interval"] is None else
                               f"{100 * r['machinery_interval'][0]:+.1f}% to {100 * r['machinery_interval'][1]:+.1f}%")

@@ -32,15 +32,20 @@ def _hook_count(model) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
-def _prefill(model, x, handed: bool, monkeypatch):
+def _prefill(model, x, handed: bool, monkeypatch, norm_rows: list[list[int]] | None = None):
     """Logits, the KV cache's keys and values per layer, and the rows each LLM layer's own key
-    projection saw (calls outside the scoring), for a TransPrune prefill at keep 0.25."""
+    projection saw (calls outside the scoring), for a TransPrune prefill at keep 0.25; ``norm_rows``
+    gathers the same for each layer's input norm."""
     if not handed:
         monkeypatch.setattr(key_reuse.KeyReuse, "after_stage", lambda self, *args: None)
     rows: list[list[int]] = [[] for _ in _decoder_layers(model)]
-    # Registered before the wrap, so before vtoken's hooks: they see the projection's own output.
+    # Registered before the wrap, so before vtoken's hooks: they see the modules' own outputs.
     handles = [_key_projection(layer).register_forward_hook(lambda m, a, out, i=i: rows[i].append(out.shape[-2]))
                for i, layer in enumerate(_decoder_layers(model))]
+    if norm_rows is not None:
+        norm_rows.extend([] for _ in _decoder_layers(model))
+        handles += [compat.decoder_input_norm(layer).register_forward_hook(
+            lambda m, a, out, i=i: norm_rows[i].append(out.shape[-2])) for i, layer in enumerate(_decoder_layers(model))]
     try:
         with vtoken.pruned(model, "transprune", keep=0.25), torch.no_grad():
             stages = [s.layer for s in vtoken.strategy_of(model).stages()]
@@ -66,13 +71,15 @@ def test_the_layer_projects_no_key_and_computes_what_it_would_have(method, famil
                 bias.copy_(torch.randn(bias.shape, generator=generator))
         model(**x)  # transformers adds hooks of its own at a model's first forward
     hooks = _hook_count(model)
-    logits, kv, rows, stages = _prefill(model, x, True, monkeypatch)
-    plain_logits, plain_kv, plain_rows, _ = _prefill(model, x, False, monkeypatch)
+    norm_rows, plain_norm_rows = [], []
+    logits, kv, rows, stages = _prefill(model, x, True, monkeypatch, norm_rows)
+    plain_logits, plain_kv, plain_rows, _ = _prefill(model, x, False, monkeypatch, plain_norm_rows)
     for layer in stages:
-        # the scoring's projection (every row before the stage), then the layer's own: no row
+        # the scoring's norm and projection (every row before the stage), then the layer's own: no row
         assert rows[layer][-1] == 0, (layer, rows[layer])
-        assert plain_rows[layer][-1] > 0
-    assert rows[0] == plain_rows[0]  # layers without a stage project as before
+        assert norm_rows[layer][-1] == 0, (layer, norm_rows[layer])
+        assert plain_rows[layer][-1] > 0 and plain_norm_rows[layer][-1] > 0
+    assert rows[0] == plain_rows[0] and norm_rows[0] == plain_norm_rows[0]  # layers without a stage as before
     assert torch.equal(logits, plain_logits)
     for (k, v), (pk, pv) in zip(kv, plain_kv):
         assert torch.equal(k, pk) and torch.equal(v, pv)  # pad slots' keys included
