@@ -98,14 +98,13 @@ chat template, Qwen's vision start/end markers); default 64.
 from __future__ import annotations
 
 import json
-import numbers
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from vtoken import accounting_vit as _vit
-from vtoken.schedule import ScoringCost, Schedule, Stage
+from vtoken.schedule import ScoringCost, Schedule, Stage, is_integer
 
 CONVENTIONS: tuple[str, ...] = ("true", "paper")
 DEFAULT_TEXT_TOKENS = 64
@@ -791,7 +790,7 @@ def flops(
     if convention not in CONVENTIONS:
         raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
     # images=0 would otherwise read as "not given" (``images or schedule.images``) and count one image.
-    if images is not None and (isinstance(images, bool) or not isinstance(images, numbers.Integral) or images < 1):
+    if images is not None and (not is_integer(images) or images < 1):
         raise ValueError(f"images must be a positive number of images per sample, got {images!r}; omit it for the default")
     config, encoder = _config_or_encoder(model_or_config)
     if encoder is not None:

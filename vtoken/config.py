@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import numbers
 import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from vtoken.schedule import SITES, check_site
+from vtoken.schedule import SITES, check_site, is_integer, is_number
 
 CONFIG_FILE = "vtoken_config.json"
 POSITION_MODES = ("original", "contiguous", "pre_llm")
@@ -22,16 +21,6 @@ ROUNDINGS = ("round", "floor")
 MAX_KEEP_TOKENS = 2**63 - 1
 #: ``seed`` goes to ``torch.Generator.manual_seed``, which takes a 64-bit value.
 SEED_RANGE = (-(2**63), 2**64 - 1)
-
-
-def is_integer(value: Any) -> bool:
-    """An integer option (Python or NumPy), never a bool: ``keep_tokens=True`` is not 1 token."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def is_number(value: Any) -> bool:
-    """A real number (Python or NumPy), never a bool: ``keep=True`` is not a fraction."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def shown(value: Any) -> str:

@@ -31,6 +31,16 @@ SITES: tuple[str, ...] = ("vision", "projector", "llm")
 MAX_LAYER = 1_000_000
 
 
+def is_integer(value) -> bool:
+    """An integer option (Python or NumPy), never a bool: ``keep_tokens=True`` is not 1 token."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    """A real number (Python or NumPy), never a bool: ``keep=True`` is not a fraction."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def check_site(site: str, layer: int | None) -> None:
     """Refuse a site name that does not exist, and a layer where the site takes none (or none where it needs one)."""
     if site not in SITES:
@@ -40,7 +50,7 @@ def check_site(site: str, layer: int | None) -> None:
     if site == "projector" and layer is not None:
         raise ValueError("the 'projector' site takes no `layer`; remove it")
     # A bool, a float or a string is no layer index (True would pass as layer 1, 1.5 fail deep inside).
-    if layer is not None and (isinstance(layer, bool) or not isinstance(layer, numbers.Integral)):
+    if layer is not None and not is_integer(layer):
         raise ValueError(f"layer must be a layer index (an integer >= 0), got {layer!r}")
     if layer is not None and abs(layer) > MAX_LAYER:  # no model is this deep; printing it may itself fail
         raise ValueError(f"layer must be a layer index of the model (0 to its depth - 1), got an integer of "
