@@ -60,8 +60,7 @@ class KeyReuse:
         """Hooks on layer ``index``'s input norm and key projection, added the first time scoring
         projects its keys (a strategy that never reads a layer's current attention adds none), and
         removed with the rest of the wrap."""
-        projection = self._projection(index)
-        norm = compat.decoder_input_norm(self.layers[index])
+        projection, norm = self._projection(index), self._norm(index)
         self._undo.pre_hook(norm, partial(self._before_norm, index))
         self._undo.post_hook(norm, partial(self._normed, index))
         self._undo.pre_hook(projection, partial(self._before_projection, index))
@@ -76,7 +75,7 @@ class KeyReuse:
         if pending is None or pending.source is not hidden:
             if index not in self.hooked:
                 self._hook(index)
-            normed = compat.decoder_input_norm(self.layers[index])(hidden)
+            normed = self._norm(index)(hidden)
             pending = PendingKeys(hidden, normed, self._projection(index)(normed))
             run.reused_keys[index] = pending
         return pending.keys
@@ -91,10 +90,13 @@ class KeyReuse:
         normed, keys = gather_tokens(pending.normed, selected_from), gather_tokens(pending.keys, selected_from)
         pads = selected_from < 0
         if bool(pads.any()):  # a new pad slot's hidden state is 0: it gets what the layer makes of 0
-            zero_normed = compat.decoder_input_norm(self.layers[index])(torch.zeros_like(after[:1, :1]))
+            zero_normed = self._norm(index)(torch.zeros_like(after[:1, :1]))
             normed = torch.where(pads[..., None], zero_normed, normed)
             keys = torch.where(pads[..., None], self._projection(index)(zero_normed), keys)
         run.reused_keys[index] = PendingKeys(after, normed, keys, armed=True)
+
+    def _norm(self, index: int) -> nn.Module:
+        return compat.decoder_input_norm(self.layers[index])
 
     def _projection(self, index: int) -> nn.Module:
         return compat.attention_parts(compat.layer_attention(self.layers[index])).k_proj
@@ -116,7 +118,7 @@ class KeyReuse:
 
     def _normed(self, index: int, module, args, output):
         pending = self._pending(index)
-        if pending is None or not pending.norm_taken or pending.taken or output.shape[-2] != 0:
+        if pending is None or not pending.norm_taken or output.shape[-2] != 0:
             return None  # not the call whose rows were taken out above
         return pending.normed  # the kept rows of the norm scoring computed: what the key projection sees
 

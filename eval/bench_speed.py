@@ -629,7 +629,7 @@ class LayerKeyTime:
 
     def __init__(self, model, calls: StrategyCallTime):
         layers = model.model.language_model.layers
-        self.projections = [module for layer in layers for module in (
+        self.modules = [module for layer in layers for module in (
             compat.decoder_input_norm(layer), compat.attention_parts(compat.layer_attention(layer)).k_proj)]
         self.calls = calls
         self.seconds, self.handed, self._start = 0.0, False, None
@@ -637,8 +637,8 @@ class LayerKeyTime:
     @contextmanager
     def timing(self):
         # Registered before vtoken's key-reuse hooks (added during the forward): the post-hook here
-        # sees the projection's own output, zero rows where the keys were handed over.
-        handles = [h for p in self.projections
+        # sees the module's own output, zero rows where the normed rows or keys were handed over.
+        handles = [h for p in self.modules
                    for h in (p.register_forward_pre_hook(self._before), p.register_forward_hook(self._after))]
         try:
             yield
@@ -855,8 +855,8 @@ class Config:
     plan: OraclePlan | None = None
     oracle_diff: float | None = None
     #: Seconds per measured round: the method's prefill, its replay's, the oracle's, the time inside
-    #: the strategy's own calls during the method's prefill, and the LLM layers' own key projections
-    #: in the method's and the replay's prefills (CPU only); and, with the model's blocks matched out
+    #: the strategy's own calls during the method's prefill, and the LLM layers' own input norms and key
+    #: projections in the method's and the replay's prefills (CPU only); and, with the model's blocks matched out
     #: (``eval/block_time.py``, CPU only), the method's residual less the replay's (``scoring_split``,
     #: seconds) and the replay's residual less the oracle's over the oracle's time (``machinery_split``).
     times: dict[str, list[float]] = field(default_factory=lambda: {
@@ -1176,8 +1176,8 @@ def report(args, command, load_at_start, device, meter, base, times_none, config
             spared_runs = paired_differences(c.times["replay_keys"], c.times["method_keys"])
             spared = 1000 * statistics.median(spared_runs)
             in_calls = 1000 * statistics.median([t - d for t, d in zip(c.times["strategy_calls"], spared_runs)])
-        # The same pairs with the model's blocks matched out (eval/block_time.py). The layers' key
-        # projections are inside matched blocks, so the keys they were spared come off here too.
+        # The same pairs with the model's blocks matched out (eval/block_time.py). The layers' input
+        # norms and key projections are inside matched blocks, so what they were spared comes off here too.
         split = split_interval = None
         if c.times["scoring_split"]:
             split_runs = [1000 * (d - k) for d, k in zip(c.times["scoring_split"], spared_runs)]

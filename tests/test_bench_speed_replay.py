@@ -314,4 +314,4 @@ def test_the_layer_key_time_sees_the_keys_handed_over_and_only_the_layers_own_pr
     assert not seen[("transprune", "replay")][1]
     assert seen["transprune"][0] < seen[("transprune", "replay")][0]
     assert keys.take() == (0.0, False)
-    assert all(not p._forward_hooks and not p._forward_pre_hooks for p in keys.projections)
+    assert all(not p._forward_hooks and not p._forward_pre_hooks for p in keys.modules)
