@@ -36,7 +36,7 @@ rounds), and a verdict whose interval holds values on both sides of the target i
 noise*. Beside the scoring estimate (method - replay, a difference of two prefills) the time inside
 the strategy's own calls is measured directly (``StrategyCallTime``; CPU only): a few milliseconds
 timed as such, a lower bound of the scoring that the machine's noise hardly moves. Where the scoring
-hands a layer the keys it projected (TransPrune's IGA: ``adapters/key_reuse.py``), that layer's own
+hands a layer the keys it projected (TransPrune's IGA: ``vtoken/adapters/key_reuse.py``), that layer's own
 key projection is spared, so the LLM layers' key projections are timed in the method's and the
 replay's prefills (``LayerKeyTime``, with the layers' input norms, handed over too) and the in-call
 time is given net of what the layers were spared.
@@ -623,7 +623,7 @@ class LayerKeyTime:
     """Wall time in the LLM layers' own input norms and key projections (calls made outside the
     strategy's calls) during the runs since the last :meth:`take`, and whether any of them ran on no
     row: a stage's scoring normalised and projected that layer's keys and handed the kept rows to it
-    (``adapters/key_reuse.py``). The time in the strategy's calls then holds work its replay's
+    (``vtoken/adapters/key_reuse.py``). The time in the strategy's calls then holds work its replay's
     layers do themselves; the replay's time in those modules less the method's is that work, taken
     off the in-calls time. CPU only, like :class:`StrategyCallTime`."""
 

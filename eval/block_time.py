@@ -26,7 +26,7 @@ any block call the other run does not make (a probe's extra decoding step, a pro
 the matched blocks (which is most of it).
 
 What it cannot see: a difference inside matched blocks, i.e. the same block on the same shapes
-doing different work: a layer handed its keys by the scoring (``adapters/key_reuse.py``; the bench
+doing different work: a layer handed its keys by the scoring (``vtoken/adapters/key_reuse.py``; the bench
 times those key projections separately), or memory effects of one run on the other's kernels.
 """
 

@@ -60,11 +60,11 @@ def code_version() -> str:
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                               text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "vtoken", "adapters", "kernels"],
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "vtoken"],
                                cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
-    return f"{head}" + (" plus uncommitted changes to vtoken/adapters/kernels" if dirty else "")
+    return f"{head}" + (" plus uncommitted changes to vtoken" if dirty else "")
 
 
 def load(model_dir):

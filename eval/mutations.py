@@ -77,7 +77,7 @@ MUTATIONS = (
              "torch.where(total[..., 0] > 0, entropy, math.log(dynamics.shape[-1]))",
              "torch.where(total[..., 0] > 0, entropy, 0.0)",
              ("tests/test_parity_aif.py", "tests/test_aif.py")),
-    Mutation("FastV: the last slot of a padded row scores, not the last real token", "adapters/hf_decoder.py",
+    Mutation("FastV: the last slot of a padded row scores, not the last real token", "vtoken/adapters/hf_decoder.py",
              "query_slots = torch.where(candidates, slots, -1).max(dim=-1, keepdim=True).values.clamp(min=0)",
              "query_slots = slots.max(dim=-1, keepdim=True).values.clamp(min=0)",
              ("tests/test_parity_fastv.py", "tests/test_generation.py::-k right_padding")),
@@ -95,7 +95,7 @@ MUTATIONS = (
              "return row_seed(self.seed, self.image_key(crops), *place)",
              "return row_seed(self.seed, crops[0], *place)",
              ("tests/test_strategies.py", "tests/test_generation.py::-k random")),
-    Mutation("ToMe: proportional attention's log(size) bias dropped", "adapters/vision_site.py",
+    Mutation("ToMe: proportional attention's log(size) bias dropped", "vtoken/adapters/vision_site.py",
              "bias = self._size_bias(images, hidden) if proportional else None", "bias = None",
              ("tests/test_tome.py",)),
     Mutation("VisionZip: contextual tokens merged by sum instead of mean", "vtoken/strategies/visionzip.py",
@@ -122,9 +122,6 @@ def first_failure(clone: Path, test: str) -> str | None:
 def clone_head(into: Path) -> Path:
     clone = into / "repo"
     subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
-    # the package layout an editable install gives: vtoken.adapters and vtoken.kernels
-    (clone / "vtoken" / "adapters").symlink_to(clone / "adapters")
-    (clone / "vtoken" / "kernels").symlink_to(clone / "kernels")
     return clone
 
 

@@ -1,4 +1,4 @@
-"""Keys a stage's scoring projected at LLM layer K are handed to layer K (adapters/key_reuse.py).
+"""Keys a stage's scoring projected at LLM layer K are handed to layer K (vtoken/adapters/key_reuse.py).
 
 TransPrune scores its stage at K with layer K's own attention (IGA, Eq. 5), which projects the keys
 of every token; the layer then needs the kept tokens' keys. The layer must project no row itself, and

@@ -100,7 +100,7 @@ class ScoringCost:
       - ``"llm_attention_rows"``: ``rows`` query rows against every key of LLM layer ``layer``
         (q projection of the rows, k projection of all tokens, scores and softmax). With
         ``keys_reused`` the stage at ``layer`` hands the keys of the tokens it keeps to the layer
-        (``adapters/key_reuse.py``), so only the dropped tokens' key projections are extra work;
+        (``vtoken/adapters/key_reuse.py``), so only the dropped tokens' key projections are extra work;
         with ``keys_cached`` layer ``layer`` has already run and its KV cache holds the keys, so no
         key is projected (FastV's layer K-1, AIF's probe; a prefill with a KV cache, as ``generate``
         runs it: without one they are projected again).
