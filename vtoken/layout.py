@@ -84,24 +84,36 @@ class SequenceLayout:
         """Contiguous M-RoPE ids: every run of an image's kept tokens keeps its (t, h, w) offsets
         from the image's start, which follows the text before it; a text token takes the largest id
         so far plus one (all components), as ``get_rope_index`` numbers text after an image. With
-        nothing dropped this is the model's own numbering."""
+        nothing dropped this is the model's own numbering.
+
+        Works a run at a time (a sample's valid slots split where text turns to image, image to text
+        or one image to the next), not a slot at a time: a prompt has a handful of runs but hundreds
+        of slots, and a Python step per slot cost about 3 ms a stage on a 600-token Qwen2-VL prompt."""
         positions = self.position_ids[..., -3:].clone()  # a leading text row (4-row form) follows below
         for b in range(positions.shape[0]):
-            slots = torch.nonzero(self.valid[b]).squeeze(-1).tolist()
-            if not slots:
+            slots = torch.nonzero(self.valid[b]).squeeze(-1)
+            if slots.numel() == 0:
                 continue
-            images = self.image_index[b].tolist()
-            old = self.position_ids[b, :, -3:]
-            shift = 0  # old - new of the last text token (images keep their offsets from it)
-            largest = None
-            for slot in slots:
-                if images[slot] >= 0:
-                    positions[b, slot] = old[slot] - shift
-                else:
-                    value = old[slot, 0] if largest is None else largest + 1
-                    positions[b, slot] = value
-                    shift = int(old[slot, 0]) - int(value)
-                largest = int(positions[b, slot].max()) if largest is None else max(largest, int(positions[b, slot].max()))
+            images = self.image_index[b, slots]
+            old = positions[b, slots]  # [S, 3], the ids before renumbering
+            new = old.clone()
+            starts = torch.ones_like(images, dtype=torch.bool)
+            starts[1:] = images[1:] != images[:-1]  # text is -1: a text run is one run whatever its length
+            bounds = torch.nonzero(starts).squeeze(-1).tolist() + [images.numel()]
+            is_image = (images[torch.tensor(bounds[:-1], device=images.device)] >= 0).tolist()
+            shift = 0  # old - new of the last text token (an image keeps its offsets from it)
+            largest = None  # the largest id given so far, every component
+            for (start, end), image in zip(zip(bounds, bounds[1:]), is_image):
+                if image:
+                    new[start:end] = old[start:end] - shift
+                    top = int(new[start:end].max())
+                else:  # consecutive ids from the largest so far plus one (the first slot keeps its own)
+                    first = int(old[start, 0]) if largest is None else largest + 1
+                    top = first + (end - start) - 1
+                    new[start:end] = torch.arange(first, top + 1, dtype=new.dtype, device=new.device)[:, None]
+                    shift = int(old[end - 1, 0]) - top
+                largest = top if largest is None else max(largest, top)
+            positions[b, slots] = new
         if self.position_ids.shape[-1] == 4:  # the text row (mask building only) follows the temporal one
             positions = torch.cat([positions[..., :1], positions], dim=-1)
         return positions

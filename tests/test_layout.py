@@ -1,0 +1,90 @@
+"""``SequenceLayout.renumbered`` on M-RoPE ids (``positions="contiguous"`` for Qwen-VL), against a
+slot-by-slot reference written from the rule ``get_rope_index`` numbers a prompt by: a text token
+takes the largest id so far plus one (all three components), an image's tokens keep their (t, h, w)
+offsets from the text token just before the image. The layout works a run of slots at a time; the
+reference a slot at a time, on random layouts with pads, dropped slots, several images (two of them
+adjacent, with no text between) and the 4-row form whose first row serves mask building only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vtoken.layout import SequenceLayout
+
+
+def _reference(ids: torch.Tensor, valid: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    """``[B, L, 3]`` renumbered ids, one slot at a time (pads keep theirs)."""
+    out = ids.clone()
+    for b in range(ids.shape[0]):
+        shift, largest = 0, None
+        for j in range(ids.shape[1]):
+            if not valid[b, j]:
+                continue
+            if image[b, j] >= 0:
+                out[b, j] = ids[b, j] - shift
+            else:
+                out[b, j] = ids[b, j, 0] if largest is None else largest + 1
+                shift = int(ids[b, j, 0] - out[b, j, 0])
+            top = int(out[b, j].max())
+            largest = top if largest is None else max(largest, top)
+    return out
+
+
+def _mrope_prompt(g: torch.Generator, runs: list[tuple[str, int]], start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A prompt's M-RoPE ids ``[L, 3]`` and image index ``[L]`` as the model numbers it: text runs
+    on consecutively, an image is an h x w grid (w = 2..4) from the position after the text."""
+    ids, image, next_id, count = [], [], start, 0
+    for kind, n in runs:
+        if kind == "text":
+            ids += [[next_id + i] * 3 for i in range(n)]
+            image += [-1] * n
+            next_id += n
+        else:
+            width = int(torch.randint(2, 5, (), generator=g))
+            grid = [[next_id, next_id + i // width, next_id + i % width] for i in range(n)]
+            ids += grid
+            image += [count] * n
+            count += 1
+            next_id = max(max(row) for row in grid) + 1
+    return torch.tensor(ids), torch.tensor(image)
+
+
+@pytest.mark.parametrize("rows", [3, 4])
+@pytest.mark.parametrize("seed", range(6))
+def test_mrope_renumbering_equals_the_slot_by_slot_rule(seed, rows):
+    g = torch.Generator().manual_seed(seed)
+    layouts = [
+        [("text", 5), ("image", 12), ("text", 7)],
+        [("image", 9), ("text", 4)],  # the image first: its ids are kept as they are
+        [("text", 3), ("image", 8), ("image", 6), ("text", 2), ("image", 10), ("text", 1)],  # adjacent images
+    ]
+    prompts = [_mrope_prompt(g, runs, start=int(torch.randint(0, 3, (), generator=g))) for runs in layouts]
+    length = max(ids.shape[0] for ids, _ in prompts) + 2
+    batch = len(prompts)
+    ids = torch.zeros(batch, length, 3, dtype=torch.long)
+    image = torch.full((batch, length), -1)
+    valid = torch.zeros(batch, length, dtype=torch.bool)
+    for b, (p_ids, p_image) in enumerate(prompts):  # left padding
+        ids[b, length - len(p_ids):], image[b, length - len(p_ids):] = p_ids, p_image
+        valid[b, length - len(p_ids):] = True
+    # Drop a random third of the visual slots (pruning) and, in each sample, a text slot before an
+    # image (what an image's ids shift by follows the text token just before it).
+    dropped = (torch.rand(batch, length, generator=g) < 0.35) & (image >= 0)
+    for b, (p_ids, p_image) in enumerate(prompts):
+        text_before_image = [j for j in range(1, len(p_image)) if p_image[j - 1] < 0 and p_image[j] >= 0]
+        if text_before_image:
+            dropped[b, length - len(p_ids) + text_before_image[0] - 2] = True
+    valid &= ~dropped
+    positions = ids if rows == 3 else torch.cat([ids[..., :1] * 0 + 7, ids], dim=-1)
+    orig = torch.arange(length).expand(batch, length)
+    layout = SequenceLayout(orig, valid, torch.where(image >= 0, 0, -1), image, positions)
+
+    renumbered = layout.renumbered().position_ids
+    expected = _reference(ids, valid, image)
+    assert torch.equal(renumbered[..., -3:], expected)
+    if rows == 4:
+        assert torch.equal(renumbered[..., 0], expected[..., 0])  # the text row follows the temporal one
+    # By construction: with nothing dropped the ids are the model's own.
+    whole = SequenceLayout(orig, valid | dropped, layout.visual_index, image, positions)
+    assert torch.equal(whole.renumbered().position_ids[..., -3:][valid | dropped], ids[valid | dropped])
