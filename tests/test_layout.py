@@ -1,9 +1,11 @@
 """``SequenceLayout.renumbered`` on M-RoPE ids (``positions="contiguous"`` for Qwen-VL), against a
 slot-by-slot reference written from the rule ``get_rope_index`` numbers a prompt by: a text token
-takes the largest id so far plus one (all three components), an image's tokens keep their (t, h, w)
-offsets from the text token just before the image. The layout works a run of slots at a time; the
-reference a slot at a time, on random layouts with pads, dropped slots, several images (two of them
-adjacent, with no text between) and the 4-row form whose first row serves mask building only."""
+takes the largest id so far plus one (all three components), or its own id less the shift of the
+tokens before it where that is less (after a video whose temporal ids pass its spatial ones); an
+image's tokens keep their (t, h, w) offsets from the text token just before the image. The layout
+works a run of slots at a time; the reference a slot at a time, on random layouts with pads, dropped
+slots, several images (two of them adjacent, with no text between), a video of more frames than
+columns and the 4-row form whose first row serves mask building only."""
 
 from __future__ import annotations
 
@@ -23,8 +25,11 @@ def _reference(ids: torch.Tensor, valid: torch.Tensor, image: torch.Tensor) -> t
                 continue
             if image[b, j] >= 0:
                 out[b, j] = ids[b, j] - shift
-            else:
-                out[b, j] = ids[b, j, 0] if largest is None else largest + 1
+            elif largest is None:
+                out[b, j] = ids[b, j, 0]
+            else:  # the largest id so far plus one, never later than the model's own id shifted
+                out[b, j] = min(largest + 1, int(ids[b, j, 0]) - shift)
+            if image[b, j] < 0:
                 shift = int(ids[b, j, 0] - out[b, j, 0])
             top = int(out[b, j].max())
             largest = top if largest is None else max(largest, top)
@@ -32,14 +37,22 @@ def _reference(ids: torch.Tensor, valid: torch.Tensor, image: torch.Tensor) -> t
 
 
 def _mrope_prompt(g: torch.Generator, runs: list[tuple[str, int]], start: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A prompt's M-RoPE ids ``[L, 3]`` and image index ``[L]`` as the model numbers it: text runs
-    on consecutively, an image is an h x w grid (w = 2..4) from the position after the text."""
+    """A prompt's M-RoPE ids ``[L, 3]`` and image index ``[L]`` as transformers' get_rope_index numbers
+    it: text runs on consecutively; an image is an h x w grid (w = 2..4) from the position after the
+    text; a video ("video", n) is n // 2 frames of a 1 x 2 grid, its temporal ids past its spatial
+    ones, and the text after it goes on from the spatial ids alone."""
     ids, image, next_id, count = [], [], start, 0
     for kind, n in runs:
         if kind == "text":
             ids += [[next_id + i] * 3 for i in range(n)]
             image += [-1] * n
             next_id += n
+        elif kind == "video":
+            grid = [[next_id + f, next_id, next_id + i] for f in range(n // 2) for i in range(2)]
+            ids += grid
+            image += [count] * n
+            count += 1
+            next_id += 2
         else:
             width = int(torch.randint(2, 5, (), generator=g))
             grid = [[next_id, next_id + i // width, next_id + i % width] for i in range(n)]
@@ -58,6 +71,7 @@ def test_mrope_renumbering_equals_the_slot_by_slot_rule(seed, rows):
         [("text", 5), ("image", 12), ("text", 7)],
         [("image", 9), ("text", 4)],  # the image first: its ids are kept as they are
         [("text", 3), ("image", 8), ("image", 6), ("text", 2), ("image", 10), ("text", 1)],  # adjacent images
+        [("text", 4), ("video", 12), ("text", 3), ("image", 6), ("text", 2)],
     ]
     prompts = [_mrope_prompt(g, runs, start=int(torch.randint(0, 3, (), generator=g))) for runs in layouts]
     length = max(ids.shape[0] for ids, _ in prompts) + 2

@@ -96,6 +96,27 @@ def test_videos_keep_all_and_cached_equals_recomputation(version):
     assert [len(s["projector"]) for s in selection] == [4, 4]
 
 
+@pytest.mark.parametrize("options", [dict(method="random", positions="contiguous"), dict(method="transprune"),
+                                     dict(method="pool", positions="pre_llm")])
+@pytest.mark.parametrize("version", ["2", "2.5"])
+def test_a_video_of_more_frames_than_rows_keeps_the_models_positions_at_keep_all(version, options):
+    """8 frames (4 temporal patches) of 2 x 2 merged tokens: the video's temporal ids run past its
+    spatial ones, and get_rope_index goes on after it from the spatial ids alone. Renumbering
+    (contiguous, pre_llm) with nothing dropped must give the model's own ids: the same logits and the
+    same greedy tokens (decode positions follow the prompt's)."""
+    model = tiny_qwen2_vl(version=version)
+    x = _video_batch(frames=8)
+    suppress = [IMAGE_TOKEN, VIDEO_TOKEN]
+    with torch.no_grad():
+        ref = model(**x).logits
+    ref_tokens = model.generate(**x, max_new_tokens=4, do_sample=False, suppress_tokens=suppress)
+    options = dict(options)
+    with vtoken.pruned(model, options.pop("method"), keep=1.0, **options):
+        with torch.no_grad():
+            assert torch.equal(model(**x).logits, ref)
+        assert torch.equal(model.generate(**x, max_new_tokens=4, do_sample=False, suppress_tokens=suppress), ref_tokens)
+
+
 def test_what_the_qwen_families_refuse_names_the_signal_and_the_fix():
     model = tiny_qwen2_vl()
     with pytest.raises(ValueError, match=r"visionzip needs a CLS token in the vision tower .* Qwen2-VL model gives"):

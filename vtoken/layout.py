@@ -83,8 +83,10 @@ class SequenceLayout:
     def _mrope_renumbered(self) -> torch.Tensor:
         """Contiguous M-RoPE ids: every run of an image's kept tokens keeps its (t, h, w) offsets
         from the image's start, which follows the text before it; a text token takes the largest id
-        so far plus one (all components), as ``get_rope_index`` numbers text after an image. With
-        nothing dropped this is the model's own numbering.
+        so far plus one (all components), as ``get_rope_index`` numbers text after an image, or the
+        id the model itself gives it less what the tokens before it were shifted by, if that is less
+        (text after a video whose temporal ids run past its spatial ones). With nothing dropped this
+        is the model's own numbering.
 
         Works a run at a time (a sample's valid slots split where text turns to image, image to text
         or one image to the next), not a slot at a time: a prompt has a handful of runs but hundreds
@@ -107,8 +109,13 @@ class SequenceLayout:
                 if image:
                     new[start:end] = old[start:end] - shift
                     top = int(new[start:end].max())
-                else:  # consecutive ids from the largest so far plus one (the first slot keeps its own)
-                    first = int(old[start, 0]) if largest is None else largest + 1
+                else:  # consecutive ids from the largest so far plus one (the first slot keeps its own) ...
+                    first = int(old[start, 0])
+                    if largest is not None:
+                        # ... but never later than the model itself puts it, shifted as the block before it:
+                        # after a video whose frames outnumber its rows and columns, get_rope_index
+                        # (transformers 5) goes on from the spatial ids alone, below the temporal ones.
+                        first = min(largest + 1, first - shift)
                     top = first + (end - start) - 1
                     new[start:end] = torch.arange(first, top + 1, dtype=new.dtype, device=new.device)[:, None]
                     shift = int(old[end - 1, 0]) - top
