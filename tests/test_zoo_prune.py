@@ -22,6 +22,7 @@ from vtoken.strategies.zoo_prune import (
     weighted_maxmin_order,
     zo_sensitivity,
 )
+from families import FAMILIES
 from tiny import greedy_without_cache, llava_inputs, llava_next_inputs, tiny_llava, tiny_llava_next
 
 
@@ -470,3 +471,18 @@ def test_half_precision_passes_run_in_float16_and_stay_close():
         with torch.no_grad():
             model(**llava_inputs(1))
         assert len(vtoken.selection(model)[0]["projector"]) == 4
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_half_precision_model_of_every_family_is_scored_and_left_as_it_was(family):
+    """A bfloat16 model: the perturbations run on float32 copies of the projector's weights, Qwen-VL's
+    merging projector included (it once got float32 rows against its bfloat16 weights and failed);
+    the budget is kept and the model's own parameters stay bfloat16."""
+    model = FAMILIES[family].make().to(torch.bfloat16)
+    x = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in FAMILIES[family].inputs(model).items()}
+    with vtoken.pruned(model, "zoo_prune", keep_tokens=3, directions=8):
+        with torch.no_grad():
+            logits = model(**x).logits
+        assert [len(s["projector"]) for s in vtoken.selection(model)] == [3] * x["input_ids"].shape[0]  # one image each
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())

@@ -42,6 +42,21 @@ from vtoken.pruner import Pruner, same_feature
 from vtoken.request import ImageRun, PruneRun, renumbers
 
 
+class MergingProjectorOnTokens(nn.Module):
+    """A merging projector (Qwen-VL's merger: ``unit`` encoder tokens in, one LLM token out) on per-LLM-token
+    inputs ``[..., unit * width]``: each token's encoder tokens go in as rows of ``width``. Holds the
+    model's projector as its child (no copy), so its parameters are this module's."""
+
+    def __init__(self, projector: nn.Module, width: int) -> None:
+        super().__init__()
+        self.projector = projector
+        self.width = width
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        out = self.projector(tokens.reshape(-1, self.width))
+        return out.reshape(*tokens.shape[:-1], out.shape[-1])
+
+
 class VisionLanguageAdapter(VisionSite, Adapter):
     """A family whose images are encoded crop by crop ([crops, tokens, width]), projected token by
     token, placed into placeholder tokens of ``input_ids`` and read by a Llama-style decoder."""
@@ -498,13 +513,9 @@ class VisionLanguageAdapter(VisionSite, Adapter):
         spec = self.description.projector
         if spec.unit == 1:
             return spec.module
-        width = self.description.vision.width
-
-        def project(tokens: torch.Tensor) -> torch.Tensor:
-            out = spec.module(tokens.reshape(-1, width))
-            return out.reshape(*tokens.shape[:-1], out.shape[-1])
-
-        return project
+        # A module, not a closure: a strategy that runs the projector in another precision (ZOO-Prune's
+        # float32 perturbations of a half-precision model) reaches its parameters through it.
+        return MergingProjectorOnTokens(spec.module, self.description.vision.width)
 
     def _before_projector(self, module, args):
         """Keep every crop token's projector input, in its grid place (ZOO-Prune perturbs them)."""
