@@ -349,3 +349,45 @@ def test_an_attention_mask_of_another_shape_is_refused_in_one_line(family):
             with pytest.raises(ValueError, match=r"^attention_mask has shape .* but the prompt is .*\(batch, length\)"):
                 model(**{**x, "attention_mask": mask})
         assert torch.equal(model(**x).logits, expected)
+
+
+@pytest.mark.parametrize("method", ["pool", "fastv"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_logits_to_keep_as_positions_names_positions_of_the_prompt(family, method):
+    """``logits_to_keep`` as a tensor names positions of the prompt the caller passed, which pruning
+    renumbers. Known by construction: a prompt's last tokens are its last kept slots, and a sample's
+    first real token (text before any image) has the plain model's logits (it sees nothing pruned).
+    Positions of the 1-D, 2-D integer and boolean forms; a dropped visual token is refused."""
+    model = FAMILIES[family].make()
+    x = FAMILIES[family].inputs(model)
+    batch, length = x["input_ids"].shape
+    first = x["attention_mask"].long().argmax(-1)  # left padding: each sample's first real token
+    assert not bool((x["input_ids"][torch.arange(batch), first] == model.config.image_token_id).any())
+    with torch.no_grad():
+        plain_first = model(**x).logits[torch.arange(batch), first]
+        with vtoken.pruned(model, method, keep=0.4):
+            every = model(**x).logits  # every kept slot
+            last_two = model(**x, logits_to_keep=torch.tensor([length - 2, length - 1])).logits
+            torch.testing.assert_close(last_two, every[:, -2:], rtol=0, atol=0)
+            at_first = model(**x, logits_to_keep=first[:, None]).logits  # [B, 1] positions per sample
+            torch.testing.assert_close(at_first[:, 0], plain_first, rtol=1e-5, atol=1e-5)
+            mask = torch.zeros(batch, length, dtype=torch.bool)
+            mask[:, -1] = True
+            mask[torch.arange(batch), first] = True
+            flat = model(**x, logits_to_keep=mask).logits  # [2B, V], sample by sample, in order
+            torch.testing.assert_close(flat[0::2], plain_first, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(flat[1::2], every[:, -1], rtol=0, atol=0)
+            kept = vtoken.selection(model)
+            site = "projector" if method == "pool" else next(iter(kept[0]))
+            visual = torch.nonzero(x["input_ids"][0] == model.config.image_token_id).squeeze(-1)
+            dropped = [int(p) for i, p in enumerate(visual) if i not in set(kept[0][site].tolist())]
+            with pytest.raises(ValueError, match="logits_to_keep asks for the logits of a visual token that pruning dropped"):
+                model(**x, logits_to_keep=torch.tensor([dropped[0]]))
+            if FAMILIES[family].positions is not None:
+                return  # a hand-made decoding step needs M-RoPE ids the plain Qwen-VL model does not make either
+            # A decoding step's positions are the step's own tokens: untouched.
+            out = model(**x, use_cache=True, logits_to_keep=1)
+            step = {"input_ids": torch.full((batch, 1), 5), "attention_mask": torch.cat(
+                [x["attention_mask"], torch.ones(batch, 1, dtype=x["attention_mask"].dtype)], dim=1)}
+            one = model(**step, **compat.cache_kwargs(out.past_key_values), logits_to_keep=torch.tensor([0])).logits
+            assert one.shape[:2] == (batch, 1)

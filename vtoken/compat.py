@@ -84,6 +84,14 @@ def cache_length(cache) -> int:
     return int(cache.get_seq_length())
 
 
+def slice_logits_to_keep(hidden: torch.Tensor, logits_to_keep) -> torch.Tensor:
+    """What a model's forward keeps of ``hidden`` ``[B, L, ...]`` for its ``logits_to_keep`` (an int:
+    the last ones; a tensor: positions, or a boolean mask that flattens), as transformers slices it."""
+    from transformers.modeling_utils import slice_logits_to_keep as keep
+
+    return keep(hidden, logits_to_keep)
+
+
 def new_dynamic_cache(config):
     from transformers.cache_utils import DynamicCache
 

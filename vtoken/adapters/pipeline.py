@@ -255,6 +255,9 @@ class VisionLanguageAdapter(VisionSite, Adapter):
             self._labels: contextvars.ContextVar = contextvars.ContextVar(f"vtoken_labels_{id(self)}", default=None)
             undo.pre_hook(self.model, self._take_labels, with_kwargs=True)
             undo.post_hook(self.model, self._loss_on_kept_tokens, with_kwargs=True, always_call=True)
+            self._positions_kept = contextvars.ContextVar(f"vtoken_logits_to_keep_{id(self)}", default=None)
+            undo.pre_hook(self.model, self._take_positions_to_keep, with_kwargs=True)
+            undo.post_hook(self.model, self._logits_at_kept_positions, with_kwargs=True, always_call=True)
     def _record_prompt_length(self, undo: UndoStack) -> None:
         """``generate`` records its prompt's length for the forwards it makes (per thread): an
         assisted or prompt-lookup first forward holds candidate tokens after the prompt."""
@@ -308,6 +311,54 @@ class VisionLanguageAdapter(VisionSite, Adapter):
         if isinstance(output, tuple):
             return (loss, *output)
         output.loss = loss
+        return output
+
+    # --- logits_to_keep given as positions of the prompt -------------------------------------------
+    def _take_positions_to_keep(self, module, args, kwargs):
+        """A prefill's ``logits_to_keep`` as a tensor names positions (or a mask) of the prompt the
+        user passed, which pruning renumbers: hold it back, let the model compute every kept slot's
+        logits, and :meth:`_logits_at_kept_positions` picks the asked ones. An int (the last N) needs
+        nothing: the last tokens stay last."""
+        positions = kwargs.get("logits_to_keep")
+        cache = compat.cache_from(kwargs)
+        if not isinstance(positions, torch.Tensor) or (cache is not None and compat.cache_length(cache) > 0):
+            self._positions_kept.set(None)
+            return None
+        self._positions_kept.set((positions, self.pruner.thread_last_run))
+        return args, {**kwargs, "logits_to_keep": 0}
+
+    def _logits_at_kept_positions(self, module, args, kwargs, output):
+        held = self._positions_kept.get()
+        self._positions_kept.set(None)
+        if held is None or output is None:
+            return None
+        positions, before = held
+        at = 1 if isinstance(output, tuple) and output[0].dim() == 0 else 0  # a tuple may open with the loss
+        logits = output[at] if isinstance(output, tuple) else output.logits
+        batch = logits.shape[0]
+        run = self.pruner.thread_last_run
+        layouts = [] if run is None or run is before else [
+            layout for _, layout in reversed(run.groups) if layout.length == logits.shape[1]]
+        if layouts:
+            # Per sample, the slot that holds each prompt position (-1: a token pruning dropped).
+            orig = layouts[0].orig_index.to(logits.device)
+            slot_of = torch.full((batch, run.orig_length), -1, dtype=torch.long, device=logits.device)
+            samples, slots = (orig >= 0).nonzero(as_tuple=True)
+            slot_of[samples, orig[samples, slots]] = slots
+        else:
+            slot_of = torch.arange(logits.shape[1], device=logits.device).expand(batch, -1)
+        # The model's own slicing applied to (sample, slot) pairs of the prompt's positions.
+        sample_of = torch.arange(batch, device=logits.device)[:, None].expand_as(slot_of)
+        picked = compat.slice_logits_to_keep(torch.stack([sample_of, slot_of], dim=-1), positions.to(logits.device))
+        if bool((picked[..., 1] < 0).any()):
+            raise ValueError(
+                "logits_to_keep asks for the logits of a visual token that pruning dropped (the pruned model has "
+                "none there); ask for text positions, pass an int (the last N tokens), or call vtoken.unwrap(model)"
+            )
+        kept = logits[picked[..., 0], picked[..., 1]]
+        if isinstance(output, tuple):
+            return (*output[:at], kept, *output[at + 1:])
+        output.logits = kept
         return output
 
     def _wrap_entry(self, modality: Modality, undo: UndoStack) -> None:
