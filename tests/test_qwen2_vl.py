@@ -420,3 +420,17 @@ def test_qwen3_videos_prune_at_every_site_and_cached_equals_recomputation():
                 assert logits.shape[1] == ids.shape[1] - 16
             cached = model.generate(**x, max_new_tokens=3, do_sample=False, suppress_tokens=suppress)
             assert torch.equal(greedy_without_cache(model, x, 3, suppress=suppress), cached)
+
+
+def test_pool_refuses_a_budget_below_a_videos_frame_count_in_one_line():
+    """Pool makes at least one token of each frame: 3 frames and 2 tokens is refused, naming the fix;
+    the wrapped model then runs a budget that covers the frames."""
+    model = tiny_qwen2_vl()
+    x = _video_batch(frames=6)  # 3 temporal patches of 2 x 2 merged tokens per video
+    with vtoken.pruned(model, "pool", keep_tokens=2):
+        with pytest.raises(ValueError, match=r"^pool makes at least one token of each grid .* 3 grids and a budget of 2 "
+                                             r"tokens; raise keep or keep_tokens to give it at least 3$"):
+            model(**x)
+    with vtoken.pruned(model, "pool", keep_tokens=3), torch.no_grad():
+        model(**x)
+        assert [len(s["projector"]) for s in vtoken.selection(model)] == [3, 3]

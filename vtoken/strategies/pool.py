@@ -134,6 +134,12 @@ class PoolStrategy(Strategy):
                 merged[r, :budget] = rows.features[r, chosen]
                 merged_into[r, chosen] = torch.arange(budget, device=keep.device)
                 continue
+            if budget < len(grids):
+                raise ValueError(
+                    f"pool makes at least one token of each grid (a crop of an image, a frame of a video), but this "
+                    f"one has {len(grids)} grids and a budget of {budget} tokens; raise keep or keep_tokens to give "
+                    f"it at least {len(grids)}"
+                )
             shares = split_budget([g.size for g in grids], budget)
             pieces = [pool_grid(rows.features[r], g, n) for g, n in zip(grids, shares)]
             feats = torch.cat([p[0] for p in pieces])
