@@ -334,3 +334,37 @@ def test_a_layer_past_any_model_is_refused_before_it_is_printed():
         with pytest.raises(ValueError, match=r"^layer must be a layer index of the model .* bits$"):
             vtoken.wrap(model, "pool", keep=0.5, site="vision", layer=layer)
     assert not hasattr(model, "_vtoken_state")
+
+
+def test_a_tower_read_from_its_first_layer_has_no_vision_layer_to_offer():
+    """vision_feature_layer naming the tower's first block (as one of a list can): the refusal says no
+    vision layer comes first and names the sites that remain, instead of 'a vision layer <= -1'."""
+    model = tiny_llava()
+    model.config.vision_feature_layer = -model.config.vision_config.num_hidden_layers
+    x = llava_inputs(2)
+    snap = _snapshot(model, x)
+    with pytest.raises(ValueError, match=r"reads its features from \(layer 0, .*\); no vision layer comes before it, "
+                                         r"so prune at the projector or in the LLM"):
+        vtoken.wrap(model, "random", site="vision", layer=0, keep=0.5)
+    _assert_same(model, x, snap)
+
+
+def test_llava_next_on_a_tower_without_cls_names_the_sites_that_remain():
+    """LLaVA-NeXT on a SigLIP tower (no CLS) read in full: vision-site pruning is refused, and the
+    message does not send the user to 'default' (which would drop a real patch there)."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, SiglipVisionConfig
+
+    from tiny import IMAGE_TOKEN, _text
+
+    vision = SiglipVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                                num_hidden_layers=4, num_attention_heads=4)
+    config = LlavaNextConfig(vision_config=vision, text_config=_text(), image_token_id=IMAGE_TOKEN,
+                             vision_feature_layer=-2, vision_feature_select_strategy="full",
+                             image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]])
+    model = LlavaNextForConditionalGeneration(config).eval()
+    with pytest.raises(ValueError, match=r"^vision-site pruning on LLaVA-NeXT needs a tower with a CLS token .*"
+                                         r"this tower has no CLS token: use the projector site"):
+        vtoken.wrap(model, "random", site="vision", layer=1, keep=0.5)
+    assert not vtoken.is_wrapped(model)
+    vtoken.wrap(model, "random", keep=0.5)  # the projector site runs
+    vtoken.unwrap(model)

@@ -215,7 +215,7 @@ def test_images_and_videos_in_one_prompt_are_refused_and_the_model_unchanged(mod
     mixed = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": x["pixel_values"][:1],
              "image_sizes": x["image_sizes"][:1], "pixel_values_videos": video["pixel_values_videos"][:1]}
     with vtoken.pruned(model, "pool", keep=0.5):
-        with pytest.raises(ValueError, match="holds images and videos at once; vtoken prunes one kind"):
+        with pytest.raises(ValueError, match=r"holds images and videos at once \(in one prompt or across the batch\); vtoken prunes one kind of visual input per call"):
             model(**mixed)
     with torch.no_grad():
         assert torch.equal(model(**x).logits, ref)

@@ -135,7 +135,8 @@ class DecoderPruning:
             raise ValueError(
                 f"{self.pruner.strategy.name} prunes or masks inside the LLM, which needs a DynamicCache (layers "
                 f"hold different lengths, or a recomputed prefix); got {type(cache).__name__}. Use the default "
-                "cache (no cache_implementation='static'), or a method that prunes before the LLM."
+                "cache (no cache_implementation such as 'static' or 'sliding_window', no StaticCache), or a method that "
+                "prunes before the LLM."
             )
         run.group_kwargs = {}
         update = self._prefill_inputs if run.prefill else self._decode_inputs

@@ -120,6 +120,11 @@ class LlavaAdapter(VisionLanguageAdapter):
                 "'default' (LLaVA then drops the first token of the pruned sequence); use the projector site"
             )
         if self.is_next and self.select != "default":
+            if not self.has_cls:
+                return (
+                    "vision-site pruning on LLaVA-NeXT needs a tower with a CLS token under vision_feature_select_strategy="
+                    "'default'; this tower has no CLS token: use the projector site (site='projector') or the LLM"
+                )
             return "vision-site pruning on LLaVA-NeXT needs vision_feature_select_strategy='default'"
         return None
 

@@ -167,10 +167,12 @@ class VisionLanguageAdapter(VisionSite, Adapter):
                     raise ValueError(refusal)
                 if stage.layer >= self.first_read_layer():
                     read = getattr(self.config, "vision_feature_layer", None)
+                    fix = (f"use a vision layer <= {self.first_read_layer() - 1}" if self.first_read_layer() > 0 else
+                           "no vision layer comes before it, so prune at the projector or in the LLM "
+                           "(site='projector' or site='llm')")
                     raise ValueError(
                         f"vision layer {stage.layer} is at or after the layer {self.family_name} reads its features "
-                        f"from (layer {self.first_read_layer()}, vision_feature_layer={read}); "
-                        f"use a vision layer <= {self.first_read_layer() - 1}"
+                        f"from (layer {self.first_read_layer()}, vision_feature_layer={read}); {fix}"
                     )
             per_image = self.visual_tokens_per_image()
             if stage.site == "vision" and per_image is not None and self.vision_tokens() is not None:
@@ -443,8 +445,9 @@ class VisionLanguageAdapter(VisionSite, Adapter):
             return None
         if len(present) > 1:
             raise ValueError(
-                f"this prompt holds {' and '.join(m.name + 's' for m in present)} at once; vtoken prunes one kind of "
-                "visual input per prompt: send them in separate prompts (or call vtoken.unwrap(model) for this use)"
+                f"this input holds {' and '.join(m.name + 's' for m in present)} at once (in one prompt or across the "
+                "batch); vtoken prunes one kind of visual input per call: send them in separate calls (or call "
+                "vtoken.unwrap(model) for this use)"
             )
         mask = compat.full_attention_mask(kwargs.get("attention_mask"))
         if mask is not None and mask.dim() == 2 and tuple(mask.shape) != tuple(input_ids.shape[:2]):
