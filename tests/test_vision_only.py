@@ -500,3 +500,26 @@ def test_a_deep_copy_and_a_saved_config_give_the_same_wrap(family, tmp_path):
     rewrapped = vtoken.wrap(spec.make(), config=vtoken.load(tmp_path))
     assert vtoken.config_of(rewrapped).r == (12, -0.5)
     assert torch.equal(_embed(family, rewrapped, x), reference)
+
+
+@pytest.mark.parametrize("method,options", [("random", {"keep": 1.0}), ("random", {"keep": 0.25}), ("tome", {"r": 3}),
+                                            ("repshift", {"keep": 0.25}), ("visionzip", {"keep": 0.25})])
+def test_a_timm_embedding_that_pads_gives_the_grid_it_makes(method, options):
+    """timm's dynamic_img_pad pads a 60 x 60 image to 64 x 64 (an 8 x 8 grid of 8 px patches, not 7 x 7):
+    keep-all equals the plain model, a budget counts the 64 patches, and FLOPs count them too."""
+    from vision_families import _timm
+
+    model = _timm("sdpa", 0, dynamic_img_size=True, dynamic_img_pad=True)
+    x = torch.randn(2, 3, 60, 60, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = model(x)
+        with vtoken.pruned(model, method, **options):
+            out = model(x)
+            kept = len(list(vtoken.selection(model)[0].values())[-1])
+    if options.get("keep") == 1.0:
+        assert torch.equal(out, plain) and kept == 64
+    elif method == "tome":
+        assert kept == 64 - 3 * DEPTH
+    else:
+        assert kept == 16
+    assert vtoken.flops(model, image_size=(60, 60)).patches == 64

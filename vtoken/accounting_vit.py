@@ -120,6 +120,8 @@ class EncoderDims:
     prefix: int
     head: HeadDims
     notes: tuple[str, ...] = ()
+    #: The patch embedding pads an image's sides up to whole patches (timm's ``dynamic_img_pad``).
+    pads: bool = False
 
     @property
     def head_size(self) -> int:
@@ -244,6 +246,7 @@ def _timm_dims(model: Any) -> EncoderDims:
         hidden=width, heads=attn.num_heads, attn_width=getattr(attn, "attn_dim", None) or attn.qkv.out_features // 3,
         attn_macs=attn_macs, mlp_macs=mlp_macs, patch=patch, channels=channels,
         grid=tuple(model.patch_embed.grid_size), prefix=model.num_prefix_tokens, head=head,
+        pads=bool(getattr(model.patch_embed, "dynamic_img_pad", False)),
     )
 
 
@@ -492,6 +495,8 @@ def patches_of(e: EncoderDims, image_size: tuple[int, int] | None, schedule: Sch
     if schedule is not None and schedule.vision_tokens is not None:
         return schedule.vision_tokens
     if image_size is not None:
+        if e.pads:
+            return -(-image_size[0] // e.patch[0]) * -(-image_size[1] // e.patch[1])
         return (image_size[0] // e.patch[0]) * (image_size[1] // e.patch[1])
     return e.patches
 

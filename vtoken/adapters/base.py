@@ -203,10 +203,19 @@ class VisionSpec:
     #: How to run a block in two halves (:class:`BlockHalves`), for stages inside a block (ToMe);
     #: ``halves(block, undo)`` may install hooks (on ``undo``). None: the family cannot.
     halves: Callable[[nn.Module, "UndoStack"], "BlockHalves"] | None = None
+    #: Whether the patch embedding pads an image whose sides are not multiples of the patch (timm's
+    #: ``dynamic_img_pad``): its grid rounds up instead of down.
+    pads: bool = False
 
     @property
     def patches(self) -> int:
         return self.grid[0] * self.grid[1]
+
+    def grid_for(self, height: int, width: int) -> tuple[int, int]:
+        """The patch grid the embedding makes of an image of ``height`` x ``width`` pixels."""
+        if self.pads:
+            return -(-height // self.patch_size), -(-width // self.patch_size)
+        return height // self.patch_size, width // self.patch_size
 
     @property
     def has_cls(self) -> bool:

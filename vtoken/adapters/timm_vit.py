@@ -82,6 +82,7 @@ def timm_vision_spec(vit: nn.Module) -> VisionSpec:
         parts=_branch_parts(blocks[0]) or {"attention": "ls1", "mlp": "ls2"},
         attention_module=lambda block: block.attn,
         halves=timm_block_halves,
+        pads=bool(getattr(vit.patch_embed, "dynamic_img_pad", False)),
     )
 
 

@@ -177,7 +177,7 @@ class VisionEncoderAdapter(VisionSite, Adapter):
     def _open_encoding(self, module, args, kwargs):
         pruner, vision = self.pruner, self.description.vision
         pixels = self.pixels_from(args, kwargs)
-        rows, cols = pixels.shape[-2] // vision.patch_size, pixels.shape[-1] // vision.patch_size
+        rows, cols = vision.grid_for(pixels.shape[-2], pixels.shape[-1])
         patches, prefix = rows * cols, vision.prefix_tokens
         geometry = {"kind": "grid", "grid": (rows, cols), "first": 0}
         per = prefix + patches  # encoder slots of image i: i * per + token
