@@ -523,3 +523,33 @@ def test_a_timm_embedding_that_pads_gives_the_grid_it_makes(method, options):
     else:
         assert kept == 16
     assert vtoken.flops(model, image_size=(60, 60)).patches == 64
+
+
+@pytest.mark.parametrize("family", ["open_clip", "timm"])
+def test_patch_dropout_in_training_mode_is_refused_in_one_line(family):
+    """Patch dropout (open_clip's patch_dropout, timm's patch_drop_rate) keeps a random subset of the
+    patches in training mode, before the first block: refused at the call, naming model.eval(); the
+    same model in eval mode (patch dropout off) prunes as usual."""
+    import open_clip
+
+    from vision_families import _timm
+
+    if family == "timm":
+        model = _timm("sdpa", 0, patch_drop_rate=0.5)
+        call = lambda m, x: m(x)  # noqa: E731
+    else:
+        torch.manual_seed(0)
+        model = open_clip.CLIP(embed_dim=32, vision_cfg=dict(image_size=112, patch_size=8, width=64, layers=2,
+                                                             head_width=16, patch_dropout=0.5),
+                               text_cfg=dict(context_length=16, vocab_size=64, width=64, heads=4, layers=2))
+        call = lambda m, x: m.encode_image(x)  # noqa: E731
+    x = torch.randn(2, 3, 112, 112, generator=torch.Generator().manual_seed(0))
+    with vtoken.pruned(model, "random", keep=0.25):
+        model.train()
+        with pytest.raises(ValueError, match=r"^the model's patch dropout \(prob=0.5\) is active in training mode: .*"
+                                             r"call model.eval\(\), or set its prob to 0"):
+            call(model, x)
+        model.eval()
+        with torch.no_grad():
+            call(model, x)
+        assert len(list(vtoken.selection(model)[0].values())[-1]) == round(0.25 * 196)

@@ -141,6 +141,9 @@ class VisionEncoderAdapter(VisionSite, Adapter):
     # --- hooks ----------------------------------------------------------------------------------
     def install(self, pruner: Pruner, undo: UndoStack) -> None:
         self.pruner = pruner
+        # open_clip's and timm's patch dropout (a module named PatchDropout with a drop ``prob``) keeps a
+        # random subset of the patches in training mode, before the first block: the grid is gone.
+        self._patch_dropouts = [m for m in self.model.modules() if type(m).__name__ == "PatchDropout" and hasattr(m, "prob")]
         undo.pre_hook(self.pixel_entry(), self._open_encoding, with_kwargs=True)
         self.install_vision(undo)
         # After every stage hook of the last block: what each image kept is final.
@@ -176,6 +179,13 @@ class VisionEncoderAdapter(VisionSite, Adapter):
 
     def _open_encoding(self, module, args, kwargs):
         pruner, vision = self.pruner, self.description.vision
+        dropping = [m for m in self._patch_dropouts if m.training and m.prob > 0]
+        if dropping:
+            raise ValueError(
+                f"the model's patch dropout (prob={dropping[0].prob}) is active in training mode: it keeps a random subset "
+                "of the patches before the first block, so there is no patch grid left to prune; call model.eval(), or "
+                "set its prob to 0 to train with vtoken"
+            )
         pixels = self.pixels_from(args, kwargs)
         rows, cols = vision.grid_for(pixels.shape[-2], pixels.shape[-1])
         patches, prefix = rows * cols, vision.prefix_tokens
