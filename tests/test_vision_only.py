@@ -259,9 +259,26 @@ def test_methods_without_a_vision_site_are_refused(method, expected):
 
 def test_visionzip_needs_a_cls_token():
     model = VISION_FAMILIES["siglip"].make()
-    with pytest.raises(ValueError, match="CLS token"):
+    with pytest.raises(ValueError, match=r"CLS token.*a method that does not need it \(random, pool\)$"):
+        vtoken.wrap(model, "visionzip", keep=0.25)  # no LLM here: fastv is not offered
+    assert not vtoken.is_wrapped(model)
+
+
+def test_an_open_clip_block_of_its_own_attention_is_refused_at_wrap_by_methods_that_read_it():
+    """block_type="custom" (qk_norm) gives open_clip blocks whose attention is not nn.MultiheadAttention:
+    VisionZip (it reads a block's attention) is refused at wrap, naming the block; random runs."""
+    import open_clip
+
+    torch.manual_seed(0)
+    model = open_clip.CLIP(embed_dim=32, vision_cfg=dict(image_size=112, patch_size=8, width=64, layers=2, head_width=16,
+                                                         qk_norm=True, block_type="custom"),
+                           text_cfg=dict(context_length=16, vocab_size=64, width=64, heads=4, layers=2)).eval()
+    with pytest.raises(ValueError, match=r"^visionzip needs .* CustomResidualAttentionBlock blocks, whose attention is "
+                                         r"Attention, not nn.MultiheadAttention"):
         vtoken.wrap(model, "visionzip", keep=0.25)
     assert not vtoken.is_wrapped(model)
+    with vtoken.pruned(model, "random", keep=0.25), torch.no_grad():
+        model.encode_image(torch.randn(1, 3, 112, 112))
 
 
 def test_budget_larger_than_the_patches_is_refused():

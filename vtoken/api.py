@@ -114,9 +114,11 @@ def wrap(model: nn.Module, method: str | None = None, *, config=None, **options:
     if missing is not None:
         signal, reason = missing
         family = adapter.family_name
+        # Methods that read no attention and need no CLS token; fastv only where there is an LLM.
+        others = "pool, fastv" if len(adapter.decoder_layers()) else "random, pool"
         raise ValueError(
             f"{cfg.method} needs {MEANING[signal.name]} (signal {str(signal)!r}), but this {family} model gives "
-            f"{reason}; use a model that provides it, or a method that does not need it (pool, fastv)"
+            f"{reason}; use a model that provides it, or a method that does not need it ({others})"
         )
     pruner = Pruner(strategy)
     undo = UndoStack()

@@ -92,6 +92,14 @@ class OpenClipAdapter(VisionEncoderAdapter):
         gap = super().unavailable(signal)
         if gap is None and _timm_trunk(self.tower) is not None:
             return timm_block_gap(self.vision_layers(), signal)
+        if gap is None and signal.name == signals.VISION_ATTENTION:
+            layered = signal.name in signals.VISION_LAYERED
+            blocks = self.vision_layers()
+            block = blocks[signal.layer if layered and 0 <= signal.layer < len(blocks) else 0]
+            if not isinstance(getattr(block, "attn", None), nn.MultiheadAttention):
+                # block_type="custom" (qk_norm, scaled cosine attention): its own Attention module.
+                return (f"{type(block).__name__} blocks, whose attention is {type(getattr(block, 'attn', None)).__name__}, "
+                        "not nn.MultiheadAttention, so vtoken cannot recompute their attention map")
         return gap
 
     def feature_map_modules(self) -> list[nn.Module]:
