@@ -550,3 +550,23 @@ def test_wrapped_encoder_reports_its_own_schedule(monkeypatch):
         assert asked["visual_tokens"] == PATCHES
     finally:
         del d.model._vtoken_state
+
+
+def test_an_open_clip_clip_on_a_timm_trunk_is_counted(monkeypatch):
+    """An open_clip CLIP whose image tower is a TimmModel (a timm ViT trunk, then the tower's own
+    projection head): flops reads the trunk and adds the head, as the FLOP counter counts encode_image."""
+    import open_clip.timm_model as timm_model
+    from open_clip.model import CLIP
+
+    create = timm_model.timm.create_model  # open_clip passes no size options to timm: set the tiny ones here
+    monkeypatch.setattr(timm_model.timm, "create_model", lambda name, **kw: create(
+        name, img_size=IMAGE, patch_size=PATCH, depth=DEPTH, embed_dim=WIDTH, num_heads=HEADS, **kw))
+    torch.manual_seed(0)
+    model = CLIP(embed_dim=12, vision_cfg=dict(timm_model_name="vit_tiny_patch16_224", timm_model_pretrained=False,
+                                               timm_pool="token", timm_proj="linear", image_size=IMAGE, patch_size=PATCH),
+                 text_cfg=dict(context_length=8, vocab_size=64, width=24, heads=2, layers=2)).eval()
+    for block in model.visual.trunk.blocks:
+        block.attn.fused_attn = False  # the counter sees the attention's matmuls (CPU SDPA goes uncounted)
+    report = vtoken.flops(model)
+    assert report.patches == PATCHES and any("text tower" in n for n in report.notes)
+    assert close(report.prefill, count(lambda: model.encode_image(torch.randn(1, 3, IMAGE, IMAGE))))

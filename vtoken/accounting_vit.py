@@ -65,6 +65,8 @@ schedule; ToMe's DeiT-S r = 8 / 13 / 16 (3.4 / 2.7 / 2.3) and DeiT-T r = 8 / 12 
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
@@ -142,6 +144,13 @@ def module_dims(source: Any) -> EncoderDims | None:
     visual = getattr(source, "visual", None)
     if visual is not None and _is_open_clip_vit(visual):
         return _open_clip_dims(visual, notes=(TEXT_TOWER_NOTE,))
+    trunk = getattr(visual, "trunk", None)
+    if trunk is not None and _is_timm_vit(trunk):
+        # An open_clip TimmModel tower: a timm ViT trunk, then the tower's own head (its projection).
+        dims = _timm_dims(trunk)
+        extra = _linear_macs(visual.head) if getattr(visual, "head", None) is not None else 0
+        head = dataclasses.replace(dims.head, out_macs=dims.head.out_macs + extra)
+        return dataclasses.replace(dims, head=head, notes=(TEXT_TOWER_NOTE, *dims.notes))
     return None
 
 
