@@ -570,3 +570,14 @@ def test_patch_dropout_in_training_mode_is_refused_in_one_line(family):
         with torch.no_grad():
             call(model, x)
         assert len(list(vtoken.selection(model)[0].values())[-1]) == round(0.25 * 196)
+
+
+@pytest.mark.parametrize("options", [{"site": "llm"}, {"site": "projector", "keep": 0.5},
+                                     {"stages": [{"site": "llm", "keep": 0.5}]}])
+def test_a_site_a_vision_only_model_lacks_is_named_first(options):
+    """site='llm' without a layer was answered 'needs `layer`'; with one, 'no llm site': the site comes first."""
+    model = VISION_FAMILIES["timm"].make()
+    site = options.get("site") or options["stages"][0]["site"]
+    with pytest.raises(ValueError, match=rf"^timm ViT is a vision-only model: it has no '{site}' site; use site='vision'"):
+        vtoken.wrap(model, "random", **options)
+    assert not vtoken.is_wrapped(model)

@@ -108,6 +108,14 @@ class VisionEncoderAdapter(VisionSite, Adapter):
                 f"{self.family_name} model lacks; use a method that prunes inside the vision tower "
                 "(tome, repshift, visionzip, random, pool)"
             )
+        sites = [options.get("site")] + [getattr(st, "site", None) if not isinstance(st, dict) else st.get("site")
+                                         for st in options.get("stages") or ()]
+        lacking = next((site for site in sites if site not in (None, "vision")), None)
+        if lacking is not None:  # before the options are checked on their own (a stage's missing layer, say)
+            raise ValueError(
+                f"{self.family_name} is a vision-only model: it has no {lacking!r} site; use site='vision' with "
+                f"layer=0..{len(self.vision_layers()) - 1}"
+            )
         if "site" in options or options.get("stages"):
             return options
         if getattr(strategy_cls.Config, "site", "vision") == "vision":
