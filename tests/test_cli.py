@@ -192,3 +192,18 @@ def test_every_public_name_and_submodule_resolves_from_the_lazy_package():
     assert vtoken.accounting.flops is vtoken.flops and vtoken.api.wrap is vtoken.wrap
     with pytest.raises(AttributeError, match="no attribute 'nosuch'"):
         vtoken.nosuch
+
+
+def test_bench_on_a_vision_only_model_says_what_bench_measures(tmp_path, capsys):
+    """The shipped tiny CLIP given to vtoken bench: one line saying it is vision-only (not 'save a chat
+    template on its processor'), exit status 2, nothing written."""
+    from pathlib import Path
+
+    import vtoken
+
+    clip = Path(vtoken.__file__).parent / "assets" / "tiny-clip"
+    assert main(["bench", "--model", str(clip), "--limit", "1", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vtoken bench: error: ") and err.count("\n") == 1
+    assert "is a vision-only clip model: the benchmark asks a vision-language model questions" in err
+    assert not (tmp_path / "out").exists()

@@ -42,6 +42,14 @@ class VQAModel:
 
         if cls is VQAModel:
             model_type = AutoConfig.from_pretrained(path).model_type
+            from vtoken.accounting_vit import HF_MODEL_TYPES as VISION_ONLY
+
+            if model_type in VISION_ONLY:
+                raise ValueError(
+                    f"{path} is a vision-only {model_type} model: the benchmark asks a vision-language model questions "
+                    "about images; time a vision-only model with vtoken.flops and your own evaluation (the repository's "
+                    "eval/eval_tiny_clip.py does so for the shipped tiny CLIP)"
+                )
             if model_type in QwenVQAModel.MODEL_TYPES:
                 return QwenVQAModel.load(path, **options)
             if model_type != "llava":
