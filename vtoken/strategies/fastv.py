@@ -71,7 +71,8 @@ class FastVStrategy(Strategy):
         # so its keys are read from the KV cache.
         previous = self.config.score_layer == "previous"
         layer = stage.layer - 1 if previous else stage.layer
-        return [ScoringCost("llm_attention_rows", layer=layer, rows=1, keys_cached=previous)]
+        # "current": layer K itself is handed the kept rows' keys the scoring projected (adapters/key_reuse.py).
+        return [ScoringCost("llm_attention_rows", layer=layer, rows=1, keys_cached=previous, keys_reused=not previous)]
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         attention = ctx.require_attention(self.name)
