@@ -424,3 +424,23 @@ def test_an_attention_without_arbitrary_masks_and_next_without_a_head_are_refuse
     with pytest.raises(ValueError, match="LM head"):
         vtoken.wrap(model.model, "aif", keep=0.5, query="next")
     assert not vtoken.is_wrapped(model.model)
+
+
+@pytest.mark.parametrize("mode", ["modulate", "evict"])
+def test_kv_cache_bytes_follow_what_the_prefill_leaves_in_the_cache(mode):
+    """vtoken.kv_cache_bytes against the bytes of every key and value the prefill's cache holds: every
+    token under "modulate", the text and the kept visual tokens under "evict" (AIF from layer 0)."""
+    from tiny import llava_inputs, tiny_llava
+
+    model = tiny_llava()
+    x = llava_inputs(1)
+    text = int((x["input_ids"] != model.config.image_token_id).sum())
+    with vtoken.pruned(model, "aif", keep_tokens=4, mode=mode), torch.no_grad():
+        cache = compat.output_cache(model(**x, use_cache=True, logits_to_keep=1))
+        held = sum(t.numel() * t.element_size() for layer in range(compat.num_cache_layers(cache))
+                   for t in compat.cache_layer_kv(cache, layer))
+        assert vtoken.kv_cache_bytes(model, text_tokens=text, dtype=torch.float32) == held
+    visual = 16 if mode == "modulate" else 4
+    layers, kv = model.config.text_config.num_hidden_layers, model.config.text_config.num_key_value_heads
+    head_dim = model.config.text_config.hidden_size // model.config.text_config.num_attention_heads
+    assert held == layers * 2 * kv * head_dim * 4 * (text + visual)  # by construction

@@ -1113,10 +1113,11 @@ def _report(dims: ModelDims, geo: Geometry, schedule: Schedule, text_tokens: int
             scoring=scoring,
         )
         decode = sum(
-            _mean_decode_layer(d, text_tokens + v, steps) for v in layer_visual
+            _mean_decode_layer(d, text_tokens + v, steps) for v in _cached_visual_tokens(schedule, layer_visual)
         ) + 2 * d.hidden * d.vocab
     dtype_name, itemsize = _dtype_name_and_size(dtype)
     per_token = 2 * d.kv_dim * itemsize  # K and V of one token in one layer
+    cached_visual = _cached_visual_tokens(schedule, layer_visual)
     return FlopsReport(
         model=dims.name,
         convention=convention,
@@ -1125,8 +1126,8 @@ def _report(dims: ModelDims, geo: Geometry, schedule: Schedule, text_tokens: int
         layer_visual_tokens=layer_visual,
         decode_per_token=decode,
         decode_tokens=steps,
-        kv_cache_bytes=per_token * sum(text_tokens + v for v in layer_visual),
-        kv_cache_visual_bytes=per_token * sum(layer_visual),
+        kv_cache_bytes=per_token * sum(text_tokens + v for v in cached_visual),
+        kv_cache_visual_bytes=per_token * sum(cached_visual),
         dtype=dtype_name,
         schedule=describe(schedule),
         notes=tuple(schedule.notes),
@@ -1144,6 +1145,15 @@ def bipartite_matching_flops(tokens: int, target: int, dim: int) -> int:
         total += 2 * a * b * dim
         count -= min(count - target, a)
     return total
+
+
+def _cached_visual_tokens(schedule: Schedule, layer_visual: list[int]) -> list[int]:
+    """Visual tokens per layer in the KV cache after the prefill: what each layer ran on, less what a
+    mask stage that evicts (``schedule.cache_evicted``) dropped from the layers it covers."""
+    if schedule.cache_evicted is None:
+        return list(layer_visual)
+    first, kept = schedule.cache_evicted  # counted as an llm stage's keep_tokens is
+    return [min(v, kept) if layer >= first else v for layer, v in enumerate(layer_visual)]
 
 
 def _mean_decode_layer(d: DecoderDims, cached: int, steps: int) -> float:

@@ -295,11 +295,15 @@ def schedule_of(model: nn.Module, visual_tokens: int | None = None) -> Schedule:
             before, entering["visual"] = entering["visual"], kept
         stages.append(Stage(spec.site, kept, spec.layer, inside=inside and spec.site == "vision"))
         scoring.extend(state.strategy.scoring_cost(spec, StageShapes(before, kept, *adapter.site_width(spec.site))))
+    evicted = None
     if state.pruner.mask is not None:  # a mask stage (AIF) removes nothing but still costs its scoring
         mask = state.pruner.mask
         shapes = StageShapes(tokens, mask.budget(tokens), *adapter.site_width(mask.site))
         scoring.extend(state.strategy.scoring_cost(mask, shapes))
-    return Schedule(tuple(stages), tuple(scoring), visual_tokens=tokens, vision_tokens=vision_tokens)
+        if state.pruner.masking.evict:  # ... and, evicting, leaves only what it kept in the cache after
+            evicted = (mask.layer, mask.budget(tokens))
+    return Schedule(tuple(stages), tuple(scoring), visual_tokens=tokens, vision_tokens=vision_tokens,
+                    cache_evicted=evicted)
 
 
 __all__ = [

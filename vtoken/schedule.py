@@ -150,6 +150,10 @@ class Schedule:
     vision_tokens: int | None = None
     images: int = 1
     notes: tuple[str, ...] = field(default=())
+    #: ``(layer, visual tokens)``: after the prefill, the KV cache of LLM layers ``>= layer`` holds only
+    #: that many visual tokens per image (a mask stage that evicts what it hides: AIF's
+    #: ``mode="evict"``); the prefill itself runs every token. None: the cache holds what the stages kept.
+    cache_evicted: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         order = {site: i for i, site in enumerate(SITES)}

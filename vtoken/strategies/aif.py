@@ -51,7 +51,8 @@ recomputation of the text rows after the image (plus one decoding step for ``que
 ``vtoken.selection`` reports, per image, the tokens text may still attend to (stage ``"llm:<layer>"``).
 The pruning schedule (``vtoken.schedule_of``) has no stage: every token runs through every layer at
 prefill, so the FLOPs reported are the unpruned model's; "evict" saves only decoding reads and the
-KV-cache bytes of the masked tokens, which the schedule does not describe.
+KV-cache bytes of the masked tokens, which the schedule carries as ``cache_evicted`` (``kv_cache_bytes``
+and the decode FLOPs follow it; with an adaptive budget it holds the configured one).
 """
 
 from __future__ import annotations
