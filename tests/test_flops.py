@@ -632,3 +632,34 @@ def test_qwen2_vl_full_forward_matches_counter():
     assert report.visual_tokens == 15
     assert close(report.vision + report.projector, tally.parts["vision+merger"])
     assert close(report.prefill, tally.parts["all"])
+
+
+@pytest.mark.parametrize("method", ["fastv", "aif"])
+def test_a_mistral_llm_with_a_sliding_window_reads_the_cached_keys_as_counted(method):
+    """LLaVA on a Mistral LLM whose sliding window (4096, its default) holds the whole prompt: the
+    scoring reads the keys layers left in the cache, as flops says (keys_cached), instead of projecting
+    them again. The FLOP counter sees the same work as without a window (it saw 1-2.5% more before the
+    cache's sliding layers were trusted), and for FastV exactly what flops reports."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, MistralConfig
+
+    import vtoken.api as api
+    from tiny import IMAGE_TOKEN, PAD, VOCAB, _vision
+
+    ids = torch.tensor([[1, 5, 6, 7, 8] + [IMAGE_TOKEN] * 16 + [9, 10, 11, 12, 13, 14, 15]])
+    pixels = torch.randn(1, 3, 32, 32)
+    counted = {}
+    for window in (4096, None):
+        text = MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                             pad_token_id=PAD, sliding_window=window)
+        torch.manual_seed(0)
+        model = LlavaForConditionalGeneration(LlavaConfig(vision_config=_vision(), text_config=text,
+                                                          image_token_id=IMAGE_TOKEN, image_seq_length=16)).eval()
+        model.set_attn_implementation("eager")
+        with api.pruned(model, method, keep_tokens=8, layer=2):
+            tally = Tally()
+            tally("all", lambda: model(input_ids=ids, pixel_values=pixels, logits_to_keep=1))
+            counted[window] = tally.parts["all"]
+            if method == "fastv":  # (AIF's report assumes 32 instruction rows; this prompt has 7)
+                assert flops(model, text_tokens=12).prefill == counted[window]
+    assert counted[4096] == counted[None]

@@ -210,7 +210,7 @@ def test_fastv_without_a_cache_projects_the_keys(monkeypatch):
     assert torch.equal(logits, plain_logits)
 
 
-def test_prompt_keys_trusts_only_a_plain_growing_layer():
+def test_prompt_keys_trusts_only_a_layer_holding_every_prompt_key():
     from transformers.cache_utils import DynamicCache, StaticCache
 
     config = FAMILIES["llava"].make().config.get_text_config()
@@ -225,3 +225,12 @@ def test_prompt_keys_trusts_only_a_plain_growing_layer():
     static = StaticCache(config=config, max_cache_len=16)
     static.update(keys, keys.clone(), 0, {"cache_position": torch.arange(7)})
     assert compat.prompt_keys(static, 0, 7, keys.device) is None  # 16 slots, the tail empty
+    # A sliding-window layer (Mistral's): trusted while the prompt is within its window, not once it cut.
+    from transformers.cache_utils import DynamicSlidingWindowLayer
+
+    for window, trusted in ((16, True), (5, False)):
+        sliding = DynamicSlidingWindowLayer(sliding_window=window)
+        sliding.update(keys, keys.clone())
+        held = type("Cache", (), {"layers": [sliding]})()
+        got = compat.prompt_keys(held, 0, 7, keys.device)
+        assert torch.equal(got, keys) if trusted else got is None, window

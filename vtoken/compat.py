@@ -114,11 +114,19 @@ def prompt_keys(cache, layer: int, length: int, device: torch.device) -> torch.T
     """The keys ``[B, H_kv, length, D]`` (as the layer's attention used them: after its key norm and
     rotary embedding) of the last ``length`` tokens ``cache`` holds for decoder ``layer``, or None
     where they may not be those: a layer of another kind than the plain growing one (sliding window,
-    quantized, static, indexed), fewer tokens held, or keys offloaded to another device."""
-    from transformers.cache_utils import DynamicLayer
+    quantized, static, indexed), fewer tokens held, or keys offloaded to another device. A sliding-window
+    layer that has dropped nothing yet (a prompt within its window: Mistral's 4096) holds them as a
+    growing one does."""
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
     entry = cache.layers[layer] if cache is not None and layer < len(getattr(cache, "layers", ())) else None
-    if type(entry) is not DynamicLayer or not getattr(entry, "is_initialized", True):
+    if entry is None or not getattr(entry, "is_initialized", True):
+        return None
+    if type(entry) is DynamicSlidingWindowLayer:
+        held = getattr(entry.keys, "shape", (0, 0, -1))[2]
+        if getattr(entry, "cumulative_length", None) != held:  # it has cut its oldest tokens
+            return None
+    elif type(entry) is not DynamicLayer:
         return None
     keys = entry.keys
     if not isinstance(keys, torch.Tensor) or keys.dim() != 4 or keys.shape[2] < length or keys.device != device:
