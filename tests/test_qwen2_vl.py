@@ -434,3 +434,16 @@ def test_pool_refuses_a_budget_below_a_videos_frame_count_in_one_line():
     with vtoken.pruned(model, "pool", keep_tokens=3), torch.no_grad():
         model(**x)
         assert [len(s["projector"]) for s in vtoken.selection(model)] == [3, 3]
+
+
+@pytest.mark.parametrize("keep", [0.3, 0.45])
+def test_schedule_counts_the_whole_merge_units_a_vision_stage_keeps(keep):
+    """The packed tower keeps whole 2x2 merge units: schedule_of's vision stage counts those units'
+    patches (a multiple of 4), the patches behind what the forward kept, not keep x patches."""
+    model = tiny_qwen2_vl()
+    x = qwen_inputs(model, grids=((1, 8, 12),))  # one image: 24 LLM tokens, 96 patches
+    with vtoken.pruned(model, "random", site="vision", layer=1, keep=keep), torch.no_grad():
+        model(**x)
+        kept_units = len(vtoken.selection(model)[0]["vision:1"])
+        (stage,) = vtoken.schedule_of(model, visual_tokens=24).stages
+    assert stage.keep_tokens == 4 * kept_units

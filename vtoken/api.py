@@ -288,7 +288,7 @@ def schedule_of(model: nn.Module, visual_tokens: int | None = None) -> Schedule:
     inside = state.strategy.inside_block() is not None  # vision stages between attention and MLP (ToMe)
     for spec in state.pruner.stages:
         if spec.site == "vision":
-            kept = spec.crop_budget(vision_tokens, tokens)
+            kept = adapter.vision_stage_keeps(spec, vision_tokens, tokens)
             before, entering["vision"] = entering["vision"], kept
         else:
             kept = spec.budget(tokens)

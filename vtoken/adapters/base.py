@@ -405,6 +405,12 @@ class Adapter(ABC):
         family whose images vary in size says it from the token count)."""
         return self.vision_tokens()
 
+    def vision_stage_keeps(self, stage, vision_tokens: int, visual_tokens: int) -> int:
+        """Patch tokens a vision-site ``stage`` keeps of a crop's ``vision_tokens`` for an image of
+        ``visual_tokens`` LLM tokens: its crop budget, in patches (a family that prunes whole merge
+        units counts the units, :meth:`~vtoken.adapters.qwen2_vl.Qwen2VLAdapter.vision_stage_keeps`)."""
+        return stage.crop_budget(vision_tokens, visual_tokens)
+
     def site_width(self, site: str) -> tuple[int, int]:
         """``(feature width, attention head size)`` of the tokens a stage at ``site`` works on:
         the vision encoder's at the vision and projector sites (where scoring reads vision features

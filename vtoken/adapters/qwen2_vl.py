@@ -137,6 +137,11 @@ class QwenVLAdapter(PackedVisionSite, VisionLanguageAdapter):
     def vision_tokens_for(self, visual_tokens: int) -> int | None:
         return visual_tokens * self.merge**2  # each LLM token is one merge unit of patches
 
+    def vision_stage_keeps(self, stage, vision_tokens: int, visual_tokens: int) -> int:
+        # The packed tower keeps whole merge units (the frame's budget is counted in them).
+        unit = self.merge**2
+        return stage.crop_budget(vision_tokens // unit, visual_tokens) * unit
+
     def vision_site_refusal(self) -> str | None:
         return None
 
