@@ -317,3 +317,21 @@ def test_real_qwen_configs_on_meta_device_match_counter(name, schedule):
     geo = geometry(model_dims(config))
     side = int(geo.patches**0.5)
     check_driven(model, schedule, [(1, side, side)], None, device="meta", text=64, decode=False)
+
+
+def test_qwen3_representation_shift_merge_matches_counter(qwen3_model):
+    """Representation Shift's merge on the packed tower matches merge units (each the mean of its 2 x 2
+    patches), not patches: the wrapped model's forward under the counter equals flops, scoring included
+    (the report counted the matching over patches: +1.6% of the prefill)."""
+    import vtoken
+
+    tokens = 80
+    ids = prompt(tokens, 1)
+    grid = torch.tensor([QWEN3_GRID])
+    pixels = torch.randn(320, patch_inputs(qwen3_model.config.vision_config))
+    with vtoken.pruned(qwen3_model, "repshift", keep=0.5, mode="merge"):
+        tally = Tally()
+        tally("all", lambda: qwen3_model(input_ids=ids, pixel_values=pixels, image_grid_thw=grid, logits_to_keep=1,
+                                         mm_token_type_ids=(ids == IMAGE).int()))
+        report = flops(qwen3_model, text_tokens=ids.shape[1] - tokens, image_size=QWEN3_IMAGE)
+    assert report.scoring > 0 and close(report.prefill, tally.parts["all"])

@@ -1032,7 +1032,7 @@ def _scoring_cost_flops(cost: ScoringCost, dims: ModelDims, schedule: Schedule, 
       bipartite matching repeated from the tokens entering the stage at (site, l) down to its count
       (``bipartite_matching_flops``), per crop (width D; for a stage inside its block, ToMe's, the
       head size D/H, its metric being the block's keys averaged over heads, over the whole sequence
-      with the CLS token protected) or per sample (width d).
+      with the CLS token protected; a packed Qwen-VL tower matches its merge units) or per sample (width d).
     - ``vision_attention_map`` at vision layer l, per crop: q and k projections of the n tokens
       (CLS included) 4·n·D² and every score 2·n²·D.
     - ``llm_rerun_rows`` from layer l: ``decoder_layer_flops`` of r queries over the n tokens of
@@ -1074,9 +1074,10 @@ def _scoring_cost_flops(cost: ScoringCost, dims: ModelDims, schedule: Schedule, 
             if stage.inside:  # ToMe: whole sequence (CLS protected), keys averaged over heads
                 cls, width = v.cls_tokens, v.hidden // v.heads if v.heads else v.hidden
                 return geo.crops * bipartite_matching_flops(tokens + cls, stage.keep_tokens + cls, width)
-            # Representation Shift's merge: the block output's whole sequence, CLS first in A (ToMe's split)
-            cls = v.cls_tokens
-            return geo.crops * bipartite_matching_flops(tokens + cls, stage.keep_tokens + cls, v.hidden)
+            # Representation Shift's merge: the block output's whole sequence, CLS first in A (ToMe's split);
+            # a packed tower (Qwen-VL) matches its merge units (each the mean of its patches), not patches.
+            cls, unit = v.cls_tokens, v.merge * v.merge
+            return geo.crops * bipartite_matching_flops(tokens // unit + cls, stage.keep_tokens // unit + cls, v.hidden)
         tokens = layer_visual[cost.layer - 1] if cost.layer > 0 else _pre_llm_visual(dims, schedule, geo)
         return bipartite_matching_flops(tokens, stage.keep_tokens, dims.decoder.hidden)
     if cost.kind == "llm_rerun_rows":
