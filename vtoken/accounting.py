@@ -1096,6 +1096,7 @@ def _report(dims: ModelDims, geo: Geometry, schedule: Schedule, text_tokens: int
         raise ValueError(f"decode_tokens must be >= 1, got {decode_tokens}")
     d = dims.decoder
     layer_visual = _layer_visual_tokens(dims, schedule, geo)
+    cached_visual = _cached_visual_tokens(schedule, layer_visual)  # what decoding reads and the cache holds
     steps = decode_tokens
     mean_step = (steps + 1) / 2  # step i (1..R) attends to the cache plus i tokens
     scoring = _scoring_flops(dims, schedule, geo, text_tokens, layer_visual)
@@ -1114,11 +1115,10 @@ def _report(dims: ModelDims, geo: Geometry, schedule: Schedule, text_tokens: int
             scoring=scoring,
         )
         decode = sum(
-            _mean_decode_layer(d, text_tokens + v, steps) for v in _cached_visual_tokens(schedule, layer_visual)
+            _mean_decode_layer(d, text_tokens + v, steps) for v in cached_visual
         ) + 2 * d.hidden * d.vocab
     dtype_name, itemsize = _dtype_name_and_size(dtype)
     per_token = 2 * d.kv_dim * itemsize  # K and V of one token in one layer
-    cached_visual = _cached_visual_tokens(schedule, layer_visual)
     return FlopsReport(
         model=dims.name,
         convention=convention,

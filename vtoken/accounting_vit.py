@@ -65,12 +65,10 @@ schedule; ToMe's DeiT-S r = 8 / 13 / 16 (3.4 / 2.7 / 2.3) and DeiT-T r = 8 / 12 
 
 from __future__ import annotations
 
-import dataclasses
-
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Sequence
 
-from vtoken.schedule import ScoringCost, Schedule, Stage
+from vtoken.schedule import ScoringCost, Schedule, Stage, patches_along
 
 HF_MODEL_TYPES: tuple[str, ...] = ("clip_vision_model", "clip", "siglip_vision_model", "siglip")
 ENCODER_SCORING = ("vision_token_matching", "vision_attention_rows", "vision_attention_map", "flops")
@@ -149,8 +147,8 @@ def module_dims(source: Any) -> EncoderDims | None:
         # An open_clip TimmModel tower: a timm ViT trunk, then the tower's own head (its projection).
         dims = _timm_dims(trunk)
         extra = _linear_macs(visual.head) if getattr(visual, "head", None) is not None else 0
-        head = dataclasses.replace(dims.head, out_macs=dims.head.out_macs + extra)
-        return dataclasses.replace(dims, head=head, notes=(TEXT_TOWER_NOTE, *dims.notes))
+        head = replace(dims.head, out_macs=dims.head.out_macs + extra)
+        return replace(dims, head=head, notes=(TEXT_TOWER_NOTE, *dims.notes))
     return None
 
 
@@ -504,9 +502,7 @@ def patches_of(e: EncoderDims, image_size: tuple[int, int] | None, schedule: Sch
     if schedule is not None and schedule.vision_tokens is not None:
         return schedule.vision_tokens
     if image_size is not None:
-        if e.pads:
-            return -(-image_size[0] // e.patch[0]) * -(-image_size[1] // e.patch[1])
-        return (image_size[0] // e.patch[0]) * (image_size[1] // e.patch[1])
+        return patches_along(image_size[0], e.patch[0], e.pads) * patches_along(image_size[1], e.patch[1], e.pads)
     return e.patches
 
 

@@ -41,6 +41,12 @@ def is_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def patches_along(pixels: int, patch: int, pads: bool = False) -> int:
+    """Patches a patch embedding makes along a side of ``pixels``: whole patches only, or, for an
+    embedding that pads the side up to whole patches (timm's ``dynamic_img_pad``), rounded up."""
+    return -(-pixels // patch) if pads else pixels // patch
+
+
 def check_site(site: str, layer: int | None) -> None:
     """Refuse a site name that does not exist, and a layer where the site takes none (or none where it needs one)."""
     if site not in SITES:

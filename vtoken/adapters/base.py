@@ -18,6 +18,7 @@ from torch import nn
 
 from vtoken import compat
 from vtoken.context import Grid
+from vtoken.schedule import patches_along
 from vtoken.signals import Needs, Signal
 
 
@@ -213,9 +214,7 @@ class VisionSpec:
 
     def grid_for(self, height: int, width: int) -> tuple[int, int]:
         """The patch grid the embedding makes of an image of ``height`` x ``width`` pixels."""
-        if self.pads:
-            return -(-height // self.patch_size), -(-width // self.patch_size)
-        return height // self.patch_size, width // self.patch_size
+        return patches_along(height, self.patch_size, self.pads), patches_along(width, self.patch_size, self.pads)
 
     @property
     def has_cls(self) -> bool:

@@ -38,6 +38,7 @@ from .hf_decoder import DecoderPruning, padding_from_4d_mask
 from .vision_site import VisionSite, VisionSource
 from vtoken import compat, signals
 from vtoken.kernels import gather_tokens
+from vtoken.layout import SequenceLayout
 from vtoken.pruner import Pruner, same_feature
 from vtoken.request import ImageRun, PruneRun, renumbers
 
@@ -300,12 +301,10 @@ class VisionLanguageAdapter(VisionSite, Adapter):
             return None
         labels, before = held
         logits = output[0] if isinstance(output, tuple) else output.logits
-        run = self.pruner.thread_last_run
-        if run is not None and run is not before and run.groups:
-            layouts = [layout for _, layout in reversed(run.groups) if layout.length == logits.shape[1]]
-            if layouts:
-                index = layouts[0].orig_index.to(labels.device)
-                labels = torch.where(index >= 0, torch.gather(labels, 1, index.clamp(min=0)), -100)
+        _, layout = self._final_layout(before, logits.shape[1])
+        if layout is not None:
+            index = layout.orig_index.to(labels.device)
+            labels = torch.where(index >= 0, torch.gather(labels, 1, index.clamp(min=0)), -100)
         extra = {k: kwargs[k] for k in ("num_items_in_batch",) if kwargs.get(k) is not None}
         loss = self.model.loss_function(
             logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **extra
@@ -314,6 +313,15 @@ class VisionLanguageAdapter(VisionSite, Adapter):
             return (loss, *output)
         output.loss = loss
         return output
+
+    def _final_layout(self, before: PruneRun | None, length: int) -> tuple[PruneRun | None, SequenceLayout | None]:
+        """``(run, layout)``: this thread's run of the forward that has just returned (None if it made
+        none: its last run is still ``before``) and the layout of its last layer group whose length is
+        ``length`` (the slots the logits cover), or None."""
+        run = self.pruner.thread_last_run
+        if run is None or run is before:
+            return None, None
+        return run, next((layout for _, layout in reversed(run.groups) if layout.length == length), None)
 
     # --- logits_to_keep given as positions of the prompt -------------------------------------------
     def _take_positions_to_keep(self, module, args, kwargs):
@@ -338,12 +346,10 @@ class VisionLanguageAdapter(VisionSite, Adapter):
         at = 1 if isinstance(output, tuple) and output[0].dim() == 0 else 0  # a tuple may open with the loss
         logits = output[at] if isinstance(output, tuple) else output.logits
         batch = logits.shape[0]
-        run = self.pruner.thread_last_run
-        layouts = [] if run is None or run is before else [
-            layout for _, layout in reversed(run.groups) if layout.length == logits.shape[1]]
-        if layouts:
+        run, layout = self._final_layout(before, logits.shape[1])
+        if layout is not None:
             # Per sample, the slot that holds each prompt position (-1: a token pruning dropped).
-            orig = layouts[0].orig_index.to(logits.device)
+            orig = layout.orig_index.to(logits.device)
             slot_of = torch.full((batch, run.orig_length), -1, dtype=torch.long, device=logits.device)
             samples, slots = (orig >= 0).nonzero(as_tuple=True)
             slot_of[samples, orig[samples, slots]] = slots

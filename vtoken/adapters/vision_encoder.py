@@ -112,15 +112,18 @@ class VisionEncoderAdapter(VisionSite, Adapter):
                                          for st in options.get("stages") or ()]
         lacking = next((site for site in sites if site not in (None, "vision")), None)
         if lacking is not None:  # before the options are checked on their own (a stage's missing layer, say)
-            raise ValueError(
-                f"{self.family_name} is a vision-only model: it has no {lacking!r} site; use site='vision' with "
-                f"layer=0..{len(self.vision_layers()) - 1}"
-            )
+            raise self._no_site(lacking)
         if "site" in options or options.get("stages"):
             return options
         if getattr(strategy_cls.Config, "site", "vision") == "vision":
             return options
         return {"site": "vision", "layer": self.default_vision_layer(), **options}
+
+    def _no_site(self, site: str) -> ValueError:
+        return ValueError(
+            f"{self.family_name} is a vision-only model: it has no {site!r} site; use site='vision' with "
+            f"layer=0..{len(self.vision_layers()) - 1}"
+        )
 
     def unavailable(self, signal) -> str | None:
         gap = self.description.gaps.get(signal.name)
@@ -133,10 +136,7 @@ class VisionEncoderAdapter(VisionSite, Adapter):
         patches = self.description.vision.patches
         for stage in stages:
             if stage.site != "vision":
-                raise ValueError(
-                    f"{self.family_name} is a vision-only model: it has no {stage.site!r} site; "
-                    f"use site='vision' with layer=0..{depth - 1}"
-                )
+                raise self._no_site(stage.site)
             if stage.layer >= depth:
                 raise ValueError(f"vision layer {stage.layer} does not exist: the vision encoder has {depth} layers")
             if stage.keep_tokens is not None and stage.keep_tokens > patches:
