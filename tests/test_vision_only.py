@@ -279,6 +279,7 @@ def test_an_open_clip_block_of_its_own_attention_is_refused_at_wrap_by_methods_t
     assert not vtoken.is_wrapped(model)
     with vtoken.pruned(model, "random", keep=0.25), torch.no_grad():
         model.encode_image(torch.randn(1, 3, 112, 112))
+        assert len(list(vtoken.selection(model)[0].values())[-1]) == round(0.25 * 196)  # 14 x 14 patches
 
 
 def test_budget_larger_than_the_patches_is_refused():
