@@ -163,6 +163,9 @@ def test_tiny_schedules_match_counter(ov_model, schedule):
     visual = drive_siglip(ov_model, schedule, inputs["pixel_values"][0], tally)
     if schedule.stages[0].site != "vision":  # the packed count (resized grid + newlines) reaches the LLM
         visual = torch.cat([visual, visual], dim=1)[:, :packed]
+    else:  # what reaches the LLM after a vision stage: test_wrapped_vision_stage_reaches_the_llm_as_counted
+        reaching = flops(ov_model, schedule, text_tokens=TEXT, image_size=image_size).layer_visual_tokens[0]
+        visual = torch.cat([visual] * 4, dim=1)[:, :reaching]
     before, after = split_text(ov_model, TEXT)
     drive_llm(ov_model, ov_model.model.language_model, schedule, before, visual, after, tally, decode_steps=1)
     report = flops(ov_model, schedule, text_tokens=TEXT, image_size=image_size, dtype=torch.float32)

@@ -99,7 +99,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -209,6 +209,59 @@ class Geometry:
     projector_tokens: int
     visual_tokens: int
     windows: tuple[int, ...] = ()
+    #: AnyRes (LLaVA-NeXT, LLaVA-OneVision, ``"true"`` convention): what a vision-site stage leaves of
+    #: one image. See :class:`AnyresLayout`; None for every other geometry.
+    anyres: "AnyresLayout | None" = None
+
+
+@dataclass(frozen=True)
+class AnyresLayout:
+    """How one AnyRes image's encoder crops reach the LLM, for counting a vision-site stage.
+
+    Each crop keeps ``k`` encoder tokens. ``crop_patches`` holds, per crop (base view first), the
+    patches left after unpadding; the adapter ranks a patch that unpadding cuts last, so a crop
+    reaches the LLM with at most ``min(k, crop_patches[c])`` tokens (exactly that many for a method
+    that prunes; a merging one places a merged token at one of its sources, which may be cut).
+    ``newlines`` tokens close the grid's rows (one after a base-view-only image) and are counted as
+    all kept: a newline leaves only when every token of its row does. ``resized`` is ``(rows, cols,
+    unpadded_rows, unpadded_cols)`` when LLaVA-OneVision shrinks the unpadded grid by bilinear
+    interpolation: a resized token survives when any of its (up to 2 x 2) sources does, so the kept
+    patches reach at most ``fan-out`` x their count of it. :meth:`visual_tokens` is therefore an upper
+    bound, exact for a pruning method on a grid that is not resized when every row keeps a token.
+    """
+
+    crop_patches: tuple[int, ...]
+    newlines: int
+    resized: tuple[int, int, int, int] | None = None
+
+    def visual_tokens(self, kept: int) -> int:
+        """LLM tokens of the image when every crop keeps ``kept`` encoder tokens (at most)."""
+        base = min(kept, self.crop_patches[0])
+        grid = sum(min(kept, patches) for patches in self.crop_patches[1:])
+        if self.resized is not None:
+            rows, cols, source_rows, source_cols = self.resized
+            fan_out = _bilinear_fan_out(source_rows, rows) * _bilinear_fan_out(source_cols, cols)
+            grid = min(rows * cols, fan_out * grid)
+        return base + grid + self.newlines
+
+
+def _bilinear_fan_out(source: int, size: int) -> int:
+    """The most outputs one input index feeds (with a nonzero weight) when ``torch.nn.functional.
+    interpolate(mode="bilinear", align_corners=False)`` resizes ``source`` samples to ``size``: output i
+    reads ``x = max(0, (i + 0.5) * source / size - 0.5)`` from floor(x) and, with weight x - floor(x),
+    floor(x) + 1."""
+    import math
+
+    feeds = [0] * source
+    for i in range(size):
+        x = max(0.0, (i + 0.5) * source / size - 0.5)
+        low = min(math.floor(x), source - 1)
+        weight = x - low
+        if weight < 1:
+            feeds[low] += 1
+        if weight > 0 and low + 1 < source:
+            feeds[low + 1] += 1
+    return max(feeds)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -455,7 +508,7 @@ def geometry(
     if vision_tokens is not None and vision_tokens != geo.patches:
         geo = _with_patches(dims, geo, vision_tokens)
     if visual_tokens is not None:
-        geo = Geometry(geo.crops, geo.patches, geo.projector_tokens, visual_tokens, geo.windows)
+        geo = replace(geo, visual_tokens=visual_tokens)
     return geo
 
 
@@ -479,13 +532,16 @@ def _llava_next_geometry(dims: ModelDims, image_size, images: int, convention: s
     best_h, best_w = compat.select_best_resolution(tuple(image_size), [list(p) for p in dims.grid_pinpoints])
     grid_h, grid_w = best_h // dims.vision.image_size, best_w // dims.vision.image_size
     crops = 1 + grid_h * grid_w
+    anyres = None
     if convention == "paper":
         visual = crops * per_crop
     else:
         rows, cols = _unpadded_grid(image_size, grid_h * side, grid_w * side)
         visual = per_crop + rows * cols + rows  # base view + unpadded grid + one newline per row
+        if not dims.keep_cls:  # (a CLS token per crop does not survive NeXT's packing: not modelled)
+            anyres = AnyresLayout((patches, *_unpadded_crop_patches(image_size, grid_h, grid_w, side)), rows)
     return Geometry(crops=images * crops, patches=patches, projector_tokens=images * crops * per_crop,
-                    visual_tokens=images * visual)
+                    visual_tokens=images * visual, anyres=anyres)
 
 
 def _onevision_geometry(dims: ModelDims, image_size, images: int, convention: str) -> Geometry:
@@ -496,16 +552,22 @@ def _onevision_geometry(dims: ModelDims, image_size, images: int, convention: st
     if images > 1:  # multi-image sample: every image is its base view only, plus one newline
         visual = patches if convention == "paper" else patches + 1
         return Geometry(crops=images, patches=patches, projector_tokens=images * patches,
-                        visual_tokens=images * visual)
+                        visual_tokens=images * visual,
+                        anyres=None if convention == "paper" else AnyresLayout((patches,), 1))
     best_h, best_w = compat.select_best_resolution(tuple(image_size), [list(p) for p in dims.grid_pinpoints])
     grid_h, grid_w = best_h // dims.vision.image_size, best_w // dims.vision.image_size
     crops = 1 + grid_h * grid_w
+    anyres = None
     if convention == "paper":
         visual = crops * patches
     else:
         rows, cols = _onevision_grid(dims, image_size, grid_h * side, grid_w * side)
         visual = patches + rows * cols + rows  # base view + (resized) unpadded grid + one newline per row
-    return Geometry(crops=crops, patches=patches, projector_tokens=crops * patches, visual_tokens=visual)
+        unpadded = _unpadded_grid(image_size, grid_h * side, grid_w * side)
+        resized = None if (rows, cols) == unpadded else (rows, cols, *unpadded)
+        anyres = AnyresLayout((patches, *_unpadded_crop_patches(image_size, grid_h, grid_w, side)), rows, resized)
+    return Geometry(crops=crops, patches=patches, projector_tokens=crops * patches, visual_tokens=visual,
+                    anyres=anyres)
 
 
 def _onevision_grid(dims: ModelDims, image_size, rows: int, cols: int) -> tuple[int, int]:
@@ -531,17 +593,37 @@ def _onevision_video_geometry(dims: ModelDims, frames: int, convention: str) -> 
 
 
 def _unpadded_grid(image_size, rows: int, cols: int) -> tuple[int, int]:
-    """Rows and columns of the AnyRes feature grid left after removing the letterbox padding.
+    """Rows and columns of the AnyRes feature grid left after removing the letterbox padding."""
+    (top, bottom), (left, right) = _unpadded_window(image_size, rows, cols)
+    return bottom - top, right - left
 
-    The image (h, w) was resized into the (rows, cols) grid keeping its aspect ratio and padded
-    symmetrically along the other axis; the padded rows (or columns) are dropped.
+
+def _unpadded_window(image_size, rows: int, cols: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """``((top, bottom), (left, right))``: the part of the (rows, cols) AnyRes feature grid that
+    unpadding keeps, as transformers' ``unpad_image`` cuts it.
+
+    The image (h, w) was resized into the grid keeping its aspect ratio and padded symmetrically along
+    the other axis; ``padding`` rows (or columns) go from each side.
     """
     height, width = image_size
     if width / height > cols / rows:  # image wider than the grid: padding above and below
         content = int(round(height * cols / width, 7))
-        return rows - 2 * ((rows - content) // 2), cols
+        padding = (rows - content) // 2
+        return (padding, rows - padding), (0, cols)
     content = int(round(width * rows / height, 7))
-    return rows, cols - 2 * ((cols - content) // 2)
+    padding = (cols - content) // 2
+    return (0, rows), (padding, cols - padding)
+
+
+def _unpadded_crop_patches(image_size, grid_h: int, grid_w: int, side: int) -> tuple[int, ...]:
+    """Patches of each high-resolution crop (row-major, ``side`` × ``side`` each) that unpadding keeps."""
+    (top, bottom), (left, right) = _unpadded_window(image_size, grid_h * side, grid_w * side)
+
+    def overlap(start: int, low: int, high: int) -> int:
+        return max(0, min(start + side, high) - max(start, low))
+
+    return tuple(overlap(i * side, top, bottom) * overlap(j * side, left, right)
+                 for i in range(grid_h) for j in range(grid_w))
 
 
 def _qwen_geometry(dims: ModelDims, image_size, images: int) -> Geometry:
@@ -964,9 +1046,13 @@ def _projector_tokens(dims: ModelDims, schedule: Schedule, geo: Geometry) -> int
 
 def _pre_llm_visual(dims: ModelDims, schedule: Schedule, geo: Geometry) -> int:
     """Visual tokens entering the LLM: after a projector stage its count, after a vision stage the
-    kept patches of every crop (LLaVA-NeXT: no unpadding or newlines left), else the geometry."""
+    kept patches of every crop (an AnyRes image: what unpadding leaves of them, and its newlines:
+    :class:`AnyresLayout`), else the geometry."""
     count = geo.visual_tokens
-    if _vision_stages(schedule):
+    if _vision_stages(schedule) and geo.anyres is not None:
+        images = geo.crops // len(geo.anyres.crop_patches)
+        count = images * geo.anyres.visual_tokens(_kept_patches(schedule, geo))
+    elif _vision_stages(schedule):
         count = _projector_tokens(dims, schedule, geo)
     for stage in schedule.stages:
         if stage.site == "projector":
@@ -1131,9 +1217,19 @@ def _report(dims: ModelDims, geo: Geometry, schedule: Schedule, text_tokens: int
         kv_cache_visual_bytes=per_token * sum(cached_visual),
         dtype=dtype_name,
         schedule=describe(schedule),
-        notes=tuple(schedule.notes),
+        notes=tuple(schedule.notes) + _anyres_notes(schedule, geo),
         **parts,
     )
+
+
+def _anyres_notes(schedule: Schedule, geo: Geometry) -> tuple[str, ...]:
+    if geo.anyres is None or not _vision_stages(schedule):
+        return ()
+    return ("a vision-site stage on an AnyRes image: the LLM's visual tokens are an upper bound (every crop's kept "
+            "patches that unpadding leaves, every row's newline" + (", the resized grid's tokens they can reach"
+                                                                    if geo.anyres.resized else "")
+            + "); exact for a pruning method that leaves a token in every row"
+            + (" of a grid that is not resized" if geo.anyres.resized else ""),)
 
 
 def bipartite_matching_flops(tokens: int, target: int, dim: int) -> int:
