@@ -534,7 +534,7 @@ def test_real_configs_on_meta_device_match_counter(name, model_class, schedule, 
 def test_wrapped_model_reports_its_own_schedule(monkeypatch):
     asked = {}
 
-    def schedule_of(model, visual_tokens):
+    def schedule_of(model, visual_tokens, instruction_tokens):
         asked["visual_tokens"] = visual_tokens
         return llm((2, 288))
 
@@ -583,15 +583,12 @@ def test_wrapped_model_forward_matches_counter(method, options):
         api.unwrap(model)
 
 
-def test_wrapped_transprune_forward_matches_counter(monkeypatch):
+def test_wrapped_transprune_forward_matches_counter():
     """TransPrune's three stages with their instruction-guided attention: what the wrapped forward
     does (the IGA's projections and scores at each stage, the layer then taking the kept tokens' keys
-    from it) is what ``flops`` reports, FLOP for FLOP, once the assumed instruction rows are this
-    prompt's 7 (the text after the image)."""
-    import vtoken.strategies.transprune as transprune
-
+    from it) is what ``flops`` reports, FLOP for FLOP, given this prompt's 7 instruction tokens (the
+    text after the image); the assumed 32 rows count more."""
     api = pytest.importorskip("vtoken.api")
-    monkeypatch.setattr(transprune, "ASSUMED_INSTRUCTION_ROWS", 7)
     model = tiny_llava()
     ids = torch.tensor([[1, 5, 6, 7, 8] + [100] * 16 + [9, 10, 11, 12, 13, 14, 15]])
     pixels = torch.randn(1, 3, 56, 56)
@@ -600,7 +597,13 @@ def test_wrapped_transprune_forward_matches_counter(monkeypatch):
         assert [s.layer for s in api.strategy_of(model).stages()] == [1, 2, 3]
         tally = Tally()
         tally("all", lambda: model(input_ids=ids, pixel_values=pixels, logits_to_keep=1))
-        assert flops(model, text_tokens=TEXT).prefill == tally.parts["all"]  # exact, not only within 1%
+        assert flops(model, text_tokens=TEXT, instruction_tokens=7).prefill == tally.parts["all"]  # exact
+        assert flops(model, text_tokens=TEXT).prefill > tally.parts["all"]  # 32 rows assumed
+        assert api.schedule_of(model, instruction_tokens=7).scoring[0].rows == 7
+        with pytest.raises(ValueError, match="instruction_tokens must be"):
+            api.schedule_of(model, instruction_tokens=-1)
+        with pytest.raises(ValueError, match="instruction_tokens= applies to a model wrapped"):
+            flops(model.config, api.schedule_of(model), instruction_tokens=7)
     finally:
         api.unwrap(model)
 
@@ -639,7 +642,8 @@ def test_a_mistral_llm_with_a_sliding_window_reads_the_cached_keys_as_counted(me
     """LLaVA on a Mistral LLM whose sliding window (4096, its default) holds the whole prompt: the
     scoring reads the keys layers left in the cache, as flops says (keys_cached), instead of projecting
     them again. The FLOP counter sees the same work as without a window (it saw 1-2.5% more before the
-    cache's sliding layers were trusted), and for FastV exactly what flops reports."""
+    cache's sliding layers were trusted), and for both exactly what flops reports
+    given the prompt's 7 instruction tokens."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration, MistralConfig
 
     import vtoken.api as api
@@ -660,6 +664,5 @@ def test_a_mistral_llm_with_a_sliding_window_reads_the_cached_keys_as_counted(me
             tally = Tally()
             tally("all", lambda: model(input_ids=ids, pixel_values=pixels, logits_to_keep=1))
             counted[window] = tally.parts["all"]
-            if method == "fastv":  # (AIF's report assumes 32 instruction rows; this prompt has 7)
-                assert flops(model, text_tokens=12).prefill == counted[window]
+            assert flops(model, text_tokens=12, instruction_tokens=7).prefill == counted[window]
     assert counted[4096] == counted[None]

@@ -838,6 +838,7 @@ def flops(
     dtype: Any = "float16",
     lm_head_tokens: int = 1,
     frames: int | None = None,
+    instruction_tokens: int | None = None,
 ) -> FlopsReport | _vit.EncoderFlopsReport:
     """FLOPs of one sample under a pruning ``schedule`` (see the module docstring for conventions).
 
@@ -868,6 +869,9 @@ def flops(
         lm_head_tokens: positions that get logits at prefill (``"true"`` only); default 1.
         frames: LLaVA-OneVision only: the sample is one video of this many frames instead of
             images (196 pooled tokens per frame + one newline).
+        instruction_tokens: a wrapped model only: the prompt's text tokens after the image, whose
+            attention rows TransPrune's and AIF's scoring read (default: an assumed 32; a
+            ``Schedule`` passed in lists its scoring rows itself).
     """
     if convention not in CONVENTIONS:
         raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
@@ -878,7 +882,8 @@ def flops(
     if encoder is not None:
         if frames is not None or visual_tokens is not None:
             raise ValueError(f"{encoder.name} is a vision encoder: frames= and visual_tokens= do not apply")
-        schedule = _resolve_schedule(model_or_config, schedule, lambda: _vit.patches_of(encoder, image_size))
+        schedule = _resolve_schedule(model_or_config, schedule, lambda: _vit.patches_of(encoder, image_size),
+                                     instruction_tokens)
         return _vit.encoder_flops(encoder, schedule, convention=convention, image_size=image_size, images=images)
     dims = model_dims(config)
 
@@ -886,7 +891,7 @@ def flops(
         return geometry(dims, image_size=image_size, images=images or 1, convention=convention,
                         visual_tokens=visual_tokens, frames=frames).visual_tokens
 
-    schedule = _resolve_schedule(model_or_config, schedule, llm_visual_tokens)
+    schedule = _resolve_schedule(model_or_config, schedule, llm_visual_tokens, instruction_tokens)
     geo = geometry(
         dims,
         image_size=image_size,
@@ -966,10 +971,14 @@ def _config_or_encoder(source: Any):
     return config, _vit.config_dims(config, source)
 
 
-def _resolve_schedule(model_or_config: Any, schedule: Any, visual_tokens: Callable[[], int]) -> Schedule:
+def _resolve_schedule(model_or_config: Any, schedule: Any, visual_tokens: Callable[[], int],
+                      instruction_tokens: int | None = None) -> Schedule:
+    wrapped = schedule if schedule is not None else model_or_config
+    if instruction_tokens is not None and not hasattr(wrapped, "_vtoken_state"):
+        raise ValueError("instruction_tokens= applies to a model wrapped by vtoken (its method's scoring rows); "
+                         "a Schedule lists its scoring rows itself: drop instruction_tokens or pass the wrapped model")
     if isinstance(schedule, Schedule):
         return schedule
-    wrapped = schedule if schedule is not None else model_or_config
     if hasattr(wrapped, "_vtoken_state"):
         try:
             from vtoken.api import schedule_of
@@ -978,7 +987,7 @@ def _resolve_schedule(model_or_config: Any, schedule: Any, visual_tokens: Callab
                 "this model is wrapped by vtoken but vtoken.api.schedule_of is not available; "
                 "pass schedule=Schedule(...) explicitly"
             ) from error
-        return schedule_of(wrapped, visual_tokens=visual_tokens())
+        return schedule_of(wrapped, visual_tokens=visual_tokens(), instruction_tokens=instruction_tokens)
     if schedule is None:
         return Schedule()
     raise TypeError(f"schedule must be a Schedule, a vtoken-wrapped model or None, got {type(schedule).__name__}")

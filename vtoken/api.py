@@ -16,7 +16,7 @@ from torch import nn
 from vtoken.config import PruneConfig, check_budget_order, option_defaults, read_config_file
 from vtoken.signals import ANNOTATIONS, MEANING
 from vtoken.registry import get_strategy, strategy_names
-from vtoken.schedule import Schedule, ScoringCost, Stage, StageShapes
+from vtoken.schedule import Schedule, ScoringCost, Stage, StageShapes, is_integer
 
 _STATE_ATTR = "_vtoken_state"
 
@@ -274,9 +274,13 @@ def load(path: str | os.PathLike) -> PruneConfig:
     return get_strategy(method).Config.from_options(**data)
 
 
-def schedule_of(model: nn.Module, visual_tokens: int | None = None) -> Schedule:
+def schedule_of(model: nn.Module, visual_tokens: int | None = None, instruction_tokens: int | None = None) -> Schedule:
     """The pruning schedule of a wrapped model for one image of ``visual_tokens`` visual tokens
-    (default: the model's tokens per image)."""
+    (default: the model's tokens per image). ``instruction_tokens``: the prompt's text tokens after
+    the image, whose attention rows TransPrune's and AIF's scoring read (default: an assumed 32,
+    ``vtoken.schedule.ASSUMED_INSTRUCTION_TOKENS``)."""
+    if instruction_tokens is not None and (not is_integer(instruction_tokens) or instruction_tokens < 0):
+        raise ValueError(f"instruction_tokens must be a count of text tokens >= 0, got {instruction_tokens!r}")
     state = _state(model)
     adapter = state.adapter
     tokens = visual_tokens or adapter.visual_tokens_per_image()
@@ -294,11 +298,13 @@ def schedule_of(model: nn.Module, visual_tokens: int | None = None) -> Schedule:
             kept = spec.budget(tokens)
             before, entering["visual"] = entering["visual"], kept
         stages.append(Stage(spec.site, kept, spec.layer, inside=inside and spec.site == "vision"))
-        scoring.extend(state.strategy.scoring_cost(spec, StageShapes(before, kept, *adapter.site_width(spec.site))))
+        shapes = StageShapes(before, kept, *adapter.site_width(spec.site), instruction_tokens=instruction_tokens)
+        scoring.extend(state.strategy.scoring_cost(spec, shapes))
     evicted = None
     if state.pruner.mask is not None:  # a mask stage (AIF) removes nothing but still costs its scoring
         mask = state.pruner.mask
-        shapes = StageShapes(tokens, mask.budget(tokens), *adapter.site_width(mask.site))
+        shapes = StageShapes(tokens, mask.budget(tokens), *adapter.site_width(mask.site),
+                             instruction_tokens=instruction_tokens)
         scoring.extend(state.strategy.scoring_cost(mask, shapes))
         if state.pruner.masking.evict:  # ... and, evicting, leaves only what it kept in the cache after
             evicted = (mask.layer, mask.budget(tokens))

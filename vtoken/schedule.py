@@ -85,17 +85,31 @@ class Stage:
             raise ValueError(f"keep_tokens must be >= 0, got {self.keep_tokens}")
 
 
+#: Instruction tokens (the prompt's text after the image) assumed when a method's scoring reads their
+#: attention rows (TransPrune's IGA, AIF's probe) and the caller did not say how many: about half of
+#: the accounting's default 64 text tokens, a LLaVA-1.5 VQA question with "Answer the question using a
+#: single word or phrase. ASSISTANT:".
+ASSUMED_INSTRUCTION_TOKENS = 32
+
+
 @dataclass(frozen=True)
 class StageShapes:
     """The sizes one stage works on, per image, so a strategy can state its own scoring FLOPs:
     ``tokens`` candidates enter the stage and ``kept`` leave it; ``width`` is the feature width at
     the site (vision hidden size at the vision and projector sites' inputs, LLM hidden size in the
-    LLM), ``head_dim`` the attention head size there."""
+    LLM), ``head_dim`` the attention head size there; ``instruction_tokens`` the prompt's text tokens
+    after the image (None: not known, :data:`ASSUMED_INSTRUCTION_TOKENS`)."""
 
     tokens: int
     kept: int
     width: int
     head_dim: int
+    instruction_tokens: int | None = None
+
+    @property
+    def instruction_rows(self) -> int:
+        """Query rows of a scoring that reads the instruction's attention."""
+        return ASSUMED_INSTRUCTION_TOKENS if self.instruction_tokens is None else self.instruction_tokens
 
 
 @dataclass(frozen=True)

@@ -73,9 +73,6 @@ from vtoken.strategies.base import MaskStage, Strategy
 
 #: Candidate mask ratios of Eq. 5.
 RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-#: Instruction rows assumed when reporting the probe's scoring FLOPs (input-dependent in fact: every
-#: text token after the image), as TransPrune reports its IGA rows.
-ASSUMED_INSTRUCTION_ROWS = 32
 
 
 def token_dynamics(probs: torch.Tensor, query_valid: torch.Tensor, heads: str = "max") -> torch.Tensor:
@@ -234,11 +231,14 @@ class AIFStrategy(Strategy):
     def scoring_cost(self, stage: StageSpec, shapes: StageShapes | None = None) -> list[ScoringCost]:
         # The probe's rows at every layer, and the text after the image rerun over the cached prefix
         # (one more decoding step for query="next").
+        # (The instruction, every text token after the image, is input-dependent: ``instruction_rows``
+        # is the caller's count or the assumed one.)
         layers = self.depths.get("llm", 0)
-        rows = 1 if self.config.query == "next" else ASSUMED_INSTRUCTION_ROWS
+        instruction = (shapes or StageShapes(0, 0, 0, 0)).instruction_rows
+        rows = 1 if self.config.query == "next" else instruction
         # Each probed layer has run: its keys are read from the KV cache (the mask stage adds one).
         costs = [ScoringCost("llm_attention_rows", layer=layer, rows=rows, keys_cached=True) for layer in range(layers)]
-        costs.append(ScoringCost("llm_rerun_rows", layer=0, rows=ASSUMED_INSTRUCTION_ROWS))
+        costs.append(ScoringCost("llm_rerun_rows", layer=0, rows=instruction))
         if self.config.query == "next":
             costs.append(ScoringCost("llm_rerun_rows", layer=0, rows=1))
         return costs

@@ -74,10 +74,6 @@ PAPER_PRUNE_LAYERS = (7, 9, 12)
 #: TransPrune-High keep fractions, relative to the original visual-token count.
 PAPER_KEEP_RATIOS = (0.875, 0.625, 0.125)
 DIRECTIONS = ("signed", "abs")
-#: Instruction rows assumed when reporting IGA's scoring FLOPs (the real count is input-dependent:
-#: every text token after the image). About half of the accounting's default 64 text tokens: a
-#: LLaVA-1.5 VQA question with "Answer the question using a single word or phrase. ASSISTANT:".
-ASSUMED_INSTRUCTION_ROWS = 32
 
 
 # --- the formulas ---------------------------------------------------------------------------------
@@ -415,9 +411,12 @@ class TransPruneStrategy(Strategy):
         # of the tokens the stage keeps are handed to layer K itself (keys_reused). TTV's norms and
         # cosines are element-wise work on tensors the layers produce anyway (O(L d) per layer, under
         # 1e-4 of a layer's matmuls) and are not counted, like the layers' own norms.
+        # Its rows are the instruction's (every text token after the image), input-dependent:
+        # ``shapes.instruction_rows`` is the caller's count or the assumed one.
         if not self.config.uses_iga:
             return []
-        return [ScoringCost("llm_attention_rows", layer=stage.layer, rows=ASSUMED_INSTRUCTION_ROWS, keys_reused=True)]
+        rows = (shapes or StageShapes(0, 0, 0, 0)).instruction_rows
+        return [ScoringCost("llm_attention_rows", layer=stage.layer, rows=rows, keys_reused=True)]
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         valid = ctx.tokens.valid
