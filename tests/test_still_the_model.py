@@ -144,8 +144,11 @@ def test_a_deep_copy_runs_on_its_own_state(family):
     with torch.no_grad():
         ref = model(**x).logits
     ref_selection = vtoken.selection(model)
+    hooks = _hook_objects(model)
     clone = copy.deepcopy(model)
     assert vtoken.is_wrapped(clone) and vtoken.is_wrapped(model)
+    # The model was not unwrapped and wrapped again to be copied: the same hooks, its last run kept.
+    assert _hook_objects(model) == hooks and str(vtoken.selection(model)) == str(ref_selection)
     with torch.no_grad():
         assert torch.equal(clone(**x).logits, ref)
         assert torch.equal(_generate(clone, x), _generate(model, x))
@@ -157,6 +160,67 @@ def test_a_deep_copy_runs_on_its_own_state(family):
     vtoken.unwrap(clone)
     vtoken.unwrap(model)
     assert not hasattr(clone, "_vtoken_state") and "__deepcopy__" not in vars(clone)
+    plain = FAMILIES[family].make()
+    with torch.no_grad():
+        plain(**x)  # (transformers installs its output-capturing hooks on the first forward)
+    assert _shape(_hook_objects(clone)) == _shape(_hook_objects(plain))
+
+
+def _hook_objects(model) -> list:
+    """Every forward (pre-)hook and every instance attribute holding a callable (a method replaced
+    per instance: ``forward``, ``generate``, vtoken's own) on the model's modules, by name and object."""
+    found = []
+    for name, module in model.named_modules():
+        found += [(name, key, id(fn)) for hooks in (module._forward_pre_hooks, module._forward_hooks)
+                  for key, fn in hooks.items()]
+        found += [(name, key, id(value)) for key, value in vars(module).items()
+                  if callable(value) and not isinstance(value, torch.nn.Module)]
+    return found
+
+
+def _shape(found: list) -> list:
+    """Hooks counted per module, instance attributes by name (hook keys are global counters)."""
+    return sorted((name, key if isinstance(key, str) else "hook") for name, key, _ in found)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2"])
+def test_a_wrapper_around_a_wrapped_model_copies_as_itself(family):
+    """A PEFT model or torch.compile's module forwards unknown attributes (``__deepcopy__``) to the
+    wrapped model it holds: deepcopy still gives a copy of the wrapper, holding a wrapped copy."""
+    peft = pytest.importorskip("peft")
+    model = FAMILIES[family].make()
+    x = FAMILIES[family].inputs(model)
+    vtoken.wrap(model, "fastv", keep=0.4)
+    lora = peft.get_peft_model(model, peft.LoraConfig(target_modules=["q_proj"], r=2, init_lora_weights=True))
+    with torch.no_grad():
+        ref = lora(**x).logits
+    clone = copy.deepcopy(lora)
+    assert type(clone) is type(lora) and clone.base_model.model is not model
+    assert vtoken.is_wrapped(clone.base_model.model)
+    with torch.no_grad():
+        assert torch.equal(clone(**x).logits, ref)
+    compiled = torch.compile(model, backend="eager")
+    assert type(copy.deepcopy(compiled)) is type(compiled)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_wrapped_model_pickles_wrapped(family):
+    """``torch.save(model)`` / pickle: the loaded model is wrapped the same way and prunes the same
+    (pickled before a forward: transformers' output-capturing hooks, installed by the first forward,
+    do not pickle on the plain model either)."""
+    import io
+
+    model = FAMILIES[family].make()
+    x = FAMILIES[family].inputs(model)
+    vtoken.wrap(model, "random", keep=0.4)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert vtoken.is_wrapped(loaded) and vtoken.config_of(loaded) == vtoken.config_of(model)
+    with torch.no_grad():
+        assert torch.equal(loaded(**x).logits, model(**x).logits)
+    assert str(vtoken.selection(loaded)) == str(vtoken.selection(model))
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

@@ -127,13 +127,13 @@ def wrap(model: nn.Module, method: str | None = None, *, config=None, **options:
     except Exception:
         undo.run()
         raise
-    setattr(model, _STATE_ATTR, WrapState(cfg.method, cfg, strategy, adapter, pruner, undo))
-    undo.push(lambda: delattr(model, _STATE_ATTR))
+    undo.set_attribute(model, _STATE_ATTR, WrapState(cfg.method, cfg, strategy, adapter, pruner, undo))
     _forget_compiled_code()
     undo.push(_forget_compiled_code)
-    # copy.deepcopy looks __deepcopy__ up on the instance: a copy is a fresh wrap of a copied model.
-    model.__dict__["__deepcopy__"] = partial(_deepcopy_wrapped, model)
-    undo.push(lambda: model.__dict__.pop("__deepcopy__", None))
+    # copy.deepcopy and pickle look these up on the instance: a copy is a fresh wrap of a copy of the
+    # model without vtoken's changes, made without unwrapping the model.
+    undo.set_attribute(model, "__deepcopy__", partial(_deepcopy_wrapped, model))
+    undo.set_attribute(model, "__reduce_ex__", partial(_reduce_wrapped, model))
     return model
 
 
@@ -147,16 +147,53 @@ def _forget_compiled_code() -> None:
 
 
 def _deepcopy_wrapped(model: nn.Module, memo: dict) -> nn.Module:
-    """``copy.deepcopy`` of a wrapped model: the model is copied unwrapped (its hooks and the
-    encoder closure point at this model's pruner, so a plain copy would run into the original's
-    state), then the copy is wrapped with a copy of the same config and the original wrapped again."""
-    config = _state(model).config
-    unwrap(model)
-    try:
-        clone = copy.deepcopy(model, memo)
-    finally:
-        wrap(model, config=config)
-    return wrap(clone, config=copy.deepcopy(config, memo))
+    """``copy.deepcopy`` of a wrapped model: a copy of the model without vtoken's changes (its hooks
+    and entry points close over this model's pruner, so a plain copy would run into the original's
+    state), wrapped with a copy of the same config. The model itself is left as it is.
+
+    A module that forwards unknown attributes to the one it holds (a PEFT model, ``torch.compile``'s
+    module) hands copy.deepcopy this model's ``__deepcopy__`` for itself: that object is copied as
+    copy.deepcopy would have copied it (reaching this model through its attributes)."""
+    target = _object_being_deep_copied()
+    if target is not None and target is not model:
+        return _reconstruct_copy(target, memo)
+    return wrap(_unwrapped_copy(model, memo), config=copy.deepcopy(_state(model).config, memo))
+
+
+def _unwrapped_copy(model: nn.Module, memo: dict) -> nn.Module:
+    """A deep copy of ``model`` as it was before ``wrap``: what wrapping added is not copied (its
+    objects are entered in ``memo`` as None) and its changes are taken back in the copy."""
+    undo = _state(model).undo
+    for added in undo.added_objects():
+        memo.setdefault(id(added), None)
+    clone = _reconstruct_copy(model, memo)
+    undo.revert_in_copy(memo)
+    return clone
+
+
+def _reconstruct_copy(obj: Any, memo: dict) -> Any:
+    """What copy.deepcopy does for an object without ``__deepcopy__``: its class's
+    ``__reduce_ex__(4)``, rebuilt with the copied state (``copy._reconstruct``, the stdlib's own step;
+    the instance's ``__reduce_ex__`` is vtoken's pickling and is skipped)."""
+    return copy._reconstruct(obj, memo, *type(obj).__reduce_ex__(obj, 4))
+
+
+def _object_being_deep_copied() -> Any:
+    """The object of the copy.deepcopy call that called ``__deepcopy__`` (its argument ``x``), or
+    None when the caller is not copy.deepcopy."""
+    caller = sys._getframe(2)  # 0: this function, 1: _deepcopy_wrapped (through functools.partial)
+    return caller.f_locals.get("x") if caller.f_code is copy.deepcopy.__code__ else None
+
+
+def _reduce_wrapped(model: nn.Module, protocol: int):
+    """Pickling a wrapped model (``pickle``, ``torch.save(model)``): a copy without vtoken's changes,
+    wrapped again with the same config when loaded (the copy costs the model's memory once more while
+    pickling)."""
+    return _wrap_unpickled, (_unwrapped_copy(model, {}), _state(model).config)
+
+
+def _wrap_unpickled(model: nn.Module, config: PruneConfig) -> nn.Module:
+    return wrap(model, config=config)
 
 
 def _state(model: nn.Module) -> WrapState:

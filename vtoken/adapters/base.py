@@ -9,8 +9,10 @@ Strategies never see an adapter: they get tensors and the callables the adapter 
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable, ClassVar, Literal
 
 import torch
@@ -138,16 +140,54 @@ class VisualLayout:
 
 
 class UndoStack:
-    """Every change made to a model, as an action that reverts it; run in reverse by ``unwrap``."""
+    """Every change made to a model, as an action that reverts it; run in reverse by ``unwrap``.
+
+    Changes to the model's modules go through :meth:`set_attribute` and :meth:`hook`, which also
+    record what they changed, so that :meth:`revert_in_copy` can take the same changes back from a
+    deep copy of the model without touching the model (``copy.deepcopy`` and pickling of a wrapped
+    model); :meth:`push` is for actions that change nothing a copy holds."""
 
     def __init__(self) -> None:
         self._actions: list[Callable[[], None]] = []
+        self._attributes: list[tuple[Any, str, bool, Any, Any]] = []  # (owner, name, had, old, new)
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def push(self, action: Callable[[], None]) -> None:
         self._actions.append(action)
 
     def hook(self, handle: torch.utils.hooks.RemovableHandle) -> None:
+        self._handles.append(handle)
         self.push(handle.remove)
+
+    def set_attribute(self, owner: Any, name: str, value: Any) -> None:
+        """Set ``owner.name`` in its instance dict (a module's method replaced per instance); undone
+        by restoring the instance attribute it shadowed, or removing it."""
+        had, old = name in owner.__dict__, owner.__dict__.get(name)
+        owner.__dict__[name] = value
+        self._attributes.append((owner, name, had, old, value))
+        self.push(partial(_restore_instance_attribute, owner, name, had, old))
+
+    def added_objects(self) -> list[Any]:
+        """The objects wrapping put on the model (attribute values, hook functions)."""
+        hooks = [_hook_dicts(handle)[0].get(handle.id) for handle in self._handles if _hook_dicts(handle)]
+        return [new for *_, new in self._attributes] + [fn for fn in hooks if fn is not None]
+
+    def revert_in_copy(self, memo: dict[int, Any]) -> None:
+        """Take every recorded change back from the deep copy that ``memo`` (``copy.deepcopy``'s:
+        id of an original object -> its copy) describes; the original model is not touched."""
+        for handle in self._handles:
+            for hooks in _hook_dicts(handle):
+                copied = memo.get(id(hooks))
+                if copied is not None:
+                    copied.pop(handle.id, None)
+        for owner, name, had, old, _ in reversed(self._attributes):
+            copied = memo.get(id(owner))
+            if copied is None:
+                continue
+            if had:
+                copied.__dict__[name] = copy.deepcopy(old, memo)
+            else:
+                copied.__dict__.pop(name, None)
 
     def pre_hook(self, module: nn.Module, fn: Callable, **options) -> None:
         """Register ``fn`` as a forward pre-hook of ``module`` (run eagerly, see :func:`eager`)."""
@@ -160,6 +200,20 @@ class UndoStack:
     def run(self) -> None:
         while self._actions:
             self._actions.pop()()
+
+
+def _restore_instance_attribute(owner: Any, name: str, had: bool, old: Any) -> None:
+    if had:
+        owner.__dict__[name] = old
+    else:
+        owner.__dict__.pop(name, None)
+
+
+def _hook_dicts(handle: torch.utils.hooks.RemovableHandle) -> list[dict]:
+    """The module's hook dicts a handle's hook sits in (the hooks, then the with_kwargs /
+    always_call flags), as ``RemovableHandle.remove`` finds them."""
+    refs = (handle.hooks_dict_ref, *getattr(handle, "extra_dict_ref", ()))
+    return [d for d in (ref() for ref in refs) if d is not None]
 
 
 def eager(fn: Callable) -> Callable:

@@ -277,8 +277,7 @@ class VisionLanguageAdapter(VisionSite, Adapter):
             finally:
                 lengths.reset(token)
 
-        self.model.generate = generate_recording_prompt
-        undo.push(lambda: delattr(self.model, "generate"))
+        undo.set_attribute(self.model, "generate", generate_recording_prompt)
 
     # --- training: labels follow the kept tokens ------------------------------------------------
     def _take_labels(self, module, args, kwargs):
@@ -408,8 +407,7 @@ class VisionLanguageAdapter(VisionSite, Adapter):
             pruner.remember_encoding(output, run)
             return output.to_tuple() if as_tuple else output
 
-        setattr(self.core, modality.entry, eager(encoder_entry))
-        undo.push(lambda: delattr(self.core, modality.entry))
+        undo.set_attribute(self.core, modality.entry, eager(encoder_entry))
 
     def _before_model(self, module, args, kwargs):
         pruner = self.pruner

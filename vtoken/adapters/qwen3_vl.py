@@ -87,8 +87,7 @@ class Qwen3VLAdapter(QwenVLAdapter):
                 raise RuntimeError("vtoken: no layout of this request matches the LLM's hidden states at a DeepStack layer")
             return add_deepstack(hidden_states, visual_pos_masks, visual_embeds, layouts[0].orig_index)
 
-        setattr(language_model, compat.DEEPSTACK_PROCESS, deepstack_process)
-        undo.push(lambda: language_model.__dict__.pop(compat.DEEPSTACK_PROCESS, None))
+        undo.set_attribute(language_model, compat.DEEPSTACK_PROCESS, deepstack_process)
 
 
 def add_deepstack(hidden: torch.Tensor, visual_pos_masks: torch.Tensor, visual_embeds: torch.Tensor,

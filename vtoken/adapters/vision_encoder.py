@@ -181,9 +181,7 @@ class VisionEncoderAdapter(VisionSite, Adapter):
                 )
             return original(*args, **kwargs)
 
-        had = "forward_intermediates" in module.__dict__
-        module.forward_intermediates = forward_intermediates
-        undo.push(partial(_restore_attribute, module, "forward_intermediates", had, original))
+        undo.set_attribute(module, "forward_intermediates", forward_intermediates)
 
     def _open_encoding(self, module, args, kwargs):
         pruner, vision = self.pruner, self.description.vision
@@ -230,13 +228,6 @@ class VisionEncoderAdapter(VisionSite, Adapter):
         pruner.last_run = run
         pruner.encoding = None
         return None
-
-
-def _restore_attribute(module: nn.Module, name: str, had: bool, original) -> None:
-    if had:
-        setattr(module, name, original)
-    else:
-        delattr(module, name)
 
 
 def encoder_sources(run: PruneRun) -> torch.Tensor | None:

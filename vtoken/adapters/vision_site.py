@@ -101,9 +101,7 @@ class VisionSite:
             halves = vision.halves(block, undo)
             original = block.forward
             forward = partial(self._block_in_halves, by_layer.get(layer), halves, original, proportional)
-            had = "forward" in block.__dict__
-            block.forward = eager(forward)
-            undo.push(partial(_restore_forward, block, had, original))
+            undo.set_attribute(block, "forward", eager(forward))
 
     def _block_in_halves(self, stage, halves: BlockHalves, original, proportional: bool, *args, **kwargs):
         images = self.pruner.encoding
@@ -145,13 +143,6 @@ class VisionSite:
             hidden = args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))
             images.vision_source.inputs[layer] = hidden
         return None
-
-
-def _restore_forward(block: nn.Module, had: bool, original) -> None:
-    if had:
-        block.forward = original
-    else:
-        del block.forward
 
 
 class VisionSource:
