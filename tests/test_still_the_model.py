@@ -13,6 +13,7 @@ on every family of ``tests/families.py`` and every method that runs there.
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -53,10 +54,23 @@ def test_continuing_from_the_returned_cache_equals_one_call(method, family):
         cache = compat.output_cache(first)
         new = sequences.shape[1] - x["input_ids"].shape[1]
         mask = torch.cat([x["attention_mask"], torch.ones(sequences.shape[0], new, dtype=torch.long)], dim=1)
-        # As with the plain model, the continuation passes the longer ids and the cache, no pixels.
-        rest = model.generate(input_ids=sequences, attention_mask=mask, max_new_tokens=STEPS - new, do_sample=False,
-                              suppress_tokens=suppress, **compat.cache_kwargs(cache))
-    assert torch.equal(rest, whole)
+        # As with the plain model, the continuation passes the longer ids and the cache, no pixels;
+        # transformers' prompt-reuse recipe continues from deep copies of the cache, here twice.
+        def continue_from(cache):
+            return model.generate(input_ids=sequences, attention_mask=mask, max_new_tokens=STEPS - new,
+                                  do_sample=False, suppress_tokens=suppress, **compat.cache_kwargs(cache))
+
+        copies = [copy.deepcopy(cache), copy.deepcopy(cache)]
+        assert torch.equal(continue_from(copies[0]), whole)
+        assert torch.equal(continue_from(copies[1]), whole)
+        assert torch.equal(continue_from(cache), whole)
+        # A cache whose link to its request is lost (pickled) and that pruning left shorter than its
+        # prompt is refused at a decoding step, not read as the plain model's.
+        orphan = copy.deepcopy(cache)
+        vars(orphan).update(pickle.loads(pickle.dumps({k: v for k, v in vars(orphan).items() if k == "_vtoken_decoding"})))
+        if compat.cache_length(orphan) < mask.shape[1] - 1:
+            with pytest.raises(ValueError, match="no longer knows its layout"):
+                model(input_ids=sequences[:, -1:], attention_mask=mask, **compat.cache_kwargs(orphan))
 
 
 @pytest.mark.parametrize("method,family", cases(METHODS))

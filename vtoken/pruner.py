@@ -6,6 +6,7 @@ adapter's hooks call into it with tensors; it never touches a module.
 from __future__ import annotations
 
 import contextvars
+import copy
 import weakref
 from functools import partial
 from typing import Callable, NamedTuple
@@ -29,6 +30,26 @@ class StageResult(NamedTuple):
     layout: SequenceLayout
     hidden: torch.Tensor
     selected_from: torch.Tensor | None
+
+
+_CACHE_LINK = "_vtoken_decoding"
+
+
+class CacheLink:
+    """What a KV cache filled by a wrapped model's prefill carries: the pruner (weakly: the cache
+    does not keep a model alive) and the request its decoding steps continue. A deep copy of the
+    cache continues a copy of the request (its own count of processed tokens); a pickled cache loses
+    the link (a request does not pickle) and is then refused as unknown when it is shorter than its
+    prompt."""
+
+    def __init__(self, pruner: "weakref.ref[Pruner]", run: PruneRun) -> None:
+        self.pruner, self.run = pruner, run
+
+    def __deepcopy__(self, memo: dict) -> "CacheLink":
+        return CacheLink(self.pruner, copy.copy(self.run))
+
+    def __reduce__(self):
+        return type(None), ()
 
 
 class Pruner:
@@ -59,8 +80,6 @@ class Pruner:
         # Encodings by the identity of the features object they returned, for as long as that object
         # lives (``generate`` encodes once and hands the same object to every forward).
         self._encodings: dict[int, ImageRun] = {}
-        # Decoding state by KV cache, for as long as the cache lives (never stored on the cache).
-        self._runs_by_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     @property
     def active(self) -> PruneRun | None:
@@ -116,11 +135,13 @@ class Pruner:
         return None
 
     def attach(self, cache, run: PruneRun) -> None:
-        """Decoding steps with ``cache`` continue ``run``."""
-        self._runs_by_cache[cache] = run
+        """Decoding steps with ``cache`` continue ``run``: the cache carries a link to it, so that a
+        ``copy.deepcopy`` of the cache (transformers' prompt-reuse recipe) continues a copy of it."""
+        vars(cache)[_CACHE_LINK] = CacheLink(weakref.ref(self), run)
 
     def run_for_cache(self, cache) -> PruneRun | None:
-        return self._runs_by_cache.get(cache)
+        link = vars(cache).get(_CACHE_LINK)
+        return link.run if isinstance(link, CacheLink) and link.pruner() is self else None
 
     def stages_at(self, site: str) -> list[StageSpec]:
         return [s for s in self.stages if s.site == site]

@@ -176,7 +176,9 @@ class DecoderPruning:
         batch, steps = embeds.shape[:2]
         if batch != run.batch_size:
             raise ValueError(
-                f"mismatched batch: this cache was filled for {run.batch_size} samples but the input has {batch}"
+                f"mismatched batch: this cache was filled for {run.batch_size} samples but the input has {batch}; "
+                "vtoken keeps each sample's pruned layout with the cache, so continue with the whole batch (a cache cut "
+                "to some samples, as batch_select_indices does, is not supported), or start those samples from their prompts"
             )
         new_columns = run.seen + steps - run.orig_length
         if mask is not None:

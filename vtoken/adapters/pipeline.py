@@ -430,6 +430,7 @@ class VisionLanguageAdapter(VisionSite, Adapter):
             run = pruner.run_for_cache(cache)
             pruner.active = run
             if run is None:
+                self._refuse_unknown_pruned_cache(cache, kwargs.get("attention_mask"), input_ids)
                 return None
             self._roll_back_rejected(run, cache)
             return self._skip_processed_tokens(run, args, kwargs)
@@ -497,6 +498,22 @@ class VisionLanguageAdapter(VisionSite, Adapter):
 
     def _has_placeholders(self, input_ids: torch.Tensor) -> bool:
         return any(bool((input_ids == m.placeholder).any()) for m in self._modalities)
+
+    @staticmethod
+    def _refuse_unknown_pruned_cache(cache, mask: torch.Tensor | None, tokens: torch.Tensor | None) -> None:
+        """A cache no request of this wrapper filled decodes as the plain model's, which is right for
+        one filled before ``wrap`` (every token cached); one shorter than the prompt its attention mask
+        covers was filled by a pruned prefill whose layout is lost, and would be read wrong."""
+        if mask is None or mask.dim() != 2 or tokens is None:
+            return
+        cached = compat.cache_length(cache)
+        if mask.shape[1] > cached + tokens.shape[1]:
+            raise ValueError(
+                f"this KV cache holds {cached} tokens but the attention mask covers {mask.shape[1] - tokens.shape[1]} "
+                "before the new ones: a pruned prefill filled it and vtoken no longer knows its layout (a cache from "
+                "another wrap, or copied other than by copy.deepcopy); continue from the cache generate returned (or a "
+                "copy.deepcopy of it), or start again from the prompt"
+            )
 
     @staticmethod
     def _roll_back_rejected(run: PruneRun, cache) -> None:
