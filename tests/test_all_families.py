@@ -362,3 +362,19 @@ def test_every_position_policy_decodes_as_recomputation(name, positions):
     assert torch.equal(recomputed, cached.sequences) and torch.equal(uncached.sequences, cached.sequences)
     for a, b in zip(cached.scores, uncached.scores):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["next", "onevision"])
+def test_anyres_vision_site_budgets_are_checked_at_wrap(name):
+    """At the vision site of an AnyRes model every crop of a call keeps one count: keep_tokens (per
+    image) would make a request's fate depend on its batch, so wrap refuses it; a fraction ToMe cannot
+    reach in the tower's layers is refused at wrap too (it was refused at the first forward). The
+    model is left unchanged."""
+    model = FAMILIES[name].make()
+    hook_count = lambda m: sum(len(x._forward_pre_hooks) + len(x._forward_hooks) for x in m.modules())  # noqa: E731
+    before = hook_count(model)
+    with pytest.raises(ValueError, match=r"keep_tokens=6 \(a count per image\) would depend on the batch; use keep="):
+        vtoken.wrap(model, "repshift", keep_tokens=6, site="vision", layer=0)
+    with pytest.raises(ValueError, match=r"tome cannot merge 16 patch tokens down to 1 .* use keep >= 0.\d+ \(keep_tokens"):
+        vtoken.wrap(model, "tome", keep=0.01)
+    assert not vtoken.is_wrapped(model) and hook_count(model) == before

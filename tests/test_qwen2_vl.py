@@ -447,3 +447,55 @@ def test_schedule_counts_the_whole_merge_units_a_vision_stage_keeps(keep):
         kept_units = len(vtoken.selection(model)[0]["vision:1"])
         (stage,) = vtoken.schedule_of(model, visual_tokens=24).stages
     assert stage.keep_tokens == 4 * kept_units
+
+
+SUPPRESS = [IMAGE_TOKEN, VIDEO_TOKEN]
+
+
+@pytest.mark.parametrize("version", ["2", "2.5", "3"])
+@pytest.mark.parametrize("keep", [1.0, 0.25])
+def test_a_continued_generate_decodes_at_the_plain_models_positions(version, keep):
+    """A second generate on the returned cache and the longer ids: transformers' Qwen-VL takes the
+    past length from the cache, which pruning made shorter than the prompt (16 of 16 x 3 visual
+    tokens dropped to 4 each, more than the text after them), sees image tokens in the "new" part and
+    resets rope_deltas to zero; vtoken gives decoded tokens the plain model's M-RoPE ids (the prompt's
+    largest plus one onwards), so the continuation equals one call (it changed tokens on Qwen3-VL)."""
+    model = tiny_qwen2_vl(version=version)
+    x = qwen_inputs(model, grids=((1, 8, 8), (1, 8, 8), (1, 8, 8)))
+    vtoken.wrap(model, "pool", keep=keep)
+    kw = dict(do_sample=False, suppress_tokens=SUPPRESS, return_dict_in_generate=True, output_scores=True)
+    one = model.generate(**x, max_new_tokens=6, **kw)
+    first = model.generate(**x, max_new_tokens=3, **kw)
+    y = {"input_ids": first.sequences,
+         "attention_mask": torch.cat([x["attention_mask"], torch.ones(3, 3, dtype=torch.long)], 1),
+         "mm_token_type_ids": torch.cat([x["mm_token_type_ids"], torch.zeros(3, 3, dtype=x["mm_token_type_ids"].dtype)], 1)}
+    rest = model.generate(**y, past_key_values=first.past_key_values, max_new_tokens=3, **kw)
+    assert torch.equal(rest.sequences, one.sequences)
+    torch.testing.assert_close(rest.scores[0], one.scores[3], rtol=0, atol=1e-5)
+
+
+def test_a_video_whose_last_frame_is_dropped_decodes_as_the_full_forward():
+    """Qwen2.5-VL videos, random at the projector with contiguous positions, keeping 2 of 8 tokens:
+    sample 1 loses its whole second frame, whose temporal ids were the prompt's largest. Decoding
+    from the cache equals the wrapped model's full forward on prompt + generated token without a
+    cache (the decoded token took the last prompt token's id before)."""
+    g = torch.Generator().manual_seed(0)
+    grids = torch.tensor([[2, 4, 4], [2, 4, 4]])
+    pixels = torch.randn(int(grids.prod(-1).sum()), 96, generator=g)
+    rows = [[1, 5, VISION_START, *[VIDEO_TOKEN] * 8, VISION_END, 6, 7],
+            [1, 8, 9, VISION_START, *[VIDEO_TOKEN] * 8, VISION_END, 6]]
+    ids, mask = left_pad(rows)
+    x = {"input_ids": ids, "attention_mask": mask, "pixel_values_videos": pixels, "video_grid_thw": grids,
+         "mm_token_type_ids": (ids == VIDEO_TOKEN).int() * 2}
+    model = tiny_qwen2_vl(version="2.5")
+    vtoken.wrap(model, "random", keep_tokens=2, positions="contiguous", seed=3)
+    cached = model.generate(**x, max_new_tokens=2, do_sample=False, suppress_tokens=SUPPRESS,
+                            return_dict_in_generate=True, output_scores=True)
+    assert [s["projector"].tolist() for s in vtoken.selection(model)][1] == [1, 2]  # frame 2 of sample 1 gone
+    y = dict(x, input_ids=cached.sequences[:, : ids.shape[1] + 1],
+             attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1),
+             mm_token_type_ids=torch.cat([x["mm_token_type_ids"], torch.zeros(2, 1, dtype=torch.int)], 1))
+    with torch.no_grad():
+        full = model(**y, use_cache=False).logits[:, -1]
+    full[:, SUPPRESS] = float("-inf")
+    torch.testing.assert_close(cached.scores[1], full, rtol=0, atol=1e-5)

@@ -345,6 +345,67 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(method, option
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
 
 
+def test_a_mask_stage_refuses_gradient_checkpointing():
+    """AIF reruns the text over the prefix's KV cache after its mask stage; gradient checkpointing runs
+    the LLM without one: refused in one line (it failed with a shape error), the model unchanged."""
+    model = FAMILIES["llava"].make()
+    x = FAMILIES["llava"].inputs(model)
+    labels = torch.where(x["attention_mask"].bool(), x["input_ids"], -100)
+    with vtoken.pruned(model, "aif"):
+        model.train()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        try:
+            with pytest.raises(ValueError, match=r"gradient_checkpointing_disable\(\)"):
+                model(**x, labels=labels)
+            model.gradient_checkpointing_disable()
+            assert torch.isfinite(model(**x, labels=labels).loss)
+        finally:
+            model.gradient_checkpointing_disable()
+            model.eval()
+
+
+@pytest.mark.parametrize("make", ["make_timm", "make_open_clip"])
+def test_a_vit_with_its_own_gradient_checkpointing_is_refused(make):
+    """timm's and open_clip's set_grad_checkpointing rerun the blocks in backward, after vtoken's
+    encoding closed (unpruned: torch.utils.checkpoint failed with a CheckpointError); refused at the
+    forward, fine under no_grad and once switched off."""
+    import vision_families
+
+    model = getattr(vision_families, make)()
+    x = vision_families.images(2)
+    forward = model if make == "make_timm" else model.encode_image
+    with vtoken.pruned(model, "pool", keep=0.25):
+        model.set_grad_checkpointing(True)
+        model.train()
+        with pytest.raises(ValueError, match=r"set_grad_checkpointing\(False\)"):
+            forward(x)
+        with torch.no_grad():
+            forward(x)
+        model.set_grad_checkpointing(False)
+        forward(x).pow(2).mean().backward()
+
+
+def test_a_model_is_wrapped_once_as_a_whole():
+    """A part of a wrapped model, or a model holding a wrapped part, is refused naming the fix."""
+    model = FAMILIES["llava"].make()
+    vtoken.wrap(model, "pool", keep=0.4)
+    try:
+        with pytest.raises(ValueError, match="is part of a LlavaForConditionalGeneration wrapped by vtoken"):
+            vtoken.wrap(model.model.vision_tower, "pool", keep=0.4)
+    finally:
+        vtoken.unwrap(model)
+    vtoken.wrap(model.model.vision_tower, "pool", keep=0.4)  # allowed once the outer model is unwrapped
+    try:
+        with pytest.raises(ValueError, match="holds a CLIPVisionModel already wrapped"):
+            vtoken.wrap(model, "pool", keep=0.4)
+    finally:
+        vtoken.unwrap(model.model.vision_tower)
+    peft = pytest.importorskip("peft")
+    lora = peft.get_peft_model(model, peft.LoraConfig(target_modules=["q_proj"], r=2))
+    with pytest.raises(ValueError, match=r"wrap the model it holds \(vtoken.wrap\(peft_model.base_model.model"):
+        vtoken.wrap(lora, "pool", keep=0.4)
+
+
 def test_compiled_equals_eager_in_either_order():
     """Wrap then compile: the compiled model prunes (vtoken's hooks run eagerly between graphs) and
     equals the eager wrapped model. Compile, run, then wrap: the compiled caller is retraced, so the

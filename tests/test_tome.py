@@ -439,7 +439,7 @@ def test_an_unreachable_budget_is_refused_with_the_smallest_one_that_works():
     strategy = ToMeStrategy(ToMeConfig(keep_tokens=3))
     strategy.bind({"vision": 4, "llm": 4, "vision_read": 2})
     assert [s.layer for s in strategy.stages()] == [0, 1]
-    with pytest.raises(ValueError, match=r"use keep_tokens >= 4"):
+    with pytest.raises(ValueError, match=r"use keep >= 0.25 \(keep_tokens >= 4 for an image of 16 patches\)"):
         strategy.stages()[0].budget(16)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import os
 import sys
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -93,6 +94,7 @@ def wrap(model: nn.Module, method: str | None = None, *, config=None, **options:
         raise ValueError(
             f"this model is already wrapped with {existing.method!r}; call vtoken.unwrap(model) before wrapping again"
         )
+    _refuse_nested(model)
     adapter = adapter_for(model)(model)
     if config is None and method is not None:
         # A family may place a method whose default site it lacks (a ViT has only the vision site).
@@ -134,7 +136,30 @@ def wrap(model: nn.Module, method: str | None = None, *, config=None, **options:
     # model without vtoken's changes, made without unwrapping the model.
     undo.set_attribute(model, "__deepcopy__", partial(_deepcopy_wrapped, model))
     undo.set_attribute(model, "__reduce_ex__", partial(_reduce_wrapped, model))
+    _WRAPPED.add(model)
+    undo.push(lambda: _WRAPPED.discard(model))
     return model
+
+
+#: Every model wrapped now (weakly), to refuse wrapping a part of one or a model holding one.
+_WRAPPED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+def _refuse_nested(model: nn.Module) -> None:
+    """One wrap per model: not a module inside a wrapped model (its hooks would run inside the
+    other's), nor a model holding a wrapped module."""
+    for other in list(_WRAPPED):
+        if other is not model and any(part is model for part in other.modules()):
+            raise ValueError(
+                f"this {type(model).__name__} is part of a {type(other).__name__} wrapped by vtoken; wrap a model once, "
+                "as a whole: call vtoken.unwrap on the outer model first to wrap this part alone"
+            )
+    inner = next((part for part in model.modules() if part is not model and _STATE_ATTR in vars(part)), None)
+    if inner is not None:
+        raise ValueError(
+            f"this {type(model).__name__} holds a {type(inner).__name__} already wrapped by vtoken; call vtoken.unwrap "
+            "on that one first (a model is wrapped once, as a whole)"
+        )
 
 
 def _forget_compiled_code() -> None:

@@ -36,11 +36,13 @@ def adapter_for(model: nn.Module) -> type[Adapter]:
         if adapter.matches(model):
             return adapter
     families = ", ".join(a.family for a in ADAPTERS)
+    peft = ("; for a PEFT model, wrap the model it holds (vtoken.wrap(peft_model.base_model.model, ...)) or wrap "
+            "before peft.get_peft_model" if type(model).__name__.startswith("Peft") else "")
     raise ValueError(
         f"no vtoken adapter handles {type(model).__name__}; supported families: {families} "
         "(LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, LlavaOnevisionForConditionalGeneration, "
         "Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration, CLIPModel, CLIPVisionModel, "
-        "SiglipModel, SiglipVisionModel, timm VisionTransformer, open_clip CLIP / VisionTransformer)"
+        f"SiglipModel, SiglipVisionModel, timm VisionTransformer, open_clip CLIP / VisionTransformer){peft}"
     )
 
 

@@ -186,9 +186,14 @@ class DecoderPruning:
         else:
             run.new_mask = torch.ones(batch, new_columns, dtype=torch.bool, device=embeds.device)
         positions = kwargs.get("position_ids")
-        if positions is None:
-            positions = (torch.arange(steps, device=embeds.device) + run.seen)[None].expand(batch, steps)
-        run.new_positions = positions_in(positions, batch, steps, embeds.device)
+        if run.groups[0][1].position_ids.dim() == 3 and run.seen >= run.orig_length:
+            # M-RoPE: the plain model's ids, from the prompt's largest. (A step that feeds prompt tokens
+            # again, assisted decoding's first check, is within the generate call that numbered them.)
+            run.new_positions = self._mrope_decode_positions(run, steps)
+        else:
+            if positions is None:
+                positions = (torch.arange(steps, device=embeds.device) + run.seen)[None].expand(batch, steps)
+            run.new_positions = positions_in(positions, batch, steps, embeds.device)
         run.seen += steps
         if not (self.touches_input or run.input_layout_changed):
             return False
@@ -260,6 +265,28 @@ class DecoderPruning:
         cos_sin = compat.rotary_cos_sin(self.lm, hidden, rotary_positions(positions))
         mask = causal_mask_for(self.config, hidden, padding, hidden.shape[1])
         return {"attention_mask": mask, "position_ids": positions_out(positions), "position_embeddings": cos_sin}
+
+    @staticmethod
+    def _mrope_decode_positions(run: PruneRun, steps: int) -> torch.Tensor:
+        """``[B, steps, k]``: the M-RoPE ids the unwrapped model gives tokens decoded after the prompt:
+        its largest id plus one, plus the valid new tokens before (``rope_deltas``), every component.
+
+        Computed here rather than taken from the caller: transformers' Qwen-VL generate derives them
+        from the cache's length, which pruning shortened, and a continued ``generate`` on the returned
+        cache then takes prompt image tokens for new ones and resets ``rope_deltas`` to zero. A
+        4-row form's leading text row (mask building only) is the new tokens' place among the valid
+        tokens, as generate numbers it from the attention mask."""
+        new_mask = run.new_mask.long()
+        offsets = (new_mask.cumsum(-1) - 1).clamp(min=0)[:, -steps:]
+        rows = run.orig_max_position.to(offsets.device)[:, None] + 1 + offsets
+        layout = run.groups[0][1]
+        positions = rows[..., None].expand(*rows.shape, 3)
+        if layout.position_ids.shape[-1] == 4:
+            prompt_mask = run.prompt[1] if run.prompt is not None else None
+            valid = prompt_mask.sum(-1) if prompt_mask is not None else torch.full_like(rows[:, 0], run.orig_length)
+            text = valid.to(offsets.device)[:, None] + offsets
+            positions = torch.cat([text[..., None], positions], dim=-1)
+        return positions.to(layout.position_ids.dtype)
 
     def _decode_positions(self, run: PruneRun, layout) -> torch.Tensor:
         """New tokens' positions: the unwrapped model's, less the tokens renumbering removed (all the

@@ -176,6 +176,16 @@ class VisionLanguageAdapter(VisionSite, Adapter):
                         f"from (layer {self.first_read_layer()}, vision_feature_layer={read}); {fix}"
                     )
             per_image = self.visual_tokens_per_image()
+            if stage.site == "vision" and per_image is None and self.vision_tokens() is not None:
+                # AnyRes: an image's token count depends on its size, and the encoder batches every
+                # crop of a call at one count, so a count per image would depend on the batch.
+                if stage.keep_tokens is not None:
+                    raise ValueError(
+                        f"at the vision site of {self.family_name} every crop of a call keeps the same number of "
+                        f"tokens, and images of different sizes have different token counts, so keep_tokens="
+                        f"{stage.keep_tokens} (a count per image) would depend on the batch; use keep=<fraction>"
+                    )
+                stage.crop_budget(self.vision_tokens(), self.vision_tokens())  # a fraction the stage cannot meet raises
             if stage.site == "vision" and per_image is not None and self.vision_tokens() is not None:
                 stage.crop_budget(self.vision_tokens(), per_image)  # a budget the stage cannot meet raises here
             if per_image is not None and stage.keep_tokens is not None and stage.keep_tokens > per_image:

@@ -152,6 +152,8 @@ class VisionEncoderAdapter(VisionSite, Adapter):
         # open_clip's and timm's patch dropout (a module named PatchDropout with a drop ``prob``) keeps a
         # random subset of the patches in training mode, before the first block: the grid is gone.
         self._patch_dropouts = [m for m in self.model.modules() if type(m).__name__ == "PatchDropout" and hasattr(m, "prob")]
+        # timm's and open_clip's own gradient checkpointing (``set_grad_checkpointing``) flag.
+        self._checkpointing = [m for m in self.model.modules() if isinstance(getattr(m, "grad_checkpointing", None), bool)]
         undo.pre_hook(self.pixel_entry(), self._open_encoding, with_kwargs=True)
         self.install_vision(undo)
         # After every stage hook of the last block: what each image kept is final.
@@ -191,6 +193,13 @@ class VisionEncoderAdapter(VisionSite, Adapter):
                 f"the model's patch dropout (prob={dropping[0].prob}) is active in training mode: it keeps a random subset "
                 "of the patches before the first block, so there is no patch grid left to prune; call model.eval(), or "
                 "set its prob to 0 to train with vtoken"
+            )
+        if torch.is_grad_enabled() and any(m.grad_checkpointing for m in self._checkpointing):
+            # The blocks would run again in backward, after this encoding closed, unpruned: a
+            # different graph than the forward's, which torch.utils.checkpoint refuses there.
+            raise ValueError(
+                "the model's gradient checkpointing reruns its blocks during backward, outside the forward vtoken "
+                "prunes in; call model.set_grad_checkpointing(False) to train with vtoken, or run under torch.no_grad()"
             )
         pixels = self.pixels_from(args, kwargs)
         rows, cols = vision.grid_for(pixels.shape[-2], pixels.shape[-1])

@@ -183,7 +183,9 @@ def _spread_plan(patches: int, final: int, layers: int) -> tuple[int, ...]:
         raise ValueError(
             f"tome cannot merge {patches} patch tokens down to {final} in {layers} vision layer(s): each layer "
             f"merges at most half of its tokens (ToMe's bipartite matching), so at least {patches - most} remain; "
-            f"use keep_tokens >= {patches - most} (or r= for ToMe's own schedule)"
+            # keep is the unit that holds for every crop (an AnyRes image's keep_tokens is shared by its crops)
+            f"use keep >= {math.ceil((patches - most) / patches * 1000) / 1000:g} (keep_tokens >= {patches - most} "
+            f"for an image of {patches} patches) or r= for ToMe's own schedule"
         )
     n, plan = patches, []
     for layer in range(layers):
