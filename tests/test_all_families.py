@@ -366,15 +366,19 @@ def test_every_position_policy_decodes_as_recomputation(name, positions):
 
 @pytest.mark.parametrize("name", ["next", "onevision"])
 def test_anyres_vision_site_budgets_are_checked_at_wrap(name):
-    """At the vision site of an AnyRes model every crop of a call keeps one count: keep_tokens (per
-    image) would make a request's fate depend on its batch, so wrap refuses it; a fraction ToMe cannot
-    reach in the tower's layers is refused at wrap too (it was refused at the first forward). The
-    model is left unchanged."""
+    """At the vision site of an AnyRes model every crop of a call keeps one count: a fraction ToMe
+    cannot reach in the tower's layers is refused at wrap (it was refused at the first forward), and
+    keep_tokens (per image) on a call whose images differ in size at the call, naming keep=. The model
+    is left unchanged by the refusal at wrap."""
     model = FAMILIES[name].make()
     hook_count = lambda m: sum(len(x._forward_pre_hooks) + len(x._forward_hooks) for x in m.modules())  # noqa: E731
     before = hook_count(model)
-    with pytest.raises(ValueError, match=r"keep_tokens=6 \(a count per image\) would depend on the batch; use keep="):
-        vtoken.wrap(model, "repshift", keep_tokens=6, site="vision", layer=0)
     with pytest.raises(ValueError, match=r"tome cannot merge 16 patch tokens down to 1 .* use keep >= 0.\d+ \(keep_tokens"):
         vtoken.wrap(model, "tome", keep=0.01)
     assert not vtoken.is_wrapped(model) and hook_count(model) == before
+    if name != "next":  # (OneVision's three images happen to get one per-crop count)
+        return
+    x = FAMILIES[name].inputs(model)  # images of three sizes, of three per-crop counts
+    with vtoken.pruned(model, "repshift", keep_tokens=6, site="vision", layer=0):
+        with pytest.raises(ValueError, match=r"use keep=<fraction> instead"):
+            model(**x)

@@ -537,7 +537,7 @@ def test_wrapped_encoder_forward_matches_counter(name, method, options):
 def test_wrapped_encoder_reports_its_own_schedule(monkeypatch):
     asked = {}
 
-    def schedule_of(model, visual_tokens):
+    def schedule_of(model, visual_tokens, instruction_tokens):
         asked["visual_tokens"] = visual_tokens
         return tome_schedule(visual_tokens, DEPTH, 2)
 

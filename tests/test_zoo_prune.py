@@ -440,8 +440,12 @@ def test_projector_rank_on_a_projector_that_is_not_two_layer_is_refused():
 
     model = tiny_llava()
     model.model.multi_modal_projector.forward = lambda t: t @ torch.ones(t.shape[-1], 64) * 0.0  # not two-layer
+    with pytest.raises(ValueError, match=r"needs a two-layer .*without projector_rank"):  # at wrap
+        vtoken.wrap(model, "zoo_prune", projector_rank=8)
+    model = tiny_llava()  # a projector changed after wrap: refused at the forward
     with pytest.raises(ValueError, match="projector_rank needs a two-layer"):
         with vtoken.pruned(model, "zoo_prune", projector_rank=8):
+            model.model.multi_modal_projector.forward = lambda t: t @ torch.ones(t.shape[-1], 64) * 0.0
             model(**llava_inputs(2))
     with pytest.raises(ValueError, match="projector_rank must be a positive integer"):
         vtoken.wrap(tiny_llava(), "zoo_prune", projector_rank=0)
@@ -486,3 +490,16 @@ def test_a_half_precision_model_of_every_family_is_scored_and_left_as_it_was(fam
         assert [len(s["projector"]) for s in vtoken.selection(model)] == [3] * x["input_ids"].shape[0]  # one image each
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+def test_a_rank_proxy_on_a_merger_is_refused_at_wrap():
+    """projector_rank needs the projector's second matrix: a Qwen-VL merger has none to factor, which
+    wrap says (the first forward said it before); the exact estimator runs there."""
+    from families import FAMILIES
+
+    model = FAMILIES["qwen2"].make()
+    with pytest.raises(ValueError, match=r"two-layer \(Linear, activation, Linear\) projector .*without projector_rank"):
+        vtoken.wrap(model, "zoo_prune", projector_rank=8)
+    assert not vtoken.is_wrapped(model)
+    vtoken.wrap(model, "zoo_prune")
+    vtoken.unwrap(model)

@@ -40,6 +40,7 @@ LLM_ATTENTION = "llm_attention"
 LLM_OBSERVED = "llm_observed"
 LLM_ATTENTION_OBSERVED = "llm_attention_observed"
 ONE_GRID_PER_IMAGE = "one_grid_per_image"
+TWO_LAYER_PROJECTOR = "two_layer_projector"
 VISION_CLS = "vision_cls"
 VISION_BLOCK_KEYS = "vision_block_keys"
 ANNOTATIONS = "annotations"
@@ -54,13 +55,14 @@ MEANING = {
     LLM_OBSERVED: "an LLM layer's inputs and outputs",
     LLM_ATTENTION_OBSERVED: "the attention rows of every LLM layer",
     ONE_GRID_PER_IMAGE: "each image to reach the LLM as one patch grid",
+    TWO_LAYER_PROJECTOR: "a two-layer (Linear, activation, Linear) projector",
     VISION_CLS: "a CLS token in the vision tower",
     VISION_BLOCK_KEYS: "vision blocks run in two halves (attention, then MLP) with their keys",
     ANNOTATIONS: "per-input annotations",
 }
 SIGNALS = (
     VISION_ATTENTION, VISION_OBSERVED, PIXEL_PATCHES, PROJECTOR_INPUT, LLM_ATTENTION, LLM_OBSERVED,
-    LLM_ATTENTION_OBSERVED, ONE_GRID_PER_IMAGE, VISION_CLS, VISION_BLOCK_KEYS, ANNOTATIONS,
+    LLM_ATTENTION_OBSERVED, ONE_GRID_PER_IMAGE, VISION_CLS, VISION_BLOCK_KEYS, ANNOTATIONS, TWO_LAYER_PROJECTOR,
 )
 #: Signals read at a layer of a site: their ``Signal.layer`` is that layer's index.
 LAYERED = {VISION_ATTENTION: "vision", VISION_OBSERVED: "vision", LLM_OBSERVED: "llm", LLM_ATTENTION_OBSERVED: "llm"}

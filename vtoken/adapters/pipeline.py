@@ -39,6 +39,7 @@ from .vision_site import VisionSite, VisionSource
 from vtoken import compat, signals
 from vtoken.kernels import gather_tokens
 from vtoken.layout import SequenceLayout
+from vtoken.projector_parts import two_layer_projector
 from vtoken.pruner import Pruner, same_feature
 from vtoken.request import ImageRun, PruneRun, renumbers
 
@@ -140,6 +141,9 @@ class VisionLanguageAdapter(VisionSite, Adapter):
             return gap
         if signal.name == signals.ONE_GRID_PER_IMAGE:
             return self.one_grid_per_image()
+        if signal.name == signals.TWO_LAYER_PROJECTOR and two_layer_projector(self.projector_on_tokens()) is None:
+            return (f"a {type(self.description.projector.module).__name__} projector of another structure (without "
+                    "projector_rank, ZOO-Prune's exact estimator runs on any projector)")
         vision = self.vision_unavailable(signal)
         if vision is not None:
             return vision
@@ -176,15 +180,9 @@ class VisionLanguageAdapter(VisionSite, Adapter):
                         f"from (layer {self.first_read_layer()}, vision_feature_layer={read}); {fix}"
                     )
             per_image = self.visual_tokens_per_image()
-            if stage.site == "vision" and per_image is None and self.vision_tokens() is not None:
-                # AnyRes: an image's token count depends on its size, and the encoder batches every
-                # crop of a call at one count, so a count per image would depend on the batch.
-                if stage.keep_tokens is not None:
-                    raise ValueError(
-                        f"at the vision site of {self.family_name} every crop of a call keeps the same number of "
-                        f"tokens, and images of different sizes have different token counts, so keep_tokens="
-                        f"{stage.keep_tokens} (a count per image) would depend on the batch; use keep=<fraction>"
-                    )
+            if stage.site == "vision" and per_image is None and self.vision_tokens() is not None and stage.keep is not None:
+                # AnyRes: an image's token count depends on its size, so only a fraction's per-crop
+                # budget is known before a call (a count per image is checked at the call).
                 stage.crop_budget(self.vision_tokens(), self.vision_tokens())  # a fraction the stage cannot meet raises
             if stage.site == "vision" and per_image is not None and self.vision_tokens() is not None:
                 stage.crop_budget(self.vision_tokens(), per_image)  # a budget the stage cannot meet raises here
