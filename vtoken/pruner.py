@@ -137,10 +137,11 @@ class Pruner:
     def attach(self, cache, run: PruneRun) -> None:
         """Decoding steps with ``cache`` continue ``run``: the cache carries a link to it, so that a
         ``copy.deepcopy`` of the cache (transformers' prompt-reuse recipe) continues a copy of it."""
-        vars(cache)[_CACHE_LINK] = CacheLink(weakref.ref(self), run)
+        if hasattr(cache, "__dict__"):  # (a cache class with __slots__ only would decode as unknown)
+            vars(cache)[_CACHE_LINK] = CacheLink(weakref.ref(self), run)
 
     def run_for_cache(self, cache) -> PruneRun | None:
-        link = vars(cache).get(_CACHE_LINK)
+        link = getattr(cache, "__dict__", {}).get(_CACHE_LINK)
         return link.run if isinstance(link, CacheLink) and link.pruner() is self else None
 
     def stages_at(self, site: str) -> list[StageSpec]:
