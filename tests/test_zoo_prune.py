@@ -401,7 +401,8 @@ def test_a_two_layer_projector_is_scored_from_its_structure_as_the_generic_passe
     """W2 (σ(a + h v) - σ(a - h v)) with a = W1 x + b1, v = W1 u equals the +h / -h passes of the
     whole projector (b2 cancels), to float32 rounding; a projector that is not Linear-activation-Linear
     in that order is not taken for one."""
-    from vtoken.strategies.zoo_prune import two_layer_projector, zo_sensitivity_two_layer
+    from vtoken.projector_parts import two_layer_projector
+    from vtoken.strategies.zoo_prune import zo_sensitivity_two_layer
 
     projector = _llava_projector()
     g = torch.Generator().manual_seed(1)
@@ -421,7 +422,8 @@ def test_a_two_layer_projector_is_scored_from_its_structure_as_the_generic_passe
 def test_the_rank_r_proxy_is_exact_at_full_rank_and_close_at_low_rank():
     """``projector_rank`` scores with ``Σ_r V_r^T`` of W2's SVD (the official LLaVA-NeXT proxy): at full
     rank the norms are W2's, at a low rank the sensitivity stays close and the ranking mostly agrees."""
-    from vtoken.strategies.zoo_prune import two_layer_projector, zo_sensitivity_two_layer
+    from vtoken.projector_parts import two_layer_projector
+    from vtoken.strategies.zoo_prune import zo_sensitivity_two_layer
 
     projector = _llava_projector()
     g = torch.Generator().manual_seed(2)
@@ -455,7 +457,8 @@ def test_half_precision_passes_run_in_float16_and_stay_close():
     """The perturbed passes in float16 (the official code's fp16 projector): both estimators differ from
     float32 (so they ran in float16: h = 0.01 differences lose mantissa bits), by less than 10% of S
     (measured 7.4%); bfloat16 would be off by up to 150% (measured here), which is why it is refused."""
-    from vtoken.strategies.zoo_prune import projector_in, two_layer_projector, zo_sensitivity_two_layer
+    from vtoken.projector_parts import two_layer_projector
+    from vtoken.strategies.zoo_prune import projector_in, zo_sensitivity_two_layer
 
     precision, rtol, dtype = "float16", 0.1, torch.float16
     projector = _llava_projector()

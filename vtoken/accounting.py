@@ -561,22 +561,21 @@ def _onevision_geometry(dims: ModelDims, image_size, images: int, convention: st
     if convention == "paper":
         visual = crops * patches
     else:
-        rows, cols = _onevision_grid(dims, image_size, grid_h * side, grid_w * side)
-        visual = patches + rows * cols + rows  # base view + (resized) unpadded grid + one newline per row
         unpadded = _unpadded_grid(image_size, grid_h * side, grid_w * side)
+        rows, cols = _onevision_grid(dims, *unpadded)
+        visual = patches + rows * cols + rows  # base view + (resized) unpadded grid + one newline per row
         resized = None if (rows, cols) == unpadded else (rows, cols, *unpadded)
         anyres = AnyresLayout((patches, *_unpadded_crop_patches(image_size, grid_h, grid_w, side)), rows, resized)
     return Geometry(crops=crops, patches=patches, projector_tokens=crops * patches, visual_tokens=visual,
                     anyres=anyres)
 
 
-def _onevision_grid(dims: ModelDims, image_size, rows: int, cols: int) -> tuple[int, int]:
-    """The unpadded AnyRes grid, then LLaVA-OneVision's bilinear shrink of a grid larger than
-    ``anyres_max`` base views: ratio = sqrt(rows·cols / (N·side²)); above 1.1 the grid becomes
-    [int(rows // ratio), int(cols // ratio)]."""
+def _onevision_grid(dims: ModelDims, rows: int, cols: int) -> tuple[int, int]:
+    """The unpadded AnyRes grid (``rows`` x ``cols``) after LLaVA-OneVision's bilinear shrink of a grid
+    larger than ``anyres_max`` base views: ratio = sqrt(rows·cols / (N·side²)); above 1.1 the grid
+    becomes [int(rows // ratio), int(cols // ratio)]."""
     import math
 
-    rows, cols = _unpadded_grid(image_size, rows, cols)
     side = _side_patches(dims)
     ratio = math.sqrt(rows * cols / (dims.anyres_max * side**2))
     if ratio > 1.1:

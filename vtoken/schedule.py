@@ -106,10 +106,12 @@ class StageShapes:
     head_dim: int
     instruction_tokens: int | None = None
 
-    @property
-    def instruction_rows(self) -> int:
-        """Query rows of a scoring that reads the instruction's attention."""
-        return ASSUMED_INSTRUCTION_TOKENS if self.instruction_tokens is None else self.instruction_tokens
+
+def instruction_rows(shapes: StageShapes | None) -> int:
+    """Query rows of a scoring that reads the instruction's attention: the caller's instruction
+    tokens, or :data:`ASSUMED_INSTRUCTION_TOKENS` where they are not known."""
+    given = shapes.instruction_tokens if shapes is not None else None
+    return ASSUMED_INSTRUCTION_TOKENS if given is None else given
 
 
 @dataclass(frozen=True)

@@ -169,7 +169,7 @@ class UndoStack:
 
     def added_objects(self) -> list[Any]:
         """The objects wrapping put on the model (attribute values, hook functions)."""
-        hooks = [_hook_dicts(handle)[0].get(handle.id) for handle in self._handles if _hook_dicts(handle)]
+        hooks = [dicts[0].get(handle.id) for handle in self._handles if (dicts := _hook_dicts(handle))]
         return [new for *_, new in self._attributes] + [fn for fn in hooks if fn is not None]
 
     def revert_in_copy(self, memo: dict[int, Any]) -> None:

@@ -185,12 +185,12 @@ class DecoderPruning:
             run.new_mask = mask[:, run.orig_length :].bool()
         else:
             run.new_mask = torch.ones(batch, new_columns, dtype=torch.bool, device=embeds.device)
-        positions = kwargs.get("position_ids")
         if run.groups[0][1].position_ids.dim() == 3 and run.seen >= run.orig_length:
             # M-RoPE: the plain model's ids, from the prompt's largest. (A step that feeds prompt tokens
             # again, assisted decoding's first check, is within the generate call that numbered them.)
             run.new_positions = self._mrope_decode_positions(run, steps)
         else:
+            positions = kwargs.get("position_ids")
             if positions is None:
                 positions = (torch.arange(steps, device=embeds.device) + run.seen)[None].expand(batch, steps)
             run.new_positions = positions_in(positions, batch, steps, embeds.device)

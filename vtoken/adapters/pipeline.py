@@ -180,12 +180,10 @@ class VisionLanguageAdapter(VisionSite, Adapter):
                         f"from (layer {self.first_read_layer()}, vision_feature_layer={read}); {fix}"
                     )
             per_image = self.visual_tokens_per_image()
-            if stage.site == "vision" and per_image is None and self.vision_tokens() is not None and stage.keep is not None:
-                # AnyRes: an image's token count depends on its size, so only a fraction's per-crop
-                # budget is known before a call (a count per image is checked at the call).
-                stage.crop_budget(self.vision_tokens(), self.vision_tokens())  # a fraction the stage cannot meet raises
-            if stage.site == "vision" and per_image is not None and self.vision_tokens() is not None:
-                stage.crop_budget(self.vision_tokens(), per_image)  # a budget the stage cannot meet raises here
+            # A budget the stage cannot meet raises here. AnyRes: an image's token count depends on its
+            # size, so only a fraction's per-crop budget is known before a call (a count is checked at it).
+            if stage.site == "vision" and self.vision_tokens() is not None and (per_image is not None or stage.keep is not None):
+                stage.crop_budget(self.vision_tokens(), per_image or self.vision_tokens())
             if per_image is not None and stage.keep_tokens is not None and stage.keep_tokens > per_image:
                 raise ValueError(
                     f"keep_tokens={stage.keep_tokens} is larger than the {per_image} visual tokens of an image; "

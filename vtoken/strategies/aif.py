@@ -68,7 +68,7 @@ from vtoken.kernels import masked_topk
 from vtoken.registry import register
 from vtoken import signals
 from vtoken.signals import Needs, Signal
-from vtoken.schedule import ScoringCost, StageShapes
+from vtoken.schedule import ScoringCost, StageShapes, instruction_rows
 from vtoken.strategies.base import MaskStage, Strategy
 
 #: Candidate mask ratios of Eq. 5.
@@ -231,10 +231,9 @@ class AIFStrategy(Strategy):
     def scoring_cost(self, stage: StageSpec, shapes: StageShapes | None = None) -> list[ScoringCost]:
         # The probe's rows at every layer, and the text after the image rerun over the cached prefix
         # (one more decoding step for query="next").
-        # (The instruction, every text token after the image, is input-dependent: ``instruction_rows``
-        # is the caller's count or the assumed one.)
+        # (The instruction, every text token after the image, is input-dependent.)
         layers = self.depths.get("llm", 0)
-        instruction = (shapes or StageShapes(0, 0, 0, 0)).instruction_rows
+        instruction = instruction_rows(shapes)
         rows = 1 if self.config.query == "next" else instruction
         # Each probed layer has run: its keys are read from the KV cache (the mask stage adds one).
         costs = [ScoringCost("llm_attention_rows", layer=layer, rows=rows, keys_cached=True) for layer in range(layers)]

@@ -64,7 +64,7 @@ from vtoken.context import ScoreContext
 from vtoken.registry import register
 from vtoken import signals
 from vtoken.signals import Needs, Signal
-from vtoken.schedule import ScoringCost, StageShapes
+from vtoken.schedule import ScoringCost, StageShapes, instruction_rows
 from vtoken.strategies.base import Strategy
 
 #: The model the paper's layers are given for (LLaVA-1.5-7B / LLaVA-NeXT-7B: 32 decoder layers).
@@ -411,12 +411,10 @@ class TransPruneStrategy(Strategy):
         # of the tokens the stage keeps are handed to layer K itself (keys_reused). TTV's norms and
         # cosines are element-wise work on tensors the layers produce anyway (O(L d) per layer, under
         # 1e-4 of a layer's matmuls) and are not counted, like the layers' own norms.
-        # Its rows are the instruction's (every text token after the image), input-dependent:
-        # ``shapes.instruction_rows`` is the caller's count or the assumed one.
+        # Its rows are the instruction's (every text token after the image), input-dependent.
         if not self.config.uses_iga:
             return []
-        rows = (shapes or StageShapes(0, 0, 0, 0)).instruction_rows
-        return [ScoringCost("llm_attention_rows", layer=stage.layer, rows=rows, keys_reused=True)]
+        return [ScoringCost("llm_attention_rows", layer=stage.layer, rows=instruction_rows(shapes), keys_reused=True)]
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         valid = ctx.tokens.valid

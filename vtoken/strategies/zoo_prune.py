@@ -81,7 +81,6 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
-import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -91,7 +90,7 @@ from torch import nn
 
 from vtoken.config import PruneConfig, StageSpec
 from vtoken.context import ScoreContext
-from vtoken.projector_parts import TwoLayerProjector, cached_two_layer_projector, two_layer_projector  # noqa: F401
+from vtoken.projector_parts import TwoLayerProjector, cached_two_layer_projector
 from vtoken.registry import register
 from vtoken import signals
 from vtoken.signals import Needs, Signal
@@ -239,8 +238,6 @@ def zo_sensitivity(
         n = index.shape[0]
         norms[start : start + n] = torch.linalg.vector_norm(out[:n] - out[n:], dim=-1) / (2 * step)
     return norms.view(tokens, m).mean(dim=-1)
-
-
 
 
 def zo_sensitivity_two_layer(
