@@ -26,9 +26,10 @@ from pathlib import Path
 
 import torch
 
+from vtoken.projector_parts import two_layer_projector
 from vtoken.strategies.zoo_prune import (
-    float32_projector, normalise_sensitivity, random_directions, two_layer_projector, weighted_maxmin_order,
-    zo_sensitivity, zo_sensitivity_two_layer,
+    float32_projector, normalise_sensitivity, random_directions, weighted_maxmin_order, zo_sensitivity,
+    zo_sensitivity_two_layer,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
