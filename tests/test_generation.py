@@ -127,6 +127,29 @@ def test_text_only_passthrough_generates_as_the_plain_model(method):
     assert torch.equal(wrapped, plain)
 
 
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_text_only_prefill_is_the_last_one_reported(family):
+    """After a prompt with images, a text-only prompt (passed through) is the last prefill:
+    ``selection`` gives each of its samples no stage, ``diagnostics`` nothing, and ``show`` says the
+    sample has no image, instead of reporting the earlier request's kept tokens."""
+    from tiny import left_pad
+
+    make, inputs = MODELS[family]
+    model = make()
+    vtoken.wrap(model, "random", keep=0.4, text_only="passthrough")
+    with torch.no_grad():
+        model(**inputs(model))
+        assert all(stages for stages in vtoken.selection(model))
+        ids, mask = left_pad([[1, 5, 6, 7], [1, 8]])
+        model(input_ids=ids, attention_mask=mask)
+    assert vtoken.selection(model) == [{}, {}]
+    assert vtoken.diagnostics(model) == {}
+    from PIL import Image
+
+    with pytest.raises(ValueError, match="sample 0 of the last forward has no image"):
+        vtoken.show(model, Image.new("RGB", (32, 32)), "unused.png")
+
 def _right_padded(x: dict) -> dict:
     ids, mask = x["input_ids"].clone(), x["attention_mask"].clone()
     for b in range(ids.shape[0]):

@@ -17,7 +17,7 @@ from vtoken.config import PruneConfig, StageSpec
 from vtoken.context import Grid, Reduction, ScoreContext, TokenRows
 from vtoken.kernels import gather_tokens
 from vtoken.layout import SequenceLayout
-from vtoken.request import ImageRun, PruneRun, renumbers
+from vtoken.request import ImageRun, PruneRun, TextOnlyPrefill, renumbers
 from vtoken.signals import Needs
 
 
@@ -76,7 +76,7 @@ class Pruner:
         # The most recent prefill to finish in this thread, and in any thread (for a thread that has
         # run none): what ``vtoken.selection``, ``vtoken.diagnostics`` and ``vtoken.show`` report.
         self._last_run: contextvars.ContextVar = contextvars.ContextVar(f"vtoken_last_{id(self)}", default=None)
-        self._last_run_any: PruneRun | None = None
+        self._last_run_any: PruneRun | TextOnlyPrefill | None = None
         # Encodings by the identity of the features object they returned, for as long as that object
         # lives (``generate`` encodes once and hands the same object to every forward).
         self._encodings: dict[int, ImageRun] = {}
@@ -91,17 +91,17 @@ class Pruner:
         self._active.set(run)
 
     @property
-    def last_run(self) -> PruneRun | None:
+    def last_run(self) -> PruneRun | TextOnlyPrefill | None:
         """The last prefill this thread finished (or, if it has finished none, any thread's last)."""
         return self._last_run.get() or self._last_run_any
 
     @property
-    def thread_last_run(self) -> PruneRun | None:
+    def thread_last_run(self) -> PruneRun | TextOnlyPrefill | None:
         """The last prefill this thread finished (None if it has finished none)."""
         return self._last_run.get()
 
     @last_run.setter
-    def last_run(self, run: PruneRun) -> None:
+    def last_run(self, run: PruneRun | TextOnlyPrefill) -> None:
         self._last_run.set(run)
         self._last_run_any = run
 

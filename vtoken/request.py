@@ -184,6 +184,22 @@ class Served:
         self.reductions = reductions
 
 
+class TextOnlyPrefill:
+    """The record of a prefill that had no visual input and passed through unpruned
+    (``text_only="passthrough"``, or image tokens without pixels, which are text to the model): what
+    ``vtoken.selection`` / ``diagnostics`` / ``show`` report after it, so they describe that prefill
+    (nothing kept, nothing reported) instead of an earlier request's."""
+
+    class _NoVisuals:
+        images: tuple = ()
+
+    def __init__(self, batch_size: int):
+        self.visual = self._NoVisuals()
+        self.selections: list[dict[str, torch.Tensor]] = [{} for _ in range(batch_size)]
+        self.diagnostics: dict[str, dict[str, torch.Tensor]] = {}
+        self.groups: list = []  # no layer group changed the sequence: labels and logits are the prompt's
+
+
 class PruneRun:
     """One request, from its prefill through its decoding steps.
 

@@ -41,7 +41,7 @@ from vtoken.kernels import gather_tokens
 from vtoken.layout import SequenceLayout
 from vtoken.projector_parts import two_layer_projector
 from vtoken.pruner import Pruner, same_feature
-from vtoken.request import ImageRun, PruneRun, renumbers
+from vtoken.request import ImageRun, PruneRun, TextOnlyPrefill, renumbers
 
 
 class MergingProjectorOnTokens(nn.Module):
@@ -453,6 +453,9 @@ class VisionLanguageAdapter(VisionSite, Adapter):
                     "this input has no image tokens, so there is nothing to prune; add an image, "
                     "call vtoken.unwrap(model) for text-only use, or wrap with text_only='passthrough'"
                 )
+            # This prefill is the last one: selection() / diagnostics() / show() describe it, not an
+            # earlier request's images.
+            pruner.last_run = TextOnlyPrefill(input_ids.shape[0])
             return None
         if len(present) > 1:
             raise ValueError(
