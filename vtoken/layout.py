@@ -131,6 +131,14 @@ class SequenceLayout:
         floor = torch.iinfo(positions.dtype).min if not positions.dtype.is_floating_point else float("-inf")
         return torch.where(self.valid[..., None].bool(), positions, floor).amax(dim=(1, 2))
 
+    def last_position(self) -> torch.Tensor:
+        """``[B, k]``: the position ids of each sample's last valid slot (every row of an M-RoPE form,
+        ``k = 1`` for 1-D RoPE); zeros for a sample without one."""
+        positions = self.position_ids if self.position_ids.dim() == 3 else self.position_ids[..., None]
+        slots = torch.arange(self.valid.shape[1], device=self.valid.device)
+        last = torch.where(self.valid.bool(), slots, -1).amax(dim=1).clamp(min=0)
+        return positions[torch.arange(positions.shape[0], device=last.device), last]
+
     def visual_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Visual slots grouped by image, for scoring.
 

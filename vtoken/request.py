@@ -224,6 +224,11 @@ class PruneRun:
         #: ``[B]``: the largest position id of each sample's prompt, unwrapped (renumbering shifts the
         #: positions of generated tokens by what it took off it).
         self.orig_max_position: torch.Tensor | None = None
+        #: ``[B, k]``: the ids of each sample's last prompt token, unwrapped (every row of an M-RoPE form).
+        self.orig_last_position: torch.Tensor | None = None
+        #: True while decoding steps take M-RoPE ids the caller numbered from the unpruned prompt
+        #: (``generate``'s own, continuing from the last token's ids).
+        self.decode_ids_from_caller = False
         self.seen = 0
         # Set at each decoding step: the attention-mask columns and position ids of the new tokens.
         self.new_mask: torch.Tensor | None = None
@@ -262,6 +267,9 @@ class PruneRun:
         #: When the prefill's input runs past the prompt ``generate`` was given (assisted decoding
         #: feeds candidate tokens with it): the prompt's length, so scoring reads only its rows.
         self.prompt_end: int | None = None
+        #: The ``generate`` call that ran this prefill (``Pruner.generate_call``; None outside one): its
+        #: decoding steps carry position ids it numbered from the whole, unpruned prompt.
+        self.generate_call: object | None = None
 
     @property
     def batch_size(self) -> int:

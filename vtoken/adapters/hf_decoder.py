@@ -162,6 +162,7 @@ class DecoderPruning:
             padding, positions, visual.visual_index.to(embeds.device), visual.image_index.to(embeds.device)
         )
         run.orig_max_position = layout.max_position()
+        run.orig_last_position = layout.last_position()
         if not self.touches_input:
             run.groups = [(0, layout)]
             return False
@@ -185,9 +186,18 @@ class DecoderPruning:
             run.new_mask = mask[:, run.orig_length :].bool()
         else:
             run.new_mask = torch.ones(batch, new_columns, dtype=torch.bool, device=embeds.device)
-        if run.groups[0][1].position_ids.dim() == 3 and run.seen >= run.orig_length:
-            # M-RoPE: the plain model's ids, from the prompt's largest. (A step that feeds prompt tokens
-            # again, assisted decoding's first check, is within the generate call that numbered them.)
+        numbered_by_caller = kwargs.get("position_ids") is not None and (
+            run.generate_call is not None and run.generate_call is self.pruner.generate_call.get()
+        )
+        mrope = run.groups[0][1].position_ids.dim() == 3
+        run.decode_ids_from_caller = mrope and numbered_by_caller
+        if mrope and run.seen >= run.orig_length and not numbered_by_caller:
+            # M-RoPE outside the generate call that ran the prefill (a direct forward, a continued
+            # generate): the ids the plain model gives from its rope_deltas, the prompt's largest + 1.
+            # Within that call generate numbered the unpruned prompt itself and continues from its last
+            # token's ids, as for the plain model (the two differ where the largest id is not the last
+            # token's: Qwen2.5-VL's time-scaled video ids, a prompt ending in visual tokens). A step that
+            # feeds prompt tokens again (assisted decoding's first check) keeps the caller's ids.
             run.new_positions = self._mrope_decode_positions(run, steps)
         else:
             positions = kwargs.get("position_ids")
@@ -271,9 +281,10 @@ class DecoderPruning:
         """``[B, steps, k]``: the M-RoPE ids the unwrapped model gives tokens decoded after the prompt:
         its largest id plus one, plus the valid new tokens before (``rope_deltas``), every component.
 
-        Computed here rather than taken from the caller: transformers' Qwen-VL generate derives them
-        from the cache's length, which pruning shortened, and a continued ``generate`` on the returned
-        cache then takes prompt image tokens for new ones and resets ``rope_deltas`` to zero. A
+        Used outside the ``generate`` call that ran the prefill, where the plain model numbers from its
+        ``rope_deltas`` too: a direct forward, and a continued ``generate`` on the returned cache, whose
+        ids transformers' Qwen-VL would derive from the cache's length, which pruning shortened (it
+        takes prompt image tokens for new ones and resets ``rope_deltas`` to zero). A
         4-row form's leading text row (mask building only) is the new tokens' place among the valid
         tokens, as generate numbers it from the attention mask."""
         new_mask = run.new_mask.long()
@@ -296,6 +307,11 @@ class DecoderPruning:
             return run.new_positions
         if positions == "pre_llm":
             layout = run.groups[0][1]
+        if run.decode_ids_from_caller:
+            # generate's ids continue from the last prompt token's, row by row: take off what
+            # renumbering took off that token (the last kept one, if pruning dropped it).
+            dropped = run.orig_last_position.to(layout.valid.device) - layout.last_position()
+            return run.new_positions - dropped[:, None, :]
         # What renumbering took off the next position: the prompt's largest id, unwrapped, less the
         # layout's (for 1-D RoPE, the number of dropped tokens).
         dropped = run.orig_max_position.to(layout.valid.device) - layout.max_position()

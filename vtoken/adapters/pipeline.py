@@ -271,16 +271,18 @@ class VisionLanguageAdapter(VisionSite, Adapter):
         """``generate`` records its prompt's length for the forwards it makes (per thread): an
         assisted or prompt-lookup first forward holds candidate tokens after the prompt."""
         generate = self.model.generate
-        lengths = self.pruner.prompt_length
+        lengths, calls = self.pruner.prompt_length, self.pruner.generate_call
 
         @functools.wraps(generate)
         def generate_recording_prompt(*args, **kwargs):
             tokens = kwargs.get("input_ids", args[0] if args else None)
             tokens = tokens if tokens is not None else kwargs.get("inputs_embeds")
             token = lengths.set(tokens.shape[1] if tokens is not None else None)
+            call = calls.set(object())
             try:
                 return generate(*args, **kwargs)
             finally:
+                calls.reset(call)
                 lengths.reset(token)
 
         undo.set_attribute(self.model, "generate", generate_recording_prompt)
@@ -489,6 +491,7 @@ class VisionLanguageAdapter(VisionSite, Adapter):
         prompt_length = pruner.prompt_length.get()
         if prompt_length is not None and input_ids.shape[1] > prompt_length:
             run.prompt_end = prompt_length
+        run.generate_call = pruner.generate_call.get()
         # generate() without a KV cache re-runs the whole sequence at every step with the features
         # it encoded once: such a step continues the prompt this encoding served, and prunes as it did.
         run.replay = images.replay_for(input_ids, mask)
