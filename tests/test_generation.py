@@ -131,22 +131,22 @@ def test_text_only_passthrough_generates_as_the_plain_model(method):
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_a_text_only_prefill_is_the_last_one_reported(family):
     """After a prompt with images, a text-only prompt (passed through) is the last prefill:
-    ``selection`` gives each of its samples no stage, ``diagnostics`` nothing, and ``show`` says the
-    sample has no image, instead of reporting the earlier request's kept tokens."""
-    from tiny import left_pad
-
-    make, inputs = MODELS[family]
-    model = make()
-    vtoken.wrap(model, "random", keep=0.4, text_only="passthrough")
-    with torch.no_grad():
-        model(**inputs(model))
-        assert all(stages for stages in vtoken.selection(model))
-        ids, mask = left_pad([[1, 5, 6, 7], [1, 8]])
-        model(input_ids=ids, attention_mask=mask)
-    assert vtoken.selection(model) == [{}, {}]
-    assert vtoken.diagnostics(model) == {}
+    ``selection`` gives it what a sample without images gets in a batch with some (every stage,
+    nothing kept), ``diagnostics`` nothing, and ``show`` says the sample has no image, instead of
+    reporting the earlier request's kept tokens."""
     from PIL import Image
 
+    model = FAMILIES[family].make()
+    x = FAMILIES[family].several_images(model)  # 2 images, none, 1 image
+    vtoken.wrap(model, "random", keep=0.4, text_only="passthrough")
+    with torch.no_grad():
+        model(**x)
+        in_batch = vtoken.selection(model)
+        assert in_batch[0] and all(len(kept) == 0 for kept in in_batch[1].values())
+        real = x["attention_mask"][1].bool()
+        model(input_ids=x["input_ids"][1:2, real], attention_mask=x["attention_mask"][1:2, real])
+    assert same_selections(vtoken.selection(model), in_batch[1:2])
+    assert vtoken.diagnostics(model) == {}
     with pytest.raises(ValueError, match="sample 0 of the last forward has no image"):
         vtoken.show(model, Image.new("RGB", (32, 32)), "unused.png")
 

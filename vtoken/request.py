@@ -188,14 +188,17 @@ class TextOnlyPrefill:
     """The record of a prefill that had no visual input and passed through unpruned
     (``text_only="passthrough"``, or image tokens without pixels, which are text to the model): what
     ``vtoken.selection`` / ``diagnostics`` / ``show`` report after it, so they describe that prefill
-    (nothing kept, nothing reported) instead of an earlier request's."""
+    (nothing kept, nothing reported) instead of an earlier request's. Each sample reads as a sample
+    without images in a batch with some: every stage, each keeping nothing."""
 
     class _NoVisuals:
         images: tuple = ()
 
-    def __init__(self, batch_size: int):
+    def __init__(self, batch_size: int, stages: list[str]):
         self.visual = self._NoVisuals()
-        self.selections: list[dict[str, torch.Tensor]] = [{} for _ in range(batch_size)]
+        self.selections: list[dict[str, torch.Tensor]] = [
+            {name: torch.zeros(0, dtype=torch.long) for name in stages} for _ in range(batch_size)
+        ]
         self.diagnostics: dict[str, dict[str, torch.Tensor]] = {}
         self.groups: list = []  # no layer group changed the sequence: labels and logits are the prompt's
 

@@ -457,7 +457,8 @@ class VisionLanguageAdapter(VisionSite, Adapter):
                 )
             # This prefill is the last one: selection() / diagnostics() / show() describe it, not an
             # earlier request's images.
-            pruner.last_run = TextOnlyPrefill(input_ids.shape[0])
+            stages = [stage.name for stage in pruner.stages] + ([pruner.mask.name] if pruner.mask is not None else [])
+            pruner.last_run = TextOnlyPrefill(input_ids.shape[0], stages)
             return None
         if len(present) > 1:
             raise ValueError(
