@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from vtoken.config import PruneConfig, check_budget_order, option_defaults, read_config_file
-from vtoken.signals import ANNOTATIONS, MEANING
+from vtoken.signals import ANNOTATIONS, LLM_ATTENTION, LLM_ATTENTION_OBSERVED, MEANING, PATCH_GRID
 from vtoken.registry import get_strategy, strategy_names
 from vtoken.schedule import Schedule, ScoringCost, Stage, StageShapes, is_integer
 
@@ -116,8 +116,13 @@ def wrap(model: nn.Module, method: str | None = None, *, config=None, **options:
     if missing is not None:
         signal, reason = missing
         family = adapter.family_name
-        # Methods that read no attention and need no CLS token; fastv only where there is an LLM.
-        others = "pool, fastv" if len(adapter.decoder_layers()) else "random, pool"
+        # Methods that read no attention and need no CLS token; fastv only where there is an LLM whose
+        # attention it can read, pool only where the grid is whole.
+        reads_llm = signal.name in (LLM_ATTENTION, LLM_ATTENTION_OBSERVED)
+        names = ["pool", "fastv"] if len(adapter.decoder_layers()) and not reads_llm else ["random", "pool"]
+        if signal.name == PATCH_GRID:
+            names = ["random" if name == "pool" else name for name in names]
+        others = ", ".join(names)
         raise ValueError(
             f"{cfg.method} needs {MEANING[signal.name]} (signal {str(signal)!r}), but this {family} model gives "
             f"{reason}; use a model that provides it, or a method that does not need it ({others})"

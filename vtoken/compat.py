@@ -16,6 +16,7 @@ Known moves:
 
 from __future__ import annotations
 
+import inspect
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -176,6 +177,19 @@ def image_features(encoded) -> list[torch.Tensor]:
 
 
 # --- attention masks --------------------------------------------------------------------------------
+def sliding_window(text_config) -> int | None:
+    """The sliding window (tokens) some of the LLM's layers attend through, or None: Mistral's
+    ``sliding_window`` (every layer), Qwen2's when ``use_sliding_window``, Gemma2/3's and newer
+    configs' ``layer_types`` holding ``"sliding_attention"``."""
+    window = getattr(text_config, "sliding_window", None)
+    if window is None:
+        return None
+    types = getattr(text_config, "layer_types", None)
+    if types is not None:
+        return window if "sliding_attention" in types else None
+    return window if getattr(text_config, "use_sliding_window", True) else None
+
+
 def attention_implementation(config) -> str:
     return config._attn_implementation
 
@@ -233,6 +247,31 @@ LAYER_PARTS = {"attention": "self_attn", "mlp": "mlp"}
 
 def layer_attention(layer: nn.Module) -> nn.Module:
     return layer.self_attn
+
+
+def has_separate_query_key(attn: nn.Module) -> bool:
+    """Whether an attention module has its own ``q_proj`` and ``k_proj`` (Llama-style), as
+    :func:`attention_parts` reads them; Phi-3's fuses them into ``qkv_proj``."""
+    return isinstance(getattr(attn, "q_proj", None), nn.Module) and isinstance(getattr(attn, "k_proj", None), nn.Module)
+
+
+def attention_softcap(attn: nn.Module) -> float | None:
+    """The cap ``c`` of an attention module that soft-caps its logits (``c * tanh(logits / c)``,
+    Gemma2's ``attn_logit_softcapping``), or None."""
+    cap = getattr(attn, "attn_logit_softcapping", None)
+    if cap is None:
+        cap = getattr(getattr(attn, "config", None), "attn_logit_softcapping", None)
+    return float(cap) if cap else None
+
+
+def rotary_needs_layer_type(language_model: nn.Module) -> bool:
+    """Whether the decoder stack's rotary embedding is asked per layer type (Gemma3: ``rotary_emb(x,
+    position_ids, layer_type)``), which :func:`rotary_cos_sin` does not pass."""
+    rotary = getattr(language_model, "rotary_emb", None)
+    if rotary is None:
+        return False
+    parameters = inspect.signature(rotary.forward).parameters
+    return "layer_type" in parameters and parameters["layer_type"].default is inspect.Parameter.empty
 
 
 def decoder_input_norm(layer: nn.Module) -> nn.Module:

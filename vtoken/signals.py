@@ -44,6 +44,7 @@ TWO_LAYER_PROJECTOR = "two_layer_projector"
 VISION_CLS = "vision_cls"
 VISION_BLOCK_KEYS = "vision_block_keys"
 ANNOTATIONS = "annotations"
+PATCH_GRID = "patch_grid"
 
 #: What each signal means, for the error that refuses a method a family cannot serve.
 MEANING = {
@@ -59,10 +60,12 @@ MEANING = {
     VISION_CLS: "a CLS token in the vision tower",
     VISION_BLOCK_KEYS: "vision blocks run in two halves (attention, then MLP) with their keys",
     ANNOTATIONS: "per-input annotations",
+    PATCH_GRID: "every patch of each image's grid",
 }
 SIGNALS = (
     VISION_ATTENTION, VISION_OBSERVED, PIXEL_PATCHES, PROJECTOR_INPUT, LLM_ATTENTION, LLM_OBSERVED,
     LLM_ATTENTION_OBSERVED, ONE_GRID_PER_IMAGE, VISION_CLS, VISION_BLOCK_KEYS, ANNOTATIONS, TWO_LAYER_PROJECTOR,
+    PATCH_GRID,
 )
 #: Signals read at a layer of a site: their ``Signal.layer`` is that layer's index.
 LAYERED = {VISION_ATTENTION: "vision", VISION_OBSERVED: "vision", LLM_OBSERVED: "llm", LLM_ATTENTION_OBSERVED: "llm"}

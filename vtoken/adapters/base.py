@@ -503,6 +503,11 @@ class Adapter(ABC):
         otherwise a short description of what it gets instead, for error messages."""
         return None
 
+    def incomplete_patch_grid(self) -> str | None:
+        """None when each image's patch grids reach the projector whole (with other tokens beside them
+        or not); otherwise what is missing, for error messages."""
+        return None
+
     # --- runtime ------------------------------------------------------------------------------
     @abstractmethod
     def install(self, pruner: Any, undo: UndoStack) -> None:

@@ -138,6 +138,16 @@ class DecoderPruning:
                 "cache (no cache_implementation such as 'static' or 'sliding_window', no StaticCache), or a method that "
                 "prunes before the LLM."
             )
+        window = compat.sliding_window(self.config)
+        length = embeds.shape[1] + (0 if run.prefill else run.seen)
+        if inside and window is not None and length > window:
+            # The layer groups after a stage (and a mask stage's rerun over a cropped cache) attend through
+            # full causal masks vtoken builds; within the window those equal the model's own.
+            raise ValueError(
+                f"{self.pruner.strategy.name} prunes or masks inside the LLM, whose layers attend through a sliding "
+                f"window of {window} tokens, and this sequence has {length}; vtoken's in-LLM stages do not model the "
+                "window yet: keep prompt and generated tokens within it, or use a method that prunes before the LLM"
+            )
         run.group_kwargs = {}
         update = self._prefill_inputs if run.prefill else self._decode_inputs
         changed = update(run, embeds, mask, kwargs)

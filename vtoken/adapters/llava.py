@@ -113,6 +113,12 @@ class LlavaAdapter(VisionLanguageAdapter):
             return "a grid missing its first patch (a tower without CLS under vision_feature_select_strategy='default')"
         return None
 
+    def incomplete_patch_grid(self) -> str | None:
+        if not self.has_cls and self.select == "default":
+            return ("a grid missing its first patch (a tower without CLS under vision_feature_select_strategy='default' "
+                    "drops a patch; 'full' keeps them all)")
+        return None
+
     def vision_site_refusal(self) -> str | None:
         if not self.has_cls and self.select == "default":
             return (

@@ -141,9 +141,19 @@ class VisionLanguageAdapter(VisionSite, Adapter):
             return gap
         if signal.name == signals.ONE_GRID_PER_IMAGE:
             return self.one_grid_per_image()
+        if signal.name == signals.PATCH_GRID:
+            return self.incomplete_patch_grid()
         if signal.name == signals.TWO_LAYER_PROJECTOR and two_layer_projector(self.projector_on_tokens()) is None:
             return (f"a {type(self.description.projector.module).__name__} projector of another structure (without "
                     "projector_rank, ZOO-Prune's exact estimator runs on any projector)")
+        if signal.name in (signals.LLM_ATTENTION, signals.LLM_ATTENTION_OBSERVED):
+            attention = compat.layer_attention(self.decoder_layers()[0])
+            if not compat.has_separate_query_key(attention):
+                return (f"a {type(attention).__name__} without separate q_proj and k_proj (a fused qkv_proj, as Phi-3's), "
+                        "from which vtoken recomputes the attention rows")
+            if compat.attention_softcap(attention) is not None:
+                return (f"a {type(attention).__name__} whose attention logits are soft-capped (Gemma2's "
+                        "attn_logit_softcapping), which vtoken's recomputed attention rows do not apply yet")
         vision = self.vision_unavailable(signal)
         if vision is not None:
             return vision
@@ -158,6 +168,12 @@ class VisionLanguageAdapter(VisionSite, Adapter):
         num_vision = len(self.vision_layers())
         read = self.description.vision.read_layer
         decoder_layers = len(self.decoder_layers())
+        if any(stage.site == "llm" for stage in stages) and compat.rotary_needs_layer_type(self.language_model()):
+            raise ValueError(
+                f"this LLM ({type(self.language_model()).__name__}) rotates each layer type with its own rotary "
+                "embedding (Gemma3's local and global), which vtoken's in-LLM stages do not rebuild yet; use a "
+                "method that prunes before the LLM (site='projector' or 'vision')"
+            )
         for stage in stages:
             if stage.site == "llm" and stage.layer >= decoder_layers:
                 raise ValueError(

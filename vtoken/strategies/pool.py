@@ -18,9 +18,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from vtoken import signals
 from vtoken.config import PruneConfig
 from vtoken.context import Grid, Reduction, ScoreContext
 from vtoken.registry import register
+from vtoken.signals import Needs, Signal
 from vtoken.strategies.base import Strategy
 
 
@@ -107,6 +109,9 @@ def pool_grid(features: torch.Tensor, grid: Grid, tokens: int) -> tuple[torch.Te
 class PoolStrategy(Strategy):
     name = "pool"
     Config = PoolConfig
+
+    def needs(self) -> Needs:
+        return Needs.of(Signal(signals.PATCH_GRID))
 
     def reduce(self, ctx: ScoreContext) -> Reduction:
         rows = ctx.tokens
