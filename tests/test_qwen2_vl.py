@@ -524,3 +524,29 @@ def test_a_video_whose_last_frame_is_dropped_decodes_as_the_full_forward():
         full = model(**y, use_cache=False).logits[:, -1]
     full[:, SUPPRESS] = float("-inf")
     torch.testing.assert_close(cached.scores[1], full, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("method,options", [("random", {}), ("pool", {}), ("fastv", {}), ("transprune", {}),
+                                            ("vflowopt", {}), ("random", {"site": "vision", "layer": 0})])
+def test_qwen3_vl_moe_runs_as_qwen3_vl(method, options):
+    """Qwen3-VL-MoE (mixture-of-experts MLPs in the LLM, the rest Qwen3-VL's): at keep-all the wrapped
+    logits equal the plain model's at every real position; pruned, generate with a cache equals it
+    without one, step by step; the selection keeps the budget."""
+    model = tiny_qwen2_vl(version="3-moe")
+    x = qwen_inputs(model)
+    real = x["attention_mask"].bool()
+    with torch.no_grad():
+        plain = model(**x).logits
+        with vtoken.pruned(model, method, keep=1.0, **options):
+            torch.testing.assert_close(model(**x).logits[real], plain[real], rtol=0, atol=1e-5)
+    kw = dict(max_new_tokens=4, do_sample=False, suppress_tokens=SUPPRESS, output_logits=True,
+              return_dict_in_generate=True)
+    with vtoken.pruned(model, method, keep=0.5, **options):
+        cached = model.generate(**x, **kw)
+        counts = [len(list(stages.values())[-1]) for stages in vtoken.selection(model)]
+        uncached = model.generate(**x, use_cache=False, **kw)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    for got, want in zip(cached.logits, uncached.logits):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    visual = (x["input_ids"] == IMAGE_TOKEN).sum(-1).tolist()
+    assert counts == [round(n * 0.5) for n in visual]

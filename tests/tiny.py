@@ -96,7 +96,7 @@ VISION_START, VISION_END = 97, 96
 
 def tiny_qwen2_vl(attn: str = "sdpa", seed: int = 0, version: str = "2"):
     """Qwen2-VL (``version="2"``), Qwen2.5-VL (``"2.5"``) or Qwen3-VL (``"3"``, DeepStack from vision
-    blocks 0 and 1 into LLM layers 0 and 1) at toy size: a 3-4-block packed vision tower
+    blocks 0 and 1 into LLM layers 0 and 1; ``"3-moe"``: Qwen3-VL-MoE) at toy size: a 3-4-block packed vision tower
     on 4-pixel patches with the 2x2 merger, a 4-layer Qwen2 with GQA and M-RoPE sections [2, 3, 3]."""
     from transformers import (
         Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
@@ -108,14 +108,20 @@ def tiny_qwen2_vl(attn: str = "sdpa", seed: int = 0, version: str = "2"):
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
     tokens = dict(image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
                   vision_end_token_id=VISION_END)
-    if version == "3":
-        from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    if version in ("3", "3-moe"):
+        from transformers import (
+            Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration,
+        )
 
         text = {**text, "head_dim": 16, "rope_parameters": {**text["rope_parameters"], "mrope_interleaved": True}}
         vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64, patch_size=4,
                       spatial_merge_size=2, temporal_patch_size=2, in_channels=3, num_position_embeddings=64,
                       deepstack_visual_indexes=[0, 1])
-        model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(vision_config=vision, text_config=text, **tokens))
+        if version == "3-moe":  # 4 experts of which 2 per token, in every LLM layer
+            text = {**text, "moe_intermediate_size": 32, "num_experts": 4, "num_experts_per_tok": 2, "decoder_sparse_step": 1}
+            model = Qwen3VLMoeForConditionalGeneration(Qwen3VLMoeConfig(vision_config=vision, text_config=text, **tokens))
+        else:
+            model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(vision_config=vision, text_config=text, **tokens))
     elif version == "2.5":
         vision = dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64, patch_size=4,
                       spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=16,

@@ -41,7 +41,8 @@ def adapter_for(model: nn.Module) -> type[Adapter]:
     raise ValueError(
         f"no vtoken adapter handles {type(model).__name__}; supported families: {families} "
         "(LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, LlavaOnevisionForConditionalGeneration, "
-        "Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration, CLIPModel, CLIPVisionModel, "
+        "Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration, "
+        "Qwen3VLMoeForConditionalGeneration, CLIPModel, CLIPVisionModel, "
         f"SiglipModel, SiglipVisionModel, timm VisionTransformer, open_clip CLIP / VisionTransformer){peft}"
     )
 

@@ -1,4 +1,6 @@
-"""Adapter for transformers Qwen3-VL (``Qwen3VLForConditionalGeneration``, ``Qwen3VLModel``).
+"""Adapter for transformers Qwen3-VL (``Qwen3VLForConditionalGeneration``, ``Qwen3VLModel``) and
+Qwen3-VL-MoE (``Qwen3VLMoeForConditionalGeneration``, ``Qwen3VLMoeModel``: the same model with
+mixture-of-experts MLPs in the LLM, which vtoken never reads).
 
 What differs from Qwen2-VL (:mod:`vtoken.adapters.qwen2_vl`, whose pipeline it reuses):
 
@@ -37,9 +39,9 @@ FAMILY_GAPS = {"Qwen3-VL": dict(_QWEN2_GAPS["Qwen2-VL"])}
 
 
 def _classes() -> tuple[type, ...]:
-    from transformers import Qwen3VLForConditionalGeneration, Qwen3VLModel
+    from transformers import Qwen3VLForConditionalGeneration, Qwen3VLModel, Qwen3VLMoeForConditionalGeneration, Qwen3VLMoeModel
 
-    return (Qwen3VLForConditionalGeneration, Qwen3VLModel)
+    return (Qwen3VLForConditionalGeneration, Qwen3VLModel, Qwen3VLMoeForConditionalGeneration, Qwen3VLMoeModel)
 
 
 class Qwen3VLAdapter(QwenVLAdapter):
