@@ -52,7 +52,11 @@ def claim(path: str | os.PathLike, overwrite: bool = False, *names: str) -> Path
         taken = _taken(path, names)
         if taken is not None:
             raise SystemExit(f"{taken} already exists: pass --overwrite to replace it, or give another --out")
-    (path if names else path.parent).mkdir(parents=True, exist_ok=True)
+    folder = path if names else path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a file on the way to it, a place nobody can write
+        raise SystemExit(f"cannot make the folder {folder} ({error.strerror or error}): give another --out") from None
     return path
 
 

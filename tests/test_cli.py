@@ -3,12 +3,15 @@ comma separated, and a mistake is one line naming the fix (exit status 2, no tra
 
 import pytest
 
-from vtoken.cli import main, split_list
+from vtoken.bench_args import split_list
+from vtoken.cli import main
 
 
 def test_lists_may_be_comma_or_space_separated():
     assert split_list(["1,1/9", "2/9", " 64 ,"]) == ["1", "1/9", "2/9", "64"]
     assert split_list(None) is None
+    with pytest.raises(ValueError, match="--methods was given without a value"):
+        split_list(["", ","], "--methods")
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -207,3 +210,66 @@ def test_bench_on_a_vision_only_model_says_what_bench_measures(tmp_path, capsys)
     assert err.startswith("vtoken bench: error: ") and err.count("\n") == 1
     assert "is a vision-only clip model: the benchmark asks a vision-language model questions" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_more_bad_bench_inputs_are_one_line(tmp_path, capsys, monkeypatch):
+    """Inputs that reached the benchmark (or a traceback) before: an empty list given, --out where
+    nothing can be written (checked at once, not when the first row is saved), a text-only model,
+    records whose fields have the wrong type, and corrupt packer weights (any error, in fact)."""
+    import json
+    import os
+    from pathlib import Path
+
+    import vtoken
+    import vtoken.bench
+    from PIL import Image
+
+    from vtoken.packer import CONFIG_NAME, WEIGHTS_NAME
+
+    monkeypatch.setattr(vtoken.bench, "run", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
+    llama = tmp_path / "llama"
+    llama.mkdir()
+    (llama / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    records = tmp_path / "records.jsonl"
+    records.write_text(json.dumps({"image": "ok.png", "question": "q", "answer": ["a"]}) + "\n")
+    out = ["--out", str(tmp_path / "out")]
+    cases = [
+        (["--methods", ""], "--methods was given without a value"),
+        (["--budgets", ","], "--budgets was given without a value"),
+        (["--model", str(llama)], "holds a 'llama' model; vtoken needs a vision-language model"),
+        (["--data", str(records)], "records.jsonl:1: answer must be a string"),
+    ]
+    if os.path.isdir("/proc/self"):
+        cases.append((["--out", "/proc/vtoken-out"], "--out '/proc/vtoken-out': cannot write there"))
+    for argv, message in cases:
+        assert main(["bench", *argv, *([] if "--out" in argv else out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("vtoken bench: error: ") and message in err and err.count("\n") == 1, (argv, err)
+    assert not (tmp_path / "out").exists()
+
+    packer = tmp_path / "packer"
+    packer.mkdir()
+    shipped = Path(vtoken.__file__).parent / "assets" / "tiny-llava-trained" / "tokenpacker-s2" / CONFIG_NAME
+    (packer / CONFIG_NAME).write_text(shipped.read_text())
+    (packer / WEIGHTS_NAME).write_bytes(b"not a safetensors file")
+    monkeypatch.undo()
+    assert main(["bench", "--methods", "tokenpacker", "--trained", f"tokenpacker={packer}", "--limit", "1", *out]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.splitlines()[-1].startswith(
+        f"vtoken bench: error: cannot read weights from '{packer / WEIGHTS_NAME}'"), err
+
+
+def test_an_unexpected_error_is_still_one_line(tmp_path, capsys, monkeypatch):
+    import vtoken.bench
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("deep inside\n  something broke")
+
+    monkeypatch.setattr(vtoken.bench, "run", fails)
+    assert main(["bench", "--limit", "1", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err == "vtoken bench: error: RuntimeError: deep inside something broke (VTOKEN_DEBUG=1 shows the traceback)\n"
+    monkeypatch.setenv("VTOKEN_DEBUG", "1")
+    with pytest.raises(RuntimeError):
+        main(["bench", "--limit", "1", "--out", str(tmp_path / "out")])

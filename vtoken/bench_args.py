@@ -8,6 +8,7 @@ registry or torch import them when they run."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 
@@ -16,19 +17,23 @@ DEFAULT_BUDGETS = ("1", "1/3", "2/9", "1/9")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-def split_list(values: list[str] | None) -> list[str] | None:
-    """``["1,1/9", "2/9"]`` -> ``["1", "1/9", "2/9"]``: lists may be given space or comma separated."""
+def split_list(values: list[str] | None, flag: str = "the list") -> list[str] | None:
+    """``["1,1/9", "2/9"]`` -> ``["1", "1/9", "2/9"]``: lists may be given space or comma separated.
+    A list given with nothing in it is refused (it would otherwise mean the default)."""
     if values is None:
         return None
     items = [item.strip() for value in values for item in value.split(",")]
-    return [item for item in items if item]
+    items = [item for item in items if item]
+    if not items:
+        raise ValueError(f"{flag} was given without a value; name at least one, or leave {flag} out for the default")
+    return items
 
 
 def check_bench_arguments(args):
     """Every ``vtoken bench`` argument checked before any model runs: (methods, budgets, trained
     pairs, config pairs), lists split."""
-    methods = check_methods(split_list(args.methods))
-    budgets = check_budgets(split_list(args.budgets) or list(DEFAULT_BUDGETS))
+    methods = check_methods(split_list(args.methods, "--methods"))
+    budgets = check_budgets(split_list(args.budgets, "--budgets"))
     trained = check_pairs(args.trained, "--trained", "METHOD=DIR, e.g. tokenpacker=path/to/weights")
     configs = check_pairs(args.configs, "--configs", "LABEL=DIR, e.g. 'vflowopt (tuned)'=path/to/config")
     check_model(args.model)
@@ -85,6 +90,22 @@ def check_out(path: str, flag: str = "--out") -> None:
         raise ValueError(f"{flag} {path!r}: not a directory{where}; give a directory (created if missing)")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"{flag} {path!r}: {existing!r} is not writable; give a directory you can write to")
+    # Permission bits do not tell everything (root, /proc, a read-only mount): make it and write there now,
+    # rather than fail when the first result is written, then take back what was made.
+    import shutil
+    import tempfile
+
+    made = None if os.path.lexists(path) else os.path.join(existing, os.path.relpath(os.path.abspath(path), existing).split(os.sep)[0])
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise ValueError(f"{flag} {path!r}: cannot write there ({error.strerror or error}); give a directory "
+                         "you can write to") from None
+    finally:
+        if made is not None and os.path.isdir(made):
+            shutil.rmtree(made, ignore_errors=True)
 
 
 def check_trained_weights(trained: list[tuple[str, str]]) -> None:
@@ -115,6 +136,11 @@ def check_configs(configs: list[tuple[str, str]]) -> None:
             raise ValueError(f"--configs {label}={path}: not a usable config: {error}") from None
 
 
+#: The ``model_type`` of the vision-language models vtoken's adapters serve (what ``--model`` may hold).
+VISION_LANGUAGE_MODEL_TYPES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl",
+                               "qwen3_vl_moe")
+
+
 def check_model(path: str | None) -> None:
     """A local model directory holding a config, or something shaped like a hub id."""
     if path is None:
@@ -124,9 +150,19 @@ def check_model(path: str | None) -> None:
         if not os.path.isdir(os.path.expanduser(path)):
             raise ValueError(f"--model {path!r}: no such directory (give a local model directory or a hub id "
                              "such as llava-hf/llava-1.5-7b-hf)")
-        if not os.path.isfile(os.path.join(os.path.expanduser(path), "config.json")):
+        config_path = os.path.join(os.path.expanduser(path), "config.json")
+        if not os.path.isfile(config_path):
             raise ValueError(f"--model {path!r}: the directory holds no config.json (save the model there with "
                              "save_pretrained)")
+        try:
+            with open(config_path) as f:
+                model_type = json.load(f).get("model_type")
+        except (ValueError, AttributeError) as error:
+            raise ValueError(f"--model {path!r}: config.json is not a model config ({error})") from None
+        # (a vision-only model is told what the benchmark measures when it loads)
+        if model_type not in VISION_LANGUAGE_MODEL_TYPES + ("clip", "clip_vision_model", "siglip", "siglip_vision_model"):
+            raise ValueError(f"--model {path!r} holds a {model_type!r} model; vtoken needs a vision-language model "
+                             f"({', '.join(VISION_LANGUAGE_MODEL_TYPES)})")
     elif not _HUB_ID.match(path):
         raise ValueError(f"--model {path!r} is neither a local directory nor a hub id (owner/name)")
 

@@ -12,7 +12,7 @@ import shlex
 import sys
 
 from vtoken.bench_args import (  # noqa: F401  (torch-free)
-    DEFAULT_BUDGETS, check_bench_arguments, check_train_projector_arguments, split_list,
+    DEFAULT_BUDGETS, check_bench_arguments, check_train_projector_arguments,
 )
 
 #: Where ``vtoken bench`` writes when ``--out`` is not given (relative to the working directory).
@@ -43,6 +43,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         message = " ".join(str(error).split()) or type(error).__name__
         print(f"vtoken {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except Exception as error:  # anything else (a corrupt weights file, a malformed record): still one line
+        if os.environ.get("VTOKEN_DEBUG"):
+            raise
+        message = " ".join(str(error).split())
+        if len(message) > 300:
+            message = message[:300].rsplit(" ", 1)[0] + " ..."
+        print(f"vtoken {args.command}: error: {type(error).__name__}: {message} (VTOKEN_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
         return 2
 
 

@@ -83,8 +83,18 @@ def _read_state(source) -> dict:
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
-        return load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
+        return read_weights(path, load_file)
+    return read_weights(path, lambda p: torch.load(p, map_location="cpu", weights_only=True))
+
+
+def read_weights(path: str, read) -> dict:
+    """``read(path)``, a file that cannot be read as weights refused in one line naming it."""
+    try:
+        return read(path)
+    except Exception as error:  # safetensors' and pickle's own errors have no common base
+        reason = " ".join(str(error).split())[:200] or type(error).__name__
+        raise ValueError(f"cannot read weights from {path!r} ({reason}); is the file complete, or was it "
+                         "written by another program?") from error
 
 #: The official multi-level layers (hidden-state indices of a 24-layer CLIP-L, ``hidden_states[0]`` being
 #: the embeddings), and the projector-input layer they were chosen relative to (``-2`` -> 23).
@@ -361,10 +371,14 @@ class TokenPackerModule(nn.Module):
                 f"no TokenPacker weights in {directory!r}: expected {CONFIG_NAME} and {WEIGHTS_NAME} as written "
                 "by vtoken.train_projector(...) / `vtoken train-projector` or TokenPackerModule.save_pretrained"
             )
-        with open(config_path) as f:
-            config = PackerConfig(**json.load(f))
+        try:
+            with open(config_path) as f:
+                config = PackerConfig(**json.load(f))
+        except (json.JSONDecodeError, TypeError) as error:
+            raise ValueError(f"{config_path} is not a TokenPacker config ({error}); rewrite it with "
+                             "TokenPackerModule.save_pretrained or train the packer again") from error
         module = cls(config)
-        state = load_file(weights_path)
+        state = read_weights(weights_path, load_file)
         module.load_state_dict(state)
         dtype = next(iter(state.values())).dtype
         module.to(dtype=dtype)

@@ -508,6 +508,25 @@ def _write(records: list[dict], out_dir: Path, split: str) -> list[dict]:
 
 # ---------------------------------------------------------------- loading and patches
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_record_types(rec: dict, where: str) -> None:
+    """Each field of a record has its type (``where``: ``FILE:LINE`` for the message)."""
+    for key in ("image", "question", "answer"):
+        if not isinstance(rec[key], str):
+            raise ValueError(f"{where}: {key} must be a string, got {json.dumps(rec[key])}")
+    boxes = rec.get("boxes", [])
+    if not isinstance(boxes, list) or not all(
+        isinstance(box, list) and len(box) == 4 and all(_is_number(v) for v in box) for box in boxes
+    ):
+        raise ValueError(f"{where}: boxes must be a list of [x0, y0, x1, y1] number lists, got {json.dumps(boxes)}")
+    size = rec.get("image_size", [1, 1])
+    if not (isinstance(size, list) and len(size) == 2 and all(_is_number(v) and v > 0 for v in size)):
+        raise ValueError(f"{where}: image_size must be [width, height] in pixels, got {json.dumps(size)}")
+
+
 def load_jsonl(path: str | Path) -> list[dict]:
     """Read records in the generator's JSONL format (also for a user's own data).
 
@@ -532,6 +551,7 @@ def load_jsonl(path: str | Path) -> list[dict]:
         missing = {"image", "question", "answer"} - rec.keys()
         if missing:
             raise ValueError(f"{path}:{line_no}: missing keys {sorted(missing)}")
+        _check_record_types(rec, f"{path}:{line_no}")
         image = Path(rec["image"])
         image = image if image.is_absolute() else (path.parent / image)
         if not image.is_file():
