@@ -139,6 +139,8 @@ def check_configs(configs: list[tuple[str, str]]) -> None:
 #: The ``model_type`` of the vision-language models vtoken's adapters serve (what ``--model`` may hold).
 VISION_LANGUAGE_MODEL_TYPES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl",
                                "qwen3_vl_moe")
+#: Vision-only towers vtoken serves (their config has no ``vision_config``: it is the vision config).
+VISION_ONLY_MODEL_TYPES = ("clip", "clip_vision_model", "siglip", "siglip_vision_model")
 
 
 def check_model(path: str | None) -> None:
@@ -156,11 +158,14 @@ def check_model(path: str | None) -> None:
                              "save_pretrained)")
         try:
             with open(config_path) as f:
-                model_type = json.load(f).get("model_type")
+                config = json.load(f)
+            model_type = config.get("model_type")
         except (ValueError, AttributeError) as error:
             raise ValueError(f"--model {path!r}: config.json is not a model config ({error})") from None
-        # (a vision-only model is told what the benchmark measures when it loads)
-        if model_type not in VISION_LANGUAGE_MODEL_TYPES + ("clip", "clip_vision_model", "siglip", "siglip_vision_model"):
+        # Only a model with no vision part at all is refused here: a vision-language family vtoken
+        # has no adapter for is named, with the supported ones, when it loads; a vision-only model
+        # is told what the benchmark measures.
+        if "vision_config" not in config and model_type not in VISION_ONLY_MODEL_TYPES:
             raise ValueError(f"--model {path!r} holds a {model_type!r} model; vtoken needs a vision-language model "
                              f"({', '.join(VISION_LANGUAGE_MODEL_TYPES)})")
     elif not _HUB_ID.match(path):

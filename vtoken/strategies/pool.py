@@ -109,6 +109,7 @@ def pool_grid(features: torch.Tensor, grid: Grid, tokens: int) -> tuple[torch.Te
 class PoolStrategy(Strategy):
     name = "pool"
     Config = PoolConfig
+    reads = (signals.PATCH_GRID,)
 
     def needs(self) -> Needs:
         return Needs.of(Signal(signals.PATCH_GRID))
