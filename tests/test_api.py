@@ -271,6 +271,24 @@ TOO_BIG = 10**400
         (None, {"config": {"keep": 0.5}}, r"the config dict has no 'method' key; add one"),
         (None, {"config": 5}, r"config must be a config object, a dict or the path of a saved config, got int"),
         ("transprune", {"prune_layers": [10]}, r"transprune prune_layers=\[10\]: layer 10 does not exist, the LLM has 4"),
+        # Methods that build their own stages from keep / keep_tokens check them as every method does.
+        ("transprune", {"keep": "0.5"}, r"keep must be a fraction in \(0, 1\] \(a number, not a string or bool\)"),
+        ("transprune", {"keep": 0.5, "keep_tokens": 8}, r"give exactly one budget"),
+        ("tome", {"keep": True}, r"keep must be a fraction .*got True"),
+        # A layer past the model is named against the model's depth, not the paper's 32 layers.
+        ("transprune", {"layer": 99}, r"transprune layer=99: layer 99 does not exist, the LLM has 4 decoder layers"),
+        ("transprune", {"accumulate_layers": [99]}, r"accumulate_layers \[99\] go beyond the LLM's 4 layers"),
+        ("vflowopt", {"recycle": "no"}, r"recycle must be True or False, got 'no'"),
+        ("vflowopt", {"newline_importance": "x"}, r"newline_importance must be a number, got 'x'"),
+        ("vflowopt", {"r2": None}, r"r2 must be a number, got None"),
+        ("vflowopt", {"llm_layers": 5}, r"llm_layers must be a list of LLM layer indices, got 5"),
+        ("vflowopt", {"image_std": None}, r"image_std must be a list of 3 numbers"),
+        ("vflowopt", {"vision_layer": True}, r"vision_layer must be a layer index >= 0, got True"),
+        ("visionzip", {"vision_layer": True}, r"vision_layer must be a layer index >= 0, got True"),
+        (["fastv"], {}, r"a method is named by a string, got list \['fastv'\]"),
+        (None, {"config": {"method": ["fastv"]}}, r"a method is named by a string, got list"),
+        (None, {"config": "/no/such/vtoken/dir"}, r"no vtoken config at '/no/such/vtoken/dir': write one with "
+         r"vtoken.save_config"),
     ],
 )
 def test_bad_options_are_refused_at_wrap_in_one_line(method, options, message):
@@ -368,3 +386,43 @@ def test_llava_next_on_a_tower_without_cls_names_the_sites_that_remain():
     assert not vtoken.is_wrapped(model)
     vtoken.wrap(model, "random", keep=0.5)  # the projector site runs
     vtoken.unwrap(model)
+
+
+def test_bad_paths_and_values_outside_wrap_are_refused_in_one_line(tmp_path):
+    """What a wrapped model's helpers are handed: a config file that is not one, a file where a
+    directory is needed, a schedule for a count that is no count, the oracle's annotations of the
+    wrong shape (each used to raise a bare FileExistsError, JSONDecodeError or TypeError)."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "vtoken_config.json").write_text("{")
+    listed = tmp_path / "listed"
+    listed.mkdir()
+    (listed / "vtoken_config.json").write_text("[1, 2]")
+    model = vtoken.wrap(tiny_llava(), "fastv", keep=0.25)
+    x = llava_inputs(1)
+    with torch.no_grad():
+        model(**x)
+    cases = [
+        (lambda: vtoken.load(broken), r"broken/vtoken_config.json is not a vtoken config: not valid JSON"),
+        (lambda: vtoken.load(listed), r"it needs a JSON object with a 'method' key"),
+        (lambda: vtoken.load(3), r"give the path of a vtoken config"),
+        (lambda: vtoken.load({"method": "fastv"}), r"give the path of a vtoken config"),
+        (lambda: vtoken.save_config(model, a_file), r"cannot make the directory .*a_file' \(File exists\)"),
+        (lambda: vtoken.show(model, Image.new("RGB", (32, 32)), a_file / "kept.png"), r"cannot write the picture to"),
+        (lambda: vtoken.schedule_of(model, visual_tokens=0), r"visual_tokens must be a count .* >= 1, got 0"),
+        (lambda: vtoken.schedule_of(model, visual_tokens=True), r"visual_tokens must be a count .*got True"),
+        (lambda: vtoken.wrap(None, "fastv"), r"vtoken.wrap takes a torch model .*got NoneType"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message) as error:
+            call()
+        assert "\n" not in str(error.value)
+    assert a_file.read_text() == "x"
+    oracle = vtoken.wrap(tiny_llava(), "oracle", keep=0.25)
+    for relevant, message in (("x", r"relevant must be one list of token indices"),
+                              ([["a"]], r"relevant must be one list of token indices"),
+                              ([[-1]], r"relevant token -1 of image 0 is negative")):
+        with vtoken.annotate(oracle, relevant=relevant), pytest.raises(ValueError, match=message), torch.no_grad():
+            oracle(**x)

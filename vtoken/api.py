@@ -84,6 +84,9 @@ def wrap(model: nn.Module, method: str | None = None, *, config=None, **options:
     from vtoken.adapters.base import UndoStack
     from vtoken.pruner import Pruner
 
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"vtoken.wrap takes a torch model (an nn.Module, e.g. from from_pretrained), got "
+                         f"{type(model).__name__}")
     original = getattr(model, "_orig_mod", None)
     if type(model).__name__ == "OptimizedModule" and isinstance(original, nn.Module):
         # torch.compile(model): the hooks go on the original's modules, which the compiled module runs.
@@ -348,6 +351,8 @@ def schedule_of(model: nn.Module, visual_tokens: int | None = None, instruction_
     ``vtoken.schedule.ASSUMED_INSTRUCTION_TOKENS``)."""
     if instruction_tokens is not None and (not is_integer(instruction_tokens) or instruction_tokens < 0):
         raise ValueError(f"instruction_tokens must be a count of text tokens >= 0, got {instruction_tokens!r}")
+    if visual_tokens is not None and (not is_integer(visual_tokens) or visual_tokens < 1):
+        raise ValueError(f"visual_tokens must be a count of an image's visual tokens >= 1, got {visual_tokens!r}")
     state = _state(model)
     adapter = state.adapter
     tokens = visual_tokens or adapter.visual_tokens_per_image()

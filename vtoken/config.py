@@ -151,7 +151,11 @@ class PruneConfig:
         return {"method": self.method, **dataclasses.asdict(self)}
 
     def save(self, directory: str | os.PathLike) -> str:
-        os.makedirs(directory, exist_ok=True)
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError as error:  # a file where the directory should be, or on the way to it
+            raise ValueError(f"cannot make the directory {os.fspath(directory)!r} ({error.strerror or error}); "
+                             f"give a directory (created if missing) to hold {CONFIG_FILE}") from None
         path = os.path.join(directory, CONFIG_FILE)
         with open(path, "w") as f:
             json.dump(self.to_dict(), f, indent=2, sort_keys=True)
@@ -169,6 +173,13 @@ class PruneConfig:
                 f"its options are: {', '.join(sorted(known))}"
             )
         return cls(**options)
+
+
+def check_budget_options(keep: Any, keep_tokens: Any) -> None:
+    """``keep`` / ``keep_tokens`` as given to a method that builds its own stages from them: at most
+    one, of the right type and range (the checks of :class:`StageSpec`)."""
+    if keep is not None or keep_tokens is not None:
+        StageSpec("projector", None, keep, keep_tokens)
 
 
 def _stage_list(stages: Any) -> list:
@@ -240,13 +251,24 @@ def check_budget_order(stages: tuple[StageSpec, ...], visual_tokens: int | None 
 
 
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
-    """The saved options (with their ``method``) from a config file or a directory holding one."""
+    """The saved options (with their ``method``) from a config file or a directory holding one; what
+    is not one is refused in one line naming the file."""
+    if not isinstance(path, (str, os.PathLike)):  # an int would be read as an open file descriptor
+        raise ValueError(f"give the path of a vtoken config (a {CONFIG_FILE} or its directory), got {shown(path)}")
     if os.path.isdir(path):
         path = os.path.join(path, CONFIG_FILE)
-    with open(path) as f:
-        data = json.load(f)
-    if "method" not in data:
-        raise ValueError(f"{path} is not a vtoken config: it has no 'method' key")
+    if not os.path.isfile(path):
+        raise ValueError(f"no vtoken config at {os.fspath(path)!r}: write one with vtoken.save_config(model, DIR) "
+                         f"and give DIR or DIR/{CONFIG_FILE}")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"{os.fspath(path)} is not a vtoken config: not valid JSON ({error})") from None
+    if not isinstance(data, dict) or "method" not in data:
+        raise ValueError(f"{os.fspath(path)} is not a vtoken config: it needs a JSON object with a 'method' key")
+    if not isinstance(data["method"], str):
+        raise ValueError(f"{os.fspath(path)}: 'method' must be a method's name, got {shown(data['method'])}")
     return data
 
 

@@ -120,8 +120,13 @@ def _sequence_holders(run, index: int) -> list[int] | None:
 
 
 def _save(picture: Image.Image, path) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    picture.save(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        picture.save(path)
+    except (OSError, ValueError) as error:  # a file where a folder is needed; an unknown image extension
+        raise ValueError(f"cannot write the picture to {os.fspath(path)!r} ({getattr(error, 'strerror', None) or error}); "
+                         "give a .png path in a folder you can write to") from None
     return str(path)
 
 

@@ -28,6 +28,9 @@ def register(cls: type["Strategy"]) -> type["Strategy"]:
 def get_strategy(name: str) -> type["Strategy"]:
     """The strategy class registered as ``name``; an unknown name raises and lists the known ones."""
     _load_builtin_strategies()
+    if not isinstance(name, str):
+        raise ValueError(f"a method is named by a string, got {type(name).__name__} {name!r:.80}; known methods: "
+                         f"{', '.join(sorted(_STRATEGIES))}")
     try:
         return _STRATEGIES[name]
     except KeyError:

@@ -17,6 +17,7 @@ import torch
 from vtoken.config import PruneConfig
 from vtoken.context import ScoreContext
 from vtoken.registry import register
+from vtoken.schedule import is_integer
 from vtoken import signals
 from vtoken.signals import Needs, Signal
 from vtoken.strategies.base import Strategy
@@ -45,8 +46,16 @@ class OracleStrategy(Strategy):
                 "`with vtoken.annotate(model, relevant=[[...], ...]):` (one list of token indices per image)"
             )
         rows = ctx.tokens
+        if not isinstance(relevant, (list, tuple)) or not all(
+            isinstance(wanted, (list, tuple)) and all(is_integer(i) for i in wanted) for wanted in relevant
+        ):
+            raise ValueError(f"oracle: relevant must be one list of token indices (integers) per image, got {relevant!r:.80}")
         if len(relevant) != rows.num_rows:
             raise ValueError(f"oracle got relevant patches for {len(relevant)} images, the batch has {rows.num_rows}")
+        for r, wanted in enumerate(relevant):
+            if any(i < 0 for i in wanted):
+                raise ValueError(f"oracle: relevant token {min(wanted)} of image {r} is negative; give image-local "
+                                 "indices (0 for the image's first visual token)")
         # Random in [0, 1) for every token, +1 for relevant ones: relevant first, random fill after.
         scores = ctx.uniform()  # seeded per image: an image's fill never depends on its batch
         for r, wanted in enumerate(relevant):

@@ -96,7 +96,7 @@ from typing import Any
 
 import torch
 
-from vtoken.config import ROUNDINGS, PruneConfig, StageSpec
+from vtoken.config import ROUNDINGS, PruneConfig, StageSpec, check_budget_options
 from vtoken.context import Reduction, ScoreContext
 from vtoken import signals
 from vtoken.registry import register
@@ -324,6 +324,7 @@ class ToMeConfig(PruneConfig):
                 "per vision layer (0 where nothing merges) to choose the layers"
             )
         self.r = normalise_r(self.r)
+        check_budget_options(self.keep, self.keep_tokens)  # (keep=True would read as 1.0: nothing merged)
         if self.r is not None and (self.keep is not None or self.keep_tokens is not None):
             raise ValueError(
                 "tome: give r= (ToMe's tokens merged per layer) or keep=/keep_tokens= (the tokens left after the "

@@ -58,7 +58,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vtoken.config import PruneConfig, StageSpec
+from vtoken.config import PruneConfig, StageSpec, check_budget_options
 from vtoken.kernels import token_shift, token_shifts
 from vtoken.context import ScoreContext
 from vtoken.registry import register
@@ -233,6 +233,7 @@ class TransPruneConfig(PruneConfig):
         # Depth of the model this config was last bound to (``TransPruneStrategy.bind``); not a
         # field, so never saved: the default schedule is re-derived from the model it wraps.
         object.__setattr__(self, "_depth", None)
+        check_budget_options(self.keep, self.keep_tokens)
         if self.site != "llm":
             raise ValueError(f"transprune prunes inside the LLM only; use site='llm' (the default), not {self.site!r}")
         if self.direction not in DIRECTIONS:
@@ -292,7 +293,8 @@ class TransPruneConfig(PruneConfig):
     def resolved_stages(self, depth: int | None = None) -> tuple[StageSpec, ...]:
         """The stages for an LLM of ``depth`` layers (default: the depth it was last bound to, else
         the paper's 32)."""
-        depth = depth or getattr(self, "_depth", None) or PAPER_DEPTH
+        known = depth or getattr(self, "_depth", None)
+        depth = known or PAPER_DEPTH
         if self.stages or self.layer is not None:
             stages = super().resolved_stages()
             if any(s.site != "llm" for s in stages):
@@ -300,7 +302,7 @@ class TransPruneConfig(PruneConfig):
         else:
             stages = self._progressive(depth)
         stages = tuple(dataclasses.replace(s, rounding=self.rounding) for s in stages)
-        self._check_accumulation(stages, depth)
+        self._check_accumulation(stages, depth, depth_known=known is not None)
         return stages
 
     def _progressive(self, depth: int) -> tuple[StageSpec, ...]:
@@ -337,10 +339,14 @@ class TransPruneConfig(PruneConfig):
         layers = [s.layer for s in stages]
         return tuple(range(max(0, layers[0] - 1), layers[-1]))
 
-    def _check_accumulation(self, stages: tuple[StageSpec, ...], depth: int) -> None:
+    def _check_accumulation(self, stages: tuple[StageSpec, ...], depth: int, depth_known: bool = True) -> None:
         # The pruning layers first: the default accumulation span ends before the last of them, so a
         # layer past the LLM would otherwise be reported as accumulate_layers the user never gave.
-        beyond = [s.layer for s in stages if s.layer >= depth]
+        # Before a model is known (the config alone) there is no depth to hold them to, and the default
+        # schedule is a placeholder for the paper's depth: wrap checks them on the model.
+        if not depth_known and self.prune_layers is None and not self.stages and self.layer is None:
+            return
+        beyond = [s.layer for s in stages if s.layer >= depth] if depth_known else []
         if beyond:
             if self.prune_layers is not None:
                 option = f"prune_layers={list(self.prune_layers)}"
@@ -353,7 +359,7 @@ class TransPruneConfig(PruneConfig):
                 f"(0..{depth - 1}); prune at layers 1..{depth - 1}"
             )
         accumulate = self.accumulation(stages)
-        if any(layer >= depth for layer in accumulate):
+        if depth_known and any(layer >= depth for layer in accumulate):
             raise ValueError(
                 f"accumulate_layers {list(accumulate)} go beyond the LLM's {depth} layers (0..{depth - 1})"
             )

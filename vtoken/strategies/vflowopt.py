@@ -83,10 +83,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vtoken.config import PruneConfig, StageSpec
+from vtoken.config import PruneConfig, StageSpec, shown
 from vtoken.context import Grid, Reduction, ScoreContext, TokenRows, VisionAttention
 from vtoken.kernels import masked_topk
 from vtoken.registry import register
+from vtoken.schedule import is_integer, is_number
 from vtoken import signals
 from vtoken.signals import Needs, Signal
 from vtoken.schedule import ScoringCost, StageShapes
@@ -344,6 +345,18 @@ class VFlowOptConfig(PruneConfig):
     image_std: list[float] = field(default_factory=lambda: list(CLIP_STD))
 
     def __post_init__(self) -> None:
+        # Types first: a string or None would otherwise fail inside a comparison (or, True, pass as 1).
+        for name in ("stage1", "r2", "t", "a", "alpha", "newline_importance"):
+            if not is_number(getattr(self, name)):
+                raise ValueError(f"{name} must be a number, got {shown(getattr(self, name))}")
+        if not isinstance(self.recycle, bool):
+            raise ValueError(f"recycle must be True or False, got {shown(self.recycle)}")
+        if self.llm_layers is not None and not isinstance(self.llm_layers, (list, tuple)):
+            raise ValueError(f"llm_layers must be a list of LLM layer indices, got {shown(self.llm_layers)}")
+        for name in ("image_mean", "image_std"):
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)) or not all(is_number(v) for v in value):
+                raise ValueError(f"{name} must be a list of 3 numbers (one per RGB channel) or 1, got {shown(value)}")
         if self.stages:
             defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name in ("stage1", "r2")}
             ignored = [name for name, value in defaults.items() if getattr(self, name) != value]
@@ -374,7 +387,7 @@ class VFlowOptConfig(PruneConfig):
             raise ValueError(f"alpha must be a finite number, got {self.alpha}")
         if self.relevance not in RELEVANCE:
             raise ValueError(f"relevance must be one of {RELEVANCE}, got {self.relevance!r}")
-        if self.vision_layer is not None and (not isinstance(self.vision_layer, int) or self.vision_layer < 0):
+        if self.vision_layer is not None and (not is_integer(self.vision_layer) or self.vision_layer < 0):
             raise ValueError(f"vision_layer must be a layer index >= 0, got {self.vision_layer!r}")
         if self.llm_layers is not None:
             layers = list(self.llm_layers)

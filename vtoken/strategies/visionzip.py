@@ -45,7 +45,7 @@ from vtoken import signals
 from vtoken.config import PruneConfig, StageSpec
 from vtoken.context import Reduction, ScoreContext
 from vtoken.registry import register
-from vtoken.schedule import ScoringCost, StageShapes
+from vtoken.schedule import ScoringCost, StageShapes, is_integer
 from vtoken.signals import Needs, Signal
 from vtoken.strategies.base import Strategy
 
@@ -77,7 +77,7 @@ class VisionZipConfig(PruneConfig):
             0.0 <= self.dominant_share <= 1.0
         ):
             raise ValueError(f"dominant_share must be a fraction in [0, 1] (54/64 in the paper), got {self.dominant_share!r}")
-        if self.vision_layer is not None and (not isinstance(self.vision_layer, int) or self.vision_layer < 0):
+        if self.vision_layer is not None and (not is_integer(self.vision_layer) or self.vision_layer < 0):
             raise ValueError(f"vision_layer must be a layer index >= 0, got {self.vision_layer!r}")
         stages = self.resolved_stages()
         for stage in stages:
