@@ -87,10 +87,9 @@ from vtoken.config import PruneConfig, StageSpec, shown
 from vtoken.context import Grid, Reduction, ScoreContext, TokenRows, VisionAttention
 from vtoken.kernels import masked_topk
 from vtoken.registry import register
-from vtoken.schedule import is_integer, is_number
 from vtoken import signals
 from vtoken.signals import Needs, Signal
-from vtoken.schedule import ScoringCost, StageShapes
+from vtoken.schedule import ScoringCost, StageShapes, is_integer, is_number
 from vtoken.strategies.base import Strategy
 
 #: The image mean / std of the CLIP image processor (LLaVA-1.5, LLaVA-NeXT).
