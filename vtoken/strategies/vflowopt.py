@@ -352,10 +352,6 @@ class VFlowOptConfig(PruneConfig):
             raise ValueError(f"recycle must be True or False, got {shown(self.recycle)}")
         if self.llm_layers is not None and not isinstance(self.llm_layers, (list, tuple)):
             raise ValueError(f"llm_layers must be a list of LLM layer indices, got {shown(self.llm_layers)}")
-        for name in ("image_mean", "image_std"):
-            value = getattr(self, name)
-            if not isinstance(value, (list, tuple)) or not all(is_number(v) for v in value):
-                raise ValueError(f"{name} must be a list of 3 numbers (one per RGB channel) or 1, got {shown(value)}")
         if self.stages:
             defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name in ("stage1", "r2")}
             ignored = [name for name, value in defaults.items() if getattr(self, name) != value]
@@ -397,6 +393,8 @@ class VFlowOptConfig(PruneConfig):
                 )
         for name in ("image_mean", "image_std"):
             value = getattr(self, name)
+            if not isinstance(value, (list, tuple)) or not all(is_number(v) for v in value):
+                raise ValueError(f"{name} must be a list of 3 numbers (one per RGB channel) or 1, got {shown(value)}")
             if len(value) not in (1, 3) or any(not math.isfinite(float(v)) for v in value):
                 raise ValueError(f"{name} must hold 3 numbers (one per RGB channel) or 1 for all, got {value!r}")
         if any(float(v) <= 0 for v in self.image_std):
