@@ -80,7 +80,9 @@ def test_good_paths_pass_the_bench_checks(tmp_path):
     from vtoken.bench_args import check_configs, check_out
 
     check_out(str(tmp_path / "new" / "nested"))  # made when the first row is written
+    assert not (tmp_path / "new").exists()  # the probe takes back the folders it made
     check_out(str(tmp_path))
+    assert list(tmp_path.iterdir()) == []  # and the file it wrote
     check_configs(shipped_tuned(None))  # the shipped tuned configs load
 
 

@@ -81,7 +81,8 @@ def check_threads(threads: int | None) -> None:
 
 
 def check_out(path: str, flag: str = "--out") -> None:
-    """``path`` is a directory, or one can be made there: nothing on the way to it is a file."""
+    """``path`` is a directory, or one can be made there: nothing on the way to it is a file, and a
+    file can be written there (probed, then what the probe made is removed)."""
     existing = os.path.abspath(path)
     while not os.path.lexists(existing):
         existing = os.path.dirname(existing)
