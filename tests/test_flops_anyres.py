@@ -75,9 +75,7 @@ def test_a_pruning_vision_stage_reaches_the_llm_as_counted(models, family, size,
     inputs, packed, token = _inputs(family, model, size)
     report, counted, kept = _run(model, inputs, packed, token, "random", dict(keep=keep, site="vision", layer=0))
     empty_rows = len(_newlines(family, model, inputs) - kept)
-    assert report.layer_visual_tokens[0] == len(kept) + empty_rows
-    if keep >= 0.5:  # half of every crop leaves a token in every row here: the count is exact
-        assert empty_rows == 0
+    assert report.layer_visual_tokens[0] == len(kept) + empty_rows  # exact when no row is left empty
     if empty_rows == 0:
         assert report.prefill == counted  # FLOP for FLOP
     else:

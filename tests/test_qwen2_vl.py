@@ -513,10 +513,10 @@ def test_a_video_whose_last_frame_is_dropped_decodes_as_the_full_forward():
     x = {"input_ids": ids, "attention_mask": mask, "pixel_values_videos": pixels, "video_grid_thw": grids,
          "mm_token_type_ids": (ids == VIDEO_TOKEN).int() * 2}
     model = tiny_qwen2_vl(version="2.5")
-    vtoken.wrap(model, "random", keep_tokens=2, positions="contiguous", seed=3)
+    vtoken.wrap(model, "random", keep_tokens=2, positions="contiguous", seed=11)  # a seed that drops frame 2
     cached = model.generate(**x, max_new_tokens=2, do_sample=False, suppress_tokens=SUPPRESS,
                             return_dict_in_generate=True, output_scores=True)
-    assert [s["projector"].tolist() for s in vtoken.selection(model)][1] == [1, 2]  # frame 2 of sample 1 gone
+    assert max(vtoken.selection(model)[1]["projector"].tolist()) < 4  # the premise: frame 2 of sample 1 gone
     y = dict(x, input_ids=cached.sequences[:, : ids.shape[1] + 1],
              attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1),
              mm_token_type_ids=torch.cat([x["mm_token_type_ids"], torch.zeros(2, 1, dtype=torch.int)], 1))

@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 
 from vtoken.config import PruneConfig, StageSpec
+from vtoken.fingerprint import update_with_tensor
 from vtoken.layout import SequenceLayout
 
 
@@ -131,13 +132,10 @@ class ImageRun:
             if self._pixels is None:
                 self._pixels = self.crop_pixels()
             # Each crop's own pixels (a family whose crops differ in size hands a list), so the key
-            # never depends on the padding a batch adds.
-            # Fed crop by crop straight from the tensors' memory: the same digest as of their
-            # concatenated bytes, without the two copies (on a Qwen2-VL image of 2304 patches the
-            # copies cost as much as the hash).
+            # never depends on the padding a batch adds; each reduced where it lies (fingerprint.py).
             digest = hashlib.blake2b(digest_size=8)
             for c in crops:
-                digest.update(self._pixels[c].detach().reshape(-1).cpu().contiguous().view(torch.uint8).numpy())
+                update_with_tensor(digest, self._pixels[c])
             self._keys[crops] = int.from_bytes(digest.digest(), "little")
         return self._keys[crops]
 
