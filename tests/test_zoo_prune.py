@@ -319,16 +319,17 @@ def test_scoring_cost_follows_how_the_projector_is_scored():
         assert report.scoring == 2 * 16 * 32 * 64 + 8 * 2 * 16 * 64 * 64
     with vtoken.pruned(model, "zoo_prune", keep_tokens=4, directions=8, projector_rank=5):
         assert vtoken.flops(model, vtoken.schedule_of(model)).scoring == 2 * 16 * 32 * 64 + 8 * 2 * 16 * 64 * 5
-    # Qwen's merger (a LayerNorm first) is scored by 2m full passes.
+    # Qwen's merger (a norm first): its first layer on each of the 2m perturbed copies, its second on
+    # the m differences.
     from tiny import tiny_qwen2_vl
 
-    from vtoken.accounting import model_dims, projector_flops
+    from vtoken.accounting import model_dims
 
     qwen = tiny_qwen2_vl()
     with vtoken.pruned(qwen, "zoo_prune", directions=8):
         report = vtoken.flops(qwen, image_size=(32, 32))
-    tokens = report.visual_tokens  # merge units: the merger's input tokens
-    assert report.scoring == 16 * projector_flops(model_dims(qwen.config).projector, tokens)
+    tokens, p = report.visual_tokens, model_dims(qwen.config).projector  # merge units: the merger's input rows
+    assert report.scoring == 16 * 2 * tokens * p.in_dim * p.hidden + 8 * 2 * tokens * p.hidden * p.out_dim
 
 
 @pytest.mark.parametrize("name", ["llava", "next"])
@@ -495,14 +496,72 @@ def test_a_half_precision_model_of_every_family_is_scored_and_left_as_it_was(fam
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
 
 
-def test_a_rank_proxy_on_a_merger_is_refused_at_wrap():
-    """projector_rank needs the projector's second matrix: a Qwen-VL merger has none to factor, which
-    wrap says (the first forward said it before); the exact estimator runs there."""
+QWEN = ["qwen2", "qwen2_5", "qwen3"]
+
+
+def _merger(family):
+    """The family's merging projector as ZOO-Prune calls it (on per-LLM-token rows), and merged inputs."""
     from families import FAMILIES
 
-    model = FAMILIES["qwen2"].make()
-    with pytest.raises(ValueError, match=r"two-layer \(Linear, activation, Linear\) projector .*without projector_rank"):
-        vtoken.wrap(model, "zoo_prune", projector_rank=8)
-    assert not vtoken.is_wrapped(model)
-    vtoken.wrap(model, "zoo_prune")
-    vtoken.unwrap(model)
+    model = FAMILIES[family].make()
+    adapter_projector = vtoken.adapters.pipeline.MergingProjectorOnTokens(
+        model.model.visual.merger, model.config.vision_config.hidden_size
+        if family != "qwen2" else model.config.vision_config.embed_dim)
+    width = adapter_projector.width * 4
+    x = torch.randn(40, width, generator=torch.Generator().manual_seed(4))
+    return model, adapter_projector, x
+
+
+@pytest.mark.parametrize("family", QWEN)
+def test_a_merger_is_scored_from_its_structure_as_the_generic_passes_would(family):
+    """Qwen-VL's mergers, N (LayerNorm / RMSNorm per encoder token) then Linear, GELU, Linear, are read
+    as two layers after a row norm: W2 (σ(W1 N(x + h u) + b1) - σ(W1 N(x - h u) + b1)) equals the
+    generic +h / -h passes of the whole merger to float32 rounding; the rank-r proxy is exact at full
+    rank and only shortens W2 d below it."""
+    from vtoken.projector_parts import two_layer_projector
+    from vtoken.strategies.zoo_prune import zo_sensitivity_two_layer
+
+    _, projector, x = _merger(family)
+    parts = two_layer_projector(projector)
+    assert parts is not None and parts.norm is not None and parts.norm_width * 4 == x.shape[-1]
+    u = random_directions(16, x.shape[-1], torch.Generator().manual_seed(5))
+    exact = zo_sensitivity(float32_projector(projector), x, u, step=0.01)
+    torch.testing.assert_close(zo_sensitivity_two_layer(parts, x, u, step=0.01), exact, rtol=5e-5, atol=0)
+    hidden = parts.w1.shape[0]
+    full = zo_sensitivity_two_layer(two_layer_projector(projector, rank=hidden), x, u, step=0.01)
+    torch.testing.assert_close(full, exact, rtol=1e-4, atol=0)
+    low = zo_sensitivity_two_layer(two_layer_projector(projector, rank=hidden // 4), x, u, step=0.01)
+    assert bool((low <= exact * (1 + 1e-5)).all()) and not torch.allclose(low, exact, rtol=1e-3)
+
+
+def test_a_merger_whose_norm_is_used_otherwise_is_not_taken_for_one():
+    """The structure is checked on a probe: a norm applied over the whole merged row (not per encoder
+    token, as the leaves' widths say) is refused, so the generic passes run."""
+    from vtoken.projector_parts import two_layer_projector
+
+    _, projector, x = _merger("qwen2")
+    merger = projector.projector
+    merger.forward = lambda t: merger.mlp(merger.ln_q(t.view(-1, merger.ln_q.weight.numel())).reshape(-1, x.shape[-1]) * 2)
+    assert two_layer_projector(projector) is None
+
+
+@pytest.mark.parametrize("family", QWEN)
+def test_a_rank_proxy_runs_on_a_merger(family):
+    """projector_rank on Qwen-VL (the merger's second matrix factored): wrap accepts it, the budget is
+    kept and the FLOPs line counts 2m first-layer passes and m rank-r second-layer ones."""
+    from families import FAMILIES
+
+    model = FAMILIES[family].make()
+    x = FAMILIES[family].inputs(model)
+    rows = x["input_ids"].shape[0]
+    with vtoken.pruned(model, "zoo_prune", keep_tokens=3, directions=8, projector_rank=8):
+        with torch.no_grad():
+            model(**x)
+        assert [len(s["projector"]) for s in vtoken.selection(model)] == [3] * rows
+        assert vtoken.schedule_of(model, visual_tokens=16).scoring == (
+            ScoringCost("projector_sensitivity", passes=8, rows=8),)
+        report = vtoken.flops(model, image_size=(32, 32))
+        from vtoken.accounting import model_dims
+
+        p, tokens = model_dims(model.config).projector, report.visual_tokens
+        assert report.scoring == 16 * 2 * tokens * p.in_dim * p.hidden + 8 * 2 * tokens * p.hidden * 8

@@ -1121,7 +1121,8 @@ def _scoring_cost_flops(cost: ScoringCost, dims: ModelDims, schedule: Schedule, 
     - ``projector_sensitivity``: ZOO-Prune's ``passes`` directions over the same tokens: the
       projector's first layer once (2·n·in·hidden) and ``passes`` second-layer passes (2·n·hidden·out,
       ``out`` = ``rows`` for a rank-``rows`` proxy), as a plain two-layer MLP is scored from its
-      structure; for Qwen's merger (a LayerNorm first) ``2 · passes`` full projector passes.
+      structure; for Qwen's merger (a norm first, so the first layer runs on every perturbed copy)
+      ``2 · passes`` first-layer passes and ``passes`` second-layer ones (rank ``rows`` likewise).
     - ``vision_token_matching`` / ``llm_token_matching`` at layer l: the similarities of ToMe
       bipartite matching repeated from the tokens entering the stage at (site, l) down to its count
       (``bipartite_matching_flops``), per crop (width D; for a stage inside its block, ToMe's, the
@@ -1154,10 +1155,10 @@ def _scoring_cost_flops(cost: ScoringCost, dims: ModelDims, schedule: Schedule, 
         return cost.passes * projector_flops(dims.projector, _projector_tokens(dims, schedule, geo))
     if cost.kind == "projector_sensitivity":
         p, tokens = dims.projector, _projector_tokens(dims, schedule, geo)
-        if dims.family.startswith("qwen"):  # the merger's LayerNorm comes first: full passes
-            return 2 * cost.passes * projector_flops(p, tokens)
         second = cost.rows if cost.rows else p.out_dim
-        return 2 * tokens * p.in_dim * p.hidden + cost.passes * 2 * tokens * p.hidden * second
+        # The merger's norm comes before W1: W1 runs on each +h and -h copy, not once per token.
+        first_passes = 2 * cost.passes if dims.family.startswith("qwen") else 1
+        return first_passes * 2 * tokens * p.in_dim * p.hidden + cost.passes * 2 * tokens * p.hidden * second
     if cost.kind in ("vision_token_matching", "llm_token_matching"):
         site = cost.kind.split("_")[0]
         stage = next((s for s in schedule.stages if s.site == site and s.layer == cost.layer), None)

@@ -56,7 +56,7 @@ MEANING = {
     LLM_OBSERVED: "an LLM layer's inputs and outputs",
     LLM_ATTENTION_OBSERVED: "the attention rows of every LLM layer",
     ONE_GRID_PER_IMAGE: "each image to reach the LLM as one patch grid",
-    TWO_LAYER_PROJECTOR: "a two-layer (Linear, activation, Linear) projector",
+    TWO_LAYER_PROJECTOR: "a two-layer (Linear, activation, Linear) projector, a row norm first at most",
     VISION_CLS: "a CLS token in the vision tower",
     VISION_BLOCK_KEYS: "vision blocks run in two halves (attention, then MLP) with their keys",
     ANNOTATIONS: "per-input annotations",

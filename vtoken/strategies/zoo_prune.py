@@ -78,7 +78,6 @@ no single default: the official run script sweeps ``SUBSET_RATIO`` 0.1112 / 0.22
 
 from __future__ import annotations
 
-import itertools
 import math
 import warnings
 from dataclasses import dataclass
@@ -86,11 +85,9 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from vtoken.config import PruneConfig, StageSpec
 from vtoken.context import ScoreContext
-from vtoken.projector_parts import TwoLayerProjector, cached_two_layer_projector
+from vtoken.projector_parts import TwoLayerProjector, cached_two_layer_projector, projector_in
 from vtoken.registry import register
 from vtoken import signals
 from vtoken.signals import Needs, Signal
@@ -177,32 +174,6 @@ def random_directions(count: int, dim: int, generator: torch.Generator, device=N
     return F.normalize(u, dim=-1).to(device)
 
 
-def projector_in(
-    projector: Callable[[torch.Tensor], torch.Tensor], dtype: torch.dtype = torch.float32
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``projector`` as a function computing in ``dtype`` and returning float32: a module whose floating
-    parameters or buffers are not ``dtype`` runs on ``dtype`` copies of them
-    (``torch.func.functional_call``; the module keeps its own tensors); autocast is disabled. A plain
-    callable gets its input in ``dtype`` and its output cast to float32."""
-    if isinstance(projector, nn.Module):
-        tensors = dict(itertools.chain(projector.named_parameters(), projector.named_buffers()))
-        if any(t.is_floating_point() and t.dtype != dtype for t in tensors.values()):
-            copies = {n: t.detach().to(dtype) if t.is_floating_point() else t for n, t in tensors.items()}
-
-            def call(x: torch.Tensor) -> torch.Tensor:
-                return torch.func.functional_call(projector, copies, (x,))
-        else:
-            call = projector
-    else:
-        call = projector
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
-            return call(x.to(dtype)).float()
-
-    return run
-
-
 def float32_projector(projector: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
     """``projector`` as a float32 function (:func:`projector_in` in float32)."""
     return projector_in(projector, torch.float32)
@@ -252,24 +223,32 @@ def zo_sensitivity_two_layer(
     rank=r)``) ``hidden / r`` times fewer again in the second layer. Equal to the generic estimator up to
     float32 rounding (exact ``out``). With a half ``dtype`` the per-pair part (activation of the
     perturbed pre-activations, and ``W2`` on their difference) runs in it, as the official code's fp16
-    projector passes do; ``a`` and ``v`` are formed in float32 and rounded once."""
+    projector passes do; ``a`` and ``v`` are formed in float32 and rounded once.
+
+    A projector with a norm first (``parts.norm``: Qwen-VL's mergers) is not linear before ``σ``, so
+    ``W1 N(x ± h u) + b1`` is computed per pair, in float32: only the second layer is saved (once per
+    pair on the difference instead of twice, or its rank-``r`` factor)."""
     x = inputs.float()
     u = directions.float().to(x.device)
+    tokens, m = x.shape[0], u.shape[0]
+    norms = torch.empty(tokens * m, dtype=torch.float32, device=x.device)
+    pairs = max(1, chunk_size // 2)
     with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
-        a = x @ parts.w1.to(x.device).T
-        if parts.b1 is not None:
-            a = a + parts.b1.to(x.device)
-        v = step * (u @ parts.w1.to(x.device).T)
-        a, v, out = a.to(dtype), v.to(dtype), parts.out.to(x.device, dtype)
-        tokens, m = a.shape[0], v.shape[0]
-        norms = torch.empty(tokens * m, dtype=torch.float32, device=x.device)
-        pairs = max(1, chunk_size // 2)
+        out = parts.out.to(x.device, dtype)
+        if parts.norm is None:
+            a, v = parts.first_layer(x).to(dtype), (step * (u @ parts.w1.to(x.device).T)).to(dtype)
         for start in range(0, tokens * m, pairs):
             index = torch.arange(start, min(start + pairs, tokens * m), device=x.device)
-            base, offset = a[index // m], v[index % m]
-            difference = parts.act(base + offset) - parts.act(base - offset)
-            norms[start : start + index.shape[0]] = torch.linalg.vector_norm(
-                (difference @ out.T).float(), dim=-1) / (2 * step)
+            n = index.shape[0]
+            if parts.norm is None:
+                base, offset = a[index // m], v[index % m]
+                plus, minus = base + offset, base - offset
+            else:
+                base, offset = x[index // m], step * u[index % m]
+                both = parts.first_layer(torch.cat([base + offset, base - offset])).to(dtype)
+                plus, minus = both[:n], both[n:]
+            difference = parts.act(plus) - parts.act(minus)
+            norms[start : start + n] = torch.linalg.vector_norm((difference @ out.T).float(), dim=-1) / (2 * step)
     return norms.view(tokens, m).mean(dim=-1)
 
 
@@ -342,7 +321,8 @@ class ZooPruneStrategy(Strategy):
     reads = (signals.PROJECTOR_INPUT,)
 
     def needs(self) -> Needs:
-        # A rank-r proxy needs the projector's second matrix: refused at wrap on a merger (Qwen-VL).
+        # A rank-r proxy needs the projector's second matrix (LLaVA's projector, Qwen-VL's mergers):
+        # refused at wrap on a projector of another shape.
         structure = [Signal(signals.TWO_LAYER_PROJECTOR)] if self.config.projector_rank is not None else []
         return Needs.of(Signal(signals.PROJECTOR_INPUT), *structure)
 
@@ -375,7 +355,7 @@ class ZooPruneStrategy(Strategy):
             else:
                 if config.projector_rank is not None:
                     raise ValueError(
-                        "zoo_prune: projector_rank needs a two-layer (Linear, activation, Linear) projector; this "
+                        "zoo_prune: projector_rank needs a two-layer (Linear, activation, Linear; a row norm first at most) projector; this "
                         "model's is not one: drop projector_rank"
                     )
                 values = zo_sensitivity(projector_in(projector, dtype), chosen, u, float(config.step),
