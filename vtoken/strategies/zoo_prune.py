@@ -85,6 +85,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
 from vtoken.config import PruneConfig, StageSpec
 from vtoken.context import ScoreContext
 from vtoken.projector_parts import TwoLayerProjector, cached_two_layer_projector, projector_in
