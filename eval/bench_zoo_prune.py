@@ -1,9 +1,11 @@
-"""ZOO-Prune's scoring cost on LLaVA-1.5's projector shape (1024 -> 4096 -> 4096, GELU), 576 tokens:
-the generic estimator (2m full projector passes), the same estimator computed from the projector's
-structure (``zo_sensitivity_two_layer``: exact up to float32 rounding), the same in float16 (the
-official code's precision, ``precision="float16"``), and the official LLaVA-NeXT code's rank-128 SVD
-proxy; time per image, FLOPs, and how far each selection agrees with the exact float32 estimator
-(overlap of the kept sets at 64 / 128 / 192 tokens).
+"""ZOO-Prune's scoring cost on LLaVA-1.5's projector shape (1024 -> 4096 -> 4096, GELU), 576 tokens, or
+(``--projector qwen2_vl``) on Qwen2-VL-7B's merger (a LayerNorm over each of the four merged 1280-wide
+patches, then 5120 -> 5120 -> 3584, GELU): the generic estimator (2m full projector passes), the same
+estimator computed from the projector's structure (``zo_sensitivity_two_layer``: exact up to float32
+rounding; on the merger the first layer still runs on every perturbed copy, after the norm), the same
+in float16 (the official code's precision, ``precision="float16"``), and the official LLaVA-NeXT code's
+rank-128 SVD proxy; time per image, FLOPs, and how far each selection agrees with the exact float32
+estimator (overlap of the kept sets at 64 / 128 / 192 tokens).
 
 Random weights and inputs (unit-scale tokens, the projector initialised as transformers does), float32,
 ``torch.set_num_threads(--threads)``. The generic estimator is timed on ``--generic-directions``
@@ -12,6 +14,7 @@ directions and scaled to m (its cost is linear in m; the output says so). Writes
 
     python eval/bench_zoo_prune.py --out /tmp/zoo_prune_speed.md
     python eval/bench_zoo_prune.py --out eval/results/zoo_prune_speed.md --overwrite   # the committed result
+    python eval/bench_zoo_prune.py --projector qwen2_vl --repeats 2 --out eval/results/zoo_prune_speed_qwen2_vl.md --overwrite
 """
 
 from __future__ import annotations
@@ -50,6 +53,27 @@ def llava_projector(d_in: int = 1024, hidden: int = 4096, seed: int = 0) -> torc
     return projector
 
 
+def qwen2_vl_merger(context: int = 1280, out: int = 3584, seed: int = 0) -> torch.nn.Module:
+    """Qwen2-VL-7B's merger as ZOO-Prune calls it: on rows of four merged patches (``4 * context``)."""
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import PatchMerger
+
+    from vtoken.adapters.pipeline import MergingProjectorOnTokens
+
+    torch.manual_seed(seed)
+    merger = PatchMerger(dim=out, context_dim=context).eval()
+    for layer in (merger.mlp[0], merger.mlp[2]):  # transformers' init: N(0, 0.02)
+        torch.nn.init.normal_(layer.weight, std=0.02)
+        torch.nn.init.zeros_(layer.bias)
+    return MergingProjectorOnTokens(merger, context).eval()
+
+
+#: --projector: (title, builder, input width, hidden width, output width, norm first).
+PROJECTORS = {
+    "llava": ("LLaVA-1.5's projector shape", llava_projector, 1024, 4096, 4096, False),
+    "qwen2_vl": ("Qwen2-VL-7B's merger shape", qwen2_vl_merger, 5120, 5120, 3584, True),
+}
+
+
 def timed(fn, repeats: int) -> tuple[torch.Tensor, list[float]]:
     times, out = [], None
     for _ in range(repeats):
@@ -70,6 +94,7 @@ def select(projector, x, s, k: int) -> set[int]:
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--projector", choices=sorted(PROJECTORS), default="llava")
     parser.add_argument("--tokens", type=int, default=576)
     parser.add_argument("--directions", type=int, default=64)
     parser.add_argument("--generic-directions", type=int, default=4)
@@ -81,10 +106,11 @@ def main(argv=None) -> None:
     out = claim(args.out, args.overwrite)
     claim(out.with_suffix(".json"), args.overwrite)
     torch.set_num_threads(args.threads)
-    projector = llava_projector()
+    title, build, d, h, width_out, norm_first = PROJECTORS[args.projector]
+    projector = build()
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(args.tokens, 1024, generator=g)
-    u = random_directions(args.directions, 1024, g)
+    x = torch.randn(args.tokens, d, generator=g)
+    u = random_directions(args.directions, d, g)
     step = 0.01
     exact_parts = two_layer_projector(projector)
     proxy_parts = two_layer_projector(projector, rank=args.rank)
@@ -98,12 +124,15 @@ def main(argv=None) -> None:
             lambda: zo_sensitivity(float32_projector(projector), x, u[:m_generic], step), args.repeats)
         s_structure_part = zo_sensitivity_two_layer(exact_parts, x, u[:m_generic], step)
     generic_scaled = [t * args.directions / m_generic for t in t_generic]
-    n, d, h = args.tokens, 1024, 4096
+    n, m = args.tokens, args.directions
+    # The first layer: once per token and direction (W1 x, W1 u), or with a norm first on each of the
+    # 2 n m perturbed copies. The second: on each of the n m differences.
+    first = 2 * m * n * d * h if norm_first else n * d * h + m * d * h
     flops = {  # multiply-adds x 2
-        "generic": 2 * args.directions * n * 2 * (d * h + h * h),
-        "structure": 2 * (n * d * h + args.directions * d * h + args.directions * n * h * h),
-        "half": 2 * (n * d * h + args.directions * d * h + args.directions * n * h * h),
-        "rank": 2 * (n * d * h + args.directions * d * h + args.directions * n * h * args.rank),
+        "generic": 2 * m * n * 2 * (d * h + h * width_out),
+        "structure": 2 * (first + m * n * h * width_out),
+        "half": 2 * (first + m * n * h * width_out),
+        "rank": 2 * (first + m * n * h * args.rank),
     }
     rows = []
     for name, times in (("generic (2m projector passes)", generic_scaled), ("from structure (exact)", t_structure),
@@ -117,7 +146,7 @@ def main(argv=None) -> None:
     agreement = float(((s_generic_part - s_structure_part).abs() / s_generic_part).max())
     machine = f"CPU ({platform.processor() or platform.machine()}), {args.threads} thread(s); no GPU"
     lines = [
-        "# ZOO-Prune scoring cost on LLaVA-1.5's projector shape",
+        f"# ZOO-Prune scoring cost on {title}",
         "",
         f"Produced by `{command_line('bench_zoo_prune', argv)}` (tokens {n}, m "
         f"{args.directions}, h {step}, rank {args.rank}, {args.repeats} repeats). Machine: {machine}.",
