@@ -103,7 +103,7 @@ MUTATIONS = (
              "x = self.norm(x.reshape(-1, self.norm_width)).reshape(x.shape)", "x = x",
              ("tests/test_zoo_prune.py",)),
     Mutation("ZOO-Prune FLOPs: a merger's first layer counted once, not per perturbed copy", "vtoken/accounting.py",
-             'first_passes = 2 * cost.passes if dims.family.startswith("qwen") else 1', "first_passes = 1",
+             'first_passes = 2 * cost.passes if p.norm_first else 1', "first_passes = 1",
              ("tests/test_zoo_prune.py",)),
     Mutation("ToMe: proportional attention's log(size) bias dropped", "vtoken/adapters/vision_site.py",
              "bias = self._size_bias(images, hidden) if proportional else None", "bias = None",

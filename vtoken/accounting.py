@@ -175,11 +175,13 @@ class VisionDims:
 
 @dataclass(frozen=True)
 class ProjectorDims:
-    """A two-layer MLP applied to each of the projector's input tokens."""
+    """A two-layer MLP applied to each of the projector's input tokens; ``norm_first``: a norm before
+    its first layer (Qwen-VL's mergers), which ZOO-Prune's perturbations cannot pass through linearly."""
 
     in_dim: int
     hidden: int
     out_dim: int
+    norm_first: bool = False
 
 
 @dataclass(frozen=True)
@@ -414,7 +416,7 @@ def _qwen_dims(config, family: str, width: int, intermediate: int, out_dim: int,
             heads=vision.num_heads,
             **vision_extra,
         ),
-        projector=ProjectorDims(in_dim=merged_dim, hidden=merged_dim, out_dim=out_dim),
+        projector=ProjectorDims(in_dim=merged_dim, hidden=merged_dim, out_dim=out_dim, norm_first=True),
     )
 
 
@@ -1156,8 +1158,8 @@ def _scoring_cost_flops(cost: ScoringCost, dims: ModelDims, schedule: Schedule, 
     if cost.kind == "projector_sensitivity":
         p, tokens = dims.projector, _projector_tokens(dims, schedule, geo)
         second = cost.rows if cost.rows else p.out_dim
-        # The merger's norm comes before W1: W1 runs on each +h and -h copy, not once per token.
-        first_passes = 2 * cost.passes if dims.family.startswith("qwen") else 1
+        # A norm before W1 (Qwen's merger): W1 runs on each +h and -h copy, not once per token.
+        first_passes = 2 * cost.passes if p.norm_first else 1
         return first_passes * 2 * tokens * p.in_dim * p.hidden + cost.passes * 2 * tokens * p.hidden * second
     if cost.kind in ("vision_token_matching", "llm_token_matching"):
         site = cost.kind.split("_")[0]
