@@ -500,16 +500,16 @@ QWEN = ["qwen2", "qwen2_5", "qwen3"]
 
 
 def _merger(family):
-    """The family's merging projector as ZOO-Prune calls it (on per-LLM-token rows), and merged inputs."""
+    """The family's merging projector as its adapter hands it to ZOO-Prune (``ctx.projector``, on
+    per-LLM-token rows), and 40 merged input rows of its width."""
     from families import FAMILIES
 
     model = FAMILIES[family].make()
-    adapter_projector = vtoken.adapters.pipeline.MergingProjectorOnTokens(
-        model.model.visual.merger, model.config.vision_config.hidden_size
-        if family != "qwen2" else model.config.vision_config.embed_dim)
-    width = adapter_projector.width * 4
-    x = torch.randn(40, width, generator=torch.Generator().manual_seed(4))
-    return model, adapter_projector, x
+    with vtoken.pruned(model, "zoo_prune"):
+        adapter = model._vtoken_state.adapter
+        projector = adapter.projector_on_tokens()
+        width = adapter.description.projector.unit * adapter.description.vision.width
+    return projector, torch.randn(40, width, generator=torch.Generator().manual_seed(4))
 
 
 @pytest.mark.parametrize("family", QWEN)
@@ -521,7 +521,7 @@ def test_a_merger_is_scored_from_its_structure_as_the_generic_passes_would(famil
     from vtoken.projector_parts import two_layer_projector
     from vtoken.strategies.zoo_prune import zo_sensitivity_two_layer
 
-    _, projector, x = _merger(family)
+    projector, x = _merger(family)
     parts = two_layer_projector(projector)
     assert parts is not None and parts.norm is not None and parts.norm_width * 4 == x.shape[-1]
     u = random_directions(16, x.shape[-1], torch.Generator().manual_seed(5))
@@ -539,7 +539,7 @@ def test_a_merger_whose_norm_is_used_otherwise_is_not_taken_for_one():
     token, as the leaves' widths say) is refused, so the generic passes run."""
     from vtoken.projector_parts import two_layer_projector
 
-    _, projector, x = _merger("qwen2")
+    projector, x = _merger("qwen2")
     merger = projector.projector
     merger.forward = lambda t: merger.mlp(merger.ln_q(t.view(-1, merger.ln_q.weight.numel())).reshape(-1, x.shape[-1]) * 2)
     assert two_layer_projector(projector) is None
