@@ -2,7 +2,7 @@
 (``--projector qwen2_vl``) on Qwen2-VL-7B's merger (a LayerNorm over each of the four merged 1280-wide
 patches, then 5120 -> 5120 -> 3584, GELU): the generic estimator (2m full projector passes), the same
 estimator computed from the projector's structure (``zo_sensitivity_two_layer``: exact up to float32
-rounding; on the merger the first layer still runs on every perturbed copy, after the norm), the same
+rounding; on the merger the norm's per-copy scale is applied after the first layer), the same
 in float16 (the official code's precision, ``precision="float16"``), and the official LLaVA-NeXT code's
 rank-128 SVD proxy; time per image, FLOPs, and how far each selection agrees with the exact float32
 estimator (overlap of the kept sets at 64 / 128 / 192 tokens).
@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from vtoken.accounting import ProjectorDims, projector_flops, projector_sensitivity_flops
 from vtoken.projector_parts import two_layer_projector
 from vtoken.strategies.zoo_prune import (
     float32_projector, normalise_sensitivity, random_directions, weighted_maxmin_order, zo_sensitivity,
@@ -67,10 +68,10 @@ def qwen2_vl_merger(context: int = 1280, out: int = 3584, seed: int = 0) -> torc
     return MergingProjectorOnTokens(merger, context).eval()
 
 
-#: --projector: (title, builder, input width, hidden width, output width, norm first).
+#: --projector: (title, builder, its dimensions for the FLOPs model).
 PROJECTORS = {
-    "llava": ("LLaVA-1.5's projector shape", llava_projector, 1024, 4096, 4096, False),
-    "qwen2_vl": ("Qwen2-VL-7B's merger shape", qwen2_vl_merger, 5120, 5120, 3584, True),
+    "llava": ("LLaVA-1.5's projector shape", llava_projector, ProjectorDims(1024, 4096, 4096)),
+    "qwen2_vl": ("Qwen2-VL-7B's merger shape", qwen2_vl_merger, ProjectorDims(5120, 5120, 3584, norm_groups=4)),
 }
 
 
@@ -106,7 +107,8 @@ def main(argv=None) -> None:
     out = claim(args.out, args.overwrite)
     claim(out.with_suffix(".json"), args.overwrite)
     torch.set_num_threads(args.threads)
-    title, build, d, h, width_out, norm_first = PROJECTORS[args.projector]
+    title, build, dims = PROJECTORS[args.projector]
+    d = dims.in_dim
     projector = build()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.tokens, d, generator=g)
@@ -125,14 +127,11 @@ def main(argv=None) -> None:
         s_structure_part = zo_sensitivity_two_layer(exact_parts, x, u[:m_generic], step)
     generic_scaled = [t * args.directions / m_generic for t in t_generic]
     n, m = args.tokens, args.directions
-    # The first layer: once per token and direction (W1 x, W1 u), or with a norm first on each of the
-    # 2 n m perturbed copies. The second: on each of the n m differences.
-    first = 2 * m * n * d * h if norm_first else n * d * h + m * d * h
-    flops = {  # multiply-adds x 2
-        "generic": 2 * m * n * 2 * (d * h + h * width_out),
-        "structure": 2 * (first + m * n * h * width_out),
-        "half": 2 * (first + m * n * h * width_out),
-        "rank": 2 * (first + m * n * h * args.rank),
+    flops = {  # the FLOPs model's counts (vtoken.accounting)
+        "generic": 2 * m * projector_flops(dims, n),
+        "structure": projector_sensitivity_flops(dims, n, m),
+        "half": projector_sensitivity_flops(dims, n, m),
+        "rank": projector_sensitivity_flops(dims, n, m, args.rank),
     }
     rows = []
     for name, times in (("generic (2m projector passes)", generic_scaled), ("from structure (exact)", t_structure),

@@ -319,8 +319,9 @@ def test_scoring_cost_follows_how_the_projector_is_scored():
         assert report.scoring == 2 * 16 * 32 * 64 + 8 * 2 * 16 * 64 * 64
     with vtoken.pruned(model, "zoo_prune", keep_tokens=4, directions=8, projector_rank=5):
         assert vtoken.flops(model, vtoken.schedule_of(model)).scoring == 2 * 16 * 32 * 64 + 8 * 2 * 16 * 64 * 5
-    # Qwen's merger (a norm first): its first layer on each of the 2m perturbed copies, its second on
-    # the m differences.
+    # Qwen's merger (a LayerNorm over each of the G = 4 encoder tokens of a merged row first): its first
+    # layer once, and per (token, direction) pair the norm's G cross terms (2·in), two G-term sums of
+    # hidden-wide rows per sign (8·G·hidden) and the second layer on the difference.
     from tiny import tiny_qwen2_vl
 
     from vtoken.accounting import model_dims
@@ -329,7 +330,9 @@ def test_scoring_cost_follows_how_the_projector_is_scored():
     with vtoken.pruned(qwen, "zoo_prune", directions=8):
         report = vtoken.flops(qwen, image_size=(32, 32))
     tokens, p = report.visual_tokens, model_dims(qwen.config).projector  # merge units: the merger's input rows
-    assert report.scoring == 16 * 2 * tokens * p.in_dim * p.hidden + 8 * 2 * tokens * p.hidden * p.out_dim
+    assert p.norm_groups == 4
+    assert report.scoring == 2 * tokens * p.in_dim * p.hidden + 8 * tokens * (
+        2 * p.hidden * p.out_dim + 2 * p.in_dim + 8 * 4 * p.hidden)
 
 
 @pytest.mark.parametrize("name", ["llava", "next"])
@@ -516,22 +519,40 @@ def _merger(family):
 def test_a_merger_is_scored_from_its_structure_as_the_generic_passes_would(family):
     """Qwen-VL's mergers, N (LayerNorm / RMSNorm per encoder token) then Linear, GELU, Linear, are read
     as two layers after a row norm: W2 (σ(W1 N(x + h u) + b1) - σ(W1 N(x - h u) + b1)) equals the
-    generic +h / -h passes of the whole merger to float32 rounding; the rank-r proxy is exact at full
-    rank and only shortens W2 d below it."""
+    +h / -h passes of the whole merger in float64, both with W1 moved outside the norm (its LayerNorm /
+    RMSNorm form read off it; any chunking) and with W1 on each perturbed copy (the path of a norm of
+    another form), to float32 rounding: the first within 5e-5 (it never rounds a perturbed copy), the
+    second and the generic float32 passes within 2e-4; the rank-r proxy is exact at full rank and only
+    shortens W2 d below it."""
+    import copy
+    import dataclasses
+
     from vtoken.projector_parts import two_layer_projector
     from vtoken.strategies.zoo_prune import zo_sensitivity_two_layer
 
     projector, x = _merger(family)
+    x = x * 3 + 0.5  # off-centre rows of several units: the LayerNorm's centring and scale both matter
     parts = two_layer_projector(projector)
     assert parts is not None and parts.norm is not None and parts.norm_width * 4 == x.shape[-1]
+    assert parts.norm_form is not None and parts.norm_form.centred == (family != "qwen2_5")  # 2.5: RMSNorm
     u = random_directions(16, x.shape[-1], torch.Generator().manual_seed(5))
+    merger64, x64 = copy.deepcopy(projector).double(), x.double()
+    with torch.no_grad():
+        reference = torch.stack([(merger64(x64 + 0.01 * uj) - merger64(x64 - 0.01 * uj)).norm(dim=-1) / 0.02
+                                 for uj in u.double()], dim=-1).mean(-1).float()
+    # Blocks of all tokens x all directions, 3 tokens x 5 directions (the last of each shorter), 1 x 2.
+    for chunk in (8192, 30, 4):
+        torch.testing.assert_close(zo_sensitivity_two_layer(parts, x, u, step=0.01, chunk_size=chunk), reference,
+                                   rtol=5e-5, atol=0)
+    per_copy = dataclasses.replace(parts, norm_form=None)
+    torch.testing.assert_close(zo_sensitivity_two_layer(per_copy, x, u, step=0.01), reference, rtol=2e-4, atol=0)
     exact = zo_sensitivity(float32_projector(projector), x, u, step=0.01)
-    torch.testing.assert_close(zo_sensitivity_two_layer(parts, x, u, step=0.01), exact, rtol=5e-5, atol=0)
+    torch.testing.assert_close(exact, reference, rtol=2e-4, atol=0)
     hidden = parts.w1.shape[0]
     full = zo_sensitivity_two_layer(two_layer_projector(projector, rank=hidden), x, u, step=0.01)
-    torch.testing.assert_close(full, exact, rtol=1e-4, atol=0)
+    torch.testing.assert_close(full, reference, rtol=1e-4, atol=0)
     low = zo_sensitivity_two_layer(two_layer_projector(projector, rank=hidden // 4), x, u, step=0.01)
-    assert bool((low <= exact * (1 + 1e-5)).all()) and not torch.allclose(low, exact, rtol=1e-3)
+    assert bool((low <= reference * (1 + 1e-5)).all()) and not torch.allclose(low, reference, rtol=1e-3)
 
 
 def test_a_merger_whose_norm_is_used_otherwise_is_not_taken_for_one():
@@ -548,7 +569,8 @@ def test_a_merger_whose_norm_is_used_otherwise_is_not_taken_for_one():
 @pytest.mark.parametrize("family", QWEN)
 def test_a_rank_proxy_runs_on_a_merger(family):
     """projector_rank on Qwen-VL (the merger's second matrix factored): wrap accepts it, the budget is
-    kept and the FLOPs line counts 2m first-layer passes and m rank-r second-layer ones."""
+    kept and the FLOPs line counts one first-layer pass, the norm's per-pair terms and m rank-r
+    second-layer passes."""
     from families import FAMILIES
 
     model = FAMILIES[family].make()
@@ -564,4 +586,5 @@ def test_a_rank_proxy_runs_on_a_merger(family):
         from vtoken.accounting import model_dims
 
         p, tokens = model_dims(model.config).projector, report.visual_tokens
-        assert report.scoring == 16 * 2 * tokens * p.in_dim * p.hidden + 8 * 2 * tokens * p.hidden * 8
+        assert report.scoring == 2 * tokens * p.in_dim * p.hidden + 8 * tokens * (
+            2 * p.hidden * 8 + 2 * p.in_dim + 8 * 4 * p.hidden)

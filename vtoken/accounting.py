@@ -175,13 +175,14 @@ class VisionDims:
 
 @dataclass(frozen=True)
 class ProjectorDims:
-    """A two-layer MLP applied to each of the projector's input tokens; ``norm_first``: a norm before
-    its first layer (Qwen-VL's mergers), which ZOO-Prune's perturbations cannot pass through linearly."""
+    """A two-layer MLP applied to each of the projector's input tokens; ``norm_groups``: how many rows
+    (encoder tokens) of each input token a LayerNorm / RMSNorm before its first layer normalises
+    separately (Qwen-VL's mergers: merge²), 0 with no norm. ZOO-Prune pays per perturbed copy for them."""
 
     in_dim: int
     hidden: int
     out_dim: int
-    norm_first: bool = False
+    norm_groups: int = 0
 
 
 @dataclass(frozen=True)
@@ -416,7 +417,7 @@ def _qwen_dims(config, family: str, width: int, intermediate: int, out_dim: int,
             heads=vision.num_heads,
             **vision_extra,
         ),
-        projector=ProjectorDims(in_dim=merged_dim, hidden=merged_dim, out_dim=out_dim, norm_first=True),
+        projector=ProjectorDims(in_dim=merged_dim, hidden=merged_dim, out_dim=out_dim, norm_groups=merge * merge),
     )
 
 
@@ -710,6 +711,19 @@ def pooling_head_flops(v: VisionDims, tokens: int) -> int:
 def projector_flops(p: ProjectorDims, tokens: int) -> int:
     """The two-layer projector MLP on ``tokens`` tokens: 2·n·(in·hidden + hidden·out)."""
     return 2 * tokens * (p.in_dim * p.hidden + p.hidden * p.out_dim)
+
+
+def projector_sensitivity_flops(p: ProjectorDims, tokens: int, directions: int, rank: int = 0) -> int:
+    """ZOO-Prune's sensitivity of ``tokens`` tokens along ``directions`` directions, computed from the
+    projector's structure (``zo_sensitivity_two_layer``): the first layer once per token
+    (2·n·in·hidden; once per direction too, m rows, not counted) and per (token, direction) pair one
+    second-layer pass on the activation difference (2·hidden·out, ``out`` = ``rank`` for a rank-r
+    proxy). With a norm over G = ``norm_groups`` rows of each token first (Qwen's merger) each pair
+    also pays the norm's G cross terms (2·in) and, per sign, two G-term sums of hidden-wide rows
+    (8·G·hidden; ``_normed_pre_activations``)."""
+    second = rank if rank else p.out_dim
+    per_pair = 2 * p.hidden * second + (2 * p.in_dim + 8 * p.norm_groups * p.hidden if p.norm_groups else 0)
+    return 2 * tokens * p.in_dim * p.hidden + directions * tokens * per_pair
 
 
 def deepstack_flops(dims: ModelDims, schedule: Schedule, geo: Geometry) -> int:
@@ -1120,11 +1134,8 @@ def _scoring_cost_flops(cost: ScoringCost, dims: ModelDims, schedule: Schedule, 
       n tokens (CLS included) of that layer.
     - ``projector_passes``: passes × the projector over its input tokens (all patch features, or
       those kept by a vision-site stage; a projector-site stage comes after it).
-    - ``projector_sensitivity``: ZOO-Prune's ``passes`` directions over the same tokens: the
-      projector's first layer once (2·n·in·hidden) and ``passes`` second-layer passes (2·n·hidden·out,
-      ``out`` = ``rows`` for a rank-``rows`` proxy), as a plain two-layer MLP is scored from its
-      structure; for Qwen's merger (a norm first, so the first layer runs on every perturbed copy)
-      ``2 · passes`` first-layer passes and ``passes`` second-layer ones (rank ``rows`` likewise).
+    - ``projector_sensitivity``: ZOO-Prune's ``passes`` directions over the same tokens
+      (``projector_sensitivity_flops``, rank ``rows``).
     - ``vision_token_matching`` / ``llm_token_matching`` at layer l: the similarities of ToMe
       bipartite matching repeated from the tokens entering the stage at (site, l) down to its count
       (``bipartite_matching_flops``), per crop (width D; for a stage inside its block, ToMe's, the
@@ -1156,11 +1167,8 @@ def _scoring_cost_flops(cost: ScoringCost, dims: ModelDims, schedule: Schedule, 
     if cost.kind == "projector_passes":
         return cost.passes * projector_flops(dims.projector, _projector_tokens(dims, schedule, geo))
     if cost.kind == "projector_sensitivity":
-        p, tokens = dims.projector, _projector_tokens(dims, schedule, geo)
-        second = cost.rows if cost.rows else p.out_dim
-        # A norm before W1 (Qwen's merger): W1 runs on each +h and -h copy, not once per token.
-        first_passes = 2 * cost.passes if p.norm_first else 1
-        return first_passes * 2 * tokens * p.in_dim * p.hidden + cost.passes * 2 * tokens * p.hidden * second
+        return projector_sensitivity_flops(dims.projector, _projector_tokens(dims, schedule, geo), cost.passes,
+                                           cost.rows)
     if cost.kind in ("vision_token_matching", "llm_token_matching"):
         site = cost.kind.split("_")[0]
         stage = next((s for s in schedule.stages if s.site == site and s.layer == cost.layer), None)

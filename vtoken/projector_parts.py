@@ -46,13 +46,77 @@ def projector_in(
 
 
 @dataclass(frozen=True)
+class RowStandardisation:
+    """A row norm of the form ``N(y) = γ ⊙ (y - c·mean(y)) / sqrt(mean((y - c·mean(y))²) + ε) + β`` over
+    rows of ``len(γ)`` values: LayerNorm (``centred``, c = 1) or RMSNorm (c = 0), in float32. Knowing
+    the form lets ZOO-Prune move ``W1`` outside the perturbation: ``N(x + h u)`` is ``γ ⊙ (x̄ + h ū)``
+    divided by one scalar per row (:func:`vtoken.strategies.zoo_prune.zo_sensitivity_two_layer`)."""
+
+    weight: torch.Tensor  # γ [width]
+    bias: torch.Tensor  # β [width] (zeros when the norm has none)
+    eps: float
+    centred: bool
+
+    def __call__(self, y: torch.Tensor) -> torch.Tensor:
+        """``N(y)`` of float32 rows ``y`` (``[..., width]``) from the fitted form."""
+        if self.centred:
+            y = y - y.mean(dim=-1, keepdim=True)
+        scale = torch.rsqrt(y.square().mean(dim=-1, keepdim=True) + self.eps)
+        return self.weight.to(y.device) * (y * scale) + self.bias.to(y.device)
+
+
+def _zero_mean_unit_pattern(width: int) -> torch.Tensor:
+    """A ``[width]`` float32 row with mean 0, mean square 1 and every entry far from 0 (±1 alternating;
+    an odd width starts 2, -1, -1), so dividing by it is exact enough to read ``γ`` off a norm."""
+    pattern = torch.tensor([1.0, -1.0]).repeat(width // 2 + 1)[:width].double()
+    if width % 2:
+        pattern[:3] = torch.tensor([2.0, -1.0, -1.0])
+    return (pattern / pattern.square().mean().sqrt()).float()
+
+
+def row_standardisation(norm: Callable[[torch.Tensor], torch.Tensor], width: int,
+                        device: torch.device | str = "cpu") -> RowStandardisation | None:
+    """The :class:`RowStandardisation` that ``norm`` (a float32 function of ``[n, width]`` rows)
+    computes, or None when it computes something else. Read from probes, not attributes: ``β = N(0)``;
+    with ``s`` a zero-mean unit pattern, ``N(t s) - β = γ ⊙ s · t / sqrt(t² + ε)``, so a large ``t``
+    gives ``γ`` and ``t = 1e-3`` gives ``ε``; centred when adding a constant to a row changes nothing.
+    The fitted form is then checked on random rows of several scales and offsets."""
+    if width < 2:
+        return None
+    with torch.no_grad():
+        s = _zero_mean_unit_pattern(width).to(device)
+        def at(rows: torch.Tensor) -> torch.Tensor:
+            return norm(rows.reshape(-1, width)).float().reshape(rows.shape)
+        bias = at(torch.zeros(width, device=device))
+        weight = (at(1e2 * s) - bias) / s
+        small = 1e-3
+        strong = weight.abs() >= 0.5 * weight.abs().max()
+        if not bool(strong.any()) or not bool(torch.isfinite(weight).all()):
+            return None
+        ratio = ((at(small * s) - bias) / (weight * s))[strong].median().double()
+        eps = max(0.0, float(small**2 * (1 / ratio**2 - 1))) if ratio > 0 else -1.0
+        if eps < 0 or eps > 1:
+            return None
+        centred = bool(torch.allclose(at(s + 3.0), at(s), rtol=1e-4, atol=1e-5))
+        form = RowStandardisation(weight, bias, eps, centred)
+        probe = torch.randn(6, width, generator=torch.Generator().manual_seed(1)).to(device)
+        probe = probe * torch.tensor([1.0, 1e-2, 30.0, 1.0, 0.1, 3.0], device=device)[:, None]
+        probe = probe + torch.tensor([0.0, 0.0, 0.0, 5.0, -1.0, 0.5], device=device)[:, None]
+        if not torch.allclose(form(probe), at(probe), rtol=1e-4, atol=1e-5):
+            return None
+    return form
+
+
+@dataclass(frozen=True)
 class TwoLayerProjector:
     """A projector ``M(x) = W2 σ(W1 N(x) + b1) + b2`` read off its module, in float32. ``out`` is what
     the sensitivity multiplies the activation difference by: ``W2`` itself, or with ``rank`` set the
     rank-``r`` factor ``Σ_r V_r^T`` of its SVD (``||U_r Σ_r V_r^T d|| = ||Σ_r V_r^T d||``, ``U_r``
     having orthonormal columns): the official LLaVA-NeXT code's rank-128 SVD proxy of the projector.
     ``norm`` (Qwen-VL's mergers; None for LLaVA's) is ``N`` as a float32 function of rows of
-    ``norm_width`` (one encoder token each); a merged input row holds ``d_v / norm_width`` of them."""
+    ``norm_width`` (one encoder token each); a merged input row holds ``d_v / norm_width`` of them.
+    ``norm_form`` is that norm's :class:`RowStandardisation` when it is one (None otherwise: ZOO-Prune
+    then runs ``W1`` on each perturbed copy)."""
 
     w1: torch.Tensor  # [hidden, d_v]
     b1: torch.Tensor | None  # [hidden]
@@ -60,6 +124,7 @@ class TwoLayerProjector:
     out: torch.Tensor  # [d_out or rank, hidden]
     norm: Callable[[torch.Tensor], torch.Tensor] | None = None
     norm_width: int = 0
+    norm_form: RowStandardisation | None = None
 
     def first_layer(self, x: torch.Tensor) -> torch.Tensor:
         """``W1 N(x) + b1`` of float32 rows ``x`` (``[n, d_v]``), in float32."""
@@ -112,8 +177,9 @@ def two_layer_projector(projector, rank: int | None = None) -> TwoLayerProjector
             _, sigma, vh = torch.linalg.svd(w2, full_matrices=False)
             w2 = sigma[:rank, None] * vh[:rank]
     bias = first.bias.detach().float() if first.bias is not None else None
-    return TwoLayerProjector(first.weight.detach().float(), bias, act, w2,
-                             projector_in(norm) if norm is not None else None, width or 0)
+    norm_fn = projector_in(norm) if norm is not None else None
+    form = row_standardisation(norm_fn, width, first.weight.device) if norm_fn is not None else None
+    return TwoLayerProjector(first.weight.detach().float(), bias, act, w2, norm_fn, width or 0, form)
 
 
 #: Each projector's structure (and SVD proxy) by module, read once per weight version and rank: derived

@@ -227,33 +227,85 @@ def zo_sensitivity_two_layer(
     rank=r)``) ``hidden / r`` times fewer again in the second layer. Equal to the generic estimator up to
     float32 rounding (exact ``out``). With a half ``dtype`` the per-pair part (activation of the
     perturbed pre-activations, and ``W2`` on their difference) runs in it, as the official code's fp16
-    projector passes do; ``a`` and ``v`` are formed in float32 and rounded once.
+    projector passes do; ``a`` and ``v`` are formed in float32 and rounded once (a merger's
+    pre-activations likewise).
 
-    A projector with a norm first (``parts.norm``: Qwen-VL's mergers) is not linear before ``σ``, so
-    ``W1 N(x ± h u) + b1`` is computed per pair, in float32: only the second layer is saved (once per
-    pair on the difference instead of twice, or its rank-``r`` factor)."""
+    A projector with a norm first (``parts.norm``: Qwen-VL's mergers) is not linear before ``σ``; when
+    the norm is a LayerNorm or RMSNorm (``parts.norm_form``) ``W1`` still runs once per token and
+    direction (:func:`_normed_pre_activations`); any other norm has ``W1 N(x ± h u) + b1`` computed per
+    pair, in float32."""
     x = inputs.float()
     u = directions.float().to(x.device)
     tokens, m = x.shape[0], u.shape[0]
-    norms = torch.empty(tokens * m, dtype=torch.float32, device=x.device)
+    norms = torch.empty(tokens, m, dtype=torch.float32, device=x.device)
     pairs = max(1, chunk_size // 2)
+    # Blocks of whole tokens by blocks of directions, at most ``pairs`` (token, direction) pairs each.
+    direction_block = min(m, pairs)
+    token_block = max(1, pairs // direction_block)
     with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
         out = parts.out.to(x.device, dtype)
         if parts.norm is None:
+            # Rounded to ``dtype`` before they are added, as the official fp16 passes see them.
             a, v = parts.first_layer(x).to(dtype), (step * (u @ parts.w1.to(x.device).T)).to(dtype)
-        for start in range(0, tokens * m, pairs):
-            index = torch.arange(start, min(start + pairs, tokens * m), device=x.device)
-            n = index.shape[0]
-            if parts.norm is None:
-                base, offset = a[index // m], v[index % m]
-                plus, minus = base + offset, base - offset
-            else:
-                base, offset = x[index // m], step * u[index % m]
-                both = parts.first_layer(torch.cat([base + offset, base - offset])).to(dtype)
-                plus, minus = both[:n], both[n:]
-            difference = parts.act(plus) - parts.act(minus)
-            norms[start : start + n] = torch.linalg.vector_norm((difference @ out.T).float(), dim=-1) / (2 * step)
-    return norms.view(tokens, m).mean(dim=-1)
+            pre_activations = lambda t, j: (a[t, None] + v[None, j], a[t, None] - v[None, j])  # noqa: E731
+        elif parts.norm_form is not None:
+            pre_activations = _normed_pre_activations(parts, x, step * u)
+        else:
+            def pre_activations(t: slice, j: slice) -> tuple[torch.Tensor, torch.Tensor]:
+                base, offset = x[t, None], step * u[None, j]
+                plus = parts.first_layer((base + offset).flatten(0, 1))
+                minus = parts.first_layer((base - offset).flatten(0, 1))
+                shape = (base.shape[0], offset.shape[1], -1)
+                return plus.view(shape), minus.view(shape)
+        for t0 in range(0, tokens, token_block):
+            for j0 in range(0, m, direction_block):
+                t, j = slice(t0, t0 + token_block), slice(j0, j0 + direction_block)
+                plus, minus = pre_activations(t, j)
+                difference = parts.act(plus.to(dtype)) - parts.act(minus.to(dtype))
+                norms[t, j] = torch.linalg.vector_norm((difference @ out.T).float(), dim=-1) / (2 * step)
+    return norms.mean(dim=-1)
+
+
+def _normed_pre_activations(
+    parts: TwoLayerProjector, x: torch.Tensor, offsets: torch.Tensor
+) -> Callable[[slice, slice], tuple[torch.Tensor, torch.Tensor]]:
+    """``W1 N(x_t ± h u_j) + b1`` for blocks of tokens ``t`` and directions ``j``, ``N`` a
+    :class:`~vtoken.projector_parts.RowStandardisation` over each of the ``G`` groups (encoder tokens)
+    of a merged row, without ``W1`` on any perturbed copy.
+
+    Per group ``g``, ``N(x_g + h u_g) = γ ⊙ (x̄_g + h ū_g) / σ_g + β`` (bars: centred for a LayerNorm,
+    as is for an RMSNorm) with one scalar ``σ_g = sqrt(|x̄_g + h ū_g|² / D + ε)``, and
+    ``|x̄_g ± h ū_g|² = |x̄_g|² ± 2 x̄_g·h ū_g + |h ū_g|²``. With ``A_g = W1_g (γ ⊙ x̄_g)`` per token and
+    ``B_g = W1_g (γ ⊙ h ū_g)`` per direction (``W1_g``: the columns of ``W1`` group ``g`` meets)::
+
+        W1 N(x ± h u) + b1 = sum_g (A_g ± B_g) / σ_g±  +  (W1 β + b1)
+
+    so each pair costs ``G`` scalars and two ``G``-term sums of hidden-wide rows instead of ``W1``
+    twice. Equal to the per-copy computation up to float32 rounding."""
+    form, width = parts.norm_form, parts.norm_width
+    groups, hidden = x.shape[-1] // width, parts.w1.shape[0]
+    w1 = parts.w1.to(x.device)
+    # W1_g with γ folded in: [G, D, hidden].
+    folded = (w1.T.reshape(groups, width, hidden)) * form.weight.to(x.device)[None, :, None]
+    shift = w1 @ form.bias.to(x.device).repeat(groups) + (parts.b1.to(x.device) if parts.b1 is not None else 0)
+    xg, ug = x.view(-1, groups, width), offsets.view(-1, groups, width)
+    if form.centred:
+        xg, ug = xg - xg.mean(-1, keepdim=True), ug - ug.mean(-1, keepdim=True)
+    a = torch.einsum("tgd,gdh->tgh", xg, folded)  # [T, G, hidden]
+    b = torch.einsum("jgd,gdh->jgh", ug, folded)  # [m, G, hidden]
+    xx, uu = xg.square().sum(-1), ug.square().sum(-1)  # [T, G], [m, G]
+
+    def pre_activations(t: slice, j: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        cross = 2 * torch.einsum("tgd,jgd->tjg", xg[t], ug[j])  # [t, j, G]
+        base = xx[t, None] + uu[None, j]
+        result = []
+        for sign in (1.0, -1.0):
+            scale = torch.rsqrt((base + sign * cross) / width + form.eps)  # 1 / σ_g±
+            pre = torch.einsum("tjg,tgh->tjh", scale, a[t]) + sign * torch.einsum("tjg,jgh->tjh", scale, b[j])
+            result.append(pre + shift)
+        return result[0], result[1]
+
+    return pre_activations
 
 
 def normalise_sensitivity(
