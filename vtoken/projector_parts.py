@@ -10,6 +10,7 @@ from the module's leaf modules in order and checked on a probe input, never from
 
 from __future__ import annotations
 
+import functools
 import itertools
 import weakref
 from collections.abc import Callable
@@ -125,6 +126,17 @@ class TwoLayerProjector:
     norm: Callable[[torch.Tensor], torch.Tensor] | None = None
     norm_width: int = 0
     norm_form: RowStandardisation | None = None
+
+    @functools.cached_property
+    def folded_first_layer(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """With ``norm_form``: ``W1`` split by the norm's groups with ``γ`` folded in, ``[G, D, hidden]``
+        (``W1_g diag(γ)``), and the constant ``W1 β + b1`` (``[hidden]``); computed once per projector
+        structure, not per image."""
+        form, width, hidden = self.norm_form, self.norm_width, self.w1.shape[0]
+        groups = self.w1.shape[1] // width
+        folded = self.w1.T.reshape(groups, width, hidden) * form.weight.to(self.w1.device)[None, :, None]
+        shift = self.w1 @ form.bias.to(self.w1.device).repeat(groups)
+        return folded, shift + self.b1 if self.b1 is not None else shift
 
     def first_layer(self, x: torch.Tensor) -> torch.Tensor:
         """``W1 N(x) + b1`` of float32 rows ``x`` (``[n, d_v]``), in float32."""

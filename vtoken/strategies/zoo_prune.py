@@ -283,11 +283,8 @@ def _normed_pre_activations(
     so each pair costs ``G`` scalars and two ``G``-term sums of hidden-wide rows instead of ``W1``
     twice. Equal to the per-copy computation up to float32 rounding."""
     form, width = parts.norm_form, parts.norm_width
-    groups, hidden = x.shape[-1] // width, parts.w1.shape[0]
-    w1 = parts.w1.to(x.device)
-    # W1_g with γ folded in: [G, D, hidden].
-    folded = (w1.T.reshape(groups, width, hidden)) * form.weight.to(x.device)[None, :, None]
-    shift = w1 @ form.bias.to(x.device).repeat(groups) + (parts.b1.to(x.device) if parts.b1 is not None else 0)
+    groups = x.shape[-1] // width
+    folded, shift = (t.to(x.device) for t in parts.folded_first_layer)  # W1_g diag(γ) [G, D, hidden]; W1 β + b1
     xg, ug = x.view(-1, groups, width), offsets.view(-1, groups, width)
     if form.centred:
         xg, ug = xg - xg.mean(-1, keepdim=True), ug - ug.mean(-1, keepdim=True)
