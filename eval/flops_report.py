@@ -80,6 +80,12 @@ def fastv(keep: int) -> Schedule:
                     (ScoringCost("llm_attention_rows", layer=FASTV_K - 1, rows=1),))
 
 
+def zoo_prune(keep: int) -> Schedule:
+    """ZOO-Prune at the projector with the paper's m = 64 directions, its scoring counted as vtoken
+    runs it (from the projector's structure: ``vtoken.accounting.projector_sensitivity_flops``)."""
+    return Schedule((Stage("projector", keep),), (ScoringCost("projector_sensitivity", passes=64),))
+
+
 def tf(value: float) -> str:
     return f"{value / 1e12:.2f}"
 
@@ -109,7 +115,8 @@ def budget_rows(label: str, name: str, budgets) -> list[str]:
     base_true = flops(name)
     rows = [("unpruned", Schedule())]
     for keep in budgets:
-        rows += [(f"pre-LLM → {keep}", pre_llm(name, keep)), (f"FastV K=2 → {keep}", fastv(keep))]
+        rows += [(f"pre-LLM → {keep}", pre_llm(name, keep)), (f"FastV K=2 → {keep}", fastv(keep)),
+                 (f"ZOO-Prune → {keep}", zoo_prune(keep))]
     lines = [
         "| Schedule | LLM visual tokens (layer mean) | `paper` TFLOPs | vision | projector | LLM | LM head "
         "| scoring | `true` prefill TFLOPs | vs unpruned | decode GFLOPs/token | KV cache MiB |",

@@ -14,11 +14,14 @@ notes on ZOO-Prune (§1.2) give them):
        S(i)     = (1/m) sum_j || delta_ij ||_2                       (sensitivity)
 
    with ``M`` the projector; Proposition 3.1: ``S(x) = E_u ||J(x) u||_2 + O(h^2)``, ``J`` the projector's
-   Jacobian. Paper defaults ``m = 64`` (``directions``), ``h = 0.01`` (``step``). This is ``2 m``
-   projector passes over the visual tokens, reported by :meth:`ZooPruneStrategy.scoring_cost` as
-   ``ScoringCost("projector_passes", passes=2m)`` so FLOPs include the method's own work (about 3.1
-   TFLOPs for LLaVA-1.5-7B's 576 tokens; for LLaVA-NeXT the count covers every crop's patches, a
-   slight overestimate since unpadding removes some before scoring).
+   Jacobian. Paper defaults ``m = 64`` (``directions``), ``h = 0.01`` (``step``). Written out this is
+   ``2 m`` projector passes over the visual tokens (about 3.1 TFLOPs for LLaVA-1.5-7B's 576 tokens).
+   A two-layer projector (LLaVA's; Qwen-VL's mergers, a LayerNorm / RMSNorm first) is scored from its
+   structure instead (:func:`zo_sensitivity_two_layer`: the same ``S`` to float32 rounding, 1.24
+   TFLOPs there); :meth:`ZooPruneStrategy.scoring_cost` reports ``ScoringCost("projector_sensitivity",
+   passes=m)`` and ``vtoken.accounting.projector_sensitivity_flops`` counts it, so FLOPs include the
+   method's own work (for LLaVA-NeXT over every crop's patches, a slight overestimate since unpadding
+   removes some before scoring).
 
 2. **Sensitivity-aware diverse selection** (§3, "SADS" in the code). The sensitivity is min-max
    normalised per image, ``Ŝ(i) = (S(i) - min S) / (max S - min S + 1e-8)`` (all ones when it is
@@ -121,9 +124,9 @@ class ZooPruneConfig(PruneConfig):
     back to ``x`` (tests/test_zoo_prune.py measures up to 150% error). ``python eval/bench_zoo_prune.py``
     reports how far each precision's kept set agrees with float32's, and its time (CPU only so far):
     float16 keeps half of float32's 64 tokens, which is why float32 stays the default. On Qwen-VL's
-    mergers (``--projector qwen2_vl``) the first layer runs per perturbed copy in float32 and each copy is
-    rounded to float16 on its own: a quarter of the 64 tokens agree there, and the rank-128 proxy keeps
-    73%.
+    mergers (``--projector qwen2_vl``) each perturbed pre-activation is formed in float32 and rounded to
+    float16 on its own: a quarter of the 64 tokens agree there (for 4% less time on the CPU), and the
+    rank-128 proxy keeps 73% (2.8x faster than the exact structure).
     """
 
     method = "zoo_prune"
