@@ -247,32 +247,31 @@ def zo_sensitivity_two_layer(
     token_block = max(1, pairs // direction_block)
     with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
         out = parts.out.to(x.device, dtype)
+        signs = torch.tensor([1.0, -1.0], device=x.device)
         if parts.norm is None:
             # Rounded to ``dtype`` before they are added, as the official fp16 passes see them.
-            a, v = parts.first_layer(x).to(dtype), (step * (u @ parts.w1.to(x.device).T)).to(dtype)
-            pre_activations = lambda t, j: (a[t, None] + v[None, j], a[t, None] - v[None, j])  # noqa: E731
+            a = parts.first_layer(x).to(dtype)
+            signed_v = ((step * (u @ parts.w1.to(x.device).T)).to(dtype)[:, None] * signs[:, None].to(dtype))
+            pre_activations = lambda t, j: a[t, None, None] + signed_v[None, j]  # noqa: E731
         elif parts.norm_form is not None:
             pre_activations = _normed_pre_activations(parts, x, step * u)
         else:
-            def pre_activations(t: slice, j: slice) -> tuple[torch.Tensor, torch.Tensor]:
-                base, offset = x[t, None], step * u[None, j]
-                plus = parts.first_layer((base + offset).flatten(0, 1))
-                minus = parts.first_layer((base - offset).flatten(0, 1))
-                shape = (base.shape[0], offset.shape[1], -1)
-                return plus.view(shape), minus.view(shape)
+            def pre_activations(t: slice, j: slice) -> torch.Tensor:
+                copies = x[t, None, None] + (step * u)[None, j, None] * signs[:, None]  # [t, j, 2, d_v]
+                return parts.first_layer(copies.flatten(0, 2)).view(*copies.shape[:3], -1)
         for t0 in range(0, tokens, token_block):
             for j0 in range(0, m, direction_block):
                 t, j = slice(t0, t0 + token_block), slice(j0, j0 + direction_block)
-                plus, minus = pre_activations(t, j)
-                difference = parts.act(plus.to(dtype)) - parts.act(minus.to(dtype))
+                activated = parts.act(pre_activations(t, j).to(dtype))  # [t, j, ±, hidden]
+                difference = activated[:, :, 0] - activated[:, :, 1]
                 norms[t, j] = torch.linalg.vector_norm((difference @ out.T).float(), dim=-1) / (2 * step)
     return norms.mean(dim=-1)
 
 
 def _normed_pre_activations(
     parts: TwoLayerProjector, x: torch.Tensor, offsets: torch.Tensor
-) -> Callable[[slice, slice], tuple[torch.Tensor, torch.Tensor]]:
-    """``W1 N(x_t ± h u_j) + b1`` for blocks of tokens ``t`` and directions ``j``, ``N`` a
+) -> Callable[[slice, slice], torch.Tensor]:
+    """``W1 N(x_t ± h u_j) + b1`` (``[t, j, 2, hidden]``, + then -) for blocks of tokens ``t`` and directions ``j``, ``N`` a
     :class:`~vtoken.projector_parts.RowStandardisation` over each of the ``G`` groups (encoder tokens)
     of a merged row, without ``W1`` on any perturbed copy.
 
@@ -291,19 +290,19 @@ def _normed_pre_activations(
     xg, ug = x.view(-1, groups, width), offsets.view(-1, groups, width)
     if form.centred:
         xg, ug = xg - xg.mean(-1, keepdim=True), ug - ug.mean(-1, keepdim=True)
-    a = torch.einsum("tgd,gdh->tgh", xg, folded)  # [T, G, hidden]
-    b = torch.einsum("jgd,gdh->jgh", ug, folded)  # [m, G, hidden]
+    # A_g per token, with W1 β + b1 as one more group of coefficient 1: [T, G + 1, hidden].
+    a = torch.cat([torch.einsum("tgd,gdh->tgh", xg, folded), shift.expand(xg.shape[0], 1, -1)], dim=1)
+    b = torch.einsum("jgd,gdh->jgh", ug, folded)  # B_g per direction: [m, G, hidden]
     xx, uu = xg.square().sum(-1), ug.square().sum(-1)  # [T, G], [m, G]
+    signs = torch.tensor([1.0, -1.0], device=x.device)[:, None]
 
-    def pre_activations(t: slice, j: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    def pre_activations(t: slice, j: slice) -> torch.Tensor:
         cross = 2 * torch.einsum("tgd,jgd->tjg", xg[t], ug[j])  # [t, j, G]
-        base = xx[t, None] + uu[None, j]
-        result = []
-        for sign in (1.0, -1.0):
-            scale = torch.rsqrt((base + sign * cross) / width + form.eps)  # 1 / σ_g±
-            pre = torch.einsum("tjg,tgh->tjh", scale, a[t]) + sign * torch.einsum("tjg,jgh->tjh", scale, b[j])
-            result.append(pre + shift)
-        return result[0], result[1]
+        squares = (xx[t, None] + uu[None, j])[:, :, None] + signs * cross[:, :, None]  # [t, j, ±, G]
+        scale = torch.rsqrt(squares / width + form.eps)  # 1 / σ_g±
+        ones = torch.ones(*scale.shape[:3], 1, device=x.device)
+        on_tokens = torch.einsum("tjsg,tgh->tjsh", torch.cat([scale, ones], dim=-1), a[t])
+        return on_tokens + torch.einsum("tjsg,jgh->tjsh", scale * signs, b[j])  # [t, j, ±, hidden]
 
     return pre_activations
 
