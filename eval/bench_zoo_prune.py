@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from vtoken import compat
 from vtoken.accounting import ProjectorDims, projector_flops, projector_sensitivity_flops
 from vtoken.projector_parts import two_layer_projector
 from vtoken.strategies.zoo_prune import (
@@ -42,12 +43,11 @@ from output import add_output_arguments, claim, command_line  # noqa: E402  (eva
 
 def llava_projector(d_in: int = 1024, hidden: int = 4096, seed: int = 0) -> torch.nn.Module:
     from transformers import LlavaConfig
-    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
     torch.manual_seed(seed)
     config = LlavaConfig(vision_config={"hidden_size": d_in, "num_attention_heads": 16},
                          text_config={"hidden_size": hidden, "num_attention_heads": 32})
-    projector = LlavaMultiModalProjector(config).eval()
+    projector = compat.llava_projector(config).eval()
     for layer in (projector.linear_1, projector.linear_2):  # transformers' init: N(0, 0.02)
         torch.nn.init.normal_(layer.weight, std=0.02)
         torch.nn.init.zeros_(layer.bias)
@@ -56,12 +56,10 @@ def llava_projector(d_in: int = 1024, hidden: int = 4096, seed: int = 0) -> torc
 
 def qwen2_vl_merger(context: int = 1280, out: int = 3584, seed: int = 0) -> torch.nn.Module:
     """Qwen2-VL-7B's merger as ZOO-Prune calls it: on rows of four merged patches (``4 * context``)."""
-    from transformers.models.qwen2_vl.modeling_qwen2_vl import PatchMerger
-
     from vtoken.adapters.pipeline import MergingProjectorOnTokens
 
     torch.manual_seed(seed)
-    merger = PatchMerger(dim=out, context_dim=context).eval()
+    merger = compat.qwen2_vl_patch_merger(out, context).eval()
     for layer in (merger.mlp[0], merger.mlp[2]):  # transformers' init: N(0, 0.02)
         torch.nn.init.normal_(layer.weight, std=0.02)
         torch.nn.init.zeros_(layer.bias)

@@ -393,12 +393,13 @@ def test_linear_projector_model_warns_once_and_still_prunes():
 
 def _llava_projector(d_in=64, hidden=96, seed=0):
     from transformers import LlavaConfig
-    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+    from vtoken import compat
 
     torch.manual_seed(seed)
     config = LlavaConfig(vision_config={"hidden_size": d_in, "num_attention_heads": 4},
                          text_config={"hidden_size": hidden, "num_attention_heads": 4})
-    return LlavaMultiModalProjector(config).eval()
+    return compat.llava_projector(config).eval()
 
 
 def test_a_two_layer_projector_is_scored_from_its_structure_as_the_generic_passes_would():

@@ -392,6 +392,22 @@ def qwen2_vl_smart_resize(height: int, width: int, factor: int, min_pixels: int,
     return smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
 
 
+def llava_projector(config) -> nn.Module:
+    """A LLaVA multimodal projector (``linear_1``, ``act``, ``linear_2``) built from a ``LlavaConfig``,
+    random weights: for benchmarks and tests of projector-site scoring outside a whole model."""
+    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+    return LlavaMultiModalProjector(config)
+
+
+def qwen2_vl_patch_merger(out_dim: int, context_dim: int, spatial_merge_size: int = 2) -> nn.Module:
+    """Qwen2-VL's patch merger (LayerNorm per patch, then Linear, GELU, Linear over the merged row),
+    random weights: for benchmarks of projector-site scoring outside a whole model."""
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import PatchMerger
+
+    return PatchMerger(dim=out_dim, context_dim=context_dim, spatial_merge_size=spatial_merge_size)
+
+
 def activation(name: str) -> nn.Module:
     """The activation module transformers uses for ``name`` (as LLaVA's projector builds it)."""
     from transformers.activations import ACT2FN
