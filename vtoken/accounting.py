@@ -177,7 +177,7 @@ class VisionDims:
 class ProjectorDims:
     """A two-layer MLP applied to each of the projector's input tokens; ``norm_groups``: how many rows
     (encoder tokens) of each input token a LayerNorm / RMSNorm before its first layer normalises
-    separately (Qwen-VL's mergers: merge²), 0 with no norm. ZOO-Prune pays per perturbed copy for them."""
+    separately (Qwen-VL's mergers: merge²), 0 with no norm. ZOO-Prune pays for them per (token, direction) pair."""
 
     in_dim: int
     hidden: int
