@@ -54,7 +54,8 @@ Model: CLIP tower 384 wide x 6 layers on 336 px (576 patch tokens), Llama 768 wi
 batch). ``--family qwen2_vl``: a Qwen2-VL vision tower 128 wide x 4 blocks on 672 px (2304 patches of
 14 px, merged 2 x 2 into 576 visual tokens) and the same LLM as a Qwen2 with M-RoPE; the prompt adds
 the vision start and end tokens; there every method's replay is its oracle (the hand-written oracle
-runs LLaVA). ``--family qwen2_5_vl`` and ``qwen3_vl``: the same with Qwen2.5-VL's tower (windowed
+runs LLaVA). ``--family llava_7b``: LLaVA-1.5-7B's full shape (CLIP ViT-L/14-336, Vicuna-7B;
+random weights), built on the device, for a GPU (``eval/device_check.sh``). ``--family qwen2_5_vl`` and ``qwen3_vl``: the same with Qwen2.5-VL's tower (windowed
 attention, full in blocks 1 and 3) and with Qwen3-VL's (16 px patches on 768 px, DeepStack) and its
 Qwen3 LLM. ``--family llava_next`` and ``llava_onevision``: AnyRes images scaled down, a base view and a
 2 x 2 grid of 168 px crops of a 336 x 336 image (144 tokens a view; 744 visual tokens with the
@@ -73,6 +74,7 @@ are short, and the overheads are differences of a few percent.
     OMP_NUM_THREADS=1 python eval/bench_speed.py --family qwen3_vl --out eval/results/bench_speed/cpu_qwen3_vl.md --overwrite
     OMP_NUM_THREADS=1 python eval/bench_speed.py --family llava_next --out eval/results/bench_speed/cpu_llava_next.md --overwrite
     python eval/bench_speed.py --device cuda --threads 8 --out eval/results/bench_speed/cuda.md
+    python eval/bench_speed.py --family llava_7b --device cuda --dtype bfloat16 --replay-atol 1 --out eval/results/bench_speed/cuda_llava_7b.md
     OMP_NUM_THREADS=1 python eval/bench_speed.py --methods random,fastv,tome --budgets 64 --rounds 1 --batches 8 --out /tmp/speed.md
 """
 
@@ -131,6 +133,29 @@ def scaled_llava(seed: int = 0) -> LlavaForConditionalGeneration:
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN,
                          vision_feature_layer=-2, vision_feature_select_strategy="default", image_seq_length=VISUAL)
     return LlavaForConditionalGeneration(config).eval()
+
+
+def llava_7b_config() -> LlavaConfig:
+    """LLaVA-1.5-7B's shape (the config.json of llava-hf/llava-1.5-7b-hf): CLIP ViT-L/14 on 336 px
+    (1024 wide, 24 layers, 16 heads, MLP 4096; the second-last layer's 576 patch tokens), a two-layer
+    GELU projector, Vicuna-7B (Llama: 4096 wide, 32 layers, 32 heads without GQA, MLP 11008, vocabulary
+    32064). The image placeholder stays the bench's ``IMAGE_TOKEN`` (the prompts are the scaled ones')."""
+    vision = CLIPVisionConfig(image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096,
+                              num_hidden_layers=24, num_attention_heads=16, projection_dim=768)
+    text = LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, pad_token_id=0,
+                       rms_norm_eps=1e-5)
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN, projector_hidden_act="gelu",
+                       vision_feature_layer=-2, vision_feature_select_strategy="default", image_seq_length=VISUAL)
+
+
+def llava_7b(device: torch.device, dtype: torch.dtype, seed: int = 0) -> LlavaForConditionalGeneration:
+    """A random-weight LLaVA-1.5-7B (:func:`llava_7b_config`) built on ``device`` (28 GB in float32:
+    it is never built on the host first) and cast to ``dtype``."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlavaForConditionalGeneration(llava_7b_config())
+    return model.to(dtype).eval()
 
 
 def _question_lengths(batch: int) -> list[int]:
@@ -319,16 +344,22 @@ class Family:
     qwen: str | None = None
     #: The AnyRes family ("next", "onevision"); None for the others.
     anyres: str | None = None
+    #: A full-size shape (not scaled down): built on the bench's device, in its dtype, by ``llava_7b``.
+    full_size: bool = False
     #: Visual tokens of the prompt's image.
     visual: int = VISUAL
     #: Default budgets (visual tokens kept of ``visual``): 1/9, 2/9 and 1/3 of them.
     budgets: tuple[int, ...] = (64, 128, 192)
 
     # The builders are looked up at call time.
-    def build(self):
+    def build(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        if self.full_size:
+            return llava_7b(torch.device(device), dtype)
         if self.qwen is not None:
-            return scaled_qwen2_vl(version=self.qwen)
-        return scaled_llava() if self.anyres is None else scaled_anyres(self.anyres)
+            model = scaled_qwen2_vl(version=self.qwen)
+        else:
+            model = scaled_llava() if self.anyres is None else scaled_anyres(self.anyres)
+        return model.to(device=torch.device(device), dtype=dtype)
 
     def inputs(self, seed: int = 0, batch: int = 1) -> dict:
         if self.qwen is not None:
@@ -360,6 +391,12 @@ FAMILIES = {
         "CLIP 384 x 6 layers on 336 px (576 tokens), Llama 768 x 8 layers (GQA 12/4), random weights",
         TEXT_TOKENS, (IMAGE_TOKEN,), True, "eval/results/bench_speed/cpu.md",
         AttentionMapShape(heads=6, tokens=577, head_dim=64), "LLaVA-1.5-7B"),
+    "llava_7b": Family(
+        "llava_7b", "LLaVA-1.5-7B's full shape",
+        "CLIP ViT-L/14 1024 x 24 layers on 336 px (576 tokens), Vicuna-7B 4096 x 32 layers (32 heads), random "
+        "weights; for an accelerator (on a CPU one prefill takes minutes)",
+        TEXT_TOKENS, (IMAGE_TOKEN,), True, "eval/results/bench_speed/cuda_llava_7b.md",
+        AttentionMapShape(heads=16, tokens=577, head_dim=64), "LLaVA-1.5-7B", full_size=True),
     "qwen2_vl": _qwen_family(
         "qwen2_vl", "2", "Qwen2-VL-7B",
         "Qwen2-VL vision tower 128 x 4 blocks on 672 px (2304 patches of 14 px, merged 2 x 2 into 576 tokens), "
@@ -391,8 +428,10 @@ def log(message: str) -> None:
     print(f"[{time.perf_counter() - _START:6.0f} s] {message}", file=sys.stderr, flush=True)
 
 
-def to_device(x: dict, device: torch.device) -> dict:
-    return {k: v.to(device) for k, v in x.items()}
+def to_device(x: dict, device: torch.device, dtype: torch.dtype | None = None) -> dict:
+    """``x`` on ``device``, its floating tensors (the pixels) in ``dtype`` when one is given."""
+    return {k: v.to(device, dtype) if dtype is not None and v.is_floating_point() else v.to(device)
+            for k, v in x.items()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -800,7 +839,7 @@ def generate_runs(model, args, device, clock, meter, methods) -> dict:
     interleaved rounds after a warm-up round, and the peak memory of the warm-up round's call (measured
     there because the meter hands freed heap back first, which would slow the timed calls)."""
     batches = sorted({1, *args.batches})
-    inputs = {b: to_device(args.model_family.inputs(seed=1, batch=b), device) for b in batches}
+    inputs = {b: to_device(args.model_family.inputs(seed=1, batch=b), device, model.dtype) for b in batches}
     keys = ["none", *methods]
     out = {b: {k: {"tokens_per_s": [], "ttft_ms": [], "decode_ms": [], "peak_bytes": []} for k in keys} for b in batches}
     errors = {}
@@ -880,6 +919,8 @@ def main(argv=None) -> None:
                              "overheads they give are differences of a few percent, so more rounds pay")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (set OMP_NUM_THREADS to match)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (synchronized before and after each timing)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                        help="the model's dtype (a reduced one wants a looser --replay-atol)")
     parser.add_argument("--batches", default="8,16", help="generate batches besides 1 (0: no generate runs)")
     parser.add_argument("--generate-methods", default=None, help="methods of the generate runs (default: --methods)")
     parser.add_argument("--generate-budget", type=int, default=None, help="default: the family's first budget")
@@ -913,8 +954,9 @@ def main(argv=None) -> None:
     generate_methods = methods if args.generate_methods is None else [m for m in args.generate_methods.split(",") if m]
     text_tokens = family.text_tokens
     clock, meter = Clock(device), PeakMemory(device)
-    model = family.build().to(device)
-    x = to_device(family.inputs(), device)
+    dtype = getattr(torch, args.dtype)
+    model = family.build(device, dtype)
+    x = to_device(family.inputs(), device, dtype)
 
     # --- recordings, replay checks, oracle plans ---------------------------------------------------
     configs: list[Config] = []
@@ -1103,6 +1145,7 @@ def machine_text(args, device, load_at_start) -> str:
         text += f"; GPU {torch.cuda.get_device_name(device)}"
     else:
         text += "; no GPU used"
+    text += f"; model in {args.dtype}"
     load = ", ".join(f"{v:.2f}" for v in load_at_start)
     return (f"{text}; load average at start {load} (1, 5, 15 min); torch {torch.__version__}, transformers "
             f"{transformers.__version__}, Python {platform.python_version()}")
@@ -1232,14 +1275,15 @@ def report(args, command, load_at_start, device, meter, base, times_none, config
     base_ms = 1000 * base
     family = args.model_family
     lines = [
-        f"# Speed on {family.title} scaled to CPU: time to first token, overhead against oracles, batch throughput, memory",
+        f"# Speed on {family.title}{'' if family.full_size else ' scaled to CPU'} ({device.type}): time to first token, "
+        "overhead against oracles, batch throughput, memory",
         "",
         f"Produced by `{command}` ({args.prefill_rounds} interleaved rounds of the batch-1 prefills and {args.rounds} of the "
         f"generate runs, each after a warm-up round, in one process; medians "
         f"with min and max). Machine: {machine_text(args, device, load_at_start)}. {args.note}".rstrip(),
         "",
         f"Model: {family.description}, "
-        f"float32, on {device.type}; a 35-token system prompt and a 16-token question. Unpruned time to first token "
+        f"{args.dtype}, on {device.type}; a 35-token system prompt and a 16-token question. Unpruned time to first token "
         f"{base_ms:.0f} ms (median of {len(times_none)}, min {1000 * min(times_none):.0f}, max {1000 * max(times_none):.0f}).",
     ]
 
@@ -1473,9 +1517,13 @@ def report(args, command, load_at_start, device, meter, base, times_none, config
 
     not_run = [f"{m} at {b} ({e})" for (m, b), e in skipped.items()]
     lines += ["", "## Not measured here", "",
-              f"- The real model ({family.real_model}): a random-weight shape "
-              f"scaled to run on 2 CPU cores (width and depth cut{'' if family.anyres else ', 576 tokens'} and the prompt kept), float32; run with "
-              "`--device cuda` for a GPU.",
+              (f"- The real model's weights ({family.real_model}): its shape with random weights, in {args.dtype}; "
+               "the prompt is the scaled shapes' (random ids), so accuracy is not measured here."
+               if family.full_size else
+               f"- The real model ({family.real_model}): a random-weight shape "
+               f"scaled to run on 2 CPU cores (width and depth cut{'' if family.anyres else ', 576 tokens'} and the prompt "
+               f"kept), {args.dtype}; `--family llava_7b --device cuda --dtype bfloat16` runs LLaVA-1.5-7B's full shape "
+               "on a GPU."),
               ("- Hand-written oracles for vision-site schedules (ToMe, Representation Shift) and mask stages (AIF): "
                if family.hand_oracle else
                "- Hand-written oracles (they hand-run the unwrapped LLaVA): on this family every method's replay is "

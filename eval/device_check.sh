@@ -4,29 +4,54 @@
 #
 #   bash eval/device_check.sh            # results into $OUT (or /tmp/vtoken_device when unset)
 #
-# It installs vtoken without the network (a machine that cannot fetch: wheels of newer releases
-# carried in .whl/ are installed first, e.g. transformers>=5.23 with `pip download --no-deps
-# --only-binary=:all: -d .whl transformers==5.24.0` for that machine's Python), then runs
-#   1. eval/bench_kernels.py: every Triton kernel compiled, checked against its PyTorch reference
-#      at every size and timed beside it and the eager full-map route (bfloat16 by default on CUDA);
-#   2. eval/bench_speed.py --device cuda on the LLaVA-1.5 shape: the prefill of every wrapped method
-#      (SDPA) against the same model unwrapped, its oracle and its replay, and batch-8/16 generate.
+# A machine that cannot fetch gets newer releases as wheels carried in .whl/ (installed first, into
+# /tmp/site): transformers>=5.23 and what it needs beyond an older image, e.g.
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+#       -d .whl transformers==5.25.0 huggingface_hub==2.4.0 httpx2 httpcore2 truststore click hf-xet \
+#       kernels tomlkit regex
+# vtoken itself runs from this checkout (PYTHONPATH). Then, each step under its own time limit (a
+# step that fails or runs out leaves the others running; the log says which):
+#   1. eval/bench_kernels.py: every Triton kernel compiled, checked against its PyTorch reference at
+#      every size and timed beside it and the eager full-map route (bfloat16);
+#   2. eval/bench_speed.py --family llava_7b: LLaVA-1.5-7B's full shape (random weights, bfloat16,
+#      SDPA), every method's prefill against the same model unwrapped, its replay and its oracle, and
+#      batch-8/16 generate;
+#   3. eval/bench_speed.py on the scaled LLaVA-1.5 shape of the CPU runs (float32), for comparison.
 # Commit what comes back under eval/results/bench_kernels/ and eval/results/bench_speed/, with the
 # machine named in each file (the scripts write it).
 set -o pipefail
 OUT=${OUT:-/tmp/vtoken_device}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+LOG="$OUT/device_check.log"
+: > "$LOG"
+
+step() {  # step NAME SECONDS COMMAND...: run COMMAND under a time limit, its output into the log
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name: start $(date +%T), limit ${limit} s" >> "$LOG"
+    timeout -k 10 "$limit" "$@" >> "$LOG" 2>&1
+    local rc=$?
+    echo "== $name: rc=$rc at $(date +%T)" >> "$LOG"
+    return $rc
+}
+
 if compgen -G ".whl/*.whl" > /dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || exit 1
+        >> "$LOG" 2>&1 && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || { echo "wheel install failed" >> "$LOG"; exit 1; }
 fi
-python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 python3 -c "import torch, transformers, triton, vtoken; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')" \
-    | tee "$OUT/versions.txt" || exit 1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$OUT/versions.txt" 2>&1
+    > "$OUT/versions.txt" 2>> "$LOG" || { cat "$OUT/versions.txt" >> "$LOG"; exit 1; }
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv >> "$OUT/versions.txt" 2>&1
+nproc >> "$OUT/versions.txt"
+
 status=0
-python3 eval/bench_kernels.py --out "$OUT/cuda.md" --overwrite 2>&1 | tee "$OUT/bench_kernels.log" || status=1
-python3 eval/bench_speed.py --device cuda --threads 8 --rounds 3 --out "$OUT/speed_cuda.md" --overwrite \
-    --note 'device check (eval/device_check.sh)' 2>&1 | tail -n 200 > "$OUT/bench_speed.log" || status=1
+step kernels "${KERNELS_LIMIT:-150}" python3 eval/bench_kernels.py --out "$OUT/kernels_cuda.md" --overwrite || status=1
+step speed_llava_7b "${SPEED_7B_LIMIT:-300}" python3 eval/bench_speed.py --family llava_7b --device cuda --dtype bfloat16 \
+    --threads 8 --rounds 3 --prefill-rounds 10 --replay-atol 1 --out "$OUT/cuda_llava_7b.md" --overwrite \
+    --note 'GPU check (eval/device_check.sh); replay against method compared with --replay-atol 1 (bfloat16 logits).' \
+    || status=1
+step speed_scaled "${SPEED_SCALED_LIMIT:-120}" python3 eval/bench_speed.py --device cuda --threads 8 --rounds 3 \
+    --prefill-rounds 10 --out "$OUT/cuda.md" --overwrite --note 'GPU check (eval/device_check.sh).' || status=1
 exit $status

@@ -315,3 +315,23 @@ def test_the_layer_key_time_sees_the_keys_handed_over_and_only_the_layers_own_pr
     assert seen["transprune"][0] < seen[("transprune", "replay")][0]
     assert keys.take() == (0.0, False)
     assert all(not p._forward_hooks and not p._forward_pre_hooks for p in keys.modules)
+
+
+def test_the_llava_7b_family_is_llava_1_5_7b_full_shape_built_where_it_is_asked():
+    """``--family llava_7b`` (the GPU bench): the parameters of llava-hf/llava-1.5-7b-hf (7,063,427,072:
+    CLIP ViT-L/14-336 without its last projection, the two-layer projector, Vicuna-7B with a 32064-word
+    vocabulary), built on the device asked for (meta here: nothing is allocated) in the dtype asked for.
+    By hand: Vicuna-7B 6,738,939,904 (32 x 202,383,360 per layer, two 32064 x 4096 tables, the final norm),
+    the tower 303,507,456 (24 x 12,596,224 per layer, embeddings and two LayerNorms), the projector
+    20,979,712."""
+    from bench_speed import FAMILIES
+
+    family = FAMILIES["llava_7b"]
+    model = family.build(torch.device("meta"), torch.bfloat16)
+    assert family.full_size and family.hand_oracle
+    assert sum(p.numel() for p in model.parameters()) == 7_063_427_072
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    vision, text = model.config.vision_config, model.config.text_config
+    assert (vision.hidden_size, vision.num_hidden_layers, vision.image_size // vision.patch_size) == (1024, 24, 24)
+    assert (text.hidden_size, text.num_hidden_layers, text.num_key_value_heads, text.intermediate_size) == (4096, 32, 32, 11008)

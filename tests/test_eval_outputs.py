@@ -41,7 +41,7 @@ SCRIPTS = {
     "bench_kernels": ("file", "cpu.md", "eval/results/bench_kernels/cpu.md", ("run", "machine")),
     "bench_vit_speed": ("stem", "bench_vit_speed.md", "eval/results/tiny_clip/bench_vit_speed",
                         ("bench_model", "machine")),
-    "bench_speed": ("file", "cpu.json", "eval/results/bench_speed/cpu.md", ("scaled_llava", "scaled_qwen2_vl", "scaled_anyres")),
+    "bench_speed": ("file", "cpu.json", "eval/results/bench_speed/cpu.md", ("scaled_llava", "scaled_qwen2_vl", "scaled_anyres", "llava_7b")),
     "bench_zoo_prune": ("file", "zoo_prune_speed.json", "eval/results/zoo_prune_speed.md", ("llava_projector",)),
     "eval_tiny_clip": ("stem", "eval.json", "eval/results/tiny_clip/eval", ("evaluate", "load")),
     "eval_tiny_llava": ("file", "tiny_llava.md", "eval/results/tiny_llava.md", ("VQAModel", "evaluate")),
