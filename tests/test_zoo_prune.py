@@ -485,6 +485,51 @@ def test_half_precision_passes_run_in_float16_and_stay_close():
         assert len(vtoken.selection(model)[0]["projector"]) == 4
 
 
+def test_mixed_precision_is_float32_on_float32_weights_and_multiplies_w2_in_half_weights_dtype():
+    """``precision="mixed"`` (the default): the central difference is formed in float32 and only W2's
+    product runs in the projector's weight dtype. On float32 weights it is the float32 estimator bit for
+    bit; on bfloat16 and float16 weights it ran in that dtype (not bit-equal to float32) and stays within
+    1e-3 of the float32 sensitivity of the same weights (LLaVA-1.5-7B's projector shape measured 3.5e-5:
+    eval/results/zoo_prune_speed_bf16.md), where the official float16 passes are off by over 1%."""
+    from vtoken.projector_parts import two_layer_projector
+    from vtoken.strategies.zoo_prune import ZooPruneConfig, zo_sensitivity_two_layer
+
+    assert ZooPruneConfig().precision == "mixed"
+    g = torch.Generator().manual_seed(5)
+    x, u = torch.randn(60, 64, generator=g), random_directions(16, 64, g)
+    parts = two_layer_projector(_llava_projector())
+    assert parts.weight_dtype == torch.float32
+    exact = zo_sensitivity_two_layer(parts, x, u, step=0.01)
+    assert torch.equal(zo_sensitivity_two_layer(parts, x, u, step=0.01, matmul_dtype=parts.weight_dtype), exact)
+    for half in (torch.bfloat16, torch.float16):
+        parts = two_layer_projector(_llava_projector().to(half))
+        assert parts.weight_dtype == half
+        rows = x.to(half).float()  # the tokens as a model of that dtype hands them over
+        exact = zo_sensitivity_two_layer(parts, rows, u, step=0.01)
+        mixed = zo_sensitivity_two_layer(parts, rows, u, step=0.01, matmul_dtype=half)
+        assert mixed.dtype == torch.float32 and not torch.equal(mixed, exact)
+        torch.testing.assert_close(mixed, exact, rtol=1e-3, atol=0)
+        official = zo_sensitivity_two_layer(parts, rows, u, step=0.01, dtype=torch.float16)
+        assert float(((official - exact).abs() / exact).max()) > 1e-2
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2"])
+def test_a_bfloat16_model_scores_with_mixed_precision_as_float32_would(family):
+    """Through the strategy on a bfloat16 model (LLaVA's projector; Qwen2-VL's merger, its norm first):
+    the default's sensitivity (``vtoken.diagnostics``) is within 1e-3 of ``precision="float32"``'s and
+    not bit-equal to it (W2's product ran in bfloat16)."""
+    model = FAMILIES[family].make().to(torch.bfloat16)
+    x = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in FAMILIES[family].inputs(model).items()}
+    reported = {}
+    for precision in ("mixed", "float32"):
+        with vtoken.pruned(model, "zoo_prune", keep_tokens=3, directions=8, precision=precision):
+            with torch.no_grad():
+                model(**x)
+            reported[precision] = torch.cat([v["sensitivity"] for v in vtoken.diagnostics(model).values()])
+    assert reported["mixed"].abs().sum() > 0 and not torch.equal(reported["mixed"], reported["float32"])
+    torch.testing.assert_close(reported["mixed"], reported["float32"], rtol=1e-3, atol=1e-6)
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_a_half_precision_model_of_every_family_is_scored_and_left_as_it_was(family):
     """A bfloat16 model: the perturbations run on float32 copies of the projector's weights, Qwen-VL's

@@ -126,6 +126,9 @@ class TwoLayerProjector:
     norm: Callable[[torch.Tensor], torch.Tensor] | None = None
     norm_width: int = 0
     norm_form: RowStandardisation | None = None
+    #: The dtype the module's second Linear holds its weight in (bfloat16 in a bfloat16 model): what
+    #: ZOO-Prune's ``precision="mixed"`` multiplies ``out`` in.
+    weight_dtype: torch.dtype = torch.float32
 
     @functools.cached_property
     def folded_first_layer(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,7 +194,8 @@ def two_layer_projector(projector, rank: int | None = None) -> TwoLayerProjector
     bias = first.bias.detach().float() if first.bias is not None else None
     norm_fn = projector_in(norm) if norm is not None else None
     form = row_standardisation(norm_fn, width, first.weight.device) if norm_fn is not None else None
-    return TwoLayerProjector(first.weight.detach().float(), bias, act, w2, norm_fn, width or 0, form)
+    return TwoLayerProjector(first.weight.detach().float(), bias, act, w2, norm_fn, width or 0, form,
+                             second.weight.dtype)
 
 
 #: Each projector's structure (and SVD proxy) by module, read once per weight version and rank: derived

@@ -100,8 +100,9 @@ from vtoken.strategies.base import Strategy
 
 #: Added to the min-max range (the official code's epsilon).
 NORM_EPS = 1e-8
-#: The dtypes the perturbed projector passes may run in (``precision``).
-PRECISIONS = {"float32": torch.float32, "float16": torch.float16}
+#: The dtypes the perturbed projector passes may run in (``precision``); ``"mixed"`` runs them in
+#: float32 and only the second layer's product in the projector's own dtype.
+PRECISIONS = {"float32": torch.float32, "float16": torch.float16, "mixed": torch.float32}
 
 
 @dataclass
@@ -118,15 +119,22 @@ class ZooPruneConfig(PruneConfig):
     official LLaVA-NeXT code uses 128); None (default, the paper's LLaVA-1.5 setting): the exact
     projector. Either way a two-layer projector is scored from its structure
     (:func:`zo_sensitivity_two_layer`), equal to the generic passes up to float32 rounding.
-    ``precision``: the dtype of the perturbed passes, ``"float32"`` (default) or ``"float16"`` (the
-    official code runs the projector in the model's fp16); the sensitivity is accumulated in float32
-    either way. bfloat16 is refused: with 8 mantissa bits ``x + h u`` at ``h = 0.01`` mostly rounds
-    back to ``x`` (tests/test_zoo_prune.py measures up to 150% error). ``python eval/bench_zoo_prune.py``
-    reports how far each precision's kept set agrees with float32's, and its time (CPU only so far):
-    float16 keeps half of float32's 64 tokens, which is why float32 stays the default. On Qwen-VL's
-    mergers (``--projector qwen2_vl``) each perturbed pre-activation is formed in float32 and rounded to
-    float16 on its own: a quarter of the 64 tokens agree there (and it is no faster on the CPU), and
-    the rank-128 proxy keeps 73% (3.2x faster than the exact structure there).
+    ``precision``: ``"mixed"`` (default), ``"float32"`` or ``"float16"``; the sensitivity is accumulated
+    in float32 each way. ``"mixed"`` (two-layer projectors) forms the perturbed pre-activations, their
+    activations and their difference in float32, where the central difference cancels, and multiplies
+    that difference (scaled by ``1 / 2h`` first, so a half dtype holds it) by ``W2`` in the dtype the
+    projector's own weights are in: bfloat16 or float16 matrix units in a model of that dtype, float32
+    in a float32 model (there it is ``"float32"`` bit for bit); a projector of another shape runs the
+    float32 passes. ``"float32"`` runs everything in float32 (the estimator's reference). ``"float16"``
+    runs the per-pair passes in float16, as the official code runs the projector in the model's fp16.
+    bfloat16 passes are refused: with 8 mantissa bits ``x + h u`` at ``h = 0.01`` mostly rounds back to
+    ``x`` (tests/test_zoo_prune.py measures up to 150% error). ``python eval/bench_zoo_prune.py
+    --weights bfloat16`` reports each precision's time and how far its kept set agrees with float32's
+    (CPU only so far): on LLaVA-1.5-7B's projector in bfloat16 ``"mixed"`` keeps float32's 64 / 128 /
+    192 tokens exactly (S within 3.5e-5) in 2.0 s per image against 4.8 s, float16 keeps 47-66% of
+    them in 4.7 s; on Qwen2-VL-7B's merger 3.1 s against 6.3 s, again every token, float16 28-51%
+    (each perturbed pre-activation formed in float32 and rounded to float16 on its own). Hence the
+    default. The rank-128 proxy keeps 64-81% at 2-5x the speed of the exact structure.
     """
 
     method = "zoo_prune"
@@ -139,13 +147,13 @@ class ZooPruneConfig(PruneConfig):
     chunk_size: int = 8192
     flat_rtol: float = 1e-3
     projector_rank: int | None = None
-    precision: str = "float32"
+    precision: str = "mixed"
 
     def __post_init__(self) -> None:
         if self.precision == "bfloat16":
             raise ValueError("precision='bfloat16' is refused: its 8-bit mantissa cannot hold x + h u at h = 0.01 "
-                             "(measured: sensitivity off by up to 150%); use 'float16' (the official code's) or "
-                             "'float32'")
+                             "(measured: sensitivity off by up to 150%); use 'mixed' (float32 differences, W2 in "
+                             "the model's bfloat16), 'float16' (the official code's) or 'float32'")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {self.precision!r}")
         if isinstance(self.directions, bool) or not isinstance(self.directions, int) or self.directions < 1:
@@ -220,7 +228,7 @@ def zo_sensitivity(
 
 def zo_sensitivity_two_layer(
     parts: TwoLayerProjector, inputs: torch.Tensor, directions: torch.Tensor, step: float, chunk_size: int = 8192,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype = torch.float32, matmul_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """:func:`zo_sensitivity` for a two-layer projector, computed from its structure: with
     ``a = W1 x + b1`` and ``v = W1 u``, ``M(x + h u) - M(x - h u) = W2 (σ(a + h v) - σ(a - h v))`` (``b2``
@@ -236,17 +244,22 @@ def zo_sensitivity_two_layer(
     A projector with a norm first (``parts.norm``: Qwen-VL's mergers) is not linear before ``σ``; when
     the norm is a LayerNorm or RMSNorm (``parts.norm_form``) ``W1`` still runs once per token and
     direction (:func:`_normed_pre_activations`); any other norm has ``W1 N(x ± h u) + b1`` computed per
-    pair, in float32."""
+    pair, in float32.
+
+    ``matmul_dtype`` (default: ``dtype``): the dtype of ``W2``'s product alone when it differs
+    (``precision="mixed"``); the difference is then scaled by ``1 / 2h`` (the derivative's size) before
+    it is rounded to it, so a float16 product neither underflows nor rounds ``h``'s scale away."""
     x = inputs.float()
     u = directions.float().to(x.device)
     tokens, m = x.shape[0], u.shape[0]
+    matmul_dtype = dtype if matmul_dtype is None else matmul_dtype
     norms = torch.empty(tokens, m, dtype=torch.float32, device=x.device)
     pairs = max(1, chunk_size // 2)
     # Blocks of whole tokens by blocks of directions, at most ``pairs`` (token, direction) pairs each.
     direction_block = min(m, pairs)
     token_block = max(1, pairs // direction_block)
     with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
-        out = parts.out.to(x.device, dtype)
+        out = parts.out.to(x.device, matmul_dtype)
         signs = torch.tensor([1.0, -1.0], device=x.device)
         if parts.norm is None:
             # Rounded to ``dtype`` before they are added, as the official fp16 passes see them.
@@ -264,7 +277,11 @@ def zo_sensitivity_two_layer(
                 t, j = slice(t0, t0 + token_block), slice(j0, j0 + direction_block)
                 activated = parts.act(pre_activations(t, j).to(dtype))  # [t, j, ±, hidden]
                 difference = activated[:, :, 0] - activated[:, :, 1]
-                norms[t, j] = torch.linalg.vector_norm((difference @ out.T).float(), dim=-1) / (2 * step)
+                if matmul_dtype == dtype:
+                    norms[t, j] = torch.linalg.vector_norm((difference @ out.T).float(), dim=-1) / (2 * step)
+                else:  # the cancellation is done: its quotient, rounded once, meets W2 in matmul_dtype
+                    quotient = (difference * (0.5 / step)).to(matmul_dtype)
+                    norms[t, j] = torch.linalg.vector_norm((quotient @ out.T).float(), dim=-1)
     return norms.mean(dim=-1)
 
 
@@ -406,7 +423,9 @@ class ZooPruneStrategy(Strategy):
             parts = cached_two_layer_projector(projector, config.projector_rank)
             dtype = PRECISIONS[config.precision]
             if parts is not None:
-                values = zo_sensitivity_two_layer(parts, chosen, u, float(config.step), config.chunk_size, dtype)
+                matmul_dtype = parts.weight_dtype if config.precision == "mixed" else dtype
+                values = zo_sensitivity_two_layer(parts, chosen, u, float(config.step), config.chunk_size, dtype,
+                                                  matmul_dtype)
             else:
                 if config.projector_rank is not None:
                     raise ValueError(
