@@ -513,6 +513,20 @@ def test_mixed_precision_is_float32_on_float32_weights_and_multiplies_w2_in_half
         assert float(((official - exact).abs() / exact).max()) > 1e-2
 
 
+def test_a_projector_cast_after_its_structure_was_read_is_read_again():
+    """``model.to(torch.bfloat16)`` swaps the weights' storage without bumping their version: the cached
+    structure must follow (the cast weights and their dtype), not keep the float32 ones."""
+    from vtoken.projector_parts import cached_two_layer_projector
+
+    projector = _llava_projector()
+    before = cached_two_layer_projector(projector)
+    assert cached_two_layer_projector(projector) is before and before.weight_dtype == torch.float32
+    projector.to(torch.bfloat16)
+    after = cached_two_layer_projector(projector)
+    assert after is not before and after.weight_dtype == torch.bfloat16
+    assert torch.equal(after.w1, projector.linear_1.weight.float())
+
+
 @pytest.mark.parametrize("family", ["llava", "qwen2"])
 def test_a_bfloat16_model_scores_with_mixed_precision_as_float32_would(family):
     """Through the strategy on a bfloat16 model (LLaVA's projector; Qwen2-VL's merger, its norm first):

@@ -204,10 +204,13 @@ _STRUCTURES: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDicti
 
 
 def cached_two_layer_projector(projector, rank: int | None = None) -> TwoLayerProjector | None:
-    """:func:`two_layer_projector`, computed once per projector module, weight version and rank."""
+    """:func:`two_layer_projector`, computed once per projector module, weight version and rank. A
+    weight's version counts in-place updates; ``module.to(dtype or device)`` swaps its storage without
+    one, so the storage, dtype and device count too (a model cast to bfloat16 after a first call must
+    not be scored with its float32 weights)."""
     if not isinstance(projector, nn.Module):
         return None
-    versions = tuple(p._version for p in projector.parameters())
+    versions = tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in projector.parameters())
     entries = _STRUCTURES.setdefault(projector, {})
     key = (versions, rank)
     if key not in entries:
