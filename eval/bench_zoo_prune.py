@@ -38,8 +38,8 @@ from vtoken import compat
 from vtoken.accounting import ProjectorDims, projector_flops, projector_sensitivity_flops
 from vtoken.projector_parts import two_layer_projector
 from vtoken.strategies.zoo_prune import (
-    float32_projector, normalise_sensitivity, random_directions, weighted_maxmin_order, zo_sensitivity,
-    zo_sensitivity_two_layer,
+    default_chunk_size, float32_projector, normalise_sensitivity, random_directions, weighted_maxmin_order,
+    zo_sensitivity, zo_sensitivity_two_layer,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -105,6 +105,8 @@ def main(argv=None) -> None:
     parser.add_argument("--rank", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--chunk-size", type=int, default=None,
+                        help="perturbed copies per block (default: the strategy's, default_chunk_size of the CPU)")
     parser.add_argument("--weights", choices=("float32", "bfloat16", "float16"), default="float32",
                         help="the projector's weight dtype, as a model of that dtype holds it (the tokens too): "
                              "precision='mixed' multiplies W2 in it")
@@ -116,6 +118,7 @@ def main(argv=None) -> None:
     title, build, dims = PROJECTORS[args.projector]
     d = dims.in_dim
     weights = getattr(torch, args.weights)
+    chunk = args.chunk_size if args.chunk_size is not None else default_chunk_size(torch.device("cpu"))
     projector = build().to(weights)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.tokens, d, generator=g).to(weights).float()  # the vision tower's output, as the model holds it
@@ -124,16 +127,16 @@ def main(argv=None) -> None:
     exact_parts = two_layer_projector(projector)
     proxy_parts = two_layer_projector(projector, rank=args.rank)
     with torch.no_grad():
-        s_exact, t_structure = timed(lambda: zo_sensitivity_two_layer(exact_parts, x, u, step), args.repeats)
-        s_proxy, t_proxy = timed(lambda: zo_sensitivity_two_layer(proxy_parts, x, u, step), args.repeats)
-        s_half, t_half = timed(lambda: zo_sensitivity_two_layer(exact_parts, x, u, step, dtype=torch.float16),
+        s_exact, t_structure = timed(lambda: zo_sensitivity_two_layer(exact_parts, x, u, step, chunk), args.repeats)
+        s_proxy, t_proxy = timed(lambda: zo_sensitivity_two_layer(proxy_parts, x, u, step, chunk), args.repeats)
+        s_half, t_half = timed(lambda: zo_sensitivity_two_layer(exact_parts, x, u, step, chunk, dtype=torch.float16),
                                args.repeats)
-        s_mixed, t_mixed = timed(lambda: zo_sensitivity_two_layer(exact_parts, x, u, step, matmul_dtype=weights),
+        s_mixed, t_mixed = timed(lambda: zo_sensitivity_two_layer(exact_parts, x, u, step, chunk, matmul_dtype=weights),
                                  args.repeats)
         m_generic = args.generic_directions
         s_generic_part, t_generic = timed(
-            lambda: zo_sensitivity(float32_projector(projector), x, u[:m_generic], step), args.repeats)
-        s_structure_part = zo_sensitivity_two_layer(exact_parts, x, u[:m_generic], step)
+            lambda: zo_sensitivity(float32_projector(projector), x, u[:m_generic], step, chunk), args.repeats)
+        s_structure_part = zo_sensitivity_two_layer(exact_parts, x, u[:m_generic], step, chunk)
     generic_scaled = [t * args.directions / m_generic for t in t_generic]
     n, m = args.tokens, args.directions
     flops = {  # the FLOPs model's counts (vtoken.accounting)
@@ -161,7 +164,8 @@ def main(argv=None) -> None:
         f"# ZOO-Prune scoring cost on {title}",
         "",
         f"Produced by `{command_line('bench_zoo_prune', argv)}` (tokens {n}, m "
-        f"{args.directions}, h {step}, rank {args.rank}, {args.repeats} repeats; the projector's weights and the tokens "
+        f"{args.directions}, h {step}, rank {args.rank}, {args.repeats} repeats, blocks of {chunk} perturbed copies; "
+        f"the projector's weights and the tokens "
         f"in {args.weights}). Machine: {machine}.",
         "",
         f"The generic estimator was timed with {m_generic} directions and scaled to m = {args.directions} (linear in m).",

@@ -513,6 +513,30 @@ def test_mixed_precision_is_float32_on_float32_weights_and_multiplies_w2_in_half
         assert float(((official - exact).abs() / exact).max()) > 1e-2
 
 
+def test_chunk_size_none_is_chosen_by_the_inputs_device(monkeypatch):
+    """``chunk_size=None`` (the default) is 1024 perturbed copies per block on a CPU and 8192 on an
+    accelerator (``default_chunk_size``), as the strategy hands it to the estimator; a number given is
+    used as it is."""
+    from vtoken.strategies import zoo_prune
+    from vtoken.strategies.zoo_prune import ZooPruneConfig, default_chunk_size
+
+    assert ZooPruneConfig().chunk_size is None
+    assert default_chunk_size(torch.device("cpu")) == 1024 and default_chunk_size(torch.device("cuda")) == 8192
+    seen = []
+    original = zoo_prune.zo_sensitivity_two_layer
+
+    def spy(parts, inputs, directions, step, chunk_size, *args, **kwargs):
+        seen.append(chunk_size)
+        return original(parts, inputs, directions, step, chunk_size, *args, **kwargs)
+
+    monkeypatch.setattr(zoo_prune, "zo_sensitivity_two_layer", spy)
+    model = tiny_llava()
+    for options in ({}, {"chunk_size": 6}):
+        with vtoken.pruned(model, "zoo_prune", keep_tokens=4, **options), torch.no_grad():
+            model(**llava_inputs(1))
+    assert seen == [1024, 6]
+
+
 def test_a_projector_cast_after_its_structure_was_read_is_read_again():
     """``model.to(torch.bfloat16)`` swaps the weights' storage without bumping their version: the cached
     structure must follow (the cast weights and their dtype), not keep the float32 ones."""
