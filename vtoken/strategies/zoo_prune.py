@@ -134,10 +134,10 @@ class ZooPruneConfig(PruneConfig):
     ``x`` (tests/test_zoo_prune.py measures up to 150% error). ``python eval/bench_zoo_prune.py
     --weights bfloat16`` reports each precision's time and how far its kept set agrees with float32's
     (CPU only so far): on LLaVA-1.5-7B's projector in bfloat16 ``"mixed"`` keeps float32's 64 / 128 /
-    192 tokens exactly (S within 3.5e-5) in 2.0 s per image against 4.8 s, float16 keeps 47-66% of
-    them in 4.7 s; on Qwen2-VL-7B's merger 3.1 s against 6.3 s, again every token, float16 28-51%
-    (each perturbed pre-activation formed in float32 and rounded to float16 on its own). Hence the
-    default. The rank-128 proxy keeps 64-81% at 2-5x the speed of the exact structure.
+    192 tokens exactly (S within 3.5e-5) in 1.5 s per image against 4.7 s (two AMX cores), float16
+    keeps 47-66% of them in 4.3 s; on Qwen2-VL-7B's merger 2.0 s against 5.9 s, again every token,
+    float16 28-51% (each perturbed pre-activation formed in float32 and rounded to float16 on its own).
+    Hence the default. The rank-128 proxy keeps 64-81% at 4-7x the speed of the exact structure.
     """
 
     method = "zoo_prune"
