@@ -119,3 +119,23 @@ def test_token_shifts_shares_its_sums_and_gives_each_metric_bit_for_bit():
     assert turn[0, 3].item() == 1.0
     with pytest.raises(ValueError, match="metric"):
         token_shifts(x_out, x_in, ("cos", "l3"))
+
+
+def test_token_shifts_broadcast_like_the_formulas_written_out():
+    """One vector against every token, and two batches broadcast against each other: each metric is
+    its formula written out on the broadcast tensors (``F.cosine_similarity`` for the cosine)."""
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randn(3, 7, 40, generator=g)
+    for after, before in ((tokens, tokens.mean(dim=1, keepdim=True)),
+                          (torch.randn(3, 1, 5, 40, generator=g), torch.randn(1, 4, 5, 40, generator=g))):
+        a, b = torch.broadcast_tensors(after, before)
+        want = {
+            "l2": (a - b).norm(dim=-1), "l1": (a - b).abs().sum(dim=-1),
+            "cos": 1 - torch.nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-8),
+            "abs_cos": 1 - torch.nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-8).abs(),
+            "norm_ratio": a.norm(dim=-1) / b.norm(dim=-1),
+        }
+        got = token_shifts(after, before, tuple(want))
+        for (metric, expected), value in zip(want.items(), got, strict=True):
+            assert value.shape == a.shape[:-1], metric
+            torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6, msg=lambda m: f"{metric}: {m}")
