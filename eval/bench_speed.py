@@ -32,7 +32,7 @@ timed on the same shapes (``eval/scoring_floor.py``: a whole attention map's sco
 which FLOPs do not count), takes 2% or more of the unpruned prefill's time (the table gives every
 share); the speed-up at batch 8 and 16 at least 90% of the batch-1 speed-up. Verdicts are the
 medians'; each overhead also gets a 95% interval of its median (sign-test order statistics over the
-rounds), and a verdict whose interval holds values on both sides of the target is marked *within
+rounds; with fewer than 6 rounds the min-max, named by its lower coverage, :func:`interval_name`), and a verdict whose interval holds values on both sides of the target is marked *within
 noise*. Beside the scoring estimate (method - replay, a difference of two prefills) the time inside
 the strategy's own calls is measured directly (``StrategyCallTime``; CPU only): a few milliseconds
 timed as such, a lower bound of the scoring that the machine's noise hardly moves. Where the scoring
@@ -804,6 +804,16 @@ def median_interval(values: list[float], confidence: float = CONFIDENCE) -> tupl
     return xs[k - 1], xs[n - k], 1 - 2 * tail(k)
 
 
+def interval_name(rounds: int) -> str:
+    """What an interval of :func:`median_interval` over ``rounds`` values is, by its real coverage: the
+    sign test's 95% interval from 6 rounds on; with fewer, the min-max of the rounds, which holds the
+    median less often (3 rounds: 75%), and the tables say so rather than call it 95%."""
+    coverage = median_interval([0.0] * rounds)[2]
+    if coverage >= CONFIDENCE:
+        return f"{CONFIDENCE:.0%} interval"
+    return f"{coverage:.0%} interval (min-max of {rounds} rounds)"
+
+
 def within_noise(low: float, high: float, target: float) -> bool:
     """Whether an estimate's interval holds values on both sides of its target: the rounds do not
     tell a pass from a fail, whatever the median says."""
@@ -1325,6 +1335,11 @@ def report(args, command, load_at_start, device, meter, base, times_none, config
             text += f" (at {', '.join(split)}: by the split)"
         return text
 
+    prefill_interval = interval_name(args.prefill_rounds)
+    few_rounds = ("" if prefill_interval.startswith(f"{CONFIDENCE:.0%}") else
+                  f" With {args.prefill_rounds} prefill rounds the batch-1 tables' intervals are each the min-max of the "
+                  f"rounds and hold the median with probability {median_interval([0.0] * args.prefill_rounds)[2]:.0%} "
+                  f"only (6 rounds are the fewest for {CONFIDENCE:.0%}): their verdicts are indicative.")
     lines += ["", "## Targets", "",
               f"Machinery within {MACHINERY_TARGET:.0%} of the oracle (every budget); scoring under {SCORING_TARGET:.0%} of the "
               f"unpruned prefill (every budget; *exempt* where the method's own algorithm needs {SCORING_TARGET:.0%} or more "
@@ -1334,7 +1349,7 @@ def report(args, command, load_at_start, device, meter, base, times_none, config
               f"median's; *(within noise)*: every failing budget's {CONFIDENCE:.0%} interval of the median also holds "
               f"passing values (the rounds cannot tell; a pass whose interval reaches the target is marked so in the overhead "
               f"table); *by the split*: the whole prefills could not tell and the same pairs with the model's blocks "
-              f"matched out could (their interval on one side of the target; see the overhead table).", "",
+              f"matched out could (their interval on one side of the target; see the overhead table).{few_rounds}", "",
               "| " + " | ".join(["method", "machinery", "scoring", *(f"batch {b} / batch 1" for b in
                                                                    (generate["batches"][1:] if generate else []))]) + " |",
               "|---|---|---|" + "---|" * len(generate["batches"][1:] if generate else [])]
@@ -1373,7 +1388,7 @@ def report(args, command, load_at_start, device, meter, base, times_none, config
               "each round, in alternating order (min-max of those differences), as a share of the unpruned prefill, beside the "
               f"share of the unpruned prefill's FLOPs the method's own scoring needs (`vtoken.flops`) and the share of its time the "
               f"least work of that scoring takes, timed here (*floor*, `eval/scoring_floor.py`: the exponentials of a whole "
-              f"attention map; blank where FLOPs are the only measure); *{CONFIDENCE:.0%} interval*: of the median of the "
+              f"attention map; blank where FLOPs are the only measure); *{prefill_interval}*: of the median of the "
               f"per-round pairs (sign-test order statistics); *in strategy calls*: the time inside the strategy's own calls "
               f"(reduce, observe, observe_attention) during the method's prefill, median over rounds, a direct measure of most "
               f"of the scoring (a lower bound: vtoken's hooks outside those calls are not in it), net of the keys the scoring "
@@ -1389,9 +1404,9 @@ def report(args, command, load_at_start, device, meter, base, times_none, config
               "differences with its interval (the scoring net of the keys handed over; *matched*: the share of the "
               "method's prefill matched out). It decides a verdict only where the whole prefills cannot tell: a "
               "difference inside matched blocks shows in the whole prefills only.", "",
-              f"| method | budget | method ms | replay ms (min-max) | scoring ms (min-max) | scoring / unpruned | {CONFIDENCE:.0%} interval | "
+              f"| method | budget | method ms | replay ms (min-max) | scoring ms (min-max) | scoring / unpruned | {prefill_interval} | "
               "blocks matched out | in strategy calls | algorithm FLOPs share | floor | scoring target | oracle ms | machinery | "
-              f"{CONFIDENCE:.0%} interval | blocks matched out | machinery target | Δ replay | Δ oracle |",
+              f"{prefill_interval} | blocks matched out | machinery target | Δ replay | Δ oracle |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         scoring_target = ("exempt" if r["scoring_exempt"] else

@@ -192,6 +192,16 @@ def test_median_interval_is_the_sign_test_interval():
         bench_speed.median_interval([])
 
 
+def test_an_interval_of_few_rounds_is_named_by_its_coverage():
+    """3 rounds' min-max holds the median with probability 1 - 2 / 8 = 75%, 5 rounds' 93.75%: the
+    tables must not call either a 95% interval; from 6 rounds (96.9%) they may."""
+    import bench_speed
+
+    assert bench_speed.interval_name(3) == "75% interval (min-max of 3 rounds)"
+    assert bench_speed.interval_name(5) == "94% interval (min-max of 5 rounds)"
+    assert bench_speed.interval_name(6) == bench_speed.interval_name(40) == "95% interval"
+
+
 def test_strategy_call_time_counts_the_outermost_calls_only(model):
     """The time inside a strategy's own calls: a reduce that sleeps 30 ms and calls observe (which
     sleeps 20 ms) inside it counts 50 ms once, not 70; take() starts again from 0; the wrap is
