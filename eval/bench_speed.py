@@ -32,8 +32,8 @@ timed on the same shapes (``eval/scoring_floor.py``: a whole attention map's sco
 which FLOPs do not count), takes 2% or more of the unpruned prefill's time (the table gives every
 share); the speed-up at batch 8 and 16 at least 90% of the batch-1 speed-up. Verdicts are the
 medians'; each overhead also gets a 95% interval of its median (sign-test order statistics over the
-rounds; with fewer than 6 rounds the min-max, named by its lower coverage, :func:`interval_name`), and a verdict whose interval holds values on both sides of the target is marked *within
-noise*. Beside the scoring estimate (method - replay, a difference of two prefills) the time inside
+rounds; with fewer than 6 rounds the min-max, named by its lower coverage, :func:`interval_name`), and
+a verdict whose interval holds values on both sides of the target is marked *within noise*. Beside the scoring estimate (method - replay, a difference of two prefills) the time inside
 the strategy's own calls is measured directly (``StrategyCallTime``; CPU only): a few milliseconds
 timed as such, a lower bound of the scoring that the machine's noise hardly moves. Where the scoring
 hands a layer the keys it projected (TransPrune's IGA: ``vtoken/adapters/key_reuse.py``), that layer's own
