@@ -33,8 +33,8 @@ which FLOPs do not count), takes 2% or more of the unpruned prefill's time (the 
 share); the speed-up at batch 8 and 16 at least 90% of the batch-1 speed-up. Verdicts are the
 medians'; each overhead also gets a 95% interval of its median (sign-test order statistics over the
 rounds; with fewer than 6 rounds the min-max, named by its lower coverage, :func:`interval_name`), and
-a verdict whose interval holds values on both sides of the target is marked *within noise*. Beside the scoring estimate (method - replay, a difference of two prefills) the time inside
-the strategy's own calls is measured directly (``StrategyCallTime``; CPU only): a few milliseconds
+a verdict whose interval holds values on both sides of the target is marked *within noise*. Beside the
+scoring estimate (method - replay, a difference of two prefills) the time inside the strategy's own calls is measured directly (``StrategyCallTime``; CPU only): a few milliseconds
 timed as such, a lower bound of the scoring that the machine's noise hardly moves. Where the scoring
 hands a layer the keys it projected (TransPrune's IGA: ``vtoken/adapters/key_reuse.py``), that layer's own
 key projection is spared, so the LLM layers' key projections are timed in the method's and the
@@ -804,11 +804,17 @@ def median_interval(values: list[float], confidence: float = CONFIDENCE) -> tupl
     return xs[k - 1], xs[n - k], 1 - 2 * tail(k)
 
 
+def interval_coverage(rounds: int) -> float:
+    """How often :func:`median_interval` over ``rounds`` values holds the median (it depends on the
+    count alone): at least 95% from 6 rounds on, 75% for the min-max of 3."""
+    return median_interval([0.0] * rounds)[2]
+
+
 def interval_name(rounds: int) -> str:
     """What an interval of :func:`median_interval` over ``rounds`` values is, by its real coverage: the
     sign test's 95% interval from 6 rounds on; with fewer, the min-max of the rounds, which holds the
     median less often (3 rounds: 75%), and the tables say so rather than call it 95%."""
-    coverage = median_interval([0.0] * rounds)[2]
+    coverage = interval_coverage(rounds)
     if coverage >= CONFIDENCE:
         return f"{CONFIDENCE:.0%} interval"
     return f"{coverage:.0%} interval (min-max of {rounds} rounds)"
@@ -1335,10 +1341,10 @@ def report(args, command, load_at_start, device, meter, base, times_none, config
             text += f" (at {', '.join(split)}: by the split)"
         return text
 
-    prefill_interval = interval_name(args.prefill_rounds)
-    few_rounds = ("" if prefill_interval.startswith(f"{CONFIDENCE:.0%}") else
+    prefill_interval, prefill_coverage = interval_name(args.prefill_rounds), interval_coverage(args.prefill_rounds)
+    few_rounds = ("" if prefill_coverage >= CONFIDENCE else
                   f" With {args.prefill_rounds} prefill rounds the batch-1 tables' intervals are each the min-max of the "
-                  f"rounds and hold the median with probability {median_interval([0.0] * args.prefill_rounds)[2]:.0%} "
+                  f"rounds and hold the median with probability {prefill_coverage:.0%} "
                   f"only (6 rounds are the fewest for {CONFIDENCE:.0%}): their verdicts are indicative.")
     lines += ["", "## Targets", "",
               f"Machinery within {MACHINERY_TARGET:.0%} of the oracle (every budget); scoring under {SCORING_TARGET:.0%} of the "

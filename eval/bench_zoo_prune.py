@@ -87,9 +87,10 @@ def timed(fn, repeats: int) -> tuple[torch.Tensor, list[float]]:
     return out, times
 
 
-def select(projector, x, s, k: int) -> set[int]:
+def select(z: torch.Tensor, s, k: int) -> set[int]:
+    """The ``k`` tokens ZOO-Prune keeps for sensitivity ``s``, given the projected tokens ``z`` ``[N, d]``."""
     weight, _ = normalise_sensitivity(s[None], torch.ones(1, len(s), dtype=torch.bool))
-    z = float32_projector(projector)(x)[None]
+    z = z[None]
     scores = weighted_maxmin_order(z, weight, torch.ones_like(weight, dtype=torch.bool),
                                    torch.ones_like(weight, dtype=torch.bool), torch.tensor([k]))
     return set(scores[0].topk(k).indices.tolist())
@@ -152,10 +153,12 @@ def main(argv=None) -> None:
                         (f"from structure, mixed (W2 in {args.weights})", t_mixed), (f"rank-{args.rank} SVD proxy", t_proxy)):
         rows.append((name, statistics.median(times), min(times), max(times)))
     kept = [k for k in (64, 128, 192) if k < args.tokens]
-    exact_sets = {k: select(projector, x, s_exact, k) for k in kept}
-    overlap = {k: len(select(projector, x, s_proxy, k) & exact_sets[k]) / k for k in kept}
-    overlap_half = {k: len(select(projector, x, s_half, k) & exact_sets[k]) / k for k in kept}
-    overlap_mixed = {k: len(select(projector, x, s_mixed, k) & exact_sets[k]) / k for k in kept}
+    with torch.no_grad():
+        z = float32_projector(projector)(x)  # the same projected tokens for every estimator's selection
+    exact_sets = {k: select(z, s_exact, k) for k in kept}
+    overlap = {k: len(select(z, s_proxy, k) & exact_sets[k]) / k for k in kept}
+    overlap_half = {k: len(select(z, s_half, k) & exact_sets[k]) / k for k in kept}
+    overlap_mixed = {k: len(select(z, s_mixed, k) & exact_sets[k]) / k for k in kept}
     half_error = float(((s_half - s_exact).abs() / s_exact).max())
     mixed_error = float(((s_mixed - s_exact).abs() / s_exact).max())
     agreement = float(((s_generic_part - s_structure_part).abs() / s_generic_part).max())

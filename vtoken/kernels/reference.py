@@ -161,10 +161,11 @@ def token_shifts(after: torch.Tensor, before: torch.Tensor, metrics: tuple[str, 
     vector has cosine 0; the dot product is not formed from two normalised copies, which costs ten
     times as much on CPU, nor by ``einsum``, which runs it as a batched matmul that torch's FLOP
     counter then counts, where ``vtoken.flops`` leaves element-wise work out); ``"norm_ratio"``:
-    ``||after|| / max(||before||, 1e-12)``. These are, term for term, the formulas of Representation Shift (``repshift.token_distance(after, before, "l2" |
-    "l1" | "cos")``) and TransPrune's token transition variation (``direction_change(x_in, x_out,
-    "signed" | "abs")`` is ``token_shift(x_out, x_in, "cos" | "abs_cos")``; ``magnitude_change(x_in,
-    x_out)`` is ``token_shift(x_out, x_in, "norm_ratio")``), tested equal bit for bit.
+    ``||after|| / max(||before||, 1e-12)``. These are, term for term, the formulas of Representation
+    Shift (``repshift.token_distance(after, before, "l2" | "l1" | "cos")``) and TransPrune's token
+    transition variation (``direction_change(x_in, x_out, "signed" | "abs")`` is ``token_shift(x_out,
+    x_in, "cos" | "abs_cos")``; ``magnitude_change(x_in, x_out)`` is ``token_shift(x_out, x_in,
+    "norm_ratio")``), tested equal bit for bit.
     """
     check_shift_metrics(metrics)
     after, before = after.float(), before.float()
