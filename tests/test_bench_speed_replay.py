@@ -90,41 +90,41 @@ def test_replay_reproduces_the_method_and_reads_no_signal(model, case, monkeypat
 
 @pytest.mark.parametrize("method", ["random", "zoo_prune", "fastv", "transprune", "vflowopt"])
 def test_hand_written_oracle_runs_the_same_schedule(model, method):
-    import bench_speed
+    import speed_oracle
 
     x = llava_inputs(1)
     recording = replay.record(model, method, x, keep=0.5)
-    assert bench_speed.oracle_supported(recording)
-    plan = bench_speed.oracle_plan(recording, x)
+    assert speed_oracle.oracle_supported(recording)
+    plan = speed_oracle.oracle_plan(recording, x)
     with torch.no_grad():
-        first = bench_speed.oracle_call(model, x, plan)
+        first = speed_oracle.oracle_call(model, x, plan)
     assert replay.max_abs_diff(first[:, -1], recording.logits[:, -1]) <= 1e-5
 
 
 def test_kv_cache_bytes_reads_every_layer(model):
-    import bench_speed
+    import speed_timing
 
     x = llava_inputs(1)
     with torch.no_grad():
         out = model(**x, use_cache=True)
     cache = vtoken.compat.output_cache(out)
     expected = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
-    assert bench_speed.kv_cache_bytes(cache) == expected > 0
+    assert speed_timing.kv_cache_bytes(cache) == expected > 0
 
 
 def test_the_qwen2_vl_family_builds_576_visual_tokens_and_replays_its_methods():
     """``--family qwen2_vl``: the scaled Qwen2-VL takes the prompts the bench builds (576 visual tokens
     after the 2 x 2 merger, left-padded mixed lengths at batch > 1), and a method's replay gives its
     logits there too (the replay is that family's oracle)."""
-    import bench_speed
+    import speed_shapes
 
-    family = bench_speed.FAMILIES["qwen2_vl"]
+    family = speed_shapes.FAMILIES["qwen2_vl"]
     model = family.build()
     x = family.inputs()
-    assert int((x["input_ids"] == bench_speed.IMAGE_TOKEN).sum()) == bench_speed.VISUAL
-    assert x["input_ids"].shape[1] == family.text_tokens + bench_speed.VISUAL
+    assert int((x["input_ids"] == speed_shapes.IMAGE_TOKEN).sum()) == speed_shapes.VISUAL
+    assert x["input_ids"].shape[1] == family.text_tokens + speed_shapes.VISUAL
     batch = family.inputs(seed=1, batch=3)
-    assert batch["attention_mask"].sum(-1).tolist() == [family.text_tokens - 16 + bench_speed.VISUAL + n for n in (8, 16, 24)]
+    assert batch["attention_mask"].sum(-1).tolist() == [family.text_tokens - 16 + speed_shapes.VISUAL + n for n in (8, 16, 24)]
     assert not family.hand_oracle
     recording = replay.record(model, "fastv", x, keep_tokens=64)
     assert len(recording.selection[0]["llm:2"]) == 64
@@ -136,14 +136,14 @@ def test_the_other_qwen_families_build_576_visual_tokens_and_replay_their_method
     """``--family qwen2_5_vl`` / ``qwen3_vl``: the real classes (windowed blocks; DeepStack and 16 px
     patches) on the bench's prompts give 576 visual tokens, and a vision-site and an LLM method's
     replays give their logits (the replay is these families' oracle)."""
-    import bench_speed
+    import speed_shapes
 
-    family = bench_speed.FAMILIES[name]
+    family = speed_shapes.FAMILIES[name]
     model = family.build()
     assert type(model).__name__ == {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
                                     "qwen3_vl": "Qwen3VLForConditionalGeneration"}[name]
     x = family.inputs()
-    assert int((x["input_ids"] == bench_speed.IMAGE_TOKEN).sum()) == bench_speed.VISUAL
+    assert int((x["input_ids"] == speed_shapes.IMAGE_TOKEN).sum()) == speed_shapes.VISUAL
     assert not family.hand_oracle and family.real_model.startswith("Qwen")
     vision = model.config.vision_config
     assert family.vision_map.heads == vision.num_heads and family.vision_map.head_dim == vision.hidden_size // vision.num_heads
@@ -159,47 +159,47 @@ def test_overheads_are_medians_of_per_round_pairs():
     does not."""
     import statistics
 
-    import bench_speed
+    import speed_stats
 
     replay_s = [1.0, 1.4, 1.2]
     method_s = [r + 0.010 for r in replay_s]
     method_s[1] = 1.0  # one round where the method ran in a quiet moment and the replay did not
-    assert statistics.median(bench_speed.paired_differences(method_s, replay_s)) == pytest.approx(0.010)
+    assert statistics.median(speed_stats.paired_differences(method_s, replay_s)) == pytest.approx(0.010)
     assert statistics.median(method_s) - statistics.median(replay_s) == pytest.approx(-0.19)  # drift hides it
     pair = {"keep_all": [1.02, 2.04, 1.53], "unpruned": [1.0, 2.0, 1.5]}
-    assert bench_speed.keep_all_overhead(pair) == pytest.approx(0.02)
+    assert speed_stats.keep_all_overhead(pair) == pytest.approx(0.02)
     with pytest.raises(ValueError, match="one time each per round"):
-        bench_speed.paired_ratios([1.0], [1.0, 2.0])
+        speed_stats.paired_ratios([1.0], [1.0, 2.0])
 
 
 def test_median_interval_is_the_sign_test_interval():
     """Values known by construction: 12 rounds give the 3rd and 10th smallest (coverage 1 - 2 x
     79 / 4096 = 96.1%); 5 rounds are too few for 95% and give the min-max at 93.75%. A failing
     median whose interval holds passing values is "within noise"; one whose interval does not, is not."""
-    import bench_speed
+    import speed_stats
 
     values = [float(v) for v in (7, 3, 12, 1, 9, 5, 11, 2, 8, 4, 10, 6)]
-    low, high, coverage = bench_speed.median_interval(values)
+    low, high, coverage = speed_stats.median_interval(values)
     assert (low, high) == (3.0, 10.0)
     assert coverage == pytest.approx(1 - 2 * 79 / 4096)
-    assert bench_speed.median_interval([5.0, 1.0, 4.0, 2.0, 3.0]) == (1.0, 5.0, pytest.approx(1 - 2 / 32))
-    assert bench_speed.median_interval([2.0]) == (2.0, 2.0, 0.0)
+    assert speed_stats.median_interval([5.0, 1.0, 4.0, 2.0, 3.0]) == (1.0, 5.0, pytest.approx(1 - 2 / 32))
+    assert speed_stats.median_interval([2.0]) == (2.0, 2.0, 0.0)
     # Larger n: the interval narrows around the median and keeps at least the coverage asked.
-    low, high, coverage = bench_speed.median_interval([float(v) for v in range(100)])
+    low, high, coverage = speed_stats.median_interval([float(v) for v in range(100)])
     assert (low, high) == (39.0, 60.0) and coverage >= 0.95
-    assert bench_speed.within_noise(0.01, 0.03, 0.02) and not bench_speed.within_noise(0.025, 0.03, 0.02)
+    assert speed_stats.within_noise(0.01, 0.03, 0.02) and not speed_stats.within_noise(0.025, 0.03, 0.02)
     with pytest.raises(ValueError, match="at least one value"):
-        bench_speed.median_interval([])
+        speed_stats.median_interval([])
 
 
 def test_an_interval_of_few_rounds_is_named_by_its_coverage():
     """3 rounds' min-max holds the median with probability 1 - 2 / 8 = 75%, 5 rounds' 93.75%: the
     tables must not call either a 95% interval; from 6 rounds (96.9%) they may."""
-    import bench_speed
+    import speed_stats
 
-    assert bench_speed.interval_name(3) == "75% interval (min-max of 3 rounds)"
-    assert bench_speed.interval_name(5) == "94% interval (min-max of 5 rounds)"
-    assert bench_speed.interval_name(6) == bench_speed.interval_name(40) == "95% interval"
+    assert speed_stats.interval_name(3) == "75% interval (min-max of 3 rounds)"
+    assert speed_stats.interval_name(5) == "94% interval (min-max of 5 rounds)"
+    assert speed_stats.interval_name(6) == speed_stats.interval_name(40) == "95% interval"
 
 
 def test_strategy_call_time_counts_the_outermost_calls_only(model):
@@ -208,7 +208,7 @@ def test_strategy_call_time_counts_the_outermost_calls_only(model):
     undone. Inside ``StrategyCallTime.pruned`` the wrapped model's strategy has its calls wrapped."""
     import time
 
-    import bench_speed
+    import speed_timing
 
     class Sleeper:
         def observe(self, *args):
@@ -221,8 +221,8 @@ def test_strategy_call_time_counts_the_outermost_calls_only(model):
             time.sleep(0.03)
             self.observe()
 
-    timer, strategy = bench_speed.StrategyCallTime(), Sleeper()
-    undo = bench_speed._around_calls(strategy, timer.around)
+    timer, strategy = speed_timing.StrategyCallTime(), Sleeper()
+    undo = speed_timing._around_calls(strategy, timer.around)
     strategy.reduce(None)
     assert 0.05 <= timer.take() < 0.065
     assert timer.take() == 0.0
@@ -231,7 +231,7 @@ def test_strategy_call_time_counts_the_outermost_calls_only(model):
     strategy.reduce(None)
     assert timer.take() == 0.0
     with timer.pruned(model, "fastv", 8):
-        assert set(bench_speed.STRATEGY_CALLS) <= set(vtoken.strategy_of(model).__dict__)
+        assert set(speed_timing.STRATEGY_CALLS) <= set(vtoken.strategy_of(model).__dict__)
     assert not vtoken.is_wrapped(model)
 
 
@@ -239,7 +239,7 @@ def test_the_attention_map_floor_is_a_map_of_exponentials_and_counts_only_map_co
     """``eval/scoring_floor.py``: the floor times every score of the map (twice the tokens: about four
     times the time), is 0 for a schedule with no whole-map cost, counts one floor per map cost, and
     each family's map shape is its tower's (heads, patches + CLS, head dim)."""
-    import bench_speed
+    import speed_shapes
     from scoring_floor import AttentionMapShape, attention_map_floor, scoring_floor
     from vtoken.schedule import ScoringCost
 
@@ -252,13 +252,13 @@ def test_the_attention_map_floor_is_a_map_of_exponentials_and_counts_only_map_co
     assert scoring_floor(costs, small, cpu, cache) == 0.5
     with pytest.raises(ValueError, match="attention shape"):
         scoring_floor(costs, None, cpu)
-    llava = bench_speed.scaled_llava().config.vision_config
+    llava = speed_shapes.scaled_llava().config.vision_config
     patches = (llava.image_size // llava.patch_size) ** 2
-    assert bench_speed.FAMILIES["llava"].vision_map == AttentionMapShape(
+    assert speed_shapes.FAMILIES["llava"].vision_map == AttentionMapShape(
         llava.num_attention_heads, patches + 1, llava.hidden_size // llava.num_attention_heads)
-    qwen = bench_speed.scaled_qwen2_vl().config.vision_config
-    assert bench_speed.FAMILIES["qwen2_vl"].vision_map == AttentionMapShape(
-        qwen.num_heads, bench_speed.VISUAL * qwen.spatial_merge_size ** 2, qwen.embed_dim // qwen.num_heads)
+    qwen = speed_shapes.scaled_qwen2_vl().config.vision_config
+    assert speed_shapes.FAMILIES["qwen2_vl"].vision_map == AttentionMapShape(
+        qwen.num_heads, speed_shapes.VISUAL * qwen.spatial_merge_size ** 2, qwen.embed_dim // qwen.num_heads)
 
 
 @pytest.mark.parametrize("name", ["llava_next", "llava_onevision"])
@@ -268,17 +268,17 @@ def test_the_anyres_families_build_744_visual_tokens_and_replay_their_methods(na
     crop grid with a newline per row, 744 tokens, which the prompts hold; the budgets are 1/9, 2/9, 1/3
     of them; the map floor counts five views of 12 x 12 patches (CLIP's CLS on NeXT); a vision-site
     and an LLM method's replays give their logits."""
-    import bench_speed
+    import speed_shapes
     from scoring_floor import AttentionMapShape
 
-    family = bench_speed.FAMILIES[name]
+    family = speed_shapes.FAMILIES[name]
     model = family.build()
     assert type(model).__name__ == {"llava_next": "LlavaNextForConditionalGeneration",
                                     "llava_onevision": "LlavaOnevisionForConditionalGeneration"}[name]
-    assert bench_speed.anyres_visual_tokens(model) == family.visual == 144 + 24 * (24 + 1)
+    assert speed_shapes.anyres_visual_tokens(model) == family.visual == 144 + 24 * (24 + 1)
     assert family.budgets == (83, 165, 248)
     x = family.inputs()
-    assert int((x["input_ids"] == bench_speed.IMAGE_TOKEN).sum()) == family.visual
+    assert int((x["input_ids"] == speed_shapes.IMAGE_TOKEN).sum()) == family.visual
     assert tuple(x["pixel_values"].shape) == (1, 5, 3, 168, 168)
     batch = family.inputs(seed=1, batch=3)
     assert batch["attention_mask"].sum(-1).tolist() == [family.text_tokens - 16 + family.visual + n for n in (8, 16, 24)]
@@ -306,11 +306,13 @@ def test_the_layer_key_time_sees_the_keys_handed_over_and_only_the_layers_own_pr
     ran on no row), FastV's were not; the key projections the strategy's own calls make are not
     counted, so the method's key time is below its replay's (whose layers project the kept keys)."""
     import bench_speed
+    import speed_shapes
+    import speed_timing
 
-    model = bench_speed.scaled_llava()
-    x = bench_speed.prompt()
-    calls = bench_speed.StrategyCallTime()
-    keys = bench_speed.LayerKeyTime(model, calls)
+    model = speed_shapes.scaled_llava()
+    x = speed_shapes.prompt()
+    calls = speed_timing.StrategyCallTime()
+    keys = speed_timing.LayerKeyTime(model, calls)
     seen = {}
     for method in ("transprune", "fastv"):
         recording = replay.record(model, method, x, keep_tokens=64)

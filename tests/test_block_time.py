@@ -15,7 +15,8 @@ from tiny import llava_inputs, tiny_llava, tiny_qwen2_vl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
 
-import bench_speed  # noqa: E402
+import speed_stats  # noqa: E402
+import speed_timing  # noqa: E402
 import replay_strategy as replay  # noqa: E402
 from block_time import (  # noqa: E402
     BlockFrame, BlockTime, RunSplit, model_blocks, residual, residual_difference, signature, vtoken_hooks_outside,
@@ -97,11 +98,11 @@ def test_a_strategys_call_inside_a_block_is_not_the_blocks_time(model):
     x = llava_inputs()
     recording = replay.record(model, "tome", x, keep=0.5)
     block_time = BlockTime(model)
-    calls = bench_speed.StrategyCallTime(block_time)
+    calls = speed_timing.StrategyCallTime(block_time)
     with vtoken.pruned(model, "tome", keep=0.5):
         strategy = vtoken.strategy_of(model)
         _sleepy_reduce(strategy)
-        undo = bench_speed._around_calls(strategy, calls.around)
+        undo = speed_timing._around_calls(strategy, calls.around)
         method = _run(block_time, lambda: model(**x))
         undo()
     with replay.replaying(model, recording):
@@ -164,14 +165,14 @@ def test_a_block_call_only_one_run_makes_stays_in_its_residual(model):
 
 def test_verdict_uses_the_split_only_where_the_prefills_cannot_tell():
     target = 0.02
-    decided = bench_speed.verdict(0.03, (0.01, 0.05), target, (0.012, (0.010, 0.015)), strict=True)
-    assert decided == bench_speed.Verdict(True, False, "split")
-    decided = bench_speed.verdict(0.03, (0.025, 0.05), target, (0.012, (0.010, 0.015)), strict=True)
-    assert decided == bench_speed.Verdict(False, False, "prefill")  # the prefills tell: a real cost in the blocks
-    decided = bench_speed.verdict(0.01, (-0.01, 0.03), target, (0.019, (0.015, 0.025)), strict=True)
-    assert decided == bench_speed.Verdict(True, True, "prefill")  # neither can tell
-    assert bench_speed.verdict(0.05, (0.04, 0.06), 0.05, None) == bench_speed.Verdict(True, True, "prefill")
-    assert bench_speed.verdict(0.02, (0.01, 0.015), 0.02, None, strict=True).ok is False
+    decided = speed_stats.verdict(0.03, (0.01, 0.05), target, (0.012, (0.010, 0.015)), strict=True)
+    assert decided == speed_stats.Verdict(True, False, "split")
+    decided = speed_stats.verdict(0.03, (0.025, 0.05), target, (0.012, (0.010, 0.015)), strict=True)
+    assert decided == speed_stats.Verdict(False, False, "prefill")  # the prefills tell: a real cost in the blocks
+    decided = speed_stats.verdict(0.01, (-0.01, 0.03), target, (0.019, (0.015, 0.025)), strict=True)
+    assert decided == speed_stats.Verdict(True, True, "prefill")  # neither can tell
+    assert speed_stats.verdict(0.05, (0.04, 0.06), 0.05, None) == speed_stats.Verdict(True, True, "prefill")
+    assert speed_stats.verdict(0.02, (0.01, 0.015), 0.02, None, strict=True).ok is False
 
 
 def test_batch_ratio_and_its_interval_by_construction():
@@ -179,10 +180,10 @@ def test_batch_ratio_and_its_interval_by_construction():
         return {1: {"m": {"tokens_per_s": alone}, "none": {"tokens_per_s": alone_none}},
                 8: {"m": {"tokens_per_s": batched}, "none": {"tokens_per_s": batched_none}}}
 
-    ratio, low, high = bench_speed.batch_ratio(runs([20.0] * 3, [10.0] * 3, [36.0] * 3, [20.0] * 3), 8, "m")
+    ratio, low, high = speed_stats.batch_ratio(runs([20.0] * 3, [10.0] * 3, [36.0] * 3, [20.0] * 3), 8, "m")
     assert ratio == pytest.approx(0.9) and low == pytest.approx(0.9) and high == pytest.approx(0.9)
     # three rounds: each speed-up's interval is its min-max (1.9 to 2.1 alone, 1.7 to 1.9 batched)
-    ratio, low, high = bench_speed.batch_ratio(runs([19.0, 20.0, 21.0], [10.0] * 3, [34.0, 36.0, 38.0], [20.0] * 3), 8, "m")
+    ratio, low, high = speed_stats.batch_ratio(runs([19.0, 20.0, 21.0], [10.0] * 3, [34.0, 36.0, 38.0], [20.0] * 3), 8, "m")
     assert (ratio, low, high) == pytest.approx((1.8 / 2.0, 1.7 / 2.1, 1.9 / 1.9))
-    assert bench_speed._batch_verdict(ratio, low, high) == "pass (within noise)"
-    assert bench_speed._batch_verdict(0.85, 0.8, 0.89) == "**FAIL**"
+    assert speed_stats._batch_verdict(ratio, low, high) == "pass (within noise)"
+    assert speed_stats._batch_verdict(0.85, 0.8, 0.89) == "**FAIL**"
