@@ -85,14 +85,17 @@ def received_attention(
         chunk = _received_chunk_rows(batch * heads * keys)
     k_t = key.float().transpose(-1, -2)
     total = torch.zeros(batch, keys, dtype=torch.float32, device=query.device)
+    # The only score-sized buffer, written by every chunk's matmul in turn: softmax numerators in
+    # place, then each row's 1 / denominator weights a matrix-vector product that sums the rows. On
+    # CPU every fresh score-sized tensor costs its page faults; the softmax-then-sum form made four
+    # of them and ran about three times slower on one CPU thread (576 queries x 577 keys x 6 heads);
+    # a fresh matmul output per chunk is one more of them.
+    buffer = torch.empty(batch * kv_heads * group * min(chunk, rows) * keys, dtype=torch.float32, device=query.device)
     for start in range(0, rows, chunk):
         q = query[:, :, start : start + chunk].float() * scaling
         q = q.reshape(batch, kv_heads, group * q.shape[2], head_dim)
-        # The chunk's only score-sized buffer: softmax numerators in place, then each row's
-        # 1 / denominator weights a matrix-vector product that sums the rows. On CPU every fresh
-        # score-sized tensor costs its page faults; the softmax-then-sum form made four of them and
-        # ran about three times slower on one CPU thread (576 queries x 577 keys x 6 heads).
-        scores = torch.matmul(q, k_t)  # [B, H_kv, group * chunk, N]
+        scores = buffer[: q.shape[0] * q.shape[1] * q.shape[2] * keys].view(batch, kv_heads, q.shape[2], keys)
+        torch.matmul(q, k_t, out=scores)  # [B, H_kv, group * chunk, N]
         scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()
         inverse = scores.sum(dim=-1).reciprocal_()
         total += torch.matmul(inverse[..., None, :], scores).sum(dim=(1, 2))
