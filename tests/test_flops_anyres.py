@@ -4,7 +4,7 @@ wrapped model's forward sends to the LLM, and the FLOPs ``FlopCounterMode`` coun
 Every crop keeps the same number of encoder tokens; the LLM then gets, per image, the kept patches
 that unpadding leaves, the newline closing each grid row that still holds a token, and (OneVision, a
 large image) the tokens of the resized grid that a kept patch reaches. ``flops`` counts that with
-every newline kept (``accounting.AnyresLayout``): for a pruning method on a grid that is not resized
+every newline kept (``token_geometry.AnyresLayout``): for a pruning method on a grid that is not resized
 the count is exact less the newlines of rows left empty, which the test finds in the model's own
 packing (transformers' ``pack_image_features`` on zero features with a ones newline), not in vtoken.
 """

@@ -1,0 +1,277 @@
+"""The dimensions vtoken's FLOPs model reads from a transformers config (``vtoken.accounting``), and
+where configs come from: a config, a model, a dict, a JSON file, a shipped config
+(``vtoken/configs/<name>.json``: the real 7B / 8B models' configs, for counting offline) or a hub id.
+
+``model_dims(config)`` gives a :class:`ModelDims`: the LLM (:class:`DecoderDims`), the vision tower
+(:class:`VisionDims`) and the projector (:class:`ProjectorDims`) of a LLaVA-1.5, LLaVA-NeXT,
+LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL or Qwen3-VL config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+@dataclass(frozen=True)
+class DecoderDims:
+    """The LLM: ``layers`` decoder layers of hidden size ``hidden``, gated FFN ``intermediate``."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+
+@dataclass(frozen=True)
+class VisionDims:
+    """A ViT encoder: CLIP-like (``window == 0``) or Qwen2.5-VL's windowed tower."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    patch: int
+    channels: int
+    image_size: int = 0  # CLIP input resolution (square); 0 when the tower takes any size
+    cls_tokens: int = 0
+    mlp_matrices: int = 2
+    temporal_patch: int = 1
+    merge: int = 1  # spatial merge of the projector (Qwen: 2, i.e. 2×2 patches per LLM token)
+    window: int = 0  # attention window, in merged units per side (Qwen2.5-VL: 112 px → 4)
+    full_attention_layers: tuple[int, ...] = ()
+    pooling_head: bool = False  # SigLIP's attention-pooling head runs after the last layer
+    heads: int = 0  # attention heads (the width of ToMe's matching metric, keys averaged over heads)
+    deepstack_layers: tuple[int, ...] = ()  # Qwen3-VL: blocks whose output feeds a DeepStack merger
+
+    @property
+    def patch_inputs(self) -> int:
+        """Input values per patch of the patch-embedding convolution."""
+        return self.channels * self.temporal_patch * self.patch * self.patch
+
+
+@dataclass(frozen=True)
+class ProjectorDims:
+    """A two-layer MLP applied to each of the projector's input tokens; ``norm_groups``: how many rows
+    (encoder tokens) of each input token a LayerNorm / RMSNorm before its first layer normalises
+    separately (Qwen-VL's mergers: merge²), 0 with no norm. ZOO-Prune pays for them per (token, direction) pair."""
+
+    in_dim: int
+    hidden: int
+    out_dim: int
+    norm_groups: int = 0
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    family: str  # "llava" | "llava_next" | "llava_onevision" | "qwen2_vl" | "qwen2_5_vl" | "qwen3_vl"
+    name: str
+    decoder: DecoderDims
+    vision: VisionDims
+    projector: ProjectorDims
+    keep_cls: bool = False  # vision_feature_select_strategy == "full"
+    grid_pinpoints: tuple[tuple[int, int], ...] = ()
+    anyres_max: int = 0  # LLaVA-OneVision's vision_aspect_ratio "anyres_max_N": N
+
+
+# --------------------------------------------------------------------------------------------------
+# Config loading
+
+
+def shipped_configs() -> dict[str, str]:
+    """The config JSONs shipped with vtoken: file stem -> the hub id it was taken from."""
+    found = {}
+    for path in sorted(CONFIG_DIR.glob("*.json")):
+        found[path.stem] = json.loads(path.read_text()).get("_source", "").split(" ")[0]
+    return found
+
+
+def load_config(source: Any):
+    """A transformers config from a config, a model, a dict, a JSON path or a hub name.
+
+    Hub names are looked up first among the shipped configs (``vtoken/configs/<name>.json``, matched
+    on the part after the last ``/``), then with ``AutoConfig.from_pretrained``.
+    """
+    from transformers import PretrainedConfig
+
+    if isinstance(source, PretrainedConfig):
+        return source
+    if hasattr(source, "config") and isinstance(source.config, PretrainedConfig):
+        return source.config
+    if isinstance(source, Mapping):
+        return _config_from_dict(dict(source))
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if path.is_dir() and (path / "config.json").is_file():
+            path = path / "config.json"
+        if path.is_file():
+            return _config_from_dict(json.loads(path.read_text()))
+        shipped = _shipped_config_path(str(source))
+        if shipped is not None:
+            data = json.loads(shipped.read_text())
+            config = _config_from_dict(data)
+            config._name_or_path = data.get("_source", str(source)).split(" ")[0]
+            return config
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(str(source))
+    raise TypeError(f"cannot read a model config from {type(source).__name__}")
+
+
+def _shipped_config_path(name: str) -> Path | None:
+    stem = name.rstrip("/").split("/")[-1].lower()
+    for path in CONFIG_DIR.glob("*.json"):
+        if path.stem.lower() == stem:
+            return path
+    return None
+
+
+def _config_from_dict(data: dict):
+    from transformers import AutoConfig
+
+    data = {k: v for k, v in data.items() if not k.startswith("_")}
+    if "model_type" not in data:
+        raise ValueError("a config dict needs a 'model_type'")
+    return AutoConfig.for_model(**data)
+
+
+def model_dims(config) -> ModelDims:
+    """Read the dimensions the FLOPs model needs from a transformers config."""
+    family = getattr(config, "model_type", None)
+    if family in ("llava", "llava_next", "llava_onevision"):
+        return _llava_dims(config, family)
+    if family == "qwen2_5_vl":
+        return _qwen2_5_vl_dims(config)
+    if family == "qwen2_vl":
+        return _qwen2_vl_dims(config)
+    if family == "qwen3_vl":
+        return _qwen3_vl_dims(config)
+    raise NotImplementedError(
+        f"FLOPs model for model_type {family!r} is not implemented (supported: llava, llava_next, "
+        "llava_onevision, qwen2_vl, qwen2_5_vl, qwen3_vl)"
+    )
+
+
+def _decoder_dims(text) -> DecoderDims:
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return DecoderDims(
+        layers=text.num_hidden_layers,
+        hidden=text.hidden_size,
+        intermediate=text.intermediate_size,
+        heads=heads,
+        kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+        head_dim=head_dim,
+        vocab=text.vocab_size,
+    )
+
+
+def _llava_dims(config, family: str) -> ModelDims:
+    text, vision = config.text_config, config.vision_config
+    feature_layers = config.vision_feature_layer
+    n_feature_layers = 1 if isinstance(feature_layers, int) else len(feature_layers)
+    vision_type = getattr(vision, "model_type", "clip")
+    cls_tokens = 1 if "clip" in vision_type else 0
+    pinpoints = tuple(tuple(p) for p in getattr(config, "image_grid_pinpoints", None) or ())
+    anyres_max = 0
+    if family == "llava_onevision":
+        # parsed exactly as LlavaOnevisionModel.pack_image_features does ("anyres_max_9" -> 9)
+        anyres_max = int(getattr(config, "vision_aspect_ratio", "anyres_max_9").strip("anyres_max_"))
+    return ModelDims(
+        family=family,
+        name=_model_name(config),
+        decoder=_decoder_dims(text),
+        vision=VisionDims(
+            layers=vision.num_hidden_layers,
+            hidden=vision.hidden_size,
+            intermediate=vision.intermediate_size,
+            patch=vision.patch_size,
+            channels=getattr(vision, "num_channels", 3),
+            image_size=vision.image_size,
+            cls_tokens=cls_tokens,
+            mlp_matrices=2,
+            pooling_head="siglip" in vision_type and bool(getattr(vision, "vision_use_head", False)),
+            heads=vision.num_attention_heads,
+        ),
+        projector=ProjectorDims(
+            in_dim=vision.hidden_size * n_feature_layers, hidden=text.hidden_size, out_dim=text.hidden_size
+        ),
+        keep_cls=config.vision_feature_select_strategy == "full",
+        grid_pinpoints=pinpoints if family in ("llava_next", "llava_onevision") else (),
+        anyres_max=anyres_max,
+    )
+
+
+def _qwen_dims(config, family: str, width: int, intermediate: int, out_dim: int, mlp_matrices: int,
+               **vision_extra) -> ModelDims:
+    """A Qwen-VL family: its ViT of ``depth`` blocks, then the 2x2 merger MLP (4·D → 4·D → d)."""
+    text, vision = config.text_config, config.vision_config
+    merge = vision.spatial_merge_size
+    merged_dim = width * merge * merge
+    return ModelDims(
+        family=family,
+        name=_model_name(config),
+        decoder=_decoder_dims(text),
+        vision=VisionDims(
+            layers=vision.depth,
+            hidden=width,
+            intermediate=intermediate,
+            patch=vision.patch_size,
+            channels=vision.in_channels,
+            mlp_matrices=mlp_matrices,
+            temporal_patch=vision.temporal_patch_size,
+            merge=merge,
+            heads=vision.num_heads,
+            **vision_extra,
+        ),
+        projector=ProjectorDims(in_dim=merged_dim, hidden=merged_dim, out_dim=out_dim, norm_groups=merge * merge),
+    )
+
+
+def _qwen2_vl_dims(config) -> ModelDims:
+    """Qwen2-VL: full attention in every block (no windows) and a two-matrix MLP (``embed_dim *
+    mlp_ratio``); the merger maps to the LLM's width (``vision_config.hidden_size``)."""
+    vision = config.vision_config
+    return _qwen_dims(config, "qwen2_vl", vision.embed_dim, int(vision.embed_dim * vision.mlp_ratio),
+                      vision.hidden_size, mlp_matrices=2)
+
+
+def _qwen2_5_vl_dims(config) -> ModelDims:
+    """Qwen2.5-VL: window attention (``window_size`` pixels) except in ``fullatt_block_indexes``, a
+    gated three-matrix MLP."""
+    vision = config.vision_config
+    return _qwen_dims(config, "qwen2_5_vl", vision.hidden_size, vision.intermediate_size, vision.out_hidden_size,
+                      mlp_matrices=3, window=vision.window_size // vision.spatial_merge_size // vision.patch_size,
+                      full_attention_layers=tuple(vision.fullatt_block_indexes))
+
+
+def _qwen3_vl_dims(config) -> ModelDims:
+    """Qwen3-VL: ``depth`` full-attention blocks (one fused qkv projection, a two-matrix MLP of
+    ``intermediate_size``), the 2x2 merger and, per entry of ``deepstack_visual_indexes``, a DeepStack
+    merger of the same shape on the output of that block.
+
+    Its LLM is Qwen3 (``head_dim`` given apart from ``hidden / heads``; the per-head q/k RMSNorms are
+    not matrix products); its M-RoPE is interleaved (``mrope_interleaved``), which moves no FLOP."""
+    vision = config.vision_config
+    return _qwen_dims(config, "qwen3_vl", vision.hidden_size, vision.intermediate_size, vision.out_hidden_size,
+                      mlp_matrices=2, deepstack_layers=tuple(vision.deepstack_visual_indexes or ()))
+
+
+def _model_name(config) -> str:
+    name = getattr(config, "_name_or_path", "") or ""
+    return name or config.model_type
