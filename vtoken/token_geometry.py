@@ -165,14 +165,20 @@ def _llava_geometry(dims: ModelDims, images: int) -> Geometry:
                     visual_tokens=images * per_crop)
 
 
-def _llava_next_geometry(dims: ModelDims, image_size, images: int, convention: str) -> Geometry:
+def _anyres_grid(dims: ModelDims, image_size) -> tuple[int, int]:
+    """Crops per column and per row of the ``image_grid_pinpoints`` resolution the model picks for an
+    image of ``image_size`` (transformers' ``select_best_resolution``): LLaVA-NeXT and OneVision alike."""
     from vtoken import compat
 
+    best_h, best_w = compat.select_best_resolution(tuple(image_size), [list(p) for p in dims.grid_pinpoints])
+    return best_h // dims.vision.image_size, best_w // dims.vision.image_size
+
+
+def _llava_next_geometry(dims: ModelDims, image_size, images: int, convention: str) -> Geometry:
     side = _side_patches(dims)
     patches = side * side
     per_crop = patches + (dims.vision.cls_tokens if dims.keep_cls else 0)
-    best_h, best_w = compat.select_best_resolution(tuple(image_size), [list(p) for p in dims.grid_pinpoints])
-    grid_h, grid_w = best_h // dims.vision.image_size, best_w // dims.vision.image_size
+    grid_h, grid_w = _anyres_grid(dims, image_size)
     crops = 1 + grid_h * grid_w
     anyres = None
     if convention == "paper":
@@ -187,8 +193,6 @@ def _llava_next_geometry(dims: ModelDims, image_size, images: int, convention: s
 
 
 def _onevision_geometry(dims: ModelDims, image_size, images: int, convention: str) -> Geometry:
-    from vtoken import compat
-
     side = _side_patches(dims)
     patches = side * side  # SigLIP: no CLS, "full" selection keeps every patch
     if images > 1:  # multi-image sample: every image is its base view only, plus one newline
@@ -196,8 +200,7 @@ def _onevision_geometry(dims: ModelDims, image_size, images: int, convention: st
         return Geometry(crops=images, patches=patches, projector_tokens=images * patches,
                         visual_tokens=images * visual,
                         anyres=None if convention == "paper" else AnyresLayout((patches,), 1))
-    best_h, best_w = compat.select_best_resolution(tuple(image_size), [list(p) for p in dims.grid_pinpoints])
-    grid_h, grid_w = best_h // dims.vision.image_size, best_w // dims.vision.image_size
+    grid_h, grid_w = _anyres_grid(dims, image_size)
     crops = 1 + grid_h * grid_w
     anyres = None
     if convention == "paper":

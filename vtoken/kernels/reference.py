@@ -94,7 +94,7 @@ def received_attention(
     for start in range(0, rows, chunk):
         q = query[:, :, start : start + chunk].float() * scaling
         q = q.reshape(batch, kv_heads, group * q.shape[2], head_dim)
-        scores = buffer[: q.shape[0] * q.shape[1] * q.shape[2] * keys].view(batch, kv_heads, q.shape[2], keys)
+        scores = buffer[: batch * kv_heads * q.shape[2] * keys].view(batch, kv_heads, q.shape[2], keys)
         torch.matmul(q, k_t, out=scores)  # [B, H_kv, group * chunk, N]
         scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()
         inverse = scores.sum(dim=-1).reciprocal_()
