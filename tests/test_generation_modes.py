@@ -1,7 +1,8 @@
 """Every decoding mode of ``generate`` on every family, for every method that runs there: at keep=1.0
 the wrapped model returns what the plain model returns, token for token (the same beams, the same
-samples from the same seed, the same scores); at a real budget each mode runs and returns one row per
-sequence asked for.
+samples from the same seed, the same scores); at a real budget each mode returns one row per sequence
+asked for, each starting with its unpruned prompt, and the scored greedy mode equals a plain greedy call
+under the same pruning, each token the argmax of its step's scores.
 
 Greedy decoding with and without a cache, assisted and prompt-lookup decoding, and static caches
 are tested in ``test_generation.py`` and ``test_still_the_model.py``. The oracle (it needs
@@ -60,9 +61,29 @@ def test_every_mode_at_keep_all_is_the_plain_model_and_runs_pruned(method, famil
             if hasattr(out, "scores"):
                 for ours, theirs in zip(out.scores + out.logits, plain[mode].scores + plain[mode].logits, strict=True):
                     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5, msg=lambda m: f"{mode}: {m}")
-    batch = x["input_ids"].shape[0]
+    ids = x["input_ids"]
+    prompt = ids.shape[1]
     with vtoken.pruned(model, method, keep=0.4):
-        for mode, options in MODES.items():
-            rows = _sequences(_generate(model, x, mode))
-            assert rows.shape[0] == batch * options.get("num_return_sequences", 1), mode
-            assert rows.shape[1] <= x["input_ids"].shape[1] + STEPS, mode
+        outputs = {mode: _generate(model, x, mode) for mode in MODES}
+        greedy = _sequences(model.generate(**x, max_new_tokens=STEPS, do_sample=False,
+                                           suppress_tokens=[model.config.image_token_id]))
+    for mode, options in MODES.items():
+        rows = _sequences(outputs[mode])
+        each = options.get("num_return_sequences", 1)
+        assert rows.shape[0] == ids.shape[0] * each, mode
+        assert rows.shape[1] <= prompt + STEPS, mode
+        # Pruning shortens what the LLM holds, never the sequence generate hands back: every row
+        # starts with its own prompt, unpruned.
+        assert torch.equal(rows[:, :prompt], ids.repeat_interleave(each, dim=0)), mode
+    # The dict mode is greedy decoding with its scores returned: the same tokens as a plain greedy
+    # call under the same pruning, each the argmax of the processed scores of its step (up to a
+    # row's end of sequence, after which generate pads).
+    out = outputs["dict with scores and logits"]
+    assert torch.equal(out.sequences, greedy)
+    eos = model.generation_config.eos_token_id
+    eos = torch.tensor([] if eos is None else [eos] if isinstance(eos, int) else list(eos))
+    running = torch.ones(ids.shape[0], dtype=torch.bool)
+    for step, scores in enumerate(out.scores):
+        token = out.sequences[:, prompt + step]
+        assert torch.equal(scores.argmax(-1)[running], token[running]), step
+        running &= ~torch.isin(token, eos)
