@@ -16,6 +16,7 @@ Known moves:
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -169,6 +170,38 @@ def encoded_output(kwargs: dict, modality: str):
 
 def set_encoded_output(kwargs: dict, modality: str, encoded) -> None:
     kwargs[ENCODER_OUTPUTS_KWARG] = {**(kwargs.get(ENCODER_OUTPUTS_KWARG) or {}), modality: encoded}
+
+
+# --- generate's options ------------------------------------------------------------------------------
+#: ``generate``'s option that feeds the prompt to the model in chunks of this many tokens (5.x).
+PREFILL_CHUNK_OPTION = "prefill_chunk_size"
+
+
+def prefill_chunk_size(model: nn.Module, generate_kwargs: dict) -> int | None:
+    """The chunk size ``generate(**generate_kwargs)`` would prefill ``model``'s prompt in (None: one
+    forward), with generate's precedence: a keyword, then a ``generation_config`` passed in, then the
+    model's own ``generation_config``."""
+    if PREFILL_CHUNK_OPTION in generate_kwargs:
+        return generate_kwargs[PREFILL_CHUNK_OPTION]
+    for config in (generate_kwargs.get("generation_config"), getattr(model, "generation_config", None)):
+        size = getattr(config, PREFILL_CHUNK_OPTION, None)
+        if size is not None:
+            return size
+    return None
+
+
+def without_chunked_prefill(model: nn.Module, generate_kwargs: dict) -> dict:
+    """``generate_kwargs`` asking for ``model``'s prompt in one forward. The keyword has generate's
+    highest precedence. A ``generation_config`` passed in is copied without the option instead, as
+    generate warns when one comes with generation keywords; but where the model's own config asks for
+    chunks, generate fills an unset option of the passed config from it, and only the keyword wins."""
+    config = generate_kwargs.get("generation_config")
+    from_model = getattr(getattr(model, "generation_config", None), PREFILL_CHUNK_OPTION, None)
+    if config is None or PREFILL_CHUNK_OPTION in generate_kwargs or from_model is not None:
+        return {**generate_kwargs, PREFILL_CHUNK_OPTION: None}
+    config = copy.deepcopy(config)
+    setattr(config, PREFILL_CHUNK_OPTION, None)
+    return {**generate_kwargs, "generation_config": config}
 
 
 def image_features(encoded) -> list[torch.Tensor]:

@@ -71,7 +71,8 @@ class Pruner:
         self._encoding: contextvars.ContextVar = contextvars.ContextVar(f"vtoken_encoding_{id(self)}", default=None)
         #: The prompt length of the ``generate`` call running in this thread (None outside one).
         self.prompt_length: contextvars.ContextVar = contextvars.ContextVar(f"vtoken_prompt_{id(self)}", default=None)
-        #: The ``generate`` call running in this thread (a fresh object per call; None outside one).
+        #: The ``generate`` call running in this thread (``adapters.generate_call.GenerateCall``, one per
+        #: call; None outside one).
         self.generate_call: contextvars.ContextVar = contextvars.ContextVar(f"vtoken_generate_{id(self)}", default=None)
         #: Per-input annotations for the calls made inside ``vtoken.annotate`` (this thread's).
         self.annotations: contextvars.ContextVar = contextvars.ContextVar(f"vtoken_annotations_{id(self)}", default={})

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from .base import Adapter, FamilyDescription, ImageInfo, Modality, UndoStack, VisualLayout, eager
+from .generate_call import install_generate_wrapper
 from .hf_decoder import DecoderPruning, padding_from_4d_mask
 from .vision_site import VisionSite, VisionSource
 from vtoken import compat, signals
@@ -275,7 +276,7 @@ class VisionLanguageAdapter(VisionSite, Adapter):
         DecoderPruning(decoder.stack, pruner, self._pre_llm, head=decoder.head,
                        token_inputs=decoder.token_inputs).install(undo)
         if callable(getattr(self.model, "generate", None)):
-            self._record_prompt_length(undo)
+            install_generate_wrapper(self.model, pruner, undo, self._carries_visual_input)
         if self.model is not self.core:  # the model with the LM head computes the loss from labels
             self._labels: contextvars.ContextVar = contextvars.ContextVar(f"vtoken_labels_{id(self)}", default=None)
             undo.pre_hook(self.model, self._take_labels, with_kwargs=True)
@@ -283,25 +284,10 @@ class VisionLanguageAdapter(VisionSite, Adapter):
             self._positions_kept = contextvars.ContextVar(f"vtoken_logits_to_keep_{id(self)}", default=None)
             undo.pre_hook(self.model, self._take_positions_to_keep, with_kwargs=True)
             undo.post_hook(self.model, self._logits_at_kept_positions, with_kwargs=True, always_call=True)
-    def _record_prompt_length(self, undo: UndoStack) -> None:
-        """``generate`` records its prompt's length for the forwards it makes (per thread): an
-        assisted or prompt-lookup first forward holds candidate tokens after the prompt."""
-        generate = self.model.generate
-        lengths, calls = self.pruner.prompt_length, self.pruner.generate_call
-
-        @functools.wraps(generate)
-        def generate_recording_prompt(*args, **kwargs):
-            tokens = kwargs.get("input_ids", args[0] if args else None)
-            tokens = tokens if tokens is not None else kwargs.get("inputs_embeds")
-            token = lengths.set(tokens.shape[1] if tokens is not None else None)
-            call = calls.set(object())
-            try:
-                return generate(*args, **kwargs)
-            finally:
-                calls.reset(call)
-                lengths.reset(token)
-
-        undo.set_attribute(self.model, "generate", generate_recording_prompt)
+    def _carries_visual_input(self, generate_kwargs: dict) -> bool:
+        """Whether a ``generate`` call's inputs hold pixels or an encoding of any modality."""
+        return any(generate_kwargs.get(m.pixels) is not None or compat.encoded_output(generate_kwargs, m.name) is not None
+                   for m in self._modalities)
 
     # --- training: labels follow the kept tokens ------------------------------------------------
     def _take_labels(self, module, args, kwargs):
@@ -466,6 +452,11 @@ class VisionLanguageAdapter(VisionSite, Adapter):
             m for m in present if kwargs.get(m.pixels) is not None or compat.encoded_output(kwargs, m.name) is not None
         ]
         if not present:
+            call = pruner.generate_call.get()
+            if call is not None and call.images_prefilled:
+                # A forward a logits processor makes inside generate (classifier-free guidance's
+                # unconditional pass): the plain model's, and not a request selection() describes.
+                return None
             if pruner.config.text_only == "error" and not self._has_placeholders(input_ids):
                 raise ValueError(
                     "this input has no image tokens, so there is nothing to prune; add an image, "
@@ -509,6 +500,8 @@ class VisionLanguageAdapter(VisionSite, Adapter):
         if prompt_length is not None and input_ids.shape[1] > prompt_length:
             run.prompt_end = prompt_length
         run.generate_call = pruner.generate_call.get()
+        if run.generate_call is not None:
+            run.generate_call.images_prefilled = True
         # generate() without a KV cache re-runs the whole sequence at every step with the features
         # it encoded once: such a step continues the prompt this encoding served, and prunes as it did.
         run.replay = images.replay_for(input_ids, mask)
