@@ -108,6 +108,38 @@ def test_model_without_adapter_is_refused():
     assert not hasattr(model, "_vtoken_state")
 
 
+def _llava_with_pixtral_tower():
+    """LLaVA's class holding Pixtral's tower (as mistral-community/pixtral-12b does), at toy size."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, MistralConfig, PixtralVisionConfig
+
+    torch.manual_seed(0)
+    vision = PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                 image_size=32, patch_size=8, head_dim=8)
+    text = MistralConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=99, vision_feature_layer=-1,
+                         vision_feature_select_strategy="full")
+    return LlavaForConditionalGeneration(config).eval()
+
+
+@pytest.mark.parametrize("method", ["fastv", "random", "visionzip"])
+def test_a_llava_class_with_a_tower_the_adapter_does_not_read_is_refused(method):
+    """LLaVA's classes also hold towers other than CLIP and SigLIP: wrap names the tower in one line
+    and leaves the model as it was (it used to fail on a missing attribute); the FLOPs model refuses
+    it too, instead of counting it as a CLIP tower."""
+    model = _llava_with_pixtral_tower()
+    ids = torch.tensor([[1, 5, 6] + [99] * 16 + [7, 8]])
+    x = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": torch.randn(1, 3, 32, 32),
+         "image_sizes": torch.tensor([[32, 32]])}
+    snap = _snapshot(model, x)
+    with pytest.raises(ValueError, match=r"reads CLIP and SigLIP vision towers; this model's is PixtralVisionModel "
+                                         r"\(vision_config.model_type='pixtral'\)"):
+        vtoken.wrap(model, method)
+    _assert_same(model, x, snap)
+    with pytest.raises(NotImplementedError, match="vision tower of model_type 'pixtral' is not implemented"):
+        vtoken.flops(model.config)
+
+
 def test_runtime_errors_name_the_fix():
     model = tiny_llava()
     x = llava_inputs(2)

@@ -186,6 +186,13 @@ def _llava_dims(config, family: str) -> ModelDims:
     feature_layers = config.vision_feature_layer
     n_feature_layers = 1 if isinstance(feature_layers, int) else len(feature_layers)
     vision_type = getattr(vision, "model_type", "clip")
+    if "clip" not in vision_type and "siglip" not in vision_type:
+        # Other towers in LLaVA's classes (Pixtral's: gated MLP, packed images of any size, row-break
+        # tokens) have other per-layer FLOPs and token counts.
+        raise NotImplementedError(
+            f"FLOPs model for a {family} vision tower of model_type {vision_type!r} is not implemented "
+            "(supported: CLIP and SigLIP towers)"
+        )
     cls_tokens = 1 if "clip" in vision_type else 0
     pinpoints = tuple(tuple(p) for p in getattr(config, "image_grid_pinpoints", None) or ())
     anyres_max = 0

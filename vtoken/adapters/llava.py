@@ -30,6 +30,9 @@ _NEXT_CLASSES = (LlavaNextForConditionalGeneration, LlavaNextModel)
 _CLASSES = (LlavaForConditionalGeneration, LlavaModel, *_NEXT_CLASSES)
 
 
+#: The vision towers (``vision_config.model_type``) whose layers and token grid this adapter reads.
+VISION_TOWERS = ("clip_vision_model", "siglip_vision_model")
+
 #: Per family this adapter serves: the signals its models never provide, and why (``vtoken.methods``).
 FAMILY_GAPS = {
     "LLaVA-1.5": {},
@@ -52,6 +55,14 @@ class LlavaAdapter(VisionLanguageAdapter):
         self.core = self.inner_model(model)
         self.is_next = isinstance(self.core, LlavaNextModel)
         vision_config = self.core.config.vision_config
+        if vision_config.model_type not in VISION_TOWERS:
+            # LLaVA's classes also hold other towers (Pixtral's: images of any size in one packed
+            # sequence, 2-D RoPE, row-break tokens), whose token layout this adapter does not describe.
+            raise ValueError(
+                f"vtoken's {self.family_label()} adapter reads CLIP and SigLIP vision towers; this model's is "
+                f"{type(self.core.vision_tower).__name__} (vision_config.model_type={vision_config.model_type!r}), "
+                "which it does not support yet: use the model unwrapped"
+            )
         self.grid_side = vision_config.image_size // vision_config.patch_size
         self.has_cls = vision_config.model_type == "clip_vision_model"
         self.select = self.core.config.vision_feature_select_strategy
