@@ -4,8 +4,8 @@ samples from the same seed, the same scores); at a real budget each mode returns
 asked for, each starting with its unpruned prompt, and the scored greedy mode equals a plain greedy call
 under the same pruning, each token the argmax of its step's scores.
 
-Greedy decoding with and without a cache, assisted and prompt-lookup decoding, and static caches
-are tested in ``test_generation.py`` and ``test_still_the_model.py``; classifier-free guidance and chunked
+Greedy decoding with and without a cache, assisted and prompt-lookup decoding, and static caches (every
+method) are tested in ``test_generation.py`` and ``test_still_the_model.py``; classifier-free guidance and chunked
 prefill in ``test_generate_options.py``. The oracle (it needs
 annotations per call) and TokenPacker (its budget is fixed by its weights: no keep=1.0) are left out
 here; ``test_generation.py`` runs both through ``generate``.

@@ -145,6 +145,16 @@ def num_cache_layers(cache) -> int:
     return len(cache.layers)
 
 
+def is_static_cache(cache) -> bool:
+    """Whether every layer of ``cache`` is a plain static layer (fixed slots, written one after the
+    other from its own count: layers may hold different numbers of tokens). Sliding-window and
+    indexed static layers are not."""
+    from transformers.cache_utils import StaticLayer
+
+    layers = getattr(cache, "layers", None) or []
+    return bool(layers) and all(type(layer) is StaticLayer for layer in layers)
+
+
 def cache_capacity(cache) -> int | None:
     """The fixed number of positions a static cache holds per layer (None for a growing cache)."""
     layers = getattr(cache, "layers", None) or []
@@ -239,17 +249,18 @@ def mask_builder(config) -> Callable | None:
 
 
 def build_mask(config, make_mask: Callable, *, batch_size: int, q_length: int, kv_length: int,
-               padding_mask: torch.Tensor, extra: Callable | None, dtype, device):
-    """Call a transformers mask builder: causal over ``kv_length`` keys for the last ``q_length``
-    queries, ``padding_mask`` ``[B, kv]`` (True = may be attended), and ``extra`` (a mask function
-    ``(batch, head, q, kv) -> bool``) also holding when given."""
+               padding_mask: torch.Tensor, extra: Callable | None, dtype, device, q_offset: int | None = None):
+    """Call a transformers mask builder: causal over ``kv_length`` keys for ``q_length`` queries at
+    slots ``q_offset`` on (default: the last ones), ``padding_mask`` ``[B, kv]`` (True = may be
+    attended), and ``extra`` (a mask function ``(batch, head, q, kv) -> bool``) also holding when
+    given."""
     from transformers.masking_utils import and_masks, causal_mask_function
 
     return make_mask(
         batch_size=batch_size,
         q_length=q_length,
         kv_length=kv_length,
-        q_offset=kv_length - q_length,
+        q_offset=kv_length - q_length if q_offset is None else q_offset,
         kv_offset=0,
         mask_function=causal_mask_function if extra is None else and_masks(causal_mask_function, extra),
         attention_mask=padding_mask,

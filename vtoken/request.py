@@ -238,6 +238,9 @@ class PruneRun:
         self.observed: dict[int, tuple] = {}
         # Per forward: layer-group kwargs already built, layer inputs kept for scoring.
         self.group_kwargs: dict[int, dict] = {}
+        #: Per forward: the slots each layer of a static KV cache holds (its masks span them all), or
+        #: None for a growing cache.
+        self.static_capacity: int | None = None
         self.stash: dict[int, tuple] = {}
         #: LLM layer -> the keys scoring projected there, for the layer itself
         #: (:class:`~vtoken.adapters.key_reuse.PendingKeys`).

@@ -7,7 +7,8 @@ keyword arguments by a forward pre-hook: no modeling code is forked or copied.
 
 Where state lives: the request's :class:`~vtoken.pruner.PruneRun` (attached to its KV cache after
 prefill). Layers before the first pruning layer keep the full KV cache; each later group caches only
-its own slots, so decoding masks are sized per group from the group's layout.
+its own slots, so decoding masks are sized per group from the group's layout. A static cache's layers
+each write from their own count too; its groups' masks span every slot, those not yet written masked.
 
 Positions: during decoding, the new tokens' position ids are the ones the unwrapped model would use
 (given by ``generate``, or counted from the original length), shifted per sample by the number of
@@ -131,13 +132,21 @@ class DecoderPruning:
                 "processor's 2-D attention_mask"
             )
         inside = bool(self.pruner.stages_at("llm")) or self.pruner.mask is not None
-        if cache is not None and inside and not compat.is_dynamic_cache(cache):
+        static = cache is not None and compat.is_static_cache(cache)
+        if cache is not None and inside and not compat.is_dynamic_cache(cache) and not (static and self.pruner.mask is None):
+            # A static cache's layers each write from their own count, so layers holding fewer tokens
+            # after a stage are fine; a mask stage's rerun over a cropped prefix, and caches of other
+            # kinds (sliding window, quantized), are not modelled.
+            if self.pruner.mask is None:
+                needs, avoid = "a DynamicCache or a StaticCache (layers hold different lengths)", "'sliding_window'"
+            else:
+                needs, avoid = "a DynamicCache (layers hold different lengths and a prefix is recomputed)", "'static'"
             raise ValueError(
-                f"{self.pruner.strategy.name} prunes or masks inside the LLM, which needs a DynamicCache (layers "
-                f"hold different lengths, or a recomputed prefix); got {type(cache).__name__}. Use the default "
-                "cache (no cache_implementation such as 'static' or 'sliding_window', no StaticCache), or a method that "
-                "prunes before the LLM."
+                f"{self.pruner.strategy.name} prunes or masks inside the LLM, which needs {needs}; got "
+                f"{type(cache).__name__}. Use the default cache (no cache_implementation such as {avoid}), or a "
+                "method that prunes before the LLM."
             )
+        run.static_capacity = compat.cache_capacity(cache) if static else None
         window = compat.sliding_window(self.config)
         length = embeds.shape[1] + (0 if run.prefill else run.seen)
         if inside and window is not None and length > window:
@@ -283,7 +292,7 @@ class DecoderPruning:
             padding = torch.cat([layout.valid, run.new_mask], dim=1)
             positions = self._decode_positions(run, layout)
         cos_sin = compat.rotary_cos_sin(self.lm, hidden, rotary_positions(positions))
-        mask = causal_mask_for(self.config, hidden, padding, hidden.shape[1])
+        mask = causal_mask_for(self.config, hidden, padding, hidden.shape[1], capacity=run.static_capacity)
         return {"attention_mask": mask, "position_ids": positions_out(positions), "position_embeddings": cos_sin}
 
     @staticmethod

@@ -560,22 +560,28 @@ class VisionLanguageAdapter(VisionSite, Adapter):
         """A decoding step fed tokens this request already processed: ``generate`` continued from a
         returned cache counts the tokens to feed from the cache's length, which pruning made shorter
         than the sequence. The attention mask spans the whole sequence, so the tokens past
-        ``run.seen`` are the new ones; the others are dropped (their keys are in the cache)."""
+        ``run.seen`` are the new ones; the others are dropped (their keys are in the cache). Under a
+        static cache generate hands a 4-D mask over the cache's slots: the sequence ends after the
+        last slot its last query row may attend to (that query's own), and its rows for the dropped
+        tokens go with them."""
         mask = compat.full_attention_mask(kwargs.get("attention_mask"))
         if args:  # input_ids given by position
             kwargs = {**kwargs, "input_ids": args[0]}
             args = args[1:]
         tokens = kwargs.get("input_ids")
         tokens = tokens if tokens is not None else kwargs.get("inputs_embeds")
-        if mask is None or tokens is None or mask.dim() != 2:
+        if mask is None or tokens is None or mask.dim() not in (2, 4):
             return args, kwargs
-        fed, new = tokens.shape[1], mask.shape[1] - run.seen
+        length = mask.shape[1] if mask.dim() == 2 else _sequence_length_of_4d_mask(mask)
+        fed, new = tokens.shape[1], length - run.seen
         if fed <= new or new <= 0:
             return args, kwargs
         for name in ("input_ids", "inputs_embeds", "position_ids"):
             value = kwargs.get(name)
             if value is not None:
                 kwargs[name] = value[..., fed - new :] if name == "position_ids" else value[:, fed - new :]
+        if mask.dim() == 4 and mask.shape[2] == fed:
+            kwargs["attention_mask"] = mask[:, :, fed - new :]
         return args, kwargs
 
     @staticmethod
@@ -688,3 +694,12 @@ class VisionLanguageAdapter(VisionSite, Adapter):
             slots = torch.nonzero(row >= 0).squeeze(-1)[image.offset + mixed]
             embeds[image.sample, slots.to(embeds.device)] = rebuilt.to(embeds.device, embeds.dtype)
         return embeds
+
+
+def _sequence_length_of_4d_mask(mask: torch.Tensor) -> int:
+    """The length of the sequence a ``[B, 1, Q, K]`` decoding mask was built for: one past the last
+    key its last query row may attend to (that query's own slot; bool: True allowed, float: 0)."""
+    row = mask[:, 0, -1]
+    allowed = row if row.dtype == torch.bool else row == 0
+    slots = torch.arange(row.shape[-1], device=row.device)
+    return int(torch.where(allowed, slots, -1).max()) + 1
