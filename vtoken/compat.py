@@ -141,6 +141,22 @@ def set_cache_layer_kv(cache, layer: int, keys: torch.Tensor, values: torch.Tens
     entry.keys, entry.values = keys, values
 
 
+def crop_cache_layer(cache, layer: int, length: int) -> None:
+    """Keep the first ``length`` tokens ``cache`` holds for decoder ``layer``. A static layer keeps
+    its slots (the next writes overwrite the stale ones): its count goes back, as its own ``crop``
+    does; a growing layer's tensors are cut."""
+    from transformers.cache_utils import StaticLayer
+
+    entry = cache.layers[layer]
+    if isinstance(entry, StaticLayer):
+        held = int(entry.get_seq_length())
+        if held > length:
+            entry.crop(length - held)
+        return
+    if entry.keys is not None and entry.keys.shape[-2] > length:
+        entry.keys, entry.values = entry.keys[..., :length, :], entry.values[..., :length, :]
+
+
 def num_cache_layers(cache) -> int:
     return len(cache.layers)
 

@@ -443,7 +443,8 @@ class VisionLanguageAdapter(VisionSite, Adapter):
                 self._refuse_unknown_pruned_cache(cache, kwargs.get("attention_mask"), input_ids)
                 return None
             self._roll_back_rejected(run, cache)
-            return self._skip_processed_tokens(run, args, kwargs)
+            continuing = run.generate_call is None or run.generate_call is not pruner.generate_call.get()
+            return self._skip_processed_tokens(run, args, kwargs, continuing)
         if input_ids is None:
             raise ValueError("vtoken finds the visual tokens in input_ids or inputs_embeds; pass one of them")
         # Placeholders without pixels or an encoding are text to the model (an assistant model in
@@ -550,30 +551,31 @@ class VisionLanguageAdapter(VisionSite, Adapter):
         run.seen -= removed
         new = run.seen - run.orig_length
         for layer in range(compat.num_cache_layers(cache)):
-            keys, values = compat.cache_layer_kv(cache, layer)
-            target = run.group_for(layer)[1].length + new
-            if keys is not None and keys.shape[-2] > target:
-                compat.set_cache_layer_kv(cache, layer, keys[..., :target, :], values[..., :target, :])
+            compat.crop_cache_layer(cache, layer, run.group_for(layer)[1].length + new)
 
     @staticmethod
-    def _skip_processed_tokens(run: PruneRun, args, kwargs):
+    def _skip_processed_tokens(run: PruneRun, args, kwargs, continuing: bool):
         """A decoding step fed tokens this request already processed: ``generate`` continued from a
         returned cache counts the tokens to feed from the cache's length, which pruning made shorter
         than the sequence. The attention mask spans the whole sequence, so the tokens past
-        ``run.seen`` are the new ones; the others are dropped (their keys are in the cache). Under a
-        static cache generate hands a 4-D mask over the cache's slots: the sequence ends after the
-        last slot its last query row may attend to (that query's own), and its rows for the dropped
-        tokens go with them."""
+        ``run.seen`` are the new ones; the others are dropped (their keys are in the cache).
+
+        Under a static cache generate hands a 4-D mask instead, numbered from the cache's own length:
+        it cannot say where the sequence ends. Only a step of another call than the prefill's
+        (``continuing``) counts from that length (the first of a continued ``generate``), so its
+        sequence is the cache's length plus the tokens fed; within the prefill's call every token fed
+        is new (assisted decoding's candidates included). The mask's rows for dropped tokens go too."""
         mask = compat.full_attention_mask(kwargs.get("attention_mask"))
         if args:  # input_ids given by position
             kwargs = {**kwargs, "input_ids": args[0]}
             args = args[1:]
         tokens = kwargs.get("input_ids")
         tokens = tokens if tokens is not None else kwargs.get("inputs_embeds")
-        if mask is None or tokens is None or mask.dim() not in (2, 4):
+        if mask is None or tokens is None or mask.dim() not in (2, 4) or (mask.dim() == 4 and not continuing):
             return args, kwargs
-        length = mask.shape[1] if mask.dim() == 2 else _sequence_length_of_4d_mask(mask)
-        fed, new = tokens.shape[1], length - run.seen
+        fed = tokens.shape[1]
+        length = mask.shape[1] if mask.dim() == 2 else run.groups[0][1].length + run.seen - run.orig_length + fed
+        new = length - run.seen
         if fed <= new or new <= 0:
             return args, kwargs
         for name in ("input_ids", "inputs_embeds", "position_ids"):
@@ -581,7 +583,9 @@ class VisionLanguageAdapter(VisionSite, Adapter):
             if value is not None:
                 kwargs[name] = value[..., fed - new :] if name == "position_ids" else value[:, fed - new :]
         if mask.dim() == 4 and mask.shape[2] == fed:
-            kwargs["attention_mask"] = mask[:, :, fed - new :]
+            given = kwargs["attention_mask"]  # one mask, or one per layer type (Qwen2 under a static cache)
+            kwargs["attention_mask"] = ({kind: m[:, :, fed - new :] for kind, m in given.items()}
+                                        if isinstance(given, dict) else given[:, :, fed - new :])
         return args, kwargs
 
     @staticmethod
@@ -694,12 +698,3 @@ class VisionLanguageAdapter(VisionSite, Adapter):
             slots = torch.nonzero(row >= 0).squeeze(-1)[image.offset + mixed]
             embeds[image.sample, slots.to(embeds.device)] = rebuilt.to(embeds.device, embeds.dtype)
         return embeds
-
-
-def _sequence_length_of_4d_mask(mask: torch.Tensor) -> int:
-    """The length of the sequence a ``[B, 1, Q, K]`` decoding mask was built for: one past the last
-    key its last query row may attend to (that query's own slot; bool: True allowed, float: 0)."""
-    row = mask[:, 0, -1]
-    allowed = row if row.dtype == torch.bool else row == 0
-    slots = torch.arange(row.shape[-1], device=row.device)
-    return int(torch.where(allowed, slots, -1).max()) + 1
