@@ -103,8 +103,7 @@ def test_assisted_and_prompt_lookup_decoding_equal_greedy(method, family):
         except ValueError:
             continue
         with vtoken.pruned(model, method, **_options(method)):
-            if not _masks_inside_the_llm(model):  # AIF refuses a static cache (tested below)
-                assert torch.equal(_generate(model, x, **static(), **options), greedy)
+            assert torch.equal(_generate(model, x, **static(), **options), greedy)
 
 
 def _hand_computed_loss(model, x, logits, labels, selection) -> torch.Tensor:
@@ -303,26 +302,17 @@ def test_image_tokens_without_pixels_run_as_text_as_in_the_plain_model(family):
             assert torch.equal(model(**text).logits, plain)
 
 
-def _masks_inside_the_llm(model) -> bool:
-    return vtoken.strategy_of(model).mask_stage() is not None
-
-
 @pytest.mark.parametrize("method,family", cases(METHODS))
 def test_a_static_cache_equals_the_dynamic_cache(method, family):
     """A static cache's layers each write from their own count, so layers that hold fewer tokens after
-    an in-LLM stage need only masks over all the cache's slots: generate's static cache (and its
-    compiled path) equals the dynamic cache for every method that drops tokens, before or inside the
-    LLM, in the first call and continued from the cache it returned. A mask stage (AIF reruns the
-    text over a cropped prefix) refuses it with a message naming the fix, and the model still works."""
+    an in-LLM stage need only masks over all the cache's slots (and a mask stage's rerun over a
+    cropped prefix, AIF's, only those masks too): generate's static cache (and its compiled path)
+    equals the dynamic cache for every method, before or inside the LLM, in the first call and
+    continued from the cache it returned."""
     model = FAMILIES[family].make()
     x = FAMILIES[family].inputs(model)
     with vtoken.pruned(model, method, **_options(method)):
         dynamic = _generate(model, x)
-        if _masks_inside_the_llm(model):
-            with pytest.raises(ValueError, match=r"needs a DynamicCache .*no cache_implementation such as 'static'"):
-                _generate(model, x, cache_implementation="static")
-            assert torch.equal(_generate(model, x), dynamic)
-            return
         assert torch.equal(_generate(model, x, cache_implementation="static"), dynamic)
         suppress = [model.config.image_token_id, getattr(model.config, "video_token_id", model.config.image_token_id)]
         # Room for the whole generation (generate's own static cache holds only its call's tokens).
@@ -334,6 +324,22 @@ def test_a_static_cache_equals_the_dynamic_cache(method, family):
         continued = model.generate(input_ids=first.sequences, attention_mask=mask, max_new_tokens=STEPS - new,
                                    do_sample=False, suppress_tokens=suppress, **compat.cache_kwargs(compat.output_cache(first)))
         assert torch.equal(continued, dynamic)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2"])
+def test_aif_over_a_static_cache_probes_and_refuses_eviction(family):
+    """AIF's next-token probe (one decoding step on the prefill's cache, then cut back) runs over a
+    static cache as over a dynamic one; evicting the hidden tokens (removing them from the middle of
+    the cached prefix) is refused in one line naming the fix, and the model still works."""
+    model = FAMILIES[family].make()
+    x = FAMILIES[family].inputs(model)
+    with vtoken.pruned(model, "aif", keep=0.4, query="next"):
+        assert torch.equal(_generate(model, x, cache_implementation="static"), _generate(model, x))
+    with vtoken.pruned(model, "aif", keep=0.4, mode="evict"):
+        dynamic = _generate(model, x)
+        with pytest.raises(ValueError, match=r"needs a DynamicCache \(it removes hidden tokens .*no cache_implementation such as 'static'"):
+            _generate(model, x, cache_implementation="static")
+        assert torch.equal(_generate(model, x), dynamic)
 
 
 @pytest.mark.parametrize("method,options", [("random", {"keep": 1.0}), ("random", {"keep": 1.0, "site": "vision", "layer": 1}),

@@ -151,7 +151,7 @@ def crop_cache_layer(cache, layer: int, length: int) -> None:
     if isinstance(entry, StaticLayer):
         held = int(entry.get_seq_length())
         if held > length:
-            entry.crop(length - held)
+            _crop_static_layer(entry, held - length)
         return
     if entry.keys is not None and entry.keys.shape[-2] > length:
         entry.keys, entry.values = entry.keys[..., :length, :], entry.values[..., :length, :]
@@ -184,8 +184,19 @@ def full_attention_mask(mask):
 
 
 def crop_cache(cache, tokens: int) -> None:
-    """``cache.crop``: a negative ``tokens`` removes that many from the end of every layer."""
+    """``cache.crop``: a negative ``tokens`` removes that many from the end of every layer (a static
+    layer's count goes back: 5.23's static layers have no ``crop`` of their own)."""
+    if is_static_cache(cache):
+        for entry in cache.layers:
+            _crop_static_layer(entry, -tokens)
+        return
     cache.crop(tokens)
+
+
+def _crop_static_layer(entry, tokens: int) -> None:
+    """Forget the last ``tokens`` a static layer holds: its slots stay, its count goes back in place
+    (the count's address is static under torch.compile), so the next writes overwrite them."""
+    entry.cumulative_length.sub_(tokens)
 
 
 # --- multimodal encoder outputs -------------------------------------------------------------------

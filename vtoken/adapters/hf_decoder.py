@@ -8,7 +8,8 @@ keyword arguments by a forward pre-hook: no modeling code is forked or copied.
 Where state lives: the request's :class:`~vtoken.pruner.PruneRun` (attached to its KV cache after
 prefill). Layers before the first pruning layer keep the full KV cache; each later group caches only
 its own slots, so decoding masks are sized per group from the group's layout. A static cache's layers
-each write from their own count too; its groups' masks span every slot, those not yet written masked.
+each write from their own count too; its groups' masks span every slot, those not yet written masked
+(a mask stage's rerun as well; one that evicts needs a growing cache).
 
 Positions: during decoding, the new tokens' position ids are the ones the unwrapped model would use
 (given by ``generate``, or counted from the original length), shifted per sample by the number of
@@ -133,14 +134,16 @@ class DecoderPruning:
             )
         inside = bool(self.pruner.stages_at("llm")) or self.pruner.mask is not None
         static = cache is not None and compat.is_static_cache(cache)
-        if cache is not None and inside and not compat.is_dynamic_cache(cache) and not (static and self.pruner.mask is None):
+        evicts = self.pruner.masking is not None and self.pruner.masking.evict
+        if cache is not None and inside and not compat.is_dynamic_cache(cache) and not (static and not evicts):
             # A static cache's layers each write from their own count, so layers holding fewer tokens
-            # after a stage are fine; a mask stage's rerun over a cropped prefix, and caches of other
-            # kinds (sliding window, quantized), are not modelled.
-            if self.pruner.mask is None:
-                needs, avoid = "a DynamicCache or a StaticCache (layers hold different lengths)", "'sliding_window'"
+            # after a stage, and a mask stage's rerun over a cropped prefix, are fine; removing tokens
+            # from the middle of a prefix (a mask stage that evicts), and caches of other kinds
+            # (sliding window, quantized), are not modelled.
+            if evicts:
+                needs, avoid = "a DynamicCache (it removes hidden tokens from the cached prefix)", "'static'"
             else:
-                needs, avoid = "a DynamicCache (layers hold different lengths and a prefix is recomputed)", "'static'"
+                needs, avoid = "a DynamicCache or a StaticCache (layers hold different lengths)", "'sliding_window'"
             raise ValueError(
                 f"{self.pruner.strategy.name} prunes or masks inside the LLM, which needs {needs}; got "
                 f"{type(cache).__name__}. Use the default cache (no cache_implementation such as {avoid}), or a "

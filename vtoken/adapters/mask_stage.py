@@ -159,12 +159,15 @@ class MaskStagePass:
         embeds = kwargs["inputs_embeds"]
         length = layout.length
         text = layout.image_index < 0
+        capacity = run.static_capacity  # a static cache: masks over all its slots (none hidden past ours)
+        hidden = masked if capacity is None else torch.nn.functional.pad(masked, (0, capacity - length))
 
         def text_may_attend(batch, head, q, kv):
-            return ~(text[batch, q] & masked[batch, kv])
+            return ~(text[batch, q] & hidden[batch, kv])
 
-        plain = causal_mask_for(self.decoder.config, embeds, layout.valid, length - start)
-        modulated = causal_mask_for(self.decoder.config, embeds, layout.valid, length - start, extra=text_may_attend)
+        plain = causal_mask_for(self.decoder.config, embeds, layout.valid, length - start, capacity=capacity)
+        modulated = causal_mask_for(self.decoder.config, embeds, layout.valid, length - start, extra=text_may_attend,
+                                    capacity=capacity)
         compat.crop_cache(cache, start - length)
         flags = {k: kwargs[k] for k in ("output_attentions", "output_hidden_states") if kwargs.get(k)}
         # The prompt's other per-token inputs (DeepStack) go to the rerun whole: the model's hook for
