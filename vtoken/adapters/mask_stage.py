@@ -159,7 +159,8 @@ class MaskStagePass:
         embeds = kwargs["inputs_embeds"]
         length = layout.length
         text = layout.image_index < 0
-        capacity = run.static_capacity  # a static cache: masks over all its slots (none hidden past ours)
+        # Under a static cache the masks span all its slots; those past the prompt hide no token.
+        capacity = run.static_capacity
         hidden = masked if capacity is None else torch.nn.functional.pad(masked, (0, capacity - length))
 
         def text_may_attend(batch, head, q, kv):
