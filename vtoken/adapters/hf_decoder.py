@@ -135,7 +135,8 @@ class DecoderPruning:
         inside = bool(self.pruner.stages_at("llm")) or self.pruner.mask is not None
         static = cache is not None and compat.is_static_cache(cache)
         evicts = self.pruner.masking is not None and self.pruner.masking.evict
-        if cache is not None and inside and not compat.is_dynamic_cache(cache) and not (static and not evicts):
+        supported = compat.is_dynamic_cache(cache) or (static and not evicts)
+        if cache is not None and inside and not supported:
             # A static cache's layers each write from their own count, so layers holding fewer tokens
             # after a stage, and a mask stage's rerun over a cropped prefix, are fine; removing tokens
             # from the middle of a prefix (a mask stage that evicts), and caches of other kinds

@@ -284,10 +284,14 @@ class VisionLanguageAdapter(VisionSite, Adapter):
             self._positions_kept = contextvars.ContextVar(f"vtoken_logits_to_keep_{id(self)}", default=None)
             undo.pre_hook(self.model, self._take_positions_to_keep, with_kwargs=True)
             undo.post_hook(self.model, self._logits_at_kept_positions, with_kwargs=True, always_call=True)
+    @staticmethod
+    def _given(kwargs: dict, modality: Modality) -> bool:
+        """Whether a call's inputs hold ``modality``'s pixels or an encoding of them."""
+        return kwargs.get(modality.pixels) is not None or compat.encoded_output(kwargs, modality.name) is not None
+
     def _carries_visual_input(self, generate_kwargs: dict) -> bool:
         """Whether a ``generate`` call's inputs hold pixels or an encoding of any modality."""
-        return any(generate_kwargs.get(m.pixels) is not None or compat.encoded_output(generate_kwargs, m.name) is not None
-                   for m in self._modalities)
+        return any(self._given(generate_kwargs, m) for m in self._modalities)
 
     # --- training: labels follow the kept tokens ------------------------------------------------
     def _take_labels(self, module, args, kwargs):
@@ -432,7 +436,7 @@ class VisionLanguageAdapter(VisionSite, Adapter):
         if cache is not None and compat.cache_length(cache) > 0:
             # A decoding step. Image tokens without images (a generated token that happens to be the
             # image token's id) are text to the model, as to the unwrapped one; new images are not.
-            if any(kwargs.get(m.pixels) is not None or compat.encoded_output(kwargs, m.name) is not None for m in present):
+            if any(self._given(kwargs, m) for m in present):
                 raise ValueError(
                     "vtoken prunes images at prefill; a new image cannot be added to a filled KV cache: start a "
                     "new prompt with every image (or call vtoken.unwrap(model) for this use)"
@@ -450,7 +454,7 @@ class VisionLanguageAdapter(VisionSite, Adapter):
         # Placeholders without pixels or an encoding are text to the model (an assistant model in
         # assisted decoding is called so): nothing to prune, as the plain model runs them.
         present = [
-            m for m in present if kwargs.get(m.pixels) is not None or compat.encoded_output(kwargs, m.name) is not None
+            m for m in present if self._given(kwargs, m)
         ]
         if not present:
             call = pruner.generate_call.get()
