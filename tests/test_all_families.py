@@ -14,7 +14,7 @@ import torch
 from vtoken import compat
 
 import vtoken
-from vtoken.adapters.hf_decoder import llama_attention_rows
+from vtoken.adapters.hf_decoder import apply_rotary, llama_attention_rows
 from vtoken.config import PruneConfig
 from vtoken.registry import register
 from vtoken.strategies.base import Strategy
@@ -197,6 +197,28 @@ def test_pre_llm_pruning_cached_equals_uncached(name, site):
         cached = model.generate(**x, max_new_tokens=6, do_sample=False)
         uncached = greedy_without_cache(model, x, 6)
     assert torch.equal(uncached, cached)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_scoring_rotary_is_the_llama_formula_bit_for_bit(dtype):
+    """``apply_rotary`` (scoring rotates every key of layer K with it) is ``x * cos + rotate_half(x) *
+    sin``, ``rotate_half(x) = cat(-x2, x1)`` (transformers' ``apply_rotary_pos_emb``), written out
+    here: equal bit for bit on keys laid out as the attention's transpose leaves them, with shared
+    and per-sample cos/sin (M-RoPE gives each sample its own)."""
+    g = torch.Generator().manual_seed(0)
+
+    def written_out(x, cos, sin):
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
+
+    for batch, length, heads, dim in ((1, 628, 4, 64), (3, 37, 6, 16), (2, 1, 1, 2)):
+        x = torch.randn(batch, length, heads, dim, generator=g).to(dtype).transpose(1, 2)  # [B, H, L, D]
+        for shared in (True, False):
+            rows = 1 if shared else batch
+            cos = torch.randn(rows, length, dim, generator=g).to(dtype).expand(batch, -1, -1)
+            sin = torch.randn(rows, length, dim, generator=g).to(dtype).expand(batch, -1, -1)
+            assert torch.equal(apply_rotary(x, cos, sin), written_out(x, cos, sin)), (batch, length, heads, dim, shared)
 
 
 @pytest.mark.parametrize("name", list(MODELS))

@@ -121,6 +121,39 @@ def test_token_shifts_shares_its_sums_and_gives_each_metric_bit_for_bit():
         token_shifts(x_out, x_in, ("cos", "l3"))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_shifts_over_many_tokens_are_the_whole_tensor_sums_bit_for_bit(dtype):
+    """Hidden states of more tokens than one chunk of the sums (795 x 768, as a LLaVA-OneVision
+    prompt; rows of a wider tensor; a batch axis that is not outermost in memory; a feature axis that
+    is not contiguous, which a chunk would sum in another order): every metric is its
+    formula written out on the whole tensors, bit for bit, and the gradient flows."""
+    g = torch.Generator().manual_seed(6)
+
+    def written_out(a, b, metric):
+        a, b = a.float(), b.float()
+        norms = torch.linalg.vector_norm(a, dim=-1), torch.linalg.vector_norm(b, dim=-1)
+        cos = (a * b).sum(dim=-1) / (norms[0].clamp_min(1e-8) * norms[1].clamp_min(1e-8))
+        return {"l2": lambda: torch.linalg.vector_norm(a - b, dim=-1), "l1": lambda: (a - b).abs().sum(dim=-1),
+                "cos": lambda: 1.0 - cos, "abs_cos": lambda: 1.0 - cos.abs(),
+                "norm_ratio": lambda: norms[0] / norms[1].clamp_min(1e-12)}[metric]()
+
+    wide = torch.randn(2, 301, 1600, generator=g).to(dtype)
+    pairs = [
+        (torch.randn(1, 795, 768, generator=g).to(dtype), torch.randn(1, 795, 768, generator=g).to(dtype)),
+        (wide[..., :768], wide[..., 800:1568]),
+        (torch.randn(301, 2, 768, generator=g).to(dtype).transpose(0, 1), torch.randn(2, 301, 768, generator=g).to(dtype)),
+        (torch.randn(1, 768, 795, generator=g).to(dtype).transpose(1, 2), torch.randn(1, 795, 768, generator=g).to(dtype)),
+    ]
+    metrics = ("norm_ratio", "cos", "abs_cos", "l2", "l1")
+    for after, before in pairs:
+        after[..., -1, :] = 0  # the last chunk's last token: a zero vector
+        for metric, got in zip(metrics, token_shifts(after, before, metrics), strict=True):
+            assert torch.equal(got, written_out(after, before, metric)), (metric, tuple(after.shape))
+    after = torch.randn(1, 300, 768, generator=g, requires_grad=True)
+    token_shift(after, torch.randn(1, 300, 768, generator=g), "cos").sum().backward()
+    assert after.grad is not None and bool(after.grad.abs().sum() > 0)
+
+
 def test_token_shifts_broadcast_like_the_formulas_written_out():
     """One vector against every token, and two batches broadcast against each other: each metric is
     its formula written out on the broadcast tensors (``F.cosine_similarity`` for the cosine)."""

@@ -38,15 +38,21 @@ from vtoken.pruner import Pruner
 from vtoken.request import PruneRun
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Llama-style rotary embedding of ``x`` ``[B, H, L, D]`` with ``cos``/``sin`` ``[B, L, D]``."""
+    """Llama-style rotary embedding of ``x`` ``[B, H, L, D]`` with ``cos``/``sin`` ``[B, L, D]``:
+    ``x * cos + rotate_half(x) * sin`` with ``rotate_half(x) = cat(-x2, x1)`` (transformers'
+    ``apply_rotary_pos_emb``), the same numbers bit for bit: written on the halves of ``x * cos``
+    (``x1 c1 - x2 s1``, ``x2 c2 + x1 s2``, each product rounded before the sum as there; ``addcmul_``
+    would fuse them and round once), it makes three passes over ``x`` where negating,
+    concatenating, a second full product and a full sum made four and a half (scoring rotates
+    every key of a layer)."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return (x * cos) + (_rotate_half(x) * sin)
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    out = x * cos
+    out[..., :half].sub_(x2 * sin[..., :half])
+    out[..., half:].add_(x1 * sin[..., half:])
+    return out
 
 
 class DecoderPruning:
