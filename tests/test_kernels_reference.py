@@ -23,6 +23,32 @@ def test_gather_tokens_fills_padding():
     assert torch.equal(out[1, :2], x[1, [0, 2]])
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_gather_tokens_is_the_loop_for_every_layout(batch):
+    """Row by row, ``out[b, j] = x[b, index[b, j]]`` (``fill`` at -1), for one sample and several:
+    positions ``[B, L]``, hidden states ``[B, L, d]``, KV rows ``[B, L, h, d]``, inputs whose token
+    axis is not contiguous or whose batch axis is broadcast, integer and boolean values, no index."""
+    g = torch.Generator().manual_seed(7)
+    length = 11
+    tensors = [
+        torch.randint(0, 100, (batch, length), generator=g),
+        torch.randn(batch, length, 6, generator=g),
+        torch.randn(batch, length, 2, 4, generator=g).to(torch.bfloat16),
+        torch.randn(batch, 5, length, generator=g).transpose(1, 2),  # token axis strided
+        torch.randn(1, length, 6, generator=g).expand(batch, -1, -1),  # one row for every sample
+        torch.randn(batch, length, generator=g) > 0,
+    ]
+    for width in (0, 1, 7, 15):
+        index = torch.randint(-1, length, (batch, width), generator=g)
+        for x in tensors:
+            fill = False if x.dtype == torch.bool else 3
+            want = torch.stack([
+                torch.stack([x[b, i] if i >= 0 else torch.full_like(x[b, 0], fill) for i in index[b].tolist()])
+                if width else x[b, :0] for b in range(batch)])
+            got = gather_tokens(x, index, fill=fill)
+            assert got.dtype == x.dtype and torch.equal(got, want), (tuple(x.shape), x.dtype, width)
+
+
 def test_masked_topk_matches_loop():
     g = torch.Generator().manual_seed(0)
     scores = torch.randn(5, 9, generator=g)

@@ -123,11 +123,21 @@ def compact_index(keep: torch.Tensor) -> torch.Tensor:
 
 
 def gather_tokens(x: torch.Tensor, index: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
-    """``x[b, index[b, j]]`` for ``x`` of shape ``[B, L, ...]``; entries where ``index == -1`` get ``fill``."""
+    """``x[b, index[b, j]]`` for ``x`` of shape ``[B, L, ...]``; entries where ``index == -1`` get ``fill``.
+
+    Whole token rows are copied by row index (``index_select`` for one sample, advanced indexing for
+    several), not element by element through an index expanded over the trailing dimensions
+    (``torch.gather``), which read an index per value and ran several times slower on CPU for hidden
+    states and KV rows; the values are the same copies."""
     valid = index >= 0
     safe = index.clamp(min=0)
-    view = safe.reshape(*safe.shape, *([1] * (x.dim() - 2))).expand(*safe.shape, *x.shape[2:])
-    out = torch.gather(x, 1, view)
+    if index.shape[0] != x.shape[0]:  # torch.gather's semantics: index rows beyond x's are an error
+        view = safe.reshape(*safe.shape, *([1] * (x.dim() - 2))).expand(*safe.shape, *x.shape[2:])
+        out = torch.gather(x, 1, view)
+    elif x.shape[0] == 1:
+        out = x[0].index_select(0, safe[0]).unsqueeze(0)
+    else:
+        out = x[torch.arange(x.shape[0], device=x.device)[:, None], safe]
     if not bool(valid.all()):
         mask = valid.reshape(*valid.shape, *([1] * (x.dim() - 2)))
         out = torch.where(mask, out, torch.as_tensor(fill, dtype=x.dtype, device=x.device))
