@@ -244,6 +244,32 @@ def test_fastv_attention_row_equals_eager_map(name):
 
 
 @pytest.mark.parametrize("name", list(MODELS))
+def test_query_rows_taken_from_the_layers_normed_input_are_the_rows_normed_alone(name):
+    """At a stage that scores with layer K's own attention, the instruction rows' queries come from the
+    input norm scoring already computed over every token (``normed=``) instead of a second call of the
+    norm on those rows: the norm works per token (RMSNorm, and Qwen3's per-head q norm after the
+    projection), so the probabilities are the same bit for bit, on every family and with padding."""
+    model, x = _build(name)
+    lm = model.model.language_model
+    inputs = []
+    handle = lm.layers[2].register_forward_pre_hook(
+        lambda m, a, k: inputs.append((a[0] if a else k["hidden_states"], k["position_embeddings"])), with_kwargs=True)
+    with torch.no_grad():
+        model(**x)
+        handle.remove()
+        hidden, cos_sin = inputs[0]
+        layer = lm.layers[2]
+        normed = compat.decoder_input_norm(layer)(hidden)
+        keys = compat.attention_parts(compat.layer_attention(layer)).k_proj(normed)
+        length = hidden.shape[1]
+        query = torch.arange(length - 5, length).expand(hidden.shape[0], -1)
+        valid = x["attention_mask"].bool()
+        alone = llama_attention_rows(layer, hidden, cos_sin, query, valid, keys=keys)
+        taken = llama_attention_rows(layer, hidden, cos_sin, query, valid, keys=keys, normed=normed)
+    assert torch.equal(alone, taken)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
 def test_fastv_under_sdpa_selects_what_the_eager_map_says(name):
     model, x = _build(name, "eager")
     with torch.no_grad():

@@ -355,17 +355,17 @@ class DecoderPruning:
         if source < 0 or source not in run.stash:
             raise ValueError(f"no attention input is kept for LLM layer {source}")
         hidden, cos_sin, layout, cache = run.stash[source]
-        keys = rotated = None
+        normed = keys = rotated = None
         if source == index:
             # Layer K's own keys (layer="current" at a stage at K) are projected once: for the scores
             # here and, for the tokens the stage keeps, for the layer itself.
-            keys = self.key_reuse.keys_for(run, index, hidden)
+            normed, keys = self.key_reuse.keys_for(run, index, hidden)
         elif self.pruner.llm_stage_at(source) is None:
             # The previous layer ran on exactly this input (no stage of its own changed it), so the
             # keys it left in the cache are the ones to score with: no second projection.
             rotated = compat.prompt_keys(cache, source, hidden.shape[1], hidden.device)
         return query_attention_rows(self.layers[source], hidden, cos_sin, layout, query, run.prompt_end, keys,
-                                    rotated)[0]
+                                    rotated, normed)[0]
 
     def _attention_observed(self, query: str, index: int, module, args, kwargs, output) -> None:
         """Forward hook of an observed-attention layer: the query rows' attention over the prompt,
@@ -443,21 +443,27 @@ def instruction_slots(layout, prompt_end: int | None = None) -> tuple[torch.Tens
 
 
 def llama_attention_rows(layer: nn.Module, hidden, cos_sin, query_slots, key_valid,
-                         keys: torch.Tensor | None = None, rotated_keys: torch.Tensor | None = None) -> torch.Tensor:
+                         keys: torch.Tensor | None = None, rotated_keys: torch.Tensor | None = None,
+                         normed: torch.Tensor | None = None) -> torch.Tensor:
     """Attention probabilities ``[B, H, Q, L]`` of the query slots of a Llama-style decoder layer,
     recomputed from the layer's input exactly as its attention would (RMSNorm, q/k projections,
     optional q/k norms, rotary), through :func:`vtoken.kernels.attention_rows`. Query slot ``q``
     attends to key slots ``<= q`` that are valid. ``keys``: the layer's key projection of ``hidden``
     (``k_proj`` of its input norm, ``[B, L, kv_heads * head_dim]``) when already computed;
     ``rotated_keys``: the keys as the layer's attention used them (``[B, kv_heads, L, head_dim]``,
-    after the key norm and rotary embedding: what its KV cache holds), which then need nothing."""
+    after the key norm and rotary embedding: what its KV cache holds), which then need nothing;
+    ``normed``: the layer's input norm of ``hidden`` when already computed (the query rows are rows
+    of it: the norm works per token, so they are the numbers a norm of the rows alone gives, and the
+    norm module is not called again for a few rows)."""
     attn = compat.attention_parts(compat.layer_attention(layer))
     norm = compat.decoder_input_norm(layer)
     batch, length, _ = hidden.shape
     head_dim = attn.head_dim
     if keys is None and rotated_keys is None:
-        x = norm(hidden)
-        rows, keys = gather_tokens(x, query_slots), attn.k_proj(x)
+        normed = norm(hidden) if normed is None else normed
+        rows, keys = gather_tokens(normed, query_slots), attn.k_proj(normed)
+    elif normed is not None:
+        rows = gather_tokens(normed, query_slots)
     else:  # the norm is per token: only the query rows need it
         rows = norm(gather_tokens(hidden, query_slots))
     q = attn.q_proj(rows).view(batch, rows.shape[1], -1, head_dim)
@@ -478,21 +484,22 @@ def llama_attention_rows(layer: nn.Module, hidden, cos_sin, query_slots, key_val
 
 
 def query_attention_rows(layer: nn.Module, hidden, cos_sin, layout, query: str, prompt_end: int | None = None,
-                         keys: torch.Tensor | None = None, rotated_keys: torch.Tensor | None = None):
+                         keys: torch.Tensor | None = None, rotated_keys: torch.Tensor | None = None,
+                         normed: torch.Tensor | None = None):
     """``([B, H, Q, L], [B, Q])``: the attention probabilities of a layout's query rows (``"last"``:
     each sample's last valid slot of the prompt, so right padding and an assistant's candidate tokens
     are never scored as a query; ``"instruction"``: see :func:`instruction_slots`) over its slots,
-    zero for absent rows, and which rows are present (``keys``, ``rotated_keys``: see
+    zero for absent rows, and which rows are present (``keys``, ``rotated_keys``, ``normed``: see
     :func:`llama_attention_rows`)."""
     if query == "last":
         slots = torch.arange(layout.length, device=hidden.device).expand_as(layout.valid)
         candidates = _query_candidates(layout, prompt_end)
         query_slots = torch.where(candidates, slots, -1).max(dim=-1, keepdim=True).values.clamp(min=0)
         present = torch.ones(query_slots.shape, dtype=torch.bool, device=hidden.device)
-        return llama_attention_rows(layer, hidden, cos_sin, query_slots, layout.valid, keys, rotated_keys), present
+        return llama_attention_rows(layer, hidden, cos_sin, query_slots, layout.valid, keys, rotated_keys, normed), present
     if query == "instruction":
         query_slots, present = instruction_slots(layout, prompt_end)
-        probs = llama_attention_rows(layer, hidden, cos_sin, query_slots, layout.valid, keys, rotated_keys)
+        probs = llama_attention_rows(layer, hidden, cos_sin, query_slots, layout.valid, keys, rotated_keys, normed)
         return probs * present[:, None, :, None], present
     raise ValueError(f"query must be 'last' or 'instruction', got {query!r}")
 

@@ -68,9 +68,9 @@ class KeyReuse:
         self.hooked.add(index)
 
     # --- scoring and the stage ------------------------------------------------------------------
-    def keys_for(self, run: PruneRun, index: int, hidden: torch.Tensor) -> torch.Tensor:
-        """Layer ``index``'s key projection (``k_proj`` of its input norm) of ``hidden``, its input
-        before the stage, kept for the layer's own attention after the stage."""
+    def keys_for(self, run: PruneRun, index: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``index``'s input norm of ``hidden`` (its input before the stage) and the key
+        projection of that (``k_proj``), kept for the layer's own attention after the stage."""
         pending = run.reused_keys.get(index)
         if pending is None or pending.source is not hidden:
             if index not in self.hooked:
@@ -78,7 +78,7 @@ class KeyReuse:
             normed = self._norm(index)(hidden)
             pending = PendingKeys(hidden, normed, self._projection(index)(normed))
             run.reused_keys[index] = pending
-        return pending.keys
+        return pending.normed, pending.keys
 
     def after_stage(self, run: PruneRun, index: int, before: torch.Tensor, after: torch.Tensor,
                     selected_from: torch.Tensor | None) -> None:
