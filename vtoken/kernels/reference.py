@@ -127,7 +127,7 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor, fill: float = 0.0) -> to
 
     Whole token rows are copied by row index (``index_select`` for one sample, advanced indexing for
     several), not element by element through an index expanded over the trailing dimensions
-    (``torch.gather``), which read an index per value and ran several times slower on CPU for hidden
+    (``torch.gather``), which reads an index per value and was the slower of the two on CPU for hidden
     states and KV rows; the values are the same copies."""
     valid = index >= 0
     safe = index.clamp(min=0)
