@@ -57,3 +57,34 @@ def test_dropping_the_output_cache_removes_it_from_the_output():
     compat.drop_output_cache(output)
     assert compat.output_cache(output) is None
     assert len(output.to_tuple()) == 1 and compat.CACHE_KWARG not in dict(**output)
+
+
+@pytest.mark.parametrize("sliding_window", [None, 8], ids=["static", "sliding-static"])
+def test_cropping_a_static_layer_is_as_if_the_rejected_tokens_never_came(sliding_window):
+    """``crop_cache_layer`` on a static cache (assisted decoding's rejected candidates): the layer holds
+    what a cache filled without them holds, and its next token is written where that cache writes it.
+    A sliding-window static layer counts its writes twice (a tensor and a Python int): both go back,
+    on 5.23 (no ``crop`` of its own) as on 5.25 (the layer's own)."""
+    from transformers import MistralConfig, StaticCache
+
+    config = MistralConfig(hidden_size=16, num_attention_heads=2, num_key_value_heads=2, num_hidden_layers=2,
+                           head_dim=8, sliding_window=sliding_window)
+    g = torch.Generator().manual_seed(0)
+    kept, rejected, new = (torch.randn(1, 2, n, 8, generator=g) for n in (4, 3, 1))
+
+    def filled(*chunks):
+        cache = StaticCache(config=config, max_cache_len=16)
+        for chunk in chunks:
+            for layer in range(2):
+                cache.update(chunk, chunk, layer)
+        return cache
+
+    cropped = filled(kept, rejected)
+    for layer in range(2):
+        compat.crop_cache_layer(cropped, layer, 4)
+        assert int(cropped.layers[layer].get_seq_length()) == 4
+        cropped.update(new, new, layer)
+    fresh = filled(kept, new)
+    for layer in range(2):
+        assert int(cropped.layers[layer].get_seq_length()) == int(fresh.layers[layer].get_seq_length()) == 5
+        assert torch.equal(cropped.layers[layer].keys[..., :5, :], fresh.layers[layer].keys[..., :5, :])

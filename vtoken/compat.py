@@ -194,9 +194,17 @@ def crop_cache(cache, tokens: int) -> None:
 
 
 def _crop_static_layer(entry, tokens: int) -> None:
-    """Forget the last ``tokens`` a static layer holds: its slots stay, its count goes back in place
-    (the count's address is static under torch.compile), so the next writes overwrite them."""
+    """Forget the last ``tokens`` a static layer holds: its slots stay and its count goes back, so the
+    next writes overwrite them. The layer's own ``crop`` does it where transformers has one (5.25:
+    a sliding-window layer also moves the Python count it writes by); 5.23's static layers have none,
+    and the same is done here: the count tensor in place (its address is static under torch.compile),
+    and a sliding-window layer's Python count with it."""
+    if callable(getattr(type(entry), "crop", None)):
+        entry.crop(-tokens)
+        return
     entry.cumulative_length.sub_(tokens)
+    if hasattr(entry, "cumulative_length_int"):
+        entry.cumulative_length_int -= tokens
 
 
 # --- multimodal encoder outputs -------------------------------------------------------------------
