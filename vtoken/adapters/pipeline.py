@@ -453,9 +453,7 @@ class VisionLanguageAdapter(VisionSite, Adapter):
             raise ValueError("vtoken finds the visual tokens in input_ids or inputs_embeds; pass one of them")
         # Placeholders without pixels or an encoding are text to the model (an assistant model in
         # assisted decoding is called so): nothing to prune, as the plain model runs them.
-        present = [
-            m for m in present if self._given(kwargs, m)
-        ]
+        present = [m for m in present if self._given(kwargs, m)]
         if not present:
             call = pruner.generate_call.get()
             if call is not None and call.images_prefilled:
