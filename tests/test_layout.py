@@ -102,3 +102,30 @@ def test_mrope_renumbering_equals_the_slot_by_slot_rule(seed, rows):
     # By construction: with nothing dropped the ids are the model's own.
     whole = SequenceLayout(orig, valid | dropped, layout.visual_index, image, positions)
     assert torch.equal(whole.renumbered().position_ids[..., -3:][valid | dropped], ids[valid | dropped])
+
+
+def test_slot_of_original_finds_each_kept_token_and_nothing_else():
+    """Two samples compacted twice (left pads added, tokens dropped): the map from original index to
+    slot is the loop over the slots written out, built once per layout and length."""
+    length = 9
+    orig = torch.arange(length).expand(2, length)
+    layout = SequenceLayout(orig, torch.ones(2, length, dtype=torch.bool), torch.full((2, length), -1),
+                            torch.full((2, length), -1), orig.clone())
+    keep = torch.ones(2, length, dtype=torch.bool)
+    keep[0, [1, 4, 5]] = False
+    keep[1, [0, 8]] = False
+    once, _ = layout.compact(keep)
+    keep = torch.ones_like(once.valid)
+    keep[1, 3] = False
+    twice, _ = once.compact(keep)
+    for current in (layout, once, twice):
+        want = torch.full((2, length + 2), -1)
+        for b in range(2):
+            for slot, index in enumerate(current.orig_index[b].tolist()):
+                if index >= 0:
+                    want[b, index] = slot
+        got = current.slot_of_original(length + 2)
+        assert torch.equal(got, want)
+        assert current.slot_of_original(length + 2) is got  # built once
+        assert torch.equal(current.slot_of_original(length), want[:, :length])
+    assert int(twice.slot_of_original(length)[0, 4]) == -1 and int(twice.slot_of_original(length)[1, 2]) >= 0

@@ -56,6 +56,19 @@ class SequenceLayout:
     def length(self) -> int:
         return self.orig_index.shape[1]
 
+    def slot_of_original(self, orig_length: int) -> torch.Tensor:
+        """``[B, orig_length]``: the slot holding each original sequence index, -1 where no slot does
+        (dropped, or past this layout). Built once per layout: every later stage that reads an
+        observation made on this layout maps its candidates through it (a layout is never changed
+        in place, so the map stays true)."""
+        built = self.__dict__.setdefault("_slot_of_original", {})
+        if orig_length not in built:
+            where = torch.full((self.orig_index.shape[0], orig_length), -1, dtype=torch.long, device=self.orig_index.device)
+            rows, slots = (self.orig_index >= 0).nonzero(as_tuple=True)
+            where[rows, self.orig_index[rows, slots]] = slots
+            built[orig_length] = where
+        return built[orig_length]
+
     def compact(self, keep: torch.Tensor) -> tuple["SequenceLayout", torch.Tensor]:
         """The layout of the slots where ``keep`` (``[B, L]``) is True, and the slot index that builds
         it from this one (``[B, L']``, -1 for new pad slots): gather any ``[B, L, ...]`` tensor with it."""

@@ -52,6 +52,44 @@ class CacheLink:
         return type(None), ()
 
 
+class LLMObservations:
+    """What ``observe`` / ``observe_attention`` summarised at earlier LLM layers, for the candidates
+    of one LLM stage (``ctx.observed(layer)``, ``ctx.observed_attention(layer)``): each layer's summary
+    matched to the candidate rows through the original sequence index (the layer may have seen a
+    longer layout). The candidates' original indices are found once per stage, each layout's map from
+    original index to slot once per layout (:meth:`SequenceLayout.slot_of_original`)."""
+
+    def __init__(self, run: PruneRun, layout: SequenceLayout, slot_index: torch.Tensor, row_sample: torch.Tensor):
+        self._run, self._layout, self._slot_index, self._row_sample = run, layout, slot_index, row_sample
+        self._candidates: torch.Tensor | None = None
+
+    def observed(self, layer: int) -> torch.Tensor:
+        """``[R, N, k]``: what ``observe`` summarised at LLM ``layer`` for each candidate."""
+        return self._rows(layer, self._run.observed, "llm_observed")
+
+    def observed_attention(self, layer: int) -> torch.Tensor:
+        """``[R, N, k]``: what ``observe_attention`` summarised at LLM ``layer`` for each candidate."""
+        return self._rows(layer, self._run.attention_observed, "llm_attention_observed")
+
+    def _original_indices(self) -> torch.Tensor:
+        """``[R, N]``: each candidate's original sequence index (-1 for a padded candidate)."""
+        if self._candidates is None:
+            slots = self._slot_index
+            found = self._layout.orig_index[self._row_sample[:, None], slots.clamp(min=0)]
+            self._candidates = torch.where(slots >= 0, found, -1)
+        return self._candidates
+
+    def _rows(self, layer: int, store: dict, signal: str) -> torch.Tensor:
+        if layer not in store:
+            raise ValueError(f"LLM layer {layer} was not observed; list it in Signal({signal!r}, {layer}) in needs()")
+        summary, then = store[layer]
+        summary = summary if summary.dim() == 3 else summary[..., None]
+        orig = self._original_indices()
+        where = then.slot_of_original(self._run.orig_length)
+        then_slot = torch.where(orig >= 0, where[self._row_sample[:, None], orig.clamp(min=0)], -1)
+        return gather_tokens(summary[self._row_sample], then_slot)
+
+
 class Pruner:
     """Runs one strategy's stages for a wrapped model."""
 
@@ -298,28 +336,6 @@ class Pruner:
 
     # --- projector and LLM sites ----------------------------------------------------------------
     @staticmethod
-    def _llm_observed(
-        run: PruneRun, layout: SequenceLayout, slot_index, row_sample, layer: int, attention: bool = False
-    ) -> torch.Tensor:
-        """The summary observed at LLM ``layer`` for each current candidate ``[R, N, k]``, matched
-        through the original sequence index (the layer may have seen a longer layout). With
-        ``attention``: what ``observe_attention`` summarised instead of ``observe``."""
-        store = run.attention_observed if attention else run.observed
-        if layer not in store:
-            where = "llm_attention_observed" if attention else "llm_observed"
-            where = f"Signal({where!r}, {layer}) in needs()"
-            raise ValueError(f"LLM layer {layer} was not observed; list it in {where}")
-        summary, then = store[layer]
-        summary = summary if summary.dim() == 3 else summary[..., None]
-        batch = then.orig_index.shape[0]
-        where = torch.full((batch, run.orig_length), -1, dtype=torch.long, device=summary.device)
-        rows_b, slots = (then.orig_index >= 0).nonzero(as_tuple=True)
-        where[rows_b, then.orig_index[rows_b, slots]] = slots
-        orig = torch.where(slot_index >= 0, layout.orig_index[row_sample[:, None], slot_index.clamp(min=0)], -1)
-        then_slot = torch.where(orig >= 0, where[row_sample[:, None], orig.clamp(min=0)], -1)
-        return gather_tokens(summary[row_sample], then_slot)
-
-    @staticmethod
     def _projector_rows(run: PruneRun, row_image: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
         """``[R, N, d_vision]``: each candidate's projector input (for a token mixed from several
         encoder tokens, the weighted mean of theirs); zeros for tokens with no encoder origin."""
@@ -435,8 +451,9 @@ class Pruner:
         if stage.site == "projector":  # no LLM layer has run yet: observations are the vision encoder's
             extras["observed"] = partial(self._vision_rows, run, row_image, local)
         else:
-            extras["observed"] = partial(self._llm_observed, run, layout, slot_index, row_sample)
-            extras["observed_attention"] = partial(self._llm_observed, run, layout, slot_index, row_sample, attention=True)
+            observations = LLMObservations(run, layout, slot_index, row_sample)
+            extras["observed"] = observations.observed
+            extras["observed_attention"] = observations.observed_attention
         if projector is not None:
             extras["projector"] = projector
             extras["projector_input"] = self._projector_rows(run, row_image, local)
