@@ -140,6 +140,29 @@ def test_a_llava_class_with_a_tower_the_adapter_does_not_read_is_refused(method)
         vtoken.flops(model.config)
 
 
+
+def test_wrap_and_the_flops_model_refuse_the_same_llava_towers():
+    """One list of towers for both: a LLaVA config holding a tower whose name contains "siglip" or
+    "clip" but which is neither (SigLIP2's, patches of any aspect ratio) is refused by the FLOPs model
+    as by wrap, instead of being counted as a SigLIP tower; CLIP's and SigLIP's are modelled."""
+    from transformers import LlavaConfig, Siglip2VisionConfig, SiglipVisionConfig
+
+    from vtoken.adapters.llava import VISION_TOWERS
+    from vtoken.model_dims import LLAVA_VISION_TOWERS, model_dims
+
+    assert VISION_TOWERS == LLAVA_VISION_TOWERS
+    text = tiny_llava().config.text_config
+    siglip2 = LlavaConfig(vision_config=Siglip2VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                            num_attention_heads=4, patch_size=8),
+                          text_config=text, image_token_id=99)
+    with pytest.raises(NotImplementedError, match="vision tower of model_type 'siglip2_vision_model' is not implemented"):
+        vtoken.flops(siglip2)
+    siglip = LlavaConfig(vision_config=SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                          num_attention_heads=4, image_size=32, patch_size=8),
+                         text_config=text, image_token_id=99)
+    assert model_dims(siglip).vision.cls_tokens == 0
+    assert model_dims(tiny_llava().config).vision.cls_tokens == 1
+
 def test_runtime_errors_name_the_fix():
     model = tiny_llava()
     x = llava_inputs(2)

@@ -150,6 +150,11 @@ def _config_from_dict(data: dict):
     return AutoConfig.for_model(**data)
 
 
+#: The vision towers (``vision_config.model_type``) of LLaVA's classes whose FLOPs and token grid
+#: vtoken models (and whose layers the LLaVA adapters read): CLIP's (with a CLS token) and SigLIP's.
+LLAVA_VISION_TOWERS = ("clip_vision_model", "siglip_vision_model")
+
+
 def model_dims(config) -> ModelDims:
     """Read the dimensions the FLOPs model needs from a transformers config."""
     family = getattr(config, "model_type", None)
@@ -185,15 +190,15 @@ def _llava_dims(config, family: str) -> ModelDims:
     text, vision = config.text_config, config.vision_config
     feature_layers = config.vision_feature_layer
     n_feature_layers = 1 if isinstance(feature_layers, int) else len(feature_layers)
-    vision_type = getattr(vision, "model_type", "clip")
-    if "clip" not in vision_type and "siglip" not in vision_type:
+    vision_type = getattr(vision, "model_type", None)
+    if vision_type not in LLAVA_VISION_TOWERS:
         # Other towers in LLaVA's classes (Pixtral's: gated MLP, packed images of any size, row-break
-        # tokens) have other per-layer FLOPs and token counts.
+        # tokens; SigLIP2's patches of any aspect ratio) have other per-layer FLOPs and token counts.
         raise NotImplementedError(
             f"FLOPs model for a {family} vision tower of model_type {vision_type!r} is not implemented "
-            "(supported: CLIP and SigLIP towers)"
+            f"(supported: {', '.join(LLAVA_VISION_TOWERS)})"
         )
-    cls_tokens = 1 if "clip" in vision_type else 0
+    cls_tokens = 1 if vision_type == "clip_vision_model" else 0
     pinpoints = tuple(tuple(p) for p in getattr(config, "image_grid_pinpoints", None) or ())
     anyres_max = 0
     if family == "llava_onevision":
@@ -212,7 +217,7 @@ def _llava_dims(config, family: str) -> ModelDims:
             image_size=vision.image_size,
             cls_tokens=cls_tokens,
             mlp_matrices=2,
-            pooling_head="siglip" in vision_type and bool(getattr(vision, "vision_use_head", False)),
+            pooling_head=vision_type == "siglip_vision_model" and bool(getattr(vision, "vision_use_head", False)),
             heads=vision.num_attention_heads,
         ),
         projector=ProjectorDims(

@@ -25,13 +25,15 @@ from .clip import hf_encoder_halves
 from .pipeline import VisionLanguageAdapter
 from vtoken import compat, signals
 from vtoken.context import Grid
+from vtoken.model_dims import LLAVA_VISION_TOWERS
 
 _NEXT_CLASSES = (LlavaNextForConditionalGeneration, LlavaNextModel)
 _CLASSES = (LlavaForConditionalGeneration, LlavaModel, *_NEXT_CLASSES)
 
 
-#: The vision towers (``vision_config.model_type``) whose layers and token grid this adapter reads.
-VISION_TOWERS = ("clip_vision_model", "siglip_vision_model")
+#: The vision towers (``vision_config.model_type``) whose layers and token grid this adapter reads
+#: (the towers whose FLOPs ``vtoken.flops`` models: one list for both).
+VISION_TOWERS = LLAVA_VISION_TOWERS
 
 #: Per family this adapter serves: the signals its models never provide, and why (``vtoken.methods``).
 FAMILY_GAPS = {
