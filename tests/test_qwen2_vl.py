@@ -494,7 +494,7 @@ def test_a_continued_generate_decodes_at_the_plain_models_positions(version, kee
     y = {"input_ids": first.sequences,
          "attention_mask": torch.cat([x["attention_mask"], torch.ones(3, 3, dtype=torch.long)], 1),
          "mm_token_type_ids": torch.cat([x["mm_token_type_ids"], torch.zeros(3, 3, dtype=x["mm_token_type_ids"].dtype)], 1)}
-    rest = model.generate(**y, past_key_values=first.past_key_values, max_new_tokens=3, **kw)
+    rest = model.generate(**y, **vtoken.compat.cache_kwargs(vtoken.compat.output_cache(first)), max_new_tokens=3, **kw)
     assert torch.equal(rest.sequences, one.sequences)
     torch.testing.assert_close(rest.scores[0], one.scores[3], rtol=0, atol=1e-5)
 

@@ -570,5 +570,5 @@ def test_logits_to_keep_as_positions_names_positions_of_the_prompt(family, metho
             out = model(**x, use_cache=True, logits_to_keep=1)
             step = {"input_ids": torch.full((batch, 1), 5), "attention_mask": torch.cat(
                 [x["attention_mask"], torch.ones(batch, 1, dtype=x["attention_mask"].dtype)], dim=1)}
-            one = model(**step, **compat.cache_kwargs(out.past_key_values), logits_to_keep=torch.tensor([0])).logits
+            one = model(**step, **compat.cache_kwargs(compat.output_cache(out)), logits_to_keep=torch.tensor([0])).logits
             assert one.shape[:2] == (batch, 1)
