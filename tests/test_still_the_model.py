@@ -370,12 +370,12 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(method, option
         try:
             for checkpointing in (False, True):
                 if checkpointing:
-                    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
                 model(**x, labels=labels).loss.backward()
                 grads.append(model.lm_head.weight.grad.clone())
                 model.zero_grad()
         finally:
-            model.gradient_checkpointing_disable()
+            model.activation_checkpointing_disable()
             model.eval()
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
 
@@ -390,14 +390,14 @@ def test_a_mask_stage_refuses_gradient_checkpointing():
     with vtoken.pruned(model, "aif"):
         model.train()
         before = model(**x, labels=labels).loss.detach()
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         try:
-            with pytest.raises(ValueError, match=r"gradient_checkpointing_disable\(\)"):
+            with pytest.raises(ValueError, match=r"activation_checkpointing_disable\(\)"):
                 model(**x, labels=labels)
-            model.gradient_checkpointing_disable()
+            model.activation_checkpointing_disable()
             assert torch.equal(model(**x, labels=labels).loss.detach(), before)
         finally:
-            model.gradient_checkpointing_disable()
+            model.activation_checkpointing_disable()
             model.eval()
 
 

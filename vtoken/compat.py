@@ -307,6 +307,19 @@ def build_mask(config, make_mask: Callable, *, batch_size: int, q_length: int, k
     )
 
 
+# --- training ----------------------------------------------------------------------------------------
+#: How a user turns activation checkpointing off (``gradient_checkpointing_disable`` is a deprecated
+#: alias, with a FutureWarning, in every release vtoken admits).
+CHECKPOINTING_DISABLE = "activation_checkpointing_disable"
+
+
+def activation_checkpointing(module: nn.Module) -> bool:
+    """Whether ``module`` (a decoder stack) runs its layers under activation checkpointing: each such
+    module flags itself ``gradient_checkpointing`` (the attribute kept its name when the methods were
+    renamed to ``activation_checkpointing_*``)."""
+    return bool(getattr(module, "gradient_checkpointing", False))
+
+
 # --- decoder layers, attention modules, rotary ------------------------------------------------------
 @dataclass(frozen=True)
 class AttentionParts:

@@ -79,11 +79,11 @@ class MaskStagePass:
         """A mask stage reuses the prefix's KV cache to recompute the text rows: make sure the
         prefill fills one, even when the caller asked for none (it is then not returned)."""
         self.check_attention()
-        if self.decoder.lm.training and getattr(self.decoder.lm, "gradient_checkpointing", False):
+        if self.decoder.lm.training and compat.activation_checkpointing(self.decoder.lm):
             raise ValueError(
                 f"{self.pruner.strategy.name} recomputes the text's rows over the prefix's KV cache after its mask "
-                "stage, but gradient checkpointing runs the LLM's layers without a cache; call "
-                "model.gradient_checkpointing_disable() for this method, or use one that prunes (fastv, pool)"
+                "stage, but activation (gradient) checkpointing runs the LLM's layers without a cache; call "
+                f"model.{compat.CHECKPOINTING_DISABLE}() for this method, or use one that prunes (fastv, pool)"
             )
         if compat.cache_from(kwargs) is not None:
             return False
