@@ -175,29 +175,24 @@ def check_shift_metrics(metrics: tuple[str, ...]) -> None:
 #: token), timed in alternating runs.
 _SHIFT_CHUNK_VALUES = 1 << 17
 
-#: Each per-token sum of :func:`_shift_sums` as a formula on two whole tensors (broadcast, autograd).
-_SHIFT_FORMULAS = {
-    "norm_after": lambda a, b: torch.linalg.vector_norm(a, dim=-1),
-    "norm_before": lambda a, b: torch.linalg.vector_norm(b, dim=-1),
-    "dot": lambda a, b: (a * b).sum(dim=-1),
-    "l2": lambda a, b: torch.linalg.vector_norm(a - b, dim=-1),
-    "l1": lambda a, b: (a - b).abs().sum(dim=-1),
-}
 
-
-def _chunk_sum_into(name: str, a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor | None, out: torch.Tensor) -> None:
-    """Write the per-token sum ``name`` of one chunk into ``out``; the product or difference a sum
-    needs goes into ``scratch`` (one buffer for every chunk), so no chunk allocates."""
+def _token_sum(name: str, a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """The per-token sum ``name`` of :func:`_shift_sums` over the last axis of ``a`` and ``b``, written
+    into ``out`` when given. The product or difference it sums goes into ``scratch`` when given (a
+    chunk's buffer, reused by every chunk: no allocation), else into a new tensor (whole tensors,
+    broadcast pairs, autograd)."""
     if name == "norm_after":
-        torch.linalg.vector_norm(a, dim=-1, out=out)
-    elif name == "norm_before":
-        torch.linalg.vector_norm(b, dim=-1, out=out)
-    elif name == "dot":
-        torch.sum(torch.mul(a, b, out=scratch), dim=-1, out=out)
-    elif name == "l2":
-        torch.linalg.vector_norm(torch.sub(a, b, out=scratch), dim=-1, out=out)
-    else:  # l1
-        torch.sum(torch.sub(a, b, out=scratch).abs_(), dim=-1, out=out)
+        return torch.linalg.vector_norm(a, dim=-1, out=out)
+    if name == "norm_before":
+        return torch.linalg.vector_norm(b, dim=-1, out=out)
+    if name == "dot":
+        return torch.sum(torch.mul(a, b, out=scratch), dim=-1, out=out)
+    difference = torch.sub(a, b, out=scratch)
+    if name == "l2":
+        return torch.linalg.vector_norm(difference, dim=-1, out=out)
+    # l1: the scratch buffer is ours to overwrite; a new difference may be part of an autograd graph
+    return torch.sum(difference.abs_() if scratch is not None else difference.abs(), dim=-1, out=out)
 
 
 def _shift_sums(after: torch.Tensor, before: torch.Tensor, names: set[str]) -> dict[str, torch.Tensor]:
@@ -214,7 +209,7 @@ def _shift_sums(after: torch.Tensor, before: torch.Tensor, names: set[str]) -> d
     # A strided feature axis is reduced in another order over a whole tensor than over a chunk.
     strided = after.dim() >= 1 and (after.stride(-1) != 1 or before.stride(-1) != 1)
     if after.shape != before.shape or after.dim() < 2 or needs_grad or strided or tokens <= chunk:
-        return {name: _SHIFT_FORMULAS[name](after, before) for name in names}
+        return {name: _token_sum(name, after, before) for name in names}
     # The sums that read both tensors first, so the norms after them find the chunk in cache.
     order = [name for name in ("dot", "l2", "l1", "norm_after", "norm_before") if name in names]
     sums = {name: after.new_empty(after.shape[:-1]) for name in order}
@@ -224,7 +219,7 @@ def _shift_sums(after: torch.Tensor, before: torch.Tensor, names: set[str]) -> d
         a, b = after[..., start : start + chunk, :], before[..., start : start + chunk, :]
         part = scratch if scratch is None or a.shape[-2] == chunk else scratch[..., : a.shape[-2], :]
         for name in order:
-            _chunk_sum_into(name, a, b, part, sums[name][..., start : start + chunk])
+            _token_sum(name, a, b, part, sums[name][..., start : start + chunk])
     return sums
 
 
