@@ -140,7 +140,6 @@ def test_a_llava_class_with_a_tower_the_adapter_does_not_read_is_refused(method)
         vtoken.flops(model.config)
 
 
-
 def test_wrap_and_the_flops_model_refuse_the_same_llava_towers():
     """One list of towers for both: a LLaVA config holding a tower whose name contains "siglip" or
     "clip" but which is neither (SigLIP2's, patches of any aspect ratio) is refused by the FLOPs model
@@ -162,6 +161,7 @@ def test_wrap_and_the_flops_model_refuse_the_same_llava_towers():
                          text_config=text, image_token_id=99)
     assert model_dims(siglip).vision.cls_tokens == 0
     assert model_dims(tiny_llava().config).vision.cls_tokens == 1
+
 
 def test_runtime_errors_name_the_fix():
     model = tiny_llava()
