@@ -144,7 +144,9 @@ class ScoreContext:
     pruning layer, as FastV; ``"current"``: the pruning layer itself). It is computed beside SDPA or
     FlashAttention without an N x N map; eager attention gives the same numbers. ``query`` may also
     be ``"instruction"``: every valid text token after the sample's last image (question and chat
-    template tail, TransPrune's IGA rows); rows past a sample's count are zero.
+    template tail, TransPrune's IGA rows); rows past a sample's count are zero. The result may be a
+    view of the layer's whole map (an image's columns are one slice of it): read it, reshape it, but
+    do not write into it or ``view`` it.
 
     ``observed(layer)`` returns ``[R, N, k]``: what the strategy's ``observe`` summarised per token
     at ``layer`` of this site (vision-encoder or LLM layer), aligned with the current rows (zeros

@@ -52,6 +52,31 @@ class CacheLink:
         return type(None), ()
 
 
+def candidate_attention(probs: torch.Tensor, row_sample: torch.Tensor, slot_index: torch.Tensor) -> torch.Tensor:
+    """``[R, H, Q, N]``: the columns of attention ``probs`` ``[B, H, Q, L]`` at each candidate row's
+    slots (``slot_index`` ``[R, N]``, ascending, -1 padded at the end: a padded candidate gets 0),
+    from the row's sample (``row_sample`` ``[R]``).
+
+    An image's tokens usually fill one run of slots (a stage compacts, it never interleaves), and
+    then its columns are a slice of ``probs``: a view for a single row, no copy. Other rows take
+    ``index_select`` of whole columns. Either way the values are the ones an index over ``[R, N]``
+    gathers, without the ``[R, N, H, Q]`` copy and its permute."""
+    width = slot_index.shape[1]
+    firsts = slot_index[:, 0].tolist() if width else []
+    lasts = slot_index[:, -1].tolist() if width else []
+    rows = []
+    for r, sample in enumerate(row_sample.tolist()):
+        if width and firsts[r] >= 0 and lasts[r] - firsts[r] == width - 1:  # ascending, none padded
+            rows.append(probs[sample : sample + 1, :, :, firsts[r] : firsts[r] + width])
+            continue
+        slots = slot_index[r]
+        picked = probs[sample].index_select(-1, slots.clamp(min=0))
+        rows.append((picked * (slots >= 0)).unsqueeze(0))
+    if not rows:
+        return probs.new_zeros(0, *probs.shape[1:3], width)
+    return rows[0] if len(rows) == 1 else torch.cat(rows)
+
+
 class LLMObservations:
     """What ``observe`` / ``observe_attention`` summarised at earlier LLM layers, for the candidates
     of one LLM stage (``ctx.observed(layer)``, ``ctx.observed_attention(layer)``): each layer's summary
@@ -62,6 +87,10 @@ class LLMObservations:
     def __init__(self, run: PruneRun, layout: SequenceLayout, slot_index: torch.Tensor, row_sample: torch.Tensor):
         self._run, self._layout, self._slot_index, self._row_sample = run, layout, slot_index, row_sample
         self._candidates: torch.Tensor | None = None
+        self._padded = True  # whether some candidate is a pad (-1); known once the indices are found
+        # Rows that are the samples themselves, in order (one image per sample): a summary needs no
+        # per-row copy.
+        self._rows_are_samples = row_sample.tolist() == list(range(layout.orig_index.shape[0]))
 
     def observed(self, layer: int) -> torch.Tensor:
         """``[R, N, k]``: what ``observe`` summarised at LLM ``layer`` for each candidate."""
@@ -77,6 +106,7 @@ class LLMObservations:
             slots = self._slot_index
             found = self._layout.orig_index[self._row_sample[:, None], slots.clamp(min=0)]
             self._candidates = torch.where(slots >= 0, found, -1)
+            self._padded = bool(self._candidates.numel()) and int(self._candidates.min()) < 0
         return self._candidates
 
     def _rows(self, layer: int, store: dict, signal: str) -> torch.Tensor:
@@ -86,8 +116,11 @@ class LLMObservations:
         summary = summary if summary.dim() == 3 else summary[..., None]
         orig = self._original_indices()
         where = then.slot_of_original(self._run.orig_length)
-        then_slot = torch.where(orig >= 0, where[self._row_sample[:, None], orig.clamp(min=0)], -1)
-        return gather_tokens(summary[self._row_sample], then_slot)
+        if self._padded:
+            then_slot = torch.where(orig >= 0, where[self._row_sample[:, None], orig.clamp(min=0)], -1)
+        else:
+            then_slot = where[self._row_sample[:, None], orig]
+        return gather_tokens(summary if self._rows_are_samples else summary[self._row_sample], then_slot)
 
 
 class Pruner:
@@ -442,10 +475,7 @@ class Pruner:
         if attention is not None:
 
             def row_attention(query: str = "last", layer: str = "previous") -> torch.Tensor:
-                probs = attention(query=query, layer=layer)  # [B, H, Q, L]
-                picked = probs[row_sample[:, None], :, :, safe]  # [R, N, H, Q]
-                picked = picked.permute(0, 2, 3, 1)
-                return picked * valid[:, None, None, :]
+                return candidate_attention(attention(query=query, layer=layer), row_sample, slot_index)
 
         extras = {"attention": row_attention}
         if stage.site == "projector":  # no LLM layer has run yet: observations are the vision encoder's

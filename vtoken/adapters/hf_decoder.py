@@ -431,6 +431,13 @@ def instruction_slots(layout, prompt_end: int | None = None) -> tuple[torch.Tens
     """Per sample, the slots of the valid text tokens after its last visual token (the question and
     the chat template's tail) within the prompt, as ``[B, Q]`` slot indices with a ``[B, Q]``
     presence mask; missing entries point at the last slot."""
+    if layout.valid.shape[0] == 1:  # one sample: the slots after its last visual one, found directly
+        return _instruction_slots_of_one(layout, prompt_end)
+    return _instruction_slots_batched(layout, prompt_end)
+
+
+def _instruction_slots_batched(layout, prompt_end: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`instruction_slots` of any batch, samples side by side."""
     length = layout.length
     slots = torch.arange(length, device=layout.valid.device).expand_as(layout.valid)
     last_visual = torch.where(layout.image_index >= 0, slots, -1).max(dim=-1, keepdim=True).values
@@ -440,6 +447,20 @@ def instruction_slots(layout, prompt_end: int | None = None) -> tuple[torch.Tens
     order = torch.sort(torch.where(wanted, slots, length + slots), dim=-1).values[:, :width]
     present = torch.arange(width, device=slots.device)[None] < count[:, None]
     return torch.where(present, order, length - 1), present
+
+
+def _instruction_slots_of_one(layout, prompt_end: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`instruction_slots` of a batch of one, in a few ops (a stage's scoring asks for them on
+    every layout): the prompt's valid slots after the last visual one; no visual slot or no such
+    text: one absent entry at the last slot, as the batched form gives."""
+    device = layout.valid.device
+    visual = (layout.image_index[0] >= 0).nonzero()
+    first = int(visual[-1, 0]) + 1 if visual.numel() else layout.length
+    found = _query_candidates(layout, prompt_end)[0, first:].nonzero()[:, 0] + first
+    if found.numel() == 0:
+        return (torch.full((1, 1), layout.length - 1, dtype=torch.long, device=device),
+                torch.zeros(1, 1, dtype=torch.bool, device=device))
+    return found[None], torch.ones(1, found.numel(), dtype=torch.bool, device=device)
 
 
 def llama_attention_rows(layer: nn.Module, hidden, cos_sin, query_slots, key_valid,
@@ -500,7 +521,9 @@ def query_attention_rows(layer: nn.Module, hidden, cos_sin, layout, query: str, 
     if query == "instruction":
         query_slots, present = instruction_slots(layout, prompt_end)
         probs = llama_attention_rows(layer, hidden, cos_sin, query_slots, layout.valid, keys, rotated_keys, normed)
-        return probs * present[:, None, :, None], present
+        if not bool(present.all()):  # a sample with fewer instruction rows than the widest: zero the rest
+            probs = probs * present[:, None, :, None]
+        return probs, present
     raise ValueError(f"query must be 'last' or 'instruction', got {query!r}")
 
 

@@ -108,6 +108,8 @@ def transition_variation(
     # magnitude_change and direction_change in one pass over both tensors (they share ||T_out|| and
     # ||T_in||): the same numbers, bit for bit.
     magnitude, turn = token_shifts(x_out, x_in, ("norm_ratio", "cos" if direction == "signed" else "abs_cos"))
+    if bool(valid.all()):  # no padding: the masked softmax and the zeroing change nothing
+        return torch.softmax(turn, dim=-1).mul_(magnitude)
     weights = torch.softmax(turn.masked_fill(~valid, float("-inf")), dim=-1)
     return torch.where(valid, weights * magnitude, torch.zeros_like(magnitude))
 
