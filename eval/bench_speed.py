@@ -117,6 +117,11 @@ from speed_timing import (  # noqa: E402  (eval/speed_timing.py)
     Clock, LayerKeyTime, StepClock, StrategyCallTime, kv_cache_bytes, profile_scoring,
 )
 
+#: Environment variables that change the timings: torch's threads, and glibc's malloc (which by
+#: default hands freed blocks back to the system, so a prefill's big tensors fault their pages in
+#: again on every call; ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=...:glibc.malloc.trim_threshold=...``
+#: keeps them in the heap).
+TIMING_ENVIRONMENT = ("OMP_NUM_THREADS", "GLIBC_TUNABLES")
 METHODS = ("random", "pool", "visionzip", "zoo_prune", "vflowopt", "repshift", "tome", "fastv", "transprune", "aif")
 _START = time.perf_counter()
 
@@ -245,7 +250,8 @@ def main(argv=None) -> None:
     if args.rounds < 1 or args.prefill_rounds < 1:
         parser.error("--rounds and --prefill-rounds must be at least 1 (the warm-up round is not counted)")
     claim_stem(Path(args.out).with_suffix(""), args.overwrite)  # before any model is built
-    threads_env = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
+    # The environment that changes the timings goes into the command line that reproduces them.
+    threads_env = "".join(f"{name}={shlex.quote(os.environ[name])} " for name in TIMING_ENVIRONMENT if name in os.environ)
     words = [os.path.relpath(sys.argv[0]), *sys.argv[1:]] if argv is None else ["eval/bench_speed.py", *argv]
     command = threads_env + "python " + " ".join(shlex.quote(w) for w in words)
     load_at_start = os.getloadavg()

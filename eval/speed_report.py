@@ -30,6 +30,7 @@ def machine_text(args, device, load_at_start) -> str:
     except OSError:
         pass
     text = f"CPU {cpu}, {args.threads} torch thread(s), OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
+    text += f", GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', 'unset')}"
     if device.type == "cuda":
         text += f"; GPU {torch.cuda.get_device_name(device)}"
     else:
