@@ -48,6 +48,7 @@ SCRIPTS = {
     "eval_tiny_llava": ("file", "tiny_llava.md", "eval/results/tiny_llava.md", ("VQAModel", "evaluate")),
     "eval_tiny_qwen": ("file", "tiny_qwen.json", "eval/results/tiny_qwen.md", ("VQAModel", "bench", "unpruned")),
     "mutations": ("file", "mutations.md", "eval/results/mutations.md", ("clone_head",)),
+    "malloc_effect": ("file", "malloc_effect.md", "eval/results/malloc_effect.md", ("measure",)),
     "flops_report": ("file", "flops.md", "eval/results/flops.md", ("build",)),
     "method_flops": ("file", "method_flops.md", "eval/results/method_flops.md", ("flops", "strategy_names")),
     "tune_vflowopt": ("folder", "vflowopt-tuned-1of9/vtoken_config.json", "eval/results", ("VQAModel",)),
