@@ -106,7 +106,7 @@ from vtoken import compat  # noqa: E402
 
 import replay_strategy as replay  # noqa: E402
 from block_time import BlockTime, RunSplit, residual, residual_difference, vtoken_hooks_outside  # noqa: E402
-from output import add_output_arguments, claim_stem  # noqa: E402  (eval/output.py)
+from output import add_output_arguments, claim_stem, environment_prefix  # noqa: E402  (eval/output.py)
 from peak_memory import PeakMemory  # noqa: E402  (eval/peak_memory.py)
 from scoring_floor import scoring_floor  # noqa: E402  (eval/scoring_floor.py)
 from speed_oracle import OraclePlan, oracle_call, oracle_plan, oracle_supported  # noqa: E402  (eval/speed_oracle.py)
@@ -251,7 +251,7 @@ def main(argv=None) -> None:
         parser.error("--rounds and --prefill-rounds must be at least 1 (the warm-up round is not counted)")
     claim_stem(Path(args.out).with_suffix(""), args.overwrite)  # before any model is built
     # The environment that changes the timings goes into the command line that reproduces them.
-    threads_env = "".join(f"{name}={shlex.quote(os.environ[name])} " for name in TIMING_ENVIRONMENT if name in os.environ)
+    threads_env = environment_prefix(TIMING_ENVIRONMENT)
     words = [os.path.relpath(sys.argv[0]), *sys.argv[1:]] if argv is None else ["eval/bench_speed.py", *argv]
     command = threads_env + "python " + " ".join(shlex.quote(w) for w in words)
     load_at_start = os.getloadavg()

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from output import add_output_arguments, claim, command_line  # noqa: E402  (eval/output.py)
+from output import add_output_arguments, claim, command_line, environment_prefix  # noqa: E402  (eval/output.py)
 
 #: Both thresholds at their largest useful values: blocks up to 32 MB come from the heap, and the heap
 #: is not trimmed below 1 GB.
@@ -88,11 +88,10 @@ def main(argv=None) -> None:
         rows.append(f"| {name} | {statistics.median(ms):.0f} | {min(ms):.0f} | {max(ms):.0f} | "
                     f"{statistics.pstdev(ms) / statistics.mean(ms) * 100:.1f}% | {statistics.median(faults):.0f} |")
     threads = os.environ.get("OMP_NUM_THREADS", "unset")
-    prefix = f"OMP_NUM_THREADS={threads} " if "OMP_NUM_THREADS" in os.environ else ""
     text = "\n".join([
         "# A CPU prefill with glibc's malloc defaults and with freed memory kept in the heap",
         "",
-        f"Produced by `{command_line('malloc_effect', argv, prefix)}`: the speed bench's unpruned LLaVA-1.5 shape "
+        f"Produced by `{command_line('malloc_effect', argv, environment_prefix(('OMP_NUM_THREADS',)))}`: the speed bench's unpruned LLaVA-1.5 shape "
         f"(`eval/speed_shapes.py`, float32, batch 1, one torch thread, OMP_NUM_THREADS={threads}), "
         f"{args.rounds} processes per setting run alternately, {args.prefills} timed prefills each after a "
         f"warm-up; minor page faults per prefill from `getrusage`. Load average at the end: "

@@ -92,6 +92,12 @@ def report_output(script: str, description: str, what: str, argv: list[str] | No
     return out, command_line(script, argv)
 
 
+def environment_prefix(names: tuple[str, ...]) -> str:
+    """``NAME=value `` for each of ``names`` set in this process's environment (shell-quoted), in
+    order: the settings that change a result, for the front of the command line that reproduces it."""
+    return "".join(f"{name}={shlex.quote(os.environ[name])} " for name in names if name in os.environ)
+
+
 def command_line(script: str, argv: list[str] | None = None, prefix: str = "") -> str:
     """The command that produced a result, as its header names it: ``python eval/<script>.py ARGS``
     (``argv``: default ``sys.argv[1:]``; ``prefix`` e.g. an environment setting)."""

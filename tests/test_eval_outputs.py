@@ -161,6 +161,15 @@ def test_out_is_required(capsys):
 # ------------------------------------------------------------------------------ eval/output.py
 
 
+def test_environment_prefix_names_the_settings_that_are_set(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=1:x y")
+    monkeypatch.delenv("VTOKEN_KERNELS", raising=False)
+    prefix = output.environment_prefix(("OMP_NUM_THREADS", "VTOKEN_KERNELS", "GLIBC_TUNABLES"))
+    assert prefix == "OMP_NUM_THREADS=1 GLIBC_TUNABLES='glibc.malloc.mmap_threshold=1:x y' "
+    assert output.environment_prefix(("VTOKEN_KERNELS",)) == ""
+
+
 def test_claim_a_file(tmp_path):
     target = tmp_path / "a" / "b" / "report.md"
     assert output.claim(str(target), False) == target and target.parent.is_dir()  # parents made
