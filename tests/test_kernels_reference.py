@@ -63,6 +63,28 @@ def test_masked_topk_matches_loop():
         assert got == expected
 
 
+@pytest.mark.parametrize("layout", ["all valid, one budget", "a pad", "budgets differ"])
+def test_masked_topk_matches_loop_on_each_path(layout):
+    # All valid with one budget takes the unmasked path; a pad or a smaller budget the masked one.
+    # Ties (scores rounded to a few values) must still go to the lower index on both.
+    g = torch.Generator().manual_seed(3)
+    rows, width = 4, 40
+    scores = (torch.randn(rows, width, generator=g) * 2).round()
+    valid = torch.ones(rows, width, dtype=torch.bool)
+    budget = torch.full((rows,), 13)
+    if layout == "a pad":
+        valid[1, 5] = False
+    elif layout == "budgets differ":
+        budget[2] = 7
+    out = masked_topk(scores, valid, budget)
+    assert out.shape == (rows, 13)
+    for r in range(rows):
+        order = sorted(range(width), key=lambda i: (-(scores[r, i].item() if valid[r, i] else float("-inf")), i))
+        expected = sorted(order[: int(budget[r])])
+        assert [i for i in out[r].tolist() if i >= 0] == expected
+        assert out[r].tolist()[len(expected):] == [-1] * (13 - len(expected))
+
+
 def test_masked_topk_breaks_ties_toward_lower_index():
     scores = torch.zeros(1, 6)
     out = masked_topk(scores, torch.ones(1, 6, dtype=torch.bool), torch.tensor([3]))

@@ -1,5 +1,6 @@
 """The rows and columns an LLM stage's scoring reads: the instruction rows of a layout
-(``hf_decoder.instruction_slots``, whose batch-of-one form finds them directly) and the candidates'
+(``hf_decoder.instruction_slots``, whose batch-of-one form finds them directly), those rows of a
+tensor (``hf_decoder._query_rows``, a slice where they are one run) and the candidates'
 columns of an attention map (``pruner.candidate_attention``, a view where an image's slots are one
 run). Each is checked against the rule written out slot by slot, on layouts with several images,
 pads, prompt ends and compacted (non-contiguous) visual slots."""
@@ -9,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vtoken.adapters.hf_decoder import _instruction_slots_batched, instruction_slots
+from vtoken.adapters.hf_decoder import _instruction_slots_batched, _query_rows, instruction_slots
 from vtoken.layout import SequenceLayout
 from vtoken.pruner import candidate_attention
 
@@ -107,3 +108,20 @@ def test_candidate_attention_is_each_rows_columns(slot_index, row_sample):
 def test_candidate_attention_of_no_rows():
     got = candidate_attention(torch.rand(1, 2, 3, 5), torch.zeros(0, dtype=torch.long), torch.zeros(0, 4, dtype=torch.long))
     assert got.shape == (0, 2, 3, 4)
+
+
+@pytest.mark.parametrize("query_slots", [
+    [[5, 6, 7, 8]],  # one run: a slice
+    [[11]],  # the last slot alone
+    [[2, 3, 5, 6]],  # a gap
+    [[4, 4, 5, 6]],  # as many slots as a run from 4 would have, not one
+    [[6, 5, 4, 3]],  # descending
+    [[3, 4, 5], [7, 8, 9]],  # two samples: gathered per sample
+])
+def test_query_rows_are_the_slots_rows(query_slots):
+    x = torch.arange(2 * 12 * 3, dtype=torch.float32).view(2, 12, 3)[: len(query_slots)]
+    slots = torch.tensor(query_slots)
+    got = _query_rows(slots)(x)
+    assert torch.equal(got, torch.stack([x[b, slots[b]] for b in range(len(query_slots))]))
+    one_run = len(query_slots) == 1 and query_slots[0] == list(range(query_slots[0][0], query_slots[0][0] + len(query_slots[0])))
+    assert (got.data_ptr() == x[0, query_slots[0][0]].data_ptr()) == one_run  # a view exactly when one run

@@ -82,7 +82,8 @@ class LLMObservations:
     of one LLM stage (``ctx.observed(layer)``, ``ctx.observed_attention(layer)``): each layer's summary
     matched to the candidate rows through the original sequence index (the layer may have seen a
     longer layout). The candidates' original indices are found once per stage, each layout's map from
-    original index to slot once per layout (:meth:`SequenceLayout.slot_of_original`)."""
+    original index to slot once per layout (:meth:`SequenceLayout.slot_of_original`); a layer that saw
+    this stage's own slots needs neither."""
 
     def __init__(self, run: PruneRun, layout: SequenceLayout, slot_index: torch.Tensor, row_sample: torch.Tensor):
         self._run, self._layout, self._slot_index, self._row_sample = run, layout, slot_index, row_sample
@@ -114,13 +115,18 @@ class LLMObservations:
             raise ValueError(f"LLM layer {layer} was not observed; list it in Signal({signal!r}, {layer}) in needs()")
         summary, then = store[layer]
         summary = summary if summary.dim() == 3 else summary[..., None]
+        rows = summary if self._rows_are_samples else summary[self._row_sample]
+        if then.orig_index is self._layout.orig_index:
+            # Observed on the slots this stage sees (no stage in between): a candidate's slot there is
+            # its slot here, a pad's -1 included; no map through the original indices.
+            return gather_tokens(rows, self._slot_index)
         orig = self._original_indices()
         where = then.slot_of_original(self._run.orig_length)
         if self._padded:
             then_slot = torch.where(orig >= 0, where[self._row_sample[:, None], orig.clamp(min=0)], -1)
         else:
             then_slot = where[self._row_sample[:, None], orig]
-        return gather_tokens(summary if self._rows_are_samples else summary[self._row_sample], then_slot)
+        return gather_tokens(rows, then_slot)
 
 
 class Pruner:

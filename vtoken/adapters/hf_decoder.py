@@ -22,6 +22,7 @@ Mask stages (``Strategy.mask_stage``, attention modulation as AIF) run through t
 from __future__ import annotations
 
 from functools import partial
+from typing import Callable
 
 import torch
 from torch import nn
@@ -463,6 +464,18 @@ def _instruction_slots_of_one(layout, prompt_end: int | None) -> tuple[torch.Ten
     return found[None], torch.ones(1, found.numel(), dtype=torch.bool, device=device)
 
 
+def _query_rows(query_slots: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """How to take the query slots' rows of a ``[B, L, ...]`` tensor: a slice (a view, no copy) when
+    one sample's slots are one consecutive run (the instruction rows of an unpadded prompt),
+    ``gather_tokens`` otherwise. The rows are the same numbers either way."""
+    if query_slots.shape[0] == 1 and query_slots.numel():
+        first = int(query_slots[0, 0])
+        stop = first + query_slots.shape[1]
+        if torch.equal(query_slots[0], torch.arange(first, stop, device=query_slots.device)):
+            return lambda x: x[:, first:stop]
+    return lambda x: gather_tokens(x, query_slots)
+
+
 def llama_attention_rows(layer: nn.Module, hidden, cos_sin, query_slots, key_valid,
                          keys: torch.Tensor | None = None, rotated_keys: torch.Tensor | None = None,
                          normed: torch.Tensor | None = None) -> torch.Tensor:
@@ -480,18 +493,19 @@ def llama_attention_rows(layer: nn.Module, hidden, cos_sin, query_slots, key_val
     norm = compat.decoder_input_norm(layer)
     batch, length, _ = hidden.shape
     head_dim = attn.head_dim
+    query_rows = _query_rows(query_slots)
     if keys is None and rotated_keys is None:
         normed = norm(hidden) if normed is None else normed
-        rows, keys = gather_tokens(normed, query_slots), attn.k_proj(normed)
+        rows, keys = query_rows(normed), attn.k_proj(normed)
     elif normed is not None:
-        rows = gather_tokens(normed, query_slots)
+        rows = query_rows(normed)
     else:  # the norm is per token: only the query rows need it
-        rows = norm(gather_tokens(hidden, query_slots))
+        rows = norm(query_rows(hidden))
     q = attn.q_proj(rows).view(batch, rows.shape[1], -1, head_dim)
     if attn.q_norm is not None:
         q = attn.q_norm(q)
     cos, sin = (t.expand(batch, -1, -1) for t in cos_sin)
-    q = apply_rotary(q.transpose(1, 2), gather_tokens(cos, query_slots), gather_tokens(sin, query_slots))
+    q = apply_rotary(q.transpose(1, 2), query_rows(cos), query_rows(sin))
     if rotated_keys is not None:
         k = rotated_keys
     else:

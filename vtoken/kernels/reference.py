@@ -279,6 +279,11 @@ def masked_topk(scores: torch.Tensor, valid: torch.Tensor, budget: torch.Tensor)
     k = int(budget.max()) if rows else 0
     if k == 0:
         return torch.empty(rows, 0, dtype=torch.long, device=scores.device)
+    if k <= width and bool(valid.all()) and bool((budget == k).all()):
+        # Every entry valid and every row keeping k (an LLM stage of one image, most vision stages):
+        # no entry to rank last and no row to pad, so the masks below would change nothing.
+        order = torch.sort(scores.float(), dim=-1, descending=True, stable=True).indices[:, :k]
+        return torch.sort(order, dim=-1).values
     ranked = scores.float().masked_fill(~valid, float("-inf"))
     # A stable descending sort puts the lowest index first among ties (topk does not promise that).
     order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[:, :k]
