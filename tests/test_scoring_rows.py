@@ -1,6 +1,7 @@
 """The rows and columns an LLM stage's scoring reads: the instruction rows of a layout
 (``hf_decoder.instruction_slots``, whose batch-of-one form finds them directly), those rows of a
-tensor (``hf_decoder._query_rows``, a slice where they are one run) and the candidates'
+tensor (``hf_decoder._query_rows``, a slice where they are one run), the candidates' hidden states
+(``pruner.candidate_features``, one ``index_select`` for one image without pads) and the candidates'
 columns of an attention map (``pruner.candidate_attention``, a view where an image's slots are one
 run). Each is checked against the rule written out slot by slot, on layouts with several images,
 pads, prompt ends and compacted (non-contiguous) visual slots."""
@@ -12,7 +13,7 @@ import torch
 
 from vtoken.adapters.hf_decoder import _instruction_slots_batched, _query_rows, instruction_slots
 from vtoken.layout import SequenceLayout
-from vtoken.pruner import candidate_attention
+from vtoken.pruner import candidate_attention, candidate_features
 
 
 def _layout(image_index: list[list[int]], valid: list[list[bool]] | None = None, orig: list[list[int]] | None = None):
@@ -125,3 +126,22 @@ def test_query_rows_are_the_slots_rows(query_slots):
     assert torch.equal(got, torch.stack([x[b, slots[b]] for b in range(len(query_slots))]))
     one_run = len(query_slots) == 1 and query_slots[0] == list(range(query_slots[0][0], query_slots[0][0] + len(query_slots[0])))
     assert (got.data_ptr() == x[0, query_slots[0][0]].data_ptr()) == one_run  # a view exactly when one run
+
+
+@pytest.mark.parametrize("slot_index, row_sample", [
+    ([[3, 4, 5, 6]], [1]),  # one image, no pad: one index_select
+    ([[2, 5, 9]], [0]),  # compacted slots
+    ([[2, 3, 4, -1], [5, 6, 7, 8]], [0, 1]),  # a padded row beside a full one
+    ([[4, -1, 6]], [1]),  # one row with a pad
+    ([[4, 5, 6], [8, 9, 10]], [0, 0]),  # two images of one sample
+])
+def test_candidate_features_are_each_rows_hidden_states(slot_index, row_sample):
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(2, 12, 5, generator=g)
+    slots, samples = torch.tensor(slot_index), torch.tensor(row_sample)
+    got = candidate_features(hidden, slots, samples, slots >= 0)
+    want = torch.stack([torch.stack([hidden[int(samples[r]), s] if s >= 0 else torch.zeros(5) for s in slot_index[r]])
+                        for r in range(len(slot_index))])
+    assert torch.equal(got, want)
+    got.add_(1.0)  # a copy: writing into it leaves the hidden states alone
+    assert torch.equal(candidate_features(hidden, slots, samples, slots >= 0), want)
