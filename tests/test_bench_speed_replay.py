@@ -1,7 +1,8 @@
 """The speed bench's oracles (``eval/replay_strategy.py``, ``eval/bench_speed.py``): the replay of a
 method's recorded reductions gives the method's logits and selection while reading no signal (no
 attention rows, no vision attention, no observers, none of the method's own code), and the
-hand-written oracle of a projector / LLM schedule gives the method's first-token logits."""
+hand-written oracle of a schedule of vision drops and projector / LLM stages gives the method's
+first-token logits."""
 
 import sys
 from pathlib import Path
@@ -88,17 +89,45 @@ def test_replay_reproduces_the_method_and_reads_no_signal(model, case, monkeypat
         assert recording.verbatim
 
 
-@pytest.mark.parametrize("method", ["random", "zoo_prune", "fastv", "transprune", "vflowopt"])
-def test_hand_written_oracle_runs_the_same_schedule(model, method):
+ORACLE_CASES = {
+    "random": ("random", {"keep": 0.5}),
+    "zoo_prune": ("zoo_prune", {"keep": 0.5}),
+    "fastv": ("fastv", {"keep": 0.5}),
+    "transprune": ("transprune", {"keep": 0.5}),
+    "vflowopt": ("vflowopt", {"keep": 0.5}),
+    # Drops after vision blocks (two stages on this 4-block tower) ...
+    "repshift": ("repshift", {"keep": 0.5}),
+    # ... renumbered in front of the LLM, and a vision drop followed by an LLM stage.
+    "repshift-pre_llm": ("repshift", {"keep": 0.5, "positions": "pre_llm"}),
+    "vision-then-llm": ("random", {"stages": [{"site": "vision", "layer": 0, "keep": 0.75},
+                                              {"site": "llm", "layer": 2, "keep": 0.5}]}),
+}
+
+
+@pytest.mark.parametrize("case", list(ORACLE_CASES))
+def test_hand_written_oracle_runs_the_same_schedule(model, case):
     import speed_oracle
 
+    method, options = ORACLE_CASES[case]
     x = llava_inputs(1)
-    recording = replay.record(model, method, x, keep=0.5)
+    recording = replay.record(model, method, x, **options)
     assert speed_oracle.oracle_supported(recording)
     plan = speed_oracle.oracle_plan(recording, x)
+    if any(s.site == "vision" for s in recording.source.stages()):
+        assert plan.vision and len(plan.visual_kept) < (x["input_ids"] == 99).sum()  # the tower really drops
     with torch.no_grad():
         first = speed_oracle.oracle_call(model, x, plan)
     assert replay.max_abs_diff(first[:, -1], recording.logits[:, -1]) <= 1e-5
+
+
+@pytest.mark.parametrize("method, options", [("tome", {}), ("repshift", {"mode": "merge"}), ("aif", {})])
+def test_no_hand_written_oracle_for_merges_in_the_tower_or_mask_stages(model, method, options):
+    """ToMe and Representation Shift's merge mode merge inside the tower (the blocks after attend to
+    the merged tokens with a size bias); AIF masks attention: their replay stays their oracle."""
+    import speed_oracle
+
+    recording = replay.record(model, method, llava_inputs(1), keep=0.5, **options)
+    assert not speed_oracle.oracle_supported(recording)
 
 
 def test_kv_cache_bytes_reads_every_layer(model):
