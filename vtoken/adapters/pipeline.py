@@ -647,7 +647,7 @@ class VisionLanguageAdapter(VisionSite, Adapter):
         if first > 0:  # prefix tokens the projector reads (CLS under 'full') stay in front
             full[:, :first] = tokens[:, :first]
             tokens = tokens[:, first:]
-        return full.scatter(1, slots[..., None].expand(-1, -1, width), tokens)
+        return full.scatter_(1, slots[..., None].expand(-1, -1, width), tokens)  # into the fresh zeros: no second copy
 
     def _after_projector(self, module, args, output):
         images = self.pruner.encoding
