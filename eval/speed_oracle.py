@@ -1,8 +1,9 @@
 """The speed bench's hand-written oracle (``eval/bench_speed.py``): the unwrapped model run on a
-recorded schedule of vision-encoder drops and projector / LLM stages (the tower's blocks on the
-patches still kept, dropping the rest after each pruning block; project; the LLM on the text and the
-kept visual tokens, gathering the kept rows before each pruning layer), the fastest any
-implementation of that schedule can be, with no vtoken code on the path.
+recorded schedule of vision, projector and LLM stages (the tower's blocks on the patches still there,
+dropping or merging at each pruning block, ToMe's between the attention and the MLP with its size
+bias; project; the LLM on the text and the kept visual tokens, gathering the kept rows before each
+pruning layer), the fastest any implementation of that schedule can be, with no vtoken code on the
+path.
 """
 
 from __future__ import annotations
@@ -29,26 +30,43 @@ class OraclePlan:
     replace_slots: torch.Tensor | None
     replace_features: torch.Tensor | None
     layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    #: After each pruning block of the vision tower, which of its current patch tokens stay (the CLS
-    #: token always does); empty when no stage prunes inside the tower.
-    vision: dict[int, torch.Tensor] = field(default_factory=dict)
+    #: What each pruning block of the vision tower does to the image's patch tokens (the CLS token
+    #: always stays); empty when no stage prunes inside the tower.
+    vision: dict[int, "VisionStep"] = field(default_factory=dict)
     #: The image's visual tokens that reach the projector (all of them when ``vision`` is empty).
     visual_kept: torch.Tensor | None = None
+    #: Whether the vision stages run between their block's attention and MLP (ToMe's placement) ...
+    inside_block: bool = False
+    #: ... and every block from the first stage on adds ``log(size)`` of each key to its attention
+    #: logits (ToMe's proportional attention).
+    proportional: bool = False
+
+
+@dataclass(frozen=True)
+class VisionStep:
+    """One vision stage on the image's current patch tokens: ``keep`` ``[K]`` (ascending indices
+    among them) stay; with ``merged_into`` ``[N]`` (the column of ``keep`` holding each token, -1 if
+    dropped) the kept tokens become the size-weighted means of the tokens they hold (ToMe's
+    ``merge_wavg``), or the recorded ``features`` ``[K, d]`` where the recording replays them
+    verbatim (a merge weighted otherwise)."""
+
+    keep: torch.Tensor
+    merged_into: torch.Tensor | None = None
+    features: torch.Tensor | None = None
 
 
 def oracle_supported(recording: replay.Recording) -> bool:
-    """A hand-written oracle exists for schedules of projector and LLM stages and of vision stages
-    that drop tokens after a block (Representation Shift's prune mode, random at the vision site): not
-    for merges inside the tower, whose merged tokens the blocks after them attend to with a size
-    bias (ToMe), nor for mask stages (AIF)."""
+    """A hand-written oracle exists for schedules of vision, projector and LLM stages (drops, and
+    merges whose members are known: ToMe's inside its blocks with proportional attention,
+    Representation Shift's after a block), not for mask stages (AIF)."""
     source = recording.source
     stages = source.stages()
     if not stages or source.mask_stage() is not None:
         return False
-    vision = [s for s in stages if s.site == "vision"]
-    if vision and (source.inside_block() is not None
-                   or any(recording.reductions[s.name].features is not None for s in vision)):
-        return False
+    for stage in stages:
+        reduction = recording.reductions[stage.name]
+        if stage.site == "vision" and reduction.features is not None and reduction.merged_into is None:
+            return False  # replaced vectors whose members are not known: no sizes to carry
     return all(s.site in ("vision", "projector", "llm") for s in stages)
 
 
@@ -70,8 +88,13 @@ def oracle_plan(recording: replay.Recording, x: dict) -> OraclePlan:
     current = torch.arange(len(slots), device=device)  # the image's tokens still in the tower
     for stage in source.stages():
         kept = selection[stage.name].to(device)
-        if stage.site == "vision":  # after block ``stage.layer``: the patches kept, in order
-            vision[stage.layer] = torch.searchsorted(current, kept)
+        if stage.site == "vision":  # at block ``stage.layer``: the patches kept (or merged into), in order
+            reduction = recording.reductions[stage.name]
+            verbatim = reduction.features is not None and stage.name not in recording.recompute
+            vision[stage.layer] = VisionStep(
+                torch.searchsorted(current, kept),
+                reduction.merged_into[0].to(device) if reduction.merged_into is not None else None,
+                reduction.features[0].to(device) if verbatim else None)
             current = visual_kept = kept
             keep = ids != IMAGE_TOKEN
             keep[slots[kept]] = True
@@ -95,7 +118,9 @@ def oracle_plan(recording: replay.Recording, x: dict) -> OraclePlan:
             rows = rows[stay]
             positions = torch.arange(len(rows), device=device) if renumbers(mode, "llm") else positions[stay]
             layers[stage.layer] = (stay, positions[None].clone())
-    return OraclePlan(enter, enter_positions[None], replace_slots, replace_features, layers, vision, visual_kept)
+    inside = source.inside_block()
+    return OraclePlan(enter, enter_positions[None], replace_slots, replace_features, layers, vision, visual_kept,
+                      inside is not None, inside is not None and inside.proportional_attention)
 
 
 def oracle_call(model, x: dict, plan: OraclePlan) -> torch.Tensor:
@@ -107,7 +132,7 @@ def oracle_call(model, x: dict, plan: OraclePlan) -> torch.Tensor:
     embeds = core.get_input_embeddings()(ids[None])
     slots = torch.nonzero(ids == IMAGE_TOKEN).squeeze(-1)
     if plan.vision:
-        visual = core.multi_modal_projector(_pruned_tower_features(core.vision_tower, x["pixel_values"], plan.vision))
+        visual = core.multi_modal_projector(_pruned_tower_features(core.vision_tower, x["pixel_values"], plan))
         slots = slots[plan.visual_kept]
     else:
         features = core.get_image_features(pixel_values=x["pixel_values"], vision_feature_layer=-2,
@@ -136,22 +161,61 @@ def oracle_call(model, x: dict, plan: OraclePlan) -> torch.Tensor:
     return model.lm_head(lm.norm(hidden[:, -1:]))
 
 
-def _pruned_tower_features(vision_tower, pixel_values: torch.Tensor, drops: dict[int, torch.Tensor]) -> torch.Tensor:
+def _pruned_tower_features(vision_tower, pixel_values: torch.Tensor, plan: OraclePlan) -> torch.Tensor:
     """The CLIP tower as LLaVA-1.5 runs it (``vision_feature_layer=-2``, ``"default"``: the patches of
-    the second-to-last block's output), every block on the tokens still kept: after block ``l`` in
-    ``drops`` only the CLS token and the patches ``drops[l]`` (indices among the current ones) go on.
-    The last block and the pooled CLS norm run as the model runs them, though LLaVA reads neither."""
+    the second-to-last block's output), every block on the tokens still there: each pruning block's
+    :class:`VisionStep` applied after it, or between its attention and its MLP (``inside_block``),
+    with ``log(size)`` of each key added to the attention logits of every block from the first stage
+    on (``proportional``). The last block and the pooled CLS norm run as the model runs them, though
+    LLaVA reads neither."""
     tower = compat.clip_vision_tower(vision_tower)
     hidden = tower.pre_layrnorm(tower.embeddings(pixel_values))
     blocks = tower.encoder.layers
     read = len(blocks) - 2
+    first = min(plan.vision)
+    sizes = None  # [1, N] patches each token holds, None while every token holds one
     features = None
     for index, block in enumerate(blocks):
-        hidden = block(hidden, None)
-        hidden = hidden[0] if isinstance(hidden, tuple) else hidden
-        if index in drops:
-            hidden = torch.cat([hidden[:, :1], hidden[:, 1:][:, drops[index]]], dim=1)
+        step = plan.vision.get(index)
+        if plan.inside_block and (index in plan.vision or (plan.proportional and index > first)):
+            bias = None
+            if plan.proportional and sizes is not None:  # 0 for CLS, log(size) for every patch
+                bias = torch.cat([sizes.new_ones(1, 1), sizes], dim=1).log().to(hidden.dtype)[:, None, None, :]
+            attended, _ = block.self_attn(hidden_states=block.layer_norm1(hidden), attention_mask=bias)
+            hidden = hidden + attended
+            if step is not None:
+                hidden, sizes = _vision_step(hidden, sizes, step)
+            hidden = hidden + block.mlp(block.layer_norm2(hidden))
+        else:
+            hidden = block(hidden, None)
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+            if step is not None:
+                hidden, sizes = _vision_step(hidden, sizes, step)
         if index == read:
             features = hidden[:, 1:]
     tower.post_layernorm(hidden[:, 0])
     return features
+
+
+def _vision_step(hidden: torch.Tensor, sizes: torch.Tensor | None, step: VisionStep):
+    """``hidden`` ``[1, 1 + N, d]`` (CLS, then the patch tokens) after ``step``, and the kept tokens'
+    sizes (None while every token holds one patch)."""
+    patches = hidden[0, 1:]
+    if step.merged_into is None:  # plain drop
+        kept = patches[step.keep]
+        sizes = sizes[:, step.keep] if sizes is not None else None
+    else:
+        columns = len(step.keep)
+        weight = sizes[0].float() if sizes is not None else patches.new_ones(patches.shape[0], dtype=torch.float32)
+        held = step.merged_into >= 0
+        weight = torch.where(held, weight, torch.zeros_like(weight))
+        target = torch.where(held, step.merged_into, columns)  # a spare column takes the dropped ones
+        mass = weight.new_zeros(columns + 1).index_add_(0, target, weight)[:columns]
+        if step.features is not None:
+            kept = step.features
+        else:
+            total = patches.new_zeros(columns + 1, patches.shape[-1], dtype=torch.float32)
+            total.index_add_(0, target, patches.float() * weight[:, None])
+            kept = (total[:columns] / mass[:, None]).to(hidden.dtype)
+        sizes = mass[None]
+    return torch.cat([hidden[:, :1], kept[None].to(hidden.dtype)], dim=1), sizes

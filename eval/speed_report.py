@@ -378,8 +378,7 @@ def report(args, command, load_at_start, device, meter, base, times_none, config
                f"scaled to run on 2 CPU cores (width and depth cut{'' if family.anyres else ', 576 tokens'} and the prompt "
                f"kept), {args.dtype}; `--family llava_7b --device cuda --dtype bfloat16` runs LLaVA-1.5-7B's full shape "
                "on a GPU."),
-              ("- Hand-written oracles for merges inside the vision tower (ToMe, Representation Shift's merge mode: "
-               "the blocks after a merge attend to the merged tokens with a size bias) and mask stages (AIF): "
+              ("- A hand-written oracle for mask stages (AIF): "
                if family.hand_oracle else
                "- Hand-written oracles (they hand-run the unwrapped LLaVA): on this family every method's replay is "
                "its oracle, ")
