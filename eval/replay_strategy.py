@@ -110,18 +110,24 @@ def size_weighted_merge(ctx: ScoreContext, reduction: Reduction) -> torch.Tensor
     (``sum(s x) / sum(s)``, float32) and pool's window mean."""
     rows = ctx.tokens
     features = rows.features
-    count, width, dim = features.shape
-    columns = reduction.keep.shape[1]
     into = reduction.merged_into.to(features.device).long()
     sizes = rows.sizes.to(features.device).float() if rows.sizes is not None else rows.valid.float()
+    merged, _ = held_means(features, sizes, into, reduction.keep.shape[1])
+    return merged.to(features.dtype) * (reduction.keep >= 0)[..., None].to(features.dtype)
+
+
+def held_means(features: torch.Tensor, sizes: torch.Tensor, into: torch.Tensor, columns: int):
+    """``([R, columns, d], [R, columns])`` float32: for each column, the mean of the ``features``
+    ``[R, N, d]`` that ``into`` ``[R, N]`` puts there (-1: nowhere), weighted by ``sizes`` ``[R, N]``,
+    and the summed sizes (ToMe's ``merge_wavg``: ``sum(s x) / sum(s)``, and ``merge(s, sum)``)."""
+    count, _, dim = features.shape
     held = into >= 0
-    weight = torch.where(held, sizes, torch.zeros_like(sizes))
+    weight = torch.where(held, sizes.float(), torch.zeros_like(sizes, dtype=torch.float32))
     target = torch.where(held, into, columns)  # a spare column collects what nothing holds
     total = features.new_zeros(count, columns + 1, dim, dtype=torch.float32)
     total.scatter_add_(1, target[..., None].expand(-1, -1, dim), features.float() * weight[..., None])
     mass = weight.new_zeros(count, columns + 1).scatter_add_(1, target, weight)
-    merged = total[:, :columns] / mass[:, :columns].clamp(min=1e-12)[..., None]
-    return merged.to(features.dtype) * (reduction.keep >= 0)[..., None].to(features.dtype)
+    return total[:, :columns] / mass[:, :columns].clamp(min=1e-12)[..., None], mass[:, :columns]
 
 
 def record(model, method: str, inputs: dict, atol: float = 1e-5, **options) -> Recording:

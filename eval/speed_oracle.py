@@ -205,17 +205,7 @@ def _vision_step(hidden: torch.Tensor, sizes: torch.Tensor | None, step: VisionS
         kept = patches[step.keep]
         sizes = sizes[:, step.keep] if sizes is not None else None
     else:
-        columns = len(step.keep)
-        weight = sizes[0].float() if sizes is not None else patches.new_ones(patches.shape[0], dtype=torch.float32)
-        held = step.merged_into >= 0
-        weight = torch.where(held, weight, torch.zeros_like(weight))
-        target = torch.where(held, step.merged_into, columns)  # a spare column takes the dropped ones
-        mass = weight.new_zeros(columns + 1).index_add_(0, target, weight)[:columns]
-        if step.features is not None:
-            kept = step.features
-        else:
-            total = patches.new_zeros(columns + 1, patches.shape[-1], dtype=torch.float32)
-            total.index_add_(0, target, patches.float() * weight[:, None])
-            kept = (total[:columns] / mass[:, None]).to(hidden.dtype)
-        sizes = mass[None]
+        weight = sizes if sizes is not None else patches.new_ones(1, patches.shape[0], dtype=torch.float32)
+        means, sizes = replay.held_means(hidden[:, 1:], weight, step.merged_into[None], len(step.keep))
+        kept = step.features if step.features is not None else means[0]
     return torch.cat([hidden[:, :1], kept[None].to(hidden.dtype)], dim=1), sizes

@@ -366,14 +366,23 @@ def test_the_layer_key_time_sees_the_keys_handed_over_and_only_the_layers_own_pr
     calls = speed_timing.StrategyCallTime()
     keys = speed_timing.LayerKeyTime(model, calls)
     seen = {}
+
+    def least(run, context, repeats: int = 3) -> tuple[float, bool]:
+        """The least key time of a few runs (one run on a loaded machine can be slow), and whether
+        keys were handed over in each."""
+        times = []
+        for _ in range(repeats):
+            with context(), keys.timing(), torch.no_grad():
+                run()
+            times.append(keys.take())
+        assert len({handed for _, handed in times}) == 1
+        return min(t for t, _ in times), times[0][1]
+
     for method in ("transprune", "fastv"):
         recording = replay.record(model, method, x, keep_tokens=64)
-        with calls.pruned(model, method, 64), keys.timing(), torch.no_grad():
-            bench_speed.ttft_call(model, x)
-        seen[method] = keys.take()
-        with replay.replaying(model, recording), keys.timing(), torch.no_grad():
-            bench_speed.ttft_call(model, x)
-        seen[(method, "replay")] = keys.take()
+        seen[method] = least(lambda: bench_speed.ttft_call(model, x), lambda: calls.pruned(model, method, 64))
+        seen[(method, "replay")] = least(lambda: bench_speed.ttft_call(model, x),
+                                         lambda: replay.replaying(model, recording))
     assert seen["transprune"][1] and not seen["fastv"][1]
     assert not seen[("transprune", "replay")][1]
     assert seen["transprune"][0] < seen[("transprune", "replay")][0]
