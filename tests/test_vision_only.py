@@ -205,7 +205,7 @@ def test_block_halves_equal_the_block(family):
     undo.run()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(middle_zero, middle, rtol=1e-5, atol=1e-6)
-    assert keys.shape == (2, x.shape[1], 16)
+    assert keys().shape == (2, x.shape[1], 16)
 
 
 @pytest.mark.parametrize("family", list(VISION_FAMILIES))
@@ -414,7 +414,7 @@ def test_timm_res_post_block_halves_and_branches_equal_the_block():
     io = seen[0]
     torch.testing.assert_close(io["block"][0] + io["attention"][1] + io["mlp"][1], expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(io["block"][0] + io["attention"][1], middle, rtol=1e-5, atol=1e-6)
-    assert keys.shape == (2, 17, 16) and _hooks(model) == 0
+    assert keys().shape == (2, 17, 16) and _hooks(model) == 0
 
 
 @pytest.mark.parametrize("family", ["timm", "timm_registers", "open_clip_tower", "open_clip"])

@@ -295,12 +295,14 @@ class BlockHalves:
     (ToMe's placement). ``split_call(args, kwargs)`` takes the block's call apart into the hidden
     states ``[C, T, d]`` and the rest of its arguments; ``attention(hidden, bias, rest)`` returns the
     hidden states after the attention's residual add, with ``bias`` (``[C, 1, 1, T]`` or None) added
-    to the attention logits, and the attention's keys averaged over heads (``[C, T, head_dim]``);
-    ``mlp(hidden)`` the block's output; ``output(hidden)`` it in the type the block returns. Every
-    family's halves are checked against its block's own forward (``tests/test_vision_only.py``)."""
+    to the attention logits, and a call that gives that attention's keys averaged over heads
+    (``[C, T, head_dim]``, ToMe's metric: averaged only when a stage asks, not in every block the
+    halves run); ``mlp(hidden)`` the block's output; ``output(hidden)`` it in the type the block
+    returns. Every family's halves are checked against its block's own forward
+    (``tests/test_vision_only.py``)."""
 
     split_call: Callable[[tuple, dict], tuple[torch.Tensor, dict]]
-    attention: Callable[[torch.Tensor, torch.Tensor | None, dict], tuple[torch.Tensor, torch.Tensor]]
+    attention: Callable[[torch.Tensor, torch.Tensor | None, dict], tuple[torch.Tensor, Callable[[], torch.Tensor]]]
     mlp: Callable[[torch.Tensor], torch.Tensor]
     output: Callable[[torch.Tensor], Any] = lambda hidden: hidden
 

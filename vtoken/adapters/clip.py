@@ -81,7 +81,7 @@ def hf_encoder_halves(block: nn.Module, undo: UndoStack) -> BlockHalves:
         mask = bias if mask is None else (mask if bias is None else mask + bias)
         out, projected = keys.recording(attention, hidden_states=norm_before_attention(hidden), attention_mask=mask, **rest)
         out = out[0] if isinstance(out, tuple) else out
-        return hidden + out, projected.view(*hidden.shape[:2], -1, attention.head_dim).mean(dim=2)
+        return hidden + out, lambda: projected.view(*hidden.shape[:2], -1, attention.head_dim).mean(dim=2)
 
     def mlp(hidden):
         return hidden + block.mlp(norm_before_mlp(hidden))

@@ -165,7 +165,7 @@ def open_clip_block_halves(block: nn.Module, undo: UndoStack) -> BlockHalves:
         q, k, v = (t.view(batch, tokens, heads, -1).transpose(1, 2) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         out = attention.out_proj(out.transpose(1, 2).reshape(batch, tokens, width))
-        return hidden + block.ls_1(out), k.mean(dim=1)
+        return hidden + block.ls_1(out), lambda: k.mean(dim=1)
 
     def mlp(hidden):
         return hidden + block.ls_2(block.mlp(block.ln_2(hidden)))

@@ -177,7 +177,7 @@ def timm_block_halves(block: nn.Module, undo: UndoStack) -> BlockHalves:
         mask = bias if mask is None else (mask if bias is None else mask + bias)
         out, normed_keys = keys.recording(attention, hidden if post else block.norm1(hidden), attn_mask=mask, **rest)
         # [C, heads, T, head_dim] -> [C, T, head_dim]
-        return hidden + block.drop_path1(block.norm1(out) if post else block.ls1(out)), normed_keys.mean(dim=1)
+        return hidden + block.drop_path1(block.norm1(out) if post else block.ls1(out)), lambda: normed_keys.mean(dim=1)
 
     def mlp(hidden):
         if post:

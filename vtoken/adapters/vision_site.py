@@ -112,6 +112,8 @@ class VisionSite:
         hidden, keys = halves.attention(hidden, bias, rest)
         if stage is not None:
             prefix = self.description.vision.prefix_tokens
+            # The keys are averaged over heads only for a strategy that reads them (not for a replay).
+            keys = keys() if self.pruner.needs.has(signals.VISION_BLOCK_KEYS) else None
             hidden = self.pruner.run_vision_stage(images, stage, hidden, prefix, self._grid(images), keys=keys)
         return halves.output(halves.mlp(hidden))
 
