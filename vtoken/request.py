@@ -51,6 +51,10 @@ class ImageRun:
         #: ``(rows, cols)`` of the patch grid of this call's crops, where it differs from the family's
         #: default (a vision-only model run at another image size); None otherwise.
         self.grid: tuple[int, int] | None = None
+        #: The proportional-attention bias of the current tokens with the ``owner`` and
+        #: ``vision_positions`` it was built from (they change only at a stage, so every block
+        #: between two stages reuses it); None before the first.
+        self.size_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
         #: ``vision_positions`` after each vision stage, by stage name.
         self.stage_positions: dict[str, torch.Tensor] = {}
         #: Vision layer -> (per-token summary ``[C, T, k]``, candidate positions then, first candidate).

@@ -122,12 +122,17 @@ class VisionSite:
         proportional attention, Eq. 1), 0 for the prefix tokens; None while every size is 1."""
         if images.owner is None:
             return None
+        cached = images.size_bias
+        if cached is not None and cached[0] is images.owner and cached[1] is images.vision_positions:
+            return cached[2]  # no stage since the last block: the same tokens, the same sizes
         sizes = images.sizes().to(hidden.device)
-        if bool((sizes == 1).all()):
-            return None
-        prefix = hidden.shape[1] - sizes.shape[1]
-        full = torch.cat([sizes.new_ones(sizes.shape[0], prefix), sizes], dim=1)
-        return full.clamp(min=1).log().to(hidden.dtype)[:, None, None, :]
+        bias = None
+        if not bool((sizes == 1).all()):
+            prefix = hidden.shape[1] - sizes.shape[1]
+            full = torch.cat([sizes.new_ones(sizes.shape[0], prefix), sizes], dim=1)
+            bias = full.clamp(min=1).log().to(hidden.dtype)[:, None, None, :]
+        images.size_bias = (images.owner, images.vision_positions, bias)
+        return bias
 
     # --- signals --------------------------------------------------------------------------------
     def _observed_vision(self, layer: int, io: dict) -> None:
