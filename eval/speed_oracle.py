@@ -2,8 +2,9 @@
 recorded schedule of vision, projector and LLM stages (the tower's blocks on the patches still there,
 dropping or merging at each pruning block, ToMe's between the attention and the MLP with its size
 bias; project; the LLM on the text and the kept visual tokens, gathering the kept rows before each
-pruning layer), the fastest any implementation of that schedule can be, with no vtoken code on the
-path.
+pruning layer) or of a mask stage (AIF: one pass in which, from the stage's layer on, no text query
+attends to a hidden visual token; vtoken's probe and rerun of the text are the method's machinery),
+the fastest any implementation of that schedule can be, with no vtoken code on the path.
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ class OraclePlan:
     #: ... and every block from the first stage on adds ``log(size)`` of each key to its attention
     #: logits (ToMe's proportional attention).
     proportional: bool = False
+    #: A mask stage (AIF): from LLM layer ``mask_layer`` on, no text query attends to the visual
+    #: tokens at ``hidden_slots`` (sequence slots); None: no mask stage.
+    mask_layer: int | None = None
+    hidden_slots: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -58,10 +63,13 @@ class VisionStep:
 def oracle_supported(recording: replay.Recording) -> bool:
     """A hand-written oracle exists for schedules of vision, projector and LLM stages (drops, and
     merges whose members are known: ToMe's inside its blocks with proportional attention,
-    Representation Shift's after a block), not for mask stages (AIF)."""
+    Representation Shift's after a block) and for a mask stage alone (AIF's, in the LLM)."""
     source = recording.source
     stages = source.stages()
-    if not stages or source.mask_stage() is not None:
+    mask = source.mask_stage()
+    if mask is not None:
+        return not stages and mask.stage.site == "llm"
+    if not stages:
         return False
     for stage in stages:
         reduction = recording.reductions[stage.name]
@@ -119,8 +127,15 @@ def oracle_plan(recording: replay.Recording, x: dict) -> OraclePlan:
             positions = torch.arange(len(rows), device=device) if renumbers(mode, "llm") else positions[stay]
             layers[stage.layer] = (stay, positions[None].clone())
     inside = source.inside_block()
+    mask = source.mask_stage()
+    mask_layer = hidden_slots = None
+    if mask is not None:  # the visual tokens the mask stage hides from the text, by their slots
+        visible = torch.zeros(len(slots), dtype=torch.bool, device=device)
+        visible[selection[mask.stage.name].to(device)] = True
+        mask_layer, hidden_slots = mask.stage.layer, slots[~visible]
     return OraclePlan(enter, enter_positions[None], replace_slots, replace_features, layers, vision, visual_kept,
-                      inside is not None, inside is not None and inside.proportional_attention)
+                      inside is not None, inside is not None and inside.proportional_attention, mask_layer,
+                      hidden_slots)
 
 
 def oracle_call(model, x: dict, plan: OraclePlan) -> torch.Tensor:
@@ -154,11 +169,21 @@ def oracle_call(model, x: dict, plan: OraclePlan) -> torch.Tensor:
         if rotary is None:  # once per sequence length, as the model does once per forward
             rotary = lm.rotary_emb(hidden, positions)
             if eager:  # SDPA / FlashAttention are causal without a mask (one unpadded sample)
-                n = hidden.shape[1]
-                mask = torch.full((n, n), torch.finfo(hidden.dtype).min, device=hidden.device).triu(1)[None, None]
+                mask = _causal(hidden)
+        if index == plan.mask_layer:  # from here on no text query sees a hidden visual token
+            mask = _causal(hidden)
+            text = ids[plan.enter] != IMAGE_TOKEN
+            mask[0, 0, text[:, None] & torch.isin(plan.enter, plan.hidden_slots)[None, :]] = torch.finfo(hidden.dtype).min
         hidden = layer(hidden, attention_mask=mask, position_ids=positions, use_cache=True,
                        position_embeddings=rotary, **compat.cache_kwargs(cache))
     return model.lm_head(lm.norm(hidden[:, -1:]))
+
+
+def _causal(hidden: torch.Tensor) -> torch.Tensor:
+    """``[1, 1, n, n]`` additive causal mask of ``hidden``'s ``n`` rows (the dtype's minimum above the
+    diagonal)."""
+    n = hidden.shape[1]
+    return torch.full((n, n), torch.finfo(hidden.dtype).min, device=hidden.device).triu(1)[None, None]
 
 
 def _pruned_tower_features(vision_tower, pixel_values: torch.Tensor, plan: OraclePlan) -> torch.Tensor:

@@ -378,13 +378,11 @@ def report(args, command, load_at_start, device, meter, base, times_none, config
                f"scaled to run on 2 CPU cores (width and depth cut{'' if family.anyres else ', 576 tokens'} and the prompt "
                f"kept), {args.dtype}; `--family llava_7b --device cuda --dtype bfloat16` runs LLaVA-1.5-7B's full shape "
                "on a GPU."),
-              ("- A hand-written oracle for mask stages (AIF): "
-               if family.hand_oracle else
-               "- Hand-written oracles (they hand-run the unwrapped LLaVA): on this family every method's replay is "
-               "its oracle, ")
-              + "their replay is the oracle (the schedule with no scoring, inside vtoken), and their machinery is the "
-              "keep-all replay against the unwrapped model, which bounds vtoken's fixed cost but not the cost of "
-              "realising the merges or drops themselves.",
+              *([] if family.hand_oracle else [
+                  "- Hand-written oracles (they hand-run the unwrapped LLaVA): on this family every method's replay is "
+                  "its oracle (the schedule with no scoring, inside vtoken), and its machinery is the keep-all replay "
+                  "against the unwrapped model, which bounds vtoken's fixed cost but not the cost of realising the "
+                  "merges or drops themselves."]),
               "- Time to first token and overheads at batch > 1 (the overhead tables are batch 1); memory peaks are "
               "single calls, not repeated to a spread.",
               "- Scoring of a merge whose weights are scores (VFlowOpt's recycling, Representation Shift's merge mode) "

@@ -105,6 +105,9 @@ ORACLE_CASES = {
     # Representation Shift's after a block (saliency-weighted: its vectors as recorded).
     "tome": ("tome", {"keep": 0.5}),
     "repshift-merge": ("repshift", {"keep": 0.5, "mode": "merge"}),
+    # A mask stage: from its layer on no text query attends to the hidden visual tokens.
+    "aif": ("aif", {"keep": 0.5}),
+    "aif-layer-2": ("aif", {"keep": 0.3, "layer": 2}),
 }
 
 
@@ -146,11 +149,18 @@ def test_each_part_of_the_tome_oracle_matters(model):
         assert replay.max_abs_diff(_oracle_logits(model, x, wrong), recording.logits[:, -1]) > 1e-3
 
 
-def test_no_hand_written_oracle_for_a_mask_stage(model):
-    """AIF masks attention inside the LLM: its replay stays its oracle."""
+def test_the_aif_oracle_hides_the_masked_tokens_from_the_text(model):
+    """Without its mask (or with it from the wrong layer) the oracle's logits move far past 1e-5."""
+    import dataclasses
+
     import speed_oracle
 
-    assert not speed_oracle.oracle_supported(replay.record(model, "aif", llava_inputs(1), keep=0.5))
+    x = llava_inputs(1)
+    recording = replay.record(model, "aif", x, keep=0.3, layer=2)
+    plan = speed_oracle.oracle_plan(recording, x)
+    assert plan.mask_layer == 2 and 0 < len(plan.hidden_slots) < (x["input_ids"] == 99).sum()
+    for wrong in (dataclasses.replace(plan, mask_layer=None), dataclasses.replace(plan, mask_layer=3)):
+        assert replay.max_abs_diff(_oracle_logits(model, x, wrong), recording.logits[:, -1]) > 1e-3
 
 
 def test_kv_cache_bytes_reads_every_layer(model):
