@@ -92,30 +92,25 @@ def oracle_plan(recording: replay.Recording, x: dict) -> OraclePlan:
     enter, enter_positions = rows, positions
     replace_slots = replace_features = visual_kept = None
     layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    vision: dict[int, torch.Tensor] = {}
+    vision: dict[int, VisionStep] = {}
     current = torch.arange(len(slots), device=device)  # the image's tokens still in the tower
     for stage in source.stages():
         kept = selection[stage.name].to(device)
+        reduction = recording.reductions[stage.name]
+        if stage.site in ("vision", "projector"):  # in front of the LLM: the text and the kept visual tokens enter it
+            keep = ids != IMAGE_TOKEN
+            keep[slots[kept]] = True
+            rows = torch.nonzero(keep).squeeze(-1)
+            positions = torch.arange(len(rows), device=device) if renumbers(mode, stage.site) else rows.clone()
+            enter, enter_positions = rows, positions
         if stage.site == "vision":  # at block ``stage.layer``: the patches kept (or merged into), in order
-            reduction = recording.reductions[stage.name]
             verbatim = reduction.features is not None and stage.name not in recording.recompute
             vision[stage.layer] = VisionStep(
                 torch.searchsorted(current, kept),
                 reduction.merged_into[0].to(device) if reduction.merged_into is not None else None,
                 reduction.features[0].to(device) if verbatim else None)
             current = visual_kept = kept
-            keep = ids != IMAGE_TOKEN
-            keep[slots[kept]] = True
-            rows = torch.nonzero(keep).squeeze(-1)
-            positions = torch.arange(len(rows), device=device) if renumbers(mode, "vision") else rows.clone()
-            enter, enter_positions = rows, positions
         elif stage.site == "projector":
-            keep = ids != IMAGE_TOKEN
-            keep[slots[kept]] = True
-            rows = torch.nonzero(keep).squeeze(-1)
-            positions = torch.arange(len(rows), device=device) if renumbers(mode, "projector") else rows.clone()
-            enter, enter_positions = rows, positions
-            reduction = recording.reductions[stage.name]
             if reduction.features is not None:  # merged vectors (VisionZip, pool, VFlowOpt's recycling), as recorded
                 columns = reduction.keep[0] >= 0
                 replace_slots = slots[reduction.keep[0][columns].to(device)]
