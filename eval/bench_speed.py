@@ -291,7 +291,7 @@ def main(argv=None) -> None:
                 raise AssertionError(f"{method} at {budget}: the replay's logits differ from the method's by {diff:.3g} "
                                      f"(> {args.replay_atol}): it is not the same schedule")
             config = Config(method, budget, recording, diff)
-            if family.hand_oracle and oracle_supported(recording):
+            if oracle_supported(recording, family.hand_oracle):
                 config.plan = oracle_plan(recording, x)
                 with torch.no_grad():
                     config.oracle_diff = replay.max_abs_diff(oracle_call(model, x, config.plan)[:, -1],

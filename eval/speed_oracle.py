@@ -5,6 +5,11 @@ bias; project; the LLM on the text and the kept visual tokens, gathering the kep
 pruning layer) or of a mask stage (AIF: one pass in which, from the stage's layer on, no text query
 attends to a hidden visual token; vtoken's probe and rerun of the text are the method's machinery),
 the fastest any implementation of that schedule can be, with no vtoken code on the path.
+
+On LLaVA-1.5 every site is covered (the one CLIP view is hand-run block by block). On LLaVA-NeXT and
+OneVision the projector and LLM sites are: the model packs its views itself (``get_image_features``:
+crops unpadded, a newline per row), then the kept tokens enter the LLM run by hand; their vision-site
+schedules (several views per image) have no hand-written oracle yet (``Family.hand_oracle``).
 """
 
 from __future__ import annotations
@@ -60,22 +65,23 @@ class VisionStep:
     features: torch.Tensor | None = None
 
 
-def oracle_supported(recording: replay.Recording) -> bool:
-    """A hand-written oracle exists for schedules of vision, projector and LLM stages (drops, and
-    merges whose members are known: ToMe's inside its blocks with proportional attention,
-    Representation Shift's after a block) and for a mask stage alone (AIF's, in the LLM)."""
+def oracle_supported(recording: replay.Recording, sites: tuple[str, ...] = ("vision", "projector", "llm")) -> bool:
+    """A hand-written oracle exists for schedules of stages at ``sites`` (the family's
+    ``hand_oracle``) among vision, projector and LLM (drops, and merges whose members are known:
+    ToMe's inside its blocks with proportional attention, Representation Shift's after a block) and
+    for a mask stage alone (AIF's, in the LLM)."""
     source = recording.source
     stages = source.stages()
     mask = source.mask_stage()
     if mask is not None:
-        return not stages and mask.stage.site == "llm"
-    if not stages:
+        return not stages and mask.stage.site == "llm" and "llm" in sites
+    if not stages or any(s.site not in sites for s in stages):
         return False
     for stage in stages:
         reduction = recording.reductions[stage.name]
         if stage.site == "vision" and reduction.features is not None and reduction.merged_into is None:
             return False  # replaced vectors whose members are not known: no sizes to carry
-    return all(s.site in ("vision", "projector", "llm") for s in stages)
+    return True
 
 
 def oracle_plan(recording: replay.Recording, x: dict) -> OraclePlan:
@@ -145,10 +151,7 @@ def oracle_call(model, x: dict, plan: OraclePlan) -> torch.Tensor:
         visual = core.multi_modal_projector(_pruned_tower_features(core.vision_tower, x["pixel_values"], plan))
         slots = slots[plan.visual_kept]
     else:
-        features = core.get_image_features(pixel_values=x["pixel_values"], vision_feature_layer=-2,
-                                           vision_feature_select_strategy="default")
-        features = features.pooler_output if hasattr(features, "pooler_output") else features
-        visual = torch.cat(list(features) if isinstance(features, (tuple, list)) else [features])
+        visual = _image_features(core, model.config, x)
     embeds[0, slots] = visual.reshape(-1, visual.shape[-1]).to(embeds.dtype)
     if plan.replace_slots is not None:
         embeds[0, plan.replace_slots] = plan.replace_features.to(embeds.dtype)
@@ -172,6 +175,22 @@ def oracle_call(model, x: dict, plan: OraclePlan) -> torch.Tensor:
         hidden = layer(hidden, attention_mask=mask, position_ids=positions, use_cache=True,
                        position_embeddings=rotary, **compat.cache_kwargs(cache))
     return model.lm_head(lm.norm(hidden[:, -1:]))
+
+
+def _image_features(core, config, x: dict) -> torch.Tensor:
+    """Every visual token of the prompt's image as the unwrapped model places them, ``[N, d]``:
+    LLaVA-1.5's projected patches, or LLaVA-NeXT's / OneVision's views packed by the model itself
+    (crops unpadded, a newline per row, the base view first), with the feature layer and selection
+    the model's config names."""
+    options = {"vision_feature_layer": config.vision_feature_layer,
+               "vision_feature_select_strategy": config.vision_feature_select_strategy}
+    if "image_sizes" in x:
+        options["image_sizes"] = x["image_sizes"]
+    if getattr(config, "vision_aspect_ratio", None) is not None:  # OneVision's anyres_max_N
+        options["vision_aspect_ratio"] = config.vision_aspect_ratio
+    features = core.get_image_features(pixel_values=x["pixel_values"], **options)
+    features = features.pooler_output if hasattr(features, "pooler_output") else features
+    return torch.cat(list(features) if isinstance(features, (tuple, list)) else [features])
 
 
 def _causal(hidden: torch.Tensor) -> torch.Tensor:

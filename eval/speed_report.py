@@ -21,6 +21,9 @@ from speed_stats import (  # eval/speed_stats.py
 )
 
 
+#: How a report names a site.
+SITE_NAMES = {"vision": "vision", "projector": "projector", "llm": "LLM"}
+
 def machine_text(args, device, load_at_start) -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -378,9 +381,13 @@ def report(args, command, load_at_start, device, meter, base, times_none, config
                f"scaled to run on 2 CPU cores (width and depth cut{'' if family.anyres else ', 576 tokens'} and the prompt "
                f"kept), {args.dtype}; `--family llava_7b --device cuda --dtype bfloat16` runs LLaVA-1.5-7B's full shape "
                "on a GPU."),
-              *([] if family.hand_oracle else [
-                  "- Hand-written oracles (they hand-run the unwrapped LLaVA): on this family every method's replay is "
-                  "its oracle (the schedule with no scoring, inside vtoken), and its machinery is the keep-all replay "
+              *([] if "vision" in family.hand_oracle else [
+                  "- Hand-written oracles (they run the unwrapped model by hand): "
+                  + ("on this family every method's replay is its oracle" if not family.hand_oracle else
+                     f"on this family they cover {' and '.join(SITE_NAMES[site] for site in family.hand_oracle)} stages; a method with a stage "
+                     "elsewhere (inside the vision tower: its views' blocks are not hand-run yet) has its replay as "
+                     "its oracle")
+                  + " (the schedule with no scoring, inside vtoken), and its machinery is the keep-all replay "
                   "against the unwrapped model, which bounds vtoken's fixed cost but not the cost of realising the "
                   "merges or drops themselves."]),
               "- Time to first token and overheads at batch > 1 (the overhead tables are batch 1); memory peaks are "

@@ -238,8 +238,11 @@ class Family:
     text_tokens: int
     #: Token ids generate must not produce (the image placeholder and the family's other specials).
     special_tokens: tuple[int, ...]
-    #: Whether ``oracle_call`` (a hand-run unwrapped LLaVA) exists for it.
-    hand_oracle: bool
+    #: The sites whose stages ``eval/speed_oracle.oracle_call`` (the unwrapped model run by hand) can run
+    #: on this family: vision, projector and LLM on LLaVA-1.5 (its one CLIP view hand-run block by
+    #: block); projector and LLM on LLaVA-NeXT / OneVision (the model's own packing of the views, then
+    #: the LLM by hand); none on the Qwen-VL families (M-RoPE and DeepStack: the replay is the oracle).
+    hand_oracle: tuple[str, ...]
     #: The committed output of a CPU run.
     committed: str
     #: One image's attention in a vision layer (the measured floor of a whole-map statistic).
@@ -277,16 +280,18 @@ class Family:
 def _qwen_family(name: str, version: str, real_model: str, description: str) -> Family:
     """A Qwen family: what every Qwen shape shares (the prompt's vision start / end tokens, its special
     tokens, no hand-written oracle, the 4-head map over 2304 patches at head dim 32, the result's path)."""
-    return Family(name, f"a {real_model.rsplit('-', 1)[0]} shape", description, TEXT_TOKENS + 2, QWEN_SPECIALS, False,
+    return Family(name, f"a {real_model.rsplit('-', 1)[0]} shape", description, TEXT_TOKENS + 2, QWEN_SPECIALS, (),
                   f"eval/results/bench_speed/cpu_{name}.md", AttentionMapShape(heads=4, tokens=2304, head_dim=32),
                   real_model, version)
 
 
 def _anyres_family(kind: str, visual: int, tokens_per_view: int, real_model: str, description: str) -> Family:
-    """A LLaVA-NeXT / OneVision family: the LLaVA prompt with :func:`anyres_prompt`'s image, no
-    hand-written oracle, five views' maps, budgets at the LLaVA ones' fractions of ``visual``."""
+    """A LLaVA-NeXT / OneVision family: the LLaVA prompt with :func:`anyres_prompt`'s image, a
+    hand-written oracle for projector and LLM stages, five views' maps, budgets at the LLaVA ones'
+    fractions of ``visual``."""
     name = f"llava_{kind}"
-    return Family(name, f"a {real_model.rsplit('-', 1)[0]} shape", description, TEXT_TOKENS, (IMAGE_TOKEN,), False,
+    return Family(name, f"a {real_model.rsplit('-', 1)[0]} shape", description, TEXT_TOKENS, (IMAGE_TOKEN,),
+                  ("projector", "llm"),
                   f"eval/results/bench_speed/cpu_{name}.md",
                   AttentionMapShape(heads=6, tokens=tokens_per_view, head_dim=64, views=ANYRES_VIEWS), real_model,
                   anyres=kind, visual=visual, budgets=tuple(round(visual * f) for f in (1 / 9, 2 / 9, 1 / 3)))
@@ -296,13 +301,13 @@ FAMILIES = {
     "llava": Family(
         "llava", "a LLaVA-1.5 shape",
         "CLIP 384 x 6 layers on 336 px (576 tokens), Llama 768 x 8 layers (GQA 12/4), random weights",
-        TEXT_TOKENS, (IMAGE_TOKEN,), True, "eval/results/bench_speed/cpu.md",
+        TEXT_TOKENS, (IMAGE_TOKEN,), ("vision", "projector", "llm"), "eval/results/bench_speed/cpu.md",
         AttentionMapShape(heads=6, tokens=577, head_dim=64), "LLaVA-1.5-7B"),
     "llava_7b": Family(
         "llava_7b", "LLaVA-1.5-7B's full shape",
         "CLIP ViT-L/14 1024 x 24 layers on 336 px (576 tokens), Vicuna-7B 4096 x 32 layers (32 heads), random "
         "weights; sized for an accelerator or a CPU with bfloat16 matrix units (AMX: 6.4 s a prefill on two cores)",
-        TEXT_TOKENS, (IMAGE_TOKEN,), True, "eval/results/bench_speed/cuda_llava_7b.md",
+        TEXT_TOKENS, (IMAGE_TOKEN,), ("vision", "projector", "llm"), "eval/results/bench_speed/cuda_llava_7b.md",
         AttentionMapShape(heads=16, tokens=577, head_dim=64), "LLaVA-1.5-7B", full_size=True),
     "qwen2_vl": _qwen_family(
         "qwen2_vl", "2", "Qwen2-VL-7B",

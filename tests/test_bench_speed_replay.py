@@ -348,10 +348,47 @@ def test_the_anyres_families_build_744_visual_tokens_and_replay_their_methods(na
     cls = 1 if name == "llava_next" else 0
     assert family.vision_map == AttentionMapShape(vision.num_attention_heads, (168 // 14) ** 2 + cls,
                                                   vision.hidden_size // vision.num_attention_heads, views=5)
-    assert not family.hand_oracle
+    assert family.hand_oracle == ("projector", "llm")
     for method in ("repshift", "transprune"):
         recording = replay.record(model, method, x, keep_tokens=83)
         assert replay.max_abs_diff(replay.replay_logits(model, recording, x), recording.logits) == 0.0
+
+
+#: Per AnyRes family, the methods whose schedules its hand-written oracle runs: projector drops
+#: (random, renumbered; ZOO-Prune), merges at the projector (pool), projector recycling then two LLM
+#: stages (VFlowOpt), progressive LLM stages (TransPrune, renumbered), a mask stage (AIF).
+ANYRES_ORACLE_METHODS = ("random", "pool", "zoo_prune", "vflowopt", "transprune", "aif")
+
+
+@pytest.mark.parametrize("name", ["llava_next", "llava_onevision"])
+def test_the_anyres_hand_written_oracle_runs_the_same_schedule(name):
+    """On LLaVA-NeXT and OneVision the oracle packs the views with the model's own code (744 tokens:
+    unpadded crops, a newline per row, the base view) and runs the LLM by hand on the kept ones: its
+    first-token logits are the method's. Keeping the wrong tokens (each kept visual slot moved by one)
+    moves them by more than 1e-3, so the comparison can fail. A vision-site schedule (several views
+    per image) has no hand-written oracle here: the replay stays its oracle."""
+    import dataclasses
+
+    import speed_oracle
+    import speed_shapes
+
+    family = speed_shapes.FAMILIES[name]
+    model = family.build()
+    x = family.inputs()
+    for method in ANYRES_ORACLE_METHODS:
+        recording = replay.record(model, method, x, keep_tokens=83)
+        assert speed_oracle.oracle_supported(recording, family.hand_oracle), method
+        plan = speed_oracle.oracle_plan(recording, x)
+        assert replay.max_abs_diff(_oracle_logits(model, x, plan), recording.logits[:, -1]) <= 1e-5, method
+        if method == "random":  # projector drop: the rows entering the LLM are the text and the kept tokens
+            visual = x["input_ids"][0] == speed_shapes.IMAGE_TOKEN
+            assert int(visual[plan.enter].sum()) == 83
+            moved = plan.enter.clone()
+            moved[visual[plan.enter]] += 1
+            wrong = dataclasses.replace(plan, enter=moved)
+            assert replay.max_abs_diff(_oracle_logits(model, x, wrong), recording.logits[:, -1]) > 1e-3
+    vision_site = replay.record(model, "repshift", x, keep_tokens=83)
+    assert not speed_oracle.oracle_supported(vision_site, family.hand_oracle)
 
 
 def test_a_map_floor_counts_every_view():
