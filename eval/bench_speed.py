@@ -292,7 +292,7 @@ def main(argv=None) -> None:
                                      f"(> {args.replay_atol}): it is not the same schedule")
             config = Config(method, budget, recording, diff)
             if oracle_supported(recording, family.hand_oracle):
-                config.plan = oracle_plan(recording, x)
+                config.plan = oracle_plan(recording, x, model)
                 with torch.no_grad():
                     config.oracle_diff = replay.max_abs_diff(oracle_call(model, x, config.plan)[:, -1],
                                                              recording.logits[:, -1])

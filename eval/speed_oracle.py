@@ -6,10 +6,13 @@ pruning layer) or of a mask stage (AIF: one pass in which, from the stage's laye
 attends to a hidden visual token; vtoken's probe and rerun of the text are the method's machinery),
 the fastest any implementation of that schedule can be, with no vtoken code on the path.
 
-On LLaVA-1.5 every site is covered (the one CLIP view is hand-run block by block). On LLaVA-NeXT and
-OneVision the projector and LLM sites are: the model packs its views itself (``get_image_features``:
-crops unpadded, a newline per row), then the kept tokens enter the LLM run by hand; their vision-site
-schedules (several views per image) have no hand-written oracle yet (``Family.hand_oracle``).
+On LLaVA-1.5 every site is covered (the one CLIP view is hand-run block by block). On the other
+families the projector and LLM sites are: the model computes its image features itself
+(``get_image_features``: LLaVA-NeXT / OneVision's packed views, crops unpadded with a newline per row;
+Qwen-VL's merged patches and Qwen3-VL's DeepStack features) and its M-RoPE ids (``get_rope_index``),
+then the kept tokens enter the LLM run by hand, Qwen3-VL's DeepStack features added to the visual rows
+still there. Their vision-site schedules (several views, or a packed tower) have no hand-written
+oracle yet (``Family.hand_oracle``).
 """
 
 from __future__ import annotations
@@ -50,6 +53,11 @@ class OraclePlan:
     #: tokens at ``hidden_slots`` (sequence slots); None: no mask stage.
     mask_layer: int | None = None
     hidden_slots: torch.Tensor | None = None
+    #: M-RoPE (Qwen-VL): the model's own ids of the entering rows less the ones they take (``[3, 1, n]``,
+    #: zero unless renumbered); the ids themselves are computed in every call, as the model does.
+    mrope_shift: torch.Tensor | None = None
+    #: Each entering row's visual token (-1: text): where Qwen3-VL's DeepStack features go.
+    enter_visual: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -84,7 +92,9 @@ def oracle_supported(recording: replay.Recording, sites: tuple[str, ...] = ("vis
     return True
 
 
-def oracle_plan(recording: replay.Recording, x: dict) -> OraclePlan:
+def oracle_plan(recording: replay.Recording, x: dict, model=None) -> OraclePlan:
+    """The plan of ``recording``'s schedule on the batch-1 prompt ``x``. A Qwen-VL prompt (M-RoPE:
+    ``image_grid_thw``) needs the ``model``, whose own 3-D position ids the kept rows start from."""
     source = recording.source
     mode = source.config.positions
     ids = x["input_ids"][0]
@@ -94,7 +104,11 @@ def oracle_plan(recording: replay.Recording, x: dict) -> OraclePlan:
     visual_of[slots] = torch.arange(len(slots), device=device)
     selection = recording.selection[0]
     rows = torch.arange(len(ids), device=device)
-    positions = rows.clone()
+    mrope = "image_grid_thw" in x
+    if mrope and model is None:
+        raise ValueError("oracle_plan needs the model for an M-RoPE prompt (its own 3-D position ids)")
+    model_ids = _rope_ids(model.model, x)[:, 0] if mrope else rows  # [3, L] or [L]
+    positions = model_ids.clone()  # of the current rows, [..., n]
     enter, enter_positions = rows, positions
     replace_slots = replace_features = visual_kept = None
     layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -107,7 +121,9 @@ def oracle_plan(recording: replay.Recording, x: dict) -> OraclePlan:
             keep = ids != IMAGE_TOKEN
             keep[slots[kept]] = True
             rows = torch.nonzero(keep).squeeze(-1)
-            positions = torch.arange(len(rows), device=device) if renumbers(mode, stage.site) else rows.clone()
+            positions = model_ids[..., rows]
+            if renumbers(mode, stage.site):
+                positions = _renumbered(positions, visual_of[rows] >= 0)
             enter, enter_positions = rows, positions
         if stage.site == "vision":  # at block ``stage.layer``: the patches kept (or merged into), in order
             verbatim = reduction.features is not None and stage.name not in recording.recompute
@@ -125,8 +141,10 @@ def oracle_plan(recording: replay.Recording, x: dict) -> OraclePlan:
             vis = visual_of[rows]
             stay = torch.nonzero((vis < 0) | torch.isin(vis, kept)).squeeze(-1)
             rows = rows[stay]
-            positions = torch.arange(len(rows), device=device) if renumbers(mode, "llm") else positions[stay]
-            layers[stage.layer] = (stay, positions[None].clone())
+            positions = positions[..., stay]
+            if renumbers(mode, "llm"):
+                positions = _renumbered(positions, visual_of[rows] >= 0)
+            layers[stage.layer] = (stay, positions.unsqueeze(-2).clone())
     inside = source.inside_block()
     mask = source.mask_stage()
     mask_layer = hidden_slots = None
@@ -134,29 +152,38 @@ def oracle_plan(recording: replay.Recording, x: dict) -> OraclePlan:
         visible = torch.zeros(len(slots), dtype=torch.bool, device=device)
         visible[selection[mask.stage.name].to(device)] = True
         mask_layer, hidden_slots = mask.stage.layer, slots[~visible]
-    return OraclePlan(enter, enter_positions[None], replace_slots, replace_features, layers, vision, visual_kept,
-                      inside is not None, inside is not None and inside.proportional_attention, mask_layer,
-                      hidden_slots)
+    # M-RoPE: the entering rows' ids are the model's own (computed in every call, as the model does)
+    # less this shift (zero unless renumbered).
+    shift = (model_ids[..., enter] - enter_positions).unsqueeze(-2) if mrope else None
+    return OraclePlan(enter, enter_positions.unsqueeze(-2), replace_slots, replace_features, layers, vision,
+                      visual_kept, inside is not None, inside is not None and inside.proportional_attention,
+                      mask_layer, hidden_slots, shift, visual_of[enter])
 
 
 def oracle_call(model, x: dict, plan: OraclePlan) -> torch.Tensor:
     """The unwrapped model's work for the schedule alone: encode, project, embed the text and the
     visual tokens (merged ones as recorded), then every LLM layer on the rows still kept, gathering
-    before each pruning layer, with a KV cache; the first token's logits."""
+    before each pruning layer, with a KV cache; the first token's logits. On Qwen-VL the model's own
+    3-D position ids are computed as its forward does, and Qwen3-VL's DeepStack features of the
+    visual rows still there are added after its first layers."""
     core = model.model
     ids = x["input_ids"][0]
     embeds = core.get_input_embeddings()(ids[None])
     slots = torch.nonzero(ids == IMAGE_TOKEN).squeeze(-1)
+    deepstack = None
     if plan.vision:
         visual = core.multi_modal_projector(_pruned_tower_features(core.vision_tower, x["pixel_values"], plan))
         slots = slots[plan.visual_kept]
     else:
-        visual = _image_features(core, model.config, x)
+        visual, deepstack = _image_features(core, model.config, x)
     embeds[0, slots] = visual.reshape(-1, visual.shape[-1]).to(embeds.dtype)
     if plan.replace_slots is not None:
         embeds[0, plan.replace_slots] = plan.replace_features.to(embeds.dtype)
     lm = core.language_model
     hidden, positions = embeds[:, plan.enter], plan.positions
+    if plan.mrope_shift is not None:
+        positions = _rope_ids(core, x)[..., plan.enter] - plan.mrope_shift
+    visual_rows = plan.enter_visual  # each current row's visual token (-1: text), for DeepStack
     cache = compat.new_dynamic_cache(lm.config)
     eager = getattr(lm.config, "_attn_implementation", "sdpa") == "eager"
     rotary = mask = None
@@ -164,6 +191,7 @@ def oracle_call(model, x: dict, plan: OraclePlan) -> torch.Tensor:
         if index in plan.layers:
             stay, positions = plan.layers[index]
             hidden, rotary, mask = hidden[:, stay], None, None
+            visual_rows = visual_rows[stay]
         if rotary is None:  # once per sequence length, as the model does once per forward
             rotary = lm.rotary_emb(hidden, positions)
             if eager:  # SDPA / FlashAttention are causal without a mask (one unpadded sample)
@@ -172,16 +200,56 @@ def oracle_call(model, x: dict, plan: OraclePlan) -> torch.Tensor:
             mask = _causal(hidden)
             text = ids[plan.enter] != IMAGE_TOKEN
             mask[0, 0, text[:, None] & torch.isin(plan.enter, plan.hidden_slots)[None, :]] = torch.finfo(hidden.dtype).min
-        hidden = layer(hidden, attention_mask=mask, position_ids=positions, use_cache=True,
-                       position_embeddings=rotary, **compat.cache_kwargs(cache))
+        hidden = layer(hidden, attention_mask=mask, position_ids=None if plan.mrope_shift is not None else positions,
+                       use_cache=True, position_embeddings=rotary, **compat.cache_kwargs(cache))
+        if deepstack is not None and index < len(deepstack):  # Qwen3-VL: after the first layers, as the model adds them
+            there = visual_rows >= 0
+            hidden[0, there] = hidden[0, there] + deepstack[index][visual_rows[there]].to(hidden.dtype)
     return model.lm_head(lm.norm(hidden[:, -1:]))
 
 
-def _image_features(core, config, x: dict) -> torch.Tensor:
+def _rope_ids(core, x: dict) -> torch.Tensor:
+    """The model's own M-RoPE ids of the prompt, ``[3, 1, L]`` (``get_rope_index``, as its forward
+    computes them before the LLM runs)."""
+    return core.get_rope_index(x["input_ids"], mm_token_type_ids=x["mm_token_type_ids"],
+                               image_grid_thw=x["image_grid_thw"], attention_mask=x.get("attention_mask"))[0]
+
+
+def _renumbered(positions: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+    """Consecutive ids for the rows of ``positions`` (``[n]``, or M-RoPE's ``[3, n]``) that a stage
+    keeps: ``0 .. n-1``; under M-RoPE (vtoken's contiguous rule, ``SequenceLayout.renumbered``) an
+    image's kept rows keep their (t, h, w) offsets from where its text left off, and a text row takes
+    the largest id so far plus one (all three), never more than its own id less the shift before it."""
+    if positions.dim() == 1:
+        return torch.arange(len(positions), device=positions.device)
+    new = positions.clone()
+    change = torch.ones_like(visual)
+    change[1:] = visual[1:] != visual[:-1]
+    bounds = torch.nonzero(change).squeeze(-1).tolist() + [len(visual)]
+    shift, largest = 0, None  # the old id less the new one of the last text row; the largest new id so far
+    for start, end in zip(bounds, bounds[1:]):
+        if bool(visual[start]):
+            new[:, start:end] = positions[:, start:end] - shift
+        else:
+            own = int(positions[0, start]) - shift
+            first = own if largest is None else min(largest + 1, own)
+            new[:, start:end] = first + torch.arange(end - start, device=positions.device)
+            shift = int(positions[0, end - 1]) - int(new[0, end - 1])
+        largest = int(new[:, start:end].max()) if largest is None else max(largest, int(new[:, start:end].max()))
+    return new
+
+
+def _image_features(core, config, x: dict) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
     """Every visual token of the prompt's image as the unwrapped model places them, ``[N, d]``:
-    LLaVA-1.5's projected patches, or LLaVA-NeXT's / OneVision's views packed by the model itself
-    (crops unpadded, a newline per row, the base view first), with the feature layer and selection
-    the model's config names."""
+    LLaVA-1.5's projected patches, LLaVA-NeXT's / OneVision's views packed by the model itself (crops
+    unpadded, a newline per row, the base view first) with the feature layer and selection its config
+    names, or Qwen-VL's merged patches; and Qwen3-VL's DeepStack features (one ``[N, d]`` per level;
+    None on the other families)."""
+    if "image_grid_thw" in x:  # Qwen-VL
+        features = core.get_image_features(pixel_values=x["pixel_values"], image_grid_thw=x["image_grid_thw"])
+        levels = getattr(features, "deepstack_features", None)
+        deepstack = [torch.cat(list(level)) for level in levels] if levels else None
+        return torch.cat(list(features.pooler_output)), deepstack
     options = {"vision_feature_layer": config.vision_feature_layer,
                "vision_feature_select_strategy": config.vision_feature_select_strategy}
     if "image_sizes" in x:
@@ -190,7 +258,7 @@ def _image_features(core, config, x: dict) -> torch.Tensor:
         options["vision_aspect_ratio"] = config.vision_aspect_ratio
     features = core.get_image_features(pixel_values=x["pixel_values"], **options)
     features = features.pooler_output if hasattr(features, "pooler_output") else features
-    return torch.cat(list(features) if isinstance(features, (tuple, list)) else [features])
+    return torch.cat(list(features) if isinstance(features, (tuple, list)) else [features]), None
 
 
 def _causal(hidden: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ from speed_stats import (  # eval/speed_stats.py
 #: How a report names a site.
 SITE_NAMES = {"vision": "vision", "projector": "projector", "llm": "LLM"}
 
+
 def machine_text(args, device, load_at_start) -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -385,7 +386,7 @@ def report(args, command, load_at_start, device, meter, base, times_none, config
                   "- Hand-written oracles (they run the unwrapped model by hand): "
                   + ("on this family every method's replay is its oracle" if not family.hand_oracle else
                      f"on this family they cover {' and '.join(SITE_NAMES[site] for site in family.hand_oracle)} stages; a method with a stage "
-                     "elsewhere (inside the vision tower: its views' blocks are not hand-run yet) has its replay as "
+                     "elsewhere (inside the vision tower, not hand-run on this family yet) has its replay as "
                      "its oracle")
                   + " (the schedule with no scoring, inside vtoken), and its machinery is the keep-all replay "
                   "against the unwrapped model, which bounds vtoken's fixed cost but not the cost of realising the "

@@ -240,8 +240,9 @@ class Family:
     special_tokens: tuple[int, ...]
     #: The sites whose stages ``eval/speed_oracle.oracle_call`` (the unwrapped model run by hand) can run
     #: on this family: vision, projector and LLM on LLaVA-1.5 (its one CLIP view hand-run block by
-    #: block); projector and LLM on LLaVA-NeXT / OneVision (the model's own packing of the views, then
-    #: the LLM by hand); none on the Qwen-VL families (M-RoPE and DeepStack: the replay is the oracle).
+    #: block); projector and LLM on the others (the model's own image features: LLaVA-NeXT / OneVision's
+    #: packed views, Qwen-VL's merged patches with their M-RoPE ids and Qwen3-VL's DeepStack features;
+    #: then the LLM by hand). A vision-site schedule there keeps its replay as its oracle.
     hand_oracle: tuple[str, ...]
     #: The committed output of a CPU run.
     committed: str
@@ -279,8 +280,10 @@ class Family:
 
 def _qwen_family(name: str, version: str, real_model: str, description: str) -> Family:
     """A Qwen family: what every Qwen shape shares (the prompt's vision start / end tokens, its special
-    tokens, no hand-written oracle, the 4-head map over 2304 patches at head dim 32, the result's path)."""
-    return Family(name, f"a {real_model.rsplit('-', 1)[0]} shape", description, TEXT_TOKENS + 2, QWEN_SPECIALS, (),
+    tokens, a hand-written oracle for projector and LLM stages, the 4-head map over 2304 patches at
+    head dim 32, the result's path)."""
+    return Family(name, f"a {real_model.rsplit('-', 1)[0]} shape", description, TEXT_TOKENS + 2, QWEN_SPECIALS,
+                  ("projector", "llm"),
                   f"eval/results/bench_speed/cpu_{name}.md", AttentionMapShape(heads=4, tokens=2304, head_dim=32),
                   real_model, version)
 

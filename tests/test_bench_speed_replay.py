@@ -187,7 +187,7 @@ def test_the_qwen2_vl_family_builds_576_visual_tokens_and_replays_its_methods():
     assert x["input_ids"].shape[1] == family.text_tokens + speed_shapes.VISUAL
     batch = family.inputs(seed=1, batch=3)
     assert batch["attention_mask"].sum(-1).tolist() == [family.text_tokens - 16 + speed_shapes.VISUAL + n for n in (8, 16, 24)]
-    assert not family.hand_oracle
+    assert family.hand_oracle == ("projector", "llm")
     recording = replay.record(model, "fastv", x, keep_tokens=64)
     assert len(recording.selection[0]["llm:2"]) == 64
     assert replay.max_abs_diff(replay.replay_logits(model, recording, x), recording.logits) == 0.0
@@ -206,7 +206,7 @@ def test_the_other_qwen_families_build_576_visual_tokens_and_replay_their_method
                                     "qwen3_vl": "Qwen3VLForConditionalGeneration"}[name]
     x = family.inputs()
     assert int((x["input_ids"] == speed_shapes.IMAGE_TOKEN).sum()) == speed_shapes.VISUAL
-    assert not family.hand_oracle and family.real_model.startswith("Qwen")
+    assert family.hand_oracle == ("projector", "llm") and family.real_model.startswith("Qwen")
     vision = model.config.vision_config
     assert family.vision_map.heads == vision.num_heads and family.vision_map.head_dim == vision.hidden_size // vision.num_heads
     for method in ("repshift", "fastv"):
@@ -354,19 +354,21 @@ def test_the_anyres_families_build_744_visual_tokens_and_replay_their_methods(na
         assert replay.max_abs_diff(replay.replay_logits(model, recording, x), recording.logits) == 0.0
 
 
-#: Per AnyRes family, the methods whose schedules its hand-written oracle runs: projector drops
-#: (random, renumbered; ZOO-Prune), merges at the projector (pool), projector recycling then two LLM
-#: stages (VFlowOpt), progressive LLM stages (TransPrune, renumbered), a mask stage (AIF).
-ANYRES_ORACLE_METHODS = ("random", "pool", "zoo_prune", "vflowopt", "transprune", "aif")
+#: The methods whose schedules the other families' hand-written oracle runs: projector drops (random,
+#: original positions; ZOO-Prune, renumbered), merges at the projector (pool), projector recycling
+#: then two LLM stages (VFlowOpt), progressive LLM stages (TransPrune, renumbered), a mask stage (AIF).
+OTHER_FAMILY_ORACLE_METHODS = ("random", "pool", "zoo_prune", "vflowopt", "transprune", "aif")
 
 
-@pytest.mark.parametrize("name", ["llava_next", "llava_onevision"])
-def test_the_anyres_hand_written_oracle_runs_the_same_schedule(name):
-    """On LLaVA-NeXT and OneVision the oracle packs the views with the model's own code (744 tokens:
-    unpadded crops, a newline per row, the base view) and runs the LLM by hand on the kept ones: its
-    first-token logits are the method's. Keeping the wrong tokens (each kept visual slot moved by one)
-    moves them by more than 1e-3, so the comparison can fail. A vision-site schedule (several views
-    per image) has no hand-written oracle here: the replay stays its oracle."""
+@pytest.mark.parametrize("name", ["llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_the_other_families_hand_written_oracle_runs_the_same_schedule(name, monkeypatch):
+    """On LLaVA-NeXT / OneVision the oracle has the model pack its views (744 tokens: unpadded crops,
+    a newline per row, the base view), on Qwen-VL merge its patches and number them (M-RoPE), and
+    runs the LLM by hand on the kept tokens (Qwen3-VL: DeepStack features on the visual rows still
+    there): its first-token logits are the method's. Each of these moves them by more than 1e-3, so
+    the comparison can fail: keeping the wrong tokens (each kept visual slot one further); on Qwen-VL,
+    renumbered rows left at the model's ids; on Qwen3-VL, no DeepStack features. A vision-site
+    schedule has no hand-written oracle on these families: the replay stays its oracle."""
     import dataclasses
 
     import speed_oracle
@@ -375,20 +377,62 @@ def test_the_anyres_hand_written_oracle_runs_the_same_schedule(name):
     family = speed_shapes.FAMILIES[name]
     model = family.build()
     x = family.inputs()
-    for method in ANYRES_ORACLE_METHODS:
-        recording = replay.record(model, method, x, keep_tokens=83)
+    budget = family.budgets[0]
+
+    def diff(plan, recording):
+        return replay.max_abs_diff(_oracle_logits(model, x, plan), recording.logits[:, -1])
+
+    for method in OTHER_FAMILY_ORACLE_METHODS:
+        recording = replay.record(model, method, x, keep_tokens=budget)
         assert speed_oracle.oracle_supported(recording, family.hand_oracle), method
-        plan = speed_oracle.oracle_plan(recording, x)
-        assert replay.max_abs_diff(_oracle_logits(model, x, plan), recording.logits[:, -1]) <= 1e-5, method
+        plan = speed_oracle.oracle_plan(recording, x, model)
+        assert diff(plan, recording) <= 1e-5, method
         if method == "random":  # projector drop: the rows entering the LLM are the text and the kept tokens
             visual = x["input_ids"][0] == speed_shapes.IMAGE_TOKEN
-            assert int(visual[plan.enter].sum()) == 83
+            assert int(visual[plan.enter].sum()) == budget
             moved = plan.enter.clone()
             moved[visual[plan.enter]] += 1
-            wrong = dataclasses.replace(plan, enter=moved)
-            assert replay.max_abs_diff(_oracle_logits(model, x, wrong), recording.logits[:, -1]) > 1e-3
-    vision_site = replay.record(model, "repshift", x, keep_tokens=83)
+            assert diff(dataclasses.replace(plan, enter=moved), recording) > 1e-3
+        if method == "random" and family.qwen == "3":
+            with monkeypatch.context() as patch:
+                features = speed_oracle._image_features
+                patch.setattr(speed_oracle, "_image_features", lambda *a: (features(*a)[0], None))
+                assert diff(plan, recording) > 1e-3
+    if family.qwen is not None:
+        # M-RoPE renumbered: pool's four kept tokens (grid cells, no draw) fall short of the image's
+        # largest ids and pull the text after it down (a spread selection reaches the last row or
+        # column, and then renumbering moves nothing).
+        recording = replay.record(model, "pool", x, keep_tokens=4, positions="contiguous")
+        plan = speed_oracle.oracle_plan(recording, x, model)
+        assert bool((plan.mrope_shift != 0).any()) and diff(plan, recording) <= 1e-5
+        with monkeypatch.context() as patch:
+            patch.setattr(speed_oracle, "renumbers", lambda mode, site: False)
+            assert diff(speed_oracle.oracle_plan(recording, x, model), recording) > 1e-3
+    vision_site = replay.record(model, "repshift", x, keep_tokens=budget)
     assert not speed_oracle.oracle_supported(vision_site, family.hand_oracle)
+
+
+def test_the_oracles_m_rope_renumbering_follows_the_contiguous_rule():
+    """Values known by construction: 1-D ids become 0 .. n-1; under M-RoPE an image's kept rows keep
+    their (t, h, w) ids less the shift of the text before them, and a text row takes the largest id
+    so far plus one. Two images with text between, each keeping its first token of a 2 x 2 grid."""
+    import speed_oracle
+
+    assert speed_oracle._renumbered(torch.tensor([0, 3, 7]), torch.tensor([False, True, False])).tolist() == [0, 1, 2]
+    grid = lambda t: [(t, t, t), (t, t, t + 1), (t, t + 1, t), (t, t + 1, t + 1)]  # noqa: E731
+    rows = [(0, 0, 0), (1, 1, 1), *grid(2), (4, 4, 4), (5, 5, 5), *grid(6), (8, 8, 8)]
+    kept = [0, 1, 2, 6, 7, 8, 12]  # text, image A's first token, text, image B's first token, text
+    positions = torch.tensor(rows).T[:, kept]
+    visual = torch.tensor([False, False, True, False, False, True, False])
+    expected = [(0, 0, 0), (1, 1, 1), (2, 2, 2), (3, 3, 3), (4, 4, 4), (5, 5, 5), (6, 6, 6)]
+    assert speed_oracle._renumbered(positions, visual).T.tolist() == [list(e) for e in expected]
+    # One image keeping tokens that do not hold its largest ids: the text after it moves down.
+    positions = torch.tensor([(0, 0, 0), (1, 1, 2), (1, 2, 1), (3, 3, 3)]).T
+    visual = torch.tensor([False, True, True, False])
+    assert speed_oracle._renumbered(positions, visual).T.tolist() == [[0, 0, 0], [1, 1, 2], [1, 2, 1], [3, 3, 3]]
+    positions = torch.tensor([(0, 0, 0), (1, 1, 1), (4, 4, 4), (5, 5, 5)]).T
+    visual = torch.tensor([False, True, False, False])
+    assert speed_oracle._renumbered(positions, visual).T.tolist() == [[0, 0, 0], [1, 1, 1], [2, 2, 2], [3, 3, 3]]
 
 
 def test_a_map_floor_counts_every_view():
