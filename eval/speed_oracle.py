@@ -191,7 +191,8 @@ def oracle_call(model, x: dict, plan: OraclePlan) -> torch.Tensor:
         if index in plan.layers:
             stay, positions = plan.layers[index]
             hidden, rotary, mask = hidden[:, stay], None, None
-            visual_rows = visual_rows[stay]
+            if deepstack is not None:
+                visual_rows = visual_rows[stay]
         if rotary is None:  # once per sequence length, as the model does once per forward
             rotary = lm.rotary_emb(hidden, positions)
             if eager:  # SDPA / FlashAttention are causal without a mask (one unpadded sample)
