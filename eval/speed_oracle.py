@@ -6,13 +6,15 @@ pruning layer) or of a mask stage (AIF: one pass in which, from the stage's laye
 attends to a hidden visual token; vtoken's probe and rerun of the text are the method's machinery),
 the fastest any implementation of that schedule can be, with no vtoken code on the path.
 
-On LLaVA-1.5 every site is covered (the one CLIP view is hand-run block by block). On the other
-families the projector and LLM sites are: the model computes its image features itself
-(``get_image_features``: LLaVA-NeXT / OneVision's packed views, crops unpadded with a newline per row;
-Qwen-VL's merged patches and Qwen3-VL's DeepStack features) and its M-RoPE ids (``get_rope_index``),
-then the kept tokens enter the LLM run by hand, Qwen3-VL's DeepStack features added to the visual rows
-still there. Their vision-site schedules (several views, or a packed tower) have no hand-written
-oracle yet (``Family.hand_oracle``).
+On the LLaVA families every site is covered. A vision-site schedule runs the CLIP / SigLIP tower by
+hand on each view's kept patches, and the projected patches go straight to the sequence slots the
+model's own packing gives them (LLaVA-NeXT / OneVision: crops unpadded, a newline per row, located
+once on patch ids), the kept newlines getting the model's newline embedding. Otherwise the model
+computes its image features itself (``get_image_features``). On Qwen-VL the projector and LLM sites
+are covered: the model's merged patches and Qwen3-VL's DeepStack features, its M-RoPE ids
+(``get_rope_index``), then the kept tokens enter the LLM run by hand, the DeepStack features added to
+the visual rows still there. Qwen-VL's packed vision tower has no hand-written oracle yet
+(``Family.hand_oracle``).
 """
 
 from __future__ import annotations
@@ -42,8 +44,11 @@ class OraclePlan:
     #: What each pruning block of the vision tower does to the image's patch tokens (the CLS token
     #: always stays); empty when no stage prunes inside the tower.
     vision: dict[int, "VisionStep"] = field(default_factory=dict)
-    #: The image's visual tokens that reach the projector (all of them when ``vision`` is empty).
-    visual_kept: torch.Tensor | None = None
+    #: With ``vision``: the sequence slot of each patch the tower keeps, in the order of its features
+    #: (views first, then kept patches: the model's own packing of the views, e.g. LLaVA-NeXT's
+    #: unpadded crop grid, located once), and the slots of the kept newline tokens (AnyRes).
+    feature_slots: torch.Tensor | None = None
+    newline_slots: torch.Tensor | None = None
     #: Whether the vision stages run between their block's attention and MLP (ToMe's placement) ...
     inside_block: bool = False
     #: ... and every block from the first stage on adds ``log(size)`` of each key to its attention
@@ -62,11 +67,11 @@ class OraclePlan:
 
 @dataclass(frozen=True)
 class VisionStep:
-    """One vision stage on the image's current patch tokens: ``keep`` ``[K]`` (ascending indices
-    among them) stay; with ``merged_into`` ``[N]`` (the column of ``keep`` holding each token, -1 if
-    dropped) the kept tokens become the size-weighted means of the tokens they hold (ToMe's
-    ``merge_wavg``), or the recorded ``features`` ``[K, d]`` where the recording replays them
-    verbatim (a merge weighted otherwise)."""
+    """One vision stage on the current patch tokens of each of the image's C views (crops): ``keep``
+    ``[C, K]`` (ascending indices among them) stay; with ``merged_into`` ``[C, N]`` (the column of
+    ``keep`` holding each token, -1 if dropped) the kept tokens become the size-weighted means of the
+    tokens they hold (ToMe's ``merge_wavg``), or the recorded ``features`` ``[C, K, d]`` where the
+    recording replays them verbatim (a merge weighted otherwise)."""
 
     keep: torch.Tensor
     merged_into: torch.Tensor | None = None
@@ -110,10 +115,10 @@ def oracle_plan(recording: replay.Recording, x: dict, model=None) -> OraclePlan:
     model_ids = _rope_ids(model.model, x)[:, 0] if mrope else rows  # [3, L] or [L]
     positions = model_ids.clone()  # of the current rows, [..., n]
     enter, enter_positions = rows, positions
-    replace_slots = replace_features = visual_kept = None
+    replace_slots = replace_features = feature_slots = newline_slots = None
     layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     vision: dict[int, VisionStep] = {}
-    current = torch.arange(len(slots), device=device)  # the image's tokens still in the tower
+    patch_of = None  # [C, K]: each view's kept tokens in the tower, by their patch index in the view
     for stage in source.stages():
         kept = selection[stage.name].to(device)
         reduction = recording.reductions[stage.name]
@@ -125,13 +130,16 @@ def oracle_plan(recording: replay.Recording, x: dict, model=None) -> OraclePlan:
             if renumbers(mode, stage.site):
                 positions = _renumbered(positions, visual_of[rows] >= 0)
             enter, enter_positions = rows, positions
-        if stage.site == "vision":  # at block ``stage.layer``: the patches kept (or merged into), in order
+        if stage.site == "vision":  # at block ``stage.layer``: each view's patches kept (or merged into), in order
             verbatim = reduction.features is not None and stage.name not in recording.recompute
-            vision[stage.layer] = VisionStep(
-                torch.searchsorted(current, kept),
-                reduction.merged_into[0].to(device) if reduction.merged_into is not None else None,
-                reduction.features[0].to(device) if verbatim else None)
-            current = visual_kept = kept
+            step = VisionStep(reduction.keep.to(device),
+                              reduction.merged_into.to(device) if reduction.merged_into is not None else None,
+                              reduction.features.to(device) if verbatim else None)
+            vision[stage.layer] = step
+            if patch_of is None:
+                patch_of = torch.arange(_patches_per_view(model, x, len(slots)), device=device).expand(len(step.keep), -1)
+            patch_of = patch_of.gather(1, step.keep)
+            feature_slots, newline_slots = _tower_slots(model, x, patch_of, slots, kept)
         elif stage.site == "projector":
             if reduction.features is not None:  # merged vectors (VisionZip, pool, VFlowOpt's recycling), as recorded
                 columns = reduction.keep[0] >= 0
@@ -156,8 +164,52 @@ def oracle_plan(recording: replay.Recording, x: dict, model=None) -> OraclePlan:
     # less this shift (zero unless renumbered).
     shift = (model_ids[..., enter] - enter_positions).unsqueeze(-2) if mrope else None
     return OraclePlan(enter, enter_positions.unsqueeze(-2), replace_slots, replace_features, layers, vision,
-                      visual_kept, inside is not None, inside is not None and inside.proportional_attention,
-                      mask_layer, hidden_slots, shift, visual_of[enter])
+                      feature_slots, newline_slots, inside is not None,
+                      inside is not None and inside.proportional_attention, mask_layer, hidden_slots, shift,
+                      visual_of[enter])
+
+
+def _patches_per_view(model, x: dict, visual: int) -> int:
+    """Patch tokens of one view in the tower: the image's visual tokens on LLaVA-1.5 (one view), a
+    view's grid on the AnyRes families."""
+    if "image_sizes" not in x:
+        return visual
+    vision = model.config.vision_config
+    return (vision.image_size // vision.patch_size) ** 2
+
+
+def _tower_slots(model, x: dict, patch_of: torch.Tensor, slots: torch.Tensor, kept: torch.Tensor):
+    """The sequence slot of each patch the tower keeps (``patch_of`` ``[C, K]``, in the order of its
+    features) and the slots of the kept newline tokens (None without AnyRes), located by the model's
+    own packing of the views run once on patch ids (LLaVA-NeXT / OneVision: unpadding, a newline per
+    row; LLaVA-1.5: patch j is visual token j). ``kept``: the stage's visual tokens, which they must
+    make up."""
+    views, per_view = patch_of.shape[0], _patches_per_view(model, x, len(slots))
+    source = torch.arange(per_view, device=slots.device)  # visual token of each (view, patch) id, -1: none
+    newline = None
+    if "image_sizes" in x:
+        config, core = model.config, model.model
+        ids = [torch.arange(views * per_view, dtype=torch.float64).view(views, per_view, 1)]
+        mark = torch.tensor([-1.0], dtype=torch.float64)
+        if getattr(config, "vision_aspect_ratio", None) is not None:
+            packed = compat.pack_anyres_max_features(core, ids, x["image_sizes"][:1], mark, config.vision_aspect_ratio)
+        else:
+            packed = compat.pack_anyres_features(core, ids, x["image_sizes"][:1], config.vision_feature_select_strategy, mark)
+        packed = packed[0].view(-1)
+        if not torch.equal(packed, packed.round()):
+            raise ValueError("the views' features are interpolated when packed: no patch has a token of its own")
+        packed = packed.long().to(slots.device)
+        source = torch.full((views * per_view,), -1, dtype=torch.long, device=slots.device)
+        placed = packed >= 0
+        source[packed[placed]] = torch.nonzero(placed).squeeze(-1)
+        newline = torch.nonzero(~placed).squeeze(-1)
+    visual = source[(torch.arange(views, device=slots.device)[:, None] * per_view + patch_of).reshape(-1)]
+    newlines = newline[torch.isin(newline, kept)] if newline is not None else None
+    expected = torch.sort(kept).values
+    got = torch.sort(torch.cat([visual, newlines]) if newlines is not None else visual).values
+    if not torch.equal(got, expected):
+        raise ValueError("the tower's kept patches and newlines are not the stage's kept visual tokens")
+    return slots[visual], (slots[newlines] if newlines is not None and len(newlines) else None)
 
 
 def oracle_call(model, x: dict, plan: OraclePlan) -> torch.Tensor:
@@ -172,8 +224,12 @@ def oracle_call(model, x: dict, plan: OraclePlan) -> torch.Tensor:
     slots = torch.nonzero(ids == IMAGE_TOKEN).squeeze(-1)
     deepstack = None
     if plan.vision:
-        visual = core.multi_modal_projector(_pruned_tower_features(core.vision_tower, x["pixel_values"], plan))
-        slots = slots[plan.visual_kept]
+        views = next(iter(plan.vision.values())).keep.shape[0]
+        pixels = x["pixel_values"][0, :views] if x["pixel_values"].dim() == 5 else x["pixel_values"]
+        visual = core.multi_modal_projector(_pruned_tower_features(core.vision_tower, pixels, plan, model.config))
+        slots = plan.feature_slots
+        if plan.newline_slots is not None:
+            embeds[0, plan.newline_slots] = core.image_newline.to(embeds.dtype)
     else:
         visual, deepstack = _image_features(core, model.config, x)
     embeds[0, slots] = visual.reshape(-1, visual.shape[-1]).to(embeds.dtype)
@@ -269,51 +325,63 @@ def _causal(hidden: torch.Tensor) -> torch.Tensor:
     return torch.full((n, n), torch.finfo(hidden.dtype).min, device=hidden.device).triu(1)[None, None]
 
 
-def _pruned_tower_features(vision_tower, pixel_values: torch.Tensor, plan: OraclePlan) -> torch.Tensor:
-    """The CLIP tower as LLaVA-1.5 runs it (``vision_feature_layer=-2``, ``"default"``: the patches of
-    the second-to-last block's output), every block on the tokens still there: each pruning block's
-    :class:`VisionStep` applied after it, or between its attention and its MLP (``inside_block``),
-    with ``log(size)`` of each key added to the attention logits of every block from the first stage
-    on (``proportional``). The last block and the pooled CLS norm run as the model runs them, though
-    LLaVA reads neither."""
+def _pruned_tower_features(vision_tower, pixel_values: torch.Tensor, plan: OraclePlan, config) -> torch.Tensor:
+    """The CLIP / SigLIP tower on the image's views as the model runs it, every block on the tokens
+    still there: each pruning block's :class:`VisionStep` applied after it, or between its attention
+    and its MLP (``inside_block``), with ``log(size)`` of each key added to the attention logits of
+    every block from the first stage on (``proportional``). Its features are the patch tokens of the
+    block the config's ``vision_feature_layer`` names (``-2`` on LLaVA-1.5 / NeXT, ``-1`` on
+    OneVision), without CLIP's CLS token; the blocks after it, the final norm and SigLIP's pooling
+    head run as the model runs them, though LLaVA reads none of them. ``[C, K, d]``."""
     tower = compat.clip_vision_tower(vision_tower)
-    hidden = tower.pre_layrnorm(tower.embeddings(pixel_values))
+    layer, select = config.vision_feature_layer, config.vision_feature_select_strategy
+    hidden = tower.embeddings(pixel_values)
+    cls = 1 if hasattr(tower.embeddings, "class_embedding") else 0
+    if not isinstance(layer, int) or layer >= 0 or (cls and select != "default"):
+        raise ValueError(f"the oracle reads one block counted from the end, without CLS (got {layer!r}, {select!r})")
+    if hasattr(tower, "pre_layrnorm"):  # CLIP
+        hidden = tower.pre_layrnorm(hidden)
     blocks = tower.encoder.layers
-    read = len(blocks) - 2
+    read = len(blocks) + layer
     first = min(plan.vision)
-    sizes = None  # [1, N] patches each token holds, None while every token holds one
+    sizes = None  # [C, N] patches each token holds, None while every token holds one
     features = None
     for index, block in enumerate(blocks):
         step = plan.vision.get(index)
         if plan.inside_block and (index in plan.vision or (plan.proportional and index > first)):
             bias = None
             if plan.proportional and sizes is not None:  # 0 for CLS, log(size) for every patch
-                bias = torch.cat([sizes.new_ones(1, 1), sizes], dim=1).log().to(hidden.dtype)[:, None, None, :]
+                bias = torch.cat([sizes.new_ones(len(sizes), cls), sizes], dim=1).log().to(hidden.dtype)[:, None, None, :]
             attended, _ = block.self_attn(hidden_states=block.layer_norm1(hidden), attention_mask=bias)
             hidden = hidden + attended
             if step is not None:
-                hidden, sizes = _vision_step(hidden, sizes, step)
+                hidden, sizes = _vision_step(hidden, sizes, step, cls)
             hidden = hidden + block.mlp(block.layer_norm2(hidden))
         else:
             hidden = block(hidden, None)
             hidden = hidden[0] if isinstance(hidden, tuple) else hidden
             if step is not None:
-                hidden, sizes = _vision_step(hidden, sizes, step)
+                hidden, sizes = _vision_step(hidden, sizes, step, cls)
         if index == read:
-            features = hidden[:, 1:]
-    tower.post_layernorm(hidden[:, 0])
+            features = hidden[:, cls:]
+    if cls:  # CLIP pools its CLS token
+        tower.post_layernorm(hidden[:, 0])
+    else:
+        hidden = tower.post_layernorm(hidden)
+        if getattr(tower, "use_head", False):  # SigLIP's attention-pooling head
+            tower.head(hidden)
     return features
 
 
-def _vision_step(hidden: torch.Tensor, sizes: torch.Tensor | None, step: VisionStep):
-    """``hidden`` ``[1, 1 + N, d]`` (CLS, then the patch tokens) after ``step``, and the kept tokens'
-    sizes (None while every token holds one patch)."""
-    patches = hidden[0, 1:]
+def _vision_step(hidden: torch.Tensor, sizes: torch.Tensor | None, step: VisionStep, cls: int):
+    """``hidden`` ``[C, cls + N, d]`` (CLIP's CLS, then each view's patch tokens) after ``step``, and
+    the kept tokens' sizes (None while every token holds one patch)."""
+    patches = hidden[:, cls:]
     if step.merged_into is None:  # plain drop
-        kept = patches[step.keep]
-        sizes = sizes[:, step.keep] if sizes is not None else None
+        kept = patches.gather(1, step.keep[..., None].expand(-1, -1, patches.shape[-1]))
+        sizes = sizes.gather(1, step.keep) if sizes is not None else None
     else:
-        weight = sizes if sizes is not None else patches.new_ones(1, patches.shape[0], dtype=torch.float32)
-        means, sizes = replay.held_means(hidden[:, 1:], weight, step.merged_into[None], len(step.keep))
-        kept = step.features if step.features is not None else means[0]
-    return torch.cat([hidden[:, :1], kept[None].to(hidden.dtype)], dim=1), sizes
+        weight = sizes if sizes is not None else patches.new_ones(patches.shape[:2], dtype=torch.float32)
+        means, sizes = replay.held_means(patches, weight, step.merged_into, step.keep.shape[1])
+        kept = step.features if step.features is not None else means
+    return torch.cat([hidden[:, :cls], kept.to(hidden.dtype)], dim=1), sizes

@@ -239,10 +239,10 @@ class Family:
     #: Token ids generate must not produce (the image placeholder and the family's other specials).
     special_tokens: tuple[int, ...]
     #: The sites whose stages ``eval/speed_oracle.oracle_call`` (the unwrapped model run by hand) can run
-    #: on this family: vision, projector and LLM on LLaVA-1.5 (its one CLIP view hand-run block by
-    #: block); projector and LLM on the others (the model's own image features: LLaVA-NeXT / OneVision's
-    #: packed views, Qwen-VL's merged patches with their M-RoPE ids and Qwen3-VL's DeepStack features;
-    #: then the LLM by hand). A vision-site schedule there keeps its replay as its oracle.
+    #: on this family: vision, projector and LLM on the LLaVA families (the CLIP / SigLIP tower hand-run
+    #: block by block on each view's kept patches, placed where the model's own packing puts them);
+    #: projector and LLM on Qwen-VL (its merged patches with their M-RoPE ids and Qwen3-VL's DeepStack
+    #: features; then the LLM by hand), whose packed vision tower keeps its replay as its oracle.
     hand_oracle: tuple[str, ...]
     #: The committed output of a CPU run.
     committed: str
@@ -290,11 +290,11 @@ def _qwen_family(name: str, version: str, real_model: str, description: str) -> 
 
 def _anyres_family(kind: str, visual: int, tokens_per_view: int, real_model: str, description: str) -> Family:
     """A LLaVA-NeXT / OneVision family: the LLaVA prompt with :func:`anyres_prompt`'s image, a
-    hand-written oracle for projector and LLM stages, five views' maps, budgets at the LLaVA ones'
-    fractions of ``visual``."""
+    hand-written oracle for every site, five views' maps, budgets at the LLaVA ones' fractions of
+    ``visual``."""
     name = f"llava_{kind}"
     return Family(name, f"a {real_model.rsplit('-', 1)[0]} shape", description, TEXT_TOKENS, (IMAGE_TOKEN,),
-                  ("projector", "llm"),
+                  ("vision", "projector", "llm"),
                   f"eval/results/bench_speed/cpu_{name}.md",
                   AttentionMapShape(heads=6, tokens=tokens_per_view, head_dim=64, views=ANYRES_VIEWS), real_model,
                   anyres=kind, visual=visual, budgets=tuple(round(visual * f) for f in (1 / 9, 2 / 9, 1 / 3)))

@@ -128,7 +128,7 @@ def test_hand_written_oracle_runs_the_same_schedule(model, case):
     assert speed_oracle.oracle_supported(recording)
     plan = speed_oracle.oracle_plan(recording, x)
     if any(s.site == "vision" for s in recording.source.stages()):
-        assert plan.vision and len(plan.visual_kept) < (x["input_ids"] == 99).sum()  # the tower really drops
+        assert plan.vision and len(plan.feature_slots) < (x["input_ids"] == 99).sum()  # the tower really drops
     assert replay.max_abs_diff(_oracle_logits(model, x, plan), recording.logits[:, -1]) <= 1e-5
 
 
@@ -348,7 +348,7 @@ def test_the_anyres_families_build_744_visual_tokens_and_replay_their_methods(na
     cls = 1 if name == "llava_next" else 0
     assert family.vision_map == AttentionMapShape(vision.num_attention_heads, (168 // 14) ** 2 + cls,
                                                   vision.hidden_size // vision.num_attention_heads, views=5)
-    assert family.hand_oracle == ("projector", "llm")
+    assert family.hand_oracle == ("vision", "projector", "llm")
     for method in ("repshift", "transprune"):
         recording = replay.record(model, method, x, keep_tokens=83)
         assert replay.max_abs_diff(replay.replay_logits(model, recording, x), recording.logits) == 0.0
@@ -367,8 +367,13 @@ def test_the_other_families_hand_written_oracle_runs_the_same_schedule(name, mon
     runs the LLM by hand on the kept tokens (Qwen3-VL: DeepStack features on the visual rows still
     there): its first-token logits are the method's. Each of these moves them by more than 1e-3, so
     the comparison can fail: keeping the wrong tokens (each kept visual slot one further); on Qwen-VL,
-    renumbered rows left at the model's ids; on Qwen3-VL, no DeepStack features. A vision-site
-    schedule has no hand-written oracle on these families: the replay stays its oracle."""
+    renumbered rows left at the model's ids; on Qwen3-VL, no DeepStack features.
+
+    On the AnyRes shapes the tower is hand-run on each view's kept patches too (Representation
+    Shift's drops after blocks, ToMe's size-weighted merges inside them), its patches placed where the
+    model's packing puts them and the kept newlines given the newline embedding: the logits are the
+    method's, and without the newlines, or with the views' features swapped, they move by more than
+    1e-3. Qwen-VL's packed tower has no hand-written oracle: the replay stays its oracle there."""
     import dataclasses
 
     import speed_oracle
@@ -409,7 +414,21 @@ def test_the_other_families_hand_written_oracle_runs_the_same_schedule(name, mon
             patch.setattr(speed_oracle, "renumbers", lambda mode, site: False)
             assert diff(speed_oracle.oracle_plan(recording, x, model), recording) > 1e-3
     vision_site = replay.record(model, "repshift", x, keep_tokens=budget)
-    assert not speed_oracle.oracle_supported(vision_site, family.hand_oracle)
+    if family.qwen is not None:
+        assert not speed_oracle.oracle_supported(vision_site, family.hand_oracle)
+        return
+    for recording in (vision_site, replay.record(model, "tome", x, keep_tokens=budget)):
+        assert speed_oracle.oracle_supported(recording, family.hand_oracle)
+        plan = speed_oracle.oracle_plan(recording, x, model)
+        views = next(iter(plan.vision.values())).keep.shape[0]
+        assert views == 5 and plan.newline_slots is not None and len(plan.feature_slots) < family.visual
+        assert diff(plan, recording) <= 1e-5, recording.method
+    with monkeypatch.context() as patch:  # the kept newlines left as the placeholder's embedding
+        patch.setattr(model.model, "image_newline", torch.nn.Parameter(model.model.image_newline * 0))
+        assert diff(plan, recording) > 1e-3
+    per_view = len(plan.feature_slots) // views  # the base view's and the first crop's features swapped
+    swapped = plan.feature_slots.view(views, per_view)[[1, 0, 2, 3, 4]].reshape(-1)
+    assert diff(dataclasses.replace(plan, feature_slots=swapped), recording) > 1e-3
 
 
 def test_the_oracles_m_rope_renumbering_follows_the_contiguous_rule():
