@@ -99,7 +99,8 @@ def oracle_supported(recording: replay.Recording, sites: tuple[str, ...] = ("vis
 
 def oracle_plan(recording: replay.Recording, x: dict, model=None) -> OraclePlan:
     """The plan of ``recording``'s schedule on the batch-1 prompt ``x``. A Qwen-VL prompt (M-RoPE:
-    ``image_grid_thw``) needs the ``model``, whose own 3-D position ids the kept rows start from."""
+    ``image_grid_thw``) needs the ``model``, whose own 3-D position ids the kept rows start from, and
+    so does a vision stage on an AnyRes prompt (``image_sizes``: its packing of the views)."""
     source = recording.source
     mode = source.config.positions
     ids = x["input_ids"][0]
