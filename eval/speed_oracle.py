@@ -27,7 +27,7 @@ from vtoken import compat
 from vtoken.request import renumbers
 
 import replay_strategy as replay  # eval/replay_strategy.py
-from speed_shapes import IMAGE_TOKEN  # eval/speed_shapes.py
+from speed_shapes import EVERY_SITE, IMAGE_TOKEN  # eval/speed_shapes.py
 
 
 @dataclass
@@ -78,7 +78,7 @@ class VisionStep:
     features: torch.Tensor | None = None
 
 
-def oracle_supported(recording: replay.Recording, sites: tuple[str, ...] = ("vision", "projector", "llm")) -> bool:
+def oracle_supported(recording: replay.Recording, sites: tuple[str, ...] = EVERY_SITE) -> bool:
     """A hand-written oracle exists for schedules of stages at ``sites`` (the family's
     ``hand_oracle``) among vision, projector and LLM (drops, and merges whose members are known:
     ToMe's inside its blocks with proportional attention, Representation Shift's after a block) and

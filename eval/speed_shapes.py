@@ -224,6 +224,10 @@ def anyres_prompt(seed: int = 0, batch: int = 1, visual: int = 744) -> dict:
             "image_sizes": torch.tensor([list(ANYRES_IMAGE)] * batch)}
 
 
+#: The pruning sites a hand-written oracle can cover.
+EVERY_SITE = ("vision", "projector", "llm")
+
+
 @dataclass(frozen=True)
 class Family:
     """A model family the bench runs on: how to build its scaled model and prompts, and how to
@@ -293,8 +297,7 @@ def _anyres_family(kind: str, visual: int, tokens_per_view: int, real_model: str
     hand-written oracle for every site, five views' maps, budgets at the LLaVA ones' fractions of
     ``visual``."""
     name = f"llava_{kind}"
-    return Family(name, f"a {real_model.rsplit('-', 1)[0]} shape", description, TEXT_TOKENS, (IMAGE_TOKEN,),
-                  ("vision", "projector", "llm"),
+    return Family(name, f"a {real_model.rsplit('-', 1)[0]} shape", description, TEXT_TOKENS, (IMAGE_TOKEN,), EVERY_SITE,
                   f"eval/results/bench_speed/cpu_{name}.md",
                   AttentionMapShape(heads=6, tokens=tokens_per_view, head_dim=64, views=ANYRES_VIEWS), real_model,
                   anyres=kind, visual=visual, budgets=tuple(round(visual * f) for f in (1 / 9, 2 / 9, 1 / 3)))
@@ -304,13 +307,13 @@ FAMILIES = {
     "llava": Family(
         "llava", "a LLaVA-1.5 shape",
         "CLIP 384 x 6 layers on 336 px (576 tokens), Llama 768 x 8 layers (GQA 12/4), random weights",
-        TEXT_TOKENS, (IMAGE_TOKEN,), ("vision", "projector", "llm"), "eval/results/bench_speed/cpu.md",
+        TEXT_TOKENS, (IMAGE_TOKEN,), EVERY_SITE, "eval/results/bench_speed/cpu.md",
         AttentionMapShape(heads=6, tokens=577, head_dim=64), "LLaVA-1.5-7B"),
     "llava_7b": Family(
         "llava_7b", "LLaVA-1.5-7B's full shape",
         "CLIP ViT-L/14 1024 x 24 layers on 336 px (576 tokens), Vicuna-7B 4096 x 32 layers (32 heads), random "
         "weights; sized for an accelerator or a CPU with bfloat16 matrix units (AMX: 6.4 s a prefill on two cores)",
-        TEXT_TOKENS, (IMAGE_TOKEN,), ("vision", "projector", "llm"), "eval/results/bench_speed/cuda_llava_7b.md",
+        TEXT_TOKENS, (IMAGE_TOKEN,), EVERY_SITE, "eval/results/bench_speed/cuda_llava_7b.md",
         AttentionMapShape(heads=16, tokens=577, head_dim=64), "LLaVA-1.5-7B", full_size=True),
     "qwen2_vl": _qwen_family(
         "qwen2_vl", "2", "Qwen2-VL-7B",
