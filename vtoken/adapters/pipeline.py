@@ -684,7 +684,7 @@ class VisionLanguageAdapter(VisionSite, Adapter):
         if images.projected is None:
             return embeds
         kept_slots = images.kept_slots().to(images.projected.device)
-        embeds = embeds.clone()
+        rebuilt_embeds = embeds  # copied at the first token rebuilt: the tensor the model built is never written
         for image in run.visual.images:
             if image.token_map.is_one_to_one:
                 continue
@@ -698,5 +698,7 @@ class VisionLanguageAdapter(VisionSite, Adapter):
             rebuilt = image.token_map.gather(images.projected, kept_slots)[mixed]
             row = run.visual.visual_index[image.sample]
             slots = torch.nonzero(row >= 0).squeeze(-1)[image.offset + mixed]
-            embeds[image.sample, slots.to(embeds.device)] = rebuilt.to(embeds.device, embeds.dtype)
-        return embeds
+            if rebuilt_embeds is embeds:  # most prefills rebuild none: no copy of the whole sequence then
+                rebuilt_embeds = embeds.clone()
+            rebuilt_embeds[image.sample, slots.to(embeds.device)] = rebuilt.to(embeds.device, embeds.dtype)
+        return rebuilt_embeds
