@@ -8,14 +8,15 @@ the same on Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-NeXT and LLaVA-OneVision shape
   back with no scoring and no signal (no attention rows, no observers, no probe step): the method's
   schedule through vtoken's machinery, the fastest that schedule can be in vtoken; its logits must
   equal the method's (checked, ``--replay-atol``). ``scoring = method - replay``. Where the schedule
-  sits in the vision tower, in front of the LLM or inside it (every method) a hand-written *oracle*
+  sits in the vision tower, in front of the LLM or inside it, a hand-written *oracle*
   runs the unwrapped model on the same schedule (the tower's blocks on the patches still there, merged
   ones averaged by size as ToMe does, with its size bias on the attention; project; the LLM on the
   text and the kept visual tokens, gathering the kept rows before each pruning layer, or with the
   hidden visual tokens masked from the text queries from a mask stage's layer on, in one pass; merged
   vectors of other rules taken from the recording; its logits are compared too), and
-  ``machinery = replay / oracle - 1``. On the families without a hand-written oracle the replay is
-  the oracle, and vtoken's fixed machinery cost is measured as the
+  ``machinery = replay / oracle - 1``. Where the family's hand-written oracle does not cover a stage's
+  site (``Family.hand_oracle``: Qwen-VL's packed vision tower) the replay is the oracle, and vtoken's
+  fixed machinery cost is measured as the
   replay of the method's keep-all schedule (every stage installed, nothing dropped, nothing scored)
   against the unwrapped model run beside it in the same round. A profile (torch.profiler, one prefill) says where the largest scoring
   overheads go;

@@ -27,7 +27,7 @@ from vtoken import compat
 from vtoken.request import renumbers
 
 import replay_strategy as replay  # eval/replay_strategy.py
-from speed_shapes import EVERY_SITE, IMAGE_TOKEN  # eval/speed_shapes.py
+from speed_shapes import EVERY_SITE, IMAGE_TOKEN, pack_views  # eval/speed_shapes.py
 
 
 @dataclass
@@ -116,7 +116,7 @@ def oracle_plan(recording: replay.Recording, x: dict, model=None) -> OraclePlan:
     model_ids = _rope_ids(model.model, x)[:, 0] if mrope else rows  # [3, L] or [L]
     positions = model_ids.clone()  # of the current rows, [..., n]
     enter, enter_positions = rows, positions
-    replace_slots = replace_features = feature_slots = newline_slots = None
+    replace_slots = replace_features = feature_slots = newline_slots = tower_kept = None
     layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     vision: dict[int, VisionStep] = {}
     patch_of = None  # [C, K]: each view's kept tokens in the tower, by their patch index in the view
@@ -140,7 +140,7 @@ def oracle_plan(recording: replay.Recording, x: dict, model=None) -> OraclePlan:
             if patch_of is None:
                 patch_of = torch.arange(_patches_per_view(model, x, len(slots)), device=device).expand(len(step.keep), -1)
             patch_of = patch_of.gather(1, step.keep)
-            feature_slots, newline_slots = _tower_slots(model, x, patch_of, slots, kept)
+            tower_kept = kept  # the last vision stage's visual tokens: what leaves the tower
         elif stage.site == "projector":
             if reduction.features is not None:  # merged vectors (VisionZip, pool, VFlowOpt's recycling), as recorded
                 columns = reduction.keep[0] >= 0
@@ -154,6 +154,8 @@ def oracle_plan(recording: replay.Recording, x: dict, model=None) -> OraclePlan:
             if renumbers(mode, "llm"):
                 positions = _renumbered(positions, visual_of[rows] >= 0)
             layers[stage.layer] = (stay, positions.unsqueeze(-2).clone())
+    if patch_of is not None:
+        feature_slots, newline_slots = _tower_slots(model, x, patch_of, slots, tower_kept)
     inside = source.inside_block()
     mask = source.mask_stage()
     mask_layer = hidden_slots = None
@@ -189,14 +191,8 @@ def _tower_slots(model, x: dict, patch_of: torch.Tensor, slots: torch.Tensor, ke
     source = torch.arange(per_view, device=slots.device)  # visual token of each (view, patch) id, -1: none
     newline = None
     if "image_sizes" in x:
-        config, core = model.config, model.model
         ids = [torch.arange(views * per_view, dtype=torch.float64).view(views, per_view, 1)]
-        mark = torch.tensor([-1.0], dtype=torch.float64)
-        if getattr(config, "vision_aspect_ratio", None) is not None:
-            packed = compat.pack_anyres_max_features(core, ids, x["image_sizes"][:1], mark, config.vision_aspect_ratio)
-        else:
-            packed = compat.pack_anyres_features(core, ids, x["image_sizes"][:1], config.vision_feature_select_strategy, mark)
-        packed = packed[0].view(-1)
+        packed = pack_views(model, ids, x["image_sizes"][:1], torch.tensor([-1.0], dtype=torch.float64))[0].view(-1)
         if not torch.equal(packed, packed.round()):
             raise ValueError("the views' features are interpolated when packed: no patch has a token of its own")
         packed = packed.long().to(slots.device)

@@ -201,17 +201,21 @@ def scaled_anyres(kind: str, seed: int = 0):
     return model.eval()
 
 
+def pack_views(model, features: list[torch.Tensor], image_sizes: torch.Tensor, newline: torch.Tensor) -> list:
+    """LLaVA-NeXT's / OneVision's own packing of per-view features (``[views, patches, d]`` per
+    image): base view, unpadded crops, ``newline`` after each row (OneVision: AnyRes-Max)."""
+    config = model.config
+    if getattr(config, "vision_aspect_ratio", None) is not None:  # OneVision
+        return compat.pack_anyres_max_features(model.model, features, image_sizes, newline, config.vision_aspect_ratio)
+    return compat.pack_anyres_features(model.model, features, image_sizes, config.vision_feature_select_strategy, newline)
+
+
 def anyres_visual_tokens(model) -> int:
     """Visual tokens the model makes of one :data:`ANYRES_IMAGE` (its own packing: base view,
     unpadded crops, newlines)."""
-    config = model.config
-    side = config.vision_config.image_size // config.vision_config.patch_size
-    features, sizes, newline = [torch.zeros(ANYRES_VIEWS, side * side, 1)], torch.tensor([list(ANYRES_IMAGE)]), torch.zeros(1)
-    if getattr(config, "vision_aspect_ratio", None) is not None:  # OneVision
-        packed = compat.pack_anyres_max_features(model.model, features, sizes, newline, config.vision_aspect_ratio)
-    else:
-        packed = compat.pack_anyres_features(model.model, features, sizes, "full", newline)
-    return packed[0].shape[0]
+    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    features = [torch.zeros(ANYRES_VIEWS, side * side, 1)]
+    return pack_views(model, features, torch.tensor([list(ANYRES_IMAGE)]), torch.zeros(1))[0].shape[0]
 
 
 def anyres_prompt(seed: int = 0, batch: int = 1, visual: int = 744) -> dict:

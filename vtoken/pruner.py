@@ -140,22 +140,22 @@ class LLMObservations:
         return gather_tokens(rows, then_slot)
 
 
-
 def separators_follow_their_runs(reached: torch.Tensor, has_origin: torch.Tensor) -> torch.Tensor:
     """``reached`` ``[N]`` (bool: the token survives) with each token that has no origin (a
     separator: LLaVA-NeXT's newline closing a row) set to whether any token of the run it closes
     survives, i.e. any token since the previous separator. One pass over the tokens, not a step per
     separator (a 24-row grid made 24 host syncs per stage)."""
-    separator = ~has_origin.to(torch.bool)
+    separator = ~has_origin.to(device=reached.device, dtype=torch.bool)
     if not bool(separator.any()):
         return reached
     closes = torch.cumsum(separator.long(), 0) - separator.long()  # the run each token belongs to
     count = int(separator.sum())
     hits = torch.zeros(count + 1, dtype=torch.long, device=reached.device)
-    hits.index_add_(0, closes.to(reached.device), (reached & ~separator.to(reached.device)).long())
+    hits.index_add_(0, closes, (reached & ~separator).long())
     out = reached.clone()
-    out[separator.to(reached.device)] = hits[:count] > 0
+    out[separator] = hits[:count] > 0
     return out
+
 
 class Pruner:
     """Runs one strategy's stages for a wrapped model."""
