@@ -217,6 +217,35 @@ def set_encoded_output(kwargs: dict, modality: str, encoded) -> None:
     kwargs[ENCODER_OUTPUTS_KWARG] = {**(kwargs.get(ENCODER_OUTPUTS_KWARG) or {}), modality: encoded}
 
 
+def drop_encoded_output(kwargs: dict, modality: str) -> None:
+    """Take the encoding of ``modality`` out of a forward's inputs."""
+    rest = {k: v for k, v in (kwargs.get(ENCODER_OUTPUTS_KWARG) or {}).items() if k != modality}
+    kwargs[ENCODER_OUTPUTS_KWARG] = rest or None
+
+
+def with_output_encoding(output, modality: str, encoded):
+    """``output`` of a LLaVA-family model carrying the encoding of ``modality`` where the model puts
+    it: the encoder's output object (``image_outputs``, transformers >= 5.24) or the features it
+    scattered into the prompt (``image_hidden_states`` before). A tuple output gets it last, where
+    the model's ``to_tuple`` puts its last field (the other modality's is None here)."""
+    if isinstance(output, tuple):
+        if f"{modality}_outputs" in _llava_output_fields():
+            return (*output, encoded)
+        return (*output, torch.cat(image_features(encoded)).to(output[0].dtype))
+    name = f"{modality}_outputs"
+    if name in getattr(type(output), "__dataclass_fields__", {}):
+        output[name] = encoded
+    else:
+        output[f"{modality}_hidden_states"] = torch.cat(image_features(encoded)).to(output.last_hidden_state.dtype)
+    return output
+
+
+def _llava_output_fields() -> set[str]:
+    from transformers.models.llava.modeling_llava import LlavaModelOutputWithPast
+
+    return set(LlavaModelOutputWithPast.__dataclass_fields__)
+
+
 # --- generate's options ------------------------------------------------------------------------------
 #: ``generate``'s option that feeds the prompt to the model in chunks of this many tokens (5.x).
 PREFILL_CHUNK_OPTION = "prefill_chunk_size"
@@ -443,6 +472,11 @@ def image_size_to_num_patches(image_size, grid_pinpoints, patch_size: int) -> in
     return llava_next_modeling().image_size_to_num_patches(
         image_size=image_size, grid_pinpoints=grid_pinpoints, patch_size=patch_size
     )
+
+
+#: The LLaVA-NeXT / OneVision model's method that packs each image's projected crop grids (unpad, a
+#: newline per row), which vtoken replaces per instance after a vision stage.
+ANYRES_PACKING = "pack_image_features"
 
 
 def pack_anyres_features(core: nn.Module, features: list, image_sizes, select: str, image_newline) -> list:

@@ -66,6 +66,9 @@ class ImageRun:
         #: ``[C * tokens_per_crop, d_llm]``: every crop token's projected features in grid places, kept
         #: after a vision stage when an image's tokens mix several encoder tokens (re-weighted later).
         self.projected: torch.Tensor | None = None
+        #: Set when the projector's output after a vision stage is only the kept rows, which the
+        #: family's packing then places itself (``VisionLanguageAdapter._packing_of_kept_rows``).
+        self.kept_rows_pending = False
         #: The features object this encoding returned and its per-image tensors, to recognise them
         #: when a forward receives them.
         self.output = None
@@ -278,6 +281,9 @@ class PruneRun:
         #: The ``generate`` call that ran this prefill (``Pruner.generate_call``; None outside one): its
         #: decoding steps carry position ids it numbered from the whole, unpruned prompt.
         self.generate_call: object | None = None
+        #: ``[B, L]`` which tokens of the prompt entered the model, when only the ones the vision
+        #: stages kept did (``VisionLanguageAdapter._enter_kept_tokens``); None when the whole prompt did.
+        self.entered: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:

@@ -54,6 +54,23 @@ class TokenMap:
         weight = torch.cat([torch.nn.functional.pad(m.weight.float(), (0, p)) for m, p in zip(maps, pad)])
         return cls(index, weight)
 
+    def shifted(self, slots: int) -> "TokenMap":
+        """The same map with every source slot ``slots`` further on (an image whose first crop is
+        not the call's first)."""
+        if slots == 0:
+            return self
+        return TokenMap(torch.where(self.index >= 0, self.index + slots, -1), self.weight)
+
+    def without_unused_entries(self) -> "TokenMap":
+        """The same map without the entry columns no token uses: a bilinear map that never
+        interpolates (LLaVA-OneVision's crop grid below the AnyRes-Max limit) is then one-to-one, and
+        takes the one-to-one paths (no re-weighting, the packing handed only the kept rows)."""
+        used = (self.index >= 0).any(dim=0)
+        if bool(used.all()):
+            return self
+        keep = torch.nonzero(used).squeeze(1) if bool(used.any()) else torch.zeros(1, dtype=torch.long)
+        return TokenMap(self.index[:, keep], self.weight[:, keep])
+
     def __getitem__(self, tokens) -> "TokenMap":
         return TokenMap(self.index[tokens], self.weight[tokens])
 

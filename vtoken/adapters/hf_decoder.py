@@ -131,7 +131,7 @@ class DecoderPruning:
             # replaces it (``_prefill_inputs`` / ``_decode_inputs``) and the LLM builds its own; where it
             # does not (no stage before the LLM), generate's mask is the right one and stays.
             if run.prefill:
-                mask = padding_from_4d_mask(mask, embeds.shape[1])
+                mask = padding_from_4d_mask(mask, self._prompt_length(run, embeds))
             else:
                 mask = torch.ones(embeds.shape[0], run.seen + embeds.shape[1], dtype=torch.long, device=embeds.device)
         if mask is not None and mask.dim() != 2:
@@ -159,7 +159,7 @@ class DecoderPruning:
             )
         run.static_capacity = compat.cache_capacity(cache) if static else None
         window = compat.sliding_window(self.config)
-        length = embeds.shape[1] + (0 if run.prefill else run.seen)
+        length = self._prompt_length(run, embeds) if run.prefill else embeds.shape[1] + run.seen
         if inside and window is not None and length > window:
             # The layer groups after a stage (and a mask stage's rerun over a cropped cache) attend through
             # full causal masks vtoken builds; within the window those equal the model's own.
@@ -181,8 +181,14 @@ class DecoderPruning:
             kwargs["attention_mask"] = torch.nn.functional.pad(padding, (0, capacity - padding.shape[1]))
         return (args, kwargs) if changed else None
 
+    @staticmethod
+    def _prompt_length(run: PruneRun, embeds) -> int:
+        """The prefill's prompt length: the embeddings', or the whole prompt's when the model was fed
+        only the tokens the vision stages kept (``PruneRun.entered``)."""
+        return run.entered.shape[1] if run.entered is not None else embeds.shape[1]
+
     def _prefill_inputs(self, run: PruneRun, embeds, mask, kwargs) -> bool:
-        batch, length = embeds.shape[:2]
+        batch, length = embeds.shape[0], self._prompt_length(run, embeds)
         padding = mask if mask is not None else torch.ones(batch, length, dtype=torch.long, device=embeds.device)
         positions = positions_in(kwargs.get("position_ids"), batch, length, embeds.device)
         run.orig_length = length

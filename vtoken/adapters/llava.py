@@ -104,6 +104,11 @@ class LlavaAdapter(VisionLanguageAdapter):
     def family_label(self) -> str:
         return "LLaVA-NeXT" if self.is_next else "LLaVA-1.5"
 
+    embeds_then_scatters = True
+
+    def grid_packing(self) -> str | None:
+        return compat.ANYRES_PACKING if self.is_next else None
+
     def _read_layers(self, num: int) -> list[int]:
         """The vision blocks (0-based, ascending) whose outputs the projector reads: hidden_states[j]
         is the output of block j - 1 (hidden_states[0]: the embeddings)."""

@@ -45,6 +45,11 @@ FAMILY_GAPS = {
 #: Fractional coordinates closer than this to an integer are that integer (float64 round-off).
 _SNAP = 1e-9
 
+#: Image shape (size, crops, aspect ratio, config) -> its token map numbered from crop 0, grids and
+#: geometry; the most recent ones, by first use.
+_IMAGE_SHAPES: dict[tuple, tuple] = {}
+_IMAGE_SHAPES_KEPT = 256
+
 
 class LlavaOnevisionAdapter(LlavaAdapter):
     family = "llava_onevision"
@@ -140,27 +145,43 @@ class LlavaOnevisionAdapter(LlavaAdapter):
         return images
 
     def _image(self, first: int, crops: int, size, aspect: str) -> ImageInfo:
+        size = tuple(int(v) for v in size)
+        config = self.config
+        # The map of an image depends on its size and the config only; it is read off the model's
+        # packing once per shape (every prefill of a served model has the same few) and numbered
+        # from the image's first crop here.
+        key = (type(self.core), size, crops, aspect, self.tokens_per_crop, self.grid_side, config.vision_config.image_size,
+               repr(config.image_grid_pinpoints))
+        shape = _IMAGE_SHAPES.get(key)
+        if shape is None:
+            shape = _IMAGE_SHAPES[key] = self._image_shape(crops, size, aspect)
+            while len(_IMAGE_SHAPES) > _IMAGE_SHAPES_KEPT:
+                _IMAGE_SHAPES.pop(next(iter(_IMAGE_SHAPES)))
+        token_map, grids, geometry = shape
+        token_map = token_map.shifted(first * self.tokens_per_crop)
+        return ImageInfo(-1, -1, token_map.num_tokens, grids, list(range(first, first + crops)), token_map, dict(geometry))
+
+    def _image_shape(self, crops: int, size: tuple[int, int], aspect: str) -> tuple[TokenMap, tuple, dict]:
+        """An image's token map (numbered from crop 0), grids and geometry."""
         per, side = self.tokens_per_crop, self.grid_side
-        base = TokenMap.one_to_one(torch.cat([first * per + torch.arange(per), torch.tensor([-1])]))
+        base = TokenMap.one_to_one(torch.cat([torch.arange(per), torch.tensor([-1])]))
         grid = Grid(0, side, side, side)
         if crops == 1:
-            geometry = {"kind": "grid", "grid": (side, side), "first": 0}
-            return ImageInfo(-1, -1, per + 1, (grid,), [first], base, geometry)
-        rows, cols = compat.anyres_grid_shape(tuple(int(v) for v in size), self.config.image_grid_pinpoints,
-                                              self.config.vision_config.image_size)
+            return base, (grid,), {"kind": "grid", "grid": (side, side), "first": 0}
+        rows, cols = compat.anyres_grid_shape(size, self.config.image_grid_pinpoints, self.config.vision_config.image_size)
         if rows * cols != crops - 1:
-            raise ValueError(f"image of size {tuple(int(v) for v in size)} has {crops - 1} crops, not {rows}x{cols}")
+            raise ValueError(f"image of size {size} has {crops - 1} crops, not {rows}x{cols}")
         coordinates = self._packed_coordinates(crops, size, aspect)  # [T, 2]: (row, col) in the crop grid
-        crop_grid = self._crop_grid_map(coordinates, first, int(cols))
+        crop_grid = self._crop_grid_map(coordinates, 0, int(cols))
         token_map = TokenMap.concat([base[:per], crop_grid])
         newlines = int((~crop_grid.has_origin).sum())
         width = (crop_grid.num_tokens - newlines) // max(newlines, 1)
         grids = (grid, Grid(per, newlines, width, width + 1))
         geometry = {
-            "kind": "anyres", "grid": (side, side), "image_size": tuple(int(v) for v in size),
+            "kind": "anyres", "grid": (side, side), "image_size": size,
             "crop_grid": (int(rows), int(cols)), "crops": crops, "tokens_per_crop": per,
         }
-        return ImageInfo(-1, -1, token_map.num_tokens, grids, list(range(first, first + crops)), token_map, geometry)
+        return token_map, grids, geometry
 
     def _packed_coordinates(self, crops: int, size, aspect: str) -> torch.Tensor:
         """``[T, 2]``: for each token the model packs after the base view, the (row, column) in the
@@ -208,4 +229,4 @@ def _bilinear_map(coordinates: torch.Tensor, slot) -> TokenMap:
             used = is_token & (share > 0)
             index.append(torch.where(used, slot(y, x), -1))
             weight.append(torch.where(used, share, 0.0).float())
-    return TokenMap(torch.stack(index, dim=1), torch.stack(weight, dim=1))
+    return TokenMap(torch.stack(index, dim=1), torch.stack(weight, dim=1)).without_unused_entries()

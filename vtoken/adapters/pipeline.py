@@ -9,9 +9,13 @@ and the names of its encoder entry point and placeholder token. Everything else 
   (the encoding's per-request state) and register it by the identity of the features it returns;
 - a pre-hook on the model opens the request's :class:`~vtoken.request.PruneRun` and places each
   image's tokens in its sample (:meth:`visual_layout`);
-- vision-site stages shorten each crop's sequence after a vision block; the projector's output is
-  put back in grid places so the family's own packing runs unchanged, and the dropped tokens are
-  removed in front of the LLM (tokens of a weighted map are re-weighted over their kept sources);
+- vision-site stages shorten each crop's sequence after a vision block. Where each LLM token is one
+  encoder token's (LLaVA-1.5, NeXT, OneVision below the AnyRes-Max limit), the family's packing is
+  handed the kept projected rows and places them itself, and the model is handed the kept tokens'
+  embeddings alone (text and features, as its forward would build them), so nothing of a dropped
+  token is built; otherwise the projector's output is put back in grid places, the family's own
+  packing runs unchanged, and the dropped tokens are removed in front of the LLM (tokens of a
+  weighted map are re-weighted over their kept sources);
 - the projector site and the LLM site run in :class:`~vtoken.adapters.hf_decoder.DecoderPruning`;
 - the signals a strategy declares (:mod:`vtoken.signals`) are captured by hooks installed only when
   declared: observed blocks, a vision block's attention input, the projector input, the pixels.
@@ -38,7 +42,7 @@ from .generate_call import install_generate_wrapper
 from .hf_decoder import DecoderPruning, padding_from_4d_mask
 from .vision_site import VisionSite, VisionSource
 from vtoken import compat, signals
-from vtoken.kernels import gather_tokens
+from vtoken.kernels import compact_index, gather_tokens
 from vtoken.layout import SequenceLayout
 from vtoken.projector_parts import two_layer_projector
 from vtoken.pruner import Pruner, same_feature
@@ -63,6 +67,12 @@ class MergingProjectorOnTokens(nn.Module):
 class VisionLanguageAdapter(VisionSite, Adapter):
     """A family whose images are encoded crop by crop ([crops, tokens, width]), projected token by
     token, placed into placeholder tokens of ``input_ids`` and read by a Llama-style decoder."""
+
+    #: Whether the model's forward only embeds ``input_ids`` and scatters the image features into the
+    #: placeholders before the LLM (LLaVA), so a prefill after a vision stage may be handed the
+    #: embeddings of the kept tokens instead (``_enter_kept_tokens``); False where the forward reads
+    #: ``input_ids`` for more (Qwen-VL's M-RoPE ids).
+    embeds_then_scatters: ClassVar[bool] = False
 
     #: The keyword arguments of the model's forward that its encoder call takes too.
     encoder_kwargs: ClassVar[tuple[str, ...]] = ("image_sizes", "vision_feature_layer", "vision_feature_select_strategy")
@@ -267,11 +277,19 @@ class VisionLanguageAdapter(VisionSite, Adapter):
         for modality in self._modalities:
             self._wrap_entry(modality, undo)
         undo.pre_hook(self.core, self._before_model, with_kwargs=True)
+        if self.embeds_then_scatters and pruner.stages_at("vision"):
+            # This thread's prefill that entered its kept tokens alone: the encoding it took out of
+            # the model's inputs (set in _before_model, which starts every call with none).
+            self._entered_encoding: contextvars.ContextVar = contextvars.ContextVar(f"vtoken_entered_{id(self)}", default=None)
+            undo.post_hook(self.core, self._encoding_in_output, with_kwargs=True)
         if pruner.needs.has(signals.PROJECTOR_INPUT):
             undo.pre_hook(self.projector(), self._before_projector)
         self.install_vision(undo)
         if pruner.stages_at("vision"):
             undo.post_hook(self.projector(), self._after_projector)
+            packing = self.grid_packing()
+            if packing is not None:
+                undo.set_attribute(self.core, packing, self._packing_of_kept_rows(getattr(self.core, packing)))
         decoder = self.description.decoder
         DecoderPruning(decoder.stack, pruner, self._pre_llm, head=decoder.head,
                        token_inputs=decoder.token_inputs).install(undo)
@@ -426,6 +444,8 @@ class VisionLanguageAdapter(VisionSite, Adapter):
     def _before_model(self, module, args, kwargs):
         pruner = self.pruner
         pruner.active = None
+        if hasattr(self, "_entered_encoding"):
+            self._entered_encoding.set(None)  # a call before that raised left one
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None and kwargs.get("inputs_embeds") is not None:
             # As the plain model does: the placeholders are where the embeddings equal the image
@@ -509,7 +529,66 @@ class VisionLanguageAdapter(VisionSite, Adapter):
         # it encoded once: such a step continues the prompt this encoding served, and prunes as it did.
         run.replay = images.replay_for(input_ids, mask)
         pruner.active = run
+        if self._enters_kept_tokens(run, modality, args, kwargs):
+            args = self._enter_kept_tokens(run, modality, encoded, input_ids, kwargs)
         return args, kwargs
+
+    def _enters_kept_tokens(self, run: PruneRun, modality: Modality, args, kwargs) -> bool:
+        """Whether this prefill feeds the model only the tokens the vision stages kept: a family whose
+        forward only embeds the prompt and scatters the image features into it (``embeds_then_scatters``),
+        images whose tokens are each one encoder token's, the prompt given as ``input_ids`` (the only
+        positional argument, if any)."""
+        images = run.image_run
+        given = args[0] if args else kwargs.get("input_ids")
+        return (
+            self.embeds_then_scatters and images.vision_positions is not None and modality.name == "image"
+            and len(args) <= 1 and given is not None and kwargs.get("inputs_embeds") is None
+            and all(image.token_map.is_one_to_one for image in run.visual.images)
+        )
+
+    def _enter_kept_tokens(self, run: PruneRun, modality: Modality, encoded, input_ids: torch.Tensor, kwargs: dict) -> tuple:
+        """Hand the model the prompt's embeddings at the kept tokens alone, as the model would build
+        them (the text's embeddings, each image token its feature row in the order the forward
+        scatters them), in place of ``input_ids`` and the encoding. The model then embeds, scatters
+        and the LLM's entry gathers only those tokens, not the whole prompt's (on the speed bench's
+        LLaVA-OneVision shape 100 of 796 rows); the LLM's entry lays them out
+        (:meth:`_pre_llm`). The model's output still carries the encoding (:meth:`_encoding_in_output`).
+        Returns the forward's positional arguments (none: ``input_ids`` is None now)."""
+        visual = run.visual
+        kept = self.pruner.vision_kept_visual(run).to(input_ids.device)
+        is_image = visual.image_index.to(input_ids.device) >= 0
+        position = visual.visual_index.to(input_ids.device).clamp(min=0)
+        keep = ~is_image | kept[torch.arange(kept.shape[0], device=kept.device)[:, None], position]
+        features = torch.cat(compat.image_features(encoded))
+        if int(is_image.sum()) != features.shape[0]:
+            raise ValueError(
+                f"the prompt holds {int(is_image.sum())} image tokens but its images give {features.shape[0]} features; "
+                "build the prompt with the model's processor (one image token per feature)"
+            )
+        index = compact_index(keep)
+        row = (is_image.flatten().cumsum(0) - 1).view_as(is_image)  # the feature each image token gets, in order
+        embeds = self.core.get_input_embeddings()(gather_tokens(input_ids, index, fill=0))
+        rows = gather_tokens(row, index, fill=-1)
+        there = gather_tokens(is_image, index, fill=False)
+        # Out of place, as the model's masked_scatter: the embeddings may be a leaf that requires grad
+        # (enable_input_require_grads).
+        embeds = embeds.index_put(torch.nonzero(there, as_tuple=True), features[rows[there]].to(embeds.device, embeds.dtype))
+        run.entered = keep
+        self._entered_encoding.set(encoded)
+        kwargs["input_ids"] = None
+        kwargs["inputs_embeds"] = embeds
+        kwargs[modality.pixels] = None
+        compat.drop_encoded_output(kwargs, modality.name)
+        return ()
+
+    def _encoding_in_output(self, module, args, kwargs, output):
+        """The encoding a prefill that entered the kept tokens alone took out of the model's inputs,
+        put back where the model's output carries it."""
+        encoded = self._entered_encoding.get()
+        if encoded is None:
+            return None
+        self._entered_encoding.set(None)
+        return compat.with_output_encoding(output, "image", encoded)
 
     def _placeholders_in(self, embeds: torch.Tensor) -> torch.Tensor:
         """``[B, L]`` ids: each modality's placeholder where ``embeds`` is its token's embedding, -1
@@ -653,6 +732,12 @@ class VisionLanguageAdapter(VisionSite, Adapter):
         images = self.pruner.encoding
         if images is None or images.vision_positions is None:
             return None
+        if (images.modality == "image" and self.grid_packing() is not None
+                and all(image.token_map.is_one_to_one for image in images.images)):
+            # The family's packing is handed the kept rows as they are and places them itself
+            # (_packing_of_kept_rows): no grid of zeros to build and then move.
+            images.kept_rows_pending = True
+            return None
         placed = self._to_grid(images, output)
         if any(not image.token_map.is_one_to_one for image in images.images):
             # Tokens mixed from several encoder tokens are rebuilt in front of the LLM from their kept
@@ -660,9 +745,68 @@ class VisionLanguageAdapter(VisionSite, Adapter):
             images.projected = placed.reshape(-1, placed.shape[-1])
         return placed
 
+    def grid_packing(self) -> str | None:
+        """The name of the model's method that packs an image's projected crop grids into its LLM
+        tokens (LLaVA-NeXT / OneVision: crops unpadded, a newline per row), for a family whose
+        :class:`~vtoken.adapters.base.TokenMap` is read off that packing; None for a family that
+        places the grid as it is."""
+        return None
+
+    def _packing_of_kept_rows(self, pack):
+        """The family's packing, which after a vision stage places the kept rows straight where the
+        token map says, instead of being handed every crop's grid with zeros for the dropped tokens:
+        for a one-to-one map the packing only moves rows, so the result is the same tensors, without
+        building a grid of every crop token and copying it through the packing's permutes (on the
+        speed bench's LLaVA-OneVision shape that is 4 copies of 576 rows for 100 kept ones)."""
+
+        @functools.wraps(pack)
+        def packing(image_features, image_sizes, *args, **kwargs):
+            images = self.pruner.encoding
+            if images is None or not images.kept_rows_pending:
+                return pack(image_features, image_sizes, *args, **kwargs)
+            images.kept_rows_pending = False
+            rows = torch.cat(list(image_features)) if len(image_features) > 1 else image_features[0]  # [C, T', d]
+            newline = kwargs.get("image_newline")
+            if newline is None:  # a packing without newlines: the map has them; the family's own packing decides
+                grid = self._to_grid(images, rows)
+                crops = [len(image.crops) for image in images.images]
+                return pack(list(torch.split(grid, crops)), image_sizes, *args, **kwargs)
+            placed = [self._kept_rows_placed(images, rows, image.token_map, newline) for image in images.images]
+            lengths = torch.tensor([p.shape[0] for p in placed], dtype=torch.long, device=rows.device)
+            return placed, lengths
+
+        return packing
+
+    def _kept_rows_placed(self, images: ImageRun, rows: torch.Tensor, token_map, newline: torch.Tensor) -> torch.Tensor:
+        """``[V, d]``: one image's LLM tokens from the kept projected rows ``rows`` ``[C, first + T', d]``
+        of every crop: each token whose slot was kept gets its row, each token with no slot (a
+        newline) gets ``newline``, a dropped token zeros (what the packing of the zero-filled grid
+        gives)."""
+        crops, current, width = rows.shape
+        first = self.description.first_patch_slot
+        per = images.tokens_per_crop
+        # Each kept slot's row in ``rows`` (prefix tokens the projector reads first, then the patches).
+        kept = images.vision_positions.to("cpu") + first
+        if first:
+            kept = torch.cat([torch.arange(first).expand(crops, -1), kept], dim=1)
+        crop = torch.arange(crops)[:, None]
+        row_of_slot = torch.full((crops * per,), -1, dtype=torch.long)
+        row_of_slot[(crop * per + kept).reshape(-1)] = (crop * current + torch.arange(current)).reshape(-1)
+        source = token_map.index[:, 0]
+        row = torch.where(source >= 0, row_of_slot[source.clamp(min=0)], -1)
+        there = torch.nonzero(row >= 0).squeeze(1)
+        out = rows.new_zeros(source.shape[0], width)
+        out.index_copy_(0, there.to(rows.device), rows.reshape(-1, width).index_select(0, row[there].to(rows.device)))
+        out[(source < 0).to(rows.device)] = newline.to(out.dtype)
+        return out
+
     def _pre_llm(self, run: PruneRun, layout, embeds):
         pruner = self.pruner
-        if run.image_run.vision_positions is not None:
+        if run.entered is not None:  # the model was fed the kept tokens alone: lay them out
+            layout, _ = layout.compact(run.entered.to(layout.valid.device))
+            if renumbers(pruner.config.positions, "vision"):
+                layout = layout.renumbered()
+        elif run.image_run.vision_positions is not None:
             kept = pruner.vision_kept_visual(run).to(embeds.device)
             embeds = self._reweighted(run, embeds)
             visual = layout.visual_index
