@@ -209,3 +209,38 @@ def test_training_through_the_kept_tokens_gives_the_same_loss_and_gradients(fami
     assert fast_grads.keys() == slow_grads.keys() and fast_grads
     for name in fast_grads:
         torch.testing.assert_close(fast_grads[name], slow_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+GENERATE_MODES = {
+    "beam search": dict(num_beams=3, num_return_sequences=2, do_sample=False),
+    "sampling": dict(do_sample=True, num_return_sequences=2, top_k=5, temperature=0.7),
+    "no cache": dict(do_sample=False, use_cache=False),
+    "static cache": dict(do_sample=False, cache_implementation="static"),
+    "prompt lookup": dict(do_sample=False, prompt_lookup_num_tokens=2),
+    "scores": dict(do_sample=False, return_dict_in_generate=True, output_scores=True, output_logits=True),
+}
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "llava_onevision"])
+@pytest.mark.parametrize("mode", list(GENERATE_MODES))
+def test_every_generate_mode_gives_the_whole_prompts_tokens(family, mode, whole_prompt):
+    make, inputs = FAMILIES[family]
+    model = make()
+    x = inputs(model)
+    if mode == "prompt lookup":  # assisted decoding runs one sample at a time
+        x = {k: v[:1] for k, v in x.items()}
+    results = []
+    for switch in (lambda: None, whole_prompt):
+        switch()
+        torch.manual_seed(3)
+        with vtoken.pruned(model, "random", site="vision", layer=1, keep=0.4):
+            out = model.generate(**x, max_new_tokens=4, suppress_tokens=[model.config.image_token_id],
+                                 **GENERATE_MODES[mode])
+        results.append(out)
+    fast, slow = results
+    if isinstance(fast, torch.Tensor):
+        assert torch.equal(fast, slow)
+        return
+    assert torch.equal(fast.sequences, slow.sequences)
+    for mine, theirs in zip(fast.scores, slow.scores):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-5)

@@ -559,7 +559,8 @@ class VisionLanguageAdapter(VisionSite, Adapter):
         is_image = visual.image_index.to(input_ids.device) >= 0
         position = visual.visual_index.to(input_ids.device).clamp(min=0)
         keep = ~is_image | kept[torch.arange(kept.shape[0], device=kept.device)[:, None], position]
-        features = torch.cat(compat.image_features(encoded))
+        parts = compat.image_features(encoded)
+        features = parts[0] if len(parts) == 1 else torch.cat(parts)
         if int(is_image.sum()) != features.shape[0]:
             raise ValueError(
                 f"the prompt holds {int(is_image.sum())} image tokens but its images give {features.shape[0]} features; "
