@@ -14,8 +14,9 @@ the same on Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-NeXT and LLaVA-OneVision shape
   text and the kept visual tokens, gathering the kept rows before each pruning layer, or with the
   hidden visual tokens masked from the text queries from a mask stage's layer on, in one pass; merged
   vectors of other rules taken from the recording; its logits are compared too), and
-  ``machinery = replay / oracle - 1``. Where the family's hand-written oracle does not cover a stage's
-  site (``Family.hand_oracle``: Qwen-VL's packed vision tower) the replay is the oracle, and vtoken's
+  ``machinery = replay / oracle - 1``. Where the family's hand-written oracle does not cover a stage
+  (``Family.hand_oracle``, ``speed_oracle.oracle_supported``: a merge whose members are not known) the
+  replay is the oracle, and vtoken's
   fixed machinery cost is measured as the
   replay of the method's keep-all schedule (every stage installed, nothing dropped, nothing scored)
   against the unwrapped model run beside it in the same round. A profile (torch.profiler, one prefill) says where the largest scoring
@@ -292,7 +293,7 @@ def main(argv=None) -> None:
                 raise AssertionError(f"{method} at {budget}: the replay's logits differ from the method's by {diff:.3g} "
                                      f"(> {args.replay_atol}): it is not the same schedule")
             config = Config(method, budget, recording, diff)
-            if oracle_supported(recording, family.hand_oracle):
+            if oracle_supported(recording, family.hand_oracle, packed_tower=family.qwen is not None):
                 config.plan = oracle_plan(recording, x, model)
                 with torch.no_grad():
                     config.oracle_diff = replay.max_abs_diff(oracle_call(model, x, config.plan)[:, -1],

@@ -6,19 +6,22 @@ pruning layer) or of a mask stage (AIF: one pass in which, from the stage's laye
 attends to a hidden visual token; vtoken's probe and rerun of the text are the method's machinery),
 the fastest any implementation of that schedule can be, with no vtoken code on the path.
 
-On the LLaVA families every site is covered. A vision-site schedule runs the CLIP / SigLIP tower by
-hand on each view's kept patches, and the projected patches go straight to the sequence slots the
-model's own packing gives them (LLaVA-NeXT / OneVision: crops unpadded, a newline per row, located
-once on patch ids), the kept newlines getting the model's newline embedding. Otherwise the model
-computes its image features itself (``get_image_features``). On Qwen-VL the projector and LLM sites
-are covered: the model's merged patches and Qwen3-VL's DeepStack features, its M-RoPE ids
-(``get_rope_index``), then the kept tokens enter the LLM run by hand, the DeepStack features added to
-the visual rows still there. Qwen-VL's packed vision tower has no hand-written oracle yet
-(``Family.hand_oracle``).
+Every site is covered on every family. A vision-site schedule on the LLaVA families runs the CLIP /
+SigLIP tower by hand on each view's kept patches, and the projected patches go straight to the
+sequence slots the model's own packing gives them (LLaVA-NeXT / OneVision: crops unpadded, a newline
+per row, located once on patch ids), the kept newlines getting the model's newline embedding. On
+Qwen-VL it runs the packed tower as its forward does (its own helpers give the rotary positions,
+segments and Qwen2.5-VL's windows), each block on the patches still there with their own rotary
+positions and the kept patches' segments (per window in a windowed block), then the merger on the
+kept units and Qwen3-VL's DeepStack mergers on the units present at their blocks (batch 1, one
+image, drops only). Otherwise the model computes its image features itself
+(``get_image_features``). Then the model's M-RoPE ids (``get_rope_index``) on Qwen-VL, and the kept
+tokens enter the LLM run by hand, Qwen3-VL's DeepStack features added to the visual rows still there.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -61,8 +64,11 @@ class OraclePlan:
     #: M-RoPE (Qwen-VL): the model's own ids of the entering rows less the ones they take (``[3, 1, n]``,
     #: zero unless renumbered); the ids themselves are computed in every call, as the model does.
     mrope_shift: torch.Tensor | None = None
-    #: Each entering row's visual token (-1: text): where Qwen3-VL's DeepStack features go.
+    #: Each entering row's visual token (-1: text): where Qwen3-VL's DeepStack features go (with
+    #: ``packed``: its row among the tower's kept tokens).
     enter_visual: torch.Tensor | None = None
+    #: A Qwen-VL schedule with stages inside the packed vision tower: what the tower runs.
+    packed: "PackedTowerPlan | None" = None
 
 
 @dataclass(frozen=True)
@@ -78,11 +84,36 @@ class VisionStep:
     features: torch.Tensor | None = None
 
 
-def oracle_supported(recording: replay.Recording, sites: tuple[str, ...] = EVERY_SITE) -> bool:
+@dataclass(frozen=True)
+class PackedStep:
+    """One vision stage in Qwen-VL's packed tower (one image, one frame): after its block, the
+    current sequence keeps the patches at ``keep`` (ascending places among the current ones), every
+    later block attends within ``cu_seqlens`` (the kept patches of the frame) or, in a windowed
+    block (Qwen2.5-VL), within ``cu_window_seqlens`` (each window's kept patches, empty windows gone)."""
+
+    keep: torch.Tensor
+    cu_seqlens: torch.Tensor
+    cu_window_seqlens: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class PackedTowerPlan:
+    """Qwen-VL's packed tower on a schedule of drops: each pruning block's :class:`PackedStep`; the
+    order that puts the merger's output (kept units in sequence order: Qwen2.5-VL's window order)
+    back in row-major order; and, per DeepStack block (Qwen3-VL), which of the units present there
+    are the ones kept at the end (same order)."""
+
+    steps: dict[int, PackedStep]
+    row_major: torch.Tensor
+    deepstack_keep: dict[int, torch.Tensor]
+
+
+def oracle_supported(recording: replay.Recording, sites: tuple[str, ...] = EVERY_SITE, packed_tower: bool = False) -> bool:
     """A hand-written oracle exists for schedules of stages at ``sites`` (the family's
     ``hand_oracle``) among vision, projector and LLM (drops, and merges whose members are known:
     ToMe's inside its blocks with proportional attention, Representation Shift's after a block) and
-    for a mask stage alone (AIF's, in the LLM)."""
+    for a mask stage alone (AIF's, in the LLM). In a ``packed_tower`` (Qwen-VL) the vision stages must
+    be drops."""
     source = recording.source
     stages = source.stages()
     mask = source.mask_stage()
@@ -94,6 +125,8 @@ def oracle_supported(recording: replay.Recording, sites: tuple[str, ...] = EVERY
         reduction = recording.reductions[stage.name]
         if stage.site == "vision" and reduction.features is not None and reduction.merged_into is None:
             return False  # replaced vectors whose members are not known: no sizes to carry
+        if stage.site == "vision" and packed_tower and (reduction.features is not None or reduction.merged_into is not None):
+            return False  # the packed tower's oracle drops units; it merges none
     return True
 
 
@@ -120,6 +153,7 @@ def oracle_plan(recording: replay.Recording, x: dict, model=None) -> OraclePlan:
     layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     vision: dict[int, VisionStep] = {}
     patch_of = None  # [C, K]: each view's kept tokens in the tower, by their patch index in the view
+    packed_stages: list[tuple[int, torch.Tensor]] = []  # Qwen-VL: (block, visual tokens kept after it)
     for stage in source.stages():
         kept = selection[stage.name].to(device)
         reduction = recording.reductions[stage.name]
@@ -131,7 +165,9 @@ def oracle_plan(recording: replay.Recording, x: dict, model=None) -> OraclePlan:
             if renumbers(mode, stage.site):
                 positions = _renumbered(positions, visual_of[rows] >= 0)
             enter, enter_positions = rows, positions
-        if stage.site == "vision":  # at block ``stage.layer``: each view's patches kept (or merged into), in order
+        if stage.site == "vision" and mrope:  # Qwen-VL's packed tower: the units kept after the block
+            packed_stages.append((stage.layer, kept))
+        elif stage.site == "vision":  # at block ``stage.layer``: each view's patches kept (or merged into), in order
             verbatim = reduction.features is not None and stage.name not in recording.recompute
             step = VisionStep(reduction.keep.to(device),
                               reduction.merged_into.to(device) if reduction.merged_into is not None else None,
@@ -156,6 +192,15 @@ def oracle_plan(recording: replay.Recording, x: dict, model=None) -> OraclePlan:
             layers[stage.layer] = (stay, positions.unsqueeze(-2).clone())
     if patch_of is not None:
         feature_slots, newline_slots = _tower_slots(model, x, patch_of, slots, tower_kept)
+    packed = None
+    enter_visual = visual_of[enter]
+    if packed_stages:
+        packed = _packed_tower_plan(model, x, packed_stages)
+        final = torch.sort(packed_stages[-1][1]).values
+        feature_slots = slots[final]  # the merger's kept tokens, row-major: visual token = unit
+        rank = torch.full((len(slots),), -1, dtype=torch.long, device=device)
+        rank[final] = torch.arange(len(final), device=device)
+        enter_visual = torch.where(enter_visual >= 0, rank[enter_visual.clamp(min=0)], -1)
     inside = source.inside_block()
     mask = source.mask_stage()
     mask_layer = hidden_slots = None
@@ -169,7 +214,104 @@ def oracle_plan(recording: replay.Recording, x: dict, model=None) -> OraclePlan:
     return OraclePlan(enter, enter_positions.unsqueeze(-2), replace_slots, replace_features, layers, vision,
                       feature_slots, newline_slots, inside is not None,
                       inside is not None and inside.proportional_attention, mask_layer, hidden_slots, shift,
-                      visual_of[enter])
+                      enter_visual, packed)
+
+
+def _tower_module(tower):
+    """The modeling module of a Qwen-VL tower: its own helpers (sequence lengths, rotary positions,
+    windows) are called as its forward calls them."""
+    return sys.modules[type(tower).__module__]
+
+
+def _window_index(tower, grid: torch.Tensor):
+    """Qwen2.5-VL's ``(window_index, cu_window_seqlens)`` of one image, as its forward computes them."""
+    return _tower_module(tower).get_vision_window_index(
+        grid, spatial_merge_size=tower.spatial_merge_size, window_size=tower.window_size, patch_size=tower.patch_size,
+        kwargs={})
+
+
+def _packed_tower_plan(model, x: dict, stages: list[tuple[int, torch.Tensor]]) -> PackedTowerPlan:
+    """The plan of drops at ``stages`` (block, the visual tokens kept after it; a visual token is
+    one merge unit, row-major) in the packed tower of a batch-1 Qwen-VL prompt. The units sit in the
+    sequence in row-major order, or in Qwen2.5-VL's window order; each unit is ``merge**2``
+    consecutive patches."""
+    tower = model.model.visual
+    unit = tower.spatial_merge_size ** 2
+    grid = x["image_grid_thw"][:1]
+    units = int(grid.prod()) // unit
+    unit_at = torch.arange(units)  # the unit at each place of the sequence
+    window_of = None  # the attention window of each place (Qwen2.5-VL)
+    if hasattr(tower, "fullatt_block_indexes"):
+        unit_at, cu_window = (t.cpu().long() for t in _window_index(tower, grid))
+        bounds = torch.unique_consecutive(cu_window) // unit
+        window_of = torch.searchsorted(bounds, torch.arange(units), right=True) - 1
+    place_of = torch.argsort(unit_at)
+    present = torch.arange(units)  # places of the current units, ascending
+    after: list[tuple[int, torch.Tensor]] = []  # (block, places present after it), per stage
+    steps = {}
+    for layer, kept in sorted(stages, key=lambda s: s[0]):
+        places = torch.sort(place_of[kept.cpu()]).values
+        keep_units = torch.searchsorted(present, places)
+        keep = (keep_units[:, None] * unit + torch.arange(unit)).reshape(-1)
+        cu = torch.tensor([0, len(places) * unit], dtype=torch.int32)
+        cu_window = None
+        if window_of is not None:
+            counts = torch.bincount(window_of[places], minlength=int(window_of.max()) + 1)
+            cu_window = torch.cat([torch.zeros(1, dtype=torch.long), (counts[counts > 0] * unit).cumsum(0)]).int()
+        steps[layer] = PackedStep(keep, cu, cu_window)
+        present = places
+        after.append((layer, places))
+    final = present
+    deepstack_keep = {}
+    for layer in getattr(tower, "deepstack_visual_indexes", []):  # the tap reads the block's pruned output
+        there = torch.arange(units)
+        for stage_layer, places in after:
+            if stage_layer <= layer:
+                there = places
+        deepstack_keep[layer] = torch.searchsorted(there, final)
+    return PackedTowerPlan(steps, torch.argsort(unit_at[final]), deepstack_keep)
+
+
+def _packed_tower_features(tower, pixel_values: torch.Tensor, grid: torch.Tensor, plan: PackedTowerPlan):
+    """Qwen-VL's packed tower on one image as its forward runs it (patch embedding, Qwen3-VL's learned
+    positions, rotary positions, Qwen2.5-VL's window order and windowed blocks), every block on the
+    patches still there: after each pruning block only the kept patches go on, with their own rotary
+    positions and the kept patches' segments. The merger's output ``[K, d]`` and Qwen3-VL's DeepStack
+    features of the kept units (None elsewhere), row-major."""
+    module = _tower_module(tower)
+    position_ids = module.get_vision_position_ids(grid, tower.spatial_merge_size, kwargs={})
+    cu_seqlens, max_seqlen = module.get_vision_attention_seqlens(grid, tower.config, kwargs={})
+    hidden = tower.patch_embed(pixel_values)
+    if hasattr(tower, "pos_embed"):  # Qwen3-VL: learned positions, interpolated to the grid
+        index, weight = module.get_vision_interpolation_indices_and_weights(
+            grid, num_grid_per_side=tower.num_grid_per_side, mode=tower.interpolation_mode,
+            align_corners=tower.interpolation_align_corners, spatial_merge_size=tower.config.spatial_merge_size, kwargs={})
+        hidden = hidden + (tower.pos_embed(index) * weight[:, :, None]).sum(1).to(hidden.dtype)
+    windowed = hasattr(tower, "fullatt_block_indexes")
+    cu_window = None
+    if windowed:
+        window_index, cu_window = _window_index(tower, grid)
+        hidden = tower.permute_input_for_window_attn(hidden, window_index, seq_len=hidden.shape[0])
+    rotary = tower.rotary_pos_emb(hidden, position_ids)
+    if windowed:
+        rotary = tuple(tower.permute_input_for_window_attn(t, window_index, seq_len=hidden.shape[0]) for t in rotary)
+    hidden = hidden.reshape(hidden.shape[0], -1)
+    taps = getattr(tower, "deepstack_visual_indexes", [])
+    deepstack = []
+    for layer, block in enumerate(tower.blocks):
+        whole = not windowed or layer in tower.fullatt_block_indexes
+        segments = cu_seqlens if whole else cu_window
+        longest = None if max_seqlen is None else int((segments[1:] - segments[:-1]).max())
+        hidden = block(hidden, cu_seqlens=segments, max_seqlen=longest, position_embeddings=rotary)
+        step = plan.steps.get(layer)
+        if step is not None:
+            hidden = hidden[step.keep]
+            rotary = tuple(t[step.keep] for t in rotary)
+            cu_seqlens, cu_window = step.cu_seqlens, step.cu_window_seqlens
+        if layer in taps:
+            merged = tower.deepstack_merger_list[taps.index(layer)](hidden)
+            deepstack.append(merged[plan.deepstack_keep[layer]][plan.row_major])
+    return tower.merger(hidden)[plan.row_major], (deepstack or None)
 
 
 def _patches_per_view(model, x: dict, visual: int) -> int:
@@ -220,7 +362,10 @@ def oracle_call(model, x: dict, plan: OraclePlan) -> torch.Tensor:
     embeds = core.get_input_embeddings()(ids[None])
     slots = torch.nonzero(ids == IMAGE_TOKEN).squeeze(-1)
     deepstack = None
-    if plan.vision:
+    if plan.packed is not None:
+        visual, deepstack = _packed_tower_features(core.visual, x["pixel_values"], x["image_grid_thw"][:1], plan.packed)
+        slots = plan.feature_slots
+    elif plan.vision:
         views = next(iter(plan.vision.values())).keep.shape[0]
         pixels = x["pixel_values"][0, :views] if x["pixel_values"].dim() == 5 else x["pixel_values"]
         visual = core.multi_modal_projector(_pruned_tower_features(core.vision_tower, pixels, plan, model.config))

@@ -247,10 +247,10 @@ class Family:
     #: Token ids generate must not produce (the image placeholder and the family's other specials).
     special_tokens: tuple[int, ...]
     #: The sites whose stages ``eval/speed_oracle.oracle_call`` (the unwrapped model run by hand) can run
-    #: on this family: vision, projector and LLM on the LLaVA families (the CLIP / SigLIP tower hand-run
-    #: block by block on each view's kept patches, placed where the model's own packing puts them);
-    #: projector and LLM on Qwen-VL (its merged patches with their M-RoPE ids and Qwen3-VL's DeepStack
-    #: features; then the LLM by hand), whose packed vision tower keeps its replay as its oracle.
+    #: on this family: vision, projector and LLM on every family (the CLIP / SigLIP tower hand-run
+    #: block by block on each view's kept patches, placed where the model's own packing puts them;
+    #: Qwen-VL's packed tower on its kept patches with their own rotary positions and segments, then
+    #: its merged patches with their M-RoPE ids and Qwen3-VL's DeepStack features; then the LLM by hand).
     hand_oracle: tuple[str, ...]
     #: The committed output of a CPU run.
     committed: str
@@ -288,10 +288,10 @@ class Family:
 
 def _qwen_family(name: str, version: str, real_model: str, description: str) -> Family:
     """A Qwen family: what every Qwen shape shares (the prompt's vision start / end tokens, its special
-    tokens, a hand-written oracle for projector and LLM stages, the 4-head map over 2304 patches at
-    head dim 32, the result's path)."""
+    tokens, a hand-written oracle for every site, the 4-head map over 2304 patches at head dim 32, the
+    result's path)."""
     return Family(name, f"a {real_model.rsplit('-', 1)[0]} shape", description, TEXT_TOKENS + 2, QWEN_SPECIALS,
-                  ("projector", "llm"),
+                  EVERY_SITE,
                   f"eval/results/bench_speed/cpu_{name}.md", AttentionMapShape(heads=4, tokens=2304, head_dim=32),
                   real_model, version)
 

@@ -177,7 +177,7 @@ def test_kv_cache_bytes_reads_every_layer(model):
 def test_the_qwen2_vl_family_builds_576_visual_tokens_and_replays_its_methods():
     """``--family qwen2_vl``: the scaled Qwen2-VL takes the prompts the bench builds (576 visual tokens
     after the 2 x 2 merger, left-padded mixed lengths at batch > 1), and a method's replay gives its
-    logits there too (the replay is that family's oracle)."""
+    logits there too."""
     import speed_shapes
 
     family = speed_shapes.FAMILIES["qwen2_vl"]
@@ -187,7 +187,7 @@ def test_the_qwen2_vl_family_builds_576_visual_tokens_and_replays_its_methods():
     assert x["input_ids"].shape[1] == family.text_tokens + speed_shapes.VISUAL
     batch = family.inputs(seed=1, batch=3)
     assert batch["attention_mask"].sum(-1).tolist() == [family.text_tokens - 16 + speed_shapes.VISUAL + n for n in (8, 16, 24)]
-    assert family.hand_oracle == ("projector", "llm")
+    assert family.hand_oracle == ("vision", "projector", "llm")
     recording = replay.record(model, "fastv", x, keep_tokens=64)
     assert len(recording.selection[0]["llm:2"]) == 64
     assert replay.max_abs_diff(replay.replay_logits(model, recording, x), recording.logits) == 0.0
@@ -197,7 +197,7 @@ def test_the_qwen2_vl_family_builds_576_visual_tokens_and_replays_its_methods():
 def test_the_other_qwen_families_build_576_visual_tokens_and_replay_their_methods(name):
     """``--family qwen2_5_vl`` / ``qwen3_vl``: the real classes (windowed blocks; DeepStack and 16 px
     patches) on the bench's prompts give 576 visual tokens, and a vision-site and an LLM method's
-    replays give their logits (the replay is these families' oracle)."""
+    replays give their logits."""
     import speed_shapes
 
     family = speed_shapes.FAMILIES[name]
@@ -206,7 +206,7 @@ def test_the_other_qwen_families_build_576_visual_tokens_and_replay_their_method
                                     "qwen3_vl": "Qwen3VLForConditionalGeneration"}[name]
     x = family.inputs()
     assert int((x["input_ids"] == speed_shapes.IMAGE_TOKEN).sum()) == speed_shapes.VISUAL
-    assert family.hand_oracle == ("projector", "llm") and family.real_model.startswith("Qwen")
+    assert family.hand_oracle == ("vision", "projector", "llm") and family.real_model.startswith("Qwen")
     vision = model.config.vision_config
     assert family.vision_map.heads == vision.num_heads and family.vision_map.head_dim == vision.hidden_size // vision.num_heads
     for method in ("repshift", "fastv"):
@@ -373,7 +373,11 @@ def test_the_other_families_hand_written_oracle_runs_the_same_schedule(name, mon
     Shift's drops after blocks, ToMe's size-weighted merges inside them), its patches placed where the
     model's packing puts them and the kept newlines given the newline embedding: the logits are the
     method's, and without the newlines, or with the views' features swapped, they move by more than
-    1e-3. Qwen-VL's packed tower has no hand-written oracle: the replay stays its oracle there."""
+    1e-3. On Qwen-VL the packed tower is hand-run on the kept patches (Representation Shift's drops
+    after blocks): the logits are the method's, and with the dropped patches' rotary positions in
+    place of the kept ones', with every block attending over the whole frame (Qwen2.5-VL's windowed
+    blocks), or with the DeepStack features of the wrong units (Qwen3-VL), they move by more than
+    1e-3."""
     import dataclasses
 
     import speed_oracle
@@ -415,7 +419,7 @@ def test_the_other_families_hand_written_oracle_runs_the_same_schedule(name, mon
             assert diff(speed_oracle.oracle_plan(recording, x, model), recording) > 1e-3
     vision_site = replay.record(model, "repshift", x, keep_tokens=budget)
     if family.qwen is not None:
-        assert not speed_oracle.oracle_supported(vision_site, family.hand_oracle)
+        _check_the_packed_tower_oracle(model, x, family, vision_site, diff, monkeypatch)
         return
     for recording in (vision_site, replay.record(model, "tome", x, keep_tokens=budget)):
         assert speed_oracle.oracle_supported(recording, family.hand_oracle)
@@ -429,6 +433,67 @@ def test_the_other_families_hand_written_oracle_runs_the_same_schedule(name, mon
     per_view = len(plan.feature_slots) // views  # the base view's and the first crop's features swapped
     swapped = plan.feature_slots.view(views, per_view)[[1, 0, 2, 3, 4]].reshape(-1)
     assert diff(dataclasses.replace(plan, feature_slots=swapped), recording) > 1e-3
+
+
+def _check_the_packed_tower_oracle(model, x, family, recording, diff, monkeypatch) -> None:
+    """Qwen-VL's packed tower by hand on Representation Shift's drops (see the test above): the
+    logits are the method's, and the tower's merged features are the ones vtoken hands the LLM for
+    the kept tokens; with the kept patches' rotary positions reversed, or every block attending over
+    the whole frame (Qwen2.5-VL's windowed blocks), those features move by more than 2e-5 (they
+    match to within 1e-6, bit for bit here; a random tower's attention is nearly uniform, so its
+    positions move its features by about 2e-4 of their 0.09, and the logits less); with the DeepStack features of other units
+    (Qwen3-VL) the logits move by more than 1e-3."""
+    import dataclasses
+
+    import speed_oracle
+
+    assert family.hand_oracle == ("vision", "projector", "llm")
+    assert speed_oracle.oracle_supported(recording, family.hand_oracle, packed_tower=True)
+    plan = speed_oracle.oracle_plan(recording, x, model)
+    stages = recording.source.stages()
+    assert plan.packed is not None and sorted(plan.packed.steps) == [s.layer for s in stages]
+    assert diff(plan, recording) <= 1e-5
+    tower, grid = model.model.visual, x["image_grid_thw"][:1]
+    with replay.replaying(model, recording), torch.no_grad():
+        encoded = model.model.get_image_features(pixel_values=x["pixel_values"], image_grid_thw=x["image_grid_thw"])
+    kept = torch.sort(recording.selection[0][stages[-1].name]).values
+    handed = torch.cat(list(encoded.pooler_output))[kept]  # vtoken's features of the kept tokens
+
+    def features(packed):
+        with torch.no_grad():
+            return speed_oracle._packed_tower_features(tower, x["pixel_values"], grid, packed)[0]
+
+    assert len(kept) == family.budgets[0] and replay.max_abs_diff(features(plan.packed), handed) <= 1e-6
+    full = int(grid[0].prod())
+    real_call = type(tower.blocks[0]).__call__
+
+    def reversed_positions(block, hidden, **kwargs):
+        if hidden.shape[0] < full:  # a block after the first stage
+            kwargs["position_embeddings"] = tuple(t.flip(0) for t in kwargs["position_embeddings"])
+        return real_call(block, hidden, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(type(tower.blocks[0]), "__call__", reversed_positions)
+        assert replay.max_abs_diff(features(plan.packed), handed) > 2e-5
+    if family.qwen == "2.5":  # every block over the whole frame: the windowed blocks see too much
+        steps = {k: dataclasses.replace(v, cu_window_seqlens=v.cu_seqlens) for k, v in plan.packed.steps.items()}
+        with monkeypatch.context() as patch:
+            patch.setattr(tower, "fullatt_block_indexes", list(range(len(tower.blocks))))
+            assert replay.max_abs_diff(features(dataclasses.replace(plan.packed, steps=steps)), handed) > 2e-5
+    if family.qwen == "3":  # the DeepStack features of other units
+        keep = {k: v.roll(1) for k, v in plan.packed.deepstack_keep.items()}
+        assert diff(dataclasses.replace(plan, packed=dataclasses.replace(plan.packed, deepstack_keep=keep)), recording) > 1e-3
+        # A stage after block 2: block 1's DeepStack merger sees every unit, of which the kept ones are taken.
+        late = replay.record(model, "repshift", x, keep_tokens=family.budgets[0], layer=2)
+        late_plan = speed_oracle.oracle_plan(late, x, model)
+        assert len(late_plan.packed.deepstack_keep[1]) == family.budgets[0] and diff(late_plan, late) <= 1e-5
+        first_ones = {**late_plan.packed.deepstack_keep, 1: torch.arange(family.budgets[0])}
+        assert diff(dataclasses.replace(late_plan, packed=dataclasses.replace(late_plan.packed, deepstack_keep=first_ones)),
+                    late) > 1e-3
+    # A merge in the packed tower is not hand-run: its replay stays its oracle.
+    merged = dataclasses.replace(recording, reductions={
+        name: dataclasses.replace(r, features=torch.zeros(1)) for name, r in recording.reductions.items()})
+    assert not speed_oracle.oracle_supported(merged, family.hand_oracle, packed_tower=True)
 
 
 def test_the_oracles_m_rope_renumbering_follows_the_contiguous_rule():
