@@ -21,6 +21,7 @@ What differs from LLaVA-NeXT, and how the token map follows it:
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -49,6 +50,7 @@ _SNAP = 1e-9
 #: geometry; the most recent ones, by first use.
 _IMAGE_SHAPES: dict[tuple, tuple] = {}
 _IMAGE_SHAPES_KEPT = 256
+_IMAGE_SHAPES_LOCK = threading.Lock()  # requests of several threads may read and fill it at once
 
 
 class LlavaOnevisionAdapter(LlavaAdapter):
@@ -152,11 +154,14 @@ class LlavaOnevisionAdapter(LlavaAdapter):
         # from the image's first crop here.
         key = (type(self.core), size, crops, aspect, self.tokens_per_crop, self.grid_side, config.vision_config.image_size,
                repr(config.image_grid_pinpoints))
-        shape = _IMAGE_SHAPES.get(key)
+        with _IMAGE_SHAPES_LOCK:
+            shape = _IMAGE_SHAPES.get(key)
         if shape is None:
-            shape = _IMAGE_SHAPES[key] = self._image_shape(crops, size, aspect)
-            while len(_IMAGE_SHAPES) > _IMAGE_SHAPES_KEPT:
-                _IMAGE_SHAPES.pop(next(iter(_IMAGE_SHAPES)))
+            shape = self._image_shape(crops, size, aspect)
+            with _IMAGE_SHAPES_LOCK:
+                _IMAGE_SHAPES[key] = shape
+                while len(_IMAGE_SHAPES) > _IMAGE_SHAPES_KEPT:
+                    _IMAGE_SHAPES.pop(next(iter(_IMAGE_SHAPES)))
         token_map, grids, geometry = shape
         token_map = token_map.shifted(first * self.tokens_per_crop)
         return ImageInfo(-1, -1, token_map.num_tokens, grids, list(range(first, first + crops)), token_map, dict(geometry))
