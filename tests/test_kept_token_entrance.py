@@ -244,3 +244,41 @@ def test_every_generate_mode_gives_the_whole_prompts_tokens(family, mode, whole_
     assert torch.equal(fast.sequences, slow.sequences)
     for mine, theirs in zip(fast.scores, slow.scores):
         torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-5)
+
+
+def _packed_sources(model, image_sizes) -> list[torch.Tensor]:
+    """Each image's source slot per token, read directly off the model's packing of the whole call
+    (crop-token ids, -1 for newlines), as the adapter read it before its maps were cached."""
+    from vtoken import compat
+
+    adapter = LlavaAdapter(model)
+    crops = adapter.crops_per_image(image_sizes)
+    ids, first = [], 0
+    for n in crops:
+        ids.append(torch.arange(first * 16, (first + n) * 16, dtype=torch.float64).view(n, 16, 1))
+        first += n
+    packed = compat.pack_anyres_features(model.model, ids, image_sizes, "default", torch.tensor([-1.0], dtype=torch.float64))
+    return [p.view(-1).round().long() for p in packed]
+
+
+def test_llava_next_maps_read_once_per_shape_are_the_models_packing():
+    """LLaVA-NeXT's token maps come from a cache of image shapes: a repeated shape later in the call,
+    and a model whose config packs differently, each get the map the model's own packing gives."""
+    model = tiny_llava_next()
+    sizes = torch.tensor([[32, 64], [64, 64], [32, 64]])
+    crops = LlavaAdapter(model).crops_per_image(sizes)
+    infos = LlavaAdapter(model).image_infos({"pixel_values": torch.zeros(3, max(crops), 3, 32, 32), "image_sizes": sizes})
+    for info, expected in zip(infos, _packed_sources(model, sizes)):
+        assert torch.equal(info.token_map.index[:, 0], expected)
+    # Two configs that cut a 64 x 64 image into two crops each, one above the other or side by side:
+    # the same number of crops, different packings.
+    maps = []
+    for pinpoints in ([[64, 32], [32, 64]], [[32, 64], [64, 32]]):
+        other = tiny_llava_next()
+        other.config.image_grid_pinpoints = other.model.config.image_grid_pinpoints = pinpoints
+        size = torch.tensor([[64, 64]])
+        (info,) = LlavaAdapter(other).image_infos({"pixel_values": torch.zeros(1, 3, 3, 32, 32), "image_sizes": size})
+        (expected,) = _packed_sources(other, size)
+        assert len(info.crops) == 3 and torch.equal(info.token_map.index[:, 0], expected)
+        maps.append(expected)
+    assert not torch.equal(maps[0], maps[1])

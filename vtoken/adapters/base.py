@@ -10,6 +10,7 @@ Strategies never see an adapter: they get tensors and the callables the adapter 
 from __future__ import annotations
 
 import copy
+import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from functools import partial
@@ -110,6 +111,34 @@ class TokenMap:
         values = table[index.clamp(min=0)]  # [V, K, ...]
         shape = (*weight.shape, *([1] * (values.dim() - 2)))
         return (values.float() * weight.view(shape)).sum(dim=1).to(table.dtype)
+
+
+class ImageShapeCache:
+    """What a family reads off the model for one image shape (its token map numbered from crop 0,
+    grids, geometry), kept for the most recent ``size`` shapes: a served model sees the same few image
+    sizes at every prefill, and reading the map runs the model's own packing. Keys hold every value
+    the result depends on (the model's class and the config values it reads), so one cache serves
+    every model and wrap. Safe for requests of several threads."""
+
+    def __init__(self, size: int = 256):
+        self.size = size
+        self._entries: dict[tuple, Any] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple, compute: Callable[[], Any]) -> Any:
+        with self._lock:
+            value = self._entries.get(key)
+        if value is None:
+            value = compute()
+            with self._lock:
+                self._entries[key] = value
+                while len(self._entries) > self.size:
+                    self._entries.pop(next(iter(self._entries)))
+        return value
+
+
+#: The token maps of the AnyRes families (LLaVA-NeXT, OneVision) by image shape.
+IMAGE_SHAPES = ImageShapeCache()
 
 
 @dataclass

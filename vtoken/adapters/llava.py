@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from transformers import LlavaForConditionalGeneration, LlavaModel, LlavaNextForConditionalGeneration, LlavaNextModel
 
-from .base import DecoderSpec, FamilyDescription, ImageInfo, ProjectorSpec, TokenMap, VisionSpec
+from .base import IMAGE_SHAPES, DecoderSpec, FamilyDescription, ImageInfo, ProjectorSpec, TokenMap, VisionSpec
 from .clip import hf_encoder_halves
 from .pipeline import VisionLanguageAdapter
 from vtoken import compat, signals
@@ -188,31 +188,35 @@ class LlavaAdapter(VisionLanguageAdapter):
     def _next_images(self, pixel_values, image_sizes) -> list[ImageInfo]:
         if image_sizes is None:
             raise ValueError("LLaVA-NeXT needs image_sizes from its processor")
-        crops_per_image = self.crops_per_image(image_sizes)
-        per, side = self.tokens_per_crop, self.grid_side
-        # Run the model's own packing on crop-token ids, with -1 for the newline, to learn where each
-        # crop token lands (unpadding and newlines included).
-        ids, first = [], 0
-        for n in crops_per_image:
-            ids.append(torch.arange(first * per, (first + n) * per, dtype=torch.float64).view(n, per, 1))
-            first += n
-        packed = compat.pack_anyres_features(
-            self.core, ids, image_sizes, self.select, image_newline=torch.tensor([-1.0], dtype=torch.float64)
-        )
         images, first = [], 0
-        for n, tokens, size in zip(crops_per_image, packed, image_sizes):
-            source = tokens.view(-1).round().long().cpu()
-            grids = [Grid(0, side, side, side)]
-            rest = source[side * side :]
-            rows = int((rest < 0).sum())
-            if n > 1 and rows > 0:
-                width = (rest.numel() - rows) // rows
-                grids.append(Grid(side * side, rows, width, width + 1))
-            crops = list(range(first, first + n))
-            info = ImageInfo(-1, -1, source.numel(), tuple(grids), crops, TokenMap.one_to_one(source), self._next_geometry(size, n))
-            images.append(info)
+        for i, n in enumerate(self.crops_per_image(image_sizes)):
+            size = image_sizes[i : i + 1]
+            # Read off the model's packing once per image shape (IMAGE_SHAPES), numbered from crop 0.
+            key = (type(self.core), tuple(int(v) for v in size[0]), n, self.tokens_per_crop, self.select,
+                   self.config.vision_config.image_size, repr(self.config.image_grid_pinpoints))
+            token_map, grids, geometry = IMAGE_SHAPES.get(key, lambda: self._next_image_shape(n, size))
+            images.append(ImageInfo(-1, -1, token_map.num_tokens, grids, list(range(first, first + n)),
+                                    token_map.shifted(first * self.tokens_per_crop), dict(geometry)))
             first += n
         return images
+
+    def _next_image_shape(self, crops: int, size) -> tuple[TokenMap, tuple, dict]:
+        """One image's token map (numbered from crop 0), grids and geometry: the model's own packing
+        run on crop-token ids, with -1 for the newline, says where each crop token lands (unpadding
+        and newlines included)."""
+        per, side = self.tokens_per_crop, self.grid_side
+        ids = [torch.arange(crops * per, dtype=torch.float64).view(crops, per, 1)]
+        (tokens,) = compat.pack_anyres_features(
+            self.core, ids, size, self.select, image_newline=torch.tensor([-1.0], dtype=torch.float64)
+        )
+        source = tokens.view(-1).round().long().cpu()
+        grids = [Grid(0, side, side, side)]
+        rest = source[side * side :]
+        rows = int((rest < 0).sum())
+        if crops > 1 and rows > 0:
+            width = (rest.numel() - rows) // rows
+            grids.append(Grid(side * side, rows, width, width + 1))
+        return TokenMap.one_to_one(source), tuple(grids), self._next_geometry(size[0], crops)
 
     def _next_geometry(self, size, crops: int) -> dict:
         config = self.config

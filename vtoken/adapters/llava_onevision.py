@@ -21,14 +21,13 @@ What differs from LLaVA-NeXT, and how the token map follows it:
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionModel
 
-from .base import ImageInfo, Modality, TokenMap
+from .base import IMAGE_SHAPES, ImageInfo, Modality, TokenMap
 from .llava import LlavaAdapter
 from vtoken import compat, signals
 from vtoken.context import Grid
@@ -45,12 +44,6 @@ FAMILY_GAPS = {
 
 #: Fractional coordinates closer than this to an integer are that integer (float64 round-off).
 _SNAP = 1e-9
-
-#: Image shape (size, crops, aspect ratio, config) -> its token map numbered from crop 0, grids and
-#: geometry; the most recent ones, by first use.
-_IMAGE_SHAPES: dict[tuple, tuple] = {}
-_IMAGE_SHAPES_KEPT = 256
-_IMAGE_SHAPES_LOCK = threading.Lock()  # requests of several threads may read and fill it at once
 
 
 class LlavaOnevisionAdapter(LlavaAdapter):
@@ -154,15 +147,7 @@ class LlavaOnevisionAdapter(LlavaAdapter):
         # from the image's first crop here.
         key = (type(self.core), size, crops, aspect, self.tokens_per_crop, self.grid_side, config.vision_config.image_size,
                repr(config.image_grid_pinpoints))
-        with _IMAGE_SHAPES_LOCK:
-            shape = _IMAGE_SHAPES.get(key)
-        if shape is None:
-            shape = self._image_shape(crops, size, aspect)
-            with _IMAGE_SHAPES_LOCK:
-                _IMAGE_SHAPES[key] = shape
-                while len(_IMAGE_SHAPES) > _IMAGE_SHAPES_KEPT:
-                    _IMAGE_SHAPES.pop(next(iter(_IMAGE_SHAPES)))
-        token_map, grids, geometry = shape
+        token_map, grids, geometry = IMAGE_SHAPES.get(key, lambda: self._image_shape(crops, size, aspect))
         token_map = token_map.shifted(first * self.tokens_per_crop)
         return ImageInfo(-1, -1, token_map.num_tokens, grids, list(range(first, first + crops)), token_map, dict(geometry))
 
