@@ -43,6 +43,8 @@ SCRIPTS = {
     "bench_vit_speed": ("stem", "bench_vit_speed.md", "eval/results/tiny_clip/bench_vit_speed",
                         ("bench_model", "machine")),
     "bench_speed": ("file", "cpu.json", "eval/results/bench_speed/cpu.md", tuple(f"speed_shapes:{name}" for name in ("scaled_llava", "scaled_qwen2_vl", "scaled_anyres", "llava_7b"))),
+    "prefill_phases": ("file", "cpu_repshift_llava_onevision.md", "eval/results/prefill_phases/cpu_repshift_llava_onevision.md",
+                       tuple(f"speed_shapes:{name}" for name in ("scaled_llava", "scaled_qwen2_vl", "scaled_anyres", "llava_7b"))),
     "bench_zoo_prune": ("file", "zoo_prune_speed.json", "eval/results/zoo_prune_speed.md", ("llava_projector",)),
     "eval_tiny_clip": ("stem", "eval.json", "eval/results/tiny_clip/eval", ("evaluate", "load")),
     "eval_tiny_llava": ("file", "tiny_llava.md", "eval/results/tiny_llava.md", ("VQAModel", "evaluate")),
