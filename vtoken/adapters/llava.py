@@ -191,14 +191,22 @@ class LlavaAdapter(VisionLanguageAdapter):
         images, first = [], 0
         for i, n in enumerate(self.crops_per_image(image_sizes)):
             size = image_sizes[i : i + 1]
-            # Read off the model's packing once per image shape (IMAGE_SHAPES), numbered from crop 0.
-            key = (type(self.core), tuple(int(v) for v in size[0]), n, self.tokens_per_crop, self.select,
-                   self.config.vision_config.image_size, repr(self.config.image_grid_pinpoints))
-            token_map, grids, geometry = IMAGE_SHAPES.get(key, lambda: self._next_image_shape(n, size))
-            images.append(ImageInfo(-1, -1, token_map.num_tokens, grids, list(range(first, first + n)),
-                                    token_map.shifted(first * self.tokens_per_crop), dict(geometry)))
+            shape = (tuple(int(v) for v in size[0]),)
+            images.append(self._image_of_shape(first, n, shape, lambda: self._next_image_shape(n, size)))
             first += n
         return images
+
+    def _image_of_shape(self, first: int, crops: int, shape: tuple, read) -> ImageInfo:
+        """The :class:`ImageInfo` of an image whose first crop is ``first``: its token map, grids and
+        geometry as ``read()`` reads them off the model (numbered from crop 0), once per image shape
+        (:data:`IMAGE_SHAPES`, keyed by ``shape``, the crops and every config value a map depends on),
+        its map numbered from that crop."""
+        config = self.config
+        key = (type(self.core), crops, *shape, self.tokens_per_crop, self.grid_side, self.select,
+               config.vision_config.image_size, repr(config.image_grid_pinpoints))
+        token_map, grids, geometry = IMAGE_SHAPES.get(key, read)
+        return ImageInfo(-1, -1, token_map.num_tokens, grids, list(range(first, first + crops)),
+                         token_map.shifted(first * self.tokens_per_crop), dict(geometry))
 
     def _next_image_shape(self, crops: int, size) -> tuple[TokenMap, tuple, dict]:
         """One image's token map (numbered from crop 0), grids and geometry: the model's own packing

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionModel
 
-from .base import IMAGE_SHAPES, ImageInfo, Modality, TokenMap
+from .base import ImageInfo, Modality, TokenMap
 from .llava import LlavaAdapter
 from vtoken import compat, signals
 from vtoken.context import Grid
@@ -141,15 +141,8 @@ class LlavaOnevisionAdapter(LlavaAdapter):
 
     def _image(self, first: int, crops: int, size, aspect: str) -> ImageInfo:
         size = tuple(int(v) for v in size)
-        config = self.config
-        # The map of an image depends on its size and the config only; it is read off the model's
-        # packing once per shape (every prefill of a served model has the same few) and numbered
-        # from the image's first crop here.
-        key = (type(self.core), size, crops, aspect, self.tokens_per_crop, self.grid_side, config.vision_config.image_size,
-               repr(config.image_grid_pinpoints))
-        token_map, grids, geometry = IMAGE_SHAPES.get(key, lambda: self._image_shape(crops, size, aspect))
-        token_map = token_map.shifted(first * self.tokens_per_crop)
-        return ImageInfo(-1, -1, token_map.num_tokens, grids, list(range(first, first + crops)), token_map, dict(geometry))
+        # Read off the model's packing once per shape (every prefill of a served model has the same few).
+        return self._image_of_shape(first, crops, (size, aspect), lambda: self._image_shape(crops, size, aspect))
 
     def _image_shape(self, crops: int, size: tuple[int, int], aspect: str) -> tuple[TokenMap, tuple, dict]:
         """An image's token map (numbered from crop 0), grids and geometry."""

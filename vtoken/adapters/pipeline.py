@@ -554,11 +554,8 @@ class VisionLanguageAdapter(VisionSite, Adapter):
         LLaVA-OneVision shape 100 of 796 rows); the LLM's entry lays them out
         (:meth:`_pre_llm`). The model's output still carries the encoding (:meth:`_encoding_in_output`).
         Returns the forward's positional arguments (none: ``input_ids`` is None now)."""
-        visual = run.visual
-        kept = self.pruner.vision_kept_visual(run).to(input_ids.device)
-        is_image = visual.image_index.to(input_ids.device) >= 0
-        position = visual.visual_index.to(input_ids.device).clamp(min=0)
-        keep = ~is_image | kept[torch.arange(kept.shape[0], device=kept.device)[:, None], position]
+        keep = self._kept_by_vision(run, input_ids.device)
+        is_image = run.visual.image_index.to(input_ids.device) >= 0
         parts = compat.image_features(encoded)
         features = parts[0] if len(parts) == 1 else torch.cat(parts)
         if int(is_image.sum()) != features.shape[0]:
@@ -772,27 +769,31 @@ class VisionLanguageAdapter(VisionSite, Adapter):
                 grid = self._to_grid(images, rows)
                 crops = [len(image.crops) for image in images.images]
                 return pack(list(torch.split(grid, crops)), image_sizes, *args, **kwargs)
-            placed = [self._kept_rows_placed(images, rows, image.token_map, newline) for image in images.images]
+            row_of_slot = self._row_of_kept_slot(images, *rows.shape[:2])
+            placed = [self._kept_rows_placed(rows, row_of_slot, image.token_map, newline) for image in images.images]
             lengths = torch.tensor([p.shape[0] for p in placed], dtype=torch.long, device=rows.device)
             return placed, lengths
 
         return packing
 
-    def _kept_rows_placed(self, images: ImageRun, rows: torch.Tensor, token_map, newline: torch.Tensor) -> torch.Tensor:
-        """``[V, d]``: one image's LLM tokens from the kept projected rows ``rows`` ``[C, first + T', d]``
-        of every crop: each token whose slot was kept gets its row, each token with no slot (a
-        newline) gets ``newline``, a dropped token zeros (what the packing of the zero-filled grid
-        gives)."""
-        crops, current, width = rows.shape
-        first = self.description.first_patch_slot
-        per = images.tokens_per_crop
-        # Each kept slot's row in ``rows`` (prefix tokens the projector reads first, then the patches).
+    def _row_of_kept_slot(self, images: ImageRun, crops: int, current: int) -> torch.Tensor:
+        """``[C * tokens_per_crop]``: each slot's row among the kept projected rows ``[C, current, d]``
+        (prefix tokens the projector reads first, then the patches a vision stage kept), -1 if dropped."""
+        first, per = self.description.first_patch_slot, images.tokens_per_crop
         kept = images.vision_positions.to("cpu") + first
         if first:
             kept = torch.cat([torch.arange(first).expand(crops, -1), kept], dim=1)
         crop = torch.arange(crops)[:, None]
         row_of_slot = torch.full((crops * per,), -1, dtype=torch.long)
         row_of_slot[(crop * per + kept).reshape(-1)] = (crop * current + torch.arange(current)).reshape(-1)
+        return row_of_slot
+
+    def _kept_rows_placed(self, rows: torch.Tensor, row_of_slot: torch.Tensor, token_map, newline: torch.Tensor) -> torch.Tensor:
+        """``[V, d]``: one image's LLM tokens from the kept projected rows ``rows`` ``[C, T', d]`` of
+        every crop (``row_of_slot``: :meth:`_row_of_kept_slot`): each token whose slot was kept gets
+        its row, each token with no slot (a newline) gets ``newline``, a dropped token zeros (what the
+        packing of the zero-filled grid gives)."""
+        width = rows.shape[-1]
         source = token_map.index[:, 0]
         row = torch.where(source >= 0, row_of_slot[source.clamp(min=0)], -1)
         there = torch.nonzero(row >= 0).squeeze(1)
@@ -803,23 +804,26 @@ class VisionLanguageAdapter(VisionSite, Adapter):
 
     def _pre_llm(self, run: PruneRun, layout, embeds):
         pruner = self.pruner
-        if run.entered is not None:  # the model was fed the kept tokens alone: lay them out
-            layout, _ = layout.compact(run.entered.to(layout.valid.device))
-            if renumbers(pruner.config.positions, "vision"):
-                layout = layout.renumbered()
-        elif run.image_run.vision_positions is not None:
-            kept = pruner.vision_kept_visual(run).to(embeds.device)
-            embeds = self._reweighted(run, embeds)
-            visual = layout.visual_index
-            keep = (layout.image_index < 0) | kept[torch.arange(visual.shape[0])[:, None], visual.clamp(min=0)]
+        if run.image_run.vision_positions is not None:
+            whole_prompt = run.entered is None  # else the model was fed the kept tokens alone
+            keep = self._kept_by_vision(run, embeds.device) if whole_prompt else run.entered.to(embeds.device)
             layout, index = layout.compact(keep)
             if renumbers(pruner.config.positions, "vision"):
                 layout = layout.renumbered()
-            embeds = gather_tokens(embeds, index)
+            if whole_prompt:
+                embeds = gather_tokens(self._reweighted(run, embeds), index)
         projector = self.projector_on_tokens() if pruner.needs.has(signals.PROJECTOR_INPUT) else None
         for stage in pruner.stages_at("projector"):
             layout, embeds, _ = pruner.run_sequence_stage(run, stage, layout, embeds, projector=projector)
         return layout, embeds
+
+    def _kept_by_vision(self, run: PruneRun, device) -> torch.Tensor:
+        """``[B, L]``: the prompt's text and the visual tokens that survive the vision stages (each
+        stage's selection is recorded)."""
+        kept = self.pruner.vision_kept_visual(run).to(device)
+        visual = run.visual
+        position = visual.visual_index.to(device).clamp(min=0)
+        return (visual.image_index.to(device) < 0) | kept[torch.arange(kept.shape[0], device=device)[:, None], position]
 
     def _reweighted(self, run: PruneRun, embeds: torch.Tensor) -> torch.Tensor:
         """Tokens of a weighted map that lost some of their sources, rebuilt as the weighted mean of
