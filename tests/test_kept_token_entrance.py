@@ -1,10 +1,12 @@
-"""After a vision-site stage, a LLaVA-family prefill is fed only the tokens the stage kept: the
-family's AnyRes packing is handed the kept projected rows and places them itself
-(``VisionLanguageAdapter._packing_of_kept_rows``), and the model is handed the kept tokens'
-embeddings instead of the whole prompt (``_enter_kept_tokens``). Both are shortcuts of the path that
-builds every crop's grid with zeros, packs it, scatters it into the whole prompt and drops the
-pruned rows in front of the LLM; the reference here is that path itself, run on the same model by
-switching the shortcuts off, and the results must be the same.
+"""After a vision-site stage, a LLaVA-family or Qwen2-VL / Qwen2.5-VL prefill is fed only the tokens
+the stage kept: the LLaVA families' AnyRes packing is handed the kept projected rows and places them
+itself (``VisionLanguageAdapter._packing_of_kept_rows``), and the model is handed the kept tokens'
+embeddings instead of the whole prompt (``_enter_kept_tokens``; on Qwen-VL with the whole prompt's
+M-RoPE ids, ``QwenVLAdapter.numbers_whole_prompt``). Both are shortcuts of the path that builds every
+crop's grid with zeros, packs it, scatters it into the whole prompt and drops the pruned rows in
+front of the LLM; the reference here is that path itself, run on the same model by switching the
+shortcuts off, and the results must be the same. Qwen3-VL (DeepStack reads the placeholders of the
+whole prompt) and prompts without ``mm_token_type_ids`` (the model cannot number them) keep that path.
 """
 
 from __future__ import annotations
@@ -16,8 +18,11 @@ import vtoken
 from vtoken.adapters.llava import LlavaAdapter
 from vtoken.adapters.llava_onevision import LlavaOnevisionAdapter
 from vtoken.adapters.base import TokenMap
+from vtoken.adapters.pipeline import VisionLanguageAdapter
+from vtoken.adapters.qwen2_vl import QwenVLAdapter
 from tiny import (
-    llava_inputs, llava_next_inputs, onevision_inputs, tiny_llava, tiny_llava_next, tiny_llava_onevision,
+    alone, llava_inputs, llava_next_inputs, onevision_inputs, qwen_inputs, tiny_llava, tiny_llava_next,
+    tiny_llava_onevision, tiny_qwen2_vl,
 )
 
 
@@ -34,7 +39,20 @@ FAMILIES = {
     # anyres_max_2 interpolates two of the three grids: tokens mixed from several patches take the
     # whole-prompt path (their re-weighting needs every crop's grid), whatever the shortcut says.
     "llava_onevision_interpolated": (tiny_llava_onevision, onevision_inputs),
+    "qwen2_vl": (lambda: tiny_qwen2_vl(version="2"), qwen_inputs),
+    "qwen2_5_vl": (lambda: tiny_qwen2_vl(version="2.5"), qwen_inputs),
+    "qwen3_vl": (lambda: tiny_qwen2_vl(version="3"), qwen_inputs),
+    # The model numbers its M-RoPE ids from mm_token_type_ids: without them it cannot number a prompt
+    # fed the kept tokens alone, and the whole prompt enters.
+    "qwen2_5_vl_untyped": (lambda: tiny_qwen2_vl(version="2.5"),
+                           lambda m: {k: v for k, v in qwen_inputs(m).items() if k != "mm_token_type_ids"}),
 }
+#: Families whose prefills after a vision stage keep the whole-prompt path (see the module; generate's
+#: prefill without mm_token_type_ids enters, numbered by generate).
+WHOLE_PROMPT_ONLY = ("llava_onevision_interpolated", "qwen3_vl", "qwen2_5_vl_untyped")
+#: Families whose model packs AnyRes crops (the packing handed the kept rows: 3 images per prefill).
+PACKS_CROPS = ("llava_next", "llava_onevision")
+ENTERING = [f for f in FAMILIES if f not in WHOLE_PROMPT_ONLY]
 
 METHODS = [
     ("random", {"site": "vision", "layer": 1, "keep": 0.4}),
@@ -50,6 +68,7 @@ def whole_prompt(monkeypatch):
 
     def off():
         monkeypatch.setattr(LlavaAdapter, "embeds_then_scatters", False)
+        monkeypatch.setattr(QwenVLAdapter, "embeds_then_scatters", False)
         monkeypatch.setattr(LlavaAdapter, "grid_packing", lambda self: None)
 
     return off
@@ -64,13 +83,13 @@ def _run(model, x, method, options, steps=4):
     return out, generated, selection
 
 
-def _encoding(out) -> torch.Tensor:
+def _encoding(out) -> torch.Tensor | None:
     """The image features the model's output carries (transformers >= 5.24: the encoder's output
-    object; before: the features scattered into the prompt)."""
+    object; before: the features scattered into the prompt on LLaVA, none on Qwen-VL)."""
     encoded = getattr(out, "image_outputs", None)
     if encoded is not None:
         return torch.cat(list(encoded.pooler_output))
-    return out.image_hidden_states
+    return getattr(out, "image_hidden_states", None)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -80,7 +99,7 @@ def test_kept_tokens_entering_alone_give_the_whole_prompts_results(family, metho
     model = make()
     x = inputs(model)
     calls = {"entered": 0, "placed": 0}
-    enter, place = LlavaAdapter._enter_kept_tokens, LlavaAdapter._kept_rows_placed
+    enter, place = VisionLanguageAdapter._enter_kept_tokens, LlavaAdapter._kept_rows_placed
 
     def counting_enter(self, *args, **kwargs):
         calls["entered"] += 1
@@ -91,13 +110,13 @@ def test_kept_tokens_entering_alone_give_the_whole_prompts_results(family, metho
         return place(self, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(LlavaAdapter, "_enter_kept_tokens", counting_enter)
+        patch.setattr(VisionLanguageAdapter, "_enter_kept_tokens", counting_enter)
         patch.setattr(LlavaAdapter, "_kept_rows_placed", counting_place)
         fast, fast_generated, fast_selection = _run(model, x, method, options)
-    interpolated = family == "llava_onevision_interpolated"
-    # The shortcuts ran where they apply (and only there): two prefills (forward, generate).
-    assert calls["entered"] == (0 if interpolated else 2)
-    assert calls["placed"] == (0 if interpolated or family == "llava" else 2 * 3)  # 3 images per prefill
+    # The shortcuts ran where they apply (and only there): two prefills (forward, generate). Without
+    # mm_token_type_ids only generate's enters the kept tokens: it hands the model its own position ids.
+    assert calls["entered"] == {"qwen2_5_vl_untyped": 1}.get(family, 0 if family in WHOLE_PROMPT_ONLY else 2)
+    assert calls["placed"] == (2 * 3 if family in PACKS_CROPS else 0)
     whole_prompt()
     slow, slow_generated, slow_selection = _run(model, x, method, options)
     # The logits of the kept positions (a pruned prefill returns those), pad slots included.
@@ -112,8 +131,10 @@ def test_kept_tokens_entering_alone_give_the_whole_prompts_results(family, metho
         for mine, theirs in zip(vtoken.compat.cache_layer_kv(fast.past_key_values, layer),
                                 vtoken.compat.cache_layer_kv(slow.past_key_values, layer)):
             torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-5)
-    # The output still carries the image encoding, as the unwrapped model's does.
-    torch.testing.assert_close(_encoding(fast), _encoding(slow), rtol=0, atol=0)
+    # The output still carries the image encoding, as the unwrapped model's does (or none, as it).
+    assert type(fast) is type(slow) and (_encoding(fast) is None) == (_encoding(slow) is None)
+    if _encoding(slow) is not None:
+        torch.testing.assert_close(_encoding(fast), _encoding(slow), rtol=0, atol=0)
 
 
 def test_a_bilinear_map_that_never_interpolates_is_one_to_one():
@@ -166,7 +187,7 @@ def _flatten(value) -> list[torch.Tensor]:
     return []  # a KV cache (compared in the first test), None
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_next", "llava_onevision"])
+@pytest.mark.parametrize("family", ENTERING)
 def test_a_tuple_output_holds_what_the_whole_prompts_does(family, whole_prompt):
     """``return_dict=False``, on the model and on its inner model: the same entries, the image
     encoding among them, in the same order."""
@@ -179,7 +200,9 @@ def test_a_tuple_output_holds_what_the_whole_prompts_does(family, whole_prompt):
         with vtoken.pruned(model, "random", site="vision", layer=1, keep=0.4), torch.no_grad():
             outer = model(**x, return_dict=False)
             inner = model.model(**x, return_dict=False)
-        outputs.append((_flatten(outer), _flatten(inner)))
+        outputs.append((outer, inner))
+    assert all(isinstance(output, tuple) for pair in outputs for output in pair)
+    outputs = [(_flatten(outer), _flatten(inner)) for outer, inner in outputs]
     (fast_outer, fast_inner), (slow_outer, slow_inner) = outputs
     for fast, slow in ((fast_outer, slow_outer), (fast_inner, slow_inner)):
         assert [t.shape for t in fast] == [t.shape for t in slow]
@@ -187,7 +210,7 @@ def test_a_tuple_output_holds_what_the_whole_prompts_does(family, whole_prompt):
             torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_onevision"])
+@pytest.mark.parametrize("family", ["llava", "llava_onevision", "qwen2_5_vl"])
 def test_training_through_the_kept_tokens_gives_the_same_loss_and_gradients(family, whole_prompt):
     """Labels, a backward pass and ``enable_input_require_grads`` (the embeddings' output a leaf that
     requires grad, as for adapters on a frozen model): the same loss and gradients either way."""
@@ -221,14 +244,14 @@ GENERATE_MODES = {
 }
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_next", "llava_onevision"])
+@pytest.mark.parametrize("family", ["llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl"])
 @pytest.mark.parametrize("mode", list(GENERATE_MODES))
 def test_every_generate_mode_gives_the_whole_prompts_tokens(family, mode, whole_prompt):
     make, inputs = FAMILIES[family]
     model = make()
     x = inputs(model)
     if mode == "prompt lookup":  # assisted decoding runs one sample at a time
-        x = {k: v[:1] for k, v in x.items()}
+        x = alone(x, 0) if "image_grid_thw" in x else {k: v[:1] for k, v in x.items()}  # Qwen-VL packs its images
     results = []
     for switch in (lambda: None, whole_prompt):
         switch()

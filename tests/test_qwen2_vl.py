@@ -157,6 +157,32 @@ def test_what_the_qwen_families_refuse_names_the_signal_and_the_fix():
     assert "TokenPacker is trained for a LLaVA projector" in families["tokenpacker"]["Qwen2-VL"]
 
 
+def test_a_window_order_kept_for_one_set_of_grids_serves_only_that_set():
+    """Qwen2.5-VL's window order is read off the model once per combination of image grids
+    (``QwenVLAdapter.window_order``): a call whose images have the same sizes in another order, or
+    another tower's window size, gets its own order, the same features as read afresh."""
+    from vtoken.adapters.base import IMAGE_SHAPES
+
+    model = tiny_qwen2_vl(version="2.5")
+    first, swapped = ((1, 8, 12), (1, 12, 8)), ((1, 12, 8), (1, 8, 12))
+
+    def features(grids, window_size=None):
+        x = qwen_inputs(model, grids=grids)
+        if window_size is not None:
+            model.model.visual.window_size = window_size
+        with vtoken.pruned(model, "random", site="vision", layer=1, keep=0.4), torch.no_grad():
+            return torch.cat(model.model.get_image_features(x["pixel_values"], x["image_grid_thw"]).pooler_output)
+
+    cached = [features(first), features(swapped), features(swapped, window_size=8)]
+    fresh = []
+    for grids, size in ((first, 16), (swapped, 16), (swapped, 8)):
+        IMAGE_SHAPES._entries.clear()
+        fresh.append(features(grids, size))
+    for mine, theirs in zip(cached, fresh):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+    assert not torch.equal(cached[1], cached[2])  # the window size changes the features: the key must hold it
+
+
 @pytest.mark.parametrize("version", VERSIONS)
 def test_vision_site_equals_the_unwrapped_tower_on_the_kept_merge_units(version):
     """Pruning after vision block l keeps whole 2x2 merge units: the wrapped model's image features for

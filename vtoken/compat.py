@@ -224,26 +224,40 @@ def drop_encoded_output(kwargs: dict, modality: str) -> None:
 
 
 def with_output_encoding(output, modality: str, encoded):
-    """``output`` of a LLaVA-family model carrying the encoding of ``modality`` where the model puts
-    it: the encoder's output object (``image_outputs``, transformers >= 5.24) or the features it
-    scattered into the prompt (``image_hidden_states`` before). A tuple output gets it last, where
-    the model's ``to_tuple`` puts its last field (the other modality's is None here)."""
-    if isinstance(output, tuple):
-        if f"{modality}_outputs" in _llava_output_fields():
-            return (*output, encoded)
-        return (*output, torch.cat(image_features(encoded)).to(output[0].dtype))
-    name = f"{modality}_outputs"
-    if name in getattr(type(output), "__dataclass_fields__", {}):
-        output[name] = encoded
-    else:
+    """``output`` (the model's output object) carrying the encoding of ``modality`` where the model's
+    own output type puts it: the encoder's output object (``image_outputs``: LLaVA and Qwen-VL from
+    transformers 5.24) or the features it scattered into the prompt (``image_hidden_states``: LLaVA
+    before). A type with neither field (Qwen-VL before 5.24 returns its LLM's output) is returned as
+    it is."""
+    fields = getattr(type(output), "__dataclass_fields__", {})
+    if f"{modality}_outputs" in fields:
+        output[f"{modality}_outputs"] = encoded
+    elif f"{modality}_hidden_states" in fields:
         output[f"{modality}_hidden_states"] = torch.cat(image_features(encoded)).to(output.last_hidden_state.dtype)
     return output
 
 
-def _llava_output_fields() -> set[str]:
-    from transformers.models.llava.modeling_llava import LlavaModelOutputWithPast
+def returns_tuple(module: nn.Module, kwargs: dict) -> bool:
+    """Whether a forward decorated with transformers' ``can_return_tuple`` (every multimodal model's)
+    called with ``kwargs`` returns a tuple: ``return_dict`` given, else the model's config's."""
+    return_dict = getattr(getattr(module, "config", None), "return_dict", True)
+    given = kwargs.get("return_dict", return_dict)
+    return not (given if given is not None else return_dict)
 
-    return set(LlavaModelOutputWithPast.__dataclass_fields__)
+
+def model_mrope_ids(core: nn.Module, input_ids: torch.Tensor, kwargs: dict) -> torch.Tensor | None:
+    """The 3-D (M-RoPE) position ids a Qwen-VL forward called with ``input_ids`` and ``kwargs``
+    computes for its prompt (its ``compute_3d_position_ids``, which sets the model's ``rope_deltas``
+    as the forward would); None where the model cannot (no ``mm_token_type_ids``: the forward then
+    leaves the numbering to its LLM)."""
+    compute = core.compute_3d_position_ids
+    accepted = inspect.signature(compute).parameters
+    given = {
+        "input_ids": input_ids, "inputs_embeds": None, "attention_mask": kwargs.get("attention_mask"),
+        **{name: kwargs.get(name) for name in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts", "mm_token_type_ids")},
+        **{name: cache_from(kwargs) for name in _CACHE_NAMES},  # "cache" from 5.24, "past_key_values" before
+    }
+    return compute(**{name: value for name, value in given.items() if name in accepted})
 
 
 # --- generate's options ------------------------------------------------------------------------------

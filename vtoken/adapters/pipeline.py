@@ -279,7 +279,8 @@ class VisionLanguageAdapter(VisionSite, Adapter):
         undo.pre_hook(self.core, self._before_model, with_kwargs=True)
         if self.embeds_then_scatters and pruner.stages_at("vision"):
             # This thread's prefill that entered its kept tokens alone: the encoding it took out of
-            # the model's inputs (set in _before_model, which starts every call with none).
+            # the model's inputs and whether the caller asked for a tuple (set in _before_model, which
+            # starts every call with none).
             self._entered_encoding: contextvars.ContextVar = contextvars.ContextVar(f"vtoken_entered_{id(self)}", default=None)
             undo.post_hook(self.core, self._encoding_in_output, with_kwargs=True)
         if pruner.needs.has(signals.PROJECTOR_INPUT):
@@ -529,22 +530,35 @@ class VisionLanguageAdapter(VisionSite, Adapter):
         # it encoded once: such a step continues the prompt this encoding served, and prunes as it did.
         run.replay = images.replay_for(input_ids, mask)
         pruner.active = run
-        if self._enters_kept_tokens(run, modality, args, kwargs):
+        if self._enters_kept_tokens(run, modality, args, kwargs) and self.numbers_whole_prompt(input_ids, kwargs):
             args = self._enter_kept_tokens(run, modality, encoded, input_ids, kwargs)
         return args, kwargs
 
     def _enters_kept_tokens(self, run: PruneRun, modality: Modality, args, kwargs) -> bool:
         """Whether this prefill feeds the model only the tokens the vision stages kept: a family whose
         forward only embeds the prompt and scatters the image features into it (``embeds_then_scatters``),
-        images whose tokens are each one encoder token's, the prompt given as ``input_ids`` (the only
-        positional argument, if any)."""
+        images whose kept tokens have every one of their sources (:meth:`kept_tokens_whole`), the prompt
+        given as ``input_ids`` (the only positional argument, if any)."""
         images = run.image_run
         given = args[0] if args else kwargs.get("input_ids")
         return (
             self.embeds_then_scatters and images.vision_positions is not None and modality.name == "image"
             and len(args) <= 1 and given is not None and kwargs.get("inputs_embeds") is None
-            and all(image.token_map.is_one_to_one for image in run.visual.images)
+            and self.kept_tokens_whole(run)
         )
+
+    def kept_tokens_whole(self, run: PruneRun) -> bool:
+        """Whether every visual token the vision stages kept has all of its encoder tokens, so the
+        features the model scatters are its final ones (a token mixed from several, some dropped, is
+        rebuilt from the kept ones in front of the LLM: :meth:`_reweighted`). True for one-to-one token
+        maps."""
+        return all(image.token_map.is_one_to_one for image in run.visual.images)
+
+    def numbers_whole_prompt(self, input_ids: torch.Tensor, kwargs: dict) -> bool:
+        """Make a forward fed only the kept tokens number them as it numbers the whole prompt; False
+        where it cannot (the whole prompt is fed then). Here nothing to do: the LLM's entry numbers
+        the prompt from its length (``DecoderPruning`` takes the whole prompt's)."""
+        return True
 
     def _enter_kept_tokens(self, run: PruneRun, modality: Modality, encoded, input_ids: torch.Tensor, kwargs: dict) -> tuple:
         """Hand the model the prompt's embeddings at the kept tokens alone, as the model would build
@@ -572,7 +586,10 @@ class VisionLanguageAdapter(VisionSite, Adapter):
         # (enable_input_require_grads).
         embeds = embeds.index_put(torch.nonzero(there, as_tuple=True), features[rows[there]].to(embeds.device, embeds.dtype))
         run.entered = keep
-        self._entered_encoding.set(encoded)
+        # The output is built as a dict whatever the caller asked for, so the encoding goes back where
+        # the model's own output type has it, then made a tuple as the model's forward would.
+        self._entered_encoding.set((encoded, compat.returns_tuple(self.core, kwargs)))
+        kwargs["return_dict"] = True
         kwargs["input_ids"] = None
         kwargs["inputs_embeds"] = embeds
         kwargs[modality.pixels] = None
@@ -582,11 +599,13 @@ class VisionLanguageAdapter(VisionSite, Adapter):
     def _encoding_in_output(self, module, args, kwargs, output):
         """The encoding a prefill that entered the kept tokens alone took out of the model's inputs,
         put back where the model's output carries it."""
-        encoded = self._entered_encoding.get()
-        if encoded is None:
+        entered = self._entered_encoding.get()
+        if entered is None:
             return None
         self._entered_encoding.set(None)
-        return compat.with_output_encoding(output, "image", encoded)
+        encoded, as_tuple = entered
+        output = compat.with_output_encoding(output, "image", encoded)
+        return output.to_tuple() if as_tuple else output
 
     def _placeholders_in(self, embeds: torch.Tensor) -> torch.Tensor:
         """``[B, L]`` ids: each modality's placeholder where ``embeds`` is its token's embedding, -1

@@ -32,9 +32,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import DecoderSpec, FamilyDescription, ImageInfo, Modality, PositionScheme, ProjectorSpec, TokenMap, VisionSpec
+from .base import IMAGE_SHAPES, DecoderSpec, FamilyDescription, ImageInfo, Modality, PositionScheme, ProjectorSpec, TokenMap, VisionSpec
 from .pipeline import VisionLanguageAdapter
-from .qwen_vision import PackedVisionSite
+from .qwen_vision import PackedVisionSite, WindowOrder
 from vtoken import compat, signals
 from vtoken.context import Grid
 
@@ -65,6 +65,10 @@ def _classes() -> tuple[type, ...]:
 class QwenVLAdapter(PackedVisionSite, VisionLanguageAdapter):
     family = "qwen2_vl"
     encoder_kwargs = ("image_grid_thw",)
+    # The forward embeds the prompt, scatters the image features into it and numbers it
+    # (compute_3d_position_ids): after a vision stage it is fed the kept tokens alone, numbered as
+    # the whole prompt (numbers_whole_prompt).
+    embeds_then_scatters = True
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -142,18 +146,37 @@ class QwenVLAdapter(PackedVisionSite, VisionLanguageAdapter):
         unit = self.merge**2
         return stage.crop_budget(vision_tokens // unit, visual_tokens) * unit
 
+    def numbers_whole_prompt(self, input_ids: torch.Tensor, kwargs: dict) -> bool:
+        """The forward numbers its prompt from ``input_ids`` (M-RoPE ids of every image's grid), which
+        a forward fed only the kept tokens no longer has: the whole prompt's ids are computed here as
+        the forward computes them (setting the model's ``rope_deltas`` as it does) and handed to it;
+        the LLM's entry keeps the kept tokens' ids. ``generate`` hands its own. False where the model
+        cannot compute them (no ``mm_token_type_ids``)."""
+        if kwargs.get("position_ids") is not None:
+            return True
+        positions = compat.model_mrope_ids(self.core, input_ids, kwargs)
+        if positions is None:
+            return False
+        kwargs["position_ids"] = positions
+        return True
+
     def vision_site_refusal(self) -> str | None:
         return None
 
     def full_attention(self, layer: int) -> bool:
         return layer in getattr(self.config.vision_config, "fullatt_block_indexes", range(len(self.vision_layers())))
 
-    def window_index(self, images) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def window_order(self, images) -> WindowOrder | None:
+        """Qwen2.5-VL's window order of this call's images, read off the model's own window index once
+        per combination of image grids (:data:`~vtoken.adapters.base.IMAGE_SHAPES`, keyed by the
+        tower's class and every value the index depends on)."""
         if not hasattr(self.config.vision_config, "fullatt_block_indexes"):
             return None  # Qwen2-VL: every block attends over whole frames
-        grid_thw = torch.tensor([[len(i.grids), i.grids[0].height * self.merge, i.grids[0].width * self.merge]
-                                 for i in images.images])
-        return compat.qwen_vision_window_index(self.core.visual, grid_thw)
+        visual = self.core.visual
+        grids = tuple((len(i.grids), i.grids[0].height * self.merge, i.grids[0].width * self.merge) for i in images.images)
+        key = ("qwen window order", type(visual), grids, visual.spatial_merge_size, visual.window_size, visual.patch_size)
+        return IMAGE_SHAPES.get(key, lambda: WindowOrder.of(
+            *compat.qwen_vision_window_index(visual, torch.tensor(grids)), self.merge**2))
 
     def install_vision(self, undo) -> None:
         super().install_vision(undo)

@@ -48,6 +48,9 @@ class Qwen3VLAdapter(QwenVLAdapter):
     family = "qwen3_vl"
     interleaved_mrope = True
     decoder_token_inputs = compat.DEEPSTACK_KWARGS
+    # The forward derives DeepStack's visual mask and features from the placeholders it scatters, so
+    # it is always fed the whole prompt (a forward fed the kept tokens alone would add no DeepStack).
+    embeds_then_scatters = False
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:

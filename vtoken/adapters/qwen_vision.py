@@ -19,6 +19,7 @@ token with its original M-RoPE position.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -32,20 +33,39 @@ from vtoken.request import ImageRun
 PACKED_KWARGS = ("cu_seqlens", "max_seqlen", "position_embeddings")
 
 
+@dataclass(frozen=True)
+class WindowOrder:
+    """Where a windowed tower (Qwen2.5-VL) runs each merge unit of one call's images: ``order[u]`` is
+    unit ``u``'s place in the sequence the blocks run on (the model's ``window_index`` inverted),
+    ``window[place]`` the attention window of a place, ``windows`` their count. The same for every
+    call with the same image grids (``QwenVLAdapter.window_order`` keeps it per grid shape)."""
+
+    order: torch.Tensor
+    window: torch.Tensor
+    windows: int
+
+    @classmethod
+    def of(cls, window_index: torch.Tensor, cu_window_seqlens: torch.Tensor, unit: int) -> "WindowOrder":
+        """From the model's ``(window_index, cu_window_seqlens)`` (units in window order, the windows'
+        cumulative lengths in patches) for merge units of ``unit`` patches."""
+        bounds = torch.unique_consecutive(cu_window_seqlens.cpu().long()) // unit
+        window = torch.searchsorted(bounds, torch.arange(len(window_index)), right=True) - 1
+        return cls(torch.argsort(window_index.cpu()), window, int(window.max()) + 1)
+
+
 class PackedTower:
     """One encoder call's packed sequence as the vision stages left it.
 
     Units (groups of ``merge**2`` patches, one LLM token each) are numbered row-major per frame and
     image (the token maps' order); ``order[u]`` is unit ``u``'s place in the sequence the blocks run on
-    (Qwen2-VL: the same; Qwen2.5-VL: its window order, ``window_index`` inverted), ``window[place]``
-    the attention window of a place (Qwen2.5-VL). ``index`` holds the sequence places of the patches
+    (Qwen2-VL: the same; Qwen2.5-VL: its window order, :class:`WindowOrder`), ``windows`` the
+    windows (Qwen2.5-VL; None for a tower without). ``index`` holds the sequence places of the patches
     still in the sequence (ascending); ``frames`` per frame its image, its first unit and the units
     still in it (ascending); ``position_embeddings`` the rotary positions of the current sequence
     (from block 0's call, then gathered by each stage), ``lengths`` per attention kind the segment
     lengths of the current sequence once a stage ran."""
 
-    def __init__(self, images: list, unit: int, window_index: torch.Tensor | None = None,
-                 cu_window_seqlens: torch.Tensor | None = None):
+    def __init__(self, images: list, unit: int, windows: WindowOrder | None = None):
         self.unit = unit
         self.frames: list[dict] = []
         first = 0
@@ -55,11 +75,8 @@ class PackedTower:
                 self.frames.append({"image": image, "frame": frame, "first": first, "units": torch.arange(units),
                                     "rows": grid.height, "cols": grid.width, "all": units})
                 first += units
-        self.order = torch.arange(first) if window_index is None else torch.argsort(window_index.cpu())
-        self.window = None
-        if cu_window_seqlens is not None:
-            bounds = torch.unique_consecutive(cu_window_seqlens.cpu().long()) // unit
-            self.window = torch.searchsorted(bounds, torch.arange(first), right=True) - 1
+        self.order = torch.arange(first) if windows is None else windows.order
+        self.windows = windows
         self.index = torch.arange(first * unit)
         self.position_embeddings: tuple | None = None
         self.lengths: dict[str, torch.Tensor] | None = None
@@ -85,15 +102,19 @@ class PackedVisionSite:
         """Whether vision block ``layer`` attends over whole frames (else within windows)."""
         return True
 
-    def window_index(self, images: ImageRun) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(window_index, cu_window_seqlens)`` of a windowed tower for this call; None otherwise."""
+    def kept_tokens_whole(self, run) -> bool:
+        """A vision stage keeps or drops whole merge units (:meth:`_packed_stage`), so every kept LLM
+        token has its four patches and the merger's output for it is final."""
+        return True
+
+    def window_order(self, images: ImageRun) -> WindowOrder | None:
+        """Where a windowed tower runs each merge unit of this call; None for a tower without windows."""
         return None
 
     def _packed(self, images: ImageRun) -> PackedTower:
         state = images.family_state.get("packed")
         if state is None:
-            windows = self.window_index(images)
-            state = PackedTower(images.images, self.merge**2, *(windows or ()))
+            state = PackedTower(images.images, self.merge**2, self.window_order(images))
             images.family_state["packed"] = state
         return state
 
@@ -108,7 +129,7 @@ class PackedVisionSite:
             state.position_embeddings = kwargs.get("position_embeddings")
         if state.lengths is None:
             return None
-        lengths = state.lengths["full" if self.full_attention(layer) or state.window is None else "window"]
+        lengths = state.lengths["full" if self.full_attention(layer) or state.windows is None else "window"]
         out = dict(kwargs)
         if "cu_seqlens" in kwargs:
             old = kwargs["cu_seqlens"]
@@ -219,8 +240,8 @@ class PackedVisionSite:
         and each kept patch's own rotary position."""
         full = torch.tensor([len(f["units"]) * state.unit for f in state.frames])
         state.lengths = {"full": full}
-        if state.window is not None:
-            counts = torch.bincount(state.window[kept[:: state.unit] // state.unit], minlength=int(state.window.max()) + 1)
+        if state.windows is not None:
+            counts = torch.bincount(state.windows.window[kept[:: state.unit] // state.unit], minlength=state.windows.windows)
             state.lengths["window"] = counts[counts > 0] * state.unit
         if state.position_embeddings is not None:
             state.position_embeddings = tuple(t[current.to(t.device)] for t in state.position_embeddings)
