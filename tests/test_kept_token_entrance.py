@@ -1,12 +1,13 @@
-"""After a vision-site stage, a LLaVA-family or Qwen2-VL / Qwen2.5-VL prefill is fed only the tokens
-the stage kept: the LLaVA families' AnyRes packing is handed the kept projected rows and places them
+"""After a vision-site stage, a LLaVA-family or Qwen-VL prefill is fed only the tokens the stage
+kept: the LLaVA families' AnyRes packing is handed the kept projected rows and places them
 itself (``VisionLanguageAdapter._packing_of_kept_rows``), and the model is handed the kept tokens'
 embeddings instead of the whole prompt (``_enter_kept_tokens``; on Qwen-VL with the whole prompt's
-M-RoPE ids, ``QwenVLAdapter.numbers_whole_prompt``). Both are shortcuts of the path that builds every
+M-RoPE ids, ``QwenVLAdapter.numbers_whole_prompt``, and on Qwen3-VL with DeepStack's inputs of the
+whole prompt, ``Qwen3VLAdapter.whole_prompt_llm_inputs``). Both are shortcuts of the path that builds every
 crop's grid with zeros, packs it, scatters it into the whole prompt and drops the pruned rows in
 front of the LLM; the reference here is that path itself, run on the same model by switching the
-shortcuts off, and the results must be the same. Qwen3-VL (DeepStack reads the placeholders of the
-whole prompt) and prompts without ``mm_token_type_ids`` (the model cannot number them) keep that path.
+shortcuts off, and the results must be the same. Prompts without ``mm_token_type_ids`` (the model
+cannot number them) keep that path.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ FAMILIES = {
     "qwen2_vl": (lambda: tiny_qwen2_vl(version="2"), qwen_inputs),
     "qwen2_5_vl": (lambda: tiny_qwen2_vl(version="2.5"), qwen_inputs),
     "qwen3_vl": (lambda: tiny_qwen2_vl(version="3"), qwen_inputs),
+    "qwen3_vl_moe": (lambda: tiny_qwen2_vl(version="3-moe"), qwen_inputs),
     # The model numbers its M-RoPE ids from mm_token_type_ids: without them it cannot number a prompt
     # fed the kept tokens alone, and the whole prompt enters.
     "qwen2_5_vl_untyped": (lambda: tiny_qwen2_vl(version="2.5"),
@@ -49,7 +51,7 @@ FAMILIES = {
 }
 #: Families whose prefills after a vision stage keep the whole-prompt path (see the module; generate's
 #: prefill without mm_token_type_ids enters, numbered by generate).
-WHOLE_PROMPT_ONLY = ("llava_onevision_interpolated", "qwen3_vl", "qwen2_5_vl_untyped")
+WHOLE_PROMPT_ONLY = ("llava_onevision_interpolated", "qwen2_5_vl_untyped")
 #: Families whose model packs AnyRes crops (the packing handed the kept rows: 3 images per prefill).
 PACKS_CROPS = ("llava_next", "llava_onevision")
 ENTERING = [f for f in FAMILIES if f not in WHOLE_PROMPT_ONLY]
@@ -210,7 +212,7 @@ def test_a_tuple_output_holds_what_the_whole_prompts_does(family, whole_prompt):
             torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_onevision", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["llava", "llava_onevision", "qwen2_5_vl", "qwen3_vl"])
 def test_training_through_the_kept_tokens_gives_the_same_loss_and_gradients(family, whole_prompt):
     """Labels, a backward pass and ``enable_input_require_grads`` (the embeddings' output a leaf that
     requires grad, as for adapters on a frozen model): the same loss and gradients either way."""
@@ -244,7 +246,7 @@ GENERATE_MODES = {
 }
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 @pytest.mark.parametrize("mode", list(GENERATE_MODES))
 def test_every_generate_mode_gives_the_whole_prompts_tokens(family, mode, whole_prompt):
     make, inputs = FAMILIES[family]

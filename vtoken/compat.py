@@ -463,6 +463,12 @@ DEEPSTACK_PROCESS = "_deepstack_process"
 DEEPSTACK_KWARGS = ("visual_pos_masks", "deepstack_visual_embeds")
 
 
+def deepstack_rows(encoded) -> list[torch.Tensor]:
+    """Per DeepStack layer, every image's rows of an image encoding in order, as Qwen3-VL's forward
+    hands them to its LLM (``deepstack_visual_embeds``)."""
+    return [torch.cat(features, dim=0) for features in encoded.deepstack_features]
+
+
 def encoder_layer_norms(layer: nn.Module) -> tuple[nn.Module, nn.Module]:
     """The norms before the attention and before the MLP of a CLIP / SigLIP encoder layer."""
     return layer.layer_norm1, layer.layer_norm2

@@ -284,6 +284,10 @@ class PruneRun:
         #: ``[B, L]`` which tokens of the prompt entered the model, when only the ones the vision
         #: stages kept did (``VisionLanguageAdapter._enter_kept_tokens``); None when the whole prompt did.
         self.entered: torch.Tensor | None = None
+        #: The LLM's per-token inputs besides its embeddings that the forward derives from the whole
+        #: prompt (Qwen3-VL's DeepStack features and their positions), for a prefill fed only the kept
+        #: tokens: handed to the LLM in the forward's place (``DecoderPruning._before_lm``).
+        self.entered_inputs: dict[str, object] = {}
 
     @property
     def batch_size(self) -> int:

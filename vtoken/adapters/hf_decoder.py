@@ -118,6 +118,10 @@ class DecoderPruning:
         run = self.pruner.active
         if run is None:
             return None
+        if run.prefill:
+            for name, value in run.entered_inputs.items():  # what the forward fed the kept tokens alone did not derive
+                if kwargs.get(name) is None:
+                    kwargs[name] = value
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
             raise ValueError("vtoken expects the LLM to be called with inputs_embeds, as LLaVA does")

@@ -586,6 +586,7 @@ class VisionLanguageAdapter(VisionSite, Adapter):
         # (enable_input_require_grads).
         embeds = embeds.index_put(torch.nonzero(there, as_tuple=True), features[rows[there]].to(embeds.device, embeds.dtype))
         run.entered = keep
+        run.entered_inputs = self.whole_prompt_llm_inputs(encoded, is_image)
         # The output is built as a dict whatever the caller asked for, so the encoding goes back where
         # the model's own output type has it, then made a tuple as the model's forward would.
         self._entered_encoding.set((encoded, compat.returns_tuple(self.core, kwargs)))
@@ -595,6 +596,13 @@ class VisionLanguageAdapter(VisionSite, Adapter):
         kwargs[modality.pixels] = None
         compat.drop_encoded_output(kwargs, modality.name)
         return ()
+
+    def whole_prompt_llm_inputs(self, encoded, is_image: torch.Tensor) -> dict[str, object]:
+        """The LLM's per-token inputs besides its embeddings (``DecoderSpec.token_inputs``) that the
+        forward derives from the whole prompt's image tokens (``is_image`` ``[B, L]``) and the
+        ``encoded`` images; a forward fed the kept tokens alone cannot, so they are handed to the LLM
+        (``PruneRun.entered_inputs``). None here."""
+        return {}
 
     def _encoding_in_output(self, module, args, kwargs, output):
         """The encoding a prefill that entered the kept tokens alone took out of the model's inputs,

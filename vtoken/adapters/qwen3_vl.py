@@ -13,7 +13,9 @@ What differs from Qwen2-VL (:mod:`vtoken.adapters.qwen2_vl`, whose pipeline it r
   vision tower, a DeepStack merger after a vision stage reads the kept units only, and its output is
   put back in unit places as the main merger's is.
   A mask stage's rerun of the prompt's tail (AIF) gets them too: in a left-padded batch that tail
-  can hold another sample's last visual tokens.
+  can hold another sample's last visual tokens. A prefill fed only the tokens a vision stage kept
+  (the kept-token entrance) hands the LLM DeepStack's inputs of the whole prompt
+  (:meth:`Qwen3VLAdapter.whole_prompt_llm_inputs`), which the forward derives from the placeholders.
 - **Positions.** M-RoPE with the interleaved layout (``PositionScheme(interleaved=True)``): vtoken
   carries the model's own 3-D ids per token, so the layout is the model's business.
 - **Vision tower.** Learned position embeddings interpolated to each image's grid (added before
@@ -48,9 +50,6 @@ class Qwen3VLAdapter(QwenVLAdapter):
     family = "qwen3_vl"
     interleaved_mrope = True
     decoder_token_inputs = compat.DEEPSTACK_KWARGS
-    # The forward derives DeepStack's visual mask and features from the placeholders it scatters, so
-    # it is always fed the whole prompt (a forward fed the kept tokens alone would add no DeepStack).
-    embeds_then_scatters = False
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -69,6 +68,13 @@ class Qwen3VLAdapter(QwenVLAdapter):
             for merger in compat.deepstack_mergers(visual):
                 undo.post_hook(merger, self._after_projector)
         self._follow_deepstack(self.core.language_model, undo)
+
+    def whole_prompt_llm_inputs(self, encoded, is_image: torch.Tensor) -> dict[str, object]:
+        """DeepStack's inputs, as the forward builds them from the whole prompt: the image tokens'
+        places and, per DeepStack layer, every image's rows in order (the LLM adds them to the kept
+        tokens' hidden states by their places in the whole prompt: :func:`add_deepstack`)."""
+        places, rows = compat.DEEPSTACK_KWARGS
+        return {places: is_image, rows: compat.deepstack_rows(encoded)}
 
     def _follow_deepstack(self, language_model: nn.Module, undo) -> None:
         original = getattr(language_model, compat.DEEPSTACK_PROCESS)
