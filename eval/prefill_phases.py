@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     lines = [f"# Where {args.method}'s machinery goes on {family.title} at {budget} tokens", "",
              f"Produced by `{command_line('prefill_phases', argv, 'OMP_NUM_THREADS=' + os.environ.get('OMP_NUM_THREADS', 'unset') + ' ')}`: {args.rounds} interleaved rounds after "
              "a warm-up, one process; medians per phase of a batch-1 prefill (with the KV cache, the last "
-             f"position's logits). Machine: {machine}. *replay*: the method's recorded reductions through vtoken, no scoring; *oracle*: "
+             f"position's logits). Machine: {machine}. *replay*: the method's recorded reductions through vtoken, no scoring (wrapped and unwrapped outside the timed call); *oracle*: "
              "the unwrapped model hand-run on the same schedule (`eval/speed_oracle.py`).", "",
              "| phase | replay ms | oracle ms | replay - oracle |", "|---|---|---|---|"]
     for i, phase in enumerate(PHASES):
