@@ -11,7 +11,11 @@ Known moves:
 - 5.24 renamed the KV-cache keyword and output field ``past_key_values`` to ``cache`` (the old
   keyword stays a deprecated alias until 5.40, and the forward's decorator renames it *after* the
   module's pre-hooks ran, so a hook may see either name).
-- 5.24 replaced ``image_hidden_states`` on LLaVA outputs by ``image_outputs`` (we read neither).
+- 5.24 replaced ``image_hidden_states`` on LLaVA outputs by ``image_outputs``, and Qwen-VL's model
+  began returning its encoder outputs too (``with_output_encoding`` writes whichever field the output
+  type has, for a prefill fed the kept tokens alone).
+- 5.24 renamed ``compute_3d_position_ids``'s cache keyword with the rest (``model_mrope_ids`` passes
+  the one its signature names).
 """
 
 from __future__ import annotations
