@@ -44,6 +44,9 @@ FAMILIES = {
     "qwen2_5_vl": (lambda: tiny_qwen2_vl(version="2.5"), qwen_inputs),
     "qwen3_vl": (lambda: tiny_qwen2_vl(version="3"), qwen_inputs),
     "qwen3_vl_moe": (lambda: tiny_qwen2_vl(version="3-moe"), qwen_inputs),
+    # Two images in the first sample, none in the second: the kept tokens of a padded batch whose
+    # samples hold different numbers of images.
+    "qwen3_vl_two_none_one": (lambda: tiny_qwen2_vl(version="3"), lambda m: qwen_inputs(m, images_per_sample=[2, 0, 1])),
     # The model numbers its M-RoPE ids from mm_token_type_ids: without them it cannot number a prompt
     # fed the kept tokens alone, and the whole prompt enters.
     "qwen2_5_vl_untyped": (lambda: tiny_qwen2_vl(version="2.5"),
