@@ -21,6 +21,7 @@ Known moves:
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -249,13 +250,19 @@ def returns_tuple(module: nn.Module, kwargs: dict) -> bool:
     return not (given if given is not None else return_dict)
 
 
+@functools.lru_cache(maxsize=None)
+def _parameter_names(function: Callable) -> frozenset[str]:
+    """The parameters ``function`` takes by name (read once per function, not at every prefill)."""
+    return frozenset(inspect.signature(function).parameters)
+
+
 def model_mrope_ids(core: nn.Module, input_ids: torch.Tensor, kwargs: dict) -> torch.Tensor | None:
     """The 3-D (M-RoPE) position ids a Qwen-VL forward called with ``input_ids`` and ``kwargs``
     computes for its prompt (its ``compute_3d_position_ids``, which sets the model's ``rope_deltas``
     as the forward would); None where the model cannot (no ``mm_token_type_ids``: the forward then
     leaves the numbering to its LLM)."""
     compute = core.compute_3d_position_ids
-    accepted = inspect.signature(compute).parameters
+    accepted = _parameter_names(type(core).compute_3d_position_ids)
     given = {
         "input_ids": input_ids, "inputs_embeds": None, "attention_mask": kwargs.get("attention_mask"),
         **{name: kwargs.get(name) for name in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts", "mm_token_type_ids")},

@@ -114,9 +114,10 @@ class TokenMap:
 
 
 class ImageShapeCache:
-    """What a family reads off the model for one image shape (its token map numbered from crop 0,
-    grids, geometry), kept for the most recent ``size`` shapes: a served model sees the same few image
-    sizes at every prefill, and reading the map runs the model's own packing. Keys hold every value
+    """What a family reads off the model for one image shape (the AnyRes families' token map numbered
+    from crop 0, grids, geometry; Qwen2.5-VL's window order of a call's image grids), kept for the most
+    recent ``size`` shapes: a served model sees the same few image sizes at every prefill, and reading
+    them runs the model's own packing or window index. Keys hold every value
     the result depends on (the model's class and the config values it reads), so one cache serves
     every model and wrap. Safe for requests of several threads."""
 
@@ -137,7 +138,8 @@ class ImageShapeCache:
         return value
 
 
-#: The token maps of the AnyRes families (LLaVA-NeXT, OneVision) by image shape.
+#: The token maps of the AnyRes families (LLaVA-NeXT, OneVision) by image shape, and Qwen2.5-VL's window
+#: orders by image grids.
 IMAGE_SHAPES = ImageShapeCache()
 
 

@@ -155,7 +155,7 @@ class LlavaOnevisionAdapter(LlavaAdapter):
         if rows * cols != crops - 1:
             raise ValueError(f"image of size {size} has {crops - 1} crops, not {rows}x{cols}")
         coordinates = self._packed_coordinates(crops, size, aspect)  # [T, 2]: (row, col) in the crop grid
-        crop_grid = self._crop_grid_map(coordinates, 0, int(cols))
+        crop_grid = self._crop_grid_map(coordinates, int(cols))
         token_map = TokenMap.concat([base[:per], crop_grid])
         newlines = int((~crop_grid.has_origin).sum())
         width = (crop_grid.num_tokens - newlines) // max(newlines, 1)
@@ -183,13 +183,14 @@ class LlavaOnevisionAdapter(LlavaAdapter):
         newline = torch.full((2,), -1.0, dtype=torch.float64)
         return compat.pack_anyres_max_features(self.core, [features], [size], newline, aspect)[0][per:]
 
-    def _crop_grid_map(self, coordinates: torch.Tensor, first: int, cols: int) -> TokenMap:
-        """The bilinear sources of each packed crop-grid token (row, column in the grid of crops)."""
+    def _crop_grid_map(self, coordinates: torch.Tensor, cols: int) -> TokenMap:
+        """The bilinear sources of each packed crop-grid token (row, column in the grid of crops),
+        numbered from the image's first crop (the base view's)."""
         side, per = self.grid_side, self.tokens_per_crop
 
         def slot(y, x):
             crop = 1 + (y // side) * cols + x // side
-            return (first + crop) * per + (y % side) * side + x % side
+            return crop * per + (y % side) * side + x % side
 
         return _bilinear_map(coordinates, slot)
 

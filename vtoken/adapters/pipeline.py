@@ -68,10 +68,11 @@ class VisionLanguageAdapter(VisionSite, Adapter):
     """A family whose images are encoded crop by crop ([crops, tokens, width]), projected token by
     token, placed into placeholder tokens of ``input_ids`` and read by a Llama-style decoder."""
 
-    #: Whether the model's forward only embeds ``input_ids`` and scatters the image features into the
-    #: placeholders before the LLM (LLaVA), so a prefill after a vision stage may be handed the
-    #: embeddings of the kept tokens instead (``_enter_kept_tokens``); False where the forward reads
-    #: ``input_ids`` for more (Qwen-VL's M-RoPE ids).
+    #: Whether the model's forward embeds ``input_ids`` and scatters the image features into the
+    #: placeholders before the LLM (LLaVA, Qwen-VL), so a prefill after a vision stage may be handed
+    #: the embeddings of the kept tokens instead (``_enter_kept_tokens``); what else the forward reads
+    #: ``input_ids`` for is supplied by ``numbers_whole_prompt`` (Qwen-VL's M-RoPE ids) and
+    #: ``whole_prompt_llm_inputs`` (Qwen3-VL's DeepStack inputs).
     embeds_then_scatters: ClassVar[bool] = False
 
     #: The keyword arguments of the model's forward that its encoder call takes too.
@@ -757,14 +758,14 @@ class VisionLanguageAdapter(VisionSite, Adapter):
         images = self.pruner.encoding
         if images is None or images.vision_positions is None:
             return None
-        if (images.modality == "image" and self.grid_packing() is not None
-                and all(image.token_map.is_one_to_one for image in images.images)):
+        one_to_one = all(image.token_map.is_one_to_one for image in images.images)
+        if images.modality == "image" and self.grid_packing() is not None and one_to_one:
             # The family's packing is handed the kept rows as they are and places them itself
             # (_packing_of_kept_rows): no grid of zeros to build and then move.
             images.kept_rows_pending = True
             return None
         placed = self._to_grid(images, output)
-        if any(not image.token_map.is_one_to_one for image in images.images):
+        if not one_to_one:
             # Tokens mixed from several encoder tokens are rebuilt in front of the LLM from their kept
             # sources (the family's packing mixed in zeros for the dropped ones).
             images.projected = placed.reshape(-1, placed.shape[-1])
