@@ -5,7 +5,8 @@ the same on Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-NeXT and LLaVA-OneVision shape
 - time to the first token at batch 1 (a prefill with the KV cache, logits of the last position);
 - each method against its own oracle, at batch 1. The *replay* (``eval/replay_strategy.py``) runs the
   method once, records every stage's reduction, then runs the same stages handing those reductions
-  back with no scoring and no signal (no attention rows, no observers, no probe step): the method's
+  back with no scoring and no signal (no attention rows, no observers, no probe step, no rerun of a
+  mask stage's text): the method's
   schedule through vtoken's machinery, the fastest that schedule can be in vtoken; its logits must
   equal the method's (checked, ``--replay-atol``). ``scoring = method - replay``. Where the schedule
   sits in the vision tower, in front of the LLM or inside it, a hand-written *oracle*

@@ -9,7 +9,9 @@ Representation Shift's own stage classes and depth-resolved layers come along), 
 (ToMe's inside-block stages with proportional attention, AIF's mask stage, the position mode), and
 a ``reduce`` that hands back the recorded reduction of the stage. It reads no signal (``needs()`` is
 empty): no eager attention, no attention rows recomputed beside SDPA, no observers on any layer, no
-projector perturbations, no probe decoding step. What is left is the schedule itself, run by
+projector perturbations, no probe decoding step; a mask stage (AIF's) is then decided at its layer's
+input and the prefill runs masked from there, one pass with no probe and no rerun of the text
+(``vtoken.adapters.mask_stage``). What is left is the schedule itself, run by
 vtoken's machinery: the fastest any implementation of that schedule can be inside vtoken.
 
 Merges. A reduction that merges (``merged_into``) carries the merged vectors. When they are the

@@ -3,7 +3,8 @@ recorded schedule of vision, projector and LLM stages (the tower's blocks on the
 dropping or merging at each pruning block, ToMe's between the attention and the MLP with its size
 bias; project; the LLM on the text and the kept visual tokens, gathering the kept rows before each
 pruning layer) or of a mask stage (AIF: one pass in which, from the stage's layer on, no text query
-attends to a hidden visual token; vtoken's probe and rerun of the text are the method's machinery),
+attends to a hidden visual token; the replay, which reads no signal, decides it at the stage's layer and
+runs that one masked pass too, so AIF's probe and its rerun of the text count in its scoring),
 the fastest any implementation of that schedule can be, with no vtoken code on the path.
 
 Every site is covered on every family. A vision-site schedule on the LLaVA families runs the CLIP /

@@ -294,6 +294,7 @@ class _ReplayMaskConfig(PruneConfig):
     method = "_test_replay_mask"
     site: str = "llm"
     layer: int | None = 0
+    evict: bool = False
 
 
 @register
@@ -308,7 +309,7 @@ class _ReplayMask(Strategy):
         return ()
 
     def mask_stage(self):
-        return MaskStage(self.config.resolved_stages()[0])
+        return MaskStage(self.config.resolved_stages()[0], evict=self.config.evict)
 
     def score(self, ctx):
         local = ctx.tokens.local_index
@@ -333,6 +334,133 @@ def test_replayed_mask_stage_without_cache_equals_cached_generation(name):
     with vtoken.pruned(model, "_test_replay_mask", keep=0.4):
         uncached = _greedy_without_cache(model, x, 5)
     assert torch.equal(uncached, cached)
+
+
+class _CountForwards:
+    """Counts the calls of ``module.forward`` while the block runs, through ``module(...)`` or straight
+    (a mask stage's rerun calls ``forward`` itself)."""
+
+    def __init__(self, module):
+        self.module, self.calls = module, 0
+
+    def __enter__(self):
+        forward = self.module.forward
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return forward(*args, **kwargs)
+
+        self.module.forward = counted
+        return self
+
+    def __exit__(self, *exc):
+        del self.module.forward
+
+
+def _plan_from(selection, stage):
+    return {b: s[stage].tolist() for b, s in enumerate(selection)}  # one image per sample
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("layer,mode", [(0, "modulate"), (2, "evict")])
+def test_a_mask_stage_that_needs_no_probe_is_decided_in_one_masked_pass(name, layer, mode):
+    """A mask stage whose strategy reads nothing the prefill observes is decided at its layer's input
+    and the prefill runs masked from there: the LLM runs once (AIF's probe-then-rerun runs it twice),
+    and logits, KV cache and greedy decoding equal AIF's own on the same hidden tokens."""
+    model, x = _build(name)
+    lm = model.model.language_model
+    with vtoken.pruned(model, "aif", keep=0.3, layer=layer, mode=mode), torch.no_grad():
+        with _CountForwards(lm) as probed:
+            out = model(**x, use_cache=True)
+        selection = vtoken.selection(model)
+        generated = model.generate(**x, max_new_tokens=4, do_sample=False, suppress_tokens=[IMAGE_TOKEN])
+    assert probed.calls == 2
+    _ReplayMask.plan = _plan_from(selection, f"llm:{layer}")
+    with vtoken.pruned(model, "_test_replay_mask", keep=0.3, layer=layer, evict=mode == "evict"), torch.no_grad():
+        with _CountForwards(lm) as one_pass:
+            decided = model(**x, use_cache=True)
+        again = vtoken.selection(model)
+        assert torch.equal(model.generate(**x, max_new_tokens=4, do_sample=False, suppress_tokens=[IMAGE_TOKEN]),
+                           generated)
+    assert one_pass.calls == 1
+    assert all(torch.equal(a[f"llm:{layer}"], b[f"llm:{layer}"]) for a, b in zip(again, selection))
+    valid = x["attention_mask"].bool()
+    torch.testing.assert_close(decided.logits[valid], out.logits[valid], atol=1e-5, rtol=0)
+    for mine, theirs in zip(compat.output_cache(decided).layers, compat.output_cache(out).layers):
+        assert mine.keys.shape == theirs.keys.shape
+        torch.testing.assert_close(mine.keys, theirs.keys, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+def test_the_masked_pass_equals_the_explicit_mask_on_the_unwrapped_model(layer):
+    model, x = _build("llava")
+    eager, _ = _build("llava", "eager")
+    with vtoken.pruned(model, "aif", keep=0.3, layer=layer), torch.no_grad():
+        model(**x)
+        selection = vtoken.selection(model)
+    _ReplayMask.plan = _plan_from(selection, f"llm:{layer}")
+    with vtoken.pruned(model, "_test_replay_mask", keep=0.3, layer=layer), torch.no_grad():
+        logits = model(**x).logits
+    reference = _reference_forward(eager, x, _masked_positions(x["input_ids"], selection, f"llm:{layer}"), layer)
+    valid = x["attention_mask"].bool()
+    torch.testing.assert_close(logits[valid], reference[valid], atol=1e-5, rtol=0)
+    with torch.no_grad():
+        assert not torch.allclose(model(**x).logits[:, -1], logits[:, -1], atol=1e-3)  # the mask matters
+
+
+@pytest.mark.parametrize("name", ["llava", "qwen3"])
+def test_generate_without_a_cache_replays_aifs_mask_in_one_pass_per_step(name):
+    """Without a KV cache every step re-runs the prompt and applies the first prefill's decision
+    again: those prefills run the LLM once, masked, and observe no attention (the first probes and
+    reruns); the tokens are the cached generation's."""
+    model, x = _build(name)
+    steps = 4
+    with vtoken.pruned(model, "aif", keep=0.4):
+        strategy = vtoken.strategy_of(model)
+        observe, observed = strategy.observe_attention, []
+        strategy.observe_attention = lambda *a: observed.append(1) or observe(*a)
+        try:
+            with _CountForwards(model.model.language_model) as counted:
+                uncached = model.generate(**x, max_new_tokens=steps, do_sample=False, use_cache=False,
+                                          suppress_tokens=[IMAGE_TOKEN])
+        finally:
+            del strategy.observe_attention
+        cached = model.generate(**x, max_new_tokens=steps, do_sample=False, suppress_tokens=[IMAGE_TOKEN])
+    assert torch.equal(uncached, cached)
+    assert counted.calls == 2 + (steps - 1)
+    assert len(observed) == len(model.model.language_model.layers)  # the first prefill's layers only
+
+
+def test_a_masked_pass_runs_over_a_static_cache_and_under_gradient_checkpointing():
+    """The in-pass masks span a static cache's slots; with no rerun over a cache, activation
+    checkpointing gives the same loss and gradients (AIF's probe refuses it)."""
+    model, x = _build("llava")
+    with vtoken.pruned(model, "aif", keep=0.4), torch.no_grad():
+        model(**x)
+        _ReplayMask.plan = _plan_from(vtoken.selection(model), "llm:0")
+    labels = torch.where(x["attention_mask"].bool(), x["input_ids"], -100)
+    with vtoken.pruned(model, "_test_replay_mask", keep=0.4):
+        options = dict(max_new_tokens=4, do_sample=False, suppress_tokens=[IMAGE_TOKEN])
+        assert torch.equal(model.generate(**x, cache_implementation="static", **options), model.generate(**x, **options))
+        model.train()
+        grads, losses = [], []
+        try:
+            for checkpointing in (False, True):
+                if checkpointing:
+                    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+                loss = model(**x, labels=labels).loss
+                loss.backward()
+                losses.append(loss.detach())
+                grads.append(model.lm_head.weight.grad.clone())
+                model.zero_grad()
+        finally:
+            model.activation_checkpointing_disable()
+            model.eval()
+    with vtoken.pruned(model, "aif", keep=0.4), torch.no_grad():
+        aif_loss = model(**x, labels=labels).loss
+    torch.testing.assert_close(losses[0], aif_loss, atol=1e-5, rtol=0)
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
 
 
 def test_evict_drops_the_masked_tokens_from_the_kv_cache_and_modulate_keeps_them():

@@ -259,6 +259,12 @@ class PruneRun:
         self.side_pass: str | None = None
         #: During ``"recompute"``: the rerun (:class:`~vtoken.adapters.mask_stage.Recompute`).
         self.recompute: tuple | None = None
+        #: True when this prefill decides its mask stage at the stage's layer and runs masked from there
+        #: (:meth:`~vtoken.adapters.mask_stage.MaskStagePass.decides_in_pass`), False for probe-then-rerun.
+        self.mask_in_pass = False
+        #: The mask stage decided in the pass (:class:`~vtoken.adapters.mask_stage.DecidedInPass`),
+        #: once its layer's input was reached.
+        self.decided_mask: tuple | None = None
         #: True once a mask stage changed the layout of layer group 0 (decoding masks then come from it).
         self.input_layout_changed = False
         #: True when the adapter added a KV cache the caller did not ask for (a mask stage reuses the

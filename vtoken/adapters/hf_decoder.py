@@ -89,7 +89,8 @@ class DecoderPruning:
 
         def prefilling() -> bool:
             run = pruner.active
-            return run is not None and run.prefill and bool(run.groups) and run.side_pass is None
+            return (run is not None and run.prefill and bool(run.groups) and run.side_pass is None
+                    and not self._replays_llm_decisions(run))
 
         query = pruner.needs.attention_query()
         attention_layers = pruner.needs.layers(signals.LLM_ATTENTION_OBSERVED)
@@ -282,6 +283,8 @@ class DecoderPruning:
         stage = self.pruner.llm_stage_at(index) if run.prefill else None
         if run.prefill and index in self.stash_layers:
             run.stash[index] = (hidden, kwargs.get("position_embeddings"), run.group_for(index)[1], compat.cache_from(kwargs))
+        if run.prefill and run.mask_in_pass:
+            self.masking.in_pass_layer(run, index, hidden, kwargs)
         if stage is not None:
             _, layout = run.groups[-1]
             scorer = partial(self._attention, run, index)
@@ -382,7 +385,7 @@ class DecoderPruning:
         """Forward hook of an observed-attention layer: the query rows' attention over the prompt,
         recomputed beside the layer's own attention, handed to ``observe_attention``."""
         run = self.pruner.active
-        if run is None or not run.prefill or not run.groups:
+        if run is None or not run.prefill or not run.groups or self._replays_llm_decisions(run):
             return None
         hidden = args[0] if args else kwargs["hidden_states"]
         cos_sin = kwargs["position_embeddings"]
@@ -403,6 +406,12 @@ class DecoderPruning:
         summary = self.pruner.strategy.observe_attention(index, probs, present, layout.valid)
         run.attention_observed[index] = (summary, layout)
         return None
+
+    def _replays_llm_decisions(self, run: PruneRun) -> bool:
+        """True when this prefill applies again every in-LLM decision of the prefill whose prompt it
+        continues (``generate`` without a KV cache): nothing the layers would observe is read."""
+        stages = self.pruner.stages_at("llm") + ([self.pruner.mask] if self.pruner.mask is not None else [])
+        return run.replay is not None and all(stage.name in run.replay for stage in stages)
 
     # --- observed attention -----------------------------------------------------------------------
     def _check_attention_layers(self, query: str, layers: list[int]) -> None:

@@ -1,16 +1,29 @@
 """The mechanism of a mask stage (attention modulation, as AIF), apart from the decoder pruning.
 
-A mask stage removes nothing: the prefill runs unchanged as a probe, during which the strategy's
-observed layers hand it their query rows' attention (``observe_attention``, recomputed beside SDPA);
-after it the stage is decided, the slots from the first text token after a hidden visual token on are
-recomputed over the probe's KV cache with a mask that keeps text queries off the hidden keys from the
-stage's layer on (SDPA and eager only), and decoding continues with those keys masked, or evicted
-from the cache (``MaskStage.evict``). With ``query="next"`` one greedy probe step after the
-prefill shows the observed layers the next token's attention first.
+A mask stage removes nothing: from the stage's layer on, text queries no longer attend to the
+visual tokens it hides. It runs one of two ways.
+
+- **Probe, then rerun** (a strategy that reads the prefill's own attention, as AIF): the prefill
+  runs unchanged as a probe, during which the strategy's observed layers hand it their query rows'
+  attention (``observe_attention``, recomputed beside SDPA); after it the stage is decided, the
+  slots from the first text token after a hidden visual token on are recomputed over the probe's KV
+  cache with a mask that keeps text queries off the hidden keys from the stage's layer on (SDPA and
+  eager only). With ``query="next"`` one greedy probe step after the prefill shows the observed
+  layers the next token's attention first.
+- **Decided in the pass** (:meth:`MaskStagePass.decides_in_pass`: a strategy that observes no LLM
+  layer at or after the stage's, or a prefill that replays a decision already made, as ``generate``
+  without a KV cache does at every step): the stage is decided at its layer's input, as a pruning
+  stage is, and the prefill's layers from there on take the modulated mask: one masked pass, no
+  probe, no rerun. Both ways give the same outputs: a text row's hidden state never depends on what
+  the mask changes before its layer, and the rerun is the masked pass's rows over the same prefix.
+
+Either way decoding continues with the hidden keys masked, or evicted from the cache
+(``MaskStage.evict``).
 
 :class:`~vtoken.adapters.hf_decoder.DecoderPruning` calls it at four points: when it installs
-(checks), before the prefill (a KV cache to recompute over), after the prefill (decide, recompute,
-set the decoding layout) and before each layer during its own extra passes (their masks).
+(checks), before the prefill (a KV cache to recompute over, or the in-pass decision), before each
+layer during the prefill (the in-pass masks) and its own extra passes (their masks), and after the
+prefill (decide, recompute, set the decoding layout).
 """
 
 from __future__ import annotations
@@ -38,6 +51,15 @@ class Recompute(NamedTuple):
     start: int
 
 
+class DecidedInPass(NamedTuple):
+    """A mask stage decided at its layer's input during the prefill: ``hidden`` ``[B, L]``, the
+    visual slots text may no longer attend to; ``attention_mask``, what the layers from the stage's
+    on take instead of the model's causal mask (None when nothing is hidden)."""
+
+    hidden: torch.Tensor
+    attention_mask: object
+
+
 class MaskStagePass:
     """Runs the strategy's mask stage for one wrapped decoder stack (``decoder``: its
     :class:`~vtoken.adapters.hf_decoder.DecoderPruning`)."""
@@ -46,6 +68,55 @@ class MaskStagePass:
         self.decoder = decoder
         self.pruner = decoder.pruner
         self._check(self.pruner.mask)
+        #: True when the strategy reads nothing the prefill observes at or after the stage's layer
+        #: (nor the next token's attention): the stage is decided in the pass, every prefill.
+        self.needs_no_probe = self._needs_no_probe()
+
+    def _needs_no_probe(self) -> bool:
+        needs, layer = self.pruner.needs, self.pruner.mask.layer
+        if needs.attention_query() == "next":
+            return False
+        observed = needs.layers(signals.LLM_OBSERVED) + needs.layers(signals.LLM_ATTENTION_OBSERVED)
+        return all(index < layer for index in observed)
+
+    def decides_in_pass(self, run: PruneRun) -> bool:
+        """Whether this prefill decides the stage at its layer's input and runs masked from there (one
+        pass): when the strategy needs no probe, or the prefill replays the decision of the prefill
+        whose prompt it continues (``PruneRun.replay``)."""
+        replayed = run.replay is not None and self.pruner.mask.name in run.replay
+        return self.needs_no_probe or replayed
+
+    def in_pass_layer(self, run: PruneRun, index: int, hidden: torch.Tensor, kwargs) -> None:
+        """Before decoder layer ``index`` of a prefill that decides the stage in the pass: at the
+        stage's layer decide it on ``hidden`` (the layer's input) and build the modulated mask; from
+        there on hand it to every layer."""
+        stage = self.pruner.mask
+        if index < stage.layer:
+            return
+        if index == stage.layer:
+            layout = run.groups[0][1]
+            attention = partial(self.decoder._attention, run, index)
+            masked = self.pruner.run_mask_stage(run, stage, layout, hidden, attention)
+            mask = self._text_off_hidden(run, hidden, layout, masked, 0) if bool(masked.any()) else None
+            run.decided_mask = DecidedInPass(masked, mask)
+        decided = run.decided_mask
+        if decided is not None and decided.attention_mask is not None:
+            kwargs["attention_mask"] = decided.attention_mask
+
+    def _text_off_hidden(self, run: PruneRun, like: torch.Tensor, layout: SequenceLayout, masked: torch.Tensor,
+                         start: int):
+        """The causal mask of the query slots ``start..`` over the layout's keys in which no text query
+        attends to a ``masked`` key (visual queries unchanged), in the attention implementation's form."""
+        text = layout.image_index < 0
+        # Under a static cache the masks span all its slots; those past the prompt hide no token.
+        capacity = run.static_capacity
+        hidden = masked if capacity is None else torch.nn.functional.pad(masked, (0, capacity - layout.length))
+
+        def text_may_attend(batch, head, q, kv):
+            return ~(text[batch, q] & hidden[batch, kv])
+
+        return causal_mask_for(self.decoder.config, like, layout.valid, layout.length - start, extra=text_may_attend,
+                               capacity=capacity)
 
     def layer_inputs(self, run: PruneRun, index: int, args, kwargs):
         """Before decoder layer ``index`` during an extra pass: the recompute's masks (plain before
@@ -76,9 +147,13 @@ class MaskStagePass:
             )
 
     def prepare_prefill(self, run: PruneRun, kwargs) -> bool:
-        """A mask stage reuses the prefix's KV cache to recompute the text rows: make sure the
-        prefill fills one, even when the caller asked for none (it is then not returned)."""
+        """Choose how this prefill runs the stage (:meth:`decides_in_pass`). A probe reuses the
+        prefix's KV cache to recompute the text rows: make sure the prefill fills one, even when the
+        caller asked for none (it is then not returned)."""
         self.check_attention()
+        run.mask_in_pass = self.decides_in_pass(run)
+        if run.mask_in_pass:
+            return False  # one masked pass: no cache of its own, no rerun
         if self.decoder.lm.training and compat.activation_checkpointing(self.decoder.lm):
             raise ValueError(
                 f"{self.pruner.strategy.name} recomputes the text's rows over the prefix's KV cache after its mask "
@@ -94,12 +169,17 @@ class MaskStagePass:
         return True
 
     def apply(self, run: PruneRun, kwargs, output):
-        """After the prefill (the probe): decide the mask stage, recompute the rows of the text that
+        """After the prefill. A probe: decide the mask stage, recompute the rows of the text that
         comes after a hidden token with the text -> hidden-visual attention masked from layer
-        ``stage.layer`` on, and set the decoding layout (hidden slots invalid, or evicted)."""
-        stage = self.pruner.mask
+        ``stage.layer`` on. Then set the decoding layout (hidden slots invalid, or evicted)."""
         cache = compat.output_cache(output)
         layout = run.groups[0][1]
+        if run.mask_in_pass:
+            decided = run.decided_mask
+            if decided is not None and cache is not None and bool(decided.hidden.any()):
+                self._decode_without(run, cache, layout, decided.hidden)
+            return output
+        stage = self.pruner.mask
         query, layers = self.pruner.needs.attention_query(), self.pruner.needs.layers(signals.LLM_ATTENTION_OBSERVED)
         if query == "next" and layers and run.replay is None:  # a replay decides nothing anew
             self._probe_next(run, layout, output, cache)
@@ -115,6 +195,13 @@ class MaskStagePass:
             output = self._recompute(run, kwargs, output, cache, layout, masked, start)
         if run.cache_added:
             return output
+        self._decode_without(run, cache, layout, masked)
+        return output
+
+    def _decode_without(self, run: PruneRun, cache, layout: SequenceLayout, masked: torch.Tensor) -> None:
+        """Decoding goes on with the ``masked`` slots invalid from the stage's layer on, or evicted
+        from those layers of the cache (positions kept; pads go too)."""
+        stage = self.pruner.mask
         if self.pruner.masking.evict:
             decoding, index = layout.compact(layout.valid & ~masked)  # positions kept; pads go too
             for layer in range(stage.layer, compat.num_cache_layers(cache)):
@@ -132,7 +219,6 @@ class MaskStagePass:
             run.input_layout_changed = True
         else:
             run.groups.append((stage.layer, decoding))
-        return output
 
     def _probe_next(self, run: PruneRun, layout, output, cache) -> None:
         """One greedy decoding step on the prefill's cache, so the observed layers see the next
@@ -158,17 +244,8 @@ class MaskStagePass:
         in any sample, so their hidden states and cache entries are already what the mask gives."""
         embeds = kwargs["inputs_embeds"]
         length = layout.length
-        text = layout.image_index < 0
-        # Under a static cache the masks span all its slots; those past the prompt hide no token.
-        capacity = run.static_capacity
-        hidden = masked if capacity is None else torch.nn.functional.pad(masked, (0, capacity - length))
-
-        def text_may_attend(batch, head, q, kv):
-            return ~(text[batch, q] & hidden[batch, kv])
-
-        plain = causal_mask_for(self.decoder.config, embeds, layout.valid, length - start, capacity=capacity)
-        modulated = causal_mask_for(self.decoder.config, embeds, layout.valid, length - start, extra=text_may_attend,
-                                    capacity=capacity)
+        plain = causal_mask_for(self.decoder.config, embeds, layout.valid, length - start, capacity=run.static_capacity)
+        modulated = self._text_off_hidden(run, embeds, layout, masked, start)
         compat.crop_cache(cache, start - length)
         flags = {k: kwargs[k] for k in ("output_attentions", "output_hidden_states") if kwargs.get(k)}
         # The prompt's other per-token inputs (DeepStack) go to the rerun whole: the model's hook for
