@@ -431,17 +431,32 @@ def test_generate_without_a_cache_replays_aifs_mask_in_one_pass_per_step(name):
     assert len(observed) == len(model.model.language_model.layers)  # the first prefill's layers only
 
 
-def test_a_masked_pass_runs_over_a_static_cache_and_under_gradient_checkpointing():
-    """The in-pass masks span a static cache's slots; with no rerun over a cache, activation
-    checkpointing gives the same loss and gradients (AIF's probe refuses it)."""
-    model, x = _build("llava")
+def _aif_plan(model, x, stage="llm:0"):
     with vtoken.pruned(model, "aif", keep=0.4), torch.no_grad():
         model(**x)
-        _ReplayMask.plan = _plan_from(vtoken.selection(model), "llm:0")
+        _ReplayMask.plan = _plan_from(vtoken.selection(model), stage)
+
+
+@pytest.mark.parametrize("name", ["llava", "qwen3"])
+def test_a_masked_pass_runs_over_a_static_cache(name):
+    """The in-pass masks span a static cache's slots (M-RoPE and DeepStack on Qwen3-VL)."""
+    model, x = _build(name)
+    _aif_plan(model, x)
+    options = dict(max_new_tokens=4, do_sample=False, suppress_tokens=[model.config.image_token_id])
+    with vtoken.pruned(model, "_test_replay_mask", keep=0.4):
+        dynamic = model.generate(**x, **options)
+        assert torch.equal(model.generate(**x, cache_implementation="static", **options), dynamic)
+    with vtoken.pruned(model, "aif", keep=0.4):
+        assert torch.equal(model.generate(**x, **options), dynamic)
+
+
+def test_a_masked_pass_runs_under_gradient_checkpointing():
+    """With no rerun over a cache, activation checkpointing gives the same loss and gradients (AIF's
+    probe refuses it), and the loss is AIF's."""
+    model, x = _build("llava")
+    _aif_plan(model, x)
     labels = torch.where(x["attention_mask"].bool(), x["input_ids"], -100)
     with vtoken.pruned(model, "_test_replay_mask", keep=0.4):
-        options = dict(max_new_tokens=4, do_sample=False, suppress_tokens=[IMAGE_TOKEN])
-        assert torch.equal(model.generate(**x, cache_implementation="static", **options), model.generate(**x, **options))
         model.train()
         grads, losses = [], []
         try:
