@@ -241,3 +241,25 @@ def test_a_generated_image_token_is_text_as_for_the_plain_model(method, family):
     with vtoken.pruned(model, method, keep=1.0):
         wrapped = model.generate(**x, max_new_tokens=3, do_sample=False)
     assert torch.equal(wrapped, plain)
+
+
+@pytest.mark.parametrize("method,hook", [("transprune", "observe"), ("aif", "observe_attention")])
+def test_steps_that_replay_the_first_prefill_observe_nothing(method, hook):
+    """Without a KV cache every step after the first re-runs the prompt and applies the first
+    prefill's decisions again: nothing its layers would observe is read, so none is computed (the
+    first prefill observes each observed layer once); the tokens are the cached generation's."""
+    model = tiny_llava()
+    x = llava_inputs(3)
+    with vtoken.pruned(model, method, keep=0.4):
+        strategy = vtoken.strategy_of(model)
+        calls, original = [], getattr(strategy, hook)
+        setattr(strategy, hook, lambda *a: calls.append(1) or original(*a))
+        try:
+            uncached = model.generate(**x, max_new_tokens=STEPS, do_sample=False, use_cache=False,
+                                      suppress_tokens=[model.config.image_token_id])
+        finally:
+            delattr(strategy, hook)
+        cached = model.generate(**x, max_new_tokens=STEPS, do_sample=False, suppress_tokens=[model.config.image_token_id])
+    assert torch.equal(uncached, cached)
+    observed = [s for s in strategy.needs().signals if s.name in ("llm_observed", "llm_attention_observed")]
+    assert len(calls) == len(observed) > 0
