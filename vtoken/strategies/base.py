@@ -122,11 +122,13 @@ class Strategy:
 
     def mask_stage(self) -> MaskStage | None:
         """A stage that hides visual tokens from the text instead of removing them (attention
-        modulation, as AIF). It is decided after the whole prefill (so it may read every layer's
-        observations); every token stays in the sequence with its position, and from decoder layer
-        ``stage.layer`` on no text token (prompt or generated) attends to the tokens it does not
-        keep, while visual tokens still attend to every visual token. The text rows it affects are
-        recomputed from the prefix's KV cache. The strategy decides it through ``score``/``reduce``
+        modulation, as AIF). Every token stays in the sequence with its position, and from decoder
+        layer ``stage.layer`` on no text token (prompt or generated) attends to the tokens it does
+        not keep, while visual tokens still attend to every visual token. A strategy that observes
+        LLM layers at or after ``stage.layer`` (or the next token's attention) has it decided after
+        the whole prefill, whose affected text rows are then recomputed from the prefix's KV cache;
+        one that does not has it decided at that layer's input, and the prefill runs masked from
+        there in one pass (``vtoken.adapters.mask_stage``). The strategy decides it through ``score``/``reduce``
         like an ``"llm"`` stage (with ``ctx.observed_attention``); it is not one of ``stages()``, so
         the pruning schedule shows no stage for it. ``vtoken.selection`` reports the tokens text may
         attend to. :class:`MaskStage` also says how it behaves. None (no such stage) by default."""
