@@ -316,6 +316,10 @@ class _ReplayMask(Strategy):
         return torch.stack([torch.isin(local[r], torch.tensor(self.plan[r])).float() for r in range(local.shape[0])])
 
 
+def _plan_from(selection, stage):
+    return {b: s[stage].tolist() for b, s in enumerate(selection)}  # one image per sample
+
+
 def _greedy_without_cache(model, x, steps):
     """tests/tiny.py's greedy_without_cache with the image token suppressed, as in the cached runs here."""
     return greedy_without_cache(model, x, steps, suppress=[IMAGE_TOKEN])
@@ -330,7 +334,7 @@ def test_replayed_mask_stage_without_cache_equals_cached_generation(name):
     with vtoken.pruned(model, "aif", keep=0.4, mode="evict"):
         cached = model.generate(**x, max_new_tokens=5, do_sample=False, suppress_tokens=[IMAGE_TOKEN])
         selection = vtoken.selection(model)
-    _ReplayMask.plan = {b: s["llm:0"].tolist() for b, s in enumerate(selection)}  # one image per sample
+    _ReplayMask.plan = _plan_from(selection, "llm:0")
     with vtoken.pruned(model, "_test_replay_mask", keep=0.4):
         uncached = _greedy_without_cache(model, x, 5)
     assert torch.equal(uncached, cached)
@@ -355,10 +359,6 @@ class _CountForwards:
 
     def __exit__(self, *exc):
         del self.module.forward
-
-
-def _plan_from(selection, stage):
-    return {b: s[stage].tolist() for b, s in enumerate(selection)}  # one image per sample
 
 
 @pytest.mark.parametrize("name", list(MODELS))

@@ -75,6 +75,8 @@ class DecoderPruning:
         self.head = head
         self.touches_input = any(s.site in ("vision", "projector") for s in pruner.stages)
         stages = [s for s in pruner.stages if s.site == "llm"] + ([pruner.mask] if pruner.mask is not None else [])
+        #: The names of the stages decided inside the LLM (pruning stages and a mask stage).
+        self.llm_decisions = tuple(s.name for s in stages)
         #: Layers whose input is kept during prefill for ``ctx.attention`` (a stage's layer and the one before).
         self.stash_layers = {layer for s in stages for layer in (s.layer - 1, s.layer)}
 
@@ -90,7 +92,7 @@ class DecoderPruning:
         def prefilling() -> bool:
             run = pruner.active
             return (run is not None and run.prefill and bool(run.groups) and run.side_pass is None
-                    and not self._replays_llm_decisions(run))
+                    and not self.replays_llm_decisions(run))
 
         query = pruner.needs.attention_query()
         attention_layers = pruner.needs.layers(signals.LLM_ATTENTION_OBSERVED)
@@ -385,7 +387,7 @@ class DecoderPruning:
         """Forward hook of an observed-attention layer: the query rows' attention over the prompt,
         recomputed beside the layer's own attention, handed to ``observe_attention``."""
         run = self.pruner.active
-        if run is None or not run.prefill or not run.groups or self._replays_llm_decisions(run):
+        if run is None or not run.prefill or not run.groups or self.replays_llm_decisions(run):
             return None
         hidden = args[0] if args else kwargs["hidden_states"]
         cos_sin = kwargs["position_embeddings"]
@@ -407,11 +409,10 @@ class DecoderPruning:
         run.attention_observed[index] = (summary, layout)
         return None
 
-    def _replays_llm_decisions(self, run: PruneRun) -> bool:
+    def replays_llm_decisions(self, run: PruneRun) -> bool:
         """True when this prefill applies again every in-LLM decision of the prefill whose prompt it
         continues (``generate`` without a KV cache): nothing the layers would observe is read."""
-        stages = self.pruner.stages_at("llm") + ([self.pruner.mask] if self.pruner.mask is not None else [])
-        return run.replay is not None and all(stage.name in run.replay for stage in stages)
+        return run.replay is not None and all(name in run.replay for name in self.llm_decisions)
 
     # --- observed attention -----------------------------------------------------------------------
     def _check_attention_layers(self, query: str, layers: list[int]) -> None:

@@ -83,8 +83,8 @@ class MaskStagePass:
         """Whether this prefill decides the stage at its layer's input and runs masked from there (one
         pass): when the strategy needs no probe, or the prefill replays the decision of the prefill
         whose prompt it continues (``PruneRun.replay``)."""
-        replayed = run.replay is not None and self.pruner.mask.name in run.replay
-        return self.needs_no_probe or replayed
+        # A mask stage is the LLM's only decision (_check), so this is whether the mask is replayed.
+        return self.needs_no_probe or self.decoder.replays_llm_decisions(run)
 
     def in_pass_layer(self, run: PruneRun, index: int, hidden: torch.Tensor, kwargs) -> None:
         """Before decoder layer ``index`` of a prefill that decides the stage in the pass: at the
@@ -181,7 +181,7 @@ class MaskStagePass:
             return output
         stage = self.pruner.mask
         query, layers = self.pruner.needs.attention_query(), self.pruner.needs.layers(signals.LLM_ATTENTION_OBSERVED)
-        if query == "next" and layers and run.replay is None:  # a replay decides nothing anew
+        if query == "next" and layers:  # a replay decides in the pass, never here
             self._probe_next(run, layout, output, cache)
         hidden = run.stash[stage.layer][0]
         masked = self.pruner.run_mask_stage(run, stage, layout, hidden, partial(self.decoder._attention, run, stage.layer))
