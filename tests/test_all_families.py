@@ -88,13 +88,18 @@ def _contiguous_mrope(ids: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@pytest.mark.parametrize("site", [{"site": "projector"}, {"site": "llm", "layer": 0}], ids=["projector", "llm:0"])
 @pytest.mark.parametrize("positions", ["original", "contiguous"])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_projector_site_equals_llm_on_kept_embeddings(name, positions):
+def test_projector_site_equals_llm_on_kept_embeddings(name, positions, site):
+    """A stage at the projector, or inside the LLM before its first layer (every layer then runs on
+    the kept tokens alone, its mask, positions and rotary rebuilt for them), equals the unwrapped LLM
+    fed only the kept tokens."""
     model, x = _build(name)
+    stage = "projector" if site["site"] == "projector" else "llm:0"
     with torch.no_grad():
         embeds = _embeds(model, x)
-        with vtoken.pruned(model, "random", keep=0.4, positions=positions):
+        with vtoken.pruned(model, "random", keep=0.4, positions=positions, **site):
             pruned_logits = model(**x).logits
             kept = vtoken.selection(model)
         # Oracle: the unwrapped LLM on only the kept tokens of each sample, one sample at a time, at
@@ -106,7 +111,7 @@ def test_projector_site_equals_llm_on_kept_embeddings(name, positions):
             is_visual = x["input_ids"][b] == model.config.image_token_id
             visual_pos = torch.nonzero(is_visual).squeeze(-1)
             keep = valid & ~is_visual
-            keep[visual_pos[kept[b]["projector"]]] = True
+            keep[visual_pos[kept[b][stage]]] = True
             slots = torch.nonzero(keep).squeeze(-1)
             # Unwrapped, a direct forward numbers every slot (pads included) 0..L-1; "contiguous"
             # renumbers the kept tokens from the first real token's position.
@@ -117,7 +122,7 @@ def test_projector_site_equals_llm_on_kept_embeddings(name, positions):
                 pos = direct[:, b : b + 1, slots]
             else:
                 pos = _contiguous_mrope(direct[:, b, slots], is_visual[slots])[:, None]
-            extra = _kept_deepstack(model, x, b, kept[b]["projector"], is_visual[slots])
+            extra = _kept_deepstack(model, x, b, kept[b][stage], is_visual[slots])
             out = model.model.language_model(inputs_embeds=embeds[b : b + 1, slots], position_ids=pos,
                                              attention_mask=torch.ones(1, len(slots), dtype=torch.long), **extra)
             oracle = model.lm_head(out.last_hidden_state)
@@ -392,13 +397,15 @@ def test_samples_never_mix(name, method, options):
             assert torch.allclose(single, batched[b : b + 1], atol=1e-5)
 
 
+@pytest.mark.parametrize("first", [{"site": "projector"}, {"site": "llm", "layer": 0}], ids=["projector", "llm:0"])
 @pytest.mark.parametrize("positions", ["original", "contiguous", "pre_llm"])
 @pytest.mark.parametrize("name", list(FAMILIES))
-def test_every_position_policy_decodes_as_recomputation(name, positions):
-    """Tokens dropped before and inside the LLM under each position policy: cached decoding (positions
-    of new tokens shifted by what the policy renumbered) equals recomputing the sequence each step."""
+def test_every_position_policy_decodes_as_recomputation(name, positions, first):
+    """Tokens dropped before (or inside the LLM before its first layer) and inside the LLM under each
+    position policy: cached decoding (positions of new tokens shifted by what the policy renumbered)
+    equals recomputing the sequence each step."""
     model, x = _build(name)
-    stages = [{"site": "projector", "keep": 0.6}, {"site": "llm", "layer": 2, "keep": 0.3}]
+    stages = [{**first, "keep": 0.6}, {"site": "llm", "layer": 2, "keep": 0.3}]
     generate = dict(max_new_tokens=6, do_sample=False, suppress_tokens=[IMAGE_TOKEN], output_scores=True,
                     return_dict_in_generate=True)
     with vtoken.pruned(model, "random", stages=stages, positions=positions):

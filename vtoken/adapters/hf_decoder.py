@@ -263,6 +263,12 @@ class DecoderPruning:
         if run.prefill:
             if output is not None and self.masking is not None:
                 replaced = output = self.masking.apply(run, kwargs, output)
+            if len(run.groups) > 1 and run.groups[1][0] == 0:
+                # A stage at layer 0 pruned before any layer ran: every layer holds its tokens, so
+                # decoding continues from its layout as the input's (the model's mask and positions
+                # rebuilt from it at each step, as for a stage before the LLM).
+                del run.groups[0]
+                run.input_layout_changed = True
             cache = compat.output_cache(output)
             if cache is not None and run.cache_added:
                 compat.drop_output_cache(output)
@@ -305,8 +311,8 @@ class DecoderPruning:
     # --- per-group kwargs -------------------------------------------------------------------------
     def _use_group_kwargs(self, run: PruneRun, index: int, hidden, kwargs) -> None:
         first, layout = run.group_for(index)
-        if first == 0:
-            return
+        if layout is run.groups[0][1]:
+            return  # the model's own input layout: the mask, positions and rotary it built
         if first not in run.group_kwargs:
             run.group_kwargs[first] = self._group_kwargs(run, layout, hidden)
         kwargs.update(run.group_kwargs[first])
