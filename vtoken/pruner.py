@@ -143,8 +143,9 @@ class LLMObservations:
 def separators_follow_their_runs(reached: torch.Tensor, has_origin: torch.Tensor) -> torch.Tensor:
     """``reached`` ``[N]`` (bool: the token survives) with each token that has no origin (a
     separator: LLaVA-NeXT's newline closing a row) set to whether any token of the run it closes
-    survives, i.e. any token since the previous separator. One pass over the tokens, not a step per
-    separator (a 24-row grid made 24 host syncs per stage)."""
+    survives, i.e. any token since the previous separator; a separator that closes no token at all
+    (a row of an unpadded grid left with no column, which the model still closes) always stays. One
+    pass over the tokens, not a step per separator (a 24-row grid made 24 host syncs per stage)."""
     separator = ~has_origin.to(device=reached.device, dtype=torch.bool)
     if not bool(separator.any()):
         return reached
@@ -152,8 +153,10 @@ def separators_follow_their_runs(reached: torch.Tensor, has_origin: torch.Tensor
     count = int(separator.sum())
     hits = torch.zeros(count + 1, dtype=torch.long, device=reached.device)
     hits.index_add_(0, closes, (reached & ~separator).long())
+    members = torch.zeros(count + 1, dtype=torch.long, device=reached.device)
+    members.index_add_(0, closes, (~separator).long())
     out = reached.clone()
-    out[separator] = hits[:count] > 0
+    out[separator] = (hits[:count] > 0) | (members[:count] == 0)
     return out
 
 

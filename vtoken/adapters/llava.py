@@ -221,8 +221,8 @@ class LlavaAdapter(VisionLanguageAdapter):
         grids = [Grid(0, side, side, side)]
         rest = source[side * side :]
         rows = int((rest < 0).sum())
-        if crops > 1 and rows > 0:
-            width = (rest.numel() - rows) // rows
+        width = (rest.numel() - rows) // rows if rows else 0
+        if crops > 1 and width > 0:  # an unpadded grid with no column (an extreme aspect ratio) is newlines only
             grids.append(Grid(side * side, rows, width, width + 1))
         return TokenMap.one_to_one(source), tuple(grids), self._next_geometry(size[0], crops)
 

@@ -159,7 +159,8 @@ class LlavaOnevisionAdapter(LlavaAdapter):
         token_map = TokenMap.concat([base[:per], crop_grid])
         newlines = int((~crop_grid.has_origin).sum())
         width = (crop_grid.num_tokens - newlines) // max(newlines, 1)
-        grids = (grid, Grid(per, newlines, width, width + 1))
+        # An unpadded grid with no column (an extreme aspect ratio) is newlines only: no patch grid.
+        grids = (grid, Grid(per, newlines, width, width + 1)) if width > 0 else (grid,)
         geometry = {
             "kind": "anyres", "grid": (side, side), "image_size": size,
             "crop_grid": (int(rows), int(cols)), "crops": crops, "tokens_per_crop": per,
