@@ -6,6 +6,7 @@ its decoding steps (:class:`PruneRun`). Both are reached by the adapter's hooks 
 from __future__ import annotations
 
 import hashlib
+import weakref
 from typing import Callable
 
 import torch
@@ -69,9 +70,11 @@ class ImageRun:
         #: Set when the projector's output after a vision stage is only the kept rows, which the
         #: family's packing then places itself (``VisionLanguageAdapter._packing_of_kept_rows``).
         self.kept_rows_pending = False
-        #: The features object this encoding returned and its per-image tensors, to recognise them
-        #: when a forward receives them.
-        self.output = None
+        # The features object this encoding returned (:attr:`output`), held weakly: the pruner keeps
+        # this run for as long as that object lives (``Pruner.remember_encoding``), so a strong
+        # reference here would keep both alive for good, and with them the model.
+        self._output: weakref.ref | None = None
+        #: The per-image tensors of :attr:`output`, to recognise them when a forward receives them.
         self.features: list[torch.Tensor] = []
         #: Set by the adapter for strategies that read the encoder itself (VFlowOpt): an object with
         #: ``attention(layer)`` (a :class:`~vtoken.context.VisionAttention`) and ``pixel_patches()``.
@@ -84,6 +87,15 @@ class ImageRun:
         self.diagnostics: dict = {}
         #: The last fresh prefill this encoding served (see :class:`Served`), for replays.
         self.served: Served | None = None
+
+    @property
+    def output(self):
+        """The features object this encoding returned, while it lives (None after)."""
+        return self._output() if self._output is not None else None
+
+    @output.setter
+    def output(self, value) -> None:
+        self._output = weakref.ref(value) if value is not None else None
 
     @property
     def first_patch_slot(self) -> int:
