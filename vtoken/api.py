@@ -132,6 +132,7 @@ def wrap(model: nn.Module, method: str | None = None, *, config=None, **options:
         )
     pruner = Pruner(strategy)
     undo = UndoStack()
+    undo.push(pruner.release)  # run last by unwrap: what the calls left in this thread's context
     try:
         adapter.install(pruner, undo)
     except Exception:

@@ -192,6 +192,18 @@ class Pruner:
         # lives (``generate`` encodes once and hands the same object to every forward).
         self._encodings: dict[int, ImageRun] = {}
 
+    def release(self) -> None:
+        """Let go of what this pruner's calls left behind (called by ``unwrap``): the last run this
+        thread and any thread finished, a call's open route, every encoding. A context variable's
+        value lives in each thread's context for as long as the thread does, whatever becomes of the
+        pruner, so a wrap-and-unwrap loop would otherwise keep each wrap's last run (on a vision-only
+        model, its encoding and features); another thread's values go when that thread ends."""
+        for var in (self._active, self._encoding, self._last_run, self.prompt_length, self.generate_call):
+            var.set(None)
+        self.annotations.set({})
+        self._last_run_any = None
+        self._encodings.clear()
+
     @property
     def active(self) -> PruneRun | None:
         """The request whose forward is running now in this thread (set by the adapter's outermost hook)."""
