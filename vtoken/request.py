@@ -277,7 +277,8 @@ class PruneRun:
         #: The mask stage decided in the pass (:class:`~vtoken.adapters.mask_stage.DecidedInPass`),
         #: once its layer's input was reached.
         self.decided_mask: tuple | None = None
-        #: True once a mask stage changed the layout of layer group 0 (decoding masks then come from it).
+        #: True once a stage at layer 0 changed the layout of layer group 0 (:meth:`decode_from`):
+        #: decoding masks and positions then come from it.
         self.input_layout_changed = False
         #: True when the adapter added a KV cache the caller did not ask for (a mask stage reuses the
         #: prefix's KV); it is not returned.
@@ -326,6 +327,13 @@ class PruneRun:
             if self.replay is None and self.prompt is not None:
                 self.image_run.served = Served(*self.prompt, self.reductions)
             self.image_run = None
+
+    def decode_from(self, layout: SequenceLayout) -> None:
+        """Make ``layout`` the input layout decoding continues from: a stage at layer 0 (a pruning
+        stage, a mask stage) changed what every layer holds, so each step's mask and positions are
+        rebuilt from it at the model's input, as for a stage before the LLM."""
+        self.groups[0] = (0, layout)
+        self.input_layout_changed = True
 
     def group_for(self, layer: int) -> tuple[int, SequenceLayout]:
         current = self.groups[0]

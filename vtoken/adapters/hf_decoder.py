@@ -264,11 +264,10 @@ class DecoderPruning:
             if output is not None and self.masking is not None:
                 replaced = output = self.masking.apply(run, kwargs, output)
             if len(run.groups) > 1 and run.groups[1][0] == 0:
-                # A stage at layer 0 pruned before any layer ran: every layer holds its tokens, so
-                # decoding continues from its layout as the input's (the model's mask and positions
-                # rebuilt from it at each step, as for a stage before the LLM).
-                del run.groups[0]
-                run.input_layout_changed = True
+                # A stage at layer 0 pruned before any layer ran: every layer holds its tokens. During
+                # the prefill its group came after the input's (whose kwargs the model built); now
+                # decoding continues from it.
+                run.decode_from(run.groups.pop(1)[1])
             cache = compat.output_cache(output)
             if cache is not None and run.cache_added:
                 compat.drop_output_cache(output)

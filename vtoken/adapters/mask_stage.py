@@ -215,8 +215,7 @@ class MaskStagePass:
                 layout.orig_index, layout.valid & ~masked, layout.visual_index, layout.image_index, layout.position_ids
             )
         if stage.layer == 0:
-            run.groups[0] = (0, decoding)
-            run.input_layout_changed = True
+            run.decode_from(decoding)
         else:
             run.groups.append((stage.layer, decoding))
 
