@@ -1,0 +1,74 @@
+"""Run the wrapped-model checks (``eval/wrap_checks.py``) over fresh random cases for a while.
+
+    OMP_NUM_THREADS=1 python eval/fuzz_models.py --minutes 30 --first-seed 100000 --log /tmp/fuzz.jsonl
+
+Each case is one seed: a random model of a family, a random batch, a method and its options
+(``eval/random_models.py``). One JSON line per case goes to ``--log`` (its results per check, and each
+failure with its traceback); the failures are printed as they come and counted at the end. Rerun one
+case with ``--first-seed S --cases 1``. The suite runs a fixed slice of seeds
+(``tests/test_random_models.py``); this is the long campaign behind it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+from random_models import FAMILIES  # noqa: E402
+from wrap_checks import check_seed  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--minutes", type=float, default=10.0, help="stop starting cases after this long")
+    parser.add_argument("--cases", type=int, default=None, help="stop after this many cases")
+    parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--family", choices=FAMILIES, help="only this family")
+    parser.add_argument("--method", help="only this method")
+    parser.add_argument("--log", type=Path, default=Path("fuzz_models.jsonl"), help="one JSON line per case")
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    torch.set_num_threads(1)
+    stop = time.time() + 60 * args.minutes
+    outcomes: collections.Counter = collections.Counter()
+    failed = 0
+    seed = args.first_seed
+    with args.log.open("a") as log:
+        while time.time() < stop and (args.cases is None or seed < args.first_seed + args.cases):
+            start = time.time()
+            try:
+                report = check_seed(seed, args.family, args.method)
+            except Exception as error:  # noqa: BLE001 - a case the random draw cannot build is reported, not fatal
+                print(f"seed {seed}: the case itself failed to build: {type(error).__name__}: {error}", flush=True)
+                log.write(json.dumps({"seed": seed, "error": f"{type(error).__name__}: {error}"}) + "\n")
+                seed += 1
+                continue
+            for result in report.results.values():
+                outcomes[result.split(":")[0]] += 1
+            log.write(json.dumps({"seed": seed, "case": report.case, "method": report.method,
+                                  "options": repr(report.options), "seconds": round(time.time() - start, 2),
+                                  "results": report.results, "failures": report.failures}, default=str) + "\n")
+            log.flush()
+            if report.failures:
+                failed += 1
+                print(report.summary(), flush=True)
+            seed += 1
+    print(f"{seed - args.first_seed} cases (seeds {args.first_seed}..{seed - 1}), {failed} with a failure; "
+          f"checks: {dict(outcomes)}; log: {args.log}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

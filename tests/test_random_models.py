@@ -1,0 +1,37 @@
+"""Random model configurations and batches that no other test uses, every method on every family.
+
+Each seed draws a family's model (depth, widths, GQA / MQA / MHA, head dims, tower and patch sizes,
+the text model under LLaVA, AnyRes pinpoints, Qwen windows / DeepStack layers / videos), a left-padded
+batch of samples holding 0, 1 or 2 images, a method's random options and sometimes bfloat16
+(``eval/random_models.py``); ``eval/wrap_checks.py`` then checks that keep=1.0 is the plain model,
+that a real budget runs every generate mode with greedy decoding equal across caches, that each
+sample alone gets what it gets in the batch, and that unwrap gives the model back bit for bit. The
+seeds cycle through the families and, per family, through every method that runs there.
+``python eval/fuzz_models.py --minutes 30`` runs the same checks on fresh seeds.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
+
+from random_models import FAMILIES  # noqa: E402
+from wrap_checks import check_seed, methods_for  # noqa: E402
+
+CASES = 96  # 16 per family: every method of a family at least once
+
+
+@pytest.mark.parametrize("seed", range(CASES))
+def test_a_random_model_and_batch_keep_every_guarantee(seed):
+    family = FAMILIES[seed % len(FAMILIES)]
+    methods = methods_for(family)
+    method = methods[(seed // len(FAMILIES)) % len(methods)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = check_seed(seed, family, method)
+    assert not report.failures, report.summary()
