@@ -72,3 +72,24 @@ def test_only_the_bytes_count():
     assert fingerprint(x.view(torch.int32)) == fingerprint(x)  # same bytes, other dtype
     assert fingerprint(torch.cat([x.reshape(-1), torch.zeros(1)])) != fingerprint(x)  # a zero more: the length
     assert fingerprint(x.half()) != fingerprint(x)
+
+
+@pytest.mark.parametrize("dtype,side", [(torch.float32, 105), (torch.bfloat16, 77)])
+def test_an_image_starting_off_a_word_is_fingerprinted_as_its_bytes(dtype, side):
+    """The second image of a batch of odd-sided float32 images (or bfloat16 ones)
+    starts at a byte offset that is not a multiple of 8: its words cannot be read in place. Its
+    fingerprint is that of the same bytes copied, and random at the vision site runs on such a batch
+    (it raised a RuntimeError from torch's view)."""
+    import vtoken
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    batch = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(0)).to(dtype)
+    assert batch[1].storage_offset() * batch.element_size() % 8
+    copied = batch[1].clone()  # numpy has no bfloat16: the reference reads its bytes as int16
+    assert fingerprint(batch[1]) == fingerprint(copied) == reference(copied.view(torch.int16) if dtype == torch.bfloat16 else copied)
+    torch.manual_seed(0)
+    model = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                             image_size=side, patch_size=side // 7)).eval().to(dtype)
+    with vtoken.pruned(model, "random", keep=0.5, site="vision", layer=0), torch.no_grad():
+        out = model(pixel_values=batch).last_hidden_state
+    assert out.shape[1] == 1 + round(0.5 * (side // (side // 7)) ** 2)

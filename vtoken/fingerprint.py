@@ -32,6 +32,10 @@ def update_with_tensor(digest: "hashlib._Hash", tensor: torch.Tensor) -> None:
     """Feed ``digest`` a fingerprint of ``tensor``'s bytes in memory order (its shape and dtype do not
     enter, only its byte length): equal bytes give equal updates on any device."""
     raw = tensor.detach().reshape(-1).contiguous().view(torch.uint8)
+    if raw.storage_offset() % 8:
+        # A slice of a batch (one image's pixels) can start off a word: its bytes cannot be read as
+        # 64-bit words in place (odd image sides in float32, bfloat16 sides not a multiple of 4).
+        raw = raw.clone()
     whole = raw.numel() // (8 * BLOCKS) * (8 * BLOCKS)
     parts = [raw[whole:]]
     if whole:
