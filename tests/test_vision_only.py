@@ -582,3 +582,36 @@ def test_a_site_a_vision_only_model_lacks_is_named_first(options):
     with pytest.raises(ValueError, match=rf"^timm ViT is a vision-only model: it has no '{site}' site; use site='vision'"):
         vtoken.wrap(model, "random", **options)
     assert not vtoken.is_wrapped(model)
+
+
+def _non_square_patches(kind: str):
+    """A ViT whose patches are 8 pixels tall and 4 wide: a 32 x 32 image makes a 4 x 8 grid."""
+    torch.manual_seed(0)
+    if kind == "timm":
+        from timm.models.vision_transformer import VisionTransformer
+
+        return VisionTransformer(img_size=32, patch_size=(8, 4), embed_dim=32, depth=3, num_heads=2, num_classes=5).eval()
+    from open_clip.transformer import VisionTransformer
+
+    return VisionTransformer(image_size=32, patch_size=(8, 4), width=32, layers=3, heads=2, mlp_ratio=2.0, output_dim=8).eval()
+
+
+@pytest.mark.parametrize("kind", ["timm", "open_clip"])
+@pytest.mark.parametrize("method", list(METHODS))
+def test_patches_taller_than_wide_are_counted_side_by_side(kind, method):
+    """Each side of the image is cut by its own patch side: 32 patches, not 16 (vtoken read the
+    patch's height for both sides, so keep=1.0 dropped half the patches and ToMe and Representation
+    Shift stopped with shape errors)."""
+    model = _non_square_patches(kind)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    embed = (lambda m: m.forward_features(x)) if kind == "timm" else (lambda m: m(x))
+    with torch.no_grad():
+        plain = embed(model)
+    options = {k: v for k, v in METHODS[method].items() if k not in ("keep", "r")}
+    with vtoken.pruned(model, _method(method), **({"r": 0} if method == "tome" else {"keep": 1.0}), **options), torch.no_grad():
+        torch.testing.assert_close(embed(model), plain, rtol=0, atol=1e-5)
+    budget = {"r": 4} if method == "tome" else {"keep": 0.5}
+    with vtoken.pruned(model, _method(method), **budget, **options), torch.no_grad():
+        embed(model)
+        kept = [len(v) for v in vtoken.selection(model)[0].values()]
+    assert kept[-1] == (32 - 4 * len(kept) if method == "tome" else 16)

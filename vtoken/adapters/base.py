@@ -287,7 +287,8 @@ class VisionSpec:
     layers: nn.ModuleList
     prefix_tokens: int
     grid: tuple[int, int]
-    patch_size: int
+    #: The patch's (height, width) in pixels; a square side may be given as one int.
+    patch_size: tuple[int, int] | int
     width: int
     head_dim: int
     attention: Callable[[int], Any]
@@ -310,13 +311,19 @@ class VisionSpec:
     #: ``dynamic_img_pad``): its grid rounds up instead of down.
     pads: bool = False
 
+    def __post_init__(self) -> None:
+        side = self.patch_size
+        object.__setattr__(self, "patch_size", (int(side), int(side)) if isinstance(side, int) else tuple(map(int, side)))
+
     @property
     def patches(self) -> int:
         return self.grid[0] * self.grid[1]
 
     def grid_for(self, height: int, width: int) -> tuple[int, int]:
-        """The patch grid the embedding makes of an image of ``height`` x ``width`` pixels."""
-        return patches_along(height, self.patch_size, self.pads), patches_along(width, self.patch_size, self.pads)
+        """The patch grid the embedding makes of an image of ``height`` x ``width`` pixels (a timm
+        patch may be taller than wide: each side is cut by its own)."""
+        tall, wide = self.patch_size
+        return patches_along(height, tall, self.pads), patches_along(width, wide, self.pads)
 
     @property
     def has_cls(self) -> bool:

@@ -73,7 +73,7 @@ class OpenClipAdapter(VisionEncoderAdapter):
             layers=blocks,
             prefix_tokens=1,
             grid=(int(rows), int(cols)),
-            patch_size=int(tower.patch_size[0]),
+            patch_size=tuple(tower.patch_size),
             width=width,
             head_dim=width // heads,
             attention=lambda layer: multihead_parts(blocks[layer].attn),

@@ -72,7 +72,7 @@ def timm_vision_spec(vit: nn.Module) -> VisionSpec:
         layers=blocks,
         prefix_tokens=vit.num_prefix_tokens,
         grid=(int(rows), int(cols)),
-        patch_size=int(vit.patch_embed.patch_size[0]),
+        patch_size=tuple(vit.patch_embed.patch_size),
         width=width,
         head_dim=_head_dim(blocks[0], width),
         attention=lambda layer: fused_qkv_parts(blocks[layer].attn),

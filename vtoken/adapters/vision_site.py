@@ -214,11 +214,11 @@ class VisionSource:
         return VisionAttention(rows=rows, keys=k.mean(dim=1)[:, first:], cls=cls, column_mass=column_mass)
 
     def pixel_patches(self) -> torch.Tensor:
-        """``[C, P, channels, p, p]``: the (normalised) pixel values behind each crop's patch tokens,
-        in the row-major order of the encoder's patch embedding."""
+        """``[C, P, channels, p_h, p_w]``: the (normalised) pixel values behind each crop's patch
+        tokens, in the row-major order of the encoder's patch embedding."""
         pixels = self.crop_pixels()
-        size = self.vision.patch_size
+        tall, wide = self.vision.patch_size
         crops, channels = pixels.shape[:2]
         rows, cols = self.grid
-        cut = pixels[:, :, : rows * size, : cols * size].unfold(2, size, size).unfold(3, size, size)
-        return cut.permute(0, 2, 3, 1, 4, 5).reshape(crops, rows * cols, channels, size, size)
+        cut = pixels[:, :, : rows * tall, : cols * wide].unfold(2, tall, tall).unfold(3, wide, wide)
+        return cut.permute(0, 2, 3, 1, 4, 5).reshape(crops, rows * cols, channels, tall, wide)
