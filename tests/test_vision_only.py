@@ -125,10 +125,9 @@ def test_prefix_tokens_are_never_pruned(family):
     model = spec.make()
     layer = 1
     outputs = []
-    block = blocks_of(model)[layer]
     vtoken.wrap(model, "random", keep=0.25, site="vision", layer=layer)
-    # Registered after wrap's stage hook: it sees the block's pruned output (and its input first).
-    handle = block.register_forward_hook(lambda m, a, o: outputs.append(o[0] if isinstance(o, tuple) else o))
+    # The next block's input: the pruned tokens (a hook on the block itself sees its own output,
+    # before the stage after it, whenever it was registered).
     handle_in = blocks_of(model)[layer + 1].register_forward_pre_hook(lambda m, a: outputs.append(a[0] if a else None))
     x = images()
     reference = spec.make()
@@ -136,7 +135,7 @@ def test_prefix_tokens_are_never_pruned(family):
     reference_handle = blocks_of(reference)[layer].register_forward_hook(lambda m, a, o: captured.append(o[0] if isinstance(o, tuple) else o))
     _embed(family, model, x)
     _embed(family, reference, x)
-    handle.remove(), handle_in.remove(), reference_handle.remove()
+    handle_in.remove(), reference_handle.remove()
     pruned, full = outputs[0], captured[0]
     assert pruned.shape[1] == spec.prefix + round(0.25 * PATCHES)
     torch.testing.assert_close(pruned[:, : spec.prefix], full[:, : spec.prefix], rtol=0, atol=0)
@@ -615,3 +614,38 @@ def test_patches_taller_than_wide_are_counted_side_by_side(kind, method):
         embed(model)
         kept = [len(v) for v in vtoken.selection(model)[0].values()]
     assert kept[-1] == (32 - 4 * len(kept) if method == "tome" else 16)
+
+
+@pytest.mark.parametrize("family", ["clip_vision", "siglip"])
+@pytest.mark.parametrize("asked_before_wrap", [False, True])
+def test_hidden_states_hold_each_block_output_before_the_stage_after_it(family, asked_before_wrap):
+    """``output_hidden_states`` gives block l's output before the stage after block l prunes it (as an
+    LLM layer's hidden state is before a stage at the next layer), then the kept tokens, whether or
+    not the model ran a forward asking for hidden states before it was wrapped: transformers
+    installs its capturing hooks on the first such forward, and vtoken's stage hook ran before them
+    when the model was wrapped first (block l's hidden state was then already pruned)."""
+    model = VISION_FAMILIES[family].make()
+    x = images()
+    prefix = VISION_FAMILIES[family].prefix
+    if asked_before_wrap:
+        with torch.no_grad():
+            model(pixel_values=x, output_hidden_states=True)
+    with vtoken.pruned(model, "random", keep_tokens=PATCHES // 4, site="vision", layer=1), torch.no_grad():
+        out = model(pixel_values=x, output_hidden_states=True)
+    lengths = [h.shape[1] for h in out.hidden_states]
+    # the embeddings, blocks 0 and 1 in full; blocks 2.. on the kept tokens
+    assert lengths == [prefix + PATCHES] * 3 + [prefix + PATCHES // 4] * (DEPTH - 2)
+
+
+def test_a_hook_on_a_pruned_block_sees_its_output_whenever_it_was_registered():
+    """A forward hook of the user's on block l sees what block l computed, registered before or
+    after wrap; the stage after block l acts behind every such hook, and block l + 1 gets the kept
+    tokens."""
+    model = VISION_FAMILIES["timm"].make()
+    seen = {}
+    blocks_of(model)[1].register_forward_hook(lambda m, a, o: seen.__setitem__("before wrap", o.shape[1]))
+    with vtoken.pruned(model, "random", keep_tokens=PATCHES // 4, site="vision", layer=1), torch.no_grad():
+        blocks_of(model)[1].register_forward_hook(lambda m, a, o: seen.__setitem__("after wrap", o.shape[1]))
+        blocks_of(model)[2].register_forward_pre_hook(lambda m, a: seen.__setitem__("next block", a[0].shape[1]))
+        model(images())
+    assert seen == {"before wrap": 1 + PATCHES, "after wrap": 1 + PATCHES, "next block": 1 + PATCHES // 4}

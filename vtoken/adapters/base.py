@@ -203,9 +203,10 @@ class UndoStack:
     def push(self, action: Callable[[], None]) -> None:
         self._actions.append(action)
 
-    def hook(self, handle: torch.utils.hooks.RemovableHandle) -> None:
+    def hook(self, handle: torch.utils.hooks.RemovableHandle) -> torch.utils.hooks.RemovableHandle:
         self._handles.append(handle)
         self.push(handle.remove)
+        return handle
 
     def set_attribute(self, owner: Any, name: str, value: Any) -> None:
         """Set ``owner.name`` in its instance dict (a module's method replaced per instance); undone
@@ -237,17 +238,31 @@ class UndoStack:
             else:
                 copied.__dict__.pop(name, None)
 
-    def pre_hook(self, module: nn.Module, fn: Callable, **options) -> None:
+    def pre_hook(self, module: nn.Module, fn: Callable, **options) -> torch.utils.hooks.RemovableHandle:
         """Register ``fn`` as a forward pre-hook of ``module`` (run eagerly, see :func:`eager`)."""
-        self.hook(module.register_forward_pre_hook(eager(fn), **options))
+        return self.hook(module.register_forward_pre_hook(eager(fn), **options))
 
-    def post_hook(self, module: nn.Module, fn: Callable, **options) -> None:
+    def post_hook(self, module: nn.Module, fn: Callable, **options) -> torch.utils.hooks.RemovableHandle:
         """Register ``fn`` as a forward hook of ``module`` (run eagerly, see :func:`eager`)."""
-        self.hook(module.register_forward_hook(eager(fn), **options))
+        return self.hook(module.register_forward_hook(eager(fn), **options))
 
     def run(self) -> None:
         while self._actions:
             self._actions.pop()()
+
+
+def move_hooks_last(handles: list[torch.utils.hooks.RemovableHandle]) -> None:
+    """Move each handle's forward hook behind every other hook of its module, in the order given.
+
+    transformers installs its output-capturing hooks (``output_hidden_states``) on a model's first
+    forward that asks for them, and they stay; a vtoken hook that changes a block's output would
+    run before them when the model was wrapped first and after them otherwise, so what
+    ``hidden_states`` holds would depend on the model's history. Moved last before every call,
+    vtoken's hooks always run after them."""
+    for handle in handles:
+        hooks = handle.hooks_dict_ref()
+        if hooks is not None and handle.id in hooks:
+            hooks.move_to_end(handle.id)
 
 
 def _restore_instance_attribute(owner: Any, name: str, had: bool, old: Any) -> None:

@@ -157,7 +157,9 @@ class VisionEncoderAdapter(VisionSite, Adapter):
         undo.pre_hook(self.pixel_entry(), self._open_encoding, with_kwargs=True)
         self.install_vision(undo)
         # After every stage hook of the last block: what each image kept is final.
-        undo.post_hook(self.vision_layers()[len(self.vision_layers()) - 1], self._close_encoding)
+        closing = undo.post_hook(self.vision_layers()[len(self.vision_layers()) - 1], self._close_encoding)
+        if self.last_vision_hooks:
+            self.last_vision_hooks.append(closing)
         for module in self.feature_map_modules():
             self._refuse_feature_maps(module, undo)
 

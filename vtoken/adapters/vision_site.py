@@ -21,7 +21,7 @@ from functools import cache, partial
 import torch
 from torch import nn
 
-from .base import BlockHalves, UndoStack, eager
+from .base import BlockHalves, UndoStack, eager, move_hooks_last
 from .observe import observe_layer
 from vtoken import signals
 from vtoken.context import Grid, VisionAttention
@@ -46,9 +46,17 @@ class VisionSite:
             undo.pre_hook(vision.attention_module(vision.layers[layer]), hook, with_kwargs=True)
         inside = pruner.strategy.inside_block()
         stages = pruner.stages_at("vision")
+        #: vtoken's hooks that change a block's output, kept behind the model's own (move_hooks_last).
+        self.last_vision_hooks: list[torch.utils.hooks.RemovableHandle] = []
         if inside is None:
             for stage in stages:
-                undo.post_hook(vision.layers[stage.layer], partial(self._after_vision_layer, stage))
+                self.last_vision_hooks.append(
+                    undo.post_hook(vision.layers[stage.layer], partial(self._after_vision_layer, stage)))
+            if stages:
+                # A block's hidden state (output_hidden_states) is its output before the stage after it,
+                # as an LLM layer's is before a stage at the next layer, whenever the model's
+                # output-capturing hooks were installed.
+                undo.pre_hook(vision.layers[0], lambda module, args: move_hooks_last(self.last_vision_hooks))
         elif stages:
             self._run_blocks_in_halves(stages, inside.proportional_attention, undo)
 
