@@ -649,3 +649,19 @@ def test_a_hook_on_a_pruned_block_sees_its_output_whenever_it_was_registered():
         blocks_of(model)[2].register_forward_pre_hook(lambda m, a: seen.__setitem__("next block", a[0].shape[1]))
         model(images())
     assert seen == {"before wrap": 1 + PATCHES, "after wrap": 1 + PATCHES, "next block": 1 + PATCHES // 4}
+
+
+def test_pool_after_a_stage_keeping_every_patch_by_count_runs_as_after_keep_all():
+    """An earlier stage's keep_tokens equal to the image's patches keeps the grid whole, as keep=1.0
+    does, so pool may follow it (it was refused at wrap as if that stage had pruned); one that cuts is
+    refused in one line at the forward."""
+    model, x = VISION_FAMILIES["timm"].make(), images()
+    later = {"site": "vision", "layer": 2, "keep_tokens": PATCHES // 4}
+    results = []
+    for first in ({"keep": 1.0}, {"keep_tokens": PATCHES}):
+        with vtoken.pruned(model, "pool", stages=[{"site": "vision", "layer": 0, **first}, later]), torch.no_grad():
+            results.append(model(x))
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
+    with vtoken.pruned(model, "pool", stages=[{"site": "vision", "layer": 0, "keep_tokens": PATCHES - 1}, later]):
+        with pytest.raises(ValueError, match=r"pool needs the image's full patch grid, which an earlier stage already pruned"):
+            model(x)

@@ -33,10 +33,11 @@ class PoolConfig(PruneConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         # Pooling needs each image's whole patch grid: after a stage that pruned, there is none left
-        # (the forward would stop at that stage), so only the first stage may cut.
+        # (the forward would stop at that stage), so only the first stage may cut. A keep_tokens
+        # budget may keep every token (its count is the image's); the forward refuses one that cuts.
         stages = self.resolved_stages()
         for earlier, later in zip(stages, stages[1:]):
-            if earlier.keep != 1.0:
+            if earlier.keep is not None and earlier.keep != 1.0:
                 raise ValueError(
                     f"pool needs each image's full patch grid, but stage {later.name} follows {earlier.name}, which "
                     f"already pruned it; give pool one stage (site, layer, keep), or keep=1.0 at the earlier stages"
