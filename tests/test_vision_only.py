@@ -665,3 +665,18 @@ def test_pool_after_a_stage_keeping_every_patch_by_count_runs_as_after_keep_all(
     with vtoken.pruned(model, "pool", stages=[{"site": "vision", "layer": 0, "keep_tokens": PATCHES - 1}, later]):
         with pytest.raises(ValueError, match=r"pool needs the image's full patch grid, which an earlier stage already pruned"):
             model(x)
+
+
+@pytest.mark.parametrize("method", ["random", "pool", "repshift"])
+@pytest.mark.parametrize("rounding,kept", [("round", 59), ("floor", 58)])
+def test_a_vision_stage_rounds_its_budget_as_asked(method, rounding, kept):
+    """keep=0.3 of 196 patches is 58.8: 59 rounded, 58 floored (a vision stage rounded to the nearest
+    whatever its ``rounding``), the same count ``StageSpec.budget`` gives."""
+    from vtoken.config import StageSpec
+
+    stage = {"site": "vision", "layer": 1, "keep": 0.3, "rounding": rounding}
+    assert StageSpec(**stage).budget(PATCHES) == kept
+    model = VISION_FAMILIES["timm"].make()
+    with vtoken.pruned(model, method, stages=[stage]), torch.no_grad():
+        model(images())
+        assert {len(s["vision:1"]) for s in vtoken.selection(model)} == {kept}

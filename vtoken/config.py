@@ -86,7 +86,8 @@ class StageSpec:
         """Tokens one vision-encoder crop of ``crop_tokens`` patches keeps at this (vision) stage, for
         an image of ``image_tokens`` visual tokens: the image's fraction of the crop (at least 1). A
         method whose count is not linear in the token count (ToMe) overrides it."""
-        return max(1, round(self.fraction(image_tokens) * crop_tokens))
+        exact = self.fraction(image_tokens) * crop_tokens
+        return max(1, int(exact) if self.rounding == "floor" else round(exact))
 
 
 @dataclass
