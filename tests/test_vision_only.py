@@ -680,3 +680,17 @@ def test_a_vision_stage_rounds_its_budget_as_asked(method, rounding, kept):
     with vtoken.pruned(model, method, stages=[stage]), torch.no_grad():
         model(images())
         assert {len(s["vision:1"]) for s in vtoken.selection(model)} == {kept}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_an_empty_batch_runs_as_the_model(method):
+    """A batch of no image gets the plain model's empty output (a stage raised a ValueError about
+    keep_tokens and images of different sizes: the set of its crops' counts was empty)."""
+    model = VISION_FAMILIES["timm"].make()
+    empty = torch.zeros(0, 3, 112, 112)
+    with torch.no_grad():
+        plain = model(empty)
+    with vtoken.pruned(model, _method(method), **METHODS[method]), torch.no_grad():
+        assert model(empty).shape == plain.shape == (0, plain.shape[1])
+        model(images())  # and the next batch is pruned as ever
+        assert len(vtoken.selection(model)) == 3

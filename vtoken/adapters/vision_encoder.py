@@ -204,6 +204,9 @@ class VisionEncoderAdapter(VisionSite, Adapter):
                 "prunes in; call model.set_grad_checkpointing(False) to train with vtoken, or run under torch.no_grad()"
             )
         pixels = self.pixels_from(args, kwargs)
+        if pixels.shape[0] == 0:  # an empty batch runs as the model (nothing to prune, nothing to record)
+            pruner.encoding = None
+            return None
         rows, cols = vision.grid_for(pixels.shape[-2], pixels.shape[-1])
         patches, prefix = rows * cols, vision.prefix_tokens
         geometry = {"kind": "grid", "grid": (rows, cols), "first": 0}
