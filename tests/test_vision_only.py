@@ -694,3 +694,26 @@ def test_an_empty_batch_runs_as_the_model(method):
         assert model(empty).shape == plain.shape == (0, plain.shape[1])
         model(images())  # and the next batch is pruned as ever
         assert len(vtoken.selection(model)) == 3
+
+
+@pytest.mark.parametrize("method", ["visionzip", "tome", "repshift", "random", "pool"])
+def test_a_timm_attention_of_another_layout_is_not_read_as_timm_attention(method):
+    """timm's DiffAttention (``attn_layer="diff"``) has a fused qkv too, but two maps per head and a
+    head_dim of half a head's width: vtoken read the second half of its query projection as the keys
+    (VisionZip ran silently on that). The methods that read its attention (VisionZip, ToMe's keys) are
+    refused in one line, the model unchanged; those that read only the blocks' outputs run."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5,
+                              attn_layer="diff").eval()
+    options = {"r": 2} if method == "tome" else {"keep": 0.5}
+    if method in ("visionzip", "tome"):
+        hooks = _hooks(model)
+        with pytest.raises(ValueError, match="Block blocks, which lack .*timm's Attention") as error:
+            vtoken.wrap(model, method, **options)
+        assert "\n" not in str(error.value) and not vtoken.is_wrapped(model) and _hooks(model) == hooks
+        return
+    with vtoken.pruned(model, method, **options), torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+        assert {len(s["vision:0"]) for s in vtoken.selection(model)} == {8}

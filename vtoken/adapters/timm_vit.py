@@ -93,12 +93,18 @@ def _block_types() -> tuple[type, type]:
 
 
 def _timm_attention(block: nn.Module) -> nn.Module | None:
-    """The block's timm ``Attention`` (``attn``: one fused ``qkv`` linear, q/k norms) that vtoken reads
-    and runs; None when it has none."""
+    """The block's timm ``Attention`` (``attn``: one fused ``qkv`` linear of ``num_heads`` heads of
+    ``head_dim`` for each of q, k and v, q/k norms) that vtoken reads and runs; None when it has none.
+    Another attention class with a fused ``qkv`` (timm's ``DiffAttention``: two maps per head, a
+    ``head_dim`` of half the width per head) is not one: its keys are not where vtoken reads them."""
+    from timm.layers import Attention
+
     attention = getattr(block, "attn", None)
-    if not isinstance(getattr(attention, "qkv", None), nn.Linear):
+    if not isinstance(attention, Attention) or not isinstance(getattr(attention, "qkv", None), nn.Linear):
         return None
-    return attention if all(hasattr(attention, a) for a in ("num_heads", "head_dim", "scale", "q_norm", "k_norm")) else None
+    if not all(hasattr(attention, a) for a in ("num_heads", "head_dim", "scale", "q_norm", "k_norm")):
+        return None
+    return attention if attention.qkv.out_features == 3 * attention.num_heads * attention.head_dim else None
 
 
 def _head_dim(block: nn.Module, width: int) -> int:
@@ -113,8 +119,6 @@ def _branch_parts(block: nn.Module) -> dict[str, str] | None:
     add): ``Block``'s layer scales, ``ResPostBlock``'s norms (it normalises each branch); None for
     other blocks."""
     block_cls, post_cls = _block_types()
-    if _timm_attention(block) is None:
-        return None
     if type(block) is block_cls:
         return {"attention": "ls1", "mlp": "ls2"}
     if type(block) is post_cls:
@@ -129,15 +133,16 @@ def timm_block_gap(blocks: nn.ModuleList, signal) -> str | None:
     if layered and not 0 <= signal.layer < len(blocks):
         return None  # (the generic check names the missing layer)
     block = blocks[signal.layer if layered else 0]
-    if signal.name == signals.VISION_ATTENTION and _timm_attention(block) is None:
+    attention, branches = _timm_attention(block) is not None, _branch_parts(block) is not None
+    if signal.name == signals.VISION_ATTENTION and not attention:
         missing = "an attn module with one fused qkv projection (timm's Attention) whose attention vtoken recomputes"
-    elif signal.name == signals.VISION_OBSERVED and _branch_parts(block) is None:
+    elif signal.name == signals.VISION_OBSERVED and not branches:
         missing = "separate attention and MLP branches (Block's ls1 / ls2) for vtoken to observe"
-    elif signal.name == signals.VISION_BLOCK_KEYS and _branch_parts(block) is None:
-        missing = "the Block / ResPostBlock layout vtoken splits into attention and MLP"
+    elif signal.name == signals.VISION_BLOCK_KEYS and not (attention and branches):
+        missing = "the Block / ResPostBlock layout with timm's Attention that vtoken splits into attention and MLP"
     else:
         return None
-    runs = ["random"] + (["pool", "visionzip"] if _timm_attention(block) is not None else ["pool"])
+    runs = ["random", "pool"] + ["repshift"] * branches + ["visionzip"] * attention
     return f"{type(block).__name__} blocks, which lack {missing} (only {', '.join(runs[:-1])} and {runs[-1]} run on them)"
 
 
@@ -160,7 +165,7 @@ def timm_block_halves(block: nn.Module, undo: UndoStack) -> BlockHalves:
     normalised after) in two halves. The attention is the block's own module, handed the size bias as
     its float ``attn_mask`` (SDPA or its eager path); its keys (after ``k_norm``) are read by a hook
     on ``attn.k_norm`` that records only inside the halves."""
-    parts = _branch_parts(block)
+    parts = _branch_parts(block) if _timm_attention(block) is not None else None
     if parts is None:
         raise ValueError(
             f"this timm ViT's blocks are {type(block).__name__}, not the Block / ResPostBlock that vtoken splits into "
