@@ -311,6 +311,7 @@ TOO_BIG = 10**400
         ("random", {"stages": [1]}, r"each entry of stages must be a dict like .*got 1"),
         ("random", {"stages": {"site": "projector", "keep": 0.5}}, r"stages must be a list of dicts"),
         ("random", {"stages": [{"site": "projector", "kep": 0.5}]}, r"unknown key\(s\) kep in a stage; a stage takes"),
+        ("random", {"stages": [{"layer": 1, "keep": 0.5}]}, r"a stage needs its site: add 'site': 'vision', 'projector' or 'llm'"),
         ("random", {"seed": "a"}, r"seed must be an integer .*got 'a'"),
         ("random", {"seed": 2**64}, r"seed must be an integer \(a 64-bit value"),
         # Setups that used to fail only at the first forward.

@@ -717,3 +717,16 @@ def test_a_timm_attention_of_another_layout_is_not_read_as_timm_attention(method
     with vtoken.pruned(model, method, **options), torch.no_grad():
         model(torch.randn(2, 3, 32, 32))
         assert {len(s["vision:0"]) for s in vtoken.selection(model)} == {8}
+
+
+@pytest.mark.parametrize("family", ["clip_vision", "timm"])
+def test_visionzip_vision_layer_alone_places_its_stage(family):
+    """On a vision-only model VisionZip's vision_layer alone prunes after that layer (it was refused,
+    naming the family's default layer as if the user had given it); a layer the tower lacks is named."""
+    model = VISION_FAMILIES[family].make()
+    with vtoken.pruned(model, "visionzip", keep=0.25, vision_layer=3), torch.no_grad():
+        VISION_FAMILIES[family].embed(model, images())
+        assert list(vtoken.selection(model)[0]) == ["vision:3"]
+    with pytest.raises(ValueError, match=f"vision_layer={DEPTH} does not exist: the vision encoder has {DEPTH} layers"):
+        vtoken.wrap(model, "visionzip", keep=0.25, vision_layer=DEPTH)
+    assert not vtoken.is_wrapped(model)

@@ -201,6 +201,8 @@ def _stage_options(stage: Any) -> dict[str, Any]:
     unknown = sorted(str(k) for k in set(stage) - known)
     if unknown:
         raise ValueError(f"unknown key(s) {', '.join(unknown)} in a stage; a stage takes {', '.join(sorted(known))}")
+    if "site" not in stage:
+        raise ValueError(f"a stage needs its site: add 'site': 'vision', 'projector' or 'llm' to {stage!r}")
     return dict(stage)
 
 

@@ -117,7 +117,9 @@ class VisionEncoderAdapter(VisionSite, Adapter):
             return options
         if getattr(strategy_cls.Config, "site", "vision") == "vision":
             return options
-        return {"site": "vision", "layer": self.default_vision_layer(), **options}
+        # A method that reads one vision layer (VisionZip's vision_layer) prunes after that layer.
+        layer = options.get("vision_layer")
+        return {"site": "vision", "layer": self.default_vision_layer() if layer is None else layer, **options}
 
     def _no_site(self, site: str) -> ValueError:
         return ValueError(
