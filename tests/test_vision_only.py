@@ -730,3 +730,16 @@ def test_visionzip_vision_layer_alone_places_its_stage(family):
     with pytest.raises(ValueError, match=f"vision_layer={DEPTH} does not exist: the vision encoder has {DEPTH} layers"):
         vtoken.wrap(model, "visionzip", keep=0.25, vision_layer=DEPTH)
     assert not vtoken.is_wrapped(model)
+
+
+def test_a_call_that_stops_before_the_last_block_records_its_selection():
+    """timm's forward_intermediates(stop_early=True) never runs the last block, whose hook closes the
+    encoding: vtoken.selection said no forward had run (or gave the previous call's), and the
+    encoding stayed open. It is closed on the stages that ran."""
+    model = VISION_FAMILIES["timm"].make()
+    with vtoken.pruned(model, "random", keep_tokens=PATCHES // 4, site="vision", layer=0), torch.no_grad():
+        model(images(batch=1))
+        model.forward_intermediates(images(batch=3), indices=[1], stop_early=True, output_fmt="NLC", intermediates_only=True)
+        selection = vtoken.selection(model)
+        assert len(selection) == 3 and all(len(s["vision:0"]) == PATCHES // 4 for s in selection)
+        assert vtoken.api._state(model).pruner.encoding is None

@@ -387,11 +387,11 @@ class Pruner:
         picked = gather_tokens(summary[:, first:], index)
         return picked
 
-    def vision_kept_visual(self, run: PruneRun) -> torch.Tensor:
-        """``[B, V]`` True for the sample-level visual tokens that survive the vision stages; records
-        each vision stage's selection."""
+    def vision_kept_visual(self, run: PruneRun, stages: list[StageSpec] | None = None) -> torch.Tensor:
+        """``[B, V]`` True for the sample-level visual tokens that survive the vision stages (``stages``:
+        those that ran, when a call stopped early; default every one); records each one's selection."""
         kept = None
-        for stage in self.stages_at("vision"):
+        for stage in self.stages_at("vision") if stages is None else stages:
             kept = self._landed(run, run.image_run.stage_positions[stage.name])
             for sample in range(run.batch_size):
                 run.record(stage, sample, torch.nonzero(kept[sample]).squeeze(-1))

@@ -185,7 +185,13 @@ class VisionEncoderAdapter(VisionSite, Adapter):
                     f"but the tokens {method} leaves (pruned or merged) have no feature-map layout; pass "
                     "output_fmt='NLC' for the tokens left, or call vtoken.unwrap(model) first for feature maps"
                 )
-            return original(*args, **kwargs)
+            try:
+                return original(*args, **kwargs)
+            finally:
+                # stop_early=True (or indices short of the last block) ends the call before the last
+                # block, whose hook closes the encoding: close it here, on the stages that ran.
+                if self.pruner.encoding is not None:
+                    self._close_encoding(None, (), None)
 
         undo.set_attribute(module, "forward_intermediates", forward_intermediates)
 
@@ -238,8 +244,9 @@ class VisionEncoderAdapter(VisionSite, Adapter):
         visual_index = torch.arange(patches).expand(batch, -1)
         image_index = torch.arange(batch)[:, None].expand(-1, patches)
         run = PruneRun(VisualLayout(visual_index, image_index, images.images, images.tokens_per_crop), pruner.config, images)
-        if pruner.stages_at("vision"):
-            pruner.vision_kept_visual(run)
+        ran = [stage for stage in pruner.stages_at("vision") if stage.name in images.stage_positions]
+        if ran:
+            pruner.vision_kept_visual(run, ran)
         run.diagnostics = dict(images.diagnostics)
         pruner.last_run = run
         pruner.encoding = None
