@@ -470,7 +470,9 @@ class VisionLanguageAdapter(VisionSite, Adapter):
                 return None
             self._roll_back_rejected(run, cache)
             continuing = run.generate_call is None or run.generate_call is not pruner.generate_call.get()
-            return self._skip_processed_tokens(run, args, kwargs, continuing)
+            in_generate = pruner.generate_call.get() is not None
+            return self._skip_processed_tokens(run, args, kwargs, continuing,
+                                               pruner.prompt_length.get() if in_generate else None)
         if input_ids is None:
             raise ValueError("vtoken finds the visual tokens in input_ids or inputs_embeds; pass one of them")
         # Placeholders without pixels or an encoding are text to the model (an assistant model in
@@ -661,27 +663,40 @@ class VisionLanguageAdapter(VisionSite, Adapter):
             compat.crop_cache_layer(cache, layer, run.group_for(layer)[1].length + new)
 
     @staticmethod
-    def _skip_processed_tokens(run: PruneRun, args, kwargs, continuing: bool):
+    def _skip_processed_tokens(run: PruneRun, args, kwargs, continuing: bool, generate_prompt: int | None = None):
         """A decoding step fed tokens this request already processed: ``generate`` continued from a
         returned cache counts the tokens to feed from the cache's length, which pruning made shorter
         than the sequence. The attention mask spans the whole sequence, so the tokens past
         ``run.seen`` are the new ones; the others are dropped (their keys are in the cache).
 
+        Without a mask (generate drops an all-ones one: a batch with no padding) the sequence is the
+        prompt of the ``generate`` call making the step (``generate_prompt``, its whole input): a step
+        of another call than the prefill's (``continuing``) feeds its tokens past ``run.seen`` as
+        new. Outside ``generate`` every token fed without a mask is new (the caller's own steps).
         Under a static cache generate hands a 4-D mask instead, numbered from the cache's own length:
-        it cannot say where the sequence ends. Only a step of another call than the prefill's
-        (``continuing``) counts from that length (the first of a continued ``generate``), so its
-        sequence is the cache's length plus the tokens fed; within the prefill's call every token fed
-        is new (assisted decoding's candidates included). The mask's rows for dropped tokens go too."""
+        it cannot say where the sequence ends. Only a step of another call than the prefill's counts
+        from that length (the first of a continued ``generate``), so its sequence is the cache's
+        length plus the tokens fed; within the prefill's call every token fed is new (assisted
+        decoding's candidates included). The mask's rows for dropped tokens go too."""
         mask = compat.full_attention_mask(kwargs.get("attention_mask"))
         if args:  # input_ids given by position
             kwargs = {**kwargs, "input_ids": args[0]}
             args = args[1:]
         tokens = kwargs.get("input_ids")
         tokens = tokens if tokens is not None else kwargs.get("inputs_embeds")
-        if mask is None or tokens is None or mask.dim() not in (2, 4) or (mask.dim() == 4 and not continuing):
+        if tokens is None or not continuing and (mask is None or mask.dim() == 4):
             return args, kwargs
         fed = tokens.shape[1]
-        length = mask.shape[1] if mask.dim() == 2 else run.groups[0][1].length + run.seen - run.orig_length + fed
+        if mask is None:
+            if generate_prompt is None:
+                return args, kwargs
+            length = generate_prompt
+        elif mask.dim() == 2:
+            length = mask.shape[1]
+        elif mask.dim() == 4:
+            length = run.groups[0][1].length + run.seen - run.orig_length + fed
+        else:
+            return args, kwargs
         new = length - run.seen
         if fed <= new or new <= 0:
             return args, kwargs
@@ -689,7 +704,7 @@ class VisionLanguageAdapter(VisionSite, Adapter):
             value = kwargs.get(name)
             if value is not None:
                 kwargs[name] = value[..., fed - new :] if name == "position_ids" else value[:, fed - new :]
-        if mask.dim() == 4 and mask.shape[2] == fed:
+        if mask is not None and mask.dim() == 4 and mask.shape[2] == fed:
             given = kwargs["attention_mask"]  # one mask, or one per layer type (Qwen2 under a static cache)
             kwargs["attention_mask"] = ({kind: m[:, :, fed - new :] for kind, m in given.items()}
                                         if isinstance(given, dict) else given[:, :, fed - new :])
