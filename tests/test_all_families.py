@@ -18,7 +18,7 @@ from vtoken.adapters.hf_decoder import apply_rotary, llama_attention_rows
 from vtoken.config import PruneConfig
 from vtoken.registry import register
 from vtoken.strategies.base import Strategy
-from tiny import IMAGE_TOKEN, alone, greedy_without_cache, llava_inputs, tiny_llava
+from tiny import IMAGE_TOKEN, alone, greedy_without_cache, llava_inputs, same_selections, tiny_llava
 from families import FAMILIES
 
 MODELS = {name: (family.make, family.inputs) for name, family in FAMILIES.items()}
@@ -437,3 +437,39 @@ def test_anyres_vision_site_budgets_are_checked_at_wrap(name):
     with vtoken.pruned(model, "repshift", keep_tokens=6, site="vision", layer=0):
         with pytest.raises(ValueError, match=r"use keep=<fraction> instead"):
             model(**x)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_consecutive_llm_stages_score_on_the_tokens_the_previous_layer_ran_on(name):
+    """FastV at layers 1 and 2: the stage at 2 scores with layer 1's attention, over the tokens layer
+    1 ran on (after the stage at 1 pruned them; it read layer 1's input before that stage, so padding
+    moved its scores: a sample in a batch differed from the sample alone). Each sample of the
+    several-images batch alone gets its batch logits and selection (the third: one image, after a
+    sample of two and one of none)."""
+    family = FAMILIES[name]
+    model = family.make()
+    x = family.several_images(model)
+    stages = [{"site": "llm", "layer": 1, "keep": 0.5}, {"site": "llm", "layer": 2, "keep": 0.25}]
+    with vtoken.pruned(model, "fastv", stages=stages), torch.no_grad():
+        batched, selection = model(**x).logits[:, -1], vtoken.selection(model)
+        single = alone(x, 2)
+        torch.testing.assert_close(model(**single).logits[0, -1], batched[2], rtol=0, atol=1e-5)
+        assert same_selections(vtoken.selection(model), [selection[2]])
+
+
+def test_a_stage_after_a_stage_scores_with_the_previous_layers_own_attention():
+    """By construction on LLaVA-1.5 (one unpadded sample, eager attention): the stage at layer 2 keeps
+    the visual tokens the last token attends to most at layer 1 (head mean), as the wrapped model's
+    own output_attentions of layer 1 shows them (over the tokens the stage at 1 kept)."""
+    family = FAMILIES["llava"]
+    model = family.make(attn="eager")
+    x = alone(family.inputs(model), 0)
+    image = (x["input_ids"][0] == model.config.image_token_id).nonzero().squeeze(-1)
+    first = int(image[0])
+    stages = [{"site": "llm", "layer": 1, "keep_tokens": 8}, {"site": "llm", "layer": 2, "keep_tokens": 3}]
+    with vtoken.pruned(model, "fastv", stages=stages), torch.no_grad():
+        out = model(**x, output_attentions=True)
+        kept1, kept2 = (vtoken.selection(model)[0][f"llm:{k}"] for k in (1, 2))
+    scores = out.attentions[1][0, :, -1].mean(0)[first : first + len(kept1)]  # layer 1: the 8 kept tokens
+    expected = kept1[torch.topk(scores, 3).indices].sort().values
+    assert torch.equal(kept2, expected)

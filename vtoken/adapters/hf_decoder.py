@@ -300,6 +300,11 @@ class DecoderPruning:
             self.key_reuse.after_stage(run, index, before, hidden, selected_from)
             run.groups.append((index, layout))
             self._use_group_kwargs(run, index, hidden, kwargs)
+            if index in self.stash_layers:
+                # What layer K runs on is the stage's output: a stage at K + 1 scoring with the previous
+                # layer's attention reads these tokens (the stash above, before the stage, served a
+                # scorer reading layer K's own attention at K).
+                run.stash[index] = (hidden, kwargs.get("position_embeddings"), layout, compat.cache_from(kwargs))
         return (hidden, *args[1:]), kwargs
 
     def _observed(self, layer: int, io: dict) -> None:
