@@ -23,6 +23,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 from torch import nn
 
 from .base import UndoStack
@@ -36,6 +37,16 @@ class GenerateCall:
 
     #: Whether a forward of this call has pruned its prompt's images (the prefill ran).
     images_prefilled: bool = False
+
+
+def check_mask_shape(mask, tokens) -> None:
+    """Refuse a 2-D ``attention_mask`` that is not one entry per prompt token, in one line (the
+    forward would fail deep inside; the plain model's generate fails on it too, with a shape error)."""
+    if torch.is_tensor(mask) and torch.is_tensor(tokens) and mask.dim() == 2 and tuple(mask.shape) != tuple(tokens.shape[:2]):
+        raise ValueError(
+            f"attention_mask has shape {tuple(mask.shape)} but the prompt is {tuple(tokens.shape[:2])} "
+            "(batch, length); pass one mask entry per prompt token, as the processor returns them"
+        )
 
 
 def install_generate_wrapper(model: nn.Module, pruner: Pruner, undo: UndoStack,
@@ -58,6 +69,7 @@ def install_generate_wrapper(model: nn.Module, pruner: Pruner, undo: UndoStack,
             kwargs = compat.without_chunked_prefill(model, kwargs)
         tokens = kwargs.get("input_ids", args[0] if args else None)
         tokens = tokens if tokens is not None else kwargs.get("inputs_embeds")
+        check_mask_shape(kwargs.get("attention_mask"), tokens)
         token = lengths.set(tokens.shape[1] if tokens is not None else None)
         call = calls.set(GenerateCall())
         try:

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from .base import Adapter, FamilyDescription, ImageInfo, Modality, UndoStack, VisualLayout, eager
-from .generate_call import install_generate_wrapper
+from .generate_call import check_mask_shape, install_generate_wrapper
 from .hf_decoder import DecoderPruning, padding_from_4d_mask
 from .vision_site import VisionSite, VisionSource
 from vtoken import compat, signals
@@ -501,11 +501,7 @@ class VisionLanguageAdapter(VisionSite, Adapter):
                 "vtoken.unwrap(model) for this use)"
             )
         mask = compat.full_attention_mask(kwargs.get("attention_mask"))
-        if mask is not None and mask.dim() == 2 and tuple(mask.shape) != tuple(input_ids.shape[:2]):
-            raise ValueError(
-                f"attention_mask has shape {tuple(mask.shape)} but the prompt is {tuple(input_ids.shape[:2])} "
-                "(batch, length); pass one mask entry per prompt token, as the processor returns them"
-            )
+        check_mask_shape(mask, input_ids)
         (modality,) = present
         encoded = compat.encoded_output(kwargs, modality.name)
         if kwargs.get(modality.pixels) is not None:
