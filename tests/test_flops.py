@@ -666,3 +666,36 @@ def test_a_mistral_llm_with_a_sliding_window_reads_the_cached_keys_as_counted(me
             counted[window] = tally.parts["all"]
             assert flops(model, text_tokens=12, instruction_tokens=7).prefill == counted[window]
     assert counted[4096] == counted[None]
+
+
+def _cache_bytes(cache) -> int:
+    return sum(compat.cache_layer_kv(cache, i)[0].numel() * 2 * compat.cache_layer_kv(cache, i)[0].element_size()
+               for i in range(compat.num_cache_layers(cache)))
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5"])
+@pytest.mark.parametrize("method,options", [
+    ("random", {"keep_tokens": 4}), ("random", {"keep_tokens": 3, "site": "llm", "layer": 2}),
+    ("random", {"keep": 0.25}), ("pool", {"keep": 0.5, "site": "vision", "layer": 0}), ("fastv", {"keep_tokens": 2}),
+])
+def test_a_sample_of_several_images_is_counted_per_image(family, method, options):
+    """flops(wrapped, images=2) of one sample holding two images: every budget counts per image (README
+    Budgets), as the wrapped forward keeps them, so its KV-cache bytes are those of the cache the
+    forward leaves. The schedule was built as if the sample were ONE image of both images' tokens: a
+    keep_tokens budget counted once, a vision-site stage on Qwen-VL twice."""
+    import vtoken
+    from tiny import qwen_inputs, tiny_llava, tiny_qwen2_vl
+
+    if family == "llava":
+        model = tiny_llava()
+        ids = torch.tensor([[1, 5, *[99] * 16, 6, *[99] * 16, 7, 8]])
+        x = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": torch.randn(2, 3, 32, 32)}
+    else:
+        model = tiny_qwen2_vl(version="2.5")
+        x = qwen_inputs(model, grids=((1, 4, 4), (1, 4, 4)), images_per_sample=[2])
+    visual = int((x["input_ids"] == 99).sum())
+    text = x["input_ids"].shape[1] - visual
+    with vtoken.pruned(model, method, **options), torch.no_grad():
+        cache = compat.output_cache(model(**x, use_cache=True))
+        report = flops(model, text_tokens=text, images=2, visual_tokens=visual, dtype=torch.float32)
+    assert report.kv_cache_bytes == _cache_bytes(cache)

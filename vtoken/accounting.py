@@ -102,6 +102,7 @@ chat template, Qwen's vision start/end markers); default 64.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
@@ -353,11 +354,12 @@ def flops(
         return _vit.encoder_flops(encoder, schedule, convention=convention, image_size=image_size, images=images)
     dims = model_dims(config)
 
-    def llm_visual_tokens() -> int:  # what a wrapped model's schedule is asked for
-        return geometry(dims, image_size=image_size, images=images or 1, convention=convention,
-                        visual_tokens=visual_tokens, frames=frames).visual_tokens
+    def llm_visual_tokens() -> int:  # what a wrapped model's schedule is asked for: ONE image's tokens
+        sample = geometry(dims, image_size=image_size, images=images or 1, convention=convention,
+                          visual_tokens=visual_tokens, frames=frames).visual_tokens
+        return max(1, sample // (images or 1))
 
-    schedule = _resolve_schedule(model_or_config, schedule, llm_visual_tokens, instruction_tokens)
+    schedule = _resolve_schedule(model_or_config, schedule, llm_visual_tokens, instruction_tokens, images or 1)
     geo = geometry(
         dims,
         image_size=image_size,
@@ -437,8 +439,26 @@ def _config_or_encoder(source: Any):
     return config, _vit.config_dims(config, source)
 
 
+def per_sample(schedule: Schedule, images: int) -> Schedule:
+    """A wrapped model's schedule for one image (``schedule_of``) as the schedule of a sample of
+    ``images`` such images: a budget counts per image (README Budgets), so the projector and LLM
+    stages keep ``images`` times their count, as does an evicting mask stage's cache, and a per-image
+    scoring count (``"flops"``) is paid per image; vision stages count per crop already."""
+    if images == 1:
+        return schedule
+    stages = tuple(stage if stage.site == "vision" else dataclasses.replace(stage, keep_tokens=stage.keep_tokens * images)
+                   for stage in schedule.stages)
+    scoring = tuple(dataclasses.replace(cost, flops=cost.flops * images) if cost.kind == "flops" else cost
+                    for cost in schedule.scoring)
+    evicted = schedule.cache_evicted
+    return dataclasses.replace(
+        schedule, stages=stages, scoring=scoring, images=images,
+        visual_tokens=None if schedule.visual_tokens is None else schedule.visual_tokens * images,
+        cache_evicted=None if evicted is None else (evicted[0], evicted[1] * images))
+
+
 def _resolve_schedule(model_or_config: Any, schedule: Any, visual_tokens: Callable[[], int],
-                      instruction_tokens: int | None = None) -> Schedule:
+                      instruction_tokens: int | None = None, images: int = 1) -> Schedule:
     wrapped = schedule if schedule is not None else model_or_config
     if instruction_tokens is not None and not hasattr(wrapped, "_vtoken_state"):
         raise ValueError("instruction_tokens= applies to a model wrapped by vtoken (its method's scoring rows); "
@@ -453,7 +473,8 @@ def _resolve_schedule(model_or_config: Any, schedule: Any, visual_tokens: Callab
                 "this model is wrapped by vtoken but vtoken.api.schedule_of is not available; "
                 "pass schedule=Schedule(...) explicitly"
             ) from error
-        return schedule_of(wrapped, visual_tokens=visual_tokens(), instruction_tokens=instruction_tokens)
+        return per_sample(schedule_of(wrapped, visual_tokens=visual_tokens(), instruction_tokens=instruction_tokens),
+                          images)
     if schedule is None:
         return Schedule()
     raise TypeError(f"schedule must be a Schedule, a vtoken-wrapped model or None, got {type(schedule).__name__}")
