@@ -132,6 +132,10 @@ class PruneConfig:
             raise ValueError(f"positions must be one of {POSITION_MODES}, got {self.positions!r}")
         if self.text_only not in ("error", "passthrough"):
             raise ValueError(f"text_only must be 'error' or 'passthrough', got {self.text_only!r}")
+        if self.stages is not None and isinstance(self.stages, (list, tuple)) and not self.stages:
+            # (an empty list would otherwise fall back to the method's default stage, silently)
+            raise ValueError("stages=[] holds no stage; give at least one stage dict, or omit stages for the "
+                             "method's default")
         self.resolved_stages()  # validates
 
     def resolved_stages(self) -> tuple[StageSpec, ...]:

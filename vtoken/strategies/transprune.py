@@ -312,9 +312,11 @@ class TransPruneConfig(PruneConfig):
         if self.keep_ratios is not None:
             ratios = list(self.keep_ratios)
             if len(ratios) != len(layers):
+                # (checked before the model's depth is known too: the count, not the layers, is what is wrong)
                 raise ValueError(
-                    f"an LLM of {depth} layers gets {len(layers)} default pruning layers {list(layers)}, but "
-                    f"{len(ratios)} keep_ratios were given; give prune_layers= as well"
+                    f"the default schedule prunes at {len(layers)} layers (the paper's {list(PAPER_PRUNE_LAYERS)} of "
+                    f"{PAPER_DEPTH}, scaled to the model's depth), but {len(ratios)} keep_ratios were given; give "
+                    f"prune_layers= as well, one per ratio"
                 )
         else:
             ratios = list(PAPER_KEEP_RATIOS[len(PAPER_KEEP_RATIOS) - len(layers) :])
