@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 python eval/fuzz_models.py --minutes 30 --first-seed 100000 --log /tmp/fuzz.jsonl
 
 Each case is one seed: a random model of a family, a random batch, a method and its options
-(``eval/random_models.py``). One JSON line per case goes to ``--log`` (its results per check, and each
+(``eval/random_models.py``; with ``--vits`` a random vision-only model, ``eval/random_vits.py``). One JSON line per case goes to ``--log`` (its results per check, and each
 failure with its traceback); the failures are printed as they come and counted at the end. Rerun one
 case with ``--first-seed S --cases 1``. The suite runs a fixed slice of seeds
 (``tests/test_random_models.py``); this is the long campaign behind it.
@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from random_models import FAMILIES  # noqa: E402
+from random_vits import check_vit_seed  # noqa: E402
 from wrap_checks import check_seed  # noqa: E402
 
 
@@ -35,6 +36,8 @@ def main(argv=None) -> int:
     parser.add_argument("--family", choices=FAMILIES, help="only this family")
     parser.add_argument("--method", help="only this method")
     parser.add_argument("--log", type=Path, default=Path("fuzz_models.jsonl"), help="one JSON line per case")
+    parser.add_argument("--vits", action="store_true",
+                        help="vision-only models (eval/random_vits.py) instead of vision-language ones")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     import transformers
@@ -48,6 +51,16 @@ def main(argv=None) -> int:
     with args.log.open("a") as log:
         while time.time() < stop and (args.cases is None or seed < args.first_seed + args.cases):
             start = time.time()
+            if args.vits:
+                failures = check_vit_seed(seed, method=args.method)
+                outcomes["FAIL" if failures else "pass"] += 1
+                log.write(json.dumps({"seed": seed, "seconds": round(time.time() - start, 2), "failures": failures}) + "\n")
+                log.flush()
+                if failures:
+                    failed += 1
+                    print("\n".join(failures), flush=True)
+                seed += 1
+                continue
             try:
                 report = check_seed(seed, args.family, args.method)
             except Exception as error:  # noqa: BLE001 - a case the random draw cannot build is reported, not fatal

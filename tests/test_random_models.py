@@ -35,3 +35,21 @@ def test_a_random_model_and_batch_keep_every_guarantee(seed):
         warnings.simplefilter("ignore")
         report = check_seed(seed, family, method)
     assert not report.failures, report.summary()
+
+
+VIT_CASES = 60  # 15 per vision-only kind: every method on each, several times
+
+
+@pytest.mark.parametrize("seed", range(VIT_CASES))
+def test_a_random_vision_only_model_keeps_every_guarantee(seed):
+    """``eval/random_vits.py``: a random CLIP / SigLIP tower, timm or open_clip ViT and batch, a method
+    that runs there with random options: keep-all is the plain model, the budget keeps its count of
+    each image's patches and each image alone gets its batch output, unwrap gives the model back."""
+    from random_vits import KINDS, METHODS as VIT_METHODS, check_vit_seed
+
+    kind = KINDS[seed % len(KINDS)]
+    method = VIT_METHODS[(seed // len(KINDS)) % len(VIT_METHODS)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        failures = check_vit_seed(seed, kind, method)
+    assert not failures, "\n".join(failures)
