@@ -699,3 +699,19 @@ def test_a_sample_of_several_images_is_counted_per_image(family, method, options
         cache = compat.output_cache(model(**x, use_cache=True))
         report = flops(model, text_tokens=text, images=2, visual_tokens=visual, dtype=torch.float32)
     assert report.kv_cache_bytes == _cache_bytes(cache)
+
+
+def test_the_mean_decode_step_is_the_sum_over_every_step_in_closed_form():
+    """Decode FLOPs average every step's (step i attends to cached + i keys) in closed form: equal to
+    the sum written out, and a million decoded tokens cost no time to count."""
+    import time
+
+    from vtoken.accounting import _mean_decode_layer, decoder_layer_flops
+
+    d = model_dims(load_config(LLAVA)).decoder
+    for cached, steps in ((600, 1), (600, 7), (13, 250)):
+        assert _mean_decode_layer(d, cached, steps) == sum(
+            decoder_layer_flops(d, 1, cached + i) for i in range(1, steps + 1)) / steps
+    start = time.perf_counter()
+    _mean_decode_layer(d, 600, 10**6)
+    assert time.perf_counter() - start < 0.1
