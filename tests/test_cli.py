@@ -275,3 +275,23 @@ def test_an_unexpected_error_is_still_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("VTOKEN_DEBUG", "1")
     with pytest.raises(RuntimeError):
         main(["bench", "--limit", "1", "--out", str(tmp_path / "out")])
+
+
+@pytest.mark.parametrize("out", ["new/..", "new/../..", "a/b/../../x"])
+def test_the_out_probe_never_removes_a_folder_that_was_there(tmp_path, monkeypatch, out):
+    """--out 'new/..' names the current folder, which exists: the probe made 'new' on the way and
+    removed it, then (its path resolved to the current folder) removed the current folder's files.
+    Only what the probe made goes; an empty --out is refused."""
+    from vtoken.bench_args import check_out
+
+    work = tmp_path / "work" / "here"
+    work.mkdir(parents=True)
+    (work / "keep.txt").write_text("mine")
+    (tmp_path / "work" / "sibling.txt").write_text("mine too")
+    monkeypatch.chdir(work)
+    check_out(out)
+    assert (work / "keep.txt").read_text() == "mine" and (tmp_path / "work" / "sibling.txt").exists()
+    assert sorted(p.name for p in work.iterdir()) == ["keep.txt"] and not (work / "new").exists() and not (work / "a").exists()
+    with pytest.raises(ValueError, match="--out is empty; give a directory"):
+        check_out("")
+    assert (work / "keep.txt").exists()

@@ -82,12 +82,18 @@ def check_threads(threads: int | None) -> None:
 
 def check_out(path: str, flag: str = "--out") -> None:
     """``path`` is a directory, or one can be made there: nothing on the way to it is a file, and a
-    file can be written there (probed, then what the probe made is removed)."""
-    existing = os.path.abspath(path)
+    file can be written there (probed, then the directories the probe made are removed: only those,
+    never one that was there before)."""
+    if not path:
+        raise ValueError(f"{flag} is empty; give a directory (created if missing)")
+    target = os.path.abspath(path)  # '..' resolved: 'new/..' is the folder it names, which exists
+    missing = []  # the directories on the way that do not exist yet, innermost first
+    existing = target
     while not os.path.lexists(existing):
+        missing.append(existing)
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
-        where = "" if existing == os.path.abspath(path) else f" ({existing!r} is)"
+        where = "" if existing == target else f" ({existing!r} is)"
         raise ValueError(f"{flag} {path!r}: not a directory{where}; give a directory (created if missing)")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"{flag} {path!r}: {existing!r} is not writable; give a directory you can write to")
@@ -96,17 +102,16 @@ def check_out(path: str, flag: str = "--out") -> None:
     import shutil
     import tempfile
 
-    made = None if os.path.lexists(path) else os.path.join(existing, os.path.relpath(os.path.abspath(path), existing).split(os.sep)[0])
     try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
+        os.makedirs(target, exist_ok=True)
+        with tempfile.TemporaryFile(dir=target):
             pass
     except OSError as error:
         raise ValueError(f"{flag} {path!r}: cannot write there ({error.strerror or error}); give a directory "
                          "you can write to") from None
     finally:
-        if made is not None and os.path.isdir(made):
-            shutil.rmtree(made, ignore_errors=True)
+        if missing and os.path.isdir(missing[-1]):  # the outermost directory the probe made, and below it
+            shutil.rmtree(missing[-1], ignore_errors=True)
 
 
 def check_trained_weights(trained: list[tuple[str, str]]) -> None:
