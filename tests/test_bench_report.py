@@ -114,3 +114,22 @@ def test_the_shipped_tuned_config_is_the_committed_tuning_result():
     shipped = root / "vtoken" / "assets" / "tiny-llava-tuned" / "vflowopt-1of9" / "vtoken_config.json"
     committed = root / "eval" / "results" / "vflowopt-tuned-1of9" / "vtoken_config.json"
     assert shipped.read_bytes() == committed.read_bytes()
+
+
+def test_a_config_whose_budget_is_not_keep_runs_at_what_it_kept(tmp_path):
+    """A saved config with no keep / keep_tokens of its own (the method's default budget, explicit
+    stages, ToMe's r) is a row at what it kept; the bench stopped with a TypeError on its None budget
+    after the other rows had run."""
+    import vtoken
+    from vtoken.bench import default_model_path, load_model, run
+
+    model = load_model(default_model_path())
+    saved = []
+    for name, options in (("fastv", {}), ("random", {"stages": [{"site": "projector", "keep": 0.25}]})):
+        vtoken.wrap(model, name, **options)
+        vtoken.save_config(model, tmp_path / name)
+        vtoken.unwrap(model)
+        saved.append((f"{name} saved", str(tmp_path / name)))
+    rows = run(methods=["random"], budgets=["1/3"], limit=2, repeats=1, batch=1, configs=saved, progress=lambda _: None)
+    assert [r.label for r in rows[2:]] == ["fastv saved", "random saved"]
+    assert rows[3].kept_tokens == 36 and rows[3].budget == "1/4"

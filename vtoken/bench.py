@@ -346,6 +346,10 @@ def run(
         for label, path in configs:
             config = vtoken.load(path)
             vtoken.wrap(model, config=config)
+            if config.stages or (config.keep is None and config.keep_tokens is None):
+                # its budget is in its stages, ToMe's r or the method's default: what it kept
+                measure_wrapped(config.method, "", label=label, fraction_of_kept=True)
+                continue
             text = str(Fraction(config.keep).limit_denominator(1000)) if config.keep else str(config.keep_tokens)
             measure_wrapped(config.method, text, {"keep": config.keep} if config.keep else
                             {"keep_tokens": config.keep_tokens}, label=label)
