@@ -313,6 +313,8 @@ TOO_BIG = 10**400
         ("random", {"stages": [{"site": "projector", "kep": 0.5}]}, r"unknown key\(s\) kep in a stage; a stage takes"),
         ("random", {"stages": [{"layer": 1, "keep": 0.5}]}, r"a stage needs its site: add 'site': 'vision', 'projector' or 'llm'"),
         ("random", {"stages": []}, r"stages=\[\] holds no stage; give at least one stage dict, or omit stages"),
+        ("random", {"stages": 0}, r"stages must be a list of dicts like .*got 0"),
+        ("random", {"cls": 1}, r"unknown option\(s\) cls for method 'random'"),
         ("transprune", {"keep_ratios": [0.5]}, r"the default schedule prunes at 3 layers .*but 1 keep_ratios were given; give prune_layers="),
         ("random", {"seed": "a"}, r"seed must be an integer .*got 'a'"),
         ("random", {"seed": 2**64}, r"seed must be an integer \(a 64-bit value"),

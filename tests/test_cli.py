@@ -235,12 +235,21 @@ def test_more_bad_bench_inputs_are_one_line(tmp_path, capsys, monkeypatch):
     Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
     records = tmp_path / "records.jsonl"
     records.write_text(json.dumps({"image": "ok.png", "question": "q", "answer": ["a"]}) + "\n")
+    family = tmp_path / "family.jsonl"
+    family.write_text(json.dumps({"image": "ok.png", "question": "q", "answer": "a", "family": 5}) + "\n")
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(json.dumps({"image": "ok.png", "question": "caf\u00e9", "answer": "a"}).encode("utf-8").replace(
+        b"\\u00e9", "\u00e9".encode("latin-1")) + b"\n")
     out = ["--out", str(tmp_path / "out")]
     cases = [
         (["--methods", ""], "--methods was given without a value"),
         (["--budgets", ","], "--budgets was given without a value"),
         (["--model", str(llama)], "holds a 'llama' model; vtoken needs a vision-language model"),
         (["--data", str(records)], "records.jsonl:1: answer must be a string"),
+        # (these failed after the first rows: a TypeError in the report, a UnicodeDecodeError naming no file)
+        (["--data", str(family)], "family.jsonl:1: family must be a string, got 5"),
+        (["--data", str(latin)], "latin.jsonl: not UTF-8 text"),
+        (["--device", "meta"], "--device meta: the bench runs on cpu, cuda or mps"),
     ]
     if os.path.isdir("/proc/self"):
         cases.append((["--out", "/proc/vtoken-out"], "--out '/proc/vtoken-out': cannot write there"))

@@ -715,3 +715,15 @@ def test_the_mean_decode_step_is_the_sum_over_every_step_in_closed_form():
     start = time.perf_counter()
     _mean_decode_layer(d, 600, 10**6)
     assert time.perf_counter() - start < 0.1
+
+
+@pytest.mark.parametrize("argument,value,message", [
+    ("text_tokens", -100, r"text_tokens must be a count of tokens >= 0, got -100"),
+    ("text_tokens", 1.5, r"text_tokens must be a count of tokens >= 0, got 1.5"),
+    ("decode_tokens", "a", r"decode_tokens must be a count of tokens >= 1, got 'a'"),
+    ("image_size", (0, 0), r"image_size must be \(height, width\) in pixels, got \(0, 0\)"),
+])
+def test_counts_that_are_not_counts_are_refused(argument, value, message):
+    """(a negative text_tokens gave negative FLOPs and KV bytes; a string, torch's TypeError)"""
+    with pytest.raises(ValueError, match=message):
+        flops(LLAVA, **{argument: value})

@@ -342,6 +342,13 @@ def flops(
     """
     if convention not in CONVENTIONS:
         raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+    for name, value, least in (("text_tokens", text_tokens, 0), ("decode_tokens", decode_tokens, 1),
+                               ("lm_head_tokens", lm_head_tokens, 0)):
+        if not is_integer(value) or value < least:
+            raise ValueError(f"{name} must be a count of tokens >= {least}, got {value!r}")
+    if image_size is not None and not (isinstance(image_size, (tuple, list)) and len(image_size) == 2
+                                       and all(is_integer(v) and v > 0 for v in image_size)):
+        raise ValueError(f"image_size must be (height, width) in pixels, got {image_size!r}")
     # images=0 would otherwise read as "not given" (``images or schedule.images``) and count one image.
     if images is not None and (not is_integer(images) or images < 1):
         raise ValueError(f"images must be a positive number of images per sample, got {images!r}; omit it for the default")

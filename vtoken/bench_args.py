@@ -231,6 +231,8 @@ def check_device(device: str | None, attn: str | None) -> None:
             parsed = torch.device(device)
         except RuntimeError:
             raise ValueError(f"--device {device!r} is not a device; write cpu, cuda, cuda:N or mps") from None
+        if parsed.type not in ("cpu", "cuda", "mps"):
+            raise ValueError(f"--device {device}: the bench runs on cpu, cuda or mps; write cpu, cuda, cuda:N or mps")
         if parsed.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"--device {device}: no CUDA device is available here; use --device cpu")
         if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():

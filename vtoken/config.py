@@ -132,10 +132,13 @@ class PruneConfig:
             raise ValueError(f"positions must be one of {POSITION_MODES}, got {self.positions!r}")
         if self.text_only not in ("error", "passthrough"):
             raise ValueError(f"text_only must be 'error' or 'passthrough', got {self.text_only!r}")
-        if self.stages is not None and isinstance(self.stages, (list, tuple)) and not self.stages:
-            # (an empty list would otherwise fall back to the method's default stage, silently)
-            raise ValueError("stages=[] holds no stage; give at least one stage dict, or omit stages for the "
-                             "method's default")
+        if self.stages is not None and (not isinstance(self.stages, (list, tuple)) or not self.stages):
+            # (an empty or false value would otherwise fall back to the method's default stage, silently)
+            if isinstance(self.stages, (list, tuple)):
+                raise ValueError("stages=[] holds no stage; give at least one stage dict, or omit stages for the "
+                                 "method's default")
+            raise ValueError(
+                f"stages must be a list of dicts like {{'site': 'llm', 'layer': 2, 'keep': 0.5}}, got {shown(self.stages)}")
         self.resolved_stages()  # validates
 
     def resolved_stages(self) -> tuple[StageSpec, ...]:
@@ -168,7 +171,7 @@ class PruneConfig:
         return path
 
     @classmethod
-    def from_options(cls, **options: Any) -> "PruneConfig":
+    def from_options(cls, /, **options: Any) -> "PruneConfig":
         """Build from keyword options, naming any option this method does not have."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(options) - known)

@@ -517,6 +517,9 @@ def _check_record_types(rec: dict, where: str) -> None:
     for key in ("image", "question", "answer"):
         if not isinstance(rec[key], str):
             raise ValueError(f"{where}: {key} must be a string, got {json.dumps(rec[key])}")
+    for key in ("family", "id"):  # optional, but named in the tables and kept apart by value
+        if key in rec and not isinstance(rec[key], str):
+            raise ValueError(f"{where}: {key} must be a string, got {json.dumps(rec[key])}")
     boxes = rec.get("boxes", [])
     if not isinstance(boxes, list) or not all(
         isinstance(box, list) and len(box) == 4 and all(_is_number(v) for v in box) for box in boxes
@@ -538,7 +541,12 @@ def load_jsonl(path: str | Path) -> list[dict]:
     """
     path = Path(path)
     records = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text (byte {error.start}); give a JSONL file of records, one JSON "
+                         "object per line") from None
+    for line_no, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
