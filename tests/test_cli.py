@@ -304,3 +304,19 @@ def test_the_out_probe_never_removes_a_folder_that_was_there(tmp_path, monkeypat
     with pytest.raises(ValueError, match="--out is empty; give a directory"):
         check_out("")
     assert (work / "keep.txt").exists()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["bench", "--limit", "1.5"], "vtoken bench: error: argument --limit: invalid int value: '1.5'; see vtoken bench --help"),
+    (["bench", "--dtype", "fp16"], "vtoken bench: error: argument --dtype: invalid choice: 'fp16'"),
+    (["bench", "--nosuch"], "vtoken: error: unrecognized arguments: --nosuch; see vtoken --help"),
+    (["train-projector", "--steps"], "vtoken train-projector: error: argument --steps: expected one argument"),
+    ([], "vtoken: error: the following arguments are required: command; see vtoken --help"),
+])
+def test_argparse_mistakes_are_one_line_too(argv, message, capsys):
+    """A value argparse itself rejects is one line naming where the options are, exit status 2 (it
+    printed the whole usage block first)."""
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.startswith(message) and err.count("\n") == 1, err

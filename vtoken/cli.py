@@ -23,8 +23,17 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpF
     """Show each option's default and keep the description's line breaks."""
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse's own mistakes (a value of the wrong type, an unknown option, a missing value) in one
+    line naming where the options are listed, as vtoken's checks report theirs, not a usage block.
+    The subcommands' parsers are of this class too (``add_subparsers`` takes the parent's)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vtoken", description="Visual-token pruning for VLMs.")
+    parser = _OneLineParser(prog="vtoken", description="Visual-token pruning for VLMs.")
     commands = parser.add_subparsers(dest="command", required=True)
     _add_bench(commands)
     methods = commands.add_parser("methods", help="the registered methods: what each does, where it runs",
