@@ -315,6 +315,9 @@ TOO_BIG = 10**400
         ("random", {"stages": []}, r"stages=\[\] holds no stage; give at least one stage dict, or omit stages"),
         ("random", {"stages": 0}, r"stages must be a list of dicts like .*got 0"),
         ("random", {"cls": 1}, r"unknown option\(s\) cls for method 'random'"),
+        ("zoo_prune", {"precision": ["float32"]}, r"precision must be one of .*got \['float32'\]"),
+        ("zoo_prune", {"directions": 10**30}, r"directions \(m\) must be a positive integer up to 2\*\*20"),
+        ("vflowopt", {"newline_importance": float("nan")}, r"newline_importance must be a finite number, got nan"),
         ("transprune", {"keep_ratios": [0.5]}, r"the default schedule prunes at 3 layers .*but 1 keep_ratios were given; give prune_layers="),
         ("random", {"seed": "a"}, r"seed must be an integer .*got 'a'"),
         ("random", {"seed": 2**64}, r"seed must be an integer \(a 64-bit value"),
@@ -486,3 +489,29 @@ def test_bad_paths_and_values_outside_wrap_are_refused_in_one_line(tmp_path):
                               ([[-1]], r"relevant token -1 of image 0 is negative")):
         with vtoken.annotate(oracle, relevant=relevant), pytest.raises(ValueError, match=message), torch.no_grad():
             oracle(**x)
+
+
+@pytest.mark.filterwarnings("ignore:zoo_prune. the projector's sensitivity is the same")
+def test_big_integer_options_reach_torch_as_floats():
+    """VFlowOpt's t / a / alpha and ZOO-Prune's flat_rtol given as integers past 64 bits pass their
+    range checks; they are floats from then on (torch raised an OverflowError at the first forward)."""
+    model = tiny_llava()
+    for method, options in (("vflowopt", {"t": 10**30}), ("vflowopt", {"a": 10**30}), ("vflowopt", {"alpha": 10**30}),
+                            ("zoo_prune", {"flat_rtol": 10**30})):
+        with vtoken.pruned(model, method, **options), torch.no_grad():
+            assert all(isinstance(getattr(vtoken.config_of(model), k), float) for k in options)
+            try:
+                model(**llava_inputs(1))
+            except ValueError as error:  # a one-line refusal of the method's own is fine, torch's overflow is not
+                assert "\n" not in str(error) and "flat" in str(error), error
+
+
+def test_save_config_where_it_cannot_write_is_one_line(tmp_path):
+    """A directory named like the config file, or no path at all: one line, not an OSError / TypeError."""
+    model = tiny_llava()
+    vtoken.wrap(model, "random", keep=0.5)
+    (tmp_path / "vtoken_config.json").mkdir()
+    with pytest.raises(ValueError, match=r"cannot write .*vtoken_config.json' \(Is a directory\); give a directory"):
+        vtoken.save_config(model, tmp_path)
+    with pytest.raises(ValueError, match=r"give the directory to hold vtoken_config.json as a path, got None"):
+        vtoken.save_config(model, None)

@@ -159,15 +159,21 @@ class PruneConfig:
         return {"method": self.method, **dataclasses.asdict(self)}
 
     def save(self, directory: str | os.PathLike) -> str:
+        if not isinstance(directory, (str, os.PathLike)):
+            raise ValueError(f"give the directory to hold {CONFIG_FILE} as a path, got {shown(directory)}")
         try:
             os.makedirs(directory, exist_ok=True)
         except OSError as error:  # a file where the directory should be, or on the way to it
             raise ValueError(f"cannot make the directory {os.fspath(directory)!r} ({error.strerror or error}); "
                              f"give a directory (created if missing) to hold {CONFIG_FILE}") from None
         path = os.path.join(directory, CONFIG_FILE)
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
-            f.write("\n")
+        try:
+            with open(path, "w") as f:
+                json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+                f.write("\n")
+        except OSError as error:  # a directory of that name, a read-only place, /proc
+            raise ValueError(f"cannot write {path!r} ({error.strerror or error}); give a directory you can "
+                             "write to") from None
         return path
 
     @classmethod
@@ -273,7 +279,7 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     try:
         with open(path) as f:
             data = json.load(f)
-    except (ValueError, UnicodeDecodeError) as error:
+    except (ValueError, UnicodeDecodeError, RecursionError) as error:
         raise ValueError(f"{os.fspath(path)} is not a vtoken config: not valid JSON ({error})") from None
     if not isinstance(data, dict) or "method" not in data:
         raise ValueError(f"{os.fspath(path)} is not a vtoken config: it needs a JSON object with a 'method' key")

@@ -120,7 +120,14 @@ def load_config(source: Any):
         if path.is_dir() and (path / "config.json").is_file():
             path = path / "config.json"
         if path.is_file():
-            return _config_from_dict(json.loads(path.read_text()))
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (ValueError, RecursionError) as error:
+                raise ValueError(f"{path}: not a model config (not valid JSON: {error})") from None
+            if not isinstance(data, dict):
+                raise ValueError(f"{path}: not a model config (a JSON object of a transformers config is needed, "
+                                 f"got a {type(data).__name__})")
+            return _config_from_dict(data)
         shipped = _shipped_config_path(str(source))
         if shipped is not None:
             data = json.loads(shipped.read_text())

@@ -380,6 +380,11 @@ class VFlowOptConfig(PruneConfig):
             raise ValueError(f"a (the recycling cell side, in patches) must be > 0, got {self.a}")
         if not math.isfinite(self.alpha):
             raise ValueError(f"alpha must be a finite number, got {self.alpha}")
+        if not math.isfinite(self.newline_importance):
+            raise ValueError(f"newline_importance must be a finite number, got {self.newline_importance}")
+        for name in ("stage1", "r2", "t", "a", "alpha", "newline_importance"):
+            # (an integer past 64 bits passes every check above and would reach torch as one)
+            setattr(self, name, float(getattr(self, name)))
         if self.relevance not in RELEVANCE:
             raise ValueError(f"relevance must be one of {RELEVANCE}, got {self.relevance!r}")
         if self.vision_layer is not None and (not is_integer(self.vision_layer) or self.vision_layer < 0):

@@ -157,10 +157,10 @@ class ZooPruneConfig(PruneConfig):
             raise ValueError("precision='bfloat16' is refused: its 8-bit mantissa cannot hold x + h u at h = 0.01 "
                              "(measured: sensitivity off by up to 150%); use 'mixed' (float32 differences, W2 in "
                              "the model's bfloat16), 'float16' (the official code's) or 'float32'")
-        if self.precision not in PRECISIONS:
+        if not isinstance(self.precision, str) or self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {self.precision!r}")
-        if isinstance(self.directions, bool) or not isinstance(self.directions, int) or self.directions < 1:
-            raise ValueError(f"directions (m) must be a positive integer, got {self.directions!r}; the paper uses 64")
+        if isinstance(self.directions, bool) or not isinstance(self.directions, int) or not 1 <= self.directions <= 2**20:
+            raise ValueError(f"directions (m) must be a positive integer up to 2**20, got {self.directions!r}; the paper uses 64")
         if isinstance(self.step, bool) or not isinstance(self.step, (int, float)) or not (
             math.isfinite(self.step) and self.step > 0
         ):
@@ -181,6 +181,7 @@ class ZooPruneConfig(PruneConfig):
             math.isfinite(self.flat_rtol) and self.flat_rtol >= 0
         ):
             raise ValueError(f"flat_rtol must be a finite number >= 0, got {self.flat_rtol!r}")
+        self.flat_rtol = float(self.flat_rtol)  # (an integer past 64 bits would reach torch as one)
         super().__post_init__()
 
 
