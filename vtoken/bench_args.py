@@ -37,9 +37,13 @@ def check_bench_arguments(args):
     trained = check_pairs(args.trained, "--trained", "METHOD=DIR, e.g. tokenpacker=path/to/weights")
     configs = check_pairs(args.configs, "--configs", "LABEL=DIR, e.g. 'vflowopt (tuned)'=path/to/config")
     check_model(args.model)
-    for flag, value in (("--limit", args.limit), ("--repeats", args.repeats), ("--batch-size", args.batch)):
+    # (the upper bounds: a count past them ran until killed, growing memory, instead of being refused)
+    for flag, value, most in (("--limit", args.limit, 1_000_000), ("--repeats", args.repeats, 10_000),
+                              ("--batch-size", args.batch, 4096)):
         if value < 1:
             raise ValueError(f"{flag} must be at least 1, got {value}")
+        if value > most:
+            raise ValueError(f"{flag} must be at most {most:,}, got {value:,}")
     check_threads(args.threads)
     check_out(args.out)
     if args.data is not None:
@@ -78,6 +82,9 @@ def check_threads(threads: int | None) -> None:
     """``--threads``: a positive count, or left out for torch's default."""
     if threads is not None and threads < 1:
         raise ValueError(f"--threads must be at least 1, got {threads} (leave it out for torch's default)")
+    most = 4 * (os.cpu_count() or 1)
+    if threads is not None and threads > most:  # (100000 threads: a MemoryError with no message)
+        raise ValueError(f"--threads must be at most {most} on this machine ({os.cpu_count()} CPUs), got {threads}")
 
 
 def check_out(path: str, flag: str = "--out") -> None:
