@@ -267,6 +267,22 @@ def test_show_draws_kept_patches(tmp_path):
             assert (value == 200) == (r * 4 + c in kept)
 
 
+def test_show_takes_the_pixel_values_of_a_batch_of_one_and_refuses_what_is_no_image(tmp_path):
+    """The processor's [1, 3, H, W] pixel values draw as their image (PIL's TypeError before); an empty
+    tensor, a batch of several and no output path are one-line ValueErrors."""
+    model = tiny_llava()
+    x = llava_inputs(1)
+    with vtoken.pruned(model, "random", keep_tokens=4):
+        with torch.no_grad():
+            model(**x)
+        assert Image.open(vtoken.show(model, x["pixel_values"], tmp_path / "a.png")).size == (384, 384)
+        for image in (torch.rand(3, 0, 0), torch.rand(2, 3, 32, 32)):
+            with pytest.raises(ValueError, match=r"show\(\) draws one image: .*pass one image of the batch"):
+                vtoken.show(model, image, tmp_path / "b.png")
+        with pytest.raises(ValueError, match="give the PNG's path to write, got NoneType"):
+            vtoken.show(model, x["pixel_values"][0], None)
+
+
 def test_show_draws_each_pooled_token_over_its_whole_window(tmp_path):
     """pool to 2x2: every patch of a window shares its pooled token's tint, the four windows differ."""
     model = tiny_llava()

@@ -26,8 +26,15 @@ def _as_image(image) -> Image.Image:
         return image.convert("RGB")
     if isinstance(image, torch.Tensor):
         array = image.detach().float().cpu()
+        if array.dim() == 4 and array.shape[0] == 1:  # a batch of one, as a processor returns it
+            array = array[0]
         if array.dim() == 3 and array.shape[0] in (1, 3):
             array = array.permute(1, 2, 0)
+        if array.dim() == 3 and array.shape[-1] == 1:
+            array = array[..., 0]
+        if array.numel() == 0 or array.dim() not in (2, 3) or (array.dim() == 3 and array.shape[-1] != 3):
+            raise ValueError(f"show() draws one image: a tensor of [channels, height, width] or [height, width], "
+                             f"got shape {tuple(image.shape)}; pass one image of the batch")
         array = (array - array.min()) / (array.max() - array.min() + 1e-12)
         return Image.fromarray((array.numpy() * 255).astype("uint8")).convert("RGB")
     raise TypeError(f"show() takes a PIL image, a path or a tensor, not {type(image).__name__}")
@@ -77,6 +84,8 @@ def show(model, image, path, sample: int = 0, image_in_sample: int = 0) -> str:
     the last forward of the wrapped ``model``; returns the path."""
     from vtoken.api import _state
 
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"give the PNG's path to write, got {type(path).__name__}")
     run = _state(model).pruner.last_run
     if run is None:
         raise ValueError("no forward pass has run since wrapping; call the model first, then show()")
