@@ -324,3 +324,13 @@ def test_argparse_mistakes_are_one_line_too(argv, message, capsys):
         main(argv)
     err = capsys.readouterr().err
     assert exit.value.code == 2 and err.startswith(message) and err.count("\n") == 1, err
+
+
+def test_methods_with_an_empty_name_and_lists_named_twice(capsys):
+    """`vtoken methods ''` is refused (it printed the whole list, status 0); a method or budget named
+    twice in a list is one row (two identical rows before)."""
+    from vtoken.bench_args import split_list
+
+    assert main(["methods", ""]) == 2
+    assert capsys.readouterr().err == "vtoken methods: error: an empty method name; name a method, or leave it out for the list\n"
+    assert split_list(["random,fastv", "random", "fastv"], "--methods") == ["random", "fastv"]

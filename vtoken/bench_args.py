@@ -26,7 +26,7 @@ def split_list(values: list[str] | None, flag: str = "the list") -> list[str] | 
     items = [item for item in items if item]
     if not items:
         raise ValueError(f"{flag} was given without a value; name at least one, or leave {flag} out for the default")
-    return items
+    return list(dict.fromkeys(items))  # one row each: a name given twice is measured once
 
 
 def check_bench_arguments(args):

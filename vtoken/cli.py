@@ -108,6 +108,8 @@ def _run(args, argv) -> int:
     if args.command == "methods":
         from vtoken.method_text import describe, summary_lines
 
+        if args.name is not None and not args.name.strip():
+            raise ValueError("an empty method name; name a method, or leave it out for the list")
         if args.name:
             print(describe(args.name))
         else:
