@@ -691,7 +691,9 @@ def test_an_empty_batch_runs_as_the_model(method):
     with torch.no_grad():
         plain = model(empty)
     with vtoken.pruned(model, _method(method), **METHODS[method]), torch.no_grad():
+        model(images())
         assert model(empty).shape == plain.shape == (0, plain.shape[1])
+        assert vtoken.selection(model) == []  # this call's: no image (not the previous call's three)
         model(images())  # and the next batch is pruned as ever
         assert len(vtoken.selection(model)) == 3
 
@@ -743,3 +745,11 @@ def test_a_call_that_stops_before_the_last_block_records_its_selection():
         selection = vtoken.selection(model)
         assert len(selection) == 3 and all(len(s["vision:0"]) == PATCHES // 4 for s in selection)
         assert vtoken.api._state(model).pruner.encoding is None
+
+
+def test_site_none_names_the_vision_site_of_a_vision_only_model():
+    """(it offered the projector and llm sites the model lacks)"""
+    model = VISION_FAMILIES["timm"].make()
+    with pytest.raises(ValueError, match=rf"site=None: timm ViT is a vision-only model; use site='vision' with layer=0..{DEPTH - 1}"):
+        vtoken.wrap(model, "random", site=None, keep=0.5)
+    assert not vtoken.is_wrapped(model)

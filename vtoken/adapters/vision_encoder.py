@@ -27,7 +27,7 @@ from .vision_site import VisionSite, VisionSource
 from vtoken import signals
 from vtoken.context import Grid
 from vtoken.pruner import Pruner
-from vtoken.request import ImageRun, PruneRun
+from vtoken.request import ImageRun, PruneRun, TextOnlyPrefill
 
 #: Signals of a vision-language model that a vision-only model has no part for.
 NO_LLM = "a vision-only model (no projector, no LLM)"
@@ -113,6 +113,9 @@ class VisionEncoderAdapter(VisionSite, Adapter):
         lacking = next((site for site in sites if site not in (None, "vision")), None)
         if lacking is not None:  # before the options are checked on their own (a stage's missing layer, say)
             raise self._no_site(lacking)
+        if "site" in options and options["site"] is None:  # (the generic check would offer sites it lacks)
+            raise ValueError(f"site=None: {self.family_name} is a vision-only model; use site='vision' with "
+                             f"layer=0..{len(self.vision_layers()) - 1}, or leave site out")
         if "site" in options or options.get("stages"):
             return options
         if getattr(strategy_cls.Config, "site", "vision") == "vision":
@@ -212,8 +215,9 @@ class VisionEncoderAdapter(VisionSite, Adapter):
                 "prunes in; call model.set_grad_checkpointing(False) to train with vtoken, or run under torch.no_grad()"
             )
         pixels = self.pixels_from(args, kwargs)
-        if pixels.shape[0] == 0:  # an empty batch runs as the model (nothing to prune, nothing to record)
+        if pixels.shape[0] == 0:  # an empty batch runs as the model: nothing to prune, an empty selection
             pruner.encoding = None
+            pruner.last_run = TextOnlyPrefill(0, [stage.name for stage in pruner.stages])
             return None
         rows, cols = vision.grid_for(pixels.shape[-2], pixels.shape[-1])
         patches, prefix = rows * cols, vision.prefix_tokens
