@@ -7,8 +7,8 @@ schedules, each method's own options):
   on every valid position and its greedy tokens;
 - **budget**: at the drawn budget a forward returns one row of finite last-position logits per
   sample, and every generate mode (greedy with a dynamic cache, without a cache and with a static
-  cache, each scoring every step in a dict; greedy returning tokens only; beam search; seeded
-  sampling) returns each prompt followed by new tokens; the greedy modes give the same tokens and,
+  cache, each scoring every step in a dict; greedy returning tokens only; prompt-lookup decoding
+  (its first forward's candidates rejected or not); beam search; seeded sampling) returns each prompt followed by new tokens; the greedy modes give the same tokens and,
   step by step, the same scores (to 1e-4 of their scale: decoding from a cache is the recomputation
   of the pruned sequence); sampling twice under one seed gives the same tokens; each sample of the
   batch alone gets the last-position logits it gets in the batch;
@@ -44,11 +44,12 @@ GENERATE_MODES = {
     "greedy without a cache": dict(_SCORED, use_cache=False),
     "static cache": dict(_SCORED, cache_implementation="static"),
     "greedy, tokens only": dict(do_sample=False),
+    "prompt-lookup decoding": dict(do_sample=False, prompt_lookup_num_tokens=2),
     "beam search": dict(do_sample=False, num_beams=2),
     "sampling": dict(do_sample=True, top_k=20, temperature=0.9),
 }
 #: Modes whose tokens are greedy's; the first three also score every step as greedy does.
-GREEDY_MODES = ("greedy without a cache", "static cache", "greedy, tokens only")
+GREEDY_MODES = ("greedy without a cache", "static cache", "greedy, tokens only", "prompt-lookup decoding")
 
 
 def methods_for(family: str) -> list[str]:

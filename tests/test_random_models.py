@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
 
@@ -53,3 +54,21 @@ def test_a_random_vision_only_model_keeps_every_guarantee(seed):
         warnings.simplefilter("ignore")
         failures = check_vit_seed(seed, kind, method)
     assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("seed,method,options", [(3093, "vflowopt", {"keep": 0.25}),
+                                                 (3177, "transprune", {"keep_tokens": 5, "ttv_only": True})])
+def test_prompt_lookup_whose_first_candidates_are_rejected_decodes_as_greedy(seed, method, options):
+    """Prompt-lookup decoding feeds candidate tokens after the prompt in its first forward; when they
+    are rejected, generate crops them from the cache. vtoken counted them in the prompt and then
+    crashed (a negative new-token count); it now forgets them (PruneRun.drop_prompt_tail). Two random
+    cases of an unpadded sample where that happens: the tokens are greedy's."""
+    import vtoken
+    from random_models import PAD, SUPPRESS, RandomCase
+
+    case = RandomCase.draw(seed)
+    kwargs = dict(max_new_tokens=4, do_sample=False, suppress_tokens=SUPPRESS, pad_token_id=PAD)
+    with vtoken.pruned(case.model, method, **options), torch.no_grad():
+        greedy = case.model.generate(**case.inputs, **kwargs)
+        lookup = case.model.generate(**case.inputs, prompt_lookup_num_tokens=2, **kwargs)
+    assert torch.equal(lookup, greedy)

@@ -335,6 +335,21 @@ class PruneRun:
         self.groups[0] = (0, layout)
         self.input_layout_changed = True
 
+    def drop_prompt_tail(self, cut: int) -> None:
+        """Forget the last ``cut`` tokens of the prefill: assisted and prompt-lookup decoding feed
+        candidate tokens after the prompt in the first forward, and generate crops the rejected ones
+        from the cache. They are the sequence's last tokens (text, never pruned), so they are the last
+        slots of every layout; their positions ran on by one each from the prompt's last."""
+        length = self.orig_length - cut
+        self.groups = [(first, SequenceLayout(*(getattr(layout, name)[:, : layout.length - cut] for name in (
+            "orig_index", "valid", "visual_index", "image_index", "position_ids")))) for first, layout in self.groups]
+        self.orig_length = self.seen = length
+        self.orig_max_position = self.orig_max_position - cut
+        self.orig_last_position = self.orig_last_position - cut
+        if self.prompt is not None:
+            ids, mask = self.prompt
+            self.prompt = (ids[:, :length], None if mask is None else mask[:, :length])
+
     def group_for(self, layer: int) -> tuple[int, SequenceLayout]:
         current = self.groups[0]
         for first, layout in self.groups:

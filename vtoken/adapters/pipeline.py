@@ -654,6 +654,8 @@ class VisionLanguageAdapter(VisionSite, Adapter):
         if removed <= 0:
             return
         run.seen -= removed
+        if run.seen < run.orig_length:  # candidates of the prefill's own forward were rejected
+            run.drop_prompt_tail(run.orig_length - run.seen)
         new = run.seen - run.orig_length
         for layer in range(compat.num_cache_layers(cache)):
             compat.crop_cache_layer(cache, layer, run.group_for(layer)[1].length + new)
