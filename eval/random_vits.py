@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 import vtoken
+from wrap_checks import hook_count
 
 KINDS = ("clip_vision", "siglip_vision", "timm", "open_clip_tower")
 #: Methods that run on a vision-only model (every one prunes or merges inside the tower).
@@ -157,10 +158,6 @@ def _kept_counts(options: dict, patches: int) -> int | None:
     return max(1, round(stage["keep"] * patches))
 
 
-def _hooks(model) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
-
-
 def check_vit_seed(seed: int, kind: str | None = None, method: str | None = None) -> list[str]:
     """Every check on the seed's random ViT; the failures, as sentences (empty: it passed). A one-line
     ValueError of vtoken's at wrap is a refusal, not a failure (a method the tower cannot serve)."""
@@ -172,7 +169,7 @@ def check_vit_seed(seed: int, kind: str | None = None, method: str | None = None
     with torch.no_grad():
         plain = vit.call(model, x)
     state = copy.deepcopy(model.state_dict())
-    hooks = _hooks(model)
+    hooks = hook_count(model)
     keep_all = {"r": 0} if method == "tome" else {k: v for k, v in options.items() if k not in ("keep", "keep_tokens", "stages")}
     if method != "tome":
         keep_all["keep"] = 1.0
@@ -182,7 +179,7 @@ def check_vit_seed(seed: int, kind: str | None = None, method: str | None = None
         except ValueError as error:
             if "\n" in str(error).strip():
                 failures.append(f"{label}: a refusal of several lines: {error}")
-            if _hooks(model) != hooks or vtoken.is_wrapped(model):
+            if hook_count(model) != hooks or vtoken.is_wrapped(model):
                 failures.append(f"{label}: a refused wrap left the model changed")
             continue
         try:
@@ -199,7 +196,7 @@ def check_vit_seed(seed: int, kind: str | None = None, method: str | None = None
             vtoken.unwrap(model)
         with torch.no_grad():
             again = vit.call(model, x)
-        if not torch.equal(again, plain) or _hooks(model) != hooks or any(
+        if not torch.equal(again, plain) or hook_count(model) != hooks or any(
                 not torch.equal(v, state[k]) for k, v in model.state_dict().items()):
             failures.append(f"{label}: unwrap did not give the model back (outputs, hooks or weights)")
     return [f"{vit.describe()}\n  {method} {options}: {f}" for f in failures]

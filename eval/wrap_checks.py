@@ -151,7 +151,8 @@ def _is_refusal(error: BaseException) -> bool:
             and bool(frames) and frames[-1].filename.startswith(VTOKEN_DIR))
 
 
-def _hooks(model) -> int:
+def hook_count(model) -> int:
+    """Forward hooks and pre-hooks on every module of ``model``."""
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
@@ -186,7 +187,7 @@ class _Checker:
         with torch.no_grad():
             self.logits = self.model(**self.x).logits  # transformers adds its own hooks on a first forward
         self.state = {k: v.clone() for k, v in self.model.state_dict().items()}
-        self.hooks = _hooks(self.model)
+        self.hooks = hook_count(self.model)
         self.types = [type(m).__name__ for m in self.model.modules()]
         self.greedy = _generate(self.plain, self.x, do_sample=False)
 
@@ -363,8 +364,8 @@ class _Checker:
         problems = []
         if changed:
             problems.append(f"weights differ: {sorted(changed)[:5]}")
-        if _hooks(self.model) != self.hooks:
-            problems.append(f"{_hooks(self.model)} hooks where the model had {self.hooks}")
+        if hook_count(self.model) != self.hooks:
+            problems.append(f"{hook_count(self.model)} hooks where the model had {self.hooks}")
         if [type(m).__name__ for m in self.model.modules()] != self.types:
             problems.append("module types changed")
         if vtoken.is_wrapped(self.model):

@@ -668,11 +668,6 @@ def test_a_mistral_llm_with_a_sliding_window_reads_the_cached_keys_as_counted(me
     assert counted[4096] == counted[None]
 
 
-def _cache_bytes(cache) -> int:
-    return sum(compat.cache_layer_kv(cache, i)[0].numel() * 2 * compat.cache_layer_kv(cache, i)[0].element_size()
-               for i in range(compat.num_cache_layers(cache)))
-
-
 @pytest.mark.parametrize("family", ["llava", "qwen2_5"])
 @pytest.mark.parametrize("method,options", [
     ("random", {"keep_tokens": 4}), ("random", {"keep_tokens": 3, "site": "llm", "layer": 2}),
@@ -698,7 +693,7 @@ def test_a_sample_of_several_images_is_counted_per_image(family, method, options
     with vtoken.pruned(model, method, **options), torch.no_grad():
         cache = compat.output_cache(model(**x, use_cache=True))
         report = flops(model, text_tokens=text, images=2, visual_tokens=visual, dtype=torch.float32)
-    assert report.kv_cache_bytes == _cache_bytes(cache)
+    assert report.kv_cache_bytes == kv_bytes(cache)
 
 
 def test_the_mean_decode_step_is_the_sum_over_every_step_in_closed_form():

@@ -8,6 +8,7 @@ between two pruning points) has one layout; its KV cache holds exactly those slo
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -82,6 +83,10 @@ class SequenceLayout:
             position_ids=gather_tokens(self.position_ids, index, fill=0),
         )
         return layout, index
+
+    def without_last(self, count: int) -> "SequenceLayout":
+        """The same layout less its last ``count`` slots (every field cut alike)."""
+        return SequenceLayout(**{f.name: getattr(self, f.name)[:, : self.length - count] for f in dataclasses.fields(self)})
 
     def renumbered(self) -> "SequenceLayout":
         """The same slots with consecutive position ids over the valid slots (PyramidDrop-style),

@@ -341,8 +341,7 @@ class PruneRun:
         from the cache. They are the sequence's last tokens (text, never pruned), so they are the last
         slots of every layout; their positions ran on by one each from the prompt's last."""
         length = self.orig_length - cut
-        self.groups = [(first, SequenceLayout(*(getattr(layout, name)[:, : layout.length - cut] for name in (
-            "orig_index", "valid", "visual_index", "image_index", "position_ids")))) for first, layout in self.groups]
+        self.groups = [(first, layout.without_last(cut)) for first, layout in self.groups]
         self.orig_length = self.seen = length
         self.orig_max_position = self.orig_max_position - cut
         self.orig_last_position = self.orig_last_position - cut

@@ -168,7 +168,7 @@ def timm_block_halves(block: nn.Module, undo: UndoStack) -> BlockHalves:
     parts = _branch_parts(block) if _timm_attention(block) is not None else None
     if parts is None:
         raise ValueError(
-            f"this timm ViT's blocks are {type(block).__name__}, not the Block / ResPostBlock that vtoken splits into "
+            f"this timm ViT's blocks are {type(block).__name__}, not the Block / ResPostBlock with timm's Attention that vtoken splits into "
             "attention and MLP; use a method that prunes after a block (random, pool)"
         )
     post = parts["attention"] == "norm1"  # ResPostBlock: the norm closes the branch

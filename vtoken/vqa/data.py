@@ -514,10 +514,9 @@ def _is_number(value) -> bool:
 
 def _check_record_types(rec: dict, where: str) -> None:
     """Each field of a record has its type (``where``: ``FILE:LINE`` for the message)."""
-    for key in ("image", "question", "answer"):
-        if not isinstance(rec[key], str):
-            raise ValueError(f"{where}: {key} must be a string, got {json.dumps(rec[key])}")
-    for key in ("family", "id"):  # optional, but named in the tables and kept apart by value
+    # image, question and answer are there (required); family and id are optional, but named in the
+    # tables and kept apart by value
+    for key in ("image", "question", "answer", "family", "id"):
         if key in rec and not isinstance(rec[key], str):
             raise ValueError(f"{where}: {key} must be a string, got {json.dumps(rec[key])}")
     boxes = rec.get("boxes", [])
