@@ -116,6 +116,7 @@ from peak_memory import PeakMemory  # noqa: E402  (eval/peak_memory.py)
 from scoring_floor import scoring_floor  # noqa: E402  (eval/scoring_floor.py)
 from speed_oracle import OraclePlan, oracle_call, oracle_plan, oracle_supported  # noqa: E402  (eval/speed_oracle.py)
 from speed_report import report  # noqa: E402  (eval/speed_report.py)
+from speed_methods import MethodOptions  # noqa: E402  (eval/speed_methods.py)
 from speed_shapes import FAMILIES  # noqa: E402  (eval/speed_shapes.py)
 from speed_stats import paired_differences  # noqa: E402  (eval/speed_stats.py)
 from speed_timing import (  # noqa: E402  (eval/speed_timing.py)
@@ -127,7 +128,10 @@ from speed_timing import (  # noqa: E402  (eval/speed_timing.py)
 #: again on every call; ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=...:glibc.malloc.trim_threshold=...``
 #: keeps them in the heap).
 TIMING_ENVIRONMENT = ("OMP_NUM_THREADS", "GLIBC_TUNABLES")
-METHODS = ("random", "pool", "visionzip", "zoo_prune", "vflowopt", "repshift", "tome", "fastv", "transprune", "aif")
+#: Every method the bench times by default: the training-free ones, and TokenPacker with a packer of
+#: random weights (``eval/speed_methods.py``; its budgets are those its scales give, the others are not run).
+METHODS = ("random", "pool", "visionzip", "zoo_prune", "vflowopt", "repshift", "tome", "fastv", "transprune", "aif",
+           "tokenpacker")
 _START = time.perf_counter()
 
 
@@ -151,7 +155,7 @@ def ttft_call(model, x):
     return model(**x, use_cache=True, logits_to_keep=1).logits
 
 
-def generate_runs(model, args, device, clock, meter, methods) -> dict:
+def generate_runs(model, args, device, clock, meter, methods, options: MethodOptions) -> dict:
     """Per batch (1 and ``args.batches``), per configuration (``none`` and every method at
     ``args.generate_budget``): tokens/s, time to the first token and decode ms per token over
     interleaved rounds after a warm-up round, and the peak memory of the warm-up round's call (measured
@@ -192,7 +196,7 @@ def generate_runs(model, args, device, clock, meter, methods) -> dict:
                 if method in errors:
                     continue
                 try:
-                    with vtoken.pruned(model, method, keep_tokens=args.generate_budget):
+                    with vtoken.pruned(model, method, **options(method, args.generate_budget)):
                         samples[method] = once(b, memory)
                 except Exception as error:  # a method that cannot run here is reported, the rest measured
                     errors[method] = f"{type(error).__name__}: {error}"
@@ -276,15 +280,16 @@ def main(argv=None) -> None:
     dtype = getattr(torch, args.dtype)
     model = family.build(device, dtype)
     x = to_device(family.inputs(), device, dtype)
+    options = MethodOptions(model)  # each method's wrap options at a budget (a trained one's weights too)
 
     # --- recordings, replay checks, oracle plans ---------------------------------------------------
     configs: list[Config] = []
     keep_all: dict[str, replay.Recording] = {}
     skipped: dict[tuple, str] = {}
     for method in methods:
-        for budget in budgets:
+        for budget in options.budgets(method, budgets):
             try:
-                recording = replay.record(model, method, x, keep_tokens=budget)
+                recording = replay.record(model, method, x, **options(method, budget))
             except Exception as error:
                 skipped[(method, budget)] = f"{type(error).__name__}: {error}"
                 continue
@@ -301,7 +306,7 @@ def main(argv=None) -> None:
                                                              recording.logits[:, -1])
             configs.append(config)
         try:
-            keep_all[method] = replay.record(model, method, x, keep=1.0)
+            keep_all[method] = replay.record(model, method, x, **options(method, None))
         except Exception as error:
             skipped[(method, "keep-all")] = f"{type(error).__name__}: {error}"
     log(f"recorded and checked {len(configs)} configurations")
@@ -328,8 +333,8 @@ def main(argv=None) -> None:
 
     def method_context(c: Config):
         if call_time is None:
-            return vtoken.pruned(model, c.method, keep_tokens=c.budget)
-        return call_time.pruned(model, c.method, c.budget)
+            return vtoken.pruned(model, c.method, **options(c.method, c.budget))
+        return call_time.pruned(model, c.method, **options(c.method, c.budget))
 
     groups = []
     for c in configs:
@@ -395,7 +400,7 @@ def main(argv=None) -> None:
     memory = {"none": prefill_memory()}
     predicted = {"none": vtoken.kv_cache_bytes(model, text_tokens=text_tokens, dtype=model.dtype)}
     for c in configs:
-        with vtoken.pruned(model, c.method, keep_tokens=c.budget):
+        with vtoken.pruned(model, c.method, **options(c.method, c.budget)):
             prefill_memory()  # warm
             memory[(c.method, c.budget)] = prefill_memory()
             predicted[(c.method, c.budget)] = vtoken.kv_cache_bytes(model, text_tokens=text_tokens, dtype=model.dtype)
@@ -405,13 +410,14 @@ def main(argv=None) -> None:
     log("memory and KV cache measured")
 
     # --- scoring FLOPs of each method's own algorithm (vtoken.flops), for the scoring target --------
-    unpruned_flops = vtoken.flops(model, text_tokens=text_tokens).prefill
+    unpruned = vtoken.flops(model, text_tokens=text_tokens)
+    unpruned_flops = unpruned.prefill
     scoring_share = {}
     # ... and the least work of that algorithm, timed (eval/scoring_floor.py: a whole attention map's
     # exponentials, which FLOPs do not count), as a share of the unpruned prefill's time.
     floor_share, floor_cache = {}, {}
     for c in configs:
-        with vtoken.pruned(model, c.method, keep_tokens=c.budget):
+        with vtoken.pruned(model, c.method, **options(c.method, c.budget)):
             scoring_share[(c.method, c.budget)] = vtoken.flops(model, text_tokens=text_tokens).scoring / unpruned_flops
             costs = vtoken.schedule_of(model, visual_tokens=family.visual).scoring
         floor_share[(c.method, c.budget)] = scoring_floor(costs, family.vision_map, device, floor_cache) / base
@@ -430,17 +436,19 @@ def main(argv=None) -> None:
     for method in profiled:
         c = next(c for c in first if c.method == method)
         try:
-            profile_lines.append(profile_scoring(model, x, method, c.budget, c.recording, device, ttft_call))
+            profile_lines.append(profile_scoring(model, x, method, c.budget, options(method, c.budget), c.recording, device,
+                                                      ttft_call))
         except Exception as error:
             profile_lines.append(f"- **{method}**: profile failed ({type(error).__name__}: {error})")
 
     log(f"profiled {', '.join(profiled) or 'nothing'}")
 
     # --- generate -------------------------------------------------------------------------------------
-    generate = generate_runs(model, args, device, clock, meter, generate_methods) if args.batches else None
+    generate = generate_runs(model, args, device, clock, meter, generate_methods, options) if args.batches else None
 
     text, data = report(args, command, load_at_start, device, meter, base, times_none, configs, keep_all, times_keep_all,
-                        memory, predicted, scoring_share, floor_share, profile_lines, generate, skipped)
+                        memory, predicted, scoring_share, floor_share, profile_lines, generate, skipped,
+                        projector_share=unpruned.projector / unpruned_flops)
     print(text)
     out = Path(args.out)
     out.write_text(text)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import transformers
 
+from speed_methods import is_trained  # eval/speed_methods.py
 from speed_stats import (  # eval/speed_stats.py
     BATCH_TARGET, CONFIDENCE, MACHINERY_TARGET, SCORING_TARGET, _batch_verdict, _pf, _verdict_text, batch_ratio,
     generate_speedup, interval_coverage, interval_name, keep_all_overhead, keep_all_ratios, median_interval,
@@ -50,7 +51,7 @@ def _mib(n: float) -> str:
 
 
 def report(args, command, load_at_start, device, meter, base, times_none, configs, keep_all, times_keep_all, memory,
-           predicted, scoring_share, floor_share, profile_lines, generate, skipped):
+           predicted, scoring_share, floor_share, profile_lines, generate, skipped, projector_share: float | None = None):
     rows = []
     for c in configs:
         method_ms = 1000 * statistics.median(c.times["method"])
@@ -114,7 +115,10 @@ def report(args, command, load_at_start, device, meter, base, times_none, config
             "strategy_calls_ms": in_calls, "spared_key_projection_ms": spared,
             "strategy_calls_share": None if in_calls is None else in_calls / (1000 * base),
             "algorithm_scoring_flops_share": share, "algorithm_floor_share": floor, "scoring_exempt": exempt,
-            "scoring_pass": None if exempt else scoring_verdict.ok,
+            # A trained method's learned reduction is the method itself (TokenPacker's packer is its projector),
+            # not a scoring overhead: the target is for training-free methods; its time is reported all the same.
+            "trained": is_trained(c.method),
+            "scoring_pass": None if exempt or is_trained(c.method) else scoring_verdict.ok,
             "machinery": machinery, "machinery_basis": machinery_basis, "machinery_interval": machinery_interval,
             "machinery_within_noise": machinery_verdict is not None and machinery_verdict.within_noise,
             "machinery_decided_by": None if machinery_verdict is None else machinery_verdict.basis,
@@ -193,7 +197,11 @@ def report(args, command, load_at_start, device, meter, base, times_none, config
     for method, method_rows in by_method.items():
         exempt = [r for r in method_rows if r["scoring_exempt"]]
         scoring = judged(method, "scoring")
-        if exempt:
+        if method_rows[0]["trained"]:
+            scoring = (f"not a target (trained: its learned projector is the method): it takes up to "
+                       f"{100 * max(r['scoring_share'] for r in method_rows):.1f}% of the unpruned prefill's time, "
+                       f"{100 * max(r['algorithm_scoring_flops_share'] for r in method_rows):.1f}% of its FLOPs")
+        elif exempt:
             worst_share = max(r["algorithm_scoring_flops_share"] for r in exempt)
             worst_floor = max(r["algorithm_floor_share"] for r in exempt)
             measured = max(r["scoring_share"] for r in exempt)
@@ -246,7 +254,7 @@ def report(args, command, load_at_start, device, meter, base, times_none, config
               f"{prefill_interval} | blocks matched out | machinery target | Δ replay | Δ oracle |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        scoring_target = ("exempt" if r["scoring_exempt"] else
+        scoring_target = ("trained" if r["trained"] else "exempt" if r["scoring_exempt"] else
                           _verdict_text(r["scoring_pass"], r["scoring_within_noise"], r["scoring_decided_by"]))
         scoring_split = "" if r["scoring_split_ms"] is None else (
             f"{r['scoring_split_ms']:.1f} ms ({100 * r['scoring_split_ms'] / base_ms:.1f}%; "
@@ -279,7 +287,8 @@ def report(args, command, load_at_start, device, meter, base, times_none, config
               "means from the live features (the averaging stays in the replay's time)" if recomputed else
               "no stage's merged vectors are recomputed") + ("; " + "; ".join(f"{m} {s}" for m, s in verbatim) +
               " hand back the recorded merged vectors (not a size-weighted mean of `merged_into`, or no `merged_into`: "
-              "their weights are the method's scores), so their averaging counts as scoring" if verbatim else "") + "."]
+              "the method computes them, weighted by its scores or, TokenPacker, by its packer), so computing them counts "
+              "as scoring" if verbatim else "") + "."]
 
     if keep_all:
         lines += ["", "## Machinery at keep-all: every stage installed, nothing dropped, nothing scored", "",
@@ -395,6 +404,11 @@ def report(args, command, load_at_start, device, meter, base, times_none, config
               "single calls, not repeated to a spread.",
               "- Scoring of a merge whose weights are scores (VFlowOpt's recycling, Representation Shift's merge mode) "
               "includes its averaging: the replay hands the recorded vectors back."]
+    if projector_share is not None and "tokenpacker" in by_method:
+        lines.append(f"- A model built with TokenPacker as its projector: vtoken keeps the model unmodified, so its own "
+                     f"projector still runs on every patch and the packed tokens replace its outputs "
+                     f"({100 * projector_share:.1f}% of the unpruned prefill's FLOPs, which such a model does not spend); "
+                     "the replay and the hand-written oracle run it too, so the machinery column does not show it.")
     if not_run:
         lines.append("- Not run (the method refused the point): " + "; ".join(not_run))
     text = "\n".join(lines) + "\n"

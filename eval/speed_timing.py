@@ -122,9 +122,9 @@ class StrategyCallTime:
                 self.seconds += time.perf_counter() - self._start
 
     @contextmanager
-    def pruned(self, model, method: str, budget: int):
-        """``vtoken.pruned(model, method, keep_tokens=budget)`` with the strategy's calls timed."""
-        with vtoken.pruned(model, method, keep_tokens=budget):
+    def pruned(self, model, method: str, **options):
+        """``vtoken.pruned(model, method, **options)`` with the strategy's calls timed."""
+        with vtoken.pruned(model, method, **options):
             undo = _around_calls(vtoken.strategy_of(model), self.around)
             try:
                 yield
@@ -207,10 +207,11 @@ def _profile(fn, device: torch.device) -> dict[str, tuple[float, int]]:
     return out
 
 
-def profile_scoring(model, x, method: str, budget: int, recording, device, calls) -> str:
-    """One line on where ``method``'s scoring time goes: the strategy's own calls (inclusive) and
-    the torch ops that grew most over the replay (self time, one prefill each, under the profiler)."""
-    with vtoken.pruned(model, method, keep_tokens=budget):
+def profile_scoring(model, x, method: str, budget: int, options: dict, recording, device, calls) -> str:
+    """One line on where ``method``'s scoring time goes at ``budget`` (wrapped with ``options``): the
+    strategy's own calls (inclusive) and the torch ops that grew most over the replay (self time, one
+    prefill each, under the profiler)."""
+    with vtoken.pruned(model, method, **options):
         undo = _labelled(vtoken.strategy_of(model))
         try:
             calls(model, x)  # warm

@@ -281,6 +281,14 @@ def test_show_takes_the_pixel_values_of_a_batch_of_one_and_refuses_what_is_no_im
                 vtoken.show(model, image, tmp_path / "b.png")
         with pytest.raises(ValueError, match="give the PNG's path to write, got NoneType"):
             vtoken.show(model, x["pixel_values"][0], None)
+        # A picture path that is missing, a directory or not a picture: one line naming it.
+        (tmp_path / "notes.txt").write_text("not a picture")
+        for image, problem in ((tmp_path / "missing.png", "no image file at"), (tmp_path, "cannot read"),
+                               (tmp_path / "notes.txt", "cannot read")):
+            with pytest.raises(ValueError, match=rf"show\(\): {problem} .*{image.name}") as error:
+                vtoken.show(model, image, tmp_path / "c.png")
+            assert "\n" not in str(error.value) and error.value.__cause__ is None
+        assert not (tmp_path / "c.png").exists()
 
 
 def test_show_draws_each_pooled_token_over_its_whole_window(tmp_path):

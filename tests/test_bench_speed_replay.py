@@ -292,7 +292,7 @@ def test_strategy_call_time_counts_the_outermost_calls_only(model):
     assert not strategy.__dict__
     strategy.reduce(None)
     assert timer.take() == 0.0
-    with timer.pruned(model, "fastv", 8):
+    with timer.pruned(model, "fastv", keep_tokens=8):
         assert set(speed_timing.STRATEGY_CALLS) <= set(vtoken.strategy_of(model).__dict__)
     assert not vtoken.is_wrapped(model)
 
@@ -520,12 +520,19 @@ def test_the_oracles_m_rope_renumbering_follows_the_contiguous_rule():
 
 
 def test_a_map_floor_counts_every_view():
-    """Five views' maps take about five times one view's (the floor of an AnyRes image)."""
+    """Five views' maps take about five times one view's (the floor of an AnyRes image). Timed: up to
+    three tries, since a busy machine can slow one measurement by more than the factor tested."""
     from scoring_floor import AttentionMapShape, attention_map_floor
 
     cpu = torch.device("cpu")
     one, five = AttentionMapShape(2, 384, 32), AttentionMapShape(2, 384, 32, views=5)
-    assert 3.5 * attention_map_floor(one, cpu, repeats=5) < attention_map_floor(five, cpu, repeats=5)
+    times = []
+    for _ in range(3):
+        times.append((attention_map_floor(one, cpu, repeats=5), attention_map_floor(five, cpu, repeats=5)))
+        if 3.5 * times[-1][0] < times[-1][1]:
+            break
+    else:
+        raise AssertionError(f"five views took no longer than 3.5 x one view in three tries (s): {times}")
 
 
 def test_the_layer_key_time_sees_the_keys_handed_over_and_only_the_layers_own_projections():
@@ -555,7 +562,7 @@ def test_the_layer_key_time_sees_the_keys_handed_over_and_only_the_layers_own_pr
 
     for method in ("transprune", "fastv"):
         recording = replay.record(model, method, x, keep_tokens=64)
-        seen[method] = least(lambda: bench_speed.ttft_call(model, x), lambda: calls.pruned(model, method, 64))
+        seen[method] = least(lambda: bench_speed.ttft_call(model, x), lambda: calls.pruned(model, method, keep_tokens=64))
         seen[(method, "replay")] = least(lambda: bench_speed.ttft_call(model, x),
                                          lambda: replay.replaying(model, recording))
     assert seen["transprune"][1] and not seen["fastv"][1]
@@ -583,3 +590,32 @@ def test_the_llava_7b_family_is_llava_1_5_7b_full_shape_built_where_it_is_asked(
     vision, text = model.config.vision_config, model.config.text_config
     assert (vision.hidden_size, vision.num_hidden_layers, vision.image_size // vision.patch_size) == (1024, 24, 24)
     assert (text.hidden_size, text.num_hidden_layers, text.num_key_value_heads, text.intermediate_size) == (4096, 32, 32, 11008)
+
+
+def test_the_bench_times_tokenpacker_with_a_packer_whose_count_is_the_budget(model):
+    """TokenPacker, a trained method, runs in the speed bench with a packer built for the model: the
+    scale whose region count is the budget (4 x 4 patches: 4 regions at s=2, 16 at s=1 for keep-all),
+    the counts nearest the budgets asked for, a one-line refusal of a count no scale gives; its replay
+    and hand-written oracle give its logits. A training-free method gets its budget alone."""
+    import speed_methods
+    import speed_oracle
+
+    options = speed_methods.MethodOptions(model)
+    assert options("random", 5) == {"keep_tokens": 5} and options("random", None) == {"keep": 1.0}
+    assert options.budgets("random", [3, 9]) == [3, 9]
+    assert options.budgets("tokenpacker", [1, 3, 9]) == [1, 4]  # s=4, then s=2 (s=3 gives 4 too)
+    assert options.packer_scale(4) == 2 and options.packer_scale(None) == 1
+    assert options("tokenpacker", None)["keep_tokens"] == 16
+    assert options("tokenpacker", 4)["weights"] is options("tokenpacker", 4)["weights"]  # built once
+    with pytest.raises(ValueError, match=r"not 5; give --budgets one of them"):
+        options("tokenpacker", 5)
+    assert speed_methods.is_trained("tokenpacker") and not speed_methods.is_trained("fastv")
+
+    x = llava_inputs(1)
+    recording = replay.record(model, "tokenpacker", x, **options("tokenpacker", 4))
+    assert [len(v) for v in recording.selection[0].values()] == [4]
+    assert replay.max_abs_diff(replay.replay_logits(model, recording, x), recording.logits) <= 1e-5
+    assert speed_oracle.oracle_supported(recording)
+    plan = speed_oracle.oracle_plan(recording, x)
+    assert replay.max_abs_diff(_oracle_logits(model, x, plan), recording.logits[:, -1]) <= 1e-5
+    assert not vtoken.is_wrapped(model)

@@ -52,6 +52,59 @@ def test_bad_bench_arguments_are_one_line_before_any_model_runs(argv, message, c
     assert err.startswith("vtoken bench: error: ") and message in err and err.count("\n") == 1
 
 
+def test_a_hub_id_the_hub_cannot_serve_is_one_line_before_any_model_loads(tmp_path, capsys, monkeypatch):
+    """A hub id while the hub is unreachable and the model was never downloaded: one line naming the
+    model, the reason and the fixes (transformers retried five times, a line each, for ~20 s). A hub
+    id is let through where the hub answers, its config is in the cache, offline mode asks for the
+    cache, or a proxy carries the requests (a direct probe says nothing then)."""
+    import socket
+
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    import vtoken.bench
+    import vtoken.packer_training
+    from vtoken.bench_args import hub_unreachable
+
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    probes = []
+
+    def unreachable(address, timeout=None):
+        probes.append(address)
+        raise OSError(-2, "Name or service not known")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
+    monkeypatch.setattr(vtoken.bench, "run", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
+    monkeypatch.setattr(vtoken.packer_training, "train_projector",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained")))
+    for argv in (["bench", "--model", "some/hub-id"],
+                 ["train-projector", "--model", "some/hub-id", "--data", "generated", "--out", str(tmp_path / "o")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "--model 'some/hub-id' is no local directory and the Hugging Face hub " \
+            "cannot download it: https://huggingface.co cannot be reached (Name or service not known); give a local " \
+            "model directory" in err and "HF_HUB_OFFLINE=1" in err, err
+    assert probes and probes[0][0] == "huggingface.co" and not (tmp_path / "o").exists()
+    # An argument mistake is still named first (the probe is the last check).
+    assert main(["bench", "--model", "some/hub-id", "--limit", "0"]) == 2
+    assert "--limit must be at least 1" in capsys.readouterr().err
+
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: "/cache/config.json")
+    assert hub_unreachable("some/hub-id") is None  # downloaded before: loading falls back to the cache
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")
+    assert hub_unreachable("some/hub-id") is None
+    monkeypatch.delenv("HTTPS_PROXY")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert hub_unreachable("some/hub-id") is None
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: type("Open", (), {"close": lambda self: None})())
+    assert hub_unreachable("some/hub-id") is None
+
+
 def test_bench_paths_are_checked_before_any_model_runs(tmp_path, capsys, monkeypatch):
     import vtoken.bench
 

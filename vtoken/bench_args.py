@@ -60,6 +60,7 @@ def check_bench_arguments(args):
         if missing and args.model is not None:
             raise ValueError(f"{missing[0]} needs trained weights for this model: add --trained {missing[0]}=DIR "
                              "(train them with vtoken train-projector)")
+    check_model_download(args.model)
     return methods, budgets, trained, configs
 
 
@@ -185,6 +186,50 @@ def check_model(path: str | None) -> None:
         raise ValueError(f"--model {path!r} is neither a local directory nor a hub id (owner/name)")
 
 
+def check_model_download(path: str | None) -> None:
+    """A hub id (``path`` that :func:`check_model` let through and no local directory) whose files the
+    hub can serve now, or has served before: refused in one line otherwise, where transformers would
+    retry five times, printing a line each, before failing. The last of the checks (it may wait for
+    the network a few seconds)."""
+    if path is None or os.path.isdir(os.path.expanduser(path)):
+        return
+    unreachable = hub_unreachable(path)
+    if unreachable:
+        raise ValueError(f"--model {path!r} is no local directory and the Hugging Face hub cannot download it: "
+                         f"{unreachable}; give a local model directory (written by save_pretrained), or run where "
+                         "the hub is reachable (HF_HUB_OFFLINE=1 uses the files downloaded before)")
+
+
+#: Environment variables that route the hub's requests through a proxy (a direct probe says nothing then).
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def hub_unreachable(repo_id: str, timeout: float = 5.0) -> str | None:
+    """Why the hub cannot serve ``repo_id``'s files now, or None: offline mode asks for the cache (and
+    transformers says so itself), a proxy is configured, the hub's endpoint accepts a connection, or the
+    model's config is in the local cache (loading falls back to it)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE or any(os.environ.get(name) for name in _PROXY_VARIABLES):
+        return None
+    endpoint = urlparse(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
+        return None
+    except OSError as error:
+        reason = f"{constants.ENDPOINT} cannot be reached ({error.strerror or error})"
+    try:
+        if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+            return None
+    except Exception:  # an id the cache cannot hold: the hub's answer would be the same
+        pass
+    return reason
+
+
 def public_methods() -> list[str]:
     from vtoken.registry import strategy_names
 
@@ -285,3 +330,4 @@ def check_train_projector_arguments(args) -> None:
     if args.init not in ("random", "projector") and not os.path.isdir(args.init):
         raise ValueError(f"--init {args.init!r}: write random, projector or a packer directory (stage 2)")
     check_threads(args.threads)
+    check_model_download(args.model)

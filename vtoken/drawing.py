@@ -21,7 +21,14 @@ LEGIBLE = 384
 
 def _as_image(image) -> Image.Image:
     if isinstance(image, (str, os.PathLike)):
-        return Image.open(image).convert("RGB")
+        try:
+            return Image.open(image).convert("RGB")
+        except FileNotFoundError:
+            raise ValueError(f"show(): no image file at {os.fspath(image)!r}; pass the path of the picture the "
+                             "model was fed (or the PIL image or pixel tensor itself)") from None
+        except (OSError, Image.UnidentifiedImageError) as error:  # a directory, unreadable or not a picture
+            raise ValueError(f"show(): cannot read {os.fspath(image)!r} as an image ({error}); pass a PNG/JPEG "
+                             "path, a PIL image or the pixel tensor") from None
     if isinstance(image, Image.Image):
         return image.convert("RGB")
     if isinstance(image, torch.Tensor):
