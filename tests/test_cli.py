@@ -387,3 +387,28 @@ def test_methods_with_an_empty_name_and_lists_named_twice(capsys):
     assert main(["methods", ""]) == 2
     assert capsys.readouterr().err == "vtoken methods: error: an empty method name; name a method, or leave it out for the list\n"
     assert split_list(["random,fastv", "random", "fastv"], "--methods") == ["random", "fastv"]
+
+
+def test_train_projector_refuses_a_model_it_cannot_train_from_its_config_before_loading(tmp_path, capsys,
+                                                                                        monkeypatch):
+    """A LLaVA-NeXT directory, or a LLaVA keeping its CLS token: refused from config.json in one line,
+    before the model loads (train_projector refused them only once the weights were in memory)."""
+    import json
+
+    import vtoken.packer_training
+
+    monkeypatch.setattr(vtoken.packer_training, "train_projector",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    cases = [({"model_type": "llava_next", "vision_config": {}}, "holds a 'llava_next' model; train-projector "
+              "trains TokenPacker for LLaVA-1.5-style models"),
+             ({"model_type": "llava", "vision_config": {}, "vision_feature_select_strategy": "full"},
+              "keeps the CLS token among its visual tokens (vision_feature_select_strategy='full')")]
+    for i, (config, message) in enumerate(cases):
+        model = tmp_path / f"model{i}"
+        model.mkdir()
+        (model / "config.json").write_text(json.dumps(config))
+        argv = ["train-projector", "--model", str(model), "--data", "generated", "--out", str(tmp_path / "out")]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("vtoken train-projector: error: ") and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()

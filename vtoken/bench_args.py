@@ -157,10 +157,11 @@ VISION_LANGUAGE_MODEL_TYPES = ("llava", "llava_next", "llava_onevision", "qwen2_
 VISION_ONLY_MODEL_TYPES = ("clip", "clip_vision_model", "siglip", "siglip_vision_model")
 
 
-def check_model(path: str | None) -> None:
-    """A local model directory holding a config, or something shaped like a hub id."""
+def check_model(path: str | None) -> dict | None:
+    """A local model directory holding a config, or something shaped like a hub id; returns the local
+    directory's config (None for a hub id)."""
     if path is None:
-        return
+        return None
     local = os.path.isabs(path) or path.startswith((".", "~")) or os.path.exists(path) or path.count("/") > 1
     if local:
         if not os.path.isdir(os.path.expanduser(path)):
@@ -182,8 +183,10 @@ def check_model(path: str | None) -> None:
         if "vision_config" not in config and model_type not in VISION_ONLY_MODEL_TYPES:
             raise ValueError(f"--model {path!r} holds a {model_type!r} model; vtoken needs a vision-language model "
                              f"({', '.join(VISION_LANGUAGE_MODEL_TYPES)})")
-    elif not _HUB_ID.match(path):
+        return config
+    if not _HUB_ID.match(path):
         raise ValueError(f"--model {path!r} is neither a local directory nor a hub id (owner/name)")
+    return None
 
 
 def check_model_download(path: str | None) -> None:
@@ -305,7 +308,16 @@ PACKER_SCALES = (2, 3, 4)
 
 def check_train_projector_arguments(args) -> None:
     """Every ``vtoken train-projector`` argument that can be checked before the model loads."""
-    check_model(args.model)
+    config = check_model(args.model)
+    if config is not None:  # what train_projector refuses once the model is loaded, read from its config
+        if config.get("model_type") != "llava":
+            raise ValueError(f"--model {args.model!r} holds a {config.get('model_type')!r} model; train-projector "
+                             "trains TokenPacker for LLaVA-1.5-style models (model_type 'llava'; LLaVA-NeXT's AnyRes "
+                             "grids are not supported)")
+        if config.get("vision_feature_select_strategy", "default") != "default":
+            raise ValueError(f"--model {args.model!r} keeps the CLS token among its visual tokens "
+                             f"(vision_feature_select_strategy={config['vision_feature_select_strategy']!r}); "
+                             "TokenPacker packs the patch grid only: use a model with 'default'")
     if args.data != "generated":
         if not os.path.isfile(args.data):
             raise ValueError(f"--data {args.data!r}: no such file (give a JSONL file, one record per line, or "
