@@ -325,7 +325,7 @@ def test_more_bad_bench_inputs_are_one_line(tmp_path, capsys, monkeypatch):
     assert main(["bench", "--methods", "tokenpacker", "--trained", f"tokenpacker={packer}", "--limit", "1", *out]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.splitlines()[-1].startswith(
-        f"vtoken bench: error: cannot read weights from '{packer / WEIGHTS_NAME}'"), err
+        f"vtoken bench: error: --trained tokenpacker={packer}: cannot read weights from '{packer / WEIGHTS_NAME}'"), err
 
 
 def test_an_unexpected_error_is_still_one_line(tmp_path, capsys, monkeypatch):

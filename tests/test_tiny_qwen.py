@@ -93,3 +93,18 @@ def test_training_script_saves_a_loadable_model(tmp_path):
     vqa = VQAModel.load(str(tmp_path))
     assert isinstance(vqa, QwenVQAModel) and vqa.image_tokens == 144
     assert len(vqa.answer(vqa.encode(generate("test", 2, seed=0, image_size=96, patch_size=8)))) == 2
+
+
+def test_bench_refuses_trained_weights_the_model_cannot_run_before_measuring_anything():
+    """TokenPacker weights (trained for the tiny LLaVA) on the tiny Qwen2-VL: one line naming the
+    --trained argument and the family's gap (one grid per image), before any row is measured (it came
+    after the sweep's other methods, and named the towers' depths instead of the family)."""
+    weights = os.path.join(os.path.dirname(PATH), "tiny-llava-trained", "tokenpacker-s2")
+    measured = []
+    with pytest.raises(ValueError) as error:
+        run(methods=["random", "tokenpacker"], budgets=("1/9",), model_path=PATH, repeats=1, batch=2, limit=4,
+            trained=[("tokenpacker", weights)], on_row=measured.append)
+    message = str(error.value)
+    assert message.startswith(f"--trained tokenpacker={weights}: tokenpacker needs each image to reach the LLM as "
+                              "one patch grid (signal 'one_grid_per_image'), but this Qwen2-VL model gives")
+    assert "\n" not in message and not measured

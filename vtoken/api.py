@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from vtoken.config import PruneConfig, check_budget_order, option_defaults, read_config_file
-from vtoken.signals import ANNOTATIONS, LLM_ATTENTION, LLM_ATTENTION_OBSERVED, MEANING, PATCH_GRID
+from vtoken.signals import ANNOTATIONS, LLM_ATTENTION, LLM_ATTENTION_OBSERVED, MEANING, PATCH_GRID, Needs
 from vtoken.registry import get_strategy, strategy_names
 from vtoken.schedule import Schedule, ScoringCost, Stage, StageShapes, is_integer
 
@@ -109,27 +109,20 @@ def wrap(model: nn.Module, method: str | None = None, *, config=None, **options:
     read = adapter.vision_feature_layer()
     if read is not None:
         depths["vision_read"] = read
-    strategy.bind(depths)
+    try:
+        strategy.bind(depths)
+    except ValueError:
+        # What the family cannot give at any layer (TokenPacker's one grid per image on Qwen2-VL) is
+        # the reason to name, before what the method's options or weights say about this model's
+        # depth. (Unbound, a strategy's layered needs may name layers this model lacks: not those.)
+        _refuse_missing_signal(adapter, cfg.method, strategy, layered=False)
+        raise
     # A mask stage (AIF) is checked like any stage: its layer exists, its budget fits an image.
     mask = strategy.mask_stage()
     adapter.validate(strategy.stages() + ((mask.stage,) if mask is not None else ()))
     per_image = adapter.visual_tokens_per_image()
     check_budget_order(strategy.stages(), per_image, adapter.vision_tokens_for(per_image) if per_image else None)
-    missing = adapter.missing_signal(strategy.needs())
-    if missing is not None:
-        signal, reason = missing
-        family = adapter.family_name
-        # Methods that read no attention and need no CLS token; fastv only where there is an LLM whose
-        # attention it can read, pool only where the grid is whole.
-        reads_llm = signal.name in (LLM_ATTENTION, LLM_ATTENTION_OBSERVED)
-        names = ["pool", "fastv"] if len(adapter.decoder_layers()) and not reads_llm else ["random", "pool"]
-        if signal.name == PATCH_GRID:
-            names = ["random" if name == "pool" else name for name in names]
-        others = ", ".join(names)
-        raise ValueError(
-            f"{cfg.method} needs {MEANING[signal.name]} (signal {str(signal)!r}), but this {family} model gives "
-            f"{reason}; use a model that provides it, or a method that does not need it ({others})"
-        )
+    _refuse_missing_signal(adapter, cfg.method, strategy)
     pruner = Pruner(strategy)
     undo = UndoStack()
     undo.push(pruner.release)  # run last by unwrap: what the calls left in this thread's context
@@ -148,6 +141,28 @@ def wrap(model: nn.Module, method: str | None = None, *, config=None, **options:
     _WRAPPED.add(model)
     undo.push(lambda: _WRAPPED.discard(model))
     return model
+
+
+def _refuse_missing_signal(adapter, method: str, strategy, layered: bool = True) -> None:
+    """A ValueError naming the first signal ``strategy`` needs that ``adapter``'s model cannot give,
+    why, and methods that do without it (``layered=False``: of the signals read at no layer only)."""
+    needs = strategy.needs()
+    if not layered:
+        needs = Needs.of(*(signal for signal in needs.signals if signal.layer is None))
+    missing = adapter.missing_signal(needs)
+    if missing is None:
+        return
+    signal, reason = missing
+    # Methods that read no attention and need no CLS token; fastv only where there is an LLM whose
+    # attention it can read, pool only where the grid is whole.
+    reads_llm = signal.name in (LLM_ATTENTION, LLM_ATTENTION_OBSERVED)
+    names = ["pool", "fastv"] if len(adapter.decoder_layers()) and not reads_llm else ["random", "pool"]
+    if signal.name == PATCH_GRID:
+        names = ["random" if name == "pool" else name for name in names]
+    raise ValueError(
+        f"{method} needs {MEANING[signal.name]} (signal {str(signal)!r}), but this {adapter.family_name} model "
+        f"gives {reason}; use a model that provides it, or a method that does not need it ({', '.join(names)})"
+    )
 
 
 #: Every model wrapped now (weakly), to refuse wrapping a part of one or a model holding one.

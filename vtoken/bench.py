@@ -285,6 +285,13 @@ def run(
         configs = [(label, path) for label, path in shipped_tuned(model_path)
                    if label.split(" ")[0] in names]
     points = list(_points([n for n in names if not get_strategy(n).trained], budgets))
+    # Trained weights and saved configs are wrapped once on this model before anything is measured: a
+    # refusal (weights for another tower, a config for another family) is one line now, not the end
+    # of a sweep that has run for an hour.
+    for name, weights in trained:
+        _check_wraps(model, f"--trained {name}={weights}", name, weights=weights)
+    for label, path in configs:
+        _check_wraps(model, f"--configs {label}={path}", config=vtoken.load(path))
 
     # families with processors size their tokens from the image (LLaVA-1.5's grid is fixed by its config)
     image_size = (vqa.grid[0],) * 2 if vqa is not None and getattr(vqa, "processor", None) is not None else None
@@ -356,6 +363,16 @@ def run(
     finally:
         ticker.close()
     return rows
+
+
+def _check_wraps(model, origin: str, method: str | None = None, **options) -> None:
+    """``vtoken.wrap(model, method, **options)`` and unwrap; a refusal is a ValueError naming
+    ``origin`` (the argument that asked for it)."""
+    try:
+        vtoken.wrap(model, method, **options)
+    except ValueError as error:
+        raise ValueError(f"{origin}: {error}") from None
+    vtoken.unwrap(model)
 
 
 class _Ticker:
