@@ -243,6 +243,17 @@ def left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
+def right_padded(x: dict) -> dict:
+    """``x`` (left-padded) with each row's tokens moved to the front and the padding to the end: the
+    same prompts right-padded (token-aligned fields with them; the images are unchanged)."""
+    mask = x["attention_mask"]
+    out = dict(x)
+    for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
+        if key in x:
+            out[key] = torch.stack([row.roll(-int((m == 0).sum())) for row, m in zip(x[key], mask)])
+    return out
+
+
 def build_inputs(model: nn.Module, family: str, samples: list[Sample],
                  counts: list[int] | None = None) -> tuple[dict, list[int]]:
     """The model's keyword arguments for ``samples`` (left-padded) and the visual tokens of each image

@@ -12,6 +12,9 @@ schedules, each method's own options):
   step by step, the same scores (to 1e-4 of their scale: decoding from a cache is the recomputation
   of the pruned sequence); sampling twice under one seed gives the same tokens; each sample of the
   batch alone gets the last-position logits it gets in the batch;
+- **right padding**: the same batch right-padded gives, at keep-all, the plain model's logits on
+  every valid position, and at the budget each sample's last-token logits (read through
+  ``logits_to_keep`` as each sample's position of the prompt passed) as in the left-padded batch;
 - **unwrap**: the weights, hooks and module types are the model's own again, and its logits are the
   plain model's, bit for bit.
 
@@ -31,7 +34,7 @@ from pathlib import Path
 import torch
 
 import vtoken
-from random_models import LABELS, PAD, SUPPRESS, VOCAB, RandomCase
+from random_models import LABELS, PAD, SUPPRESS, VOCAB, RandomCase, right_padded
 
 MAX_NEW = 4
 VTOKEN_DIR = str(Path(vtoken.__file__).resolve().parent)
@@ -190,6 +193,11 @@ class _Checker:
         self.hooks = hook_count(self.model)
         self.types = [type(m).__name__ for m in self.model.modules()]
         self.greedy = _generate(self.plain, self.x, do_sample=False)
+        # The batch right-padded, where it has padding (a batch of one, or of equal lengths, has none).
+        self.right = None if bool(self.x["attention_mask"].bool().all()) else right_padded(self.x)
+        if self.right is not None:
+            with torch.no_grad():
+                self.right_logits = self.plain(**self.right).logits
 
     def call(self, check: str, run, plain_run):
         """``run(self.model)``; on an error, a refusal or the plain model failing too is no failure."""
@@ -228,6 +236,11 @@ class _Checker:
                 out = self.call("keep all: forward", lambda m: m(**self.x).logits, lambda m: m(**self.x))
             if out is not None:
                 self._same_logits("keep all: logits", out)
+            if self.right is not None:
+                right = self.call("keep all: right padding", lambda m: m(**self.right).logits,
+                                  lambda m: m(**self.right))
+                if right is not None:
+                    self._same_logits("keep all: right padding", right, self.right_logits, self.right["attention_mask"])
             tokens = self.call("keep all: greedy", lambda m: _generate(m, self.x, do_sample=False),
                                lambda m: _generate(m, self.x, do_sample=False))
             if tokens is not None and self.exact and not torch.equal(tokens, self.greedy):
@@ -237,14 +250,18 @@ class _Checker:
         finally:
             self.unwrap("keep all")
 
-    def _same_logits(self, check: str, out: torch.Tensor) -> None:
-        if out.shape != self.logits.shape:
-            self.report.fail(check, f"logits of shape {tuple(out.shape)} where the plain model's are {tuple(self.logits.shape)}")
+    def _same_logits(self, check: str, out: torch.Tensor, reference: torch.Tensor | None = None,
+                     mask: torch.Tensor | None = None) -> None:
+        """``out`` is the plain model's logits (``reference``, default the batch's) on every valid
+        position of ``mask`` (default the batch's attention mask)."""
+        reference = self.logits if reference is None else reference
+        if out.shape != reference.shape:
+            self.report.fail(check, f"logits of shape {tuple(out.shape)} where the plain model's are {tuple(reference.shape)}")
             return
-        valid = self.x["attention_mask"].bool()
-        scale = float(self.logits[valid].abs().max())
+        valid = (self.x["attention_mask"] if mask is None else mask).bool()
+        scale = float(reference[valid].abs().max())
         tolerance = 1e-5 if self.exact else 2e-2 * max(1.0, scale)
-        worst = float((out - self.logits)[valid].abs().max())
+        worst = float((out - reference)[valid].abs().max())
         if not worst <= tolerance:
             self.report.fail(check, f"logits differ from the plain model's by {worst:.3g} on valid positions (scale {scale:.3g})")
         else:
@@ -307,6 +324,8 @@ class _Checker:
                     self._same_scores(f"generate: {mode} scores as greedy", scores[mode], scores["greedy"])
         if out is not None and batch > 1 and self.exact:
             self._alone(out.logits, selection)
+            if self.right is not None:
+                self._right_padding(out.logits, selection)
 
     def _same_scores(self, check: str, scores: tuple, reference: tuple) -> None:
         """Each step's scores as greedy's with a dynamic cache (a static cache or none decodes the
@@ -350,6 +369,30 @@ class _Checker:
             self.report.fail("budget: a sample alone", f"sample {which} alone: last-position logits differ from the batch's by {worst:.3g}")
         else:
             self.report.results["budget: a sample alone"] = "pass"
+
+    def _right_padding(self, batched: torch.Tensor, selection: list[dict[str, torch.Tensor]]) -> None:
+        """The batch right-padded: each sample's last prompt token (``logits_to_keep`` naming its
+        position in the right-padded prompt) gets the logits it gets in the left-padded batch, with
+        :meth:`_alone`'s float32-tie rule against the left-padded batch's selection."""
+        last = (self.right["attention_mask"].sum(-1) - 1)[:, None]
+        run = lambda m: m(**self.right, logits_to_keep=last).logits[:, 0]  # noqa: E731
+        right = self.call("budget: right padding", run, lambda m: m(**self.right))
+        if right is None:
+            return
+        kept = vtoken.selection(self.model)
+        worst, which = 0.0, None
+        for b in range(right.shape[0]):
+            difference = float((right[b] - batched[b, -1]).abs().max())
+            if difference > 1e-3 and _one_swap_per_stage(selection[b], kept[b]):
+                self.report.results["budget: right padding, a tie"] = f"sample {b}: one kept token swapped (a float32 tie)"
+                continue
+            if difference > worst:
+                worst, which = difference, b
+        if worst > 1e-3:
+            self.report.fail("budget: right padding", f"sample {which}: last-token logits differ from the left-padded "
+                             f"batch's by {worst:.3g}")
+        else:
+            self.report.results["budget: right padding"] = "pass"
 
     def unwrap(self, check: str) -> None:
         check = f"{check}: unwrap"

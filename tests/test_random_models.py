@@ -5,7 +5,8 @@ the text model under LLaVA, AnyRes pinpoints, Qwen windows / DeepStack layers / 
 batch of samples holding 0, 1 or 2 images, a method's random options and sometimes bfloat16
 (``eval/random_models.py``); ``eval/wrap_checks.py`` then checks that keep=1.0 is the plain model,
 that a real budget runs every generate mode with greedy decoding equal across caches, that each
-sample alone gets what it gets in the batch, and that unwrap gives the model back bit for bit. The
+sample alone gets what it gets in the batch, that the batch right-padded gives the same last-token
+logits, and that unwrap gives the model back bit for bit. The
 seeds cycle through the families and, per family, through every method that runs there.
 ``python eval/fuzz_models.py --minutes 30`` runs the same checks on fresh seeds.
 """
@@ -72,3 +73,29 @@ def test_prompt_lookup_whose_first_candidates_are_rejected_decodes_as_greedy(see
         greedy = case.model.generate(**case.inputs, **kwargs)
         lookup = case.model.generate(**case.inputs, prompt_lookup_num_tokens=2, **kwargs)
     assert torch.equal(lookup, greedy)
+
+
+def test_aif_evicting_reads_a_right_padded_prompts_logits_and_labels_at_its_own_slots():
+    """AIF with ``mode="evict"`` compacts decoding's layout once the prompt has run; where that layout
+    happened to be as long as the prompt, ``logits_to_keep`` positions and ``labels`` were mapped
+    through it, not through the prompt's own slots: in a right-padded batch the padded samples got
+    other tokens' logits (0.39 off here, a random Qwen3-VL case). By construction: each sample's
+    last-token logits through ``logits_to_keep`` are the full logits at that slot, and the loss over
+    the labels is the one computed from the full logits."""
+    import torch.nn.functional as F
+
+    import vtoken
+    from random_models import RandomCase, right_padded
+
+    case = RandomCase.draw(800199)
+    x = right_padded(case.inputs)
+    last = (x["attention_mask"].sum(-1) - 1)[:, None]
+    labels = x["input_ids"].masked_fill(x["attention_mask"] == 0, -100)
+    with vtoken.pruned(case.model, "aif", mode="evict", ratio="adaptive"), torch.no_grad():
+        full = case.model(**x).logits
+        assert full.shape[1] == x["input_ids"].shape[1]  # AIF keeps every token of the prompt
+        picked = case.model(**x, logits_to_keep=last).logits[:, 0]
+        loss = case.model(**x, labels=labels).loss
+    torch.testing.assert_close(picked, full[torch.arange(len(last)), last[:, 0]], rtol=0, atol=0)
+    expected = F.cross_entropy(full[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)

@@ -234,6 +234,10 @@ class PruneRun:
         self.generator = image_run.generator if image_run is not None else torch.Generator().manual_seed(config.seed)
         #: (first LLM layer, layout) per layer group, in order; group 0 starts at layer 0.
         self.groups: list[tuple[int, SequenceLayout]] = []
+        #: The groups the prompt's own forward ran with, once a mask stage has set decoding's layout
+        #: apart from them (AIF's eviction compacts what decoding reads, not the prompt's slots): the
+        #: slots that forward's logits and labels cover. None while ``groups`` are those.
+        self.prompt_groups: list[tuple[int, SequenceLayout]] | None = None
         #: Image (index in ``visual.images``) -> ``[V]``: for each of its visual tokens, the image-local
         #: index of the kept token that holds it after the projector and LLM stages (a merged token
         #: holds several: pool's windows), -1 once dropped; absent while no such stage ran.
@@ -342,6 +346,8 @@ class PruneRun:
         slots of every layout; their positions ran on by one each from the prompt's last."""
         length = self.orig_length - cut
         self.groups = [(first, layout.without_last(cut)) for first, layout in self.groups]
+        if self.prompt_groups is not None:
+            self.prompt_groups = [(first, layout.without_last(cut)) for first, layout in self.prompt_groups]
         self.orig_length = self.seen = length
         self.orig_max_position = self.orig_max_position - cut
         self.orig_last_position = self.orig_last_position - cut

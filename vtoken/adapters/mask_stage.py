@@ -202,6 +202,7 @@ class MaskStagePass:
         """Decoding goes on with the ``masked`` slots invalid from the stage's layer on, or evicted
         from those layers of the cache (positions kept; pads go too)."""
         stage = self.pruner.mask
+        run.prompt_groups = list(run.groups)  # the prompt's logits (and labels) still cover these slots
         if self.pruner.masking.evict:
             decoding, index = layout.compact(layout.valid & ~masked)  # positions kept; pads go too
             for layer in range(stage.layer, compat.num_cache_layers(cache)):

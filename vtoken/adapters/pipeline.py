@@ -350,11 +350,13 @@ class VisionLanguageAdapter(VisionSite, Adapter):
     def _final_layout(self, before: PruneRun | None, length: int) -> tuple[PruneRun | None, SequenceLayout | None]:
         """``(run, layout)``: this thread's run of the forward that has just returned (None if it made
         none: its last run is still ``before``) and the layout of its last layer group whose length is
-        ``length`` (the slots the logits cover), or None."""
+        ``length`` (the slots the logits cover), or None. The groups are the prompt's own (a mask stage
+        that evicts has since compacted decoding's layout, which may have the prompt's length too)."""
         run = self.pruner.thread_last_run
         if run is None or run is before:
             return None, None
-        return run, next((layout for _, layout in reversed(run.groups) if layout.length == length), None)
+        groups = run.prompt_groups if run.prompt_groups is not None else run.groups
+        return run, next((layout for _, layout in reversed(groups) if layout.length == length), None)
 
     # --- logits_to_keep given as positions of the prompt -------------------------------------------
     def _take_positions_to_keep(self, module, args, kwargs):
