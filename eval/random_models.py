@@ -254,6 +254,16 @@ def right_padded(x: dict) -> dict:
     return out
 
 
+def training_labels(x: dict) -> torch.Tensor:
+    """Language-modelling labels of ``x``: its tokens, -100 (no target) on padding, image and video
+    placeholders and each row's first token (left padding would otherwise make it a target of a pad
+    slot, right padding not: the loss would differ with the side)."""
+    ids, mask = x["input_ids"], x["attention_mask"]
+    ignored = (mask == 0) | (ids == IMAGE) | (ids == VIDEO)
+    ignored[torch.arange(ids.shape[0]), mask.long().argmax(-1)] = True
+    return ids.masked_fill(ignored, -100)
+
+
 def build_inputs(model: nn.Module, family: str, samples: list[Sample],
                  counts: list[int] | None = None) -> tuple[dict, list[int]]:
     """The model's keyword arguments for ``samples`` (left-padded) and the visual tokens of each image

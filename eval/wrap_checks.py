@@ -15,6 +15,9 @@ schedules, each method's own options):
 - **right padding**: the same batch right-padded gives, at keep-all, the plain model's logits on
   every valid position, and at the budget each sample's last-token logits (read through
   ``logits_to_keep`` as each sample's position of the prompt passed) as in the left-padded batch;
+- **labels**: at keep-all the loss over the batch's text tokens (``random_models.training_labels``)
+  is the plain model's; at the budget the right-padded batch's loss is the left-padded one's (where
+  both keep the same tokens);
 - **unwrap**: the weights, hooks and module types are the model's own again, and its logits are the
   plain model's, bit for bit.
 
@@ -34,7 +37,7 @@ from pathlib import Path
 import torch
 
 import vtoken
-from random_models import LABELS, PAD, SUPPRESS, VOCAB, RandomCase, right_padded
+from random_models import LABELS, PAD, SUPPRESS, VOCAB, RandomCase, right_padded, training_labels
 
 MAX_NEW = 4
 VTOKEN_DIR = str(Path(vtoken.__file__).resolve().parent)
@@ -159,6 +162,11 @@ def hook_count(model) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
+def _same_selection(a: list[dict[str, torch.Tensor]], b: list[dict[str, torch.Tensor]]) -> bool:
+    """Two calls' ``vtoken.selection``: the same stages keeping the same tokens for every sample."""
+    return len(a) == len(b) and all(x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(a, b))
+
+
 def _one_swap_per_stage(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     """Whether two selections of one sample (``vtoken.selection``) differ, by at most one kept
     token swapped for another at each stage."""
@@ -189,6 +197,7 @@ class _Checker:
         self.plain = copy.deepcopy(self.model)
         with torch.no_grad():
             self.logits = self.model(**self.x).logits  # transformers adds its own hooks on a first forward
+            self.loss = self.model(**self.x, labels=training_labels(self.x)).loss
         self.state = {k: v.clone() for k, v in self.model.state_dict().items()}
         self.hooks = hook_count(self.model)
         self.types = [type(m).__name__ for m in self.model.modules()]
@@ -236,6 +245,10 @@ class _Checker:
                 out = self.call("keep all: forward", lambda m: m(**self.x).logits, lambda m: m(**self.x))
             if out is not None:
                 self._same_logits("keep all: logits", out)
+            labels = training_labels(self.x)
+            loss = self.call("keep all: loss", lambda m: m(**self.x, labels=labels).loss, lambda m: m(**self.x, labels=labels))
+            if loss is not None:
+                self._same_loss("keep all: loss", loss, self.loss)
             if self.right is not None:
                 right = self.call("keep all: right padding", lambda m: m(**self.right).logits,
                                   lambda m: m(**self.right))
@@ -370,6 +383,13 @@ class _Checker:
         else:
             self.report.results["budget: a sample alone"] = "pass"
 
+    def _same_loss(self, check: str, loss: torch.Tensor, reference: torch.Tensor) -> None:
+        tolerance = 1e-5 if self.exact else 2e-2
+        if not abs(float(loss) - float(reference)) <= tolerance * max(1.0, abs(float(reference))):
+            self.report.fail(check, f"loss {float(loss):.6g} where {float(reference):.6g} is expected")
+        else:
+            self.report.results[check] = "pass"
+
     def _right_padding(self, batched: torch.Tensor, selection: list[dict[str, torch.Tensor]]) -> None:
         """The batch right-padded: each sample's last prompt token (``logits_to_keep`` naming its
         position in the right-padded prompt) gets the logits it gets in the left-padded batch, with
@@ -393,6 +413,17 @@ class _Checker:
                              f"batch's by {worst:.3g}")
         else:
             self.report.results["budget: right padding"] = "pass"
+        # The loss over the text tokens, left- and right-padded: the labels follow each kept slot.
+        losses = []
+        for x in (self.x, self.right):
+            labels = training_labels(x)
+            loss = self.call("budget: loss", lambda m: m(**x, labels=labels).loss, lambda m: m(**x, labels=labels))
+            if loss is None:
+                return
+            losses.append((loss, vtoken.selection(self.model)))
+        (left, left_kept), (right_loss, right_kept) = losses
+        if _same_selection(left_kept, right_kept):
+            self._same_loss("budget: loss, right padding", right_loss, left)
 
     def unwrap(self, check: str) -> None:
         check = f"{check}: unwrap"
