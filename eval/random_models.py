@@ -244,13 +244,13 @@ def left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def right_padded(x: dict) -> dict:
-    """``x`` (left-padded) with each row's tokens moved to the front and the padding to the end: the
-    same prompts right-padded (token-aligned fields with them; the images are unchanged)."""
-    mask = x["attention_mask"]
+    """``x`` with each row's tokens moved to the front, in order, and its padding to the end: the same
+    prompts right-padded (token-aligned fields with them; the images are unchanged)."""
+    mask = x["attention_mask"].bool()
     out = dict(x)
     for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
         if key in x:
-            out[key] = torch.stack([row.roll(-int((m == 0).sum())) for row, m in zip(x[key], mask)])
+            out[key] = torch.stack([torch.cat([row[m], row[~m]]) for row, m in zip(x[key], mask)])
     return out
 
 

@@ -15,12 +15,13 @@ import math
 
 from torch import nn
 
+from vtoken.bench_args import PACKER_SCALES  # the paper's region sides (2, 3, 4), as train-projector trains
 from vtoken.registry import get_strategy
 
-#: Trained methods the bench can build weights for (name -> how).
+#: Trained methods the bench can build weights for.
 TRAINED = ("tokenpacker",)
-#: Region sides tried for a TokenPacker budget (the paper's 2, 3 and 4, and 1 for keep-all).
-PACKER_SCALES = range(1, 9)
+#: Region sides a TokenPacker budget may name (beyond the paper's, 1 for keep-all and up to 8).
+ANY_SCALE = range(1, 9)
 
 
 def is_trained(method: str) -> bool:
@@ -60,7 +61,7 @@ class MethodOptions:
         144 (s=2)), each once."""
         if method != "tokenpacker":
             return list(requested)
-        counts = [self._regions(s) for s in (2, 3, 4)]
+        counts = [self._regions(s) for s in PACKER_SCALES]
         return sorted({min(counts, key=lambda n: (abs(n - budget), n)) for budget in requested})
 
     def _regions(self, scale: int) -> int:
@@ -71,10 +72,10 @@ class MethodOptions:
         """The region side whose packed count is ``budget`` (1 for keep-all)."""
         if budget is None:
             return 1
-        for scale in PACKER_SCALES:
+        for scale in ANY_SCALE:
             if self._regions(scale) == budget:
                 return scale
-        counts = ", ".join(f"{self._regions(s)} (s={s})" for s in (2, 3, 4))
+        counts = ", ".join(f"{self._regions(s)} (s={s})" for s in PACKER_SCALES)
         raise ValueError(f"tokenpacker packs a {'x'.join(map(str, _patch_grid(self.model)))} grid into a count its "
                          f"scale fixes ({counts}), not {budget}; give --budgets one of them")
 

@@ -64,6 +64,7 @@ def report(args, command, load_at_start, device, meter, base, times_none, config
         scoring_low, scoring_high, _ = median_interval(scoring_runs)
         share, floor = scoring_share[(c.method, c.budget)], floor_share[(c.method, c.budget)]
         exempt = share >= SCORING_TARGET or floor >= SCORING_TARGET
+        trained = is_trained(c.method)
         in_calls = 1000 * statistics.median(c.times["strategy_calls"]) if c.times["strategy_calls"] else None
         spared, spared_runs = None, [0.0] * len(c.times["scoring_split"])
         if in_calls is not None and c.keys_handed:
@@ -117,8 +118,8 @@ def report(args, command, load_at_start, device, meter, base, times_none, config
             "algorithm_scoring_flops_share": share, "algorithm_floor_share": floor, "scoring_exempt": exempt,
             # A trained method's learned reduction is the method itself (TokenPacker's packer is its projector),
             # not a scoring overhead: the target is for training-free methods; its time is reported all the same.
-            "trained": is_trained(c.method),
-            "scoring_pass": None if exempt or is_trained(c.method) else scoring_verdict.ok,
+            "trained": trained,
+            "scoring_pass": None if exempt or trained else scoring_verdict.ok,
             "machinery": machinery, "machinery_basis": machinery_basis, "machinery_interval": machinery_interval,
             "machinery_within_noise": machinery_verdict is not None and machinery_verdict.within_noise,
             "machinery_decided_by": None if machinery_verdict is None else machinery_verdict.basis,

@@ -195,9 +195,10 @@ class _Checker:
         self.x = {k: v.to(dtype) if torch.is_floating_point(v) else v for k, v in case.inputs.items()}
         self.exact = dtype == torch.float32
         self.plain = copy.deepcopy(self.model)
-        with torch.no_grad():
-            self.logits = self.model(**self.x).logits  # transformers adds its own hooks on a first forward
-            self.loss = self.model(**self.x, labels=training_labels(self.x)).loss
+        self.labels = training_labels(self.x)
+        with torch.no_grad():  # (transformers adds its own hooks on a first forward)
+            plain = self.model(**self.x, labels=self.labels)
+        self.logits, self.loss = plain.logits, plain.loss
         self.state = {k: v.clone() for k, v in self.model.state_dict().items()}
         self.hooks = hook_count(self.model)
         self.types = [type(m).__name__ for m in self.model.modules()]
@@ -242,13 +243,11 @@ class _Checker:
             return
         try:
             with torch.no_grad():
-                out = self.call("keep all: forward", lambda m: m(**self.x).logits, lambda m: m(**self.x))
+                out = self.call("keep all: forward", lambda m: m(**self.x, labels=self.labels),
+                                lambda m: m(**self.x, labels=self.labels))
             if out is not None:
-                self._same_logits("keep all: logits", out)
-            labels = training_labels(self.x)
-            loss = self.call("keep all: loss", lambda m: m(**self.x, labels=labels).loss, lambda m: m(**self.x, labels=labels))
-            if loss is not None:
-                self._same_loss("keep all: loss", loss, self.loss)
+                self._same_logits("keep all: logits", out.logits)
+                self._same_loss("keep all: loss", out.loss, self.loss)
             if self.right is not None:
                 right = self.call("keep all: right padding", lambda m: m(**self.right).logits,
                                   lambda m: m(**self.right))
@@ -291,7 +290,7 @@ class _Checker:
     def _budget(self) -> None:
         ids = self.x["input_ids"]
         batch, length = ids.shape
-        out = self.call("budget: forward", lambda m: m(**self.x), lambda m: m(**self.x))
+        out = self.call("budget: forward", lambda m: m(**self.x, labels=self.labels), lambda m: m(**self.x, labels=self.labels))
         if out is not None:
             selection = vtoken.selection(self.model)
             logits = out.logits
@@ -338,7 +337,7 @@ class _Checker:
         if out is not None and batch > 1 and self.exact:
             self._alone(out.logits, selection)
             if self.right is not None:
-                self._right_padding(out.logits, selection)
+                self._right_padding(out.logits, out.loss, selection)
 
     def _same_scores(self, check: str, scores: tuple, reference: tuple) -> None:
         """Each step's scores as greedy's with a dynamic cache (a static cache or none decodes the
@@ -390,10 +389,13 @@ class _Checker:
         else:
             self.report.results[check] = "pass"
 
-    def _right_padding(self, batched: torch.Tensor, selection: list[dict[str, torch.Tensor]]) -> None:
+    def _right_padding(self, batched: torch.Tensor, loss: torch.Tensor,
+                       selection: list[dict[str, torch.Tensor]]) -> None:
         """The batch right-padded: each sample's last prompt token (``logits_to_keep`` naming its
-        position in the right-padded prompt) gets the logits it gets in the left-padded batch, with
-        :meth:`_alone`'s float32-tie rule against the left-padded batch's selection."""
+        position in the right-padded prompt) gets the logits it gets in the left-padded batch
+        (``batched``), with :meth:`_alone`'s float32-tie rule against the left-padded batch's
+        ``selection``; the loss over the text tokens is the left-padded batch's ``loss`` where both
+        keep the same tokens."""
         last = (self.right["attention_mask"].sum(-1) - 1)[:, None]
         run = lambda m: m(**self.right, logits_to_keep=last).logits[:, 0]  # noqa: E731
         right = self.call("budget: right padding", run, lambda m: m(**self.right))
@@ -413,17 +415,12 @@ class _Checker:
                              f"batch's by {worst:.3g}")
         else:
             self.report.results["budget: right padding"] = "pass"
-        # The loss over the text tokens, left- and right-padded: the labels follow each kept slot.
-        losses = []
-        for x in (self.x, self.right):
-            labels = training_labels(x)
-            loss = self.call("budget: loss", lambda m: m(**x, labels=labels).loss, lambda m: m(**x, labels=labels))
-            if loss is None:
-                return
-            losses.append((loss, vtoken.selection(self.model)))
-        (left, left_kept), (right_loss, right_kept) = losses
-        if _same_selection(left_kept, right_kept):
-            self._same_loss("budget: loss, right padding", right_loss, left)
+        # The labels follow each kept slot: the loss over the text tokens is the same on either side.
+        labels = training_labels(self.right)
+        right_loss = self.call("budget: loss", lambda m: m(**self.right, labels=labels).loss,
+                               lambda m: m(**self.right, labels=labels))
+        if right_loss is not None and _same_selection(selection, vtoken.selection(self.model)):
+            self._same_loss("budget: loss, right padding", right_loss, loss)
 
     def unwrap(self, check: str) -> None:
         check = f"{check}: unwrap"

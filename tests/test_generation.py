@@ -5,12 +5,19 @@ step did (so uncached equals cached), and a sample's result never depends on the
 A new strategy file joins these tests automatically (trained methods get random weights, the
 oracle gets annotations)."""
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 import vtoken
 from tiny import alone, llava_inputs, same_selections, tiny_llava
 from families import FAMILIES, cases
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
+
+from random_models import right_padded  # noqa: E402  (eval/random_models.py)
 
 METHODS = [m["name"] for m in vtoken.methods() if not m["name"].startswith("_")]
 MODELS = {name: (family.make, family.inputs) for name, family in FAMILIES.items()}
@@ -150,21 +157,12 @@ def test_a_text_only_prefill_is_the_last_one_reported(family):
     with pytest.raises(ValueError, match="sample 0 of the last forward has no image"):
         vtoken.show(model, Image.new("RGB", (32, 32)), "unused.png")
 
-def _right_padded(x: dict) -> dict:
-    ids, mask = x["input_ids"].clone(), x["attention_mask"].clone()
-    for b in range(ids.shape[0]):
-        n = int(mask[b].sum())
-        ids[b] = torch.cat([ids[b][mask[b].bool()], ids[b][~mask[b].bool()]])
-        mask[b] = (torch.arange(ids.shape[1]) < n).long()
-    return {**x, "input_ids": ids, "attention_mask": mask}
-
-
 @pytest.mark.parametrize("method", ["fastv", "transprune"])
 def test_right_padding_scores_each_samples_last_real_token(method):
     """In a right-padded batch the attention-scored methods read each sample's last valid token (not
     a pad): every sample keeps what it keeps alone."""
     model = tiny_llava()
-    x = _right_padded(llava_inputs(3))
+    x = right_padded(llava_inputs(3))
     with vtoken.pruned(model, method, keep=0.4):
         with torch.no_grad():
             model(**x)

@@ -290,8 +290,9 @@ def run(
     # of a sweep that has run for an hour.
     for name, weights in trained:
         _check_wraps(model, f"--trained {name}={weights}", name, weights=weights)
-    for label, path in configs:
-        _check_wraps(model, f"--configs {label}={path}", config=vtoken.load(path))
+    loaded = [(label, path, vtoken.load(path)) for label, path in configs]  # each read once
+    for label, path, config in loaded:
+        _check_wraps(model, f"--configs {label}={path}", config=config)
 
     # families with processors size their tokens from the image (LLaVA-1.5's grid is fixed by its config)
     image_size = (vqa.grid[0],) * 2 if vqa is not None and getattr(vqa, "processor", None) is not None else None
@@ -350,8 +351,7 @@ def run(
         for name, weights in trained:
             vtoken.wrap(model, name, weights=weights)
             measure_wrapped(name, "", fraction_of_kept=True)
-        for label, path in configs:
-            config = vtoken.load(path)
+        for label, _, config in loaded:
             vtoken.wrap(model, config=config)
             if config.stages or (config.keep is None and config.keep_tokens is None):
                 # its budget is in its stages, ToMe's r or the method's default: what it kept
