@@ -265,7 +265,8 @@ def test_visionzip_needs_a_cls_token():
 
 def test_an_open_clip_block_of_its_own_attention_is_refused_at_wrap_by_methods_that_read_it():
     """block_type="custom" (qk_norm) gives open_clip blocks whose attention is not nn.MultiheadAttention:
-    VisionZip (it reads a block's attention) is refused at wrap, naming the block; random runs."""
+    VisionZip (it reads a block's attention) and ToMe (it splits the block) are refused at wrap, naming
+    the block, and ``vtoken.methods()`` names such towers in ToMe's limits; random runs."""
     import open_clip
 
     torch.manual_seed(0)
@@ -276,6 +277,14 @@ def test_an_open_clip_block_of_its_own_attention_is_refused_at_wrap_by_methods_t
                                          r"Attention, not nn.MultiheadAttention"):
         vtoken.wrap(model, "visionzip", keep=0.25)
     assert not vtoken.is_wrapped(model)
+    # ToMe (it splits each block into attention and MLP) likewise; methods() says so in its limits.
+    with pytest.raises(ValueError, match=r"blocks are CustomResidualAttentionBlock, not the ResidualAttentionBlock"):
+        vtoken.wrap(model, "tome", keep=0.25)
+    assert not vtoken.is_wrapped(model)
+    listing = {m["name"]: m for m in vtoken.methods()}
+    assert listing["tome"]["families"]["open_clip ViT"] == "runs"
+    assert "block_type='custom'" in listing["tome"]["limits"]["open_clip ViT"]
+    assert "open_clip ViT" not in listing["random"]["limits"] and "open_clip ViT" not in listing["repshift"]["limits"]
     with vtoken.pruned(model, "random", keep=0.25), torch.no_grad():
         model.encode_image(torch.randn(1, 3, 112, 112))
         assert len(list(vtoken.selection(model)[0].values())[-1]) == round(0.25 * 196)  # 14 x 14 patches

@@ -274,8 +274,9 @@ def pruned(model: nn.Module, method: str | None = None, *, config=None, **option
 
 def methods() -> list[dict[str, Any]]:
     """Every registered method with its options and their defaults, the signals it reads, and per
-    model family whether it runs there (``"runs"``) or why not."""
-    from vtoken.adapters import FAMILY_GAPS, MISSING_SITES, VISION_ONLY  # adapters sit above the core
+    model family whether it runs there (``"runs"``) or why not; ``limits``: for a family where it
+    runs, the models of that family it does not run on (a signal only some of them give)."""
+    from vtoken.adapters import FAMILY_GAPS, FAMILY_LIMITS, MISSING_SITES, VISION_ONLY  # adapters sit above the core
     from vtoken.adapters.vision_encoder import LANGUAGE_SIGNALS
 
     out = []
@@ -291,6 +292,11 @@ def methods() -> list[dict[str, Any]]:
                 reason = missing[cls.sites[0]]
                 lacking.insert(0, f"prunes at the {' / '.join(cls.sites)} site, which it lacks: {reason}")
             families[family] = "; ".join(lacking) if lacking else "runs"
+        limits = {}
+        for family, partial in FAMILY_LIMITS.items():
+            notes = list(dict.fromkeys(partial[s] for s in cls.reads if s in partial))
+            if families.get(family) == "runs" and notes:
+                limits[family] = "; ".join(notes)
         out.append(
             {
                 "name": name,
@@ -301,6 +307,7 @@ def methods() -> list[dict[str, Any]]:
                 "reads": list(cls.reads),
                 "needs_annotations": ANNOTATIONS in cls.reads,
                 "families": families,
+                "limits": limits,
                 "summary": (sys.modules[cls.__module__].__doc__ or "").strip().split("\n")[0],
             }
         )

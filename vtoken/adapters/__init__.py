@@ -23,6 +23,9 @@ FAMILY_GAPS: dict[str, dict[str, str]] = {
     **llava.FAMILY_GAPS, **llava_onevision.FAMILY_GAPS, **qwen2_vl.FAMILY_GAPS, **qwen3_vl.FAMILY_GAPS,
     **clip.FAMILY_GAPS, **timm_vit.FAMILY_GAPS, **open_clip_vit.FAMILY_GAPS,
 }
+#: Family -> the signals only some of its models give, and which not (the family's verdict in
+#: ``vtoken.methods()`` stays "runs"; wrap refuses the others).
+FAMILY_LIMITS: dict[str, dict[str, str]] = {**timm_vit.FAMILY_LIMITS, **open_clip_vit.FAMILY_LIMITS}
 #: Families whose models are a vision tower alone: they have only the vision site.
 VISION_ONLY: frozenset[str] = frozenset({*clip.FAMILY_GAPS, *timm_vit.FAMILY_GAPS, *open_clip_vit.FAMILY_GAPS})
 #: Family -> the pruning sites its models lack, and why.
@@ -47,4 +50,4 @@ def adapter_for(model: nn.Module) -> type[Adapter]:
     )
 
 
-__all__ = ["Adapter", "ADAPTERS", "FAMILY_GAPS", "MISSING_SITES", "VISION_ONLY", "ImageInfo", "UndoStack", "VisualLayout", "adapter_for"]
+__all__ = ["Adapter", "ADAPTERS", "FAMILY_GAPS", "FAMILY_LIMITS", "MISSING_SITES", "VISION_ONLY", "ImageInfo", "UndoStack", "VisualLayout", "adapter_for"]

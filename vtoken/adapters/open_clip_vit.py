@@ -26,6 +26,15 @@ FAMILY_GAPS = {"open_clip ViT": {
     **vision_only_gaps(),
     signals.VISION_CLS: "only a tower with a class token has one (not a timm trunk built without: the SigLIP models)",
 }}
+#: Family -> the signals only some of its towers give, and which do not (``vtoken.methods()``'s
+#: ``limits``): a method that reads one runs on the family's standard towers and is refused at wrap on
+#: the others, naming the blocks.
+FAMILY_LIMITS = {"open_clip ViT": {
+    signals.VISION_ATTENTION: "not on towers of block_type='custom' blocks (qk_norm, scaled cosine attention), "
+                              "whose attention is not nn.MultiheadAttention",
+    signals.VISION_BLOCK_KEYS: "not on towers of block_type='custom' blocks, which vtoken does not split into "
+                               "attention and MLP",
+}}
 
 
 def _open_clip():

@@ -29,6 +29,13 @@ FAMILY_GAPS = {"timm ViT": {
     signals.VISION_CLS: "only a ViT with a class token has one (not one built with class_token=False: "
                         "global average pooling, SigLIP)",
 }}
+#: Family -> the signals only some of its block classes give (``vtoken.methods()``'s ``limits``; see
+#: :func:`timm_block_gap`, which names the blocks at wrap).
+FAMILY_LIMITS = {"timm ViT": {
+    signals.VISION_ATTENTION: "only on blocks whose attn is timm's Attention (one fused qkv projection)",
+    signals.VISION_OBSERVED: "only on blocks with separate attention and MLP branches (Block's ls1 / ls2)",
+    signals.VISION_BLOCK_KEYS: "only on the Block / ResPostBlock layout with timm's Attention",
+}}
 
 
 def _vit_class():
