@@ -154,6 +154,31 @@ def test_bad_model_args_fail_in_one_line_before_loading(args, words):
         assert word in message
 
 
+def test_a_model_that_cannot_load_fails_in_one_line_before_loading(tmp_path, monkeypatch):
+    """A missing directory, a directory without config.json and a hub id the hub cannot serve (and
+    the cache does not hold) are named in one line, before transformers prints five retries."""
+    import socket
+
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from vtoken.lmms_eval_plugin.models.vtoken import VTokenLMM
+
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: (_ for _ in ()).throw(OSError(-2, "no route")))
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
+    cases = {str(tmp_path / "missing"): "no such directory", str(tmp_path): "holds no config.json",
+             "some/hub-id": "is no local directory and the Hugging Face hub cannot download it"}
+    for pretrained, words in cases.items():
+        with pytest.raises(ModelArgsError) as err:
+            VTokenLMM(pretrained=pretrained, method="fastv")
+        message = str(err.value)
+        assert "\n" not in message and message.startswith(f"vtoken --model_args: pretrained={pretrained!r}")
+        assert words in message, message
+
+
 def test_keep_fractions_from_the_command_line():
     from vtoken.lmms_eval_plugin.options import parse
 

@@ -102,9 +102,9 @@ def check_out(path: str, flag: str = "--out") -> None:
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
         where = "" if existing == target else f" ({existing!r} is)"
-        raise ValueError(f"{flag} {path!r}: not a directory{where}; give a directory (created if missing)")
+        raise ValueError(f"{_subject(flag, path)}: not a directory{where}; give a directory (created if missing)")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"{flag} {path!r}: {existing!r} is not writable; give a directory you can write to")
+        raise ValueError(f"{_subject(flag, path)}: {existing!r} is not writable; give a directory you can write to")
     # Permission bits do not tell everything (root, /proc, a read-only mount): make it and write there now,
     # rather than fail when the first result is written, then take back what was made.
     import shutil
@@ -115,7 +115,7 @@ def check_out(path: str, flag: str = "--out") -> None:
         with tempfile.TemporaryFile(dir=target):
             pass
     except OSError as error:
-        raise ValueError(f"{flag} {path!r}: cannot write there ({error.strerror or error}); give a directory "
+        raise ValueError(f"{_subject(flag, path)}: cannot write there ({error.strerror or error}); give a directory "
                          "you can write to") from None
     finally:
         if missing and os.path.isdir(missing[-1]):  # the outermost directory the probe made, and below it
@@ -157,48 +157,54 @@ VISION_LANGUAGE_MODEL_TYPES = ("llava", "llava_next", "llava_onevision", "qwen2_
 VISION_ONLY_MODEL_TYPES = ("clip", "clip_vision_model", "siglip", "siglip_vision_model")
 
 
-def check_model(path: str | None) -> dict | None:
+def _subject(flag: str, path: str) -> str:
+    """How an error names the model argument: ``--model 'x'``, or ``pretrained='x'`` for a key=value flag."""
+    return f"{flag}{path!r}" if flag.endswith("=") else f"{flag} {path!r}"
+
+
+def check_model(path: str | None, flag: str = "--model") -> dict | None:
     """A local model directory holding a config, or something shaped like a hub id; returns the local
-    directory's config (None for a hub id)."""
+    directory's config (None for a hub id). ``flag`` names the argument in the errors (the lmms-eval
+    plugin's is ``pretrained=``)."""
     if path is None:
         return None
     local = os.path.isabs(path) or path.startswith((".", "~")) or os.path.exists(path) or path.count("/") > 1
     if local:
         if not os.path.isdir(os.path.expanduser(path)):
-            raise ValueError(f"--model {path!r}: no such directory (give a local model directory or a hub id "
+            raise ValueError(f"{_subject(flag, path)}: no such directory (give a local model directory or a hub id "
                              "such as llava-hf/llava-1.5-7b-hf)")
         config_path = os.path.join(os.path.expanduser(path), "config.json")
         if not os.path.isfile(config_path):
-            raise ValueError(f"--model {path!r}: the directory holds no config.json (save the model there with "
+            raise ValueError(f"{_subject(flag, path)}: the directory holds no config.json (save the model there with "
                              "save_pretrained)")
         try:
             with open(config_path) as f:
                 config = json.load(f)
             model_type = config.get("model_type")
         except (ValueError, AttributeError) as error:
-            raise ValueError(f"--model {path!r}: config.json is not a model config ({error})") from None
+            raise ValueError(f"{_subject(flag, path)}: config.json is not a model config ({error})") from None
         # Only a model with no vision part at all is refused here: a vision-language family vtoken
         # has no adapter for is named, with the supported ones, when it loads; a vision-only model
         # is told what the benchmark measures.
         if "vision_config" not in config and model_type not in VISION_ONLY_MODEL_TYPES:
-            raise ValueError(f"--model {path!r} holds a {model_type!r} model; vtoken needs a vision-language model "
+            raise ValueError(f"{_subject(flag, path)} holds a {model_type!r} model; vtoken needs a vision-language model "
                              f"({', '.join(VISION_LANGUAGE_MODEL_TYPES)})")
         return config
     if not _HUB_ID.match(path):
-        raise ValueError(f"--model {path!r} is neither a local directory nor a hub id (owner/name)")
+        raise ValueError(f"{_subject(flag, path)} is neither a local directory nor a hub id (owner/name)")
     return None
 
 
-def check_model_download(path: str | None) -> None:
+def check_model_download(path: str | None, flag: str = "--model") -> None:
     """A hub id (``path`` that :func:`check_model` let through and no local directory) whose files the
     hub can serve now, or has served before: refused in one line otherwise, where transformers would
     retry five times, printing a line each, before failing. The last of the checks (it may wait for
-    the network a few seconds)."""
+    the network a few seconds); ``flag`` as in :func:`check_model`."""
     if path is None or os.path.isdir(os.path.expanduser(path)):
         return
     unreachable = hub_unreachable(path)
     if unreachable:
-        raise ValueError(f"--model {path!r} is no local directory and the Hugging Face hub cannot download it: "
+        raise ValueError(f"{_subject(flag, path)} is no local directory and the Hugging Face hub cannot download it: "
                          f"{unreachable}; give a local model directory (written by save_pretrained), or run where "
                          "the hub is reachable (HF_HUB_OFFLINE=1 uses the files downloaded before)")
 

@@ -108,6 +108,15 @@ class VTokenLMM(lmms):
     def _load(self, revision, dtype, device_map, attn_implementation, trust_remote_code, min_pixels, max_pixels):
         from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
+        from vtoken.bench_args import check_model, check_model_download
+
+        # A missing directory or a hub id the hub cannot serve, in one line: transformers would print
+        # five retries over about 20 s, then a traceback.
+        try:
+            check_model(self.args.pretrained, flag="vtoken --model_args: pretrained=")
+            check_model_download(self.args.pretrained, flag="vtoken --model_args: pretrained=")
+        except ValueError as err:
+            raise _options.ModelArgsError(str(err)) from None
         common = {"revision": revision, "trust_remote_code": trust_remote_code}
         model_type = AutoConfig.from_pretrained(self.args.pretrained, **common).model_type
         kwargs = dict(common, dtype=dtype)
