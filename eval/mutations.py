@@ -251,7 +251,7 @@ MUTATIONS = (
              ("tests/test_strategies.py", "tests/test_all_methods.py::-k pool")),
     Mutation("oracle: the relevant patches not preferred", "vtoken/strategies/oracle.py",
              "scores[r] += hit.float()", "scores[r] += 0.0 * hit.float()",
-             ("tests/test_strategies.py", "tests/test_all_methods.py::-k oracle")),
+             ("tests/test_generation.py::-k annotations", "tests/test_vqa_evaluate.py::-k oracle")),
     Mutation("FLOPs: a gated MLP counted as two matrices", "vtoken/accounting.py",
              "mlp = 6 * queries * d.hidden * d.intermediate", "mlp = 4 * queries * d.hidden * d.intermediate",
              ("tests/test_flops.py",)),
