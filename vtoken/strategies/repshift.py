@@ -192,7 +192,9 @@ class RepShiftConfig(PruneConfig):
     """
 
     method = "repshift"
-    default_keep = 0.512  # 0.8 ** 3: the paper's three stages, each dropping 20% of the current tokens
+    # 0.8 ** 3 = 0.512: the paper's three stages, each dropping 20% of the current tokens (rounded so
+    # that 0.8 ** 3's float tail does not show in vtoken.methods()).
+    default_keep = round(PAPER_KEEP_PER_STAGE ** len(PAPER_BLOCKS), 12)
 
     site: str = "vision"
     layer: int | None = None
