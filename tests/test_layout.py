@@ -129,3 +129,17 @@ def test_slot_of_original_finds_each_kept_token_and_nothing_else():
         assert current.slot_of_original(length + 2) is got  # built once
         assert torch.equal(current.slot_of_original(length), want[:, :length])
     assert int(twice.slot_of_original(length)[0, 4]) == -1 and int(twice.slot_of_original(length)[1, 2]) >= 0
+
+
+def test_contiguous_renumbering_starts_at_each_samples_first_valid_position():
+    """1-D renumbering (``positions="contiguous"``) numbers the valid slots on from the position id of
+    each sample's first valid slot: 0 under ``generate``, the pad count in a plain forward of a
+    left-padded batch (transformers then numbers the pads too), so a batch row keeps the ids the
+    unwrapped model gives its first token. Dropped slots (invalid) take no id of their own."""
+    valid = torch.tensor([[False, False, True, True, False, True],
+                          [True, False, True, True, True, False]])
+    positions = torch.tensor([[0, 1, 2, 3, 4, 5], [0, 0, 1, 2, 3, 4]])
+    orig = torch.arange(6).expand(2, 6)
+    layout = SequenceLayout(orig, valid, torch.full((2, 6), -1), torch.full((2, 6), -1), positions)
+    renumbered = layout.renumbered().position_ids
+    assert renumbered[valid].tolist() == [2, 3, 4, 0, 1, 2, 3]
