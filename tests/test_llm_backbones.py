@@ -124,6 +124,9 @@ def test_what_vtoken_cannot_recompute_in_the_llm_is_refused_at_wrap(make, match,
         vtoken.wrap(model, method)
     assert "\n" not in str(error.value) and "fastv)" not in str(error.value)  # never suggests a method refused alike
     assert _unchanged(model, before)
+    if make is not _gemma3:  # vtoken.methods() says LLaVA-1.5 runs the method, but not on such an LLM
+        listed = {m["name"]: m for m in vtoken.methods()}[method]
+        assert listed["families"]["LLaVA-1.5"] == "runs" and "Phi-3" in listed["limits"]["LLaVA-1.5"]
     vtoken.wrap(model, "pool", keep=0.25)  # before the LLM: runs
     with torch.no_grad():
         model(**_batch())
@@ -144,3 +147,4 @@ def test_pool_is_refused_a_grid_missing_its_first_patch():
     with pytest.raises(ValueError, match=r"grid missing its first patch.*a method that does not need it \(random, fastv\)"):
         vtoken.wrap(model, "pool", keep=0.25)
     assert _unchanged(model, before)
+    assert "misses a patch" in {m["name"]: m for m in vtoken.methods()}["pool"]["limits"]["LLaVA-1.5"]

@@ -343,6 +343,9 @@ def test_full_feature_strategy_is_refused_at_wrap_time():
     with pytest.raises(ValueError, match="CLS token besides the grid.*'default'"):
         vtoken.wrap(model, "tokenpacker", weights=_packer(2))
     assert not vtoken.is_wrapped(model)
+    # vtoken.methods() says LLaVA-1.5 runs TokenPacker, and names such models in its limits.
+    listed = {m["name"]: m for m in vtoken.methods()}["tokenpacker"]
+    assert listed["families"]["LLaVA-1.5"] == "runs" and "'full'" in listed["limits"]["LLaVA-1.5"]
 
 
 # ------------------------------------------------------------------------------ training

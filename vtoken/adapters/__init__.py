@@ -25,7 +25,10 @@ FAMILY_GAPS: dict[str, dict[str, str]] = {
 }
 #: Family -> the signals only some of its models give, and which not (the family's verdict in
 #: ``vtoken.methods()`` stays "runs"; wrap refuses the others).
-FAMILY_LIMITS: dict[str, dict[str, str]] = {**timm_vit.FAMILY_LIMITS, **open_clip_vit.FAMILY_LIMITS}
+FAMILY_LIMITS: dict[str, dict[str, str]] = {
+    **llava.FAMILY_LIMITS, **llava_onevision.FAMILY_LIMITS, **timm_vit.FAMILY_LIMITS,
+    **open_clip_vit.FAMILY_LIMITS,
+}
 #: Families whose models are a vision tower alone: they have only the vision site.
 VISION_ONLY: frozenset[str] = frozenset({*clip.FAMILY_GAPS, *timm_vit.FAMILY_GAPS, *open_clip_vit.FAMILY_GAPS})
 #: Family -> the pruning sites its models lack, and why.

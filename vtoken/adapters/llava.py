@@ -22,7 +22,7 @@ from transformers import LlavaForConditionalGeneration, LlavaModel, LlavaNextFor
 
 from .base import IMAGE_SHAPES, DecoderSpec, FamilyDescription, ImageInfo, ProjectorSpec, TokenMap, VisionSpec
 from .clip import hf_encoder_halves
-from .pipeline import VisionLanguageAdapter
+from .pipeline import LLM_ATTENTION_LIMITS, VisionLanguageAdapter
 from vtoken import compat, signals
 from vtoken.context import Grid
 from vtoken.model_dims import LLAVA_VISION_TOWERS
@@ -39,6 +39,18 @@ VISION_TOWERS = LLAVA_VISION_TOWERS
 FAMILY_GAPS = {
     "LLaVA-1.5": {},
     "LLaVA-NeXT": {signals.ONE_GRID_PER_IMAGE: "AnyRes gives a base view, high-resolution crops and newline tokens"},
+}
+#: Family -> the signals only some of its models give (``vtoken.methods()``'s ``limits``; see
+#: :meth:`LlavaAdapter.one_grid_per_image`, which names the model's reason at wrap).
+FAMILY_LIMITS = {
+    "LLaVA-1.5": {
+        **LLM_ATTENTION_LIMITS,
+        signals.ONE_GRID_PER_IMAGE: "not on models that feed the CLS token to the projector besides the grid "
+                                    "(vision_feature_select_strategy='full'), nor on a tower without CLS under 'default'",
+        signals.PATCH_GRID: "not on a tower without CLS under vision_feature_select_strategy='default' (its grid "
+                            "misses a patch)",
+    },
+    "LLaVA-NeXT": dict(LLM_ATTENTION_LIMITS),
 }
 
 

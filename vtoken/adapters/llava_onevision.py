@@ -29,6 +29,7 @@ from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionM
 
 from .base import ImageInfo, Modality, TokenMap
 from .llava import LlavaAdapter
+from .pipeline import LLM_ATTENTION_LIMITS
 from vtoken import compat, signals
 from vtoken.context import Grid
 
@@ -41,6 +42,7 @@ FAMILY_GAPS = {
         signals.VISION_CLS: "a SigLIP tower without a CLS token",
     },
 }
+FAMILY_LIMITS = {"LLaVA-OneVision": dict(LLM_ATTENTION_LIMITS)}
 
 #: Fractional coordinates closer than this to an integer are that integer (float64 round-off).
 _SNAP = 1e-9

@@ -49,6 +49,14 @@ from vtoken.pruner import Pruner, same_feature
 from vtoken.request import ImageRun, PruneRun, TextOnlyPrefill, renumbers
 
 
+#: What an LLM under a LLaVA family may lack for the methods that read its attention rows (the
+#: backbone is the checkpoint's choice): :meth:`VisionLanguageAdapter.unavailable` names the model's
+#: reason at wrap; ``vtoken.methods()`` lists it as those families' limits.
+LLM_ATTENTION_LIMITS = {
+    signal: "not on an LLM whose attention has a fused qkv projection (Phi-3) or soft-capped logits (Gemma2)"
+    for signal in (signals.LLM_ATTENTION, signals.LLM_ATTENTION_OBSERVED)
+}
+
 class MergingProjectorOnTokens(nn.Module):
     """A merging projector (Qwen-VL's merger: ``unit`` encoder tokens in, one LLM token out) on per-LLM-token
     inputs ``[..., unit * width]``: each token's encoder tokens go in as rows of ``width``. Holds the
