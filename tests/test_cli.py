@@ -412,3 +412,30 @@ def test_train_projector_refuses_a_model_it_cannot_train_from_its_config_before_
         err = capsys.readouterr().err
         assert err.startswith("vtoken train-projector: error: ") and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_shipped_models_are_found_from_any_directory(tmp_path, capsys, monkeypatch):
+    """``--model vtoken/assets/tiny-qwen2-vl`` (as the help writes it) names the model the package
+    ships from any working directory; a path that exists from here is taken as it is, and an unknown
+    one under vtoken/assets is still refused as no such directory."""
+    import os
+
+    import vtoken
+    from vtoken.bench_args import shipped_path
+
+    monkeypatch.chdir(tmp_path)
+    installed = os.path.join(os.path.dirname(vtoken.__file__), "assets", "tiny-qwen2-vl")
+    assert shipped_path("vtoken/assets/tiny-qwen2-vl") == installed
+    assert shipped_path("vtoken/assets/tiny-qwen2-vl/") == installed
+    assert shipped_path("vtoken/assets/nothing-here") == "vtoken/assets/nothing-here"
+    (tmp_path / "vtoken" / "assets" / "tiny-qwen2-vl").mkdir(parents=True)
+    assert shipped_path("vtoken/assets/tiny-qwen2-vl") == "vtoken/assets/tiny-qwen2-vl"  # what exists here wins
+    os.rmdir(tmp_path / "vtoken" / "assets" / "tiny-qwen2-vl")
+    # The model passes its checks (the limit is the argument named), for bench and train-projector alike.
+    assert main(["bench", "--model", "vtoken/assets/tiny-qwen2-vl", "--limit", "0"]) == 2
+    assert "--limit must be at least 1" in capsys.readouterr().err
+    assert main(["train-projector", "--model", "vtoken/assets/tiny-llava", "--data", "generated",
+                 "--out", str(tmp_path / "o"), "--scale", "5"]) == 2
+    assert "--scale 5" in capsys.readouterr().err
+    assert main(["bench", "--model", "vtoken/assets/nothing-here"]) == 2
+    assert "no such directory" in capsys.readouterr().err

@@ -29,13 +29,28 @@ def split_list(values: list[str] | None, flag: str = "the list") -> list[str] | 
     return list(dict.fromkeys(items))  # one row each: a name given twice is measured once
 
 
+def shipped_path(path: str | None) -> str | None:
+    """``path`` itself, or, where it names a model the package ships (``vtoken/assets/<name>``, as the
+    help and the README write it) and no such path exists from here, that model in the installed
+    package: the shipped models are found from any working directory."""
+    if path is None or os.path.exists(os.path.expanduser(path)):
+        return path
+    parts = os.path.normpath(path).split(os.sep)
+    if len(parts) >= 3 and parts[:2] == ["vtoken", "assets"]:
+        installed = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", *parts[2:])
+        if os.path.isdir(installed):
+            return installed
+    return path
+
+
 def check_bench_arguments(args):
     """Every ``vtoken bench`` argument checked before any model runs: (methods, budgets, trained
-    pairs, config pairs), lists split."""
+    pairs, config pairs), lists split; ``args.model`` is resolved by :func:`shipped_path`."""
     methods = check_methods(split_list(args.methods, "--methods"))
     budgets = check_budgets(split_list(args.budgets, "--budgets"))
     trained = check_pairs(args.trained, "--trained", "METHOD=DIR, e.g. tokenpacker=path/to/weights")
     configs = check_pairs(args.configs, "--configs", "LABEL=DIR, e.g. 'vflowopt (tuned)'=path/to/config")
+    args.model = shipped_path(args.model)
     check_model(args.model)
     # (the upper bounds: a count past them ran until killed, growing memory, instead of being refused)
     for flag, value, most in (("--limit", args.limit, 1_000_000), ("--repeats", args.repeats, 10_000),
@@ -313,7 +328,9 @@ PACKER_SCALES = (2, 3, 4)
 
 
 def check_train_projector_arguments(args) -> None:
-    """Every ``vtoken train-projector`` argument that can be checked before the model loads."""
+    """Every ``vtoken train-projector`` argument that can be checked before the model loads
+    (``args.model`` resolved by :func:`shipped_path`)."""
+    args.model = shipped_path(args.model)
     config = check_model(args.model)
     if config is not None:  # what train_projector refuses once the model is loaded, read from its config
         if config.get("model_type") != "llava":
