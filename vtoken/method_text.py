@@ -52,6 +52,10 @@ def _families(method: dict) -> list[str]:
         if verdict != "runs":
             why.setdefault(verdict, []).append(family)
     lines += [f"not on {', '.join(families)}: {verdict}" for verdict, families in why.items()]
+    limits: dict[str, list[str]] = {}
+    for family, limit in method.get("limits", {}).items():
+        limits.setdefault(limit, []).append(family)
+    lines += [f"on {', '.join(families)}: {limit}" for limit, families in limits.items()]
     return lines
 
 
