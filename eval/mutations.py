@@ -314,7 +314,7 @@ MUTATIONS = (
     Mutation("Scoring rows: a query does not attend to itself", "vtoken/adapters/hf_decoder.py",
              "causal = torch.arange(length, device=hidden.device)[None, None, :] <= query_slots[:, :, None]",
              "causal = torch.arange(length, device=hidden.device)[None, None, :] < query_slots[:, :, None]",
-             ("tests/test_parity_fastv.py", "tests/test_scoring_rows.py")),
+             ("tests/test_scoring_context.py", "tests/test_all_families.py::-k eager_map")),
     Mutation("Scoring rows: rotary's first half with the wrong sign", "vtoken/adapters/hf_decoder.py",
              "out[..., :half].sub_(x2 * sin[..., :half])", "out[..., :half].add_(x2 * sin[..., :half])",
              ("tests/test_parity_fastv.py", "tests/test_scoring_rows.py")),
