@@ -315,8 +315,10 @@ def test_the_attention_map_floor_is_the_column_mass_without_the_max_and_counts_o
     g = torch.Generator().manual_seed(3)
     q, k = torch.randn(2, 3, 200, 16, generator=g), torch.randn(2, 3, 200, 16, generator=g)
     scores, total = torch.empty(6, 64, 200), torch.zeros(6, 200)
-    mass = column_mass_without_max(q.reshape(6, 200, 16) * 0.25, k.reshape(6, 200, 16).transpose(-1, -2), 64, scores, total)
-    torch.testing.assert_close(mass.view(2, 3, 200).sum(dim=1), 3 * received_attention(q, k, 0.25), rtol=1e-5, atol=1e-5)
+    k_t = k.reshape(6, 200, 16).transpose(-1, -2)
+    mass = column_mass_without_max(q.reshape(6, 200, 16) * 0.25, k_t, 64, scores, total)
+    torch.testing.assert_close(mass.view(2, 3, 200).sum(dim=1), 3 * received_attention(q, k, 0.25),
+                               rtol=1e-5, atol=1e-5)
     assert attention_map_floor(large, cpu, repeats=5) > 2.0 * attention_map_floor(small, cpu, repeats=5)
     assert scoring_floor([ScoringCost("llm_attention_rows", layer=2, rows=16)], None, cpu) == 0.0
     cache = {small: 0.25}

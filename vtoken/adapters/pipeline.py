@@ -57,6 +57,7 @@ LLM_ATTENTION_LIMITS = {
     for signal in (signals.LLM_ATTENTION, signals.LLM_ATTENTION_OBSERVED)
 }
 
+
 class MergingProjectorOnTokens(nn.Module):
     """A merging projector (Qwen-VL's merger: ``unit`` encoder tokens in, one LLM token out) on per-LLM-token
     inputs ``[..., unit * width]``: each token's encoder tokens go in as rows of ``width``. Holds the
