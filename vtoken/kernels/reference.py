@@ -167,13 +167,14 @@ def check_shift_metrics(metrics: tuple[str, ...]) -> None:
 
 
 #: Tokens per chunk of :func:`token_shifts`' sums: about ``_SHIFT_CHUNK_VALUES`` values of each
-#: hidden state (512 KB in float32; the two chunks and their product, 1.5 MB, fit a core's 2 MB L2),
+#: hidden state (256 KB in float32; the two chunks and their product, 768 KB, stay in a core's L2),
 #: so the products and differences the sums take stay in cache instead of making a whole-tensor
-#: temporary each (a dot product was a full product written and read back). Inside a model's forward
-#: on one CPU thread TransPrune's TTV ran faster this way than with whole-tensor sums, and faster with
-#: 512 KB chunks written through ``out=`` than with 256 KB chunks copied into place (fewer ops per
-#: token), timed in alternating runs.
-_SHIFT_CHUNK_VALUES = 1 << 17
+#: temporary each (a dot product was a full product written and read back). Inside the speed bench's
+#: LLaVA prefill on one CPU thread (TransPrune's TTV, 768 wide; timed in alternating runs, the
+#: strategy's own calls as ``eval/bench_speed.py --methods transprune`` reports them), 256 KB chunks
+#: sliced in place ran faster than 512 KB chunks taken with ``split``, and than 128 KB or 64 KB
+#: chunks (more ops per token).
+_SHIFT_CHUNK_VALUES = 1 << 16
 
 
 def _token_sum(name: str, a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor | None = None,
@@ -212,16 +213,16 @@ def _shift_sums(after: torch.Tensor, before: torch.Tensor, names: set[str]) -> d
         return {name: _token_sum(name, after, before) for name in names}
     # The sums that read both tensors first, so the norms after them find the chunk in cache.
     order = [name for name in ("dot", "l2", "l1", "norm_after", "norm_before") if name in names]
-    sums = {name: after.new_empty(after.shape[:-1]) for name in order}
+    outs = [after.new_empty(after.shape[:-1]) for _ in order]
     paired = any(name in ("dot", "l2", "l1") for name in order)
     scratch = after.new_empty(*after.shape[:-2], chunk, after.shape[-1]) if paired else None
-    # Every chunk's views in one call each (split), not sliced one by one: fewer ops per chunk.
-    outs = [sums[name].split(chunk, dim=-1) for name in order]
-    for i, (a, b) in enumerate(zip(after.split(chunk, dim=-2), before.split(chunk, dim=-2))):
-        part = scratch if scratch is None or a.shape[-2] == chunk else scratch[..., : a.shape[-2], :]
+    for start in range(0, tokens, chunk):
+        stop = min(start + chunk, tokens)
+        a, b = after[..., start:stop, :], before[..., start:stop, :]
+        part = scratch if scratch is None or stop - start == chunk else scratch[..., : stop - start, :]
         for name, out in zip(order, outs):
-            _token_sum(name, a, b, part, out[i])
-    return sums
+            _token_sum(name, a, b, part, out[..., start:stop])
+    return dict(zip(order, outs))
 
 
 def token_shifts(after: torch.Tensor, before: torch.Tensor, metrics: tuple[str, ...]) -> tuple[torch.Tensor, ...]:
