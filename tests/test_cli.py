@@ -18,6 +18,8 @@ def test_lists_may_be_comma_or_space_separated():
     (["--methods", "fastv,nosuch"], "unknown method 'nosuch'; known methods: "),
     (["--budgets", "1,x"], "budget 'x' is not a number; write fractions of the visual tokens (1/9, 0.25) or counts (64)"),
     (["--budgets", "0"], "budget '0' must be positive"),
+    (["--budgets", "-1/9"], "budget '-1/9' must be positive"),  # argparse alone: "expected at least one argument"
+    (["--budgets", "1/9", "-.5", "--methods", "fastv"], "budget '-.5' must be positive"),
     (["--trained", "tokenpacker"], "--trained 'tokenpacker': write METHOD=DIR"),
     (["--trained", "tokenpacker=/nonexistent"], "--trained 'tokenpacker=/nonexistent': no such directory"),
     (["--trained", "fastv=."], "--trained fastv: fastv is not a trained method"),

@@ -40,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
                                   formatter_class=_Help)
     methods.add_argument("name", nargs="?", help="one method: print its whole description and options")
     _add_train_projector(commands)
+    negative = _negative_budget(list(sys.argv[1:] if argv is None else argv))
+    if negative is not None:
+        print(f"vtoken bench: error: budget {negative!r} must be positive: a fraction of the visual tokens "
+              "(1/9, 0.25) or a count (64)", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     try:
         return _run(args, argv)
@@ -62,6 +67,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vtoken {args.command}: error: {type(error).__name__}: {message} (VTOKEN_DEBUG=1 shows the traceback)",
               file=sys.stderr)
         return 2
+
+
+def _negative_budget(argv: list[str]) -> str | None:
+    """The first negative value given to ``--budgets`` (``-1/9``, ``-.5``), if any: argparse takes such
+    a value for an option (it reads only plain negative numbers as values) and would say that
+    ``--budgets`` got no value at all."""
+    if not argv or argv[0] != "bench" or "--budgets" not in argv:
+        return None
+    for token in argv[argv.index("--budgets") + 1:]:
+        if token.startswith("--"):
+            return None
+        if len(token) > 1 and token[0] == "-" and (token[1].isdigit() or token[1] == "."):
+            return token
+    return None
 
 
 def _add_bench(commands) -> None:
