@@ -14,8 +14,8 @@
 #   1. eval/bench_kernels.py: every Triton kernel compiled, checked against its PyTorch reference at
 #      every size and timed beside it and the eager full-map route (bfloat16);
 #   2. eval/bench_speed.py --family llava_7b: LLaVA-1.5-7B's full shape (random weights, bfloat16,
-#      SDPA), every method's prefill against the same model unwrapped, its replay and its oracle, and
-#      batch-8/16 generate;
+#      SDPA), every method's prefill against the same model unwrapped, its replay and its oracle; then,
+#      as a step of its own, batch-1/8/16 generate at 64 tokens;
 #   3. eval/bench_speed.py on the scaled LLaVA-1.5 shape of the CPU runs (float32), for comparison.
 # Commit what comes back under eval/results/bench_kernels/ and eval/results/bench_speed/, with the
 # machine named in each file (the scripts write it).
@@ -47,10 +47,17 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 nproc >> "$OUT/versions.txt"
 
 status=0
-step kernels "${KERNELS_LIMIT:-150}" python3 eval/bench_kernels.py --out "$OUT/kernels_cuda.md" --overwrite || status=1
-step speed_llava_7b "${SPEED_7B_LIMIT:-300}" python3 eval/bench_speed.py --family llava_7b --device cuda --dtype bfloat16 \
-    --threads 8 --rounds 3 --prefill-rounds 10 --replay-atol 1 --out "$OUT/cuda_llava_7b.md" --overwrite \
-    --note 'GPU check (eval/device_check.sh); replay against method compared with --replay-atol 1 (bfloat16 logits).' \
+step kernels "${KERNELS_LIMIT:-120}" python3 eval/bench_kernels.py --out "$OUT/kernels_cuda.md" --overwrite || status=1
+# The 7B shape in two steps, so that a step cut off by its limit (the script writes its file only at
+# the end) loses only its own half: the prefills first, then the generate runs.
+step speed_llava_7b "${SPEED_7B_LIMIT:-200}" python3 eval/bench_speed.py --family llava_7b --device cuda --dtype bfloat16 \
+    --threads 8 --batches 0 --prefill-rounds 8 --replay-atol 1 --out "$OUT/cuda_llava_7b.md" --overwrite \
+    --note 'GPU check (eval/device_check.sh), prefills; replay against method compared with --replay-atol 1 (bfloat16 logits).' \
+    || status=1
+step speed_llava_7b_generate "${SPEED_7B_GENERATE_LIMIT:-130}" python3 eval/bench_speed.py --family llava_7b --device cuda \
+    --dtype bfloat16 --threads 8 --budgets 64 --prefill-rounds 1 --rounds 2 --profile none --replay-atol 1 \
+    --out "$OUT/cuda_llava_7b_generate.md" --overwrite \
+    --note 'GPU check (eval/device_check.sh), generate at batch 1, 8 and 16; one prefill round (see cuda_llava_7b.md).' \
     || status=1
 step speed_scaled "${SPEED_SCALED_LIMIT:-120}" python3 eval/bench_speed.py --device cuda --threads 8 --rounds 3 \
     --prefill-rounds 10 --out "$OUT/cuda.md" --overwrite --note 'GPU check (eval/device_check.sh).' || status=1
