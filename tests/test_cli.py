@@ -239,7 +239,7 @@ def test_methods_prints_whole_sentences_without_markup(capsys):
     assert "runs on: LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision" in fastv
     assert "needs each image to reach the LLM as one patch grid" in out  # a family's refusal, with why
     # ... and, where a family runs it, the models of the family it does not serve (vtoken.methods()'s limits).
-    assert "on LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision: not on an LLM whose attention has a fused qkv" in " ".join(
+    assert "on LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision: not on an LLM that rotates each layer type" in " ".join(
         fastv.split())
 
 

@@ -608,6 +608,41 @@ def test_wrapped_transprune_forward_matches_counter():
         api.unwrap(model)
 
 
+@pytest.mark.parametrize("method, options", [("transprune", dict(keep_tokens=8)),
+                                             ("fastv", dict(keep_tokens=8, layer=2, score_layer="current"))])
+def test_wrapped_forward_over_a_fused_qkv_llm_matches_counter(method, options, monkeypatch):
+    """A LLaVA over Phi-3 (one qkv_proj for queries, keys and values, partial rotary): the scoring
+    projects its query rows and every candidate's keys from their columns of the fused weight alone,
+    and layer K projects the kept tokens' keys again with its queries and values (it has no key
+    projection to take them); ``flops`` reports that, FLOP for FLOP (with the Llama model the same
+    schedule counts fewer: there the kept keys are handed over)."""
+    from transformers import Phi3Config
+
+    api = pytest.importorskip("vtoken.api")
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                              image_size=56, patch_size=14)
+    text = Phi3Config(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=256, partial_rotary_factor=0.5,
+                      bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_token_id=100))
+    model.set_attn_implementation("eager")
+    model.eval()
+    ids = torch.tensor([[1, 5, 6, 7, 8] + [100] * 16 + [9, 10, 11, 12, 13, 14, 15]])
+    pixels = torch.randn(1, 3, 56, 56)
+    assert model_dims(model.config).decoder.fused_qkv
+    api.wrap(model, method, **options)
+    try:
+        tally = Tally()
+        tally("all", lambda: model(input_ids=ids, pixel_values=pixels, logits_to_keep=1))
+        counted = flops(model, text_tokens=TEXT, instruction_tokens=7).prefill
+        assert counted == tally.parts["all"]  # exact
+        monkeypatch.setattr(compat, "FUSED_QKV_MODEL_TYPES", ())  # counted as if layer K took the kept keys
+        assert flops(model, text_tokens=TEXT, instruction_tokens=7).prefill < counted
+    finally:
+        api.unwrap(model)
+
+
 def test_qwen2_vl_full_forward_matches_counter():
     """Qwen2-VL: full attention in every vision block (no windows), a two-matrix MLP, the 2x2 merger."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration

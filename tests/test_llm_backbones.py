@@ -6,8 +6,12 @@ either equals the model's own or is refused in one line, the model left as it wa
   (at keep-all the wrapped logits equal the plain model's); past it an in-LLM method stops with one
   line naming the window instead of attending past it (it gave logits 0.3 off and a shape error while
   decoding a padded batch); methods that prune before the LLM run.
-- Phi-3's fused qkv_proj, Gemma2's soft-capped attention logits and Gemma3's per-layer-type rotary
-  embeddings are refused at wrap for the methods that would read or rebuild them.
+- Phi-3's fused qkv_proj (with partial rotary, partial_rotary_factor < 1) and Gemma2's soft-capped
+  attention logits are recomputed as the model computes them: the attention rows equal the eager map,
+  keep-all equals the plain model, FastV keeps what the eager map ranks first, and pruned generation
+  with a cache equals greedy decoding without one.
+- Gemma3's per-layer-type rotary embeddings are refused at wrap for the methods that would rebuild
+  them.
 """
 
 import pytest
@@ -99,34 +103,102 @@ def test_methods_before_the_llm_run_past_the_sliding_window(method):
     assert torch.equal(cached, uncached)
 
 
-def _phi3():
-    return _llava(transformers.Phi3Config(**TEXT))
+def _phi3(attn: str = "sdpa"):
+    # Half of each head rotated (partial_rotary_factor): the rest passes unrotated.
+    return _llava(transformers.Phi3Config(**TEXT, partial_rotary_factor=0.5), attn=attn)
 
 
-def _gemma2():
-    return _llava(transformers.Gemma2Config(**TEXT, head_dim=16, attn_logit_softcapping=50.0), attn="eager")
+def _gemma2(attn: str = "eager"):
+    # A cap of 2 on logits that reach several units: tanh bends them (at 50 the cap would change nothing here).
+    return _llava(transformers.Gemma2Config(**TEXT, head_dim=16, attn_logit_softcapping=2.0,
+                                            query_pre_attn_scalar=4), attn=attn)
 
 
 def _gemma3():
     return _llava(transformers.Gemma3TextConfig(**TEXT, head_dim=16, sliding_window=512))
 
 
-@pytest.mark.parametrize("make,match", [
-    (_phi3, "Phi3Attention without separate q_proj and k_proj"),
-    (_gemma2, "soft-capped"),
-    (_gemma3, "rotates each layer type with its own rotary embedding"),
-])
+RECOMPUTED = {"phi3": _phi3, "gemma2": _gemma2}
+
+
+@pytest.mark.parametrize("name", list(RECOMPUTED))
+def test_attention_rows_of_fused_and_soft_capped_attention_equal_the_eager_map(name):
+    """The rows FastV, TransPrune and AIF recompute beside the layer: a fused qkv_proj's query and key
+    columns with partial rotary (Phi-3), logits soft-capped before the mask (Gemma2), against the
+    model's own eager attention probabilities, on a left-padded batch."""
+    from vtoken import compat
+    from vtoken.adapters.hf_decoder import llama_attention_rows
+
+    model = RECOMPUTED[name](attn="eager")
+    lm = model.model.language_model
+    attention = compat.layer_attention(lm.layers[1])
+    if name == "gemma2":  # the cap is what this test is about: the logits must reach it
+        assert compat.attention_parts(attention).softcap == 2.0
+    else:
+        assert not compat.has_separate_query_key(attention)
+    x = _batch()
+    inputs = []
+    handle = lm.layers[1].register_forward_pre_hook(
+        lambda m, a, k: inputs.append((a[0] if a else k["hidden_states"], k["position_embeddings"])), with_kwargs=True)
+    with torch.no_grad():
+        out = model(**x, output_attentions=True)
+        handle.remove()
+        hidden, cos_sin = inputs[0]
+        length = hidden.shape[1]
+        query = torch.arange(length - 4, length).expand(hidden.shape[0], -1)
+        rows = llama_attention_rows(lm.layers[1], hidden, cos_sin, query, x["attention_mask"].bool())
+    eager = out.attentions[1][:, :, -4:, :]
+    torch.testing.assert_close(rows, eager, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("name", list(RECOMPUTED))
 @pytest.mark.parametrize("method", ["fastv", "transprune", "aif"])
-def test_what_vtoken_cannot_recompute_in_the_llm_is_refused_at_wrap(make, match, method):
-    model = make()
+def test_in_llm_methods_on_fused_and_soft_capped_attention(name, method):
+    """Keep-all equals the plain model; pruned, generation with a cache equals greedy decoding
+    without one (the recomputed rows decide the same tokens at every step's prefill)."""
+    model = RECOMPUTED[name]()
+    x = _batch()
+    real = x["attention_mask"].bool()
+    with torch.no_grad():
+        plain = model(**x).logits
+        with vtoken.pruned(model, method, keep=1.0):
+            wrapped = model(**x).logits
+    torch.testing.assert_close(wrapped[real], plain[real], rtol=0, atol=1e-5)
+    with vtoken.pruned(model, method, keep=0.25):
+        cached = model.generate(**x, max_new_tokens=4, do_sample=False, suppress_tokens=[IMAGE_TOKEN])
+        uncached = model.generate(**x, max_new_tokens=4, do_sample=False, suppress_tokens=[IMAGE_TOKEN],
+                                  use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize("name", list(RECOMPUTED))
+def test_fastv_on_fused_and_soft_capped_attention_keeps_what_the_eager_map_ranks_first(name):
+    model = RECOMPUTED[name](attn="eager")
+    x = _batch()
+    with torch.no_grad():
+        attention = model(**x, output_attentions=True).attentions[1][:, :, -1].mean(1)  # layer K-1 = 1, last row
+    with vtoken.pruned(model, "fastv", layer=2, keep=0.25):
+        with torch.no_grad():
+            model(**x)
+        selection = vtoken.selection(model)
+    for b in range(x["input_ids"].shape[0]):
+        visual = torch.nonzero(x["input_ids"][b] == IMAGE_TOKEN).squeeze(-1)
+        kept = selection[b]["llm:2"]
+        expected = torch.sort(torch.topk(attention[b, visual], len(kept)).indices).values
+        assert kept.tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("method", ["fastv", "transprune", "aif"])
+def test_what_vtoken_cannot_recompute_in_the_llm_is_refused_at_wrap(method):
+    model = _gemma3()
     before = _state(model)
-    with pytest.raises(ValueError, match=match) as error:
+    with pytest.raises(ValueError, match="rotates each layer type with its own rotary embedding") as error:
         vtoken.wrap(model, method)
     assert "\n" not in str(error.value) and "fastv)" not in str(error.value)  # never suggests a method refused alike
     assert _unchanged(model, before)
-    if make is not _gemma3:  # vtoken.methods() says LLaVA-1.5 runs the method, but not on such an LLM
-        listed = {m["name"]: m for m in vtoken.methods()}[method]
-        assert listed["families"]["LLaVA-1.5"] == "runs" and "Phi-3" in listed["limits"]["LLaVA-1.5"]
+    # vtoken.methods() says LLaVA-1.5 runs the method, but not on such an LLM
+    listed = {m["name"]: m for m in vtoken.methods()}[method]
+    assert listed["families"]["LLaVA-1.5"] == "runs" and "Gemma3" in listed["limits"]["LLaVA-1.5"]
     vtoken.wrap(model, "pool", keep=0.25)  # before the LLM: runs
     with torch.no_grad():
         model(**_batch())

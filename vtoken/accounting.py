@@ -607,7 +607,8 @@ def _scoring_cost_flops(cost: ScoringCost, dims: ModelDims, schedule: Schedule, 
     - ``llm_attention_rows`` at layer l: q projection of the rows 2·r·d·H·h_d, k projection of the
       n tokens entering layer l (before any stage at l) 2·n·d·H_kv·h_d, scores 2·r·n·H·h_d; with
       ``keys_reused`` the k projection of the tokens the stage at l keeps is the layer's own (it is
-      handed over, and counted in the layer): only the dropped ones' keys are scoring; with
+      handed over, and counted in the layer): only the dropped ones' keys are scoring, unless the
+      LLM fuses q, k and v into one projection (``DecoderDims.fused_qkv``: every key is scoring); with
       ``keys_cached`` none (read from the layer's KV cache).
     - ``vision_attention_rows`` at vision layer l, per crop: 2·r·D² + 2·n·D² + 2·r·n·D over the
       n tokens (CLS included) of that layer.
@@ -630,7 +631,9 @@ def _scoring_cost_flops(cost: ScoringCost, dims: ModelDims, schedule: Schedule, 
         d = dims.decoder
         visual = layer_visual[cost.layer - 1] if cost.layer > 0 else _pre_llm_visual(dims, schedule, geo)
         keys = text_tokens + visual
-        projected = keys - (text_tokens + layer_visual[cost.layer]) if cost.keys_reused else keys
+        # A fused qkv projection (Phi-3) cannot take the kept tokens' keys: layer l projects them again.
+        reused = cost.keys_reused and not d.fused_qkv
+        projected = keys - (text_tokens + layer_visual[cost.layer]) if reused else keys
         if cost.keys_cached:
             projected = 0
         return 2 * cost.rows * d.hidden * d.q_dim + 2 * projected * d.hidden * d.kv_dim + 2 * cost.rows * keys * d.q_dim

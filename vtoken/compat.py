@@ -377,14 +377,39 @@ def activation_checkpointing(module: nn.Module) -> bool:
 # --- decoder layers, attention modules, rotary ------------------------------------------------------
 @dataclass(frozen=True)
 class AttentionParts:
-    """What recomputing one attention module's query and key rows needs."""
+    """What recomputing one attention module's query and key rows needs. ``q_proj`` / ``k_proj`` map
+    the normed input ``[..., d]`` to the queries / keys ``[..., heads * head_dim]``: the module's own
+    projections, or slices of its fused one (:class:`FusedSlice`). ``softcap``: the cap of logits
+    soft-capped before the softmax (``c * tanh(logits / c)``, Gemma2), else None."""
 
-    q_proj: nn.Module
-    k_proj: nn.Module
+    q_proj: nn.Module | FusedSlice
+    k_proj: nn.Module | FusedSlice
     head_dim: int
     scaling: float
     q_norm: nn.Module | None = None
     k_norm: nn.Module | None = None
+    softcap: float | None = None
+
+
+@dataclass(frozen=True)
+class FusedSlice:
+    """The query or the key part of a fused projection (Phi-3's ``qkv_proj``: queries, keys, values
+    side by side in its output): the projection's output columns ``[start, stop)``, as its attention
+    slices them. A plain ``nn.Linear`` with no hook computes those columns alone (the rows of its
+    weight: the values and the other part cost nothing, and ``vtoken.flops`` counts only these);
+    any other module (wrapped, quantised, hooked) is called whole and its output sliced, so it stays
+    what it is."""
+
+    projection: nn.Module
+    start: int
+    stop: int
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        module = self.projection
+        if type(module) is nn.Linear and not (module._forward_hooks or module._forward_pre_hooks):
+            bias = None if module.bias is None else module.bias[self.start : self.stop]
+            return torch.nn.functional.linear(x, module.weight[self.start : self.stop], bias)
+        return module(x)[..., self.start : self.stop]
 
 
 #: A transformer block's sub-modules by role -> attribute name (Llama decoder and CLIP encoder layers).
@@ -396,9 +421,27 @@ def layer_attention(layer: nn.Module) -> nn.Module:
 
 
 def has_separate_query_key(attn: nn.Module) -> bool:
-    """Whether an attention module has its own ``q_proj`` and ``k_proj`` (Llama-style), as
-    :func:`attention_parts` reads them; Phi-3's fuses them into ``qkv_proj``."""
+    """Whether an attention module has its own ``q_proj`` and ``k_proj`` modules (Llama-style); Phi-3's
+    fuses them into ``qkv_proj`` (:func:`fused_query_key`)."""
     return isinstance(getattr(attn, "q_proj", None), nn.Module) and isinstance(getattr(attn, "k_proj", None), nn.Module)
+
+
+#: ``text_config.model_type`` of the LLMs whose attention fuses q, k and v into one ``qkv_proj``
+#: (:func:`fused_query_key`), for the FLOPs model, which sees a config and not the modules.
+FUSED_QKV_MODEL_TYPES = ("phi3",)
+
+
+def fused_query_key(attn: nn.Module) -> tuple[FusedSlice, FusedSlice] | None:
+    """The query and key slices of a fused ``qkv_proj`` (Phi-3: ``num_attention_heads * head_dim``
+    query columns, then ``num_key_value_heads * head_dim`` key columns, then the values), or None
+    where the module has no such projection."""
+    qkv = getattr(attn, "qkv_proj", None)
+    config = getattr(attn, "config", None)
+    if not isinstance(qkv, nn.Module) or config is None:
+        return None
+    queries = config.num_attention_heads * attn.head_dim
+    keys = getattr(attn, "num_key_value_heads", config.num_key_value_heads) * attn.head_dim
+    return FusedSlice(qkv, 0, queries), FusedSlice(qkv, queries, queries + keys)
 
 
 def attention_softcap(attn: nn.Module) -> float | None:
@@ -425,14 +468,22 @@ def decoder_input_norm(layer: nn.Module) -> nn.Module:
 
 
 def attention_parts(attn: nn.Module) -> AttentionParts:
-    """The projections, head size, softmax scale and optional q/k norms of a Llama-style (decoder)
-    or CLIP-style (vision) attention module."""
+    """The projections, head size, softmax scale, optional q/k norms and logit cap of a Llama-style
+    (decoder) or CLIP-style (vision) attention module; a fused ``qkv_proj`` (Phi-3) gives its query
+    and key slices."""
     scaling = getattr(attn, "scaling", None)
     if scaling is None:
         scaling = getattr(attn, "scale")
+    if has_separate_query_key(attn):
+        q_proj, k_proj = attn.q_proj, attn.k_proj
+    else:
+        fused = fused_query_key(attn)
+        if fused is None:
+            raise ValueError(f"{type(attn).__name__} has neither q_proj and k_proj nor a fused qkv_proj")
+        q_proj, k_proj = fused
     return AttentionParts(
-        q_proj=attn.q_proj, k_proj=attn.k_proj, head_dim=attn.head_dim, scaling=float(scaling),
-        q_norm=getattr(attn, "q_norm", None), k_norm=getattr(attn, "k_norm", None),
+        q_proj=q_proj, k_proj=k_proj, head_dim=attn.head_dim, scaling=float(scaling),
+        q_norm=getattr(attn, "q_norm", None), k_norm=getattr(attn, "k_norm", None), softcap=attention_softcap(attn),
     )
 
 

@@ -20,7 +20,9 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 @dataclass(frozen=True)
 class DecoderDims:
-    """The LLM: ``layers`` decoder layers of hidden size ``hidden``, gated FFN ``intermediate``."""
+    """The LLM: ``layers`` decoder layers of hidden size ``hidden``, gated FFN ``intermediate``;
+    ``fused_qkv``: its attention projects q, k and v in one ``qkv_proj`` (Phi-3), so a layer cannot be
+    handed the keys scoring projected (it projects them again with its queries and values)."""
 
     layers: int
     hidden: int
@@ -29,6 +31,7 @@ class DecoderDims:
     kv_heads: int
     head_dim: int
     vocab: int
+    fused_qkv: bool = False
 
     @property
     def q_dim(self) -> int:
@@ -180,6 +183,8 @@ def model_dims(config) -> ModelDims:
 
 
 def _decoder_dims(text) -> DecoderDims:
+    from vtoken import compat  # torch and transformers: only once a model's dimensions are read
+
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     return DecoderDims(
@@ -190,6 +195,7 @@ def _decoder_dims(text) -> DecoderDims:
         kv_heads=getattr(text, "num_key_value_heads", None) or heads,
         head_dim=head_dim,
         vocab=text.vocab_size,
+        fused_qkv=getattr(text, "model_type", None) in compat.FUSED_QKV_MODEL_TYPES,
     )
 
 

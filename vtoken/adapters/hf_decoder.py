@@ -46,7 +46,12 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     (``x1 c1 - x2 s1``, ``x2 c2 + x1 s2``, each product rounded before the sum as there; ``addcmul_``
     would fuse them and round once), it makes three passes over ``x`` where negating,
     concatenating, a second full product and a full sum made four and a half (scoring rotates
-    every key of a layer)."""
+    every key of a layer). Partial rotary (``cos`` narrower than ``x``: Phi-3's
+    ``partial_rotary_factor``) rotates the first ``cos.shape[-1]`` features and passes the rest, as
+    transformers does."""
+    rotary = cos.shape[-1]
+    if rotary < x.shape[-1]:
+        return torch.cat([apply_rotary(x[..., :rotary], cos, sin), x[..., rotary:]], dim=-1)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
@@ -545,7 +550,7 @@ def llama_attention_rows(layer: nn.Module, hidden, cos_sin, query_slots, key_val
         k = apply_rotary(k.transpose(1, 2), cos, sin)
     causal = torch.arange(length, device=hidden.device)[None, None, :] <= query_slots[:, :, None]
     key_mask = causal & key_valid[:, None, :].to(torch.bool)
-    return attention_rows(q, k, attn.scaling, key_mask)
+    return attention_rows(q, k, attn.scaling, key_mask, attn.softcap)
 
 
 def query_attention_rows(layer: nn.Module, hidden, cos_sin, layout, query: str, prompt_end: int | None = None,
@@ -587,4 +592,4 @@ def llama_cached_attention_rows(layer: nn.Module, hidden, cos_sin, keys, key_val
     total = keys.shape[2]
     causal = torch.arange(total, device=x.device)[None, :] <= (total - steps + torch.arange(steps, device=x.device))[:, None]
     key_mask = causal[None] & key_valid[:, None, :].to(torch.bool)
-    return attention_rows(q, keys, attn.scaling, key_mask)
+    return attention_rows(q, keys, attn.scaling, key_mask, attn.softcap)

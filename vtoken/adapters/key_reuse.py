@@ -73,12 +73,20 @@ class KeyReuse:
         projection of that (``k_proj``), kept for the layer's own attention after the stage."""
         pending = run.reused_keys.get(index)
         if pending is None or pending.source is not hidden:
+            if not self.reusable(index):  # a fused qkv projection (Phi-3): the layer projects its own
+                normed = self._norm(index)(hidden)
+                return normed, self._projection(index)(normed)
             if index not in self.hooked:
                 self._hook(index)
             normed = self._norm(index)(hidden)
             pending = PendingKeys(hidden, normed, self._projection(index)(normed))
             run.reused_keys[index] = pending
         return pending.normed, pending.keys
+
+    def reusable(self, index: int) -> bool:
+        """Whether layer ``index`` has a key projection of its own to hand the keys to (not one fused
+        with the queries and values, which the layer must run for those anyway)."""
+        return compat.has_separate_query_key(compat.layer_attention(self.layers[index]))
 
     def after_stage(self, run: PruneRun, index: int, before: torch.Tensor, after: torch.Tensor,
                     selected_from: torch.Tensor | None) -> None:
@@ -98,7 +106,7 @@ class KeyReuse:
     def _norm(self, index: int) -> nn.Module:
         return compat.decoder_input_norm(self.layers[index])
 
-    def _projection(self, index: int) -> nn.Module:
+    def _projection(self, index: int) -> nn.Module | compat.FusedSlice:
         return compat.attention_parts(compat.layer_attention(self.layers[index])).k_proj
 
     # --- hooks on layer K -----------------------------------------------------------------------

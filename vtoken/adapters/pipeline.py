@@ -50,10 +50,12 @@ from vtoken.request import ImageRun, PruneRun, TextOnlyPrefill, renumbers
 
 
 #: What an LLM under a LLaVA family may lack for the methods that read its attention rows (the
-#: backbone is the checkpoint's choice): :meth:`VisionLanguageAdapter.unavailable` names the model's
-#: reason at wrap; ``vtoken.methods()`` lists it as those families' limits.
+#: backbone is the checkpoint's choice): :meth:`VisionLanguageAdapter.unavailable` and ``validate``
+#: name the model's reason at wrap; ``vtoken.methods()`` lists it as those families' limits. Fused qkv
+#: projections (Phi-3) and soft-capped logits (Gemma2) are recomputed as the model computes them.
 LLM_ATTENTION_LIMITS = {
-    signal: "not on an LLM whose attention has a fused qkv projection (Phi-3) or soft-capped logits (Gemma2)"
+    signal: "not on an LLM that rotates each layer type with its own rotary embedding (Gemma3), nor on one "
+            "whose attention has neither q_proj and k_proj nor a fused qkv_proj"
     for signal in (signals.LLM_ATTENTION, signals.LLM_ATTENTION_OBSERVED)
 }
 
@@ -169,12 +171,9 @@ class VisionLanguageAdapter(VisionSite, Adapter):
                     "projector_rank, ZOO-Prune's exact estimator runs on any projector)")
         if signal.name in (signals.LLM_ATTENTION, signals.LLM_ATTENTION_OBSERVED):
             attention = compat.layer_attention(self.decoder_layers()[0])
-            if not compat.has_separate_query_key(attention):
-                return (f"a {type(attention).__name__} without separate q_proj and k_proj (a fused qkv_proj, as Phi-3's), "
+            if not compat.has_separate_query_key(attention) and compat.fused_query_key(attention) is None:
+                return (f"a {type(attention).__name__} with neither q_proj and k_proj nor a fused qkv_proj, "
                         "from which vtoken recomputes the attention rows")
-            if compat.attention_softcap(attention) is not None:
-                return (f"a {type(attention).__name__} whose attention logits are soft-capped (Gemma2's "
-                        "attn_logit_softcapping), which vtoken's recomputed attention rows do not apply yet")
         vision = self.vision_unavailable(signal)
         if vision is not None:
             return vision

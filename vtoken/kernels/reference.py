@@ -17,6 +17,7 @@ def attention_rows(
     key: torch.Tensor,
     scaling: float,
     key_mask: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Softmax attention probabilities of a few query rows against every key.
 
@@ -28,6 +29,8 @@ def attention_rows(
         scaling: the softmax scale (``head_dim ** -0.5`` for Llama).
         key_mask: optional boolean ``[B, Q, N]`` or ``[B, 1, N]``, True where the row may attend
             (causality and padding folded in by the caller).
+        softcap: the cap ``c`` of a model that soft-caps its attention logits, ``c * tanh(logits /
+            c)`` before the mask and the softmax (Gemma2's ``attn_logit_softcapping``); None: none.
 
     Returns:
         ``[B, H, Q, N]`` float32 probabilities; each row sums to 1 over its attended keys. Cost is
@@ -44,6 +47,8 @@ def attention_rows(
     q = (query.float() * scaling).reshape(batch, kv_heads, group * query.shape[2], head_dim)
     scores = torch.matmul(q, key.float().transpose(-1, -2))
     scores = scores.reshape(batch, heads, query.shape[2], key.shape[2])
+    if softcap is not None:
+        scores = scores.div_(softcap).tanh_().mul_(softcap)
     if key_mask is not None:
         scores.masked_fill_(~key_mask[:, None].to(torch.bool), float("-inf"))
     return torch.softmax(scores, dim=-1)
