@@ -171,6 +171,32 @@ def test_in_llm_methods_on_fused_and_soft_capped_attention(name, method):
     assert torch.equal(cached, uncached)
 
 
+def test_a_fused_projection_that_is_not_a_plain_linear_is_called_as_it_is():
+    """The query and key columns of a plain qkv_proj come from its weight's rows; a hooked one (as
+    a quantised, LoRA or offloaded projection, whose forward must run) is called whole and sliced:
+    the same rows."""
+    from vtoken import compat
+
+    model = _phi3()
+    attention = compat.layer_attention(model.model.language_model.layers[1])
+    parts = compat.attention_parts(attention)
+    x = torch.randn(2, 5, TEXT["hidden_size"])
+    with torch.no_grad():
+        plain_q, plain_k = parts.q_proj(x), parts.k_proj(x)
+        calls = []
+        handle = attention.qkv_proj.register_forward_hook(lambda m, a, o: calls.append(1))
+        hooked_q, hooked_k = parts.q_proj(x), parts.k_proj(x)
+        handle.remove()
+        whole = attention.qkv_proj(x)
+    assert len(calls) == 2
+    queries = TEXT["num_attention_heads"] * attention.head_dim
+    keys = TEXT["num_key_value_heads"] * attention.head_dim
+    torch.testing.assert_close(hooked_q, whole[..., :queries], rtol=0, atol=0)
+    torch.testing.assert_close(hooked_k, whole[..., queries : queries + keys], rtol=0, atol=0)
+    torch.testing.assert_close(plain_q, hooked_q, rtol=0, atol=1e-6)
+    torch.testing.assert_close(plain_k, hooked_k, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", list(RECOMPUTED))
 def test_fastv_on_fused_and_soft_capped_attention_keeps_what_the_eager_map_ranks_first(name):
     model = RECOMPUTED[name](attn="eager")

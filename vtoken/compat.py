@@ -395,10 +395,11 @@ class AttentionParts:
 class FusedSlice:
     """The query or the key part of a fused projection (Phi-3's ``qkv_proj``: queries, keys, values
     side by side in its output): the projection's output columns ``[start, stop)``, as its attention
-    slices them. A plain ``nn.Linear`` with no hook computes those columns alone (the rows of its
-    weight: the values and the other part cost nothing, and ``vtoken.flops`` counts only these);
-    any other module (wrapped, quantised, hooked) is called whole and its output sliced, so it stays
-    what it is."""
+    slices them. A plain ``nn.Linear`` computes those columns alone (the rows of its weight: the
+    values and the other part cost nothing, and ``vtoken.flops`` counts only these); any other module
+    is called whole and its output sliced, so it stays what it is: a subclass (quantised, LoRA), one
+    with hooks, or one whose ``forward`` was replaced (accelerate's offloading brings the weight in
+    there)."""
 
     projection: nn.Module
     start: int
@@ -406,10 +407,16 @@ class FusedSlice:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         module = self.projection
-        if type(module) is nn.Linear and not (module._forward_hooks or module._forward_pre_hooks):
+        if self._plain(module):
             bias = None if module.bias is None else module.bias[self.start : self.stop]
             return torch.nn.functional.linear(x, module.weight[self.start : self.stop], bias)
         return module(x)[..., self.start : self.stop]
+
+    @staticmethod
+    def _plain(module: nn.Module) -> bool:
+        # (Global module hooks are left out: they observe every module, as FlopCounterMode's tracker.)
+        return (type(module) is nn.Linear and "forward" not in vars(module)
+                and not (module._forward_hooks or module._forward_pre_hooks))
 
 
 #: A transformer block's sub-modules by role -> attribute name (Llama decoder and CLIP encoder layers).
