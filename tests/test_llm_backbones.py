@@ -214,6 +214,18 @@ def test_fastv_on_fused_and_soft_capped_attention_keeps_what_the_eager_map_ranks
         assert kept.tolist() == expected.tolist()
 
 
+def test_a_static_cache_with_sliding_window_layers_is_refused_naming_them():
+    """Gemma2 under cache_implementation="static": every other layer of its StaticCache is a sliding
+    window one, which an in-LLM stage does not model; the one line names those layers (it said
+    "needs a StaticCache, got StaticCache")."""
+    model = _gemma2()
+    with vtoken.pruned(model, "fastv", keep=0.25):
+        with pytest.raises(ValueError, match=r"got StaticCache of .*StaticSlidingWindowLayer.* layers\. Use the "
+                                             r"default cache .*'static' on a model with sliding-window layers") as error:
+            model.generate(**_batch(), max_new_tokens=2, do_sample=False, cache_implementation="static")
+    assert "\n" not in str(error.value)
+
+
 @pytest.mark.parametrize("method", ["fastv", "transprune", "aif"])
 def test_what_vtoken_cannot_recompute_in_the_llm_is_refused_at_wrap(method):
     model = _gemma3()

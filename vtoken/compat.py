@@ -176,6 +176,12 @@ def is_static_cache(cache) -> bool:
     return bool(layers) and all(type(layer) is StaticLayer for layer in layers)
 
 
+def cache_layer_kinds(cache) -> list[str]:
+    """The class names of a cache's layers, each once, in order (``StaticLayer``,
+    ``StaticSlidingWindowLayer``, ...): what a refusal names."""
+    return list(dict.fromkeys(type(layer).__name__ for layer in getattr(cache, "layers", None) or []))
+
+
 def cache_capacity(cache) -> int | None:
     """The fixed number of positions a static cache holds per layer (None for a growing cache)."""
     layers = getattr(cache, "layers", None) or []

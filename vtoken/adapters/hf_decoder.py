@@ -163,11 +163,14 @@ class DecoderPruning:
             if evicts:
                 needs, avoid = "a DynamicCache (it removes hidden tokens from the cached prefix)", "'static'"
             else:
-                needs, avoid = "a DynamicCache or a StaticCache (layers hold different lengths)", "'sliding_window'"
+                needs = "a DynamicCache or a StaticCache of plain static layers (layers hold different lengths)"
+                avoid = "'sliding_window', or 'static' on a model with sliding-window layers"
+            kinds = compat.cache_layer_kinds(cache)
+            got = type(cache).__name__ + (f" of {', '.join(kinds)} layers" if kinds else "")
             raise ValueError(
-                f"{self.pruner.strategy.name} prunes or masks inside the LLM, which needs {needs}; got "
-                f"{type(cache).__name__}. Use the default cache (no cache_implementation such as {avoid}), or a "
-                "method that prunes before the LLM."
+                f"{self.pruner.strategy.name} prunes or masks inside the LLM, which needs {needs}; got {got}. "
+                f"Use the default cache (no cache_implementation such as {avoid}), or a method that prunes before "
+                "the LLM."
             )
         run.static_capacity = compat.cache_capacity(cache) if static else None
         window = compat.sliding_window(self.config)
