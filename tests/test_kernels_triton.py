@@ -167,6 +167,32 @@ def test_attention_rows_strided_inputs_and_empty_rows(interpreter):
     interpreter(_check_attention_rows_strided_and_empty)
 
 
+def _check_attention_rows_soft_capped():
+    g = torch.Generator().manual_seed(9)
+    batch, heads, kv_heads, rows, keys, head_dim = 2, 4, 2, 5, 70, 32
+    q = torch.randn(batch, heads, rows, head_dim, generator=g) * 3
+    k = torch.randn(batch, kv_heads, keys, head_dim, generator=g) * 3
+    mask = torch.rand(batch, rows, keys, generator=g) > 0.3
+    assert kernels.backend(q, k) == "triton"
+    # A cap the logits pass (tanh bends them), one they stay far below (the series near 0), one between.
+    for cap in (2.0, 500.0, 20.0):
+        got = kernels.attention_rows(q, k, head_dim**-0.5, mask, softcap=cap)
+        want = reference.attention_rows(q, k, head_dim**-0.5, mask, softcap=cap)
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+    uncapped = reference.attention_rows(q, k, head_dim**-0.5, mask)
+    assert (got - uncapped).abs().max() > 1e-3  # the cap is applied, not ignored
+    # Logits far below the cap, where tanh from exponentials alone cancels (its error, times the cap,
+    # reaches 1e-5 of a logit, 6e-5 of a probability here): the series keeps each within 1e-6.
+    got = kernels.attention_rows(q, k, head_dim**-0.5, mask, softcap=5000.0)
+    want = reference.attention_rows(q, k, head_dim**-0.5, mask, softcap=5000.0)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_attention_rows_soft_capped(interpreter):
+    """Gemma2's logit soft-cap ``c * tanh(s / c)`` in the kernel equals the reference's ``torch.tanh``."""
+    interpreter(_check_attention_rows_soft_capped)
+
+
 # --- 2. received attention -----------------------------------------------------------------------
 
 RECEIVED_CASES = [

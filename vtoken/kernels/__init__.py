@@ -110,12 +110,11 @@ def attention_rows(
     """Softmax attention probabilities ``[B, H, Q, N]`` of a few query rows against every key (GQA,
     optional boolean ``key_mask``, optional logit ``softcap``); see :func:`reference.attention_rows`
     for the contract. The Triton kernel runs an online-softmax two-pass scheme and writes only the
-    result: O(rows x N) memory. Soft-capped logits (Gemma2) take the reference, whose scores are
-    O(rows x N) too: the kernel has no cap."""
-    if softcap is None and _attention_backend(query, key, key_mask) == "triton":
+    result: O(rows x N) memory."""
+    if _attention_backend(query, key, key_mask) == "triton":
         from .triton_attention import attention_rows as kernel
 
-        return kernel(query, key, scaling, key_mask)
+        return kernel(query, key, scaling, key_mask, softcap)
     return reference.attention_rows(query, key, scaling, key_mask, softcap)
 
 

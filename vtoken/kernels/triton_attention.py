@@ -33,14 +33,29 @@ BLOCK_N = 64  # keys per step
 
 
 @triton.jit
+def _soft_capped(s, cap):
+    """``cap * tanh(s / cap)`` (Gemma2's logit soft-cap). tanh from one exponential, ``(1 - e) / (1 +
+    e)`` with ``e = exp(-2|x|)``, which cancels near 0: there its series ``x - x^3/3 + 2x^5/15`` is
+    exact to float32 (below |x| = 1/16 the next term is under 1e-9 of x)."""
+    x = s / cap
+    a = tl.abs(x)
+    e = tl.exp(-2.0 * a)
+    far = (1.0 - e) / (1.0 + e)
+    x2 = a * a
+    near = a * (1.0 - x2 * (1.0 / 3.0) + x2 * x2 * (2.0 / 15.0))
+    t = tl.where(a < 0.0625, near, far)
+    return cap * tl.where(x < 0, -t, t)
+
+
+@triton.jit
 def _attention_rows_kernel(
     q_ptr, k_ptr, mask_ptr, out_ptr,
-    rows_per_kv, n_queries, n_keys, head_dim, group, kv_heads, scale,
+    rows_per_kv, n_queries, n_keys, head_dim, group, kv_heads, scale, cap,
     sq_b, sq_h, sq_q, sq_d,
     sk_b, sk_h, sk_n, sk_d,
     sm_b, sm_h, sm_q, sm_n,
     so_b, so_h, so_q, so_n,
-    HAS_MASK: tl.constexpr, IEEE: tl.constexpr,
+    HAS_MASK: tl.constexpr, IEEE: tl.constexpr, SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -72,6 +87,8 @@ def _attention_rows_kernel(
             s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
         else:
             s = tl.dot(q, tl.trans(k)) * scale
+        if SOFTCAP:
+            s = _soft_capped(s, cap)
         ok = row_ok[:, None] & n_ok[None, :]
         if HAS_MASK:
             allowed = tl.load(m_base + n[None, :] * sm_n, mask=ok, other=0)
@@ -95,6 +112,8 @@ def _attention_rows_kernel(
             s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
         else:
             s = tl.dot(q, tl.trans(k)) * scale
+        if SOFTCAP:
+            s = _soft_capped(s, cap)
         ok = row_ok[:, None] & n_ok[None, :]
         if HAS_MASK:
             allowed = tl.load(m_base + n[None, :] * sm_n, mask=ok, other=0)
@@ -207,7 +226,8 @@ def _prepare(query: torch.Tensor, key: torch.Tensor):
 
 
 def attention_rows(
-    query: torch.Tensor, key: torch.Tensor, scaling: float, key_mask: torch.Tensor | None = None
+    query: torch.Tensor, key: torch.Tensor, scaling: float, key_mask: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Triton ``attention_rows``: same arguments, result and semantics as ``reference.attention_rows``."""
     query, key, group, ieee = _prepare(query, key)
@@ -230,8 +250,9 @@ def attention_rows(
     _attention_rows_kernel[grid](
         query, key, mask, out,
         rows_per_kv, n_queries, n_keys, head_dim, group, kv_heads, float(scaling),
+        float(softcap) if softcap is not None else 1.0,
         *query.stride(), *key.stride(), *mask_strides, *out.stride(),
-        HAS_MASK=key_mask is not None, IEEE=ieee,
+        HAS_MASK=key_mask is not None, IEEE=ieee, SOFTCAP=softcap is not None,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=pow2(head_dim),
     )
     return out
