@@ -1,6 +1,7 @@
 """Random model configurations and prompts for every vision-language family, none of which the
 generic suites use: random depths and widths, grouped / multi-query / multi-head attention, head
-dims 8 to 32, other tower sizes and patch sizes, Llama or Qwen2 text models under LLaVA, AnyRes grid
+dims 8 to 32, other tower sizes and patch sizes, Llama, Qwen2, Phi-3 (fused qkv_proj, partial rotary)
+or Gemma2 (soft-capped logits, eager only) text models under LLaVA, AnyRes grid
 pinpoints and aspect ratios, Qwen2.5-VL windows and full-attention blocks, Qwen3-VL DeepStack layers,
 Qwen videos, and batches of 1 to 4 left-padded samples holding 0, 1 or 2 images each.
 
@@ -91,6 +92,8 @@ class RandomCase:
         family = family or rng.choice(FAMILIES)
         attn = attn or rng.choice(["sdpa", "sdpa", "eager"])
         model, drawn = build_model(family, rng)
+        if not all(getattr(module, "_supports_sdpa", True) for module in model.modules()):
+            attn = "eager"  # Gemma2 runs eager only (SDPA has no logit soft-cap)
         model.set_attn_implementation(attn)
         model.generation_config.pad_token_id = PAD
         generator = torch.Generator().manual_seed(rng.randint(0, 10_000))
@@ -121,6 +124,23 @@ def build_model(family: str, rng: random.Random) -> tuple[nn.Module, dict]:
     return model.eval(), dict(drawn, text=text)
 
 
+def _llama_like(pick: float, text: TextShape):
+    """A Llama-style LLM config: Llama mostly, Phi-3 (one fused qkv_proj, sometimes partial rotary)
+    or Gemma2 (logits soft-capped or not, extra norms, sliding-window layer types). Drawn from a
+    stream of its own seeded by ``pick``, so the draws after it, and the cases of seeds that keep
+    Llama, are what they were before Phi-3 and Gemma2 were drawn."""
+    import transformers as tf
+
+    own = random.Random(pick)
+    backbone = own.random()
+    if backbone < 0.15:
+        return tf.Phi3Config(**text.common(), partial_rotary_factor=own.choice([1.0, 0.5]))
+    if backbone < 0.3:
+        return tf.Gemma2Config(**text.common(), head_dim=text.head_dim, query_pre_attn_scalar=text.head_dim,
+                               attn_logit_softcapping=own.choice([None, 2.0, 50.0]))
+    return tf.LlamaConfig(**text.common())
+
+
 def _llava(family: str, text: TextShape, rng: random.Random) -> tuple[nn.Module, dict]:
     import transformers as tf
 
@@ -135,10 +155,16 @@ def _llava(family: str, text: TextShape, rng: random.Random) -> tuple[nn.Module,
         feature_layer = rng.choice([-1, -1, -2])
     else:
         vision = tf.CLIPVisionConfig(**vision_kwargs, projection_dim=32)
-        text_config = (tf.LlamaConfig if rng.random() < 0.8 else tf.Qwen2Config)(**text.common())
+        pick = rng.random()
+        text_config = _llama_like(pick, text) if pick < 0.8 else tf.Qwen2Config(**text.common())
         feature_layer = rng.choice([-1, -2])
     drawn = dict(image_size=size, patch=patch, vision_layers=vision.num_hidden_layers,
                  feature_layer=feature_layer, text_model=type(text_config).__name__)
+    softcap = getattr(text_config, "attn_logit_softcapping", None)
+    if softcap:
+        drawn["softcap"] = softcap
+    if getattr(text_config, "partial_rotary_factor", 1.0) != 1.0:
+        drawn["partial_rotary"] = text_config.partial_rotary_factor
     common = dict(vision_config=vision, text_config=text_config, image_token_id=IMAGE)
     if family == "llava":
         if rng.random() < 0.15:

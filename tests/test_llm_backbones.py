@@ -214,6 +214,21 @@ def test_fastv_on_fused_and_soft_capped_attention_keeps_what_the_eager_map_ranks
         assert kept.tolist() == expected.tolist()
 
 
+@pytest.mark.parametrize("make", [lambda: _llava(_sliding("mistral", window=64)), _gemma2], ids=["mistral", "gemma2"])
+def test_aif_evicting_from_sliding_window_cache_layers_decodes_as_without_a_cache(make):
+    """AIF's ``mode="evict"`` takes the hidden tokens out of the cache's layers; a sliding-window layer
+    (every layer of Mistral's, every other of Gemma2's) sized its next masks by the tokens it had
+    taken before, one mask column per evicted token too many (a shape error at the first decoding
+    step). Within the window, cached decoding equals decoding without a cache."""
+    model = make()
+    x = _batch()
+    with vtoken.pruned(model, "aif", mode="evict", ratio="adaptive"):
+        cached = model.generate(**x, max_new_tokens=4, do_sample=False, suppress_tokens=[IMAGE_TOKEN])
+        uncached = model.generate(**x, max_new_tokens=4, do_sample=False, suppress_tokens=[IMAGE_TOKEN],
+                                  use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
 def test_a_static_cache_with_sliding_window_layers_is_refused_naming_them():
     """Gemma2 under cache_implementation="static": every other layer of its StaticCache is a sliding
     window one, which an in-LLM stage does not model; the one line names those layers (it said

@@ -142,8 +142,16 @@ def prompt_keys(cache, layer: int, length: int, device: torch.device) -> torch.T
 
 
 def set_cache_layer_kv(cache, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Hand decoder ``layer`` of a growing cache these keys and values (``[B, H_kv, L, D]``). A
+    sliding-window layer (Gemma2's every other layer, Mistral's every layer) sizes its masks by the
+    count of tokens it has taken (``cumulative_length``), which then becomes the count it holds, as
+    its own ``crop`` sets it: left at the old count, the next step's mask was wider than its keys."""
+    from transformers.cache_utils import DynamicSlidingWindowLayer
+
     entry = cache.layers[layer]
     entry.keys, entry.values = keys, values
+    if isinstance(entry, DynamicSlidingWindowLayer):
+        entry.cumulative_length = keys.shape[-2]
 
 
 def crop_cache_layer(cache, layer: int, length: int) -> None:
