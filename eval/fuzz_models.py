@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from random_models import FAMILIES  # noqa: E402
+from random_models import FAMILIES, RandomCase  # noqa: E402
 from random_vits import check_vit_seed  # noqa: E402
 from wrap_checks import check_seed  # noqa: E402
 
@@ -36,6 +36,9 @@ def main(argv=None) -> int:
     parser.add_argument("--family", choices=FAMILIES, help="only this family")
     parser.add_argument("--method", help="only this method")
     parser.add_argument("--log", type=Path, default=Path("fuzz_models.jsonl"), help="one JSON line per case")
+    parser.add_argument("--text-model", action="append", default=None, metavar="CONFIG",
+                        help="only cases whose LLM config is of this class (e.g. Phi3Config, Gemma2Config; repeatable); "
+                             "the other seeds are skipped")
     parser.add_argument("--vits", action="store_true",
                         help="vision-only models (eval/random_vits.py) instead of vision-language ones")
     args = parser.parse_args(argv)
@@ -46,7 +49,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     stop = time.time() + 60 * args.minutes
     outcomes: collections.Counter = collections.Counter()
-    failed = 0
+    failed = skipped = 0
     seed = args.first_seed
     with args.log.open("a") as log:
         while time.time() < stop and (args.cases is None or seed < args.first_seed + args.cases):
@@ -59,6 +62,10 @@ def main(argv=None) -> int:
                 if failures:
                     failed += 1
                     print("\n".join(failures), flush=True)
+                seed += 1
+                continue
+            if args.text_model and RandomCase.draw(seed, args.family).drawn.get("text_model") not in args.text_model:
+                skipped += 1
                 seed += 1
                 continue
             try:
@@ -78,7 +85,8 @@ def main(argv=None) -> int:
                 failed += 1
                 print(report.summary(), flush=True)
             seed += 1
-    print(f"{seed - args.first_seed} cases (seeds {args.first_seed}..{seed - 1}), {failed} with a failure; "
+    print(f"{seed - args.first_seed - skipped} cases (seeds {args.first_seed}..{seed - 1}"
+          f"{f', {skipped} skipped for --text-model' if skipped else ''}), {failed} with a failure; "
           f"checks: {dict(outcomes)}; log: {args.log}")
     return 1 if failed else 0
 
