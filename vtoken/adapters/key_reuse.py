@@ -73,13 +73,13 @@ class KeyReuse:
         projection of that (``k_proj``), kept for the layer's own attention after the stage."""
         pending = run.reused_keys.get(index)
         if pending is None or pending.source is not hidden:
-            if not self.reusable(index):  # a fused qkv projection (Phi-3): the layer projects its own
-                normed = self._norm(index)(hidden)
-                return normed, self._projection(index)(normed)
-            if index not in self.hooked:
-                self._hook(index)
             normed = self._norm(index)(hidden)
-            pending = PendingKeys(hidden, normed, self._projection(index)(normed))
+            keys = self._projection(index)(normed)
+            if not self.reusable(index):  # a fused qkv projection (Phi-3): the layer projects its own
+                return normed, keys
+            if index not in self.hooked:
+                self._hook(index)  # (the hooks act only once the keys are armed, after the stage)
+            pending = PendingKeys(hidden, normed, keys)
             run.reused_keys[index] = pending
         return pending.normed, pending.keys
 
