@@ -31,6 +31,9 @@ def is_trained(method: str) -> bool:
 
 def _patch_grid(model: nn.Module) -> tuple[int, int]:
     vision = model.config.vision_config
+    if not hasattr(vision, "image_size"):
+        raise ValueError(f"tokenpacker packs a LLaVA tower's square patch grid; this {type(vision).__name__} "
+                         "has none (vtoken.methods(): it does not run on this family)")
     side = vision.image_size // vision.patch_size
     return side, side
 

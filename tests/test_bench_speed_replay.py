@@ -604,6 +604,20 @@ def test_the_llava_7b_family_is_llava_1_5_7b_full_shape_built_where_it_is_asked(
     assert (text.hidden_size, text.num_hidden_layers, text.num_key_value_heads, text.intermediate_size) == (4096, 32, 32, 11008)
 
 
+def test_tokenpacker_on_a_tower_without_a_square_grid_is_refused_in_one_line():
+    """A Qwen-VL tower has no CLIP image size to give TokenPacker's counts: the bench's budgets for it
+    stop with one line, which the bench records as not run (``--family qwen2_vl`` crashed on it
+    before any round); other methods keep their budgets."""
+    import speed_methods
+    from tiny import tiny_qwen2_vl
+
+    options = speed_methods.MethodOptions(tiny_qwen2_vl())
+    assert options.budgets("fastv", [4, 8]) == [4, 8]
+    with pytest.raises(ValueError, match=r"tokenpacker packs a LLaVA tower's square patch grid; this "
+                                         r"Qwen2VLVisionConfig has none"):
+        options.budgets("tokenpacker", [4])
+
+
 def test_the_bench_times_tokenpacker_with_a_packer_whose_count_is_the_budget(model):
     """TokenPacker, a trained method, runs in the speed bench with a packer built for the model: the
     scale whose region count is the budget (4 x 4 patches: 4 regions at s=2, 16 at s=1 for keep-all),
