@@ -465,6 +465,14 @@ def fused_query_key(attn: nn.Module) -> tuple[FusedSlice, FusedSlice] | None:
     return FusedSlice(qkv, 0, queries), FusedSlice(qkv, queries, queries + keys)
 
 
+def query_key_projections(attn: nn.Module) -> tuple[nn.Module | FusedSlice, nn.Module | FusedSlice] | None:
+    """``(q_proj, k_proj)`` of an attention module: its own modules (Llama-style), the slices of its
+    fused ``qkv_proj`` (Phi-3), or None where it has neither."""
+    if has_separate_query_key(attn):
+        return attn.q_proj, attn.k_proj
+    return fused_query_key(attn)
+
+
 def attention_softcap(attn: nn.Module) -> float | None:
     """The cap ``c`` of an attention module that soft-caps its logits (``c * tanh(logits / c)``,
     Gemma2's ``attn_logit_softcapping``), or None."""
@@ -495,13 +503,10 @@ def attention_parts(attn: nn.Module) -> AttentionParts:
     scaling = getattr(attn, "scaling", None)
     if scaling is None:
         scaling = getattr(attn, "scale")
-    if has_separate_query_key(attn):
-        q_proj, k_proj = attn.q_proj, attn.k_proj
-    else:
-        fused = fused_query_key(attn)
-        if fused is None:
-            raise ValueError(f"{type(attn).__name__} has neither q_proj and k_proj nor a fused qkv_proj")
-        q_proj, k_proj = fused
+    projections = query_key_projections(attn)
+    if projections is None:
+        raise ValueError(f"{type(attn).__name__} has neither q_proj and k_proj nor a fused qkv_proj")
+    q_proj, k_proj = projections
     return AttentionParts(
         q_proj=q_proj, k_proj=k_proj, head_dim=attn.head_dim, scaling=float(scaling),
         q_norm=getattr(attn, "q_norm", None), k_norm=getattr(attn, "k_norm", None), softcap=attention_softcap(attn),

@@ -171,7 +171,7 @@ class VisionLanguageAdapter(VisionSite, Adapter):
                     "projector_rank, ZOO-Prune's exact estimator runs on any projector)")
         if signal.name in (signals.LLM_ATTENTION, signals.LLM_ATTENTION_OBSERVED):
             attention = compat.layer_attention(self.decoder_layers()[0])
-            if not compat.has_separate_query_key(attention) and compat.fused_query_key(attention) is None:
+            if compat.query_key_projections(attention) is None:
                 return (f"a {type(attention).__name__} with neither q_proj and k_proj nor a fused qkv_proj, "
                         "from which vtoken recomputes the attention rows")
         vision = self.vision_unavailable(signal)
