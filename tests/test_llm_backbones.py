@@ -251,9 +251,10 @@ def test_what_vtoken_cannot_recompute_in_the_llm_is_refused_at_wrap(method):
     # vtoken.methods() says LLaVA-1.5 runs the method, but not on such an LLM
     listed = {m["name"]: m for m in vtoken.methods()}[method]
     assert listed["families"]["LLaVA-1.5"] == "runs" and "Gemma3" in listed["limits"]["LLaVA-1.5"]
-    vtoken.wrap(model, "pool", keep=0.25)  # before the LLM: runs
+    vtoken.wrap(model, "pool", keep=0.25)  # before the LLM: runs, each image keeping a quarter of its 16 tokens
     with torch.no_grad():
         model(**_batch())
+    assert [[len(kept) for kept in sample.values()] for sample in vtoken.selection(model)] == [[4], [4]]
 
 
 def test_pool_is_refused_a_grid_missing_its_first_patch():
