@@ -315,6 +315,23 @@ def test_image_tokens_without_pixels_run_as_text_as_in_the_plain_model(family):
             assert torch.equal(model(**text).logits, plain)
 
 
+def _static_equals_dynamic(model, x) -> None:
+    """Under the pruning in force, generate's static cache gives what the dynamic cache gives, in the
+    first call and continued from the static cache it returned."""
+    dynamic = _generate(model, x)
+    assert torch.equal(_generate(model, x, cache_implementation="static"), dynamic)
+    suppress = [model.config.image_token_id, getattr(model.config, "video_token_id", model.config.image_token_id)]
+    # Room for the whole generation (generate's own static cache holds only its call's tokens).
+    static = StaticCache(config=model.config.get_text_config(), max_cache_len=x["input_ids"].shape[1] + STEPS)
+    first = model.generate(**x, max_new_tokens=STEPS // 2, do_sample=False, return_dict_in_generate=True,
+                           suppress_tokens=suppress, **compat.cache_kwargs(static))
+    new = first.sequences.shape[1] - x["input_ids"].shape[1]
+    mask = torch.cat([x["attention_mask"], torch.ones(first.sequences.shape[0], new, dtype=torch.long)], dim=1)
+    continued = model.generate(input_ids=first.sequences, attention_mask=mask, max_new_tokens=STEPS - new,
+                               do_sample=False, suppress_tokens=suppress, **compat.cache_kwargs(compat.output_cache(first)))
+    assert torch.equal(continued, dynamic)
+
+
 @pytest.mark.parametrize("method,family", cases(METHODS))
 def test_a_static_cache_equals_the_dynamic_cache(method, family):
     """A static cache's layers each write from their own count, so layers that hold fewer tokens after
@@ -325,34 +342,39 @@ def test_a_static_cache_equals_the_dynamic_cache(method, family):
     model = FAMILIES[family].make()
     x = FAMILIES[family].inputs(model)
     with vtoken.pruned(model, method, **_options(method)):
-        dynamic = _generate(model, x)
-        assert torch.equal(_generate(model, x, cache_implementation="static"), dynamic)
-        suppress = [model.config.image_token_id, getattr(model.config, "video_token_id", model.config.image_token_id)]
-        # Room for the whole generation (generate's own static cache holds only its call's tokens).
-        static = StaticCache(config=model.config.get_text_config(), max_cache_len=x["input_ids"].shape[1] + STEPS)
-        first = model.generate(**x, max_new_tokens=STEPS // 2, do_sample=False, return_dict_in_generate=True,
-                               suppress_tokens=suppress, **compat.cache_kwargs(static))
-        new = first.sequences.shape[1] - x["input_ids"].shape[1]
-        mask = torch.cat([x["attention_mask"], torch.ones(first.sequences.shape[0], new, dtype=torch.long)], dim=1)
-        continued = model.generate(input_ids=first.sequences, attention_mask=mask, max_new_tokens=STEPS - new,
-                                   do_sample=False, suppress_tokens=suppress, **compat.cache_kwargs(compat.output_cache(first)))
-        assert torch.equal(continued, dynamic)
+        _static_equals_dynamic(model, x)
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2"])
-def test_aif_over_a_static_cache_probes_and_refuses_eviction(family):
-    """AIF's next-token probe (one decoding step on the prefill's cache, then cut back) runs over a
-    static cache as over a dynamic one; evicting the hidden tokens (removing them from the middle of
-    the cached prefix) is refused in one line naming the fix, and the model still works."""
+def _prompt_cache_lengths(model, x, **extra) -> list[int]:
+    """How many tokens each layer of the cache holds after a one-token generate."""
+    out = model.generate(**x, max_new_tokens=1, do_sample=False, return_dict_in_generate=True, **extra)
+    cache = compat.output_cache(out)
+    return [compat.cache_layer_kv(cache, layer)[0].shape[2] for layer in range(compat.num_cache_layers(cache))]
+
+
+@pytest.mark.parametrize("options", [{"keep": 0.3, "query": "next"}, {"keep": 0.4, "mode": "evict"},
+                                     {"keep": 0.3, "mode": "evict", "query": "next", "layer": 1}])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_aif_over_a_static_cache_equals_the_dynamic_cache(family, options):
+    """AIF's next-token probe (one decoding step on the prefill's cache, then cut back) attends over
+    the slots a static cache has written, not its whole buffer (the unwritten slots' scores of 0 in
+    the softmax chose other tokens on Qwen2-VL); evicting the hidden tokens rewrites the kept ones to
+    each layer's first slots. The same selection, the same tokens, first call and continued, as over
+    a dynamic cache, and the evicted layers hold as few tokens."""
     model = FAMILIES[family].make()
     x = FAMILIES[family].inputs(model)
-    with vtoken.pruned(model, "aif", keep=0.4, query="next"):
-        assert torch.equal(_generate(model, x, cache_implementation="static"), _generate(model, x))
-    with vtoken.pruned(model, "aif", keep=0.4, mode="evict"):
-        dynamic = _generate(model, x)
-        with pytest.raises(ValueError, match=r"needs a DynamicCache \(it removes hidden tokens .*no cache_implementation such as 'static'"):
-            _generate(model, x, cache_implementation="static")
-        assert torch.equal(_generate(model, x), dynamic)
+    with vtoken.pruned(model, "aif", **options):
+        _generate(model, x)
+        dynamic = vtoken.selection(model)
+        _generate(model, x, cache_implementation="static")
+        static = vtoken.selection(model)
+        assert [sorted(s) for s in static] == [sorted(d) for d in dynamic]
+        assert all(torch.equal(s[k], d[k]) for s, d in zip(static, dynamic) for k in s)
+        _static_equals_dynamic(model, x)
+        held = _prompt_cache_lengths(model, x, cache_implementation="static")
+        assert held == _prompt_cache_lengths(model, x)
+    if options.get("mode") == "evict":
+        assert held[-1] < x["input_ids"].shape[1] + 1
 
 
 @pytest.mark.parametrize("method,options", [("random", {"keep": 1.0}), ("random", {"keep": 1.0, "site": "vision", "layer": 1}),

@@ -112,8 +112,16 @@ def is_dynamic_cache(cache) -> bool:
 
 
 def cache_layer_kv(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(keys, values)`` ``[B, H_kv, L, D]`` that ``cache`` holds for decoder ``layer``."""
+    """``(keys, values)`` ``[B, H_kv, L, D]`` of the L tokens ``cache`` holds for decoder ``layer``.
+    A plain static layer's buffers span all its slots; only its first ``get_seq_length()`` are
+    written (the rest are zeros or stale after a crop), so only those are returned: attention over
+    the whole buffer gave every unwritten slot a score of 0 in the softmax."""
+    from transformers.cache_utils import StaticLayer
+
     entry = cache.layers[layer]
+    if type(entry) is StaticLayer:
+        held = int(entry.get_seq_length())
+        return entry.keys[:, :, :held], entry.values[:, :, :held]
     return entry.keys, entry.values
 
 
@@ -142,13 +150,27 @@ def prompt_keys(cache, layer: int, length: int, device: torch.device) -> torch.T
 
 
 def set_cache_layer_kv(cache, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-    """Hand decoder ``layer`` of a growing cache these keys and values (``[B, H_kv, L, D]``). A
-    sliding-window layer (Gemma2's every other layer, Mistral's every layer) sizes its masks by the
-    count of tokens it has taken (``cumulative_length``), which then becomes the count it holds, as
-    its own ``crop`` sets it: left at the old count, the next step's mask was wider than its keys."""
-    from transformers.cache_utils import DynamicSlidingWindowLayer
+    """Hand decoder ``layer`` these keys and values (``[B, H_kv, L, D]``) as the tokens it holds.
+
+    A growing layer takes the tensors. A sliding-window one (Gemma2's every other layer, Mistral's
+    every layer) sizes its masks by the count of tokens it has taken (``cumulative_length``), which
+    then becomes the count it holds, as its own ``crop`` sets it: left at the old count, the next
+    step's mask was wider than its keys. A plain static layer keeps its buffers (their addresses are
+    static under torch.compile): the tokens are written into its first L slots and its count becomes
+    L, so the next token is written after them; the slots past L are stale until overwritten, and
+    masked, as after a crop."""
+    from transformers.cache_utils import DynamicSlidingWindowLayer, StaticLayer
 
     entry = cache.layers[layer]
+    if type(entry) is StaticLayer:
+        length, held = keys.shape[-2], int(entry.get_seq_length())
+        if length > held:
+            raise ValueError(f"a static cache layer holding {held} tokens cannot be handed {length}")
+        entry.keys[:, :, :length].copy_(keys)
+        entry.values[:, :, :length].copy_(values)
+        if held > length:
+            _crop_static_layer(entry, held - length)
+        return
     entry.keys, entry.values = keys, values
     if isinstance(entry, DynamicSlidingWindowLayer):
         entry.cumulative_length = keys.shape[-2]

@@ -9,7 +9,7 @@ Where state lives: the request's :class:`~vtoken.pruner.PruneRun` (attached to i
 prefill). Layers before the first pruning layer keep the full KV cache; each later group caches only
 its own slots, so decoding masks are sized per group from the group's layout. A static cache's layers
 each write from their own count too; its groups' masks span every slot, those not yet written masked
-(a mask stage's rerun as well; one that evicts needs a growing cache).
+(a mask stage's rerun as well; one that evicts rewrites the kept tokens to a layer's first slots).
 
 Positions: during decoding, the new tokens' position ids are the ones the unwrapped model would use
 (given by ``generate``, or counted from the original length), shifted per sample by the number of
@@ -153,24 +153,18 @@ class DecoderPruning:
             )
         inside = bool(self.pruner.stages_at("llm")) or self.pruner.mask is not None
         static = cache is not None and compat.is_static_cache(cache)
-        evicts = self.pruner.masking is not None and self.pruner.masking.evict
-        supported = compat.is_dynamic_cache(cache) or (static and not evicts)
-        if cache is not None and inside and not supported:
+        if cache is not None and inside and not (compat.is_dynamic_cache(cache) or static):
             # A static cache's layers each write from their own count, so layers holding fewer tokens
-            # after a stage, and a mask stage's rerun over a cropped prefix, are fine; removing tokens
-            # from the middle of a prefix (a mask stage that evicts), and caches of other kinds
-            # (sliding window, quantized), are not modelled.
-            if evicts:
-                needs, avoid = "a DynamicCache (it removes hidden tokens from the cached prefix)", "'static'"
-            else:
-                needs = "a DynamicCache or a StaticCache of plain static layers (layers hold different lengths)"
-                avoid = "'sliding_window', or 'static' on a model with sliding-window layers"
+            # after a stage, a mask stage's rerun over a cropped prefix and its eviction (the kept
+            # tokens rewritten to a layer's first slots, its count set: ``compat.set_cache_layer_kv``)
+            # are fine; caches of other kinds (sliding window, quantized) are not modelled.
             kinds = compat.cache_layer_kinds(cache)
             got = type(cache).__name__ + (f" of {', '.join(kinds)} layers" if kinds else "")
             raise ValueError(
-                f"{self.pruner.strategy.name} prunes or masks inside the LLM, which needs {needs}; got {got}. "
-                f"Use the default cache (no cache_implementation such as {avoid}), or a method that prunes before "
-                "the LLM."
+                f"{self.pruner.strategy.name} prunes or masks inside the LLM, which needs a DynamicCache or a "
+                f"StaticCache of plain static layers (layers hold different lengths); got {got}. Use the default "
+                "cache (no cache_implementation such as 'sliding_window', or 'static' on a model with "
+                "sliding-window layers), or a method that prunes before the LLM."
             )
         run.static_capacity = compat.cache_capacity(cache) if static else None
         window = compat.sliding_window(self.config)
