@@ -469,4 +469,19 @@ def check_seed(seed: int, family: str | None = None, method: str | None = None,
     options = draw_options(method, case, rng)
     if dtype is None:
         dtype = torch.bfloat16 if rng.random() < 0.15 else torch.float32
+    if method == "aif":
+        options.update(aif_reading(seed))
     return check_case(case, method, options, dtype)
+
+
+def aif_reading(seed: int) -> dict:
+    """AIF's query rows (its next-token probe, one decoding step on the prefill's cache) and its
+    reduction over heads, drawn for the case of ``seed`` from a stream of their own (``seed + 2``),
+    so every other draw of a seed, and the seeds campaigns name, stay what they were."""
+    rng = random.Random(seed + 2)
+    options = {}
+    if rng.random() < 0.3:
+        options["query"] = "next"
+    if rng.random() < 0.3:
+        options["heads"] = "mean"
+    return options

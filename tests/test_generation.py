@@ -174,6 +174,26 @@ def test_right_padding_scores_each_samples_last_real_token(method):
             assert all(torch.equal(single[k], batched[b][k]) for k in single), f"sample {b}"
 
 
+@pytest.mark.parametrize("family", list(MODELS))
+def test_aif_next_token_probe_follows_each_samples_last_real_token(family):
+    """AIF's next-token probe (``query="next"``: one greedy decoding step on the prefill's cache)
+    decodes from each sample's last prompt token, at that token's position plus one: in a
+    right-padded batch, where a pad holds the last slot, as in a left-padded one, every sample keeps
+    what it keeps alone (the probe read the last slot's hidden state: a pad's, under right padding)."""
+    make, inputs = MODELS[family]
+    model = make()
+    left = inputs(model)
+    with vtoken.pruned(model, "aif", keep=0.4, query="next"):
+        for side, x in (("left", left), ("right", right_padded(left))):
+            with torch.no_grad():
+                model(**x)
+            batched = vtoken.selection(model)
+            for b in range(x["input_ids"].shape[0]):
+                with torch.no_grad():
+                    model(**alone(x, b))
+                assert same_selections(vtoken.selection(model), batched[b : b + 1]), f"{side} padding, sample {b}"
+
+
 @pytest.mark.parametrize("method", ["fastv", "pool", "aif"])
 @pytest.mark.parametrize("family", list(MODELS))
 @pytest.mark.parametrize("mode", [dict(num_beams=2), dict(do_sample=True, num_return_sequences=2)])

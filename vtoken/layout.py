@@ -153,9 +153,22 @@ class SequenceLayout:
         """``[B, k]``: the position ids of each sample's last valid slot (every row of an M-RoPE form,
         ``k = 1`` for 1-D RoPE); zeros for a sample without one."""
         positions = self.position_ids if self.position_ids.dim() == 3 else self.position_ids[..., None]
-        slots = torch.arange(self.valid.shape[1], device=self.valid.device)
-        last = torch.where(self.valid.bool(), slots, -1).amax(dim=1).clamp(min=0)
+        last = self.last_slot(self.valid)
         return positions[torch.arange(positions.shape[0], device=last.device), last]
+
+    def prompt_slots(self, prompt_end: int | None) -> torch.Tensor:
+        """``[B, L]`` bool: the valid slots that belong to the prompt (original index before
+        ``prompt_end``; every valid slot when None). ``generate`` with an assistant feeds candidate
+        tokens with the prompt in its first forward: what reads the prompt must not read them."""
+        valid = self.valid.bool()
+        return valid if prompt_end is None else valid & (self.orig_index < prompt_end)
+
+    @staticmethod
+    def last_slot(mask: torch.Tensor) -> torch.Tensor:
+        """``[B]``: each row's last slot where ``mask`` (``[B, L]``) holds; 0 for a row where none does.
+        Under right padding that is not the last slot."""
+        slots = torch.arange(mask.shape[1], device=mask.device)
+        return torch.where(mask.bool(), slots, -1).amax(dim=1).clamp(min=0)
 
     def visual_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Visual slots grouped by image, for scoring.

@@ -407,7 +407,7 @@ class DecoderPruning:
         if query == "next" and run.side_pass == "next":
             keys, _ = compat.cache_layer_kv(compat.cache_from(kwargs), index)  # after this step's update
             extra = torch.ones(hidden.shape[0], keys.shape[2] - layout.length, dtype=torch.bool, device=hidden.device)
-            key_valid = torch.cat([layout.valid, extra], dim=1)
+            key_valid = torch.cat([layout.prompt_slots(run.prompt_end), extra], dim=1)  # as the probe's mask
             probs = llama_cached_attention_rows(module, hidden, cos_sin, keys, key_valid)[..., : layout.length]
             present = torch.ones(probs.shape[0], probs.shape[2], dtype=torch.bool, device=probs.device)
         elif query != "next" and run.side_pass is None:
@@ -450,16 +450,6 @@ def padding_from_4d_mask(mask: torch.Tensor, length: int) -> torch.Tensor:
     return allowed.long()
 
 
-def _query_candidates(layout, prompt_end: int | None) -> torch.Tensor:
-    """``[B, L]``: the valid slots that belong to the prompt (original index before ``prompt_end``;
-    every valid slot when None). ``generate`` with an assistant feeds candidate tokens with the
-    prompt in its first forward: scoring must read the prompt's rows, as in a plain prefill."""
-    valid = layout.valid.bool()
-    if prompt_end is None:
-        return valid
-    return valid & (layout.orig_index < prompt_end)
-
-
 def instruction_slots(layout, prompt_end: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sample, the slots of the valid text tokens after its last visual token (the question and
     the chat template's tail) within the prompt, as ``[B, Q]`` slot indices with a ``[B, Q]``
@@ -474,7 +464,7 @@ def _instruction_slots_batched(layout, prompt_end: int | None) -> tuple[torch.Te
     length = layout.length
     slots = torch.arange(length, device=layout.valid.device).expand_as(layout.valid)
     last_visual = torch.where(layout.image_index >= 0, slots, -1).max(dim=-1, keepdim=True).values
-    wanted = _query_candidates(layout, prompt_end) & (layout.image_index < 0) & (slots > last_visual) & (last_visual >= 0)
+    wanted = layout.prompt_slots(prompt_end) & (layout.image_index < 0) & (slots > last_visual) & (last_visual >= 0)
     count = wanted.sum(-1)
     width = max(int(count.max()), 1)
     order = torch.sort(torch.where(wanted, slots, length + slots), dim=-1).values[:, :width]
@@ -489,7 +479,7 @@ def _instruction_slots_of_one(layout, prompt_end: int | None) -> tuple[torch.Ten
     device = layout.valid.device
     visual = (layout.image_index[0] >= 0).nonzero()
     first = int(visual[-1, 0]) + 1 if visual.numel() else layout.length
-    found = _query_candidates(layout, prompt_end)[0, first:].nonzero()[:, 0] + first
+    found = layout.prompt_slots(prompt_end)[0, first:].nonzero()[:, 0] + first
     if found.numel() == 0:
         return (torch.full((1, 1), layout.length - 1, dtype=torch.long, device=device),
                 torch.zeros(1, 1, dtype=torch.bool, device=device))
@@ -559,9 +549,7 @@ def query_attention_rows(layer: nn.Module, hidden, cos_sin, layout, query: str, 
     zero for absent rows, and which rows are present (``keys``, ``rotated_keys``, ``normed``: see
     :func:`llama_attention_rows`)."""
     if query == "last":
-        slots = torch.arange(layout.length, device=hidden.device).expand_as(layout.valid)
-        candidates = _query_candidates(layout, prompt_end)
-        query_slots = torch.where(candidates, slots, -1).max(dim=-1, keepdim=True).values.clamp(min=0)
+        query_slots = layout.last_slot(layout.prompt_slots(prompt_end))[:, None]
         present = torch.ones(query_slots.shape, dtype=torch.bool, device=hidden.device)
         return llama_attention_rows(layer, hidden, cos_sin, query_slots, layout.valid, keys, rotated_keys, normed), present
     if query == "instruction":

@@ -222,15 +222,21 @@ class MaskStagePass:
 
     def _probe_next(self, run: PruneRun, layout, output, cache) -> None:
         """One greedy decoding step on the prefill's cache, so the observed layers see the next
-        token's attention; the cache is then cut back to the prompt."""
-        token = self.decoder.head(output.last_hidden_state[:, -1]).argmax(-1)
+        token's attention; the cache is then cut back to the prompt. Each sample's step follows its
+        last prompt token (its last valid slot before any candidates an assistant appended: under
+        right padding not the last slot) at that token's position plus one, and attends to the
+        prompt's slots alone, as the sample's first decoding step would."""
+        prompt = layout.prompt_slots(run.prompt_end)
+        last = layout.last_slot(prompt)
+        rows = torch.arange(prompt.shape[0], device=prompt.device)
+        token = self.decoder.head(output.last_hidden_state[rows, last]).argmax(-1)
         embeds = self.decoder.lm.get_input_embeddings()(token)[:, None]
-        positions = positions_out(layout.position_ids[:, -1:] + 1)
-        ones = torch.ones_like(layout.valid[:, :1])
+        positions = positions_out(layout.position_ids[rows, last][:, None] + 1)
+        ones = torch.ones_like(prompt[:, :1])
         run.side_pass = "next"
         try:
             self.decoder.lm.forward(
-                inputs_embeds=embeds, attention_mask=torch.cat([layout.valid, ones], dim=1).long(),
+                inputs_embeds=embeds, attention_mask=torch.cat([prompt, ones], dim=1).long(),
                 position_ids=positions, use_cache=True, **compat.cache_kwargs(cache),
             )
         finally:
