@@ -469,19 +469,55 @@ def check_seed(seed: int, family: str | None = None, method: str | None = None,
     options = draw_options(method, case, rng)
     if dtype is None:
         dtype = torch.bfloat16 if rng.random() < 0.15 else torch.float32
-    if method == "aif":
-        options.update(aif_reading(seed))
+    options.update(method_switches(method, seed))
     return check_case(case, method, options, dtype)
 
 
-def aif_reading(seed: int) -> dict:
-    """AIF's query rows (its next-token probe, one decoding step on the prefill's cache) and its
-    reduction over heads, drawn for the case of ``seed`` from a stream of their own (``seed + 2``),
-    so every other draw of a seed, and the seeds campaigns name, stay what they were."""
+def method_switches(method: str, seed: int) -> dict:
+    """A method's own switches beyond its sites and budget (the paper's variants and the official
+    code's, each an option), drawn for the case of ``seed`` from a stream of their own (``seed + 2``),
+    so every other draw of a seed, and the seeds campaigns name, stay what they were. Each switch is
+    left at its default most of the time."""
     rng = random.Random(seed + 2)
-    options = {}
-    if rng.random() < 0.3:
-        options["query"] = "next"
-    if rng.random() < 0.3:
-        options["heads"] = "mean"
+    options: dict = {}
+    if method == "aif":  # (drawn first, as when AIF's were the only ones: its seeds keep their cases)
+        if rng.random() < 0.3:
+            options["query"] = "next"
+        if rng.random() < 0.3:
+            options["heads"] = "mean"
+    elif method == "fastv":
+        if rng.random() < 0.3:
+            options["score_layer"] = "current"
+    elif method == "repshift":
+        if rng.random() < 0.3:
+            options["operation"] = rng.choice(["attention", "block"])
+        if rng.random() < 0.3:
+            options["distance"] = rng.choice(["l1", "cos"])
+        if rng.random() < 0.2:
+            options["shift"] = "residual"
+        if rng.random() < 0.2:
+            options["merge_weight"] = "size"
+    elif method == "tome":
+        if rng.random() < 0.3:
+            options["proportional_attention"] = False
+    elif method == "transprune":
+        if rng.random() < 0.3:
+            options["alpha"] = rng.choice([0.0, 0.25, 1.0])
+        if rng.random() < 0.3:
+            options["rounding"] = "round"
+    elif method == "vflowopt":
+        if rng.random() < 0.3:
+            options["relevance"] = "sum"
+        if rng.random() < 0.3:
+            options["recycle"] = False
+        if rng.random() < 0.3:
+            options["alpha"] = 0.5
+    elif method == "visionzip":
+        if rng.random() < 0.3:
+            options["dominant_share"] = rng.choice([0.5, 0.9])
+    elif method == "zoo_prune":
+        if rng.random() < 0.3:
+            options["precision"] = rng.choice(["float32", "float16"])
+        if rng.random() < 0.2:
+            options["projector_rank"] = rng.choice([2, 8])
     return options
