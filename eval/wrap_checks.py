@@ -473,51 +473,30 @@ def check_seed(seed: int, family: str | None = None, method: str | None = None,
     return check_case(case, method, options, dtype)
 
 
+#: Each method's own switches beyond its sites and budget (the paper's variants and the official
+#: code's): ``(option, chance of drawing it, the values drawn among)``, in the order they are drawn.
+#: AIF's come first, as when they were the only ones: its seeds keep their cases.
+METHOD_SWITCHES: dict[str, list[tuple[str, float, tuple]]] = {
+    "aif": [("query", 0.3, ("next",)), ("heads", 0.3, ("mean",))],
+    "fastv": [("score_layer", 0.3, ("current",))],
+    "repshift": [("operation", 0.3, ("attention", "block")), ("distance", 0.3, ("l1", "cos")),
+                 ("shift", 0.2, ("residual",)), ("merge_weight", 0.2, ("size",))],
+    "tome": [("proportional_attention", 0.3, (False,))],
+    "transprune": [("alpha", 0.3, (0.0, 0.25, 1.0)), ("rounding", 0.3, ("round",))],
+    "vflowopt": [("relevance", 0.3, ("sum",)), ("recycle", 0.3, (False,)), ("alpha", 0.3, (0.5,))],
+    "visionzip": [("dominant_share", 0.3, (0.5, 0.9))],
+    "zoo_prune": [("precision", 0.3, ("float32", "float16")), ("projector_rank", 0.2, (2, 8))],
+}
+
+
 def method_switches(method: str, seed: int) -> dict:
-    """A method's own switches beyond its sites and budget (the paper's variants and the official
-    code's, each an option), drawn for the case of ``seed`` from a stream of their own (``seed + 2``),
-    so every other draw of a seed, and the seeds campaigns name, stay what they were. Each switch is
+    """``METHOD_SWITCHES`` drawn for the case of ``seed`` from a stream of their own (``seed + 2``),
+    so every other draw of a seed, and the seeds campaigns name, stay what they were; each switch is
     left at its default most of the time."""
     rng = random.Random(seed + 2)
     options: dict = {}
-    if method == "aif":  # (drawn first, as when AIF's were the only ones: its seeds keep their cases)
-        if rng.random() < 0.3:
-            options["query"] = "next"
-        if rng.random() < 0.3:
-            options["heads"] = "mean"
-    elif method == "fastv":
-        if rng.random() < 0.3:
-            options["score_layer"] = "current"
-    elif method == "repshift":
-        if rng.random() < 0.3:
-            options["operation"] = rng.choice(["attention", "block"])
-        if rng.random() < 0.3:
-            options["distance"] = rng.choice(["l1", "cos"])
-        if rng.random() < 0.2:
-            options["shift"] = "residual"
-        if rng.random() < 0.2:
-            options["merge_weight"] = "size"
-    elif method == "tome":
-        if rng.random() < 0.3:
-            options["proportional_attention"] = False
-    elif method == "transprune":
-        if rng.random() < 0.3:
-            options["alpha"] = rng.choice([0.0, 0.25, 1.0])
-        if rng.random() < 0.3:
-            options["rounding"] = "round"
-    elif method == "vflowopt":
-        if rng.random() < 0.3:
-            options["relevance"] = "sum"
-        if rng.random() < 0.3:
-            options["recycle"] = False
-        if rng.random() < 0.3:
-            options["alpha"] = 0.5
-    elif method == "visionzip":
-        if rng.random() < 0.3:
-            options["dominant_share"] = rng.choice([0.5, 0.9])
-    elif method == "zoo_prune":
-        if rng.random() < 0.3:
-            options["precision"] = rng.choice(["float32", "float16"])
-        if rng.random() < 0.2:
-            options["projector_rank"] = rng.choice([2, 8])
+    for name, chance, values in METHOD_SWITCHES.get(method, []):
+        if rng.random() < chance:
+            # (one value is taken as it is: a choice among one would still draw from the stream)
+            options[name] = values[0] if len(values) == 1 else rng.choice(values)
     return options
