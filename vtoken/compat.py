@@ -116,10 +116,8 @@ def cache_layer_kv(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     A plain static layer's buffers span all its slots; only its first ``get_seq_length()`` are
     written (the rest are zeros or stale after a crop), so only those are returned: attention over
     the whole buffer gave every unwritten slot a score of 0 in the softmax."""
-    from transformers.cache_utils import StaticLayer
-
     entry = cache.layers[layer]
-    if type(entry) is StaticLayer:
+    if _is_plain_static_layer(entry):
         held = int(entry.get_seq_length())
         return entry.keys[:, :, :held], entry.values[:, :, :held]
     return entry.keys, entry.values
@@ -159,10 +157,10 @@ def set_cache_layer_kv(cache, layer: int, keys: torch.Tensor, values: torch.Tens
     static under torch.compile): the tokens are written into its first L slots and its count becomes
     L, so the next token is written after them; the slots past L are stale until overwritten, and
     masked, as after a crop."""
-    from transformers.cache_utils import DynamicSlidingWindowLayer, StaticLayer
+    from transformers.cache_utils import DynamicSlidingWindowLayer
 
     entry = cache.layers[layer]
-    if type(entry) is StaticLayer:
+    if _is_plain_static_layer(entry):
         length, held = keys.shape[-2], int(entry.get_seq_length())
         if length > held:
             raise ValueError(f"a static cache layer holding {held} tokens cannot be handed {length}")
@@ -200,10 +198,16 @@ def is_static_cache(cache) -> bool:
     """Whether every layer of ``cache`` is a plain static layer (fixed slots, written one after the
     other from its own count: layers may hold different numbers of tokens). Sliding-window and
     indexed static layers are not."""
+    layers = getattr(cache, "layers", None) or []
+    return bool(layers) and all(_is_plain_static_layer(layer) for layer in layers)
+
+
+def _is_plain_static_layer(entry) -> bool:
+    """A plain static cache layer (fixed slots, written one after the other from its own count), not
+    a subclass (sliding-window, indexed) that writes elsewhere."""
     from transformers.cache_utils import StaticLayer
 
-    layers = getattr(cache, "layers", None) or []
-    return bool(layers) and all(type(layer) is StaticLayer for layer in layers)
+    return type(entry) is StaticLayer
 
 
 def cache_layer_kinds(cache) -> list[str]:
