@@ -150,7 +150,7 @@ def test_compiled_equals_eager_with_keys_handed_over():
 # A layer that has run leaves its keys (after its key norm and rotary embedding) in the cache: FastV's
 # score at K from layer K-1's attention and AIF's probe of every layer read them there instead of
 # projecting every token's key a second time. Where the cache cannot be trusted to hold exactly them
-# (none, a static or sliding-window layer, a stage that changed the layer's input) the keys are
+# (none, a sliding-window layer that has cut tokens, a stage that changed the layer's input) the keys are
 # projected as before.
 
 
@@ -201,6 +201,31 @@ def test_attention_scored_on_the_cached_keys_is_the_projected_keys(method, famil
     assert sum(map(len, rows)) + len(cached) == sum(map(len, plain_rows))
 
 
+@pytest.mark.parametrize("method,family", [("fastv", "llava"), ("aif", "qwen2"), ("fastv", "onevision"), ("aif", "qwen3")])
+def test_attention_scored_under_a_static_cache_reads_its_written_keys(method, family, monkeypatch):
+    """A plain static cache holds the prompt's keys in its first slots: scoring reads them there (no
+    second projection) and gets the projected keys' rows and the same kept tokens; a read of the
+    whole buffer (its empty tail as keys) would give other rows."""
+    from transformers.cache_utils import StaticCache
+
+    model = FAMILIES[family].make()
+    x = FAMILIES[family].inputs(model)
+    config = model.config.get_text_config()
+
+    def static():
+        return {"past_key_values": StaticCache(config=config, max_cache_len=x["input_ids"].shape[1] + 24)}
+
+    logits, cached, rows = _scored_attention(model, x, method, {"keep": 0.3}, True, monkeypatch, **static())
+    plain_logits, projected, plain_rows = _scored_attention(model, x, method, {"keep": 0.3}, False, monkeypatch,
+                                                            **static())
+    assert cached and all(used for _, used in cached)
+    assert not any(used for _, used in projected)
+    for (a, _), (b, _) in zip(cached, projected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert torch.equal(logits, plain_logits)
+    assert sum(map(len, rows)) + len(cached) == sum(map(len, plain_rows))
+
+
 def test_fastv_without_a_cache_projects_the_keys(monkeypatch):
     model = FAMILIES["llava"].make()
     x = FAMILIES["llava"].inputs(model)
@@ -224,7 +249,10 @@ def test_prompt_keys_trusts_only_a_layer_holding_every_prompt_key():
     assert compat.prompt_keys(None, 0, 7, keys.device) is None
     static = StaticCache(config=config, max_cache_len=16)
     static.update(keys, keys.clone(), 0, {"cache_position": torch.arange(7)})
-    assert compat.prompt_keys(static, 0, 7, keys.device) is None  # 16 slots, the tail empty
+    # 16 slots, the first 7 written: those are its keys, never the empty tail
+    assert torch.equal(compat.prompt_keys(static, 0, 7, keys.device), keys)
+    assert torch.equal(compat.prompt_keys(static, 0, 3, keys.device), keys[:, :, 4:])
+    assert compat.prompt_keys(static, 0, 8, keys.device) is None
     # A sliding-window layer (Mistral's): trusted while the prompt is within its window, not once it cut.
     from transformers.cache_utils import DynamicSlidingWindowLayer
 

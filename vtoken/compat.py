@@ -126,10 +126,11 @@ def cache_layer_kv(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
 def prompt_keys(cache, layer: int, length: int, device: torch.device) -> torch.Tensor | None:
     """The keys ``[B, H_kv, length, D]`` (as the layer's attention used them: after its key norm and
     rotary embedding) of the last ``length`` tokens ``cache`` holds for decoder ``layer``, or None
-    where they may not be those: a layer of another kind than the plain growing one (sliding window,
-    quantized, static, indexed), fewer tokens held, or keys offloaded to another device. A sliding-window
-    layer that has dropped nothing yet (a prompt within its window: Mistral's 4096) holds them as a
-    growing one does."""
+    where they may not be those: a layer of another kind than the plain growing one and the plain
+    static one (sliding window, quantized, indexed), fewer tokens held, or keys offloaded to another
+    device. A sliding-window layer that has dropped nothing yet (a prompt within its window:
+    Mistral's 4096) holds them as a growing one does; a plain static layer holds them in its first
+    ``get_seq_length()`` slots (:func:`cache_layer_kv`), the tokens it has been given in order."""
     from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
     entry = cache.layers[layer] if cache is not None and layer < len(getattr(cache, "layers", ())) else None
@@ -139,9 +140,9 @@ def prompt_keys(cache, layer: int, length: int, device: torch.device) -> torch.T
         held = getattr(entry.keys, "shape", (0, 0, -1))[2]
         if getattr(entry, "cumulative_length", None) != held:  # it has cut its oldest tokens
             return None
-    elif type(entry) is not DynamicLayer:
+    elif type(entry) is not DynamicLayer and not _is_plain_static_layer(entry):
         return None
-    keys = entry.keys
+    keys = cache_layer_kv(cache, layer)[0]
     if not isinstance(keys, torch.Tensor) or keys.dim() != 4 or keys.shape[2] < length or keys.device != device:
         return None
     return keys[:, :, keys.shape[2] - length:]
