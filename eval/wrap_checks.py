@@ -238,7 +238,7 @@ class _Checker:
 
     # --- the checks -----------------------------------------------------------------------------
     def keep_all(self) -> None:
-        options = {k: v for k, v in self.options.items() if k not in ("keep", "keep_tokens", "stages", "ratio")}
+        options = {k: v for k, v in self.options.items() if k not in ("keep", "keep_tokens", "stages", "ratio", "r")}
         if not self.wrap("keep all: wrap", keep=1.0, **options):
             return
         try:
@@ -470,6 +470,7 @@ def check_seed(seed: int, family: str | None = None, method: str | None = None,
     if dtype is None:
         dtype = torch.bfloat16 if rng.random() < 0.15 else torch.float32
     options.update(method_switches(method, seed))
+    options = method_structure(method, case, options, seed)
     return check_case(case, method, options, dtype)
 
 
@@ -499,4 +500,56 @@ def method_switches(method: str, seed: int) -> dict:
         if rng.random() < chance:
             # (one value is taken as it is: a choice among one would still draw from the stream)
             options[name] = values[0] if len(values) == 1 else rng.choice(values)
+    return options
+
+
+def method_structure(method: str, case: RandomCase, options: dict, seed: int) -> dict:
+    """``options`` with a method's own layer choices and schedule drawn for ``case``'s model, from a
+    stream of their own (``seed + 3``, so every other draw of a seed stays what it was), each left
+    at its default most of the time:
+
+    - ToMe: ``r`` instead of a budget (a constant, one value per vision layer, or ``(r, -1)``: the
+      paper's decreasing schedule);
+    - TransPrune: ``prune_layers`` with non-increasing ``keep_ratios`` (its progressive schedule;
+      the budget replaces the last ratio), and ``accumulate_layers``;
+    - VFlowOpt: ``llm_layers`` (none, one or two) and ``vision_layer``;
+    - VisionZip: ``vision_layer`` where it scores at the projector;
+    - ZOO-Prune: a ``chunk_size`` that cuts the perturbed copies into uneven blocks.
+
+    A stage's layers that the drawn ones make impossible are refused by the method in one line (a
+    refusal, not a failure), as a user's would be."""
+    rng = random.Random(seed + 3)
+    options = dict(options)
+    depth = case.drawn["text"].layers
+    vision_layers = case.drawn["vision_layers"]
+    if method == "tome" and rng.random() < 0.4:
+        for budget in ("keep", "keep_tokens"):
+            options.pop(budget, None)
+        kind = rng.choice(["constant", "per layer", "decreasing"])
+        if kind == "constant":
+            options["r"] = rng.randint(1, 4)
+        elif kind == "per layer":
+            options["r"] = [rng.randint(0, 3) for _ in range(vision_layers)]
+        else:
+            options["r"] = (rng.randint(1, 4), -1.0)
+    elif method == "transprune" and "stages" not in options and depth >= 2:
+        if rng.random() < 0.35:
+            count = rng.randint(1, min(3, depth - 1))
+            layers = sorted(rng.sample(range(1, depth), count))
+            options["prune_layers"] = layers
+            options["keep_ratios"] = sorted((rng.choice([1.0, 0.9, 0.75, 0.5, 0.3]) for _ in layers), reverse=True)
+            if rng.random() < 0.3:  # the accumulation span: any layers before the last stage, the first one's included
+                first, last = layers[0], layers[-1]
+                span = sorted({rng.randint(0, first - 1)} | {rng.randint(0, last - 1) for _ in range(2)})
+                options["accumulate_layers"] = span
+    elif method == "vflowopt" and rng.random() < 0.35:
+        if rng.random() < 0.6:
+            wanted = rng.randint(0, min(2, depth - 1))
+            options["llm_layers"] = sorted(rng.sample(range(1, depth), wanted))
+        if rng.random() < 0.5:
+            options["vision_layer"] = rng.randint(0, vision_layers - 1)
+    elif method == "visionzip" and options.get("site") != "vision" and rng.random() < 0.3:
+        options["vision_layer"] = rng.randint(0, vision_layers - 1)
+    elif method == "zoo_prune" and rng.random() < 0.35:
+        options["chunk_size"] = rng.choice([2, 3, 7, 64])
     return options
