@@ -78,8 +78,8 @@ MUTATIONS = (
              "torch.where(total[..., 0] > 0, entropy, 0.0)",
              ("tests/test_parity_aif.py", "tests/test_aif.py")),
     Mutation("FastV: the last slot of a padded row scores, not the last real token", "vtoken/adapters/hf_decoder.py",
-             "query_slots = torch.where(candidates, slots, -1).max(dim=-1, keepdim=True).values.clamp(min=0)",
-             "query_slots = slots.max(dim=-1, keepdim=True).values.clamp(min=0)",
+             "query_slots = layout.last_slot(layout.prompt_slots(prompt_end))[:, None]",
+             "query_slots = layout.last_slot(torch.ones_like(layout.valid, dtype=torch.bool))[:, None]",
              ("tests/test_parity_fastv.py", "tests/test_generation.py::-k right_padding")),
     Mutation("FastV: heads combined by max instead of mean", "vtoken/strategies/fastv.py",
              "return probs.mean(dim=1)[:, 0]", "return probs.amax(dim=1)[:, 0]",
@@ -321,6 +321,17 @@ MUTATIONS = (
     Mutation("TokenPacker: region count rounded down at a ragged edge", "vtoken/packer.py",
              "return -(-height // self.scale) * -(-width // self.scale)", "return (height // self.scale) * (width // self.scale)",
              ("tests/test_tokenpacker.py", "tests/test_parity_tokenpacker.py")),
+    Mutation("Static cache: a layer's keys and values read over its whole buffer, unwritten slots too",
+             "vtoken/compat.py", "return entry.keys[:, :, :held], entry.values[:, :, :held]",
+             "return entry.keys, entry.values",
+             ("tests/test_key_reuse.py", "tests/test_still_the_model.py::-k static")),
+    Mutation("Static cache: scoring reads the prompt's keys from the end of the buffer, not its written slots",
+             "vtoken/compat.py", "    keys = cache_layer_kv(cache, layer)[0]\n", "    keys = entry.keys\n",
+             ("tests/test_key_reuse.py",)),
+    Mutation("AIF: the next-token probe decodes from each row's last slot, not its last prompt token",
+             "vtoken/adapters/mask_stage.py", "        last = layout.last_slot(prompt)\n",
+             "        last = layout.last_slot(torch.ones_like(prompt))\n",
+             ("tests/test_generation.py::-k next_token_probe",)),
 )
 
 
