@@ -10,6 +10,9 @@ either equals the model's own or is refused in one line, the model left as it wa
   attention logits are recomputed as the model computes them: the attention rows equal the eager map,
   keep-all equals the plain model, FastV keeps what the eager map ranks first, and pruned generation
   with a cache equals greedy decoding without one.
+- Under a static cache no longer than the window, sliding-window layers write from their own count as
+  plain static layers do: every in-LLM method equals the dynamic cache there; a static cache longer
+  than the window (sliding layers with fewer slots) is refused in one line.
 - Gemma3's per-layer-type rotary embeddings are refused at wrap for the methods that would rebuild
   them.
 """
@@ -18,8 +21,10 @@ import pytest
 import torch
 import transformers
 from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers.cache_utils import StaticCache
 
 import vtoken
+from vtoken import compat
 from tiny import IMAGE_TOKEN, PAD, left_pad
 
 TEXT = dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
@@ -228,16 +233,66 @@ def test_aif_evicting_from_sliding_window_cache_layers_decodes_as_without_a_cach
     assert torch.equal(cached, uncached)
 
 
-def test_a_static_cache_with_sliding_window_layers_is_refused_naming_them():
-    """Gemma2 under cache_implementation="static": every other layer of its StaticCache is a sliding
-    window one, which an in-LLM stage does not model; the one line names those layers (it said
-    "needs a StaticCache, got StaticCache")."""
-    model = _gemma2()
-    with vtoken.pruned(model, "fastv", keep=0.25):
-        with pytest.raises(ValueError, match=r"got StaticCache of .*StaticSlidingWindowLayer.* layers\. Use the "
-                                             r"default cache .*'static' on a model with sliding-window layers") as error:
-            model.generate(**_batch(), max_new_tokens=2, do_sample=False, cache_implementation="static")
+def _layer_lengths(cache) -> list[int]:
+    return [compat.cache_layer_kv(cache, layer)[0].shape[2] for layer in range(compat.num_cache_layers(cache))]
+
+
+STATIC_STEPS = 6
+
+
+@pytest.mark.parametrize("method,options", [("fastv", {"keep": 0.25}), ("transprune", {"keep": 0.25}),
+                                            ("aif", {"keep": 0.4, "mode": "evict"}), ("aif", {"keep": 0.4, "query": "next"}),
+                                            ("random", {"keep": 0.5, "site": "llm", "layer": 1})])
+@pytest.mark.parametrize("make", [lambda: _llava(_sliding("mistral", window=4096)), _gemma2], ids=["mistral", "gemma2"])
+def test_a_static_cache_with_sliding_window_layers_equals_the_dynamic_cache(make, method, options):
+    """Under a static cache no longer than the window, a sliding-window layer (every layer of
+    Mistral's, every other of Gemma2's) writes its tokens one after the other from its own count, as a
+    plain static layer does: an in-LLM stage runs over it (it was refused). generate's static cache
+    gives the dynamic cache's tokens, so does a StaticCache continued from, and each layer holds as many
+    tokens as the dynamic cache's (AIF's eviction rewrote the kept ones to its first slots)."""
+    model = make()
+    x = _batch()
+    length = x["input_ids"].shape[1]
+    kwargs = dict(do_sample=False, suppress_tokens=[IMAGE_TOKEN])
+    with vtoken.pruned(model, method, **options):
+        dynamic = model.generate(**x, max_new_tokens=STATIC_STEPS, return_dict_in_generate=True, **kwargs)
+        static = model.generate(**x, max_new_tokens=STATIC_STEPS, cache_implementation="static",
+                                return_dict_in_generate=True, **kwargs)
+        assert torch.equal(static.sequences, dynamic.sequences)
+        assert _layer_lengths(compat.output_cache(static)) == _layer_lengths(compat.output_cache(dynamic))
+        cache = StaticCache(config=model.config.get_text_config(), max_cache_len=length + STATIC_STEPS)
+        kinds = {type(layer).__name__ for layer in cache.layers}
+        assert "StaticSlidingWindowLayer" in kinds
+        first = model.generate(**x, max_new_tokens=STATIC_STEPS // 2, return_dict_in_generate=True,
+                               **compat.cache_kwargs(cache), **kwargs)
+        new = first.sequences.shape[1] - length
+        mask = torch.cat([x["attention_mask"], torch.ones(first.sequences.shape[0], new, dtype=torch.long)], dim=1)
+        continued = model.generate(input_ids=first.sequences, attention_mask=mask, max_new_tokens=STATIC_STEPS - new,
+                                   **compat.cache_kwargs(compat.output_cache(first)), **kwargs)
+        assert torch.equal(continued, dynamic.sequences)
+
+
+def test_a_static_cache_longer_than_the_sliding_window_is_refused_naming_its_slots():
+    """Gemma2 under a StaticCache longer than its window: its sliding-window layers hold fewer slots
+    than its full-attention ones and size their masks by them, which an in-LLM stage does not model;
+    the one line names the layers and their slots, and the model is left as it was."""
+    model = _llava(transformers.Gemma2Config(**TEXT, head_dim=16, query_pre_attn_scalar=4, sliding_window=30),
+                   attn="eager")
+    x = _batch()
+    with torch.no_grad():
+        plain = model(**x).logits  # (transformers adds its own hooks on a first forward)
+    before = _state(model)
+    cache = StaticCache(config=model.config.get_text_config(), max_cache_len=40)
+    vtoken.wrap(model, "fastv", keep=0.25)
+    with pytest.raises(ValueError, match=r"got StaticCache of .*StaticSlidingWindowLayer.* layers holding 30 and 40 "
+                                         r"slots\. Use the default cache, a static cache no longer than the sliding "
+                                         r"window") as error:
+        model.generate(**x, max_new_tokens=2, do_sample=False, **compat.cache_kwargs(cache))
     assert "\n" not in str(error.value)
+    vtoken.unwrap(model)
+    assert _unchanged(model, before)
+    with torch.no_grad():
+        assert torch.equal(model(**x).logits, plain)
 
 
 @pytest.mark.parametrize("method", ["fastv", "transprune", "aif"])

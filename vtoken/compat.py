@@ -113,11 +113,11 @@ def is_dynamic_cache(cache) -> bool:
 
 def cache_layer_kv(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(keys, values)`` ``[B, H_kv, L, D]`` of the L tokens ``cache`` holds for decoder ``layer``.
-    A plain static layer's buffers span all its slots; only its first ``get_seq_length()`` are
-    written (the rest are zeros or stale after a crop), so only those are returned: attention over
-    the whole buffer gave every unwritten slot a score of 0 in the softmax."""
+    A static layer's buffers span all its slots; only its first ``get_seq_length()`` are written
+    (the rest are zeros or stale after a crop), so only those are returned: attention over the whole
+    buffer gave every unwritten slot a score of 0 in the softmax."""
     entry = cache.layers[layer]
-    if _is_plain_static_layer(entry):
+    if _is_slotted_static_layer(entry):
         held = int(entry.get_seq_length())
         return entry.keys[:, :, :held], entry.values[:, :, :held]
     return entry.keys, entry.values
@@ -126,11 +126,12 @@ def cache_layer_kv(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
 def prompt_keys(cache, layer: int, length: int, device: torch.device) -> torch.Tensor | None:
     """The keys ``[B, H_kv, length, D]`` (as the layer's attention used them: after its key norm and
     rotary embedding) of the last ``length`` tokens ``cache`` holds for decoder ``layer``, or None
-    where they may not be those: a layer of another kind than the plain growing one and the plain
-    static one (sliding window, quantized, indexed), fewer tokens held, or keys offloaded to another
-    device. A sliding-window layer that has dropped nothing yet (a prompt within its window:
-    Mistral's 4096) holds them as a growing one does; a plain static layer holds them in its first
-    ``get_seq_length()`` slots (:func:`cache_layer_kv`), the tokens it has been given in order."""
+    where they may not be those: a layer of another kind than the growing and the static ones
+    (quantized, indexed), fewer tokens held, or keys offloaded to another device. A sliding-window
+    layer that has dropped nothing yet (a prompt within its window: Mistral's 4096) holds them as a
+    growing one does; a static layer holds them in its first ``get_seq_length()`` slots
+    (:func:`cache_layer_kv`), the tokens it has been given in order, a sliding-window one until it
+    has taken more than its slots (:func:`_is_slotted_static_layer`)."""
     from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
     entry = cache.layers[layer] if cache is not None and layer < len(getattr(cache, "layers", ())) else None
@@ -140,7 +141,7 @@ def prompt_keys(cache, layer: int, length: int, device: torch.device) -> torch.T
         held = getattr(entry.keys, "shape", (0, 0, -1))[2]
         if getattr(entry, "cumulative_length", None) != held:  # it has cut its oldest tokens
             return None
-    elif type(entry) is not DynamicLayer and not _is_plain_static_layer(entry):
+    elif type(entry) is not DynamicLayer and not _is_slotted_static_layer(entry):
         return None
     keys = cache_layer_kv(cache, layer)[0]
     if not isinstance(keys, torch.Tensor) or keys.dim() != 4 or keys.shape[2] < length or keys.device != device:
@@ -154,14 +155,14 @@ def set_cache_layer_kv(cache, layer: int, keys: torch.Tensor, values: torch.Tens
     A growing layer takes the tensors. A sliding-window one (Gemma2's every other layer, Mistral's
     every layer) sizes its masks by the count of tokens it has taken (``cumulative_length``), which
     then becomes the count it holds, as its own ``crop`` sets it: left at the old count, the next
-    step's mask was wider than its keys. A plain static layer keeps its buffers (their addresses are
-    static under torch.compile): the tokens are written into its first L slots and its count becomes
-    L, so the next token is written after them; the slots past L are stale until overwritten, and
-    masked, as after a crop."""
+    step's mask was wider than its keys. A static layer (:func:`_is_slotted_static_layer`) keeps its
+    buffers (their addresses are static under torch.compile): the tokens are written into its first L
+    slots and its counts become L, so the next token is written after them; the slots past L are
+    stale until overwritten, and masked, as after a crop."""
     from transformers.cache_utils import DynamicSlidingWindowLayer
 
     entry = cache.layers[layer]
-    if _is_plain_static_layer(entry):
+    if _is_slotted_static_layer(entry):
         length, held = keys.shape[-2], int(entry.get_seq_length())
         if length > held:
             raise ValueError(f"a static cache layer holding {held} tokens cannot be handed {length}")
@@ -196,19 +197,27 @@ def num_cache_layers(cache) -> int:
 
 
 def is_static_cache(cache) -> bool:
-    """Whether every layer of ``cache`` is a plain static layer (fixed slots, written one after the
-    other from its own count: layers may hold different numbers of tokens). Sliding-window and
-    indexed static layers are not."""
+    """Whether every layer of ``cache`` is a static layer that writes its tokens one after the other
+    from its own count (:func:`_is_slotted_static_layer`: layers may hold different numbers of
+    tokens), all with the same number of slots. A sliding-window layer with fewer slots than the
+    others (a cache longer than the window) sizes its masks by its own slots, not the cache's."""
     layers = getattr(cache, "layers", None) or []
-    return bool(layers) and all(_is_plain_static_layer(layer) for layer in layers)
+    return (bool(layers) and all(_is_slotted_static_layer(layer) for layer in layers)
+            and len({layer.max_cache_len for layer in layers}) == 1)
 
 
-def _is_plain_static_layer(entry) -> bool:
-    """A plain static cache layer (fixed slots, written one after the other from its own count), not
-    a subclass (sliding-window, indexed) that writes elsewhere."""
-    from transformers.cache_utils import StaticLayer
+def _is_slotted_static_layer(entry) -> bool:
+    """A static cache layer whose first ``get_seq_length()`` slots hold its tokens in order, written
+    one after the other from its own count: a plain ``StaticLayer``, or a ``StaticSlidingWindowLayer``
+    (Mistral's every layer, Gemma2's every other one under a static cache) that has not taken more
+    tokens than its slots (it writes as a plain one until then, and rolls its oldest tokens out
+    after; vtoken's in-LLM stages refuse a sequence longer than the window). Not an indexed or other
+    subclass that writes elsewhere."""
+    from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
 
-    return type(entry) is StaticLayer
+    if type(entry) is StaticLayer:
+        return True
+    return type(entry) is StaticSlidingWindowLayer and int(entry.get_seq_length()) <= entry.max_cache_len
 
 
 def cache_layer_kinds(cache) -> list[str]:

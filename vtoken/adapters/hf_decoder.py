@@ -157,14 +157,18 @@ class DecoderPruning:
             # A static cache's layers each write from their own count, so layers holding fewer tokens
             # after a stage, a mask stage's rerun over a cropped prefix and its eviction (the kept
             # tokens rewritten to a layer's first slots, its count set: ``compat.set_cache_layer_kv``)
-            # are fine; caches of other kinds (sliding window, quantized) are not modelled.
+            # are fine, sliding-window static layers too while they have as many slots as the others
+            # (the cache no longer than the window, which the check below holds the sequence to);
+            # caches of other kinds (quantized, offloaded to another device) are not modelled.
             kinds = compat.cache_layer_kinds(cache)
-            got = type(cache).__name__ + (f" of {', '.join(kinds)} layers" if kinds else "")
+            slots = sorted({getattr(layer, "max_cache_len", None) for layer in cache.layers} - {None})
+            got = (type(cache).__name__ + (f" of {', '.join(kinds)} layers" if kinds else "")
+                   + (f" holding {' and '.join(map(str, slots))} slots" if len(slots) > 1 else ""))
             raise ValueError(
                 f"{self.pruner.strategy.name} prunes or masks inside the LLM, which needs a DynamicCache or a "
-                f"StaticCache of plain static layers (layers hold different lengths); got {got}. Use the default "
-                "cache (no cache_implementation such as 'sliding_window', or 'static' on a model with "
-                "sliding-window layers), or a method that prunes before the LLM."
+                f"StaticCache whose layers all hold the same number of slots (static layers, sliding-window ones "
+                f"with max_cache_len within the window); got {got}. Use the default cache, a static cache no "
+                "longer than the sliding window, or a method that prunes before the LLM."
             )
         run.static_capacity = compat.cache_capacity(cache) if static else None
         window = compat.sliding_window(self.config)
