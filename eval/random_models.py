@@ -125,10 +125,12 @@ def build_model(family: str, rng: random.Random) -> tuple[nn.Module, dict]:
 
 
 def _llama_like(pick: float, text: TextShape):
-    """A Llama-style LLM config: Llama mostly, Phi-3 (one fused qkv_proj, sometimes partial rotary)
-    or Gemma2 (logits soft-capped or not, extra norms, sliding-window layer types). Drawn from a
-    stream of its own seeded by ``pick``, so the draws after it, and the cases of seeds that keep
-    Llama, are what they were before Phi-3 and Gemma2 were drawn."""
+    """A Llama-style LLM config: Llama mostly, Phi-3 (one fused qkv_proj, sometimes partial rotary),
+    Gemma2 (logits soft-capped or not, extra norms, sliding-window layer types) or Mistral (a sliding
+    window on every layer: 4096, or 32, shorter than many prompts: in-LLM methods then refuse it in
+    one line, the others run past it). Drawn from a stream of its own seeded by ``pick``, so the draws
+    after it, and the cases of seeds that keep Llama, are what they were before the others were drawn
+    (Mistral took a tenth of Llama's)."""
     import transformers as tf
 
     own = random.Random(pick)
@@ -138,6 +140,8 @@ def _llama_like(pick: float, text: TextShape):
     if backbone < 0.3:
         return tf.Gemma2Config(**text.common(), head_dim=text.head_dim, query_pre_attn_scalar=text.head_dim,
                                attn_logit_softcapping=own.choice([None, 2.0, 50.0]))
+    if backbone < 0.37:
+        return tf.MistralConfig(**text.common(), head_dim=text.head_dim, sliding_window=own.choice([4096, 32]))
     return tf.LlamaConfig(**text.common())
 
 

@@ -112,6 +112,30 @@ def test_methods_before_the_llm_run_past_the_sliding_window(method):
     assert torch.equal(cached, uncached)
 
 
+@pytest.mark.parametrize("method", ["pool", "random", "zoo_prune"])
+@pytest.mark.parametrize("text", ["mistral-8", "mistral-16", "gemma2-8"])
+def test_methods_before_the_llm_under_a_static_cache_past_the_sliding_window_equal_the_dynamic_cache(text, method):
+    """A prompt longer than the window under a static cache: generate hands the LLM a 4-D sliding mask
+    whose last row no longer sees the prompt's first tokens, which were read as padding (other tokens
+    than the dynamic cache's), and the pruned prompt's mask was cut to a sliding layer's slots when it
+    was longer (the newest columns dropped). The pruned prompt shorter than the window (16) or longer
+    (8), every layer sliding (Mistral) or every other one (Gemma2): static equals dynamic equals no
+    cache, and at keep-all static equals the plain model's."""
+    kind, window = text.split("-")
+    config = (transformers.MistralConfig(**TEXT, sliding_window=int(window)) if kind == "mistral" else
+              transformers.Gemma2Config(**TEXT, head_dim=16, query_pre_attn_scalar=4, sliding_window=int(window)))
+    model = _llava(config, attn="sdpa" if kind == "mistral" else "eager")
+    x = _batch()
+    kwargs = dict(max_new_tokens=4, do_sample=False, suppress_tokens=[IMAGE_TOKEN])
+    plain = model.generate(**x, cache_implementation="static", **kwargs)
+    with vtoken.pruned(model, method, keep=1.0):
+        assert torch.equal(model.generate(**x, cache_implementation="static", **kwargs), plain)
+    with vtoken.pruned(model, method, keep=0.25):
+        dynamic = model.generate(**x, **kwargs)
+        assert torch.equal(model.generate(**x, cache_implementation="static", **kwargs), dynamic)
+        assert torch.equal(model.generate(**x, use_cache=False, **kwargs), dynamic)
+
+
 def _phi3(attn: str = "sdpa"):
     # Half of each head rotated (partial_rotary_factor): the rest passes unrotated.
     return _llava(transformers.Phi3Config(**TEXT, partial_rotary_factor=0.5), attn=attn)

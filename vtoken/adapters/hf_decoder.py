@@ -187,10 +187,13 @@ class DecoderPruning:
         if run.prefill and self.masking is not None:
             changed = self.masking.prepare_prefill(run, kwargs) or changed
         capacity = compat.cache_capacity(cache) if cache is not None else None
-        if changed and capacity is not None:
+        padding = kwargs.get("attention_mask") if changed else None
+        if capacity is not None and padding is not None and padding.shape[1] < capacity:
             # A static cache holds ``capacity`` slots, written one after the other: slots not yet
-            # written (the pruned prompt is shorter than the positions say) must be masked out.
-            padding = kwargs["attention_mask"]
+            # written (the pruned prompt is shorter than the positions say) must be masked out. A
+            # sequence longer than a sliding-window layer's slots (its oldest tokens rolled out) keeps
+            # its whole mask: the layer reads it by the tokens' own indices (cropping it to the slots
+            # dropped the newest tokens' columns).
             kwargs["attention_mask"] = torch.nn.functional.pad(padding, (0, capacity - padding.shape[1]))
         return (args, kwargs) if changed else None
 
@@ -447,11 +450,17 @@ class DecoderPruning:
 
 
 def padding_from_4d_mask(mask: torch.Tensor, length: int) -> torch.Tensor:
-    """``[B, length]`` long: the keys the last query row of a ``[B, 1, Q, K]`` mask may attend to
-    (bool: True allowed; float: 0 allowed), i.e. the 2-D padding mask it was built from."""
-    row = mask[:, 0, -1, :length]
-    allowed = row if row.dtype == torch.bool else row == 0
-    return allowed.long()
+    """``[B, length]`` long: the 2-D padding mask a prefill's ``[B, 1, Q, K]`` mask (bool: True
+    allowed; float: 0 allowed) was built from: the keys its last query row may attend to, and each
+    key its own query row attends to (every real token attends to itself, a pad is masked in every
+    row). The last row alone misses the real tokens a sliding window (Mistral's, Gemma2's under a
+    static cache) has already left behind: a prompt longer than the window read them as padding."""
+    allowed = mask[:, 0] if mask.dtype == torch.bool else mask[:, 0] == 0
+    padding = allowed[:, -1, :length]
+    if allowed.shape[1] >= length:  # query row i is key i (a prefill from an empty cache)
+        index = torch.arange(length, device=mask.device)
+        padding = padding | allowed[:, index, index]
+    return padding.long()
 
 
 def instruction_slots(layout, prompt_end: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
