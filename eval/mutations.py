@@ -333,7 +333,7 @@ MUTATIONS = (
              "        last = layout.last_slot(torch.ones_like(prompt))\n",
              ("tests/test_generation.py::-k next_token_probe",)),
     Mutation("Static cache: a prefill's 4-D mask read for padding by its last row alone (a sliding window's misses early tokens)",
-             "vtoken/adapters/hf_decoder.py", "        padding = padding | allowed[:, index, index]\n", "        pass\n",
+             "vtoken/adapters/hf_decoder.py", "        padding = padding | allowed(mask[:, 0, index, index])\n", "        pass\n",
              ("tests/test_llm_backbones.py::-k past_the_sliding_window_equal",)),
     Mutation("Static cache: a pruned mask longer than a sliding layer's slots cut to them",
              "vtoken/adapters/hf_decoder.py",

@@ -455,11 +455,13 @@ def padding_from_4d_mask(mask: torch.Tensor, length: int) -> torch.Tensor:
     key its own query row attends to (every real token attends to itself, a pad is masked in every
     row). The last row alone misses the real tokens a sliding window (Mistral's, Gemma2's under a
     static cache) has already left behind: a prompt longer than the window read them as padding."""
-    allowed = mask[:, 0] if mask.dtype == torch.bool else mask[:, 0] == 0
-    padding = allowed[:, -1, :length]
-    if allowed.shape[1] >= length:  # query row i is key i (a prefill from an empty cache)
+    def allowed(entries: torch.Tensor) -> torch.Tensor:  # read entry by entry: no [B, Q, K] copy
+        return entries if entries.dtype == torch.bool else entries == 0
+
+    padding = allowed(mask[:, 0, -1, :length])
+    if mask.shape[2] >= length:  # query row i is key i (a prefill from an empty cache)
         index = torch.arange(length, device=mask.device)
-        padding = padding | allowed[:, index, index]
+        padding = padding | allowed(mask[:, 0, index, index])
     return padding.long()
 
 
