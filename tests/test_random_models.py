@@ -99,3 +99,19 @@ def test_aif_evicting_reads_a_right_padded_prompts_logits_and_labels_at_its_own_
     torch.testing.assert_close(picked, full[torch.arange(len(last)), last[:, 0]], rtol=0, atol=0)
     expected = F.cross_entropy(full[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
     torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_a_tie_between_two_calls_is_one_kept_token_swapped_per_stage():
+    """``wrap_checks._tie``, the rule that excuses a generate mode whose logits differ from greedy's:
+    the two calls' selections differ, and only by one kept token swapped for another per stage of a
+    sample; equal selections (the logits must then agree), two swaps or another count are no tie."""
+    from wrap_checks import _tie
+
+    def sel(*rows):
+        return [{"llm:1": torch.tensor(r)} for r in rows]
+
+    assert _tie(sel([1, 2, 3], [4, 5]), sel([1, 2, 7], [4, 5]))
+    assert not _tie(sel([1, 2, 3], [4, 5]), sel([1, 2, 3], [4, 5]))
+    assert not _tie(sel([1, 2, 3], [4, 5]), sel([1, 6, 7], [4, 5]))
+    assert not _tie(sel([1, 2, 3], [4, 5]), sel([1, 2], [4, 5]))
+    assert not _tie(sel([1, 2, 3]), sel([1, 2, 7], [4, 5]))

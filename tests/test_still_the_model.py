@@ -377,6 +377,34 @@ def test_aif_over_a_static_cache_equals_the_dynamic_cache(family, options):
         assert held[-1] < x["input_ids"].shape[1] + 1
 
 
+@pytest.mark.parametrize("options", [{"keep": 0.3, "query": "next"}, {"keep": 0.3, "mode": "evict", "query": "next", "layer": 1}])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_aif_probes_the_next_token_over_a_static_cache_with_no_slot_left(family, options):
+    """A static cache sized to the prompt has no slot for AIF's next-token probe: a fresh model's
+    ``generate(max_new_tokens=1, cache_implementation="static")`` (generate sizes its cache to
+    ``max_length - 1``) and a ``StaticCache`` of exactly the prompt's length in a forward. The probe
+    steps over a copy of what the cache holds (the index_copy_ past the last slot raised an
+    IndexError): the dynamic cache's tokens and logits, the same selection, and the static cache holds
+    the dynamic one's keys and values."""
+    model = FAMILIES[family].make()
+    x = FAMILIES[family].inputs(model)
+    length = x["input_ids"].shape[1]
+    with torch.no_grad(), vtoken.pruned(model, "aif", **options):
+        one = dict(max_new_tokens=1, do_sample=False, suppress_tokens=[model.config.image_token_id])
+        assert torch.equal(model.generate(**x, cache_implementation="static", **one), model.generate(**x, **one))
+        dynamic = model(**x, use_cache=True)
+        selection = vtoken.selection(model)
+        static_cache = StaticCache(config=model.config.get_text_config(), max_cache_len=length)
+        static = model(**x, use_cache=True, **compat.cache_kwargs(static_cache))
+        assert [sorted(s) for s in vtoken.selection(model)] == [sorted(s) for s in selection]
+        assert all(torch.equal(a[k], b[k]) for a, b in zip(vtoken.selection(model), selection) for k in a)
+    torch.testing.assert_close(static.logits, dynamic.logits, rtol=0, atol=1e-5)
+    grown = compat.output_cache(dynamic)
+    for layer in range(compat.num_cache_layers(grown)):
+        for ours, theirs in zip(compat.cache_layer_kv(static_cache, layer), compat.cache_layer_kv(grown, layer)):
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("method,options", [("random", {"keep": 1.0}), ("random", {"keep": 1.0, "site": "vision", "layer": 1}),
                                             ("tome", {"keep": 1.0})])  # ToMe at keep 1: a wrap with no stage
 @pytest.mark.parametrize("family", list(FAMILIES))

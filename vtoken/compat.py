@@ -232,6 +232,24 @@ def cache_capacity(cache) -> int | None:
     return getattr(layers[0], "max_cache_len", None) if layers else None
 
 
+def static_cache_free_slots(cache) -> int:
+    """The slots a static cache (:func:`is_static_cache`) has left before its fullest layer is full:
+    ``generate(max_new_tokens=1, cache_implementation="static")`` sizes it to the prompt (its
+    ``max_length - 1``), so none; one more write there raises ``index_copy_``'s IndexError."""
+    return int(cache_capacity(cache)) - max(int(layer.get_seq_length()) for layer in cache.layers)
+
+
+def dynamic_cache_holding(cache, config):
+    """A new growing cache (``config``'s layer types) holding what ``cache`` holds, layer by layer
+    (:func:`cache_layer_kv`: a static layer's written slots), for a side pass that must not write
+    into ``cache``: its updates go into the copy's own tensors and ``cache`` is left as it was."""
+    copy = new_dynamic_cache(config)
+    for layer in range(num_cache_layers(cache)):
+        keys, values = cache_layer_kv(cache, layer)
+        copy.update(keys, values, layer)
+    return copy
+
+
 def full_attention_mask(mask):
     """The mask of the full-attention layers when a model hands its layers one per layer type (a
     dict, as Qwen2 does under a static cache), else ``mask``."""
@@ -528,8 +546,49 @@ def rotary_needs_layer_type(language_model: nn.Module) -> bool:
     return "layer_type" in parameters and parameters["layer_type"].default is inspect.Parameter.empty
 
 
+def is_post_norm_layer(layer: nn.Module) -> bool:
+    """Whether a decoder layer normalises its attention's and MLP's outputs instead of their inputs
+    (OLMo2: ``post_attention_layernorm`` and ``post_feedforward_layernorm``, no ``input_layernorm``):
+    its attention reads the hidden state itself."""
+    return (getattr(layer, "input_layernorm", None) is None
+            and all(isinstance(getattr(layer, name, None), nn.Module)
+                    for name in ("post_attention_layernorm", "post_feedforward_layernorm")))
+
+
+def has_input_norm(layer: nn.Module) -> bool:
+    """Whether a decoder layer normalises its input before its attention (``input_layernorm``)."""
+    return isinstance(getattr(layer, "input_layernorm", None), nn.Module)
+
+
 def decoder_input_norm(layer: nn.Module) -> nn.Module:
-    return layer.input_layernorm
+    """What a decoder layer's attention reads of the layer's input: its ``input_layernorm``, or the
+    input itself (an identity) for a post-norm layer (:func:`is_post_norm_layer`)."""
+    if has_input_norm(layer):
+        return layer.input_layernorm
+    if is_post_norm_layer(layer):
+        return nn.Identity()
+    raise ValueError(
+        f"{type(layer).__name__} has no input_layernorm and is not a post-norm layer (OLMo2's), so vtoken "
+        "cannot tell what its attention reads; use a method that does not recompute the LLM's attention"
+    )
+
+
+def norm_before_head_split(norm: nn.Module, head_dim: int) -> bool:
+    """Whether an attention module's query or key norm normalises the whole projection before it is
+    split into heads (OLMo2: an RMSNorm over ``heads * head_dim``) rather than each head after the
+    split (Qwen3: over ``head_dim``; Cohere: a LayerNorm of shape ``(heads, head_dim)``), read off the
+    norm's weight as each modeling file builds it."""
+    weight = getattr(norm, "weight", None)
+    return isinstance(weight, torch.Tensor) and weight.dim() == 1 and weight.shape[0] != head_dim
+
+
+def decoder_rotary_function(attn: nn.Module):
+    """``apply_rotary_pos_emb(q, k, cos, sin)`` of the modeling file an LLM attention module comes
+    from (transformers writes one per model: Llama's rotate-half convention in most, interleaved pairs
+    in Cohere's and GLM's), or None where that file has none."""
+    import sys
+
+    return getattr(sys.modules.get(type(attn).__module__), "apply_rotary_pos_emb", None)
 
 
 def attention_parts(attn: nn.Module) -> AttentionParts:
@@ -543,10 +602,25 @@ def attention_parts(attn: nn.Module) -> AttentionParts:
     if projections is None:
         raise ValueError(f"{type(attn).__name__} has neither q_proj and k_proj nor a fused qkv_proj")
     q_proj, k_proj = projections
+    q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+    if q_norm is None and getattr(attn, "qk_layernorm", False):  # StableLM: a LayerNorm per head
+        q_norm, k_norm = HeadsFirst(attn.q_layernorm), HeadsFirst(attn.k_layernorm)
     return AttentionParts(
         q_proj=q_proj, k_proj=k_proj, head_dim=attn.head_dim, scaling=float(scaling),
-        q_norm=getattr(attn, "q_norm", None), k_norm=getattr(attn, "k_norm", None), softcap=attention_softcap(attn),
+        q_norm=q_norm, k_norm=k_norm, softcap=attention_softcap(attn),
     )
+
+
+@dataclass(frozen=True)
+class HeadsFirst:
+    """A per-head norm that takes ``[B, heads, L, head_dim]`` (StableLM's ``q_layernorm`` /
+    ``k_layernorm``, applied after the heads are moved first), called on ``[B, L, heads, head_dim]``
+    as :class:`AttentionParts` norms are."""
+
+    norm: nn.Module
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.transpose(1, 2)).transpose(1, 2)
 
 
 def rotary_cos_sin(language_model: nn.Module, hidden: torch.Tensor, positions: torch.Tensor):

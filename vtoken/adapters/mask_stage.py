@@ -222,7 +222,8 @@ class MaskStagePass:
 
     def _probe_next(self, run: PruneRun, layout, output, cache) -> None:
         """One greedy decoding step on the prefill's cache, so the observed layers see the next
-        token's attention; the cache is then cut back to the prompt. Each sample's step follows its
+        token's attention; the cache is then cut back to the prompt (a static cache with no slot left is
+        not written: the step runs over a copy). Each sample's step follows its
         last prompt token (its last valid slot before any candidates an assistant appended: under
         right padding not the last slot) at that token's position plus one, and attends to the
         prompt's slots alone, as the sample's first decoding step would."""
@@ -233,15 +234,20 @@ class MaskStagePass:
         embeds = self.decoder.lm.get_input_embeddings()(token)[:, None]
         positions = positions_out(layout.position_ids[rows, last][:, None] + 1)
         ones = torch.ones_like(prompt[:, :1])
+        # A static cache sized to the prompt has no slot for the step: it runs over a growing copy of
+        # what the cache holds (the same keys and values), and nothing is written into the cache.
+        full = compat.is_static_cache(cache) and compat.static_cache_free_slots(cache) < 1
+        step_cache = compat.dynamic_cache_holding(cache, self.decoder.config) if full else cache
         run.side_pass = "next"
         try:
             self.decoder.lm.forward(
                 inputs_embeds=embeds, attention_mask=torch.cat([prompt, ones], dim=1).long(),
-                position_ids=positions, use_cache=True, **compat.cache_kwargs(cache),
+                position_ids=positions, use_cache=True, **compat.cache_kwargs(step_cache),
             )
         finally:
             run.side_pass = None
-        compat.crop_cache(cache, -1)
+        if not full:
+            compat.crop_cache(cache, -1)
 
     def _recompute(self, run: PruneRun, kwargs, output, cache, layout, masked, start: int):
         """Rerun the LLM on slots ``start..`` over the prefix's cache, no text query attending to a
