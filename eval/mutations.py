@@ -340,6 +340,18 @@ MUTATIONS = (
              "if capacity is not None and padding is not None and padding.shape[1] < capacity:",
              "if capacity is not None and padding is not None:",
              ("tests/test_llm_backbones.py::-k past_the_sliding_window_equal",)),
+    Mutation("Scoring rows: every LLM rotated with the rotate-half convention (Cohere's and GLM's pairs are interleaved)",
+             "vtoken/adapters/hf_decoder.py", "    if function is None or _rotates_as_llama(function):\n",
+             "    if True:\n", ("tests/test_llm_backbones.py::-k eager_map",)),
+    Mutation("Scoring rows: q/k norms always per head (OLMo2's normalise the whole projection first)",
+             "vtoken/adapters/hf_decoder.py", "    if norm is not None and compat.norm_before_head_split(norm, head_dim):\n",
+             "    if False:\n", ("tests/test_llm_backbones.py::-k eager_map",)),
+    Mutation("Scoring rows: StableLM's per-head q/k LayerNorms left out", "vtoken/compat.py",
+             '    if q_norm is None and getattr(attn, "qk_layernorm", False):', "    if False:",
+             ("tests/test_llm_backbones.py::-k eager_map",)),
+    Mutation("AIF: next-token probe written into a static cache with no slot left", "vtoken/adapters/mask_stage.py",
+             "        full = compat.is_static_cache(cache) and compat.static_cache_free_slots(cache) < 1\n",
+             "        full = False\n", ("tests/test_still_the_model.py::-k no_slot_left",)),
 )
 
 

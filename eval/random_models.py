@@ -126,9 +126,9 @@ def build_model(family: str, rng: random.Random) -> tuple[nn.Module, dict]:
 
 def _llama_like(pick: float, text: TextShape):
     """A Llama-style LLM config: Llama mostly, Phi-3 (one fused qkv_proj, sometimes partial rotary),
-    Gemma2 (logits soft-capped or not, extra norms, sliding-window layer types) or Mistral (a sliding
+    Gemma2 (logits soft-capped or not, extra norms, sliding-window layer types), Mistral (a sliding
     window on every layer: 4096, or 32, shorter than many prompts: in-LLM methods then refuse it in
-    one line, the others run past it). Drawn from a stream of its own seeded by ``pick``, so the draws
+    one line, the others run past it) or one of :data:`OTHER_LLMS`. Drawn from a stream of its own seeded by ``pick``, so the draws
     after it, and the cases of seeds that keep Llama, are what they were before the others were drawn
     (Mistral took a tenth of Llama's)."""
     import transformers as tf
@@ -142,7 +142,41 @@ def _llama_like(pick: float, text: TextShape):
                                attn_logit_softcapping=own.choice([None, 2.0, 50.0]))
     if backbone < 0.37:
         return tf.MistralConfig(**text.common(), head_dim=text.head_dim, sliding_window=own.choice([4096, 32]))
+    if backbone < 0.52:
+        return _other_llm(own.choice(OTHER_LLMS), text, own)
     return tf.LlamaConfig(**text.common())
+
+
+#: LLMs that make their attention their own way, each drawn in a seventh of the cases that were
+#: Llama's before them (``backbone`` 0.37 to 0.52): post-norm layers with q/k norms over the whole
+#: projection (OLMo2), rotary on interleaved pairs (Cohere, GLM: partial), per-head LayerNorms taken
+#: with the heads first (StableLM), multipliers for the embeddings, residuals, softmax scale and
+#: logits (Granite, as IBM's LLaVA-NeXT Granite Vision), per-head q/k norms (Qwen3), a scaled
+#: embedding (Gemma).
+OTHER_LLMS = ("olmo2", "cohere", "glm", "stablelm", "granite", "qwen3", "gemma")
+
+
+def _other_llm(kind: str, text: TextShape, own: random.Random):
+    import transformers as tf
+
+    common = text.common()
+    if kind == "olmo2":
+        return tf.Olmo2Config(**common)
+    if kind == "cohere":
+        return tf.CohereConfig(**common, use_qk_norm=own.random() < 0.5, logit_scale=own.choice([1.0, 0.0625]))
+    if kind == "glm":
+        return tf.GlmConfig(**common, head_dim=text.head_dim, partial_rotary_factor=own.choice([0.5, 1.0]))
+    if kind == "stablelm":
+        return tf.StableLmConfig(**common, partial_rotary_factor=own.choice([0.25, 1.0]),
+                                 qk_layernorm=own.random() < 0.5, use_parallel_residual=own.random() < 0.5)
+    if kind == "granite":
+        return tf.GraniteConfig(**common, embedding_multiplier=own.choice([1.0, 12.0]),
+                                residual_multiplier=own.choice([1.0, 0.22]),
+                                attention_multiplier=own.choice([text.head_dim ** -0.5, 0.015625]),
+                                logits_scaling=own.choice([1.0, 8.0]))
+    if kind == "qwen3":
+        return tf.Qwen3Config(**common, head_dim=text.head_dim)
+    return tf.GemmaConfig(**common, head_dim=text.head_dim)
 
 
 def _llava(family: str, text: TextShape, rng: random.Random) -> tuple[nn.Module, dict]:

@@ -151,24 +151,73 @@ def _gemma3():
     return _llava(transformers.Gemma3TextConfig(**TEXT, head_dim=16, sliding_window=512))
 
 
-RECOMPUTED = {"phi3": _phi3, "gemma2": _gemma2}
+def _olmo2(attn: str = "sdpa"):
+    # Post-norm layers (no input norm) and q/k RMSNorms over the whole projection, before the heads.
+    return _llava(transformers.Olmo2Config(**TEXT), attn=attn)
+
+
+def _cohere(attn: str = "sdpa"):
+    # Rotary on interleaved pairs (x[0::2], x[1::2]); a LayerNorm of shape (heads, head_dim) on q and k.
+    return _llava(transformers.CohereConfig(**TEXT, use_qk_norm=True), attn=attn)
+
+
+def _glm(attn: str = "sdpa"):
+    # Interleaved rotary on half of each head.
+    return _llava(transformers.GlmConfig(**TEXT, head_dim=16, partial_rotary_factor=0.5), attn=attn)
+
+
+def _stablelm(attn: str = "sdpa"):
+    # A LayerNorm per head on q and k, applied with the heads first; a quarter of each head rotated.
+    return _llava(transformers.StableLmConfig(**TEXT, qk_layernorm=True, partial_rotary_factor=0.25), attn=attn)
+
+
+def _granite(attn: str = "sdpa"):
+    # The softmax scale is the config's attention_multiplier, not head_dim ** -0.5.
+    return _llava(transformers.GraniteConfig(**TEXT, attention_multiplier=0.3, embedding_multiplier=4.0,
+                                             residual_multiplier=0.5, logits_scaling=2.0), attn=attn)
+
+
+def _qwen3(attn: str = "sdpa"):
+    # q/k RMSNorms per head.
+    return _llava(transformers.Qwen3Config(**TEXT, head_dim=16), attn=attn)
+
+
+RECOMPUTED = {"phi3": _phi3, "gemma2": _gemma2, "olmo2": _olmo2, "cohere": _cohere, "glm": _glm,
+              "stablelm": _stablelm, "granite": _granite, "qwen3": _qwen3}
+
+
+def _what_it_recomputes(name: str, layer) -> bool:
+    """Each backbone's own way of making its attention, which the test of its rows is about."""
+    from vtoken.adapters.hf_decoder import apply_rotary, rotary_of
+
+    attention = compat.layer_attention(layer)
+    parts = compat.attention_parts(attention)
+    return {
+        "phi3": lambda: not compat.has_separate_query_key(attention),
+        "gemma2": lambda: parts.softcap == 2.0,  # the logits must reach the cap
+        "olmo2": lambda: compat.is_post_norm_layer(layer) and compat.norm_before_head_split(parts.q_norm, parts.head_dim),
+        "cohere": lambda: rotary_of(attention) is not apply_rotary and parts.q_norm is not None,
+        "glm": lambda: rotary_of(attention) is not apply_rotary,
+        "stablelm": lambda: isinstance(parts.q_norm, compat.HeadsFirst),
+        "granite": lambda: parts.scaling == 0.3,
+        "qwen3": lambda: parts.q_norm is not None and not compat.norm_before_head_split(parts.q_norm, parts.head_dim),
+    }[name]()
 
 
 @pytest.mark.parametrize("name", list(RECOMPUTED))
 def test_attention_rows_of_fused_and_soft_capped_attention_equal_the_eager_map(name):
-    """The rows FastV, TransPrune and AIF recompute beside the layer: a fused qkv_proj's query and key
-    columns with partial rotary (Phi-3), logits soft-capped before the mask (Gemma2), against the
-    model's own eager attention probabilities, on a left-padded batch."""
-    from vtoken import compat
+    """The rows FastV, TransPrune and AIF recompute beside the layer, against the model's own eager
+    attention probabilities, on a left-padded batch: a fused qkv_proj's query and key columns with
+    partial rotary (Phi-3), logits soft-capped before the mask (Gemma2), a post-norm layer with q/k
+    norms over the whole projection (OLMo2), interleaved rotary pairs (Cohere, GLM), per-head
+    LayerNorms taken with the heads first (StableLM), a scale from the config (Granite), per-head q/k
+    norms (Qwen3)."""
     from vtoken.adapters.hf_decoder import llama_attention_rows
 
     model = RECOMPUTED[name](attn="eager")
     lm = model.model.language_model
     attention = compat.layer_attention(lm.layers[1])
-    if name == "gemma2":  # the cap is what this test is about: the logits must reach it
-        assert compat.attention_parts(attention).softcap == 2.0
-    else:
-        assert not compat.has_separate_query_key(attention)
+    assert _what_it_recomputes(name, lm.layers[1])
     x = _batch()
     inputs = []
     handle = lm.layers[1].register_forward_pre_hook(
@@ -334,6 +383,22 @@ def test_what_vtoken_cannot_recompute_in_the_llm_is_refused_at_wrap(method):
     with torch.no_grad():
         model(**_batch())
     assert [[len(kept) for kept in sample.values()] for sample in vtoken.selection(model)] == [[4], [4]]
+
+
+@pytest.mark.parametrize("method", ["fastv", "transprune", "aif"])
+def test_a_decoder_layer_whose_attention_input_vtoken_cannot_tell_is_refused_at_wrap(method):
+    """A layer with no ``input_layernorm`` that is not OLMo2's post-norm kind: what its attention
+    reads is unknown, so the methods that recompute it are refused in one line, the model unchanged
+    (OLMo2's layers run: ``test_attention_rows_of_fused_and_soft_capped_attention_equal_the_eager_map``)."""
+    model = _llava(transformers.LlamaConfig(**TEXT))
+    for layer in model.model.language_model.layers:
+        layer.norm_before_attention = layer.input_layernorm
+        del layer.input_layernorm
+    before = _state(model)
+    with pytest.raises(ValueError, match="no input_layernorm") as error:
+        vtoken.wrap(model, method)
+    assert "\n" not in str(error.value)
+    assert _unchanged(model, before)
 
 
 def test_pool_is_refused_a_grid_missing_its_first_patch():

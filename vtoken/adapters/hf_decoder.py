@@ -21,7 +21,7 @@ Mask stages (``Strategy.mask_stage``, attention modulation as AIF) run through t
 
 from __future__ import annotations
 
-from functools import partial
+from functools import lru_cache, partial
 from typing import Callable
 
 import torch
@@ -59,6 +59,45 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     out[..., :half].sub_(x2 * sin[..., :half])
     out[..., half:].add_(x1 * sin[..., half:])
     return out
+
+
+@lru_cache(maxsize=None)
+def _rotates_as_llama(function: Callable) -> bool:
+    """Whether a modeling file's ``apply_rotary_pos_emb(q, k, cos, sin)`` gives what
+    :func:`apply_rotary` gives (transformers' Llama convention, ``rotate_half(x) = cat(-x2, x1)``).
+    Cohere's and GLM's rotate interleaved pairs (``x[0::2]``, ``x[1::2]``, their cos and sin repeated
+    per pair), which the fast path would rotate wrongly. Both conventions are linear in ``x``,
+    ``cos`` and ``sin``, so random numbers tell them apart. A function that cannot be called so (not
+    transformers' signature) is left to the fast path, as before this check."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 2, 3, 8, generator=generator, dtype=torch.float64)
+    cos, sin = torch.randn(2, 1, 3, 8, generator=generator, dtype=torch.float64)
+    try:
+        theirs = function(x, x, cos, sin)[0]
+    except Exception:  # noqa: BLE001 - any other signature: not a rotary this check can compare
+        return True
+    return isinstance(theirs, torch.Tensor) and theirs.shape == x.shape and torch.allclose(theirs, apply_rotary(x, cos, sin))
+
+
+def rotary_of(attention: nn.Module) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """How an LLM attention module rotates ``x`` ``[B, H, L, D]`` with ``cos``/``sin`` ``[B, L, D']``:
+    :func:`apply_rotary` where its modeling file's function rotates as Llama's, else that function
+    itself (it rotates a query and a key together: ``x`` goes in as both and the key half is left)."""
+    function = compat.decoder_rotary_function(attention)
+    if function is None or _rotates_as_llama(function):
+        return apply_rotary
+    return lambda x, cos, sin: function(x, x, cos, sin)[0]
+
+
+def split_heads(x: torch.Tensor, norm: nn.Module | None, head_dim: int) -> torch.Tensor:
+    """A query or key projection ``[B, L, heads * head_dim]`` as ``[B, L, heads, head_dim]`` through
+    the attention module's norm of it, where it has one: over the whole projection before the split
+    (OLMo2) or per head after it (Qwen3, Cohere), as :func:`vtoken.compat.norm_before_head_split`
+    reads it."""
+    if norm is not None and compat.norm_before_head_split(norm, head_dim):
+        return norm(x).view(*x.shape[:-1], -1, head_dim)
+    x = x.view(*x.shape[:-1], -1, head_dim)
+    return x if norm is None else norm(x)
 
 
 class DecoderPruning:
@@ -538,18 +577,14 @@ def llama_attention_rows(layer: nn.Module, hidden, cos_sin, query_slots, key_val
         rows = query_rows(normed)
     else:  # the norm is per token: only the query rows need it
         rows = norm(query_rows(hidden))
-    q = attn.q_proj(rows).view(batch, rows.shape[1], -1, head_dim)
-    if attn.q_norm is not None:
-        q = attn.q_norm(q)
+    rotate = rotary_of(compat.layer_attention(layer))
+    q = split_heads(attn.q_proj(rows), attn.q_norm, head_dim)
     cos, sin = (t.expand(batch, -1, -1) for t in cos_sin)
-    q = apply_rotary(q.transpose(1, 2), query_rows(cos), query_rows(sin))
+    q = rotate(q.transpose(1, 2), query_rows(cos), query_rows(sin))
     if rotated_keys is not None:
         k = rotated_keys
     else:
-        k = keys.view(batch, length, -1, head_dim)
-        if attn.k_norm is not None:
-            k = attn.k_norm(k)
-        k = apply_rotary(k.transpose(1, 2), cos, sin)
+        k = rotate(split_heads(keys, attn.k_norm, head_dim).transpose(1, 2), cos, sin)
     causal = torch.arange(length, device=hidden.device)[None, None, :] <= query_slots[:, :, None]
     key_mask = causal & key_valid[:, None, :].to(torch.bool)
     return attention_rows(q, k, attn.scaling, key_mask, attn.softcap)
@@ -584,11 +619,9 @@ def llama_cached_attention_rows(layer: nn.Module, hidden, cos_sin, keys, key_val
     attn = compat.attention_parts(compat.layer_attention(layer))
     x = compat.decoder_input_norm(layer)(hidden)
     batch, steps, _ = x.shape
-    q = attn.q_proj(x).view(batch, steps, -1, attn.head_dim)
-    if attn.q_norm is not None:
-        q = attn.q_norm(q)
+    q = split_heads(attn.q_proj(x), attn.q_norm, attn.head_dim)
     cos, sin = (t.expand(batch, -1, -1) for t in cos_sin)
-    q = apply_rotary(q.transpose(1, 2), cos, sin)
+    q = rotary_of(compat.layer_attention(layer))(q.transpose(1, 2), cos, sin)
     total = keys.shape[2]
     causal = torch.arange(total, device=x.device)[None, :] <= (total - steps + torch.arange(steps, device=x.device))[:, None]
     key_mask = causal[None] & key_valid[:, None, :].to(torch.bool)

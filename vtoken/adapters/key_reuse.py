@@ -86,7 +86,9 @@ class KeyReuse:
     def reusable(self, index: int) -> bool:
         """Whether layer ``index`` has a key projection of its own to hand the keys to (not one fused
         with the queries and values, which the layer must run for those anyway)."""
-        return compat.has_separate_query_key(compat.layer_attention(self.layers[index]))
+        layer = self.layers[index]
+        # (A post-norm layer, OLMo2's, has no input norm of its own to take the normed rows in.)
+        return compat.has_input_norm(layer) and compat.has_separate_query_key(compat.layer_attention(layer))
 
     def after_stage(self, run: PruneRun, index: int, before: torch.Tensor, after: torch.Tensor,
                     selected_from: torch.Tensor | None) -> None:
