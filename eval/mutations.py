@@ -317,7 +317,7 @@ MUTATIONS = (
              ("tests/test_scoring_context.py", "tests/test_all_families.py::-k eager_map")),
     Mutation("Scoring rows: rotary's first half with the wrong sign", "vtoken/adapters/hf_decoder.py",
              "out[..., :half].sub_(x2 * sin[..., :half])", "out[..., :half].add_(x2 * sin[..., :half])",
-             ("tests/test_parity_fastv.py", "tests/test_scoring_rows.py")),
+             ("tests/test_parity_fastv.py", "tests/test_scoring_rows.py", "tests/test_llm_backbones.py::-k fast_rotary")),
     Mutation("TokenPacker: region count rounded down at a ragged edge", "vtoken/packer.py",
              "return -(-height // self.scale) * -(-width // self.scale)", "return (height // self.scale) * (width // self.scale)",
              ("tests/test_tokenpacker.py", "tests/test_parity_tokenpacker.py")),

@@ -128,9 +128,9 @@ def _llama_like(pick: float, text: TextShape):
     """A Llama-style LLM config: Llama mostly, Phi-3 (one fused qkv_proj, sometimes partial rotary),
     Gemma2 (logits soft-capped or not, extra norms, sliding-window layer types), Mistral (a sliding
     window on every layer: 4096, or 32, shorter than many prompts: in-LLM methods then refuse it in
-    one line, the others run past it) or one of :data:`OTHER_LLMS`. Drawn from a stream of its own seeded by ``pick``, so the draws
-    after it, and the cases of seeds that keep Llama, are what they were before the others were drawn
-    (Mistral took a tenth of Llama's)."""
+    one line, the others run past it) or one of :data:`OTHER_LLMS`. Drawn from a stream of its own
+    seeded by ``pick``, so the draws after it, and the cases of seeds that keep Llama, are what they
+    were before the others were drawn (Mistral took a tenth of Llama's, the others a fifth more)."""
     import transformers as tf
 
     own = random.Random(pick)
@@ -147,13 +147,15 @@ def _llama_like(pick: float, text: TextShape):
     return tf.LlamaConfig(**text.common())
 
 
-#: LLMs that make their attention their own way, each drawn in a seventh of the cases that were
-#: Llama's before them (``backbone`` 0.37 to 0.52): post-norm layers with q/k norms over the whole
+#: LLMs that make their attention or MLP their own way, drawn in the cases that were Llama's
+#: before them (``backbone`` 0.37 to 0.52), one as often as another: post-norm layers with q/k norms over the whole
 #: projection (OLMo2), rotary on interleaved pairs (Cohere, GLM: partial), per-head LayerNorms taken
 #: with the heads first (StableLM), multipliers for the embeddings, residuals, softmax scale and
 #: logits (Granite, as IBM's LLaVA-NeXT Granite Vision), per-head q/k norms (Qwen3), a scaled
-#: embedding (Gemma).
-OTHER_LLMS = ("olmo2", "cohere", "glm", "stablelm", "granite", "qwen3", "gemma")
+#: embedding (Gemma), layers without rotary (NoPE: SmolLM3's every fourth, EXAONE 4's and Cohere2's
+#: global ones), mixture-of-experts MLPs (Mixtral, Qwen2-MoE).
+OTHER_LLMS = ("olmo2", "cohere", "glm", "stablelm", "granite", "qwen3", "gemma", "smollm3", "exaone4", "cohere2",
+              "mixtral", "qwen2_moe")
 
 
 def _other_llm(kind: str, text: TextShape, own: random.Random):
@@ -176,6 +178,17 @@ def _other_llm(kind: str, text: TextShape, own: random.Random):
                                 logits_scaling=own.choice([1.0, 8.0]))
     if kind == "qwen3":
         return tf.Qwen3Config(**common, head_dim=text.head_dim)
+    if kind == "smollm3":
+        return tf.SmolLM3Config(**common)
+    if kind == "exaone4":
+        return tf.Exaone4Config(**common, head_dim=text.head_dim, sliding_window=4096)
+    if kind == "cohere2":
+        return tf.Cohere2Config(**common, head_dim=text.head_dim, sliding_window=4096)
+    if kind == "mixtral":
+        return tf.MixtralConfig(**common, head_dim=text.head_dim, num_local_experts=4, num_experts_per_tok=2)
+    if kind == "qwen2_moe":
+        return tf.Qwen2MoeConfig(**common, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=text.hidden,
+                                 shared_expert_intermediate_size=text.hidden)
     return tf.GemmaConfig(**common, head_dim=text.head_dim)
 
 

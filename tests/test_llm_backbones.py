@@ -15,7 +15,12 @@ either equals the model's own or is refused in one line, the model left as it wa
   than the window (sliding layers with fewer slots) is refused in one line.
 - Gemma3's per-layer-type rotary embeddings are refused at wrap for the methods that would rebuild
   them.
+- The attention rows FastV, TransPrune and AIF recompute equal the eager map on every layer of LLMs
+  that make their attention their own way (fused projections, soft caps, post-norms, q/k norms over
+  the projection or per head, interleaved rotary, layers without rotary, a scale from the config).
 """
+
+from functools import partial
 
 import pytest
 import torch
@@ -182,14 +187,31 @@ def _qwen3(attn: str = "sdpa"):
     return _llava(transformers.Qwen3Config(**TEXT, head_dim=16), attn=attn)
 
 
+def _smollm3(attn: str = "sdpa"):
+    # Every fourth layer without rotary (NoPE): layer 3 of 4.
+    return _llava(transformers.SmolLM3Config(**TEXT), attn=attn)
+
+
+def _exaone4(attn: str = "sdpa"):
+    # Post-norm layers with per-head q/k norms; the global layer (3 of 4) has no rotary.
+    return _llava(transformers.Exaone4Config(**TEXT, sliding_window=4096), attn=attn)
+
+
+def _cohere2(attn: str = "sdpa"):
+    # Interleaved rotary on the sliding-window layers only; the global layer (3 of 4) has none.
+    return _llava(transformers.Cohere2Config(**TEXT, sliding_window=4096), attn=attn)
+
+
 RECOMPUTED = {"phi3": _phi3, "gemma2": _gemma2, "olmo2": _olmo2, "cohere": _cohere, "glm": _glm,
-              "stablelm": _stablelm, "granite": _granite, "qwen3": _qwen3}
+              "stablelm": _stablelm, "granite": _granite, "qwen3": _qwen3, "smollm3": _smollm3,
+              "exaone4": _exaone4, "cohere2": _cohere2}
 
 
-def _what_it_recomputes(name: str, layer) -> bool:
+def _what_it_recomputes(name: str, layers) -> bool:
     """Each backbone's own way of making its attention, which the test of its rows is about."""
     from vtoken.adapters.hf_decoder import apply_rotary, rotary_of
 
+    layer = layers[1]
     attention = compat.layer_attention(layer)
     parts = compat.attention_parts(attention)
     return {
@@ -201,6 +223,9 @@ def _what_it_recomputes(name: str, layer) -> bool:
         "stablelm": lambda: isinstance(parts.q_norm, compat.HeadsFirst),
         "granite": lambda: parts.scaling == 0.3,
         "qwen3": lambda: parts.q_norm is not None and not compat.norm_before_head_split(parts.q_norm, parts.head_dim),
+        "smollm3": lambda: not compat.attention_rotates(compat.layer_attention(layers[3])),
+        "exaone4": lambda: compat.is_post_norm_layer(layer) and not compat.attention_rotates(compat.layer_attention(layers[3])),
+        "cohere2": lambda: not compat.attention_rotates(compat.layer_attention(layers[3])) and rotary_of(attention) is not apply_rotary,
     }[name]()
 
 
@@ -216,21 +241,37 @@ def test_attention_rows_of_fused_and_soft_capped_attention_equal_the_eager_map(n
 
     model = RECOMPUTED[name](attn="eager")
     lm = model.model.language_model
-    attention = compat.layer_attention(lm.layers[1])
-    assert _what_it_recomputes(name, lm.layers[1])
+    assert _what_it_recomputes(name, lm.layers)
     x = _batch()
-    inputs = []
-    handle = lm.layers[1].register_forward_pre_hook(
-        lambda m, a, k: inputs.append((a[0] if a else k["hidden_states"], k["position_embeddings"])), with_kwargs=True)
+    inputs = {}
+
+    def keep_input(index, module, args, kwargs):
+        inputs.setdefault(index, (args[0] if args else kwargs["hidden_states"], kwargs["position_embeddings"]))
+
+    handles = [layer.register_forward_pre_hook(partial(keep_input, i), with_kwargs=True) for i, layer in enumerate(lm.layers)]
     with torch.no_grad():
         out = model(**x, output_attentions=True)
-        handle.remove()
-        hidden, cos_sin = inputs[0]
-        length = hidden.shape[1]
-        query = torch.arange(length - 4, length).expand(hidden.shape[0], -1)
-        rows = llama_attention_rows(lm.layers[1], hidden, cos_sin, query, x["attention_mask"].bool())
-    eager = out.attentions[1][:, :, -4:, :]
-    torch.testing.assert_close(rows, eager, rtol=0, atol=2e-6)
+        for handle in handles:
+            handle.remove()
+        for i, layer in enumerate(lm.layers):  # every layer: NoPE ones (SmolLM3, EXAONE 4) are not the first
+            hidden, cos_sin = inputs[i]
+            length = hidden.shape[1]
+            query = torch.arange(length - 4, length).expand(hidden.shape[0], -1)
+            rows = llama_attention_rows(layer, hidden, cos_sin, query, x["attention_mask"].bool())
+            torch.testing.assert_close(rows, out.attentions[i][:, :, -4:, :], rtol=0, atol=2e-6, msg=lambda m: f"layer {i}: {m}")
+
+
+@pytest.mark.parametrize("name", list(RECOMPUTED))
+def test_llms_that_rotate_half_take_the_fast_rotary_and_the_others_their_own(name):
+    """The rows rotate with vtoken's fast rotate-half path where the model's own function gives the
+    same numbers (Llama's convention: most LLMs), and with the model's own function where it does
+    not (interleaved pairs: Cohere, GLM, Cohere2's sliding layers). A wrong fast path would fall to
+    the slow one without a change in any score; this is what sees it."""
+    from vtoken.adapters.hf_decoder import apply_rotary, rotary_of
+
+    attention = compat.layer_attention(RECOMPUTED[name]().model.language_model.layers[0])
+    fast = rotary_of(attention) is apply_rotary
+    assert fast == (name not in ("cohere", "glm", "cohere2"))
 
 
 @pytest.mark.parametrize("name", list(RECOMPUTED))

@@ -582,6 +582,29 @@ def norm_before_head_split(norm: nn.Module, head_dim: int) -> bool:
     return isinstance(weight, torch.Tensor) and weight.dim() == 1 and weight.shape[0] != head_dim
 
 
+#: ``model_type`` -> when a layer's attention rotates its queries and keys, for the LLMs whose
+#: modeling files skip the rotary embedding on some layers (NoPE layers): EXAONE 4 (and its MoE,
+#: 4.5 and Kolibri-1) rotate under a sliding window or where the model has none, Cohere2 only under
+#: a sliding window. Read off each file's ``if`` around ``apply_rotary_pos_emb`` (transformers 5.25);
+#: a module with a ``use_rope`` flag (SmolLM3, Llama 4) follows the flag.
+_ROTATES_WHEN = {
+    "exaone4": lambda attn: attn.sliding_window is None or attn.is_sliding,
+    "exaone4_5": lambda attn: attn.sliding_window is None or attn.is_sliding,
+    "exaone_moe": lambda attn: attn.sliding_window is None or attn.is_sliding,
+    "kolibri1": lambda attn: attn.sliding_window is None or attn.is_sliding,
+    "cohere2": lambda attn: attn.sliding_window is not None,
+}
+
+
+def attention_rotates(attn: nn.Module) -> bool:
+    """Whether an LLM attention module applies the rotary embedding to its queries and keys (every
+    layer of most LLMs; not the NoPE layers of :data:`_ROTATES_WHEN`'s and of ``use_rope`` ones)."""
+    if hasattr(attn, "use_rope"):
+        return bool(attn.use_rope)
+    rule = _ROTATES_WHEN.get(getattr(getattr(attn, "config", None), "model_type", None))
+    return True if rule is None else bool(rule(attn))
+
+
 def decoder_rotary_function(attn: nn.Module):
     """``apply_rotary_pos_emb(q, k, cos, sin)`` of the modeling file an LLM attention module comes
     from (transformers writes one per model: Llama's rotate-half convention in most, interleaved pairs

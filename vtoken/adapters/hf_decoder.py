@@ -81,8 +81,11 @@ def _rotates_as_llama(function: Callable) -> bool:
 
 def rotary_of(attention: nn.Module) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
     """How an LLM attention module rotates ``x`` ``[B, H, L, D]`` with ``cos``/``sin`` ``[B, L, D']``:
-    :func:`apply_rotary` where its modeling file's function rotates as Llama's, else that function
-    itself (it rotates a query and a key together: ``x`` goes in as both and the key half is left)."""
+    not at all on a layer without rotary (:func:`vtoken.compat.attention_rotates`), :func:`apply_rotary`
+    where its modeling file's function rotates as Llama's, else that function itself (it rotates a
+    query and a key together: ``x`` goes in as both and the key half is left)."""
+    if not compat.attention_rotates(attention):  # a NoPE layer (SmolLM3's every fourth, EXAONE 4's global ones)
+        return lambda x, cos, sin: x
     function = compat.decoder_rotary_function(attention)
     if function is None or _rotates_as_llama(function):
         return apply_rotary
