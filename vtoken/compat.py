@@ -546,18 +546,18 @@ def rotary_needs_layer_type(language_model: nn.Module) -> bool:
     return "layer_type" in parameters and parameters["layer_type"].default is inspect.Parameter.empty
 
 
+def has_input_norm(layer: nn.Module) -> bool:
+    """Whether a decoder layer normalises its input before its attention (``input_layernorm``)."""
+    return isinstance(getattr(layer, "input_layernorm", None), nn.Module)
+
+
 def is_post_norm_layer(layer: nn.Module) -> bool:
     """Whether a decoder layer normalises its attention's and MLP's outputs instead of their inputs
     (OLMo2: ``post_attention_layernorm`` and ``post_feedforward_layernorm``, no ``input_layernorm``):
     its attention reads the hidden state itself."""
-    return (getattr(layer, "input_layernorm", None) is None
-            and all(isinstance(getattr(layer, name, None), nn.Module)
-                    for name in ("post_attention_layernorm", "post_feedforward_layernorm")))
-
-
-def has_input_norm(layer: nn.Module) -> bool:
-    """Whether a decoder layer normalises its input before its attention (``input_layernorm``)."""
-    return isinstance(getattr(layer, "input_layernorm", None), nn.Module)
+    return not has_input_norm(layer) and all(
+        isinstance(getattr(layer, name, None), nn.Module) for name in ("post_attention_layernorm", "post_feedforward_layernorm")
+    )
 
 
 def decoder_input_norm(layer: nn.Module) -> nn.Module:
@@ -587,11 +587,12 @@ def norm_before_head_split(norm: nn.Module, head_dim: int) -> bool:
 #: 4.5 and Kolibri-1) rotate under a sliding window or where the model has none, Cohere2 only under
 #: a sliding window. Read off each file's ``if`` around ``apply_rotary_pos_emb`` (transformers 5.25);
 #: a module with a ``use_rope`` flag (SmolLM3, Llama 4) follows the flag.
+def _rotates_unless_global_beside_a_window(attn: nn.Module) -> bool:
+    return attn.sliding_window is None or attn.is_sliding
+
+
 _ROTATES_WHEN = {
-    "exaone4": lambda attn: attn.sliding_window is None or attn.is_sliding,
-    "exaone4_5": lambda attn: attn.sliding_window is None or attn.is_sliding,
-    "exaone_moe": lambda attn: attn.sliding_window is None or attn.is_sliding,
-    "kolibri1": lambda attn: attn.sliding_window is None or attn.is_sliding,
+    **dict.fromkeys(("exaone4", "exaone4_5", "exaone_moe", "kolibri1"), _rotates_unless_global_beside_a_window),
     "cohere2": lambda attn: attn.sliding_window is not None,
 }
 
@@ -605,13 +606,18 @@ def attention_rotates(attn: nn.Module) -> bool:
     return True if rule is None else bool(rule(attn))
 
 
+def _modeling_file(module: nn.Module):
+    """The Python module (transformers' ``modeling_<model>.py``) that defines ``module``'s class."""
+    import sys
+
+    return sys.modules[type(module).__module__]
+
+
 def decoder_rotary_function(attn: nn.Module):
     """``apply_rotary_pos_emb(q, k, cos, sin)`` of the modeling file an LLM attention module comes
     from (transformers writes one per model: Llama's rotate-half convention in most, interleaved pairs
     in Cohere's and GLM's), or None where that file has none."""
-    import sys
-
-    return getattr(sys.modules.get(type(attn).__module__), "apply_rotary_pos_emb", None)
+    return getattr(_modeling_file(attn), "apply_rotary_pos_emb", None)
 
 
 def attention_parts(attn: nn.Module) -> AttentionParts:
@@ -666,9 +672,7 @@ def qwen_vision_window_index(visual: nn.Module, grid_thw: torch.Tensor) -> tuple
 def qwen_vision_rotary(attention: nn.Module):
     """The rotary function a Qwen-VL vision attention module applies to its ``q, k`` (``[N, H, d]``)
     with the block's ``(cos, sin)``: ``apply_rotary_pos_emb_vision`` of its own modeling file."""
-    import sys
-
-    return sys.modules[type(attention).__module__].apply_rotary_pos_emb_vision
+    return _modeling_file(attention).apply_rotary_pos_emb_vision
 
 
 def deepstack_mergers(visual: nn.Module) -> list[nn.Module]:
