@@ -740,10 +740,10 @@ def test_the_mean_decode_step_is_the_sum_over_every_step_in_closed_form():
 
     d = model_dims(load_config(LLAVA)).decoder
     for cached, steps in ((600, 1), (600, 7), (13, 250)):
-        assert _mean_decode_layer(d, cached, steps) == sum(
-            decoder_layer_flops(d, 1, cached + i) for i in range(1, steps + 1)) / steps
+        assert _mean_decode_layer(d, cached, steps, 0) == sum(
+            decoder_layer_flops(d, 1, cached + i, 0) for i in range(1, steps + 1)) / steps
     start = time.perf_counter()
-    _mean_decode_layer(d, 600, 10**6)
+    _mean_decode_layer(d, 600, 10**6, 0)
     assert time.perf_counter() - start < 0.1
 
 

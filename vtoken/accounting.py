@@ -8,7 +8,9 @@ file's ``_source`` / ``_provenance`` say where its values were read). Supported 
 (``llava``), LLaVA-NeXT (``llava_next``), LLaVA-OneVision (``llava_onevision``), Qwen2-VL
 (``qwen2_vl``: full-attention vision blocks, a two-matrix MLP), Qwen2.5-VL (``qwen2_5_vl``: window
 attention, SwiGLU MLP) and Qwen3-VL (``qwen3_vl``: full-attention blocks, a two-matrix MLP, 16-px
-patches, the DeepStack mergers). All counts are per sample. Standalone vision
+patches, the DeepStack mergers; ``qwen3_vl_moe`` alike). The LLM may be a mixture of experts of
+Mixtral's layout (Mixtral, OLMoE, PhiMoE, GraniteMoE) or Qwen's (Qwen2-MoE, Qwen3-MoE,
+Qwen3-VL-MoE); another MoE layout is refused (``model_dims.ExpertsDims``). All counts are per sample. Standalone vision
 encoders (CLIP / SigLIP configs and models, timm and open_clip ViTs) are counted by
 ``vtoken.accounting_vit``, which ``flops`` dispatches to; they return an ``EncoderFlopsReport``.
 
@@ -22,7 +24,8 @@ Conventions
 
 - LLM layer: q and o projections 2·n·d·H·h_d each, k and v projections 2·n·d·H_kv·h_d each
   (grouped-query aware), scores QKᵀ and values AV 2·n²·H·h_d each, gated MLP with three d×m
-  matrices 6·n·d·m. Scores are counted over the **full n × n square**: causal masking is not
+  matrices 6·n·d·m (a mixture-of-experts layer: the router 2·n·d·E, the k experts each token runs
+  through k·6·n·d·m_e, a shared expert and its gate 6·n·d·m_s + 2·n·d). Scores are counted over the **full n × n square**: causal masking is not
   subtracted (half of it is masked, but SDPA, FlashAttention and the eager path all compute or are
   counted on the full block; ``torch.utils.flop_counter.FlopCounterMode`` counts the same).
 - Vision tower: the patch-embedding convolution, then every encoder layer the implementation runs,
@@ -123,21 +126,25 @@ DEFAULT_TEXT_TOKENS = 64
 # Per-module counts (true FLOPs, 2 per multiply-add)
 
 
-def decoder_layer_flops(d: DecoderDims, queries: int, keys: int) -> int:
-    """One LLM decoder layer: ``queries`` new tokens attending to ``keys`` tokens (prefill: equal).
+def decoder_layer_flops(d: DecoderDims, queries: int, keys: int, layer: int) -> int:
+    """Decoder layer ``layer``: ``queries`` new tokens attending to ``keys`` tokens (prefill: equal).
 
     q, o: 2·n·d·H·h_d each; k, v: 2·n·d·H_kv·h_d each; QKᵀ and AV: 2·n_q·n_k·H·h_d each (full block);
-    gated MLP: 3 · 2·n·d·m.
+    gated MLP: 3 · 2·n·d·m, or a mixture-of-experts layer's router and active experts
+    (``DecoderDims.mlp_flops_per_token``: which is why the layer is named).
     """
     projections = 2 * queries * d.hidden * (2 * d.q_dim + 2 * d.kv_dim)
     attention = 4 * queries * keys * d.q_dim
-    mlp = 6 * queries * d.hidden * d.intermediate
+    mlp = queries * d.mlp_flops_per_token(layer)
     return projections + attention + mlp
 
 
-def paper_layer_macs(d: DecoderDims, visual: int) -> int:
-    """FastV §4.2 / TransPrune Eq. 7 per-layer count over ``visual`` tokens: 4nd² + 2n²d + 3ndm."""
-    return 4 * visual * d.hidden**2 + 2 * visual**2 * d.hidden + 3 * visual * d.hidden * d.intermediate
+def paper_layer_macs(d: DecoderDims, visual: int, layer: int) -> int:
+    """FastV §4.2 / TransPrune Eq. 7 per-layer count over ``visual`` tokens: 4nd² + 2n²d + 3ndm. A
+    mixture-of-experts layer's 3ndm becomes n times half its MLP FLOPs per token (router and the
+    experts a token runs through: the MACs its MLP does)."""
+    mlp_macs = visual * d.mlp_flops_per_token(layer) // 2
+    return 4 * visual * d.hidden**2 + 2 * visual**2 * d.hidden + mlp_macs
 
 
 def encoder_layer_flops(v: VisionDims, tokens: int, attention_pairs: int, mlp_tokens: int | None = None) -> int:
@@ -669,7 +676,7 @@ def _scoring_cost_flops(cost: ScoringCost, dims: ModelDims, schedule: Schedule, 
         return bipartite_matching_flops(tokens, stage.keep_tokens, dims.decoder.hidden)
     if cost.kind == "llm_rerun_rows":
         d = dims.decoder
-        return sum(decoder_layer_flops(d, cost.rows, text_tokens + layer_visual[layer])
+        return sum(decoder_layer_flops(d, cost.rows, text_tokens + layer_visual[layer], layer)
                    for layer in range(cost.layer, d.layers))
     if cost.kind == "flops":
         return int(cost.flops)
@@ -689,20 +696,21 @@ def _report(dims: ModelDims, geo: Geometry, schedule: Schedule, text_tokens: int
     scoring = _scoring_flops(dims, schedule, geo, text_tokens, layer_visual)
     if convention == "paper":
         parts = dict(vision=0, projector=0, lm_head=0, scoring=scoring / 2,
-                     llm=sum(paper_layer_macs(d, v) for v in layer_visual))
-        decode = sum(4 * d.hidden**2 + 3 * d.hidden * d.intermediate + 2 * d.hidden * (v + mean_step)
-                     for v in layer_visual)
+                     llm=sum(paper_layer_macs(d, v, layer) for layer, v in enumerate(layer_visual)))
+        decode = sum(4 * d.hidden**2 + d.mlp_flops_per_token(layer) // 2 + 2 * d.hidden * (v + mean_step)
+                     for layer, v in enumerate(layer_visual))
     else:
         parts = dict(
             vision=_vision_flops(dims, schedule, geo),
             projector=projector_flops(dims.projector, _projector_tokens(dims, schedule, geo))
             + deepstack_flops(dims, schedule, geo),
-            llm=sum(decoder_layer_flops(d, text_tokens + v, text_tokens + v) for v in layer_visual),
+            llm=sum(decoder_layer_flops(d, text_tokens + v, text_tokens + v, layer)
+                    for layer, v in enumerate(layer_visual)),
             lm_head=2 * lm_head_tokens * d.hidden * d.vocab,
             scoring=scoring,
         )
         decode = sum(
-            _mean_decode_layer(d, text_tokens + v, steps) for v in cached_visual
+            _mean_decode_layer(d, text_tokens + v, steps, layer) for layer, v in enumerate(cached_visual)
         ) + 2 * d.hidden * d.vocab
     dtype_name, itemsize = _dtype_name_and_size(dtype)
     per_token = 2 * d.kv_dim * itemsize  # K and V of one token in one layer
@@ -754,11 +762,11 @@ def _cached_visual_tokens(schedule: Schedule, layer_visual: list[int]) -> list[i
     return [min(v, kept) if layer >= first else v for layer, v in enumerate(layer_visual)]
 
 
-def _mean_decode_layer(d: DecoderDims, cached: int, steps: int) -> float:
+def _mean_decode_layer(d: DecoderDims, cached: int, steps: int, layer: int) -> float:
     """Mean FLOPs of one layer over ``steps`` decode steps; step i attends to cached + i keys. A
     step's FLOPs are affine in its keys (:func:`decoder_layer_flops`), so the mean is the mean of the
     first and last steps' (a sum over every step took seconds for a million decoded tokens)."""
-    return (decoder_layer_flops(d, 1, cached + 1) + decoder_layer_flops(d, 1, cached + steps)) / 2
+    return (decoder_layer_flops(d, 1, cached + 1, layer) + decoder_layer_flops(d, 1, cached + steps, layer)) / 2
 
 
 __all__ = [

@@ -19,10 +19,33 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
 @dataclass(frozen=True)
+class ExpertsDims:
+    """A mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE, Qwen3-VL-MoE): a linear router scores
+    ``experts`` experts per token, each token runs through its ``top_k`` gated experts of width
+    ``intermediate``, and, where the LLM has one (Qwen2-MoE), through a shared gated expert of width
+    ``shared_intermediate`` scaled by a sigmoid of one more linear output (0: none)."""
+
+    experts: int
+    top_k: int
+    intermediate: int
+    shared_intermediate: int = 0
+
+    def flops_per_token(self, hidden: int) -> int:
+        """Router 2·d·E, the top-k experts k · 6·d·m_e, the shared expert 6·d·m_s and its gate 2·d.
+        Every token runs through exactly k experts whatever the routing, so the count is exact."""
+        router = 2 * hidden * self.experts
+        routed = self.top_k * 6 * hidden * self.intermediate
+        shared = 6 * hidden * self.shared_intermediate + 2 * hidden if self.shared_intermediate else 0
+        return router + routed + shared
+
+
+@dataclass(frozen=True)
 class DecoderDims:
     """The LLM: ``layers`` decoder layers of hidden size ``hidden``, gated FFN ``intermediate``;
     ``fused_qkv``: its attention projects q, k and v in one ``qkv_proj`` (Phi-3), so a layer cannot be
-    handed the keys scoring projected (it projects them again with its queries and values)."""
+    handed the keys scoring projected (it projects them again with its queries and values).
+    ``experts``: a mixture-of-experts LLM's sparse MLP, run in the layers ``expert_layers`` (the others
+    run the dense FFN of width ``intermediate``)."""
 
     layers: int
     hidden: int
@@ -32,6 +55,8 @@ class DecoderDims:
     head_dim: int
     vocab: int
     fused_qkv: bool = False
+    experts: ExpertsDims | None = None
+    expert_layers: frozenset[int] = frozenset()
 
     @property
     def q_dim(self) -> int:
@@ -40,6 +65,13 @@ class DecoderDims:
     @property
     def kv_dim(self) -> int:
         return self.kv_heads * self.head_dim
+
+    def mlp_flops_per_token(self, layer: int) -> int:
+        """The MLP of decoder layer ``layer`` on one token: a gated FFN's three d×m matrices 6·d·m, or
+        a sparse layer's router and active experts (:meth:`ExpertsDims.flops_per_token`)."""
+        if self.experts is not None and layer in self.expert_layers:
+            return self.experts.flops_per_token(self.hidden)
+        return 6 * self.hidden * self.intermediate
 
 
 @dataclass(frozen=True)
@@ -174,11 +206,11 @@ def model_dims(config) -> ModelDims:
         return _qwen2_5_vl_dims(config)
     if family == "qwen2_vl":
         return _qwen2_vl_dims(config)
-    if family == "qwen3_vl":
+    if family in ("qwen3_vl", "qwen3_vl_moe"):  # the MoE model differs in its LLM's MLPs only
         return _qwen3_vl_dims(config)
     raise NotImplementedError(
         f"FLOPs model for model_type {family!r} is not implemented (supported: llava, llava_next, "
-        "llava_onevision, qwen2_vl, qwen2_5_vl, qwen3_vl)"
+        "llava_onevision, qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe)"
     )
 
 
@@ -187,6 +219,7 @@ def _decoder_dims(text) -> DecoderDims:
 
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    experts, expert_layers = _experts_dims(text)
     return DecoderDims(
         layers=text.num_hidden_layers,
         hidden=text.hidden_size,
@@ -196,7 +229,48 @@ def _decoder_dims(text) -> DecoderDims:
         head_dim=head_dim,
         vocab=text.vocab_size,
         fused_qkv=getattr(text, "model_type", None) in compat.FUSED_QKV_MODEL_TYPES,
+        experts=experts,
+        expert_layers=expert_layers,
     )
+
+
+#: Mixture-of-experts LLMs whose sparse MLP ``_experts_dims`` reads, by ``model_type``: Mixtral's
+#: layout (Mixtral, OLMoE, PhiMoE, GraniteMoE: every layer sparse, experts of ``intermediate_size``)
+#: and Qwen's (experts of ``moe_intermediate_size`` in the layers ``decoder_sparse_step`` and
+#: ``mlp_only_layers`` pick, as each modeling file's decoder layer does; Qwen2-MoE adds a gated
+#: shared expert).
+MIXTRAL_LAYOUT_MOE = ("mixtral", "olmoe", "phimoe", "granitemoe")
+QWEN_LAYOUT_MOE = ("qwen2_moe", "qwen3_moe", "qwen3_vl_moe_text")
+#: The config fields that mark an LLM as a mixture of experts (DBRX keeps its experts in ``ffn_config``).
+_EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size",
+                        "num_experts_per_tok", "ffn_config")
+
+
+def _experts_dims(text) -> tuple[ExpertsDims | None, frozenset[int]]:
+    """A mixture-of-experts LLM's sparse MLP and the layers that run it; (None, {}) for a dense LLM.
+
+    An MoE LLM of another layout (DeepSeek's shared experts and dense first layers, GPT-OSS, Jamba,
+    ...) is refused: counting it as dense would be silently wrong."""
+    model_type = getattr(text, "model_type", None)
+    layers = range(text.num_hidden_layers)
+    if model_type in MIXTRAL_LAYOUT_MOE:
+        experts = ExpertsDims(experts=text.num_local_experts, top_k=text.num_experts_per_tok,
+                              intermediate=text.intermediate_size)
+        return experts, frozenset(layers)
+    if model_type in QWEN_LAYOUT_MOE:
+        experts = ExpertsDims(experts=text.num_experts, top_k=text.num_experts_per_tok,
+                              intermediate=text.moe_intermediate_size,
+                              shared_intermediate=getattr(text, "shared_expert_intermediate_size", 0) or 0)
+        if not experts.experts:
+            return None, frozenset()
+        dense = set(getattr(text, "mlp_only_layers", None) or ())
+        step = getattr(text, "decoder_sparse_step", 1) or 1
+        return experts, frozenset(i for i in layers if i not in dense and (i + 1) % step == 0)
+    if any(getattr(text, field, None) for field in _EXPERT_COUNT_FIELDS):
+        raise NotImplementedError(
+            f"FLOPs model for a mixture-of-experts LLM of model_type {model_type!r} is not implemented "
+            f"(supported: {', '.join(MIXTRAL_LAYOUT_MOE + QWEN_LAYOUT_MOE)}, and dense LLMs)")
+    return None, frozenset()
 
 
 def _llava_dims(config, family: str) -> ModelDims:
