@@ -442,6 +442,82 @@ def test_a_decoder_layer_whose_attention_input_vtoken_cannot_tell_is_refused_at_
     assert _unchanged(model, before)
 
 
+
+#: LLMs whose attention vtoken's recomputed rows cannot reproduce, each for its own reason, and what
+#: the refusal names: q/k norms under other names applied after the rotary (HunYuan: rows 0.36 off
+#: the eager map before the refusal), attention sinks joining the softmax (GPT-OSS: 7e-3 off), a
+#: complex rotary embedding (Llama 4: a raw unpacking error), no ``self_attn`` (JetMoE: a raw
+#: AttributeError).
+UNREPRODUCIBLE_ATTENTION = {
+    "hunyuan_v1_dense": ("sdpa", {}, "normalises its queries or keys with query_layernorm, key_layernorm"),
+    "gpt_oss": ("eager", dict(num_local_experts=4, num_experts_per_tok=2), r"parameters of its own \(sinks"),
+    "llama4_text": ("sdpa", dict(num_local_experts=2, use_qk_norm=False), "has no apply_rotary_pos_emb"),
+    "jetmoe": ("sdpa", {}, "no self_attn module"),
+}
+
+
+@pytest.mark.parametrize("kind", list(UNREPRODUCIBLE_ATTENTION))
+@pytest.mark.parametrize("method", ["fastv", "transprune", "aif"])
+def test_attention_vtoken_cannot_reproduce_is_refused_at_wrap_naming_why(kind, method):
+    attn, extra, why = UNREPRODUCIBLE_ATTENTION[kind]
+    model = _llava(transformers.AutoConfig.for_model(kind, **TEXT, head_dim=16, **extra), attn=attn)
+    before = _state(model)
+    if kind in ("llama4_text", "jetmoe") and method == "transprune":  # its layers' branches are refused first
+        why = "not one self_attn and one mlp module each"
+    with pytest.raises(ValueError, match=why) as error:
+        vtoken.wrap(model, method)
+    assert "\n" not in str(error.value) and "fastv)" not in str(error.value)  # never suggests a method refused alike
+    assert _unchanged(model, before)
+
+
+def test_transprune_observes_an_mlp_branch_under_another_name_and_refuses_two_modules_in_one():
+    """GraniteMoE keeps its MLP branch in ``block_sparse_moe``: TransPrune's TTV reads that module's
+    input and output (its selection equals TTV computed from the two branches hooked apart here,
+    Eqs. 1-3 written out). GraniteMoE-Shared adds a ``shared_mlp`` into the same branch, no one
+    module's output: refused in one line."""
+    import torch.nn.functional as F
+
+    model = _llava(transformers.GraniteMoeConfig(**TEXT, num_local_experts=4, num_experts_per_tok=2))
+    _keep_all_is_the_plain_model(model, "transprune")
+    x = _batch()
+    layer = model.model.language_model.layers[0]
+    io = {}
+    def attention_branch(module, args, kwargs, output):
+        io.setdefault("attention", (args[0] if args else kwargs["hidden_states"], output[0]))
+
+    def mlp_branch(module, args, output):
+        io.setdefault("mlp", (args[0], output))
+
+    handles = [layer.self_attn.register_forward_hook(attention_branch, with_kwargs=True),
+               layer.block_sparse_moe.register_forward_hook(mlp_branch)]
+    with torch.no_grad():
+        model(**x)
+    for handle in handles:
+        handle.remove()
+    with vtoken.pruned(model, "transprune", stages=[{"site": "llm", "layer": 1, "keep": 0.5}], ttv_only=True):
+        with torch.no_grad():
+            model(**x)
+        got = [sample["llm:1"] for sample in vtoken.selection(model)]
+    for b in range(2):
+        real = x["attention_mask"][b].bool()
+        visual = torch.nonzero(x["input_ids"][b][real] == IMAGE_TOKEN).squeeze(-1)
+        ttv = 0
+        for x_in, x_out in io.values():
+            t_in, t_out = x_in[b][real], x_out[b][real]
+            turn = 1 - F.cosine_similarity(t_out, t_in, dim=-1)
+            ttv = ttv + torch.softmax(turn, dim=0) * t_out.norm(dim=-1) / t_in.norm(dim=-1)
+        assert torch.equal(got[b], torch.sort(torch.topk(ttv[visual], 8).indices).values)
+
+    shared = _llava(transformers.GraniteMoeSharedConfig(**TEXT, num_local_experts=4, num_experts_per_tok=2,
+                                                        shared_intermediate_size=32))
+    before = _state(shared)
+    with pytest.raises(ValueError, match="not one self_attn and one mlp module each") as error:
+        vtoken.wrap(shared, "transprune")
+    assert "\n" not in str(error.value)
+    assert _unchanged(shared, before)
+    vtoken.wrap(shared, "fastv", keep=0.25)  # its attention is Granite's: the rows run
+    vtoken.unwrap(shared)
+
 def test_pool_is_refused_a_grid_missing_its_first_patch():
     """A SigLIP tower under vision_feature_select_strategy='default': LLaVA drops the first of 16
     patches, so pool has no whole grid to pool (every forward failed inside pool before)."""

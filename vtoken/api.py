@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from vtoken.config import PruneConfig, check_budget_order, option_defaults, read_config_file
-from vtoken.signals import ANNOTATIONS, LLM_ATTENTION, LLM_ATTENTION_OBSERVED, MEANING, PATCH_GRID, Needs
+from vtoken.signals import ANNOTATIONS, LLM_ATTENTION, LLM_ATTENTION_OBSERVED, MEANING, PATCH_GRID, Needs, Signal
 from vtoken.registry import get_strategy, strategy_names
 from vtoken.schedule import Schedule, ScoringCost, Stage, StageShapes, is_integer
 
@@ -154,9 +154,12 @@ def _refuse_missing_signal(adapter, method: str, strategy, layered: bool = True)
         return
     signal, reason = missing
     # Methods that read no attention and need no CLS token; fastv only where there is an LLM whose
-    # attention it can read, pool only where the grid is whole.
+    # attention it can read (an LLM layer TransPrune cannot observe may still be one FastV cannot
+    # read), pool only where the grid is whole.
     reads_llm = signal.name in (LLM_ATTENTION, LLM_ATTENTION_OBSERVED)
-    names = ["pool", "fastv"] if len(adapter.decoder_layers()) and not reads_llm else ["random", "pool"]
+    fastv_runs = (len(adapter.decoder_layers()) and not reads_llm
+                  and adapter.missing_signal(Needs.of(Signal(LLM_ATTENTION))) is None)
+    names = ["pool", "fastv"] if fastv_runs else ["random", "pool"]
     if signal.name == PATCH_GRID:
         names = ["random" if name == "pool" else name for name in names]
     raise ValueError(

@@ -495,6 +495,55 @@ def layer_attention(layer: nn.Module) -> nn.Module:
     return layer.self_attn
 
 
+#: Where a decoder layer keeps its MLP branch: ``mlp`` (most LLMs), ``block_sparse_moe`` (GraniteMoE).
+_DECODER_MLP_ATTRIBUTES = ("mlp", "block_sparse_moe")
+
+
+def decoder_layer_parts(layer: nn.Module) -> dict[str, str] | None:
+    """A decoder layer's attention and MLP branches by attribute name (as :data:`LAYER_PARTS`), or
+    None where one branch is not a single module vtoken knows: no ``self_attn`` (JetMoE's
+    ``self_attention`` mixes experts into it), no MLP module, or a second MLP added into the same
+    branch (GraniteMoE-Shared's ``shared_mlp``)."""
+    if not isinstance(getattr(layer, "self_attn", None), nn.Module):
+        return None
+    mlp = next((name for name in _DECODER_MLP_ATTRIBUTES if isinstance(getattr(layer, name, None), nn.Module)), None)
+    if mlp is None or isinstance(getattr(layer, "shared_mlp", None), nn.Module):
+        return None
+    return {"attention": "self_attn", "mlp": mlp}
+
+
+def attention_rows_gap(layer: nn.Module) -> str | None:
+    """Why vtoken cannot recompute a decoder layer's attention rows beside its attention (input norm,
+    q/k projections, q/k norms, rotary, scale, soft cap: :func:`attention_parts`), or None where it
+    can. What it cannot see it refuses rather than leaves out: norms under other names or after the
+    rotary (HunYuan's ``query_layernorm``), parameters of the attention module itself (GPT-OSS's
+    attention sinks, which join the softmax), a rotary embedding that is not ``(cos, sin)`` (Llama 4's
+    complex one, with no ``apply_rotary_pos_emb`` in its modeling file)."""
+    attention = getattr(layer, "self_attn", None)
+    if not isinstance(attention, nn.Module):
+        return f"a {type(layer).__name__} with no self_attn module"
+    if query_key_projections(attention) is None:
+        return (f"a {type(attention).__name__} with neither q_proj and k_proj nor a fused qkv_proj, from which "
+                "vtoken recomputes the attention rows")
+    if not (has_input_norm(layer) or is_post_norm_layer(layer)):
+        return (f"a {type(layer).__name__} with no input_layernorm (nor OLMo2's post-norms), so vtoken cannot "
+                "tell what its attention reads")
+    known_norms = {"q_norm", "k_norm"} | ({"q_layernorm", "k_layernorm"} if getattr(attention, "qk_layernorm", False) else set())
+    other_norms = [name for name, child in attention.named_children()
+                   if "norm" in type(child).__name__.lower() and name not in known_norms]
+    if other_norms:
+        return (f"a {type(attention).__name__} that normalises its queries or keys with {', '.join(other_norms)}, "
+                "which vtoken's recomputed attention rows do not apply")
+    own = [name for name, _ in attention.named_parameters(recurse=False)]
+    if own:
+        return (f"a {type(attention).__name__} with parameters of its own ({', '.join(own)}: attention sinks or "
+                "the like), which vtoken's recomputed attention rows do not apply")
+    if attention_rotates(attention) and decoder_rotary_function(attention) is None:
+        return (f"a {type(attention).__name__} whose modeling file has no apply_rotary_pos_emb (a rotary "
+                "embedding other than transformers' cos/sin one), which vtoken's recomputed rows cannot apply")
+    return None
+
+
 def has_separate_query_key(attn: nn.Module) -> bool:
     """Whether an attention module has its own ``q_proj`` and ``k_proj`` modules (Llama-style); Phi-3's
     fuses them into ``qkv_proj`` (:func:`fused_query_key`)."""

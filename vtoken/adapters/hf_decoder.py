@@ -149,7 +149,7 @@ class DecoderPruning:
         #: Layer K's keys projected for scoring at a stage at K, handed to the layer itself.
         self.key_reuse = KeyReuse(self.layers, lambda: pruner.active, undo)
         for layer in pruner.needs.layers(signals.LLM_OBSERVED):
-            observe_layer(self.layers[layer], compat.LAYER_PARTS, prefilling,
+            observe_layer(self.layers[layer], compat.decoder_layer_parts(self.layers[layer]), prefilling,
                           partial(self._observed, layer), undo)
         for layer in attention_layers:
             hook = partial(self._attention_observed, query, layer)

@@ -170,14 +170,15 @@ class VisionLanguageAdapter(VisionSite, Adapter):
             return (f"a {type(self.description.projector.module).__name__} projector of another structure (without "
                     "projector_rank, ZOO-Prune's exact estimator runs on any projector)")
         if signal.name in (signals.LLM_ATTENTION, signals.LLM_ATTENTION_OBSERVED):
-            layer = self.decoder_layers()[0]
-            attention = compat.layer_attention(layer)
-            if compat.query_key_projections(attention) is None:
-                return (f"a {type(attention).__name__} with neither q_proj and k_proj nor a fused qkv_proj, "
-                        "from which vtoken recomputes the attention rows")
-            if not (compat.has_input_norm(layer) or compat.is_post_norm_layer(layer)):
-                return (f"a {type(layer).__name__} with no input_layernorm (nor OLMo2's post-norms), so vtoken "
-                        "cannot tell what its attention reads")
+            # every layer: an LLM may mix layer types (sliding and global, rotary and NoPE)
+            gap = next(filter(None, map(compat.attention_rows_gap, self.decoder_layers())), None)
+            if gap is not None:
+                return gap
+        if signal.name == signals.LLM_OBSERVED and signal.layer is not None and 0 <= signal.layer < len(self.decoder_layers()):
+            layer = self.decoder_layers()[signal.layer]
+            if compat.decoder_layer_parts(layer) is None:
+                return (f"a {type(layer).__name__} whose attention and MLP branches are not one self_attn and one "
+                        "mlp module each, whose inputs and outputs vtoken observes")
         vision = self.vision_unavailable(signal)
         if vision is not None:
             return vision
