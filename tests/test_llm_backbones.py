@@ -446,13 +446,13 @@ def test_a_decoder_layer_whose_attention_input_vtoken_cannot_tell_is_refused_at_
 #: LLMs whose attention vtoken's recomputed rows cannot reproduce, each for its own reason, and what
 #: the refusal names: q/k norms under other names applied after the rotary (HunYuan: rows 0.36 off
 #: the eager map before the refusal), attention sinks joining the softmax (GPT-OSS: 7e-3 off), a
-#: complex rotary embedding (Llama 4: a raw unpacking error), no ``self_attn`` (JetMoE: a raw
-#: AttributeError).
+#: complex rotary embedding (Llama 4: a raw unpacking error), an attention of another kind and name
+#: (JetMoE's mixture of attention heads, ``self_attention``: a raw AttributeError).
 UNREPRODUCIBLE_ATTENTION = {
     "hunyuan_v1_dense": ("sdpa", {}, "normalises its queries or keys with query_layernorm, key_layernorm"),
     "gpt_oss": ("eager", dict(num_local_experts=4, num_experts_per_tok=2), r"parameters of its own \(sinks"),
     "llama4_text": ("sdpa", dict(num_local_experts=2, use_qk_norm=False), "has no apply_rotary_pos_emb"),
-    "jetmoe": ("sdpa", {}, "no self_attn module"),
+    "jetmoe": ("sdpa", {}, "runs self_attention and no self_attn"),
 }
 
 
@@ -462,13 +462,35 @@ def test_attention_vtoken_cannot_reproduce_is_refused_at_wrap_naming_why(kind, m
     attn, extra, why = UNREPRODUCIBLE_ATTENTION[kind]
     model = _llava(transformers.AutoConfig.for_model(kind, **TEXT, head_dim=16, **extra), attn=attn)
     before = _state(model)
-    if kind in ("llama4_text", "jetmoe") and method == "transprune":  # its layers' branches are refused first
+    if kind == "llama4_text" and method == "transprune":  # its layers' branches are refused first
         why = "not one self_attn and one mlp module each"
     with pytest.raises(ValueError, match=why) as error:
         vtoken.wrap(model, method)
     assert "\n" not in str(error.value) and "fastv)" not in str(error.value)  # never suggests a method refused alike
     assert _unchanged(model, before)
 
+
+
+@pytest.mark.parametrize("method", ["fastv", "transprune", "aif", "random"])
+def test_an_llm_mixing_tokens_beside_its_attention_is_refused_in_llm_stages(method):
+    """FalconH1's layers run a Mamba mixer beside the attention: dropping tokens inside the LLM broke
+    its state's shapes (a raw RuntimeError from FastV, a cache error from AIF). Every in-LLM stage is
+    refused in one line, the model unchanged; pruning before the LLM runs and decodes as without a
+    cache."""
+    model = _llava(transformers.FalconH1Config(**TEXT, head_dim=16, mamba_d_ssm=64, mamba_n_heads=4,
+                                                mamba_d_head=16, mamba_n_groups=1, mamba_d_state=8,
+                                                mamba_chunk_size=8))
+    before = _state(model)
+    options = {"site": "llm", "layer": 1} if method == "random" else {}
+    with pytest.raises(ValueError, match="runs mamba beside a self_attn and an MLP") as error:
+        vtoken.wrap(model, method, keep=0.25, **options)
+    assert "\n" not in str(error.value)
+    assert _unchanged(model, before)
+    x = _batch()
+    with vtoken.pruned(model, "pool", keep=0.25):
+        cached = model.generate(**x, max_new_tokens=3, do_sample=False, suppress_tokens=[IMAGE_TOKEN])
+        uncached = model.generate(**x, max_new_tokens=3, do_sample=False, suppress_tokens=[IMAGE_TOKEN], use_cache=False)
+    assert torch.equal(cached, uncached)
 
 def test_transprune_observes_an_mlp_branch_under_another_name_and_refuses_two_modules_in_one():
     """GraniteMoE keeps its MLP branch in ``block_sparse_moe``: TransPrune's TTV reads that module's

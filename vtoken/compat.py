@@ -499,17 +499,36 @@ def layer_attention(layer: nn.Module) -> nn.Module:
 _DECODER_MLP_ATTRIBUTES = ("mlp", "block_sparse_moe")
 
 
+def decoder_has_self_attention(layer: nn.Module) -> bool:
+    """Whether a decoder layer keeps its attention in ``self_attn`` (where vtoken reads it)."""
+    return isinstance(getattr(layer, "self_attn", None), nn.Module)
+
+
 def decoder_layer_parts(layer: nn.Module) -> dict[str, str] | None:
     """A decoder layer's attention and MLP branches by attribute name (as :data:`LAYER_PARTS`), or
     None where one branch is not a single module vtoken knows: no ``self_attn`` (JetMoE's
     ``self_attention`` mixes experts into it), no MLP module, or a second MLP added into the same
     branch (GraniteMoE-Shared's ``shared_mlp``)."""
-    if not isinstance(getattr(layer, "self_attn", None), nn.Module):
+    if not decoder_has_self_attention(layer):
         return None
     mlp = next((name for name in _DECODER_MLP_ATTRIBUTES if isinstance(getattr(layer, name, None), nn.Module)), None)
     if mlp is None or isinstance(getattr(layer, "shared_mlp", None), nn.Module):
         return None
     return {"attention": "self_attn", "mlp": mlp}
+
+
+#: A decoder layer's sub-modules that are its MLP branch under any name vtoken has met (Llama 4's
+#: ``feed_forward``, GraniteMoE-Shared's ``shared_mlp`` beside ``block_sparse_moe``).
+_DECODER_MLP_NAMES = frozenset(_DECODER_MLP_ATTRIBUTES) | {"feed_forward", "shared_mlp"}
+
+
+def other_token_mixers(layer: nn.Module) -> list[str]:
+    """The sub-modules with weights of a decoder layer that are none of its attention, MLP branch or
+    norms: a second way of mixing tokens beside the attention (FalconH1's ``mamba``), whose state
+    across tokens vtoken's in-LLM stages do not prune along (dropping tokens there broke its shapes)."""
+    return [name for name, child in layer.named_children()
+            if name != "self_attn" and name not in _DECODER_MLP_NAMES and "norm" not in type(child).__name__.lower()
+            and next(child.parameters(), None) is not None]
 
 
 def attention_rows_gap(layer: nn.Module) -> str | None:
@@ -519,9 +538,9 @@ def attention_rows_gap(layer: nn.Module) -> str | None:
     rotary (HunYuan's ``query_layernorm``), parameters of the attention module itself (GPT-OSS's
     attention sinks, which join the softmax), a rotary embedding that is not ``(cos, sin)`` (Llama 4's
     complex one, with no ``apply_rotary_pos_emb`` in its modeling file)."""
-    attention = getattr(layer, "self_attn", None)
-    if not isinstance(attention, nn.Module):
+    if not decoder_has_self_attention(layer):
         return f"a {type(layer).__name__} with no self_attn module"
+    attention = layer.self_attn
     if query_key_projections(attention) is None:
         return (f"a {type(attention).__name__} with neither q_proj and k_proj nor a fused qkv_proj, from which "
                 "vtoken recomputes the attention rows")
