@@ -153,9 +153,11 @@ def _llama_like(pick: float, text: TextShape):
 #: with the heads first (StableLM), multipliers for the embeddings, residuals, softmax scale and
 #: logits (Granite, as IBM's LLaVA-NeXT Granite Vision), per-head q/k norms (Qwen3), a scaled
 #: embedding (Gemma), layers without rotary (NoPE: SmolLM3's every fourth, EXAONE 4's and Cohere2's
-#: global ones), mixture-of-experts MLPs (Mixtral, Qwen2-MoE).
+#: global ones), mixture-of-experts MLPs (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GraniteMoE's
+#: ``block_sparse_moe``), and two that in-LLM methods refuse (HunYuan's q/k norms after the rotary,
+#: FalconH1's Mamba mixer beside the attention: the checks see a one-line refusal, the model unchanged).
 OTHER_LLMS = ("olmo2", "cohere", "glm", "stablelm", "granite", "qwen3", "gemma", "smollm3", "exaone4", "cohere2",
-              "mixtral", "qwen2_moe")
+              "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "hunyuan_v1_dense", "falcon_h1")
 
 
 def _other_llm(kind: str, text: TextShape, own: random.Random):
@@ -189,6 +191,19 @@ def _other_llm(kind: str, text: TextShape, own: random.Random):
     if kind == "qwen2_moe":
         return tf.Qwen2MoeConfig(**common, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=text.hidden,
                                  shared_expert_intermediate_size=text.hidden)
+    if kind == "qwen3_moe":
+        return tf.Qwen3MoeConfig(**common, head_dim=text.head_dim, num_experts=4, num_experts_per_tok=2,
+                                 moe_intermediate_size=text.hidden, decoder_sparse_step=own.choice([1, 2]))
+    if kind == "olmoe":
+        return tf.OlmoeConfig(**common, num_experts=4, num_experts_per_tok=2)
+    if kind == "granitemoe":
+        return tf.GraniteMoeConfig(**common, num_local_experts=4, num_experts_per_tok=2,
+                                   residual_multiplier=own.choice([1.0, 0.22]))
+    if kind == "hunyuan_v1_dense":
+        return tf.HunYuanDenseV1Config(**common, head_dim=text.head_dim)
+    if kind == "falcon_h1":
+        return tf.FalconH1Config(**common, head_dim=text.head_dim, mamba_d_ssm=text.hidden, mamba_n_heads=4,
+                                 mamba_d_head=text.hidden // 4, mamba_n_groups=1, mamba_d_state=8, mamba_chunk_size=8)
     return tf.GemmaConfig(**common, head_dim=text.head_dim)
 
 

@@ -45,7 +45,8 @@ class DecoderDims:
     ``fused_qkv``: its attention projects q, k and v in one ``qkv_proj`` (Phi-3), so a layer cannot be
     handed the keys scoring projected (it projects them again with its queries and values).
     ``experts``: a mixture-of-experts LLM's sparse MLP, run in the layers ``expert_layers`` (the others
-    run the dense FFN of width ``intermediate``)."""
+    run the dense FFN of width ``intermediate``). ``mlp_matrices``: the dense FFN's d×m matrices, 3 for
+    a gated one (Llama's gate, up and down), 2 for an ungated one (:data:`TWO_MATRIX_MLP_MODEL_TYPES`)."""
 
     layers: int
     hidden: int
@@ -57,6 +58,7 @@ class DecoderDims:
     fused_qkv: bool = False
     experts: ExpertsDims | None = None
     expert_layers: frozenset[int] = frozenset()
+    mlp_matrices: int = 3
 
     @property
     def q_dim(self) -> int:
@@ -67,11 +69,12 @@ class DecoderDims:
         return self.kv_heads * self.head_dim
 
     def mlp_flops_per_token(self, layer: int) -> int:
-        """The MLP of decoder layer ``layer`` on one token: a gated FFN's three d×m matrices 6·d·m, or
-        a sparse layer's router and active experts (:meth:`ExpertsDims.flops_per_token`)."""
+        """The MLP of decoder layer ``layer`` on one token: a gated FFN's three d×m matrices 6·d·m (an
+        ungated one's two, 4·d·m), or a sparse layer's router and active experts
+        (:meth:`ExpertsDims.flops_per_token`)."""
         if self.experts is not None and layer in self.expert_layers:
             return self.experts.flops_per_token(self.hidden)
-        return 6 * self.hidden * self.intermediate
+        return 2 * self.mlp_matrices * self.hidden * self.intermediate
 
 
 @dataclass(frozen=True)
@@ -231,7 +234,13 @@ def _decoder_dims(text) -> DecoderDims:
         fused_qkv=getattr(text, "model_type", None) in compat.FUSED_QKV_MODEL_TYPES,
         experts=experts,
         expert_layers=expert_layers,
+        mlp_matrices=2 if getattr(text, "model_type", None) in TWO_MATRIX_MLP_MODEL_TYPES else 3,
     )
+
+
+#: LLMs whose dense FFN is two d×m matrices (up, then down, no gate), by ``model_type``, each checked
+#: against ``FlopCounterMode`` (``tests/test_flops_llms.py``); every other LLM is counted gated, as Llama.
+TWO_MATRIX_MLP_MODEL_TYPES = ("phi", "starcoder2", "nemotron", "arcee", "apertus", "gpt_neox", "persimmon")
 
 
 #: Mixture-of-experts LLMs whose sparse MLP ``_experts_dims`` reads, by ``model_type``: Mixtral's

@@ -1,5 +1,6 @@
-"""vtoken.flops on mixture-of-experts LLMs (``model_dims.ExpertsDims``), against what transformers
-builds and counts, exactly (the router and a shared expert's gate are under 1% of these models' FLOPs,
+"""vtoken.flops on the LLMs LLaVA's classes can hold besides Llama: mixture-of-experts ones
+(``model_dims.ExpertsDims``) and dense ones whose FFN is two matrices or whose attention is its own
+(``model_dims.TWO_MATRIX_MLP_MODEL_TYPES``), against what transformers builds and counts, exactly (the router and a shared expert's gate are under 1% of these models' FLOPs,
 inside ``test_flops``'s tolerance).
 
 Independent reference: ``torch.utils.flop_counter.FlopCounterMode`` on tiny random-weight models with
@@ -148,3 +149,27 @@ def test_other_moe_layouts_are_refused_not_counted_as_dense(model_type):
                               vision_config=dict(model_type="clip_vision_model")))
     with pytest.raises(NotImplementedError, match=f"mixture-of-experts LLM of model_type '{model_type}'"):
         flops(config)
+
+
+#: Dense LLMs under LLaVA: gated FFNs of three matrices (fused gate_up in Phi-3 and GLM, post-norms,
+#: soft caps, q/k norms: none moves a FLOP) and ungated ones of two (Phi, StarCoder2, Nemotron, Arcee,
+#: Apertus, GPT-NeoX and Persimmon, the last two multi-head only, their q, k and v fused).
+DENSE_LLMS = ("llama", "gemma2", "phi3", "cohere", "glm", "olmo2", "granite", "qwen3", "exaone4", "phi", "starcoder2",
+              "nemotron", "arcee", "apertus", "gpt_neox", "persimmon")
+
+
+@pytest.mark.parametrize("model_type", DENSE_LLMS)
+def test_dense_llm_full_forward_matches_counter(model_type):
+    heads = {} if model_type in ("gpt_neox", "persimmon") else dict(num_key_value_heads=2)
+    text = AutoConfig.for_model(model_type, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                                num_attention_heads=4, head_dim=16, vocab_size=128, max_position_embeddings=256,
+                                bos_token_id=None, eos_token_id=None, pad_token_id=None, **heads)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=56, patch_size=14)
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE))
+    model.set_attn_implementation("eager")
+    ids = torch.tensor([[1, 5, 6, 7, 8] + [IMAGE] * 16 + [9, 10, 11, 12, 13, 14, 15]])
+    tally = Tally()
+    tally("all", lambda: model.eval()(input_ids=ids, pixel_values=torch.randn(1, 3, 56, 56), logits_to_keep=1))
+    assert flops(model, text_tokens=TEXT).prefill == tally.parts["all"]
