@@ -220,6 +220,17 @@ def _is_slotted_static_layer(entry) -> bool:
     return type(entry) is StaticSlidingWindowLayer and int(entry.get_seq_length()) <= entry.max_cache_len
 
 
+def cache_holds_recurrent_state(cache) -> bool:
+    """Whether some layer of ``cache`` holds a recurrent (Mamba, linear-attention) state beside or
+    instead of keys and values (5.25's ``LinearAttentionCacheLayerMixin``: FalconH1's layers under a
+    static cache); 5.23 has no such layers in a static cache."""
+    try:
+        from transformers.cache_utils import LinearAttentionCacheLayerMixin
+    except ImportError:
+        return False
+    return any(isinstance(layer, LinearAttentionCacheLayerMixin) for layer in getattr(cache, "layers", None) or [])
+
+
 def cache_layer_kinds(cache) -> list[str]:
     """The class names of a cache's layers, each once, in order (``StaticLayer``,
     ``StaticSlidingWindowLayer``, ...): what a refusal names."""

@@ -231,6 +231,14 @@ class DecoderPruning:
         capacity = compat.cache_capacity(cache) if cache is not None else None
         padding = kwargs.get("attention_mask") if changed else None
         if capacity is not None and padding is not None and padding.shape[1] < capacity:
+            if compat.cache_holds_recurrent_state(cache):
+                # The model reads its recurrent layers' padding mask off the last columns of the 2-D
+                # mask, which the padding below would fill with the unwritten slots' zeros.
+                raise ValueError(
+                    f"{self.pruner.strategy.name} hands this LLM a shorter sequence than the prompt, and its static "
+                    f"cache's {', '.join(compat.cache_layer_kinds(cache))} layers hold a recurrent (Mamba) state "
+                    "whose padding mask vtoken cannot size to the cache; use the default dynamic cache"
+                )
             # A static cache holds ``capacity`` slots, written one after the other: slots not yet
             # written (the pruned prompt is shorter than the positions say) must be masked out. A
             # sequence longer than a sliding-window layer's slots (its oldest tokens rolled out) keeps
