@@ -235,9 +235,9 @@ class DecoderPruning:
                 # The model reads its recurrent layers' padding mask off the last columns of the 2-D
                 # mask, which the padding below would fill with the unwritten slots' zeros.
                 raise ValueError(
-                    f"{self.pruner.strategy.name} hands this LLM a shorter sequence than the prompt, and its static "
-                    f"cache's {', '.join(compat.cache_layer_kinds(cache))} layers hold a recurrent (Mamba) state "
-                    "whose padding mask vtoken cannot size to the cache; use the default dynamic cache"
+                    f"{self.pruner.strategy.name} hands this LLM a shorter sequence than the prompt, and the "
+                    f"{', '.join(compat.cache_layer_kinds(cache))} layers of its static cache hold a recurrent (Mamba) "
+                    "state whose padding mask vtoken cannot size to the slots; use the default dynamic cache"
                 )
             # A static cache holds ``capacity`` slots, written one after the other: slots not yet
             # written (the pruned prompt is shorter than the positions say) must be masked out. A
