@@ -189,27 +189,32 @@ class VisionLanguageAdapter(VisionSite, Adapter):
         return None
 
     # --- validation -----------------------------------------------------------------------------
-    def validate(self, stages: tuple) -> None:
-        num_vision = len(self.vision_layers())
-        read = self.description.vision.read_layer
-        decoder_layers = len(self.decoder_layers())
-        if any(stage.site == "llm" for stage in stages):
-            mixers = next(((layer, names) for layer in self.decoder_layers()
-                           if (names := compat.other_token_mixers(layer))), None)
-            if mixers is not None:
-                layer, names = type(mixers[0]).__name__, ", ".join(mixers[1])
-                where = ("beside a self_attn and an MLP (a token mixer of another kind, as FalconH1's mamba)"
-                         if compat.decoder_has_self_attention(mixers[0]) else "and no self_attn")
-                raise ValueError(
-                    f"this LLM's {layer} runs {names} {where}, which vtoken's in-LLM stages do not prune along; use "
-                    "a method that prunes before the LLM (site='projector' or 'vision')"
-                )
-        if any(stage.site == "llm" for stage in stages) and compat.rotary_needs_layer_type(self.language_model()):
+    def _refuse_llm_vtoken_cannot_prune(self) -> None:
+        """In-LLM stages need every decoder layer to mix tokens through its ``self_attn`` alone, and
+        one rotary embedding for every layer: a ValueError naming what this LLM does otherwise."""
+        mixers = next(((layer, names) for layer in self.decoder_layers()
+                       if (names := compat.other_token_mixers(layer))), None)
+        if mixers is not None:
+            layer, names = type(mixers[0]).__name__, ", ".join(mixers[1])
+            where = ("beside a self_attn and an MLP (a token mixer of another kind, as FalconH1's mamba)"
+                     if compat.decoder_has_self_attention(mixers[0]) else "and no self_attn")
+            raise ValueError(
+                f"this LLM's {layer} runs {names} {where}, which vtoken's in-LLM stages do not prune along; use "
+                "a method that prunes before the LLM (site='projector' or 'vision')"
+            )
+        if compat.rotary_needs_layer_type(self.language_model()):
             raise ValueError(
                 f"this LLM ({type(self.language_model()).__name__}) rotates each layer type with its own rotary "
                 "embedding (Gemma3's local and global), which vtoken's in-LLM stages do not rebuild yet; use a "
                 "method that prunes before the LLM (site='projector' or 'vision')"
             )
+
+    def validate(self, stages: tuple) -> None:
+        num_vision = len(self.vision_layers())
+        read = self.description.vision.read_layer
+        decoder_layers = len(self.decoder_layers())
+        if any(stage.site == "llm" for stage in stages):
+            self._refuse_llm_vtoken_cannot_prune()
         for stage in stages:
             if stage.site == "llm" and stage.layer >= decoder_layers:
                 raise ValueError(
