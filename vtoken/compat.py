@@ -558,9 +558,13 @@ def attention_rows_gap(layer: nn.Module) -> str | None:
     if not (has_input_norm(layer) or is_post_norm_layer(layer)):
         return (f"a {type(layer).__name__} with no input_layernorm (nor OLMo2's post-norms), so vtoken cannot "
                 "tell what its attention reads")
-    known_norms = {"q_norm", "k_norm"} | ({"q_layernorm", "k_layernorm"} if getattr(attention, "qk_layernorm", False) else set())
+    if getattr(attention, "scaling", None) is None and getattr(attention, "scale", None) is None:
+        return (f"a {type(attention).__name__} with no softmax scale (scaling) vtoken can read, which its recomputed "
+                "attention rows need")
+    parts = attention_parts(attention)
+    applied = [norm.norm if isinstance(norm, HeadsFirst) else norm for norm in (parts.q_norm, parts.k_norm)]
     other_norms = [name for name, child in attention.named_children()
-                   if "norm" in type(child).__name__.lower() and name not in known_norms]
+                   if "norm" in type(child).__name__.lower() and not any(child is norm for norm in applied)]
     if other_norms:
         return (f"a {type(attention).__name__} that normalises its queries or keys with {', '.join(other_norms)}, "
                 "which vtoken's recomputed attention rows do not apply")

@@ -158,6 +158,13 @@ class VisionLanguageAdapter(VisionSite, Adapter):
     def vision_feature_layer(self) -> int | None:
         return self.description.vision.read_layer
 
+    @functools.cached_property
+    def _attention_rows_gap(self) -> str | None:
+        """Why vtoken cannot recompute this LLM's attention rows (None where it can), read once: AIF
+        asks it for each of its per-layer signals. Every layer: an LLM may mix layer types (sliding
+        and global, rotary and NoPE)."""
+        return next(filter(None, map(compat.attention_rows_gap, self.decoder_layers())), None)
+
     def unavailable(self, signal) -> str | None:
         gap = self.description.gaps.get(signal.name)
         if gap is not None:
@@ -169,11 +176,8 @@ class VisionLanguageAdapter(VisionSite, Adapter):
         if signal.name == signals.TWO_LAYER_PROJECTOR and two_layer_projector(self.projector_on_tokens()) is None:
             return (f"a {type(self.description.projector.module).__name__} projector of another structure (without "
                     "projector_rank, ZOO-Prune's exact estimator runs on any projector)")
-        if signal.name in (signals.LLM_ATTENTION, signals.LLM_ATTENTION_OBSERVED):
-            # every layer: an LLM may mix layer types (sliding and global, rotary and NoPE)
-            gap = next(filter(None, map(compat.attention_rows_gap, self.decoder_layers())), None)
-            if gap is not None:
-                return gap
+        if signal.name in (signals.LLM_ATTENTION, signals.LLM_ATTENTION_OBSERVED) and self._attention_rows_gap:
+            return self._attention_rows_gap
         if signal.name == signals.LLM_OBSERVED and signal.layer is not None and 0 <= signal.layer < len(self.decoder_layers()):
             layer = self.decoder_layers()[signal.layer]
             if compat.decoder_layer_parts(layer) is None:
