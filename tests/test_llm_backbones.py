@@ -558,8 +558,7 @@ def test_transprune_observes_an_mlp_branch_under_another_name_and_refuses_two_mo
         vtoken.wrap(shared, "transprune")
     assert "\n" not in str(error.value)
     assert _unchanged(shared, before)
-    vtoken.wrap(shared, "fastv", keep=0.25)  # its attention is Granite's: the rows run
-    vtoken.unwrap(shared)
+    _keep_all_is_the_plain_model(shared, "fastv")  # its attention is Granite's: FastV's rows run there
 
 def test_pool_is_refused_a_grid_missing_its_first_patch():
     """A SigLIP tower under vision_feature_select_strategy='default': LLaVA drops the first of 16
