@@ -539,3 +539,92 @@ def test_save_config_where_it_cannot_write_is_one_line(tmp_path):
         vtoken.save_config(model, tmp_path)
     with pytest.raises(ValueError, match=r"give the directory to hold vtoken_config.json as a path, got None"):
         vtoken.save_config(model, None)
+
+
+def test_config_of_is_a_copy_and_wrap_copies_the_config_it_is_given(tmp_path):
+    """Changing what config_of returns, or the config object a model was wrapped with, changes
+    neither what the model runs nor what save_config writes (both were the model's live config:
+    keep=0.75 set on it made a model keeping 4 of 16 tokens report and save 12)."""
+    x = llava_inputs(2)
+    first, second = tiny_llava(), tiny_llava()
+    vtoken.wrap(first, "fastv", keep=0.25)
+    shown = vtoken.config_of(first)
+    shown.keep = 0.75
+    vtoken.wrap(second, config=shown)
+    shown.keep = 0.5  # after wrapping: the second model keeps what it was wrapped with
+    with torch.no_grad():
+        first(**x)
+        second(**x)
+    assert [len(s["llm:2"]) for s in vtoken.selection(first)] == [4, 4]
+    assert [len(s["llm:2"]) for s in vtoken.selection(second)] == [12, 12]
+    assert vtoken.config_of(first).keep == 0.25 and vtoken.config_of(second).keep == 0.75
+    assert vtoken.config_of(first) is not vtoken.config_of(first)
+    assert vtoken.load(vtoken.save_config(first, tmp_path)).keep == 0.25
+
+
+def test_numpy_and_fraction_options_are_plain_numbers():
+    """NumPy scalars and Fractions are what a sweep's arrays hand over: wrap takes them as the Python
+    numbers they stand for, so the first forward runs (a NumPy seed raised a raw TypeError in
+    torch.Generator.manual_seed there), ToMe's r is accepted like keep_tokens, and save_config writes
+    them (json raised on int64 and left half a file)."""
+    np = pytest.importorskip("numpy")
+    from fractions import Fraction
+
+    model, x = tiny_llava(), llava_inputs(2)
+    with vtoken.pruned(model, "random", keep=0.5, seed=3), torch.no_grad():
+        model(**x)
+        expected = vtoken.selection(model)
+    cases = (("random", {"keep": np.float32(0.5), "seed": np.int64(3)}),
+             ("random", {"keep": Fraction(1, 2), "seed": np.uint64(3)}),
+             ("fastv", {"keep_tokens": np.int64(4), "layer": np.int64(2)}),
+             ("fastv", {"stages": [{"site": "llm", "layer": np.int32(2), "keep_tokens": np.int16(4)}]}),
+             ("tome", {"r": np.int64(2)}),
+             ("transprune", {"prune_layers": [np.int64(1)], "keep_ratios": [np.float64(0.5)]}))
+    for method, options in cases:
+        with vtoken.pruned(model, method, **options), torch.no_grad():
+            model(**x)
+            config = vtoken.config_of(model)
+            values = [v for k, v in vars(config).items() if not k.startswith("_")]
+            values += [v for stage in config.stages or [] for v in stage.values()]
+            values += [v for k in ("prune_layers", "keep_ratios") for v in getattr(config, k, None) or []]
+            assert all(type(v) in (int, float, str, bool, list, dict, type(None)) for v in values), config
+            if method == "random":
+                assert all(torch.equal(a["projector"], b["projector"]) for a, b in zip(vtoken.selection(model), expected))
+            saved = json.loads(json.dumps(config.to_dict()))
+            assert vtoken.wrap(tiny_llava(), config=saved) is not None
+
+
+def test_save_config_that_fails_leaves_the_old_file(tmp_path, monkeypatch):
+    """The file is written beside its place and moved there: a write that fails leaves the config
+    saved before (not half a file vtoken.load would refuse) and no temporary file."""
+    import os
+
+    model = tiny_llava()
+    vtoken.wrap(model, "random", keep=0.5)
+    path = vtoken.save_config(model, tmp_path)
+    before = open(path).read()
+    vtoken.unwrap(model)
+    vtoken.wrap(model, "random", keep=0.25)
+
+    def fail(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(ValueError, match=r"cannot write .*vtoken_config.json' \(No space left on device\)"):
+        vtoken.save_config(model, tmp_path)
+    assert open(path).read() == before and sorted(p.name for p in tmp_path.iterdir()) == ["vtoken_config.json"]
+    assert vtoken.load(tmp_path).keep == 0.5
+
+
+def test_flops_refuses_an_unknown_dtype_and_a_bad_visual_token_count_in_one_line():
+    model = tiny_llava()
+    for call, message in ((lambda: vtoken.flops(model, dtype="bogus"), r"dtype must be a torch dtype or its name .* got 'bogus'"),
+                          (lambda: vtoken.kv_cache_bytes(model, dtype=3), r"dtype must be a torch dtype .* got 3"),
+                          (lambda: vtoken.flops(model, visual_tokens=2.5), r"visual_tokens must be a count .* got 2.5"),
+                          (lambda: vtoken.flops(model, visual_tokens=0), r"visual_tokens must be a count .* got 0"),
+                          (lambda: vtoken.kv_cache_bytes(model, visual_tokens=-1), r"visual_tokens must be a count .* got -1")):
+        with pytest.raises(ValueError, match=message) as error:
+            call()
+        assert "\n" not in str(error.value)
+    assert vtoken.flops(model, dtype=torch.bfloat16).dtype == "bfloat16"
+    assert vtoken.kv_cache_bytes(model, dtype="torch.float32") == 2 * vtoken.kv_cache_bytes(model, dtype="float16")

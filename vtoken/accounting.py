@@ -359,6 +359,10 @@ def flops(
     # images=0 would otherwise read as "not given" (``images or schedule.images``) and count one image.
     if images is not None and (not is_integer(images) or images < 1):
         raise ValueError(f"images must be a positive number of images per sample, got {images!r}; omit it for the default")
+    if visual_tokens is not None and (not is_integer(visual_tokens) or visual_tokens < 1):
+        raise ValueError(f"visual_tokens must be a count of visual tokens >= 1, got {visual_tokens!r}; omit it for "
+                         "the model's own count")
+    _dtype_name_and_size(dtype)  # an unknown KV-cache dtype is named before anything is counted
     config, encoder = _config_or_encoder(model_or_config)
     if encoder is not None:
         if frames is not None or visual_tokens is not None:
@@ -497,9 +501,11 @@ def _resolve_schedule(model_or_config: Any, schedule: Any, visual_tokens: Callab
 def _dtype_name_and_size(dtype: Any) -> tuple[str, int]:
     import torch
 
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype.replace("torch.", ""))
-    return str(dtype).replace("torch.", ""), dtype.itemsize
+    named = getattr(torch, dtype.replace("torch.", ""), None) if isinstance(dtype, str) else dtype
+    if not isinstance(named, torch.dtype):
+        raise ValueError(f"dtype must be a torch dtype or its name (torch.float16, 'bfloat16', 'float32', ...), got "
+                         f"{dtype!r}")
+    return str(named).replace("torch.", ""), named.itemsize
 
 
 def _check_schedule(schedule: Schedule, dims: ModelDims, geo: Geometry) -> None:

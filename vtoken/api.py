@@ -41,7 +41,8 @@ def _config_for(method: str | None, config: PruneConfig | str | os.PathLike | di
                 raise ValueError("give either a config object or keyword options, not both")
             if method is not None and method != config.method:
                 raise ValueError(f"config is for {config.method!r} but method {method!r} was asked for")
-            return config
+            # The model runs on a copy: the caller's object, changed or reused later, changes nothing here.
+            return copy.deepcopy(config)
         if isinstance(config, dict):
             data = dict(config)
             if "method" not in data and method is None:
@@ -318,7 +319,9 @@ def methods() -> list[dict[str, Any]]:
 
 
 def config_of(model: nn.Module) -> PruneConfig:
-    return _state(model).config
+    """A copy of the config the wrapped model runs: changing it changes nothing in the model (wrap
+    again with it, ``vtoken.wrap(other, config=...)``, to run what it says)."""
+    return copy.deepcopy(_state(model).config)
 
 
 def strategy_of(model: nn.Module):

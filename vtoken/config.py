@@ -23,6 +23,24 @@ MAX_KEEP_TOKENS = 2**63 - 1
 SEED_RANGE = (-(2**63), 2**64 - 1)
 
 
+def plain_value(value: Any) -> Any:
+    """``value`` with every number that is not a Python ``int`` or ``float`` (NumPy's, ``Fraction``)
+    made one, inside lists, tuples and dicts too (new containers; bools and everything else as given).
+    A config holds plain values: ``json`` writes them, ``torch.Generator.manual_seed`` takes them,
+    and the methods' own ``isinstance(value, int)`` checks see what the user meant."""
+    if isinstance(value, bool) or type(value) in (int, float):
+        return value
+    if is_integer(value):
+        return int(value)
+    if is_number(value):
+        return float(value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain_value(v) for v in value)
+    if isinstance(value, dict):
+        return {k: plain_value(v) for k, v in value.items()}
+    return value
+
+
 def shown(value: Any) -> str:
     """``repr(value)`` for an error message, short for a huge integer (``str`` of one over 4300
     digits raises, and hundreds of digits make no readable line)."""
@@ -49,6 +67,8 @@ class StageSpec:
     rounding: str = "round"
 
     def __post_init__(self) -> None:
+        for name in ("layer", "keep", "keep_tokens"):  # plain numbers, as PruneConfig's fields
+            object.__setattr__(self, name, plain_value(getattr(self, name)))
         check_site(self.site, self.layer)
         if self.rounding not in ROUNDINGS:
             raise ValueError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
@@ -125,6 +145,11 @@ class PruneConfig:
     text_only: str = "error"
     seed: int = 0
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Every field, as the dataclass's __init__ sets it or a later assignment does, holds plain
+        # Python numbers (see plain_value): a NumPy seed or count passes every check and then works.
+        super().__setattr__(name, plain_value(value))
+
     def __post_init__(self) -> None:
         if not is_integer(self.seed) or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
             raise ValueError(f"seed must be an integer (a 64-bit value, as torch.manual_seed takes), got {shown(self.seed)}")
@@ -167,11 +192,17 @@ class PruneConfig:
             raise ValueError(f"cannot make the directory {os.fspath(directory)!r} ({error.strerror or error}); "
                              f"give a directory (created if missing) to hold {CONFIG_FILE}") from None
         path = os.path.join(directory, CONFIG_FILE)
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"  # whole before a byte is written
+        partial = f"{path}.{os.getpid()}.tmp"
         try:
-            with open(path, "w") as f:
-                json.dump(self.to_dict(), f, indent=2, sort_keys=True)
-                f.write("\n")
+            # Written beside the file and moved over it: a failed write leaves the old file (or none),
+            # never half a config that vtoken.load would refuse.
+            with open(partial, "w") as f:
+                f.write(text)
+            os.replace(partial, path)
         except OSError as error:  # a directory of that name, a read-only place, /proc
+            if os.path.exists(partial):
+                os.remove(partial)
             raise ValueError(f"cannot write {path!r} ({error.strerror or error}); give a directory you can "
                              "write to") from None
         return path
