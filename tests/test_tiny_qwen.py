@@ -108,3 +108,31 @@ def test_bench_refuses_trained_weights_the_model_cannot_run_before_measuring_any
     assert message.startswith(f"--trained tokenpacker={weights}: tokenpacker needs each image to reach the LLM as "
                               "one patch grid (signal 'one_grid_per_image'), but this Qwen2-VL model gives")
     assert "\n" not in message and not measured
+
+
+def test_images_of_another_size_or_shape_get_the_grid_the_benchmark_assumes(shipped, records):
+    """Every image is resized to the square the grid, the boxes and the FLOPs assume: a 96 x 64 image
+    got 144 - 48 = 96 tokens where the bench counted 144 (and its boxes mapped onto the wrong cells)."""
+    record = dict(records[0], pil=records[0]["pil"].resize((96, 64)))
+    wide = shipped.encode([record])
+    assert wide["image_grid_thw"].tolist() == [[1, 24, 24]]
+    assert int((wide["input_ids"] == shipped.model.config.image_token_id).sum()) == 144
+
+
+def test_a_qwen_directory_without_a_chat_template_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    import transformers
+
+    for name in os.listdir(PATH):
+        if name != "chat_template.jinja" and name != "model.safetensors":
+            shutil.copy(os.path.join(PATH, name), tmp_path / name)
+    for name in ("tokenizer_config.json", "processor_config.json"):
+        data = json.loads((tmp_path / name).read_text())
+        data.pop("chat_template", None)
+        (tmp_path / name).write_text(json.dumps(data))
+    monkeypatch.setattr(transformers.Qwen2VLForConditionalGeneration, "from_pretrained",
+                        classmethod(lambda *a, **k: (_ for _ in ()).throw(AssertionError("the model loaded"))))
+    with pytest.raises(ValueError, match="the processor has no chat template, so benchmark questions cannot be put"):
+        VQAModel.load(str(tmp_path))

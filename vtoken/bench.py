@@ -25,7 +25,7 @@ import torch
 import vtoken
 from vtoken import signals
 from vtoken.accounting import flops
-from vtoken.bench_args import DEFAULT_BUDGETS
+from vtoken.bench_args import DEFAULT_BUDGETS, check_run_arguments
 from vtoken.bench_report import BenchRow, matched_cost_summary, oracle_gap_summary, to_markdown, write  # noqa: F401
 from vtoken.registry import get_strategy, strategy_names
 from vtoken.vqa.evaluate import on_model_device
@@ -250,6 +250,8 @@ def run(
     ``on_row(rows)`` is called after every measured row (the CLI writes its files there, so a crash
     keeps what was measured); ``bar`` shows a progress bar over the whole sweep on stderr.
     """
+    methods, budgets, trained, configs, model_path = check_run_arguments(
+        methods, budgets, model_path, repeats, batch, data, limit, trained, configs, device, dtype, attn)
     vqa = _vqa_model(model_path, dtype, attn)
     model = vqa.model if vqa is not None else load_model(model_path, dtype, attn)
     from vtoken.adapters import adapter_for
@@ -261,7 +263,15 @@ def run(
         raise ValueError(
             f"--model: a {type(model).__name__} is benchmarked on questions put through its processor: save the "
             "model with its tokenizer and processor (with a chat template) in one directory")
+    if vqa is None and (data is not None or limit != 500):
+        progress(f"{model_path}: no tokenizer and processor saved with the model, so no questions are asked (data and "
+                 "limit do not apply): latency and FLOPs on synthetic inputs only; save the tokenizer and processor "
+                 "with the model for accuracy")
     records = _records(vqa, data, limit) if vqa is not None else None
+    if records and batch > len(records):
+        # The batch is timed on the records themselves: there are only these many.
+        progress(f"batch {batch}: the data holds {len(records)} question(s); timing batches of {len(records)}")
+        batch = len(records)
     one, many = (vqa.encode(records[:1]), vqa.encode(records[:batch])) if records else (
         synthetic_inputs(model, 1), synthetic_inputs(model, batch))
     one, many = on_model_device(one, model), on_model_device(many, model)
@@ -273,24 +283,29 @@ def run(
                 progress(f"{name}: {refused[name]}")
     names = methods or [n for n in strategy_names() if _runs_unassisted(n) and n not in refused]
     recall = vqa is not None and vqa.has_recall  # the benchmark's boxes map onto this model's tokens
-    needs_boxes = [n for n in names if signals.ANNOTATIONS in get_strategy(n).reads]
+    if configs is None:
+        configs = [(label, path) for label, path in shipped_tuned(model_path)
+                   if label.split(" ")[0] in names]
+    loaded = [(label, path, vtoken.load(path)) for label, path in configs]  # each read once
+    needs_boxes = [n for n in [*names, *(config.method for _, _, config in loaded)]
+                   if signals.ANNOTATIONS in get_strategy(n).reads]
     if needs_boxes and not (records and recall):
         raise ValueError(f"{needs_boxes[0]} reads the benchmark's boxes: run it on a model that answers the "
                          "benchmark (the default one, or a directory saved with its tokenizer and processor)")
+    if needs_boxes and not any(r.get("boxes") for r in records):
+        raise ValueError(f"{needs_boxes[0]} reads the benchmark's boxes, and no question of the data has any: give "
+                         "data whose records carry boxes (as vtoken.vqa.data.generate writes them), or leave "
+                         f"{needs_boxes[0]} out")
     if records and recall and any(r.get("boxes") for r in records) and methods is None:
         names = [*names, "oracle"]
     if trained is None:  # the shipped weights, for the trained methods asked for (all by default)
         trained = [(m, w) for m, w in shipped_trained(model_path) if methods is None or m in methods]
-    if configs is None:
-        configs = [(label, path) for label, path in shipped_tuned(model_path)
-                   if label.split(" ")[0] in names]
     points = list(_points([n for n in names if not get_strategy(n).trained], budgets))
     # Trained weights and saved configs are wrapped once on this model before anything is measured: a
     # refusal (weights for another tower, a config for another family) is one line now, not the end
     # of a sweep that has run for an hour.
     for name, weights in trained:
         _check_wraps(model, f"--trained {name}={weights}", name, weights=weights)
-    loaded = [(label, path, vtoken.load(path)) for label, path in configs]  # each read once
     for label, path, config in loaded:
         _check_wraps(model, f"--configs {label}={path}", config=config)
 

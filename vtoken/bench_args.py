@@ -43,6 +43,13 @@ def shipped_path(path: str | None) -> str | None:
     return path
 
 
+def is_shipped_default(path: str | None) -> bool:
+    """Whether ``path`` is the tiny LLaVA the package ships (the default model), named by its path."""
+    shipped = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny-llava")
+    return (path is not None and os.path.isdir(os.path.expanduser(path)) and os.path.isdir(shipped)
+            and os.path.samefile(os.path.expanduser(path), shipped))
+
+
 def check_bench_arguments(args):
     """Every ``vtoken bench`` argument checked before any model runs: (methods, budgets, trained
     pairs, config pairs), lists split; ``args.model`` is resolved by :func:`shipped_path`."""
@@ -51,10 +58,11 @@ def check_bench_arguments(args):
     trained = check_pairs(args.trained, "--trained", "METHOD=DIR, e.g. tokenpacker=path/to/weights")
     configs = check_pairs(args.configs, "--configs", "LABEL=DIR, e.g. 'vflowopt (tuned)'=path/to/config")
     args.model = shipped_path(args.model)
+    if is_shipped_default(args.model):
+        args.model = None  # the default model named by its path: the same sweep, with its shipped weights
     check_model(args.model)
-    # (the upper bounds: a count past them ran until killed, growing memory, instead of being refused)
-    for flag, value, most in (("--limit", args.limit, 1_000_000), ("--repeats", args.repeats, 10_000),
-                              ("--batch-size", args.batch, 4096)):
+    for flag, value, most in (("--limit", args.limit, MOST["limit"]), ("--repeats", args.repeats, MOST["repeats"]),
+                              ("--batch-size", args.batch, MOST["batch"])):
         if value < 1:
             raise ValueError(f"{flag} must be at least 1, got {value}")
         if value > most:
@@ -77,6 +85,69 @@ def check_bench_arguments(args):
                              "(train them with vtoken train-projector)")
     check_model_download(args.model)
     return methods, budgets, trained, configs
+
+
+#: The largest counts ``--limit``, ``--repeats`` and ``--batch-size`` take (a count past them ran until
+#: killed, growing memory, instead of being refused).
+MOST = {"limit": 1_000_000, "repeats": 10_000, "batch": 4096}
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
+ATTENTION_NAMES = ("sdpa", "eager", "flash_attention_2")
+
+
+def check_run_arguments(methods, budgets, model_path, repeats, batch, data, limit, trained, configs, device, dtype,
+                        attn) -> tuple[list[str] | None, list[str], list | None, list | None, str | None]:
+    """``vtoken.bench.run``'s arguments as Python gives them, checked as ``vtoken bench`` checks its
+    flags and before any model loads: (methods, budgets as text, trained pairs, config pairs, model
+    path), names given twice measured once. Each bad value is a one-line ValueError naming the
+    argument (``limit=0``: an IndexError from the sweep's first batch before)."""
+    def names(value, argument: str, example: str) -> list[str] | None:
+        if value is None:
+            return None
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):  # 'fastv' is not ['f', 'a', ...]
+            raise ValueError(f"{argument} must be a list, e.g. {argument}={example}, got {value!r}")
+        if not value:
+            raise ValueError(f"{argument}=[] names nothing; name at least one, or leave {argument} out for the default")
+        if not all(isinstance(v, str) for v in value):
+            raise ValueError(f"{argument} must be a list of strings, e.g. {argument}={example}, got {value!r}")
+        return list(dict.fromkeys(value))
+
+    methods = check_methods(names(methods, "methods", "['fastv', 'pool']"))
+    budgets = check_budgets(names([str(b) for b in budgets] if isinstance(budgets, (list, tuple)) else budgets,
+                                  "budgets", "['1', '1/9', '64']"))
+    for argument, value in (("limit", limit), ("repeats", repeats), ("batch", batch)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MOST[argument]:
+            raise ValueError(f"{argument} must be a whole number from 1 to {MOST[argument]:,}, got {value!r}")
+    if dtype is not None and dtype not in DTYPE_NAMES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPE_NAMES)} (or None for the checkpoint's), got {dtype!r}")
+    if attn is not None and attn not in ATTENTION_NAMES:
+        raise ValueError(f"attn must be one of {', '.join(ATTENTION_NAMES)} (or None for the model's default), "
+                         f"got {attn!r}")
+    check_device(device, attn)
+    if data is not None:
+        check_data(os.fspath(data))
+    pairs = []
+    for argument, value, example in (("trained", trained, "[('tokenpacker', 'path/to/weights')]"),
+                                     ("configs", configs, "[('vflowopt (tuned)', 'path/to/config')]")):
+        if value is None:
+            pairs.append(None)
+            continue
+        if not isinstance(value, (list, tuple)) or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in value):
+            raise ValueError(f"{argument} must be a list of (name, directory) pairs, e.g. {argument}={example}, "
+                             f"got {value!r}")
+        pairs.append(check_pairs([f"{name}={os.fspath(path)}" for name, path in value], f"--{argument}", example))
+    trained, configs = pairs
+    if trained:
+        check_methods([m for m, _ in trained], trained=True)
+        check_trained_weights(trained)
+    if configs:
+        check_configs(configs)
+    if model_path is not None:
+        model_path = shipped_path(os.fspath(model_path))
+        if is_shipped_default(model_path):
+            return methods, budgets, trained, configs, None  # the default model, with its shipped weights
+        check_model(model_path, "model_path=")
+        check_model_download(model_path, "model_path=")
+    return methods, budgets, trained, configs, model_path
 
 
 def check_pairs(values: list[str] | None, flag: str, example: str) -> list[tuple[str, str]] | None:
@@ -155,7 +226,19 @@ def check_configs(configs: list[tuple[str, str]]) -> None:
     import vtoken
     from vtoken.config import CONFIG_FILE
 
+    seen = set()
     for label, path in configs:
+        # A label names the config's row and its curve: one given twice, or a method's own name, would
+        # put two setups on one curve (the ranking then reads one's point as the other's); a '|' would
+        # split bench.md's table cell.
+        if not label or "|" in label:
+            raise ValueError(f"--configs {label}={path}: give a label without '|', e.g. 'vflowopt (tuned)'={path}")
+        if label in seen:
+            raise ValueError(f"--configs: the label {label!r} is given twice; give each config its own label")
+        if label in public_methods():
+            raise ValueError(f"--configs {label}={path}: {label!r} is a method's own name (its default rows); "
+                             f"label the config apart, e.g. '{label} (mine)'={path}")
+        seen.add(label)
         if not os.path.isfile(os.path.join(path, CONFIG_FILE)):
             raise ValueError(f"--configs {label}={path}: the directory holds no {CONFIG_FILE} (write one with "
                              "vtoken.save_config(model, DIR))")

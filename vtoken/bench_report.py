@@ -191,10 +191,13 @@ def matched_cost_summary(rows: list[BenchRow]) -> str:
             lines.append("  ranking: " + ", ".join(
                 f"{label}{' *' if label in in_llm else ''} {_pct(value)}" for value, label in placed))
             top = oracle.get(ref.budget)
-            if top is not None and abs(top.accuracy - ref.accuracy) > 1e-9:
+            if top is not None and top.accuracy - ref.accuracy > 1e-9:
                 span = top.accuracy - ref.accuracy
                 lines.append("  between random (0) and oracle (1): " + ", ".join(
-                    f"{label} {(value - ref.accuracy) / span:.2f}" for value, label in placed))
+                    f"{label} {round((value - ref.accuracy) / span, 2) + 0.0:.2f}" for value, label in placed))
+            elif top is not None:  # the scale would run backwards (too few questions to tell them apart)
+                lines.append(f"  between random and oracle: not placed, the oracle ({_pct(top.accuracy)}) does not beat "
+                             f"random ({_pct(ref.accuracy)}) here (answer more questions)")
         if unreached:
             lines.append("  does not reach this cost: " + ", ".join(unreached))
     if not lines:

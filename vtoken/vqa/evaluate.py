@@ -114,12 +114,9 @@ class ChatVQAModel(VQAModel):
 
     @classmethod
     def load(cls, path: str, **options) -> "ChatVQAModel":
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoModelForImageTextToText
 
-        processor = AutoProcessor.from_pretrained(path)
-        if not getattr(processor, "chat_template", None):
-            raise ValueError(f"{path}: the processor has no chat template, so benchmark questions cannot be "
-                             "put to the model; save one with the processor (processor.chat_template = ...)")
+        processor = _chat_processor(path)
         model = AutoModelForImageTextToText.from_pretrained(path, **options).eval()
         processor.tokenizer.padding_side = "left"
         return cls(model, processor.tokenizer, processor.image_processor, 0, processor,
@@ -145,6 +142,18 @@ class ChatVQAModel(VQAModel):
         return []
 
 
+def _chat_processor(path: str):
+    """The processor saved at ``path``, refused in one line (before the model loads) when it has no
+    chat template to put the benchmark's questions with."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(path)
+    if not getattr(processor, "chat_template", None):
+        raise ValueError(f"{path}: the processor has no chat template, so benchmark questions cannot be "
+                         "put to the model; save one with the processor (processor.chat_template = ...)")
+    return processor
+
+
 def _image_side(image_processor) -> int:
     """The square size images are resized or cropped to (a multiple of 12, for the generator's grid)."""
     for key in ("crop_size", "size"):
@@ -167,11 +176,11 @@ class QwenVQAModel(ChatVQAModel):
     @classmethod
     def load(cls, path: str, **options) -> "QwenVQAModel":
         import transformers
-        from transformers import AutoConfig, AutoProcessor
+        from transformers import AutoConfig
 
         model_type = AutoConfig.from_pretrained(path).model_type
+        processor = _chat_processor(path)
         model = getattr(transformers, cls.MODEL_TYPES[model_type]).from_pretrained(path, **options).eval()
-        processor = AutoProcessor.from_pretrained(path)
         processor.tokenizer.padding_side = "left"
         image_size, cell, side = cls._grid(processor.image_processor)
         return cls(model, processor.tokenizer, processor.image_processor, side * side, processor, image_size)
@@ -192,6 +201,18 @@ class QwenVQAModel(ChatVQAModel):
     @property
     def has_recall(self) -> bool:
         return True
+
+    def encode(self, records: list[dict]) -> dict:
+        """As the chat families, with every image resized to the one square size the grid assumes: an
+        image of another size or shape would get another grid from the processor (its tokens no
+        longer the cells ``relevant`` maps boxes onto, nor the count the FLOPs are given), while
+        ``relevant`` scales a record's boxes from its own ``image_size``."""
+        side = self.grid[0]
+        resized = []
+        for record in records:
+            image = record["pil"] if "pil" in record else load_image(record)
+            resized.append({**record, "pil": image if image.size == (side, side) else image.resize((side, side))})
+        return super().encode(resized)
 
     def relevant(self, record: dict) -> list[int]:
         """Image-local LLM-token indices (merged cells, row-major) of the record's boxes."""
