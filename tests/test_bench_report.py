@@ -83,6 +83,8 @@ def test_plots_are_written(tmp_path):
     from vtoken.bench_report import curves
 
     assert curves(rows)["random"] == [(9.0, 0.90), (4.0, 0.60), (3.0, 0.5), (2.0, 0.45)]
+    # a later run into the same folder without recall takes the earlier recall plot away with it
+    assert set(plot(ROWS, str(tmp_path))) == {"accuracy"} and not (tmp_path / "recall_vs_flops.png").exists()
 
 
 def test_the_cli_writes_every_row_as_it_finishes(tmp_path, monkeypatch, capsys):

@@ -176,6 +176,21 @@ def test_bad_train_projector_arguments_are_one_line_before_the_model_loads(argv,
     assert not (tmp_path / "out").exists()
 
 
+def test_train_projector_checks_its_init_directory_and_leaves_no_empty_out(tmp_path, capsys):
+    """--init of a directory without packer weights is refused before the model loads; a refusal once
+    the model has loaded (--layers past the tower) takes back the --out directory the call made."""
+    from vtoken.bench import default_model_path
+
+    (tmp_path / "empty").mkdir()
+    base = ["train-projector", "--model", default_model_path(), "--data", "generated", "--n", "2", "--steps", "1",
+            "--out", str(tmp_path / "out")]
+    assert main([*base, "--init", str(tmp_path / "empty")]) == 2
+    assert "holds no packer_config.json (give the --out directory of an earlier" in capsys.readouterr().err
+    assert main([*base, "--layers", "99"]) == 2
+    assert "layers [99] go past the 4-layer vision tower" in capsys.readouterr().err.splitlines()[-1]
+    assert not (tmp_path / "out").exists()
+
+
 def test_train_projector_out_must_not_be_a_file(tmp_path, capsys):
     from vtoken.bench import default_model_path
 

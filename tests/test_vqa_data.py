@@ -216,3 +216,15 @@ def test_load_jsonl_missing_image(tmp_path):
     (tmp_path / "d.jsonl").write_text(json.dumps({"image": "nope.png", "question": "q", "answer": "a"}))
     with pytest.raises(FileNotFoundError):
         load_jsonl(tmp_path / "d.jsonl")
+
+
+def test_a_corrupt_image_is_named_with_its_line_even_when_the_record_gives_its_size(tmp_path):
+    """A record with image_size skipped the image; its corrupt file failed after the model loaded,
+    naming neither file nor line."""
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    data = tmp_path / "records.jsonl"
+    data.write_text("\n".join(json.dumps({"image": name, "question": "q", "answer": "a", "image_size": [8, 8]})
+                              for name in ("ok.png", "bad.png")) + "\n")
+    with pytest.raises(ValueError, match=r"records.jsonl:2: cannot read the image .*bad.png"):
+        load_jsonl(data)

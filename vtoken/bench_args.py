@@ -447,5 +447,12 @@ def check_train_projector_arguments(args) -> None:
         raise ValueError(f"--save-every must be 0 (checkpoint at the end only) or more, got {args.save_every}")
     if args.init not in ("random", "projector") and not os.path.isdir(args.init):
         raise ValueError(f"--init {args.init!r}: write random, projector or a packer directory (stage 2)")
+    if args.init not in ("random", "projector"):
+        from vtoken.packer import CONFIG_NAME, WEIGHTS_NAME
+
+        missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if not os.path.isfile(os.path.join(args.init, name))]
+        if missing:
+            raise ValueError(f"--init {args.init!r}: the directory holds no {missing[0]} (give the --out directory of "
+                             "an earlier vtoken train-projector run, or random / projector)")
     check_threads(args.threads)
     check_model_download(args.model)

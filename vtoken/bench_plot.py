@@ -39,6 +39,9 @@ def plot(rows: list[BenchRow], out: str) -> dict[str, str]:
     ):
         lines = curves(rows, metric)
         if not lines:
+            stale = os.path.join(out, name)
+            if os.path.isfile(stale):  # an earlier run's plot of a metric this run has not: not this run's result
+                os.remove(stale)
             continue
         fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
         colours = iter(plt.get_cmap("tab10").colors * 3)

@@ -207,12 +207,20 @@ def _train_projector(args) -> int:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    train_projector(
-        args.model, args.data, out=args.out, scale=args.scale, stage=args.stage, steps=args.steps,
-        epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum, seed=args.seed,
-        init=args.init, layers=args.layers, generated=args.n, save_every=args.save_every,
-        resume=not args.no_resume, mixed_precision=args.mixed_precision, device="cpu" if args.cpu else None,
-    )
+    made_out = not os.path.exists(args.out)
+    try:
+        train_projector(
+            args.model, args.data, out=args.out, scale=args.scale, stage=args.stage, steps=args.steps,
+            epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum, seed=args.seed,
+            init=args.init, layers=args.layers, generated=args.n, save_every=args.save_every,
+            resume=not args.no_resume, mixed_precision=args.mixed_precision, device="cpu" if args.cpu else None,
+        )
+    except BaseException:
+        # A refusal once the model has loaded (--layers past its depth, an --init it cannot take) leaves
+        # no empty --out behind that this call made; anything written there stays.
+        if made_out and os.path.isdir(args.out) and not os.listdir(args.out):
+            os.rmdir(args.out)
+        raise
     print(f"TokenPacker weights in {args.out}: vtoken.wrap(model, 'tokenpacker', weights={args.out!r})")
     return 0
 

@@ -567,12 +567,11 @@ def load_jsonl(path: str | Path) -> list[dict]:
         rec.setdefault("boxes", [])
         rec.setdefault("family", "all")
         rec.setdefault("id", f"{path.stem}-{line_no}")
-        if "image_size" not in rec:
-            try:
-                with Image.open(image) as im:
-                    rec["image_size"] = list(im.size)
-            except OSError as error:
-                raise ValueError(f"{path}:{line_no}: cannot read the image {image} ({error})") from None
+        try:  # opened even where the record gives its size: a corrupt image is named with its line now
+            with Image.open(image) as im:  # (the header only: the pixels are read when the image is used)
+                rec.setdefault("image_size", list(im.size))
+        except OSError as error:
+            raise ValueError(f"{path}:{line_no}: cannot read the image {image} ({error})") from None
         records.append(rec)
     return records
 
