@@ -278,9 +278,11 @@ def test_an_open_clip_block_of_its_own_attention_is_refused_at_wrap_by_methods_t
         vtoken.wrap(model, "visionzip", keep=0.25)
     assert not vtoken.is_wrapped(model)
     # ToMe (it splits each block into attention and MLP) likewise; methods() says so in its limits.
-    with pytest.raises(ValueError, match=r"blocks are CustomResidualAttentionBlock, not the ResidualAttentionBlock"):
-        vtoken.wrap(model, "tome", keep=0.25)
-    assert not vtoken.is_wrapped(model)
+    # At every budget: keep=1.0 and r=0 (no merging stage) were accepted on blocks ToMe cannot split.
+    for options in ({"keep": 0.25}, {"keep": 1.0}, {"r": 0}):
+        with pytest.raises(ValueError, match=r"CustomResidualAttentionBlock blocks, not the ResidualAttentionBlock"):
+            vtoken.wrap(model, "tome", **options)
+        assert not vtoken.is_wrapped(model)
     listing = {m["name"]: m for m in vtoken.methods()}
     assert listing["tome"]["families"]["open_clip ViT"] == "runs"
     assert "block_type='custom'" in listing["tome"]["limits"]["open_clip ViT"]
@@ -762,3 +764,28 @@ def test_site_none_names_the_vision_site_of_a_vision_only_model():
     with pytest.raises(ValueError, match=rf"site=None: timm ViT is a vision-only model; use site='vision' with layer=0..{DEPTH - 1}"):
         vtoken.wrap(model, "random", site=None, keep=0.5)
     assert not vtoken.is_wrapped(model)
+
+
+def test_a_timm_attention_mask_for_the_embedded_tokens_is_refused_once_they_are_fewer():
+    """timm's forward(x, attn_mask=..., is_causal=...) hands every block the caller's mask: once a
+    stage has pruned or merged, it no longer fits (a raw shape error from timm's attention, or from
+    ToMe's halves), and ToMe's size bias cannot run beside is_causal (SDPA's error). Keep-all runs
+    with both, as the plain model."""
+    pytest.importorskip("timm")
+    model, x = VISION_FAMILIES["timm"].make(), images(2)
+    tokens = model.patch_embed(x).shape[1] + model.num_prefix_tokens
+    mask = torch.zeros(2, 1, tokens, tokens)
+    mask[..., tokens // 2:] = float("-inf")
+    with torch.no_grad():
+        plain = model(x, attn_mask=mask)
+        with vtoken.pruned(model, "random", keep=1.0):
+            assert torch.equal(model(x, attn_mask=mask), plain)
+        for method, call, message in (
+                ("random", lambda: model(x, attn_mask=mask), rf"attn_mask covers the {tokens} tokens the model "
+                                                             rf"embedded, but random has left \d+ by this block"),
+                ("tome", lambda: model(x, attn_mask=mask), "attn_mask covers the"),
+                ("tome", lambda: model(x, is_causal=True), "is_causal=True cannot run beside tome's size bias")):
+            with vtoken.pruned(model, method), pytest.raises(ValueError, match=message) as error:
+                call()
+            assert "\n" not in str(error.value)
+        assert torch.equal(model(x, attn_mask=mask), plain)

@@ -101,6 +101,16 @@ class OpenClipAdapter(VisionEncoderAdapter):
         gap = super().unavailable(signal)
         if gap is None and _timm_trunk(self.tower) is not None:
             return timm_block_gap(self.vision_layers(), signal)
+        if gap is None and signal.name == signals.VISION_BLOCK_KEYS:
+            # What open_clip_block_halves splits, asked at wrap: at every budget, not only where a stage
+            # would split the blocks (ToMe at keep=1.0 or r=0 was accepted on blocks it cannot split).
+            from open_clip.transformer import ResidualAttentionBlock
+
+            other = next((b for b in self.vision_layers() if type(b) is not ResidualAttentionBlock
+                          or not isinstance(getattr(b, "attn", None), nn.MultiheadAttention)), None)
+            if other is not None:
+                return (f"{type(other).__name__} blocks, not the ResidualAttentionBlock vtoken splits into attention "
+                        "and MLP")
         if gap is None and signal.name == signals.VISION_ATTENTION:
             layered = signal.name in signals.VISION_LAYERED
             blocks = self.vision_layers()

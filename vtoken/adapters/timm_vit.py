@@ -67,6 +67,33 @@ class TimmViTAdapter(VisionEncoderAdapter):
     def feature_map_modules(self) -> list[nn.Module]:
         return [self.model]
 
+    def install(self, pruner, undo: UndoStack) -> None:
+        super().install(pruner, undo)
+        # After the stages' own hooks: a block sees the tokens they left.
+        for block in self.vision_layers():
+            undo.pre_hook(block, self._refuse_stale_mask, with_kwargs=True)
+
+    def _refuse_stale_mask(self, block, args, kwargs):
+        """timm's ``forward(x, attn_mask=..., is_causal=...)`` hands every block the caller's mask, made
+        for the tokens the model embedded: refused in one line once pruning or merging has left fewer
+        (timm's attention raised a shape error), as is ``is_causal`` beside ToMe's size bias, which it
+        passes as a mask (SDPA takes one or the other)."""
+        mask, causal = kwargs.get("attn_mask"), kwargs.get("is_causal", False)
+        if mask is None and not causal:
+            return None
+        method = self.pruner.strategy.name
+        hidden = args[0] if args else kwargs.get("x")
+        if mask is not None and hidden is not None and mask.shape[-1] != hidden.shape[-2]:
+            raise ValueError(
+                f"attn_mask covers the {mask.shape[-1]} tokens the model embedded, but {method} has left "
+                f"{hidden.shape[-2]} by this block; call the model without attn_mask, or vtoken.unwrap(model) "
+                "first to mask the tokens")
+        if causal and self.pruner.strategy.inside_block() is not None:
+            raise ValueError(
+                f"is_causal=True cannot run beside {method}'s size bias (which the attention takes as its mask); "
+                "call the model without is_causal, or vtoken.unwrap(model) first")
+        return None
+
 
 def timm_vision_spec(vit: nn.Module) -> VisionSpec:
     """The description of a timm ``VisionTransformer`` tower (also open_clip's timm trunks). Blocks
