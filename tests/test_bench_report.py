@@ -258,3 +258,16 @@ def test_the_default_model_named_by_its_path_runs_as_the_default(tmp_path):
     rows = run(methods=["tokenpacker"], budgets=["1"], model_path=default_model_path(), limit=2, repeats=1, batch=1,
                progress=lambda _: None)
     assert [r.kept_tokens for r in rows] == [144, 36, 16]
+
+
+def test_points_not_measured_are_named_in_bench_md(tmp_path, capsys):
+    """A budget a method cannot meet was said on stderr only; bench.md kept no trace of the skip."""
+    from vtoken.cli import main
+
+    out = tmp_path / "out"
+    assert main(["bench", "--methods", "tome", "--budgets", "1/3", "1/9", "--limit", "2", "--repeats", "1",
+                 "--out", str(out)]) == 0
+    text = (out / "bench.md").read_text()
+    assert "Not measured: tome @ 1/9: skipped: tome cannot merge 144 patch tokens down to 16" in text
+    assert "| tome | 1/3 |" in text and "| tome | 1/9 |" not in text
+    assert "tome @ 1/9: skipped" in capsys.readouterr().err

@@ -238,6 +238,7 @@ def run(
     methods=None, budgets=DEFAULT_BUDGETS, model_path=None, repeats=5, batch=8, data=None, limit=500,
     progress=print, trained=None, configs=None, device=None, dtype=None, attn=None,
     on_row: Callable[[list[BenchRow]], None] | None = None, bar: bool = False,
+    skipped: list[str] | None = None,
 ) -> list[BenchRow]:
     """Benchmark every method at every budget. With a VQA model (the shipped tiny LLaVA, or a
     directory holding a tokenizer and image processor) also accuracy on ``data`` (a JSONL file in
@@ -248,8 +249,11 @@ def run(
     ``methods`` names others only. ``configs`` lists (label, saved config) pairs run as extra rows (by
     default the tuned configs shipped for the default model, for the methods in the sweep).
     ``on_row(rows)`` is called after every measured row (the CLI writes its files there, so a crash
-    keeps what was measured); ``bar`` shows a progress bar over the whole sweep on stderr.
+    keeps what was measured); ``bar`` shows a progress bar over the whole sweep on stderr. ``skipped``,
+    when given, receives a line for each point not measured and why (a method the family refuses, a
+    budget the method cannot meet), as ``progress`` does.
     """
+    skipped = [] if skipped is None else skipped
     methods, budgets, trained, configs, model_path = check_run_arguments(
         methods, budgets, model_path, repeats, batch, data, limit, trained, configs, device, dtype, attn)
     vqa = _vqa_model(model_path, dtype, attn)
@@ -280,7 +284,8 @@ def run(
     if methods is None:
         for name in strategy_names():
             if _runs_unassisted(name) and name in refused:
-                progress(f"{name}: {refused[name]}")
+                skipped.append(f"{name}: {refused[name]}")
+                progress(skipped[-1])
     names = methods or [n for n in strategy_names() if _runs_unassisted(n) and n not in refused]
     recall = vqa is not None and vqa.has_recall  # the benchmark's boxes map onto this model's tokens
     if configs is None:
@@ -360,7 +365,8 @@ def run(
             try:
                 vtoken.wrap(model, name, **option)
             except ValueError as error:  # a budget this method cannot meet on this model: say so, go on
-                ticker.done(f"{name} @ {text}: skipped: {error}")
+                skipped.append(f"{name} @ {text}: skipped: {error}")
+                ticker.done(skipped[-1])
                 continue
             measure_wrapped(name, text, option)
         for name, weights in trained:

@@ -151,17 +151,18 @@ def _run(args, argv) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     command = "vtoken " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    written = {}
+    written, skipped = {}, []
 
-    def save(rows):
-        written.update(write(rows, args.out, command))
+    def save(rows):  # (the points skipped so far go into bench.md too, as notes)
+        written.update(write(rows, args.out, command, notes=[f"Not measured: {line}" for line in skipped]))
 
     rows = bench_module.run(
         methods=methods, budgets=budgets, model_path=args.model, repeats=args.repeats, batch=args.batch,
         data=args.data, limit=args.limit, trained=trained, configs=configs, device=args.device,
         dtype=args.dtype, attn=args.attn, on_row=save, bar=sys.stderr.isatty(),
-        progress=lambda line: print(line, file=sys.stderr),
+        progress=lambda line: print(line, file=sys.stderr), skipped=skipped,
     )
+    save(rows)  # the skips after the last row too
     written.update(plot(rows, args.out))
     print(short_table(rows))
     summary = matched_cost_summary(rows)
