@@ -308,20 +308,24 @@ def test_bad_options_are_refused_before_the_model_changes(options, message):
 
 def test_scoring_cost_follows_how_the_projector_is_scored():
     """LLaVA's two-layer projector is scored from its structure: its first layer once over the 16 patch
-    tokens and m = 8 second-layer passes (on the activation differences), rank r with projector_rank;
-    a projector of another shape gets the generic 2m full passes."""
+    tokens and the 8 directions, and m = 8 second-layer passes (on the activation differences), rank r
+    with projector_rank; then the diverse selection, each of the 4 picks against the 16 projected
+    tokens (2·k·N·d); a projector of another shape gets the generic 2m full passes."""
     model = tiny_llava()
     x = llava_inputs(1)
+    selection = 2 * 4 * 16 * 64
     with vtoken.pruned(model, "zoo_prune", keep_tokens=4, directions=8):
         assert vtoken.schedule_of(model).scoring == (ScoringCost("projector_sensitivity", passes=8),)
         report = vtoken.flops(model, vtoken.schedule_of(model))
-        # Linear(32 -> 64) once, then 8 x Linear(64 -> 64), over 16 tokens.
-        assert report.scoring == 2 * 16 * 32 * 64 + 8 * 2 * 16 * 64 * 64
+        # Linear(32 -> 64) once over 16 tokens and 8 directions, then 8 x Linear(64 -> 64) over 16 tokens.
+        assert report.scoring == 2 * (16 + 8) * 32 * 64 + 8 * 2 * 16 * 64 * 64 + selection
     with vtoken.pruned(model, "zoo_prune", keep_tokens=4, directions=8, projector_rank=5):
-        assert vtoken.flops(model, vtoken.schedule_of(model)).scoring == 2 * 16 * 32 * 64 + 8 * 2 * 16 * 64 * 5
+        assert vtoken.flops(model, vtoken.schedule_of(model)).scoring == \
+            2 * (16 + 8) * 32 * 64 + 8 * 2 * 16 * 64 * 5 + selection
     # Qwen's merger (a LayerNorm over each of the G = 4 encoder tokens of a merged row first): its first
-    # layer once, and per (token, direction) pair the norm's G cross terms (2·in), two G-term sums of
-    # hidden-wide rows per sign (8·G·hidden) and the second layer on the difference.
+    # layer once, and per (token, direction) pair the norm's G cross terms (2·in), per sign a
+    # (G + 1)-term and a G-term sum of hidden-wide rows (8·G·hidden + 4·hidden) and the second layer
+    # on the difference.
     from tiny import tiny_qwen2_vl
 
     from vtoken.accounting import model_dims
@@ -331,8 +335,9 @@ def test_scoring_cost_follows_how_the_projector_is_scored():
         report = vtoken.flops(qwen, image_size=(32, 32))
     tokens, p = report.visual_tokens, model_dims(qwen.config).projector  # merge units: the merger's input rows
     assert p.norm_groups == 4
-    assert report.scoring == 2 * tokens * p.in_dim * p.hidden + 8 * tokens * (
-        2 * p.hidden * p.out_dim + 2 * p.in_dim + 8 * 4 * p.hidden)
+    kept = report.layer_visual_tokens[0]  # the default budget's picks
+    assert report.scoring == 2 * (tokens + 8) * p.in_dim * p.hidden + 8 * tokens * (
+        2 * p.hidden * p.out_dim + 2 * p.in_dim + (8 * 4 + 4) * p.hidden) + 2 * kept * tokens * p.out_dim
 
 
 @pytest.mark.parametrize("name", ["llava", "next"])
@@ -670,5 +675,5 @@ def test_a_rank_proxy_runs_on_a_merger(family):
         from vtoken.accounting import model_dims
 
         p, tokens = model_dims(model.config).projector, report.visual_tokens
-        assert report.scoring == 2 * tokens * p.in_dim * p.hidden + 8 * tokens * (
-            2 * p.hidden * 8 + 2 * p.in_dim + 8 * 4 * p.hidden)
+        assert report.scoring == 2 * (tokens + 8) * p.in_dim * p.hidden + 8 * tokens * (
+            2 * p.hidden * 8 + 2 * p.in_dim + (8 * 4 + 4) * p.hidden) + 2 * 3 * tokens * p.out_dim

@@ -175,14 +175,15 @@ def projector_flops(p: ProjectorDims, tokens: int) -> int:
 def projector_sensitivity_flops(p: ProjectorDims, tokens: int, directions: int, rank: int = 0) -> int:
     """ZOO-Prune's sensitivity of ``tokens`` tokens along ``directions`` directions, computed from the
     projector's structure (``zo_sensitivity_two_layer``): the first layer once per token
-    (2·n·in·hidden; once per direction too, m rows, not counted) and per (token, direction) pair one
+    (2·n·in·hidden) and once per direction (2·m·in·hidden), and per (token, direction) pair one
     second-layer pass on the activation difference (2·hidden·out, ``out`` = ``rank`` for a rank-r
     proxy). With a norm over G = ``norm_groups`` rows of each token first (Qwen's merger) each pair
-    also pays the norm's G cross terms (2·in) and, per sign, two G-term sums of hidden-wide rows
-    (8·G·hidden; ``_normed_pre_activations``)."""
+    also pays the norm's G cross terms (2·in) and, per sign, a (G + 1)-term sum (the first layer's
+    shift is one more term) and a G-term sum of hidden-wide rows (8·G·hidden + 4·hidden;
+    ``_normed_pre_activations``)."""
     second = rank if rank else p.out_dim
-    per_pair = 2 * p.hidden * second + (2 * p.in_dim + 8 * p.norm_groups * p.hidden if p.norm_groups else 0)
-    return 2 * tokens * p.in_dim * p.hidden + directions * tokens * per_pair
+    per_pair = 2 * p.hidden * second + (2 * p.in_dim + (8 * p.norm_groups + 4) * p.hidden if p.norm_groups else 0)
+    return 2 * (tokens + directions) * p.in_dim * p.hidden + directions * tokens * per_pair
 
 
 def deepstack_flops(dims: ModelDims, schedule: Schedule, geo: Geometry) -> int:
@@ -460,14 +461,21 @@ def _config_or_encoder(source: Any):
 def per_sample(schedule: Schedule, images: int) -> Schedule:
     """A wrapped model's schedule for one image (``schedule_of``) as the schedule of a sample of
     ``images`` such images: a budget counts per image (README Budgets), so the projector and LLM
-    stages keep ``images`` times their count, as does an evicting mask stage's cache, and a per-image
-    scoring count (``"flops"``) is paid per image; vision stages count per crop already."""
+    stages keep ``images`` times their count, as does an evicting mask stage's cache, a per-image
+    scoring count (``"flops"``) is paid per image, and rows rerun from the first image's end
+    (``later_images``) take in every later image's visual tokens; vision stages count per crop already."""
     if images == 1:
         return schedule
     stages = tuple(stage if stage.site == "vision" else dataclasses.replace(stage, keep_tokens=stage.keep_tokens * images)
                    for stage in schedule.stages)
-    scoring = tuple(dataclasses.replace(cost, flops=cost.flops * images) if cost.kind == "flops" else cost
-                    for cost in schedule.scoring)
+    def scaled(cost: ScoringCost) -> ScoringCost:
+        if cost.kind == "flops":
+            return dataclasses.replace(cost, flops=cost.flops * images)
+        if cost.later_images and schedule.visual_tokens is not None:  # every image after the first, rerun
+            return dataclasses.replace(cost, rows=cost.rows + (images - 1) * schedule.visual_tokens)
+        return cost
+
+    scoring = tuple(scaled(cost) for cost in schedule.scoring)
     evicted = schedule.cache_evicted
     return dataclasses.replace(
         schedule, stages=stages, scoring=scoring, images=images,
@@ -558,6 +566,16 @@ def _projector_tokens(dims: ModelDims, schedule: Schedule, geo: Geometry) -> int
         return geo.projector_tokens
     cls = dims.vision.cls_tokens if dims.keep_cls else 0
     return geo.crops * (_kept_patches(schedule, geo) // dims.vision.merge**2 + cls)
+
+
+def _sensitivity_tokens(dims: ModelDims, schedule: Schedule, geo: Geometry) -> int:
+    """The tokens ZOO-Prune's sensitivity is taken of: the candidates of its projector stage, each
+    from its projector input. A family that packs its crops (LLaVA-NeXT, OneVision) scores the packed
+    tokens, newlines out: what unpadding, OneVision's resize and a video's 2x2 pooling leave, not
+    every crop's patches (a 32-frame OneVision video: 6272 of 23328). Otherwise every projector input."""
+    if geo.newlines and not _vision_stages(schedule):
+        return geo.visual_tokens - geo.newlines
+    return _projector_tokens(dims, schedule, geo)
 
 
 def _pre_llm_visual(dims: ModelDims, schedule: Schedule, geo: Geometry) -> int:
@@ -662,8 +680,14 @@ def _scoring_cost_flops(cost: ScoringCost, dims: ModelDims, schedule: Schedule, 
     if cost.kind == "projector_passes":
         return cost.passes * projector_flops(dims.projector, _projector_tokens(dims, schedule, geo))
     if cost.kind == "projector_sensitivity":
-        return projector_sensitivity_flops(dims.projector, _projector_tokens(dims, schedule, geo), cost.passes,
-                                           cost.rows)
+        # ... and the diverse selection after it (ZOO-Prune's Eq. 9, greedy_diverse_selection): each of
+        # an image's k picks takes the cosine of its projected token with all N of the image's
+        # candidates, 2·k·N·d.
+        stage = next((s for s in schedule.stages if s.site == "projector"), None)
+        per_image = _pre_llm_visual(dims, Schedule(visual_tokens=schedule.visual_tokens), geo) // max(schedule.images, 1)
+        selection = 0 if stage is None else 2 * stage.keep_tokens * per_image * dims.projector.out_dim
+        return selection + projector_sensitivity_flops(dims.projector, _sensitivity_tokens(dims, schedule, geo),
+                                                       cost.passes, cost.rows)
     if cost.kind in ("vision_token_matching", "llm_token_matching"):
         site = cost.kind.split("_")[0]
         stage = next((s for s in schedule.stages if s.site == site and s.layer == cost.layer), None)

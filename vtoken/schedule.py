@@ -141,6 +141,10 @@ class ScoringCost:
         layer's whole attention map, recomputed beside the model's own attention; VFlowOpt).
       - ``"llm_rerun_rows"``: ``rows`` tokens run (again) through every LLM layer from ``layer``
         on, each attending to all the prompt's tokens (AIF's masked text rows, its probe step).
+        With ``later_images``, a sample of several images reruns every image after the first too
+        (AIF recomputes every slot from the first text token after the first image's masked tokens):
+        :func:`vtoken.accounting.per_sample` adds their visual tokens to ``rows``; the text between
+        the images is not known to the schedule and not counted (one or two template tokens each).
       - ``"flops"``: an explicit count, ``flops``, for anything else.
     """
 
@@ -155,6 +159,7 @@ class ScoringCost:
     flops: float = 0.0
     keys_reused: bool = False
     keys_cached: bool = False
+    later_images: bool = False
 
 
 @dataclass(frozen=True)

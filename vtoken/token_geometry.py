@@ -42,6 +42,9 @@ class Geometry:
     #: AnyRes (LLaVA-NeXT, LLaVA-OneVision, ``"true"`` convention): what a vision-site stage leaves of
     #: one image. See :class:`AnyresLayout`; None for every other geometry.
     anyres: "AnyresLayout | None" = None
+    #: Of ``visual_tokens``, the newline tokens the family packs in (``"true"`` convention: one per grid
+    #: row of a LLaVA-NeXT / OneVision image, one per OneVision video); no patch stands behind them.
+    newlines: int = 0
 
 
 @dataclass(frozen=True)
@@ -189,7 +192,8 @@ def _llava_next_geometry(dims: ModelDims, image_size, images: int, convention: s
         if not dims.keep_cls:  # (a CLS token per crop does not survive NeXT's packing: not modelled)
             anyres = AnyresLayout((patches, *_unpadded_crop_patches(image_size, grid_h, grid_w, side)), rows)
     return Geometry(crops=images * crops, patches=patches, projector_tokens=images * crops * per_crop,
-                    visual_tokens=images * visual, anyres=anyres)
+                    visual_tokens=images * visual, anyres=anyres,
+                    newlines=0 if convention == "paper" else images * rows)
 
 
 def _onevision_geometry(dims: ModelDims, image_size, images: int, convention: str) -> Geometry:
@@ -199,7 +203,8 @@ def _onevision_geometry(dims: ModelDims, image_size, images: int, convention: st
         visual = patches if convention == "paper" else patches + 1
         return Geometry(crops=images, patches=patches, projector_tokens=images * patches,
                         visual_tokens=images * visual,
-                        anyres=None if convention == "paper" else AnyresLayout((patches,), 1))
+                        anyres=None if convention == "paper" else AnyresLayout((patches,), 1),
+                        newlines=0 if convention == "paper" else images)
     grid_h, grid_w = _anyres_grid(dims, image_size)
     crops = 1 + grid_h * grid_w
     anyres = None
@@ -212,7 +217,7 @@ def _onevision_geometry(dims: ModelDims, image_size, images: int, convention: st
         resized = None if (rows, cols) == unpadded else (rows, cols, *unpadded)
         anyres = AnyresLayout((patches, *_unpadded_crop_patches(image_size, grid_h, grid_w, side)), rows, resized)
     return Geometry(crops=crops, patches=patches, projector_tokens=crops * patches, visual_tokens=visual,
-                    anyres=anyres)
+                    anyres=anyres, newlines=0 if convention == "paper" else rows)
 
 
 def _onevision_grid(dims: ModelDims, rows: int, cols: int) -> tuple[int, int]:
@@ -233,7 +238,7 @@ def _onevision_video_geometry(dims: ModelDims, frames: int, convention: str) -> 
     pooled = -(-side // 2)  # ceil(side / 2): apply_pooling's bilinear 2×2 downsampling
     visual = frames * pooled * pooled + (0 if convention == "paper" else 1)  # one newline per video
     return Geometry(crops=frames, patches=side * side, projector_tokens=frames * side * side,
-                    visual_tokens=visual)
+                    visual_tokens=visual, newlines=0 if convention == "paper" else 1)
 
 
 def _unpadded_grid(image_size, rows: int, cols: int) -> tuple[int, int]:

@@ -776,8 +776,13 @@ class VisionLanguageAdapter(VisionSite, Adapter):
         if spec.unit == 1:
             return spec.module
         # A module, not a closure: a strategy that runs the projector in another precision (ZOO-Prune's
-        # float32 perturbations of a half-precision model) reaches its parameters through it.
-        return MergingProjectorOnTokens(spec.module, self.description.vision.width)
+        # float32 perturbations of a half-precision model) reaches its parameters through it. One per
+        # wrap: what a strategy caches per projector module (ZOO-Prune's two-layer structure, found by
+        # probing the projector) is found once, not at every call.
+        merging = getattr(self, "_merging_projector", None)
+        if merging is None or merging.projector is not spec.module:
+            merging = self._merging_projector = MergingProjectorOnTokens(spec.module, self.description.vision.width)
+        return merging
 
     def _before_projector(self, module, args):
         """Keep every crop token's projector input, in its grid place (ZOO-Prune perturbs them)."""

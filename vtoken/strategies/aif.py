@@ -237,7 +237,8 @@ class AIFStrategy(Strategy):
         rows = 1 if self.config.query == "next" else instruction
         # Each probed layer has run: its keys are read from the KV cache (the mask stage adds one).
         costs = [ScoringCost("llm_attention_rows", layer=layer, rows=rows, keys_cached=True) for layer in range(layers)]
-        costs.append(ScoringCost("llm_rerun_rows", layer=0, rows=instruction))
+        # (From the first text token after the first image: with several images, the later ones too.)
+        costs.append(ScoringCost("llm_rerun_rows", layer=0, rows=instruction, later_images=True))
         if self.config.query == "next":
             costs.append(ScoringCost("llm_rerun_rows", layer=0, rows=1))
         return costs

@@ -20,8 +20,8 @@ notes on ZOO-Prune (§1.2) give them):
    structure instead (:func:`zo_sensitivity_two_layer`: the same ``S`` to float32 rounding, 1.24
    TFLOPs there); :meth:`ZooPruneStrategy.scoring_cost` reports ``ScoringCost("projector_sensitivity",
    passes=m)`` and ``vtoken.accounting.projector_sensitivity_flops`` counts it, so FLOPs include the
-   method's own work (for LLaVA-NeXT over every crop's patches, a slight overestimate since unpadding
-   removes some before scoring).
+   method's own work (for LLaVA-NeXT and OneVision over the packed tokens it scores: what unpadding,
+   the resize and a video's pooling leave of the crops' patches).
 
 2. **Sensitivity-aware diverse selection** (§3, "SADS" in the code). The sensitivity is min-max
    normalised per image, ``Ŝ(i) = (S(i) - min S) / (max S - min S + 1e-8)`` (all ones when it is
