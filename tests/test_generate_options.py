@@ -155,3 +155,24 @@ def test_a_text_only_prompt_keeps_its_chunks():
             out = model.generate(input_ids=text, max_new_tokens=STEPS, do_sample=False, prefill_chunk_size=8)
     assert forwards == -(-text.shape[1] // 8)
     assert torch.equal(out, plain)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2"])
+def test_continuous_batching_is_refused_before_its_loop_starts(family):
+    """generate_batch and generate(cache_implementation="paged") ran the wrapped model in
+    transformers' continuous-batching thread, which logged vtoken's error and returned no tokens (the
+    prompt alone from generate), even at keep=1.0: refused in one line before the loop starts, and
+    the plain model's continuous batching is back after unwrap."""
+    model = FAMILIES[family].make()
+    ids = [1, 75, 31, 41, 78, 30, 35, 75, 23, 5]
+    config = GenerationConfig(max_new_tokens=3, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    vtoken.wrap(model, "fastv", keep=1.0)
+    for call in (lambda: model.generate_batch(inputs=[ids], generation_config=config),
+                 lambda: model.generate(input_ids=torch.tensor([ids]), max_new_tokens=3, do_sample=False,
+                                        cache_implementation="paged")):
+        with pytest.raises(ValueError, match=r"vtoken does not serve continuous batching .* call generate with a "
+                                             r"batch instead, or vtoken.unwrap\(model\) first") as error:
+            call()
+        assert "\n" not in str(error.value)
+    vtoken.unwrap(model)
+    assert "init_continuous_batching" not in vars(model)

@@ -368,6 +368,18 @@ def prefill_chunk_size(model: nn.Module, generate_kwargs: dict) -> int | None:
     return None
 
 
+#: The model method every continuous-batching entry (``generate_batch``, the context manager) goes
+#: through, and the ``generate`` keyword value that switches to it (both transformers >= 5.0).
+CONTINUOUS_BATCHING_ENTRY = "init_continuous_batching"
+PAGED_CACHE = "paged"
+
+
+def asks_continuous_batching(generate_kwargs: dict) -> bool:
+    """Whether ``generate(**generate_kwargs)`` hands its prompts to continuous batching (a paged
+    cache), as generate decides it: by the keyword alone."""
+    return generate_kwargs.get("cache_implementation") == PAGED_CACHE
+
+
 def without_chunked_prefill(model: nn.Module, generate_kwargs: dict) -> dict:
     """``generate_kwargs`` asking for ``model``'s prompt in one forward. The keyword has generate's
     highest precedence. A ``generation_config`` passed in is copied without the option instead, as

@@ -58,6 +58,8 @@ def install_generate_wrapper(model: nn.Module, pruner: Pruner, undo: UndoStack,
 
     @functools.wraps(generate)
     def generate_on_wrapped_model(*args, **kwargs):
+        if compat.asks_continuous_batching(kwargs):
+            refuse_continuous_batching()
         size = compat.prefill_chunk_size(model, kwargs)
         if size is not None and has_visual_input(kwargs):
             warnings.warn(
@@ -79,3 +81,21 @@ def install_generate_wrapper(model: nn.Module, pruner: Pruner, undo: UndoStack,
             lengths.reset(token)
 
     undo.set_attribute(model, "generate", generate_on_wrapped_model)
+    entry = getattr(model, compat.CONTINUOUS_BATCHING_ENTRY, None)
+    if entry is not None:
+        @functools.wraps(entry)
+        def continuous_batching_on_wrapped_model(*args, **kwargs):
+            refuse_continuous_batching()
+
+        undo.set_attribute(model, compat.CONTINUOUS_BATCHING_ENTRY, continuous_batching_on_wrapped_model)
+
+
+def refuse_continuous_batching() -> None:
+    """Continuous batching (``generate_batch``, ``cache_implementation="paged"``) packs many requests'
+    tokens into one sequence over a paged cache, and hands the model token ids alone: nothing a
+    wrapped model prunes per prompt. Its loop runs the model in a thread that logs a failing forward
+    and returns no tokens, so the refusal comes before it starts."""
+    raise ValueError(
+        "vtoken does not serve continuous batching (generate_batch, init_continuous_batching, "
+        "cache_implementation='paged'): it packs many requests into one sequence and passes no images; "
+        "call generate with a batch instead, or vtoken.unwrap(model) first")
