@@ -25,7 +25,7 @@ import torch
 import vtoken
 from vtoken import signals
 from vtoken.accounting import flops
-from vtoken.bench_args import DEFAULT_BUDGETS, check_run_arguments
+from vtoken.bench_args import DEFAULT_BUDGETS, DEFAULT_LIMIT, check_run_arguments
 from vtoken.bench_report import BenchRow, matched_cost_summary, oracle_gap_summary, to_markdown, write  # noqa: F401
 from vtoken.registry import get_strategy, strategy_names
 from vtoken.vqa.evaluate import on_model_device
@@ -235,7 +235,7 @@ def shipped_tuned(model_path: str | None) -> list[tuple[str, str]]:
 
 
 def run(
-    methods=None, budgets=DEFAULT_BUDGETS, model_path=None, repeats=5, batch=8, data=None, limit=500,
+    methods=None, budgets=DEFAULT_BUDGETS, model_path=None, repeats=5, batch=8, data=None, limit=DEFAULT_LIMIT,
     progress=print, trained=None, configs=None, device=None, dtype=None, attn=None,
     on_row: Callable[[list[BenchRow]], None] | None = None, bar: bool = False,
     skipped: list[str] | None = None,
@@ -267,7 +267,7 @@ def run(
         raise ValueError(
             f"--model: a {type(model).__name__} is benchmarked on questions put through its processor: save the "
             "model with its tokenizer and processor (with a chat template) in one directory")
-    if vqa is None and (data is not None or limit != 500):
+    if vqa is None and (data is not None or limit != DEFAULT_LIMIT):
         progress(f"{model_path}: no tokenizer and processor saved with the model, so no questions are asked (data and "
                  "limit do not apply): latency and FLOPs on synthetic inputs only; save the tokenizer and processor "
                  "with the model for accuracy")

@@ -14,6 +14,8 @@ import re
 
 #: The budgets of the default sweep: the 192 / 128 / 64-of-576 points of the literature, and unpruned.
 DEFAULT_BUDGETS = ("1", "1/3", "2/9", "1/9")
+#: Questions a sweep answers unless told otherwise (``--limit``).
+DEFAULT_LIMIT = 500
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 

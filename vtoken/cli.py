@@ -12,7 +12,7 @@ import shlex
 import sys
 
 from vtoken.bench_args import (  # noqa: F401  (torch-free)
-    DEFAULT_BUDGETS, check_bench_arguments, check_train_projector_arguments,
+    DEFAULT_BUDGETS, DEFAULT_LIMIT, check_bench_arguments, check_train_projector_arguments,
 )
 
 #: Where ``vtoken bench`` writes when ``--out`` is not given (relative to the working directory).
@@ -103,7 +103,7 @@ def _add_bench(commands) -> None:
                        "(default: the shipped tiny LLaVA)")
     bench.add_argument("--data", help="a VQA JSONL file: image, question, answer per line (default: generated "
                        "test records)")
-    bench.add_argument("--limit", type=int, default=500, help="records to evaluate")
+    bench.add_argument("--limit", type=int, default=DEFAULT_LIMIT, help="records to evaluate")
     bench.add_argument("--repeats", type=int, default=5, help="timed prefills per point (median reported)")
     bench.add_argument("--batch-size", "--batch", dest="batch", type=int, default=8,
                        help="batch size of the throughput column")
