@@ -639,3 +639,21 @@ def test_logits_to_keep_as_positions_names_positions_of_the_prompt(family, metho
                 [x["attention_mask"], torch.ones(batch, 1, dtype=x["attention_mask"].dtype)], dim=1)}
             one = model(**step, **compat.cache_kwargs(compat.output_cache(out)), logits_to_keep=torch.tensor([0])).logits
             assert one.shape[:2] == (batch, 1)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_logits_to_keep_as_positions_on_a_text_only_prompt_passed_through(family):
+    """text_only="passthrough": a prompt without images under a tensor logits_to_keep (the README's
+    way to read a right-padded sample's last token) raised an AttributeError of vtoken's own record
+    of the text-only prefill; it gives the plain model's logits."""
+    model = FAMILIES[family].make()
+    ids = torch.tensor([[1, 12, 13, 14, 15, 16], [0, 0, 1, 17, 18, 19]])
+    mask = (ids != 0).long()
+    keep = torch.zeros_like(mask, dtype=torch.bool)
+    keep[:, -1] = True
+    with torch.no_grad():
+        plain = [model(input_ids=ids, attention_mask=mask, logits_to_keep=k).logits for k in (torch.tensor([5]), keep)]
+        with vtoken.pruned(model, "random", keep=0.5, text_only="passthrough"):
+            for k, expected in zip((torch.tensor([5]), keep), plain):
+                torch.testing.assert_close(model(input_ids=ids, attention_mask=mask, logits_to_keep=k).logits,
+                                           expected, rtol=1e-5, atol=1e-5)  # (all slots' head, then picked)

@@ -218,6 +218,7 @@ class TextOnlyPrefill:
         ]
         self.diagnostics: dict[str, dict[str, torch.Tensor]] = {}
         self.groups: list = []  # no layer group changed the sequence: labels and logits are the prompt's
+        self.prompt_groups = None  # (as a PruneRun's: no mask stage compacted decoding's layout)
 
 
 class PruneRun:
