@@ -486,3 +486,36 @@ def test_cli_trains_from_a_model_directory(vqa, tmp_path):
                "--steps", "1", "--batch-size", "2", "--init", "projector", "--out", str(tmp_path / "variant"), "--cpu"]
     assert main(variant) == 0
     assert TokenPackerModule.from_pretrained(tmp_path / "variant").config.residual
+
+
+def test_train_projector_refuses_bad_numbers_before_touching_the_model_and_restores_it_after_a_failure(
+        vqa, tmp_path, monkeypatch):
+    """A negative lr (AdamW's error) came after every parameter was frozen, and left them frozen; a
+    float batch size or log_every=0 failed inside the loop after files were written. Now each is one
+    line before anything, and a failure once training is set up gives the caller's model back as it
+    was (its requires_grad flags, its mode)."""
+    model, tokenizer, processor, records = vqa
+    options = dict(processor=(tokenizer, processor), steps=1, batch_size=2, progress=False)
+    for bad, message in (({"lr": -1.0}, "lr must be a positive number, got -1.0"),
+                         ({"weight_decay": -0.1}, r"weight_decay must be a number in \[0, inf\), got -0.1"),
+                         ({"batch_size": 2.5}, "batch_size must be a whole number >= 1, got 2.5"),
+                         ({"log_every": 0}, "log_every must be a whole number >= 1, got 0"),
+                         ({"steps": 1.5}, "steps must be a whole number >= 1, got 1.5"),
+                         ({"layers": []}, "layers=\\[\\] names no vision layer")):
+        with pytest.raises(ValueError, match=message):
+            train_projector(model, records, out=tmp_path / "bad", **{**options, **bad})
+        assert not (tmp_path / "bad").exists()
+    model.train()
+    model.get_input_embeddings().weight.requires_grad_(False)  # the caller's own flags, restored as they were
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(torch.optim, "AdamW", broken)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        train_projector(model, records, out=tmp_path / "oom", **options)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags and model.training
+    assert not vtoken.is_wrapped(model)
+    model.get_input_embeddings().weight.requires_grad_(True)
+    model.eval()

@@ -333,7 +333,6 @@ def train_projector(
             newest ``out/checkpoint-*``.
     """
     from accelerate import Accelerator
-    from tqdm.auto import tqdm
 
     import vtoken
 
@@ -341,12 +340,13 @@ def train_projector(
         raise ValueError("train_projector needs out=<directory> for its checkpoints and the trained packer")
     if stage not in (1, 2):
         raise ValueError(f"stage must be 1 (packer only) or 2 (packer and LLM), got {stage!r}")
-    if batch_size < 1 or grad_accum < 1:
-        raise ValueError("batch_size and grad_accum must be >= 1")
     if steps is not None and steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps} (None trains `epochs` passes over the data)")
     if not 0 < epochs < math.inf:
         raise ValueError(f"epochs must be a positive number, got {epochs}")
+    _check_training_numbers(steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+                            weight_decay=weight_decay, warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm,
+                            log_every=log_every, save_every=save_every, generated=generated, layers=layers)
     out = str(out)
     model, tokenizer, image_processor, path = _load(model, processor)
     _check_model(model)
@@ -379,6 +379,62 @@ def train_projector(
     packer = build_packer(model, scale, layers, checkpoint or init, residual, seed)
     saved_flags = {n: p.requires_grad for n, p in model.named_parameters()}
     was_training = model.training
+
+    def restore_model() -> None:  # the caller's flags and mode, whatever stops the training
+        for name, p in model.named_parameters():
+            p.requires_grad_(saved_flags[name])
+        model.train(was_training)
+
+    try:
+        return _train(model, packer, accelerator, records, encode, out, path, data, checkpoint, resumed_state,
+                      fingerprint, scale=scale, stage=stage, total=total, lr=lr, batch_size=batch_size,
+                      grad_accum=grad_accum, seed=seed, init=init, mixed_precision=mixed_precision,
+                      warmup_ratio=warmup_ratio, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
+                      save_every=save_every, progress=progress, log_every=log_every,
+                      saved_parts=(tokenizer, image_processor))
+    finally:
+        restore_model()
+
+
+def _check_training_numbers(*, steps, batch_size, grad_accum, lr, weight_decay, warmup_ratio, max_grad_norm,
+                            log_every, save_every, generated, layers) -> None:
+    """train_projector's counts and rates, each refused in one line before the model is loaded or
+    touched (AdamW refused a negative lr only after the model's parameters were frozen; a float batch
+    size failed inside the data loader)."""
+    def whole(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    for name, value, least in (("batch_size", batch_size, 1), ("grad_accum", grad_accum, 1),
+                               ("log_every", log_every, 1), ("generated", generated, 1)):
+        if not whole(value) or value < least:
+            raise ValueError(f"{name} must be a whole number >= {least}, got {value!r}")
+    if steps is not None and (not whole(steps) or steps < 1):
+        raise ValueError(f"steps must be a whole number >= 1, got {steps!r} (None trains `epochs` passes over the data)")
+    if save_every is not None and (not whole(save_every) or save_every < 0):
+        raise ValueError(f"save_every must be a whole number >= 0 (0: only at the end), got {save_every!r}")
+    for name, value, low, high in (("lr", lr, 0.0, math.inf), ("weight_decay", weight_decay, 0.0, math.inf),
+                                   ("warmup_ratio", warmup_ratio, 0.0, 1.0), ("max_grad_norm", max_grad_norm, 0.0, math.inf)):
+        if value is None and name == "lr":
+            continue
+        real = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not real or not low <= value < high or (name == "lr" and value == 0):
+            bound = "a positive number" if name == "lr" else f"a number in [{low:g}, {high:g})"
+            raise ValueError(f"{name} must be {bound}, got {value!r}")
+    if layers is not None and not list(layers):
+        raise ValueError("layers=[] names no vision layer; give the vision hidden states to pack, or None for "
+                         "the published ones")
+
+
+def _train(model, packer, accelerator, records, encode, out, path, data, checkpoint, resumed_state, fingerprint, *,
+           scale, stage, total, lr, batch_size, grad_accum, seed, init, mixed_precision, warmup_ratio, weight_decay,
+           max_grad_norm, save_every, progress, log_every, saved_parts) -> TokenPackerModule:
+    """train_projector's loop on a loaded model and a built packer (the caller restores the model's
+    flags and mode after it, whatever happens); ``saved_parts``: the tokenizer and image processor,
+    saved beside a stage-2 model."""
+    from tqdm.auto import tqdm
+
+    import vtoken
+
     llm = _llm_parameters(model) if stage == 2 else None
     if checkpoint is not None and llm is not None:
         from safetensors.torch import load_file
@@ -462,14 +518,11 @@ def train_projector(
         bar.close()
         log.close()
         vtoken.unwrap(model)
-        for name, p in model.named_parameters():
-            p.requires_grad_(saved_flags[name])
-        model.train(was_training)
     packer.eval()
     packer.save_pretrained(out)
     if llm is not None:
         model.save_pretrained(os.path.join(out, "model"))
-        for part in (tokenizer, image_processor):
+        for part in saved_parts:
             if hasattr(part, "save_pretrained"):
                 part.save_pretrained(os.path.join(out, "model"))
     return packer
