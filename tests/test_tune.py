@@ -78,3 +78,29 @@ def test_bad_calls_fail_before_any_work():
     with vtoken.pruned(model, "pool", keep=0.5):
         with pytest.raises(ValueError, match="unwrap"):
             vtoken.tune(model, calibration=_calibration(), trials=2)
+
+
+def test_bad_search_ranges_are_one_line_and_whole_options_are_searched_as_integers():
+    """A range that is not a (low, high) pair of numbers was an unpacking or type error; an integer
+    option (a layer) was drawn as a float, every trial refused for it, and the call ended on the
+    last refusal."""
+    model = tiny_llava()
+    for space in ({"t": (0, 1, 2)}, {"t": ("0", "50")}, {"t": 5}):
+        with pytest.raises(ValueError, match=r"the search range of 't' must be a \(low, high\) pair of numbers"):
+            vtoken.tune(model, calibration=_calibration(), trials=2, space=space, progress=False)
+    with pytest.raises(ValueError, match=r"'layer' is a whole number: give its search range as whole numbers"):
+        vtoken.tune(model, "fastv", calibration=_calibration(), trials=2, keep=0.5, space={"layer": (1.5, 3)})
+    best, study = vtoken.tune(model, "fastv", calibration=_calibration(), trials=3, keep=0.5, space={"layer": (1, 3)},
+                              progress=False, return_study=True)
+    assert type(best.layer) is int and 1 <= best.layer <= 3
+    assert all(type(t.params["layer"]) is int for t in study.trials)
+
+
+def test_tune_refuses_when_every_trial_was_refused():
+    """Every trial refused (a budget the model cannot meet) still returned a 'best' config, which
+    wrap then refused: the refusal comes back instead."""
+    model = tiny_llava()
+    with pytest.raises(ValueError, match=r"every one of the 2 trials was refused, e.g.: keep_tokens=\d+ is larger "
+                                         r"than the 16 visual tokens"):
+        vtoken.tune(model, calibration=_calibration(), trials=2, keep_tokens=1000, progress=False)
+    assert not vtoken.is_wrapped(model)

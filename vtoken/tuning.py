@@ -37,6 +37,7 @@ from torch import nn
 from vtoken.api import is_wrapped, pruned
 from vtoken.config import PruneConfig
 from vtoken.registry import get_strategy
+from vtoken.schedule import is_integer, is_number
 
 #: The objective of a setting the model cannot run (a ValueError at wrap time): the worst possible.
 WORST = 2.0
@@ -123,22 +124,35 @@ def tune(
     space = dict(space if space is not None else getattr(config_cls, "search_space", None) or {})
     if not space:
         raise ValueError(f"method {method!r} has no search space; pass space={{option: (low, high)}}")
-    fields = {f.name for f in dataclasses.fields(config_cls)}
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    whole = {}  # option -> searched as an integer (a layer, a count) rather than a real number
     for name, bounds in space.items():
         if name not in fields:
             raise ValueError(f"{name!r} is not an option of {method!r}; its options are: {', '.join(sorted(fields))}")
+        if not (isinstance(bounds, (tuple, list)) and len(bounds) == 2 and all(is_number(b) for b in bounds)):
+            raise ValueError(f"the search range of {name!r} must be a (low, high) pair of numbers, got {bounds!r}")
         low, high = bounds
         if not (math.isfinite(low) and math.isfinite(high) and low < high):
             raise ValueError(f"the search range of {name!r} must be finite with low < high, got {bounds!r}")
+        current = getattr(base_config, name)
+        annotation = str(fields[name].type)
+        whole[name] = is_integer(current) or (current is None and annotation.startswith("int"))
+        if whole[name] and not (float(low).is_integer() and float(high).is_integer()):
+            raise ValueError(f"{name!r} is a whole number: give its search range as whole numbers, got {bounds!r}")
+        if not whole[name] and current is not None and not is_number(current):
+            raise ValueError(f"{name!r} is not a number ({current!r}): tune searches numeric options only")
 
     references = [_final_representation(model, x) for x in calibration]
+    refusals: list[str] = []
 
     def objective(trial) -> float:
-        params = {name: trial.suggest_float(name, low, high) for name, (low, high) in space.items()}
+        params = {name: trial.suggest_int(name, int(low), int(high)) if whole[name] else trial.suggest_float(name, low, high)
+                  for name, (low, high) in space.items()}
         try:
             candidate = config_cls.from_options(**{**base, **params})
             return discrepancy(model, candidate, calibration, references)
-        except ValueError:  # a setting this model cannot run (refused at wrap time, model untouched)
+        except ValueError as error:  # a setting this model cannot run (refused at wrap time, model untouched)
+            refusals.append(str(error))
             return WORST
 
     verbosity = optuna.logging.get_verbosity()
@@ -147,11 +161,17 @@ def tune(
         sampler = optuna.samplers.TPESampler(seed=seed)
         study = optuna.create_study(direction="minimize", sampler=sampler)
         # The base setting first (moved into the space where it lies outside it).
-        study.enqueue_trial({name: min(max(float(getattr(base_config, name)), low), high)
-                             for name, (low, high) in space.items()})
+        start = {}
+        for name, (low, high) in space.items():
+            current = getattr(base_config, name)
+            if current is not None:  # (an unset option, keep_tokens beside keep: the sampler's first draw)
+                start[name] = type(current)(min(max(current, low), high)) if whole[name] else min(max(float(current), low), high)
+        study.enqueue_trial(start)
         study.optimize(objective, n_trials=trials, show_progress_bar=progress)
     finally:
         optuna.logging.set_verbosity(verbosity)
+    if len(refusals) == len(study.trials):  # nothing ran: no setting to call best
+        raise ValueError(f"every one of the {len(refusals)} trials was refused, e.g.: {refusals[0]}")
     best = config_cls.from_options(**{**base, **study.best_params})
     if save is not None:
         best.save(save)
