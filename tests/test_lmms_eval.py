@@ -142,6 +142,14 @@ def test_entry_point_route(tmp_path):
     ({"method": "fastv", "batch_size": "auto"}, ["--batch_size auto", "--batch_size 8"]),
     ({"method": "fastv", "dtype": "half"}, ["dtype='half'", "bfloat16"]),
     ({"method": "none", "keep": 0.5}, ["method=none takes no method options"]),
+    # (these loaded the model first, or passed: the oracle's every request failed, a missing config
+    # was read after loading, int('abc') named no fix, use_cache=no read as True, 2.5 became 2)
+    ({"method": "oracle", "keep": 0.25}, ["oracle reads per-input annotations", "lmms-eval does not give"]),
+    ({"config": "/nonexistent/config"}, ["config='/nonexistent/config'", "no vtoken config"]),
+    ({"method": "fastv", "max_new_tokens": "abc"}, ["max_new_tokens='abc' is not a whole number"]),
+    ({"method": "fastv", "max_new_tokens": 0}, ["max_new_tokens=0 must be at least 1"]),
+    ({"method": "fastv", "use_cache": "maybe"}, ["use_cache='maybe' is not true or false"]),
+    ({"method": "fastv", "batch_size": 2.5}, ["batch_size=2.5 is not a whole number"]),
 ])
 def test_bad_model_args_fail_in_one_line_before_loading(args, words):
     from vtoken.lmms_eval_plugin.models.vtoken import VTokenLMM
@@ -187,6 +195,9 @@ def test_keep_fractions_from_the_command_line():
     assert parse("m", "tome", None, {"r": "(16, 1)"}).options == {"r": (16, 1), **text}
     assert parse("m", "fastv", None, {"text_only": "error"}).options == {"text_only": "error"}
     assert parse("m", "none", None, {}).method is None
+    # stages as the module's docstring writes it, quotes kept (they were refused: a string, not a list)
+    stages = [{"site": "llm", "layer": 2, "keep": 0.5}]
+    assert parse("m", "fastv", None, {"stages": "'" + json.dumps(stages) + "'"}).options["stages"] == stages
 
 
 # ---------------------------------------------------------------------- the evaluator
@@ -358,3 +369,18 @@ def test_two_processes_under_accelerate_launch(tmp_path):
     assert results["results"][TASK]["vqa_accuracy,none"] == pytest.approx(accuracy)
     assert results["throughput"]["avg_vtoken_requests"] == len(records)
     assert results["throughput"]["avg_vtoken_visual_tokens_kept"] == 36
+
+
+def test_a_task_max_new_tokens_of_none_takes_the_plugin_default():
+    """gen_kwargs {"max_new_tokens": None} (a task leaving it open) raised int(None)'s TypeError; it
+    takes the plug-in's max_new_tokens, as a None temperature or num_beams takes the default."""
+    from types import SimpleNamespace
+
+    from vtoken.lmms_eval_plugin.models.vtoken import VTokenLMM
+
+    lm = VTokenLMM.__new__(VTokenLMM)  # (no model: only the generation arguments are read)
+    lm.max_new_tokens, lm.use_cache = 7, True
+    lm.processor = SimpleNamespace(tokenizer=SimpleNamespace(pad_token_id=0, eos_token_id=2))
+    kwargs, until = lm._generation_kwargs({"max_new_tokens": None, "until": "\n", "temperature": None})
+    assert kwargs["max_new_tokens"] == 7 and until == ["\n"] and kwargs["do_sample"] is False
+    assert lm._generation_kwargs({"max_new_tokens": 3})[0]["max_new_tokens"] == 3

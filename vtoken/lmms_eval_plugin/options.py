@@ -60,9 +60,11 @@ def _literal(value: Any) -> Any:
     if not isinstance(value, str):
         return value
     try:
-        return ast.literal_eval(value.strip())
+        read = ast.literal_eval(value.strip())
     except (ValueError, SyntaxError):
         return value
+    # stages='[...]' as the shell or a config file may leave its quotes on: the literal inside them
+    return _literal(read) if isinstance(read, str) and read.strip() != value.strip() else read
 
 
 def _budget(name: str, value: Any) -> Any:
@@ -96,6 +98,13 @@ def parse(pretrained: Any, method: Any, config: Any, extra: dict[str, Any]) -> P
         if method is not None or extra:
             raise ModelArgsError("vtoken --model_args: config= already names the method and its options; "
                                  "drop method= and the method options, or drop config=")
+        import vtoken
+
+        try:  # read now: a missing or broken config stops the run before any weights load
+            saved = vtoken.load(str(config))
+        except (ValueError, TypeError, OSError) as err:
+            raise ModelArgsError(f"vtoken --model_args: config={config!r}: {err}") from None
+        _refuse_annotated(saved.method)
         return PluginArgs(str(pretrained), None, {}, str(config))
     if method is None:
         raise ModelArgsError(f"vtoken --model_args: method= is missing; use one of {', '.join(known)} "
@@ -109,6 +118,7 @@ def parse(pretrained: Any, method: Any, config: Any, extra: dict[str, Any]) -> P
     if name not in known:
         raise ModelArgsError(f"vtoken --model_args: unknown method {method!r}; use one of {', '.join(known)} "
                              "(or method=none for the unpruned model)")
+    _refuse_annotated(name)
     config_cls = get_strategy(name).Config
     from vtoken.config import option_defaults
 
@@ -129,6 +139,39 @@ def parse(pretrained: Any, method: Any, config: Any, extra: dict[str, Any]) -> P
     return PluginArgs(str(pretrained), name, options)
 
 
+def _refuse_annotated(method: str) -> None:
+    """A method that reads per-input annotations (the benchmark's oracle, its relevant patches) cannot
+    run under lmms-eval, which annotates nothing: every request would fail after the model loaded."""
+    from vtoken import signals
+    from vtoken.registry import get_strategy
+
+    if signals.ANNOTATIONS in get_strategy(method).reads:
+        raise ModelArgsError(f"vtoken --model_args: {method} reads per-input annotations (vtoken.annotate) that "
+                             "lmms-eval does not give; use a method that needs none (vtoken methods)")
+
+
+def whole_number(name: str, value: Any, least: int = 1) -> int:
+    """A count from ``--model_args`` (``max_new_tokens=64``), refused in one line unless it is one."""
+    if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit())):
+        raise ModelArgsError(f"vtoken --model_args: {name}={value!r} is not a whole number; e.g. {name}=64")
+    number = int(value)
+    if number < least:
+        raise ModelArgsError(f"vtoken --model_args: {name}={number} must be at least {least}")
+    return number
+
+
+def switch(name: str, value: Any) -> bool:
+    """A true/false ``--model_args`` entry (lmms-eval turns ``true`` / ``false`` into bools already)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    raise ModelArgsError(f"vtoken --model_args: {name}={value!r} is not true or false; e.g. {name}=false")
+
+
 def dtype_of(value: Any):
     """``dtype=auto`` (the checkpoint's), ``bfloat16``, ``float16`` or ``float32``."""
     import torch
@@ -143,6 +186,8 @@ def batch_size_of(value: Any) -> int:
     """lmms-eval's ``--batch_size`` is a string (``"1"``, ``"auto"``); this plug-in takes a whole number."""
     if isinstance(value, str) and value.strip().startswith("auto"):
         raise ModelArgsError("vtoken: --batch_size auto is not supported; give a number, e.g. --batch_size 8")
+    if isinstance(value, float) and not value.is_integer():  # (int(2.5) would be 2, silently)
+        raise ModelArgsError(f"vtoken: batch_size={value!r} is not a whole number; e.g. --batch_size 8")
     try:
         size = int(value)
     except (TypeError, ValueError):

@@ -78,7 +78,8 @@ class VTokenLMM(lmms):
         self.args = _options.parse(pretrained, method, config, method_options)  # fails before any loading
         self.batch_size_per_gpu = _options.batch_size_of(batch_size)
         dtype = _options.dtype_of(dtype)
-        self.max_new_tokens, self.use_cache = int(max_new_tokens), bool(use_cache)
+        self.max_new_tokens = _options.whole_number("max_new_tokens", max_new_tokens)
+        self.use_cache = _options.switch("use_cache", use_cache)
         accelerator = Accelerator()
         self.accelerator = accelerator
         self._rank, self._world_size = _process_group(accelerator)
@@ -213,7 +214,8 @@ class VTokenLMM(lmms):
         until = [until] if isinstance(until, str) else list(until or [])
         temperature = float(gen.get("temperature") or 0)
         sample = temperature > 0
-        kwargs = {"max_new_tokens": int(gen.get("max_new_tokens", self.max_new_tokens)), "do_sample": sample,
+        asked = gen.get("max_new_tokens")  # (a task's None: the plug-in's own default, as for temperature)
+        kwargs = {"max_new_tokens": self.max_new_tokens if asked is None else int(asked), "do_sample": sample,
                   "num_beams": int(gen.get("num_beams") or 1), "use_cache": self.use_cache,
                   "pad_token_id": self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
                   else self.tokenizer.eos_token_id}
