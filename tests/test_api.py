@@ -510,7 +510,10 @@ def test_bad_paths_and_values_outside_wrap_are_refused_in_one_line(tmp_path):
     oracle = vtoken.wrap(tiny_llava(), "oracle", keep=0.25)
     for relevant, message in (("x", r"relevant must be one list of token indices"),
                               ([["a"]], r"relevant must be one list of token indices"),
-                              ([[-1]], r"relevant token -1 of image 0 is negative")):
+                              ([[-1]], r"relevant token -1 of image 0 is negative"),
+                              # (past the image's tokens it matched nothing: a silent random fill)
+                              ([[3, 300]], r"relevant token 300 of image 0 is past its 16 visual tokens; give "
+                                           r"image-local indices 0..15")):
         with vtoken.annotate(oracle, relevant=relevant), pytest.raises(ValueError, match=message), torch.no_grad():
             oracle(**x)
 
@@ -628,3 +631,18 @@ def test_flops_refuses_an_unknown_dtype_and_a_bad_visual_token_count_in_one_line
         assert "\n" not in str(error.value)
     assert vtoken.flops(model, dtype=torch.bfloat16).dtype == "bfloat16"
     assert vtoken.kv_cache_bytes(model, dtype="torch.float32") == 2 * vtoken.kv_cache_bytes(model, dtype="float16")
+
+
+def test_show_refuses_an_index_that_is_not_one():
+    """show(sample=1.0) raised list indexing's TypeError; an image_in_sample past the sample's images an
+    IndexError."""
+    model, x = tiny_llava(), llava_inputs(3)
+    with vtoken.pruned(model, "random", keep=0.5), torch.no_grad():
+        model(**x)
+        image = Image.new("RGB", (32, 32))
+        for kwargs, message in (({"sample": 1.0}, r"sample must be a whole number >= 0 \(an index\), got 1.0"),
+                                ({"sample": -1}, r"sample must be a whole number >= 0"),
+                                ({"image_in_sample": 1}, r"sample 0 of the last forward has 1 image\(s\); give "
+                                                         r"image_in_sample 0..0")):
+            with pytest.raises(ValueError, match=message):
+                vtoken.show(model, image, "unused.png", **kwargs)

@@ -228,3 +228,14 @@ def test_a_corrupt_image_is_named_with_its_line_even_when_the_record_gives_its_s
                               for name in ("ok.png", "bad.png")) + "\n")
     with pytest.raises(ValueError, match=r"records.jsonl:2: cannot read the image .*bad.png"):
         load_jsonl(data)
+
+
+def test_bad_generate_arguments_are_one_line():
+    """patch_size=0 and families=[] raised ZeroDivisionError, n=-1 returned [] silently, and
+    families='count' was read letter by letter."""
+    for kwargs, message in (({"n": -1}, "n must be a whole number >= 0, got -1"),
+                            ({"n": 2, "patch_size": 0}, "patch_size must be a whole number >= 1, got 0"),
+                            ({"n": 2, "families": []}, "families must be a non-empty list of family names"),
+                            ({"n": 2, "families": "count"}, "families must be a non-empty list of family names")):
+        with pytest.raises(ValueError, match=message):
+            generate("test", **kwargs)

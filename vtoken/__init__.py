@@ -42,11 +42,12 @@ def __dir__():
 __version__ = "0.1.0"
 
 
-def show(model, image, path, sample: int = 0):
-    """Draw the visual tokens that survived the last forward over ``image`` and save a PNG at ``path``."""
+def show(model, image, path, sample: int = 0, image_in_sample: int = 0):
+    """Draw the visual tokens of ``sample``'s image (its ``image_in_sample``-th, for a prompt of several)
+    that survived the last forward over ``image`` and save a PNG at ``path``."""
     from vtoken.drawing import show as _show
 
-    return _show(model, image, path, sample=sample)
+    return _show(model, image, path, sample=sample, image_in_sample=image_in_sample)
 
 
 def train_projector(model, data, **options):

@@ -93,12 +93,18 @@ def show(model, image, path, sample: int = 0, image_in_sample: int = 0) -> str:
 
     if not isinstance(path, (str, os.PathLike)):
         raise ValueError(f"give the PNG's path to write, got {type(path).__name__}")
+    for name, value in (("sample", sample), ("image_in_sample", image_in_sample)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be a whole number >= 0 (an index), got {value!r}")
     run = _state(model).pruner.last_run
     if run is None:
         raise ValueError("no forward pass has run since wrapping; call the model first, then show()")
     images = [(i, info) for i, info in enumerate(run.visual.images) if info.sample == sample]
     if not images:
         raise ValueError(f"sample {sample} of the last forward has no image")
+    if image_in_sample >= len(images):
+        raise ValueError(f"sample {sample} of the last forward has {len(images)} image(s); give image_in_sample "
+                         f"0..{len(images) - 1}")
     index, info = images[image_in_sample]
     picture = _legible(_as_image(image))
     stages = run.selections[sample]

@@ -52,10 +52,17 @@ class OracleStrategy(Strategy):
             raise ValueError(f"oracle: relevant must be one list of token indices (integers) per image, got {relevant!r:.80}")
         if len(relevant) != rows.num_rows:
             raise ValueError(f"oracle got relevant patches for {len(relevant)} images, the batch has {rows.num_rows}")
+        first = ctx.stage == self.stages()[0]  # (later stages see only what earlier ones kept)
         for r, wanted in enumerate(relevant):
             if any(i < 0 for i in wanted):
                 raise ValueError(f"oracle: relevant token {min(wanted)} of image {r} is negative; give image-local "
                                  "indices (0 for the image's first visual token)")
+            local = rows.local_index[r][rows.valid[r]] if rows.local_index is not None else None
+            count = int(local.max()) + 1 if first and local is not None and local.numel() else None
+            if count is not None and wanted and max(wanted) >= count:
+                # (it matched nothing: the image was filled at random, as with no annotation)
+                raise ValueError(f"oracle: relevant token {max(wanted)} of image {r} is past its {count} visual "
+                                 f"tokens; give image-local indices 0..{count - 1}")
         # Random in [0, 1) for every token, +1 for relevant ones: relevant first, random fill after.
         scores = ctx.uniform()  # seeded per image: an image's fill never depends on its batch
         for r, wanted in enumerate(relevant):

@@ -478,8 +478,13 @@ def generate(split: str, n: int, seed: int = 0, image_size: int = 96, patch_size
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
+    for name, value in (("n", n), ("image_size", image_size), ("patch_size", patch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "n" else 1):
+            raise ValueError(f"{name} must be a whole number >= {0 if name == 'n' else 1}, got {value!r}")
     if image_size % patch_size:
         raise ValueError("image_size must be a multiple of patch_size")
+    if isinstance(families, str) or not families:  # ('count' would be read letter by letter)
+        raise ValueError(f"families must be a non-empty list of family names ({', '.join(FAMILIES)}), got {families!r}")
     unknown = set(families) - set(FAMILIES)
     if unknown:
         raise ValueError(f"unknown families {sorted(unknown)}")

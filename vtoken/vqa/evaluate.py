@@ -257,6 +257,8 @@ def evaluate(vqa: VQAModel, records: list[dict], batch_size: int = 32) -> EvalRe
     Each batch is evaluated inside ``vtoken.annotate(model, relevant=...)`` (its relevant patches), which
     the oracle reads.
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
     result = EvalResult()
     wrapped = vtoken.is_wrapped(vqa.model)
     for start in range(0, len(records), batch_size):
