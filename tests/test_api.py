@@ -307,6 +307,29 @@ def test_show_draws_each_pooled_token_over_its_whole_window(tmp_path):
             assert (colour[a] == colour[b]) == (windows[a] == windows[b]), (a, b)
 
 
+@pytest.mark.parametrize("method,options", [("tome", {}), ("repshift", {"mode": "merge"})])
+def test_show_tints_what_a_vision_stage_merged_on_a_llava(method, options, tmp_path):
+    """A merging vision stage on LLaVA-1.5 (ToMe, Representation Shift's merge) was drawn as plain
+    pruning: merged patches dimmed as if dropped. Every patch ToMe folds is held by a kept token:
+    each of the 16 patches is tinted, one tint per kept token, as many tints as tokens kept."""
+    model = tiny_llava()
+    x = llava_inputs(1)
+    image = Image.new("RGB", (64, 64), (200, 200, 200))
+    with vtoken.pruned(model, method, keep=0.4, **options):
+        with torch.no_grad():
+            model(**x)
+        kept = list(vtoken.selection(model)[0].values())[-1]
+        drawn = Image.open(vtoken.show(model, image, tmp_path / "merged.png")).convert("RGB")
+    colour = [drawn.getpixel((c * 96 + 48, r * 96 + 48)) for r in range(4) for c in range(4)]
+    dim = tuple(round(0.25 * 200) for _ in range(3))
+    tinted = [c for c in colour if max(abs(a - b) for a, b in zip(c, dim)) > 2]
+    assert len(set(tinted)) == len(kept) < 16
+    if method == "tome":  # (ToMe merges every token it removes: nothing dropped)
+        assert len(tinted) == 16
+    for token in kept.tolist():  # each kept token's own patch carries a tint
+        assert colour[token] in tinted
+
+
 def _tiny_clip_vision():
     from transformers import CLIPVisionConfig, CLIPVisionModel
 

@@ -114,6 +114,8 @@ def show(model, image, path, sample: int = 0, image_in_sample: int = 0) -> str:
     boxes = token_boxes(info, *picture.size)
     holders = _merged_holders(run, info)
     if holders is None:
+        holders = _vision_stage_holders(run, info, kept_local)
+    if holders is None:
         holders = _sequence_holders(run, index)
     if holders is not None:  # a merging method (ToMe, pool's windows): colour what each kept token holds
         return _save(_draw_sources(picture, dimmed, boxes, holders), path)
@@ -160,6 +162,26 @@ def _merged_holders(run, info) -> list[int] | None:
     if owner is None or run.visual.tokens_per_crop == 0 or len(info.crops) != 1:
         return None
     return _if_merged(owner[info.crops[0]].cpu())
+
+
+def _vision_stage_holders(run, info, kept_local: set[int]) -> list[int] | None:
+    """For a vision-language run whose vision stages merged tokens (ToMe, Representation Shift's merge)
+    on an image of one crop whose patches are its visual tokens one to one (LLaVA-1.5): per visual
+    token, the kept token holding it (-1: dropped, also by a later stage); None otherwise (nothing
+    merged; AnyRes crops and Qwen-VL's merge units, whose tokens are not single patches)."""
+    merges = getattr(run, "vision_merges", None)
+    if merges is None or merges[1] is None or len(info.crops) != 1:
+        return None
+    owner, positions, local = (t[info.crops[0]].cpu() for t in merges)
+    placed = local >= 0
+    if int(placed.sum()) != len(torch.unique(local[placed])):  # several patches per visual token
+        return None
+    holders = torch.full((info.num_tokens,), -1, dtype=torch.long)
+    for patch in torch.nonzero(placed & (owner >= 0)).flatten().tolist():
+        token = int(local[int(positions[owner[patch]])])  # the holder's own visual token
+        if token in kept_local:
+            holders[int(local[patch])] = token
+    return _if_merged(holders)
 
 
 def _if_merged(holders: torch.Tensor) -> list[int] | None:

@@ -231,6 +231,9 @@ class PruneRun:
     def __init__(self, visual, config: PruneConfig, image_run: ImageRun | None = None):
         self.visual = visual
         self.image_run = image_run
+        #: After the prefill, where a vision stage ran: ``(owner, vision_positions, candidate_local)`` of
+        #: its encoding (:class:`ImageRun`), for ``show`` to tint what each merged token holds.
+        self.vision_merges: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.prefill = True
         self.generator = image_run.generator if image_run is not None else torch.Generator().manual_seed(config.seed)
         #: (first LLM layer, layout) per layer group, in order; group 0 starts at layer 0.
@@ -327,6 +330,9 @@ class PruneRun:
         self.attention_observed.clear()
         self.strategy_state.clear()
         if self.image_run is not None:
+            images = self.image_run
+            if images.owner is not None and images.vision_positions is not None:  # what show() draws of a vision stage's merges (small: [C, P])
+                self.vision_merges = (images.owner, images.vision_positions, images.candidate_local)
             # The encoding keeps what a replay needs for as long as it lives (generate holds it for the
             # whole call); the run that rides on the KV cache lets go of it.
             if self.replay is None and self.prompt is not None:
