@@ -102,3 +102,17 @@ def test_zoo_prune_on_a_onevision_video_scores_the_pooled_tokens():
                             generator=torch.Generator().manual_seed(1))
         expected = counted(model, {"input_ids": ids, "pixel_values_videos": video})
         assert vtoken.flops(model, text_tokens=8, frames=frames).prefill == expected
+
+
+def test_kv_cache_bytes_of_a_sample_of_several_images_is_the_real_cache():
+    """kv_cache_bytes takes images= as flops does (a sample of several images could only be read off
+    flops(...).kv_cache_bytes); both equal the DynamicCache a wrapped prefill leaves."""
+    from vtoken import compat
+
+    model = tiny_llava("eager")
+    inputs, text = llava_prompt(model, 2)
+    with vtoken.pruned(model, "fastv", keep=0.25), torch.no_grad():
+        cache = compat.output_cache(model(**inputs, use_cache=True))
+        real = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+        assert vtoken.kv_cache_bytes(model, text_tokens=text, images=2, dtype=torch.float32) == real
+        assert vtoken.flops(model, text_tokens=text, images=2, dtype=torch.float32).kv_cache_bytes == real

@@ -403,14 +403,15 @@ def kv_cache_bytes(
     image_size: tuple[int, int] | None = None,
     visual_tokens: int | None = None,
     frames: int | None = None,
+    images: int | None = None,
 ) -> int:
     """KV-cache bytes of one sample after prefill: Σ_layers 2 · H_kv · h_d · n_l · bytes(dtype).
 
     n_l is text + visual tokens at layer l: layers before an ``"llm"`` pruning stage hold every
-    token, later layers only the kept ones.
+    token, later layers only the kept ones. ``images``: images per sample, as :func:`flops` takes it.
     """
     report = flops(model_or_config, schedule, text_tokens=text_tokens, image_size=image_size,
-                   visual_tokens=visual_tokens, dtype=dtype, frames=frames)
+                   visual_tokens=visual_tokens, dtype=dtype, frames=frames, images=images)
     if isinstance(report, _vit.EncoderFlopsReport):
         raise ValueError(f"{report.model} is a vision encoder: it keeps no KV cache")
     return report.kv_cache_bytes
