@@ -467,6 +467,9 @@ class VisionLanguageAdapter(VisionSite, Adapter):
             requested = kwargs.get("return_dict")
             as_tuple = (getattr(self.config, "return_dict", True) if requested is None else requested) is False
             pruner.encoding = run
+            # Called from vtoken's pre-hook on the core or by generate, before the core's forward: an
+            # offloaded core's own weights (image_newline) are not loaded yet.
+            compat.bring_in_offloaded_weights(self.core, (), {})
             try:
                 output = encode(*args, **{**kwargs, "return_dict": True})
             finally:
