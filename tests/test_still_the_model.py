@@ -660,3 +660,33 @@ def test_logits_to_keep_as_positions_on_a_text_only_prompt_passed_through(family
             for k, expected in zip((torch.tensor([5]), keep), plain):
                 torch.testing.assert_close(model(input_ids=ids, attention_mask=mask, logits_to_keep=k).logits,
                                            expected, rtol=1e-5, atol=1e-5)  # (all slots' head, then picked)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2"])
+def test_a_hook_on_the_projector_sees_its_own_output_whenever_it_was_registered(family):
+    """After a vision stage vtoken rebuilds the projector's output into the grid the model places; a
+    hook registered after wrap ran behind that and saw the rebuilt grid (zero rows for the dropped
+    tokens), one registered before saw the projector's own output: the same centring hook gave logits
+    0.08 apart. vtoken's hook now runs last, whenever the user's was registered."""
+    make, inputs = FAMILIES[family].make, FAMILIES[family].inputs
+    x = inputs(make())
+    logits, shapes = {}, {}
+    for when in ("before", "after"):
+        model = make()
+        projector = model.model.visual.merger if family.startswith("qwen") else model.model.multi_modal_projector
+        seen = []
+
+        def centre(module, args, output):
+            seen.append(tuple(output.shape))
+            return output - output.mean(-2, keepdim=True)
+
+        if when == "before":
+            projector.register_forward_hook(centre)
+        vtoken.wrap(model, "random", keep=0.5, site="vision", layer=1)
+        if when == "after":
+            projector.register_forward_hook(centre)
+        with torch.no_grad():
+            logits[when] = model(**x).logits
+        shapes[when] = seen
+    assert shapes["before"] == shapes["after"]
+    torch.testing.assert_close(logits["before"], logits["after"], rtol=0, atol=0)

@@ -37,7 +37,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .base import Adapter, FamilyDescription, ImageInfo, Modality, UndoStack, VisualLayout, eager
+from .base import Adapter, FamilyDescription, ImageInfo, Modality, UndoStack, VisualLayout, eager, move_hooks_last
 from .generate_call import check_mask_shape, install_generate_wrapper
 from .hf_decoder import DecoderPruning, padding_from_4d_mask
 from .vision_site import VisionSite, VisionSource
@@ -321,7 +321,10 @@ class VisionLanguageAdapter(VisionSite, Adapter):
             undo.pre_hook(self.projector(), self._before_projector)
         self.install_vision(undo)
         if pruner.stages_at("vision"):
-            undo.post_hook(self.projector(), self._after_projector)
+            placing = undo.post_hook(self.projector(), self._after_projector)
+            # Behind every other hook of the projector, whenever it was registered: a hook of the
+            # user's sees the projector's own output (the kept tokens), not the grid vtoken rebuilds.
+            undo.pre_hook(self.projector(), lambda module, args: move_hooks_last([placing]))
             packing = self.grid_packing()
             if packing is not None:
                 undo.set_attribute(self.core, packing, self._packing_of_kept_rows(getattr(self.core, packing)))
