@@ -81,22 +81,32 @@ def test_multi_image_samples_encode_base_views_with_one_newline(model):
 
 
 def _captured_run(model, x, **options):
-    """The grid-placed projector output (zeros at dropped tokens) and the LLM's input embeddings of
-    one wrapped forward."""
+    """The grid-placed projector output (zeros at dropped tokens: what vtoken's hook on the projector
+    hands the model's packing, read where that hook returns it, since a hook of the user's always sees
+    the projector's own output) and the LLM's input embeddings of one wrapped forward."""
+    from vtoken.adapters.pipeline import VisionLanguageAdapter
+
     seen = {}
-    with vtoken.pruned(model, "random", **options):
-        handles = [
-            model.model.multi_modal_projector.register_forward_hook(lambda m, a, o: seen.update(projected=o)),
-            model.model.language_model.register_forward_pre_hook(
-                lambda m, a, k: seen.update(embeds=k["inputs_embeds"]), with_kwargs=True),
-        ]
-        try:
-            with torch.no_grad():
-                model(**x)
-            seen["selection"] = vtoken.selection(model)
-        finally:
-            for handle in handles:
+    placing = VisionLanguageAdapter._after_projector
+
+    def recording(self, module, args, output):
+        placed = placing(self, module, args, output)
+        seen.update(projected=output if placed is None else placed)
+        return placed
+
+    VisionLanguageAdapter._after_projector = recording
+    try:
+        with vtoken.pruned(model, "random", **options):
+            handle = model.model.language_model.register_forward_pre_hook(
+                lambda m, a, k: seen.update(embeds=k["inputs_embeds"]), with_kwargs=True)
+            try:
+                with torch.no_grad():
+                    model(**x)
+                seen["selection"] = vtoken.selection(model)
+            finally:
                 handle.remove()
+    finally:
+        VisionLanguageAdapter._after_projector = placing
     return seen
 
 
