@@ -690,3 +690,30 @@ def test_a_hook_on_the_projector_sees_its_own_output_whenever_it_was_registered(
         shapes[when] = seen
     assert shapes["before"] == shapes["after"]
     torch.testing.assert_close(logits["before"], logits["after"], rtol=0, atol=0)
+
+
+def test_images_after_a_cached_prefix_are_refused_naming_the_cache():
+    """transformers' prompt-reuse recipe (a text prefix cached, then the image prompt over it) and PEFT
+    prefix tuning hand the prefill a cache that already holds tokens: refused in one line that says so
+    (it spoke of adding an image to a filled cache, which the caller never did)."""
+    model = FAMILIES["llava"].make()
+    x = FAMILIES["llava"].inputs(model)
+    prefix = {"input_ids": x["input_ids"][:, :1], "attention_mask": x["attention_mask"][:, :1]}
+    with vtoken.pruned(model, "pool", keep=0.5, text_only="passthrough"), torch.no_grad():
+        cache = compat.output_cache(model(**prefix, use_cache=True))
+        with pytest.raises(ValueError, match=r"vtoken prunes images at prefill, from an empty KV cache; this call adds "
+                                             r"images to a cache that already holds 1 tokens \(a cached prefix") as error:
+            model(**x, **compat.cache_kwargs(cache))
+        assert "\n" not in str(error.value)
+
+
+def test_a_peft_tuner_is_refused_with_the_peft_hint():
+    """peft_model.base_model (a LoraModel) got the list of supported classes without the hint the
+    PeftModel itself gets: wrap the model it holds."""
+    peft = pytest.importorskip("peft")
+    model = FAMILIES["llava"].make()
+    tuned = peft.get_peft_model(model, peft.LoraConfig(target_modules=["q_proj", "v_proj"], r=2))
+    for part in (tuned, tuned.base_model):
+        with pytest.raises(ValueError, match=r"for a PEFT model, wrap the model it holds \(vtoken.wrap\(peft_model"):
+            vtoken.wrap(part, "pool", keep=0.5)
+    assert not vtoken.is_wrapped(tuned.base_model.model)

@@ -42,8 +42,10 @@ def adapter_for(model: nn.Module) -> type[Adapter]:
         if adapter.matches(model):
             return adapter
     families = ", ".join(a.family for a in ADAPTERS)
+    # A PeftModel, or the tuner it holds (peft_model.base_model: a LoraModel, ...): both are peft's.
+    from_peft = type(model).__module__.split(".")[0] == "peft" or type(model).__name__.startswith("Peft")
     peft = ("; for a PEFT model, wrap the model it holds (vtoken.wrap(peft_model.base_model.model, ...)) or wrap "
-            "before peft.get_peft_model" if type(model).__name__.startswith("Peft") else "")
+            "before peft.get_peft_model" if from_peft else "")
     raise ValueError(
         f"no vtoken adapter handles {type(model).__name__}; supported families: {families} "
         "(LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, LlavaOnevisionForConditionalGeneration, "

@@ -501,8 +501,10 @@ class VisionLanguageAdapter(VisionSite, Adapter):
             # image token's id) are text to the model, as to the unwrapped one; new images are not.
             if any(self._given(kwargs, m) for m in present):
                 raise ValueError(
-                    "vtoken prunes images at prefill; a new image cannot be added to a filled KV cache: start a "
-                    "new prompt with every image (or call vtoken.unwrap(model) for this use)"
+                    f"vtoken prunes images at prefill, from an empty KV cache; this call adds images to a cache "
+                    f"that already holds {compat.cache_length(cache)} tokens (a cached prefix, an earlier turn, "
+                    "PEFT prefix tuning): start a new prompt with every image from an empty cache (or call "
+                    "vtoken.unwrap(model) for this use)"
                 )
             run = pruner.run_for_cache(cache)
             pruner.active = run
