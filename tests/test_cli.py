@@ -235,11 +235,18 @@ def test_help_shows_defaults_without_importing_torch():
 
 
 def test_methods_prints_whole_sentences_without_markup(capsys):
+    from dataclasses import dataclass
+
     from vtoken import registry
-    from vtoken.strategies.random import RandomStrategy
+    from vtoken.strategies.random import RandomConfig, RandomStrategy
+
+    @dataclass
+    class InternalConfig(RandomConfig):
+        method = "_internal_for_test_cli"
 
     class Internal(RandomStrategy):  # registered by a test or a benchmark, as eval/replay_strategy.py is
         name = "_internal_for_test_cli"
+        Config = InternalConfig
 
     registry.register(Internal)
     try:

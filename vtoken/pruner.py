@@ -15,6 +15,7 @@ import torch
 
 from vtoken.config import PruneConfig, StageSpec
 from vtoken.context import Grid, Reduction, ScoreContext, TokenRows
+from vtoken.reduction_checks import check_reduction
 from vtoken.kernels import gather_tokens
 from vtoken.layout import SequenceLayout
 from vtoken.request import ImageRun, PruneRun, TextOnlyPrefill, renumbers
@@ -298,6 +299,7 @@ class Pruner:
             **extras,
         )
         reduction = self.strategy.reduce(ctx)
+        check_reduction(self.strategy.name, reduction, rows)
         if isinstance(run, PruneRun):
             run.reductions[stage.name] = reduction
         budget = rows.budget
@@ -308,7 +310,10 @@ class Pruner:
                 raise RuntimeError(f"{self.strategy.name} kept no token, or more than the valid ones, of a row")
         expected = torch.arange(reduction.keep.shape[1], device=budget.device)[None, :] < budget[:, None]
         if not torch.equal(reduction.keep >= 0, expected):
-            raise RuntimeError(f"{self.strategy.name} did not keep exactly the budget of every row")
+            row = int((reduction.keep >= 0).ne(expected).any(-1).nonzero()[0])
+            raise RuntimeError(f"{self.strategy.name} did not keep exactly the budget of every row: row {row} keeps "
+                               f"{int((reduction.keep[row] >= 0).sum())} tokens where its budget is {int(budget[row])} "
+                               "(the first that many columns of keep, -1 after them)")
         return reduction
 
     # --- vision site ----------------------------------------------------------------------------

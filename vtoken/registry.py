@@ -19,10 +19,25 @@ def register(cls: type["Strategy"]) -> type["Strategy"]:
     name = getattr(cls, "name", None)
     if not isinstance(name, str) or not name:
         raise TypeError(f"{cls.__name__} needs a non-empty class attribute `name` to be registered")
-    if name in _STRATEGIES and _STRATEGIES[name] is not cls:
-        raise ValueError(f"a strategy named {name!r} is already registered ({_STRATEGIES[name].__qualname__})")
+    other = _STRATEGIES.get(name)
+    if other is not None and other is not cls and not _redefined(other, cls):
+        raise ValueError(f"a strategy named {name!r} is already registered ({other.__qualname__})")
+    config = getattr(cls, "Config", None)
+    method = getattr(config, "method", None)
+    if config is not None and method != name:
+        # wrap builds the strategy that Config.method names: a config class inherited from another
+        # method's (FastVConfig) would silently run that method instead of this one.
+        raise ValueError(f"strategy {name!r} has the config class {config.__name__}, whose method is {method!r}; give it "
+                         f"`method = {name!r}` (a config dataclass of its own, subclassing {config.__name__} if you like)")
     _STRATEGIES[name] = cls
     return cls
+
+
+def _redefined(old: type, new: type) -> bool:
+    """The same class defined again outside vtoken (a notebook cell run twice, a module reloaded): the
+    new definition replaces the old. A built-in method's name is never taken."""
+    return (old.__module__ == new.__module__ and old.__qualname__ == new.__qualname__
+            and not old.__module__.startswith("vtoken."))
 
 
 def get_strategy(name: str) -> type["Strategy"]:

@@ -15,6 +15,7 @@ import torch
 
 from vtoken.config import PruneConfig, StageSpec
 from vtoken.context import Reduction, ScoreContext
+from vtoken.reduction_checks import check_scores
 from vtoken.kernels import masked_topk
 from vtoken.schedule import SITES, ScoringCost, StageShapes
 from vtoken.signals import Needs
@@ -150,8 +151,5 @@ class Strategy:
 
     def reduce(self, ctx: ScoreContext) -> Reduction:
         scores = self.score(ctx)
-        if scores.shape != ctx.tokens.valid.shape:
-            raise RuntimeError(
-                f"{self.name}.score returned shape {tuple(scores.shape)}, expected {tuple(ctx.tokens.valid.shape)}"
-            )
+        check_scores(self.name, scores, ctx.tokens)
         return Reduction(keep=masked_topk(scores, ctx.tokens.valid, ctx.tokens.budget))
