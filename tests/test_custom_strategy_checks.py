@@ -131,3 +131,43 @@ def test_a_class_defined_again_replaces_its_registration_but_a_built_in_name_is_
 
     with pytest.raises(ValueError, match="a strategy named 'fastv' is already registered"):
         register(Impostor)
+
+
+@dataclasses.dataclass
+class _LateObserverConfig(PruneConfig):
+    method = "_test_late_observer"
+    site: str = "llm"
+    layer: int = 2
+
+
+@register
+class _LateObserver(Strategy):
+    """Test-only: reads what it observed at the layer of its own stage (which runs after the stage)."""
+
+    name = "_test_late_observer"
+    Config = _LateObserverConfig
+    sites = ("llm",)
+
+    def needs(self):
+        from vtoken import signals
+        from vtoken.signals import Needs, Signal
+
+        return Needs.of(Signal(signals.LLM_OBSERVED, self.config.layer))
+
+    def observe(self, site, layer, io, valid):
+        return io["block"][1].float().norm(dim=-1)
+
+    def score(self, ctx):
+        return ctx.require("observed", self.name)(ctx.stage.layer)[..., 0]
+
+
+def test_reading_a_layer_that_runs_after_the_stage_says_so():
+    """Observing the stage's own layer (it runs after the stage decides) was answered with 'list it in
+    needs()', where it was listed."""
+    from tiny import llava_inputs, tiny_llava
+
+    model = tiny_llava()
+    with vtoken.pruned(model, "_test_late_observer", keep=0.5), torch.no_grad():
+        with pytest.raises(ValueError, match=r"LLM layer 2 was not observed before this stage; .* read only layers "
+                                             r"that run first \(a stage before LLM layer K reads layers 0..K-1\)"):
+            model(**llava_inputs(1))

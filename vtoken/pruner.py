@@ -124,7 +124,9 @@ class LLMObservations:
 
     def _rows(self, layer: int, store: dict, signal: str) -> torch.Tensor:
         if layer not in store:
-            raise ValueError(f"LLM layer {layer} was not observed; list it in Signal({signal!r}, {layer}) in needs()")
+            raise ValueError(f"LLM layer {layer} was not observed before this stage; list it in Signal({signal!r}, "
+                             f"{layer}) in needs(), and read only layers that run first (a stage before LLM layer K "
+                             "reads layers 0..K-1)")
         summary, then = store[layer]
         summary = summary if summary.dim() == 3 else summary[..., None]
         rows = summary if self._rows_are_samples else summary[self._row_sample]
@@ -380,7 +382,9 @@ class Pruner:
     def _vision_observed(images: ImageRun, positions: torch.Tensor, layer: int) -> torch.Tensor:
         """The summary observed at vision ``layer`` for each current candidate ``[C, N, k]``."""
         if layer not in images.observed:
-            raise ValueError(f"vision layer {layer} was not observed; declare Signal('vision_observed', {layer}) in needs()")
+            raise ValueError(f"vision layer {layer} was not observed before this stage; declare Signal('vision_observed', "
+                             f"{layer}) in needs(), and read only layers that run first (a stage after vision layer K "
+                             "reads layers 0..K)")
         summary, then, first = images.observed[layer]
         summary = summary if summary.dim() == 3 else summary[..., None]
         crops, full = positions.shape[0], images.candidate_local.shape[1]
@@ -446,7 +450,9 @@ class Pruner:
         encoder candidate: NeXT's newlines, the CLS token under ``vision_feature_select_strategy='full'``)."""
         images = run.image_run
         if images is None or layer not in images.observed:
-            raise ValueError(f"vision layer {layer} was not observed; declare Signal('vision_observed', {layer}) in needs()")
+            raise ValueError(f"vision layer {layer} was not observed before this stage; declare Signal('vision_observed', "
+                             f"{layer}) in needs(), and read only layers that run first (a stage after vision layer K "
+                             "reads layers 0..K)")
         summary, then, first = images.observed[layer]
         summary = summary if summary.dim() == 3 else summary[..., None]
         candidates = summary[:, first:]
