@@ -685,7 +685,7 @@ def _scoring_cost_flops(cost: ScoringCost, dims: ModelDims, schedule: Schedule, 
         # an image's k picks takes the cosine of its projected token with all N of the image's
         # candidates, 2·k·N·d.
         stage = next((s for s in schedule.stages if s.site == "projector"), None)
-        per_image = _pre_llm_visual(dims, Schedule(visual_tokens=schedule.visual_tokens), geo) // max(schedule.images, 1)
+        per_image = geo.visual_tokens // max(schedule.images, 1)  # the candidates of each image's row
         selection = 0 if stage is None else 2 * stage.keep_tokens * per_image * dims.projector.out_dim
         return selection + projector_sensitivity_flops(dims.projector, _sensitivity_tokens(dims, schedule, geo),
                                                        cost.passes, cost.rows)

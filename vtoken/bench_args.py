@@ -74,11 +74,7 @@ def check_bench_arguments(args):
     if args.data is not None:
         check_data(args.data)
     check_device(args.device, args.attn)
-    if trained:
-        check_methods([m for m, _ in trained], trained=True)
-        check_trained_weights(trained)
-    if configs:
-        check_configs(configs)
+    check_trained_and_configs(trained, configs)
     if methods:
         needs_weights = set(trained_methods()) - set(dict(trained or {}))
         missing = [m for m in methods if m in needs_weights]
@@ -138,11 +134,7 @@ def check_run_arguments(methods, budgets, model_path, repeats, batch, data, limi
                              f"got {value!r}")
         pairs.append(check_pairs([f"{name}={os.fspath(path)}" for name, path in value], f"--{argument}", example))
     trained, configs = pairs
-    if trained:
-        check_methods([m for m, _ in trained], trained=True)
-        check_trained_weights(trained)
-    if configs:
-        check_configs(configs)
+    check_trained_and_configs(trained, configs)
     if model_path is not None:
         model_path = shipped_path(os.fspath(model_path))
         if is_shipped_default(model_path):
@@ -150,6 +142,16 @@ def check_run_arguments(methods, budgets, model_path, repeats, batch, data, limi
         check_model(model_path, "model_path=")
         check_model_download(model_path, "model_path=")
     return methods, budgets, trained, configs, model_path
+
+
+def check_trained_and_configs(trained: list[tuple[str, str]] | None, configs: list[tuple[str, str]] | None) -> None:
+    """The (method, weights) and (label, config) pairs, whichever are given: trained methods with
+    their weights files, configs vtoken.load reads under labels of their own."""
+    if trained:
+        check_methods([m for m, _ in trained], trained=True)
+        check_trained_weights(trained)
+    if configs:
+        check_configs(configs)
 
 
 def check_pairs(values: list[str] | None, flag: str, example: str) -> list[tuple[str, str]] | None:

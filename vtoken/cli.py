@@ -12,7 +12,8 @@ import shlex
 import sys
 
 from vtoken.bench_args import (  # noqa: F401  (torch-free)
-    DEFAULT_BUDGETS, DEFAULT_LIMIT, check_bench_arguments, check_train_projector_arguments,
+    ATTENTION_NAMES, DEFAULT_BUDGETS, DEFAULT_LIMIT, DTYPE_NAMES, check_bench_arguments,
+    check_train_projector_arguments,
 )
 
 #: Where ``vtoken bench`` writes when ``--out`` is not given (relative to the working directory).
@@ -109,9 +110,9 @@ def _add_bench(commands) -> None:
                        help="batch size of the throughput column")
     bench.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps (default: where the model loads, "
                        "the CPU)")
-    bench.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
+    bench.add_argument("--dtype", default=None, choices=DTYPE_NAMES,
                        help="weights' dtype (default: the checkpoint's)")
-    bench.add_argument("--attn", default=None, choices=("sdpa", "eager", "flash_attention_2"),
+    bench.add_argument("--attn", default=None, choices=ATTENTION_NAMES,
                        help="attention implementation (default: the model's)")
     bench.add_argument("--threads", type=int, default=None, help="torch CPU threads, at least 1 (default: torch's)")
     bench.add_argument("--out", default=DEFAULT_OUT, help="directory for bench.md, bench.json and the plots "

@@ -510,7 +510,7 @@ class FusedSlice:
                 and not (module._forward_hooks or module._forward_pre_hooks))
 
 
-def bring_in_offloaded_weights(module: nn.Module, args: tuple, kwargs: dict) -> None:
+def bring_in_offloaded_weights(module: nn.Module) -> None:
     """accelerate's offloading hook (``module._hf_hook``, what ``cpu_offload`` and a ``device_map``
     with offloaded parts install) loads a module's own weights when its ``forward`` starts, after
     torch's forward pre-hooks. vtoken encodes the images in a pre-hook of the model's core, whose own
@@ -518,7 +518,7 @@ def bring_in_offloaded_weights(module: nn.Module, args: tuple, kwargs: dict) -> 
     load them now, as the hook would (its post-forward offloads them again after the forward)."""
     hook = getattr(module, "_hf_hook", None)
     if hook is not None and callable(getattr(hook, "pre_forward", None)):
-        hook.pre_forward(module, *args, **kwargs)
+        hook.pre_forward(module)
 
 
 #: A transformer block's sub-modules by role -> attribute name (Llama decoder and CLIP encoder layers).

@@ -408,7 +408,7 @@ def _check_training_numbers(*, steps, batch_size, grad_accum, lr, weight_decay, 
                                ("log_every", log_every, 1), ("generated", generated, 1)):
         if not whole(value) or value < least:
             raise ValueError(f"{name} must be a whole number >= {least}, got {value!r}")
-    if steps is not None and (not whole(steps) or steps < 1):
+    if steps is not None and not whole(steps):  # (steps < 1: train_projector's own check, before this one)
         raise ValueError(f"steps must be a whole number >= 1, got {steps!r} (None trains `epochs` passes over the data)")
     if save_every is not None and (not whole(save_every) or save_every < 0):
         raise ValueError(f"save_every must be a whole number >= 0 (0: only at the end), got {save_every!r}")

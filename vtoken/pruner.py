@@ -89,6 +89,13 @@ def candidate_features(hidden: torch.Tensor, slot_index: torch.Tensor, row_sampl
     return hidden[row_sample[:, None], slot_index.clamp(min=0)] * valid[..., None].to(hidden.dtype)
 
 
+def vision_not_observed(layer: int) -> ValueError:
+    """The error for a stage that reads vision ``layer``'s observation where there is none."""
+    return ValueError(f"vision layer {layer} was not observed before this stage; declare Signal('vision_observed', "
+                      f"{layer}) in needs(), and read only layers that run first (a stage after vision layer K reads "
+                      "layers 0..K)")
+
+
 class LLMObservations:
     """What ``observe`` / ``observe_attention`` summarised at earlier LLM layers, for the candidates
     of one LLM stage (``ctx.observed(layer)``, ``ctx.observed_attention(layer)``): each layer's summary
@@ -382,9 +389,7 @@ class Pruner:
     def _vision_observed(images: ImageRun, positions: torch.Tensor, layer: int) -> torch.Tensor:
         """The summary observed at vision ``layer`` for each current candidate ``[C, N, k]``."""
         if layer not in images.observed:
-            raise ValueError(f"vision layer {layer} was not observed before this stage; declare Signal('vision_observed', "
-                             f"{layer}) in needs(), and read only layers that run first (a stage after vision layer K "
-                             "reads layers 0..K)")
+            raise vision_not_observed(layer)
         summary, then, first = images.observed[layer]
         summary = summary if summary.dim() == 3 else summary[..., None]
         crops, full = positions.shape[0], images.candidate_local.shape[1]
@@ -450,9 +455,7 @@ class Pruner:
         encoder candidate: NeXT's newlines, the CLS token under ``vision_feature_select_strategy='full'``)."""
         images = run.image_run
         if images is None or layer not in images.observed:
-            raise ValueError(f"vision layer {layer} was not observed before this stage; declare Signal('vision_observed', "
-                             f"{layer}) in needs(), and read only layers that run first (a stage after vision layer K "
-                             "reads layers 0..K)")
+            raise vision_not_observed(layer)
         summary, then, first = images.observed[layer]
         summary = summary if summary.dim() == 3 else summary[..., None]
         candidates = summary[:, first:]

@@ -331,7 +331,8 @@ class PruneRun:
         self.strategy_state.clear()
         if self.image_run is not None:
             images = self.image_run
-            if images.owner is not None and images.vision_positions is not None:  # what show() draws of a vision stage's merges (small: [C, P])
+            if images.owner is not None and images.vision_positions is not None:
+                # what show() draws of a vision stage's merges (small: [crops, patches] each)
                 self.vision_merges = (images.owner, images.vision_positions, images.candidate_local)
             # The encoding keeps what a replay needs for as long as it lives (generate holds it for the
             # whole call); the run that rides on the KV cache lets go of it.

@@ -472,7 +472,7 @@ class VisionLanguageAdapter(VisionSite, Adapter):
             pruner.encoding = run
             # Called from vtoken's pre-hook on the core or by generate, before the core's forward: an
             # offloaded core's own weights (image_newline) are not loaded yet.
-            compat.bring_in_offloaded_weights(self.core, (), {})
+            compat.bring_in_offloaded_weights(self.core)
             try:
                 output = encode(*args, **{**kwargs, "return_dict": True})
             finally:
@@ -783,14 +783,15 @@ class VisionLanguageAdapter(VisionSite, Adapter):
         spec = self.description.projector
         if spec.unit == 1:
             return spec.module
-        # A module, not a closure: a strategy that runs the projector in another precision (ZOO-Prune's
-        # float32 perturbations of a half-precision model) reaches its parameters through it. One per
-        # wrap: what a strategy caches per projector module (ZOO-Prune's two-layer structure, found by
-        # probing the projector) is found once, not at every call.
-        merging = getattr(self, "_merging_projector", None)
-        if merging is None or merging.projector is not spec.module:
-            merging = self._merging_projector = MergingProjectorOnTokens(spec.module, self.description.vision.width)
-        return merging
+        return self._merging_projector
+
+    @functools.cached_property
+    def _merging_projector(self) -> "MergingProjectorOnTokens":
+        """The merging projector on per-LLM-token inputs: a module, not a closure, so a strategy that runs
+        the projector in another precision (ZOO-Prune's float32 perturbations of a half-precision model)
+        reaches its parameters through it; one per wrap, so what a strategy caches per projector module
+        (ZOO-Prune's two-layer structure, found by probing the projector) is found once, not per call."""
+        return MergingProjectorOnTokens(self.description.projector.module, self.description.vision.width)
 
     def _before_projector(self, module, args):
         """Keep every crop token's projector input, in its grid place (ZOO-Prune perturbs them)."""

@@ -28,6 +28,7 @@ from vtoken import compat
 from vtoken.context import Grid, TokenRows, VisionAttention
 from vtoken.kernels import attention_rows, gather_tokens, received_attention
 from vtoken.request import ImageRun
+from vtoken.pruner import vision_not_observed
 
 #: The block keyword arguments that describe the packed sequence.
 PACKED_KWARGS = ("cu_seqlens", "max_seqlen", "position_embeddings")
@@ -204,7 +205,7 @@ class PackedVisionSite:
 
         def observed(layer: int) -> torch.Tensor:  # [R, units, k]: a unit's summary, the mean of its patches'
             if layer not in images.observed:
-                raise ValueError(f"vision layer {layer} was not observed; declare Signal('vision_observed', {layer}) in needs()")
+                raise vision_not_observed(layer)
             summary, then = images.observed[layer]
             summary = summary if summary.dim() == 2 else summary[:, None]
             out = summary.new_zeros(len(frames), width, summary.shape[-1])
