@@ -77,12 +77,21 @@ def test_a_reduction_a_pipeline_cannot_use_is_one_line(mistake, message):
     assert "\n" not in str(error.value)
 
 
-def test_the_reduction_of_a_correct_custom_method_runs():
+def test_a_correct_custom_reduction_passes_the_checks():
+    """The checks refuse nothing a correct reduce returns: at keep=1.0 the wrapped model is the plain
+    one, and at 0.5 each image of the padded batch keeps round(0.5 * its tokens)."""
+    from tiny import next_image_tokens
+
     model = tiny_llava_next()
     x = llava_next_inputs(model)
-    with vtoken.pruned(model, "_test_mistake", keep=0.5), torch.no_grad():
-        model(**x)
-        assert all(len(s["projector"]) > 0 for s in vtoken.selection(model))
+    with torch.no_grad():
+        plain = model(**x).logits
+        with vtoken.pruned(model, "_test_mistake", keep=1.0):
+            torch.testing.assert_close(model(**x).logits, plain, rtol=0, atol=0)
+        with vtoken.pruned(model, "_test_mistake", keep=0.5):
+            model(**x)
+            kept = [len(s["projector"]) for s in vtoken.selection(model)]
+    assert kept == [round(0.5 * n) for n in next_image_tokens(model, [(32, 64), (64, 64), (64, 40)])]
 
 
 def test_a_config_inherited_from_another_method_is_refused_at_register():
