@@ -180,3 +180,37 @@ def test_reading_a_layer_that_runs_after_the_stage_says_so():
         with pytest.raises(ValueError, match=r"LLM layer 2 was not observed before this stage; .* read only layers "
                                              r"that run first \(a stage before LLM layer K reads layers 0..K-1\)"):
             model(**llava_inputs(1))
+
+
+def test_flops_of_a_custom_method_without_scoring_cost_warns_at_the_callers_line():
+    """A method written outside vtoken that does not define ``scoring_cost`` had its scoring counted as
+    free by ``vtoken.flops`` without a word. Now one warning says so, at the caller's line; a built-in
+    that scores for free (pool) and a custom method that declares its cost (even none) are silent."""
+    import warnings
+
+    @dataclasses.dataclass
+    class _DeclaredConfig(PruneConfig):
+        method = "_test_declared"
+
+    @register
+    class _Declared(_Mistake):
+        name = "_test_declared"
+        Config = _DeclaredConfig
+
+        def scoring_cost(self, stage, shapes=None):
+            return []
+
+    model = tiny_llava_next()
+    try:
+        for method, warns in (("_test_mistake", True), ("pool", False), ("_test_declared", False)):
+            with vtoken.pruned(model, method, keep_tokens=4), warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                report = vtoken.flops(model, image_size=(64, 64))
+            mine = [w for w in caught if "scoring_cost" in str(w.message)]
+            assert len(mine) == int(warns), method
+            if warns:
+                assert mine[0].filename == __file__  # the line that called vtoken.flops
+                assert "_test_mistake: the method defines no scoring_cost()" in str(mine[0].message)
+                assert report.scoring == 0
+    finally:
+        _STRATEGIES.pop("_test_declared", None)

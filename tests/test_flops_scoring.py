@@ -10,7 +10,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import vtoken
 from vtoken import compat
 from vtoken.accounting import model_dims
-from tiny import IMAGE_TOKEN, VIDEO_TOKEN, tiny_llava, tiny_llava_onevision, tiny_qwen2_vl
+from tiny import (IMAGE_TOKEN, VIDEO_TOKEN, llava_next_inputs, tiny_llava, tiny_llava_next, tiny_llava_onevision,
+                  tiny_qwen2_vl)
 
 
 def counted(model, inputs) -> int:
@@ -30,6 +31,25 @@ def llava_prompt(model, images: int, seed: int = 0) -> tuple[dict, int]:
     ids = torch.tensor([[1, 3, 4, 5] + ([IMAGE_TOKEN] * tokens + [6]) * images + [10, 11, 12, 13]])
     pixels = torch.randn(images, 3, side, side, generator=torch.Generator().manual_seed(seed))
     return {"input_ids": ids, "pixel_values": pixels}, ids.shape[1] - tokens * images
+
+
+def qwen_prompt(model, side: int) -> tuple[dict, int]:
+    """One ``side`` x ``side`` image (as the processor resizes it for a tiny Qwen-VL: multiples of
+    patch x merge, no minimum) between 3 and 4 text tokens; (inputs, text tokens)."""
+    dims = model_dims(model.config)
+    factor = dims.vision.patch * dims.vision.merge
+    height, width = compat.qwen2_vl_smart_resize(side, side, factor=factor, min_pixels=factor**2, max_pixels=10**7)
+    grid = torch.tensor([[1, height // dims.vision.patch, width // dims.vision.patch]])
+    tokens = int(grid.prod()) // dims.vision.merge**2
+    config = model.config
+    ids = torch.tensor([[1, 3, 4, config.vision_start_token_id] + [config.image_token_id] * tokens
+                        + [config.vision_end_token_id, 10, 11, 12, 13]])
+    vision = config.vision_config
+    pixels = torch.randn(int(grid.prod()), vision.in_channels * vision.temporal_patch_size * vision.patch_size**2,
+                         generator=torch.Generator().manual_seed(0))
+    inputs = {"input_ids": ids, "pixel_values": pixels, "image_grid_thw": grid,
+              "mm_token_type_ids": (ids == config.image_token_id).int()}
+    return inputs, ids.shape[1] - tokens
 
 
 def test_aif_reruns_every_image_after_the_first():
@@ -63,19 +83,7 @@ def test_zoo_prune_counts_its_sensitivity_and_selection_exactly():
         assert vtoken.flops(model, text_tokens=text).prefill == counted(model, inputs)
 
     qwen = tiny_qwen2_vl("eager")
-    dims = model_dims(qwen.config)
-    factor = dims.vision.patch * dims.vision.merge
-    height, width = compat.qwen2_vl_smart_resize(56, 56, factor=factor, min_pixels=factor**2, max_pixels=10**7)
-    grid = torch.tensor([[1, height // dims.vision.patch, width // dims.vision.patch]])
-    tokens = int(grid.prod()) // dims.vision.merge**2
-    config = qwen.config
-    ids = torch.tensor([[1, 3, 4, config.vision_start_token_id] + [config.image_token_id] * tokens
-                        + [config.vision_end_token_id, 10, 11, 12, 13]])
-    vision = config.vision_config
-    pixels = torch.randn(int(grid.prod()), vision.in_channels * vision.temporal_patch_size * vision.patch_size**2,
-                         generator=torch.Generator().manual_seed(0))
-    inputs = {"input_ids": ids, "pixel_values": pixels, "image_grid_thw": grid,
-              "mm_token_type_ids": (ids == config.image_token_id).int()}
+    inputs, text = qwen_prompt(qwen, 56)
     from vtoken import projector_parts
 
     built = []
@@ -83,8 +91,7 @@ def test_zoo_prune_counts_its_sensitivity_and_selection_exactly():
     try:
         projector_parts.two_layer_projector = lambda *a, **k: built.append(1) or original(*a, **k)
         with vtoken.pruned(qwen, "zoo_prune", keep=0.25, directions=4):
-            assert vtoken.flops(qwen, text_tokens=ids.shape[1] - tokens, image_size=(56, 56)).prefill == \
-                counted(qwen, inputs)
+            assert vtoken.flops(qwen, text_tokens=text, image_size=(56, 56)).prefill == counted(qwen, inputs)
     finally:
         projector_parts.two_layer_projector = original
     assert len(built) == 1  # once per wrap, not once per call
@@ -116,3 +123,41 @@ def test_kv_cache_bytes_of_a_sample_of_several_images_is_the_real_cache():
         real = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
         assert vtoken.kv_cache_bytes(model, text_tokens=text, images=2, dtype=torch.float32) == real
         assert vtoken.flops(model, text_tokens=text, images=2, dtype=torch.float32).kv_cache_bytes == real
+
+
+def test_vflowopt_counts_its_attention_map_exactly():
+    """VFlowOpt's map: the queries and keys of every token (on Qwen-VL only those columns of the fused
+    qkv: its values were projected too, 1.7% of the forward uncounted here), each patch query's scores,
+    their column sums per head (also uncounted before), one context row per crop (``t`` so high that
+    no token passes and each crop takes its most-attended one, the fewest there can be), and no CLS
+    row (it was computed for every call, VisionZip's alone). LLaVA-1.5, LLaVA-NeXT's crops, Qwen2-VL,
+    and Qwen2.5-VL at a full-attention layer (the default) and at a window layer."""
+    model = tiny_llava("eager")
+    inputs, text = llava_prompt(model, 1)
+    with vtoken.pruned(model, "vflowopt", keep=0.5, t=1e6):
+        assert vtoken.flops(model, text_tokens=text).prefill == counted(model, inputs)
+
+    model = tiny_llava_next("eager")
+    inputs = llava_next_inputs(model, image_sizes=((64, 64),))
+    text = inputs["input_ids"].shape[1] - int((inputs["input_ids"] == IMAGE_TOKEN).sum())
+    with vtoken.pruned(model, "vflowopt", keep=0.5, t=1e6):
+        assert vtoken.flops(model, text_tokens=text, image_size=(64, 64)).prefill == counted(model, inputs)
+
+    for version, options in (("2", {}), ("2.5", {}), ("2.5", dict(vision_layer=2))):
+        qwen = tiny_qwen2_vl("eager", version=version)
+        inputs, text = qwen_prompt(qwen, 112)
+        with vtoken.pruned(qwen, "vflowopt", keep=0.5, t=1e6, **options):
+            assert vtoken.flops(qwen, text_tokens=text, image_size=(112, 112)).prefill == counted(qwen, inputs), \
+                (version, options)
+
+
+def test_visionzip_counts_its_merged_tokens_projected_again():
+    """VisionZip merges its contextual tokens' projector inputs, so the projector runs again on each
+    (uncounted before: one token's projector pass here)."""
+    model = tiny_llava("eager")
+    inputs, text = llava_prompt(model, 1)
+    with vtoken.pruned(model, "visionzip", keep=0.5):
+        assert any(c.kind == "projector_rows" for c in vtoken.schedule_of(model).scoring)
+        assert vtoken.flops(model, text_tokens=text).prefill == counted(model, inputs)
+    with vtoken.pruned(model, "visionzip", keep=0.5, site="vision", layer=1):  # in the tower: nothing projected again
+        assert not any(c.kind == "projector_rows" for c in vtoken.schedule_of(model).scoring)

@@ -155,8 +155,20 @@ def drive(d: Driver, schedule: Schedule, pixels: torch.Tensor, tally: Tally, hea
                 wq, wk = weights(width, attn_width), weights(width, attn_width)
                 tally("scoring", lambda: (x[:, : cost.rows] @ wq) @ (x @ wk).transpose(-1, -2))
             elif cost.kind == "vision_attention_map":
+                # VFlowOpt's map: the queries and keys of every token, each patch query's probabilities
+                # per head, their column sums (a vector-matrix product per head), and the context rows.
                 wq, wk = weights(width, attn_width), weights(width, attn_width)
-                tally("scoring", lambda: (x @ wq) @ (x @ wk).transpose(-1, -2))
+
+                def whole_map():
+                    q, k = x @ wq, x @ wk
+                    n, per_head = x.shape[1], attn_width // heads
+                    queries = q[:, d.prefix:].reshape(1, n - d.prefix, heads, per_head).transpose(1, 2)
+                    keys = k.reshape(1, n, heads, per_head).transpose(1, 2)
+                    probs = (queries @ keys.transpose(-1, -2)).softmax(dim=-1)  # [1, H, P, n]
+                    torch.ones(1, heads, 1, n - d.prefix, device=x.device) @ probs
+                    return q[:, d.prefix : d.prefix + cost.rows] @ k.transpose(-1, -2)
+
+                tally("scoring", whole_map)
         x = tally("blocks", lambda: d.attn_half(block, x))
         if layer in inside:
             if any(c.kind == "vision_token_matching" for c in scoring[layer]):
@@ -305,7 +317,7 @@ SCHEDULES = [
     pytest.param(Schedule((Stage("vision", 12, 0, inside=True), Stage("vision", 6, 1)),
                           (ScoringCost("vision_token_matching", layer=0), ScoringCost("vision_token_matching", layer=1),
                            ScoringCost("vision_attention_rows", layer=1, rows=1),
-                           ScoringCost("vision_attention_map", layer=2), ScoringCost("flops", flops=1234))),
+                           ScoringCost("vision_attention_map", layer=2, rows=2), ScoringCost("flops", flops=1234))),
                  id="mixed+every-scoring-kind"),
 ]
 PRUNED_MODELS = ["hf-clip", "hf-siglip-vision-head", "timm-registers-avg", "timm-map-prefix", "timm-swiglu",

@@ -69,7 +69,7 @@ def _attention_from(matrix: torch.Tensor) -> VisionAttention:
         return picked * (index >= 0)[..., None]
 
     crops, patches = matrix.shape[:2]
-    return VisionAttention(rows=rows, keys=torch.zeros(crops, patches, 1), cls=None,
+    return VisionAttention(rows=rows, keys=torch.zeros(crops, patches, 1), cls_row=None,
                            column_mass=lambda: matrix.mean(dim=1))
 
 
@@ -363,8 +363,10 @@ def test_scoring_cost_and_schedule():
         schedule = vtoken.schedule_of(model)
         report = vtoken.flops(model, schedule=schedule)
     assert [(c.kind, c.layer) for c in schedule.scoring] == [("vision_attention_map", 2)]
-    n, d = 17, 32  # CLS + 16 patches, vision width
-    assert report.scoring == pytest.approx(4 * n * d * d + 2 * n * n * d)
+    n, p, d, h = 17, 16, 32, 4  # CLS + 16 patches, vision width, heads
+    # q and k of every token, the 16 patch queries' scores and their column sums per head, one
+    # context row (the fewest a crop takes)
+    assert report.scoring == 4 * n * d * d + 2 * p * n * d + 2 * h * p * n + 2 * 1 * n * d
     assert [s.layer for s in schedule.stages] == [None, 1, 2]
 
 

@@ -225,7 +225,8 @@ def test_scoring_cost_counts_the_cls_row_and_the_merge_from_the_stage_shapes():
     with vtoken.pruned(model, "visionzip", keep_tokens=64):
         scoring = vtoken.schedule_of(model).scoring
     assert scoring == (ScoringCost("vision_attention_rows", layer=2, rows=1),
-                       ScoringCost("flops", flops=2.0 * (576 - 54 - 10) * 10 * 8))
+                       ScoringCost("flops", flops=2.0 * (576 - 54 - 10) * 10 * 8),
+                       ScoringCost("projector_rows", rows=10))  # the 10 merged tokens projected again
 
 
 def test_a_tower_without_cls_is_refused_at_wrap_naming_the_signal():

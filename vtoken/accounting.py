@@ -436,6 +436,8 @@ def _describe_cost(cost: ScoringCost) -> str:
         return f"{cost.kind.split('_')[0]} L{cost.layer} {cost.rows} rows"
     if cost.kind == "projector_passes":
         return f"projector ×{cost.passes}"
+    if cost.kind == "projector_rows":
+        return f"projector over {cost.rows} more tokens"
     if cost.kind == "projector_sensitivity":
         return f"projector sensitivity ×{cost.passes}" + (f" (rank {cost.rows})" if cost.rows else "")
     if cost.kind == "vision_attention_map":
@@ -472,6 +474,8 @@ def per_sample(schedule: Schedule, images: int) -> Schedule:
     def scaled(cost: ScoringCost) -> ScoringCost:
         if cost.kind == "flops":
             return dataclasses.replace(cost, flops=cost.flops * images)
+        if cost.kind == "projector_rows":
+            return dataclasses.replace(cost, rows=cost.rows * images)
         if cost.later_images and schedule.visual_tokens is not None:  # every image after the first, rerun
             return dataclasses.replace(cost, rows=cost.rows + (images - 1) * schedule.visual_tokens)
         return cost
@@ -646,6 +650,7 @@ def _scoring_cost_flops(cost: ScoringCost, dims: ModelDims, schedule: Schedule, 
       n tokens (CLS included) of that layer.
     - ``projector_passes``: passes × the projector over its input tokens (all patch features, or
       those kept by a vision-site stage; a projector-site stage comes after it).
+    - ``projector_rows``: the projector over ``rows`` tokens (``per_sample`` has made it per sample).
     - ``projector_sensitivity``: ZOO-Prune's ``passes`` directions over the same tokens
       (``projector_sensitivity_flops``, rank ``rows``).
     - ``vision_token_matching`` / ``llm_token_matching`` at layer l: the similarities of ToMe
@@ -653,8 +658,11 @@ def _scoring_cost_flops(cost: ScoringCost, dims: ModelDims, schedule: Schedule, 
       (``bipartite_matching_flops``), per crop (width D; for a stage inside its block, ToMe's, the
       head size D/H, its metric being the block's keys averaged over heads, over the whole sequence
       with the CLS token protected; a packed Qwen-VL tower matches its merge units) or per sample (width d).
-    - ``vision_attention_map`` at vision layer l, per crop: q and k projections of the n tokens
-      (CLS included) 4·n·D² and every score 2·n²·D.
+    - ``vision_attention_map`` at vision layer l, per crop (VFlowOpt's map; ``vision_map_flops``): q
+      and k projections of the n tokens (CLS included) 4·n·D², the scores of every patch query 2·s·D
+      and their column sums 2·H·s (a matrix product per head), s the query-key pairs (P·n for global
+      attention over P patches, Σ window² in a Qwen2.5-VL window layer), and ``rows`` context rows'
+      scores 2·r·n·D.
     - ``llm_rerun_rows`` from layer l: ``decoder_layer_flops`` of r queries over the n tokens of
       each layer >= l (prompt text and that layer's visual tokens).
     - ``flops``: the given count.
@@ -676,10 +684,15 @@ def _scoring_cost_flops(cost: ScoringCost, dims: ModelDims, schedule: Schedule, 
         return geo.crops * per_crop
     if cost.kind == "vision_attention_map":
         v = dims.vision
-        n = _patches_at(schedule, geo, cost.layer) + v.cls_tokens
-        return geo.crops * (4 * n * v.hidden**2 + 2 * n * n * v.hidden)
+        patches = _patches_at(schedule, geo, cost.layer)
+        pairs = None
+        if v.window and cost.layer not in v.full_attention_layers:  # (the map needs every patch: geo's windows)
+            pairs = sum(w * w for w in geo.windows)
+        return geo.crops * vision_map_flops(patches, v.cls_tokens, v.hidden, v.hidden, v.heads, cost.rows, pairs)
     if cost.kind == "projector_passes":
         return cost.passes * projector_flops(dims.projector, _projector_tokens(dims, schedule, geo))
+    if cost.kind == "projector_rows":
+        return projector_flops(dims.projector, cost.rows)
     if cost.kind == "projector_sensitivity":
         # ... and the diverse selection after it (ZOO-Prune's Eq. 9, greedy_diverse_selection): each of
         # an image's k picks takes the cosine of its projected token with all N of the image's
@@ -770,6 +783,22 @@ def _anyres_notes(schedule: Schedule, geo: Geometry) -> tuple[str, ...]:
                                                                     if geo.anyres.resized else "")
             + "); exact for a pruning method that leaves a token in every row"
             + (" of a grid that is not resized" if geo.anyres.resized else ""),)
+
+
+def vision_map_flops(patches: int, prefix: int, width: int, attn_width: int, heads: int, rows: int = 0,
+                     pairs: int | None = None) -> int:
+    """True FLOPs of one crop's whole vision attention map as VFlowOpt reads it (``VisionSource.attention``
+    and ``kernels.received_attention``): the queries and keys of the ``n = patches + prefix`` tokens
+    (``4·n·D·A``; a fused qkv projection computes only those columns), the score of every patch query
+    against its keys (``2·s·A``) and the column sums of their probabilities, one matrix product per
+    head (``2·H·s``), with ``s = pairs`` (default ``patches·n``: global attention; a window layer
+    passes Σ window²), and ``rows`` context rows against their keys (``2·r·n·A``; in a window layer
+    a row's window, taken as ``s / patches`` keys: exact when the windows are equal). The CLS row,
+    which only VisionZip reads, is computed on first use and not part of the map."""
+    n = patches + prefix
+    row_keys = n if pairs is None else pairs // max(patches, 1)
+    pairs = patches * n if pairs is None else pairs
+    return 4 * n * width * attn_width + 2 * pairs * attn_width + 2 * heads * pairs + 2 * rows * row_keys * attn_width
 
 
 def bipartite_matching_flops(tokens: int, target: int, dim: int) -> int:

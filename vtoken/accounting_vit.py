@@ -44,8 +44,9 @@ Per-term formulas (``"true"``: 2 FLOPs per multiply-accumulate, per image):
   ``w`` the head size (ToMe's metric: the block's keys averaged over heads); for a stage after block
   ``l`` over its candidate patches, ``w = D`` (matching on hidden states, Representation Shift's merge);
   ``vision_attention_rows``: ``2·r·D·A + 2·n·D·A + 2·r·n·A`` (q of ``r`` rows, k of the ``n`` tokens
-  entering block ``l``, their scores); ``vision_attention_map``: ``4·n·D·A + 2·n²·A``; ``flops``: as
-  given.
+  entering block ``l``, their scores); ``vision_attention_map``: ``4·n·D·A + 2·P·n·A + 2·H·P·n + 2·r·n·A``
+  (q and k of the n tokens, the P patch queries' scores and their column sums per head, ``r`` context
+  rows: :func:`vtoken.accounting.vision_map_flops`); ``flops``: as given.
 
 Excluded, in both conventions: norms (LayerNorm / RMSNorm, QK-norm), softmax, activations (GELU,
 SwiGLU's gate product), biases, residual adds, position embeddings and their interpolation, layer
@@ -350,7 +351,7 @@ def _check_stages(e: EncoderDims, patches: int, stages: Sequence[Stage]) -> None
 def scoring_cost_flops(cost: ScoringCost, e: EncoderDims, stages: Sequence[Stage],
                        counts: tuple[tuple[int, int], ...]) -> int:
     """True FLOPs of one scoring item on one image (formulas in the module docstring)."""
-    from vtoken.accounting import bipartite_matching_flops
+    from vtoken.accounting import bipartite_matching_flops, vision_map_flops
 
     if cost.kind not in ENCODER_SCORING:
         raise ValueError(f"{cost}: a vision encoder takes only {', '.join(ENCODER_SCORING)} scoring")
@@ -371,7 +372,7 @@ def scoring_cost_flops(cost: ScoringCost, e: EncoderDims, stages: Sequence[Stage
     n, d, a = attn_tokens, e.hidden, e.attn_width
     if cost.kind == "vision_attention_rows":
         return 2 * cost.rows * d * a + 2 * n * d * a + 2 * cost.rows * n * a
-    return 4 * n * d * a + 2 * n * n * a  # vision_attention_map
+    return vision_map_flops(n - e.prefix, e.prefix, d, a, e.heads, cost.rows)  # vision_attention_map
 
 
 # --------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import os
 import sys
+import warnings
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -373,6 +374,30 @@ def load(path: str | os.PathLike) -> PruneConfig:
     return get_strategy(method).Config.from_options(**data)
 
 
+def _warn_if_scoring_uncounted(strategy) -> None:
+    """A method written outside vtoken that does not say what its scoring costs (no ``scoring_cost``)
+    would have its scoring counted as free by ``vtoken.flops`` without a word: say so, once per
+    method (the built-in methods that do not define it, random, pool and the oracle, score for free)."""
+    from vtoken.strategies.base import Strategy
+
+    kind = type(strategy)
+    if kind.scoring_cost is Strategy.scoring_cost and not kind.__module__.startswith("vtoken."):
+        warnings.warn(
+            f"{kind.name}: the method defines no scoring_cost(), so vtoken.flops counts its scoring as 0 FLOPs; "
+            f"define scoring_cost() returning ScoringCost items for its work (or [] if it scores for free)",
+            UserWarning, stacklevel=_frames_inside_vtoken() + 1)
+
+
+def _frames_inside_vtoken() -> int:
+    """How many frames up from the caller the first one outside the vtoken package is (a warning's
+    ``stacklevel`` that names the user's line, however deep inside vtoken it was raised)."""
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame, depth = sys._getframe(1), 0
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, depth = frame.f_back, depth + 1
+    return depth
+
+
 def schedule_of(model: nn.Module, visual_tokens: int | None = None, instruction_tokens: int | None = None) -> Schedule:
     """The pruning schedule of a wrapped model for one image of ``visual_tokens`` visual tokens
     (default: the model's tokens per image). ``instruction_tokens``: the prompt's text tokens after
@@ -387,6 +412,7 @@ def schedule_of(model: nn.Module, visual_tokens: int | None = None, instruction_
     tokens = visual_tokens or adapter.visual_tokens_per_image()
     if tokens is None:
         raise ValueError("this model's visual token count depends on the image; pass visual_tokens=")
+    _warn_if_scoring_uncounted(state.strategy)
     stages, scoring = [], []
     vision_tokens = adapter.vision_tokens_for(tokens)
     entering = {"vision": vision_tokens, "visual": tokens}  # tokens reaching the next stage, per image

@@ -116,14 +116,17 @@ class VisionAttention:
     ``received``: ``[C, P]`` the mean over the crop's P patch queries of the probability each patch
     receives (computed on first use: every patch as a query). ``rows(index)``: for ``[C, Q]`` patch
     indices (-1 for none) the ``[C, Q, P]`` probability rows of those query patches (zero rows for
-    -1). ``cls``: ``[C, P]`` the CLS token's row (its attention to each patch), or None for a tower
-    without CLS. ``keys``: ``[C, P, head_dim]`` each patch's key, averaged over heads (before the
-    softmax scale; VisionZip's similarity metric).
+    -1). ``cls``: ``[C, P]`` the CLS token's row (its attention to each patch; computed on first use
+    by ``cls_row``), or None for a tower without CLS. ``keys``: ``[C, P, head_dim]`` each patch's key,
+    averaged over heads (before the softmax scale; VisionZip's similarity metric).
     """
 
     rows: Callable[[torch.Tensor], torch.Tensor]
     keys: torch.Tensor
-    cls: torch.Tensor | None
+    #: ``() -> [C, P]``: the CLS token's row; None for a tower without CLS. Called on first use of
+    #: :attr:`cls` only, so a method that never reads it (VFlowOpt) neither projects that query nor
+    #: scores it (work ``vtoken.flops`` would otherwise have to count as scoring).
+    cls_row: Callable[[], torch.Tensor] | None
     column_mass: Callable[[], torch.Tensor]
     #: ``[C, P]`` True for real patches where crops differ in size and are padded to the largest
     #: (Qwen-VL's images); None when every crop has all ``P`` patches.
@@ -132,6 +135,10 @@ class VisionAttention:
     @functools.cached_property
     def received(self) -> torch.Tensor:
         return self.column_mass()
+
+    @functools.cached_property
+    def cls(self) -> torch.Tensor | None:
+        return None if self.cls_row is None else self.cls_row()
 
 
 @dataclass

@@ -134,11 +134,14 @@ class ScoringCost:
         other (Qwen's merger, a LayerNorm first) by ``2 * passes`` full projector passes.
       - ``"projector_passes"``: ``passes`` extra forward passes of the projector over the visual
         tokens of a sample (ZOO-Prune's 2m perturbed passes, for example).
+      - ``"projector_rows"``: the projector over ``rows`` more tokens of each image (VisionZip's
+        merged contextual tokens, projected again from their merged inputs).
       - ``"vision_token_matching"`` / ``"llm_token_matching"``: the token similarities of ToMe
         bipartite matching that merges the tokens entering the stage at vision / LLM layer
         ``layer`` down to that stage's count (Representation Shift's merge mode).
       - ``"vision_attention_map"``: every token of vision-encoder layer ``layer`` as a query (the
-        layer's whole attention map, recomputed beside the model's own attention; VFlowOpt).
+        layer's whole attention map, recomputed beside the model's own attention; VFlowOpt), its
+        column sums, and ``rows`` context rows per crop.
       - ``"llm_rerun_rows"``: ``rows`` tokens run (again) through every LLM layer from ``layer``
         on, each attending to all the prompt's tokens (AIF's masked text rows, its probe step).
         With ``later_images``, a sample of several images reruns every image after the first too
@@ -149,7 +152,7 @@ class ScoringCost:
     """
 
     kind: Literal[
-        "llm_attention_rows", "vision_attention_rows", "projector_passes", "projector_sensitivity",
+        "llm_attention_rows", "vision_attention_rows", "projector_passes", "projector_rows", "projector_sensitivity",
         "vision_token_matching",
         "llm_token_matching", "vision_attention_map", "llm_rerun_rows", "flops",
     ]

@@ -340,7 +340,10 @@ class PackedVisionSource:
         attention = self.adapter.vision_layers()[layer].attn
         heads = attention.num_heads
         with torch.no_grad():
-            q, k, _ = attention.qkv(hidden).reshape(hidden.shape[0], 3, heads, -1).permute(1, 0, 2, 3).unbind(0)
+            # The queries and keys alone: the fused projection's first two thirds (the values are the
+            # block's own work, not the map's).
+            qk = compat.FusedSlice(attention.qkv, 0, 2 * hidden.shape[-1])(hidden)  # qkv: [N, 3 * width]
+            q, k = qk.reshape(hidden.shape[0], 2, heads, -1).permute(1, 0, 2, 3).unbind(0)
             q, k = compat.qwen_vision_rotary(attention)(q, k, cos, sin)
         scaling = attention.head_dim ** -0.5 if hasattr(attention, "head_dim") else q.shape[-1] ** -0.5
         image_of, patch_of = self._slots()
@@ -390,7 +393,7 @@ class PackedVisionSource:
                 out[crop_ids[mine][:, None], row_ids[mine][:, None], patch_of[start:end][None, :]] = probs
             return out
 
-        return VisionAttention(rows=rows, keys=key_table, cls=None, column_mass=column_mass, valid=valid)
+        return VisionAttention(rows=rows, keys=key_table, cls_row=None, column_mass=column_mass, valid=valid)
 
     def pixel_patches(self) -> torch.Tensor:
         """``[C, P, channels, p, p]``: each image's patches as the processor flattened them (its first

@@ -202,10 +202,9 @@ class VisionSource:
         # Every token's query only when a strategy reads more than the CLS row (VisionZip reads only
         # CLS: projecting all queries cost as much as its whole selection), then kept for the request.
         all_queries = cache(lambda: project_queries(x))
-        cls = None
-        if vision.has_cls:
+        def cls_row() -> torch.Tensor:
             with torch.no_grad():
-                cls = attention_rows(project_queries(x[:, :1]), k, scaling).mean(dim=1)[:, 0, first:]
+                return attention_rows(project_queries(x[:, :1]), k, scaling).mean(dim=1)[:, 0, first:]
 
         def column_mass() -> torch.Tensor:
             with torch.no_grad():
@@ -219,7 +218,8 @@ class VisionSource:
                 probs = attention_rows(picked, k, scaling).mean(dim=1)[..., first:]
             return probs * (index >= 0)[..., None].to(probs.dtype)
 
-        return VisionAttention(rows=rows, keys=k.mean(dim=1)[:, first:], cls=cls, column_mass=column_mass)
+        return VisionAttention(rows=rows, keys=k.mean(dim=1)[:, first:], cls_row=cls_row if vision.has_cls else None,
+                               column_mass=column_mass)
 
     def pixel_patches(self) -> torch.Tensor:
         """``[C, P, channels, p_h, p_w]``: the (normalised) pixel values behind each crop's patch

@@ -472,10 +472,13 @@ class VFlowOptStrategy(Strategy):
 
     def scoring_cost(self, stage: StageSpec, shapes: StageShapes | None = None) -> list[ScoringCost]:
         # The map is made once per request, for the first stage: the chosen vision layer's queries
-        # and keys recomputed and every score (plus a few context rows, not counted).
+        # and keys recomputed, every patch's scores and their column sums, and the context rows
+        # (Eqs. 1-3). How many tokens pass the context threshold depends on the image: one per crop
+        # is counted, the fewest there can be (a crop where none passes takes its most-attended one);
+        # each further context token adds 2·n·D (under 0.2% of the map at 576 tokens).
         if stage != self.stages()[0]:
             return []
-        return [ScoringCost("vision_attention_map", layer=self.vision_layer)]
+        return [ScoringCost("vision_attention_map", layer=self.vision_layer, rows=1)]
 
     # --- scoring --------------------------------------------------------------------------------
     def crop_importance(self, ctx: ScoreContext) -> torch.Tensor:

@@ -172,6 +172,10 @@ class VisionZipStrategy(Strategy):
         costs = [ScoringCost("vision_attention_rows", layer=self.vision_layer, rows=1)]
         if shapes is not None:
             costs.append(ScoringCost("flops", flops=float(contextual_matching_flops(shapes, self.config.dominant_share))))
+            dominant, contextual = split_budget(shapes.kept, self.config.dominant_share)
+            if stage.site == "projector" and contextual > 0 and shapes.tokens - dominant - contextual > 0:
+                # The contextual tokens merge the projector's inputs, so each is projected again.
+                costs.append(ScoringCost("projector_rows", rows=contextual))
         return costs
 
     def reduce(self, ctx: ScoreContext) -> Reduction:
