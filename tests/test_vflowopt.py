@@ -69,7 +69,7 @@ def _attention_from(matrix: torch.Tensor) -> VisionAttention:
         return picked * (index >= 0)[..., None]
 
     crops, patches = matrix.shape[:2]
-    return VisionAttention(rows=rows, keys=torch.zeros(crops, patches, 1), cls_row=None,
+    return VisionAttention(rows=rows, keys=torch.zeros(crops, patches, 1), cls=None,
                            column_mass=lambda: matrix.mean(dim=1))
 
 

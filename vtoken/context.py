@@ -104,7 +104,7 @@ class Reduction:
         return columns[:, :candidates]
 
 
-@dataclass
+@dataclass(init=False)
 class VisionAttention:
     """The self-attention of one vision-encoder layer, per crop, over the crop's patch tokens.
 
@@ -132,13 +132,24 @@ class VisionAttention:
     #: (Qwen-VL's images); None when every crop has all ``P`` patches.
     valid: torch.Tensor | None = None
 
+    def __init__(self, rows: Callable[[torch.Tensor], torch.Tensor], keys: torch.Tensor,
+                 cls: torch.Tensor | None = None, column_mass: Callable[[], torch.Tensor] | None = None,
+                 valid: torch.Tensor | None = None, *, cls_row: Callable[[], torch.Tensor] | None = None):
+        if column_mass is None:
+            raise TypeError("VisionAttention needs column_mass")
+        if cls is not None and cls_row is not None:
+            raise TypeError("give VisionAttention the CLS row as cls= (a tensor) or cls_row= (made on first use), not both")
+        self.rows, self.keys, self.column_mass, self.valid, self.cls_row = rows, keys, column_mass, valid, cls_row
+        if cls_row is None:  # a row given as it is (or no CLS): what the cached property returns
+            self.__dict__["cls"] = cls
+
     @functools.cached_property
     def received(self) -> torch.Tensor:
         return self.column_mass()
 
     @functools.cached_property
     def cls(self) -> torch.Tensor | None:
-        return None if self.cls_row is None else self.cls_row()
+        return self.cls_row()  # (only reached with a cls_row: __init__ stored any other value)
 
 
 @dataclass
