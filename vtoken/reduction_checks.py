@@ -39,33 +39,39 @@ def check_reduction(name: str, reduction, rows: TokenRows) -> None:
         raise RuntimeError(f"{name}.reduce: keep is {shape}, expected a [{count}, K] tensor of kept indices per row")
     if keep.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
         raise RuntimeError(f"{name}.reduce: keep holds {keep.dtype}, expected integer indices (torch.long)")
-    if bool(((keep < -1) | (keep >= width)).any()):
-        raise RuntimeError(f"{name}.reduce: keep holds indices outside 0..{width - 1} (or -1 for padding): "
-                           f"{int(keep.min())}..{int(keep.max())}")
-    valid = valid.to(keep.device)
-    kept = keep >= 0
-    ordered = keep.sort(dim=-1).values
-    twice = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)
-    if bool(twice.any()):
-        row = int(twice.any(-1).nonzero()[0])
-        raise RuntimeError(f"{name}.reduce: row {row} keeps a candidate more than once; keep each index once")
-    kept_valid = valid.gather(1, keep.clamp(min=0).long()) & kept
-    padding = kept & ~kept_valid
-    short = kept_valid.sum(-1) < valid.sum(-1)
-    # (A merging reduction, with features of its own, places each merged token at a slot of its
-    # choosing, which may be one that never reaches the LLM: pool's window anchors on a cut crop.)
-    if reduction.features is None and bool((padding.any(-1) & short).any()):
-        row = int((padding.any(-1) & short).nonzero()[0])
-        raise RuntimeError(f"{name}.reduce: row {row} keeps padding (ctx.tokens.valid is False there) while leaving "
-                           "valid candidates out; rank the valid ones first (vtoken.kernels.masked_topk does)")
     if reduction.features is not None and tuple(reduction.features.shape[:2]) != tuple(keep.shape):
         raise RuntimeError(f"{name}.reduce: features are {tuple(reduction.features.shape)}, expected [{count}, "
                            f"{keep.shape[1]}, d] (one feature row per kept index)")
     merged = reduction.merged_into
-    if merged is not None:
-        if tuple(merged.shape) != (count, width):
-            raise RuntimeError(f"{name}.reduce: merged_into is {tuple(merged.shape)}, expected [{count}, {width}] "
-                               "(per candidate, the column of keep that holds it)")
-        if bool(((merged < -1) | (merged >= keep.shape[1])).any()):
-            raise RuntimeError(f"{name}.reduce: merged_into holds columns outside 0..{keep.shape[1] - 1} (or -1 for "
-                               "a dropped candidate)")
+    if merged is not None and tuple(merged.shape) != (count, width):
+        raise RuntimeError(f"{name}.reduce: merged_into is {tuple(merged.shape)}, expected [{count}, {width}] "
+                           "(per candidate, the column of keep that holds it)")
+    # Every check that reads the tensors' values is made on the device and read back at once: one
+    # host synchronisation per stage (each read a sync of its own would stall a GPU's queue four
+    # times per stage, for methods whose results are always right as much as for a new one's).
+    valid = valid.to(keep.device)
+    outside = (keep < -1) | (keep >= width)
+    kept = keep >= 0
+    ordered = keep.sort(dim=-1).values
+    twice = ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any(-1)
+    kept_valid = valid.gather(1, keep.clamp(0, max(width - 1, 0)).long()) & kept & ~outside
+    # (A merging reduction, with features of its own, places each merged token at a slot of its
+    # choosing, which may be one that never reaches the LLM: pool's window anchors on a cut crop.)
+    pads_first = (kept & ~kept_valid).any(-1) & (kept_valid.sum(-1) < valid.sum(-1))
+    if reduction.features is not None:
+        pads_first = torch.zeros_like(pads_first)
+    no_column = ((merged < -1) | (merged >= keep.shape[1])).any() if merged is not None else outside.new_zeros(())
+    found = torch.stack([outside.any(), twice.any(), pads_first.any(), no_column.to(outside.device)]).tolist()
+    if found[0]:
+        raise RuntimeError(f"{name}.reduce: keep holds indices outside 0..{width - 1} (or -1 for padding): "
+                           f"{int(keep.min())}..{int(keep.max())}")
+    if found[1]:
+        row = int(twice.nonzero()[0])
+        raise RuntimeError(f"{name}.reduce: row {row} keeps a candidate more than once; keep each index once")
+    if found[2]:
+        row = int(pads_first.nonzero()[0])
+        raise RuntimeError(f"{name}.reduce: row {row} keeps padding (ctx.tokens.valid is False there) while leaving "
+                           "valid candidates out; rank the valid ones first (vtoken.kernels.masked_topk does)")
+    if found[3]:
+        raise RuntimeError(f"{name}.reduce: merged_into holds columns outside 0..{keep.shape[1] - 1} (or -1 for "
+                           "a dropped candidate)")
