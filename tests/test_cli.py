@@ -466,3 +466,30 @@ def test_the_shipped_models_are_found_from_any_directory(tmp_path, capsys, monke
     assert "--scale 5" in capsys.readouterr().err
     assert main(["bench", "--model", "vtoken/assets/nothing-here"]) == 2
     assert "no such directory" in capsys.readouterr().err
+
+
+def test_the_data_file_is_read_once_by_the_flags_check_and_run_check(tmp_path, monkeypatch):
+    """``vtoken bench`` checks --data, then ``bench.run`` checks its data= again: the file (every
+    record's image opened) was read twice. The second check now reuses the first's count unless the
+    file changed."""
+    import vtoken.vqa.data as data
+    from vtoken.bench_args import check_data
+
+    source = data.load_jsonl
+    reads = []
+    monkeypatch.setattr(data, "load_jsonl", lambda path: reads.append(path) or source(path))
+    image = tmp_path / "a.png"
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(image)
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"image": "a.png", "question": "q?", "answer": "a"}\n')
+    check_data(str(path))
+    check_data(str(path))
+    assert len(reads) == 1
+    path.write_text('{"image": "a.png", "question": "q?", "answer": "a"}\n' * 2)  # changed: read again
+    check_data(str(path))
+    assert len(reads) == 2
+    path.write_text("")
+    with pytest.raises(ValueError, match="holds no records"):
+        check_data(str(path))

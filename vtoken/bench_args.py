@@ -7,6 +7,7 @@ registry or torch import them when they run."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -379,10 +380,19 @@ def check_data(path: str) -> None:
     """Read the whole JSONL file now: a malformed line names the file and line before anything runs."""
     if not os.path.isfile(path):
         raise ValueError(f"--data {path!r}: no such file (give a JSONL file, one record per line)")
+    stat = os.stat(path)
+    if not _record_count(os.path.abspath(path), stat.st_mtime_ns, stat.st_ctime_ns, stat.st_size):
+        raise ValueError(f"--data {path!r}: the file holds no records")
+
+
+@functools.lru_cache(maxsize=8)
+def _record_count(path: str, mtime_ns: int, ctime_ns: int, size: int) -> int:
+    """The records of a JSONL file as it is now (its modification and change times and size in the key): ``vtoken
+    bench`` checks its flags and then ``bench.run`` checks its arguments, and a file read (every
+    record's image opened) once by the first is not read again by the second."""
     from vtoken.vqa.data import load_jsonl
 
-    if not load_jsonl(path):
-        raise ValueError(f"--data {path!r}: the file holds no records")
+    return len(load_jsonl(path))
 
 
 def check_device(device: str | None, attn: str | None) -> None:
