@@ -7,7 +7,9 @@ prompt into pieces, on every family:
   text)`` exactly, and the request ``selection`` reports is the prompt's;
 - chunked prefill (``prefill_chunk_size``): a prompt with images is prefilled in one forward, with a
   warning, so the tokens are those of an unchunked generate (under the same pruning); a text-only
-  prompt passed through keeps its chunks.
+  prompt passed through keeps its chunks;
+- a quantized KV cache (``cache_implementation="quantized"``, its FP8 backend: plain torch) under an
+  in-LLM stage, whose layers then hold different numbers of tokens.
 """
 
 from __future__ import annotations
@@ -176,3 +178,39 @@ def test_continuous_batching_is_refused_before_its_loop_starts(family):
         assert "\n" not in str(error.value)
     vtoken.unwrap(model)
     assert "init_continuous_batching" not in vars(model)
+
+
+QUANTIZED = dict(cache_implementation="quantized", cache_config={"backend": "fp8"})
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2", "next"])
+def test_a_quantized_cache_under_in_llm_stages_holds_what_a_dynamic_one_holds(family, monkeypatch):
+    """In-LLM stages were refused a quantized cache (as caches vtoken does not model). Its layers grow
+    from their own counts as dynamic ones do, so they now serve: at keep=1.0 the wrapped model's
+    tokens are the plain model's over the same lossy FP8 cache, and with the quantization made
+    lossless (the test's patch: stored as given) every method's greedy, beam and sampled tokens at a
+    real budget are those it gives over the default dynamic cache. A mask stage (AIF), which rewrites
+    and crops what layers hold, is still refused in one line."""
+    from transformers.cache_utils import Fp8QuantizedLayer
+
+    model = FAMILIES[family].make()
+    x = FAMILIES[family].inputs(model)
+    base = dict(max_new_tokens=STEPS, suppress_tokens=[model.config.image_token_id])
+    plain = model.generate(**x, **base, do_sample=False, **QUANTIZED)
+    for method in ("fastv", "transprune"):
+        with vtoken.pruned(model, method, keep=1.0):
+            assert torch.equal(model.generate(**x, **base, do_sample=False, **QUANTIZED), plain), method
+    with vtoken.pruned(model, "aif", keep=0.5), pytest.raises(ValueError, match="except for a mask stage") as error:
+        model.generate(**x, **base, do_sample=False, **QUANTIZED)
+    assert "\n" not in str(error.value)
+
+    monkeypatch.setattr(Fp8QuantizedLayer, "_quantize", lambda self, tensor, scale=None: (tensor, scale))
+    monkeypatch.setattr(Fp8QuantizedLayer, "_dequantize", lambda self, stored: stored[0])
+    methods = ["fastv", "transprune", "vflowopt", "pool"] + (["zoo_prune"] if family == "llava" else [])
+    for method in methods:
+        for mode in (dict(do_sample=False), dict(num_beams=2, do_sample=False), dict(do_sample=True, top_k=5)):
+            with vtoken.pruned(model, method, keep=0.4):
+                torch.manual_seed(0)
+                dynamic = model.generate(**x, **base, **mode)
+                torch.manual_seed(0)
+                assert torch.equal(model.generate(**x, **base, **mode, **QUANTIZED), dynamic), (method, mode)

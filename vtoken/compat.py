@@ -196,6 +196,16 @@ def num_cache_layers(cache) -> int:
     return len(cache.layers)
 
 
+def is_quantized_cache(cache) -> bool:
+    """Whether every layer of ``cache`` is one of transformers' quantized layers
+    (``cache_implementation="quantized"``: quanto, HQQ or FP8): each grows from its own count like a
+    dynamic layer, storing what it is given in fewer bits."""
+    from transformers.cache_utils import BaseQuantizedLayer
+
+    layers = getattr(cache, "layers", None) or []
+    return bool(layers) and all(isinstance(layer, BaseQuantizedLayer) for layer in layers)
+
+
 def is_static_cache(cache) -> bool:
     """Whether every layer of ``cache`` is a static layer that writes its tokens one after the other
     from its own count (:func:`_is_slotted_static_layer`: layers may hold different numbers of

@@ -195,22 +195,28 @@ class DecoderPruning:
             )
         inside = bool(self.pruner.stages_at("llm")) or self.pruner.mask is not None
         static = cache is not None and compat.is_static_cache(cache)
-        if cache is not None and inside and not (compat.is_dynamic_cache(cache) or static):
+        # A quantized cache's layers grow from their own counts as dynamic ones do, so layers holding
+        # fewer tokens after a stage are fine; a mask stage rewrites and crops what layers hold, which
+        # a quantized layer does not model.
+        quantized = cache is not None and self.masking is None and compat.is_quantized_cache(cache)
+        if cache is not None and inside and not (compat.is_dynamic_cache(cache) or static or quantized):
             # A static cache's layers each write from their own count, so layers holding fewer tokens
             # after a stage, a mask stage's rerun over a cropped prefix and its eviction (the kept
             # tokens rewritten to a layer's first slots, its count set: ``compat.set_cache_layer_kv``)
             # are fine, sliding-window static layers too while they have as many slots as the others
             # (the cache no longer than the window, which the check below holds the sequence to);
-            # caches of other kinds (quantized, offloaded to another device) are not modelled.
+            # caches of other kinds (offloaded to another device; quantized under a mask stage) are not
+            # modelled.
             kinds = compat.cache_layer_kinds(cache)
             slots = sorted({getattr(layer, "max_cache_len", None) for layer in cache.layers} - {None})
             got = (type(cache).__name__ + (f" of {', '.join(kinds)} layers" if kinds else "")
                    + (f" holding {' and '.join(map(str, slots))} slots" if len(slots) > 1 else ""))
             raise ValueError(
-                f"{self.pruner.strategy.name} prunes or masks inside the LLM, which needs a DynamicCache or a "
+                f"{self.pruner.strategy.name} prunes or masks inside the LLM, which needs a DynamicCache, a "
                 f"StaticCache whose layers all hold the same number of slots (static layers, sliding-window ones "
-                f"with max_cache_len within the window); got {got}. Use the default cache, a static cache no "
-                "longer than the sliding window, or a method that prunes before the LLM."
+                f"with max_cache_len within the window) or, except for a mask stage (AIF's), a quantized cache; "
+                f"got {got}. Use the default cache, a static cache no longer than the sliding window, or a method "
+                "that prunes before the LLM."
             )
         run.static_capacity = compat.cache_capacity(cache) if static else None
         window = compat.sliding_window(self.config)
