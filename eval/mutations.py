@@ -425,8 +425,9 @@ MUTATIONS = (
              "(8 * p.norm_groups + 4) * p.hidden", "8 * p.norm_groups * p.hidden",
              ("tests/test_flops_scoring.py", "tests/test_zoo_prune.py")),
     Mutation("Qwen-VL's merging projector rebuilt at every call (ZOO-Prune's cached structure lost)",
-             "vtoken/adapters/pipeline.py", "        if merging is None or merging.projector is not spec.module:\n",
-             "        if True:\n", ("tests/test_flops_scoring.py",)),
+             "vtoken/adapters/pipeline.py", "        return self._merging_projector\n",
+             "        return MergingProjectorOnTokens(spec.module, self.description.vision.width)\n",
+             ("tests/test_flops_scoring.py",)),
 )
 
 
