@@ -387,9 +387,9 @@ def check_data(path: str) -> None:
 
 @functools.lru_cache(maxsize=8)
 def _record_count(path: str, mtime_ns: int, ctime_ns: int, size: int) -> int:
-    """The records of a JSONL file as it is now (its modification and change times and size in the key): ``vtoken
-    bench`` checks its flags and then ``bench.run`` checks its arguments, and a file read (every
-    record's image opened) once by the first is not read again by the second."""
+    """The records of a JSONL file as it is now (its modification and change times and its size are
+    in the key): ``vtoken bench`` checks its flags and then ``bench.run`` checks its arguments, and a
+    file read (every record's image opened) once by the first is not read again by the second."""
     from vtoken.vqa.data import load_jsonl
 
     return len(load_jsonl(path))

@@ -202,7 +202,8 @@ class VisionSource:
         # Every token's query only when a strategy reads more than the CLS row (VisionZip reads only
         # CLS: projecting all queries cost as much as its whole selection), then kept for the request.
         all_queries = cache(lambda: project_queries(x))
-        def cls_row() -> torch.Tensor:
+
+        def cls_row() -> torch.Tensor:  # VisionZip's CLS row, made on first use (VisionAttention.cls)
             with torch.no_grad():
                 return attention_rows(project_queries(x[:, :1]), k, scaling).mean(dim=1)[:, 0, first:]
 
