@@ -376,8 +376,9 @@ def load(path: str | os.PathLike) -> PruneConfig:
 
 def _warn_if_scoring_uncounted(strategy) -> None:
     """A method written outside vtoken that does not say what its scoring costs (no ``scoring_cost``)
-    would have its scoring counted as free by ``vtoken.flops`` without a word: say so, once per
-    method (the built-in methods that do not define it, random, pool and the oracle, score for free)."""
+    would have its scoring counted as free by ``vtoken.flops`` without a word: say so, at the caller's
+    line (Python's default filter shows it once per line). The built-in methods that do not define
+    it (random, pool, the oracle) score for free."""
     from vtoken.strategies.base import Strategy
 
     kind = type(strategy)

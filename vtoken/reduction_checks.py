@@ -54,12 +54,12 @@ def check_reduction(name: str, reduction, rows: TokenRows) -> None:
     kept = keep >= 0
     ordered = keep.sort(dim=-1).values
     twice = ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any(-1)
-    kept_valid = valid.gather(1, keep.clamp(0, max(width - 1, 0)).long()) & kept & ~outside
-    # (A merging reduction, with features of its own, places each merged token at a slot of its
-    # choosing, which may be one that never reaches the LLM: pool's window anchors on a cut crop.)
-    pads_first = (kept & ~kept_valid).any(-1) & (kept_valid.sum(-1) < valid.sum(-1))
-    if reduction.features is not None:
-        pads_first = torch.zeros_like(pads_first)
+    if reduction.features is None:
+        kept_valid = valid.gather(1, keep.clamp(0, max(width - 1, 0)).long()) & kept & ~outside
+        pads_first = (kept & ~kept_valid).any(-1) & (kept_valid.sum(-1) < valid.sum(-1))
+    else:  # A merging reduction, with features of its own, places each merged token at a slot of its
+        # choosing, which may be one that never reaches the LLM (pool's window anchors on a cut crop).
+        pads_first = torch.zeros(count, dtype=torch.bool, device=keep.device)
     no_column = ((merged < -1) | (merged >= keep.shape[1])).any() if merged is not None else outside.new_zeros(())
     found = torch.stack([outside.any(), twice.any(), pads_first.any(), no_column.to(outside.device)]).tolist()
     if found[0]:
