@@ -298,8 +298,8 @@ def methods() -> list[dict[str, Any]]:
                 lacking.insert(0, f"prunes at the {' / '.join(cls.sites)} site, which it lacks: {reason}")
             families[family] = "; ".join(lacking) if lacking else "runs"
         limits = {}
-        for family, partial in FAMILY_LIMITS.items():
-            notes = list(dict.fromkeys(partial[s] for s in cls.reads if s in partial))
+        for family, limits_by_signal in FAMILY_LIMITS.items():
+            notes = list(dict.fromkeys(limits_by_signal[s] for s in cls.reads if s in limits_by_signal))
             if families.get(family) == "runs" and notes:
                 limits[family] = "; ".join(notes)
         out.append(

@@ -9,7 +9,6 @@ in the embeddings, before any block, so kept tokens carry theirs.
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 from transformers import (
     CLIPModel, CLIPVisionModel, CLIPVisionModelWithProjection, SiglipModel, SiglipVisionModel,

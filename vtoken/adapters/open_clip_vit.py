@@ -11,7 +11,6 @@ SDPA on that module's own weights, so the size bias is a broadcast float mask an
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 

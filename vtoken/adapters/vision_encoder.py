@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import inspect
 from abc import abstractmethod
-from functools import partial
-from typing import Any
 
 import torch
 from torch import nn
