@@ -188,6 +188,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.rounds < 3:
         parser.error("--rounds must be at least 3 (medians of fewer say little)")
+    if args.budget < 1:
+        parser.error(f"--budget is the visual tokens kept, at least 1 (got {args.budget})")
     out = claim(args.out, args.overwrite)
     load_at_start = os.getloadavg()
     torch.set_num_threads(args.threads)
@@ -216,8 +218,9 @@ def main(argv=None) -> None:
                     if run == "method":
                         pruned.append(prefill(model))
                         seconds, calls = timers.take()
-                        for label, value in with_rest(parts, seconds).items():
-                            per_part[label].append(value)
+                        timed = with_rest(parts, seconds)
+                        for label, _ in rows_in_order(parts):  # a part not called this round took 0
+                            per_part[label].append(timed.get(label, 0.0))
                     else:
                         unpruned.append(prefill(plain))
     base = statistics.median(unpruned)
@@ -242,13 +245,13 @@ def main(argv=None) -> None:
         "|---|---|---|---|---|---|",
     ]
     for label, depth in rows_in_order(parts):
-        values = per_part.get(label, [0.0])
+        values = per_part[label]
         median = statistics.median(values)
         indent = "&nbsp;&nbsp;" * 2 * depth
         lines.append(f"| {indent}{label} | {1e3 * median:.2f} | {1e3 * min(values):.2f} | {1e3 * max(values):.2f} | "
                      f"{100 * median / base:.2f}% | {calls.get(label, '')} |")
     top = [p.label for p in parts if p.parent is None]
-    total = [sum(per_part[label][i] for label in top if label in per_part) for i in range(args.rounds)]
+    total = [sum(per_part[label][i] for label in top) for i in range(args.rounds)]
     lines += ["", f"All top-level rows together: {1e3 * statistics.median(total):.2f} ms per prefill (median), "
               f"{100 * statistics.median(total) / base:.2f}% of the unpruned prefill.", ""]
     out.write_text("\n".join(lines))
