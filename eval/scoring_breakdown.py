@@ -3,9 +3,11 @@
 The speed bench (``eval/bench_speed.py``) measures a method's scoring as a whole (its prefill against
 its replay, and the time inside the strategy's own calls) and profiles one prefill with
 ``torch.profiler``, whose per-op overhead inflates small calls. This script times the vtoken
-functions that make up the scoring with ``time.perf_counter`` around each call (no profiler), during
-batch-1 prefills of the bench's model, interleaved with unpruned prefills of the same model: medians
-per prefill with min and max over the rounds, each as a share of the unpruned prefill's median.
+functions that make up the scoring (``PARTS``: TransPrune, FastV, AIF) with ``time.perf_counter``
+around each call (no profiler), during batch-1 prefills of the bench's model, interleaved with
+unpruned prefills of a second copy of it: medians per prefill with min and max over the rounds, each
+as a share of the unpruned prefill's median. A call made inside another timed call is shown under it
+(found as the calls run), with the outer call's time outside its timed calls as its *rest*.
 
     OMP_NUM_THREADS=1 python eval/scoring_breakdown.py --method transprune --budget 64 --rounds 30 \\
         --out eval/results/bench_speed/cpu_transprune_breakdown.md
@@ -43,43 +45,62 @@ import vtoken  # noqa: E402
 
 @dataclass(frozen=True)
 class Part:
-    """One timed function: ``target`` is ``"module:name"`` or ``"module:Class.method"`` (looked up
-    where its callers find it: a function imported into another module is timed there); ``parent``
-    the label of the part whose calls contain it (None: a top-level part)."""
+    """One timed function: ``target`` is ``"module:name"`` or ``"module:Class.method"``, looked up
+    where its callers find it (a function imported into another module is timed there)."""
 
     label: str
     target: str
-    parent: str | None = None
 
 
-#: TransPrune's scoring (``vtoken/strategies/transprune.py``): TTV summarised at each accumulation
-#: layer (``observe``), IGA and the selection at each stage (``reduce``).
-TRANSPRUNE = (
-    Part("observe: TTV of one layer (Eqs. 1-3)", "vtoken.strategies.transprune:TransPruneStrategy.observe"),
-    Part("norms and dot products (token_shifts)", "vtoken.strategies.transprune:token_shifts",
-         "observe: TTV of one layer (Eqs. 1-3)"),
-    Part("reduce: score and select one stage", "vtoken.strategies.transprune:TransPruneStrategy.reduce"),
-    Part("layer K's input norm and keys of every token (KeyReuse.keys_for)", "vtoken.adapters.key_reuse:KeyReuse.keys_for",
-         "reduce: score and select one stage"),
-    Part("instruction rows' attention (llama_attention_rows)", "vtoken.adapters.hf_decoder:llama_attention_rows",
-         "reduce: score and select one stage"),
-    Part("rotary of the rows' queries and of every key (apply_rotary)", "vtoken.adapters.hf_decoder:apply_rotary",
-         "instruction rows' attention (llama_attention_rows)"),
-    Part("scores and softmax (attention_rows)", "vtoken.adapters.hf_decoder:attention_rows",
-         "instruction rows' attention (llama_attention_rows)"),
-    Part("instruction slots (instruction_slots)", "vtoken.adapters.hf_decoder:instruction_slots",
-         "reduce: score and select one stage"),
-    Part("earlier layers' TTV of the candidates (observed)", "vtoken.pruner:LLMObservations.observed",
-         "reduce: score and select one stage"),
-    Part("IGA mean over heads and rows (Eq. 5)", "vtoken.strategies.transprune:instruction_guided_attention",
-         "reduce: score and select one stage"),
-    Part("score (Eq. 6)", "vtoken.strategies.transprune:combined_score", "reduce: score and select one stage"),
-    Part("top-k selection (masked_topk)", "vtoken.strategies.base:masked_topk", "reduce: score and select one stage"),
-    Part("after the stage: kept rows' norms and keys gathered for layer K (KeyReuse.after_stage)",
-         "vtoken.adapters.key_reuse:KeyReuse.after_stage"),
+def strategy_calls(module: str, cls: str, calls=("reduce", "observe", "observe_attention")) -> tuple[Part, ...]:
+    """The strategy's own calls, as the bench times them (``eval/speed_timing.py``)."""
+    return tuple(Part(f"strategy.{call}", f"{module}:{cls}.{call}") for call in calls)
+
+
+#: Helpers an in-LLM method's scoring calls (looked up where their callers find them).
+ATTENTION_ROWS = (
+    Part("instruction or last rows' attention (llama_attention_rows)", "vtoken.adapters.hf_decoder:llama_attention_rows"),
+    Part("rotary (apply_rotary)", "vtoken.adapters.hf_decoder:apply_rotary"),
+    Part("scores and softmax (attention_rows)", "vtoken.adapters.hf_decoder:attention_rows"),
+    Part("query slots (instruction_slots)", "vtoken.adapters.hf_decoder:instruction_slots"),
+    Part("top-k selection (masked_topk)", "vtoken.strategies.base:masked_topk"),
 )
 
-PARTS = {"transprune": TRANSPRUNE}
+#: TransPrune's scoring (``vtoken/strategies/transprune.py``): TTV summarised at each accumulation
+#: layer (``observe``), IGA and the selection at each stage (``reduce``), the kept rows' norms and
+#: keys gathered for layer K after it.
+TRANSPRUNE = strategy_calls("vtoken.strategies.transprune", "TransPruneStrategy", ("reduce", "observe")) + (
+    Part("norms and dot products of TTV (token_shifts)", "vtoken.strategies.transprune:token_shifts"),
+    Part("layer K's input norm and keys of every token (KeyReuse.keys_for)", "vtoken.adapters.key_reuse:KeyReuse.keys_for"),
+    Part("earlier layers' TTV of the candidates (observed)", "vtoken.pruner:LLMObservations.observed"),
+    Part("IGA mean over heads and rows (Eq. 5)", "vtoken.strategies.transprune:instruction_guided_attention"),
+    Part("score (Eq. 6)", "vtoken.strategies.transprune:combined_score"),
+    Part("kept rows' norms and keys gathered for layer K (KeyReuse.after_stage)",
+         "vtoken.adapters.key_reuse:KeyReuse.after_stage"),
+) + ATTENTION_ROWS
+
+#: FastV's scoring (``vtoken/strategies/fastv.py``): the last token's attention at layer K-1, its
+#: keys read back from the KV cache.
+FASTV = strategy_calls("vtoken.strategies.fastv", "FastVStrategy", ("reduce",)) + (
+    Part("layer K-1's keys read from its KV cache (compat.prompt_keys)", "vtoken.compat:prompt_keys"),
+) + ATTENTION_ROWS
+
+#: AIF's scoring (``vtoken/strategies/aif.py``): the instruction rows' attention at every layer of the
+#: probe (a hook beside the layer's own attention), the decision, and the text rerun over the cache.
+AIF = strategy_calls("vtoken.strategies.aif", "AIFStrategy", ("reduce", "observe_attention")) + (
+    Part("observed attention hook (DecoderPruning._attention_observed)",
+         "vtoken.adapters.hf_decoder:DecoderPruning._attention_observed"),
+    Part("layer K's keys read from its KV cache (compat.prompt_keys)", "vtoken.compat:prompt_keys"),
+    Part("the text after the image rerun masked (MaskStagePass._recompute)",
+         "vtoken.adapters.mask_stage:MaskStagePass._recompute"),
+) + ATTENTION_ROWS
+
+PARTS = {"transprune": TRANSPRUNE, "fastv": FASTV, "aif": AIF}
+
+_INHERITED = object()
+
+#: A row's key: the labels of the timed calls it was made inside, outermost first, then its own.
+Key = tuple
 
 
 def _resolve(target: str) -> tuple[object, str]:
@@ -94,30 +115,30 @@ def _resolve(target: str) -> tuple[object, str]:
     return owner, attribute
 
 
-_INHERITED = object()
-
-
 class Timers:
-    """Seconds and calls per part since the last :meth:`take`; only a part's outermost calls count
-    (a recursive or re-entrant call is inside the outer one's time)."""
+    """Seconds and calls per part since the last :meth:`take`, keyed by the timed calls each was made
+    inside (found as the calls run, so a helper called from two places shows under each). A call made
+    inside another call of the same part is in that call's time and not counted again."""
 
     def __init__(self, parts: tuple[Part, ...]):
         self.parts = parts
-        self.seconds: dict[str, float] = defaultdict(float)
-        self.calls: dict[str, int] = defaultdict(int)
-        self._depth: dict[str, int] = defaultdict(int)
+        self.seconds: dict[Key, float] = defaultdict(float)
+        self.calls: dict[Key, int] = defaultdict(int)
+        self._stack: list[str] = []
 
     def _wrap(self, label: str, function):
         def timed(*args, **kwargs):
-            self._depth[label] += 1
+            if label in self._stack:
+                return function(*args, **kwargs)
+            key = (*self._stack, label)
+            self._stack.append(label)
             start = time.perf_counter()
             try:
                 return function(*args, **kwargs)
             finally:
-                self._depth[label] -= 1
-                if self._depth[label] == 0:
-                    self.seconds[label] += time.perf_counter() - start
-                    self.calls[label] += 1
+                self.seconds[key] += time.perf_counter() - start
+                self.calls[key] += 1
+                self._stack.pop()
 
         return timed
 
@@ -139,40 +160,41 @@ class Timers:
                 else:
                     setattr(owner, attribute, original)
 
-    def take(self) -> tuple[dict[str, float], dict[str, int]]:
+    def take(self) -> tuple[dict[Key, float], dict[Key, int]]:
         out = (dict(self.seconds), dict(self.calls))
         self.seconds.clear()
         self.calls.clear()
         return out
 
 
-def other_label(parent: str) -> str:
-    return f"rest of {parent.split(':')[0]}"
+REST = "rest"
 
 
-def with_rest(parts: tuple[Part, ...], seconds: dict[str, float]) -> dict[str, float]:
-    """``seconds`` plus, for every part with children, the time of its calls outside them."""
+def with_rest(seconds: dict[Key, float]) -> dict[Key, float]:
+    """``seconds`` plus, under every timed call that made others, ``(*its key, REST)``: its time
+    outside them."""
     out = dict(seconds)
-    for part in parts:
-        children = [p.label for p in parts if p.parent == part.label]
-        if children:
-            out[other_label(part.label)] = seconds.get(part.label, 0.0) - sum(seconds.get(c, 0.0) for c in children)
+    for key in {key[:-1] for key in seconds if len(key) > 1}:
+        inside = sum(value for child, value in seconds.items() if child[:-1] == key)
+        out[(*key, REST)] = seconds.get(key, 0.0) - inside
     return out
 
 
-def rows_in_order(parts: tuple[Part, ...]) -> list[tuple[str, int]]:
-    """``(label, depth)`` of every part, children under their parent, each parent's rest last."""
-    out: list[tuple[str, int]] = []
+def rows_in_order(keys) -> list[Key]:
+    """Every row's key: top-level calls first (in the order first seen), each followed by the calls
+    made inside it, its rest last."""
+    keys = list(dict.fromkeys(keys))
+    out: list[Key] = []
 
-    def visit(parent: str | None, depth: int) -> None:
-        children = [p for p in parts if p.parent == parent]
-        for part in children:
-            out.append((part.label, depth))
-            visit(part.label, depth + 1)
-        if parent is not None and children:
-            out.append((other_label(parent), depth))
+    def visit(path: Key) -> None:
+        for key in keys:
+            if key[:-1] == path and key[-1] != REST:
+                out.append(key)
+                visit(key)
+        if (*path, REST) in keys:
+            out.append((*path, REST))
 
-    visit(None, 0)
+    visit(())
     return out
 
 
@@ -205,10 +227,11 @@ def main(argv=None) -> None:
             which(**inputs, use_cache=True)
         return time.perf_counter() - start
 
-    unpruned, pruned, per_part, calls = [], [], defaultdict(list), {}
+    unpruned, pruned, rounds = [], [], []
     timers = Timers(parts)
-    with vtoken.pruned(model, args.method, keep_tokens=args.budget):
-        with timers.installed():
+    # Timed before the wrap: a hook the wrap registers holds the function it found then.
+    with timers.installed():
+        with vtoken.pruned(model, args.method, keep_tokens=args.budget):
             prefill(model)  # warm-ups
             prefill(plain)
             timers.take()
@@ -218,11 +241,13 @@ def main(argv=None) -> None:
                     if run == "method":
                         pruned.append(prefill(model))
                         seconds, calls = timers.take()
-                        timed = with_rest(parts, seconds)
-                        for label, _ in rows_in_order(parts):  # a part not called this round took 0
-                            per_part[label].append(timed.get(label, 0.0))
+                        rounds.append((with_rest(seconds), calls))
                     else:
                         unpruned.append(prefill(plain))
+    # A row not reached in some round took 0 there.
+    rows = rows_in_order(key for seconds, _ in rounds for key in seconds)
+    per_row = {key: [seconds.get(key, 0.0) for seconds, _ in rounds] for key in rows}
+    calls_per_row = {key: statistics.median(calls.get(key, 0) for _, calls in rounds) for key in rows}
     base = statistics.median(unpruned)
     machine = machine_text(SimpleNamespace(threads=args.threads, dtype="float32"), torch.device("cpu"), load_at_start)
     lines = [
@@ -237,21 +262,21 @@ def main(argv=None) -> None:
         "",
         "Each row: the time inside that function's calls during one pruned prefill (perf_counter around each "
         "outermost call, no profiler), median over the rounds with min and max, as a share of the unpruned "
-        "prefill's median, and its calls per prefill. Indented rows are calls made inside the row above; "
-        "*rest of*: the row above's time outside them. Gross: the keys scoring projects and hands to layer K "
-        "are in it (the bench, `eval/bench_speed.py`, nets them out).",
+        "prefill's median, and its calls per prefill (median). Indented rows are timed calls made inside the "
+        "row above them (found as the calls run); *rest of*: that row's time outside them. Gross: keys the "
+        "scoring projects and hands to layer K are in it (the bench, `eval/bench_speed.py`, nets them out).",
         "",
         "| function | ms per prefill (median) | min | max | share of unpruned prefill | calls |",
         "|---|---|---|---|---|---|",
     ]
-    for label, depth in rows_in_order(parts):
-        values = per_part[label]
+    for key in rows:
+        values = per_row[key]
         median = statistics.median(values)
-        indent = "&nbsp;&nbsp;" * 2 * depth
-        lines.append(f"| {indent}{label} | {1e3 * median:.2f} | {1e3 * min(values):.2f} | {1e3 * max(values):.2f} | "
-                     f"{100 * median / base:.2f}% | {calls.get(label, '')} |")
-    top = [p.label for p in parts if p.parent is None]
-    total = [sum(per_part[label][i] for label in top) for i in range(args.rounds)]
+        label = f"rest of {key[-2]}" if key[-1] == REST else key[-1]
+        calls = "" if key[-1] == REST else f"{calls_per_row[key]:g}"
+        lines.append(f"| {'&nbsp;' * 4 * (len(key) - 1)}{label} | {1e3 * median:.2f} | {1e3 * min(values):.2f} | "
+                     f"{1e3 * max(values):.2f} | {100 * median / base:.2f}% | {calls} |")
+    total = [sum(seconds.get(key, 0.0) for key in rows if len(key) == 1) for seconds, _ in rounds]
     lines += ["", f"All top-level rows together: {1e3 * statistics.median(total):.2f} ms per prefill (median), "
               f"{100 * statistics.median(total) / base:.2f}% of the unpruned prefill.", ""]
     out.write_text("\n".join(lines))

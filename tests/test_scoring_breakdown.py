@@ -18,11 +18,10 @@ import scoring_breakdown as breakdown  # noqa: E402
 
 def test_every_timed_function_exists():
     for parts in breakdown.PARTS.values():
-        labels = {part.label for part in parts}
+        assert len({part.label for part in parts}) == len(parts)
         for part in parts:
             owner, attribute = breakdown._resolve(part.target)
             assert callable(getattr(owner, attribute)), part.target
-            assert part.parent is None or part.parent in labels, part
 
 
 def test_timers_count_a_pruned_forward_and_put_every_function_back():
@@ -34,24 +33,28 @@ def test_timers_count_a_pruned_forward_and_put_every_function_back():
     model = tiny_llava()
     x = llava_inputs()
     timers = breakdown.Timers(parts)
-    with vtoken.pruned(model, "transprune", keep=0.5), timers.installed(), torch.no_grad():
+    with timers.installed(), vtoken.pruned(model, "transprune", keep=0.5), torch.no_grad():
         model(**x)
     seconds, calls = timers.take()
-    # One reduce and one key projection per stage, one TTV per accumulation layer: each part was seen.
-    for label in ("reduce: score and select one stage", "observe: TTV of one layer (Eqs. 1-3)",
-                  "layer K's input norm and keys of every token (KeyReuse.keys_for)",
-                  "instruction rows' attention (llama_attention_rows)"):
-        assert calls.get(label, 0) >= 1 and seconds[label] > 0, label
-    assert calls["norms and dot products (token_shifts)"] == 2 * calls["observe: TTV of one layer (Eqs. 1-3)"]
+    # One reduce and one key projection per stage, one TTV per accumulation layer: each part was seen,
+    # under the call that made it.
+    reduce, observe = ("strategy.reduce",), ("strategy.observe",)
+    keys = (*reduce, "layer K's input norm and keys of every token (KeyReuse.keys_for)")
+    rows = (*reduce, "instruction or last rows' attention (llama_attention_rows)")
+    for key in (reduce, observe, keys, rows, (*rows, "scores and softmax (attention_rows)")):
+        assert calls.get(key, 0) >= 1 and seconds[key] > 0, key
+    assert calls[(*observe, "norms and dot products of TTV (token_shifts)")] == 2 * calls[observe]
     # A child's time lies inside its parent's: the parent's rest is not negative.
-    rest = breakdown.with_rest(parts, seconds)
-    assert rest[breakdown.other_label("reduce: score and select one stage")] >= 0
+    rest = breakdown.with_rest(seconds)
+    assert rest[(*reduce, breakdown.REST)] >= 0 and rest[(*rows, breakdown.REST)] >= 0
     after = {part.target: getattr(*breakdown._resolve(part.target)) for part in parts}
     assert after == before
     assert "reduce" not in vars(TransPruneStrategy)  # inherited from Strategy, as before
 
 
 def test_rows_list_children_under_their_parent_with_its_rest_last():
-    parts = (breakdown.Part("a", "m:f"), breakdown.Part("b", "m:g", "a"), breakdown.Part("c", "m:h"))
-    assert breakdown.rows_in_order(parts) == [("a", 0), ("b", 1), ("rest of a", 1), ("c", 0)]
-    assert breakdown.with_rest(parts, {"a": 3.0, "b": 1.0, "c": 2.0})["rest of a"] == 2.0
+    seconds = {("a",): 3.0, ("a", "b"): 1.0, ("c",): 2.0, ("c", "b"): 0.5}
+    timed = breakdown.with_rest(seconds)
+    assert timed[("a", breakdown.REST)] == 2.0 and timed[("c", breakdown.REST)] == 1.5
+    assert breakdown.rows_in_order(timed) == [("a",), ("a", "b"), ("a", breakdown.REST), ("c",), ("c", "b"),
+                                              ("c", breakdown.REST)]
