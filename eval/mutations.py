@@ -428,6 +428,17 @@ MUTATIONS = (
              "vtoken/adapters/pipeline.py", "        return self._merging_projector\n",
              "        return MergingProjectorOnTokens(spec.module, self.description.vision.width)\n",
              ("tests/test_flops_scoring.py",)),
+    Mutation("AIF's observed rows projected again (the layer's own query projection not used)",
+             "vtoken/adapters/hf_decoder.py", "            queries = run.layer_queries.pop(index, None)\n",
+             "            queries = run.layer_queries.pop(index, None) and None\n",
+             ("tests/test_aif.py::-k query_rows_from",)),
+    Mutation("AIF's observed rows taken from the layer's query projection of the wrong slots",
+             "vtoken/adapters/hf_decoder.py", "        projected = query_rows(queries)\n",
+             "        projected = query_rows(queries.roll(1, dims=1))\n",
+             ("tests/test_aif.py",)),
+    Mutation("FLOPs: a kept query projection counted as scoring (queries_cached ignored)", "vtoken/accounting.py",
+             "queried = 0 if cost.queries_cached and not d.fused_qkv else cost.rows",
+             "queried = cost.rows", ("tests/test_flops_scoring.py", "tests/test_flops.py")),
 )
 
 

@@ -132,6 +132,33 @@ def test_instruction_statistics_equal_the_eager_attention_maps(name, heads):
         assert torch.allclose(last["entropy"][b, :n], dynamics_entropy(e), atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["llava", "qwen2"])
+def test_observed_attention_takes_its_query_rows_from_the_layers_own_projection(name):
+    """Each observed layer's instruction rows are sliced from the query projection the layer has just
+    made of every slot (kept as it runs), not normalised and projected again: in a prefill every
+    layer's q_proj runs exactly as often as its k_proj (the keys come from the KV cache), where the
+    scoring's second projection made it run once more per layer. The rows are still the eager map's
+    (the test above)."""
+    model, x = _build(name)
+    calls = {}
+
+    def count(name):
+        def hook(module, args, output):
+            calls[name] = calls.get(name, 0) + 1
+        return hook
+
+    handles = [getattr(layer.self_attn, proj).register_forward_hook(count((i, proj)))
+               for i, layer in enumerate(model.model.language_model.layers) for proj in ("q_proj", "k_proj")]
+    try:
+        with vtoken.pruned(model, "aif", keep=0.5), torch.no_grad():
+            model(**x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    layers = len(model.model.language_model.layers)
+    assert all(calls[(i, "q_proj")] == calls[(i, "k_proj")] >= 1 for i in range(layers)), calls
+
+
 def test_next_token_statistics_equal_the_eager_attention_of_the_first_generated_token():
     model, x = _build("llava")
     eager, _ = _build("llava", "eager")

@@ -645,7 +645,8 @@ def _scoring_cost_flops(cost: ScoringCost, dims: ModelDims, schedule: Schedule, 
       ``keys_reused`` the k projection of the tokens the stage at l keeps is the layer's own (it is
       handed over, and counted in the layer): only the dropped ones' keys are scoring, unless the
       LLM fuses q, k and v into one projection (``DecoderDims.fused_qkv``: every key is scoring); with
-      ``keys_cached`` none (read from the layer's KV cache).
+      ``keys_cached`` none (read from the layer's KV cache); with ``queries_cached`` no q projection
+      either (the rows of the layer's own, kept as it ran), unless the projection is fused.
     - ``vision_attention_rows`` at vision layer l, per crop: 2·r·D² + 2·n·D² + 2·r·n·D over the
       n tokens (CLS included) of that layer.
     - ``projector_passes``: passes × the projector over its input tokens (all patch features, or
@@ -676,7 +677,9 @@ def _scoring_cost_flops(cost: ScoringCost, dims: ModelDims, schedule: Schedule, 
         projected = keys - (text_tokens + layer_visual[cost.layer]) if reused else keys
         if cost.keys_cached:
             projected = 0
-        return 2 * cost.rows * d.hidden * d.q_dim + 2 * projected * d.hidden * d.kv_dim + 2 * cost.rows * keys * d.q_dim
+        # (A fused qkv projection has no output of its own to keep: the rows are projected again.)
+        queried = 0 if cost.queries_cached and not d.fused_qkv else cost.rows
+        return 2 * queried * d.hidden * d.q_dim + 2 * projected * d.hidden * d.kv_dim + 2 * cost.rows * keys * d.q_dim
     if cost.kind == "vision_attention_rows":
         v = dims.vision
         keys = _patches_at(schedule, geo, cost.layer) + v.cls_tokens

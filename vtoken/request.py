@@ -274,6 +274,10 @@ class PruneRun:
         self.reused_keys: dict[int, object] = {}
         #: LLM layer -> (``observe_attention``'s summary ``[B, L, k]``, the layout of that layer).
         self.attention_observed: dict[int, tuple] = {}
+        #: LLM layer -> its own query projection of every slot ``[B, L, heads * head_dim]`` (before
+        #: any q norm and the rotary), kept from its attention's ``q_proj`` until its observed
+        #: attention takes the query rows from it.
+        self.layer_queries: dict[int, torch.Tensor] = {}
         #: Set while the adapter runs an extra pass of the LLM inside a prefill for a mask stage:
         #: ``"next"`` (the probe decoding step) or ``"recompute"`` (the masked text rows).
         self.side_pass: str | None = None
@@ -328,6 +332,7 @@ class PruneRun:
         self.reused_keys.clear()
         self.observed.clear()
         self.attention_observed.clear()
+        self.layer_queries.clear()
         self.strategy_state.clear()
         if self.image_run is not None:
             images = self.image_run

@@ -125,7 +125,10 @@ class ScoringCost:
         (``vtoken/adapters/key_reuse.py``), so only the dropped tokens' key projections are extra work;
         with ``keys_cached`` layer ``layer`` has already run and its KV cache holds the keys, so no
         key is projected (FastV's layer K-1, AIF's probe; a prefill with a KV cache, as ``generate``
-        runs it: without one they are projected again).
+        runs it: without one they are projected again); with ``queries_cached`` layer ``layer`` has
+        just run on the rows and its own query projection of them is kept (AIF's observed rows,
+        ``DecoderPruning._keep_layer_queries``), so no query is projected either, unless the LLM
+        fuses q, k and v into one projection.
       - ``"vision_attention_rows"``: the same for vision-encoder layer ``layer``.
       - ``"projector_sensitivity"``: ZOO-Prune's sensitivity along ``passes`` directions (``rows``
         > 0: a rank-``rows`` SVD proxy of the projector's second layer). A family whose projector is
@@ -162,6 +165,7 @@ class ScoringCost:
     flops: float = 0.0
     keys_reused: bool = False
     keys_cached: bool = False
+    queries_cached: bool = False
     later_images: bool = False
 
 

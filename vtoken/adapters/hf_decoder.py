@@ -154,6 +154,8 @@ class DecoderPruning:
         for layer in attention_layers:
             hook = partial(self._attention_observed, query, layer)
             undo.post_hook(self.layers[layer], hook, with_kwargs=True)
+            if query != "next":
+                self._keep_layer_queries(layer, prefilling, undo)
         llm_layers = [s.layer for s in self.pruner.stages_at("llm")]
         if pruner.mask is not None:
             llm_layers.append(0)  # a mask stage sets the attention mask of every layer when it recomputes
@@ -458,6 +460,22 @@ class DecoderPruning:
         return query_attention_rows(self.layers[source], hidden, cos_sin, layout, query, run.prompt_end, keys,
                                     rotated, normed)[0]
 
+    def _keep_layer_queries(self, index: int, prefilling: Callable[[], bool], undo: UndoStack) -> None:
+        """Keep layer ``index``'s own query projection of the prompt while it runs the prefill, so
+        that its observed attention slices the query rows out of it instead of normalising and
+        projecting them again (with a weight the layer has just read). A query projection fused with
+        the keys and values (Phi-3's ``qkv_proj``) has no output of its own: its rows are projected
+        again."""
+        q_proj = compat.attention_parts(compat.layer_attention(self.layers[index])).q_proj
+        if not isinstance(q_proj, nn.Module):
+            return
+
+        def keep(module, args, output) -> None:
+            if prefilling():
+                self.pruner.active.layer_queries[index] = output
+
+        undo.post_hook(q_proj, keep)
+
     def _attention_observed(self, query: str, index: int, module, args, kwargs, output) -> None:
         """Forward hook of an observed-attention layer: the query rows' attention over the prompt,
         recomputed beside the layer's own attention, handed to ``observe_attention``."""
@@ -474,10 +492,14 @@ class DecoderPruning:
             probs = llama_cached_attention_rows(module, hidden, cos_sin, keys, key_valid)[..., : layout.length]
             present = torch.ones(probs.shape[0], probs.shape[2], dtype=torch.bool, device=probs.device)
         elif query != "next" and run.side_pass is None:
-            # The layer has just run on ``hidden``: its keys are in the cache (when there is one).
+            # The layer has just run on ``hidden``: its keys are in the cache (when there is one), its
+            # query projection of every slot was kept as it ran.
             rotated = compat.prompt_keys(compat.cache_from(kwargs), index, hidden.shape[1], hidden.device)
+            queries = run.layer_queries.pop(index, None)
+            if queries is not None and queries.shape[:-1] != hidden.shape[:-1]:
+                queries = None  # not a projection of these slots
             probs, present = query_attention_rows(module, hidden, cos_sin, layout, query, run.prompt_end,
-                                                  rotated_keys=rotated)
+                                                  rotated_keys=rotated, queries=queries)
         else:
             return None
         summary = self.pruner.strategy.observe_attention(index, probs, present, layout.valid)
@@ -571,7 +593,7 @@ def _query_rows(query_slots: torch.Tensor) -> Callable[[torch.Tensor], torch.Ten
 
 def llama_attention_rows(layer: nn.Module, hidden, cos_sin, query_slots, key_valid,
                          keys: torch.Tensor | None = None, rotated_keys: torch.Tensor | None = None,
-                         normed: torch.Tensor | None = None) -> torch.Tensor:
+                         normed: torch.Tensor | None = None, queries: torch.Tensor | None = None) -> torch.Tensor:
     """Attention probabilities ``[B, H, Q, L]`` of the query slots of a Llama-style decoder layer,
     recomputed from the layer's input exactly as its attention would (RMSNorm, q/k projections,
     optional q/k norms, rotary), through :func:`vtoken.kernels.attention_rows`. Query slot ``q``
@@ -581,7 +603,9 @@ def llama_attention_rows(layer: nn.Module, hidden, cos_sin, query_slots, key_val
     after the key norm and rotary embedding: what its KV cache holds), which then need nothing;
     ``normed``: the layer's input norm of ``hidden`` when already computed (the query rows are rows
     of it: the norm works per token, so they are the numbers a norm of the rows alone gives, and the
-    norm module is not called again for a few rows)."""
+    norm module is not called again for a few rows); ``queries``: the layer's own query projection of
+    every slot (``q_proj`` of its input norm, ``[B, L, heads * head_dim]``, before any q norm and
+    the rotary), whose rows then need neither."""
     attn = compat.attention_parts(compat.layer_attention(layer))
     norm = compat.decoder_input_norm(layer)
     batch, length, _ = hidden.shape
@@ -589,13 +613,15 @@ def llama_attention_rows(layer: nn.Module, hidden, cos_sin, query_slots, key_val
     query_rows = _query_rows(query_slots)
     if keys is None and rotated_keys is None:
         normed = norm(hidden) if normed is None else normed
-        rows, keys = query_rows(normed), attn.k_proj(normed)
+        keys = attn.k_proj(normed)
+    if queries is not None:
+        projected = query_rows(queries)
     elif normed is not None:
-        rows = query_rows(normed)
+        projected = attn.q_proj(query_rows(normed))
     else:  # the norm is per token: only the query rows need it
-        rows = norm(query_rows(hidden))
+        projected = attn.q_proj(norm(query_rows(hidden)))
     rotate = rotary_of(compat.layer_attention(layer))
-    q = split_heads(attn.q_proj(rows), attn.q_norm, head_dim)
+    q = split_heads(projected, attn.q_norm, head_dim)
     cos, sin = (t.expand(batch, -1, -1) for t in cos_sin)
     q = rotate(q.transpose(1, 2), query_rows(cos), query_rows(sin))
     if rotated_keys is not None:
@@ -609,19 +635,21 @@ def llama_attention_rows(layer: nn.Module, hidden, cos_sin, query_slots, key_val
 
 def query_attention_rows(layer: nn.Module, hidden, cos_sin, layout, query: str, prompt_end: int | None = None,
                          keys: torch.Tensor | None = None, rotated_keys: torch.Tensor | None = None,
-                         normed: torch.Tensor | None = None):
+                         normed: torch.Tensor | None = None, queries: torch.Tensor | None = None):
     """``([B, H, Q, L], [B, Q])``: the attention probabilities of a layout's query rows (``"last"``:
     each sample's last valid slot of the prompt, so right padding and an assistant's candidate tokens
     are never scored as a query; ``"instruction"``: see :func:`instruction_slots`) over its slots,
-    zero for absent rows, and which rows are present (``keys``, ``rotated_keys``, ``normed``: see
-    :func:`llama_attention_rows`)."""
+    zero for absent rows, and which rows are present (``keys``, ``rotated_keys``, ``normed``,
+    ``queries``: see :func:`llama_attention_rows`)."""
     if query == "last":
         query_slots = layout.last_slot(layout.prompt_slots(prompt_end))[:, None]
         present = torch.ones(query_slots.shape, dtype=torch.bool, device=hidden.device)
-        return llama_attention_rows(layer, hidden, cos_sin, query_slots, layout.valid, keys, rotated_keys, normed), present
+        return llama_attention_rows(layer, hidden, cos_sin, query_slots, layout.valid, keys, rotated_keys, normed,
+                                    queries), present
     if query == "instruction":
         query_slots, present = instruction_slots(layout, prompt_end)
-        probs = llama_attention_rows(layer, hidden, cos_sin, query_slots, layout.valid, keys, rotated_keys, normed)
+        probs = llama_attention_rows(layer, hidden, cos_sin, query_slots, layout.valid, keys, rotated_keys, normed,
+                                     queries)
         if not bool(present.all()):  # a sample with fewer instruction rows than the widest: zero the rest
             probs = probs * present[:, None, :, None]
         return probs, present

@@ -235,8 +235,11 @@ class AIFStrategy(Strategy):
         layers = self.depths.get("llm", 0)
         instruction = instruction_rows(shapes)
         rows = 1 if self.config.query == "next" else instruction
-        # Each probed layer has run: its keys are read from the KV cache (the mask stage adds one).
-        costs = [ScoringCost("llm_attention_rows", layer=layer, rows=rows, keys_cached=True) for layer in range(layers)]
+        # Each probed layer has run: its keys are read from the KV cache (the mask stage adds one), the
+        # instruction's query rows from its own projection (the next token's are projected again).
+        instruction_queries = self.config.query != "next"
+        costs = [ScoringCost("llm_attention_rows", layer=layer, rows=rows, keys_cached=True,
+                             queries_cached=instruction_queries) for layer in range(layers)]
         # (From the first text token after the first image: with several images, the later ones too.)
         costs.append(ScoringCost("llm_rerun_rows", layer=0, rows=instruction, later_images=True))
         if self.config.query == "next":
