@@ -213,7 +213,7 @@ def test_attention_scored_under_a_static_cache_reads_its_written_keys(method, fa
     config = model.config.get_text_config()
 
     def static():
-        return {"past_key_values": StaticCache(config=config, max_cache_len=x["input_ids"].shape[1] + 24)}
+        return compat.cache_kwargs(StaticCache(config=config, max_cache_len=x["input_ids"].shape[1] + 24))
 
     logits, cached, rows = _scored_attention(model, x, method, {"keep": 0.3}, True, monkeypatch, **static())
     plain_logits, projected, plain_rows = _scored_attention(model, x, method, {"keep": 0.3}, False, monkeypatch,
