@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from output import add_output_arguments, claim, command_line, environment_prefix  # noqa: E402  (eval/output.py)
 from speed_report import machine_text  # noqa: E402  (eval/speed_report.py)
 from speed_shapes import FAMILIES  # noqa: E402  (eval/speed_shapes.py)
+from speed_timing import STRATEGY_CALLS  # noqa: E402  (eval/speed_timing.py)
 
 import vtoken  # noqa: E402
 
@@ -52,8 +53,8 @@ class Part:
     target: str
 
 
-def strategy_calls(module: str, cls: str, calls=("reduce", "observe", "observe_attention")) -> tuple[Part, ...]:
-    """The strategy's own calls, as the bench times them (``eval/speed_timing.py``)."""
+def strategy_calls(module: str, cls: str, calls: tuple[str, ...] = STRATEGY_CALLS) -> tuple[Part, ...]:
+    """The strategy's own calls (by default every one the bench times, ``speed_timing.STRATEGY_CALLS``)."""
     return tuple(Part(f"strategy.{call}", f"{module}:{cls}.{call}") for call in calls)
 
 
