@@ -61,7 +61,9 @@ batch). ``--family qwen2_vl``: a Qwen2-VL vision tower 128 wide x 4 blocks on 67
 14 px, merged 2 x 2 into 576 visual tokens) and the same LLM as a Qwen2 with M-RoPE; the prompt adds
 the vision start and end tokens; there every method's replay is its oracle (the hand-written oracle
 runs LLaVA). ``--family llava_7b``: LLaVA-1.5-7B's full shape (CLIP ViT-L/14-336, Vicuna-7B;
-random weights), built on the device, for a GPU (``eval/device_check.sh``). ``--family qwen2_5_vl`` and ``qwen3_vl``: the same with Qwen2.5-VL's tower (windowed
+random weights), built on the device, for a GPU (``eval/device_check.sh``). ``--family llava_deep``: the
+LLaVA shape with Vicuna-7B's 32 decoder layers (an in-LLM method's layers scale with the depth, so on 8
+layers its scoring weighs about four times what it does in the paper's model). ``--family qwen2_5_vl`` and ``qwen3_vl``: the same with Qwen2.5-VL's tower (windowed
 attention, full in blocks 1 and 3) and with Qwen3-VL's (16 px patches on 768 px, DeepStack) and its
 Qwen3 LLM. ``--family llava_next`` and ``llava_onevision``: AnyRes images scaled down, a base view and a
 2 x 2 grid of 168 px crops of a 336 x 336 image (144 tokens a view; 744 visual tokens with the

@@ -26,11 +26,18 @@ SYSTEM_TOKENS, QUESTION_TOKENS = 35, 16
 TEXT_TOKENS = 1 + SYSTEM_TOKENS + QUESTION_TOKENS
 
 
-def scaled_llava(seed: int = 0) -> LlavaForConditionalGeneration:
+#: Decoder layers of the scaled LLMs (Vicuna-7B has 32: :data:`DEEP_LLM_LAYERS`).
+SCALED_LLM_LAYERS, DEEP_LLM_LAYERS = 8, 32
+
+
+def scaled_llava(seed: int = 0, llm_layers: int = SCALED_LLM_LAYERS) -> LlavaForConditionalGeneration:
+    """The scaled LLaVA-1.5 shape: CLIP 384 x 6 layers on 336 px (576 tokens), Llama 768 wide (GQA 12/4)
+    with ``llm_layers`` decoder layers (8 by default; 32, Vicuna-7B's depth, for the ``llava_deep``
+    family)."""
     torch.manual_seed(seed)
     vision = CLIPVisionConfig(image_size=336, patch_size=14, hidden_size=384, intermediate_size=1536,
                               num_hidden_layers=6, num_attention_heads=6)
-    text = LlamaConfig(vocab_size=VOCAB, hidden_size=768, intermediate_size=2048, num_hidden_layers=8,
+    text = LlamaConfig(vocab_size=VOCAB, hidden_size=768, intermediate_size=2048, num_hidden_layers=llm_layers,
                        num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=2048, pad_token_id=0)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN,
                          vision_feature_layer=-2, vision_feature_select_strategy="default", image_seq_length=VISUAL)
@@ -269,6 +276,8 @@ class Family:
     visual: int = VISUAL
     #: Default budgets (visual tokens kept of ``visual``): 1/9, 2/9 and 1/3 of them.
     budgets: tuple[int, ...] = (64, 128, 192)
+    #: Decoder layers of a scaled LLaVA-1.5 LLM (the Qwen and AnyRes shapes have 8).
+    llm_layers: int = SCALED_LLM_LAYERS
 
     # The builders are looked up at call time.
     def build(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
@@ -277,7 +286,7 @@ class Family:
         if self.qwen is not None:
             model = scaled_qwen2_vl(version=self.qwen)
         else:
-            model = scaled_llava() if self.anyres is None else scaled_anyres(self.anyres)
+            model = scaled_llava(llm_layers=self.llm_layers) if self.anyres is None else scaled_anyres(self.anyres)
         return model.to(device=torch.device(device), dtype=dtype)
 
     def inputs(self, seed: int = 0, batch: int = 1) -> dict:
@@ -313,6 +322,15 @@ FAMILIES = {
         "CLIP 384 x 6 layers on 336 px (576 tokens), Llama 768 x 8 layers (GQA 12/4), random weights",
         TEXT_TOKENS, (IMAGE_TOKEN,), EVERY_SITE, "eval/results/bench_speed/cpu.md",
         AttentionMapShape(heads=6, tokens=577, head_dim=64), "LLaVA-1.5-7B"),
+    # The same shape at Vicuna-7B's depth: an in-LLM method's layers (TransPrune's stages before
+    # layers 7, 9, 12 of 32, FastV's K = 2, AIF's) scale with the depth, so on 8 layers its scoring
+    # weighs about four times what it does in the paper's model; here it weighs what it does there.
+    "llava_deep": Family(
+        "llava_deep", "a LLaVA-1.5 shape at Vicuna-7B's depth",
+        f"CLIP 384 x 6 layers on 336 px (576 tokens), Llama 768 x {DEEP_LLM_LAYERS} layers (GQA 12/4; Vicuna-7B's "
+        "depth), random weights",
+        TEXT_TOKENS, (IMAGE_TOKEN,), EVERY_SITE, "eval/results/bench_speed/cpu_llava_deep.md",
+        AttentionMapShape(heads=6, tokens=577, head_dim=64), "LLaVA-1.5-7B", llm_layers=DEEP_LLM_LAYERS),
     "llava_7b": Family(
         "llava_7b", "LLaVA-1.5-7B's full shape",
         "CLIP ViT-L/14 1024 x 24 layers on 336 px (576 tokens), Vicuna-7B 4096 x 32 layers (32 heads), random "
