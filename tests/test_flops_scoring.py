@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import vtoken
 from vtoken import compat
-from vtoken.accounting import model_dims
+from vtoken.accounting import describe, model_dims
 from tiny import (IMAGE_TOKEN, VIDEO_TOKEN, llava_next_inputs, tiny_llava, tiny_llava_next, tiny_llava_onevision,
                   tiny_qwen2_vl)
 
@@ -70,6 +70,24 @@ def test_aif_reruns_every_image_after_the_first():
             unknown = sum(decoder_layer_flops(decoder, between, text + report.visual_tokens, layer)
                           for layer in range(decoder.layers))
             assert report.prefill + unknown == counted(model, inputs), images
+
+
+def test_aif_next_token_probe_is_counted_exactly():
+    """AIF's ``query="next"`` probe: the greedy token from an LM head row of its own, then one
+    decoding step whose row attends to the prompt and to its own key (at every layer, in the
+    observed rows and in the step itself). The count left out the LM head row and the step's own key
+    (0.12% under the counter on this model); on a model whose attention rows start at a later layer
+    (``layer=2``) and with GQA, too."""
+    model = tiny_llava("eager")
+    assert model.config.text_config.num_key_value_heads < model.config.text_config.num_attention_heads
+    inputs, text = llava_prompt(model, 1)
+    for options in ({}, {"layer": 2, "heads": "mean"}):
+        with vtoken.pruned(model, "aif", keep=0.5, query="next", **options):
+            report = vtoken.flops(model, text_tokens=text, instruction_tokens=5)
+            assert report.prefill == counted(model, inputs), options
+            text_form = describe(vtoken.schedule_of(model))
+            assert "lm head over 1 rows" in text_form and "llm 1 rows rerun from L0" in text_form
+            assert " 0 FLOPs" not in text_form  # (the reruns were described as an explicit count of 0)
 
 
 def test_zoo_prune_counts_its_sensitivity_and_selection_exactly():

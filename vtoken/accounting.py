@@ -444,6 +444,10 @@ def _describe_cost(cost: ScoringCost) -> str:
         return f"vision L{cost.layer} attention map"
     if cost.kind.endswith("token_matching"):
         return f"{cost.kind.split('_')[0]} L{cost.layer} matching"
+    if cost.kind == "llm_rerun_rows":
+        return f"llm {cost.rows} rows rerun from L{cost.layer}"
+    if cost.kind == "lm_head_rows":
+        return f"lm head over {cost.rows} rows"
     return f"{cost.flops:.3g} FLOPs"
 
 
@@ -666,15 +670,17 @@ def _scoring_cost_flops(cost: ScoringCost, dims: ModelDims, schedule: Schedule, 
       scores 2·r·n·D.
     - ``llm_rerun_rows`` from layer l: ``decoder_layer_flops`` of r queries over the n tokens of
       each layer >= l (prompt text and that layer's visual tokens).
+    - ``lm_head_rows``: r rows through the LM head, 2·r·d·V.
+    - ``own_keys`` (attention rows, rerun rows): that many more keys n, the rows' own (a decoding step's).
     - ``flops``: the given count.
     """
     if cost.kind == "llm_attention_rows":
         d = dims.decoder
         visual = layer_visual[cost.layer - 1] if cost.layer > 0 else _pre_llm_visual(dims, schedule, geo)
-        keys = text_tokens + visual
+        keys = text_tokens + visual + cost.own_keys
         # A fused qkv projection (Phi-3) cannot take the kept tokens' keys: layer l projects them again.
         reused = cost.keys_reused and not d.fused_qkv
-        projected = keys - (text_tokens + layer_visual[cost.layer]) if reused else keys
+        projected = keys - (text_tokens + layer_visual[cost.layer] + cost.own_keys) if reused else keys
         if cost.keys_cached:
             projected = 0
         # (A fused qkv projection has no output of its own to keep: the rows are projected again.)
@@ -723,8 +729,10 @@ def _scoring_cost_flops(cost: ScoringCost, dims: ModelDims, schedule: Schedule, 
         return bipartite_matching_flops(tokens, stage.keep_tokens, dims.decoder.hidden)
     if cost.kind == "llm_rerun_rows":
         d = dims.decoder
-        return sum(decoder_layer_flops(d, cost.rows, text_tokens + layer_visual[layer], layer)
+        return sum(decoder_layer_flops(d, cost.rows, text_tokens + layer_visual[layer] + cost.own_keys, layer)
                    for layer in range(cost.layer, d.layers))
+    if cost.kind == "lm_head_rows":
+        return 2 * cost.rows * dims.decoder.hidden * dims.decoder.vocab
     if cost.kind == "flops":
         return int(cost.flops)
     raise ValueError(f"unknown scoring kind {cost.kind!r}")

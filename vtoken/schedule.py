@@ -151,13 +151,19 @@ class ScoringCost:
         (AIF recomputes every slot from the first text token after the first image's masked tokens):
         :func:`vtoken.accounting.per_sample` adds their visual tokens to ``rows``; the text between
         the images is not known to the schedule and not counted (one or two template tokens each).
+      - ``"lm_head_rows"``: ``rows`` hidden states through the LM head (the logits of AIF's probe,
+        whose greedy token is the next-token query, ``query="next"``).
       - ``"flops"``: an explicit count, ``flops``, for anything else.
+
+    ``own_keys`` (``llm_attention_rows``, ``llm_rerun_rows``): keys the rows add to the prompt's
+    and attend to as well (a decoding step's rows, which see the prompt and themselves: AIF's probe
+    step attends to every prompt token and to its own).
     """
 
     kind: Literal[
         "llm_attention_rows", "vision_attention_rows", "projector_passes", "projector_rows", "projector_sensitivity",
         "vision_token_matching",
-        "llm_token_matching", "vision_attention_map", "llm_rerun_rows", "flops",
+        "llm_token_matching", "vision_attention_map", "llm_rerun_rows", "lm_head_rows", "flops",
     ]
     layer: int | None = None
     rows: int = 0
@@ -167,6 +173,7 @@ class ScoringCost:
     keys_cached: bool = False
     queries_cached: bool = False
     later_images: bool = False
+    own_keys: int = 0
 
 
 @dataclass(frozen=True)

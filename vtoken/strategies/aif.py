@@ -237,13 +237,17 @@ class AIFStrategy(Strategy):
         rows = 1 if self.config.query == "next" else instruction
         # Each probed layer has run: its keys are read from the KV cache (the mask stage adds one), the
         # instruction's query rows from its own projection (the next token's are projected again).
-        instruction_queries = self.config.query != "next"
+        # The probe's step attends to the prompt and to its own key, which its layers cache first.
+        next_token = self.config.query == "next"
         costs = [ScoringCost("llm_attention_rows", layer=layer, rows=rows, keys_cached=True,
-                             queries_cached=instruction_queries) for layer in range(layers)]
+                             queries_cached=not next_token, own_keys=int(next_token)) for layer in range(layers)]
         # (From the first text token after the first image: with several images, the later ones too.)
         costs.append(ScoringCost("llm_rerun_rows", layer=0, rows=instruction, later_images=True))
-        if self.config.query == "next":
-            costs.append(ScoringCost("llm_rerun_rows", layer=0, rows=1))
+        if next_token:
+            # The probe's step: the greedy token from the prompt's last logits (an LM head row of its
+            # own: the model's logits come from the masked pass), then one decoding step.
+            costs.append(ScoringCost("lm_head_rows", rows=1))
+            costs.append(ScoringCost("llm_rerun_rows", layer=0, rows=1, own_keys=1))
         return costs
 
     def reduce(self, ctx: ScoreContext) -> Reduction:
