@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import vtoken
 from vtoken import compat
-from vtoken.accounting import describe, model_dims
+from vtoken.accounting import decoder_layer_flops, describe, model_dims
 from tiny import (IMAGE_TOKEN, VIDEO_TOKEN, llava_next_inputs, tiny_llava, tiny_llava_next, tiny_llava_onevision,
                   tiny_qwen2_vl)
 
@@ -58,8 +58,6 @@ def test_aif_reruns_every_image_after_the_first():
     image alone (22.8% under the counter on this model; 30% on LLaVA-1.5-7B). The text between the
     images (here one newline after each) is the one part the schedule does not know: the count is
     short by exactly those rows rerun."""
-    from vtoken.accounting import decoder_layer_flops
-
     model = tiny_llava("eager")
     decoder = model_dims(model.config).decoder
     for images in (1, 2, 3):
@@ -76,8 +74,8 @@ def test_aif_next_token_probe_is_counted_exactly():
     """AIF's ``query="next"`` probe: the greedy token from an LM head row of its own, then one
     decoding step whose row attends to the prompt and to its own key (at every layer, in the
     observed rows and in the step itself). The count left out the LM head row and the step's own key
-    (0.12% under the counter on this model); on a model whose attention rows start at a later layer
-    (``layer=2``) and with GQA, too."""
+    (0.12% under the counter on this model); exact with GQA, with the mask from a later layer
+    (``layer=2``), with several images a sample (one probe step each) and on Qwen2-VL."""
     model = tiny_llava("eager")
     assert model.config.text_config.num_key_value_heads < model.config.text_config.num_attention_heads
     inputs, text = llava_prompt(model, 1)
@@ -88,6 +86,17 @@ def test_aif_next_token_probe_is_counted_exactly():
             text_form = describe(vtoken.schedule_of(model))
             assert "lm head over 1 rows" in text_form and "llm 1 rows rerun from L0" in text_form
             assert " 0 FLOPs" not in text_form  # (the reruns were described as an explicit count of 0)
+    for images in (2, 3):  # one probe step per sample, however many images it holds
+        inputs, text = llava_prompt(model, images)
+        with vtoken.pruned(model, "aif", keep=0.5, query="next"):
+            report = vtoken.flops(model, text_tokens=text, images=images, instruction_tokens=5)
+            between = sum(decoder_layer_flops(model_dims(model.config).decoder, images - 1, text + report.visual_tokens,
+                                              layer) for layer in range(model.config.text_config.num_hidden_layers))
+            assert report.prefill + between == counted(model, inputs), images  # (see the test above)
+    qwen = tiny_qwen2_vl("eager")
+    inputs, text = qwen_prompt(qwen, 56)
+    with vtoken.pruned(qwen, "aif", keep=0.5, query="next"):
+        assert vtoken.flops(qwen, text_tokens=text, image_size=(56, 56), instruction_tokens=5).prefill == counted(qwen, inputs)
 
 
 def test_zoo_prune_counts_its_sensitivity_and_selection_exactly():
