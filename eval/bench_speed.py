@@ -61,9 +61,11 @@ batch). ``--family qwen2_vl``: a Qwen2-VL vision tower 128 wide x 4 blocks on 67
 14 px, merged 2 x 2 into 576 visual tokens) and the same LLM as a Qwen2 with M-RoPE; the prompt adds
 the vision start and end tokens; there every method's replay is its oracle (the hand-written oracle
 runs LLaVA). ``--family llava_7b``: LLaVA-1.5-7B's full shape (CLIP ViT-L/14-336, Vicuna-7B;
-random weights), built on the device, for a GPU (``eval/device_check.sh``). ``--family llava_deep``: the
-LLaVA shape with Vicuna-7B's 32 decoder layers (an in-LLM method's layers scale with the depth, so on 8
-layers its scoring weighs about four times what it does in the paper's model). ``--family qwen2_5_vl`` and ``qwen3_vl``: the same with Qwen2.5-VL's tower (windowed
+random weights), built on the device, for a GPU (``eval/device_check.sh``). ``--llm-layers N`` sets a
+scaled family's LLM depth (default 8), ``--llm-layers real`` the real model's (32 for LLaVA-1.5 and NeXT,
+28 for Qwen2-VL, Qwen2.5-VL and OneVision, 36 for Qwen3-VL): an in-LLM method's layers scale with the
+depth, so on 8 layers its scoring weighs about four times what it does in the paper's model.
+``--family llava_deep`` is ``--family llava --llm-layers real`` under the name its committed runs have. ``--family qwen2_5_vl`` and ``qwen3_vl``: the same with Qwen2.5-VL's tower (windowed
 attention, full in blocks 1 and 3) and with Qwen3-VL's (16 px patches on 768 px, DeepStack) and its
 Qwen3 LLM. ``--family llava_next`` and ``llava_onevision``: AnyRes images scaled down, a base view and a
 2 x 2 grid of 168 px crops of a 336 x 336 image (144 tokens a view; 744 visual tokens with the
@@ -120,7 +122,7 @@ from scoring_floor import scoring_floor  # noqa: E402  (eval/scoring_floor.py)
 from speed_oracle import OraclePlan, oracle_call, oracle_plan, oracle_supported  # noqa: E402  (eval/speed_oracle.py)
 from speed_report import report  # noqa: E402  (eval/speed_report.py)
 from speed_methods import MethodOptions  # noqa: E402  (eval/speed_methods.py)
-from speed_shapes import FAMILIES  # noqa: E402  (eval/speed_shapes.py)
+from speed_shapes import FAMILIES, family_at  # noqa: E402  (eval/speed_shapes.py)
 from speed_stats import paired_differences  # noqa: E402  (eval/speed_stats.py)
 from speed_timing import (  # noqa: E402  (eval/speed_timing.py)
     Clock, LayerKeyTime, StepClock, StrategyCallTime, kv_cache_bytes, profile_scoring,
@@ -235,6 +237,10 @@ def main(argv=None) -> None:
     parser.add_argument("--family", default="llava", choices=sorted(FAMILIES),
                         help="the model family whose scaled shape is timed (576 visual tokens in each, 744 in the "
                              "LLaVA-NeXT and OneVision ones)")
+    parser.add_argument("--llm-layers", default=None,
+                        help="the scaled LLM's decoder layers (default: the family's, 8), or 'real': the real model's "
+                             "(32 for LLaVA-1.5 and NeXT, 28 for Qwen2-VL, Qwen2.5-VL and OneVision, 36 for Qwen3-VL), "
+                             "where an in-LLM method's stages sit as in the paper's model")
     parser.add_argument("--budgets", default=None, help="visual tokens kept, comma separated (default: the family's "
                                                         "1/9, 2/9 and 1/3: 64,128,192 of 576; 83,165,248 of 744)")
     parser.add_argument("--methods", default=",".join(METHODS))
@@ -261,6 +267,10 @@ def main(argv=None) -> None:
         args.prefill_rounds = args.rounds
     if args.rounds < 1 or args.prefill_rounds < 1:
         parser.error("--rounds and --prefill-rounds must be at least 1 (the warm-up round is not counted)")
+    try:
+        args.model_family = family_at(args.family, args.llm_layers)
+    except ValueError as error:
+        parser.error(str(error))
     claim_stem(Path(args.out).with_suffix(""), args.overwrite)  # before any model is built
     # The environment that changes the timings goes into the command line that reproduces them.
     threads_env = environment_prefix(TIMING_ENVIRONMENT)
@@ -272,7 +282,7 @@ def main(argv=None) -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
     args.batches = [int(b) for b in args.batches.split(",") if b.strip() and int(b) > 0]
-    family = args.model_family = FAMILIES[args.family]
+    family = args.model_family
     budgets = list(family.budgets) if args.budgets is None else [int(b) for b in args.budgets.split(",") if b.strip()]
     if args.generate_budget is None:
         args.generate_budget = budgets[0]

@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from output import add_output_arguments, claim, command_line, environment_prefix  # noqa: E402  (eval/output.py)
 from speed_report import machine_text  # noqa: E402  (eval/speed_report.py)
-from speed_shapes import FAMILIES  # noqa: E402  (eval/speed_shapes.py)
+from speed_shapes import FAMILIES, family_at  # noqa: E402  (eval/speed_shapes.py)
 from speed_timing import STRATEGY_CALLS  # noqa: E402  (eval/speed_timing.py)
 
 import vtoken  # noqa: E402
@@ -202,6 +202,8 @@ def rows_in_order(keys) -> list[Key]:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--family", choices=sorted(f for f in FAMILIES if not FAMILIES[f].full_size), default="llava")
+    parser.add_argument("--llm-layers", default=None,
+                        help="the scaled LLM's decoder layers (default: the family's), or 'real': the real model's")
     parser.add_argument("--method", choices=sorted(PARTS), default="transprune")
     parser.add_argument("--budget", type=int, default=64, help="visual tokens kept (keep_tokens)")
     parser.add_argument("--rounds", type=int, default=30, help="timed rounds, each one unpruned and one pruned prefill")
@@ -213,10 +215,13 @@ def main(argv=None) -> None:
         parser.error("--rounds must be at least 3 (medians of fewer say little)")
     if args.budget < 1:
         parser.error(f"--budget is the visual tokens kept, at least 1 (got {args.budget})")
+    try:
+        family = family_at(args.family, args.llm_layers)
+    except ValueError as error:
+        parser.error(str(error))
     out = claim(args.out, args.overwrite)
     load_at_start = os.getloadavg()
     torch.set_num_threads(args.threads)
-    family = FAMILIES[args.family]
     # Two copies of the same random weights: the method wraps one, the other stays plain.
     model, plain = family.build().eval(), family.build().eval()
     inputs = family.inputs()

@@ -9,7 +9,7 @@ attention-map shape its scoring floor is timed on (``eval/scoring_floor.py``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
@@ -26,7 +26,7 @@ SYSTEM_TOKENS, QUESTION_TOKENS = 35, 16
 TEXT_TOKENS = 1 + SYSTEM_TOKENS + QUESTION_TOKENS
 
 
-#: Decoder layers of the scaled LLMs (Vicuna-7B has 32: :data:`DEEP_LLM_LAYERS`).
+#: Decoder layers of the scaled LLMs, and of the ``llava_deep`` family's (Vicuna-7B's).
 SCALED_LLM_LAYERS, DEEP_LLM_LAYERS = 8, 32
 
 
@@ -117,7 +117,7 @@ QWEN_TOKENS = dict(image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, visio
 QWEN_PATCH = {"2": 14, "2.5": 14, "3": 16}
 
 
-def scaled_qwen2_vl(seed: int = 0, version: str = "2"):
+def scaled_qwen2_vl(seed: int = 0, version: str = "2", llm_layers: int = SCALED_LLM_LAYERS):
     """A random-weight Qwen2-VL shape scaled to 2 CPU cores: a 4-block packed vision tower 128 wide
     (4 heads) on 2304 patches with the 2 x 2 merger (576 visual tokens), and the same LLM as
     :func:`scaled_llava` (768 x 8 layers, GQA 12/4) with M-RoPE sections [8, 12, 12].
@@ -125,17 +125,18 @@ def scaled_qwen2_vl(seed: int = 0, version: str = "2"):
     ``version="2.5"``: Qwen2.5-VL's tower (RMSNorm, SwiGLU, windowed attention in 112 px windows,
     full attention in blocks 1 and 3, as the real one alternates them); ``"3"``: Qwen3-VL's (16 px
     patches, learned position embeddings, DeepStack from blocks 1 and 2 into the first LLM layers)
-    and its Qwen3 LLM (q/k norms, head dim 64, interleaved M-RoPE)."""
+    and its Qwen3 LLM (q/k norms, head dim 64, interleaved M-RoPE). ``llm_layers``: the LLM's depth."""
     from transformers import (
         Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
     )
 
     torch.manual_seed(seed)
+    qwen_text = {**QWEN_TEXT, "num_hidden_layers": llm_layers}
     common = dict(spatial_merge_size=2, temporal_patch_size=2, in_channels=3, patch_size=QWEN_PATCH[version])
     if version == "3":
         from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-        text = {**QWEN_TEXT, "head_dim": 64,
+        text = {**qwen_text, "head_dim": 64,
                 "rope_parameters": {**QWEN_TEXT["rope_parameters"], "mrope_section": [8, 12, 12], "mrope_interleaved": True}}
         vision = dict(depth=4, hidden_size=128, intermediate_size=512, num_heads=4, out_hidden_size=768,
                       num_position_embeddings=48 * 48, deepstack_visual_indexes=[1, 2], **common)
@@ -143,11 +144,11 @@ def scaled_qwen2_vl(seed: int = 0, version: str = "2"):
     elif version == "2.5":
         vision = dict(depth=4, hidden_size=128, intermediate_size=512, num_heads=4, out_hidden_size=768,
                       window_size=112, fullatt_block_indexes=[1, 3], **common)
-        model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(vision_config=vision, text_config=QWEN_TEXT,
+        model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(vision_config=vision, text_config=qwen_text,
                                                                      **QWEN_TOKENS))
     else:
         vision = dict(depth=4, embed_dim=128, num_heads=4, hidden_size=768, mlp_ratio=4, **common)
-        model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(vision_config=vision, text_config=QWEN_TEXT, **QWEN_TOKENS))
+        model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(vision_config=vision, text_config=qwen_text, **QWEN_TOKENS))
     model.set_attn_implementation("sdpa")
     return model.eval()
 
@@ -173,11 +174,11 @@ ANYRES_TILE, ANYRES_IMAGE, ANYRES_PINPOINTS = 168, (336, 336), [[336, 336]]
 ANYRES_VIEWS = 5
 
 
-def scaled_anyres(kind: str, seed: int = 0):
+def scaled_anyres(kind: str, seed: int = 0, llm_layers: int = SCALED_LLM_LAYERS):
     """A random-weight LLaVA-NeXT (``kind="next"``: CLIP 384 x 6 layers with its CLS token, read at
     the second-to-last layer; the LLaVA LLM) or LLaVA-OneVision (``"onevision"``: SigLIP 384 x 6
     layers, no CLS, read in full at the last layer, ``anyres_max_9``; a Qwen2 LLM of the same size)
-    shape on :data:`ANYRES_PINPOINTS`, with a random newline embedding."""
+    shape on :data:`ANYRES_PINPOINTS`, with a random newline embedding; ``llm_layers``: the LLM's depth."""
     from transformers import (
         LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaOnevisionConfig,
         LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig,
@@ -186,7 +187,7 @@ def scaled_anyres(kind: str, seed: int = 0):
     torch.manual_seed(seed)
     tower = dict(image_size=ANYRES_TILE, patch_size=14, hidden_size=384, intermediate_size=1536, num_hidden_layers=6,
                  num_attention_heads=6)
-    llm = dict(vocab_size=VOCAB, hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=12,
+    llm = dict(vocab_size=VOCAB, hidden_size=768, intermediate_size=2048, num_hidden_layers=llm_layers, num_attention_heads=12,
                num_key_value_heads=4, max_position_embeddings=4096, pad_token_id=0)
     if kind == "next":
         config = LlavaNextConfig(vision_config=CLIPVisionConfig(**tower), text_config=LlamaConfig(**llm),
@@ -276,17 +277,39 @@ class Family:
     visual: int = VISUAL
     #: Default budgets (visual tokens kept of ``visual``): 1/9, 2/9 and 1/3 of them.
     budgets: tuple[int, ...] = (64, 128, 192)
-    #: Decoder layers of a scaled LLaVA-1.5 LLM (the Qwen and AnyRes shapes have 8).
+    #: Decoder layers of the scaled LLM (:meth:`at_depth` changes it).
     llm_layers: int = SCALED_LLM_LAYERS
+    #: Decoder layers of the real model's LLM (Vicuna-7B 32, Qwen2-7B 28, Qwen3-8B 36): where an in-LLM
+    #: method's stages sit as in the paper's model (``--llm-layers real``).
+    real_llm_layers: int = 32
+
+    def at_depth(self, layers: int) -> "Family":
+        """This scaled shape with ``layers`` LLM decoder layers (everything else unchanged). An
+        in-LLM method's stages follow the depth (TransPrune's 7, 9, 12 of 32 become 2, 3, 4 of 8), so
+        its scoring's share of the prefill depends on it; the real model's depth
+        (:attr:`real_llm_layers`) puts them where the paper's do."""
+        if self.full_size:
+            raise ValueError(f"--family {self.name} is a full-size shape: its depth is the real model's")
+        if layers < 2:
+            raise ValueError(f"an LLM of {layers} layer(s): give at least 2")
+        if layers == self.llm_layers:
+            return self
+        scaled = f"768 x {self.llm_layers} layers"
+        if scaled not in self.description:
+            raise ValueError(f"the {self.name} family's description does not name its LLM's depth ({scaled!r})")
+        return replace(self, llm_layers=layers, title=f"{self.title} with {layers} LLM layers",
+                       description=self.description.replace(scaled, f"768 x {layers} layers"))
 
     # The builders are looked up at call time.
     def build(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         if self.full_size:
             return llava_7b(torch.device(device), dtype)
         if self.qwen is not None:
-            model = scaled_qwen2_vl(version=self.qwen)
+            model = scaled_qwen2_vl(version=self.qwen, llm_layers=self.llm_layers)
+        elif self.anyres is not None:
+            model = scaled_anyres(self.anyres, llm_layers=self.llm_layers)
         else:
-            model = scaled_llava(llm_layers=self.llm_layers) if self.anyres is None else scaled_anyres(self.anyres)
+            model = scaled_llava(llm_layers=self.llm_layers)
         return model.to(device=torch.device(device), dtype=dtype)
 
     def inputs(self, seed: int = 0, batch: int = 1) -> dict:
@@ -295,17 +318,31 @@ class Family:
         return prompt(seed, batch) if self.anyres is None else anyres_prompt(seed, batch, self.visual)
 
 
-def _qwen_family(name: str, version: str, real_model: str, description: str) -> Family:
+def family_at(name: str, llm_layers: str | None = None) -> Family:
+    """``FAMILIES[name]``, at ``llm_layers`` decoder layers when given (a number, or ``"real"``: the
+    real model's depth); ``ValueError`` names what is wrong (the scripts' ``--llm-layers``)."""
+    family = FAMILIES[name]
+    if llm_layers is None:
+        return family
+    if llm_layers == "real":
+        return family.at_depth(family.real_llm_layers)
+    if not llm_layers.isdigit():
+        raise ValueError(f"--llm-layers takes a number of decoder layers or 'real' (the real model's), not {llm_layers!r}")
+    return family.at_depth(int(llm_layers))
+
+
+def _qwen_family(name: str, version: str, real_model: str, real_layers: int, description: str) -> Family:
     """A Qwen family: what every Qwen shape shares (the prompt's vision start / end tokens, its special
     tokens, a hand-written oracle for every site, the 4-head map over 2304 patches at head dim 32, the
     result's path)."""
     return Family(name, f"a {real_model.rsplit('-', 1)[0]} shape", description, TEXT_TOKENS + 2, QWEN_SPECIALS,
                   EVERY_SITE,
                   f"eval/results/bench_speed/cpu_{name}.md", AttentionMapShape(heads=4, tokens=2304, head_dim=32),
-                  real_model, version)
+                  real_model, version, real_llm_layers=real_layers)
 
 
-def _anyres_family(kind: str, visual: int, tokens_per_view: int, real_model: str, description: str) -> Family:
+def _anyres_family(kind: str, visual: int, tokens_per_view: int, real_model: str, real_layers: int,
+                   description: str) -> Family:
     """A LLaVA-NeXT / OneVision family: the LLaVA prompt with :func:`anyres_prompt`'s image, a
     hand-written oracle for every site, five views' maps, budgets at the LLaVA ones' fractions of
     ``visual``."""
@@ -313,51 +350,51 @@ def _anyres_family(kind: str, visual: int, tokens_per_view: int, real_model: str
     return Family(name, f"a {real_model.rsplit('-', 1)[0]} shape", description, TEXT_TOKENS, (IMAGE_TOKEN,), EVERY_SITE,
                   f"eval/results/bench_speed/cpu_{name}.md",
                   AttentionMapShape(heads=6, tokens=tokens_per_view, head_dim=64, views=ANYRES_VIEWS), real_model,
-                  anyres=kind, visual=visual, budgets=tuple(round(visual * f) for f in (1 / 9, 2 / 9, 1 / 3)))
+                  anyres=kind, visual=visual, budgets=tuple(round(visual * f) for f in (1 / 9, 2 / 9, 1 / 3)),
+                  real_llm_layers=real_layers)
 
+
+_LLAVA = Family(
+    "llava", "a LLaVA-1.5 shape",
+    "CLIP 384 x 6 layers on 336 px (576 tokens), Llama 768 x 8 layers (GQA 12/4), random weights",
+    TEXT_TOKENS, (IMAGE_TOKEN,), EVERY_SITE, "eval/results/bench_speed/cpu.md",
+    AttentionMapShape(heads=6, tokens=577, head_dim=64), "LLaVA-1.5-7B", real_llm_layers=32)
 
 FAMILIES = {
-    "llava": Family(
-        "llava", "a LLaVA-1.5 shape",
-        "CLIP 384 x 6 layers on 336 px (576 tokens), Llama 768 x 8 layers (GQA 12/4), random weights",
-        TEXT_TOKENS, (IMAGE_TOKEN,), EVERY_SITE, "eval/results/bench_speed/cpu.md",
-        AttentionMapShape(heads=6, tokens=577, head_dim=64), "LLaVA-1.5-7B"),
-    # The same shape at Vicuna-7B's depth: an in-LLM method's layers (TransPrune's stages before
+    "llava": _LLAVA,
+    # The same shape at Vicuna-7B's depth (``--family llava --llm-layers real`` under its own name, the
+    # one its committed results were run with): an in-LLM method's layers (TransPrune's stages before
     # layers 7, 9, 12 of 32, FastV's K = 2, AIF's) scale with the depth, so on 8 layers its scoring
     # weighs about four times what it does in the paper's model; here it weighs what it does there.
-    "llava_deep": Family(
-        "llava_deep", "a LLaVA-1.5 shape at Vicuna-7B's depth",
-        f"CLIP 384 x 6 layers on 336 px (576 tokens), Llama 768 x {DEEP_LLM_LAYERS} layers (GQA 12/4; Vicuna-7B's "
-        "depth), random weights",
-        TEXT_TOKENS, (IMAGE_TOKEN,), EVERY_SITE, "eval/results/bench_speed/cpu_llava_deep.md",
-        AttentionMapShape(heads=6, tokens=577, head_dim=64), "LLaVA-1.5-7B", llm_layers=DEEP_LLM_LAYERS),
+    "llava_deep": replace(_LLAVA.at_depth(DEEP_LLM_LAYERS), name="llava_deep",
+                          committed="eval/results/bench_speed/cpu_llava_deep.md"),
     "llava_7b": Family(
         "llava_7b", "LLaVA-1.5-7B's full shape",
         "CLIP ViT-L/14 1024 x 24 layers on 336 px (576 tokens), Vicuna-7B 4096 x 32 layers (32 heads), random "
         "weights; sized for an accelerator or a CPU with bfloat16 matrix units (AMX: 6.4 s a prefill on two cores)",
         TEXT_TOKENS, (IMAGE_TOKEN,), EVERY_SITE, "eval/results/bench_speed/cuda_llava_7b.md",
-        AttentionMapShape(heads=16, tokens=577, head_dim=64), "LLaVA-1.5-7B", full_size=True),
+        AttentionMapShape(heads=16, tokens=577, head_dim=64), "LLaVA-1.5-7B", full_size=True, llm_layers=32),
     "qwen2_vl": _qwen_family(
-        "qwen2_vl", "2", "Qwen2-VL-7B",
+        "qwen2_vl", "2", "Qwen2-VL-7B", 28,
         "Qwen2-VL vision tower 128 x 4 blocks on 672 px (2304 patches of 14 px, merged 2 x 2 into 576 tokens), "
         "Qwen2 768 x 8 layers (GQA 12/4, M-RoPE), random weights"),
     "qwen2_5_vl": _qwen_family(
-        "qwen2_5_vl", "2.5", "Qwen2.5-VL-7B",
+        "qwen2_5_vl", "2.5", "Qwen2.5-VL-7B", 28,
         "Qwen2.5-VL vision tower 128 x 4 blocks on 672 px (2304 patches of 14 px; windowed attention in 112 px "
         "windows, full attention in blocks 1 and 3; merged 2 x 2 into 576 tokens), Qwen2 768 x 8 layers (GQA 12/4, "
         "M-RoPE), random weights"),
     "qwen3_vl": _qwen_family(
-        "qwen3_vl", "3", "Qwen3-VL-8B",
+        "qwen3_vl", "3", "Qwen3-VL-8B", 36,
         "Qwen3-VL vision tower 128 x 4 blocks on 768 px (2304 patches of 16 px, DeepStack from blocks 1 and 2; "
         "merged 2 x 2 into 576 tokens), Qwen3 768 x 8 layers (GQA 12/4, head dim 64, interleaved M-RoPE), "
         "random weights"),
     "llava_next": _anyres_family(
-        "next", 744, 145, "LLaVA-NeXT-7B",
+        "next", 744, 145, "LLaVA-NeXT-7B", 32,
         "CLIP 384 x 6 layers on 168 px views (a base view and a 2 x 2 grid of crops of a 336 x 336 image: 144 tokens "
         "each; 576 crop tokens with a newline per row and the base view's 144 make 744), Llama 768 x 8 layers "
         "(GQA 12/4), random weights"),
     "llava_onevision": _anyres_family(
-        "onevision", 744, 144, "LLaVA-OneVision-7B",
+        "onevision", 744, 144, "LLaVA-OneVision-7B", 28,
         "SigLIP 384 x 6 layers on 168 px views (a base view and a 2 x 2 grid of crops of a 336 x 336 image: 144 "
         "tokens each, anyres_max_9; 576 crop tokens with a newline per row and the base view's 144 make 744), "
         "Qwen2 768 x 8 layers (GQA 12/4), random weights"),

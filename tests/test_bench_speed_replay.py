@@ -651,3 +651,28 @@ def test_the_bench_times_tokenpacker_with_a_packer_whose_count_is_the_budget(mod
     plan = speed_oracle.oracle_plan(recording, x)
     assert replay.max_abs_diff(_oracle_logits(model, x, plan), recording.logits[:, -1]) <= 1e-5
     assert not vtoken.is_wrapped(model)
+
+
+def test_a_scaled_family_at_another_depth_changes_its_llm_alone():
+    """``--llm-layers N`` / ``real`` (``speed_shapes.family_at``): every scaled family builds its LLM at
+    that depth, the tower, width and prompt unchanged, and says so in its description; ``llava_deep``
+    (the committed runs' name) is LLaVA at Vicuna-7B's 32; a full-size shape, a depth under 2 and a
+    word other than ``real`` are refused in one line."""
+    import speed_shapes
+
+    for name, real in (("llava", 32), ("qwen2_vl", 28), ("qwen2_5_vl", 28), ("qwen3_vl", 36), ("llava_next", 32),
+                       ("llava_onevision", 28)):
+        family = speed_shapes.family_at(name, "real")
+        assert family.llm_layers == real and f"768 x {real} layers" in family.description, name
+        assert "768 x 8 layers" in speed_shapes.FAMILIES[name].description  # the 8-layer family is unchanged
+    deep = speed_shapes.FAMILIES["llava_deep"]
+    assert deep.llm_layers == 32 and deep.description == speed_shapes.family_at("llava", "real").description
+    for name in ("llava", "qwen3_vl", "llava_onevision"):
+        shallow, base = speed_shapes.family_at(name, "2").build(), speed_shapes.FAMILIES[name].build()
+        assert shallow.config.text_config.num_hidden_layers == 2
+        assert shallow.config.vision_config.to_dict() == base.config.vision_config.to_dict()
+        assert shallow.config.text_config.hidden_size == base.config.text_config.hidden_size == 768
+    for name, layers, message in (("llava_7b", "4", "full-size"), ("llava", "1", "at least 2"),
+                                  ("llava", "deep", "number of decoder layers or 'real'")):
+        with pytest.raises(ValueError, match=message):
+            speed_shapes.family_at(name, layers)
