@@ -390,7 +390,9 @@ def report(args, command, load_at_start, device, meter, base, times_none, config
                "the prompt is the scaled shapes' (random ids), so accuracy is not measured here."
                if family.full_size else
                f"- The real model ({family.real_model}): a random-weight shape "
-               f"scaled to run on 2 CPU cores (width and depth cut{'' if family.anyres else ', 576 tokens'} and the prompt "
+               f"scaled to run on 2 CPU cores (width cut, "
+               f"{'the LLM at its depth' if family.llm_layers == family.real_llm_layers else 'depth cut'}"
+               f"{'' if family.anyres else ', 576 tokens'} and the prompt "
                f"kept), {args.dtype}; `--family llava_7b --device cuda --dtype bfloat16` runs LLaVA-1.5-7B's full shape "
                "on a GPU."),
               *([] if "vision" in family.hand_oracle else [
