@@ -26,8 +26,8 @@ SYSTEM_TOKENS, QUESTION_TOKENS = 35, 16
 TEXT_TOKENS = 1 + SYSTEM_TOKENS + QUESTION_TOKENS
 
 
-#: Decoder layers of the scaled LLMs, and of the ``llava_deep`` family's (Vicuna-7B's).
-SCALED_LLM_LAYERS, DEEP_LLM_LAYERS = 8, 32
+#: Decoder layers of the scaled LLMs.
+SCALED_LLM_LAYERS = 8
 
 
 def scaled_llava(seed: int = 0, llm_layers: int = SCALED_LLM_LAYERS) -> LlavaForConditionalGeneration:
@@ -120,7 +120,7 @@ QWEN_PATCH = {"2": 14, "2.5": 14, "3": 16}
 def scaled_qwen2_vl(seed: int = 0, version: str = "2", llm_layers: int = SCALED_LLM_LAYERS):
     """A random-weight Qwen2-VL shape scaled to 2 CPU cores: a 4-block packed vision tower 128 wide
     (4 heads) on 2304 patches with the 2 x 2 merger (576 visual tokens), and the same LLM as
-    :func:`scaled_llava` (768 x 8 layers, GQA 12/4) with M-RoPE sections [8, 12, 12].
+    :func:`scaled_llava` (768 wide, 8 layers by default, GQA 12/4) with M-RoPE sections [8, 12, 12].
 
     ``version="2.5"``: Qwen2.5-VL's tower (RMSNorm, SwiGLU, windowed attention in 112 px windows,
     full attention in blocks 1 and 3, as the real one alternates them); ``"3"``: Qwen3-VL's (16 px
@@ -246,10 +246,11 @@ class Family:
     describe them."""
 
     name: str
-    #: The heading's model name.
-    title: str
-    #: The report's "Model:" sentence (without the timing).
-    description: str
+    #: The heading's model name at the scaled depth (:attr:`title` names another depth).
+    base_title: str
+    #: The report's "Model:" sentence (without the timing), ``{llm_layers}`` standing for a scaled
+    #: shape's LLM depth (:attr:`description`).
+    description_format: str
     #: Text tokens of the batch-1 prompt (vtoken.flops / kv_cache_bytes).
     text_tokens: int
     #: Token ids generate must not produce (the image placeholder and the family's other specials).
@@ -292,13 +293,19 @@ class Family:
             raise ValueError(f"--family {self.name} is a full-size shape: its depth is the real model's")
         if layers < 2:
             raise ValueError(f"an LLM of {layers} layer(s): give at least 2")
-        if layers == self.llm_layers:
-            return self
-        scaled = f"768 x {self.llm_layers} layers"
-        if scaled not in self.description:
-            raise ValueError(f"the {self.name} family's description does not name its LLM's depth ({scaled!r})")
-        return replace(self, llm_layers=layers, title=f"{self.title} with {layers} LLM layers",
-                       description=self.description.replace(scaled, f"768 x {layers} layers"))
+        return replace(self, llm_layers=layers)
+
+    @property
+    def title(self) -> str:
+        """The heading's model name (a scaled shape at another depth says which)."""
+        if self.full_size or self.llm_layers == SCALED_LLM_LAYERS:
+            return self.base_title
+        return f"{self.base_title} with {self.llm_layers} LLM layers"
+
+    @property
+    def description(self) -> str:
+        """The report's "Model:" sentence, at this shape's LLM depth."""
+        return self.description_format.format(llm_layers=self.llm_layers)
 
     # The builders are looked up at call time.
     def build(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
@@ -356,7 +363,7 @@ def _anyres_family(kind: str, visual: int, tokens_per_view: int, real_model: str
 
 _LLAVA = Family(
     "llava", "a LLaVA-1.5 shape",
-    "CLIP 384 x 6 layers on 336 px (576 tokens), Llama 768 x 8 layers (GQA 12/4), random weights",
+    "CLIP 384 x 6 layers on 336 px (576 tokens), Llama 768 x {llm_layers} layers (GQA 12/4), random weights",
     TEXT_TOKENS, (IMAGE_TOKEN,), EVERY_SITE, "eval/results/bench_speed/cpu.md",
     AttentionMapShape(heads=6, tokens=577, head_dim=64), "LLaVA-1.5-7B", real_llm_layers=32)
 
@@ -366,7 +373,7 @@ FAMILIES = {
     # one its committed results were run with): an in-LLM method's layers (TransPrune's stages before
     # layers 7, 9, 12 of 32, FastV's K = 2, AIF's) scale with the depth, so on 8 layers its scoring
     # weighs about four times what it does in the paper's model; here it weighs what it does there.
-    "llava_deep": replace(_LLAVA.at_depth(DEEP_LLM_LAYERS), name="llava_deep",
+    "llava_deep": replace(_LLAVA.at_depth(_LLAVA.real_llm_layers), name="llava_deep",
                           committed="eval/results/bench_speed/cpu_llava_deep.md"),
     "llava_7b": Family(
         "llava_7b", "LLaVA-1.5-7B's full shape",
@@ -377,25 +384,25 @@ FAMILIES = {
     "qwen2_vl": _qwen_family(
         "qwen2_vl", "2", "Qwen2-VL-7B", 28,
         "Qwen2-VL vision tower 128 x 4 blocks on 672 px (2304 patches of 14 px, merged 2 x 2 into 576 tokens), "
-        "Qwen2 768 x 8 layers (GQA 12/4, M-RoPE), random weights"),
+        "Qwen2 768 x {llm_layers} layers (GQA 12/4, M-RoPE), random weights"),
     "qwen2_5_vl": _qwen_family(
         "qwen2_5_vl", "2.5", "Qwen2.5-VL-7B", 28,
         "Qwen2.5-VL vision tower 128 x 4 blocks on 672 px (2304 patches of 14 px; windowed attention in 112 px "
-        "windows, full attention in blocks 1 and 3; merged 2 x 2 into 576 tokens), Qwen2 768 x 8 layers (GQA 12/4, "
+        "windows, full attention in blocks 1 and 3; merged 2 x 2 into 576 tokens), Qwen2 768 x {llm_layers} layers (GQA 12/4, "
         "M-RoPE), random weights"),
     "qwen3_vl": _qwen_family(
         "qwen3_vl", "3", "Qwen3-VL-8B", 36,
         "Qwen3-VL vision tower 128 x 4 blocks on 768 px (2304 patches of 16 px, DeepStack from blocks 1 and 2; "
-        "merged 2 x 2 into 576 tokens), Qwen3 768 x 8 layers (GQA 12/4, head dim 64, interleaved M-RoPE), "
+        "merged 2 x 2 into 576 tokens), Qwen3 768 x {llm_layers} layers (GQA 12/4, head dim 64, interleaved M-RoPE), "
         "random weights"),
     "llava_next": _anyres_family(
         "next", 744, 145, "LLaVA-NeXT-7B", 32,
         "CLIP 384 x 6 layers on 168 px views (a base view and a 2 x 2 grid of crops of a 336 x 336 image: 144 tokens "
-        "each; 576 crop tokens with a newline per row and the base view's 144 make 744), Llama 768 x 8 layers "
+        "each; 576 crop tokens with a newline per row and the base view's 144 make 744), Llama 768 x {llm_layers} layers "
         "(GQA 12/4), random weights"),
     "llava_onevision": _anyres_family(
         "onevision", 744, 144, "LLaVA-OneVision-7B", 28,
         "SigLIP 384 x 6 layers on 168 px views (a base view and a 2 x 2 grid of crops of a 336 x 336 image: 144 "
         "tokens each, anyres_max_9; 576 crop tokens with a newline per row and the base view's 144 make 744), "
-        "Qwen2 768 x 8 layers (GQA 12/4), random weights"),
+        "Qwen2 768 x {llm_layers} layers (GQA 12/4), random weights"),
 }

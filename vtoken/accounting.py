@@ -671,7 +671,8 @@ def _scoring_cost_flops(cost: ScoringCost, dims: ModelDims, schedule: Schedule, 
     - ``llm_rerun_rows`` from layer l: ``decoder_layer_flops`` of r queries over the n tokens of
       each layer >= l (prompt text and that layer's visual tokens).
     - ``lm_head_rows``: r rows through the LM head, 2·r·d·V.
-    - ``own_keys`` (attention rows, rerun rows): that many more keys n, the rows' own (a decoding step's).
+    - ``own_keys`` (attention rows, rerun rows): that many more keys n, the rows' own (a decoding step's),
+      projected unless ``keys_cached``.
     - ``flops``: the given count.
     """
     if cost.kind == "llm_attention_rows":
@@ -679,8 +680,9 @@ def _scoring_cost_flops(cost: ScoringCost, dims: ModelDims, schedule: Schedule, 
         visual = layer_visual[cost.layer - 1] if cost.layer > 0 else _pre_llm_visual(dims, schedule, geo)
         keys = text_tokens + visual + cost.own_keys
         # A fused qkv projection (Phi-3) cannot take the kept tokens' keys: layer l projects them again.
+        # (The rows' own keys are never the layer's to be handed: they are projected for the scoring.)
         reused = cost.keys_reused and not d.fused_qkv
-        projected = keys - (text_tokens + layer_visual[cost.layer] + cost.own_keys) if reused else keys
+        projected = keys - (text_tokens + layer_visual[cost.layer]) if reused else keys
         if cost.keys_cached:
             projected = 0
         # (A fused qkv projection has no output of its own to keep: the rows are projected again.)

@@ -234,11 +234,11 @@ class AIFStrategy(Strategy):
         # (The instruction, every text token after the image, is input-dependent.)
         layers = self.depths.get("llm", 0)
         instruction = instruction_rows(shapes)
-        rows = 1 if self.config.query == "next" else instruction
+        next_token = self.config.query == "next"
+        rows = 1 if next_token else instruction
         # Each probed layer has run: its keys are read from the KV cache (the mask stage adds one), the
         # instruction's query rows from its own projection (the next token's are projected again).
         # The probe's step attends to the prompt and to its own key, which its layers cache first.
-        next_token = self.config.query == "next"
         costs = [ScoringCost("llm_attention_rows", layer=layer, rows=rows, keys_cached=True,
                              queries_cached=not next_token, own_keys=int(next_token)) for layer in range(layers)]
         # (From the first text token after the first image: with several images, the later ones too.)
