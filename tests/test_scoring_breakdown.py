@@ -34,15 +34,20 @@ def test_timers_count_a_pruned_forward_and_put_every_function_back():
     x = llava_inputs()
     timers = breakdown.Timers(parts)
     with timers.installed(), vtoken.pruned(model, "transprune", keep=0.5), torch.no_grad():
+        config = vtoken.config_of(model)
+        stages = config.resolved_stages()
+        accumulation = config.accumulation(stages)
         model(**x)
     seconds, calls = timers.take()
-    # One reduce and one key projection per stage, one TTV per accumulation layer: each part was seen,
-    # under the call that made it.
+    # One reduce, one key projection and one instruction-row attention per stage, one TTV (attention
+    # and MLP) per accumulation layer: each part was seen that often, under the call that made it.
     reduce, observe = ("strategy.reduce",), ("strategy.observe",)
     keys = (*reduce, "layer K's input norm and keys of every token (KeyReuse.keys_for)")
     rows = (*reduce, "instruction or last rows' attention (llama_attention_rows)")
-    for key in (reduce, observe, keys, rows, (*rows, "scores and softmax (attention_rows)")):
-        assert calls.get(key, 0) >= 1 and seconds[key] > 0, key
+    assert len(stages) >= 2 and len(accumulation) >= 2
+    for key, expected in ((reduce, len(stages)), (observe, len(accumulation)), (keys, len(stages)),
+                          (rows, len(stages)), ((*rows, "scores and softmax (attention_rows)"), len(stages))):
+        assert calls.get(key, 0) == expected and seconds[key] > 0, (key, calls.get(key), expected)
     assert calls[(*observe, "norms and dot products of TTV (token_shifts)")] == 2 * calls[observe]
     # A child's time lies inside its parent's: the parent's rest is not negative.
     rest = breakdown.with_rest(seconds)
