@@ -33,9 +33,9 @@ the same on Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-NeXT and LLaVA-OneVision shape
 Targets (shown per method): machinery within 5% of the oracle; scoring under 2% of the unpruned
 prefill for every training-free method, except where the paper's own algorithm costs more: its
 scoring FLOPs from ``vtoken.flops`` are 2% or more of the unpruned prefill's, or its least work,
-timed on the same shapes (``eval/scoring_floor.py``: a whole attention map's column mass without the
-row max: its scores, exponentials, row sums and weighted column sums, of which FLOPs count the
-scores), takes 2% or more of the unpruned prefill's time (the table gives every
+timed on the same shapes (``eval/scoring_floor.py``: a whole attention map's column mass, the
+quicker here of its form without the row max (scores, exponentials, row sums and weighted column
+sums) and torch's fused softmax then column sums; FLOPs count the scores), takes 2% or more of the unpruned prefill's time (the table gives every
 share); the speed-up at batch 8 and 16 at least 90% of the batch-1 speed-up. Verdicts are the
 medians'; each overhead also gets a 95% interval of its median (sign-test order statistics over the
 rounds; with fewer than 6 rounds the min-max, named by its lower coverage, ``speed_stats.interval_name``), and
@@ -436,8 +436,8 @@ def main(argv=None) -> None:
     unpruned_flops = unpruned.prefill
     scoring_share = {}
     # ... and the least work of that algorithm, timed (eval/scoring_floor.py: a whole attention map's
-    # column mass without the row max, whose exponentials and sums FLOPs do not count), as a share of
-    # the unpruned prefill's time.
+    # column mass, the quicker of its exact forms here, whose exponentials and sums FLOPs do not
+    # count), as a share of the unpruned prefill's time.
     floor_share, floor_cache = {}, {}
     for c in configs:
         with vtoken.pruned(model, c.method, **options(c.method, c.budget)):

@@ -3,7 +3,7 @@
 The speed bench (``eval/bench_speed.py``) measures a method's scoring as a whole (its prefill against
 its replay, and the time inside the strategy's own calls) and profiles one prefill with
 ``torch.profiler``, whose per-op overhead inflates small calls. This script times the vtoken
-functions that make up the scoring (``PARTS``: TransPrune, FastV, AIF) with ``time.perf_counter``
+functions that make up the scoring (``PARTS``: TransPrune, FastV, AIF, VFlowOpt) with ``time.perf_counter``
 around each call (no profiler), during batch-1 prefills of the bench's model, interleaved with
 unpruned prefills of a second copy of it: medians per prefill with min and max over the rounds, each
 as a share of the unpruned prefill's median. A call made inside another timed call is shown under it
@@ -37,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from output import add_output_arguments, claim, command_line, environment_prefix  # noqa: E402  (eval/output.py)
+from scoring_floor import scoring_floor  # noqa: E402  (eval/scoring_floor.py)
 from speed_report import machine_text  # noqa: E402  (eval/speed_report.py)
 from speed_shapes import FAMILIES, family_at  # noqa: E402  (eval/speed_shapes.py)
 from speed_timing import STRATEGY_CALLS  # noqa: E402  (eval/speed_timing.py)
@@ -96,7 +97,27 @@ AIF = strategy_calls("vtoken.strategies.aif", "AIFStrategy", ("reduce", "observe
          "vtoken.adapters.mask_stage:MaskStagePass._recompute"),
 ) + ATTENTION_ROWS
 
-PARTS = {"transprune": TRANSPRUNE, "fastv": FASTV, "aif": AIF}
+#: VFlowOpt's scoring (``vtoken/strategies/vflowopt.py``): the importance map made once per request
+#: at its first stage (a vision layer's attention recomputed beside SDPA: every patch's column mass
+#: and the context rows, Eqs. 1-3; the patches' gray-level entropy, Eq. 4), the recycling of dropped
+#: tokens into their cells (Eqs. 6-7) and the later stages' selections.
+VFLOWOPT = strategy_calls("vtoken.strategies.vflowopt", "VFlowOptStrategy", ("reduce",)) + (
+    Part("importance map, once per request (crop_importance)", "vtoken.strategies.vflowopt:VFlowOptStrategy.crop_importance"),
+    Part("context relevance (Eqs. 1-3)", "vtoken.strategies.vflowopt:context_relevance"),
+    Part("packed tower's queries, keys and tables (PackedVisionSource.attention)",
+         "vtoken.adapters.qwen_vision:PackedVisionSource.attention"),
+    Part("column mass of every patch, per frame (received_attention)", "vtoken.adapters.qwen_vision:received_attention"),
+    Part("context rows' attention, per frame (attention_rows)", "vtoken.adapters.qwen_vision:attention_rows"),
+    Part("tower's queries and keys (VisionSource.attention)", "vtoken.adapters.vision_site:VisionSource.attention"),
+    Part("column mass of every patch (received_attention)", "vtoken.adapters.vision_site:received_attention"),
+    Part("context rows' attention (attention_rows)", "vtoken.adapters.vision_site:attention_rows"),
+    Part("gray-level entropy (patch_entropy, Eq. 4)", "vtoken.strategies.vflowopt:patch_entropy"),
+    Part("importance (importance_map, Eq. 4)", "vtoken.strategies.vflowopt:importance_map"),
+    Part("recycling (recycle_rows, Eqs. 6-7)", "vtoken.strategies.vflowopt:recycle_rows"),
+    Part("top-k selection (masked_topk)", "vtoken.strategies.vflowopt:masked_topk"),
+)
+
+PARTS = {"transprune": TRANSPRUNE, "fastv": FASTV, "aif": AIF, "vflowopt": VFLOWOPT}
 
 _INHERITED = object()
 
@@ -238,6 +259,7 @@ def main(argv=None) -> None:
     # Timed before the wrap: a hook the wrap registers holds the function it found then.
     with timers.installed():
         with vtoken.pruned(model, args.method, keep_tokens=args.budget):
+            costs = vtoken.schedule_of(model, visual_tokens=family.visual).scoring
             prefill(model)  # warm-ups
             prefill(plain)
             timers.take()
@@ -284,7 +306,13 @@ def main(argv=None) -> None:
                      f"{1e3 * max(values):.2f} | {100 * median / base:.2f}% | {calls} |")
     total = [sum(seconds.get(key, 0.0) for key in rows if len(key) == 1) for seconds, _ in rounds]
     lines += ["", f"All top-level rows together: {1e3 * statistics.median(total):.2f} ms per prefill (median), "
-              f"{100 * statistics.median(total) / base:.2f}% of the unpruned prefill.", ""]
+              f"{100 * statistics.median(total) / base:.2f}% of the unpruned prefill."]
+    floor = scoring_floor(costs, family.vision_map, torch.device("cpu"))
+    if floor:  # a whole attention map: its least work timed apart, hot in cache, as the bench does
+        lines += ["", f"Its floor (`eval/scoring_floor.py`, as in the speed bench: the quicker exact form of the whole map's "
+                  f"column mass, timed alone on one image's map shape, {family.vision_map}): {1e3 * floor:.2f} ms, "
+                  f"{100 * floor / base:.2f}% of the unpruned prefill."]
+    lines.append("")
     out.write_text("\n".join(lines))
     print("\n".join(lines))
 

@@ -8,7 +8,8 @@ CPU at small head dims those cost as much as the matmul. This module times that 
 the bench's own shapes.
 
 Only ``ScoringCost("vision_attention_map")`` (VFlowOpt's received attention, paper Eqs. 1-3: the
-column mass of the layer's softmax over every query) has a measured floor; every other kind is judged
+column mass of the layer's softmax over every query) has a measured floor, the quicker of two exact
+forms of it on the machine at hand; every other kind is judged
 by its FLOPs alone (its floor here is 0).
 """
 
@@ -42,10 +43,10 @@ def column_mass_without_max(q: torch.Tensor, k_t: torch.Tensor, chunk: int, scor
     row's normaliser (the sum of its exponentials) and each key's column sum weighted by the rows'
     reciprocal normalisers (``sum_q exp(s_qn) / Z_q``: the statistic itself). Left out: the row max a
     safe softmax subtracts first (it changes no probability, only what overflows), the mean over
-    heads and anything a method does with the result; so no implementation of the column mass does
-    less. ``q`` ``[M, T, d]`` (M maps) and ``k_t`` ``[M, d, T]``; the query rows run ``chunk`` at a
-    time through ``scores`` (``[M, chunk, T]``, reused: no ``T x T`` map at once); the column sums,
-    over every map, are added into ``total`` (``[M, T]``) and returned."""
+    heads and anything a method does with the result. ``q`` ``[M, T, d]`` (M maps) and ``k_t``
+    ``[M, d, T]``; the query rows run ``chunk`` at a time through ``scores`` (``[M, chunk, T]``,
+    reused: no ``T x T`` map at once); the column sums, over every map, are added into ``total``
+    (``[M, T]``) and returned."""
     for first in range(0, q.shape[1], chunk):
         rows = q[:, first : first + chunk]
         block = scores[:, : rows.shape[1]]
@@ -56,17 +57,38 @@ def column_mass_without_max(q: torch.Tensor, k_t: torch.Tensor, chunk: int, scor
     return total
 
 
-def attention_map_floor(shape: AttentionMapShape, device: torch.device, repeats: int = 7, seed: int = 0) -> float:
-    """Median seconds (of ``repeats``, after one warm-up) of :func:`column_mass_without_max` over one
-    image's attention maps (``views x heads`` maps of ``tokens x tokens`` scores): the least work of
-    the column mass of a softmax over every score. The query rows run in the chunks
-    ``kernels.reference.received_attention`` uses (no ``N x N`` map at once, the exponentials in
-    cache).
+def column_mass_fused_softmax(q: torch.Tensor, k_t: torch.Tensor, chunk: int, scores: torch.Tensor,
+                              total: torch.Tensor) -> torch.Tensor:
+    """The same column mass (same arguments) through torch's fused softmax taken in place, then the
+    plain column sums: more arithmetic than :func:`column_mass_without_max` (the row max), but one
+    kernel per chunk whose exponential is the faster on the CPUs tried, so it can take less time
+    (``kernels.reference.received_attention`` computes it this way)."""
+    for first in range(0, q.shape[1], chunk):
+        rows = q[:, first : first + chunk]
+        block = scores[:, : rows.shape[1]]
+        torch.matmul(rows, k_t, out=block)
+        torch.softmax(block, dim=-1, out=block)
+        total += block.sum(dim=1)
+    return total
 
-    An earlier floor timed the scores and exponentials alone. That left out the row normalisers and
-    the weighted column sums, two reads of every score that no exact column mass can skip, and on the
-    Qwen-VL shapes it put VFlowOpt at 2.0% to 2.6% of the unpruned prefill from run to run, on both
-    sides of the exemption."""
+
+#: The exact column-mass forms the floor times; it takes the quicker on the machine at hand.
+COLUMN_MASS_FORMS = (column_mass_without_max, column_mass_fused_softmax)
+
+
+def attention_map_floor(shape: AttentionMapShape, device: torch.device, repeats: int = 7, seed: int = 0) -> float:
+    """Median seconds (of ``repeats``, after one warm-up) of the quicker of :data:`COLUMN_MASS_FORMS`
+    over one image's attention maps (``views x heads`` maps of ``tokens x tokens`` scores): the least
+    time an exact column mass of a softmax over every score is known to take here. The query rows run
+    in the chunks ``kernels.reference.received_attention`` uses (no ``N x N`` map at once, the
+    exponentials in cache).
+
+    Which form is quicker depends on the CPU: the fewest operations (no row max, ``exp_``) or torch's
+    fused softmax, whose faster exponential outweighs the max (15-25% quicker on an AMD EPYC, which
+    put the first form's "floor" above the kernel it was the floor of). An earlier floor timed the
+    scores and exponentials alone. That left out the row normalisers and the weighted column sums,
+    two reads of every score that no exact column mass can skip, and on the Qwen-VL shapes it put
+    VFlowOpt at 2.0% to 2.6% of the unpruned prefill from run to run, on both sides of the exemption."""
     g = torch.Generator().manual_seed(seed)
     maps = (shape.views * shape.heads, shape.tokens, shape.head_dim)
     q = torch.randn(*maps, generator=g).to(device) * shape.head_dim ** -0.5
@@ -75,18 +97,21 @@ def attention_map_floor(shape: AttentionMapShape, device: torch.device, repeats:
     scores = torch.empty(maps[0], min(chunk, shape.tokens), shape.tokens, device=device)
     total = torch.zeros(maps[0], shape.tokens, device=device)
 
-    def once() -> float:
+    def once(form) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        column_mass_without_max(q, k_t, chunk, scores, total.zero_())
+        form(q, k_t, chunk, scores, total.zero_())
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return time.perf_counter() - start
 
     with torch.no_grad():
-        once()
-        return statistics.median(once() for _ in range(repeats))
+        medians = []
+        for form in COLUMN_MASS_FORMS:
+            once(form)
+            medians.append(statistics.median(once(form) for _ in range(repeats)))
+        return min(medians)
 
 
 def scoring_floor(costs, shape: AttentionMapShape | None, device: torch.device, cache: dict | None = None) -> float:

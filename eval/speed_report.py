@@ -235,7 +235,7 @@ def report(args, command, load_at_start, device, meter, base, times_none, config
               "each round, in alternating order (min-max of those differences), as a share of the unpruned prefill, beside the "
               f"share of the unpruned prefill's FLOPs the method's own scoring needs (`vtoken.flops`) and the share of its time the "
               f"least work of that scoring takes, timed here (*floor*, `eval/scoring_floor.py`: a whole attention map's "
-              f"column mass without the row max (scores, exponentials, row sums, weighted column sums); blank where FLOPs are the only measure); *{prefill_interval}*: of the median of the "
+              f"column mass, the quicker here of its form without the row max (scores, exponentials, row sums, weighted column sums) and torch's fused softmax then column sums; blank where FLOPs are the only measure); *{prefill_interval}*: of the median of the "
               f"per-round pairs (sign-test order statistics); *in strategy calls*: the time inside the strategy's own calls "
               f"(reduce, observe, observe_attention) during the method's prefill, median over rounds, a direct measure of most "
               f"of the scoring (a lower bound: vtoken's hooks outside those calls are not in it), net of the keys the scoring "

@@ -5,6 +5,7 @@ hand-written oracle of a schedule of vision, projector and LLM stages gives the 
 logits."""
 
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -297,11 +298,13 @@ def test_strategy_call_time_counts_the_outermost_calls_only(model):
     assert not vtoken.is_wrapped(model)
 
 
-def test_the_attention_map_floor_is_the_column_mass_without_the_max_and_counts_only_map_costs():
-    """``eval/scoring_floor.py``: the floor computes the map's column mass (the reference's numbers, no
-    row max subtracted), times every score of the map (twice the tokens: about four times the time),
-    is 0 for a schedule with no whole-map cost, counts one floor per map cost, and each family's map
-    shape is its tower's (heads, patches + CLS, head dim)."""
+def test_the_attention_map_floor_is_the_quicker_exact_column_mass_and_counts_only_map_costs():
+    """``eval/scoring_floor.py``: each form the floor times computes the map's column mass (the
+    reference's numbers: one with no row max subtracted, one through the fused softmax), the floor is
+    the quicker of them, it times every score of the map (twice the tokens: about four times the
+    time), is 0 for a schedule with no whole-map cost, counts one floor per map cost, and each
+    family's map shape is its tower's (heads, patches + CLS, head dim)."""
+    import scoring_floor as floor_module
     import speed_shapes
     from scoring_floor import AttentionMapShape, attention_map_floor, scoring_floor
     from vtoken.schedule import ScoringCost
@@ -309,16 +312,35 @@ def test_the_attention_map_floor_is_the_column_mass_without_the_max_and_counts_o
     cpu = torch.device("cpu")
     small, large = AttentionMapShape(2, 512, 32), AttentionMapShape(2, 1024, 32)
     # What it times is the column mass itself (the reference kernel's, summed over heads), in chunks.
-    from scoring_floor import column_mass_without_max
+    from scoring_floor import COLUMN_MASS_FORMS
     from vtoken.kernels.reference import received_attention
 
     g = torch.Generator().manual_seed(3)
     q, k = torch.randn(2, 3, 200, 16, generator=g), torch.randn(2, 3, 200, 16, generator=g)
-    scores, total = torch.empty(6, 64, 200), torch.zeros(6, 200)
     k_t = k.reshape(6, 200, 16).transpose(-1, -2)
-    mass = column_mass_without_max(q.reshape(6, 200, 16) * 0.25, k_t, 64, scores, total)
-    torch.testing.assert_close(mass.view(2, 3, 200).sum(dim=1), 3 * received_attention(q, k, 0.25),
-                               rtol=1e-5, atol=1e-5)
+    assert len(COLUMN_MASS_FORMS) == 2
+    for form in COLUMN_MASS_FORMS:
+        scores, total = torch.empty(6, 64, 200), torch.zeros(6, 200)
+        mass = form(q.reshape(6, 200, 16) * 0.25, k_t, 64, scores, total)
+        torch.testing.assert_close(mass.view(2, 3, 200).sum(dim=1), 3 * received_attention(q, k, 0.25),
+                                   rtol=1e-5, atol=1e-5)
+    # The floor is the quicker form's time: a form made slow by hand (50 ms a call, the small map
+    # takes about 1 ms) is not the one it reports, whichever of the two it is.
+    def slow(*args):
+        time.sleep(0.05)
+        return COLUMN_MASS_FORMS[1](*args)
+
+    forms = floor_module.COLUMN_MASS_FORMS
+    floor_module.COLUMN_MASS_FORMS = (forms[0], slow)
+    try:
+        assert attention_map_floor(small, cpu, repeats=3) < 0.05
+    finally:
+        floor_module.COLUMN_MASS_FORMS = forms
+    floor_module.COLUMN_MASS_FORMS = (slow, forms[1])
+    try:
+        assert attention_map_floor(small, cpu, repeats=3) < 0.05
+    finally:
+        floor_module.COLUMN_MASS_FORMS = forms
     assert attention_map_floor(large, cpu, repeats=5) > 2.0 * attention_map_floor(small, cpu, repeats=5)
     assert scoring_floor([ScoringCost("llm_attention_rows", layer=2, rows=16)], None, cpu) == 0.0
     cache = {small: 0.25}

@@ -63,3 +63,34 @@ def test_rows_list_children_under_their_parent_with_its_rest_last():
     assert timed[("a", breakdown.REST)] == 2.0 and timed[("c", breakdown.REST)] == 1.5
     assert breakdown.rows_in_order(timed) == [("a",), ("a", "b"), ("a", breakdown.REST), ("c",), ("c", "b"),
                                               ("c", breakdown.REST)]
+
+
+def test_vflowopt_parts_see_one_map_per_request_and_a_reduce_per_stage():
+    """VFlowOpt's parts: the map (the tower's queries and keys, the column mass of every patch, the
+    context rows) is made once per request, at the first stage, under ``crop_importance``; every stage
+    reduces; the first recycles. The report's floor is the speed bench's (``scoring_floor``), on the
+    family's map shape, and is not 0 for VFlowOpt's schedule."""
+    from scoring_floor import scoring_floor
+    from speed_shapes import FAMILIES
+
+    parts = breakdown.PARTS["vflowopt"]
+    model = tiny_llava()
+    x = llava_inputs()
+    timers = breakdown.Timers(parts)
+    with timers.installed(), vtoken.pruned(model, "vflowopt", keep=0.5), torch.no_grad():
+        stages = vtoken.strategy_of(model).stages()  # the schedule bound to this model's depth
+        costs = vtoken.schedule_of(model).scoring
+        model(**x)
+    seconds, calls = timers.take()
+    reduce = ("strategy.reduce",)
+    importance = (*reduce, "importance map, once per request (crop_importance)")
+    relevance = (*importance, "context relevance (Eqs. 1-3)")
+    assert len(stages) == 3 and calls[reduce] == len(stages)
+    assert calls[(*importance, "tower's queries and keys (VisionSource.attention)")] == 1
+    assert calls[relevance] == 1 and calls[(*relevance, "column mass of every patch (received_attention)")] == 1
+    assert calls[(*relevance, "context rows' attention (attention_rows)")] == 1
+    assert calls[(*reduce, "recycling (recycle_rows, Eqs. 6-7)")] == 1
+    assert calls[(*reduce, "top-k selection (masked_topk)")] == len(stages) - 1
+    assert all(seconds[key] > 0 for key in calls)
+    assert scoring_floor([], FAMILIES["llava"].vision_map, torch.device("cpu")) == 0.0
+    assert scoring_floor(costs, FAMILIES["llava"].vision_map, torch.device("cpu")) > 0.0
