@@ -358,7 +358,7 @@ MUTATIONS = (
              ("tests/test_aif.py", "tests/test_random_models.py")),
     Mutation("Received attention: each row's exponentials, not its softmax (no normaliser)",
              "vtoken/kernels/reference.py",
-             "torch.softmax(scores, dim=-1, out=scores)", "scores.exp_()",
+             "torch.softmax(scores, dim=-1, out=scores)\n        total +=", "scores.exp_()\n        total +=",
              ("tests/test_kernels_reference.py", "tests/test_vflowopt.py")),
     Mutation("Compaction pads on the right, not the left", "vtoken/kernels/reference.py",
              "dest = keep.long().cumsum(dim=-1) - 1 + (width - counts)[:, None]",

@@ -206,3 +206,19 @@ def test_claim_a_stem(tmp_path):
     with pytest.raises(SystemExit, match=r"eval\.json already exists"):
         output.claim_stem(stem, False)
     assert output.claim_stem(stem, True) == stem
+
+
+def test_every_mutation_names_one_place_and_tests_that_exist():
+    """``eval/mutations.py`` mutates by replacing ``old`` with ``new`` and refuses a mutation whose
+    ``old`` is not found exactly once (it would be skipped, or mutate another line than its name says):
+    each one's text is in its file once, it changes something, and its tests' files exist."""
+    import mutations
+
+    names = [m.name for m in mutations.MUTATIONS]
+    assert len(set(names)) == len(names)
+    for mutation in mutations.MUTATIONS:
+        text = (ROOT / mutation.path).read_text()
+        assert text.count(mutation.old) == 1, (mutation.name, text.count(mutation.old))
+        assert mutation.new != mutation.old, mutation.name
+        for test in mutation.tests:
+            assert (ROOT / test.split("::")[0]).is_file(), (mutation.name, test)
