@@ -96,19 +96,22 @@ def received_attention(
     total = torch.zeros(batch, keys, dtype=torch.float32, device=query.device)
     # The only score-sized buffer, written by every chunk's matmul in turn, its softmax taken in place
     # (torch's fused row kernel: max, exponentials, sum and scaling while the row is in cache), then
-    # its rows summed. On CPU every fresh score-sized tensor costs its page faults: a softmax into a
-    # new tensor per chunk, then a sum, ran about three times slower on one CPU thread (576 queries x
-    # 577 keys x 6 heads). The in-place softmax also beat the max, exponentials (exp_), row sums and
-    # a normaliser-weighted matrix-vector product it replaced, by 15-25% from 577 to 4096 keys on one
-    # thread (the fused kernel's exponential is the faster).
-    buffer = torch.empty(batch * kv_heads * group * min(chunk, rows) * keys, dtype=torch.float32, device=query.device)
+    # its rows summed by a vector-matrix product per head (what ``vtoken.flops`` counts for the column
+    # sums; as fast as a plain sum here). On CPU every fresh score-sized tensor costs its page faults:
+    # a softmax into a new tensor per chunk, then a sum, ran about three times slower on one CPU
+    # thread (576 queries x 577 keys x 6 heads). The in-place softmax also beat the max, exponentials
+    # (exp_), row sums and normaliser-weighted product it replaced, by 15-25% from 577 to 4096 keys
+    # on one thread (the fused kernel's exponential is the faster).
+    width = group * min(chunk, rows)
+    buffer = torch.empty(batch * kv_heads * width * keys, dtype=torch.float32, device=query.device)
+    ones = torch.ones(batch, kv_heads, 1, width, dtype=torch.float32, device=query.device)
     for start in range(0, rows, chunk):
         q = query[:, :, start : start + chunk].float() * scaling
         q = q.reshape(batch, kv_heads, group * q.shape[2], head_dim)
         scores = buffer[: batch * kv_heads * q.shape[2] * keys].view(batch, kv_heads, q.shape[2], keys)
         torch.matmul(q, k_t, out=scores)  # [B, H_kv, group * chunk, N]
         torch.softmax(scores, dim=-1, out=scores)
-        total += scores.sum(dim=(1, 2))
+        total += torch.matmul(ones[..., : q.shape[2]], scores).sum(dim=(1, 2))
     return total / heads
 
 
