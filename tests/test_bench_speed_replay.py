@@ -298,7 +298,7 @@ def test_strategy_call_time_counts_the_outermost_calls_only(model):
     assert not vtoken.is_wrapped(model)
 
 
-def test_the_attention_map_floor_is_the_quicker_exact_column_mass_and_counts_only_map_costs():
+def test_the_attention_map_floor_is_the_quicker_exact_column_mass_and_counts_only_map_costs(monkeypatch):
     """``eval/scoring_floor.py``: each form the floor times computes the map's column mass (the
     reference's numbers: one with no row max subtracted, one through the fused softmax), the floor is
     the quicker of them, it times every score of the map (twice the tokens: about four times the
@@ -330,17 +330,10 @@ def test_the_attention_map_floor_is_the_quicker_exact_column_mass_and_counts_onl
         time.sleep(0.05)
         return COLUMN_MASS_FORMS[1](*args)
 
-    forms = floor_module.COLUMN_MASS_FORMS
-    floor_module.COLUMN_MASS_FORMS = (forms[0], slow)
-    try:
+    for slowed in ((COLUMN_MASS_FORMS[0], slow), (slow, COLUMN_MASS_FORMS[1])):
+        monkeypatch.setattr(floor_module, "COLUMN_MASS_FORMS", slowed)
         assert attention_map_floor(small, cpu, repeats=3) < 0.05
-    finally:
-        floor_module.COLUMN_MASS_FORMS = forms
-    floor_module.COLUMN_MASS_FORMS = (slow, forms[1])
-    try:
-        assert attention_map_floor(small, cpu, repeats=3) < 0.05
-    finally:
-        floor_module.COLUMN_MASS_FORMS = forms
+    monkeypatch.undo()
     assert attention_map_floor(large, cpu, repeats=5) > 2.0 * attention_map_floor(small, cpu, repeats=5)
     assert scoring_floor([ScoringCost("llm_attention_rows", layer=2, rows=16)], None, cpu) == 0.0
     cache = {small: 0.25}
