@@ -175,6 +175,35 @@ def test_keep_all_loss_is_the_plain_loss(family):
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
+def test_the_bare_model_wrapped_refuses_the_outer_models_labels_in_one_line(family):
+    """``vtoken.wrap(model.model, ...)`` (the bare model) and ``labels`` given to the model around it:
+    its loss would pair the kept tokens' logits with the whole prompt's labels (a raw shape error, or
+    a silently wrong loss where the padded batch keeps its width), so a prefill that drops tokens is
+    refused in one line naming the fix, as is ``logits_to_keep`` given as positions. Without them the
+    outer model runs as when the whole model is wrapped; where nothing moves (keep=1.0, AIF's mask)
+    its loss is the whole-model wrap's."""
+    model = FAMILIES[family].make()
+    x = FAMILIES[family].inputs(model)
+    g = torch.Generator().manual_seed(5)
+    labels = torch.where(x["attention_mask"].bool(), torch.randint(3, 90, x["input_ids"].shape, generator=g), -100)
+    outer = type(model).__name__
+    with torch.no_grad():
+        with vtoken.pruned(model, "pool", keep=0.5):
+            expected = model(**x).logits
+        with vtoken.pruned(model.model, "pool", keep=0.5):
+            with pytest.raises(ValueError, match=rf"^labels were passed to {outer}\.forward, .* wrap the {outer} itself"):
+                model(**x, labels=labels)
+            with pytest.raises(ValueError, match=rf"^logits_to_keep was passed to {outer}\.forward as positions"):
+                model(**x, logits_to_keep=torch.tensor([x["input_ids"].shape[1] - 1]))
+            assert torch.equal(model(**x).logits, expected)
+        for method, options in (("random", {"keep": 1.0}), ("aif", {"keep": 0.5})):
+            with vtoken.pruned(model, method, **options):
+                whole = model(**x, labels=labels).loss
+            with vtoken.pruned(model.model, method, **options):
+                torch.testing.assert_close(model(**x, labels=labels).loss, whole, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_a_deep_copy_runs_on_its_own_state(family):
     model = FAMILIES[family].make()
     x = FAMILIES[family].inputs(model)
