@@ -203,6 +203,24 @@ def test_the_bare_model_wrapped_refuses_the_outer_models_labels_in_one_line(fami
                 torch.testing.assert_close(model(**x, labels=labels).loss, whole, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("method", ["pool", "fastv", "aif"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_the_outer_model_generates_with_its_bare_model_wrapped_as_when_wrapped_whole(family, method):
+    """With only ``model.model`` wrapped, ``model.generate`` (which calls the outer forward, which
+    calls the bare model) prunes the same and gives the same tokens and selection as the whole model
+    wrapped, on the padded batch."""
+    model = FAMILIES[family].make()
+    x = FAMILIES[family].inputs(model)
+    with vtoken.pruned(model, method, keep=0.4):
+        whole = _generate(model, x)
+        selected = vtoken.selection(model)
+    with vtoken.pruned(model.model, method, keep=0.4):
+        assert torch.equal(_generate(model, x), whole)
+        bare = vtoken.selection(model.model)
+    assert len(bare) == len(selected) and all(a.keys() == b.keys() for a, b in zip(bare, selected))
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(bare, selected) for k in a)
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_a_deep_copy_runs_on_its_own_state(family):
     model = FAMILIES[family].make()
