@@ -452,6 +452,10 @@ MUTATIONS = (
     Mutation("FLOPs: a kept query projection counted as scoring (queries_cached ignored)", "vtoken/accounting.py",
              "queried = 0 if cost.queries_cached and not d.fused_qkv else cost.rows",
              "queried = cost.rows", ("tests/test_flops_scoring.py", "tests/test_flops.py")),
+    Mutation("The bare model wrapped: the outer model's labels no longer refused", "vtoken/adapters/pipeline.py",
+             "            if reason is not None:\n                raise ValueError(reason)\n",
+             "            if False:\n                raise ValueError(reason)\n",
+             ("tests/test_still_the_model.py::-k bare_model",)),
 )
 
 
