@@ -187,7 +187,7 @@ def check_vit_seed(seed: int, kind: str | None = None, method: str | None = None
                 out = vit.call(model, x)
                 if label == "keep all":
                     if out.shape != plain.shape or not torch.allclose(out, plain, rtol=0, atol=1e-5):
-                        failures.append(f"keep all: the output differs from the plain model's")
+                        failures.append("keep all: the output differs from the plain model's")
                 else:
                     failures += _budget_failures(vit, model, x, out, plain, options, method)
         except Exception as error:  # noqa: BLE001 - any error from a wrapped call is what the check looks for

@@ -1,7 +1,6 @@
 """The tiny LLaVA trained on the offline benchmark ships inside the package, loads by path with
 ``from_pretrained``, solves the task unpruned, and is ``vtoken bench``'s default model."""
 
-import json
 import os
 
 import pytest
@@ -9,7 +8,6 @@ import torch
 from PIL import Image
 from transformers import LlavaForConditionalGeneration
 
-import vtoken
 from vtoken.bench import default_model_path, run
 from vtoken.vqa.data import generate
 from vtoken.vqa.evaluate import VQAModel, evaluate

@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import math
 from pathlib import Path
-from typing import Callable, Tuple
 
 import pytest
 import torch

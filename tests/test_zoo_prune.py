@@ -312,7 +312,6 @@ def test_scoring_cost_follows_how_the_projector_is_scored():
     with projector_rank; then the diverse selection, each of the 4 picks against the 16 projected
     tokens (2·k·N·d); a projector of another shape gets the generic 2m full passes."""
     model = tiny_llava()
-    x = llava_inputs(1)
     selection = 2 * 4 * 16 * 64
     with vtoken.pruned(model, "zoo_prune", keep_tokens=4, directions=8):
         assert vtoken.schedule_of(model).scoring == (ScoringCost("projector_sensitivity", passes=8),)
