@@ -196,6 +196,11 @@ def test_the_bare_model_wrapped_refuses_the_outer_models_labels_in_one_line(fami
             with pytest.raises(ValueError, match=rf"^logits_to_keep was passed to {outer}\.forward as positions"):
                 model(**x, logits_to_keep=torch.tensor([x["input_ids"].shape[1] - 1]))
             assert torch.equal(model(**x).logits, expected)
+
+            def training_step(bare, inputs, labels):  # a caller that is not the model around it
+                return bare(**inputs)
+
+            assert training_step(model.model, x, labels).last_hidden_state.shape[0] == x["input_ids"].shape[0]
         for method, options in (("random", {"keep": 1.0}), ("aif", {"keep": 0.5})):
             with vtoken.pruned(model, method, **options):
                 whole = model(**x, labels=labels).loss
