@@ -15,6 +15,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from vtoken.frames import VTOKEN_FOLDER, first_frame_outside
 from vtoken.config import PruneConfig, check_budget_order, option_defaults, read_config_file
 from vtoken.signals import ANNOTATIONS, LLM_ATTENTION, LLM_ATTENTION_OBSERVED, MEANING, PATCH_GRID, Needs, Signal
 from vtoken.registry import get_strategy, strategy_names
@@ -392,11 +393,7 @@ def _warn_if_scoring_uncounted(strategy) -> None:
 def _frames_inside_vtoken() -> int:
     """How many frames up from the caller the first one outside the vtoken package is (a warning's
     ``stacklevel`` that names the user's line, however deep inside vtoken it was raised)."""
-    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
-    frame, depth = sys._getframe(1), 0
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
-        frame, depth = frame.f_back, depth + 1
-    return depth
+    return first_frame_outside((VTOKEN_FOLDER,), sys._getframe(1))[0]
 
 
 def schedule_of(model: nn.Module, visual_tokens: int | None = None, instruction_tokens: int | None = None) -> Schedule:

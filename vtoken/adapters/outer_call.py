@@ -17,16 +17,16 @@ in one line instead (:func:`misaligned_outer_argument`).
 
 from __future__ import annotations
 
-import os
 import sys
-from pathlib import Path
 
 import torch
 from torch import nn
 
+from vtoken.frames import VTOKEN_FOLDER, first_frame_outside, package_folder
+
 #: Frames of these packages lie between a module's ``__call__`` and its caller (torch's call
 #: machinery, the eager wrapper of vtoken's hooks, vtoken's own hooks); the caller is the first other one.
-_CALL_MACHINERY = tuple(str(folder) + os.sep for folder in (Path(torch.__file__).resolve().parent, Path(__file__).resolve().parents[1]))
+_CALL_MACHINERY = (package_folder(torch.__file__), VTOKEN_FOLDER)
 #: How far up to look for the caller: a hook sits a handful of frames below it.
 _MAX_FRAMES = 16
 
@@ -38,16 +38,10 @@ def misaligned_outer_argument(core: nn.Module) -> str | None:
     that holds ``core`` as a direct child (the ``...ForConditionalGeneration`` around it) and was
     given ``labels`` or ``logits_to_keep`` as a tensor, the reason names the argument and the fix.
     Anything else (``core`` called on its own, from compiled code, by a function) is None."""
-    frame = sys._getframe(1)
-    for _ in range(_MAX_FRAMES):
-        frame = frame.f_back
-        if frame is None:
-            return None
-        if not frame.f_code.co_filename.startswith(_CALL_MACHINERY):
-            break
-    else:
+    _, caller = first_frame_outside(_CALL_MACHINERY, sys._getframe(1), limit=_MAX_FRAMES)
+    if caller is None:
         return None
-    local = frame.f_locals
+    local = caller.f_locals
     outer = local.get("self")
     if not isinstance(outer, nn.Module) or not any(child is core for child in outer.children()):
         return None
