@@ -130,12 +130,17 @@ def _hand_computed_loss(model, x, logits, labels, selection) -> torch.Tensor:
                            ignore_index=-100)
 
 
+def _random_labels(x: dict) -> torch.Tensor:
+    """Labels of random text ids on the prompt's real tokens, -100 on its padding."""
+    g = torch.Generator().manual_seed(5)
+    return torch.where(x["attention_mask"].bool(), torch.randint(3, 90, x["input_ids"].shape, generator=g), -100)
+
+
 @pytest.mark.parametrize("method,family", cases(METHODS))
 def test_labels_give_the_loss_on_the_kept_sequence_and_gradients_flow(method, family):
     model = FAMILIES[family].make()
     x = FAMILIES[family].inputs(model)
-    g = torch.Generator().manual_seed(5)
-    labels = torch.where(x["attention_mask"].bool(), torch.randint(3, 90, x["input_ids"].shape, generator=g), -100)
+    labels = _random_labels(x)
     with vtoken.pruned(model, method, **_options(method)):
         with torch.no_grad():
             out = model(**x, labels=labels)
@@ -184,8 +189,7 @@ def test_the_bare_model_wrapped_refuses_the_outer_models_labels_in_one_line(fami
     its loss is the whole-model wrap's."""
     model = FAMILIES[family].make()
     x = FAMILIES[family].inputs(model)
-    g = torch.Generator().manual_seed(5)
-    labels = torch.where(x["attention_mask"].bool(), torch.randint(3, 90, x["input_ids"].shape, generator=g), -100)
+    labels = _random_labels(x)
     outer = type(model).__name__
     with torch.no_grad():
         with vtoken.pruned(model, "pool", keep=0.5):
