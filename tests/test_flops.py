@@ -534,14 +534,14 @@ def test_real_configs_on_meta_device_match_counter(name, model_class, schedule, 
 def test_wrapped_model_reports_its_own_schedule(monkeypatch):
     asked = {}
 
-    def schedule_of(model, visual_tokens, instruction_tokens):
-        asked["visual_tokens"] = visual_tokens
+    def schedule_of(model, visual_tokens, instruction_tokens, newlines):
+        asked["visual_tokens"], asked["newlines"] = visual_tokens, newlines
         return llm((2, 288))
 
     monkeypatch.setitem(sys.modules, "vtoken.api", SimpleNamespace(schedule_of=schedule_of))
     wrapped = SimpleNamespace(config=load_config(LLAVA), _vtoken_state=object())
     assert tflops(flops(wrapped, convention="paper")) == 2.01  # FastV K=2, 288 tokens
-    assert asked["visual_tokens"] == 576
+    assert asked["visual_tokens"] == 576 and asked["newlines"] == 0
     assert tflops(flops(LLAVA, wrapped, convention="paper")) == 2.01
 
 

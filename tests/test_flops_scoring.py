@@ -10,6 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import vtoken
 from vtoken import compat
 from vtoken.accounting import decoder_layer_flops, describe, model_dims
+from vtoken.lmms_eval_plugin.stats import request_flops
 from tiny import (IMAGE_TOKEN, VIDEO_TOKEN, llava_next_inputs, tiny_llava, tiny_llava_next, tiny_llava_onevision,
                   tiny_qwen2_vl)
 
@@ -192,3 +193,32 @@ def test_visionzip_counts_its_merged_tokens_projected_again():
         assert vtoken.flops(model, text_tokens=text).prefill == counted(model, inputs)
     with vtoken.pruned(model, "visionzip", keep=0.5, site="vision", layer=1):  # in the tower: nothing projected again
         assert not any(c.kind == "projector_rows" for c in vtoken.schedule_of(model).scoring)
+
+
+def test_visionzip_on_llava_next_matches_patches_not_newlines():
+    """On LLaVA-NeXT the contextual merge matches the patches left after the dominant ones against
+    their targets; the newline closing each grid row has no patch (no key) and is no candidate. The
+    count took the newlines for candidates: 2 · newlines · contextual · head_dim FLOPs too many."""
+    model = tiny_llava_next("eager")
+    for size in ((64, 64), (30, 56), (100, 30)):  # square, wide, tall: unpadding leaves other rows
+        inputs = llava_next_inputs(model, image_sizes=(size,))
+        text = inputs["input_ids"].shape[1] - int((inputs["input_ids"] == IMAGE_TOKEN).sum())
+        for keep in (0.5, 0.2):
+            with vtoken.pruned(model, "visionzip", keep=keep):
+                assert vtoken.flops(model, text_tokens=text, image_size=size).prefill == counted(model, inputs), \
+                    (size, keep)
+
+
+def test_lmms_eval_counts_a_request_of_two_images_with_each_images_scoring():
+    """lmms-eval's per-request FLOPs (``vtoken.lmms_eval_plugin.stats``) of a prompt of two images:
+    VisionZip merges within each image (its key matching and the contextual tokens' second projector
+    pass, both per image), so that scoring is paid twice; the plug-in's own per-sample scaling of the
+    schedule counted it once."""
+    model = tiny_llava("eager")
+    inputs, text = llava_prompt(model, 2)
+    visual = int((inputs["input_ids"] == IMAGE_TOKEN).sum())
+    side = model.config.vision_config.image_size
+    with vtoken.pruned(model, "visionzip", keep=0.5):
+        pruned, unpruned = request_flops(model, visual=visual, text=text, images=2, image_size=(side, side))
+        assert pruned.prefill == counted(model, inputs)
+    assert unpruned.prefill == counted(model, inputs)

@@ -368,17 +368,18 @@ def flops(
     if encoder is not None:
         if frames is not None or visual_tokens is not None:
             raise ValueError(f"{encoder.name} is a vision encoder: frames= and visual_tokens= do not apply")
-        schedule = _resolve_schedule(model_or_config, schedule, lambda: _vit.patches_of(encoder, image_size),
+        schedule = _resolve_schedule(model_or_config, schedule, lambda: (_vit.patches_of(encoder, image_size), 0),
                                      instruction_tokens)
         return _vit.encoder_flops(encoder, schedule, convention=convention, image_size=image_size, images=images)
     dims = model_dims(config)
 
-    def llm_visual_tokens() -> int:  # what a wrapped model's schedule is asked for: ONE image's tokens
+    def one_image() -> tuple[int, int]:
+        """What a wrapped model's schedule is asked for: ONE image's visual tokens and, of them, its newlines."""
         sample = geometry(dims, image_size=image_size, images=images or 1, convention=convention,
-                          visual_tokens=visual_tokens, frames=frames).visual_tokens
-        return max(1, sample // (images or 1))
+                          visual_tokens=visual_tokens, frames=frames)
+        return max(1, sample.visual_tokens // (images or 1)), sample.newlines // (images or 1)
 
-    schedule = _resolve_schedule(model_or_config, schedule, llm_visual_tokens, instruction_tokens, images or 1)
+    schedule = _resolve_schedule(model_or_config, schedule, one_image, instruction_tokens, images or 1)
     geo = geometry(
         dims,
         image_size=image_size,
@@ -492,8 +493,10 @@ def per_sample(schedule: Schedule, images: int) -> Schedule:
         cache_evicted=None if evicted is None else (evicted[0], evicted[1] * images))
 
 
-def _resolve_schedule(model_or_config: Any, schedule: Any, visual_tokens: Callable[[], int],
+def _resolve_schedule(model_or_config: Any, schedule: Any, one_image: Callable[[], tuple[int, int]],
                       instruction_tokens: int | None = None, images: int = 1) -> Schedule:
+    """The schedule to count: ``schedule`` itself, or a wrapped model's for a sample of ``images``
+    images, each of ``one_image()``'s (visual tokens, of them newlines)."""
     wrapped = schedule if schedule is not None else model_or_config
     if instruction_tokens is not None and not hasattr(wrapped, "_vtoken_state"):
         raise ValueError("instruction_tokens= applies to a model wrapped by vtoken (its method's scoring rows); "
@@ -508,8 +511,9 @@ def _resolve_schedule(model_or_config: Any, schedule: Any, visual_tokens: Callab
                 "this model is wrapped by vtoken but vtoken.api.schedule_of is not available; "
                 "pass schedule=Schedule(...) explicitly"
             ) from error
-        return per_sample(schedule_of(wrapped, visual_tokens=visual_tokens(), instruction_tokens=instruction_tokens),
-                          images)
+        tokens, newlines = one_image()
+        return per_sample(schedule_of(wrapped, visual_tokens=tokens, instruction_tokens=instruction_tokens,
+                                      newlines=newlines), images)
     if schedule is None:
         return Schedule()
     raise TypeError(f"schedule must be a Schedule, a vtoken-wrapped model or None, got {type(schedule).__name__}")

@@ -18,13 +18,12 @@ plug-in logs once per evaluation, from every rank's requests together, with thes
 
 FLOPs come from ``vtoken.flops`` (the ``"true"`` convention: every token, vision tower, projector,
 LLM, LM head, the method's scoring work) with each request's own visual and text token counts and
-image size, under ``vtoken.schedule_of(model, visual_tokens=...)``. A request with several images is
-counted as that many images of equal token count (the schedule's per-image budgets times the images).
+image size, under the wrapped model's own schedule. A request with several images is counted as
+that many images of equal token count (the schedule's per-image budgets and scoring times the images).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
@@ -41,26 +40,15 @@ def image_token_id(model) -> int | None:
     return None
 
 
-def _per_sample(schedule, images: int):
-    """A per-image schedule as one sample of ``images`` equal images: LLM-side counts times ``images``."""
-    if images <= 1:
-        return schedule
-    stages = tuple(s if s.site == "vision" else dataclasses.replace(s, keep_tokens=s.keep_tokens * images)
-                   for s in schedule.stages)
-    return dataclasses.replace(schedule, stages=stages, visual_tokens=schedule.visual_tokens * images, images=images)
-
-
 def request_flops(model, visual: int, text: int, images: int, image_size: tuple[int, int] | None):
-    """(pruned report, unpruned report) of one request; the same report twice when not wrapped."""
+    """(pruned report, unpruned report) of one request; the same report twice when not wrapped. A
+    wrapped model is counted under its own schedule for a sample of ``images`` images sharing the
+    ``visual`` tokens (``vtoken.flops`` scales the per-image budgets and scoring to the sample)."""
+    counts = dict(text_tokens=text, image_size=image_size, images=max(images, 1), visual_tokens=visual)
+    base = vtoken.flops(model.config, **counts)
     if not vtoken.is_wrapped(model):
-        base = vtoken.flops(model.config, text_tokens=text, image_size=image_size, images=max(images, 1),
-                            visual_tokens=visual)
         return base, base
-    schedule = _per_sample(vtoken.schedule_of(model, visual_tokens=max(visual // max(images, 1), 1)), images)
-    pruned = vtoken.flops(model, schedule=schedule, text_tokens=text, image_size=image_size, images=max(images, 1))
-    unpruned = vtoken.flops(model.config, schedule=dataclasses.replace(schedule, stages=(), scoring=()),
-                            text_tokens=text, image_size=image_size, images=max(images, 1))
-    return pruned, unpruned
+    return vtoken.flops(model, **counts), base
 
 
 class Tally:

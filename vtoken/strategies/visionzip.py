@@ -102,12 +102,20 @@ def split_budget(budget: int, dominant_share: float) -> tuple[int, int]:
     return dominant, budget - dominant
 
 
+def stage_split(shapes: StageShapes, dominant_share: float) -> tuple[int, int, int]:
+    """``(dominant, contextual, remaining)`` patches of one image at a stage, as :meth:`reduce` splits
+    them: the budget is taken from the image's patches (its newlines are no candidates), and the
+    ``remaining`` patches are the ones that merge into the contextual targets."""
+    patches = shapes.tokens - shapes.newlines
+    dominant, contextual = split_budget(min(shapes.kept, patches), dominant_share)
+    return dominant, contextual, max(patches - dominant - contextual, 0)
+
+
 def contextual_matching_flops(shapes: StageShapes, dominant_share: float) -> int:
-    """FLOPs of the contextual merge's key similarities per image: every remaining token against
+    """FLOPs of the contextual merge's key similarities per image: every remaining patch against
     every target (2 FLOPs per multiply-add over the head-averaged keys)."""
-    dominant, contextual = split_budget(shapes.kept, dominant_share)
-    remaining = shapes.tokens - dominant - contextual
-    return 2 * max(remaining, 0) * contextual * shapes.head_dim
+    _, contextual, remaining = stage_split(shapes, dominant_share)
+    return 2 * remaining * contextual * shapes.head_dim if contextual else 0
 
 
 def contextual_merge(features: torch.Tensor, keys: torch.Tensor, count: int, assignment: bool = False):
@@ -172,8 +180,8 @@ class VisionZipStrategy(Strategy):
         costs = [ScoringCost("vision_attention_rows", layer=self.vision_layer, rows=1)]
         if shapes is not None:
             costs.append(ScoringCost("flops", flops=float(contextual_matching_flops(shapes, self.config.dominant_share))))
-            dominant, contextual = split_budget(shapes.kept, self.config.dominant_share)
-            if stage.site == "projector" and contextual > 0 and shapes.tokens - dominant - contextual > 0:
+            _, contextual, remaining = stage_split(shapes, self.config.dominant_share)
+            if stage.site == "projector" and contextual > 0 and remaining > 0:
                 # The contextual tokens merge the projector's inputs, so each is projected again.
                 costs.append(ScoringCost("projector_rows", rows=contextual))
         return costs
