@@ -628,7 +628,7 @@ def _vision_flops(dims: ModelDims, schedule: Schedule, geo: Geometry) -> int:
         patches = _patches_at(schedule, geo, layer)
         tokens = patches + v.cls_tokens
         if v.window and layer not in v.full_attention_layers:
-            scale = (patches / geo.patches) ** 2  # exact unpruned; shrunk windows are approximate
+            scale = (patches / geo.patches) ** 2  # exact unpruned; shrunk windows are approximate (_window_notes)
             pairs = round(sum(w * w for w in geo.windows) * scale)
         else:
             pairs = tokens * tokens
@@ -787,9 +787,23 @@ def _report(dims: ModelDims, geo: Geometry, schedule: Schedule, text_tokens: int
         kv_cache_visual_bytes=per_token * sum(cached_visual),
         dtype=dtype_name,
         schedule=describe(schedule),
-        notes=tuple(schedule.notes) + _anyres_notes(schedule, geo),
+        notes=tuple(schedule.notes) + _anyres_notes(schedule, geo) + _window_notes(dims, schedule, geo),
         **parts,
     )
+
+
+def _window_notes(dims: ModelDims, schedule: Schedule, geo: Geometry) -> tuple[str, ...]:
+    """A vision stage in a windowed tower (Qwen2.5-VL) leaves each window the kept patches that fell in
+    it, which the schedule does not say: the window layers after it are counted as if every window
+    kept the same share (``_vision_flops``), neither a bound nor exact (more pairs when the kept
+    patches cluster, fewer when they spread more evenly than the windows' sizes)."""
+    v = dims.vision
+    windowed = [layer for layer in range(v.layers) if layer not in v.full_attention_layers] if v.window else []
+    if not any(_patches_at(schedule, geo, layer) < geo.patches for layer in windowed):
+        return ()
+    return ("a vision-site stage before window-attention blocks (Qwen2.5-VL): their attention scores are counted "
+            "as if every window kept the same share of its patches (sum of window sizes squared, times the kept "
+            "share squared); the real count depends on which patches each window keeps",)
 
 
 def _anyres_notes(schedule: Schedule, geo: Geometry) -> tuple[str, ...]:

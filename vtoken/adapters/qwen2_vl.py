@@ -17,12 +17,13 @@ How the family maps onto the contract (:mod:`vtoken.adapters.base`):
   ``generate``); kept tokens keep them through every site (``positions="original"``), generated
   tokens get the unwrapped model's ids (``rope_deltas``) because ``generate`` derives them from the
   full attention mask. ``positions="contiguous"`` renumbers every component consecutively.
-- **Sites.** The projector site (in front of the LLM) and the LLM site run on the generic pipeline.
-  Pruning inside the packed vision tower (``cu_seqlens``, Qwen2.5-VL's windows) is not implemented
-  yet, nor the signals read there (vision attention, observed vision blocks, pixel patches, merger
-  inputs): ``wrap`` refuses a method that needs them, naming the signal.
-- **Qwen3-VL** (DeepStack features added at the visual positions of the first LLM layers) is not
-  matched yet: its features would have to follow the pruning.
+- **Sites.** Every site runs on the generic pipeline: inside the packed vision tower (whole merge
+  units per frame; later blocks get the kept patches' ``cu_seqlens``, Qwen2.5-VL's window segments
+  and their rotary positions: :mod:`vtoken.adapters.qwen_vision`), at the projector (in front of
+  the LLM) and inside the LLM. The vision blocks run whole (no attention / MLP split), so ToMe,
+  which merges between the two halves, is refused naming its signal.
+- **Qwen3-VL** reuses this pipeline (:mod:`vtoken.adapters.qwen3_vl`: its DeepStack features follow
+  the pruning there).
 """
 
 from __future__ import annotations
