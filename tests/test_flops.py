@@ -602,6 +602,9 @@ def test_wrapped_transprune_forward_matches_counter():
         assert api.schedule_of(model, instruction_tokens=7).scoring[0].rows == 7
         with pytest.raises(ValueError, match="instruction_tokens must be"):
             api.schedule_of(model, instruction_tokens=-1)
+        for wrong in (-1, 2.5, True):
+            with pytest.raises(ValueError, match="newlines must be a count"):
+                api.schedule_of(model, newlines=wrong)
         with pytest.raises(ValueError, match="instruction_tokens= applies to a model wrapped"):
             flops(model.config, api.schedule_of(model), instruction_tokens=7)
     finally:
