@@ -534,14 +534,14 @@ def test_real_configs_on_meta_device_match_counter(name, model_class, schedule, 
 def test_wrapped_model_reports_its_own_schedule(monkeypatch):
     asked = {}
 
-    def schedule_of(model, visual_tokens, instruction_tokens, newlines):
-        asked["visual_tokens"], asked["newlines"] = visual_tokens, newlines
+    def schedule_of(model, visual_tokens, instruction_tokens, patchless_tokens):
+        asked["visual_tokens"], asked["patchless"] = visual_tokens, patchless_tokens
         return llm((2, 288))
 
     monkeypatch.setitem(sys.modules, "vtoken.api", SimpleNamespace(schedule_of=schedule_of))
     wrapped = SimpleNamespace(config=load_config(LLAVA), _vtoken_state=object())
     assert tflops(flops(wrapped, convention="paper")) == 2.01  # FastV K=2, 288 tokens
-    assert asked["visual_tokens"] == 576 and asked["newlines"] == 0
+    assert asked["visual_tokens"] == 576 and asked["patchless"] == 0
     assert tflops(flops(LLAVA, wrapped, convention="paper")) == 2.01
 
 
@@ -603,8 +603,8 @@ def test_wrapped_transprune_forward_matches_counter():
         with pytest.raises(ValueError, match="instruction_tokens must be"):
             api.schedule_of(model, instruction_tokens=-1)
         for wrong in (-1, 2.5, True):
-            with pytest.raises(ValueError, match="newlines must be a count"):
-                api.schedule_of(model, newlines=wrong)
+            with pytest.raises(ValueError, match="patchless_tokens must be a count"):
+                api.schedule_of(model, patchless_tokens=wrong)
         with pytest.raises(ValueError, match="instruction_tokens= applies to a model wrapped"):
             flops(model.config, api.schedule_of(model), instruction_tokens=7)
     finally:

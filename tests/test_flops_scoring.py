@@ -195,10 +195,11 @@ def test_visionzip_counts_its_merged_tokens_projected_again():
         assert not any(c.kind == "projector_rows" for c in vtoken.schedule_of(model).scoring)
 
 
-def test_visionzip_on_llava_next_matches_patches_not_newlines():
-    """On LLaVA-NeXT the contextual merge matches the patches left after the dominant ones against
-    their targets; the newline closing each grid row has no patch (no key) and is no candidate. The
-    count took the newlines for candidates: 2 · newlines · contextual · head_dim FLOPs too many."""
+def test_visionzip_matches_patches_not_newlines_nor_cls():
+    """VisionZip's contextual merge matches the patches left after the dominant ones against their
+    targets; a token with no patch behind it is no candidate: LLaVA-NeXT's newline closing each grid
+    row, and the CLS token a LLaVA under ``vision_feature_select_strategy="full"`` hands the LLM. The
+    count took them for candidates: 2 · such tokens · contextual · head_dim FLOPs too many."""
     model = tiny_llava_next("eager")
     for size in ((64, 64), (30, 56), (100, 30)):  # square, wide, tall: unpadding leaves other rows
         inputs = llava_next_inputs(model, image_sizes=(size,))
@@ -207,6 +208,16 @@ def test_visionzip_on_llava_next_matches_patches_not_newlines():
             with vtoken.pruned(model, "visionzip", keep=keep):
                 assert vtoken.flops(model, text_tokens=text, image_size=size).prefill == counted(model, inputs), \
                     (size, keep)
+
+    full = tiny_llava("eager")
+    full.config.vision_feature_select_strategy = "full"  # the CLS token reaches the LLM: 17 tokens per image
+    vision = full.config.vision_config
+    tokens = (vision.image_size // vision.patch_size) ** 2 + 1
+    ids = torch.tensor([[1, 3, 4, 5] + [IMAGE_TOKEN] * tokens + [10, 11, 12, 13]])
+    inputs = {"input_ids": ids, "pixel_values": torch.randn(1, 3, vision.image_size, vision.image_size)}
+    for keep in (0.5, 0.25):
+        with vtoken.pruned(full, "visionzip", keep=keep):
+            assert vtoken.flops(full, text_tokens=8).prefill == counted(full, inputs), keep
 
 
 def test_lmms_eval_counts_a_request_of_two_images_with_each_images_scoring():

@@ -549,8 +549,8 @@ def test_wrapped_encoder_forward_matches_counter(name, method, options):
 def test_wrapped_encoder_reports_its_own_schedule(monkeypatch):
     asked = {}
 
-    def schedule_of(model, visual_tokens, instruction_tokens, newlines):
-        asked["visual_tokens"], asked["newlines"] = visual_tokens, newlines
+    def schedule_of(model, visual_tokens, instruction_tokens, patchless_tokens):
+        asked["visual_tokens"], asked["patchless"] = visual_tokens, patchless_tokens
         return tome_schedule(visual_tokens, DEPTH, 2)
 
     monkeypatch.setitem(sys.modules, "vtoken.api", SimpleNamespace(schedule_of=schedule_of))
@@ -559,7 +559,7 @@ def test_wrapped_encoder_reports_its_own_schedule(monkeypatch):
     try:
         assert vtoken.flops(d.model).prefill == vtoken.flops(MODELS["timm-cls-token"]().model,
                                                              tome_schedule(PATCHES, DEPTH, 2)).prefill
-        assert asked["visual_tokens"] == PATCHES and asked["newlines"] == 0
+        assert asked["visual_tokens"] == PATCHES and asked["patchless"] == 0
     finally:
         del d.model._vtoken_state
 

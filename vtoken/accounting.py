@@ -116,7 +116,7 @@ from vtoken.model_dims import (  # noqa: F401  (re-exported)
     CONFIG_DIR, DecoderDims, ModelDims, ProjectorDims, VisionDims, load_config, model_dims, shipped_configs,
 )
 from vtoken.schedule import ScoringCost, Schedule, Stage, is_integer
-from vtoken.token_geometry import Geometry, geometry  # noqa: F401  (re-exported)
+from vtoken.token_geometry import Geometry, geometry, patchless_tokens  # noqa: F401  (re-exported)
 
 CONVENTIONS: tuple[str, ...] = ("true", "paper")
 DEFAULT_TEXT_TOKENS = 64
@@ -374,10 +374,11 @@ def flops(
     dims = model_dims(config)
 
     def one_image() -> tuple[int, int]:
-        """What a wrapped model's schedule is asked for: ONE image's visual tokens and, of them, its newlines."""
+        """What a wrapped model's schedule is asked for: ONE image's visual tokens and, of them, those
+        with no patch (``token_geometry.patchless_tokens``)."""
         sample = geometry(dims, image_size=image_size, images=images or 1, convention=convention,
                           visual_tokens=visual_tokens, frames=frames)
-        return max(1, sample.visual_tokens // (images or 1)), sample.newlines // (images or 1)
+        return max(1, sample.visual_tokens // (images or 1)), patchless_tokens(dims, sample) // (images or 1)
 
     schedule = _resolve_schedule(model_or_config, schedule, one_image, instruction_tokens, images or 1)
     geo = geometry(
@@ -496,7 +497,7 @@ def per_sample(schedule: Schedule, images: int) -> Schedule:
 def _resolve_schedule(model_or_config: Any, schedule: Any, one_image: Callable[[], tuple[int, int]],
                       instruction_tokens: int | None = None, images: int = 1) -> Schedule:
     """The schedule to count: ``schedule`` itself, or a wrapped model's for a sample of ``images``
-    images, each of ``one_image()``'s (visual tokens, of them newlines)."""
+    images, each of ``one_image()``'s (visual tokens, of them with no patch)."""
     wrapped = schedule if schedule is not None else model_or_config
     if instruction_tokens is not None and not hasattr(wrapped, "_vtoken_state"):
         raise ValueError("instruction_tokens= applies to a model wrapped by vtoken (its method's scoring rows); "
@@ -511,9 +512,9 @@ def _resolve_schedule(model_or_config: Any, schedule: Any, one_image: Callable[[
                 "this model is wrapped by vtoken but vtoken.api.schedule_of is not available; "
                 "pass schedule=Schedule(...) explicitly"
             ) from error
-        tokens, newlines = one_image()
+        tokens, patchless = one_image()
         return per_sample(schedule_of(wrapped, visual_tokens=tokens, instruction_tokens=instruction_tokens,
-                                      newlines=newlines), images)
+                                      patchless_tokens=patchless), images)
     if schedule is None:
         return Schedule()
     raise TypeError(f"schedule must be a Schedule, a vtoken-wrapped model or None, got {type(schedule).__name__}")

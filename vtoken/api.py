@@ -397,17 +397,19 @@ def _frames_inside_vtoken() -> int:
 
 
 def schedule_of(model: nn.Module, visual_tokens: int | None = None, instruction_tokens: int | None = None,
-                newlines: int = 0) -> Schedule:
+                patchless_tokens: int = 0) -> Schedule:
     """The pruning schedule of a wrapped model for one image of ``visual_tokens`` visual tokens
     (default: the model's tokens per image). ``instruction_tokens``: the prompt's text tokens after
     the image, whose attention rows TransPrune's and AIF's scoring read (default: an assumed 32,
-    ``vtoken.schedule.ASSUMED_INSTRUCTION_TOKENS``). ``newlines``: of the ``visual_tokens``, the row
-    newlines LLaVA-NeXT and OneVision pack in, with no patch behind them (``vtoken.flops`` passes the
+    ``vtoken.schedule.ASSUMED_INSTRUCTION_TOKENS``). ``patchless_tokens``: of the ``visual_tokens``,
+    those no patch stands behind (the row newlines LLaVA-NeXT and OneVision pack in, the CLS token a
+    LLaVA under ``vision_feature_select_strategy="full"`` hands the LLM; ``vtoken.flops`` passes the
     image's own), which a method ranking patches (VisionZip) does not score."""
     if instruction_tokens is not None and (not is_integer(instruction_tokens) or instruction_tokens < 0):
         raise ValueError(f"instruction_tokens must be a count of text tokens >= 0, got {instruction_tokens!r}")
-    if not is_integer(newlines) or newlines < 0:
-        raise ValueError(f"newlines must be a count of an image's newline tokens >= 0, got {newlines!r}")
+    if not is_integer(patchless_tokens) or patchless_tokens < 0:
+        raise ValueError(f"patchless_tokens must be a count of an image's tokens with no patch (newlines, CLS) >= 0, "
+                         f"got {patchless_tokens!r}")
     if visual_tokens is not None and (not is_integer(visual_tokens) or visual_tokens < 1):
         raise ValueError(f"visual_tokens must be a count of an image's visual tokens >= 1, got {visual_tokens!r}")
     state = _state(model)
@@ -428,17 +430,17 @@ def schedule_of(model: nn.Module, visual_tokens: int | None = None, instruction_
             kept = spec.budget(tokens)
             before, entering["visual"] = entering["visual"], kept
         stages.append(Stage(spec.site, kept, spec.layer, inside=inside and spec.site == "vision"))
-        # The newlines are known among an image's whole visual tokens only: a stage that dropped some
-        # of them leaves an unknown number behind (0 is then the count).
-        entering_newlines = newlines if spec.site != "vision" and before == tokens else 0
+        # The patchless tokens are known among an image's whole visual tokens only: a stage that
+        # dropped some of them leaves an unknown number behind (0 is then the count).
+        patchless = patchless_tokens if spec.site != "vision" and before == tokens else 0
         shapes = StageShapes(before, kept, *adapter.site_width(spec.site), instruction_tokens=instruction_tokens,
-                             newlines=entering_newlines)
+                             patchless=patchless)
         scoring.extend(state.strategy.scoring_cost(spec, shapes))
     evicted = None
     if state.pruner.mask is not None:  # a mask stage (AIF) removes nothing but still costs its scoring
         mask = state.pruner.mask
         shapes = StageShapes(tokens, mask.budget(tokens), *adapter.site_width(mask.site),
-                             instruction_tokens=instruction_tokens, newlines=newlines)
+                             instruction_tokens=instruction_tokens, patchless=patchless_tokens)
         scoring.extend(state.strategy.scoring_cost(mask, shapes))
         if state.pruner.masking.evict:  # ... and, evicting, leaves only what it kept in the cache after
             evicted = (mask.layer, mask.budget(tokens))

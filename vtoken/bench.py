@@ -26,7 +26,7 @@ import vtoken
 from vtoken import signals
 from vtoken.accounting import flops
 from vtoken.model_dims import model_dims
-from vtoken.token_geometry import geometry
+from vtoken.token_geometry import geometry, patchless_tokens
 from vtoken.bench_args import DEFAULT_BUDGETS, DEFAULT_LIMIT, check_run_arguments
 from vtoken.bench_report import BenchRow, matched_cost_summary, oracle_gap_summary, to_markdown, write  # noqa: F401
 from vtoken.registry import get_strategy, strategy_names
@@ -173,10 +173,13 @@ def _flops(model, schedule, method: str | None = None, option: dict | None = Non
     return own.prefill / 1e12, own.mean_visual_tokens, seven_b
 
 
-def _newlines(model, image_size: tuple[int, int] | None) -> int:
-    """Of one image's visual tokens at ``image_size``, the row newlines LLaVA-NeXT and OneVision pack
-    in (no patch behind them: VisionZip's count leaves them out); 0 where the size is not known."""
-    return 0 if image_size is None else geometry(model_dims(model.config), image_size=image_size).newlines
+def _patchless(model, image_size: tuple[int, int] | None) -> int:
+    """Of one image's visual tokens at ``image_size``, those no patch stands behind (newlines, a CLS
+    token: VisionZip's count leaves them out); 0 where the size is not known."""
+    if image_size is None:
+        return 0
+    dims = model_dims(model.config)
+    return patchless_tokens(dims, geometry(dims, image_size=image_size))
 
 
 _META_7B = {}
@@ -362,7 +365,7 @@ def run(
             if fraction_of_kept:  # a trained or tuned point: its budget is what it kept
                 kept = len(list(selected.values())[-1])
                 text, option = str(Fraction(kept, visual)), {"keep": kept / visual}
-            schedule = vtoken.schedule_of(model, visual_tokens=visual, newlines=_newlines(model, image_size))
+            schedule = vtoken.schedule_of(model, visual_tokens=visual, patchless_tokens=_patchless(model, image_size))
             measure(name, text, site, schedule, option, label)
         finally:
             vtoken.unwrap(model)

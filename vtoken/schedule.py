@@ -98,16 +98,17 @@ class StageShapes:
     ``tokens`` candidates enter the stage and ``kept`` leave it; ``width`` is the feature width at
     the site (vision hidden size at the vision and projector sites' inputs, LLM hidden size in the
     LLM), ``head_dim`` the attention head size there; ``instruction_tokens`` the prompt's text tokens
-    after the image (None: not known, :data:`ASSUMED_INSTRUCTION_TOKENS`); ``newlines`` of the
-    ``tokens``, the ones no patch stands behind (LLaVA-NeXT's and OneVision's row newlines), which a
-    method ranking patches never scores (0 where none or not known)."""
+    after the image (None: not known, :data:`ASSUMED_INSTRUCTION_TOKENS`); ``patchless`` of the
+    ``tokens``, the ones no patch stands behind (LLaVA-NeXT's and OneVision's row newlines, the CLS
+    token a LLaVA under ``vision_feature_select_strategy="full"`` hands the LLM), which a method
+    ranking patches never scores (0 where none or not known)."""
 
     tokens: int
     kept: int
     width: int
     head_dim: int
     instruction_tokens: int | None = None
-    newlines: int = 0
+    patchless: int = 0
 
 
 def instruction_rows(shapes: StageShapes | None) -> int:

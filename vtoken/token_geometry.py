@@ -157,6 +157,13 @@ def geometry(
     return geo
 
 
+def patchless_tokens(dims: ModelDims, geo: Geometry) -> int:
+    """Of ``geo.visual_tokens``, those no patch stands behind: the row newlines (LLaVA-NeXT,
+    OneVision), and the CLS token of every crop that a LLaVA under
+    ``vision_feature_select_strategy="full"`` hands the LLM."""
+    return geo.newlines + (geo.crops * dims.vision.cls_tokens if dims.keep_cls else 0)
+
+
 def _side_patches(dims: ModelDims) -> int:
     return dims.vision.image_size // dims.vision.patch
 
