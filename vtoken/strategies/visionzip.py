@@ -104,8 +104,8 @@ def split_budget(budget: int, dominant_share: float) -> tuple[int, int]:
 
 def stage_split(shapes: StageShapes, dominant_share: float) -> tuple[int, int, int]:
     """``(dominant, contextual, remaining)`` patches of one image at a stage, as :meth:`reduce` splits
-    them: the budget is taken from the image's patches (its newlines and a CLS token are no candidates), and the
-    ``remaining`` patches are the ones that merge into the contextual targets."""
+    them: the budget is taken from the image's patches (its newlines and a CLS token are no
+    candidates), and the ``remaining`` patches are the ones that merge into the contextual targets."""
     patches = shapes.tokens - shapes.patchless
     dominant, contextual = split_budget(min(shapes.kept, patches), dominant_share)
     return dominant, contextual, max(patches - dominant - contextual, 0)
