@@ -213,6 +213,35 @@ def test_the_bare_model_wrapped_refuses_the_outer_models_labels_in_one_line(fami
                 torch.testing.assert_close(model(**x, labels=labels).loss, whole, rtol=1e-5, atol=1e-6)
 
 
+def test_the_bare_model_wrapped_with_a_count_of_every_token_takes_the_outer_models_labels():
+    """A count budget equal to every image's visual tokens drops nothing, so the outer model's labels
+    still line up: its loss is the plain model's, not a refusal (the LLaVA-1.5 batch, whose images
+    all have 16 tokens); one token fewer is refused."""
+    model = FAMILIES["llava"].make()
+    x = FAMILIES["llava"].inputs(model)
+    labels = _random_labels(x)
+    counts = [run for row in x["input_ids"] for run in _runs(row == model.config.image_token_id)]
+    assert set(counts) == {16}
+    with torch.no_grad():
+        plain = model(**x, labels=labels).loss
+        with vtoken.pruned(model.model, "random", keep_tokens=16):
+            torch.testing.assert_close(model(**x, labels=labels).loss, plain, rtol=1e-5, atol=1e-6)
+        with vtoken.pruned(model.model, "random", keep_tokens=15):
+            with pytest.raises(ValueError, match=r"^labels were passed to LlavaForConditionalGeneration\.forward"):
+                model(**x, labels=labels)
+
+
+def _runs(flags: torch.Tensor) -> list[int]:
+    """Lengths of the runs of True in a 1-D boolean tensor."""
+    runs, length = [], 0
+    for flag in [*flags.tolist(), False]:
+        if flag:
+            length += 1
+        elif length:
+            runs, length = runs + [length], 0
+    return runs
+
+
 @pytest.mark.parametrize("method", ["pool", "fastv", "aif"])
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_the_outer_model_generates_with_its_bare_model_wrapped_as_when_wrapped_whole(family, method):

@@ -11,17 +11,19 @@ renumbers, and only the outer model reads them:
 - ``logits_to_keep`` as a tensor of positions: the outer model slices the kept slots with them.
 
 Wrapping the whole model handles both (``pipeline._loss_on_kept_tokens``,
-``pipeline._logits_at_kept_positions``); with the bare model wrapped, a pruning prefill is refused
-in one line instead (:func:`misaligned_outer_argument`).
+``pipeline._logits_at_kept_positions``); with the bare model wrapped, a prefill that may drop tokens
+(:func:`may_drop_tokens`) is refused in one line instead (:func:`misaligned_outer_argument`).
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
+from vtoken.config import StageSpec
 from vtoken.frames import VTOKEN_FOLDER, first_frame_outside, package_folder
 
 #: Frames of these packages lie between a module's ``__call__`` and its caller (torch's call
@@ -29,6 +31,16 @@ from vtoken.frames import VTOKEN_FOLDER, first_frame_outside, package_folder
 _CALL_MACHINERY = (package_folder(torch.__file__), VTOKEN_FOLDER)
 #: How far up to look for the caller: a hook sits a handful of frames below it.
 _MAX_FRAMES = 16
+
+
+def may_drop_tokens(stages: Sequence[StageSpec], input_ids: torch.Tensor, placeholder: int) -> bool:
+    """Whether a stage may drop a visual token of this input: one whose budget is under a sample's
+    ``placeholder`` tokens, all of them taken as one image. Exact for a sample of one image; for
+    several (or a video whose frames text separates) a budget per image that keeps each of them
+    whole can still be under their sum, which only makes this say True where nothing drops: the
+    refusal it guards errs on the safe side."""
+    counts = (input_ids == placeholder).sum(dim=1)
+    return any(stage.budget(tokens) < tokens for stage in stages for tokens in counts.unique().tolist() if tokens)
 
 
 def misaligned_outer_argument(core: nn.Module) -> str | None:

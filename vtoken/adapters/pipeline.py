@@ -40,7 +40,7 @@ from torch import nn
 from .base import Adapter, FamilyDescription, ImageInfo, Modality, UndoStack, VisualLayout, eager, move_hooks_last
 from .generate_call import check_mask_shape, install_generate_wrapper
 from .hf_decoder import DecoderPruning, padding_from_4d_mask
-from .outer_call import misaligned_outer_argument
+from .outer_call import may_drop_tokens, misaligned_outer_argument
 from .vision_site import VisionSite, VisionSource
 from vtoken import compat, signals
 from vtoken.kernels import compact_index, gather_tokens
@@ -546,13 +546,13 @@ class VisionLanguageAdapter(VisionSite, Adapter):
             )
         mask = compat.full_attention_mask(kwargs.get("attention_mask"))
         check_mask_shape(mask, input_ids)
-        if self.model is self.core and any(stage.keep != 1.0 for stage in pruner.stages):
+        (modality,) = present
+        if self.model is self.core:
             # The bare model wrapped and a stage that drops tokens: the positions its caller's labels
             # name would no longer line up (a budget of every token keeps them in place).
             reason = misaligned_outer_argument(self.core)
-            if reason is not None:
+            if reason is not None and may_drop_tokens(pruner.stages, input_ids, modality.placeholder):
                 raise ValueError(reason)
-        (modality,) = present
         encoded = compat.encoded_output(kwargs, modality.name)
         if kwargs.get(modality.pixels) is not None:
             # Encode here (through the wrapped entry) so the forward sees the encoding it will use,
