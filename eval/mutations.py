@@ -461,8 +461,11 @@ MUTATIONS = (
              "queried = 0 if cost.queries_cached and not d.fused_qkv else cost.rows",
              "queried = cost.rows", ("tests/test_flops_scoring.py", "tests/test_flops.py")),
     Mutation("The bare model wrapped: the outer model's labels no longer refused", "vtoken/adapters/pipeline.py",
-             "            if reason is not None:\n                raise ValueError(reason)\n",
-             "            if False:\n                raise ValueError(reason)\n",
+             "            if reason is not None and may_drop_tokens(",
+             "            if False and may_drop_tokens(",
+             ("tests/test_still_the_model.py::-k bare_model",)),
+    Mutation("The bare model wrapped: a count budget of every token taken to drop one", "vtoken/adapters/outer_call.py",
+             "stage.budget(tokens) < tokens", "stage.budget(tokens) <= tokens",
              ("tests/test_still_the_model.py::-k bare_model",)),
 )
 
