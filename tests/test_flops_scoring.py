@@ -66,7 +66,7 @@ def test_aif_reruns_every_image_after_the_first():
     two images, the second image and all after it, where the count had the text after the last
     image alone (22.8% under the counter on this model; 30% on LLaVA-1.5-7B). The text between the
     images (here one newline after each) is the one part the schedule does not know: the count is
-    short by exactly those rows rerun."""
+    short by exactly those rows rerun, and its notes say so where there is more than one image."""
     model = tiny_llava("eager")
     for images in (1, 2, 3):
         inputs, text = llava_prompt(model, images)
@@ -74,6 +74,7 @@ def test_aif_reruns_every_image_after_the_first():
             report = vtoken.flops(model, text_tokens=text, images=images, instruction_tokens=5)
             unknown = rerun_between_images(model, images, text + report.visual_tokens)
             assert report.prefill + unknown == counted(model, inputs), images
+            assert any("text between the images" in note for note in report.notes) == (images > 1)
 
 
 def test_aif_next_token_probe_is_counted_exactly():

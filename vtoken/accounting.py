@@ -487,9 +487,13 @@ def per_sample(schedule: Schedule, images: int) -> Schedule:
         return cost
 
     scoring = tuple(scaled(cost) for cost in schedule.scoring)
+    notes = schedule.notes
+    if any(cost.later_images for cost in schedule.scoring):
+        notes += ("the rerun from the first image's end (AIF) takes in every later image and the instruction; the "
+                  "text between the images (a template's few tokens) is not known here and not counted",)
     evicted = schedule.cache_evicted
     return dataclasses.replace(
-        schedule, stages=stages, scoring=scoring, images=images,
+        schedule, stages=stages, scoring=scoring, images=images, notes=notes,
         visual_tokens=None if schedule.visual_tokens is None else schedule.visual_tokens * images,
         cache_evicted=None if evicted is None else (evicted[0], evicted[1] * images))
 
