@@ -238,8 +238,8 @@ def test_lmms_eval_counts_a_request_of_two_images_with_each_images_scoring():
 
 def test_a_vision_stage_in_qwen2_5_vl_windows_is_counted_near_and_says_so():
     """Qwen2.5-VL's window blocks after a vision stage attend within what each window kept, which the
-    schedule does not say: the count takes an even share per window, close to the counter (0.13% under
-    at most here) and says so in a note; a stage in front of the LLM leaves the windows whole (exact,
+    schedule does not say: the count takes an even share per window, close to the counter (within
+    0.5% here) and says so in a note; a stage in front of the LLM leaves the windows whole (exact,
     no note), as does Qwen2-VL, whose blocks attend over the whole image."""
     for version in ("2.5", "2"):
         qwen = tiny_qwen2_vl("eager", version=version)
