@@ -256,3 +256,23 @@ def test_a_vision_stage_in_qwen2_5_vl_windows_is_counted_near_and_says_so():
                 assert abs(report.prefill - real) <= 0.005 * real, (method, options)
             else:
                 assert report.prefill == real, (version, method, options)
+
+
+def test_a_budget_of_every_token_is_not_scored_nor_counted():
+    """ZOO-Prune scores no image whose budget keeps every token, and AIF masks none there, so reruns
+    nothing: the count has neither (it had ZOO-Prune's sensitivity and AIF's rerun: seen on random
+    Qwen-VL models whose images are a token or a few, ``eval/fuzz_flops.py``). AIF's probe rows still
+    run at every layer and are counted. A Qwen2-VL image of 7 x 7 merge units kept whole by
+    ``keep_tokens=49``, and LLaVA-1.5 at ``keep=1.0``."""
+    qwen = tiny_qwen2_vl("eager")
+    inputs, text = qwen_prompt(qwen, 56)
+    assert int((inputs["input_ids"] == qwen.config.image_token_id).sum()) == 49
+    model = tiny_llava("eager")
+    llava, llava_text = llava_prompt(model, 1)
+    for method in ("zoo_prune", "aif"):
+        with vtoken.pruned(qwen, method, keep_tokens=49):
+            assert vtoken.flops(qwen, text_tokens=text, image_size=(56, 56), instruction_tokens=5).prefill \
+                == counted(qwen, inputs), method
+        with vtoken.pruned(model, method, keep=1.0):
+            assert vtoken.flops(model, text_tokens=llava_text, instruction_tokens=5).prefill == counted(model, llava), \
+                method

@@ -241,8 +241,10 @@ class AIFStrategy(Strategy):
         # The probe's step attends to the prompt and to its own key, which its layers cache first.
         costs = [ScoringCost("llm_attention_rows", layer=layer, rows=rows, keys_cached=True,
                              queries_cached=not next_token, own_keys=int(next_token)) for layer in range(layers)]
-        # (From the first text token after the first image: with several images, the later ones too.)
-        costs.append(ScoringCost("llm_rerun_rows", layer=0, rows=instruction, later_images=True))
+        # (From the first text token after the first image: with several images, the later ones too.
+        # A budget that keeps every token masks none, and nothing is rerun.)
+        if shapes is None or shapes.kept < shapes.tokens:
+            costs.append(ScoringCost("llm_rerun_rows", layer=0, rows=instruction, later_images=True))
         if next_token:
             # The probe's step: the greedy token from the prompt's last logits (an LM head row of its
             # own: the model's logits come from the masked pass), then one decoding step.

@@ -421,7 +421,10 @@ class ZooPruneStrategy(Strategy):
 
     def scoring_cost(self, stage: StageSpec, shapes: StageShapes | None = None) -> list[ScoringCost]:
         # m directions: from a two-layer projector's structure, or 2m full passes (the FLOPs model
-        # knows which each family's projector gets; ScoringCost "projector_sensitivity").
+        # knows which each family's projector gets; ScoringCost "projector_sensitivity"). An image
+        # whose budget keeps every token is not scored (score() skips it).
+        if shapes is not None and shapes.kept >= shapes.tokens:
+            return []
         return [ScoringCost("projector_sensitivity", passes=self.config.directions, rows=self.config.projector_rank or 0)]
 
     def sensitivity(self, ctx: ScoreContext, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,200 @@
+"""``vtoken.flops`` of a wrapped model against torch's ``FlopCounterMode`` on the wrapped forward, over
+fresh random cases (``eval/random_models.py``: random families, widths, depths, GQA, LLM backbones,
+AnyRes grids, Qwen windows and DeepStack layers; methods and options drawn as ``eval/wrap_checks.py``
+draws them).
+
+    OMP_NUM_THREADS=1 python eval/fuzz_flops.py --minutes 10 --first-seed 100000 --log /tmp/fuzz_flops.jsonl
+
+Each case is one seed: the random model in eager attention (the matmuls FlopCounterMode counts are
+the ones the count models), one sample of its batch that holds exactly one image, and a method with
+drawn options. ``vtoken.flops(model, text_tokens=..., image_size=..., instruction_tokens=...)`` must
+equal the counter on that sample's forward (``logits_to_keep=1``, after one warm-up call), FLOP for
+FLOP, unless the report's ``notes`` say why it cannot (an AnyRes vision stage's upper bound,
+Qwen2.5-VL's windows after a vision stage): such a case is recorded with its gap, not failed. A case
+whose sample cannot be described by an image size (a Qwen video, a grid the processor's resize would
+change) is skipped, and so is a method the model refuses in one line. The random Qwen-VL models'
+patches are a few pixels wide, so their images are counted under resize bounds of their own (no
+minimum, as a processor configured for them would have), not the released processors' defaults. Rerun one case with
+``--first-seed S --cases 1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import json
+import random
+import sys
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+import vtoken  # noqa: E402
+from vtoken import compat, token_geometry  # noqa: E402
+from vtoken.model_dims import model_dims  # noqa: E402
+from random_models import ANYRES, QWEN, RandomCase  # noqa: E402
+from wrap_checks import draw_options, methods_for  # noqa: E402
+
+
+def counted(model, inputs: dict) -> int:
+    """FLOPs of one forward (the last position's logits), after a call that builds what a wrap caches."""
+    with torch.no_grad():
+        model(**inputs, logits_to_keep=1)
+        with FlopCounterMode(display=False) as counter:
+            model(**inputs, logits_to_keep=1)
+    return counter.get_total_flops()
+
+
+#: Resize bounds of the random Qwen-VL models' images (their patches are a few pixels wide).
+OWN_MAX_PIXELS = 10**9
+
+
+@contextlib.contextmanager
+def own_resize_bounds(factor: int):
+    """``vtoken.flops``'s Qwen resize bounds (the released processors' defaults) set to a processor's
+    for a model of ``factor``-pixel merge units: no minimum beyond one unit, no practical maximum."""
+    names = ("QWEN_MIN_PIXELS", "QWEN_MAX_PIXELS", "QWEN3_MIN_PIXELS", "QWEN3_MAX_PIXELS")
+    saved = {name: getattr(token_geometry, name) for name in names}
+    for name in names:
+        setattr(token_geometry, name, factor * factor if "MIN" in name else OWN_MAX_PIXELS)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(token_geometry, name, value)
+
+
+def image_size_of(case: RandomCase, index: int) -> tuple[int, int] | None | str:
+    """The image size ``vtoken.flops`` needs for sample ``index``'s image, None where the family has
+    one fixed size, or a reason to skip the case."""
+    image = case.samples[index].images[0]
+    if case.family in ANYRES:
+        return tuple(int(v) for v in image.size)
+    if case.family not in QWEN:
+        return None
+    if image.video:
+        return "a video"
+    dims = model_dims(case.model.config)
+    _, rows, cols = (int(v) for v in image.grid)
+    size = (rows * dims.vision.patch, cols * dims.vision.patch)
+    factor = dims.vision.patch * dims.vision.merge
+    if compat.qwen2_vl_smart_resize(*size, factor=factor, min_pixels=factor * factor, max_pixels=OWN_MAX_PIXELS) != size:
+        return f"a {rows}x{cols} grid a processor's resize would change"
+    return size
+
+
+def check_flops_seed(seed: int) -> dict:
+    """One case: ``{"seed", "case", "method", "options", "outcome", ...}``; ``outcome`` is ``"exact"``,
+    ``"noted"`` (the report's notes explain a gap: ``gap`` holds it), ``"skipped: ..."``,
+    ``"refused: ..."``, ``"UNPRUNED: ..."`` (the count of the unwrapped model already differs: a
+    finding about that model's count, not the method's) or ``"FAIL: ..."``."""
+    case = RandomCase.draw(seed, attn="eager")
+    # Mixture-of-experts LLMs run one F.linear per expert, the product the count models (transformers'
+    # default grouped form is counted otherwise by the counter).
+    case.model.config.text_config._experts_implementation = "eager"
+    rng = random.Random(seed * 7 + 1)
+    out = {"seed": seed, "case": case.describe()}
+    singles = [i for i, s in enumerate(case.samples) if len(s.images) == 1]
+    if not singles:
+        return dict(out, outcome="skipped: no sample with exactly one image")
+    index = rng.choice(singles)
+    size = image_size_of(case, index)
+    if isinstance(size, str):
+        return dict(out, outcome=f"skipped: {size}")
+    method = rng.choice(methods_for(case.family))
+    options = draw_options(method, case, rng)
+    out.update(method=method, options=options)
+    x = case.inputs_of(index)
+    ids = x["input_ids"][0]
+    token = case.model.config.image_token_id
+    visual = int((ids == token).sum())
+    after = len(ids) - 1 - int((ids == token).nonzero()[-1])
+    model = case.model
+    dims = model_dims(model.config)
+    def bounds():  # (a fresh context each time: a generator's context runs once)
+        return own_resize_bounds(dims.vision.patch * dims.vision.merge) if case.family in QWEN else contextlib.nullcontext()
+
+    counts = dict(text_tokens=len(ids) - visual, image_size=size)
+    # The unwrapped model first: a case whose plain forward the count misses is about the count of
+    # that model, not of the method (its outcome says so apart).
+    try:
+        plain = counted(model, x)
+    except Exception as error:  # noqa: BLE001
+        return dict(out, outcome=f"skipped: the counter fails on the plain model ({type(error).__name__}: {error})"[:300])
+    try:
+        with bounds():
+            unpruned = vtoken.flops(model.config, **counts).prefill
+    except (ValueError, NotImplementedError) as error:
+        return dict(out, outcome=f"refused: {str(error).splitlines()[0][:200]}")
+    if unpruned != plain:
+        return dict(out, outcome=f"UNPRUNED: counted {unpruned}, FlopCounterMode {plain} "
+                                 f"({(unpruned - plain) / plain:+.4%})", gap=(unpruned - plain) / plain)
+    try:
+        vtoken.wrap(model, method, **options)
+    except (ValueError, TypeError, NotImplementedError) as error:
+        return dict(out, outcome=f"refused: {str(error).splitlines()[0][:200]}")
+    try:
+        try:
+            real = counted(model, x)
+        except (ValueError, NotImplementedError) as error:  # a one-line refusal of this input
+            return dict(out, outcome=f"refused: {str(error).splitlines()[0][:200]}")
+        with bounds():
+            report = vtoken.flops(model, instruction_tokens=after, **counts)
+    except Exception as error:  # noqa: BLE001  (anything else is what the campaign looks for)
+        return dict(out, outcome=f"FAIL: {type(error).__name__}: {error}")
+    finally:
+        vtoken.unwrap(model)
+    gap = (report.prefill - real) / real
+    if report.prefill == real:
+        return dict(out, outcome="exact")
+    if report.notes:
+        return dict(out, outcome="noted", gap=gap, notes=list(report.notes))
+    return dict(out, outcome=f"FAIL: counted {report.prefill}, FlopCounterMode {real} ({gap:+.4%})", gap=gap)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--minutes", type=float, default=10.0, help="stop starting cases after this long")
+    parser.add_argument("--cases", type=int, default=None, help="stop after this many cases")
+    parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--log", type=Path, default=Path("fuzz_flops.jsonl"), help="one JSON line per case")
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    torch.set_num_threads(1)
+    stop = time.time() + 60 * args.minutes
+    outcomes: collections.Counter = collections.Counter()
+    seed = args.first_seed
+    with args.log.open("a") as log:
+        while time.time() < stop and (args.cases is None or seed < args.first_seed + args.cases):
+            start = time.time()
+            result = check_flops_seed(seed)
+            result["seconds"] = round(time.time() - start, 2)
+            log.write(json.dumps(result, default=str) + "\n")
+            log.flush()
+            kind = result["outcome"].split(":")[0]
+            outcomes[kind] += 1
+            if kind in ("FAIL", "UNPRUNED"):
+                print(f"seed {seed}: {result.get('method')} {result.get('options')}: {result['outcome']}\n  {result['case']}",
+                      flush=True)
+            seed += 1
+    cases = seed - args.first_seed
+    noted = [json.loads(line) for line in args.log.open() if '"noted"' in line]
+    print(f"{cases} cases (seeds {args.first_seed}..{seed - 1}); outcomes: {dict(outcomes)}; log: {args.log}")
+    if noted:
+        gaps = [case["gap"] for case in noted if args.first_seed <= case["seed"] < seed]
+        if gaps:
+            print(f"noted gaps: {min(gaps):+.4%} to {max(gaps):+.4%}")
+    return 1 if outcomes["FAIL"] or outcomes["UNPRUNED"] else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
