@@ -143,11 +143,21 @@ def test_qwen_layout_picks_its_sparse_layers():
     assert decoder.experts.shared_intermediate == config.shared_expert_intermediate_size
 
 
-@pytest.mark.parametrize("model_type", ["deepseek_v3", "gpt_oss", "jamba", "dbrx"])
+@pytest.mark.parametrize("model_type", ["deepseek_v3", "gpt_oss", "dbrx"])
 def test_other_moe_layouts_are_refused_not_counted_as_dense(model_type):
     config = load_config(dict(model_type="llava", text_config=AutoConfig.for_model(model_type).to_dict(),
                               vision_config=dict(model_type="clip_vision_model")))
     with pytest.raises(NotImplementedError, match=f"mixture-of-experts LLM of model_type '{model_type}'"):
+        flops(config)
+
+
+@pytest.mark.parametrize("model_type", ["falcon_h1", "jamba", "bamba", "zamba2", "nemotron_h", "granitemoehybrid"])
+def test_llms_with_state_space_layers_are_refused_not_counted_as_dense(model_type):
+    """Mamba mixers are neither attention nor an MLP: FalconH1 counted as a dense LLM came out 20%
+    under FlopCounterMode on a random LLaVA (``eval/fuzz_flops.py``, transformers 5.23)."""
+    config = load_config(dict(model_type="llava", text_config=AutoConfig.for_model(model_type).to_dict(),
+                              vision_config=dict(model_type="clip_vision_model")))
+    with pytest.raises(NotImplementedError, match=f"state-space \\(Mamba\\) layers, model_type '{model_type}'"):
         flops(config)
 
 

@@ -804,11 +804,17 @@ def _window_notes(dims: ModelDims, schedule: Schedule, geo: Geometry) -> tuple[s
     patches cluster, fewer when they spread more evenly than the windows' sizes)."""
     v = dims.vision
     windowed = [layer for layer in range(v.layers) if layer not in v.full_attention_layers] if v.window else []
-    if not any(_patches_at(schedule, geo, layer) < geo.patches for layer in windowed):
-        return ()
-    return ("a vision-site stage before window-attention blocks (Qwen2.5-VL): their attention scores are counted "
-            "as if every window kept the same share of its patches (sum of window sizes squared, times the kept "
-            "share squared); the real count depends on which patches each window keeps",)
+    notes = []
+    if any(_patches_at(schedule, geo, layer) < geo.patches for layer in windowed):
+        notes.append("a vision-site stage before window-attention blocks (Qwen2.5-VL): their attention scores are "
+                     "counted as if every window kept the same share of its patches (sum of window sizes squared, "
+                     "times the kept share squared); the real count depends on which patches each window keeps")
+    if len(set(geo.windows)) > 1 and any(cost.kind == "vision_attention_map" and cost.rows and cost.layer in windowed
+                                         for cost in schedule.scoring):
+        # (vision_map_flops takes a context row's keys as the mean window: exact for equal windows)
+        notes.append("context rows read at a window-attention block (VFlowOpt on Qwen2.5-VL) are counted over the "
+                     "mean window's keys; each row's own window is larger or smaller where the windows differ")
+    return tuple(notes)
 
 
 def _anyres_notes(schedule: Schedule, geo: Geometry) -> tuple[str, ...]:

@@ -251,6 +251,8 @@ TWO_MATRIX_MLP_MODEL_TYPES = ("phi", "starcoder2", "nemotron", "arcee", "apertus
 MIXTRAL_LAYOUT_MOE = ("mixtral", "olmoe", "phimoe", "granitemoe")
 QWEN_LAYOUT_MOE = ("qwen2_moe", "qwen3_moe", "qwen3_vl_moe_text")
 #: The config fields that mark an LLM as a mixture of experts (DBRX keeps its experts in ``ffn_config``).
+#: The config fields of an LLM with state-space (Mamba) layers (FalconH1, Jamba, Bamba, Zamba, NemotronH).
+_STATE_SPACE_FIELDS = ("mamba_d_state", "mamba_d_ssm", "mamba_n_heads", "ssm_state_size", "mamba_expand")
 _EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size",
                         "num_experts_per_tok", "ffn_config")
 
@@ -261,6 +263,12 @@ def _experts_dims(text) -> tuple[ExpertsDims | None, frozenset[int]]:
     An MoE LLM of another layout (DeepSeek's shared experts and dense first layers, GPT-OSS, Jamba,
     ...) is refused: counting it as dense would be silently wrong."""
     model_type = getattr(text, "model_type", None)
+    if any(hasattr(text, field) for field in _STATE_SPACE_FIELDS):
+        # FalconH1, Jamba, Bamba, Zamba, NemotronH, ...: their Mamba mixers are not attention and MLP
+        # (seen 20% under FlopCounterMode on FalconH1 counted as a dense LLM, eval/fuzz_flops.py).
+        raise NotImplementedError(
+            f"FLOPs model for an LLM with state-space (Mamba) layers, model_type {model_type!r}, is not "
+            "implemented: only attention-and-MLP LLMs are counted")
     layers = range(text.num_hidden_layers)
     if model_type in MIXTRAL_LAYOUT_MOE:
         experts = ExpertsDims(experts=text.num_local_experts, top_k=text.num_experts_per_tok,
