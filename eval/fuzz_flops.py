@@ -27,7 +27,6 @@ import json
 import random
 import sys
 import time
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -38,6 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 import vtoken  # noqa: E402
 from vtoken import compat, token_geometry  # noqa: E402
 from vtoken.model_dims import model_dims  # noqa: E402
+from campaign import add_campaign_arguments, campaign_seeds, quiet_one_thread  # noqa: E402
 from random_models import ANYRES, QWEN, RandomCase  # noqa: E402
 from wrap_checks import draw_options, methods_for  # noqa: E402
 
@@ -160,21 +160,13 @@ def check_flops_seed(seed: int) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--minutes", type=float, default=10.0, help="stop starting cases after this long")
-    parser.add_argument("--cases", type=int, default=None, help="stop after this many cases")
-    parser.add_argument("--first-seed", type=int, default=0)
-    parser.add_argument("--log", type=Path, default=Path("fuzz_flops.jsonl"), help="one JSON line per case")
+    add_campaign_arguments(parser, log="fuzz_flops.jsonl")
     args = parser.parse_args(argv)
-    warnings.filterwarnings("ignore")
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    torch.set_num_threads(1)
-    stop = time.time() + 60 * args.minutes
+    quiet_one_thread()
     outcomes: collections.Counter = collections.Counter()
-    seed = args.first_seed
+    seed = args.first_seed - 1  # (the last seed run)
     with args.log.open("a") as log:
-        while time.time() < stop and (args.cases is None or seed < args.first_seed + args.cases):
+        for seed in campaign_seeds(args):
             start = time.time()
             result = check_flops_seed(seed)
             result["seconds"] = round(time.time() - start, 2)
@@ -185,12 +177,11 @@ def main(argv=None) -> int:
             if kind in ("FAIL", "UNPRUNED"):
                 print(f"seed {seed}: {result.get('method')} {result.get('options')}: {result['outcome']}\n  {result['case']}",
                       flush=True)
-            seed += 1
-    cases = seed - args.first_seed
+    cases = seed + 1 - args.first_seed
     noted = [json.loads(line) for line in args.log.open() if '"noted"' in line]
-    print(f"{cases} cases (seeds {args.first_seed}..{seed - 1}); outcomes: {dict(outcomes)}; log: {args.log}")
+    print(f"{cases} cases (seeds {args.first_seed}..{seed}); outcomes: {dict(outcomes)}; log: {args.log}")
     if noted:
-        gaps = [case["gap"] for case in noted if args.first_seed <= case["seed"] < seed]
+        gaps = [case["gap"] for case in noted if args.first_seed <= case["seed"] <= seed]
         if gaps:
             print(f"noted gaps: {min(gaps):+.4%} to {max(gaps):+.4%}")
     return 1 if outcomes["FAIL"] or outcomes["UNPRUNED"] else 0

@@ -16,13 +16,11 @@ import collections
 import json
 import sys
 import time
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-
+from campaign import add_campaign_arguments, campaign_seeds, quiet_one_thread  # noqa: E402
 from random_models import FAMILIES, RandomCase  # noqa: E402
 from random_vits import check_vit_seed  # noqa: E402
 from wrap_checks import check_seed  # noqa: E402
@@ -30,29 +28,21 @@ from wrap_checks import check_seed  # noqa: E402
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--minutes", type=float, default=10.0, help="stop starting cases after this long")
-    parser.add_argument("--cases", type=int, default=None, help="stop after this many cases")
-    parser.add_argument("--first-seed", type=int, default=0)
+    add_campaign_arguments(parser, log="fuzz_models.jsonl")
     parser.add_argument("--family", choices=FAMILIES, help="only this family")
     parser.add_argument("--method", help="only this method")
-    parser.add_argument("--log", type=Path, default=Path("fuzz_models.jsonl"), help="one JSON line per case")
     parser.add_argument("--text-model", action="append", default=None, metavar="CONFIG",
                         help="only cases whose LLM config is of this class (e.g. Phi3Config, Gemma2Config; repeatable); "
                              "the other seeds are skipped")
     parser.add_argument("--vits", action="store_true",
                         help="vision-only models (eval/random_vits.py) instead of vision-language ones")
     args = parser.parse_args(argv)
-    warnings.filterwarnings("ignore")
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    torch.set_num_threads(1)
-    stop = time.time() + 60 * args.minutes
+    quiet_one_thread()
     outcomes: collections.Counter = collections.Counter()
     failed = skipped = 0
-    seed = args.first_seed
+    seed = args.first_seed - 1  # (the last seed run)
     with args.log.open("a") as log:
-        while time.time() < stop and (args.cases is None or seed < args.first_seed + args.cases):
+        for seed in campaign_seeds(args):
             start = time.time()
             if args.vits:
                 failures = check_vit_seed(seed, method=args.method)
@@ -62,18 +52,15 @@ def main(argv=None) -> int:
                 if failures:
                     failed += 1
                     print("\n".join(failures), flush=True)
-                seed += 1
                 continue
             if args.text_model and RandomCase.draw(seed, args.family).drawn.get("text_model") not in args.text_model:
                 skipped += 1
-                seed += 1
                 continue
             try:
                 report = check_seed(seed, args.family, args.method)
             except Exception as error:  # noqa: BLE001 - a case the random draw cannot build is reported, not fatal
                 print(f"seed {seed}: the case itself failed to build: {type(error).__name__}: {error}", flush=True)
                 log.write(json.dumps({"seed": seed, "error": f"{type(error).__name__}: {error}"}) + "\n")
-                seed += 1
                 continue
             for result in report.results.values():
                 outcomes[result.split(":")[0]] += 1
@@ -84,8 +71,7 @@ def main(argv=None) -> int:
             if report.failures:
                 failed += 1
                 print(report.summary(), flush=True)
-            seed += 1
-    print(f"{seed - args.first_seed - skipped} cases (seeds {args.first_seed}..{seed - 1}"
+    print(f"{seed + 1 - args.first_seed - skipped} cases (seeds {args.first_seed}..{seed}"
           f"{f', {skipped} skipped for --text-model' if skipped else ''}), {failed} with a failure; "
           f"checks: {dict(outcomes)}; log: {args.log}")
     return 1 if failed else 0
