@@ -14,8 +14,8 @@ Qwen2.5-VL's windows after a vision stage): such a case is recorded with its gap
 whose sample cannot be described by an image size (a Qwen video, a grid the processor's resize would
 change) is skipped, and so is a method the model refuses in one line. The random Qwen-VL models'
 patches are a few pixels wide, so their images are counted under resize bounds of their own (no
-minimum, as a processor configured for them would have), not the released processors' defaults. Rerun one case with
-``--first-seed S --cases 1``.
+minimum, as a processor configured for them would have), not the released processors' defaults.
+Rerun one case with ``--first-seed S --cases 1``.
 """
 
 from __future__ import annotations
@@ -70,9 +70,9 @@ def own_resize_bounds(factor: int):
             setattr(token_geometry, name, value)
 
 
-def image_size_of(case: RandomCase, index: int) -> tuple[int, int] | None | str:
-    """The image size ``vtoken.flops`` needs for sample ``index``'s image, None where the family has
-    one fixed size, or a reason to skip the case."""
+def image_size_of(case: RandomCase, index: int, dims) -> tuple[int, int] | None | str:
+    """The image size ``vtoken.flops`` needs for sample ``index``'s image (``dims``: the model's
+    ``model_dims``), None where the family has one fixed size, or a reason to skip the case."""
     image = case.samples[index].images[0]
     if case.family in ANYRES:
         return tuple(int(v) for v in image.size)
@@ -80,7 +80,6 @@ def image_size_of(case: RandomCase, index: int) -> tuple[int, int] | None | str:
         return None
     if image.video:
         return "a video"
-    dims = model_dims(case.model.config)
     _, rows, cols = (int(v) for v in image.grid)
     size = (rows * dims.vision.patch, cols * dims.vision.patch)
     factor = dims.vision.patch * dims.vision.merge
@@ -104,7 +103,9 @@ def check_flops_seed(seed: int) -> dict:
     if not singles:
         return dict(out, outcome="skipped: no sample with exactly one image")
     index = rng.choice(singles)
-    size = image_size_of(case, index)
+    model = case.model
+    dims = model_dims(model.config)
+    size = image_size_of(case, index, dims)
     if isinstance(size, str):
         return dict(out, outcome=f"skipped: {size}")
     method = rng.choice(methods_for(case.family))
@@ -115,8 +116,7 @@ def check_flops_seed(seed: int) -> dict:
     token = case.model.config.image_token_id
     visual = int((ids == token).sum())
     after = len(ids) - 1 - int((ids == token).nonzero()[-1])
-    model = case.model
-    dims = model_dims(model.config)
+
     def bounds():  # (a fresh context each time: a generator's context runs once)
         return own_resize_bounds(dims.vision.patch * dims.vision.merge) if case.family in QWEN else contextlib.nullcontext()
 
