@@ -104,7 +104,10 @@ def check_flops_seed(seed: int) -> dict:
         return dict(out, outcome="skipped: no sample with exactly one image")
     index = rng.choice(singles)
     model = case.model
-    dims = model_dims(model.config)
+    try:
+        dims = model_dims(model.config)
+    except (ValueError, NotImplementedError) as error:  # (an LLM the count refuses: state-space layers)
+        return dict(out, outcome=f"refused: {str(error).splitlines()[0][:200]}")
     size = image_size_of(case, index, dims)
     if isinstance(size, str):
         return dict(out, outcome=f"skipped: {size}")

@@ -144,6 +144,46 @@ def test_zoo_prune_on_a_onevision_video_scores_the_pooled_tokens():
         assert vtoken.flops(model, text_tokens=8, frames=frames).prefill == expected
 
 
+def test_zoo_prune_on_a_onevision_image_whose_crop_grid_unpads_to_nothing():
+    """A 4 x 64 image on LLaVA-OneVision: its 1 x 2 crop grid unpads to no row, so the LLM sees the
+    base view alone, with no newline. ZOO-Prune scores those 16 tokens, not the 48 patches of all
+    three crops (the count was +97% over the counter here: it read "no newline" as "not packed").
+    A 64 x 4 image (no column: a row of newlines) and an ordinary 40 x 64 one are counted exactly too."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    from tiny import padded_crops
+
+    model = tiny_llava_onevision("eager")
+    for size in ((4, 64), (64, 4), (40, 64)):
+        tokens = vtoken.flops(model.config, text_tokens=8, image_size=size).visual_tokens
+        crops = image_size_to_num_patches(size, model.config.image_grid_pinpoints, model.config.vision_config.image_size)
+        ids = torch.tensor([[1, 3, 4] + [IMAGE_TOKEN] * tokens + [10, 11, 12, 13, 14]])
+        inputs = {"input_ids": ids, "pixel_values": padded_crops([crops], torch.Generator().manual_seed(2)),
+                  "image_sizes": torch.tensor([list(size)])}
+        if size == (4, 64):
+            assert (tokens, crops) == (16, 3)  # the base view alone reaches the LLM
+        with vtoken.pruned(model, "zoo_prune", keep=0.25, directions=64):
+            assert vtoken.flops(model, text_tokens=8, image_size=size).prefill == counted(model, inputs), size
+
+
+def test_repshift_merge_rounds_are_counted_as_they_run():
+    """Representation Shift's merge mode runs rounds of bipartite matching, each merging at most half
+    the candidates (the protected CLS aside). The count merged half the whole sequence, CLS included,
+    and so ran one round too few where a round starts from an odd count: short by 1664 FLOPs on
+    LLaVA (16 patches + CLS down to 3) and by 1152 / 2304 on Qwen2-VL's 49 merge units at the
+    vision site / in the LLM (0.17% on the random models of ``eval/fuzz_flops.py``)."""
+    model = tiny_llava("eager")
+    inputs, text = llava_prompt(model, 1)
+    for options in (dict(keep_tokens=3), dict(keep_tokens=5), dict(stages=[dict(site="llm", layer=1, keep=0.3)])):
+        with vtoken.pruned(model, "repshift", mode="merge", **options):
+            assert vtoken.flops(model, text_tokens=text).prefill == counted(model, inputs), options
+    qwen = tiny_qwen2_vl("eager")
+    inputs, text = qwen_prompt(qwen, 56)
+    for options in (dict(keep=0.2), dict(stages=[dict(site="llm", layer=1, keep=0.2)])):
+        with vtoken.pruned(qwen, "repshift", mode="merge", **options):
+            assert vtoken.flops(qwen, text_tokens=text, image_size=(56, 56)).prefill == counted(qwen, inputs), options
+
+
 def test_kv_cache_bytes_of_a_sample_of_several_images_is_the_real_cache():
     """kv_cache_bytes takes images= as flops does (a sample of several images could only be read off
     flops(...).kv_cache_bytes); both equal the DynamicCache a wrapped prefill leaves."""

@@ -319,6 +319,11 @@ def test_order_and_sizes_carry_from_one_stage_to_the_next():
 def test_merge_cost_is_reported():
     assert bipartite_matching_flops(576, 461, 1024) == 2 * 288 * 288 * 1024
     assert bipartite_matching_flops(16, 3, 1) == 2 * (8 * 8 + 4 * 4 + 2 * 2)  # 16 -> 8 -> 4 -> 3
+    # At most half the candidates merge per round, a protected CLS aside: 1 + 16 -> 1 + 8 -> 1 + 4 -> 1 + 3
+    assert bipartite_matching_flops(17, 4, 1, prefix=1) == 2 * (9 * 8 + 5 * 4 + 3 * 2)
+    assert bipartite_matching_flops(9, 3, 1) == 2 * (5 * 4 + 3 * 2)  # 9 -> 5 -> 3 (odd: 4 merge, not 5)
+    with pytest.raises(ValueError, match="cannot merge"):
+        bipartite_matching_flops(2, 0, 1, prefix=1)
     assert RepShiftStrategy(RepShiftConfig(layer=1)).scoring_cost(StageSpec("vision", 1, 0.8)) == []
     merge = RepShiftStrategy(RepShiftConfig(layer=1, mode="merge"))
     assert merge.scoring_cost(StageSpec("vision", 1, 0.8)) == [ScoringCost("vision_token_matching", layer=1)]

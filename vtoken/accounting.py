@@ -590,8 +590,11 @@ def _sensitivity_tokens(dims: ModelDims, schedule: Schedule, geo: Geometry) -> i
     """The tokens ZOO-Prune's sensitivity is taken of: the candidates of its projector stage, each
     from its projector input. A family that packs its crops (LLaVA-NeXT, OneVision) scores the packed
     tokens, newlines out: what unpadding, OneVision's resize and a video's 2x2 pooling leave, not
-    every crop's patches (a 32-frame OneVision video: 6272 of 23328). Otherwise every projector input."""
-    if geo.newlines and not _vision_stages(schedule):
+    every crop's patches (a 32-frame OneVision video: 6272 of 23328), also where an extreme aspect
+    ratio leaves no row of the crop grid and so no newline (only the base view reaches the LLM).
+    Otherwise every projector input."""
+    packs_crops = geo.anyres is not None or geo.newlines > 0
+    if packs_crops and not _vision_stages(schedule):
         return geo.visual_tokens - geo.newlines
     return _projector_tokens(dims, schedule, geo)
 
@@ -731,11 +734,12 @@ def _scoring_cost_flops(cost: ScoringCost, dims: ModelDims, schedule: Schedule, 
             tokens, v = _patches_at(schedule, geo, cost.layer), dims.vision
             if stage.inside:  # ToMe: whole sequence (CLS protected), keys averaged over heads
                 cls, width = v.cls_tokens, v.hidden // v.heads if v.heads else v.hidden
-                return geo.crops * bipartite_matching_flops(tokens + cls, stage.keep_tokens + cls, width)
+                return geo.crops * bipartite_matching_flops(tokens + cls, stage.keep_tokens + cls, width, cls)
             # Representation Shift's merge: the block output's whole sequence, CLS first in A (ToMe's split);
             # a packed tower (Qwen-VL) matches its merge units (each the mean of its patches), not patches.
             cls, unit = v.cls_tokens, v.merge * v.merge
-            return geo.crops * bipartite_matching_flops(tokens // unit + cls, stage.keep_tokens // unit + cls, v.hidden)
+            return geo.crops * bipartite_matching_flops(tokens // unit + cls, stage.keep_tokens // unit + cls, v.hidden,
+                                                        cls)
         tokens = layer_visual[cost.layer - 1] if cost.layer > 0 else _pre_llm_visual(dims, schedule, geo)
         return bipartite_matching_flops(tokens, stage.keep_tokens, dims.decoder.hidden)
     if cost.kind == "llm_rerun_rows":
@@ -843,15 +847,21 @@ def vision_map_flops(patches: int, prefix: int, width: int, attn_width: int, hea
     return 4 * n * width * attn_width + 2 * pairs * attn_width + 2 * heads * pairs + 2 * rows * row_keys * attn_width
 
 
-def bipartite_matching_flops(tokens: int, target: int, dim: int) -> int:
+def bipartite_matching_flops(tokens: int, target: int, dim: int, prefix: int = 0) -> int:
     """FLOPs of ToMe bipartite soft matching repeated from ``tokens`` down to ``target`` tokens of
-    width ``dim``: a round on m tokens compares its ceil(m/2) A tokens with its floor(m/2) B tokens
-    (2·a·b·dim) and merges min(m - target, a) of them."""
+    width ``dim``, both counting the ``prefix`` protected tokens (CLS, registers) that lead the
+    sequence: a round on m tokens compares its ceil(m/2) A tokens with its floor(m/2) B tokens
+    (2·a·b·dim) and merges min(m - target, (m - prefix) // 2) of them, at most half the candidates
+    (ToMe's ``r = min(r, (t - protected) // 2)``; Representation Shift's rounds,
+    :func:`vtoken.strategies.repshift.bipartite_merge`)."""
     total, count = 0, tokens
     while count > target:
+        merge = min(count - target, (count - prefix) // 2)
+        if merge <= 0:
+            raise ValueError(f"bipartite matching cannot merge {tokens} tokens ({prefix} protected) down to {target}")
         a, b = (count + 1) // 2, count // 2
         total += 2 * a * b * dim
-        count -= min(count - target, a)
+        count -= merge
     return total
 
 

@@ -366,9 +366,9 @@ def scoring_cost_flops(cost: ScoringCost, e: EncoderDims, stages: Sequence[Stage
             raise ValueError(f"{cost}: the schedule has no vision stage at layer {cost.layer} to match tokens for")
         stage = next((s for s in at if s.inside), at[0])  # a block's inside stage comes before its output
         if stage.inside:  # ToMe: the whole sequence, prefix protected, keys averaged over heads
-            return bipartite_matching_flops(attn_tokens, stage.keep_tokens + e.prefix, e.head_size)
+            return bipartite_matching_flops(attn_tokens, stage.keep_tokens + e.prefix, e.head_size, e.prefix)
         # Representation Shift's merge: the block output's whole sequence, the prefix first in A (ToMe's split)
-        return bipartite_matching_flops(mlp_tokens, stage.keep_tokens + e.prefix, e.hidden)
+        return bipartite_matching_flops(mlp_tokens, stage.keep_tokens + e.prefix, e.hidden, e.prefix)
     n, d, a = attn_tokens, e.hidden, e.attn_width
     if cost.kind == "vision_attention_rows":
         return 2 * cost.rows * d * a + 2 * n * d * a + 2 * cost.rows * n * a
