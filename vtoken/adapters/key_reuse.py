@@ -10,9 +10,10 @@ instead of recomputing them (each module runs on zero rows and returns the gathe
 takes the layer's own share out of the scoring's cost.
 
 Only plain hooks are used, and each checks by identity that it sees the tensors it expects: the
-layer's input is the stage's output, the key projection's input is the layer's input norm of it. A
-layer whose forward does anything else (another norm order, a fused projection) is simply not
-helped, never changed. The norm works per token, so its kept rows are the same numbers; the kept
+layer's input is the stage's output, the key projection's input is the layer's input norm of it (a
+post-norm layer's, OLMo2's or Exaone4's, has no input norm: its key projection reads the stage's
+output itself, and only the projection is hooked). A layer whose forward does anything else
+(another norm order, a fused projection) is simply not helped, never changed. The norm works per token, so its kept rows are the same numbers; the kept
 keys differ from a fresh projection of the kept rows only by the matmul's rounding (the rows are the
 same; a different row count can block the sum differently).
 """
@@ -57,12 +58,14 @@ class KeyReuse:
         self.hooked: set[int] = set()
 
     def _hook(self, index: int) -> None:
-        """Hooks on layer ``index``'s input norm and key projection, added the first time scoring
-        projects its keys (a strategy that never reads a layer's current attention adds none), and
-        removed with the rest of the wrap."""
-        projection, norm = self._projection(index), self._norm(index)
-        self._undo.pre_hook(norm, partial(self._before_norm, index))
-        self._undo.post_hook(norm, partial(self._normed, index))
+        """Hooks on layer ``index``'s input norm (a pre-norm layer's) and key projection, added the
+        first time scoring projects its keys (a strategy that never reads a layer's current attention
+        adds none), and removed with the rest of the wrap."""
+        projection = self._projection(index)
+        if self._has_input_norm(index):
+            norm = self._norm(index)
+            self._undo.pre_hook(norm, partial(self._before_norm, index))
+            self._undo.post_hook(norm, partial(self._normed, index))
         self._undo.pre_hook(projection, partial(self._before_projection, index))
         self._undo.post_hook(projection, partial(self._after_projection, index))
         self.hooked.add(index)
@@ -87,8 +90,13 @@ class KeyReuse:
         """Whether layer ``index`` has a key projection of its own to hand the keys to (not one fused
         with the queries and values, which the layer must run for those anyway)."""
         layer = self.layers[index]
-        # (A post-norm layer, OLMo2's, has no input norm of its own to take the normed rows in.)
-        return compat.has_input_norm(layer) and compat.has_separate_query_key(compat.layer_attention(layer))
+        # A post-norm layer (OLMo2's, Exaone4's) projects its keys from its input itself: the key
+        # projection alone takes the rows (decoder_input_norm refuses any other layer at wrap).
+        return (compat.has_input_norm(layer) or compat.is_post_norm_layer(layer)) and compat.has_separate_query_key(
+            compat.layer_attention(layer))
+
+    def _has_input_norm(self, index: int) -> bool:
+        return compat.has_input_norm(self.layers[index])
 
     def after_stage(self, run: PruneRun, index: int, before: torch.Tensor, after: torch.Tensor,
                     selected_from: torch.Tensor | None) -> None:
@@ -103,6 +111,11 @@ class KeyReuse:
             zero_normed = self._norm(index)(torch.zeros_like(after[:1, :1]))
             normed = torch.where(pads[..., None], zero_normed, normed)
             keys = torch.where(pads[..., None], self._projection(index)(zero_normed), keys)
+        if not self._has_input_norm(index):
+            # A post-norm layer's key projection reads the layer's input itself: no norm takes rows,
+            # and the projection's input to recognise is the stage's output.
+            run.reused_keys[index] = PendingKeys(after, after, keys, armed=True, norm_taken=True)
+            return
         run.reused_keys[index] = PendingKeys(after, normed, keys, armed=True)
 
     def _norm(self, index: int) -> nn.Module:
