@@ -70,6 +70,40 @@ def own_resize_bounds(factor: int):
             setattr(token_geometry, name, value)
 
 
+def generated(model, inputs: dict, new_tokens: int, **kwargs):
+    """Greedy ``generate`` of exactly ``new_tokens`` tokens (no early end at an EOS)."""
+    return model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **kwargs)
+
+
+def decode_step_and_cache(model, inputs: dict) -> tuple[int, int]:
+    """What ``generate`` really costs after the prefill: the FLOPs of its first decoding step (a
+    generate of two tokens less one of one token, the same prefill in both) and the bytes of the KV
+    cache the prefill leaves (every layer's keys and values)."""
+    totals = []
+    with torch.no_grad():
+        for new_tokens in (1, 2):
+            with FlopCounterMode(display=False) as counter:
+                generated(model, inputs, new_tokens)
+            totals.append(counter.get_total_flops())
+        out = generated(model, inputs, 1, return_dict_in_generate=True)
+    cache = compat.output_cache(out)
+    tensors = [t for i in range(compat.num_cache_layers(cache)) for t in compat.cache_layer_kv(cache, i)]
+    return totals[1] - totals[0], sum(t.numel() * t.element_size() for t in tensors)
+
+
+def after_prefill(model, inputs: dict, report) -> str | None:
+    """None when ``report``'s decode step and KV-cache bytes equal what ``generate`` does, else what
+    differs."""
+    step, cache_bytes = decode_step_and_cache(model, inputs)
+    wrong = []
+    if report.decode_per_token != step:
+        wrong.append(f"decode step counted {report.decode_per_token:.0f}, FlopCounterMode {step} "
+                     f"({(report.decode_per_token - step) / step:+.4%})")
+    if report.kv_cache_bytes != cache_bytes:
+        wrong.append(f"KV cache counted {report.kv_cache_bytes} bytes, the cache holds {cache_bytes}")
+    return "; ".join(wrong) or None
+
+
 def image_size_of(case: RandomCase, index: int, dims) -> tuple[int, int] | None | str:
     """The image size ``vtoken.flops`` needs for sample ``index``'s image (``dims``: the model's
     ``model_dims``), None where the family has one fixed size, or a reason to skip the case."""
@@ -132,12 +166,18 @@ def check_flops_seed(seed: int) -> dict:
         return dict(out, outcome=f"skipped: the counter fails on the plain model ({type(error).__name__}: {error})"[:300])
     try:
         with bounds():
-            unpruned = vtoken.flops(model.config, **counts).prefill
+            unpruned = vtoken.flops(model.config, dtype=model.dtype, **counts)
     except (ValueError, NotImplementedError) as error:
         return dict(out, outcome=f"refused: {str(error).splitlines()[0][:200]}")
-    if unpruned != plain:
-        return dict(out, outcome=f"UNPRUNED: counted {unpruned}, FlopCounterMode {plain} "
-                                 f"({(unpruned - plain) / plain:+.4%})", gap=(unpruned - plain) / plain)
+    if unpruned.prefill != plain:
+        return dict(out, outcome=f"UNPRUNED: counted {unpruned.prefill}, FlopCounterMode {plain} "
+                                 f"({(unpruned.prefill - plain) / plain:+.4%})", gap=(unpruned.prefill - plain) / plain)
+    try:
+        plain_later = after_prefill(model, x, unpruned)
+    except Exception as error:  # noqa: BLE001
+        return dict(out, outcome=f"skipped: the plain model's generate fails ({type(error).__name__}: {error})"[:300])
+    if plain_later is not None:
+        return dict(out, outcome=f"UNPRUNED: after the prefill: {plain_later}")
     try:
         vtoken.wrap(model, method, **options)
     except (ValueError, TypeError, NotImplementedError) as error:
@@ -148,17 +188,20 @@ def check_flops_seed(seed: int) -> dict:
         except (ValueError, NotImplementedError) as error:  # a one-line refusal of this input
             return dict(out, outcome=f"refused: {str(error).splitlines()[0][:200]}")
         with bounds():
-            report = vtoken.flops(model, instruction_tokens=after, **counts)
+            report = vtoken.flops(model, instruction_tokens=after, dtype=model.dtype, **counts)
+        later = after_prefill(model, x, report)
     except Exception as error:  # noqa: BLE001  (anything else is what the campaign looks for)
         return dict(out, outcome=f"FAIL: {type(error).__name__}: {error}")
     finally:
         vtoken.unwrap(model)
     gap = (report.prefill - real) / real
-    if report.prefill == real:
-        return dict(out, outcome="exact")
-    if report.notes:
-        return dict(out, outcome="noted", gap=gap, notes=list(report.notes))
-    return dict(out, outcome=f"FAIL: counted {report.prefill}, FlopCounterMode {real} ({gap:+.4%})", gap=gap)
+    if report.notes and (report.prefill != real or later is not None):
+        return dict(out, outcome="noted", gap=gap, notes=list(report.notes), after_prefill=later)
+    if report.prefill != real:
+        return dict(out, outcome=f"FAIL: counted {report.prefill}, FlopCounterMode {real} ({gap:+.4%})", gap=gap)
+    if later is not None:
+        return dict(out, outcome=f"FAIL: after the prefill: {later}")
+    return dict(out, outcome="exact")
 
 
 def main(argv=None) -> int:

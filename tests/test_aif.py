@@ -596,6 +596,21 @@ def test_an_attention_without_arbitrary_masks_and_next_without_a_head_are_refuse
     assert not vtoken.is_wrapped(model.model)
 
 
+def test_an_adaptive_eviction_is_counted_at_its_configured_count_and_says_so():
+    """Under ``ratio="adaptive"`` each image's attention decides how many tokens the cache keeps
+    (Eq. 5), which no count made before the input can know: the report says which count it holds,
+    and only then (a fixed budget is exact, above)."""
+    from tiny import tiny_llava
+
+    model = tiny_llava()
+    with vtoken.pruned(model, "aif", ratio="adaptive", mode="evict"):
+        notes = vtoken.flops(model, text_tokens=8).notes
+        assert any("adaptive count" in note and "of 16 visual tokens" in note for note in notes), notes
+    for options in ({"ratio": "adaptive", "mode": "modulate"}, {"keep": 0.5, "mode": "evict"}):
+        with vtoken.pruned(model, "aif", **options):
+            assert not any("adaptive count" in note for note in vtoken.flops(model, text_tokens=8).notes), options
+
+
 @pytest.mark.parametrize("mode", ["modulate", "evict"])
 def test_kv_cache_bytes_follow_what_the_prefill_leaves_in_the_cache(mode):
     """vtoken.kv_cache_bytes against the bytes of every key and value the prefill's cache holds: every

@@ -418,7 +418,7 @@ def schedule_of(model: nn.Module, visual_tokens: int | None = None, instruction_
     if tokens is None:
         raise ValueError("this model's visual token count depends on the image; pass visual_tokens=")
     _warn_if_scoring_uncounted(state.strategy)
-    stages, scoring = [], []
+    stages, scoring, notes = [], [], []
     vision_tokens = adapter.vision_tokens_for(tokens)
     entering = {"vision": vision_tokens, "visual": tokens}  # tokens reaching the next stage, per image
     inside = state.strategy.inside_block() is not None  # vision stages between attention and MLP (ToMe)
@@ -444,8 +444,12 @@ def schedule_of(model: nn.Module, visual_tokens: int | None = None, instruction_
         scoring.extend(state.strategy.scoring_cost(mask, shapes))
         if state.pruner.masking.evict:  # ... and, evicting, leaves only what it kept in the cache after
             evicted = (mask.layer, mask.budget(tokens))
+            if state.pruner.masking.adaptive_budget:
+                notes.append(
+                    f"the cache keeps what each image's attention decides (an adaptive count, AIF's Eq. 5): the KV "
+                    f"cache and decoding are counted at the configured {evicted[1]} of {tokens} visual tokens")
     return Schedule(tuple(stages), tuple(scoring), visual_tokens=tokens, vision_tokens=vision_tokens,
-                    cache_evicted=evicted)
+                    cache_evicted=evicted, notes=tuple(notes))
 
 
 __all__ = [
