@@ -183,3 +183,55 @@ def test_dense_llm_full_forward_matches_counter(model_type):
     tally = Tally()
     tally("all", lambda: model.eval()(input_ids=ids, pixel_values=torch.randn(1, 3, 56, 56), logits_to_keep=1))
     assert flops(model, text_tokens=TEXT).prefill == tally.parts["all"]
+
+
+#: LLMs whose dynamic cache slides in some layers: Mistral's every layer, Gemma2's every other one,
+#: Qwen2's layers from ``max_window_layers`` on. A window of 12 is shorter than the 28-token prompt.
+SLIDING_LLMS = {
+    "mistral": dict(sliding_window=12),
+    "gemma2": dict(sliding_window=12, head_dim=16, query_pre_attn_scalar=16),
+    "qwen2": dict(use_sliding_window=True, sliding_window=12, max_window_layers=1),
+}
+
+
+@pytest.mark.parametrize("model_type", list(SLIDING_LLMS))
+def test_sliding_window_layers_cache_and_decode_over_their_window_only(model_type):
+    """A sliding-window layer's cache keeps the prompt's last ``window - 1`` tokens and each decoding
+    step attends to at most ``window`` keys: ``kv_cache_bytes`` is the cache ``generate`` leaves and
+    ``decode_per_token`` the FLOPs of its steps (3 steps here; each step is affine in its keys up to
+    the window). The count had every layer hold and read the whole prompt (seed 7900121 of
+    ``eval/fuzz_flops.py``, a random Mistral LLaVA-NeXT: 83840 bytes counted, 19840 held)."""
+    from vtoken import compat
+
+    text = AutoConfig.for_model(model_type, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                                num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                max_position_embeddings=256, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+                                **SLIDING_LLMS[model_type])
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=56, patch_size=14)
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE))
+    model.set_attn_implementation("eager")
+    model.eval()
+    windows = model_dims(model.config).decoder.cache_windows
+    assert 12 in windows and (None in windows) == (model_type != "mistral")
+    x = {"input_ids": torch.tensor([[1, 5, 6, 7, 8] + [IMAGE] * 16 + [9, 10, 11, 12, 13, 14, 15]]),
+         "pixel_values": torch.randn(1, 3, 56, 56)}
+
+    def generate(new_tokens: int, **kwargs):
+        return model.generate(**x, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                              suppress_tokens=[IMAGE], **kwargs)
+
+    tally = Tally()
+    with torch.no_grad():
+        for steps in (1, 4):
+            tally(steps, lambda: generate(steps))
+        cache = compat.output_cache(generate(1, return_dict_in_generate=True))
+    held = sum(t.numel() * t.element_size() for i in range(compat.num_cache_layers(cache))
+               for t in compat.cache_layer_kv(cache, i))
+    report = flops(model, text_tokens=TEXT, decode_tokens=3, dtype=torch.float32)
+    assert report.kv_cache_bytes == held
+    assert report.decode_per_token * 3 == tally.parts[4] - tally.parts[1]
+    per_token = 2 * 2 * 16 * 4  # K and V of one token in one layer: 2 KV heads x head_dim 16, float32
+    assert held == per_token * sum(28 if w is None else 11 for w in windows)  # by construction
+    assert any("upper bound" in note for note in report.notes)

@@ -410,7 +410,8 @@ def kv_cache_bytes(
     """KV-cache bytes of one sample after prefill: Σ_layers 2 · H_kv · h_d · n_l · bytes(dtype).
 
     n_l is text + visual tokens at layer l: layers before an ``"llm"`` pruning stage hold every
-    token, later layers only the kept ones. ``images``: images per sample, as :func:`flops` takes it.
+    token, later layers only the kept ones; a sliding-window layer at most ``window - 1`` of them
+    (``DecoderDims.cache_windows``). ``images``: images per sample, as :func:`flops` takes it.
     """
     report = flops(model_or_config, schedule, text_tokens=text_tokens, image_size=image_size,
                    visual_tokens=visual_tokens, dtype=dtype, frames=frames, images=images)
@@ -784,6 +785,7 @@ def _report(dims: ModelDims, geo: Geometry, schedule: Schedule, text_tokens: int
         ) + 2 * d.hidden * d.vocab
     dtype_name, itemsize = _dtype_name_and_size(dtype)
     per_token = 2 * d.kv_dim * itemsize  # K and V of one token in one layer
+    held = [_held_tokens(d, layer, text_tokens + v) for layer, v in enumerate(cached_visual)]
     return FlopsReport(
         model=dims.name,
         convention=convention,
@@ -792,13 +794,30 @@ def _report(dims: ModelDims, geo: Geometry, schedule: Schedule, text_tokens: int
         layer_visual_tokens=layer_visual,
         decode_per_token=decode,
         decode_tokens=steps,
-        kv_cache_bytes=per_token * sum(text_tokens + v for v in cached_visual),
-        kv_cache_visual_bytes=per_token * sum(cached_visual),
+        kv_cache_bytes=per_token * sum(held),
+        kv_cache_visual_bytes=per_token * sum(min(v, h) for v, h in zip(cached_visual, held)),
         dtype=dtype_name,
         schedule=describe(schedule),
-        notes=tuple(schedule.notes) + _anyres_notes(schedule, geo) + _window_notes(dims, schedule, geo),
+        notes=tuple(schedule.notes) + _anyres_notes(schedule, geo) + _window_notes(dims, schedule, geo)
+        + _sliding_cache_notes(held, text_tokens, cached_visual),
         **parts,
     )
+
+
+def _held_tokens(d: DecoderDims, layer: int, tokens: int) -> int:
+    """Tokens ``layer``'s cache holds after a prefill of ``tokens``: all of them, or the last
+    ``window - 1`` in a sliding-window layer (transformers' ``DynamicSlidingWindowLayer``)."""
+    window = d.cache_window(layer)
+    return tokens if window is None else min(tokens, window - 1)
+
+
+def _sliding_cache_notes(held: list[int], text_tokens: int, cached_visual: list[int]) -> tuple[str, ...]:
+    """Where a sliding-window layer's cache has cut the prompt's oldest tokens, which of them were
+    visual depends on where the image sits in the prompt: the visual share is then an upper bound."""
+    if all(h == text_tokens + v for h, v in zip(held, cached_visual)):
+        return ()
+    return ("sliding-window layers keep the prompt's last tokens only: the visual tokens' share of the KV cache "
+            "is an upper bound (the total is exact)",)
 
 
 def _window_notes(dims: ModelDims, schedule: Schedule, geo: Geometry) -> tuple[str, ...]:
@@ -875,10 +894,17 @@ def _cached_visual_tokens(schedule: Schedule, layer_visual: list[int]) -> list[i
 
 
 def _mean_decode_layer(d: DecoderDims, cached: int, steps: int, layer: int) -> float:
-    """Mean FLOPs of one layer over ``steps`` decode steps; step i attends to cached + i keys. A
-    step's FLOPs are affine in its keys (:func:`decoder_layer_flops`), so the mean is the mean of the
-    first and last steps' (a sum over every step took seconds for a million decoded tokens)."""
-    return (decoder_layer_flops(d, 1, cached + 1, layer) + decoder_layer_flops(d, 1, cached + steps, layer)) / 2
+    """Mean FLOPs of one layer over ``steps`` decode steps; step i attends to cached + i keys, at most
+    the layer's sliding window (:attr:`DecoderDims.cache_windows`). A step's FLOPs are affine in its
+    keys (:func:`decoder_layer_flops`), so the steps under the window average to the mean of their
+    first and last (a sum over every step took seconds for a million decoded tokens), and every later
+    step attends to the whole window."""
+    window = d.cache_window(layer)
+    growing = steps if window is None else max(0, min(steps, window - cached))  # steps under the window
+    total = growing * (decoder_layer_flops(d, 1, cached + 1, layer) + decoder_layer_flops(d, 1, cached + growing, layer)) / 2
+    if growing < steps:
+        total += (steps - growing) * decoder_layer_flops(d, 1, window, layer)
+    return total / steps
 
 
 __all__ = [

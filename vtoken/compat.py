@@ -105,6 +105,18 @@ def new_dynamic_cache(config):
     return DynamicCache(config=config)
 
 
+def dynamic_cache_windows(config) -> tuple[int | None, ...]:
+    """Per decoder layer of ``config``'s LLM, the window of the layer the dynamic cache built from
+    that config gives it (a sliding-window or chunked layer: it keeps the last ``window - 1`` tokens,
+    and a decoding step attends to at most ``window``), None for a layer that keeps every token. Read
+    off the cache transformers itself builds (``DynamicCache(config=...)``, what ``generate`` and a
+    forward with ``use_cache=True`` start from): no tensor is allocated before the first update."""
+    from transformers.cache_utils import DynamicSlidingWindowLayer
+
+    layers = new_dynamic_cache(config).layers
+    return tuple(int(layer.sliding_window) if isinstance(layer, DynamicSlidingWindowLayer) else None for layer in layers)
+
+
 def is_dynamic_cache(cache) -> bool:
     from transformers.cache_utils import DynamicCache
 

@@ -46,7 +46,10 @@ class DecoderDims:
     handed the keys scoring projected (it projects them again with its queries and values).
     ``experts``: a mixture-of-experts LLM's sparse MLP, run in the layers ``expert_layers`` (the others
     run the dense FFN of width ``intermediate``). ``mlp_matrices``: the dense FFN's d×m matrices, 3 for
-    a gated one (Llama's gate, up and down), 2 for an ungated one (:data:`TWO_MATRIX_MLP_MODEL_TYPES`)."""
+    a gated one (Llama's gate, up and down), 2 for an ungated one (:data:`TWO_MATRIX_MLP_MODEL_TYPES`).
+    ``cache_windows``: per layer, the sliding window of its KV cache (Mistral's, Gemma2's every other
+    layer: it keeps the last ``window - 1`` tokens and a decoding step attends to at most ``window``),
+    None for a layer that keeps every token (:func:`vtoken.compat.dynamic_cache_windows`)."""
 
     layers: int
     hidden: int
@@ -59,6 +62,11 @@ class DecoderDims:
     experts: ExpertsDims | None = None
     expert_layers: frozenset[int] = frozenset()
     mlp_matrices: int = 3
+    cache_windows: tuple[int | None, ...] = ()
+
+    def cache_window(self, layer: int) -> int | None:
+        """The window of ``layer``'s cache (:attr:`cache_windows`), None where it keeps every token."""
+        return self.cache_windows[layer] if layer < len(self.cache_windows) else None
 
     @property
     def q_dim(self) -> int:
@@ -235,6 +243,7 @@ def _decoder_dims(text) -> DecoderDims:
         experts=experts,
         expert_layers=expert_layers,
         mlp_matrices=2 if getattr(text, "model_type", None) in TWO_MATRIX_MLP_MODEL_TYPES else 3,
+        cache_windows=compat.dynamic_cache_windows(text),
     )
 
 
