@@ -6,13 +6,16 @@ draws them).
     OMP_NUM_THREADS=1 python eval/fuzz_flops.py --minutes 10 --first-seed 100000 --log /tmp/fuzz_flops.jsonl
 
 Each case is one seed: the random model in eager attention (the matmuls FlopCounterMode counts are
-the ones the count models), one sample of its batch that holds exactly one image, and a method with
-drawn options. ``vtoken.flops(model, text_tokens=..., image_size=..., instruction_tokens=...)`` must
-equal the counter on that sample's forward (``logits_to_keep=1``, after one warm-up call), FLOP for
-FLOP, unless the report's ``notes`` say why it cannot (an AnyRes vision stage's upper bound,
-Qwen2.5-VL's windows after a vision stage): such a case is recorded with its gap, not failed. A case
-whose sample cannot be described by an image size (a Qwen video, a grid the processor's resize would
-change) is skipped, and so is a method the model refuses in one line. The random Qwen-VL models'
+the ones the count models), one sample of its batch that holds exactly one image (``--images 2``:
+two), and a method with drawn options. ``vtoken.flops(model, text_tokens=..., image_size=...,
+images=..., instruction_tokens=...)`` must equal the counter on that sample's forward
+(``logits_to_keep=1``, after one warm-up call), FLOP for FLOP, and its decoding step and KV-cache
+bytes what ``generate`` does (a generate of two tokens less one of one; the cache the prefill
+leaves), unless the report's ``notes`` say why it cannot (an AnyRes vision stage's upper bound,
+Qwen2.5-VL's windows after a vision stage, an adaptive eviction, the text between two images that AIF
+reruns): such a case is recorded with its gap, not failed. A case whose sample cannot be described
+by one image size (a Qwen video, a grid the processor's resize would change, two images of different
+sizes) is skipped, and so is a method the model refuses in one line. The random Qwen-VL models'
 patches are a few pixels wide, so their images are counted under resize bounds of their own (no
 minimum, as a processor configured for them would have), not the released processors' defaults.
 Rerun one case with ``--first-seed S --cases 1``.
@@ -104,10 +107,24 @@ def after_prefill(model, inputs: dict, report) -> str | None:
     return "; ".join(wrong) or None
 
 
-def image_size_of(case: RandomCase, index: int, dims) -> tuple[int, int] | None | str:
-    """The image size ``vtoken.flops`` needs for sample ``index``'s image (``dims``: the model's
-    ``model_dims``), None where the family has one fixed size, or a reason to skip the case."""
-    image = case.samples[index].images[0]
+def sample_image_size(case: RandomCase, index: int, dims) -> tuple[int, int] | None | str:
+    """The one image size ``vtoken.flops`` needs for every image of sample ``index`` (``dims``: the
+    model's ``model_dims``), None where the family has one fixed size, or a reason to skip the case
+    (images of different sizes: ``flops`` takes one size for a sample's images)."""
+    sizes = [image_size_of(case, index, number, dims) for number in range(len(case.samples[index].images))]
+    for size in sizes:
+        if isinstance(size, str):
+            return size
+    # A OneVision sample of several images encodes each as its base view: the size does not matter.
+    if len(set(sizes)) > 1 and not (case.family == "llava_onevision" and len(sizes) > 1):
+        return "images of different sizes in one sample"
+    return sizes[0]
+
+
+def image_size_of(case: RandomCase, index: int, number: int, dims) -> tuple[int, int] | None | str:
+    """The size ``vtoken.flops`` needs for image ``number`` of sample ``index``, None where the family
+    has one fixed size, or a reason to skip the case."""
+    image = case.samples[index].images[number]
     if case.family in ANYRES:
         return tuple(int(v) for v in image.size)
     if case.family not in QWEN:
@@ -122,8 +139,9 @@ def image_size_of(case: RandomCase, index: int, dims) -> tuple[int, int] | None 
     return size
 
 
-def check_flops_seed(seed: int) -> dict:
-    """One case: ``{"seed", "case", "method", "options", "outcome", ...}``; ``outcome`` is ``"exact"``,
+def check_flops_seed(seed: int, images: int = 1) -> dict:
+    """One case, of a sample holding ``images`` images: ``{"seed", "case", "method", "options",
+    "outcome", ...}``; ``outcome`` is ``"exact"``,
     ``"noted"`` (the report's notes explain a gap: ``gap`` holds it), ``"skipped: ..."``,
     ``"refused: ..."``, ``"UNPRUNED: ..."`` (the count of the unwrapped model already differs: a
     finding about that model's count, not the method's) or ``"FAIL: ..."``."""
@@ -133,16 +151,16 @@ def check_flops_seed(seed: int) -> dict:
     case.model.config.text_config._experts_implementation = "eager"
     rng = random.Random(seed * 7 + 1)
     out = {"seed": seed, "case": case.describe()}
-    singles = [i for i, s in enumerate(case.samples) if len(s.images) == 1]
-    if not singles:
-        return dict(out, outcome="skipped: no sample with exactly one image")
-    index = rng.choice(singles)
+    holding = [i for i, s in enumerate(case.samples) if len(s.images) == images]
+    if not holding:
+        return dict(out, outcome=f"skipped: no sample with exactly {images} image{'s' * (images > 1)}")
+    index = rng.choice(holding)
     model = case.model
     try:
         dims = model_dims(model.config)
     except (ValueError, NotImplementedError) as error:  # (an LLM the count refuses: state-space layers)
         return dict(out, outcome=f"refused: {str(error).splitlines()[0][:200]}")
-    size = image_size_of(case, index, dims)
+    size = sample_image_size(case, index, dims)
     if isinstance(size, str):
         return dict(out, outcome=f"skipped: {size}")
     method = rng.choice(methods_for(case.family))
@@ -157,7 +175,7 @@ def check_flops_seed(seed: int) -> dict:
     def bounds():  # (a fresh context each time: a generator's context runs once)
         return own_resize_bounds(dims.vision.patch * dims.vision.merge) if case.family in QWEN else contextlib.nullcontext()
 
-    counts = dict(text_tokens=len(ids) - visual, image_size=size)
+    counts = dict(text_tokens=len(ids) - visual, image_size=size, images=images)
     # The unwrapped model first: a case whose plain forward the count misses is about the count of
     # that model, not of the method (its outcome says so apart).
     try:
@@ -207,6 +225,9 @@ def check_flops_seed(seed: int) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_campaign_arguments(parser, log="fuzz_flops.jsonl")
+    parser.add_argument("--images", type=int, choices=(1, 2), default=1,
+                        help="check a sample holding this many images (2: the count's images=2; seeds whose "
+                             "batch has no such sample are skipped)")
     args = parser.parse_args(argv)
     quiet_one_thread()
     outcomes: collections.Counter = collections.Counter()
@@ -214,7 +235,7 @@ def main(argv=None) -> int:
     with args.log.open("a") as log:
         for seed in campaign_seeds(args):
             start = time.time()
-            result = check_flops_seed(seed)
+            result = check_flops_seed(seed, args.images)
             result["seconds"] = round(time.time() - start, 2)
             log.write(json.dumps(result, default=str) + "\n")
             log.flush()
