@@ -901,7 +901,8 @@ def _mean_decode_layer(d: DecoderDims, cached: int, steps: int, layer: int) -> f
     step attends to the whole window."""
     window = d.cache_window(layer)
     growing = steps if window is None else max(0, min(steps, window - cached))  # steps under the window
-    total = growing * (decoder_layer_flops(d, 1, cached + 1, layer) + decoder_layer_flops(d, 1, cached + growing, layer)) / 2
+    first, last = decoder_layer_flops(d, 1, cached + 1, layer), decoder_layer_flops(d, 1, cached + growing, layer)
+    total = growing * (first + last) / 2
     if growing < steps:
         total += (steps - growing) * decoder_layer_flops(d, 1, window, layer)
     return total / steps

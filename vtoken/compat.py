@@ -114,7 +114,8 @@ def dynamic_cache_windows(config) -> tuple[int | None, ...]:
     from transformers.cache_utils import DynamicSlidingWindowLayer
 
     layers = new_dynamic_cache(config).layers
-    return tuple(int(layer.sliding_window) if isinstance(layer, DynamicSlidingWindowLayer) else None for layer in layers)
+    return tuple(int(entry.sliding_window) if isinstance(entry, DynamicSlidingWindowLayer) else None
+                 for entry in layers)
 
 
 def is_dynamic_cache(cache) -> bool:

@@ -12,10 +12,11 @@ takes the layer's own share out of the scoring's cost.
 Only plain hooks are used, and each checks by identity that it sees the tensors it expects: the
 layer's input is the stage's output, the key projection's input is the layer's input norm of it (a
 post-norm layer's, OLMo2's or Exaone4's, has no input norm: its key projection reads the stage's
-output itself, and only the projection is hooked). A layer whose forward does anything else
-(another norm order, a fused projection) is simply not helped, never changed. The norm works per token, so its kept rows are the same numbers; the kept
-keys differ from a fresh projection of the kept rows only by the matmul's rounding (the rows are the
-same; a different row count can block the sum differently).
+output itself, and only the projection is hooked). A layer whose forward does anything else (another
+norm order, a fused projection) is simply not helped, never changed. The norm works per token, so
+its kept rows are the same numbers; the kept keys differ from a fresh projection of the kept rows
+only by the matmul's rounding (the rows are the same; a different row count can block the sum
+differently).
 """
 
 from __future__ import annotations
