@@ -433,7 +433,7 @@ MUTATIONS = (
              "        keys = text_tokens + visual + cost.own_keys\n", "        keys = text_tokens + visual\n",
              ("tests/test_flops_scoring.py::-k next_token_probe",)),
     Mutation("FLOPs: ZOO-Prune's sensitivity over every crop's patches, not the packed tokens it scores",
-             "vtoken/accounting.py", "    if geo.newlines and not _vision_stages(schedule):\n",
+             "vtoken/accounting.py", "    if packs_crops and not _vision_stages(schedule):\n",
              "    if False:\n", ("tests/test_flops_scoring.py",)),
     Mutation("FLOPs: ZOO-Prune's diverse selection left out", "vtoken/accounting.py",
              "selection = 0 if stage is None else 2 * stage.keep_tokens * per_image * dims.projector.out_dim",
