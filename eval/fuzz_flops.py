@@ -9,9 +9,9 @@ Each case is one seed: the random model in eager attention (the matmuls FlopCoun
 the ones the count models), one sample of its batch that holds exactly one image (``--images 2``:
 two), and a method with drawn options. ``vtoken.flops(model, text_tokens=..., image_size=...,
 images=..., instruction_tokens=...)`` must equal the counter on that sample's forward
-(``logits_to_keep=1``, after one warm-up call), FLOP for FLOP, and its decoding step and KV-cache
-bytes what ``generate`` does (a generate of two tokens less one of one; the cache the prefill
-leaves), unless the report's ``notes`` say why it cannot (an AnyRes vision stage's upper bound,
+(``logits_to_keep=1``, after one warm-up call), FLOP for FLOP, and its first three decoding steps and
+KV-cache bytes what ``generate`` does (a generate of four tokens less one of one; the cache the
+prefill leaves), unless the report's ``notes`` say why it cannot (an AnyRes vision stage's upper bound,
 Qwen2.5-VL's windows after a vision stage, an adaptive eviction, the text between two images that AIF
 reruns): such a case is recorded with its gap, not failed. A case whose sample cannot be described
 by one image size (a Qwen video, a grid the processor's resize would change, two images of different
@@ -78,13 +78,17 @@ def generated(model, inputs: dict, new_tokens: int, **kwargs):
     return model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **kwargs)
 
 
-def decode_step_and_cache(model, inputs: dict) -> tuple[int, int]:
-    """What ``generate`` really costs after the prefill: the FLOPs of its first decoding step (a
-    generate of two tokens less one of one token, the same prefill in both) and the bytes of the KV
-    cache the prefill leaves (every layer's keys and values)."""
+#: Decoding steps checked: a generate of 1 + DECODE_STEPS tokens less one of 1 token.
+DECODE_STEPS = 3
+
+
+def decode_steps_and_cache(model, inputs: dict) -> tuple[int, int]:
+    """What ``generate`` really costs after the prefill: the FLOPs of its first ``DECODE_STEPS``
+    decoding steps (a generate of 1 + DECODE_STEPS tokens less one of one token, the same prefill in
+    both) and the bytes of the KV cache the prefill leaves (every layer's keys and values)."""
     totals = []
     with torch.no_grad():
-        for new_tokens in (1, 2):
+        for new_tokens in (1, 1 + DECODE_STEPS):
             with FlopCounterMode(display=False) as counter:
                 generated(model, inputs, new_tokens)
             totals.append(counter.get_total_flops())
@@ -95,13 +99,13 @@ def decode_step_and_cache(model, inputs: dict) -> tuple[int, int]:
 
 
 def after_prefill(model, inputs: dict, report) -> str | None:
-    """None when ``report``'s decode step and KV-cache bytes equal what ``generate`` does, else what
-    differs."""
-    step, cache_bytes = decode_step_and_cache(model, inputs)
+    """None when ``report``'s decoding steps (``decode_tokens=DECODE_STEPS``) and KV-cache bytes equal
+    what ``generate`` does, else what differs."""
+    steps, cache_bytes = decode_steps_and_cache(model, inputs)
     wrong = []
-    if report.decode_per_token != step:
-        wrong.append(f"decode step counted {report.decode_per_token:.0f}, FlopCounterMode {step} "
-                     f"({(report.decode_per_token - step) / step:+.4%})")
+    if round(report.decode_total) != steps:
+        wrong.append(f"{DECODE_STEPS} decoding steps counted {report.decode_total:.0f}, FlopCounterMode {steps} "
+                     f"({(report.decode_total - steps) / steps:+.4%})")
     if report.kv_cache_bytes != cache_bytes:
         wrong.append(f"KV cache counted {report.kv_cache_bytes} bytes, the cache holds {cache_bytes}")
     return "; ".join(wrong) or None
@@ -184,7 +188,7 @@ def check_flops_seed(seed: int, images: int = 1) -> dict:
         return dict(out, outcome=f"skipped: the counter fails on the plain model ({type(error).__name__}: {error})"[:300])
     try:
         with bounds():
-            unpruned = vtoken.flops(model.config, dtype=model.dtype, **counts)
+            unpruned = vtoken.flops(model.config, dtype=model.dtype, decode_tokens=DECODE_STEPS, **counts)
     except (ValueError, NotImplementedError) as error:
         return dict(out, outcome=f"refused: {str(error).splitlines()[0][:200]}")
     if unpruned.prefill != plain:
@@ -206,7 +210,8 @@ def check_flops_seed(seed: int, images: int = 1) -> dict:
         except (ValueError, NotImplementedError) as error:  # a one-line refusal of this input
             return dict(out, outcome=f"refused: {str(error).splitlines()[0][:200]}")
         with bounds():
-            report = vtoken.flops(model, instruction_tokens=after, dtype=model.dtype, **counts)
+            report = vtoken.flops(model, instruction_tokens=after, dtype=model.dtype, decode_tokens=DECODE_STEPS,
+                                  **counts)
         try:
             later = after_prefill(model, x, report)
         except (ValueError, NotImplementedError) as error:  # generate refused in one line (past a window)
