@@ -476,7 +476,7 @@ MUTATIONS = (
     Mutation("A post-norm layer (OLMo2) no longer takes the keys scoring projected", "vtoken/adapters/key_reuse.py",
              "return (compat.has_input_norm(layer) or compat.is_post_norm_layer(layer)) and",
              "return compat.has_input_norm(layer) and",
-             ("tests/test_llm_backbones.py::-k post_norm",)),
+             ("tests/test_key_reuse.py::-k post_norm",)),
     Mutation("FLOPs: a sliding-window layer's cache counted as holding every token", "vtoken/accounting.py",
              "return tokens if window is None else min(tokens, window - 1)", "return tokens",
              ("tests/test_flops_llms.py::-k sliding",)),

@@ -5,7 +5,8 @@ of every token; the layer then needs the kept tokens' keys. The layer must proje
 everything it computes (logits, the KV cache, pad slots included) must be what it would have computed
 projecting them: the tests compare against the same run with the hand-over switched off, on every
 family's padded batch (images of different sizes: samples keep different counts, so the stage makes
-pad slots, and Qwen's key projection has a bias, so a pad's key is not 0).
+pad slots, and Qwen's key projection has a bias, so a pad's key is not 0), and on post-norm LLMs
+(OLMo2, Exaone4), whose key projection reads the layer's input itself.
 """
 
 from __future__ import annotations
@@ -84,6 +85,33 @@ def test_the_layer_projects_no_key_and_computes_what_it_would_have(method, famil
     for (k, v), (pk, pv) in zip(kv, plain_kv):
         assert torch.equal(k, pk) and torch.equal(v, pv)  # pad slots' keys included
     assert _hook_count(model) == hooks  # the hooks added during the forward go with the wrap
+
+
+@pytest.mark.parametrize("name", ["olmo2", "exaone4"])
+def test_a_post_norm_layer_takes_the_keys_transprune_scored_on(name, monkeypatch):
+    """A post-norm layer (OLMo2, Exaone4: no input norm, its attention reads the layer's input) is
+    handed the kept tokens' keys as a pre-norm one is: its key projection runs on no row at a stage's
+    layer, and the logits and KV cache of a padded batch equal those of the layer projecting them.
+    The count assumed the hand-over, and was 3.9% under FlopCounterMode on a random OLMo2 LLaVA-NeXT
+    (``eval/fuzz_flops.py``): now equal FLOP for FLOP."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from test_llm_backbones import RECOMPUTED, _batch
+    from tiny import IMAGE_TOKEN
+
+    model, x = RECOMPUTED[name](attn="eager"), _batch()
+    logits, kv, rows, stages = _prefill(model, x, True, monkeypatch)
+    plain_logits, plain_kv, plain_rows, _ = _prefill(model, x, False, monkeypatch)
+    assert stages and all(rows[layer][-1] == 0 < plain_rows[layer][-1] for layer in stages), (rows, plain_rows)
+    assert torch.equal(logits, plain_logits)
+    assert all(torch.equal(k, pk) and torch.equal(v, pv) for (k, v), (pk, pv) in zip(kv, plain_kv))
+    ids = torch.tensor([[1, 5, 6, *[IMAGE_TOKEN] * 16, 7, 8, 9, 10, 11]])
+    inputs = {"input_ids": ids, "pixel_values": x["pixel_values"][:1]}
+    with vtoken.pruned(model, "transprune", keep=0.25), torch.no_grad():
+        model(**inputs, logits_to_keep=1)
+        with FlopCounterMode(display=False) as counter:
+            model(**inputs, logits_to_keep=1)
+        assert vtoken.flops(model, text_tokens=8, instruction_tokens=5).prefill == counter.get_total_flops()
 
 
 def test_a_merging_stage_keeps_the_layer_projecting(monkeypatch):
