@@ -106,18 +106,18 @@ class KeyReuse:
         pending = run.reused_keys.pop(index, None)
         if pending is None or selected_from is None or pending.source is not before:
             return
-        normed, keys = gather_tokens(pending.normed, selected_from), gather_tokens(pending.keys, selected_from)
+        # A post-norm layer's key projection reads the layer's input itself: no norm takes rows, and the
+        # projection's input to recognise is the stage's output (its pad slots already 0).
+        post_norm = not self._has_input_norm(index)
+        normed = after if post_norm else gather_tokens(pending.normed, selected_from)
+        keys = gather_tokens(pending.keys, selected_from)
         pads = selected_from < 0
         if bool(pads.any()):  # a new pad slot's hidden state is 0: it gets what the layer makes of 0
             zero_normed = self._norm(index)(torch.zeros_like(after[:1, :1]))
-            normed = torch.where(pads[..., None], zero_normed, normed)
+            if not post_norm:
+                normed = torch.where(pads[..., None], zero_normed, normed)
             keys = torch.where(pads[..., None], self._projection(index)(zero_normed), keys)
-        if not self._has_input_norm(index):
-            # A post-norm layer's key projection reads the layer's input itself: no norm takes rows,
-            # and the projection's input to recognise is the stage's output.
-            run.reused_keys[index] = PendingKeys(after, after, keys, armed=True, norm_taken=True)
-            return
-        run.reused_keys[index] = PendingKeys(after, normed, keys, armed=True)
+        run.reused_keys[index] = PendingKeys(after, normed, keys, armed=True, norm_taken=post_norm)
 
     def _norm(self, index: int) -> nn.Module:
         return compat.decoder_input_norm(self.layers[index])
